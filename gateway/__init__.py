@@ -1,0 +1,1 @@
+"""dicom-gateway: DIMSE to DICOMweb gateway with a durable spool."""
