@@ -1,0 +1,159 @@
+"""The ``dicom-gateway`` command: run the daemon, check a config, administer the spool."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.spool.queue import STATES, Spool
+
+
+def setup_logging(level: str) -> None:
+    """One line per event on stderr; pynetdicom stays at WARNING because its DEBUG
+    output dumps data sets (patient names and IDs)."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '12h', '7d' or plain seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 12h or 7d")
+    factor = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * factor
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"configuration error in {path}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    setup_logging(config.logging.level)
+    from gateway.daemon import run
+
+    try:
+        asyncio.run(run(config))
+    except OSError as exc:
+        logging.getLogger("gateway").error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(
+        f"{args.config}: OK (AE {config.dimse.ae_title} on port {config.dimse.port}, "
+        f"upstream {config.upstream.type}, {len(config.dimse.peers)} peer(s))"
+    )
+    return 0
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'id':>8}  {'state':<9} {'att':>3}  {'received':<19}  {'sop instance uid':<64}  last error")
+    for r in rows:
+        received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["received_at"]))
+        print(
+            f"{r['id']:>8}  {r['state']:<9} {r['attempts']:>3}  {received}  "
+            f"{r['sop_instance_uid']:<64}  {r['last_error'] or ''}"
+        )
+
+
+def cmd_spool(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    spool = Spool(config.spool)
+    try:
+        if args.action == "status":
+            status = spool.status()
+            if args.json:
+                print(json.dumps(status, indent=2))
+            else:
+                for state in STATES:
+                    print(
+                        f"{state:<10} {status['counts'][state]:>8} instances "
+                        f"{status['bytes'][state] / 2**20:>10.1f} MiB"
+                    )
+                age = status["oldest_pending_age_seconds"]
+                print(f"oldest pending: {'-' if age is None else f'{age:.0f} s'}")
+                print(f"free space:     {status['free_bytes'] / 2**30:.1f} GiB")
+        elif args.action == "list":
+            _print_rows(spool.list_rows(args.state, args.limit), args.json)
+        elif args.action == "retry":
+            if not args.dead and not args.id:
+                print("spool retry: give --dead or --id N [N ...]", file=sys.stderr)
+                return 2
+            print(f"requeued {spool.retry(args.id or (), dead=args.dead)} instance(s)")
+        elif args.action == "purge":
+            if not args.delivered:
+                print("spool purge: only --delivered instances can be purged", file=sys.stderr)
+                return 2
+            print(f"purged {spool.purge_delivered(args.older_than)} delivered instance(s)")
+    finally:
+        spool.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", required=True, help="path to the TOML configuration")
+        return p
+
+    with_config(sub.add_parser("run", help="run the gateway in the foreground")).set_defaults(
+        func=cmd_run
+    )
+    with_config(
+        sub.add_parser("check-config", help="validate a configuration file")
+    ).set_defaults(func=cmd_check_config)
+
+    spool = sub.add_parser("spool", help="inspect and manage the spool")
+    spool_sub = spool.add_subparsers(dest="action", required=True)
+    status = with_config(spool_sub.add_parser("status", help="counts per state"))
+    status.add_argument("--json", action="store_true")
+    listing = with_config(spool_sub.add_parser("list", help="list spooled instances"))
+    listing.add_argument("--state", choices=STATES)
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true")
+    retry = with_config(spool_sub.add_parser("retry", help="requeue dead or failed instances"))
+    retry.add_argument("--dead", action="store_true", help="requeue every dead instance")
+    retry.add_argument("--id", type=int, nargs="+", help="requeue these spool ids")
+    purge = with_config(spool_sub.add_parser("purge", help="delete delivered instances"))
+    purge.add_argument("--delivered", action="store_true", required=True)
+    purge.add_argument(
+        "--older-than", type=parse_duration, default=0.0, help="e.g. 7d, 12h (default: all)"
+    )
+    spool.set_defaults(func=cmd_spool)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,362 @@
+"""Typed, frozen configuration loaded from TOML.
+
+Every other module receives a `Config`; none reads TOML itself. Validation happens
+once, at start-up, and every message names the offending key so that an admin can
+fix the file without reading code. Unknown keys are errors: a typo such as
+``ack_mode`` must not silently fall back to a default.
+
+Secrets: any string value written as ``"env:NAME"`` is replaced by the environment
+variable NAME (missing variable: an error naming both the key and the variable).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
+PERMISSIONS = frozenset({"store", "find", "move", "get"})
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote AE we know: a C-MOVE destination and an allow-list entry."""
+
+    ae_title: str
+    host: str
+    port: int
+    permissions: frozenset[str] = PERMISSIONS
+
+
+@dataclass(frozen=True)
+class DimseConfig:
+    ae_title: str = "DICOMGW"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    peers: tuple[Peer, ...] = ()
+    require_known_peers: bool = False
+    ack: str = "spooled"  # "spooled" | "delivered"
+    ack_timeout: float = 60.0
+    max_pdu_size: int = 262144
+    max_associations: int = 32
+    network_timeout: float = 60.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    directory: Path = Path("/var/lib/dicom-gateway")
+    min_free_mb: int = 512
+    max_attempts: int = 20
+    max_age_hours: float = 72.0
+    batch_max_instances: int = 32
+    batch_max_mb: int = 256
+    concurrency: int = 4
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    retain_delivered_hours: float = 24.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    type: str = "none"  # none | basic | bearer | header
+    username: str = ""
+    password: str = ""
+    token: str = ""
+    name: str = ""
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    type: str = "local"  # local | dicomweb
+    url: str = ""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    timeout: float = 120.0
+    connect_timeout: float = 10.0
+    verify_tls: bool = True
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    dimse: DimseConfig = field(default_factory=DimseConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def peer(self, ae_title: str) -> Peer | None:
+        """The configured peer with this AE title (trailing spaces ignored)."""
+        wanted = ae_title.strip()
+        return next((p for p in self.dimse.peers if p.ae_title == wanted), None)
+
+
+class _Reader:
+    """Reads one TOML table, collecting problems instead of stopping at the first."""
+
+    def __init__(self, table: Any, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        if not isinstance(table, dict):
+            problems.append(f"{path}: expected a table, got {type(table).__name__}")
+            table = {}
+        self.table: dict[str, Any] = table
+        self.seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _raw(self, key: str) -> Any:
+        self.seen.add(key)
+        value = self.table.get(key)
+        if isinstance(value, str) and value.startswith("env:"):
+            name = value[4:]
+            if name not in os.environ:
+                self.problems.append(f"{self._key(key)}: environment variable {name} is not set")
+                return None
+            return os.environ[name]
+        return value
+
+    def string(self, key: str, default: str, choices: tuple[str, ...] = ()) -> str:
+        value = self._raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self.problems.append(f"{self._key(key)}: expected a string, got {value!r}")
+            return default
+        if choices and value not in choices:
+            self.problems.append(
+                f"{self._key(key)}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+            )
+            return default
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self._raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.problems.append(
+                f"{self._key(key)}: expected an integer from {low} to {high}, got {value!r}"
+            )
+            return default
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float) -> float:
+        value = self._raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            self.problems.append(
+                f"{self._key(key)}: expected a number from {low:g} to {high:g}, got {value!r}"
+            )
+            return default
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.problems.append(f"{self._key(key)}: expected true or false, got {value!r}")
+            return default
+        return value
+
+    def ae_title(self, key: str, default: str) -> str:
+        value = self.string(key, default)
+        if not AE_TITLE_RE.match(value) or not value.strip():
+            self.problems.append(
+                f"{self._key(key)}: {value!r} is not a valid AE title "
+                "(1 to 16 printable ASCII characters, no backslash, not all spaces)"
+            )
+            return default
+        return value.strip()
+
+    def sub(self, key: str) -> _Reader:
+        self.seen.add(key)
+        return _Reader(self.table.get(key, {}), self._key(key), self.problems)
+
+    def finish(self) -> None:
+        for key in sorted(set(self.table) - self.seen):
+            self.problems.append(f"{self._key(key)}: unknown key")
+
+
+def _peer(reader: _Reader) -> Peer:
+    ae = reader.ae_title("ae_title", "")
+    host = reader.string("host", "")
+    if not host:
+        reader.problems.append(f"{reader.path}.host: required")
+    port = reader.integer("port", 104, 1, 65535)
+    if "port" not in reader.table:
+        reader.problems.append(f"{reader.path}.port: required")
+    raw = reader._raw("permissions")
+    permissions = PERMISSIONS
+    if raw is not None:
+        if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+            reader.problems.append(f"{reader.path}.permissions: expected a list of strings")
+        elif unknown := set(raw) - PERMISSIONS:
+            reader.problems.append(
+                f"{reader.path}.permissions: unknown {sorted(unknown)}; allowed: {sorted(PERMISSIONS)}"
+            )
+        else:
+            permissions = frozenset(raw)
+    reader.finish()
+    return Peer(ae, host, port, permissions)
+
+
+def _dimse(r: _Reader) -> DimseConfig:
+    d = DimseConfig()
+    peers_raw = r._raw("peers") or []
+    peers: list[Peer] = []
+    if not isinstance(peers_raw, list):
+        r.problems.append("dimse.peers: expected an array of tables ([[dimse.peers]])")
+    else:
+        for i, item in enumerate(peers_raw):
+            peers.append(_peer(_Reader(item, f"dimse.peers[{i}]", r.problems)))
+    titles = [p.ae_title for p in peers]
+    for dup in sorted({t for t in titles if titles.count(t) > 1}):
+        r.problems.append(f"dimse.peers: AE title {dup!r} is listed more than once")
+    cfg = DimseConfig(
+        ae_title=r.ae_title("ae_title", d.ae_title),
+        host=r.string("host", d.host),
+        port=r.integer("port", d.port, 1, 65535),
+        peers=tuple(peers),
+        require_known_peers=r.boolean("require_known_peers", d.require_known_peers),
+        ack=r.string("ack", d.ack, ("spooled", "delivered")),
+        ack_timeout=r.number("ack_timeout", d.ack_timeout, 1, 3600),
+        max_pdu_size=r.integer("max_pdu_size", d.max_pdu_size, 0, 2**31 - 1),
+        max_associations=r.integer("max_associations", d.max_associations, 1, 1000),
+        network_timeout=r.number("network_timeout", d.network_timeout, 1, 3600),
+        acse_timeout=r.number("acse_timeout", d.acse_timeout, 1, 3600),
+        dimse_timeout=r.number("dimse_timeout", d.dimse_timeout, 1, 3600),
+        shutdown_grace=r.number("shutdown_grace", d.shutdown_grace, 0, 3600),
+    )
+    r.finish()
+    return cfg
+
+
+def _spool(r: _Reader) -> SpoolConfig:
+    d = SpoolConfig()
+    cfg = SpoolConfig(
+        directory=Path(r.string("directory", str(d.directory))),
+        min_free_mb=r.integer("min_free_mb", d.min_free_mb, 0, 2**40),
+        max_attempts=r.integer("max_attempts", d.max_attempts, 1, 10**6),
+        max_age_hours=r.number("max_age_hours", d.max_age_hours, 0.001, 24 * 365 * 10),
+        batch_max_instances=r.integer("batch_max_instances", d.batch_max_instances, 1, 10000),
+        batch_max_mb=r.integer("batch_max_mb", d.batch_max_mb, 1, 100000),
+        concurrency=r.integer("concurrency", d.concurrency, 1, 256),
+        retry_base_seconds=r.number("retry_base_seconds", d.retry_base_seconds, 0.01, 86400),
+        retry_max_seconds=r.number("retry_max_seconds", d.retry_max_seconds, 0.01, 86400),
+        retain_delivered_hours=r.number(
+            "retain_delivered_hours", d.retain_delivered_hours, 0, 24 * 365 * 10
+        ),
+    )
+    r.finish()
+    return cfg
+
+
+def _auth(r: _Reader) -> AuthConfig:
+    kind = r.string("type", "none", ("none", "basic", "bearer", "header"))
+    cfg = AuthConfig(
+        type=kind,
+        username=r.string("username", ""),
+        password=r.string("password", ""),
+        token=r.string("token", ""),
+        name=r.string("name", ""),
+        value=r.string("value", ""),
+    )
+    needed = {"basic": ("username", "password"), "bearer": ("token",), "header": ("name", "value")}
+    for key in needed.get(kind, ()):
+        if not getattr(cfg, key):
+            r.problems.append(f"{r.path}.{key}: required when {r.path}.type = {kind!r}")
+    r.finish()
+    return cfg
+
+
+def _upstream(r: _Reader) -> UpstreamConfig:
+    d = UpstreamConfig()
+    kind = r.string("type", d.type, ("local", "dicomweb"))
+    url = r.string("url", d.url).rstrip("/")
+    if kind == "dicomweb" and not re.match(r"^https?://[^/\s]+", url):
+        r.problems.append(
+            f"upstream.url: {url!r} is not an http(s) URL (required when upstream.type = 'dicomweb')"
+        )
+    cfg = UpstreamConfig(
+        type=kind,
+        url=url,
+        auth=_auth(r.sub("auth")),
+        timeout=r.number("timeout", d.timeout, 0.1, 86400),
+        connect_timeout=r.number("connect_timeout", d.connect_timeout, 0.1, 3600),
+        verify_tls=r.boolean("verify_tls", d.verify_tls),
+    )
+    r.finish()
+    return cfg
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    root = _Reader(data, "", problems)
+    dimse = _dimse(root.sub("dimse"))
+    spool = _spool(root.sub("spool"))
+    upstream = _upstream(root.sub("upstream"))
+    http_r = root.sub("http")
+    http = HttpConfig(
+        host=http_r.string("host", HttpConfig.host),
+        port=http_r.integer("port", HttpConfig.port, 0, 65535),
+    )
+    http_r.finish()
+    log_r = root.sub("logging")
+    logging_cfg = LoggingConfig(
+        level=log_r.string("level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    )
+    log_r.finish()
+    root.finish()
+    if problems:
+        raise ConfigError(problems)
+    return Config(dimse=dimse, spool=spool, upstream=upstream, http=http, logging=logging_cfg)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML file; relative spool paths resolve against the file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    cfg = parse_config(data)
+    if not cfg.spool.directory.is_absolute():
+        spool = SpoolConfig(
+            **{**cfg.spool.__dict__, "directory": (path.parent / cfg.spool.directory).resolve()}
+        )
+        cfg = Config(cfg.dimse, spool, cfg.upstream, cfg.http, cfg.logging)
+    return cfg

@@ -1,0 +1,88 @@
+"""The daemon: one asyncio process running the SCP, the forwarder and the web app.
+
+Start order makes the gateway safe to talk to as soon as it listens: spool recovered,
+upstream opened, forwarder running, HTTP up, and only then the DIMSE port. Stop order
+is the reverse, each step bounded by ``dimse.shutdown_grace``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from aiohttp import web
+
+from gateway.config import Config
+from gateway.dimse.server import start_scp, stop_scp
+from gateway.spool.forwarder import Forwarder
+from gateway.spool.queue import Spool
+from gateway.upstream import make_upstream
+from gateway.web.app import create_app
+
+log = logging.getLogger("gateway.daemon")
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("systemd notify failed: %s", exc)
+
+
+async def run(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    loop = asyncio.get_running_loop()
+    spool = Spool(config.spool)
+    requeued = spool.recover()
+    if requeued:
+        log.warning("requeued %d instance(s) left in 'sending' by an unclean stop", requeued)
+    upstream = make_upstream(config)
+    await upstream.start()
+    forwarder = Forwarder(spool, upstream, config.spool)
+    spool.on_enqueue = lambda: loop.call_soon_threadsafe(forwarder.wake)
+    await forwarder.start()
+
+    runner = web.AppRunner(create_app(spool, upstream), access_log=None)
+    await runner.setup()
+    server = None
+    try:
+        await web.TCPSite(runner, config.http.host, config.http.port).start()
+        server = await loop.run_in_executor(None, start_scp, config, spool)
+        log.info(
+            "listening: DIMSE %s on %s:%d, HTTP on %s:%d, upstream %s, spool %s",
+            config.dimse.ae_title,
+            config.dimse.host,
+            config.dimse.port,
+            config.http.host,
+            config.http.port,
+            config.upstream.type + (f" {config.upstream.url}" if config.upstream.url else ""),
+            config.spool.directory,
+        )
+        sd_notify("READY=1")
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        sd_notify("STOPPING=1")
+    finally:
+        grace = config.dimse.shutdown_grace
+        if server is not None:
+            await loop.run_in_executor(None, stop_scp, server, grace)
+        spool.on_enqueue = lambda: None
+        await forwarder.stop(grace)
+        await runner.cleanup()
+        await upstream.close()
+        spool.close()
+        log.info("stopped")

@@ -1,0 +1,395 @@
+"""The durable queue of received instances and their delivery state.
+
+Life of a row: ``queued`` -> ``sending`` (claimed by a forwarder worker) ->
+``delivered``, or ``failed`` (retry at ``next_attempt_at``) -> ... -> ``dead`` after
+``max_attempts`` or ``max_age_hours``. Rows left in ``sending`` by a crash go back to
+``queued`` at start-up: a crash between send and commit may deliver twice, never zero
+times.
+
+Files are named by a random token, never by a UID from the wire, and live under
+``objects/xx/``. `enqueue` is called on pynetdicom's association threads and makes the
+instance durable (file fsync, rename, directory fsync, row commit) before it returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.config import SpoolConfig
+from gateway.fsutil import fsync_path
+from gateway.spool.db import SpoolDB, immediate
+
+STATES = ("queued", "sending", "delivered", "failed", "dead")
+
+
+class SpoolFull(Exception):
+    """Not enough free space to accept an instance durably."""
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The identifying attributes of a received instance, already validated."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    path: Path
+    size: int
+    attempts: int
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one instance in a delivery attempt.
+
+    ``kind`` is ``delivered``, ``retry`` (transient: try again later, not before
+    ``retry_after`` seconds if given) or ``rejected`` (permanent: the archive refused it).
+    """
+
+    instance_id: int
+    kind: str
+    error: str = ""
+    retry_after: float | None = None
+
+
+class Spool:
+    """The spool directory and its database."""
+
+    def __init__(self, cfg: SpoolConfig) -> None:
+        self.cfg = cfg
+        self.directory = cfg.directory
+        self.incoming = self.directory / "incoming"
+        self.objects = self.directory / "objects"
+        for d in (self.directory, self.incoming, self.objects):
+            d.mkdir(parents=True, exist_ok=True)
+        self.db = SpoolDB(self.directory / "spool.sqlite")
+        self.on_enqueue: Callable[[], None] = lambda: None
+        self._waiters: dict[int, threading.Event] = {}
+        self._outcomes: dict[int, Outcome] = {}
+        self._waiters_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- start-up -------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Requeue rows a crash left in ``sending``; drop half-received temp files."""
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)
+        with self.db.connection() as db, immediate(db):
+            cur = db.execute(
+                "UPDATE instances SET state='queued', next_attempt_at=0 WHERE state='sending'"
+            )
+            return cur.rowcount
+
+    # ---- ingest (association threads) ----------------------------------------
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.directory).free
+
+    def check_space(self, incoming_size: int = 0) -> None:
+        """Raise SpoolFull when accepting ``incoming_size`` more bytes would cross the floor."""
+        floor = self.cfg.min_free_mb * 1024 * 1024
+        free = self.free_bytes()
+        if free - incoming_size < floor:
+            raise SpoolFull(
+                f"spool free space {free // 2**20} MiB is below the floor of "
+                f"{self.cfg.min_free_mb} MiB"
+            )
+
+    def enqueue(
+        self, temp_path: Path, header: InstanceHeader, calling_ae: str, watch: bool = False
+    ) -> int:
+        """Make a received file durable and queue it; return its row id.
+
+        ``temp_path`` must be on the spool's file system (pynetdicom writes it into
+        ``incoming/``). With ``watch``, the caller may then `wait_outcome` for it.
+        Raises SpoolFull when the disk cannot take it; the file is then removed.
+        """
+        size = temp_path.stat().st_size
+        try:
+            self.check_space()
+            fsync_path(temp_path)
+            token = uuid.uuid4().hex
+            subdir = self.objects / token[:2]
+            subdir.mkdir(exist_ok=True)
+            final = subdir / f"{token}.dcm"
+            os.replace(temp_path, final)
+            fsync_path(subdir, directory=True)
+        except OSError as exc:
+            temp_path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(f"spool disk full: {exc.strerror}") from exc
+            raise
+        except SpoolFull:
+            temp_path.unlink(missing_ok=True)
+            raise
+        try:
+            with self.db.connection() as db, immediate(db):
+                cur = db.execute(
+                    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
+                    " transfer_syntax, file, size, calling_ae, received_at, state, attempts,"
+                    " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,'queued',0,0)",
+                    (
+                        header.sop_instance_uid,
+                        header.sop_class_uid,
+                        header.study_uid,
+                        header.series_uid,
+                        header.transfer_syntax,
+                        str(final.relative_to(self.directory)),
+                        size,
+                        calling_ae,
+                        time.time(),
+                    ),
+                )
+                row_id = int(cur.lastrowid or 0)
+                if watch:
+                    with self._waiters_lock:
+                        self._waiters[row_id] = threading.Event()
+        except Exception as exc:
+            final.unlink(missing_ok=True)
+            if "full" in str(exc).lower():
+                raise SpoolFull(f"spool database full: {exc}") from exc
+            raise
+        self.on_enqueue()
+        return row_id
+
+    def wait_outcome(self, row_id: int, timeout: float) -> Outcome | None:
+        """Block until the first delivery attempt of a watched row ends (None: timed out)."""
+        with self._waiters_lock:
+            event = self._waiters.get(row_id)
+        if event is None:
+            return None
+        event.wait(timeout)
+        with self._waiters_lock:
+            self._waiters.pop(row_id, None)
+            return self._outcomes.pop(row_id, None)
+
+    def _notify(self, outcomes: Iterable[Outcome]) -> None:
+        with self._waiters_lock:
+            for outcome in outcomes:
+                event = self._waiters.get(outcome.instance_id)
+                if event is not None:
+                    self._outcomes[outcome.instance_id] = outcome
+                    event.set()
+
+    # ---- delivery (forwarder) -------------------------------------------------
+
+    def _row(self, row: dict[str, Any]) -> SpooledInstance:
+        return SpooledInstance(
+            id=row["id"],
+            sop_instance_uid=row["sop_instance_uid"],
+            sop_class_uid=row["sop_class_uid"],
+            study_uid=row["study_uid"],
+            series_uid=row["series_uid"],
+            transfer_syntax=row["transfer_syntax"],
+            path=self.directory / row["file"],
+            size=row["size"],
+            attempts=row["attempts"],
+            received_at=row["received_at"],
+        )
+
+    def claim(self, max_instances: int, max_bytes: int) -> list[SpooledInstance]:
+        """Take the oldest due instance and more of its study, up to the batch limits."""
+        now = time.time()
+        due = "state IN ('queued','failed') AND next_attempt_at <= ?"
+        with self.db.connection() as db, immediate(db):
+            first = next(
+                db.query(
+                    f"SELECT study_uid FROM instances WHERE {due} ORDER BY next_attempt_at, id LIMIT 1",
+                    [now],
+                ),
+                None,
+            )
+            if first is None:
+                return []
+            rows = db.query(
+                f"SELECT * FROM instances WHERE study_uid = ? AND {due} ORDER BY id LIMIT ?",
+                [first["study_uid"], now, max_instances],
+            )
+            batch: list[dict[str, Any]] = []
+            total = 0
+            for row in rows:
+                if batch and total + row["size"] > max_bytes:
+                    break
+                batch.append(row)
+                total += row["size"]
+            ids = [r["id"] for r in batch]
+            db.execute(
+                f"UPDATE instances SET state='sending', attempts=attempts+1"
+                f" WHERE id IN ({','.join('?' * len(ids))})",
+                ids,
+            )
+        return [self._row({**r, "attempts": r["attempts"] + 1}) for r in batch]
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the next failed row becomes due (None when nothing waits)."""
+        with self.db.connection() as db:
+            row = next(
+                db.query(
+                    "SELECT MIN(next_attempt_at) AS t FROM instances"
+                    " WHERE state IN ('queued','failed')"
+                ),
+                None,
+            )
+        if row is None or row["t"] is None:
+            return None
+        return max(0.0, row["t"] - time.time())
+
+    def backoff(self, attempts: int) -> float:
+        """Exponential backoff with full jitter in its upper half, capped."""
+        base = min(self.cfg.retry_max_seconds, self.cfg.retry_base_seconds * 2 ** max(0, attempts - 1))
+        return base * random.uniform(0.5, 1.0)
+
+    def record(self, batch: list[SpooledInstance], outcomes: list[Outcome]) -> dict[int, str]:
+        """Store the outcome of a delivery attempt; return the new state per row id."""
+        now = time.time()
+        by_id = {i.id: i for i in batch}
+        states: dict[int, str] = {}
+        max_age = self.cfg.max_age_hours * 3600
+        with self.db.connection() as db, immediate(db):
+            for outcome in outcomes:
+                inst = by_id[outcome.instance_id]
+                if outcome.kind == "delivered":
+                    db.execute(
+                        "UPDATE instances SET state='delivered', delivered_at=?, last_error=NULL"
+                        " WHERE id=?",
+                        [now, inst.id],
+                    )
+                    states[inst.id] = "delivered"
+                elif outcome.kind == "retry" and not (
+                    inst.attempts >= self.cfg.max_attempts or now - inst.received_at > max_age
+                ):
+                    delay = max(self.backoff(inst.attempts), outcome.retry_after or 0.0)
+                    db.execute(
+                        "UPDATE instances SET state='failed', next_attempt_at=?, last_error=?"
+                        " WHERE id=?",
+                        [now + delay, outcome.error, inst.id],
+                    )
+                    states[inst.id] = "failed"
+                else:
+                    error = outcome.error
+                    if outcome.kind == "retry":
+                        error = f"gave up after {inst.attempts} attempts: {error}"
+                    db.execute(
+                        "UPDATE instances SET state='dead', last_error=? WHERE id=?",
+                        [error, inst.id],
+                    )
+                    states[inst.id] = "dead"
+        self._notify(outcomes)
+        return states
+
+    def release(self, batch: list[SpooledInstance]) -> None:
+        """Put claimed rows back untouched (shutdown in the middle of a send)."""
+        with self.db.connection() as db, immediate(db):
+            db.execute(
+                f"UPDATE instances SET state='queued', attempts=MAX(0, attempts-1)"
+                f" WHERE state='sending' AND id IN ({','.join('?' * len(batch))})",
+                [i.id for i in batch],
+            )
+
+    # ---- admin ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Counts and bytes per state, and the age of the oldest waiting instance."""
+        with self.db.connection() as db:
+            counts = {s: 0 for s in STATES}
+            sizes = {s: 0 for s in STATES}
+            for row in db.query(
+                "SELECT state, COUNT(*) AS n, COALESCE(SUM(size),0) AS b FROM instances GROUP BY state"
+            ):
+                counts[row["state"]] = row["n"]
+                sizes[row["state"]] = row["b"]
+            oldest = next(
+                db.query(
+                    "SELECT MIN(received_at) AS t FROM instances"
+                    " WHERE state IN ('queued','sending','failed')"
+                )
+            )["t"]
+        return {
+            "counts": counts,
+            "bytes": sizes,
+            "oldest_pending_age_seconds": round(time.time() - oldest, 1) if oldest else None,
+            "free_bytes": self.free_bytes(),
+        }
+
+    def list_rows(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM instances"
+        params: list[Any] = []
+        if state:
+            sql += " WHERE state = ?"
+            params.append(state)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        with self.db.connection() as db:
+            return list(db.query(sql, params))
+
+    def retry(self, ids: Iterable[int] = (), dead: bool = False) -> int:
+        """Requeue dead rows (all, or the given ids in dead or failed) for immediate delivery."""
+        ids = list(ids)
+        with self.db.connection() as db, immediate(db):
+            if ids:
+                cur = db.execute(
+                    "UPDATE instances SET state='queued', attempts=0, next_attempt_at=0"
+                    f" WHERE state IN ('dead','failed') AND id IN ({','.join('?' * len(ids))})",
+                    ids,
+                )
+            elif dead:
+                cur = db.execute(
+                    "UPDATE instances SET state='queued', attempts=0, next_attempt_at=0"
+                    " WHERE state='dead'"
+                )
+            else:
+                return 0
+            count = cur.rowcount
+        if count:
+            self.on_enqueue()
+        return count
+
+    def purge_delivered(self, older_than_seconds: float = 0.0) -> int:
+        """Delete delivered rows (and their spool files) delivered before the cut-off."""
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        while True:
+            with self.db.connection() as db:
+                rows = list(
+                    db.query(
+                        "SELECT id, file FROM instances WHERE state='delivered' AND delivered_at <= ?"
+                        " LIMIT 500",
+                        [cutoff],
+                    )
+                )
+            if not rows:
+                return removed
+            for row in rows:
+                (self.directory / row["file"]).unlink(missing_ok=True)
+            with self.db.connection() as db, immediate(db):
+                db.execute(
+                    f"DELETE FROM instances WHERE id IN ({','.join('?' * len(rows))})",
+                    [r["id"] for r in rows],
+                )
+            removed += len(rows)

@@ -1,0 +1,26 @@
+"""UID validation (PS3.5 9.1): digits and dots, no empty components, at most 64 characters.
+
+UIDs arrive from modalities and archives; they are validated before they are used in
+a URL, a database key or a log line, so that a crafted value cannot traverse a path or
+break a request. Components with a leading zero, which PS3.5 forbids, are tolerated:
+real devices emit them, and refusing their images would lose data for no safety gain.
+"""
+
+from __future__ import annotations
+
+import re
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(value: object) -> bool:
+    """True for a syntactically valid DICOM UID."""
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def require_uid(value: object, what: str) -> str:
+    """Return the UID or raise ValueError naming the attribute."""
+    if not is_valid_uid(value):
+        shown = repr(value)[:80]
+        raise ValueError(f"{what} is not a valid UID: {shown}")
+    return str(value)

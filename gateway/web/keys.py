@@ -1,0 +1,13 @@
+"""Typed application keys shared by the facade's route modules."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.spool.queue import Spool
+from gateway.upstream.base import Upstream
+
+SPOOL = web.AppKey("spool", Spool)
+UPSTREAM = web.AppKey("upstream", Upstream)
+# [monotonic time, Health] of the last upstream probe; a list so it can change after start-up.
+HEALTH_CACHE = web.AppKey("health_cache", list)

@@ -1,0 +1,70 @@
+"""A pynetdicom C-STORE SCU for transfer syntaxes dcmtk 3.6.7 cannot send.
+
+dcmtk 3.6.7 does not know HTJ2K (1.2.840.10008.1.2.4.201-.203) or JPEG XL:
+it negotiates such a UID but then refuses to encode the data set (see
+:mod:`tests.support.dcmtk`). pynetdicom, given a file path, sends the stored
+data set bytes as they are without decoding them, so any transfer syntax the
+peer accepts can be exercised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE
+
+LOOPBACK = "127.0.0.1"
+
+#: pynetdicom allows at most 128 proposed presentation contexts.
+_MAX_CONTEXTS = 128
+
+
+def send_files(
+    port: int,
+    paths: Iterable[Path | str],
+    called_ae: str,
+    calling_ae: str = "PYSCU",
+    host: str = LOOPBACK,
+    timeout: float = 30.0,
+) -> list[int]:
+    """C-STORE each file in its own stored transfer syntax, in one association.
+
+    Proposes one presentation context per (SOP Class, transfer syntax) pair
+    found in the files' meta headers, so nothing is transcoded. Returns the
+    C-STORE status per file, in order; ``-1`` means there was no response
+    (refused context, abort, timeout). Raises AssertionError if the
+    association is not accepted, so a refusal is never mistaken for success.
+    """
+    files = [Path(p) for p in paths]
+    pairs: list[tuple[str, str]] = []
+    for path in files:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        pair = (str(meta.file_meta.MediaStorageSOPClassUID), str(meta.file_meta.TransferSyntaxUID))
+        if pair not in pairs:
+            pairs.append(pair)
+    if len(pairs) > _MAX_CONTEXTS:
+        raise ValueError(f"{len(pairs)} (SOP class, syntax) pairs exceed {_MAX_CONTEXTS} presentation contexts")
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    for sop_class, syntax in pairs:
+        ae.add_requested_context(sop_class, [syntax])
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise AssertionError(f"association with {called_ae} at {host}:{port} was not accepted")
+    statuses: list[int] = []
+    try:
+        for path in files:
+            try:
+                status = assoc.send_c_store(path)
+            except ValueError:
+                statuses.append(-1)
+                continue
+            statuses.append(int(status.Status) if "Status" in status else -1)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses
