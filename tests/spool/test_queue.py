@@ -1,0 +1,144 @@
+"""The spool's state machine, durability bookkeeping and admin operations."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.config import SpoolConfig
+from gateway.spool.queue import InstanceHeader, Outcome, Spool, SpoolFull
+
+STUDY = "1.2.3.4"
+
+
+def header(n: int, study: str = STUDY) -> InstanceHeader:
+    return InstanceHeader(f"1.2.3.4.5.{n}", "1.2.840.10008.5.1.4.1.1.2", study, "1.2.3.4.6", "1.2.840.10008.1.2.1")
+
+
+def received(spool: Spool, n: int, size: int = 100) -> Path:
+    path = spool.incoming / f"tmp{n}.dcm"
+    path.write_bytes(b"x" * size)
+    return path
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, max_attempts=3))
+    yield s
+    s.close()
+
+
+def test_enqueue_moves_file_and_claims_by_study(spool: Spool) -> None:
+    ids = [spool.enqueue(received(spool, i), header(i), "MOD") for i in range(3)]
+    other = spool.enqueue(received(spool, 9), header(9, "9.9"), "MOD")
+    assert not any(spool.incoming.iterdir())
+    batch = spool.claim(max_instances=10, max_bytes=10_000)
+    assert [i.id for i in batch] == ids
+    assert all(i.path.exists() and i.path.is_relative_to(spool.objects) for i in batch)
+    assert spool.status()["counts"]["sending"] == 3
+    assert [i.id for i in spool.claim(10, 10_000)] == [other]
+    assert spool.claim(10, 10_000) == []
+
+
+def test_batch_limits(spool: Spool) -> None:
+    for i in range(5):
+        spool.enqueue(received(spool, i, size=400), header(i), "MOD")
+    assert len(spool.claim(max_instances=2, max_bytes=10_000)) == 2
+    assert len(spool.claim(max_instances=10, max_bytes=1000)) == 2  # 800 bytes fit, 1200 do not
+    assert len(spool.claim(max_instances=10, max_bytes=10)) == 1  # always at least one
+
+
+def test_file_names_never_come_from_uids(spool: Spool) -> None:
+    evil = InstanceHeader("../../etc/passwd", "1.2", "../../../tmp", "..", "1.2")
+    row = spool.enqueue(received(spool, 1), evil, "MOD")
+    (inst,) = spool.claim(1, 10_000)
+    assert inst.id == row and inst.path.resolve().is_relative_to(spool.objects.resolve())
+    assert ".." not in inst.path.name
+
+
+def test_retry_backoff_then_dead(spool: Spool) -> None:
+    spool.enqueue(received(spool, 1), header(1), "MOD")
+    for attempt in range(1, 4):
+        (inst,) = spool.claim(1, 10_000)
+        assert inst.attempts == attempt
+        states = spool.record([inst], [Outcome(inst.id, "retry", "HTTP 503")])
+        if attempt < 3:
+            assert states[inst.id] == "failed"
+            assert spool.claim(1, 10_000) == []  # not due yet
+            with spool.db.connection() as db:
+                db.execute("UPDATE instances SET next_attempt_at = 0")
+    assert states[inst.id] == "dead"
+    (row,) = spool.list_rows("dead")
+    assert "gave up after 3 attempts: HTTP 503" in row["last_error"]
+    assert spool.retry(dead=True) == 1
+    assert spool.claim(1, 10_000)[0].attempts == 1
+
+
+def test_retry_after_is_honoured(spool: Spool) -> None:
+    spool.enqueue(received(spool, 1), header(1), "MOD")
+    (inst,) = spool.claim(1, 10_000)
+    spool.record([inst], [Outcome(inst.id, "retry", "429", retry_after=120)])
+    assert 100 < (spool.next_due_in() or 0) <= 120
+
+
+def test_rejected_is_dead_at_once(spool: Spool) -> None:
+    spool.enqueue(received(spool, 1), header(1), "MOD")
+    (inst,) = spool.claim(1, 10_000)
+    assert spool.record([inst], [Outcome(inst.id, "rejected", "HTTP 400")]) == {inst.id: "dead"}
+
+
+def test_recover_requeues_sending_and_drops_partial_files(spool: Spool) -> None:
+    spool.enqueue(received(spool, 1), header(1), "MOD")
+    spool.claim(1, 10_000)
+    (spool.incoming / "half-received.dcm").write_bytes(b"partial")
+    assert spool.recover() == 1
+    assert spool.status()["counts"]["queued"] == 1
+    assert not any(spool.incoming.iterdir())
+
+
+def test_space_floor_refuses_and_removes_file(tmp_path: Path) -> None:
+    s = Spool(SpoolConfig(directory=tmp_path / "s", min_free_mb=10**9))
+    path = received(s, 1)
+    with pytest.raises(SpoolFull):
+        s.enqueue(path, header(1), "MOD")
+    assert not path.exists()
+    assert s.status()["counts"]["queued"] == 0
+    s.close()
+
+
+def test_purge_delivered(spool: Spool) -> None:
+    spool.enqueue(received(spool, 1), header(1), "MOD")
+    (inst,) = spool.claim(1, 10_000)
+    spool.record([inst], [Outcome(inst.id, "delivered")])
+    assert spool.purge_delivered(older_than_seconds=3600) == 0
+    assert spool.purge_delivered() == 1
+    assert not inst.path.exists()
+
+
+def test_wait_outcome_for_ack_delivered(spool: Spool) -> None:
+    row = spool.enqueue(received(spool, 1), header(1), "MOD", watch=True)
+
+    def deliver() -> None:
+        time.sleep(0.1)
+        (inst,) = spool.claim(1, 10_000)
+        spool.record([inst], [Outcome(inst.id, "delivered")])
+
+    threading.Thread(target=deliver).start()
+    outcome = spool.wait_outcome(row, timeout=5)
+    assert outcome is not None and outcome.kind == "delivered"
+
+
+def test_concurrent_enqueue_from_many_threads(spool: Spool) -> None:
+    def worker(base: int) -> None:
+        for i in range(25):
+            spool.enqueue(received(spool, base + i), header(base + i), "MOD")
+
+    threads = [threading.Thread(target=worker, args=(n * 1000,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert spool.status()["counts"]["queued"] == 200

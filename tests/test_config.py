@@ -1,0 +1,131 @@
+"""Config validation: every problem is reported with the key that has it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+ISSUE_EXAMPLE = """
+[dimse]
+ae_title = "DICOMGW"
+host = "0.0.0.0"
+port = 11112
+
+[[dimse.peers]]
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = 11113
+
+[spool]
+directory = "/var/lib/dicom-gateway"
+
+[upstream]
+type = "dicomweb"
+url = "http://127.0.0.1:8042/dicom-web"
+[upstream.auth]
+type = "none"
+
+[http]
+host = "127.0.0.1"
+port = 8080
+"""
+
+
+def test_issue_example_loads_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(ISSUE_EXAMPLE)
+    cfg = load_config(path)
+    assert cfg.dimse.ae_title == "DICOMGW" and cfg.dimse.port == 11112
+    assert cfg.peer("STORESCP").port == 11113  # type: ignore[union-attr]
+    assert cfg.upstream.type == "dicomweb" and cfg.upstream.url.endswith("/dicom-web")
+    assert cfg.spool.directory == Path("/var/lib/dicom-gateway")
+    assert cfg.http.port == 8080
+
+
+def test_shipped_default_is_valid_and_local() -> None:
+    cfg = load_config(REPO / "config" / "gateway.toml")
+    assert cfg.upstream.type == "local"
+    assert cfg.spool.directory.is_absolute()
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ({"dimse": {"port": 70000}}, "dimse.port: expected an integer from 1 to 65535"),
+        ({"dimse": {"port": "11112"}}, "dimse.port"),
+        ({"dimse": {"ae_title": "WAY_TOO_LONG_AE_TITLE"}}, "dimse.ae_title"),
+        ({"dimse": {"ack": "sometimes"}}, "dimse.ack: 'sometimes' is not one of"),
+        ({"dimse": {"peers": [{"ae_title": "X", "host": "h"}]}}, "dimse.peers[0].port: required"),
+        (
+            {"dimse": {"peers": [{"ae_title": "X", "host": "h", "port": 1, "permissions": ["fly"]}]}},
+            "dimse.peers[0].permissions: unknown ['fly']",
+        ),
+        ({"upstream": {"type": "dicomweb"}}, "upstream.url"),
+        ({"upstream": {"type": "s3"}}, "upstream.type"),
+        ({"upstream": {"auth": {"type": "basic", "username": "u"}}}, "upstream.auth.password: required"),
+        ({"spool": {"concurency": 4}}, "spool.concurency: unknown key"),
+        ({"upstream": {"auth": {"type": "bearer", "token": "env:DICOMGW_TEST_UNSET"}}}, "DICOMGW_TEST_UNSET is not set"),
+    ],
+)
+def test_errors_name_the_key(toml: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(toml)
+    assert message in str(info.value)
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"dimse": {"port": 0, "ack": "x"}, "http": {"port": -1}})
+    assert len(info.value.problems) == 3
+
+
+def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GW_TOKEN", "s3cret")
+    cfg = parse_config({"upstream": {"auth": {"type": "bearer", "token": "env:GW_TOKEN"}}})
+    assert cfg.upstream.auth.token == "s3cret"
+
+
+def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(ISSUE_EXAMPLE)
+    assert _check(good).returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[dimse]\nport = "eleven"\n[upstream]\ntype = "dicomweb"\n')
+    result = _check(bad)
+    assert result.returncode != 0
+    assert "dimse.port" in result.stderr and "upstream.url" in result.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[dimse\n")
+    result = _check(broken)
+    assert result.returncode != 0 and "invalid TOML" in result.stderr
+    result = _check(tmp_path / "missing.toml")
+    assert result.returncode != 0 and "file not found" in result.stderr
+
+
+def test_run_refuses_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[spool]\nmax_attempts = 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=30,
+    )
+    assert result.returncode != 0 and "spool.max_attempts" in result.stderr

@@ -1,0 +1,116 @@
+"""How DicomWebUpstream turns STOW-RS answers into per-instance outcomes.
+
+Orthanc (used by the integration suites) cannot be made to answer 503, 429 or a
+partial 409 on demand, so these cases use a small aiohttp server that speaks only
+the HTTP status codes and PS3.18 response bodies under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.config import UpstreamConfig
+from gateway.spool.queue import SpooledInstance
+from gateway.upstream.dicomweb import DicomWebUpstream, retry_after_seconds
+from tests.support.ports import free_port
+
+
+def inst(tmp_path: Path, n: int) -> SpooledInstance:
+    path = tmp_path / f"{n}.dcm"
+    path.write_bytes(bytes([n]) * (1000 + n))
+    return SpooledInstance(n, f"1.2.3.{n}", "1.2", "1.2.3", "1.2.3.9", "1.2.840.10008.1.2.1", path, 1000 + n, 1, 0.0)
+
+
+def failed_json(pairs: dict[str, int], ok: list[str]) -> str:
+    return json.dumps(
+        {
+            "00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [u]}} for u in ok]},
+            "00081198": {
+                "vr": "SQ",
+                "Value": [
+                    {"00081155": {"vr": "UI", "Value": [u]}, "00081197": {"vr": "US", "Value": [r]}}
+                    for u, r in pairs.items()
+                ],
+            },
+        }
+    )
+
+
+def run_against(handler: Callable[[web.Request], web.Response], instances: list[SpooledInstance]):
+    seen: list[bytes] = []
+
+    async def wrapped(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return handler(request)
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/dicom-web/studies/{study}", wrapped)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        up = DicomWebUpstream(UpstreamConfig(type="dicomweb", url=f"http://127.0.0.1:{port}/dicom-web"))
+        await up.start()
+        try:
+            return await up.store_instances("1.2.3", instances), seen
+        finally:
+            await up.close()
+            await runner.cleanup()
+
+    return asyncio.run(main())
+
+
+def test_body_is_multipart_with_every_file(tmp_path: Path) -> None:
+    items = [inst(tmp_path, 1), inst(tmp_path, 2)]
+    outcomes, seen = run_against(lambda r: web.Response(status=200), items)
+    assert [o.kind for o in outcomes] == ["delivered", "delivered"]
+    body = seen[0]
+    assert body.count(b"Content-Type: application/dicom") == 2
+    assert bytes([1]) * 1001 in body and bytes([2]) * 1002 in body
+
+
+def test_503_with_retry_after_retries(tmp_path: Path) -> None:
+    outcomes, _ = run_against(
+        lambda r: web.Response(status=503, text="busy", headers={"Retry-After": "30"}), [inst(tmp_path, 1)]
+    )
+    assert outcomes[0].kind == "retry" and outcomes[0].retry_after == 30
+
+
+def test_429_and_408_retry_other_4xx_reject(tmp_path: Path) -> None:
+    for status, kind in ((429, "retry"), (408, "retry"), (400, "rejected"), (401, "rejected"), (415, "rejected")):
+        outcomes, _ = run_against(lambda r, s=status: web.Response(status=s), [inst(tmp_path, 1)])
+        assert outcomes[0].kind == kind, status
+
+
+def test_409_marks_each_instance_on_its_own(tmp_path: Path) -> None:
+    items = [inst(tmp_path, n) for n in (1, 2, 3, 4)]
+    body = failed_json({"1.2.3.2": 0x0111, "1.2.3.3": 0xC000, "1.2.3.4": 0xA700}, ok=["1.2.3.1"])
+    outcomes, _ = run_against(
+        lambda r: web.Response(status=409, body=body, content_type="application/dicom+json"), items
+    )
+    assert [o.kind for o in outcomes] == ["delivered", "delivered", "rejected", "retry"]
+
+
+def test_connection_refused_retries(tmp_path: Path) -> None:
+    async def main():
+        up = DicomWebUpstream(UpstreamConfig(type="dicomweb", url=f"http://127.0.0.1:{free_port()}/x"))
+        await up.start()
+        try:
+            return await up.store_instances("1.2.3", [inst(tmp_path, 1)])
+        finally:
+            await up.close()
+
+    (outcome,) = asyncio.run(main())
+    assert outcome.kind == "retry" and "Connect" in outcome.error
+
+
+def test_retry_after_formats() -> None:
+    assert retry_after_seconds("120") == 120
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
