@@ -44,7 +44,12 @@ class Gateway:
         dimse_lines = "".join(f"{k} = {_toml(v)}\n" for k, v in (dimse or {}).items())
         spool_lines = "".join(
             f"{k} = {_toml(v)}\n"
-            for k, v in {"retry_base_seconds": 0.2, "retry_max_seconds": 2.0, **(spool or {})}.items()
+            for k, v in {
+                "min_free_mb": 1,
+                "retry_base_seconds": 0.2,
+                "retry_max_seconds": 2.0,
+                **(spool or {}),
+            }.items()
         )
         upstream = (
             f'type = "dicomweb"\nurl = "{upstream_url}"\ntimeout = 30\n'
@@ -54,7 +59,7 @@ class Gateway:
         self.config_path.write_text(
             f'[dimse]\nae_title = "{ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
             f"shutdown_grace = 5\n{dimse_lines}\n"
-            f'[spool]\ndirectory = "{self.spool_dir}"\nmin_free_mb = 1\n{spool_lines}\n'
+            f'[spool]\ndirectory = "{self.spool_dir}"\n{spool_lines}\n'
             f"[upstream]\n{upstream}\n"
             f'[http]\nhost = "127.0.0.1"\nport = {self.http_port}\n\n'
             f'[logging]\nlevel = "INFO"\n{extra}'

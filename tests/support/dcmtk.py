@@ -17,7 +17,7 @@ dcmtk 3.6.7 facts that matter for tests (checked here, not assumed):
 * ``--config-file`` profiles accept transfer syntax UIDs verbatim, so
   :func:`storescu_for_syntax` can propose any syntax dcmtk knows, including the
   ones without a ``-x`` flag (JPEG Extended .51, JPEG Lossless .57, JPEG 2000
-  Part 2, HEVC...).
+  Part 2 .92/.93, ...).
 * dcmtk 3.6.7 knows transfer syntaxes up to ``1.2.840.10008.1.2.4.108`` (plus
   deflate, RLE and the 1.2.840.10008.1.2.6/.7 families). It does not know
   HTJ2K (``1.2.840.10008.1.2.4.201``-``.203``) nor JPEG XL: it parses such a file
@@ -51,7 +51,7 @@ QueryKeys = Mapping[str, str] | Sequence[str]
 
 _QUERY_MODEL_FLAGS = {"patient": "-P", "study": "-S", "psonly": "-O", "worklist": "-W"}
 
-#: dcmtk refuses association profiles with more presentation contexts.
+#: Presentation context IDs are the odd numbers 1-255, so at most 128 per association.
 MAX_PRESENTATION_CONTEXTS = 128
 
 
@@ -120,10 +120,19 @@ def storescu(
     """C-STORE files (or whole directories) in one association.
 
     If a directory is given and ``extra_args`` has no ``+sd``, ``+sd +r`` is
-    added so the directory is scanned recursively. storescu stops at the first
-    failed store unless ``-nh`` is passed; returncode is non-zero if any store
-    failed. Without ``--config-file`` storescu proposes the uncompressed syntaxes
-    plus each file's own syntax when that one is compressed.
+    added so the directory is scanned recursively. Observed storescu 3.6.7
+    behaviour to plan tests around:
+
+    * it stops at the first failed store with returncode 1; with ``-nh`` it
+      goes on and then exits 0 even if stores failed, so count what arrived
+      or look for ``E:`` lines in stderr;
+    * by default it proposes a fixed list of SOP classes (e.g. no Segmentation
+      Storage: "No presentation context for: (SG)"); ``-R`` proposes exactly
+      the files' SOP classes;
+    * by default it proposes only uncompressed syntaxes and tries to
+      decompress compressed files, which it cannot ("DIMSE Failed to send
+      message"); send compressed files with ``-x?`` flags or, for exactly
+      the file's syntax, :func:`storescu_for_syntax`.
     """
     path_list = [str(p) for p in paths]
     if not path_list:
@@ -253,7 +262,9 @@ class StoreSCP:
     and writes what it receives bit-preserving (``+B``), so a test sees the
     exact data set that went over the wire. ``implicit_only`` makes it accept
     Implicit VR Little Endian only, to test peers that must transcode or fail.
-    Files are named ``<modality>.<SOPInstanceUID>`` by storescp.
+    Files are named ``<modality>.<SOPInstanceUID>`` by storescp. It serves one
+    association at a time; pass ``extra_args=["--fork"]`` when a test needs
+    concurrent associations.
     """
 
     def __init__(
@@ -287,7 +298,11 @@ class StoreSCP:
         self._log_handle: BinaryIO | None = None
 
     def start(self, timeout: float = 10.0) -> StoreSCP:
-        """Start storescp and wait until its port accepts connections."""
+        """Start storescp and wait until its port accepts connections.
+
+        The readiness probe is a bare TCP connect, which storescp logs as an
+        association that never completed; that line in the log is expected.
+        """
         if self._process is not None and self._process.poll() is None:
             return self
         log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()

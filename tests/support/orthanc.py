@@ -5,38 +5,39 @@ answers QIDO/WADO-RS, and can C-MOVE to test destinations. Each instance gets
 its own free ports, config, storage and index under a temporary directory.
 REST calls use only ``urllib`` so plain synchronous tests can use them.
 
-Behaviour of these versions that tests must know (observed, not assumed):
+Behaviour of these versions that tests must know (observed here, not assumed):
 
-* Start-up: ``GET /system`` answers after roughly 0.3-0.6 s on this machine
-  (DICOMweb plugin included); a restart on the same ports works at once, the
-  ports are not held in TIME_WAIT.
-* SIGTERM stops it cleanly within about a second; data survives and a restart
-  on the same ports sees the same instances. SIGKILL also keeps committed
-  instances (SQLite index).
-* ``OverwriteInstances: true`` is set so a re-sent instance replaces the stored
-  one. REST ``POST /instances`` of a duplicate answers 200 with
-  ``"Status": "AlreadyStored"`` either way.
-* STOW-RS of an instance that is already stored answers ``200 OK`` (not 409
-  or 202) and lists it under ``ReferencedSOPSequence`` with no
-  ``WarningReason``, regardless of ``OverwriteInstances``: a duplicate is
-  indistinguishable from a first store.
-* STOW-RS of a part that is not DICOM answers ``400`` for the whole request
-  when no part was stored; when some parts were stored the answer is
-  ``200`` with the bad ones under ``FailedSOPSequence``, never ``202``.
-* WADO-RS with ``transfer-syntax=*`` returns the stored file's data set
-  unchanged (same transfer syntax, same element bytes), which is what lets
-  :func:`tests.support.compare.assert_same_dataset` prove "no silent
-  transcoding" end to end. The multipart part carries a ``Content-Type:
-  application/dicom; transfer-syntax=<uid>`` header (the part header does not
-  spell it per instance in older plugin versions; here it does).
-* C-STORE of a transfer syntax dcmtk 3.6.7 (Orthanc's DICOM library) does not
-  know, e.g. HTJ2K, is refused at association negotiation even with
-  ``AcceptedTransferSyntaxes: ["*"]``; STOW-RS of such a file is refused
-  as well.
-* Orthanc normalises nothing in the stored file for C-STORE and STOW-RS, but
-  it answers ``/instances/{id}/file`` with the file it wrote, whose file meta
-  group (implementation UID, source AE) is Orthanc's own: compare data sets,
-  not whole files.
+* Start-up with an empty index takes about 0.05 s until ``GET /system`` and the
+  DICOM port answer. Stopping is slow: SIGTERM takes about 3.5 s (HTTP server
+  ~2 s, DICOM server ~1 s, jobs engine), whatever the keep-alive and thread
+  settings. ``kill()`` is instant. A restart on the same ports works at once
+  and sees the same instances, after SIGTERM and after SIGKILL alike.
+* STOW-RS of an instance that is already stored answers ``200`` and lists it
+  under ReferencedSOPSequence with no WarningReason, whether
+  OverwriteInstances is true or false: a duplicate is indistinguishable from
+  a first store. C-STORE of a duplicate answers Success either way. REST
+  ``POST /instances`` says ``"Status": "AlreadyStored"`` for a duplicate only
+  when OverwriteInstances is false (``"Success"`` here, where it is true).
+* STOW-RS with a part that is not DICOM answers ``400`` for the whole request
+  even when other parts of it were stored: those are then listed in
+  ReferencedSOPSequence and are in the archive, and FailedSOPSequence is
+  empty. A 400 therefore does not mean "nothing stored".
+* WADO-RS with ``Accept: multipart/related; type="application/dicom";
+  transfer-syntax=*`` returns the data set exactly as stored (checked for all
+  12 corpus transfer syntaxes with :func:`tests.support.compare.assert_same_dataset`);
+  the part's own Content-Type is plain ``application/dicom`` without a
+  transfer-syntax parameter. Without ``transfer-syntax=*`` (or with
+  ``*/*``) Orthanc transcodes to Explicit VR Little Endian, e.g. a 10 KB JPEG
+  comes back as 527 KB: always ask for ``*`` when checking fidelity.
+* The answer's bytes equal ``GET /instances/{id}/file``, but not the file
+  that was sent: the file meta group is Orthanc's own. Compare data sets.
+* C-STORE is limited to the transfer syntaxes Orthanc's dcmtk 3.6.7 knows
+  even with ``AcceptedTransferSyntaxes: ["*"]``: an HTJ2K (1.2.840.10008.1.2.4.201)
+  context is rejected at negotiation. STOW-RS and REST upload of the same
+  HTJ2K file succeed (the log shows "Unsupported transfer syntax" errors from
+  decoding attempts) and WADO-RS ``transfer-syntax=*`` returns it unchanged.
+* The STOW-RS RetrieveURL is built from the request's Host header because
+  the config sets no ``DicomWeb.Host``; hard-coding a host drops the port.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from tests.support.ports import free_port, port_is_open, wait_until
+from tests.support.ports import free_port, port_is_open
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -95,20 +96,23 @@ def parse_multipart_related(content_type: str, body: bytes) -> list[tuple[dict[s
         raise ValueError(f"no boundary in Content-Type {content_type!r}")
     delimiter = b"--" + boundary.encode()
     parts: list[tuple[dict[str, str], bytes]] = []
-    chunks = body.split(b"\r\n" + delimiter)
-    # The first chunk is the preamble plus the first delimiter line.
-    first = chunks[0]
-    start = first.find(delimiter)
-    if start < 0:
-        raise ValueError("multipart body does not start with its boundary")
-    chunks[0] = first[start + len(delimiter) :]
-    for chunk in chunks:
+    # Every delimiter follows a CRLF, except the first when there is no preamble.
+    chunks = (b"\r\n" + body).split(b"\r\n" + delimiter)
+    if len(chunks) < 2:
+        raise ValueError("multipart body does not contain its boundary")
+    for chunk in chunks[1:]:  # chunks[0] is the preamble
         if chunk.startswith(b"--"):
             break  # closing delimiter
-        chunk = chunk[chunk.index(b"\r\n") + 2 :] if not chunk.startswith(b"\r\n") else chunk[2:]
-        head, sep, payload = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            raise ValueError("multipart part without header/body separator")
+        line_end = chunk.find(b"\r\n")
+        if line_end < 0:
+            raise ValueError("multipart delimiter line not terminated")
+        chunk = chunk[line_end + 2 :]  # skips transport padding after the boundary
+        if chunk.startswith(b"\r\n"):
+            head, payload = b"", chunk[2:]
+        else:
+            head, sep, payload = chunk.partition(b"\r\n\r\n")
+            if not sep:
+                raise ValueError("multipart part without header/body separator")
         headers: dict[str, str] = {}
         for line in head.decode("latin-1").split("\r\n"):
             if line:
@@ -180,7 +184,6 @@ class Orthanc:
                 "Root": "/dicom-web/",
                 "EnableWado": True,
                 "WadoRoot": "/wado",
-                "Host": LOOPBACK,
                 "Ssl": False,
                 "StudiesMetadata": "Full",
                 "SeriesMetadata": "Full",
@@ -250,20 +253,20 @@ class Orthanc:
         env = dict(os.environ)
         env["TCP_NODELAY"] = "1"
         self._log_handle = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap()
-        process = self._process = subprocess.Popen(
-            [str(ORTHANC_BINARY), str(self.config_path)],
-            env=env,
-            stdout=self._log_handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise OrthancError(f"Orthanc exited with {process.returncode} during start-up:\n{self.log_tail()}")
-            return self._system_answers() and port_is_open(LOOPBACK, self.dicom_port)
-
         try:
+            process = self._process = subprocess.Popen(
+                [str(ORTHANC_BINARY), str(self.config_path)],
+                env=env,
+                stdout=self._log_handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+            def ready() -> bool:
+                if process.poll() is not None:
+                    raise OrthancError(f"Orthanc exited with {process.returncode} at start-up:\n{self.log_tail()}")
+                return self._system_answers() and port_is_open(LOOPBACK, self.dicom_port)
+
             deadline = time.monotonic() + timeout
             while not ready():
                 if time.monotonic() > deadline:

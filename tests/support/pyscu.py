@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, _config
 
 LOOPBACK = "127.0.0.1"
 
@@ -34,8 +34,10 @@ def send_files(
     Proposes one presentation context per (SOP Class, transfer syntax) pair
     found in the files' meta headers, so nothing is transcoded. Returns the
     C-STORE status per file, in order; ``-1`` means there was no response
-    (refused context, abort, timeout). Raises AssertionError if the
-    association is not accepted, so a refusal is never mistaken for success.
+    (no accepted context for that file, abort, timeout). Raises
+    AssertionError if no association is established, which is also what
+    happens when the peer accepts none of the proposed contexts (Orthanc 1.10
+    with an HTJ2K file), so a refusal is never mistaken for success.
     """
     files = [Path(p) for p in paths]
     pairs: list[tuple[str, str]] = []
@@ -54,8 +56,13 @@ def send_files(
         ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
-        raise AssertionError(f"association with {called_ae} at {host}:{port} was not accepted")
+        raise AssertionError(
+            f"no association with {called_ae} at {host}:{port}: rejected, or no presentation context accepted"
+        )
     statuses: list[int] = []
+    # Send the stored bytes without parsing them, so broken data sets go out as they are.
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         for path in files:
             try:
@@ -65,6 +72,7 @@ def send_files(
                 continue
             statuses.append(int(status.Status) if "Status" in status else -1)
     finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
         if assoc.is_established:
             assoc.release()
     return statuses

@@ -1,0 +1,66 @@
+"""pytest fixtures for real servers; enable with ``pytest_plugins = ["tests.support.fixtures"]``.
+
+Each fixture stops its processes in teardown, which pytest runs even when the
+test failed, so no Orthanc or storescp outlives its test. Working directories
+live under pytest's ``tmp_path``: pytest keeps the last few runs, so after a
+failure the Orthanc/storescp logs and received files can still be read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.dcmtk import StoreSCP
+from tests.support.orthanc import Orthanc
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    """A fresh, empty Orthanc for one test (about 0.1 s to start, 3.5 s to stop)."""
+    server = Orthanc(workdir=tmp_path / "orthanc")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def orthanc_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """One Orthanc shared by the session; call ``clear()`` when a test needs it empty.
+
+    Tests that stop, kill or reconfigure the server must use ``orthanc``
+    instead, or they break every later user of this one.
+    """
+    server = Orthanc(workdir=tmp_path_factory.mktemp("orthanc-session"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    """Factory starting ``StoreSCP(**kwargs)`` instances, all stopped at teardown.
+
+    Each gets its own output directory under ``tmp_path`` unless
+    ``output_dir`` is given; returns the started StoreSCP.
+    """
+    started: list[StoreSCP] = []
+
+    def start(**kwargs: Any) -> StoreSCP:
+        kwargs.setdefault("output_dir", tmp_path / f"storescp-{len(started)}")
+        scp = StoreSCP(**kwargs)
+        started.append(scp)
+        return scp.start()
+
+    try:
+        yield start
+    finally:
+        for scp in started:
+            scp.cleanup()
