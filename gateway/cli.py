@@ -16,14 +16,16 @@ from gateway.spool.queue import STATES, Spool
 
 
 def setup_logging(level: str) -> None:
-    """One line per event on stderr; pynetdicom stays at WARNING because its DEBUG
-    output dumps data sets (patient names and IDs)."""
+    """One line per event on stderr. pynetdicom and pydicom are kept quiet because
+    their debug output and value warnings can carry patient names and IDs."""
     logging.basicConfig(
         level=getattr(logging, level),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom's warnings about invalid values quote the value, which may be a name.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

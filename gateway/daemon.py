@@ -16,7 +16,9 @@ import socket
 from aiohttp import web
 
 from gateway.config import Config
-from gateway.dimse.server import start_scp, stop_scp
+from gateway.dimse.command import C_STORE_RQ
+from gateway.dimse.server import DimseServer
+from gateway.dimse.store import StoreService
 from gateway.spool.forwarder import Forwarder
 from gateway.spool.queue import Spool
 from gateway.upstream import make_upstream
@@ -49,16 +51,21 @@ async def run(config: Config) -> None:
         log.warning("requeued %d instance(s) left in 'sending' by an unclean stop", requeued)
     upstream = make_upstream(config)
     await upstream.start()
-    forwarder = Forwarder(spool, upstream, config.spool)
+    # With ack = "delivered" every C-STORE waits for its own delivery: never linger.
+    linger = 0.0 if config.dimse.ack == "delivered" else config.spool.batch_linger_ms / 1000
+    forwarder = Forwarder(spool, upstream, config.spool, linger)
     spool.on_enqueue = lambda: loop.call_soon_threadsafe(forwarder.wake)
     await forwarder.start()
 
     runner = web.AppRunner(create_app(spool, upstream), access_log=None)
     await runner.setup()
-    server = None
+    store = StoreService(config, spool)
+    server = DimseServer(config, spool.incoming, {C_STORE_RQ: store}, {})
+    started = False
     try:
         await web.TCPSite(runner, config.http.host, config.http.port).start()
-        server = await loop.run_in_executor(None, start_scp, config, spool)
+        await server.start()
+        started = True
         log.info(
             "listening: DIMSE %s on %s:%d, HTTP on %s:%d, upstream %s, spool %s",
             config.dimse.ae_title,
@@ -78,8 +85,10 @@ async def run(config: Config) -> None:
         sd_notify("STOPPING=1")
     finally:
         grace = config.dimse.shutdown_grace
-        if server is not None:
-            await loop.run_in_executor(None, stop_scp, server, grace)
+        if started:
+            await server.stop(grace)
+        spool.release_waiters()
+        store.close()
         spool.on_enqueue = lambda: None
         await forwarder.stop(grace)
         await runner.cleanup()

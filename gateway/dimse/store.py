@@ -1,73 +1,82 @@
 """C-STORE SCP: validate a received instance and make it durable before answering.
 
-pynetdicom has already written the data set, exactly as received, to a file in the
-spool's ``incoming/`` directory (``STORE_RECV_CHUNKED_DATASET``), so large instances
-never sit in memory. This handler reads only the header, checks that it is an
+The association has already written the data set, exactly as received, to a file in
+the spool's ``incoming/`` directory, so large instances never sit in memory. This handler reads only the header, checks that it is an
 instance we can forward, and hands the file to the spool. Statuses follow PS3.4 B.2.3.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
-from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import events
 
 from gateway.config import Config
-from gateway.dimse.stats import stats_for
+from gateway.dimse.association import Association, Message
+from gateway.dimse.command import C_STORE_RSP, response
+from gateway.dimse.structure import check_structure
 from gateway.spool.queue import InstanceHeader, Spool, SpoolFull
 from gateway.uids import is_valid_uid
 
 log = logging.getLogger("gateway.dimse")
 
 SUCCESS = 0x0000
-REFUSED_NOT_AUTHORIZED = 0x0124
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 
-@dataclass(frozen=True)
-class StoreHandler:
-    """The EVT_C_STORE handler, with its dependencies bound (no globals)."""
+class StoreService:
+    """The C-STORE service, with its dependencies bound (no globals).
 
-    config: Config
-    spool: Spool
+    The blocking part (header parse, fsync, spool commit, and for ``ack = "delivered"``
+    the wait for the archive) runs on a worker pool sized to the association limit,
+    so the loop keeps serving other associations meanwhile.
+    """
 
-    def __call__(self, event: events.Event) -> Dataset:
-        assoc_stats = stats_for(event.assoc)
-        calling = event.assoc.requestor.ae_title
-        temp = Path(event.dataset_path)
-        status, comment = self._store(event, temp, calling)
+    def __init__(self, config: Config, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.dimse.max_associations + 2, thread_name_prefix="c-store"
+        )
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+    async def __call__(self, assoc: Association, message: Message) -> None:
+        assert message.dataset_path is not None
+        loop = asyncio.get_running_loop()
+        status, comment = await loop.run_in_executor(
+            self.executor, self._store, message, assoc.calling_ae
+        )
         if status == SUCCESS:
-            assoc_stats.stored += 1
+            assoc.stats.stored += 1
         else:
-            assoc_stats.failed += 1
-            temp.unlink(missing_ok=True)
-        rsp = Dataset()
-        rsp.Status = status
-        if comment:
-            rsp.ErrorComment = comment[:64]
-        return rsp
+            assoc.stats.failed += 1
+        extra: dict[int, int | str | tuple[int, ...]] = {0x0902: comment[:64]} if comment else {}
+        await assoc.send_message(
+            message.context.id, response(message.command, C_STORE_RSP, status, extra=extra)
+        )
 
-    def _store(self, event: events.Event, temp: Path, calling: str) -> tuple[int, str]:
-        req = event.request
-        peer = self.config.peer(calling)
-        if peer is not None and "store" not in peer.permissions:
-            log.warning("C-STORE from %s refused: peer has no store permission", calling)
-            return REFUSED_NOT_AUTHORIZED, "calling AE may not store"
-
-        affected_uid = str(req.AffectedSOPInstanceUID or "")
-        header, problem = read_header(temp, str(req.AffectedSOPClassUID or ""), affected_uid)
+    def _store(self, message: Message, calling: str) -> tuple[int, str]:
+        """Validate and spool one received file; returns (status, error comment)."""
+        temp = message.dataset_path
+        assert temp is not None
+        command = message.command
+        affected_uid = str(command.get(0x1000, ""))
+        header, problem = read_header(temp, str(command.get(0x0002, "")), affected_uid)
         if header is None:
             log.warning(
                 "C-STORE from %s of %s rejected: %s", calling, affected_uid[:64] or "?", problem
             )
-            code = DATASET_DOES_NOT_MATCH if problem.startswith("SOP Class") else CANNOT_UNDERSTAND
+            # A900 when the data set lacks what its SOP class requires; C000 when it
+            # cannot be parsed at all.
+            code = CANNOT_UNDERSTAND if problem.startswith(("unreadable", "malformed")) else DATASET_DOES_NOT_MATCH
             return code, problem
 
         watch = self.config.dimse.ack == "delivered"
@@ -99,7 +108,9 @@ def read_header(
     """Parse the received file's header and check what forwarding needs.
 
     Returns the header, or None and a short reason (no PHI: only UIDs and keywords).
-    Large elements are deferred so that an encapsulated 100 MB PDF is not read.
+    Large elements are deferred so that an encapsulated 100 MB PDF is not read; the
+    element structure is then checked against the file length, which catches a data
+    set cut short anywhere, pixel data included.
     """
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size="256 KB")
@@ -108,10 +119,15 @@ def read_header(
             for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
         }
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        dataset_offset = 128 + 4 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+        with open(path, "rb") as fh:
+            broken = check_structure(fh, dataset_offset, path.stat().st_size, transfer_syntax)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
         return None, f"unreadable data set ({type(exc).__name__})"
     except Exception as exc:  # noqa: BLE001 - any parser failure is the sender's malformed data
         return None, f"unreadable data set ({type(exc).__name__})"
+    if broken:
+        return None, f"malformed data set: {broken}"
     for kw, value in uids.items():
         if value is None or value == "":
             return None, f"{kw} missing"

@@ -189,6 +189,13 @@ class Spool:
             self._waiters.pop(row_id, None)
             return self._outcomes.pop(row_id, None)
 
+    def release_waiters(self) -> None:
+        """Wake every C-STORE still waiting for an outcome (shutdown): they answer
+        "not delivered in time" and the rows stay queued."""
+        with self._waiters_lock:
+            for event in self._waiters.values():
+                event.set()
+
     def _notify(self, outcomes: Iterable[Outcome]) -> None:
         with self._waiters_lock:
             for outcome in outcomes:

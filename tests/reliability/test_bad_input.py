@@ -1,0 +1,125 @@
+"""Hostile and broken input on the DIMSE port: a clean rejection, and the next
+association still works."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from tests.support import dcmtk
+from tests.support.pyscu import send_files
+
+
+def assert_alive(gw) -> None:
+    assert gw.running, gw.log()
+    result = dcmtk.echoscu(gw.port, gw.ae_title)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_garbage_bytes(gateway) -> None:
+    gw = gateway()
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)) * 8)
+        reply = read_until_closed(sock)
+    # Either an A-ABORT (PDU type 0x07) or a plain close; never a hang.
+    assert reply == b"" or reply[0] == 0x07
+    assert_alive(gw)
+
+
+def test_truncated_pdu_does_not_block_others(gateway) -> None:
+    gw = gateway(dimse={"network_timeout": 3, "acse_timeout": 3})
+    # A-ASSOCIATE-RQ header announcing 1000 bytes, of which we send 10, then stall.
+    stalled = socket.create_connection(("127.0.0.1", gw.port))
+    stalled.sendall(struct.pack(">BBI", 0x01, 0x00, 1000) + b"\x00\x01" + b"\x00" * 8)
+    try:
+        assert_alive(gw)  # another association is served meanwhile
+        read_until_closed(stalled, timeout=20)  # the stalled one is dropped, not kept forever
+    finally:
+        stalled.close()
+    # And a truncated PDU followed by a close.
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(struct.pack(">BBI", 0x01, 0x00, 500) + b"\x00\x01\x00\x00")
+    assert_alive(gw)
+
+
+def _file_with_dataset_bytes(path: Path, sop_uid: str, dataset: bytes) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with open(path, "wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM")
+        pydicom.filewriter.write_file_meta_info(fh, meta, enforce_standard=True)
+        fh.write(dataset)
+    return path
+
+
+def _instance(tmp_path: Path, name: str, **overrides: str) -> Path:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "BAD-INPUT"
+    for key, value in overrides.items():
+        setattr(ds, key, value)
+    path = tmp_path / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_malformed_datasets_are_refused(tmp_path: Path, gateway) -> None:
+    gw = gateway()
+    garbage = _file_with_dataset_bytes(
+        tmp_path / "garbage.dcm", generate_uid(), b"\x08\x00\x16\x00UI\xff\xff" + b"\xab" * 300
+    )
+    truncated_body = _instance(tmp_path, "full.dcm").read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(truncated_body[:-40])
+    traversal = _instance(tmp_path, "traversal.dcm", StudyInstanceUID="../../../etc")
+    no_study = _instance(tmp_path, "nostudy.dcm")
+    ds = pydicom.dcmread(no_study)
+    del ds.StudyInstanceUID
+    ds.save_as(no_study)
+    good = _instance(tmp_path, "good.dcm")
+
+    statuses = send_files(gw.port, [garbage, truncated, traversal, no_study, good], gw.ae_title)
+    for name, status in zip(("garbage", "truncated", "traversal", "no study"), statuses):
+        assert status in (0xA900, 0xC000), f"{name}: {status:#06x}"
+    assert statuses[4] == 0x0000
+    assert_alive(gw)
+    gw.wait_counts(delivered=1, timeout=30)
+    assert sum(gw.counts().values()) == 1
+    assert not any((gw.spool_dir / "incoming").iterdir())
+    assert "rejected" in gw.log()
+
+
+@pytest.mark.parametrize("upstream", ["local"])
+def test_below_free_space_floor_refuses_with_a700(tmp_path: Path, gateway, upstream: str) -> None:
+    gw = gateway(spool={"min_free_mb": 1_000_000_000})
+    path = _instance(tmp_path, "one.dcm")
+    (status,) = send_files(gw.port, [path], gw.ae_title)
+    assert status == 0xA700
+    assert sum(gw.counts().values()) == 0
+    assert "spool free space" in gw.log()
+    assert_alive(gw)
