@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
+
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
 PERMISSIONS = frozenset({"store", "find", "move", "get"})
 
@@ -93,6 +95,26 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class FindConfig:
+    """C-FIND: how the gateway pages through the archive and bounds an answer."""
+
+    page_size: int = 1000  # QIDO-RS limit per request; at most the archive's own cap
+    max_matches: int = 10000  # matches per C-FIND; more ends with 0xA700, never Success
+    timeout: float = 30.0  # seconds per upstream search request (page)
+    wildcard_unsafe_characters: bool = True  # see gateway.dicomweb.qido
+    # Keys never sent as QIDO match parameters, only matched by the gateway: attributes
+    # archives compute per study/series, where matching support is spotty (Orthanc 1.10
+    # returns nothing past the first page when paging a ModalitiesInStudy search).
+    local_match_keys: tuple[str, ...] = (
+        "ModalitiesInStudy",
+        "SOPClassesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "NumberOfSeriesRelatedInstances",
+    )
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -110,6 +132,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    find: FindConfig = field(default_factory=FindConfig)
 
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title (trailing spaces ignored)."""
@@ -320,6 +343,34 @@ def _upstream(r: _Reader) -> UpstreamConfig:
     return cfg
 
 
+def _find(r: _Reader) -> FindConfig:
+    d = FindConfig()
+    cfg = FindConfig(
+        page_size=r.integer("page_size", d.page_size, 1, 100000),
+        max_matches=r.integer("max_matches", d.max_matches, 1, 10**7),
+        timeout=r.number("timeout", d.timeout, 0.1, 3600),
+        wildcard_unsafe_characters=r.boolean("wildcard_unsafe_characters", d.wildcard_unsafe_characters),
+        local_match_keys=_keywords(r, "local_match_keys", d.local_match_keys),
+    )
+    r.finish()
+    return cfg
+
+
+def _keywords(r: _Reader, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of DICOM keywords, each checked against the data dictionary."""
+    raw = r._raw(key)
+    if raw is None:
+        return default
+    if not isinstance(raw, list) or not all(isinstance(k, str) for k in raw):
+        r.problems.append(f"{r._key(key)}: expected a list of DICOM keywords")
+        return default
+    unknown = [k for k in raw if tag_for_keyword(k) is None]
+    if unknown:
+        r.problems.append(f"{r._key(key)}: not DICOM keywords: {', '.join(unknown)}")
+        return default
+    return tuple(raw)
+
+
 def parse_config(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -327,6 +378,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     dimse = _dimse(root.sub("dimse"))
     spool = _spool(root.sub("spool"))
     upstream = _upstream(root.sub("upstream"))
+    find = _find(root.sub("find"))
     http_r = root.sub("http")
     http = HttpConfig(
         host=http_r.string("host", HttpConfig.host),
@@ -341,7 +393,9 @@ def parse_config(data: dict[str, Any]) -> Config:
     root.finish()
     if problems:
         raise ConfigError(problems)
-    return Config(dimse=dimse, spool=spool, upstream=upstream, http=http, logging=logging_cfg)
+    return Config(
+        dimse=dimse, spool=spool, upstream=upstream, http=http, logging=logging_cfg, find=find,
+    )
 
 
 def load_config(path: str | Path) -> Config:
@@ -360,5 +414,5 @@ def load_config(path: str | Path) -> Config:
         spool = SpoolConfig(
             **{**cfg.spool.__dict__, "directory": (path.parent / cfg.spool.directory).resolve()}
         )
-        cfg = Config(cfg.dimse, spool, cfg.upstream, cfg.http, cfg.logging)
+        cfg = Config(cfg.dimse, spool, cfg.upstream, cfg.http, cfg.logging, cfg.find)
     return cfg

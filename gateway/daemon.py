@@ -16,8 +16,9 @@ import socket
 from aiohttp import web
 
 from gateway.config import Config
-from gateway.dimse.command import C_STORE_RQ
-from gateway.dimse.server import DimseServer
+from gateway.dimse.command import C_FIND_RQ, C_STORE_RQ
+from gateway.dimse.find import FIND_SOP_CLASSES, FindService
+from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
 from gateway.spool.forwarder import Forwarder
 from gateway.spool.queue import Spool
@@ -60,7 +61,8 @@ async def run(config: Config) -> None:
     runner = web.AppRunner(create_app(spool, upstream), access_log=None)
     await runner.setup()
     store = StoreService(config, spool)
-    server = DimseServer(config, spool.incoming, {C_STORE_RQ: store}, {})
+    services = {C_STORE_RQ: store, C_FIND_RQ: FindService(config, upstream)}
+    server = DimseServer(config, spool.incoming, services, dict.fromkeys(FIND_SOP_CLASSES, UNCOMPRESSED))
     started = False
     try:
         await web.TCPSite(runner, config.http.host, config.http.port).start()

@@ -8,10 +8,15 @@ facade issues land.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
+from gateway.dicomweb.qido import Search
 from gateway.spool.queue import Outcome, SpooledInstance
+
+JsonObject = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,36 @@ class Health:
 
     reachable: bool
     detail: str
+
+
+@dataclass
+class Retrieved:
+    """One retrieved instance: a Part 10 file at ``[offset, offset + length)`` of either
+    ``data`` (small answers stay in memory) or the file ``path`` (large answers spilled
+    to disk, or the embedded archive's own file). ``temporary`` files are the
+    receiver's to delete, with `release`."""
+
+    data: bytes | None
+    path: Path | None
+    offset: int
+    length: int
+    temporary: bool = False
+
+    def read(self, start: int = 0, size: int = -1) -> bytes:
+        """Bytes ``[start, start + size)`` of the Part 10 file (blocking for files)."""
+        size = self.length - start if size < 0 else min(size, self.length - start)
+        if self.data is not None:
+            return self.data[self.offset + start : self.offset + start + size]
+        assert self.path is not None
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + start)
+            return fh.read(size)
+
+    def release(self) -> None:
+        """Drop the data; delete a temporary spill file."""
+        self.data = None
+        if self.temporary and self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 class Upstream(Protocol):
@@ -42,4 +77,31 @@ class Upstream(Protocol):
 
     async def health(self) -> Health:
         """A cheap reachability probe for /healthz."""
+        ...
+
+    def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
+        """QIDO-RS SearchForStudies: every matching study as DICOM JSON, paging inside.
+
+        Answers may include studies that do not match every key (the caller re-checks),
+        never fewer. Raises UpstreamAuthError, UpstreamRejected or UpstreamUnavailable.
+        """
+        ...
+
+    def search_for_series(self, search: Search) -> AsyncIterator[JsonObject]:
+        """SearchForSeries, within ``search.study_uid`` when set; as search_for_studies."""
+        ...
+
+    def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
+        """SearchForInstances, within the study/series UIDs set; as search_for_studies."""
+        ...
+
+    async def retrieve_instance(
+        self, study_uid: str, series_uid: str, sop_instance_uid: str, spill_dir: Path, spill_bytes: int
+    ) -> Retrieved:
+        """WADO-RS RetrieveInstance in its stored transfer syntax where the archive allows.
+
+        Answers above ``spill_bytes`` go to a temporary file in ``spill_dir`` so memory
+        stays bounded whatever the instance size. Raises NotFound, UpstreamAuthError,
+        UpstreamRejected or UpstreamUnavailable.
+        """
         ...

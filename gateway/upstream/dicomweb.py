@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import ssl
 import time
+import uuid
+from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 
 import aiohttp
+from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.dicomweb import mediatypes
 from gateway.dicomweb.auth import auth_headers
 from gateway.dicomweb.multipart import FileMultipart
+from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, single_part_in_file, split_parts
+from gateway.dicomweb.qido import Search, query_string, resource_path
 from gateway.dicomweb.stow import ALREADY_STORED, TRANSIENT, parse_stow_response
 from gateway.spool.queue import Outcome, SpooledInstance
-from gateway.upstream.base import Health
+from gateway.upstream.base import Health, JsonObject, Retrieved
+from gateway.upstream.errors import (
+    NotFound,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger("gateway.upstream")
 
@@ -42,8 +57,24 @@ def _short(body: bytes, limit: int = 200) -> str:
     return " ".join(text.split())
 
 
+def _more_results_warning(resp: aiohttp.ClientResponse) -> bool:
+    """PS3.18 10.6.3.3: a Warning header saying the server cut the page short."""
+    return any("additional results" in w.lower() for w in resp.headers.getall("Warning", []))
+
+
+# Accept headers for RetrieveInstance, best first: the stored syntax (no transcoding by
+# the archive, no size blow-up), then whatever the archive prefers to send.
+WADO_ACCEPTS = (
+    mediatypes.multipart_accept(mediatypes.DICOM, "*"),
+    mediatypes.multipart_accept(mediatypes.DICOM),
+)
+# Statuses that mean "not in that representation": try the next Accept.
+NOT_ACCEPTABLE = frozenset({400, 406, 415})
+SPILL_CHUNK = 1 << 20
+
+
 class DicomWebUpstream:
-    """STOW-RS (and later QIDO-RS/WADO-RS) against one base URL."""
+    """STOW-RS and QIDO-RS (later WADO-RS) against one base URL."""
 
     kind = "dicomweb"
 
@@ -51,6 +82,7 @@ class DicomWebUpstream:
         self.cfg = cfg
         self.url = cfg.url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
+        self._wado_accept = 0  # index into WADO_ACCEPTS of the first one the archive took
 
     async def start(self) -> None:
         ssl_ctx: ssl.SSLContext | bool = True if self.cfg.verify_tls else False
@@ -148,3 +180,186 @@ class DicomWebUpstream:
                 return Health(False, f"HTTP {resp.status}")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             return Health(False, f"{type(exc).__name__}: {exc}".strip())
+
+    async def _page(self, path: str, search: Search, offset: int) -> tuple[list[JsonObject], bool]:
+        """One QIDO-RS page: (objects, whether the server says it cut the page short)."""
+        url = URL(f"{self.url}/{path}?{query_string(search, search.page_size, offset)}", encoded=True)
+        timeout = aiohttp.ClientTimeout(total=search.timeout, sock_connect=self.cfg.connect_timeout)
+        resource = path.rsplit("/", 1)[-1]
+        try:
+            async with self.session.get(url, headers={"Accept": mediatypes.DICOM_JSON}, timeout=timeout) as resp:
+                body = await resp.read()
+                status, reason = resp.status, resp.reason or ""
+                cut = _more_results_warning(resp)
+        except asyncio.TimeoutError:
+            raise UpstreamUnavailable(f"archive timeout after {search.timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"archive unreachable: {type(exc).__name__}") from None
+        if status in (401, 403):
+            log.error("QIDO-RS %s refused our credentials: HTTP %d", resource, status)
+            raise UpstreamAuthError(f"archive refused credentials: HTTP {status}", status)
+        if status in RETRYABLE_HTTP:
+            log.warning("QIDO-RS %s failed: HTTP %d %s", resource, status, reason)
+            log.debug("QIDO-RS error body: %s", _short(body))
+            raise UpstreamUnavailable(f"archive error: HTTP {status} {reason}".strip())
+        if status == 404 and path.startswith("studies/"):
+            return [], False  # the study or series named in the path does not exist
+        if status >= 400:
+            log.debug("QIDO-RS error body: %s", _short(body))
+            raise UpstreamRejected(f"archive rejected search: HTTP {status} {reason}".strip(), status)
+        if status == 204 or not body.strip():
+            return [], False
+        try:
+            page = json.loads(body)
+        except ValueError:
+            raise UpstreamRejected("archive answered a search with invalid JSON", status) from None
+        if not isinstance(page, list):
+            raise UpstreamRejected("archive answered a search with a non-array", status)
+        return [item for item in page if isinstance(item, dict)], cut
+
+    async def _search(self, level: str, search: Search) -> AsyncIterator[JsonObject]:
+        """Page through one QIDO-RS resource with limit/offset until it is exhausted.
+
+        The next page is requested while the current one is being answered (one page
+        ahead, so memory stays bounded), which hides most of the archive's latency.
+        A page shorter than ``limit`` ends the search unless the server says, with a
+        Warning header, that it cut the page; so ``page_size`` must not exceed the
+        archive's own cap (AWS HealthImaging: 1000) on servers that cut silently.
+        Closing the iterator (C-CANCEL, match cap) cancels the request in flight.
+        """
+        path = resource_path(level, search.study_uid, search.series_uid)
+        offset = 0
+        pending = asyncio.ensure_future(self._page(path, search, offset))
+        try:
+            while True:
+                page, cut = await pending
+                more = bool(page) and (len(page) >= search.page_size or cut)
+                offset += len(page)
+                if more:
+                    pending = asyncio.ensure_future(self._page(path, search, offset))
+                for item in page:
+                    yield item
+                if not more:
+                    return
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                    await pending
+
+    def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
+        return self._search("studies", search)
+
+    def search_for_series(self, search: Search) -> AsyncIterator[JsonObject]:
+        return self._search("series", search)
+
+    def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
+        return self._search("instances", search)
+
+    async def retrieve_instance(
+        self, study_uid: str, series_uid: str, sop_instance_uid: str, spill_dir: Path, spill_bytes: int
+    ) -> Retrieved:
+        url = f"{self.url}/studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}"
+        for index in range(self._wado_accept, len(WADO_ACCEPTS)):
+            found = await self._wado(url, WADO_ACCEPTS[index], spill_dir, spill_bytes)
+            if found is not None:
+                if index != self._wado_accept:
+                    log.warning("WADO-RS: archive refused %r; using %r", WADO_ACCEPTS[self._wado_accept], WADO_ACCEPTS[index])
+                    self._wado_accept = index
+                return found
+        raise UpstreamRejected("archive offers the instance in no representation we accept")
+
+    async def _wado(self, url: str, accept: str, spill_dir: Path, spill_bytes: int) -> Retrieved | None:
+        """One RetrieveInstance attempt; None when the archive cannot answer ``accept``."""
+        spill: Path | None = None
+        try:
+            async with self.session.get(url, headers={"Accept": accept}) as resp:
+                status, reason = resp.status, resp.reason or ""
+                if status in NOT_ACCEPTABLE:
+                    await resp.read()
+                    return None
+                if status >= 300:
+                    body = await resp.read()
+                    _raise_for_retrieve(status, reason, body)
+                content_type = resp.headers.get("Content-Type", "")
+                length = resp.content_length
+                if length is not None and length <= spill_bytes:
+                    data: bytes | None = await resp.read()
+                else:
+                    data, spill = await _read_or_spill(resp, spill_dir, spill_bytes)
+        except asyncio.TimeoutError:
+            _unlink(spill)
+            raise UpstreamUnavailable(f"archive timeout after {self.cfg.timeout:g} s") from None
+        except aiohttp.ClientError as exc:
+            _unlink(spill)
+            raise UpstreamUnavailable(f"archive unreachable: {type(exc).__name__}") from None
+        except OSError as exc:
+            _unlink(spill)
+            raise UpstreamUnavailable(f"cannot spill the instance: {exc.strerror}") from None
+        try:
+            return _locate_instance(content_type, data, spill)
+        except MultipartError as exc:
+            _unlink(spill)
+            raise UpstreamRejected(f"unreadable WADO-RS answer: {exc}") from None
+
+
+def _raise_for_retrieve(status: int, reason: str, body: bytes) -> None:
+    """Turn a failed RetrieveInstance into the typed error the edges map."""
+    log.debug("WADO-RS error body: %s", _short(body))
+    if status == 404:
+        raise NotFound("instance not in the archive")
+    if status in (401, 403):
+        log.error("WADO-RS refused our credentials: HTTP %d", status)
+        raise UpstreamAuthError(f"archive refused credentials: HTTP {status}", status)
+    if status in RETRYABLE_HTTP:
+        raise UpstreamUnavailable(f"archive error: HTTP {status} {reason}".strip())
+    raise UpstreamRejected(f"archive rejected retrieve: HTTP {status} {reason}".strip(), status)
+
+
+async def _read_or_spill(
+    resp: aiohttp.ClientResponse, spill_dir: Path, spill_bytes: int
+) -> tuple[bytes | None, Path | None]:
+    """Read the body into memory until it passes ``spill_bytes``, then into a file."""
+    buffer = bytearray()
+    async for chunk in resp.content.iter_chunked(SPILL_CHUNK):
+        buffer += chunk
+        if len(buffer) > spill_bytes:
+            break
+    else:
+        return bytes(buffer), None
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    path = spill_dir / f"{uuid.uuid4().hex}.wado"
+    try:
+        with open(path, "wb") as fh:
+            fh.write(buffer)
+            del buffer
+            async for chunk in resp.content.iter_chunked(SPILL_CHUNK):
+                fh.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return None, path
+
+
+def _locate_instance(content_type: str, data: bytes | None, spill: Path | None) -> Retrieved:
+    """The Part 10 file inside a WADO-RS answer: its only part, or the whole body when
+    the archive answered plain ``application/dicom``."""
+    if not content_type.lower().startswith(mediatypes.MULTIPART_RELATED):
+        if spill is not None:
+            return Retrieved(None, spill, 0, spill.stat().st_size, temporary=True)
+        assert data is not None
+        return Retrieved(data, None, 0, len(data))
+    boundary = boundary_of(content_type)
+    if spill is not None:
+        span = single_part_in_file(spill, boundary)
+        return Retrieved(None, spill, span.offset, span.length, temporary=True)
+    assert data is not None
+    parts = split_parts(data, boundary)
+    if len(parts) != 1:
+        raise MultipartError(f"{len(parts)} parts for one instance")
+    return Retrieved(data, None, parts[0].offset, parts[0].length)
+
+
+def _unlink(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,104 @@
+"""QIDO-RS searches (PS3.18 8.3.4 and 10.6): match parameters, includefield, paging.
+
+A `Search` is what a front asks of an archive, independent of DIMSE: match keys
+(with the PS3.4 C.2.2.2 semantics of ``gateway.dimse.query``), attributes to return,
+and paging knobs. Every answer is re-checked by the gateway, so a parameter may be
+sent in a looser form than the key (never a stricter one) or left out entirely:
+
+* values with characters a URL must percent-encode (space, ``^``, non-ASCII, ...)
+  are sent with each such run replaced by ``*`` when ``relax_unsafe`` is set.
+  Orthanc 1.10 with DICOMweb 1.7 does not decode ``%XX`` in QIDO parameters, so
+  ``PatientName=VAN%20DAM`` never matches there, while ``VAN*DAM`` does;
+* list keys other than UID lists are sent comma-separated only when every value is
+  safe, else left to the gateway;
+* keys in ``local_only`` (``find.local_match_keys``) are never sent.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from gateway.dicomweb.json import tag_key
+from gateway.dimse.query import WILDCARD_VRS, Key
+
+_UNRESERVED = string.ascii_letters + string.digits + "-._~"
+# Characters sent literally in a query value: unreserved, the QIDO wildcards, and
+# sub-delimiters with no meaning in a query string.
+SAFE = frozenset(_UNRESERVED + "*?'()!$:@/")
+_UNSAFE_RUN = re.compile("[^" + re.escape("".join(sorted(SAFE))) + "]+")
+
+
+@dataclass(frozen=True)
+class Search:
+    """One search at study, series or instance level (UIDs above it in the path)."""
+
+    keys: tuple[Key, ...] = ()
+    include: tuple[int, ...] = ()
+    study_uid: str | None = None
+    series_uid: str | None = None
+    page_size: int = 1000
+    timeout: float = 30.0
+    relax_unsafe: bool = True
+    local_only: frozenset[int] = frozenset()  # tags never sent as match parameters
+
+
+def upstream_value(key: Key, value: str, relax: bool) -> str | None:
+    """The value to send for one key value, or None to leave the key to the gateway."""
+    if all(c in SAFE for c in value) or not relax:
+        return value
+    if key.vr not in WILDCARD_VRS:
+        return None
+    relaxed = re.sub(r"\*+", "*", _UNSAFE_RUN.sub("*", value))
+    return None if set(relaxed) <= {"*", "?"} else relaxed
+
+
+def _key_param(key: Key, relax: bool) -> str | None:
+    values = [upstream_value(key, v, relax) for v in key.values]
+    if any(v is None for v in values):
+        return None
+    if len(values) > 1 and any("," in str(v) for v in values):
+        return None
+    return ",".join(str(v) for v in values)
+
+
+def match_params(search: Search) -> list[tuple[str, str]]:
+    """``(attribute, value)`` match parameters for the search's keys."""
+    params: list[tuple[str, str]] = []
+    for key in search.keys:
+        if key.universal or key.tag in search.local_only:
+            continue
+        if key.vr == "SQ":
+            for sub in key.items:
+                if not sub.universal and sub.vr != "SQ":
+                    value = _key_param(sub, search.relax_unsafe)
+                    if value is not None:
+                        params.append((f"{tag_key(key.tag)}.{tag_key(sub.tag)}", value))
+            continue
+        value = _key_param(key, search.relax_unsafe)
+        if value is not None:
+            params.append((tag_key(key.tag), value))
+    return params
+
+
+def query_string(search: Search, limit: int, offset: int) -> str:
+    """The encoded query string of one page: match parameters, includefield, paging."""
+    params = match_params(search)
+    params += [("includefield", tag_key(t)) for t in search.include]
+    params += [("limit", str(limit)), ("offset", str(offset))]
+    return "&".join(f"{name}={quote(value, safe=''.join(sorted(SAFE)) + ',')}" for name, value in params)
+
+
+def resource_path(level: str, study_uid: str | None, series_uid: str | None) -> str:
+    """The QIDO-RS resource for a search level ("studies", "series", "instances")."""
+    if level == "studies":
+        return "studies"
+    if level == "series":
+        return f"studies/{study_uid}/series" if study_uid else "series"
+    if study_uid and series_uid:
+        return f"studies/{study_uid}/series/{series_uid}/instances"
+    if study_uid:
+        return f"studies/{study_uid}/instances"
+    return "instances"

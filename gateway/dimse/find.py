@@ -1,0 +1,296 @@
+"""C-FIND SCP (PS3.4 Annex C): Patient Root and Study Root, answered from the upstream.
+
+A request becomes a `Query` (hierarchy checked), then a search on the upstream at the
+matching level; every answer is re-checked with the PS3.4 matching rules (the archive
+may have matched more loosely, or ignored a key), reduced to the requested keys and
+sent as a Pending response as soon as its page arrives. Patient Root PATIENT level
+has no QIDO resource: it is a study search grouped by patient.
+
+The service runs as a task on the loop; a C-CANCEL cancels that task, which cancels
+the upstream request in flight, so paging stops at once. Failures become statuses
+here, in one table (`failure_status`), and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
+
+from gateway.config import Config
+from gateway.dicomweb.json import dataset_from_json
+from gateway.dicomweb.qido import Search
+from gateway.dimse.association import Association, Message
+from gateway.dimse.command import C_FIND_RSP, response
+from gateway.dimse.query import (
+    UNABLE_TO_PROCESS,
+    PATIENT_ROOT_FIND,
+    STUDY_ROOT_FIND,
+    UNIQUE_KEY,
+    Model,
+    Query,
+    QueryError,
+    parse_identifier,
+    tag_name,
+)
+from gateway.upstream.base import JsonObject, Upstream
+from gateway.upstream.errors import UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+
+log = logging.getLogger("gateway.dimse")
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+REFUSED_NOT_AUTHORIZED = 0x0124
+OUT_OF_RESOURCES = 0xA700
+
+FIND_SOP_CLASSES = (PATIENT_ROOT_FIND, STUDY_ROOT_FIND)
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+
+PATIENT_ID = 0x00100020
+ISSUER_OF_PATIENT_ID = 0x00100021
+SEARCH_METHOD = {
+    "PATIENT": "search_for_studies",  # grouped by patient in FindService._patients
+    "STUDY": "search_for_studies",
+    "SERIES": "search_for_series",
+    "IMAGE": "search_for_instances",
+}
+# Counts a PATIENT-level answer computes from the studies it groups.
+PATIENT_COUNTS = {
+    0x00201200: None,  # NumberOfPatientRelatedStudies: one per study
+    0x00201202: 0x00201206,  # NumberOfPatientRelatedSeries <- NumberOfStudyRelatedSeries
+    0x00201204: 0x00201208,  # NumberOfPatientRelatedInstances <- NumberOfStudyRelatedInstances
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A final failure response: status, ErrorComment (no PHI) and offending tags."""
+
+    status: int
+    comment: str
+    offending: tuple[int, ...] = ()
+
+
+def failure_status(exc: BaseException) -> Failure:
+    """The one table from errors to C-FIND statuses (PS3.4 C.4.1.1.4)."""
+    if isinstance(exc, QueryError):
+        return Failure(exc.status, str(exc), tuple(exc.offending))
+    if isinstance(exc, UpstreamAuthError):
+        return Failure(UNABLE_TO_PROCESS, str(exc))
+    if isinstance(exc, UpstreamRejected):
+        return Failure(UNABLE_TO_PROCESS, str(exc))
+    if isinstance(exc, UpstreamUnavailable):
+        return Failure(OUT_OF_RESOURCES, str(exc))
+    if isinstance(exc, TimeoutError):
+        return Failure(OUT_OF_RESOURCES, "archive did not answer in time")
+    return Failure(UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})")
+
+
+class MatchLimit(Exception):
+    """More matches exist than ``find.max_matches`` allows in one answer."""
+
+
+def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
+    """The request identifier as a Dataset (text decoded lazily with its own charset)."""
+    return read_dataset(
+        BytesIO(data),
+        is_implicit_VR=transfer_syntax == IMPLICIT_VR_LE,
+        is_little_endian=transfer_syntax != EXPLICIT_VR_BE,
+    )
+
+
+def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
+    """Encode a response identifier in the presentation context's transfer syntax."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = transfer_syntax != EXPLICIT_VR_BE
+    fp.is_implicit_VR = transfer_syntax == IMPLICIT_VR_LE
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+class FindService:
+    """The C-FIND service for both information models, with its dependencies bound."""
+
+    def __init__(self, config: Config, upstream: Upstream) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.local_only = frozenset(int(tag_for_keyword(k)) for k in config.find.local_match_keys)  # type: ignore[arg-type]
+
+    async def __call__(self, assoc: Association, message: Message) -> None:
+        command, context = message.command, message.context
+        syntax = context.transfer_syntax
+        started = time.monotonic()
+        sent = 0
+
+        async def send(status: int, identifier: Dataset | None = None, extra: dict[int, Any] | None = None) -> None:
+            body = None if identifier is None else encode_identifier(identifier, syntax)
+            rsp = response(command, C_FIND_RSP, status, has_dataset=body is not None, extra=extra)
+            await assoc.send_message(context.id, rsp, body)
+
+        peer = self.config.peer(assoc.calling_ae)
+        if peer is not None and "find" not in peer.permissions:
+            log.warning("C-FIND from %s refused: peer has no find permission", assoc.peer)
+            await send(REFUSED_NOT_AUTHORIZED, extra={0x0902: "calling AE may not query"})
+            return
+        query: Query | None = None
+        try:
+            try:
+                identifier = decode_identifier(message.dataset or b"", syntax)
+                query = parse_identifier(identifier, Model(context.abstract_syntax))
+            except QueryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's malformed identifier
+                raise QueryError(f"unreadable identifier ({type(exc).__name__})", UNABLE_TO_PROCESS) from exc
+            async with contextlib.aclosing(self.answers(query)) as answers:
+                async for answer in answers:
+                    await send(PENDING, answer)
+                    sent += 1
+        except asyncio.CancelledError:
+            self._log(assoc, query, sent, "cancelled", started)
+            await asyncio.shield(send(CANCEL))
+            raise
+        except MatchLimit:
+            self._log(assoc, query, sent, f"cut at {sent} matches", started)
+            await send(OUT_OF_RESOURCES, extra={0x0902: f"more than {sent} matches; refine the query"})
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status
+            failure = failure_status(exc)
+            if failure.comment.startswith("internal error"):
+                log.exception("C-FIND from %s failed", assoc.peer)
+            self._log(assoc, query, sent, f"failed 0x{failure.status:04X}: {failure.comment}", started)
+            extra: dict[int, Any] = {0x0902: failure.comment[:64]}
+            if failure.offending:
+                extra[0x0901] = failure.offending
+            await send(failure.status, extra=extra)
+            return
+        self._log(assoc, query, sent, "success", started)
+        await send(SUCCESS)
+
+    def _log(self, assoc: Association, query: Query | None, sent: int, outcome: str, started: float) -> None:
+        """One line per request: level, key names (never values: they may be PHI)."""
+        what = "?" if query is None else f"{query.model.name} {query.level} [{' '.join(tag_name(k.tag) for k in query.keys)}]"
+        log.info(
+            "C-FIND from %s %s: %d matches, %s, %.3f s", assoc.peer, what, sent, outcome, time.monotonic() - started
+        )
+
+    async def answers(self, query: Query) -> AsyncIterator[Dataset]:
+        """Response identifiers for the query, in the order the archive returns matches.
+
+        Raises MatchLimit once a match beyond ``find.max_matches`` is seen (so an
+        answer of exactly the limit is still a Success).
+        """
+        limit = self.config.find.max_matches
+        count = 0
+        async with contextlib.aclosing(self._unbounded(query)) as answers:
+            async for answer in answers:
+                if count == limit:
+                    raise MatchLimit()
+                count += 1
+                yield answer
+
+    async def _unbounded(self, query: Query) -> AsyncIterator[Dataset]:
+        ae_title = self.config.dimse.ae_title
+        tags = {k.tag for k in query.keys} | {UNIQUE_KEY[query.level if query.level != "PATIENT" else "STUDY"]}
+        known_uids = {level: query.uid(level) for level in ("STUDY", "SERIES") if query.uid(level)}
+        if query.level == "PATIENT":
+            async with contextlib.aclosing(self._patients(query, tags)) as patients:
+                async for entity in patients:
+                    yield query.answer(entity, ae_title)
+            return
+        seen: set[str] = set()
+        unique = UNIQUE_KEY[query.level]
+        async with contextlib.aclosing(self._search(query, tags)) as found:
+            async for obj in found:
+                entity = dataset_from_json(obj, tags)
+                for level, uid in known_uids.items():
+                    if UNIQUE_KEY[level] not in entity and level != query.level:
+                        entity.add_new(UNIQUE_KEY[level], "UI", uid)
+                if not query.matches(entity):
+                    continue
+                uid = str(entity.get(unique).value if unique in entity else "")
+                if uid in seen:
+                    continue  # the archive changed between pages and repeated a match
+                seen.add(uid)
+                yield query.answer(entity, ae_title)
+
+    async def _patients(self, query: Query, tags: set[int]) -> AsyncIterator[Dataset]:
+        """PATIENT level: studies grouped by patient (PatientID and its issuer).
+
+        Without count keys a patient is answered at its first study; with
+        NumberOfPatientRelated* keys every study must be seen first.
+        """
+        counts = [t for t in PATIENT_COUNTS if query.key(t) is not None]
+        tags = tags | {PATIENT_ID, ISSUER_OF_PATIENT_ID} | {s for s in PATIENT_COUNTS.values() if s}
+        patients: dict[tuple[str, str], Dataset] = {}
+        totals: dict[tuple[str, str], list[int]] = {}
+        async with contextlib.aclosing(self._search(query, tags)) as studies:
+            async for obj in studies:
+                study = dataset_from_json(obj, tags)
+                if not query.matches(study):
+                    continue
+                ident = (str(study.get("PatientID", "")), str(study.get("IssuerOfPatientID", "")))
+                if ident not in patients:
+                    patients[ident] = study
+                    totals[ident] = [0, 0, 0]
+                    if not counts:
+                        yield study
+                total = totals[ident]
+                total[0] += 1
+                for i, source in enumerate((0x00201206, 0x00201208), start=1):
+                    elem = study.get(source)
+                    total[i] += int(elem.value) if elem is not None and elem.value not in (None, "") else 0
+        if counts:
+            for ident, patient in patients.items():
+                for tag, value in zip(PATIENT_COUNTS, totals[ident]):
+                    patient.add_new(tag, "IS", value)
+                yield patient
+
+    def _search(self, query: Query, tags: set[int]) -> AsyncIterator[JsonObject]:
+        """The upstream search for the query's level, each page bounded by ``find.timeout``."""
+        f = self.config.find
+        level = query.level
+        search = Search(
+            keys=query.match_keys,
+            include=tuple(sorted(t for t in tags if not query.is_below(t))),
+            study_uid=query.uid("STUDY") if level in ("SERIES", "IMAGE") else None,
+            series_uid=query.uid("SERIES") if level == "IMAGE" else None,
+            page_size=f.page_size,
+            timeout=f.timeout,
+            relax_unsafe=f.wildcard_unsafe_characters,
+            local_only=self.local_only,
+        )
+        method: Callable[[Search], AsyncIterator[JsonObject]] = getattr(self.upstream, SEARCH_METHOD[level])
+        return _bounded(method(search), f.timeout + 5)
+
+
+async def _bounded(source: AsyncIterator[JsonObject], timeout: float) -> AsyncIterator[JsonObject]:
+    """Re-yield ``source``, failing with TimeoutError if one step takes longer than
+    ``timeout`` (an archive that accepts the connection and then never answers).
+
+    Closing this iterator closes ``source`` at once, which cancels its request in
+    flight: that is what makes C-CANCEL and the match cap stop the paging.
+    """
+    step: Callable[[], Awaitable[JsonObject]] = source.__anext__
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    item = await step()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await source.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,63 @@
+"""Unit tests of QIDO-RS parameters built from C-FIND keys."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from pydicom.dataset import Dataset
+
+from gateway.dicomweb.json import answer_charset, dataset_from_json
+from gateway.dicomweb.qido import Search, query_string, resource_path
+from gateway.dimse.query import Model, parse_identifier
+
+
+def search(relax: bool = True, **keys: str) -> Search:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    q = parse_identifier(ds, Model.STUDY_ROOT)
+    return Search(keys=q.match_keys, include=tuple(k.tag for k in q.keys), relax_unsafe=relax,
+                  local_only=frozenset({0x00080061}))
+
+
+def test_match_parameters_and_includefield() -> None:
+    qs = query_string(search(StudyDate="20200101-", StudyInstanceUID="1.2.3\\1.2.4", PatientID=""), 100, 200)
+    assert "00080020=20200101-" in qs
+    assert "0020000D=1.2.3,1.2.4" in qs
+    assert "includefield=00100020" in qs
+    assert qs.endswith("limit=100&offset=200")
+
+
+def test_unsafe_characters_become_wildcards_when_relaxed() -> None:
+    assert "00100010=VAN*DER*BERG*PIETER" in query_string(search(PatientName="VAN DER BERG^PIETER"), 10, 0)
+    assert "00100010=M*LLER*" in query_string(search(PatientName="MÜLLER*"), 10, 0)
+    # nothing left but wildcards: not sent at all, the gateway filters
+    assert "00100010=" not in query_string(search(PatientName="山田*"), 10, 0)
+
+
+def test_percent_encoding_when_not_relaxed() -> None:
+    qs = query_string(search(relax=False, PatientName="VAN DAM^ELS"), 10, 0)
+    assert "00100010=VAN%20DAM%5EELS" in qs
+    assert unquote("VAN%20DAM%5EELS") == "VAN DAM^ELS"
+
+
+def test_local_only_keys_are_not_sent() -> None:
+    assert "00080061=" not in query_string(search(ModalitiesInStudy="CT"), 10, 0)
+
+
+def test_resource_paths() -> None:
+    assert resource_path("series", "1.2", None) == "studies/1.2/series"
+    assert resource_path("series", None, None) == "series"
+    assert resource_path("instances", "1.2", "1.3") == "studies/1.2/series/1.3/instances"
+
+
+def test_dicom_json_person_name_groups_and_charset() -> None:
+    obj = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎", "Phonetic": "やまだ^たろう"}]},
+           "00201208": {"vr": "IS", "Value": [5]}, "00080061": {"vr": "CS", "Value": ["CT", "MR"]}}
+    ds = dataset_from_json(obj)
+    assert str(ds.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    assert ds.NumberOfStudyRelatedInstances == 5
+    assert list(ds.ModalitiesInStudy) == ["CT", "MR"]
+    assert answer_charset(ds, ["", "ISO 2022 IR 87"]) == ["", "ISO 2022 IR 87"]
+    assert answer_charset(ds, ["ISO_IR 100"]) == ["ISO_IR 192"]
