@@ -47,9 +47,11 @@ async def run(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
     loop = asyncio.get_running_loop()
     spool = Spool(config.spool)
-    requeued = spool.recover()
+    requeued, adopted = spool.recover()
     if requeued:
         log.warning("requeued %d instance(s) left in 'sending' by an unclean stop", requeued)
+    if adopted:
+        log.warning("adopted %d spooled file(s) whose rows were lost; they are queued", adopted)
     upstream = make_upstream(config)
     await upstream.start()
     # With ack = "delivered" every C-STORE waits for its own delivery: never linger.

@@ -12,15 +12,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
 from gateway.config import Config
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_STORE_RSP, response
-from gateway.dimse.structure import check_structure
-from gateway.spool.queue import InstanceHeader, Spool, SpoolFull
-from gateway.uids import is_valid_uid
+from gateway.header import read_header
+from gateway.spool.queue import Spool, SpoolFull
 
 log = logging.getLogger("gateway.dimse")
 
@@ -100,50 +96,3 @@ class StoreService:
         if outcome.kind == "rejected":
             return CANNOT_UNDERSTAND, f"archive refused: {outcome.error}"
         return OUT_OF_RESOURCES, "archive unavailable; still queued"
-
-
-def read_header(
-    path: Path, sop_class_uid: str, sop_instance_uid: str
-) -> tuple[InstanceHeader | None, str]:
-    """Parse the received file's header and check what forwarding needs.
-
-    Returns the header, or None and a short reason (no PHI: only UIDs and keywords).
-    Large elements are deferred so that an encapsulated 100 MB PDF is not read; the
-    element structure is then checked against the file length, which catches a data
-    set cut short anywhere, pixel data included.
-    """
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size="256 KB")
-        uids = {
-            kw: ds.get(kw)
-            for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-        }
-        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        dataset_offset = 128 + 4 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
-        with open(path, "rb") as fh:
-            broken = check_structure(fh, dataset_offset, path.stat().st_size, transfer_syntax)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
-        return None, f"unreadable data set ({type(exc).__name__})"
-    except Exception as exc:  # noqa: BLE001 - any parser failure is the sender's malformed data
-        return None, f"unreadable data set ({type(exc).__name__})"
-    if broken:
-        return None, f"malformed data set: {broken}"
-    for kw, value in uids.items():
-        if value is None or value == "":
-            return None, f"{kw} missing"
-        if not is_valid_uid(str(value)):
-            return None, f"{kw} is not a valid UID"
-    if str(uids["SOPClassUID"]) != sop_class_uid:
-        return None, "SOP Class UID differs from the request"
-    if str(uids["SOPInstanceUID"]) != sop_instance_uid:
-        return None, "SOP Instance UID differs from the request"
-    return (
-        InstanceHeader(
-            sop_instance_uid=str(uids["SOPInstanceUID"]),
-            sop_class_uid=str(uids["SOPClassUID"]),
-            study_uid=str(uids["StudyInstanceUID"]),
-            series_uid=str(uids["SeriesInstanceUID"]),
-            transfer_syntax=transfer_syntax,
-        ),
-        "",
-    )

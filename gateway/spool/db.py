@@ -1,7 +1,7 @@
 """The spool database: connection policy, schema and numbered migrations.
 
-SQLite in WAL mode with ``synchronous=FULL``: a committed row survives a power cut,
-which is what lets C-STORE answer Success. C-STORE threads and the forwarder's
+SQLite in WAL mode. The spool's rows index the fsynced files under ``objects/``,
+which are what lets C-STORE answer Success; see `Spool.recover`. C-STORE threads and the forwarder's
 executor thread borrow connections from `SpoolDB`'s pool.
 """
 
@@ -48,12 +48,17 @@ def _v1(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
 
 
-def connect(path: Path) -> sqlite_utils.Database:
-    """Open a connection with the durability settings the spool relies on."""
+def connect(path: Path, durable: bool = True) -> sqlite_utils.Database:
+    """Open a connection in WAL mode.
+
+    ``durable``: every commit is fsynced (synchronous=FULL). The spool passes False:
+    its acknowledgements rest on the fsynced files, and start-up re-adopts a file
+    whose row a power cut lost, so a commit needs no fsync of its own.
+    """
     conn = sqlite3.connect(str(path), timeout=60.0, check_same_thread=False)
     db = sqlite_utils.Database(conn, execute_plugins=False)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
+    db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
     db.execute("PRAGMA busy_timeout=60000")
     return db
 
@@ -111,7 +116,7 @@ class SpoolDB:
         try:
             db = self._idle.get_nowait()
         except queue.Empty:
-            db = connect(self.path)
+            db = connect(self.path, durable=False)
             with self._lock:
                 self._open.append(db)
         try:

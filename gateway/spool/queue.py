@@ -14,6 +14,7 @@ instance durable (file fsync, rename, directory fsync, row commit) before it ret
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import shutil
@@ -27,24 +28,16 @@ from typing import Any
 
 from gateway.config import SpoolConfig
 from gateway.fsutil import fsync_path
+from gateway.header import InstanceHeader, read_header
 from gateway.spool.db import SpoolDB, immediate
+
+log = logging.getLogger("gateway.spool")
 
 STATES = ("queued", "sending", "delivered", "failed", "dead")
 
 
 class SpoolFull(Exception):
     """Not enough free space to accept an instance durably."""
-
-
-@dataclass(frozen=True)
-class InstanceHeader:
-    """The identifying attributes of a received instance, already validated."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_uid: str
-    series_uid: str
-    transfer_syntax: str
 
 
 @dataclass(frozen=True)
@@ -96,15 +89,55 @@ class Spool:
 
     # ---- start-up -------------------------------------------------------------
 
-    def recover(self) -> int:
-        """Requeue rows a crash left in ``sending``; drop half-received temp files."""
+    def recover(self) -> tuple[int, int]:
+        """Start-up: requeue rows a crash left in ``sending``, drop half-received temp
+        files, and adopt files in ``objects/`` that have no row.
+
+        A C-STORE is acknowledged once its file is fsynced into ``objects/``; the row
+        commit is not fsynced (WAL, synchronous=NORMAL), so after a power cut the file
+        may outlive its row. Adopting such files queues them again: delivery is
+        idempotent, losing them is not. Returns (requeued, adopted).
+        """
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
         with self.db.connection() as db, immediate(db):
-            cur = db.execute(
+            requeued = db.execute(
                 "UPDATE instances SET state='queued', next_attempt_at=0 WHERE state='sending'"
+            ).rowcount
+        with self.db.connection() as db:
+            known = {row["file"] for row in db.query("SELECT file FROM instances")}
+        adopted = 0
+        for path in sorted(self.objects.glob("*/*.dcm")):
+            if str(path.relative_to(self.directory)) in known:
+                continue
+            header, problem = read_header(path, None, None)
+            if header is None:
+                log.error("spool file %s is unreadable (%s); moved aside", path.name, problem)
+                path.rename(path.with_suffix(".unreadable"))
+                continue
+            self._insert(path, header, "", path.stat().st_mtime)
+            adopted += 1
+        return requeued, adopted
+
+    def _insert(self, final: Path, header: InstanceHeader, calling_ae: str, received_at: float) -> int:
+        with self.db.connection() as db, immediate(db):
+            cur = db.execute(
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
+                " transfer_syntax, file, size, calling_ae, received_at, state, attempts,"
+                " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,'queued',0,0)",
+                (
+                    header.sop_instance_uid,
+                    header.sop_class_uid,
+                    header.study_uid,
+                    header.series_uid,
+                    header.transfer_syntax,
+                    str(final.relative_to(self.directory)),
+                    final.stat().st_size,
+                    calling_ae,
+                    received_at,
+                ),
             )
-            return cur.rowcount
+            return int(cur.lastrowid or 0)
 
     # ---- ingest (association threads) ----------------------------------------
 
@@ -130,7 +163,6 @@ class Spool:
         ``incoming/``). With ``watch``, the caller may then `wait_outcome` for it.
         Raises SpoolFull when the disk cannot take it; the file is then removed.
         """
-        size = temp_path.stat().st_size
         try:
             self.check_space()
             fsync_path(temp_path)
@@ -149,27 +181,12 @@ class Spool:
             temp_path.unlink(missing_ok=True)
             raise
         try:
-            with self.db.connection() as db, immediate(db):
-                cur = db.execute(
-                    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
-                    " transfer_syntax, file, size, calling_ae, received_at, state, attempts,"
-                    " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,'queued',0,0)",
-                    (
-                        header.sop_instance_uid,
-                        header.sop_class_uid,
-                        header.study_uid,
-                        header.series_uid,
-                        header.transfer_syntax,
-                        str(final.relative_to(self.directory)),
-                        size,
-                        calling_ae,
-                        time.time(),
-                    ),
-                )
-                row_id = int(cur.lastrowid or 0)
+            # Registered under the waiters lock so a delivery that completes before
+            # this returns still finds its waiter.
+            with self._waiters_lock:
+                row_id = self._insert(final, header, calling_ae, time.time())
                 if watch:
-                    with self._waiters_lock:
-                        self._waiters[row_id] = threading.Event()
+                    self._waiters[row_id] = threading.Event()
         except Exception as exc:
             final.unlink(missing_ok=True)
             if "full" in str(exc).lower():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from gateway.dimse import pdu
 from gateway.dimse.command import C_STORE_RQ, C_STORE_RSP, decode_command, encode_command, response
-from gateway.dimse.structure import check_structure
+from gateway.structure import check_structure
 from tests.support.corpus import pydicom_corpus, sample_items
 
 

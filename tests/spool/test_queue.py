@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from gateway.config import SpoolConfig
-from gateway.spool.queue import InstanceHeader, Outcome, Spool, SpoolFull
+from gateway.header import InstanceHeader
+from gateway.spool.queue import Outcome, Spool, SpoolFull
+from tests.support.corpus import sample_files
 
 STUDY = "1.2.3.4"
 
@@ -94,9 +98,22 @@ def test_recover_requeues_sending_and_drops_partial_files(spool: Spool) -> None:
     spool.enqueue(received(spool, 1), header(1), "MOD")
     spool.claim(1, 10_000)
     (spool.incoming / "half-received.dcm").write_bytes(b"partial")
-    assert spool.recover() == 1
+    assert spool.recover() == (1, 0)
     assert spool.status()["counts"]["queued"] == 1
     assert not any(spool.incoming.iterdir())
+
+
+def test_recover_adopts_files_whose_rows_were_lost(spool: Spool) -> None:
+    """The row commit is not fsynced: after a power cut a durable file may have no row."""
+    sample = sample_files()[0]
+    (spool.objects / "ab").mkdir()
+    shutil.copy(sample, spool.objects / "ab" / "lost.dcm")
+    (spool.objects / "ab" / "junk.dcm").write_bytes(b"not dicom")
+    assert spool.recover() == (0, 1)
+    (row,) = spool.list_rows("queued")
+    assert row["sop_instance_uid"] == str(pydicom.dcmread(sample, stop_before_pixels=True).SOPInstanceUID)
+    assert (spool.objects / "ab" / "junk.unreadable").exists()
+    assert spool.recover() == (0, 0)
 
 
 def test_space_floor_refuses_and_removes_file(tmp_path: Path) -> None:
