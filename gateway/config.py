@@ -115,6 +115,17 @@ class FindConfig:
 
 
 @dataclass(frozen=True)
+class RetrieveConfig:
+    """C-MOVE and C-GET: how instances are fetched from the archive and reported."""
+
+    fetch_concurrency: int = 8  # parallel WADO-RS requests per retrieval
+    pending_every: int = 10  # a Pending response at least every this many sub-operations...
+    pending_seconds: float = 2.0  # ... or this many seconds
+    spill_mb: float = 32.0  # instances larger than this wait on disk, not in memory
+    allow_lossy: bool = False  # may a lossless instance be sent lossy when nothing else is accepted?
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -133,6 +144,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     find: FindConfig = field(default_factory=FindConfig)
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
 
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title (trailing spaces ignored)."""
@@ -356,6 +368,19 @@ def _find(r: _Reader) -> FindConfig:
     return cfg
 
 
+def _retrieve(r: _Reader) -> RetrieveConfig:
+    d = RetrieveConfig()
+    cfg = RetrieveConfig(
+        fetch_concurrency=r.integer("fetch_concurrency", d.fetch_concurrency, 1, 256),
+        pending_every=r.integer("pending_every", d.pending_every, 1, 100000),
+        pending_seconds=r.number("pending_seconds", d.pending_seconds, 0.1, 3600),
+        spill_mb=r.number("spill_mb", d.spill_mb, 0, 100000),
+        allow_lossy=r.boolean("allow_lossy", d.allow_lossy),
+    )
+    r.finish()
+    return cfg
+
+
 def _keywords(r: _Reader, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
     """A list of DICOM keywords, each checked against the data dictionary."""
     raw = r._raw(key)
@@ -379,6 +404,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     spool = _spool(root.sub("spool"))
     upstream = _upstream(root.sub("upstream"))
     find = _find(root.sub("find"))
+    retrieve = _retrieve(root.sub("retrieve"))
     http_r = root.sub("http")
     http = HttpConfig(
         host=http_r.string("host", HttpConfig.host),
@@ -395,6 +421,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise ConfigError(problems)
     return Config(
         dimse=dimse, spool=spool, upstream=upstream, http=http, logging=logging_cfg, find=find,
+        retrieve=retrieve,
     )
 
 
@@ -414,5 +441,5 @@ def load_config(path: str | Path) -> Config:
         spool = SpoolConfig(
             **{**cfg.spool.__dict__, "directory": (path.parent / cfg.spool.directory).resolve()}
         )
-        cfg = Config(cfg.dimse, spool, cfg.upstream, cfg.http, cfg.logging, cfg.find)
+        cfg = Config(cfg.dimse, spool, cfg.upstream, cfg.http, cfg.logging, cfg.find, cfg.retrieve)
     return cfg

@@ -16,8 +16,11 @@ import socket
 from aiohttp import web
 
 from gateway.config import Config
-from gateway.dimse.command import C_FIND_RQ, C_STORE_RQ
+from gateway.dimse.command import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
 from gateway.dimse.find import FIND_SOP_CLASSES, FindService
+from gateway.dimse.get import GET_SOP_CLASSES, GetService
+from gateway.dimse.move import MOVE_SOP_CLASSES, MoveService
+from gateway.dimse.retrieve import Retriever
 from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
 from gateway.spool.forwarder import Forwarder
@@ -63,8 +66,16 @@ async def run(config: Config) -> None:
     runner = web.AppRunner(create_app(spool, upstream), access_log=None)
     await runner.setup()
     store = StoreService(config, spool)
-    services = {C_STORE_RQ: store, C_FIND_RQ: FindService(config, upstream)}
-    server = DimseServer(config, spool.incoming, services, dict.fromkeys(FIND_SOP_CLASSES, UNCOMPRESSED))
+    retriever = Retriever(config, upstream)
+    services = {
+        C_STORE_RQ: store,
+        C_FIND_RQ: FindService(config, upstream),
+        C_MOVE_RQ: MoveService(config, retriever),
+        C_GET_RQ: GetService(config, retriever),
+    }
+    server = DimseServer(
+        config, spool.incoming, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES, UNCOMPRESSED)
+    )
     started = False
     try:
         await web.TCPSite(runner, config.http.host, config.http.port).start()
@@ -93,6 +104,7 @@ async def run(config: Config) -> None:
             await server.stop(grace)
         spool.release_waiters()
         store.close()
+        retriever.close()
         spool.on_enqueue = lambda: None
         await forwarder.stop(grace)
         await runner.cleanup()

@@ -16,3 +16,11 @@ def multipart_related(part_type: str, boundary: str, transfer_syntax: str | None
     if transfer_syntax:
         value += f"; transfer-syntax={transfer_syntax}"
     return value
+
+
+def multipart_accept(part_type: str, transfer_syntax: str | None = None) -> str:
+    """An Accept value asking for ``multipart/related`` parts of ``part_type``."""
+    value = f'{MULTIPART_RELATED}; type="{part_type}"'
+    if transfer_syntax:
+        value += f"; transfer-syntax={transfer_syntax}"
+    return value

@@ -154,11 +154,14 @@ class DimseServer:
         if len(self._associations) >= d.max_associations:
             return RJ_LOCAL_LIMIT_EXCEEDED, []
         peer = self.config.peer(rq.calling_ae)
+        # Storage classes a C-GET requester wants to receive (it asks for the SCP role).
+        receiving = {r.sop_class_uid for r in rq.roles if r.scp_role}
         results = []
         for pc in rq.contexts:
             proposed = pc.transfer_syntaxes or [""]
             needed = permission_for(pc.abstract_syntax)
-            if peer is not None and needed is not None and needed not in peer.permissions:
+            allowed_by = {needed, "get"} if needed == "store" and pc.abstract_syntax in receiving else {needed}
+            if peer is not None and needed is not None and not allowed_by & peer.permissions:
                 # A known peer without this permission: refuse the service up front.
                 results.append(pdu.PresentationContextAC(pc.id, pdu.PC_USER_REJECTED, proposed[0]))
                 continue
@@ -200,7 +203,6 @@ class DimseServer:
             # On loopback, Nagle plus delayed ACK costs ~40 ms per C-STORE.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         peer = writer.get_extra_info("peername") or ("?", 0)
         where = f"{peer[0]}:{peer[1]}"
         assoc: Association | None = None

@@ -1,0 +1,84 @@
+"""C-GET SCP (PS3.4 C.4.3): the same retrieval as C-MOVE, sent back to the requester.
+
+The C-STORE sub-operations travel on the requesting association itself, in the
+storage presentation contexts the requester proposed with the SCP role (role
+selection, negotiated in `gateway.dimse.server`), each instance in the syntax that
+context accepted (transcoded when it is not stored that way). Their C-STORE-RSPs
+arrive through the association's reader, which hands them to the waiting send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from gateway.dimse.association import Association, Message
+from gateway.dimse.command import C_GET_RSP, C_STORE_RQ, HAS_DATASET, Command, encode_command
+from gateway.dimse.requestor import DataSource, RequestorError, pdata_fragments, send_dataset
+from gateway.dimse.retrieve import (
+    PATIENT_ROOT_GET,
+    STUDY_ROOT_GET,
+    Fetched,
+    InstanceRef,
+    RetrieveService,
+    StoreTarget,
+)
+
+GET_SOP_CLASSES = (PATIENT_ROOT_GET, STUDY_ROOT_GET)
+
+
+class GetTarget:
+    """The requesting association, as the receiver of C-STORE sub-operations."""
+
+    def __init__(self, assoc: Association, dimse_timeout: float) -> None:
+        self.assoc = assoc
+        self.dimse_timeout = dimse_timeout
+        self._syntaxes: dict[str, dict[str, int]] = {}
+        for ctx in sorted(assoc.contexts.values(), key=lambda c: c.id):
+            if ctx.abstract_syntax in assoc.scp_roles:
+                self._syntaxes.setdefault(ctx.abstract_syntax, {}).setdefault(ctx.transfer_syntax, ctx.id)
+
+    def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
+        return self._syntaxes.get(sop_class_uid, {})
+
+    async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
+        assoc = self.assoc
+        message_id = assoc.next_message_id()
+        command = encode_command(
+            {
+                0x0002: sop_class_uid,
+                0x0100: C_STORE_RQ,
+                0x0110: message_id,
+                0x0700: 0,
+                0x0800: HAS_DATASET,
+                0x1000: sop_instance_uid,
+            }
+        )
+        future = assoc.expect_response(message_id)
+        try:
+            await assoc.send_raw(pdata_fragments(context_id, memoryview(command), True, True, assoc.peer_max_pdu))
+            await send_dataset(assoc.send_raw, context_id, dataset, assoc.peer_max_pdu)
+            async with asyncio.timeout(self.dimse_timeout):
+                return await future
+        except TimeoutError:
+            raise RequestorError(f"no C-STORE response within {self.dimse_timeout:g} s") from None
+        except (OSError, ConnectionError) as exc:
+            raise RequestorError(f"association lost: {type(exc).__name__}") from None
+        finally:
+            future.cancel()
+
+
+class GetService(RetrieveService):
+    """The C-GET service for both information models."""
+
+    name = "C-GET"
+    rsp_field = C_GET_RSP
+    permission = "get"
+
+    async def open_target(
+        self, assoc: Association, message: Message, refs: list[InstanceRef], first: list[Fetched]
+    ) -> tuple[StoreTarget, Callable[[], Awaitable[None]]]:
+        async def nothing() -> None:
+            return None
+
+        return GetTarget(assoc, self.config.dimse.dimse_timeout), nothing

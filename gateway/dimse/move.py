@@ -1,0 +1,76 @@
+"""C-MOVE SCP (PS3.4 C.4.2): Patient Root and Study Root, served from the upstream.
+
+The destination AE must be a configured ``[[dimse.peers]]`` entry (an AE title alone
+says nothing about where it listens, and sending patient data to an address a
+caller names would be an exfiltration channel). All sub-operations go over one
+association to it, opened by our own requestor (`gateway.dimse.requestor`); the
+engine in `gateway.dimse.retrieve` does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from gateway.dimse.association import Association, Message
+from gateway.dimse.command import C_MOVE_RSP, Command
+from gateway.dimse.requestor import DataSource, StoreRequestor
+from gateway.dimse.retrieve import (
+    MOVE_DESTINATION_UNKNOWN,
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_MOVE,
+    Fetched,
+    InstanceRef,
+    RetrieveService,
+    StoreTarget,
+    proposals,
+)
+
+MOVE_SOP_CLASSES = (PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
+
+
+class MoveTarget:
+    """The move destination: an association we requested, with the originator named
+    in every C-STORE-RQ (PS3.7 9.1.1.1) so the destination can tell who asked."""
+
+    def __init__(self, requestor: StoreRequestor, originator: tuple[str, int]) -> None:
+        self.requestor = requestor
+        self.originator = originator
+
+    def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
+        return self.requestor.accepted.get(sop_class_uid, {})
+
+    async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
+        return await self.requestor.store(context_id, sop_class_uid, sop_instance_uid, dataset, self.originator)
+
+
+class MoveService(RetrieveService):
+    """The C-MOVE service for both information models."""
+
+    name = "C-MOVE"
+    rsp_field = C_MOVE_RSP
+    permission = "move"
+
+    def precheck(self, assoc: Association, message: Message) -> tuple[int, str] | None:
+        destination = str(message.command.get(0x0600, "")).strip()
+        if self.config.peer(destination) is None:
+            return MOVE_DESTINATION_UNKNOWN, f"move destination {destination[:16]!r} unknown"
+        return None
+
+    async def open_target(
+        self, assoc: Association, message: Message, refs: list[InstanceRef], first: list[Fetched]
+    ) -> tuple[StoreTarget, Callable[[], Awaitable[None]]]:
+        d = self.config.dimse
+        peer = self.config.peer(str(message.command.get(0x0600, "")).strip())
+        assert peer is not None  # precheck
+        requestor = await StoreRequestor.connect(
+            peer.host,
+            peer.port,
+            d.ae_title,
+            peer.ae_title,
+            proposals(refs, first),
+            max_pdu=d.max_pdu_size,
+            connect_timeout=d.acse_timeout,
+            acse_timeout=d.acse_timeout,
+            dimse_timeout=d.dimse_timeout,
+        )
+        return MoveTarget(requestor, (assoc.calling_ae, message.command.message_id)), requestor.release

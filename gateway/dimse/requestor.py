@@ -1,0 +1,294 @@
+"""An asyncio association requestor for C-STORE sub-operations (PS3.8 requestor role).
+
+C-MOVE sends every instance of a retrieval over one association to the destination.
+pynetdicom's SCU would do it, but its reactor polls with 1 ms sleeps, which caps it
+well below what storescp or a PACS can take; on the loop a C-STORE costs a socket
+write and the wait for the response, nothing more.
+
+One operation is outstanding at a time (no asynchronous operations window is
+negotiated), so the response is read inline after each request. A data set is
+written straight from the retrieved bytes or file, fragmented to the peer's maximum
+PDU length, without building the PDUs for a whole large instance in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.dimse import pdu
+from gateway.dimse.association import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    ProtocolError,
+    read_pdu,
+)
+from gateway.dimse.command import (
+    C_STORE_RQ,
+    C_STORE_RSP,
+    HAS_DATASET,
+    Command,
+    CommandError,
+    decode_command,
+    encode_command,
+)
+
+log = logging.getLogger("gateway.dimse")
+
+MAX_CONTEXTS = 128  # presentation context ids are the odd numbers 1..255
+# Bytes of a file data set read (in a worker thread) per write; bounds memory per send.
+FILE_CHUNK = 4 << 20
+
+
+class RequestorError(Exception):
+    """The association to the peer could not be opened or broke down."""
+
+
+class AssociationRejected(RequestorError):
+    """The peer answered A-ASSOCIATE-RJ."""
+
+    def __init__(self, result: int, source: int, reason: int) -> None:
+        super().__init__(f"association rejected (result {result}, source {source}, reason {reason})")
+        self.result, self.source, self.reason = result, source, reason
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A data set held in a file: ``length`` bytes from ``offset``."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+DataSource = bytes | memoryview | FileSlice
+
+
+def pdata_fragments(context_id: int, payload: memoryview, is_command: bool, last_part: bool, peer_max_pdu: int) -> bytes:
+    """P-DATA-TF PDUs carrying ``payload``, one PDV each, fragmented to the peer's
+    maximum; the final one is flagged last when ``last_part``. Joined into one buffer
+    so a whole message part costs one socket write."""
+    limit = max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
+    pieces: list[bytes | memoryview] = []
+    offset, end = 0, len(payload)
+    while True:
+        chunk = payload[offset : offset + limit]
+        offset += len(chunk)
+        last = offset >= end and last_part
+        control = (1 if is_command else 0) | (2 if last else 0)
+        pieces.append(struct.pack(">BBIIBB", pdu.P_DATA_TF, 0, len(chunk) + 6, len(chunk) + 2, context_id, control))
+        pieces.append(chunk)
+        if offset >= end:
+            return b"".join(pieces)
+
+
+async def send_dataset(
+    write: Callable[[bytes], Awaitable[None]], context_id: int, dataset: DataSource, peer_max_pdu: int
+) -> None:
+    """Write a data set as P-DATA-TF PDUs; a file is read in bounded chunks (large ones
+    in a worker thread) so an instance of any size costs at most FILE_CHUNK of memory."""
+    if not isinstance(dataset, FileSlice):
+        await write(pdata_fragments(context_id, memoryview(dataset), False, True, peer_max_pdu))
+        return
+    loop = asyncio.get_running_loop()
+    # Chunks are whole multiples of the fragment size, so no short PDU goes out mid-way.
+    limit = max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
+    chunk_size = max(limit, FILE_CHUNK // limit * limit)
+    with open(dataset.path, "rb") as fh:
+        fh.seek(dataset.offset)
+        remaining = dataset.length
+        while True:
+            size = min(chunk_size, remaining)
+            chunk = await loop.run_in_executor(None, fh.read, size) if size > (1 << 20) else fh.read(size)
+            if len(chunk) != size:
+                raise OSError("retrieved file shorter than recorded")
+            remaining -= size
+            await write(pdata_fragments(context_id, memoryview(chunk), False, remaining == 0, peer_max_pdu))
+            if remaining == 0:
+                return
+
+
+class StoreRequestor:
+    """One open association on which we are the C-STORE SCU."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        proposed: list[pdu.PresentationContextRQ],
+        ac: pdu.AssociateAC,
+        max_pdu: int,
+        dimse_timeout: float,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.peer_max_pdu = ac.max_pdu_length
+        self.max_pdu = max_pdu
+        self.dimse_timeout = dimse_timeout
+        by_id = {pc.id: pc for pc in proposed}
+        # sop class -> {transfer syntax: context id}, first accepted context wins
+        self.accepted: dict[str, dict[str, int]] = {}
+        for result in ac.contexts:
+            pc = by_id.get(result.id)
+            if pc is None or result.result != pdu.PC_ACCEPTED:
+                continue
+            self.accepted.setdefault(pc.abstract_syntax, {}).setdefault(result.transfer_syntax, result.id)
+        self._message_id = 0
+        self.closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        calling_ae: str,
+        called_ae: str,
+        proposals: list[tuple[str, list[str]]],
+        *,
+        max_pdu: int,
+        connect_timeout: float,
+        acse_timeout: float,
+        dimse_timeout: float,
+    ) -> StoreRequestor:
+        """Open the association proposing ``(sop class, [transfer syntaxes])`` contexts."""
+        if not proposals or len(proposals) > MAX_CONTEXTS:
+            raise ValueError(f"{len(proposals)} presentation contexts; 1 to {MAX_CONTEXTS} allowed")
+        contexts = [pdu.PresentationContextRQ(2 * i + 1, sop, list(ts)) for i, (sop, ts) in enumerate(proposals)]
+        try:
+            async with asyncio.timeout(connect_timeout):
+                reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise RequestorError(f"cannot connect to {host}:{port}: {type(exc).__name__}") from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        try:
+            writer.write(
+                pdu.encode_associate_rq(
+                    called_ae, calling_ae, contexts, max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+                )
+            )
+            await writer.drain()
+            pdu_type, body = await read_pdu(reader, acse_timeout, 1 << 20)
+            if pdu_type == pdu.A_ASSOCIATE_RJ:
+                raise AssociationRejected(*pdu.parse_associate_rj(body))
+            if pdu_type != pdu.A_ASSOCIATE_AC:
+                raise RequestorError(f"peer answered the association request with PDU type 0x{pdu_type:02x}")
+            ac = pdu.parse_associate_ac(body)
+        except RequestorError:
+            writer.close()
+            raise
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError, pdu.PDUError) as exc:
+            writer.close()
+            raise RequestorError(f"association negotiation failed: {type(exc).__name__}: {exc}") from None
+        return cls(reader, writer, contexts, ac, max_pdu, dimse_timeout)
+
+    def context_for(self, sop_class: str, transfer_syntax: str) -> int | None:
+        return self.accepted.get(sop_class, {}).get(transfer_syntax)
+
+    async def store(
+        self,
+        context_id: int,
+        sop_class: str,
+        sop_instance: str,
+        dataset: DataSource,
+        originator: tuple[str, int] | None = None,
+    ) -> Command:
+        """Send one C-STORE-RQ and return its C-STORE-RSP command.
+
+        Raises RequestorError when the association breaks; the caller then fails this
+        and every later sub-operation.
+        """
+        self._message_id = self._message_id % 0xFFFF + 1
+        values: dict[int, int | str | tuple[int, ...]] = {
+            0x0002: sop_class,
+            0x0100: C_STORE_RQ,
+            0x0110: self._message_id,
+            0x0700: 0,
+            0x0800: HAS_DATASET,
+            0x1000: sop_instance,
+        }
+        if originator is not None:
+            values[0x1030], values[0x1031] = originator
+        try:
+            await self._send(context_id, encode_command(values), True)
+            await self._send_dataset(context_id, dataset)
+            return await self._response(self._message_id)
+        except asyncio.TimeoutError:  # before OSError: TimeoutError is one
+            await self.abort()
+            raise RequestorError(f"no C-STORE response within {self.dimse_timeout:g} s") from None
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self.closed = True
+            raise RequestorError(f"association lost: {type(exc).__name__}") from None
+        except (ProtocolError, pdu.PDUError, CommandError) as exc:
+            await self.abort()
+            raise RequestorError(f"protocol error from the peer: {exc}") from None
+
+    async def _send(self, context_id: int, payload: bytes | memoryview, is_command: bool) -> None:
+        self.writer.write(pdata_fragments(context_id, memoryview(payload), is_command, True, self.peer_max_pdu))
+        await self.writer.drain()
+
+    async def _send_dataset(self, context_id: int, dataset: DataSource) -> None:
+        await send_dataset(self._write, context_id, dataset, self.peer_max_pdu)
+
+    async def _write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def _response(self, message_id: int) -> Command:
+        buffer = bytearray()
+        async with asyncio.timeout(self.dimse_timeout):
+            while True:
+                pdu_type, body = await read_pdu(self.reader, self.dimse_timeout, self.max_pdu + 64 if self.max_pdu else 1 << 26)
+                if pdu_type == pdu.A_ABORT:
+                    self.closed = True
+                    raise ConnectionError("peer aborted the association")
+                if pdu_type != pdu.P_DATA_TF:
+                    raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} while awaiting C-STORE-RSP")
+                for _, control, fragment in pdu.parse_pdata(body):
+                    if not control & 1:
+                        raise ProtocolError("data set fragment in a C-STORE response")
+                    buffer += fragment
+                    if control & 2:
+                        command = decode_command(bytes(buffer))
+                        buffer.clear()
+                        if command.field != C_STORE_RSP or command.get(0x0120) != message_id:
+                            raise ProtocolError(f"unexpected response 0x{command.field:04x}")
+                        return command
+
+    async def release(self, timeout: float = 10.0) -> None:
+        """A-RELEASE-RQ, wait for the RP (or give up and abort), close."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.writer.write(pdu.encode_release_rq())
+            await self.writer.drain()
+            async with asyncio.timeout(timeout):
+                while True:
+                    pdu_type, _ = await read_pdu(self.reader, timeout, 1 << 26)
+                    if pdu_type in (pdu.A_RELEASE_RP, pdu.A_ABORT):
+                        break
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError):
+            with contextlib.suppress(OSError):
+                self.writer.write(pdu.encode_abort(0, 0))
+        finally:
+            self.writer.close()
+
+    async def abort(self) -> None:
+        """A-ABORT (service user) and close; used on timeouts and cancellation."""
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.writer.write(pdu.encode_abort(0, 0))
+                await asyncio.wait_for(self.writer.drain(), 2)
+        with contextlib.suppress(Exception):
+            self.writer.close()

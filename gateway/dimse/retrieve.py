@@ -1,0 +1,723 @@
+"""The retrieval engine shared by C-MOVE and C-GET (PS3.4 C.4.2 and C.4.3).
+
+A request becomes a list of instances (QIDO searches on the upstream, paging inside),
+then a pipeline: up to ``retrieve.fetch_concurrency`` instances are fetched from the
+upstream at once, at most twice that many wait fetched, and the C-STORE sub-operations
+go out strictly in order on one association. A fetched instance above
+``retrieve.spill_mb`` waits in a file under ``<spool>/retrieve``, so memory stays
+bounded by the window (and the look-ahead before the first send) whatever the study size.
+
+An instance is sent as it is stored when the receiver accepted that transfer syntax
+(its bytes go out untouched, never parsed); otherwise it is transcoded, in a worker
+thread, to the best syntax the receiver accepted (lossless first, lossy only if
+``retrieve.allow_lossy``). Counters feed the Pending responses, sent at least every
+``pending_every`` sub-operations or ``pending_seconds``. A C-CANCEL takes effect
+between sub-operations: the one on the wire completes and is counted.
+
+Errors become statuses here, in one table (`failure_status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Protocol
+
+from pydicom import dcmread
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
+
+from gateway.codecs import TranscodeError, choose_for_dataset, transcode
+from gateway.config import Config
+from gateway.dicomweb.qido import Search
+from gateway.dimse.association import Association, Message
+from gateway.dimse.command import Command, response
+from gateway.dimse.find import decode_identifier, encode_identifier
+from gateway.dimse.query import make_key
+from gateway.dimse.requestor import DataSource, FileSlice, RequestorError
+from gateway.uids import is_valid_uid
+from gateway.upstream.base import JsonObject, Retrieved, Upstream
+from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+
+log = logging.getLogger("gateway.dimse")
+
+# Statuses (PS3.4 C.4.2.1.5, C.4.3.1.4)
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+WARNING = 0xB000
+REFUSED_NOT_AUTHORIZED = 0x0124
+OUT_OF_RESOURCES_MATCHES = 0xA701
+OUT_OF_RESOURCES_SUBOPS = 0xA702
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+# C-STORE statuses counted as warnings rather than failures (PS3.4 B.2.3)
+STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
+# Proposed (after the stored syntaxes and uncompressed) so a receiver that takes only
+# compressed data can still be served by recompressing losslessly.
+LOSSLESS_COMPRESSED = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5")
+
+QUERY_RETRIEVE_LEVEL = 0x00080052
+PATIENT_ID = 0x00100020
+STUDY_UID = 0x0020000D
+SERIES_UID = 0x0020000E
+SOP_INSTANCE_UID = 0x00080018
+SOP_CLASS_UID = 0x00080016
+FAILED_SOP_INSTANCE_UID_LIST = 0x00080058
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+STUDY_ROOT_CLASSES = frozenset({STUDY_ROOT_MOVE, STUDY_ROOT_GET})
+# Instances fetched before the destination association is opened, so its contexts
+# cover the syntaxes they are stored in (the archive's search answers do not say).
+LOOKAHEAD_INSTANCES = 64
+LOOKAHEAD_BYTES = 64 << 20  # of in-memory instances; spilled ones cost no memory
+META_HEAD = 64 * 1024  # the File Meta group is never near this long
+LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UT", b"UN", b"UC", b"UR"})
+
+
+class RetrieveError(Exception):
+    """The request cannot be served; ``status`` is the final status to send."""
+
+    def __init__(self, message: str, status: int, offending: Iterable[int] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.offending = tuple(offending)
+
+
+def failure_status(exc: BaseException) -> tuple[int, str]:
+    """The one table from errors before any sub-operation to C-MOVE/C-GET statuses."""
+    if isinstance(exc, RetrieveError):
+        return exc.status, str(exc)
+    if isinstance(exc, UpstreamAuthError):
+        return UNABLE_TO_PROCESS, "archive refused the gateway's credentials"
+    if isinstance(exc, UpstreamRejected):
+        return UNABLE_TO_PROCESS, str(exc)
+    if isinstance(exc, (UpstreamUnavailable, TimeoutError)):
+        return OUT_OF_RESOURCES_MATCHES, f"archive unavailable: {exc}" if str(exc) else "archive unavailable"
+    return UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})"
+
+
+# -- the request ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrieveRequest:
+    """What a C-MOVE/C-GET identifier names: a level and the unique keys down to it."""
+
+    level: str
+    patient_id: str | None = None
+    study_uids: tuple[str, ...] = ()
+    series_uids: tuple[str, ...] = ()
+    sop_uids: tuple[str, ...] = ()
+
+
+def _values(ds: Dataset, tag: int) -> tuple[str, ...]:
+    elem = ds.get(tag)
+    if elem is None or elem.value in (None, ""):
+        return ()
+    raw = list(elem.value) if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+    return tuple(str(v).strip().rstrip("\x00") for v in raw if str(v).strip())
+
+
+def parse_retrieve_identifier(ds: Dataset, study_root: bool) -> RetrieveRequest:
+    """Validate a retrieve identifier (PS3.4 C.4.2.2.1: unique keys only, hierarchical).
+
+    A list of UIDs is allowed at the retrieve level; the levels above need their one
+    unique key, except that the study (and series) UID may be left out at SERIES and
+    IMAGE level, since UIDs are unique anyway and SCUs do leave them out.
+    """
+    level_elem = ds.get(QUERY_RETRIEVE_LEVEL)
+    level = str(level_elem.value).strip().upper() if level_elem is not None and level_elem.value else ""
+    if level not in LEVELS or (study_root and level == "PATIENT"):
+        raise RetrieveError(f"QueryRetrieveLevel {level!r} not valid here", IDENTIFIER_DOES_NOT_MATCH, [QUERY_RETRIEVE_LEVEL])
+    studies, series, sops = _values(ds, STUDY_UID), _values(ds, SERIES_UID), _values(ds, SOP_INSTANCE_UID)
+    for tag, uids in ((STUDY_UID, studies), (SERIES_UID, series), (SOP_INSTANCE_UID, sops)):
+        if any(not is_valid_uid(u) for u in uids):
+            raise RetrieveError("invalid UID in the identifier", IDENTIFIER_DOES_NOT_MATCH, [tag])
+    patient = _values(ds, PATIENT_ID)
+    if level == "PATIENT":
+        if len(patient) != 1 or "*" in patient[0] or "?" in patient[0]:
+            raise RetrieveError("PATIENT level needs one PatientID", IDENTIFIER_DOES_NOT_MATCH, [PATIENT_ID])
+        return RetrieveRequest(level, patient_id=patient[0])
+    if level == "STUDY":
+        if not studies:
+            raise RetrieveError("STUDY level needs StudyInstanceUID", IDENTIFIER_DOES_NOT_MATCH, [STUDY_UID])
+        return RetrieveRequest(level, study_uids=studies)
+    if len(studies) > 1:
+        raise RetrieveError("one StudyInstanceUID above the retrieve level", IDENTIFIER_DOES_NOT_MATCH, [STUDY_UID])
+    if level == "SERIES":
+        if not series:
+            raise RetrieveError("SERIES level needs SeriesInstanceUID", IDENTIFIER_DOES_NOT_MATCH, [SERIES_UID])
+        return RetrieveRequest(level, study_uids=studies, series_uids=series)
+    if len(series) > 1:
+        raise RetrieveError("one SeriesInstanceUID above the retrieve level", IDENTIFIER_DOES_NOT_MATCH, [SERIES_UID])
+    if not sops:
+        raise RetrieveError("IMAGE level needs SOPInstanceUID", IDENTIFIER_DOES_NOT_MATCH, [SOP_INSTANCE_UID])
+    return RetrieveRequest(level, study_uids=studies, series_uids=series, sop_uids=sops)
+
+
+# -- instances ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+def _first(obj: JsonObject, key: str) -> str:
+    value = (obj.get(key) or {}).get("Value") or [""]
+    return str(value[0]) if value[0] is not None else ""
+
+
+def _ref(obj: JsonObject) -> InstanceRef | None:
+    ref = InstanceRef(_first(obj, "0020000D"), _first(obj, "0020000E"), _first(obj, "00080018"), _first(obj, "00080016"))
+    if not all(is_valid_uid(u) for u in (ref.study_uid, ref.series_uid, ref.sop_instance_uid)):
+        return None  # an archive answer we could not put in a URL safely
+    return ref
+
+
+def _uid_key(tag: int, uids: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    return make_key(DataElement(tag, "UI", list(uids) if len(uids) > 1 else uids[0]))
+
+
+@dataclass
+class Fetched:
+    """One instance after its fetch: where its Part 10 file is and what its meta says."""
+
+    ref: InstanceRef
+    retrieved: Retrieved | None = None
+    transfer_syntax: str = ""
+    sop_class_uid: str = ""
+    dataset_offset: int = 0  # where the data set starts, within the Part 10 file
+    error: str = ""
+
+    def dataset(self) -> DataSource:
+        """The data set bytes as stored, without preamble and File Meta."""
+        r = self.retrieved
+        assert r is not None
+        if r.data is not None:
+            return memoryview(r.data)[r.offset + self.dataset_offset : r.offset + r.length]
+        assert r.path is not None
+        return FileSlice(r.path, r.offset + self.dataset_offset, r.length - self.dataset_offset)
+
+    def release(self) -> None:
+        if self.retrieved is not None:
+            self.retrieved.release()
+            self.retrieved = None
+
+
+def part10_header(head: bytes) -> tuple[str, str, str, int]:
+    """(transfer syntax, SOP class, SOP instance, data set offset) of a Part 10 file.
+
+    Read directly: the File Meta group is a few explicit VR little endian elements,
+    and parsing the whole file with pydicom would cost more than sending it.
+    """
+    if head[128:132] == b"DICM":
+        pos = 132
+    elif head[:2] == b"\x02\x00":
+        pos = 0  # an archive that sends the meta group without the preamble
+    else:
+        raise ValueError("not a DICOM Part 10 file")
+    values: dict[int, str] = {}
+    while pos + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        vr = head[pos + 4 : pos + 6]
+        if vr in LONG_VRS:
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        if start + length > len(head):
+            raise ValueError("File Meta element runs past the end")
+        if element in (0x0002, 0x0003, 0x0010):
+            values[element] = head[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = start + length
+    if 0x0010 not in values:
+        raise ValueError("File Meta without a Transfer Syntax UID")
+    return values[0x0010], values.get(0x0002, ""), values.get(0x0003, ""), pos
+
+
+# -- the receiving side -------------------------------------------------------------------
+
+
+class StoreTarget(Protocol):
+    """Where the sub-operations go: the move destination or the C-GET requester."""
+
+    def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
+        """Accepted transfer syntax -> presentation context id, for one SOP class."""
+        ...
+
+    async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
+        """One C-STORE; raises RequestorError when the association is gone."""
+        ...
+
+
+@dataclass
+class Counts:
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    transcoded: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.completed - self.failed - self.warning
+
+    def fail(self, uid: str) -> None:
+        self.failed += 1
+        self.failed_uids.append(uid)
+
+    def command_fields(self, with_remaining: bool) -> dict[int, int | str | tuple[int, ...]]:
+        values: dict[int, int | str | tuple[int, ...]] = {
+            0x1021: self.completed,
+            0x1022: self.failed,
+            0x1023: self.warning,
+        }
+        if with_remaining:
+            values[0x1020] = self.remaining
+        return values
+
+    def final_status(self) -> int:
+        if self.failed == 0 and self.warning == 0:
+            return SUCCESS
+        if self.completed == 0 and self.warning == 0:
+            return OUT_OF_RESOURCES_SUBOPS
+        return WARNING
+
+
+def failed_identifier(counts: Counts) -> Dataset | None:
+    """The final response identifier: Failed SOP Instance UID List, when any failed."""
+    if not counts.failed_uids:
+        return None
+    ds = Dataset()
+    ds.FailedSOPInstanceUIDList = counts.failed_uids if len(counts.failed_uids) > 1 else counts.failed_uids[0]
+    return ds
+
+
+# -- the engine -------------------------------------------------------------------------------
+
+
+class Retriever:
+    """Dependencies of C-MOVE and C-GET, bound once (no globals)."""
+
+    def __init__(self, config: Config, upstream: Upstream) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.spill_dir = config.spool.directory / "retrieve"
+        # Spill files of a previous run are orphans: nothing can still be sending them.
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self.spill_bytes = int(config.retrieve.spill_mb * 1024 * 1024)
+        self.codecs = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="retrieve-codec")
+
+    def close(self) -> None:
+        self.codecs.shutdown(wait=False, cancel_futures=True)
+
+    # ---- resolving ------------------------------------------------------------------------
+
+    async def resolve(self, request: RetrieveRequest) -> list[InstanceRef]:
+        """Every instance the request names, by QIDO on the upstream, deduplicated."""
+        f = self.config.find
+        include = (SOP_CLASS_UID, STUDY_UID, SERIES_UID, SOP_INSTANCE_UID)
+        searches: list[Search] = []
+        base = {"include": include, "page_size": f.page_size, "timeout": f.timeout}
+        if request.level == "PATIENT":
+            assert request.patient_id is not None
+            search = Search(keys=(make_key(DataElement(PATIENT_ID, "LO", request.patient_id)),), include=(STUDY_UID, PATIENT_ID), page_size=f.page_size, timeout=f.timeout)
+            studies: list[str] = []
+            async for obj in self.upstream.search_for_studies(search):
+                if _first(obj, "00100020") == request.patient_id and is_valid_uid(_first(obj, "0020000D")):
+                    studies.append(_first(obj, "0020000D"))
+            searches = [Search(study_uid=s, **base) for s in dict.fromkeys(studies)]  # type: ignore[arg-type]
+        elif request.level == "STUDY":
+            searches = [Search(study_uid=s, **base) for s in request.study_uids]  # type: ignore[arg-type]
+        elif request.level == "SERIES":
+            study = request.study_uids[0] if request.study_uids else None
+            if study:
+                searches = [Search(study_uid=study, series_uid=s, **base) for s in request.series_uids]  # type: ignore[arg-type]
+            else:
+                searches = [Search(keys=(_uid_key(SERIES_UID, request.series_uids),), **base)]  # type: ignore[arg-type]
+        else:
+            study = request.study_uids[0] if request.study_uids else None
+            series = request.series_uids[0] if request.series_uids else None
+            searches = [
+                Search(
+                    keys=(_uid_key(SOP_INSTANCE_UID, request.sop_uids),),
+                    study_uid=study,
+                    series_uid=series if study else None,
+                    **base,  # type: ignore[arg-type]
+                )
+            ]
+        wanted_series = set(request.series_uids)
+        wanted_sops = set(request.sop_uids)
+        found: dict[str, InstanceRef] = {}
+        for search in searches:
+            try:
+                async for obj in self.upstream.search_for_instances(search):
+                    ref = _ref(obj)
+                    if ref is None or ref.sop_instance_uid in found:
+                        continue
+                    # The archive may match loosely; the request is exact.
+                    if wanted_series and ref.series_uid not in wanted_series:
+                        continue
+                    if wanted_sops and ref.sop_instance_uid not in wanted_sops:
+                        continue
+                    found[ref.sop_instance_uid] = ref
+            except NotFound:
+                continue
+        return list(found.values())
+
+    # ---- fetching -------------------------------------------------------------------------
+
+    async def fetch(self, ref: InstanceRef) -> Fetched:
+        """Fetch one instance and read its File Meta; never raises (the error is kept)."""
+        item = Fetched(ref)
+        try:
+            item.retrieved = await self.upstream.retrieve_instance(
+                ref.study_uid, ref.series_uid, ref.sop_instance_uid, self.spill_dir, self.spill_bytes
+            )
+            r = item.retrieved
+            if r.data is not None:
+                head = r.read(0, META_HEAD)
+            else:
+                head = await asyncio.get_running_loop().run_in_executor(None, r.read, 0, META_HEAD)
+            ts, sop_class, sop_instance, offset = part10_header(head)
+            item.transfer_syntax, item.dataset_offset = ts, offset
+            item.sop_class_uid = sop_class or ref.sop_class_uid
+            if sop_instance and sop_instance != ref.sop_instance_uid:
+                raise ValueError("archive returned a different instance")
+        except NotFound:
+            item.error = "not found in the archive"
+        except (UpstreamUnavailable, UpstreamRejected) as exc:
+            item.error = str(exc)
+        except (ValueError, OSError) as exc:
+            item.error = f"unusable instance: {exc}"
+        if item.error:
+            item.release()
+        return item
+
+    # ---- transcoding ----------------------------------------------------------------------
+
+    def _transcode(self, item: Fetched, accepted: list[str]) -> tuple[str, bytes]:
+        """(syntax, data set bytes) of the instance re-encoded for the receiver (worker thread)."""
+        assert item.retrieved is not None
+        ds = dcmread(BytesIO(item.retrieved.read()), force=True)
+        allow_lossy = self.config.retrieve.allow_lossy
+        target = choose_for_dataset(ds, accepted, allow_lossy=allow_lossy)
+        if target is None:
+            raise TranscodeError(f"no accepted transfer syntax can carry this {item.transfer_syntax} instance")
+        out = transcode(ds, target, allow_lossy=allow_lossy)
+        buffer = DicomBytesIO()
+        dcmwrite(buffer, out, enforce_file_format=True)
+        encoded = buffer.getvalue()
+        return str(target), encoded[part10_header(encoded[:META_HEAD])[3] :]
+
+    # ---- the pipeline ---------------------------------------------------------------------
+
+    async def run(
+        self,
+        refs: list[InstanceRef],
+        open_target: Callable[[list[Fetched]], Awaitable[StoreTarget]],
+        report: Callable[[Counts], Awaitable[None]],
+        cancelled: asyncio.Event,
+        what: str,
+    ) -> Counts:
+        """Fetch and send every instance; returns the counts (``cancelled`` stops it
+        between sub-operations, leaving the rest in ``remaining``).
+
+        ``open_target`` is called once, with the first LOOKAHEAD_INSTANCES fetched
+        instances (fewer if they hold LOOKAHEAD_BYTES), so a C-MOVE can propose
+        contexts for the syntaxes they are stored in.
+        Raises RequestorError if the target cannot be opened at all.
+        """
+        cfg = self.config.retrieve
+        counts = Counts(total=len(refs))
+        window = 2 * cfg.fetch_concurrency
+        gate = asyncio.Semaphore(cfg.fetch_concurrency)
+        queue: asyncio.Queue[asyncio.Task[Fetched] | None] = asyncio.Queue(maxsize=window)
+        fetches: set[asyncio.Task[Fetched]] = set()
+
+        async def gated(ref: InstanceRef) -> Fetched:
+            async with gate:
+                return await self.fetch(ref)
+
+        async def produce() -> None:
+            for ref in refs:
+                task = asyncio.create_task(gated(ref))
+                fetches.add(task)
+                task.add_done_callback(fetches.discard)
+                await queue.put(task)
+            await queue.put(None)
+
+        producer = asyncio.create_task(produce())
+        ahead: deque[asyncio.Task[Fetched]] = deque()
+        first_error = ""
+        target: StoreTarget | None = None
+        try:
+            first: list[Fetched] = []
+            held = 0
+            while len(ahead) < LOOKAHEAD_INSTANCES and held < LOOKAHEAD_BYTES:
+                task = await queue.get()
+                if task is None:
+                    queue.put_nowait(None)
+                    break
+                ahead.append(task)
+                first.append(await task)
+                r = first[-1].retrieved
+                held += r.length if r is not None and r.data is not None else 0
+            if cancelled.is_set():
+                return counts
+            target = await open_target(first)
+            last_report, since = time.monotonic(), 0
+            broken = ""
+            while True:
+                task = ahead.popleft() if ahead else await queue.get()
+                if task is None:
+                    break
+                item = await task
+                try:
+                    if broken:
+                        counts.fail(item.ref.sop_instance_uid)
+                        continue
+                    try:
+                        outcome = await self._send_one(target, item, counts)
+                    except RequestorError as exc:
+                        broken = str(exc)
+                        log.warning("%s: receiver association lost after %d sub-operations: %s", what, counts.completed + counts.failed + counts.warning, exc)
+                        counts.fail(item.ref.sop_instance_uid)
+                        continue
+                    if outcome and not first_error:
+                        first_error = outcome
+                        log.warning("%s: sub-operation failed: %s", what, outcome)
+                finally:
+                    item.release()
+                since += 1
+                now = time.monotonic()
+                if counts.remaining and (since >= cfg.pending_every or now - last_report >= cfg.pending_seconds):
+                    await report(counts)
+                    last_report, since = now, 0
+                if cancelled.is_set():
+                    break
+            return counts
+        finally:
+            producer.cancel()
+            for task in list(fetches):
+                task.cancel()
+            leftovers = [*ahead, *fetches]
+            while not queue.empty():
+                t = queue.get_nowait()
+                if t is not None:
+                    leftovers.append(t)
+            for t in leftovers:
+                t.cancel()
+            for result in await asyncio.gather(producer, *leftovers, return_exceptions=True):
+                if isinstance(result, Fetched):
+                    result.release()
+
+    async def _send_one(self, target: StoreTarget, item: Fetched, counts: Counts) -> str:
+        """Send one instance, updating ``counts``; returns a failure reason or ''."""
+        uid = item.ref.sop_instance_uid
+        if item.error:
+            counts.fail(uid)
+            return item.error
+        accepted = target.syntaxes(item.sop_class_uid)
+        if not accepted:
+            counts.fail(uid)
+            return "receiver accepted no presentation context for the SOP class"
+        context_id = accepted.get(item.transfer_syntax)
+        dataset: DataSource
+        if context_id is not None:
+            dataset = item.dataset()
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                syntax, encoded = await loop.run_in_executor(self.codecs, self._transcode, item, list(accepted))
+            except TranscodeError as exc:
+                counts.fail(uid)
+                return f"cannot transcode: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a codec crash fails this sub-operation only
+                counts.fail(uid)
+                return f"cannot transcode: {type(exc).__name__}: {exc}"
+            counts.transcoded += 1
+            context_id, dataset = accepted[syntax], encoded
+        rsp = await target.send(context_id, item.sop_class_uid, uid, dataset)
+        status = int(rsp.get(0x0900, 0xFFFF))  # type: ignore[arg-type]
+        if status == SUCCESS:
+            counts.completed += 1
+            return ""
+        if status in STORE_WARNINGS:
+            counts.warning += 1
+            return ""
+        counts.fail(uid)
+        return f"receiver answered C-STORE status 0x{status:04X}"
+
+
+def proposals(refs: list[InstanceRef], first: list[Fetched]) -> list[tuple[str, list[str]]]:
+    """Presentation contexts for a move destination, at most 128.
+
+    One context per SOP class offering Explicit and Implicit VR Little Endian (every
+    receiver takes one of them, and every syntax we decode converts to them), then one
+    per stored syntax seen among the first fetched instances, alone, so the receiver
+    can accept exactly it and the instance goes untouched; then lossless compressed
+    syntaxes for receivers that want compression.
+    The archive's search answers do not say how instances are stored, hence the look
+    at the first fetched instances; a later instance in another syntax is converted.
+    """
+    classes = list(dict.fromkeys([r.sop_class_uid for r in refs if r.sop_class_uid] + [f.sop_class_uid for f in first if f.sop_class_uid]))
+    stored: dict[str, list[str]] = {}
+    for f in first:
+        if f.sop_class_uid and f.transfer_syntax:
+            stored.setdefault(f.sop_class_uid, [])
+            if f.transfer_syntax not in stored[f.sop_class_uid]:
+                stored[f.sop_class_uid].append(f.transfer_syntax)
+    out: list[tuple[str, list[str]]] = [(c, list(UNCOMPRESSED)) for c in classes]
+    out += [(c, [ts]) for c in classes for ts in stored.get(c, [])]
+    out += [(c, list(LOSSLESS_COMPRESSED)) for c in classes]
+    return out[:128]
+
+
+# -- the service, C-MOVE and C-GET alike ----------------------------------------------------
+
+
+class RetrieveService:
+    """What C-MOVE and C-GET share: permission, identifier, resolve, run, statuses.
+
+    Subclasses say where the sub-operations go (`open_target`) and what may refuse
+    the request before anything is searched (`precheck`).
+    """
+
+    name = ""
+    rsp_field = 0
+    permission = ""
+
+    def __init__(self, config: Config, retriever: Retriever) -> None:
+        self.config = config
+        self.retriever = retriever
+
+    def precheck(self, assoc: Association, message: Message) -> tuple[int, str] | None:
+        """A (status, comment) refusal before searching, or None."""
+        return None
+
+    async def open_target(self, assoc: Association, message: Message, refs: list[InstanceRef], first: list[Fetched]) -> tuple[StoreTarget, Callable[[], Awaitable[None]]]:
+        """The receiver of the sub-operations and how to close it afterwards."""
+        raise NotImplementedError
+
+    async def __call__(self, assoc: Association, message: Message) -> None:
+        command, context = message.command, message.context
+        started = time.monotonic()
+        what = f"{self.name} from {assoc.peer}"
+
+        async def send(status: int, identifier: Dataset | None = None, extra: dict[int, int | str | tuple[int, ...]] | None = None) -> None:
+            body = None if identifier is None else encode_identifier(identifier, context.transfer_syntax)
+            rsp = response(command, self.rsp_field, status, has_dataset=body is not None, extra=extra)
+            await assoc.send_message(context.id, rsp, body)
+
+        peer = self.config.peer(assoc.calling_ae)
+        if peer is not None and self.permission not in peer.permissions:
+            log.warning("%s refused: peer has no %s permission", what, self.permission)
+            await send(REFUSED_NOT_AUTHORIZED, extra={0x0902: f"calling AE may not {self.permission}"})
+            return
+        refusal = self.precheck(assoc, message)
+        if refusal is not None:
+            log.warning("%s refused: %s", what, refusal[1])
+            await send(refusal[0], extra={0x0902: refusal[1][:64]})
+            return
+        try:
+            try:
+                identifier = decode_identifier(message.dataset or b"", context.transfer_syntax)
+            except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's malformed identifier
+                raise RetrieveError(f"unreadable identifier ({type(exc).__name__})", UNABLE_TO_PROCESS) from exc
+            request = parse_retrieve_identifier(identifier, context.abstract_syntax in STUDY_ROOT_CLASSES)
+            refs = await self.retriever.resolve(request)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(send(CANCEL, extra=Counts().command_fields(True)))
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status
+            status, comment = failure_status(exc)
+            if comment.startswith("internal error"):
+                log.exception("%s failed", what)
+            log.warning("%s failed before any sub-operation: 0x%04X %s", what, status, comment)
+            extra: dict[int, int | str | tuple[int, ...]] = {0x0902: comment[:64]}
+            if isinstance(exc, RetrieveError) and exc.offending:
+                extra[0x0901] = exc.offending
+            await send(status, extra=extra)
+            return
+
+        cancelled = asyncio.Event()
+        closers: list[Callable[[], Awaitable[None]]] = []
+
+        async def open_target(first: list[Fetched]) -> StoreTarget:
+            target, close = await self.open_target(assoc, message, refs, first)
+            closers.append(close)
+            return target
+
+        async def report(counts: Counts) -> None:
+            await send(PENDING, extra=counts.command_fields(True))
+
+        worker = asyncio.create_task(self.retriever.run(refs, open_target, report, cancelled, what))
+        interrupted = False
+        try:
+            try:
+                counts = await asyncio.shield(worker)
+            except asyncio.CancelledError:
+                # C-CANCEL (or the requester went away): stop between sub-operations.
+                interrupted = True
+                cancelled.set()
+                counts = await worker
+        except RequestorError as exc:
+            counts = Counts(total=len(refs))
+            for ref in refs:
+                counts.fail(ref.sop_instance_uid)
+            log.warning("%s: cannot open the receiving association: %s", what, exc)
+        except BaseException:
+            worker.cancel()
+            raise
+        finally:
+            for close in closers:
+                with contextlib.suppress(Exception):
+                    await close()
+        elapsed = time.monotonic() - started
+        if interrupted or cancelled.is_set():
+            status = CANCEL
+        else:
+            status = counts.final_status()
+        log.info(
+            "%s: %d instances, %d completed, %d failed, %d warning, %d transcoded, %d not sent, 0x%04X, %.2f s",
+            what, counts.total, counts.completed, counts.failed, counts.warning, counts.transcoded,
+            counts.remaining, status, elapsed,
+        )
+        with contextlib.suppress(Exception):
+            await send(status, failed_identifier(counts), counts.command_fields(status == CANCEL))
+        if interrupted:
+            raise asyncio.CancelledError()
