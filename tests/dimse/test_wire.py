@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
-
 import pytest
 from gateway.dimse import pdu
 from gateway.dimse.command import C_STORE_RQ, C_STORE_RSP, decode_command, encode_command, response
-from gateway.structure import check_structure
+from gateway.structure import DEFLATED, scan_file
 from tests.support.corpus import pydicom_corpus, sample_items
 
 
@@ -38,21 +36,28 @@ def test_malformed_associate_rq_raises(body: bytes) -> None:
         pdu.parse_associate_rq(body)
 
 
-def test_structure_accepts_every_corpus_file() -> None:
-    for item in pydicom_corpus() + sample_items():
+def test_scan_accepts_every_corpus_file_and_reads_its_uids() -> None:
+    for item in pydicom_corpus(dcmtk_only=False) + sample_items():
         data = item.path.read_bytes()
-        start = data.index(b"DICM") + 4
-        group_length = int.from_bytes(data[start + 8 : start + 12], "little")
-        problem = check_structure(io.BytesIO(data), start + 12 + group_length, len(data), item.transfer_syntax_uid)
-        assert problem is None, f"{item.path.name}: {problem}"
+        scan = scan_file(io.BytesIO(data), len(data), frozenset({0x00080018}))
+        assert scan.problem is None, f"{item.path.name}: {scan.problem}"
+        assert scan.transfer_syntax == item.transfer_syntax_uid
+        if scan.transfer_syntax not in DEFLATED:
+            assert scan.values[0x00080018] == item.sop_instance_uid, item.path.name
 
 
-def test_structure_catches_truncation_anywhere(tmp_path: Path) -> None:
+def test_scan_catches_truncation_inside_values() -> None:
+    """A cut inside a value or a header is caught; a cut exactly between two elements
+    leaves a well-formed (shorter) data set, which no structural check can see."""
     item = next(i for i in pydicom_corpus() if i.path.name == "CT_small.dcm")
     data = item.path.read_bytes()
-    start = data.index(b"DICM") + 4
-    offset = start + 12 + int.from_bytes(data[start + 8 : start + 12], "little")
-    for cut in (1, 7, 100, len(data) - offset - 20):
+    for cut in range(1, 128 * 128 * 2, 509):  # inside the 32 KB of pixel data
         short = data[:-cut]
-        assert check_structure(io.BytesIO(short), offset, len(short), item.transfer_syntax_uid), cut
+        assert scan_file(io.BytesIO(short), len(short), frozenset()).problem, cut
+    short = data[:200]  # inside the file meta
+    assert scan_file(io.BytesIO(short), len(short), frozenset()).problem
 
+
+def test_scan_refuses_files_without_dicom_prefix() -> None:
+    data = b"\x00" * 200
+    assert scan_file(io.BytesIO(data), len(data), frozenset()).problem == "no DICM prefix"
