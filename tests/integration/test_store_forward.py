@@ -17,6 +17,7 @@ from tests.support.compare import assert_same_dataset
 from tests.support.corpus import (
     CorpusItem,
     group_by_transfer_syntax,
+    read_item,
     pydicom_corpus,
     sample_items,
     unique_by_sop_instance,
@@ -95,3 +96,42 @@ def test_archive_refusal_is_recorded_not_lost(tmp_path: Path, orthanc, gateway) 
     gw.wait_counts(dead=len(items), timeout=60)
     dead = json.loads(gw.cli("spool", "list", "--state", "dead", "--json").stdout)
     assert all(row["last_error"].startswith("HTTP 400") for row in dead)
+
+
+def _base(sop_class: str) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Privacy^Check"
+    ds.PatientID = "PHI-12345"
+    ds.PatientBirthDate = "19700101"
+    return ds
+
+
+def test_pdf_and_sr_reach_orthanc_and_logs_hold_no_phi(tmp_path: Path, orthanc, gateway) -> None:
+    pdf = _base("1.2.840.10008.5.1.4.1.1.104.1")  # Encapsulated PDF Storage
+    pdf.Modality = "DOC"
+    pdf.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    pdf.EncapsulatedDocument = b"%PDF-1.4\n" + b"0" * 300_001 + b"\n%%EOF\n"
+    sr = _base("1.2.840.10008.5.1.4.1.1.88.11")  # Basic Text SR
+    sr.Modality = "SR"
+    sr.ValueType = "CONTAINER"
+    item = pydicom.Dataset()
+    item.RelationshipType = "CONTAINS"
+    item.ValueType = "TEXT"
+    item.TextValue = "No acute findings."
+    sr.ContentSequence = [item]
+    paths = []
+    for name, ds in (("pdf.dcm", pdf), ("sr.dcm", sr)):
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        paths.append(tmp_path / name)
+    items = [read_item(p) for p in paths]
+    gw = gateway(upstream_url=orthanc.dicomweb_url)
+    send_and_compare(tmp_path, orthanc, gw, items)
+    log = gw.log()
+    for phi in ("Privacy", "PHI-12345", "19700101"):
+        assert phi not in log
