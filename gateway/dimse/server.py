@@ -102,6 +102,14 @@ async def _echo(assoc: Association, message: Message) -> None:
     await assoc.send_message(message.context.id, response(message.command, C_ECHO_RSP, 0x0000))
 
 
+async def _unrecognized(assoc: Association, message: Message) -> None:
+    """A request we do not serve (e.g. an N-service): 0x0211 Unrecognized Operation
+    (PS3.7 C.5.3) rather than an abort, so the peer can carry on."""
+    field = message.command.field
+    log.warning("unsupported command 0x%04x from %s answered with 0x0211", field, assoc.peer)
+    await assoc.send_message(message.context.id, response(message.command, field | 0x8000, 0x0211))
+
+
 class DimseServer:
     """The listening SCP and its live associations."""
 
@@ -309,7 +317,5 @@ class DimseServer:
         if message.command.field & 0x8000:
             assoc.deliver_response(message)  # a C-STORE-RSP to a C-GET sub-operation
             return
-        handler = self.handlers.get(message.command.field)
-        if handler is None:
-            raise ProtocolError(f"unsupported command 0x{message.command.field:04x}")
+        handler = self.handlers.get(message.command.field, _unrecognized)
         assoc.dispatch(message, handler)

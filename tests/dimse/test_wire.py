@@ -61,3 +61,35 @@ def test_scan_catches_truncation_inside_values() -> None:
 def test_scan_refuses_files_without_dicom_prefix() -> None:
     data = b"\x00" * 200
     assert scan_file(io.BytesIO(data), len(data), frozenset()).problem == "no DICM prefix"
+
+
+def test_unsupported_command_gets_0211_not_an_abort(tmp_path) -> None:
+    """An N-ACTION on an accepted context: answered with Unrecognized Operation."""
+    import asyncio
+
+    from gateway.config import parse_config
+    from gateway.dimse.association import AcceptedContext, Message
+    from gateway.dimse.command import Command
+    from gateway.dimse.server import DimseServer
+
+    sent: list[bytes] = []
+
+    class FakeAssoc:
+        peer = "X@127.0.0.1:1"
+
+        async def send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
+            sent.append(command)
+
+        def dispatch(self, message, handler) -> None:
+            self.task = asyncio.ensure_future(handler(self, message))
+
+    async def main() -> None:
+        server = DimseServer(parse_config({}), tmp_path, {}, {})
+        assoc = FakeAssoc()
+        message = Message(AcceptedContext(1, "1.2.840.10008.1.1", "1.2.840.10008.1.2"), Command({0x0100: 0x0130, 0x0110: 5}))
+        server._route(assoc, message)  # type: ignore[arg-type]
+        await assoc.task
+
+    asyncio.run(main())
+    rsp = decode_command(sent[0])
+    assert rsp.field == 0x8130 and rsp.values[0x0900] == 0x0211 and rsp.values[0x0120] == 5
