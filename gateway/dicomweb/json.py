@@ -71,6 +71,15 @@ def _scalar(vr: str, value: Any) -> Any:
     return value
 
 
+def json_values(obj: JsonObject, vr: str) -> list[Any]:
+    """The values of a text or number attribute as the gateway holds them: PN groups
+    joined with ``=``, integral IS numbers as ints, a JSON null as an empty string.
+
+    Shared by ``element_from_json`` and the C-FIND answer encoder, which must agree.
+    """
+    return ["" if v is None else _scalar(vr, v) for v in obj.get("Value") or []]
+
+
 def element_from_json(tag: int, obj: JsonObject, vr_hint: str | None = None) -> DataElement:
     """One DICOM JSON attribute as a pydicom element (empty value when it has none).
 
@@ -85,7 +94,7 @@ def element_from_json(tag: int, obj: JsonObject, vr_hint: str | None = None) -> 
         return DataElement(tag, vr, base64.b64decode(obj["InlineBinary"]))
     if vr not in TEXT_VRS and vr not in NUMBER_VRS:
         return DataElement(tag, vr, None)
-    values = ["" if v is None else _scalar(vr, v) for v in obj.get("Value") or []]
+    values = json_values(obj, vr)
     if not values:
         return DataElement(tag, vr, None if vr not in TEXT_VRS else "")
     if len(values) == 1:
@@ -126,7 +135,10 @@ def _texts(ds: Dataset) -> Iterable[str]:
 
 def _encodable(text: str, codecs: list[str]) -> bool:
     """Whether every character encodes in one of the codecs (pydicom switches between
-    them per character run, so a mix of ASCII and JIS X 0208 is fine)."""
+    them per character run, so a mix of ASCII and JIS X 0208 is fine). Every codec
+    pydicom maps a DICOM term to encodes ASCII, so ASCII text needs no trial."""
+    if text.isascii():
+        return True
     for char in text:
         for codec in codecs:
             try:
@@ -156,6 +168,11 @@ def answer_charset(ds: Dataset, requested: list[str]) -> list[str]:
     they asked for; falling back to UTF-8 rather than replacing characters with '?'
     keeps names intact for everyone else.
     """
+    return charset_for(_texts(ds), requested)
+
+
+def charset_for(texts: Iterable[str], requested: list[str]) -> list[str]:
+    """``answer_charset`` over the answer's charset-dependent text values."""
     try:
         codecs = convert_encodings(requested or ["ISO_IR 6"])
     except LookupError:
@@ -163,7 +180,7 @@ def answer_charset(ds: Dataset, requested: list[str]) -> list[str]:
     # ISO 2022 code extensions always include ASCII in G0.
     if requested and requested[0] == "":
         codecs = ["ascii", *codecs]
-    if all(_encodable(text, codecs) for text in _texts(ds)):
+    if all(_encodable(text, codecs) for text in texts):
         return requested
     return [UTF8]
 

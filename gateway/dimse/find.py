@@ -6,6 +6,10 @@ may have matched more loosely, or ignored a key), reduced to the requested keys 
 sent as a Pending response as soon as its page arrives. Patient Root PATIENT level
 has no QIDO resource: it is a study search grouped by patient.
 
+Answers are matched and written straight from the DICOM JSON
+(``gateway.dimse.identifier``) unless a match needs what only the pydicom path
+covers (sequences, binary values, Big Endian, PATIENT-level grouping).
+
 The service runs as a task on the loop; a C-CANCEL cancels that task, which cancels
 the upstream request in flight, so paging stops at once. Failures become statuses
 here, in one table (`failure_status`), and nowhere else.
@@ -33,6 +37,7 @@ from gateway.dicomweb.json import dataset_from_json
 from gateway.dicomweb.qido import Search
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_FIND_RSP, response
+from gateway.dimse.identifier import Attribute, AnswerWriter, Unsupported, attributes_from_json
 from gateway.dimse.query import (
     UNABLE_TO_PROCESS,
     PATIENT_ROOT_FIND,
@@ -41,6 +46,7 @@ from gateway.dimse.query import (
     Model,
     Query,
     QueryError,
+    entity_values,
     parse_identifier,
     tag_name,
 )
@@ -135,8 +141,7 @@ class FindService:
         started = time.monotonic()
         sent = 0
 
-        async def send(status: int, identifier: Dataset | None = None, extra: dict[int, Any] | None = None) -> None:
-            body = None if identifier is None else encode_identifier(identifier, syntax)
+        async def send(status: int, body: bytes | None = None, extra: dict[int, Any] | None = None) -> None:
             rsp = response(command, C_FIND_RSP, status, has_dataset=body is not None, extra=extra)
             await assoc.send_message(context.id, rsp, body)
 
@@ -154,7 +159,7 @@ class FindService:
                 raise
             except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's malformed identifier
                 raise QueryError(f"unreadable identifier ({type(exc).__name__})", UNABLE_TO_PROCESS) from exc
-            async with contextlib.aclosing(self.answers(query)) as answers:
+            async with contextlib.aclosing(self.answers(query, syntax)) as answers:
                 async for answer in answers:
                     await send(PENDING, answer)
                     sent += 1
@@ -186,45 +191,65 @@ class FindService:
             "C-FIND from %s %s: %d matches, %s, %.3f s", assoc.peer, what, sent, outcome, time.monotonic() - started
         )
 
-    async def answers(self, query: Query) -> AsyncIterator[Dataset]:
-        """Response identifiers for the query, in the order the archive returns matches.
+    async def answers(self, query: Query, syntax: str) -> AsyncIterator[bytes]:
+        """Response identifiers for the query, encoded in ``syntax``, in the order the
+        archive returns matches.
 
         Raises MatchLimit once a match beyond ``find.max_matches`` is seen (so an
         answer of exactly the limit is still a Success).
         """
         limit = self.config.find.max_matches
         count = 0
-        async with contextlib.aclosing(self._unbounded(query)) as answers:
+        async with contextlib.aclosing(self._unbounded(query, syntax)) as answers:
             async for answer in answers:
                 if count == limit:
                     raise MatchLimit()
                 count += 1
                 yield answer
 
-    async def _unbounded(self, query: Query) -> AsyncIterator[Dataset]:
+    async def _unbounded(self, query: Query, syntax: str) -> AsyncIterator[bytes]:
         ae_title = self.config.dimse.ae_title
         tags = {k.tag for k in query.keys} | {UNIQUE_KEY[query.level if query.level != "PATIENT" else "STUDY"]}
-        known_uids = {level: query.uid(level) for level in ("STUDY", "SERIES") if query.uid(level)}
         if query.level == "PATIENT":
             async with contextlib.aclosing(self._patients(query, tags)) as patients:
                 async for entity in patients:
-                    yield query.answer(entity, ae_title)
+                    yield encode_identifier(query.answer(entity, ae_title), syntax)
             return
+        known_uids = {
+            UNIQUE_KEY[level]: uid
+            for level in ("STUDY", "SERIES")
+            if level != query.level and (uid := query.uid(level))
+        }
+        direct = syntax != EXPLICIT_VR_BE and all(k.vr != "SQ" for k in query.keys)
+        writer = AnswerWriter(query, ae_title, implicit=syntax == IMPLICIT_VR_LE)
         seen: set[str] = set()
-        unique = UNIQUE_KEY[query.level]
         async with contextlib.aclosing(self._search(query, tags)) as found:
             async for obj in found:
-                entity = dataset_from_json(obj, tags)
-                for level, uid in known_uids.items():
-                    if UNIQUE_KEY[level] not in entity and level != query.level:
-                        entity.add_new(UNIQUE_KEY[level], "UI", uid)
-                if not query.matches(entity):
-                    continue
-                uid = str(entity.get(unique).value if unique in entity else "")
-                if uid in seen:
-                    continue  # the archive changed between pages and repeated a match
-                seen.add(uid)
-                yield query.answer(entity, ae_title)
+                answer = None
+                if direct:
+                    with contextlib.suppress(Unsupported):
+                        answer = _direct_answer(writer, obj, tags, known_uids, seen)
+                if answer is None:
+                    answer = self._dataset_answer(query, obj, tags, known_uids, syntax, seen)
+                if answer:
+                    yield answer
+
+    def _dataset_answer(
+        self, query: Query, obj: JsonObject, tags: set[int], known_uids: dict[int, str], syntax: str, seen: set[str]
+    ) -> bytes:
+        """``_direct_answer`` through pydicom: any result, any transfer syntax."""
+        entity = dataset_from_json(obj, tags)
+        for tag, uid in known_uids.items():
+            if tag not in entity:
+                entity.add_new(tag, "UI", uid)
+        if not query.matches(entity):
+            return b""
+        unique = "\\".join(entity_values(entity.get(UNIQUE_KEY[query.level])))
+        if unique in seen:
+            return b""  # the archive changed between pages and repeated a match
+        answer = encode_identifier(query.answer(entity, self.config.dimse.ae_title), syntax)
+        seen.add(unique)
+        return answer
 
     async def _patients(self, query: Query, tags: set[int]) -> AsyncIterator[Dataset]:
         """PATIENT level: studies grouped by patient (PatientID and its issuer).
@@ -274,6 +299,26 @@ class FindService:
         )
         method: Callable[[Search], AsyncIterator[JsonObject]] = getattr(self.upstream, SEARCH_METHOD[level])
         return _bounded(method(search), f.timeout + 5)
+
+
+def _direct_answer(
+    writer: AnswerWriter, obj: JsonObject, tags: set[int], known_uids: dict[int, str], seen: set[str]
+) -> bytes:
+    """One result answered straight from its JSON: the encoded identifier, or ``b""``
+    when it does not match or repeats a match; Unsupported when the result needs the
+    pydicom path (``FindService._dataset_answer``)."""
+    attrs = attributes_from_json(obj, tags)
+    for tag, uid in known_uids.items():
+        attrs.setdefault(tag, Attribute("UI", (uid,)))
+    if not writer.matches(attrs):
+        return b""
+    uid = attrs.get(UNIQUE_KEY[writer.query.level])
+    unique = "" if uid is None else "\\".join(uid.texts())
+    if unique in seen:
+        return b""  # the archive changed between pages and repeated a match
+    answer = writer.encode(attrs)  # may raise Unsupported: record the match only once answered
+    seen.add(unique)
+    return answer
 
 
 async def _bounded(source: AsyncIterator[JsonObject], timeout: float) -> AsyncIterator[JsonObject]:

@@ -316,8 +316,15 @@ class Key:
             if elem is None or elem.VR != "SQ":
                 return False
             return any(all(k.matches(item) for k in self.items) for item in elem.value or [])
+        return self.matches_texts(entity_values(elem))
+
+    def matches_texts(self, values: Iterable[str]) -> bool:
+        """Whether one of an entity's values (as ``entity_values`` gives them) matches
+        this non-sequence key: the one rule both answer paths of C-FIND apply."""
+        if self.universal:
+            return True
         assert self.matcher is not None
-        return any(self.matcher(v) for v in entity_values(elem))
+        return any(self.matcher(v) for v in values)
 
     def answer(self, ds: Dataset) -> DataElement:
         """The element to return for this key: the entity's value or an empty one."""

@@ -62,6 +62,9 @@ def _more_results_warning(resp: aiohttp.ClientResponse) -> bool:
     return any("additional results" in w.lower() for w in resp.headers.getall("Warning", []))
 
 
+# Results in the first QIDO-RS page of a search (later pages hold find.page_size).
+FIRST_PAGE = 100
+
 # Accept headers for RetrieveInstance, best first: the stored syntax (no transcoding by
 # the archive, no size blow-up), then whatever the archive prefers to send.
 WADO_ACCEPTS = (
@@ -181,9 +184,9 @@ class DicomWebUpstream:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             return Health(False, f"{type(exc).__name__}: {exc}".strip())
 
-    async def _page(self, path: str, search: Search, offset: int) -> tuple[list[JsonObject], bool]:
+    async def _page(self, path: str, search: Search, offset: int, limit: int) -> tuple[list[JsonObject], bool]:
         """One QIDO-RS page: (objects, whether the server says it cut the page short)."""
-        url = URL(f"{self.url}/{path}?{query_string(search, search.page_size, offset)}", encoded=True)
+        url = URL(f"{self.url}/{path}?{query_string(search, limit, offset)}", encoded=True)
         timeout = aiohttp.ClientTimeout(total=search.timeout, sock_connect=self.cfg.connect_timeout)
         resource = path.rsplit("/", 1)[-1]
         try:
@@ -226,17 +229,23 @@ class DicomWebUpstream:
         Warning header, that it cut the page; so ``page_size`` must not exceed the
         archive's own cap (AWS HealthImaging: 1000) on servers that cut silently.
         Closing the iterator (C-CANCEL, match cap) cancels the request in flight.
+
+        The first page holds at most ``FIRST_PAGE`` results: archives such as Orthanc
+        send nothing until a whole page is built (about 0.35 ms per study), so a
+        small first page lets the first answers go out while the rest is searched.
         """
         path = resource_path(level, search.study_uid, search.series_uid)
         offset = 0
-        pending = asyncio.ensure_future(self._page(path, search, offset))
+        limit = min(search.page_size, FIRST_PAGE)
+        pending = asyncio.ensure_future(self._page(path, search, offset, limit))
         try:
             while True:
                 page, cut = await pending
-                more = bool(page) and (len(page) >= search.page_size or cut)
+                more = bool(page) and (len(page) >= limit or cut)
                 offset += len(page)
+                limit = search.page_size
                 if more:
-                    pending = asyncio.ensure_future(self._page(path, search, offset))
+                    pending = asyncio.ensure_future(self._page(path, search, offset, limit))
                 for item in page:
                     yield item
                 if not more:

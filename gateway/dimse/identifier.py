@@ -1,0 +1,183 @@
+"""C-FIND response identifiers written straight from DICOM JSON, without pydicom objects.
+
+Turning each QIDO result into a pydicom Dataset, building the answer Dataset and
+writing it with ``write_dataset`` cost about 0.35 ms per match: for a 1000-study
+answer that was as long as the archive's own search. Here the requested attributes
+of a result become plain ``Attribute`` values, the matching rules of
+``gateway.dimse.query`` run on their text, and the answer is written as Little Endian
+(Implicit or Explicit VR) bytes in one pass: about a tenth of the cost.
+
+The bytes must be the ones the pydicom path writes, so everything that depends on
+the character set goes through pydicom's own encoders (``encode_string``,
+``PersonName.encode``: ISO 2022 escapes included), numbers through pydicom's IS/DS,
+and the rest follows PS3.5 7.1 (element headers) and 6.2 (even length: UI padded with
+NUL, other text with a space) as ``pydicom.filewriter`` does. Whatever this module
+does not cover raises ``Unsupported`` and the caller answers that match through
+pydicom: sequences, binary or binary-number values, Big Endian, a value too long
+for a 16-bit length, a non-text value where text is due. ``tests/dimse/test_identifier.py``
+holds both paths to the same bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pydicom.charset import convert_encodings, default_encoding, encode_string
+from pydicom.valuerep import DS, IS, PersonName
+
+from gateway.dicomweb.json import CHARSET_VRS, NUMBER_VRS, TEXT_VRS, JsonObject, charset_for, json_values, keyword_vr, tag_key
+from gateway.dimse.query import QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE, SPECIFIC_CHARACTER_SET, Query
+
+# Explicit VR elements with a reserved field and a 32-bit length (PS3.5 Table 7.1-1).
+LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+# VRs whose single value pydicom never splits at a backslash (PS3.5 6.2: they may hold one).
+UNSPLIT_VRS = frozenset({"LT", "ST", "UT"}) | BINARY_VRS
+# Text written in the default repertoire whatever the character set (pydicom's write_string).
+DEFAULT_REPERTOIRE_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UR", "UI"})
+KNOWN_VRS = TEXT_VRS | NUMBER_VRS | BINARY_VRS | {"SQ"}
+
+
+class Unsupported(Exception):
+    """A match this encoder does not write; the pydicom path answers it instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class Attribute:
+    """One attribute of a search result: its VR and values, split as pydicom splits them."""
+
+    vr: str
+    values: tuple[Any, ...] = ()
+
+    def texts(self) -> list[str]:
+        """The values to match, as ``gateway.dimse.query.entity_values`` gives them."""
+        keep_spaces = self.vr == "UT"
+        return [str(v) if keep_spaces else str(v).rstrip(" ") for v in self.values if v is not None and str(v) != ""]
+
+
+def attributes_from_json(obj: JsonObject, tags: Iterable[int]) -> dict[int, Attribute]:
+    """The given attributes of one DICOM JSON result (those it has), for matching and
+    answering; Unsupported if one of them is a sequence or holds binary values."""
+    found: dict[int, Attribute] = {}
+    for tag in tags:
+        attr = obj.get(tag_key(tag))
+        if not isinstance(attr, Mapping):
+            continue
+        vr = str(attr.get("vr") or keyword_vr(tag))
+        if vr == "SQ" or "InlineBinary" in attr:
+            raise Unsupported(vr)
+        if vr not in TEXT_VRS and vr not in NUMBER_VRS:
+            found[tag] = Attribute(vr)  # bulk data: C-FIND returns it empty
+            continue
+        values = json_values(attr, vr)
+        if vr in NUMBER_VRS and values:
+            raise Unsupported(vr)
+        if len(values) == 1 and isinstance(values[0], str) and "\\" in values[0] and vr not in UNSPLIT_VRS:
+            values = values[0].split("\\")
+        found[tag] = Attribute(vr, tuple(values))
+    return found
+
+
+@lru_cache(maxsize=64)
+def _codecs(terms: tuple[str, ...]) -> list[str]:
+    """Python codecs for an answer's character set, as ``write_dataset`` derives them."""
+    return convert_encodings(list(terms) or [default_encoding])
+
+
+def _value(vr: str, values: tuple[Any, ...], codecs: list[str]) -> bytes:
+    """The encoded, padded value of one element, as ``pydicom.filewriter`` writes it."""
+    if not values or (len(values) == 1 and values[0] == ""):
+        return b""  # VM 0: a zero-length value
+    if vr == "PN":
+        raw = b"\\".join(PersonName(v).encode(codecs) for v in values)
+        return raw + b" " if len(raw) % 2 else raw
+    if not all(isinstance(v, str) for v in values) and vr not in ("IS", "DS"):
+        raise Unsupported(vr)
+    if vr in CHARSET_VRS:
+        raw = b"\\".join(encode_string(v, codecs) for v in values)
+        return raw + b" " if len(raw) % 2 else raw
+    if vr in ("IS", "DS"):
+        mode = pydicom_config.settings.reading_validation_mode
+        numbers = [IS(v, mode) if vr == "IS" else DS(v, False, mode) for v in values]
+        text = "\\".join(n.original_string if hasattr(n, "original_string") else str(n) for n in numbers)
+    elif vr in DEFAULT_REPERTOIRE_VRS and not (vr in ("DA", "DT", "TM") and pydicom_config.datetime_conversion):
+        text = "\\".join(values)
+    else:
+        raise Unsupported(vr)
+    if len(text) % 2:
+        text += "\0" if vr == "UI" else " "
+    return text.encode(default_encoding)
+
+
+def _element(tag: int, vr: str, value: bytes, implicit: bool) -> bytes:
+    """One element: header (PS3.5 7.1.1 and 7.1.2) and value."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if vr not in KNOWN_VRS:
+        raise Unsupported(vr)
+    if implicit:
+        return struct.pack("<HHI", group, element, len(value)) + value
+    if vr in LONG_LENGTH_VRS:
+        return struct.pack("<HH2sHI", group, element, vr.encode("ascii"), 0, len(value)) + value
+    if len(value) > 0xFFFF:
+        raise Unsupported(vr)
+    return struct.pack("<HH2sH", group, element, vr.encode("ascii"), len(value)) + value
+
+
+class AnswerWriter:
+    """Matches and answers the results of one query straight from their attributes.
+
+    The layout of an answer (which keys, in tag order, which are answered empty
+    because they lie below the query level) is the same for every match, so it is
+    worked out once here rather than per match; the query must have no sequence key.
+    """
+
+    def __init__(self, query: Query, ae_title: str, implicit: bool) -> None:
+        self.query = query
+        self.implicit = implicit
+        self.requested = list(query.charset)
+        self.match_keys = query.match_keys
+        # tag -> (VR for an empty answer, fixed values, answered from the result)
+        slots: dict[int, tuple[str, tuple[Any, ...], bool]] = {
+            QUERY_RETRIEVE_LEVEL: ("CS", (query.level,), False),
+            RETRIEVE_AE_TITLE: ("AE", (ae_title,), False),
+            SPECIFIC_CHARACTER_SET: ("CS", (), False),  # filled per answer
+        }
+        for key in query.keys:
+            if key.tag not in (RETRIEVE_AE_TITLE, SPECIFIC_CHARACTER_SET):
+                slots[key.tag] = (key.vr, (), not query.is_below(key.tag))
+        self.slots = [
+            (tag, *slots[tag])
+            for tag in sorted(slots)
+            if not (tag & 0xFFFF == 0 and tag >> 16 > 6)  # retired group lengths are never written (PS3.5 7.2)
+        ]
+
+    def matches(self, attrs: Mapping[int, Attribute]) -> bool:
+        """``Query.matches`` for a result held as attributes."""
+        for key in self.match_keys:
+            attr = attrs.get(key.tag)
+            if not key.matches_texts(() if attr is None else attr.texts()):
+                return False
+        return True
+
+    def encode(self, attrs: Mapping[int, Attribute]) -> bytes:
+        """The bytes of ``Query.answer`` for a result held as attributes: the requested
+        keys (empty when the result lacks them or they lie below the query level),
+        QueryRetrieveLevel, RetrieveAETitle and SpecificCharacterSet, in tag order."""
+        elements: list[tuple[int, str, tuple[Any, ...]]] = []
+        for tag, vr, values, from_result in self.slots:
+            attr = attrs.get(tag) if from_result else None
+            elements.append((tag, vr, values) if attr is None else (tag, attr.vr, attr.values))
+        texts = (str(v) for _, vr, values in elements if vr in CHARSET_VRS for v in values)
+        terms = tuple(charset_for(texts, self.requested))
+        codecs = _codecs(terms)
+        out = bytearray()
+        for tag, vr, values in elements:
+            if tag == SPECIFIC_CHARACTER_SET:
+                values = terms
+            out += _element(tag, vr, _value(vr, values, codecs), self.implicit)
+        return bytes(out)
