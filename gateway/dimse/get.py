@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_GET_RSP, C_STORE_RQ, HAS_DATASET, Command, encode_command
-from gateway.dimse.requestor import DataSource, RequestorError, pdata_fragments, send_dataset
+from gateway.dimse.requestor import DataSource, RequestorError, send_dataset
 from gateway.dimse.retrieve import (
     PATIENT_ROOT_GET,
     STUDY_ROOT_GET,
@@ -56,8 +56,7 @@ class GetTarget:
         )
         future = assoc.expect_response(message_id)
         try:
-            await assoc.send_raw(pdata_fragments(context_id, memoryview(command), True, True, assoc.peer_max_pdu))
-            await send_dataset(assoc.send_raw, context_id, dataset, assoc.peer_max_pdu)
+            await send_dataset(assoc.send_raw, context_id, dataset, assoc.peer_max_pdu, command)
             async with asyncio.timeout(self.dimse_timeout):
                 return await future
         except TimeoutError:

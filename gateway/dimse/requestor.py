@@ -70,12 +70,14 @@ class FileSlice:
 DataSource = bytes | memoryview | FileSlice
 
 
-def pdata_fragments(context_id: int, payload: memoryview, is_command: bool, last_part: bool, peer_max_pdu: int) -> bytes:
+def pdata_fragments(
+    context_id: int, payload: memoryview, is_command: bool, last_part: bool, peer_max_pdu: int, prefix: bytes = b""
+) -> bytes:
     """P-DATA-TF PDUs carrying ``payload``, one PDV each, fragmented to the peer's
-    maximum; the final one is flagged last when ``last_part``. Joined into one buffer
-    so a whole message part costs one socket write."""
+    maximum; the final one is flagged last when ``last_part``. Joined, after ``prefix``,
+    into one buffer so a whole message part costs one socket write."""
     limit = max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
-    pieces: list[bytes | memoryview] = []
+    pieces: list[bytes | memoryview] = [prefix]
     offset, end = 0, len(payload)
     while True:
         chunk = payload[offset : offset + limit]
@@ -89,12 +91,15 @@ def pdata_fragments(context_id: int, payload: memoryview, is_command: bool, last
 
 
 async def send_dataset(
-    write: Callable[[bytes], Awaitable[None]], context_id: int, dataset: DataSource, peer_max_pdu: int
+    write: Callable[[bytes], Awaitable[None]], context_id: int, dataset: DataSource, peer_max_pdu: int, command: bytes
 ) -> None:
-    """Write a data set as P-DATA-TF PDUs; a file is read in bounded chunks (large ones
-    in a worker thread) so an instance of any size costs at most FILE_CHUNK of memory."""
+    """Write the PDUs of a ``command`` (encoded) and its data set; a file is read in
+    bounded chunks (large ones in a worker thread) so an instance of any size costs at
+    most FILE_CHUNK of memory. The command goes in the same write as the first data,
+    so the receiver is woken once per message rather than twice."""
+    head = pdata_fragments(context_id, memoryview(command), True, True, peer_max_pdu)
     if not isinstance(dataset, FileSlice):
-        await write(pdata_fragments(context_id, memoryview(dataset), False, True, peer_max_pdu))
+        await write(pdata_fragments(context_id, memoryview(dataset), False, True, peer_max_pdu, head))
         return
     loop = asyncio.get_running_loop()
     # Chunks are whole multiples of the fragment size, so no short PDU goes out mid-way.
@@ -109,7 +114,8 @@ async def send_dataset(
             if len(chunk) != size:
                 raise OSError("retrieved file shorter than recorded")
             remaining -= size
-            await write(pdata_fragments(context_id, memoryview(chunk), False, remaining == 0, peer_max_pdu))
+            await write(pdata_fragments(context_id, memoryview(chunk), False, remaining == 0, peer_max_pdu, head))
+            head = b""
             if remaining == 0:
                 return
 
@@ -219,8 +225,7 @@ class StoreRequestor:
         if originator is not None:
             values[0x1030], values[0x1031] = originator
         try:
-            await self._send(context_id, encode_command(values), True)
-            await self._send_dataset(context_id, dataset)
+            await send_dataset(self._write, context_id, dataset, self.peer_max_pdu, encode_command(values))
             return await self._response(self._message_id)
         except asyncio.TimeoutError:  # before OSError: TimeoutError is one
             await self.abort()
@@ -231,13 +236,6 @@ class StoreRequestor:
         except (ProtocolError, pdu.PDUError, CommandError) as exc:
             await self.abort()
             raise RequestorError(f"protocol error from the peer: {exc}") from None
-
-    async def _send(self, context_id: int, payload: bytes | memoryview, is_command: bool) -> None:
-        self.writer.write(pdata_fragments(context_id, memoryview(payload), is_command, True, self.peer_max_pdu))
-        await self.writer.drain()
-
-    async def _send_dataset(self, context_id: int, dataset: DataSource) -> None:
-        await send_dataset(self._write, context_id, dataset, self.peer_max_pdu)
 
     async def _write(self, data: bytes) -> None:
         self.writer.write(data)

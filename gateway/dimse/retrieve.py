@@ -7,6 +7,12 @@ go out strictly in order on one association. A fetched instance above
 ``retrieve.spill_mb`` waits in a file under ``<spool>/retrieve``, so memory stays
 bounded by the window (and the look-ahead before the first send) whatever the study size.
 
+A STUDY or SERIES request whose study is named is read in bulk instead: one
+RetrieveStudy/RetrieveSeries request per study or series (`BulkFeed`), started together
+with the search, since the archive answers both at once and a search costs it about
+as much per instance as the retrieval does. The search stays the list of what is
+due: an instance the bulk answer lacks (or brings after failing) is fetched alone.
+
 An instance is sent as it is stored when the receiver accepted that transfer syntax
 (its bytes go out untouched, never parsed); otherwise it is transcoded, in a worker
 thread, to the best syntax the receiver accepted (lossless first, lossy only if
@@ -27,9 +33,9 @@ import shutil
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from io import BytesIO
 from typing import Protocol
 
@@ -50,7 +56,7 @@ from gateway.dimse.query import make_key
 from gateway.dimse.requestor import DataSource, FileSlice, RequestorError
 from gateway.uids import is_valid_uid
 from gateway.upstream.base import JsonObject, Retrieved, Upstream
-from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamError, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger("gateway.dimse")
 
@@ -288,6 +294,7 @@ class Counts:
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
     transcoded: int = 0
+    bulk: int = 0  # instances that came in a series or study answer, not alone
 
     @property
     def remaining(self) -> int:
@@ -399,6 +406,14 @@ class Retriever:
 
     # ---- fetching -------------------------------------------------------------------------
 
+    async def inspect(self, retrieved: Retrieved) -> tuple[str, str, str, int]:
+        """`part10_header` of a retrieved instance (a spilled one read in a thread)."""
+        if retrieved.data is not None:
+            head = retrieved.read(0, META_HEAD)
+        else:
+            head = await asyncio.get_running_loop().run_in_executor(None, retrieved.read, 0, META_HEAD)
+        return part10_header(head)
+
     async def fetch(self, ref: InstanceRef) -> Fetched:
         """Fetch one instance and read its File Meta; never raises (the error is kept)."""
         item = Fetched(ref)
@@ -406,12 +421,7 @@ class Retriever:
             item.retrieved = await self.upstream.retrieve_instance(
                 ref.study_uid, ref.series_uid, ref.sop_instance_uid, self.spill_dir, self.spill_bytes
             )
-            r = item.retrieved
-            if r.data is not None:
-                head = r.read(0, META_HEAD)
-            else:
-                head = await asyncio.get_running_loop().run_in_executor(None, r.read, 0, META_HEAD)
-            ts, sop_class, sop_instance, offset = part10_header(head)
+            ts, sop_class, sop_instance, offset = await self.inspect(item.retrieved)
             item.transfer_syntax, item.dataset_offset = ts, offset
             item.sop_class_uid = sop_class or ref.sop_class_uid
             if sop_instance and sop_instance != ref.sop_instance_uid:
@@ -444,6 +454,17 @@ class Retriever:
 
     # ---- the pipeline ---------------------------------------------------------------------
 
+    def bulk(self, request: RetrieveRequest, what: str) -> BulkFeed | None:
+        """Start reading the request's series or studies whole, or None when it names
+        neither with its study (the series of a study not named, single instances)."""
+        if request.level == "STUDY":
+            scopes: list[tuple[str, str | None]] = [(study, None) for study in request.study_uids]
+        elif request.level == "SERIES" and request.study_uids:
+            scopes = [(request.study_uids[0], series) for series in request.series_uids]
+        else:
+            return None
+        return BulkFeed(self, scopes, LOOKAHEAD_INSTANCES, what)
+
     async def run(
         self,
         refs: list[InstanceRef],
@@ -451,10 +472,13 @@ class Retriever:
         report: Callable[[Counts], Awaitable[None]],
         cancelled: asyncio.Event,
         what: str,
+        feed: BulkFeed | None = None,
     ) -> Counts:
         """Fetch and send every instance; returns the counts (``cancelled`` stops it
         between sub-operations, leaving the rest in ``remaining``).
 
+        Instances come from ``feed`` first, as far as ``refs`` lists them, then the
+        ones it did not bring are fetched one by one.
         ``open_target`` is called once, with the first LOOKAHEAD_INSTANCES fetched
         instances (fewer if they hold LOOKAHEAD_BYTES), so a C-MOVE can propose
         contexts for the syntaxes they are stored in.
@@ -464,15 +488,33 @@ class Retriever:
         counts = Counts(total=len(refs))
         window = 2 * cfg.fetch_concurrency
         gate = asyncio.Semaphore(cfg.fetch_concurrency)
-        queue: asyncio.Queue[asyncio.Task[Fetched] | None] = asyncio.Queue(maxsize=window)
+        queue: asyncio.Queue[asyncio.Future[Fetched] | None] = asyncio.Queue(maxsize=window)
         fetches: set[asyncio.Task[Fetched]] = set()
+        loop = asyncio.get_running_loop()
 
         async def gated(ref: InstanceRef) -> Fetched:
             async with gate:
                 return await self.fetch(ref)
 
         async def produce() -> None:
-            for ref in refs:
+            due = {ref.sop_instance_uid: ref for ref in refs}
+            if feed is not None:
+                async for item in feed:
+                    ref = due.pop(item.ref.sop_instance_uid, None)
+                    if ref is None:
+                        item.release()  # stored after the search, or sent twice
+                        continue
+                    item.ref = ref
+                    item.sop_class_uid = item.sop_class_uid or ref.sop_class_uid
+                    counts.bulk += 1
+                    arrived: asyncio.Future[Fetched] = loop.create_future()
+                    arrived.set_result(item)
+                    try:
+                        await queue.put(arrived)
+                    except asyncio.CancelledError:
+                        item.release()
+                        raise
+            for ref in due.values():
                 task = asyncio.create_task(gated(ref))
                 fetches.add(task)
                 task.add_done_callback(fetches.discard)
@@ -480,7 +522,7 @@ class Retriever:
             await queue.put(None)
 
         producer = asyncio.create_task(produce())
-        ahead: deque[asyncio.Task[Fetched]] = deque()
+        ahead: deque[asyncio.Future[Fetched]] = deque()
         first_error = ""
         target: StoreTarget | None = None
         try:
@@ -582,6 +624,77 @@ class Retriever:
         return f"receiver answered C-STORE status 0x{status:04X}"
 
 
+class BulkFeed:
+    """Instances of whole studies or series, read by one WADO-RS request each, in a
+    task of their own so that they arrive while the search is still answering.
+
+    What has arrived waits here, up to ``limit`` instances and LOOKAHEAD_BYTES in
+    memory (the look-ahead is then complete by the time the search answers); then
+    reading pauses, which pauses the archive through TCP. A failed or
+    unreadable answer ends the feed (what it lacks is then fetched alone), logged
+    once, never raised.
+    """
+
+    def __init__(self, retriever: Retriever, scopes: list[tuple[str, str | None]], limit: int, what: str) -> None:
+        self.retriever = retriever
+        self.what = what
+        self._queue: asyncio.Queue[Fetched | None] = asyncio.Queue(maxsize=max(limit, 1))
+        self._held = 0  # bytes of the waiting in-memory instances
+        self._room = asyncio.Event()
+        self._task = asyncio.create_task(self._read(scopes))
+
+    @staticmethod
+    def _in_memory(item: Fetched) -> int:
+        r = item.retrieved
+        return r.length if r is not None and r.data is not None else 0
+
+    async def _read(self, scopes: list[tuple[str, str | None]]) -> None:
+        r = self.retriever
+        try:
+            for study_uid, series_uid in scopes:
+                answer = r.upstream.iter_instances(study_uid, series_uid, r.spill_dir, r.spill_bytes)
+                async with contextlib.aclosing(answer):
+                    async for retrieved in answer:
+                        item = Fetched(InstanceRef(study_uid, series_uid or "", "", ""), retrieved)
+                        try:
+                            item.transfer_syntax, item.sop_class_uid, sop_instance, item.dataset_offset = await r.inspect(retrieved)
+                            item.ref = replace(item.ref, sop_instance_uid=sop_instance, sop_class_uid=item.sop_class_uid)
+                            await self._queue.put(item)
+                        except (ValueError, OSError):
+                            item.release()  # unidentifiable: fetched alone if the search lists it
+                            continue
+                        except BaseException:
+                            item.release()
+                            raise
+                        self._held += self._in_memory(item)
+                        while self._held > LOOKAHEAD_BYTES:
+                            self._room.clear()
+                            await self._room.wait()
+        except NotFound:
+            pass  # nothing there; the search says the same
+        except UpstreamError as exc:
+            log.warning("%s: bulk retrieval stopped (%s); fetching the rest one by one", self.what, exc)
+        except Exception:  # noqa: BLE001 - whatever went wrong, the rest is fetched alone
+            log.exception("%s: bulk retrieval failed; fetching the rest one by one", self.what)
+        await self._queue.put(None)
+
+    async def __aiter__(self) -> AsyncIterator[Fetched]:
+        while (item := await self._queue.get()) is not None:
+            self._held -= self._in_memory(item)
+            self._room.set()
+            yield item
+
+    async def close(self) -> None:
+        """Stop reading and release every instance still waiting."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                item.release()
+
+
 def proposals(refs: list[InstanceRef], first: list[Fetched]) -> list[tuple[str, list[str]]]:
     """Presentation contexts for a move destination, at most 128.
 
@@ -658,20 +771,46 @@ class RetrieveService:
             except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's malformed identifier
                 raise RetrieveError(f"unreadable identifier ({type(exc).__name__})", UNABLE_TO_PROCESS) from exc
             request = parse_retrieve_identifier(identifier, context.abstract_syntax in STUDY_ROOT_CLASSES)
+        except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status
+            await self._refuse(send, what, exc)
+            return
+        feed = self.retriever.bulk(request, what)
+        try:
+            await self._retrieve(assoc, message, request, feed, send, what, started)
+        finally:
+            if feed is not None:
+                await feed.close()
+
+    async def _refuse(self, send: Callable[..., Awaitable[None]], what: str, exc: Exception) -> None:
+        """End a request that failed before any sub-operation with its status."""
+        status, comment = failure_status(exc)
+        if comment.startswith("internal error"):
+            log.exception("%s failed", what)
+        log.warning("%s failed before any sub-operation: 0x%04X %s", what, status, comment)
+        extra: dict[int, int | str | tuple[int, ...]] = {0x0902: comment[:64]}
+        if isinstance(exc, RetrieveError) and exc.offending:
+            extra[0x0901] = exc.offending
+        await send(status, extra=extra)
+
+    async def _retrieve(
+        self,
+        assoc: Association,
+        message: Message,
+        request: RetrieveRequest,
+        feed: BulkFeed | None,
+        send: Callable[..., Awaitable[None]],
+        what: str,
+        started: float,
+    ) -> None:
+        """Resolve the request, run the sub-operations, send the final response."""
+        try:
             refs = await self.retriever.resolve(request)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await asyncio.shield(send(CANCEL, extra=Counts().command_fields(True)))
             raise
         except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status
-            status, comment = failure_status(exc)
-            if comment.startswith("internal error"):
-                log.exception("%s failed", what)
-            log.warning("%s failed before any sub-operation: 0x%04X %s", what, status, comment)
-            extra: dict[int, int | str | tuple[int, ...]] = {0x0902: comment[:64]}
-            if isinstance(exc, RetrieveError) and exc.offending:
-                extra[0x0901] = exc.offending
-            await send(status, extra=extra)
+            await self._refuse(send, what, exc)
             return
 
         cancelled = asyncio.Event()
@@ -685,7 +824,7 @@ class RetrieveService:
         async def report(counts: Counts) -> None:
             await send(PENDING, extra=counts.command_fields(True))
 
-        worker = asyncio.create_task(self.retriever.run(refs, open_target, report, cancelled, what))
+        worker = asyncio.create_task(self.retriever.run(refs, open_target, report, cancelled, what, feed))
         interrupted = False
         try:
             try:
@@ -713,8 +852,8 @@ class RetrieveService:
         else:
             status = counts.final_status()
         log.info(
-            "%s: %d instances, %d completed, %d failed, %d warning, %d transcoded, %d not sent, 0x%04X, %.2f s",
-            what, counts.total, counts.completed, counts.failed, counts.warning, counts.transcoded,
+            "%s: %d instances (%d in bulk), %d completed, %d failed, %d warning, %d transcoded, %d not sent, 0x%04X, %.2f s",
+            what, counts.total, counts.bulk, counts.completed, counts.failed, counts.warning, counts.transcoded,
             counts.remaining, status, elapsed,
         )
         with contextlib.suppress(Exception):

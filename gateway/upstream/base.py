@@ -105,3 +105,13 @@ class Upstream(Protocol):
         UpstreamRejected or UpstreamUnavailable.
         """
         ...
+
+    def iter_instances(
+        self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
+    ) -> AsyncIterator[Retrieved]:
+        """WADO-RS RetrieveSeries (RetrieveStudy when ``series_uid`` is None): every
+        instance, each handed out as soon as it has arrived, spilled as in
+        `retrieve_instance`. The answer may lack instances (the caller compares with a
+        search); raises as `retrieve_instance`, also after some instances were handed out.
+        """
+        ...

@@ -20,7 +20,7 @@ from gateway.config import UpstreamConfig
 from gateway.dicomweb import mediatypes
 from gateway.dicomweb.auth import auth_headers
 from gateway.dicomweb.multipart import FileMultipart
-from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, single_part_in_file, split_parts
+from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_parts, single_part_in_file, split_parts
 from gateway.dicomweb.qido import Search, query_string, resource_path
 from gateway.dicomweb.stow import ALREADY_STORED, TRANSIENT, parse_stow_response
 from gateway.spool.queue import Outcome, SpooledInstance
@@ -277,6 +277,47 @@ class DicomWebUpstream:
                     self._wado_accept = index
                 return found
         raise UpstreamRejected("archive offers the instance in no representation we accept")
+
+    async def iter_instances(
+        self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
+    ) -> AsyncIterator[Retrieved]:
+        """RetrieveSeries (RetrieveStudy when ``series_uid`` is None) as a stream.
+
+        One request instead of one per instance saves the archive and us a round trip
+        and a response each. The request has no total timeout, since a study may take
+        longer than any fixed bound to read at the pace the receiver takes it; instead
+        the archive must send something every ``timeout`` seconds while we read (aiohttp
+        stops that clock while the receiver's pace has paused our reading).
+        """
+        url = f"{self.url}/studies/{study_uid}" + (f"/series/{series_uid}" if series_uid else "")
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.timeout)
+        for index in range(self._wado_accept, len(WADO_ACCEPTS)):
+            try:
+                async with self.session.get(url, headers={"Accept": WADO_ACCEPTS[index]}, timeout=timeout) as resp:
+                    if resp.status in NOT_ACCEPTABLE:
+                        await resp.read()
+                        continue
+                    if resp.status >= 300:
+                        _raise_for_retrieve(resp.status, resp.reason or "", await resp.read())
+                    content_type = resp.headers.get("Content-Type", "")
+                    if not content_type.lower().startswith(mediatypes.MULTIPART_RELATED):
+                        raise UpstreamRejected(f"RetrieveSeries answered {content_type!r}, not multipart")
+                    parts = iter_parts(resp.content.iter_any(), boundary_of(content_type), spill_dir, spill_bytes)
+                    async for part in parts:
+                        if part.data is not None:
+                            yield Retrieved(part.data, None, 0, part.length)
+                        else:
+                            yield Retrieved(None, part.path, 0, part.length, temporary=True)
+                    return
+            except asyncio.TimeoutError:
+                raise UpstreamUnavailable(f"archive silent for {self.cfg.timeout:g} s") from None
+            except aiohttp.ClientError as exc:
+                raise UpstreamUnavailable(f"archive unreachable: {type(exc).__name__}") from None
+            except OSError as exc:
+                raise UpstreamUnavailable(f"cannot spill the instance: {exc.strerror}") from None
+            except MultipartError as exc:
+                raise UpstreamRejected(f"unreadable WADO-RS answer: {exc}") from None
+        raise UpstreamRejected("archive offers the instances in no representation we accept")
 
     async def _wado(self, url: str, accept: str, spill_dir: Path, spill_bytes: int) -> Retrieved | None:
         """One RetrieveInstance attempt; None when the archive cannot answer ``accept``."""

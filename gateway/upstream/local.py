@@ -269,6 +269,24 @@ class LocalUpstream:
             raise NotFound("instance not in the embedded archive")
         return Retrieved(None, path, 0, size)
 
+    def _files(self, study_uid: str, series_uid: str | None) -> list[str]:
+        sql, args = "SELECT file FROM instances WHERE study_uid = ?", [study_uid]
+        if series_uid is not None:
+            sql, args = sql + " AND series_uid = ?", args + [series_uid]
+        return [row[0] for row in self._db.execute(sql, args).fetchall()]
+
+    async def iter_instances(
+        self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
+    ) -> AsyncIterator[Retrieved]:
+        loop = asyncio.get_running_loop()
+        for name in await loop.run_in_executor(self._executor, self._files, study_uid, series_uid):
+            path = self.root / name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue  # deleted meanwhile: the caller fetches what is missing one by one
+            yield Retrieved(None, path, 0, size)
+
 # Keys the index can narrow with SQL (exactly, before the Python rules run).
 _UID_COLUMNS = {0x0020000D: "study_uid", 0x0020000E: "series_uid", 0x00080018: "sop_instance_uid"}
 _TEXT_COLUMNS = {0x00100020: "patient_id", 0x00080050: "accession_number", 0x00080060: "modality"}

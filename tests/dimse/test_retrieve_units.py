@@ -1,23 +1,43 @@
 """Unit tests of the C-MOVE/C-GET building blocks: requestor PDUs, WADO multipart
-reading, File Meta parsing, retrieve identifiers, counts and context proposals."""
+reading (whole and streamed), File Meta parsing, retrieve identifiers, counts, context
+proposals, and the pipeline's bulk retrieval with its one-by-one fallback."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 
-from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, single_part_in_file, split_parts
+from gateway.config import Config, RetrieveConfig, SpoolConfig
+from gateway.dicomweb.multipart_reader import (
+    MultipartError,
+    StreamedPart,
+    boundary_of,
+    iter_parts,
+    single_part_in_file,
+    split_parts,
+)
 from gateway.dimse import pdu
 from gateway.dimse.association import file_meta_header
+from gateway.dimse.command import Command
+from gateway.dimse.requestor import DataSource, FileSlice
 from gateway.dimse.retrieve import (
     Counts,
     Fetched,
     InstanceRef,
     RetrieveError,
+    RetrieveRequest,
+    Retriever,
     parse_retrieve_identifier,
     part10_header,
     proposals,
 )
+from gateway.upstream.base import Retrieved
+from gateway.upstream.errors import NotFound, UpstreamUnavailable
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 JPEG = "1.2.840.10008.1.2.4.50"
@@ -111,3 +131,163 @@ def test_proposals_cover_uncompressed_and_stored_syntaxes() -> None:
     assert ("1.2.840.10008.5.1.4.1.1.7", [JPEG]) not in out
     many = [InstanceRef("1", "2", str(i), f"1.2.840.10008.5.1.4.1.1.{i}") for i in range(200)]
     assert len(proposals(many, [])) == 128
+
+
+async def _chunks(body: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+def _stream(body: bytes, size: int, spill_dir: Path, spill_bytes: int) -> tuple[list[StreamedPart], Exception | None]:
+    async def collect() -> tuple[list[StreamedPart], Exception | None]:
+        parts: list[StreamedPart] = []
+        try:
+            async for part in iter_parts(_chunks(body, size), "b0und", spill_dir, spill_bytes):
+                parts.append(part)
+        except MultipartError as exc:
+            return parts, exc
+        return parts, None
+
+    return asyncio.run(collect())
+
+
+def test_multipart_stream_hands_out_every_part_whatever_the_chunking(tmp_path: Path) -> None:
+    """Parts split anywhere across chunks, near-delimiters inside the content, a part
+    without headers, and one part above the spill size, which arrives as a file."""
+    contents = [b"A" * 50 + b"\r\n--b0un" + b"--b0und" + b"B" * 30, b"small", bytes(range(256)) * 3]
+    body = b"preamble\r\n--b0und\r\nContent-Type: application/dicom\r\n\r\n" + contents[0]
+    body += b"\r\n--b0und\r\n\r\n" + contents[1]
+    body += b"\r\n--b0und\r\nContent-Type: application/dicom\r\n\r\n" + contents[2] + b"\r\n--b0und--\r\n"
+    for size in (1, 2, 5, 13, 64, 700, len(body)):
+        spill_dir = tmp_path / f"spill-{size}"
+        parts, error = _stream(body, size, spill_dir, 500)
+        assert error is None
+        got = [p.data if p.data is not None else p.path.read_bytes() for p in parts]  # type: ignore[union-attr]
+        assert got == contents, size
+        assert [p.length for p in parts] == [len(c) for c in contents]
+        # a part that arrived within one chunk is in memory already: no point spilling it
+        assert [p.path is not None for p in parts] == [False, False, size < 500], size
+        assert parts[0].headers == {"content-type": "application/dicom"} and parts[1].headers == {}
+
+
+def test_multipart_stream_cut_short_keeps_complete_parts_and_no_spill_file(tmp_path: Path) -> None:
+    body = b"--b0und\r\n\r\nfirst\r\n--b0und\r\n\r\n" + b"x" * 2000
+    parts, error = _stream(body, 100, tmp_path, 500)
+    assert [p.data for p in parts] == [b"first"]
+    assert isinstance(error, MultipartError)
+    assert list(tmp_path.iterdir()) == []  # the half-received large part was deleted
+    assert _stream(b"no delimiter at all", 4, tmp_path, 500)[1] is not None
+
+
+# -- the pipeline: bulk first, then one by one -------------------------------------------
+
+STUDY, SERIES = "1.2.3", "1.2.3.4"
+
+
+def _instance(uid: str) -> bytes:
+    """A Part 10 file whose data set (never parsed on the way) ends with its UID."""
+    return file_meta_header(CT, uid, "1.2.840.10008.1.2.1", "SRC") + b"data set of " + uid.encode()
+
+
+class FakeArchive:
+    """Serves ``held`` instances; the bulk answer brings ``bulk`` UIDs (in that order,
+    unknown and repeated ones included) and then fails when ``bulk_fails``."""
+
+    def __init__(self, held: list[str], bulk: list[str], bulk_fails: bool) -> None:
+        self.held, self.bulk, self.bulk_fails = held, bulk, bulk_fails
+        self.alone: list[str] = []
+
+    async def retrieve_instance(self, study: str, series: str, uid: str, spill_dir: Path, spill_bytes: int) -> Retrieved:
+        self.alone.append(uid)
+        if uid not in self.held:
+            raise NotFound("gone")
+        data = _instance(uid)
+        return Retrieved(data, None, 0, len(data))
+
+    async def iter_instances(self, study: str, series: str | None, spill_dir: Path, spill_bytes: int) -> AsyncIterator[Retrieved]:
+        for uid in self.bulk:
+            data = _instance(uid)
+            yield Retrieved(data, None, 0, len(data))
+        if self.bulk_fails:
+            raise UpstreamUnavailable("connection reset")
+
+
+class FakeReceiver:
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+
+    def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
+        return {"1.2.840.10008.1.2.1": 1}
+
+    async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
+        assert not isinstance(dataset, FileSlice) and bytes(dataset) == b"data set of " + sop_instance_uid.encode()
+        self.stored.append(sop_instance_uid)
+        return Command({0x0100: 0x8001, 0x0900: 0})
+
+
+def _retrieve(tmp_path: Path, archive: FakeArchive, refs: list[str], level: str = "SERIES") -> tuple[Counts, FakeReceiver]:
+    config = Config(spool=replace(SpoolConfig(), directory=tmp_path), retrieve=RetrieveConfig(fetch_concurrency=2))
+    receiver = FakeReceiver()
+
+    async def go() -> Counts:
+        retriever = Retriever(config, archive)  # type: ignore[arg-type]
+        feed = retriever.bulk(RetrieveRequest(level, study_uids=(STUDY,), series_uids=(SERIES,)), "test")
+        assert feed is not None
+
+        async def open_target(first: list[Fetched]) -> FakeReceiver:
+            return receiver
+
+        async def report(counts: Counts) -> None:
+            return None
+
+        try:
+            return await retriever.run(
+                [InstanceRef(STUDY, SERIES, uid, CT) for uid in refs], open_target, report, asyncio.Event(), "test", feed
+            )
+        finally:
+            await feed.close()
+            retriever.close()
+
+    return asyncio.run(go()), receiver
+
+
+def test_bulk_answer_delivers_every_instance_without_single_fetches(tmp_path: Path) -> None:
+    uids = [f"9.{i}" for i in range(1, 101)]
+    archive = FakeArchive(uids, uids, bulk_fails=False)
+    counts, receiver = _retrieve(tmp_path, archive, uids)
+    assert (counts.completed, counts.failed, counts.bulk) == (100, 0, 100)
+    assert receiver.stored == uids and archive.alone == []
+
+
+def test_bulk_answer_cut_short_is_completed_one_by_one(tmp_path: Path) -> None:
+    """The bulk answer brings a stranger, a repeat and part of the list, then fails: the
+    rest is fetched alone, the one the archive no longer has fails, nothing goes twice."""
+    uids = [f"9.{i}" for i in range(1, 21)]
+    archive = FakeArchive(uids[:-1], ["9.99", *uids[:5], uids[2]], bulk_fails=True)
+    counts, receiver = _retrieve(tmp_path, archive, uids)
+    assert sorted(receiver.stored) == sorted(uids[:-1]) and len(receiver.stored) == 19
+    assert archive.alone == uids[5:]
+    assert (counts.completed, counts.failed, counts.failed_uids, counts.bulk) == (19, 1, [uids[-1]], 5)
+
+
+def test_bulk_only_for_studies_and_series_of_a_named_study(tmp_path: Path) -> None:
+    config = Config(spool=replace(SpoolConfig(), directory=tmp_path))
+
+    async def scopes() -> list[bool]:
+        retriever = Retriever(config, FakeArchive([], [], False))  # type: ignore[arg-type]
+        out = []
+        for request in (
+            RetrieveRequest("STUDY", study_uids=(STUDY,)),
+            RetrieveRequest("SERIES", study_uids=(STUDY,), series_uids=(SERIES,)),
+            RetrieveRequest("SERIES", series_uids=(SERIES,)),
+            RetrieveRequest("IMAGE", study_uids=(STUDY,), series_uids=(SERIES,), sop_uids=("9.1",)),
+            RetrieveRequest("PATIENT", patient_id="P1"),
+        ):
+            feed = retriever.bulk(request, "test")
+            out.append(feed is not None)
+            if feed is not None:
+                await feed.close()
+        retriever.close()
+        return out
+
+    assert asyncio.run(scopes()) == [True, True, False, False, False]

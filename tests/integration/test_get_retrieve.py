@@ -68,7 +68,8 @@ def test_get_series_and_compressed_from_dicomweb(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_move_and_get_from_embedded_archive(tmp_path: Path) -> None:
-    """The embedded archive serves C-MOVE (one association) and C-GET from its own files."""
+    """The embedded archive serves C-MOVE (one association, the series read whole) and
+    C-GET from its own files."""
     series = ct_series(tmp_path / "series", 100, 64, 64)
     first = pydicom.dcmread(series[0], stop_before_pixels=True)
     scp = StoreSCP(output_dir=tmp_path / "dest").start()
@@ -83,6 +84,7 @@ def test_move_and_get_from_embedded_archive(tmp_path: Path) -> None:
         assert (result.status, result.completed, result.failed) == (0, 100, 0), result.output[-2000:]
         files = scp.wait_for_files(100)
         assert scp.log().count("Association Acknowledged") == 1
+        assert "100 instances (100 in bulk)" in gw.log_path.read_text()
         got = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
         for path in series:
             assert_same_dataset(path, got[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)])
