@@ -41,6 +41,9 @@ class GetTarget:
     def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
         return self._syntaxes.get(sop_class_uid, {})
 
+    def offered(self, sop_class_uid: str) -> bool:
+        return True  # the requester proposed its contexts before asking; there is no other
+
     async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
         assoc = self.assoc
         message_id = assoc.next_message_id()

@@ -2,9 +2,11 @@
 
 The destination AE must be a configured ``[[dimse.peers]]`` entry (an AE title alone
 says nothing about where it listens, and sending patient data to an address a
-caller names would be an exfiltration channel). All sub-operations go over one
-association to it, opened by our own requestor (`gateway.dimse.requestor`); the
-engine in `gateway.dimse.retrieve` does the rest.
+caller names would be an exfiltration channel). The sub-operations go over one
+association to it, opened by our own requestor (`gateway.dimse.requestor`) as soon
+as the first instances are in; instances of SOP classes the search had not listed by
+then go over a second one at the end (PS3.4 allows several per move). The engine in
+`gateway.dimse.retrieve` does the rest.
 """
 
 from __future__ import annotations
@@ -32,12 +34,16 @@ class MoveTarget:
     """The move destination: an association we requested, with the originator named
     in every C-STORE-RQ (PS3.7 9.1.1.1) so the destination can tell who asked."""
 
-    def __init__(self, requestor: StoreRequestor, originator: tuple[str, int]) -> None:
+    def __init__(self, requestor: StoreRequestor, originator: tuple[str, int], classes: frozenset[str]) -> None:
         self.requestor = requestor
         self.originator = originator
+        self.classes = classes
 
     def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
         return self.requestor.accepted.get(sop_class_uid, {})
+
+    def offered(self, sop_class_uid: str) -> bool:
+        return sop_class_uid in self.classes
 
     async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
         return await self.requestor.store(context_id, sop_class_uid, sop_instance_uid, dataset, self.originator)
@@ -62,15 +68,17 @@ class MoveService(RetrieveService):
         d = self.config.dimse
         peer = self.config.peer(str(message.command.get(0x0600, "")).strip())
         assert peer is not None  # precheck
+        contexts = proposals(refs, first)
         requestor = await StoreRequestor.connect(
             peer.host,
             peer.port,
             d.ae_title,
             peer.ae_title,
-            proposals(refs, first),
+            contexts,
             max_pdu=d.max_pdu_size,
             connect_timeout=d.acse_timeout,
             acse_timeout=d.acse_timeout,
             dimse_timeout=d.dimse_timeout,
         )
-        return MoveTarget(requestor, (assoc.calling_ae, message.command.message_id)), requestor.release
+        classes = frozenset(sop for sop, _ in contexts)
+        return MoveTarget(requestor, (assoc.calling_ae, message.command.message_id), classes), requestor.release

@@ -1,17 +1,21 @@
 """The retrieval engine shared by C-MOVE and C-GET (PS3.4 C.4.2 and C.4.3).
 
-A request becomes a list of instances (QIDO searches on the upstream, paging inside),
-then a pipeline: up to ``retrieve.fetch_concurrency`` instances are fetched from the
-upstream at once, at most twice that many wait fetched, and the C-STORE sub-operations
-go out strictly in order on one association. A fetched instance above
-``retrieve.spill_mb`` waits in a file under ``<spool>/retrieve``, so memory stays
-bounded by the window (and the look-ahead before the first send) whatever the study size.
+A request becomes a list of instances (QIDO searches on the upstream, paging inside,
+in a task of its own: `Listing`), and a pipeline that starts with the first answers:
+up to ``retrieve.fetch_concurrency`` instances are fetched from the upstream at once,
+at most twice that many wait fetched, and the C-STORE sub-operations go out strictly
+in order on one association, while the search goes on. Instances of a SOP class the
+search had not listed when that association was opened go last, over a second one.
+A fetched instance above ``retrieve.spill_mb`` waits in a file under
+``<spool>/retrieve``, so memory stays bounded by the window (and the look-ahead
+before the first send) whatever the study size.
 
 A STUDY or SERIES request whose study is named is read in bulk instead: one
 RetrieveStudy/RetrieveSeries request per study or series (`BulkFeed`), started together
 with the search, since the archive answers both at once and a search costs it about
 as much per instance as the retrieval does. The search stays the list of what is
-due: an instance the bulk answer lacks (or brings after failing) is fetched alone.
+due: a bulk instance is sent once the search lists it, and an instance the bulk
+answer lacks (or brings after failing) is fetched alone.
 
 An instance is sent as it is stored when the receiver accepted that transfer syntax
 (its bytes go out untouched, never parsed); otherwise it is transcoded, in a worker
@@ -281,6 +285,11 @@ class StoreTarget(Protocol):
         """Accepted transfer syntax -> presentation context id, for one SOP class."""
         ...
 
+    def offered(self, sop_class_uid: str) -> bool:
+        """Whether the receiver was asked for the SOP class at all (accepted or not);
+        an instance of a class it was not asked for waits for another association."""
+        ...
+
     async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
         """One C-STORE; raises RequestorError when the association is gone."""
         ...
@@ -350,10 +359,11 @@ class Retriever:
     def close(self) -> None:
         self.codecs.shutdown(wait=False, cancel_futures=True)
 
-    # ---- resolving ------------------------------------------------------------------------
+    # ---- searching ------------------------------------------------------------------------
 
-    async def resolve(self, request: RetrieveRequest) -> list[InstanceRef]:
-        """Every instance the request names, by QIDO on the upstream, deduplicated."""
+    async def search(self, request: RetrieveRequest) -> AsyncIterator[InstanceRef]:
+        """Every instance the request names, by QIDO on the upstream, deduplicated,
+        each as soon as its page arrives."""
         f = self.config.find
         include = (SOP_CLASS_UID, STUDY_UID, SERIES_UID, SOP_INSTANCE_UID)
         searches: list[Search] = []
@@ -387,7 +397,7 @@ class Retriever:
             ]
         wanted_series = set(request.series_uids)
         wanted_sops = set(request.sop_uids)
-        found: dict[str, InstanceRef] = {}
+        found: set[str] = set()
         for search in searches:
             try:
                 async for obj in self.upstream.search_for_instances(search):
@@ -399,10 +409,10 @@ class Retriever:
                         continue
                     if wanted_sops and ref.sop_instance_uid not in wanted_sops:
                         continue
-                    found[ref.sop_instance_uid] = ref
+                    found.add(ref.sop_instance_uid)
+                    yield ref
             except NotFound:
                 continue
-        return list(found.values())
 
     # ---- fetching -------------------------------------------------------------------------
 
@@ -467,25 +477,32 @@ class Retriever:
 
     async def run(
         self,
-        refs: list[InstanceRef],
-        open_target: Callable[[list[Fetched]], Awaitable[StoreTarget]],
+        listing: Listing,
+        open_target: Callable[[list[Fetched], list[InstanceRef]], Awaitable[StoreTarget]],
         report: Callable[[Counts], Awaitable[None]],
         cancelled: asyncio.Event,
         what: str,
         feed: BulkFeed | None = None,
     ) -> Counts:
-        """Fetch and send every instance; returns the counts (``cancelled`` stops it
-        between sub-operations, leaving the rest in ``remaining``).
+        """Fetch and send every instance ``listing`` lists; returns the counts
+        (``cancelled`` stops it between sub-operations, leaving the rest in ``remaining``).
 
-        Instances come from ``feed`` first, as far as ``refs`` lists them, then the
-        ones it did not bring are fetched one by one.
-        ``open_target`` is called once, with the first LOOKAHEAD_INSTANCES fetched
-        instances (fewer if they hold LOOKAHEAD_BYTES), so a C-MOVE can propose
-        contexts for the syntaxes they are stored in.
-        Raises RequestorError if the target cannot be opened at all.
+        Sending starts while the search is still listing: instances come from ``feed``
+        first, each once the search has listed it, then the listed ones it did not
+        bring are fetched one by one. ``open_target`` is called with the first
+        LOOKAHEAD_INSTANCES fetched instances (fewer if they hold LOOKAHEAD_BYTES) and
+        what the search has listed by then, so a C-MOVE can propose contexts for the
+        SOP classes and syntaxes seen. An instance of a SOP class that target was not
+        asked for (listed later) is set aside and fetched again at the end, for a
+        second ``open_target`` call with the set-aside ones (the first target is done
+        with by then), which a C-MOVE turns into a second association. Pending
+        responses wait for the search to finish, since only then is the number
+        remaining known.
+        Raises the search's error if it failed before anything was sent, and
+        RequestorError if the first target cannot be opened at all.
         """
         cfg = self.config.retrieve
-        counts = Counts(total=len(refs))
+        counts = Counts()
         window = 2 * cfg.fetch_concurrency
         gate = asyncio.Semaphore(cfg.fetch_concurrency)
         queue: asyncio.Queue[asyncio.Future[Fetched] | None] = asyncio.Queue(maxsize=window)
@@ -497,13 +514,15 @@ class Retriever:
                 return await self.fetch(ref)
 
         async def produce() -> None:
-            due = {ref.sop_instance_uid: ref for ref in refs}
+            delivered: set[str] = set()
             if feed is not None:
                 async for item in feed:
-                    ref = due.pop(item.ref.sop_instance_uid, None)
+                    uid = item.ref.sop_instance_uid
+                    ref = None if uid in delivered else await listing.listed(uid)
                     if ref is None:
                         item.release()  # stored after the search, or sent twice
                         continue
+                    delivered.add(uid)
                     item.ref = ref
                     item.sop_class_uid = item.sop_class_uid or ref.sop_class_uid
                     counts.bulk += 1
@@ -514,7 +533,10 @@ class Retriever:
                     except asyncio.CancelledError:
                         item.release()
                         raise
-            for ref in due.values():
+            await listing.complete()
+            for ref in list(listing.refs.values()):
+                if ref.sop_instance_uid in delivered:
+                    continue
                 task = asyncio.create_task(gated(ref))
                 fetches.add(task)
                 task.add_done_callback(fetches.discard)
@@ -523,8 +545,38 @@ class Retriever:
 
         producer = asyncio.create_task(produce())
         ahead: deque[asyncio.Future[Fetched]] = deque()
+        deferred: list[Fetched] = []  # File Meta of the set-aside instances, no data
         first_error = ""
-        target: StoreTarget | None = None
+        broken = ""
+        last_report, since = time.monotonic(), 0
+
+        async def deliver(target: StoreTarget, item: Fetched) -> None:
+            """Send one instance (or count it failed), then report when one is due."""
+            nonlocal first_error, broken, last_report, since
+            try:
+                if broken:
+                    counts.fail(item.ref.sop_instance_uid)
+                    return
+                try:
+                    outcome = await self._send_one(target, item, counts)
+                except RequestorError as exc:
+                    broken = str(exc)
+                    log.warning("%s: receiver association lost after %d sub-operations: %s", what, counts.completed + counts.failed + counts.warning, exc)
+                    counts.fail(item.ref.sop_instance_uid)
+                    return
+                if outcome and not first_error:
+                    first_error = outcome
+                    log.warning("%s: sub-operation failed: %s", what, outcome)
+            finally:
+                item.release()
+            since += 1
+            now = time.monotonic()
+            if listing.done:
+                counts.total = len(listing.refs)
+                if counts.remaining and (since >= cfg.pending_every or now - last_report >= cfg.pending_seconds):
+                    await report(counts)
+                    last_report, since = now, 0
+
         try:
             first: list[Fetched] = []
             held = 0
@@ -539,39 +591,31 @@ class Retriever:
                 held += r.length if r is not None and r.data is not None else 0
             if cancelled.is_set():
                 return counts
-            target = await open_target(first)
-            last_report, since = time.monotonic(), 0
-            broken = ""
+            if not first and listing.error is not None:
+                raise listing.error
+            if not first:
+                return counts  # nothing to send: no association to open
+            target = await open_target(first, list(listing.refs.values()))
             while True:
                 task = ahead.popleft() if ahead else await queue.get()
                 if task is None:
                     break
                 item = await task
-                try:
-                    if broken:
-                        counts.fail(item.ref.sop_instance_uid)
-                        continue
-                    try:
-                        outcome = await self._send_one(target, item, counts)
-                    except RequestorError as exc:
-                        broken = str(exc)
-                        log.warning("%s: receiver association lost after %d sub-operations: %s", what, counts.completed + counts.failed + counts.warning, exc)
-                        counts.fail(item.ref.sop_instance_uid)
-                        continue
-                    if outcome and not first_error:
-                        first_error = outcome
-                        log.warning("%s: sub-operation failed: %s", what, outcome)
-                finally:
+                if not item.error and not broken and not target.offered(item.sop_class_uid):
+                    deferred.append(Fetched(item.ref, transfer_syntax=item.transfer_syntax, sop_class_uid=item.sop_class_uid))
                     item.release()
-                since += 1
-                now = time.monotonic()
-                if counts.remaining and (since >= cfg.pending_every or now - last_report >= cfg.pending_seconds):
-                    await report(counts)
-                    last_report, since = now, 0
+                    continue
+                await deliver(target, item)
                 if cancelled.is_set():
-                    break
+                    return counts
+            if deferred and broken:
+                for info in deferred:
+                    counts.fail(info.ref.sop_instance_uid)
+            elif deferred:
+                await self._send_deferred(deferred, open_target, deliver, counts, cancelled, what)
             return counts
         finally:
+            counts.total = len(listing.refs)
             producer.cancel()
             for task in list(fetches):
                 task.cancel()
@@ -583,6 +627,43 @@ class Retriever:
             for t in leftovers:
                 t.cancel()
             for result in await asyncio.gather(producer, *leftovers, return_exceptions=True):
+                if isinstance(result, Fetched):
+                    result.release()
+
+    async def _send_deferred(
+        self,
+        deferred: list[Fetched],
+        open_target: Callable[[list[Fetched], list[InstanceRef]], Awaitable[StoreTarget]],
+        deliver: Callable[[StoreTarget, Fetched], Awaitable[None]],
+        counts: Counts,
+        cancelled: asyncio.Event,
+        what: str,
+    ) -> None:
+        """The instances the first target was not asked for, over a second one.
+
+        They are fetched again (their data was released when they were set aside, so
+        memory stays bounded however many there are), one ahead of the one sending.
+        """
+        try:
+            target = await open_target(deferred, [])
+        except RequestorError as exc:
+            log.warning("%s: cannot open the association for %d more instances: %s", what, len(deferred), exc)
+            for info in deferred:
+                counts.fail(info.ref.sop_instance_uid)
+            return
+        nxt: asyncio.Task[Fetched] | None = asyncio.create_task(self.fetch(deferred[0].ref))
+        try:
+            for index in range(len(deferred)):
+                assert nxt is not None
+                item = await nxt
+                nxt = asyncio.create_task(self.fetch(deferred[index + 1].ref)) if index + 1 < len(deferred) else None
+                await deliver(target, item)
+                if cancelled.is_set():
+                    return
+        finally:
+            if nxt is not None:
+                nxt.cancel()
+                result = (await asyncio.gather(nxt, return_exceptions=True))[0]
                 if isinstance(result, Fetched):
                     result.release()
 
@@ -622,6 +703,55 @@ class Retriever:
             return ""
         counts.fail(uid)
         return f"receiver answered C-STORE status 0x{status:04X}"
+
+
+class Listing:
+    """The search's answer as it arrives, gathered by a task of its own so that the
+    sub-operations can start with its first page instead of waiting for the last (an
+    archive such as Orthanc takes about as long to list a series as we take to send it).
+
+    ``refs`` grows in search order; ``error`` is what ended the search early, if
+    anything (what was listed until then stays listed).
+    """
+
+    def __init__(self, retriever: Retriever, request: RetrieveRequest) -> None:
+        self.refs: dict[str, InstanceRef] = {}
+        self.done = False
+        self.error: Exception | None = None
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._search(retriever, request))
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _search(self, retriever: Retriever, request: RetrieveRequest) -> None:
+        try:
+            async for ref in retriever.search(request):
+                self.refs[ref.sop_instance_uid] = ref
+                self._notify()
+        except Exception as exc:  # noqa: BLE001 - kept for the caller, which makes it a status
+            self.error = exc
+        finally:
+            self.done = True
+            self._notify()
+
+    async def listed(self, sop_instance_uid: str) -> InstanceRef | None:
+        """The instance's reference once the search lists it; None if it never does."""
+        while sop_instance_uid not in self.refs and not self.done:
+            await self._changed.wait()
+        return self.refs.get(sop_instance_uid)
+
+    async def complete(self) -> None:
+        """Wait for the search to end, however it ends."""
+        while not self.done:
+            await self._changed.wait()
+
+    async def close(self) -> None:
+        """Stop searching (a cancelled request)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 class BulkFeed:
@@ -723,7 +853,7 @@ def proposals(refs: list[InstanceRef], first: list[Fetched]) -> list[tuple[str, 
 
 
 class RetrieveService:
-    """What C-MOVE and C-GET share: permission, identifier, resolve, run, statuses.
+    """What C-MOVE and C-GET share: permission, identifier, search, run, statuses.
 
     Subclasses say where the sub-operations go (`open_target`) and what may refuse
     the request before anything is searched (`precheck`).
@@ -775,9 +905,11 @@ class RetrieveService:
             await self._refuse(send, what, exc)
             return
         feed = self.retriever.bulk(request, what)
+        listing = Listing(self.retriever, request)
         try:
-            await self._retrieve(assoc, message, request, feed, send, what, started)
+            await self._retrieve(assoc, message, listing, feed, send, what, started)
         finally:
+            await listing.close()
             if feed is not None:
                 await feed.close()
 
@@ -796,27 +928,25 @@ class RetrieveService:
         self,
         assoc: Association,
         message: Message,
-        request: RetrieveRequest,
+        listing: Listing,
         feed: BulkFeed | None,
         send: Callable[..., Awaitable[None]],
         what: str,
         started: float,
     ) -> None:
-        """Resolve the request, run the sub-operations, send the final response."""
-        try:
-            refs = await self.retriever.resolve(request)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(send(CANCEL, extra=Counts().command_fields(True)))
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status
-            await self._refuse(send, what, exc)
-            return
-
+        """Run the sub-operations as the search lists them, send the final response."""
         cancelled = asyncio.Event()
         closers: list[Callable[[], Awaitable[None]]] = []
+        opening = False  # from then on a C-CANCEL waits for the sub-operation in progress
 
-        async def open_target(first: list[Fetched]) -> StoreTarget:
+        async def open_target(first: list[Fetched], refs: list[InstanceRef]) -> StoreTarget:
+            nonlocal opening
+            opening = True
+            # The previous receiver is done with: release it first, since a destination
+            # may take one association at a time (storescp without --fork does).
+            for close in closers:
+                with contextlib.suppress(Exception):
+                    await close()
             target, close = await self.open_target(assoc, message, refs, first)
             closers.append(close)
             return target
@@ -824,21 +954,33 @@ class RetrieveService:
         async def report(counts: Counts) -> None:
             await send(PENDING, extra=counts.command_fields(True))
 
-        worker = asyncio.create_task(self.retriever.run(refs, open_target, report, cancelled, what, feed))
+        worker = asyncio.create_task(self.retriever.run(listing, open_target, report, cancelled, what, feed))
         interrupted = False
         try:
             try:
                 counts = await asyncio.shield(worker)
             except asyncio.CancelledError:
-                # C-CANCEL (or the requester went away): stop between sub-operations.
+                # C-CANCEL (or the requester went away): stop between sub-operations,
+                # or at once while nothing is being sent yet.
                 interrupted = True
                 cancelled.set()
-                counts = await worker
+                if opening:
+                    counts = await worker
+                else:
+                    worker.cancel()
+                    await asyncio.wait([worker])
+                    counts = Counts() if worker.cancelled() else worker.result()
         except RequestorError as exc:
-            counts = Counts(total=len(refs))
-            for ref in refs:
+            await listing.complete()
+            counts = Counts(total=len(listing.refs))
+            for ref in listing.refs.values():
                 counts.fail(ref.sop_instance_uid)
             log.warning("%s: cannot open the receiving association: %s", what, exc)
+        except Exception as exc:
+            if exc is not listing.error:
+                raise
+            await self._refuse(send, what, exc)
+            return
         except BaseException:
             worker.cancel()
             raise
@@ -847,16 +989,24 @@ class RetrieveService:
                 with contextlib.suppress(Exception):
                     await close()
         elapsed = time.monotonic() - started
+        extra = counts.command_fields(False)
         if interrupted or cancelled.is_set():
             status = CANCEL
+            extra = counts.command_fields(True)
+        elif listing.error is not None:
+            # Cut short after sending began: what it listed is accounted for, the
+            # rest is unknown, so the move cannot end in success.
+            status, comment = failure_status(listing.error)
+            extra[0x0902] = comment[:64]
+            log.warning("%s: search failed after listing %d instances: %s", what, len(listing.refs), comment)
         else:
             status = counts.final_status()
         log.info(
-            "%s: %d instances (%d in bulk), %d completed, %d failed, %d warning, %d transcoded, %d not sent, 0x%04X, %.2f s",
+            "%s: %d instances (%d in bulk), %d completed, %d failed, %d warning, %d transcoded, %d not sent, over %d association(s), 0x%04X, %.2f s",
             what, counts.total, counts.bulk, counts.completed, counts.failed, counts.warning, counts.transcoded,
-            counts.remaining, status, elapsed,
+            counts.remaining, len(closers), status, elapsed,
         )
         with contextlib.suppress(Exception):
-            await send(status, failed_identifier(counts), counts.command_fields(status == CANCEL))
+            await send(status, failed_identifier(counts), extra)
         if interrupted:
             raise asyncio.CancelledError()

@@ -1,6 +1,7 @@
 """Unit tests of the C-MOVE/C-GET building blocks: requestor PDUs, WADO multipart
 reading (whole and streamed), File Meta parsing, retrieve identifiers, counts, context
-proposals, and the pipeline's bulk retrieval with its one-by-one fallback."""
+proposals, and the pipeline: bulk retrieval with its one-by-one fallback, sending while
+the search still lists, a SOP class listed late, a search cut short."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from gateway.dimse.retrieve import (
     Counts,
     Fetched,
     InstanceRef,
+    Listing,
     RetrieveError,
     RetrieveRequest,
     Retriever,
@@ -41,6 +43,7 @@ from gateway.upstream.errors import NotFound, UpstreamUnavailable
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 JPEG = "1.2.840.10008.1.2.4.50"
+SR = "1.2.840.10008.5.1.4.1.1.88.22"
 
 
 def test_associate_rq_round_trips_through_the_acceptor_parser() -> None:
@@ -184,90 +187,181 @@ def test_multipart_stream_cut_short_keeps_complete_parts_and_no_spill_file(tmp_p
 STUDY, SERIES = "1.2.3", "1.2.3.4"
 
 
-def _instance(uid: str) -> bytes:
+def _instance(uid: str, sop_class: str = CT) -> bytes:
     """A Part 10 file whose data set (never parsed on the way) ends with its UID."""
-    return file_meta_header(CT, uid, "1.2.840.10008.1.2.1", "SRC") + b"data set of " + uid.encode()
+    return file_meta_header(sop_class, uid, "1.2.840.10008.1.2.1", "SRC") + b"data set of " + uid.encode()
+
+
+def _uid(value: str) -> dict[str, object]:
+    return {"vr": "UI", "Value": [value]}
 
 
 class FakeArchive:
     """Serves ``held`` instances; the bulk answer brings ``bulk`` UIDs (in that order,
-    unknown and repeated ones included) and then fails when ``bulk_fails``."""
+    unknown and repeated ones included) and then fails when ``bulk_fails``. The search
+    lists ``listed`` (one page of ``page`` at a time, each after the bulk answer has
+    moved on by ``page`` instances, so sending starts before the search ends; with
+    ``pages_after_open`` the later pages wait for the first receiver to be opened), and
+    fails after them when ``search_fails``. ``classes`` gives a UID another SOP class."""
 
-    def __init__(self, held: list[str], bulk: list[str], bulk_fails: bool) -> None:
+    def __init__(
+        self, held: list[str], bulk: list[str], bulk_fails: bool, listed: list[str] | None = None,
+        classes: dict[str, str] | None = None, page: int = 10, search_fails: bool = False,
+        pages_after_open: bool = False,
+    ) -> None:
         self.held, self.bulk, self.bulk_fails = held, bulk, bulk_fails
+        self.listed = list(held if listed is None else listed)
+        self.classes = classes or {}
+        self.page, self.search_fails = page, search_fails
         self.alone: list[str] = []
+        self.bulk_sent = 0
+        self.listed_before_sending: int | None = None
+        self.pages_after_open = pages_after_open
+        self.opened = asyncio.Event()
+
+    def sop_class(self, uid: str) -> str:
+        return self.classes.get(uid, CT)
+
+    async def search_for_instances(self, search) -> AsyncIterator[dict[str, object]]:  # type: ignore[no-untyped-def]
+        for start in range(0, len(self.listed), self.page):
+            while self.bulk_sent < min(start, len(self.bulk)):
+                await asyncio.sleep(0)
+            if start and self.pages_after_open:
+                await self.opened.wait()
+            for uid in self.listed[start : start + self.page]:
+                yield {"0020000D": _uid(STUDY), "0020000E": _uid(SERIES), "00080018": _uid(uid), "00080016": _uid(self.sop_class(uid))}
+        if self.search_fails:
+            raise UpstreamUnavailable("search connection reset")
 
     async def retrieve_instance(self, study: str, series: str, uid: str, spill_dir: Path, spill_bytes: int) -> Retrieved:
         self.alone.append(uid)
         if uid not in self.held:
             raise NotFound("gone")
-        data = _instance(uid)
+        data = _instance(uid, self.sop_class(uid))
         return Retrieved(data, None, 0, len(data))
 
     async def iter_instances(self, study: str, series: str | None, spill_dir: Path, spill_bytes: int) -> AsyncIterator[Retrieved]:
         for uid in self.bulk:
-            data = _instance(uid)
+            data = _instance(uid, self.sop_class(uid))
+            self.bulk_sent += 1
             yield Retrieved(data, None, 0, len(data))
         if self.bulk_fails:
             raise UpstreamUnavailable("connection reset")
 
 
 class FakeReceiver:
-    def __init__(self) -> None:
+    """One association: asked for ``classes`` (every class when None)."""
+
+    def __init__(self, classes: set[str] | None = None) -> None:
+        self.classes = classes
         self.stored: list[str] = []
 
     def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
-        return {"1.2.840.10008.1.2.1": 1}
+        return {"1.2.840.10008.1.2.1": 1} if self.offered(sop_class_uid) else {}
+
+    def offered(self, sop_class_uid: str) -> bool:
+        return self.classes is None or sop_class_uid in self.classes
 
     async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
         assert not isinstance(dataset, FileSlice) and bytes(dataset) == b"data set of " + sop_instance_uid.encode()
+        assert self.offered(sop_class_uid)
         self.stored.append(sop_instance_uid)
         return Command({0x0100: 0x8001, 0x0900: 0})
 
 
-def _retrieve(tmp_path: Path, archive: FakeArchive, refs: list[str], level: str = "SERIES") -> tuple[Counts, FakeReceiver]:
+def _retrieve(
+    tmp_path: Path, archive: FakeArchive, per_class: bool = False, level: str = "SERIES"
+) -> tuple[Counts, list[FakeReceiver], Listing]:
+    """Run a retrieval; with ``per_class`` each opened receiver is asked only for the
+    SOP classes proposals() would offer it, as a C-MOVE destination would be."""
     config = Config(spool=replace(SpoolConfig(), directory=tmp_path), retrieve=RetrieveConfig(fetch_concurrency=2))
-    receiver = FakeReceiver()
+    receivers: list[FakeReceiver] = []
 
-    async def go() -> Counts:
+    async def go() -> tuple[Counts, Listing]:
         retriever = Retriever(config, archive)  # type: ignore[arg-type]
-        feed = retriever.bulk(RetrieveRequest(level, study_uids=(STUDY,), series_uids=(SERIES,)), "test")
+        request = RetrieveRequest(level, study_uids=(STUDY,), series_uids=(SERIES,))
+        feed = retriever.bulk(request, "test")
         assert feed is not None
+        listing = Listing(retriever, request)
 
-        async def open_target(first: list[Fetched]) -> FakeReceiver:
-            return receiver
+        async def open_target(first: list[Fetched], refs: list[InstanceRef]) -> FakeReceiver:
+            if archive.listed_before_sending is None:
+                archive.listed_before_sending = len(listing.refs)
+            archive.opened.set()
+            receivers.append(FakeReceiver({sop for sop, _ in proposals(refs, first)} if per_class else None))
+            return receivers[-1]
 
         async def report(counts: Counts) -> None:
-            return None
+            assert listing.done and counts.total == len(listing.refs)
 
         try:
-            return await retriever.run(
-                [InstanceRef(STUDY, SERIES, uid, CT) for uid in refs], open_target, report, asyncio.Event(), "test", feed
-            )
+            return await retriever.run(listing, open_target, report, asyncio.Event(), "test", feed), listing
         finally:
+            await listing.close()
             await feed.close()
             retriever.close()
 
-    return asyncio.run(go()), receiver
+    counts, listing = asyncio.run(go())
+    return counts, receivers, listing
 
 
 def test_bulk_answer_delivers_every_instance_without_single_fetches(tmp_path: Path) -> None:
-    uids = [f"9.{i}" for i in range(1, 101)]
+    """Sending starts before the search has listed everything, and nothing goes alone."""
+    uids = [f"9.{i}" for i in range(1, 201)]
     archive = FakeArchive(uids, uids, bulk_fails=False)
-    counts, receiver = _retrieve(tmp_path, archive, uids)
-    assert (counts.completed, counts.failed, counts.bulk) == (100, 0, 100)
+    counts, [receiver], _ = _retrieve(tmp_path, archive)
+    assert (counts.total, counts.completed, counts.failed, counts.bulk) == (200, 200, 0, 200)
     assert receiver.stored == uids and archive.alone == []
+    assert archive.listed_before_sending is not None and archive.listed_before_sending < 200
 
 
 def test_bulk_answer_cut_short_is_completed_one_by_one(tmp_path: Path) -> None:
     """The bulk answer brings a stranger, a repeat and part of the list, then fails: the
     rest is fetched alone, the one the archive no longer has fails, nothing goes twice."""
     uids = [f"9.{i}" for i in range(1, 21)]
-    archive = FakeArchive(uids[:-1], ["9.99", *uids[:5], uids[2]], bulk_fails=True)
-    counts, receiver = _retrieve(tmp_path, archive, uids)
+    archive = FakeArchive(uids[:-1], ["9.99", *uids[:5], uids[2]], bulk_fails=True, listed=uids)
+    counts, [receiver], _ = _retrieve(tmp_path, archive)
     assert sorted(receiver.stored) == sorted(uids[:-1]) and len(receiver.stored) == 19
     assert archive.alone == uids[5:]
     assert (counts.completed, counts.failed, counts.failed_uids, counts.bulk) == (19, 1, [uids[-1]], 5)
+
+
+def test_sop_class_listed_after_the_association_opened_goes_over_a_second_one(tmp_path: Path) -> None:
+    """CT first, then SR instances the search lists only after the first receiver was
+    opened: the CT go over it as they arrive, the SR (fetched again) over a second one
+    asked for the SR class, and every instance is sent once."""
+    ct = [f"9.{i}" for i in range(1, 101)]
+    sr = ["9.500", "9.501"]
+    uids = ct + sr
+    archive = FakeArchive(uids, uids, bulk_fails=False, classes=dict.fromkeys(sr, SR), page=100, pages_after_open=True)
+    counts, receivers, _ = _retrieve(tmp_path, archive, per_class=True)
+    assert [r.classes for r in receivers] == [{CT}, {SR}]
+    assert receivers[0].stored == ct and receivers[1].stored == sr
+    assert (counts.total, counts.completed, counts.failed, counts.final_status()) == (102, 102, 0, 0x0000)
+    assert archive.alone == sr
+
+
+def test_one_sop_class_one_receiver(tmp_path: Path) -> None:
+    uids = [f"9.{i}" for i in range(1, 151)]
+    counts, receivers, _ = _retrieve(tmp_path, FakeArchive(uids, uids, bulk_fails=False), per_class=True)
+    assert len(receivers) == 1 and counts.completed == 150
+
+
+def test_search_failing_after_sending_began_accounts_for_what_it_listed(tmp_path: Path) -> None:
+    """The search breaks after its first pages: what it listed is sent, the engine ends
+    without waiting for more, and the listing keeps the error for the final status."""
+    uids = [f"9.{i}" for i in range(1, 101)]
+    archive = FakeArchive(uids, uids, bulk_fails=False, listed=uids[:30], search_fails=True)
+    counts, [receiver], listing = _retrieve(tmp_path, archive)
+    assert isinstance(listing.error, UpstreamUnavailable)
+    assert (counts.total, counts.completed, counts.failed) == (30, 30, 0)
+    assert receiver.stored == uids[:30]
+
+
+def test_search_failing_before_anything_is_sent_raises(tmp_path: Path) -> None:
+    archive = FakeArchive([], ["9.1"], bulk_fails=False, listed=[], search_fails=True)
+    with pytest.raises(UpstreamUnavailable):
+        _retrieve(tmp_path, archive)
 
 
 def test_bulk_only_for_studies_and_series_of_a_named_study(tmp_path: Path) -> None:

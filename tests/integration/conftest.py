@@ -5,7 +5,6 @@ gateway, built once because loading 300+ studies three ways is the slow part."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
