@@ -15,14 +15,9 @@ from collections.abc import Awaitable, Callable
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_GET_RSP, C_STORE_RQ, HAS_DATASET, Command, encode_command
 from gateway.dimse.requestor import DataSource, RequestorError, send_dataset
-from gateway.dimse.retrieve import (
-    PATIENT_ROOT_GET,
-    STUDY_ROOT_GET,
-    Fetched,
-    InstanceRef,
-    RetrieveService,
-    StoreTarget,
-)
+from gateway.dimse.retrieve import RetrieveService, StoreTarget
+from gateway.dimse.retrieve_request import PATIENT_ROOT_GET, STUDY_ROOT_GET, InstanceRef
+from gateway.dimse.retrieve_sources import Fetched
 
 GET_SOP_CLASSES = (PATIENT_ROOT_GET, STUDY_ROOT_GET)
 

@@ -16,16 +16,9 @@ from collections.abc import Awaitable, Callable
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_MOVE_RSP, Command
 from gateway.dimse.requestor import DataSource, StoreRequestor
-from gateway.dimse.retrieve import (
-    MOVE_DESTINATION_UNKNOWN,
-    PATIENT_ROOT_MOVE,
-    STUDY_ROOT_MOVE,
-    Fetched,
-    InstanceRef,
-    RetrieveService,
-    StoreTarget,
-    proposals,
-)
+from gateway.dimse.retrieve import RetrieveService, StoreTarget, proposals
+from gateway.dimse.retrieve_request import MOVE_DESTINATION_UNKNOWN, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE, InstanceRef
+from gateway.dimse.retrieve_sources import Fetched
 
 MOVE_SOP_CLASSES = (PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
 

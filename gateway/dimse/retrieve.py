@@ -24,7 +24,9 @@ thread, to the best syntax the receiver accepted (lossless first, lossy only if
 ``pending_every`` sub-operations or ``pending_seconds``. A C-CANCEL takes effect
 between sub-operations: the one on the wire completes and is counted.
 
-Errors become statuses here, in one table (`failure_status`).
+The request and its statuses are in `gateway.dimse.retrieve_request` (errors become
+statuses there, in one table: `failure_status`); the listing, the bulk answers and
+the fetched instances in `gateway.dimse.retrieve_sources`.
 """
 
 from __future__ import annotations
@@ -34,12 +36,11 @@ import contextlib
 import logging
 import os
 import shutil
-import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Protocol
 
@@ -48,7 +49,6 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
-from pydicom.multival import MultiValue
 
 from gateway.codecs import TranscodeError, choose_for_dataset, transcode
 from gateway.config import Config
@@ -57,146 +57,54 @@ from gateway.dimse.association import Association, Message
 from gateway.dimse.command import Command, response
 from gateway.dimse.find import decode_identifier, encode_identifier
 from gateway.dimse.query import make_key
-from gateway.dimse.requestor import DataSource, FileSlice, RequestorError
+from gateway.dimse.requestor import DataSource, RequestorError
+from gateway.dimse.retrieve_request import (
+    CANCEL,
+    OUT_OF_RESOURCES_SUBOPS,
+    PATIENT_ID,
+    PENDING,
+    REFUSED_NOT_AUTHORIZED,
+    SERIES_UID,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    STUDY_ROOT_CLASSES,
+    STUDY_UID,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+    WARNING,
+    InstanceRef,
+    RetrieveError,
+    RetrieveRequest,
+    failure_status,
+    parse_retrieve_identifier,
+)
+from gateway.dimse.retrieve_sources import (
+    LOOKAHEAD_BYTES,
+    LOOKAHEAD_INSTANCES,
+    META_HEAD,
+    BulkFeed,
+    Fetched,
+    Listing,
+    part10_header,
+)
 from gateway.uids import is_valid_uid
 from gateway.upstream.base import JsonObject, Retrieved, Upstream
-from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamError, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.errors import NotFound, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger("gateway.dimse")
 
-# Statuses (PS3.4 C.4.2.1.5, C.4.3.1.4)
-SUCCESS = 0x0000
-PENDING = 0xFF00
-CANCEL = 0xFE00
-WARNING = 0xB000
-REFUSED_NOT_AUTHORIZED = 0x0124
-OUT_OF_RESOURCES_MATCHES = 0xA701
-OUT_OF_RESOURCES_SUBOPS = 0xA702
-MOVE_DESTINATION_UNKNOWN = 0xA801
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
 # C-STORE statuses counted as warnings rather than failures (PS3.4 B.2.3)
 STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
 UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 # Proposed (after the stored syntaxes and uncompressed) so a receiver that takes only
 # compressed data can still be served by recompressing losslessly.
 LOSSLESS_COMPRESSED = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5")
 
-QUERY_RETRIEVE_LEVEL = 0x00080052
-PATIENT_ID = 0x00100020
-STUDY_UID = 0x0020000D
-SERIES_UID = 0x0020000E
-SOP_INSTANCE_UID = 0x00080018
-SOP_CLASS_UID = 0x00080016
-FAILED_SOP_INSTANCE_UID_LIST = 0x00080058
-LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
-PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
-STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
-PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
-STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
-STUDY_ROOT_CLASSES = frozenset({STUDY_ROOT_MOVE, STUDY_ROOT_GET})
-# Instances fetched before the destination association is opened, so its contexts
-# cover the syntaxes they are stored in (the archive's search answers do not say).
-LOOKAHEAD_INSTANCES = 64
-LOOKAHEAD_BYTES = 64 << 20  # of in-memory instances; spilled ones cost no memory
-META_HEAD = 64 * 1024  # the File Meta group is never near this long
-LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UT", b"UN", b"UC", b"UR"})
 
-
-class RetrieveError(Exception):
-    """The request cannot be served; ``status`` is the final status to send."""
-
-    def __init__(self, message: str, status: int, offending: Iterable[int] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.offending = tuple(offending)
-
-
-def failure_status(exc: BaseException) -> tuple[int, str]:
-    """The one table from errors before any sub-operation to C-MOVE/C-GET statuses."""
-    if isinstance(exc, RetrieveError):
-        return exc.status, str(exc)
-    if isinstance(exc, UpstreamAuthError):
-        return UNABLE_TO_PROCESS, "archive refused the gateway's credentials"
-    if isinstance(exc, UpstreamRejected):
-        return UNABLE_TO_PROCESS, str(exc)
-    if isinstance(exc, (UpstreamUnavailable, TimeoutError)):
-        return OUT_OF_RESOURCES_MATCHES, f"archive unavailable: {exc}" if str(exc) else "archive unavailable"
-    return UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})"
-
-
-# -- the request ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetrieveRequest:
-    """What a C-MOVE/C-GET identifier names: a level and the unique keys down to it."""
-
-    level: str
-    patient_id: str | None = None
-    study_uids: tuple[str, ...] = ()
-    series_uids: tuple[str, ...] = ()
-    sop_uids: tuple[str, ...] = ()
-
-
-def _values(ds: Dataset, tag: int) -> tuple[str, ...]:
-    elem = ds.get(tag)
-    if elem is None or elem.value in (None, ""):
-        return ()
-    raw = list(elem.value) if isinstance(elem.value, (list, MultiValue)) else [elem.value]
-    return tuple(str(v).strip().rstrip("\x00") for v in raw if str(v).strip())
-
-
-def parse_retrieve_identifier(ds: Dataset, study_root: bool) -> RetrieveRequest:
-    """Validate a retrieve identifier (PS3.4 C.4.2.2.1: unique keys only, hierarchical).
-
-    A list of UIDs is allowed at the retrieve level; the levels above need their one
-    unique key, except that the study (and series) UID may be left out at SERIES and
-    IMAGE level, since UIDs are unique anyway and SCUs do leave them out.
-    """
-    level_elem = ds.get(QUERY_RETRIEVE_LEVEL)
-    level = str(level_elem.value).strip().upper() if level_elem is not None and level_elem.value else ""
-    if level not in LEVELS or (study_root and level == "PATIENT"):
-        raise RetrieveError(f"QueryRetrieveLevel {level!r} not valid here", IDENTIFIER_DOES_NOT_MATCH, [QUERY_RETRIEVE_LEVEL])
-    studies, series, sops = _values(ds, STUDY_UID), _values(ds, SERIES_UID), _values(ds, SOP_INSTANCE_UID)
-    for tag, uids in ((STUDY_UID, studies), (SERIES_UID, series), (SOP_INSTANCE_UID, sops)):
-        if any(not is_valid_uid(u) for u in uids):
-            raise RetrieveError("invalid UID in the identifier", IDENTIFIER_DOES_NOT_MATCH, [tag])
-    patient = _values(ds, PATIENT_ID)
-    if level == "PATIENT":
-        if len(patient) != 1 or "*" in patient[0] or "?" in patient[0]:
-            raise RetrieveError("PATIENT level needs one PatientID", IDENTIFIER_DOES_NOT_MATCH, [PATIENT_ID])
-        return RetrieveRequest(level, patient_id=patient[0])
-    if level == "STUDY":
-        if not studies:
-            raise RetrieveError("STUDY level needs StudyInstanceUID", IDENTIFIER_DOES_NOT_MATCH, [STUDY_UID])
-        return RetrieveRequest(level, study_uids=studies)
-    if len(studies) > 1:
-        raise RetrieveError("one StudyInstanceUID above the retrieve level", IDENTIFIER_DOES_NOT_MATCH, [STUDY_UID])
-    if level == "SERIES":
-        if not series:
-            raise RetrieveError("SERIES level needs SeriesInstanceUID", IDENTIFIER_DOES_NOT_MATCH, [SERIES_UID])
-        return RetrieveRequest(level, study_uids=studies, series_uids=series)
-    if len(series) > 1:
-        raise RetrieveError("one SeriesInstanceUID above the retrieve level", IDENTIFIER_DOES_NOT_MATCH, [SERIES_UID])
-    if not sops:
-        raise RetrieveError("IMAGE level needs SOPInstanceUID", IDENTIFIER_DOES_NOT_MATCH, [SOP_INSTANCE_UID])
-    return RetrieveRequest(level, study_uids=studies, series_uids=series, sop_uids=sops)
-
-
-# -- instances ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InstanceRef:
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
+# -- the search's answers ------------------------------------------------------------------
 
 
 def _first(obj: JsonObject, key: str) -> str:
@@ -213,66 +121,6 @@ def _ref(obj: JsonObject) -> InstanceRef | None:
 
 def _uid_key(tag: int, uids: tuple[str, ...]):  # type: ignore[no-untyped-def]
     return make_key(DataElement(tag, "UI", list(uids) if len(uids) > 1 else uids[0]))
-
-
-@dataclass
-class Fetched:
-    """One instance after its fetch: where its Part 10 file is and what its meta says."""
-
-    ref: InstanceRef
-    retrieved: Retrieved | None = None
-    transfer_syntax: str = ""
-    sop_class_uid: str = ""
-    dataset_offset: int = 0  # where the data set starts, within the Part 10 file
-    error: str = ""
-
-    def dataset(self) -> DataSource:
-        """The data set bytes as stored, without preamble and File Meta."""
-        r = self.retrieved
-        assert r is not None
-        if r.data is not None:
-            return memoryview(r.data)[r.offset + self.dataset_offset : r.offset + r.length]
-        assert r.path is not None
-        return FileSlice(r.path, r.offset + self.dataset_offset, r.length - self.dataset_offset)
-
-    def release(self) -> None:
-        if self.retrieved is not None:
-            self.retrieved.release()
-            self.retrieved = None
-
-
-def part10_header(head: bytes) -> tuple[str, str, str, int]:
-    """(transfer syntax, SOP class, SOP instance, data set offset) of a Part 10 file.
-
-    Read directly: the File Meta group is a few explicit VR little endian elements,
-    and parsing the whole file with pydicom would cost more than sending it.
-    """
-    if head[128:132] == b"DICM":
-        pos = 132
-    elif head[:2] == b"\x02\x00":
-        pos = 0  # an archive that sends the meta group without the preamble
-    else:
-        raise ValueError("not a DICOM Part 10 file")
-    values: dict[int, str] = {}
-    while pos + 8 <= len(head):
-        group, element = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            break
-        vr = head[pos + 4 : pos + 6]
-        if vr in LONG_VRS:
-            (length,) = struct.unpack_from("<I", head, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", head, pos + 6)
-            start = pos + 8
-        if start + length > len(head):
-            raise ValueError("File Meta element runs past the end")
-        if element in (0x0002, 0x0003, 0x0010):
-            values[element] = head[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        pos = start + length
-    if 0x0010 not in values:
-        raise ValueError("File Meta without a Transfer Syntax UID")
-    return values[0x0010], values.get(0x0002, ""), values.get(0x0003, ""), pos
 
 
 # -- the receiving side -------------------------------------------------------------------
@@ -703,126 +551,6 @@ class Retriever:
             return ""
         counts.fail(uid)
         return f"receiver answered C-STORE status 0x{status:04X}"
-
-
-class Listing:
-    """The search's answer as it arrives, gathered by a task of its own so that the
-    sub-operations can start with its first page instead of waiting for the last (an
-    archive such as Orthanc takes about as long to list a series as we take to send it).
-
-    ``refs`` grows in search order; ``error`` is what ended the search early, if
-    anything (what was listed until then stays listed).
-    """
-
-    def __init__(self, retriever: Retriever, request: RetrieveRequest) -> None:
-        self.refs: dict[str, InstanceRef] = {}
-        self.done = False
-        self.error: Exception | None = None
-        self._changed = asyncio.Event()
-        self._task = asyncio.create_task(self._search(retriever, request))
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _search(self, retriever: Retriever, request: RetrieveRequest) -> None:
-        try:
-            async for ref in retriever.search(request):
-                self.refs[ref.sop_instance_uid] = ref
-                self._notify()
-        except Exception as exc:  # noqa: BLE001 - kept for the caller, which makes it a status
-            self.error = exc
-        finally:
-            self.done = True
-            self._notify()
-
-    async def listed(self, sop_instance_uid: str) -> InstanceRef | None:
-        """The instance's reference once the search lists it; None if it never does."""
-        while sop_instance_uid not in self.refs and not self.done:
-            await self._changed.wait()
-        return self.refs.get(sop_instance_uid)
-
-    async def complete(self) -> None:
-        """Wait for the search to end, however it ends."""
-        while not self.done:
-            await self._changed.wait()
-
-    async def close(self) -> None:
-        """Stop searching (a cancelled request)."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-
-class BulkFeed:
-    """Instances of whole studies or series, read by one WADO-RS request each, in a
-    task of their own so that they arrive while the search is still answering.
-
-    What has arrived waits here, up to ``limit`` instances and LOOKAHEAD_BYTES in
-    memory (the look-ahead is then complete by the time the search answers); then
-    reading pauses, which pauses the archive through TCP. A failed or
-    unreadable answer ends the feed (what it lacks is then fetched alone), logged
-    once, never raised.
-    """
-
-    def __init__(self, retriever: Retriever, scopes: list[tuple[str, str | None]], limit: int, what: str) -> None:
-        self.retriever = retriever
-        self.what = what
-        self._queue: asyncio.Queue[Fetched | None] = asyncio.Queue(maxsize=max(limit, 1))
-        self._held = 0  # bytes of the waiting in-memory instances
-        self._room = asyncio.Event()
-        self._task = asyncio.create_task(self._read(scopes))
-
-    @staticmethod
-    def _in_memory(item: Fetched) -> int:
-        r = item.retrieved
-        return r.length if r is not None and r.data is not None else 0
-
-    async def _read(self, scopes: list[tuple[str, str | None]]) -> None:
-        r = self.retriever
-        try:
-            for study_uid, series_uid in scopes:
-                answer = r.upstream.iter_instances(study_uid, series_uid, r.spill_dir, r.spill_bytes)
-                async with contextlib.aclosing(answer):
-                    async for retrieved in answer:
-                        item = Fetched(InstanceRef(study_uid, series_uid or "", "", ""), retrieved)
-                        try:
-                            item.transfer_syntax, item.sop_class_uid, sop_instance, item.dataset_offset = await r.inspect(retrieved)
-                            item.ref = replace(item.ref, sop_instance_uid=sop_instance, sop_class_uid=item.sop_class_uid)
-                            await self._queue.put(item)
-                        except (ValueError, OSError):
-                            item.release()  # unidentifiable: fetched alone if the search lists it
-                            continue
-                        except BaseException:
-                            item.release()
-                            raise
-                        self._held += self._in_memory(item)
-                        while self._held > LOOKAHEAD_BYTES:
-                            self._room.clear()
-                            await self._room.wait()
-        except NotFound:
-            pass  # nothing there; the search says the same
-        except UpstreamError as exc:
-            log.warning("%s: bulk retrieval stopped (%s); fetching the rest one by one", self.what, exc)
-        except Exception:  # noqa: BLE001 - whatever went wrong, the rest is fetched alone
-            log.exception("%s: bulk retrieval failed; fetching the rest one by one", self.what)
-        await self._queue.put(None)
-
-    async def __aiter__(self) -> AsyncIterator[Fetched]:
-        while (item := await self._queue.get()) is not None:
-            self._held -= self._in_memory(item)
-            self._room.set()
-            yield item
-
-    async def close(self) -> None:
-        """Stop reading and release every instance still waiting."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None:
-                item.release()
 
 
 def proposals(refs: list[InstanceRef], first: list[Fetched]) -> list[tuple[str, list[str]]]:

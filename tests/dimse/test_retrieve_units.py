@@ -26,18 +26,9 @@ from gateway.dimse import pdu
 from gateway.dimse.association import file_meta_header
 from gateway.dimse.command import Command
 from gateway.dimse.requestor import DataSource, FileSlice
-from gateway.dimse.retrieve import (
-    Counts,
-    Fetched,
-    InstanceRef,
-    Listing,
-    RetrieveError,
-    RetrieveRequest,
-    Retriever,
-    parse_retrieve_identifier,
-    part10_header,
-    proposals,
-)
+from gateway.dimse.retrieve import Counts, Retriever, proposals
+from gateway.dimse.retrieve_request import InstanceRef, RetrieveError, RetrieveRequest, parse_retrieve_identifier
+from gateway.dimse.retrieve_sources import Fetched, Listing, part10_header
 from gateway.upstream.base import Retrieved
 from gateway.upstream.errors import NotFound, UpstreamUnavailable
 
