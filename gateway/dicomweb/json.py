@@ -7,8 +7,8 @@ per element (``element_from_json``) rather than whole-object: ``Dataset.from_jso
 on a full QIDO result costs about 0.2 ms, which a 1000-match answer would pay in full
 while returning only a handful of keys.
 
-Text stays Unicode inside the gateway; bytes are produced only when pynetdicom encodes
-the answer, in the character set ``answer_charset`` picked for that answer.
+Text stays Unicode inside the gateway; bytes are produced only when the answer is
+encoded, in the character set ``answer_charset`` picked for that answer.
 """
 
 from __future__ import annotations

@@ -97,8 +97,8 @@ def immediate(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
 class SpoolDB:
     """A small pool of connections to one spool database.
 
-    pynetdicom runs each association on a fresh thread, so per-thread connections
-    would pile up; instead a thread borrows a connection for one operation. The
+    C-STORE worker threads, the forwarder's executor and the CLI all use the spool;
+    instead of per-thread connections a thread borrows one for one operation. The
     connections are opened with check_same_thread=False and are only ever used by
     one thread at a time.
     """

@@ -7,7 +7,7 @@ Life of a row: ``queued`` -> ``sending`` (claimed by a forwarder worker) ->
 times.
 
 Files are named by a random token, never by a UID from the wire, and live under
-``objects/xx/``. `enqueue` is called on pynetdicom's association threads and makes the
+``objects/xx/``. `enqueue` is called on the C-STORE worker threads and makes the
 instance durable (file fsync, rename, directory fsync, row commit) before it returns.
 """
 
@@ -159,7 +159,7 @@ class Spool:
     ) -> int:
         """Make a received file durable and queue it; return its row id.
 
-        ``temp_path`` must be on the spool's file system (pynetdicom writes it into
+        ``temp_path`` must be on the spool's file system (the SCP writes it into
         ``incoming/``). With ``watch``, the caller may then `wait_outcome` for it.
         Raises SpoolFull when the disk cannot take it; the file is then removed.
         """
@@ -168,7 +168,9 @@ class Spool:
             fsync_path(temp_path)
             token = uuid.uuid4().hex
             subdir = self.objects / token[:2]
-            subdir.mkdir(exist_ok=True)
+            if not subdir.is_dir():
+                subdir.mkdir(exist_ok=True)
+                fsync_path(self.objects, directory=True)
             final = subdir / f"{token}.dcm"
             os.replace(temp_path, final)
             fsync_path(subdir, directory=True)
