@@ -262,6 +262,9 @@ class StoreSCP:
     and writes what it receives bit-preserving (``+B``), so a test sees the
     exact data set that went over the wire. ``implicit_only`` makes it accept
     Implicit VR Little Endian only, to test peers that must transcode or fail.
+    ``profile`` (``--config-file`` arguments, e.g. from :func:`storescu_for_syntax`)
+    makes it accept exactly the profile's contexts instead; dcmtk allows neither
+    ``+xa``/``+xi`` nor ``-pm`` with it, so those are then left out.
     Files are named ``<modality>.<SOPInstanceUID>`` by storescp. It serves one
     association at a time; pass ``extra_args=["--fork"]`` when a test needs
     concurrent associations.
@@ -277,6 +280,7 @@ class StoreSCP:
         extra_args: Sequence[str] = (),
         log_file: Path | None = None,
         port: int | None = None,
+        profile: Sequence[str] = (),
     ) -> None:
         self._workdir: Path | None = None
         if output_dir is None:
@@ -288,9 +292,12 @@ class StoreSCP:
         self.port = port if port is not None else free_port()
         self.log_file = log_file if log_file is not None else self.output_dir.parent / f"storescp-{self.port}.log"
         args = ["-aet", ae_title, "-od", str(self.output_dir), "-v"]
-        args.append("+xi" if implicit_only else "+xa")
-        if promiscuous:
-            args.append("-pm")
+        if profile:
+            args += profile
+        else:
+            args.append("+xi" if implicit_only else "+xa")
+            if promiscuous:
+                args.append("-pm")
         if bit_preserving:
             args.append("+B")
         self._args = [*args, *extra_args, str(self.port)]
