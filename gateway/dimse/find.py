@@ -58,7 +58,6 @@ log = logging.getLogger("gateway.dimse")
 SUCCESS = 0x0000
 PENDING = 0xFF00
 CANCEL = 0xFE00
-REFUSED_NOT_AUTHORIZED = 0x0124
 OUT_OF_RESOURCES = 0xA700
 
 FIND_SOP_CLASSES = (PATIENT_ROOT_FIND, STUDY_ROOT_FIND)
@@ -145,11 +144,6 @@ class FindService:
             rsp = response(command, C_FIND_RSP, status, has_dataset=body is not None, extra=extra)
             await assoc.send_message(context.id, rsp, body)
 
-        peer = self.config.peer(assoc.calling_ae)
-        if peer is not None and "find" not in peer.permissions:
-            log.warning("C-FIND from %s refused: peer has no find permission", assoc.peer)
-            await send(REFUSED_NOT_AUTHORIZED, extra={0x0902: "calling AE may not query"})
-            return
         query: Query | None = None
         try:
             try:

@@ -70,7 +70,6 @@ class GetService(RetrieveService):
 
     name = "C-GET"
     rsp_field = C_GET_RSP
-    permission = "get"
 
     async def open_target(
         self, assoc: Association, message: Message, refs: list[InstanceRef], first: list[Fetched]

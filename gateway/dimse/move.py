@@ -47,7 +47,6 @@ class MoveService(RetrieveService):
 
     name = "C-MOVE"
     rsp_field = C_MOVE_RSP
-    permission = "move"
 
     def precheck(self, assoc: Association, message: Message) -> tuple[int, str] | None:
         destination = str(message.command.get(0x0600, "")).strip()

@@ -63,7 +63,6 @@ from gateway.dimse.retrieve_request import (
     OUT_OF_RESOURCES_SUBOPS,
     PATIENT_ID,
     PENDING,
-    REFUSED_NOT_AUTHORIZED,
     SERIES_UID,
     SOP_CLASS_UID,
     SOP_INSTANCE_UID,
@@ -581,7 +580,7 @@ def proposals(refs: list[InstanceRef], first: list[Fetched]) -> list[tuple[str, 
 
 
 class RetrieveService:
-    """What C-MOVE and C-GET share: permission, identifier, search, run, statuses.
+    """What C-MOVE and C-GET share: identifier, search, run, statuses.
 
     Subclasses say where the sub-operations go (`open_target`) and what may refuse
     the request before anything is searched (`precheck`).
@@ -589,7 +588,6 @@ class RetrieveService:
 
     name = ""
     rsp_field = 0
-    permission = ""
 
     def __init__(self, config: Config, retriever: Retriever) -> None:
         self.config = config
@@ -613,11 +611,6 @@ class RetrieveService:
             rsp = response(command, self.rsp_field, status, has_dataset=body is not None, extra=extra)
             await assoc.send_message(context.id, rsp, body)
 
-        peer = self.config.peer(assoc.calling_ae)
-        if peer is not None and self.permission not in peer.permissions:
-            log.warning("%s refused: peer has no %s permission", what, self.permission)
-            await send(REFUSED_NOT_AUTHORIZED, extra={0x0902: f"calling AE may not {self.permission}"})
-            return
         refusal = self.precheck(assoc, message)
         if refusal is not None:
             log.warning("%s refused: %s", what, refusal[1])
