@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from gateway.codecs.syntaxes import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, IMPLICIT_VR_LE
+
 ITEM = 0xFFFEE000
 ITEM_DELIMITER = 0xFFFEE00D
 SEQUENCE_DELIMITER = 0xFFFEE0DD
@@ -23,9 +25,8 @@ UNDEFINED = 0xFFFFFFFF
 LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 MAX_KEPT_VALUE = 256
 
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
+# Deflated Explicit VR LE, and Deflated Image Frame Compression.
+DEFLATED = (DEFLATED_EXPLICIT_VR_LE, "1.2.840.10008.1.2.8.1")
 TRANSFER_SYNTAX_TAG = 0x00020010
 
 
@@ -138,8 +139,8 @@ def scan_file(fh: BinaryIO, size: int, keep: frozenset[int]) -> Scan:
         walker = _Walker(
             fh,
             size,
-            explicit=scan.transfer_syntax != IMPLICIT_LE,
-            little=scan.transfer_syntax != EXPLICIT_BE,
+            explicit=scan.transfer_syntax != IMPLICIT_VR_LE,
+            little=scan.transfer_syntax != EXPLICIT_VR_BE,
             keep=keep,
         )
         fh.seek(scan.dataset_offset)

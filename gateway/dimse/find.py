@@ -32,6 +32,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
+from gateway.codecs.syntaxes import EXPLICIT_VR_BE, IMPLICIT_VR_LE
 from gateway.config import Config
 from gateway.dicomweb.json import dataset_from_json
 from gateway.dicomweb.qido import Search
@@ -61,8 +62,6 @@ CANCEL = 0xFE00
 OUT_OF_RESOURCES = 0xA700
 
 FIND_SOP_CLASSES = (PATIENT_ROOT_FIND, STUDY_ROOT_FIND)
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
 
 PATIENT_ID = 0x00100020
 ISSUER_OF_PATIENT_ID = 0x00100021

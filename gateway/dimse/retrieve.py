@@ -51,6 +51,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 
 from gateway.codecs import TranscodeError, choose_for_dataset, transcode
+from gateway.codecs.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from gateway.config import Config
 from gateway.dicomweb.qido import Search
 from gateway.dimse.association import Association, Message
@@ -95,8 +96,6 @@ log = logging.getLogger("gateway.dimse")
 # C-STORE statuses counted as warnings rather than failures (PS3.4 B.2.3)
 STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LE = "1.2.840.10008.1.2"
 UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 # Proposed (after the stored syntaxes and uncompressed) so a receiver that takes only
 # compressed data can still be served by recompressing losslessly.

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from gateway.dimse.requestor import DataSource, FileSlice
 from gateway.dimse.retrieve_request import InstanceRef, RetrieveRequest
+from gateway.structure import LONG_VRS
 from gateway.upstream.base import Retrieved
 from gateway.upstream.errors import NotFound, UpstreamError
 
@@ -33,7 +34,6 @@ log = logging.getLogger("gateway.dimse")
 LOOKAHEAD_INSTANCES = 64
 LOOKAHEAD_BYTES = 64 << 20  # of in-memory instances; spilled ones cost no memory
 META_HEAD = 64 * 1024  # the File Meta group is never near this long
-LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UT", b"UN", b"UC", b"UR"})
 
 
 @dataclass
