@@ -246,7 +246,6 @@ class LocalUpstream:
     def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
         return self._search("instances", search)
 
-
     # -- retrieve (the archive's own files, never copied) ------------------------------
 
     def _locate(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path | None:

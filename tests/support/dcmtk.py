@@ -32,7 +32,6 @@ import atexit
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,6 +40,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from tests.support.ports import free_port, port_is_open, wait_until
+from tests.support.process import terminate
 
 DCMTK_BIN = Path("/usr/bin")
 LOOPBACK = "127.0.0.1"
@@ -337,13 +337,7 @@ class StoreSCP:
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate storescp (SIGTERM, then SIGKILL); received files stay."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, timeout)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None

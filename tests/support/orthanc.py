@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -57,6 +56,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tests.support.ports import free_port, port_is_open
+from tests.support.process import terminate
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -279,14 +279,7 @@ class Orthanc:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM and wait; storage, index and ports are kept for a restart."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(self._process, timeout)
         self._reap()
 
     def kill(self) -> None:
