@@ -1,9 +1,9 @@
 """QIDO-RS searches (PS3.18 8.3.4 and 10.6): match parameters, includefield, paging.
 
-A `Search` is what a front asks of an archive, independent of DIMSE: match keys
-(with the PS3.4 C.2.2.2 semantics of ``gateway.dimse.query``), attributes to return,
-and paging knobs. Every answer is re-checked by the gateway, so a parameter may be
-sent in a looser form than the key (never a stricter one) or left out entirely:
+A `Search` (``gateway.model.search``) becomes a query string here, shaped by the
+client's `QidoOptions` (from ``[find]``). Every answer is re-checked by the gateway,
+so a parameter may be sent in a looser form than the key (never a stricter one) or
+left out entirely:
 
 * values with characters a URL must percent-encode (space, ``^``, non-ASCII, ...)
   are sent with each such run replaced by ``*`` when ``relax_unsafe`` is set.
@@ -21,28 +21,26 @@ import string
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from gateway.dicomweb.json import tag_key
-from gateway.dimse.query import WILDCARD_VRS, Key
+from gateway.model.json import tag_key
+from gateway.model.query import WILDCARD_VRS, Key
+from gateway.model.search import Search
+
+@dataclass(frozen=True)
+class QidoOptions:
+    """How a QIDO-RS client pages and words its searches (``[find]`` settings): these
+    are the client's, not the search's, so a search means the same to every archive."""
+
+    page_size: int = 1000
+    timeout: float = 30.0  # seconds per page
+    relax_unsafe: bool = True
+    local_only: frozenset[int] = frozenset()  # tags never sent as match parameters
+
 
 _UNRESERVED = string.ascii_letters + string.digits + "-._~"
 # Characters sent literally in a query value: unreserved, the QIDO wildcards, and
 # sub-delimiters with no meaning in a query string.
 SAFE = frozenset(_UNRESERVED + "*?'()!$:@/")
 _UNSAFE_RUN = re.compile("[^" + re.escape("".join(sorted(SAFE))) + "]+")
-
-
-@dataclass(frozen=True)
-class Search:
-    """One search at study, series or instance level (UIDs above it in the path)."""
-
-    keys: tuple[Key, ...] = ()
-    include: tuple[int, ...] = ()
-    study_uid: str | None = None
-    series_uid: str | None = None
-    page_size: int = 1000
-    timeout: float = 30.0
-    relax_unsafe: bool = True
-    local_only: frozenset[int] = frozenset()  # tags never sent as match parameters
 
 
 def upstream_value(key: Key, value: str, relax: bool) -> str | None:
@@ -64,28 +62,28 @@ def _key_param(key: Key, relax: bool) -> str | None:
     return ",".join(str(v) for v in values)
 
 
-def match_params(search: Search) -> list[tuple[str, str]]:
+def match_params(search: Search, options: QidoOptions) -> list[tuple[str, str]]:
     """``(attribute, value)`` match parameters for the search's keys."""
     params: list[tuple[str, str]] = []
     for key in search.keys:
-        if key.universal or key.tag in search.local_only:
+        if key.universal or key.tag in options.local_only:
             continue
         if key.vr == "SQ":
             for sub in key.items:
                 if not sub.universal and sub.vr != "SQ":
-                    value = _key_param(sub, search.relax_unsafe)
+                    value = _key_param(sub, options.relax_unsafe)
                     if value is not None:
                         params.append((f"{tag_key(key.tag)}.{tag_key(sub.tag)}", value))
             continue
-        value = _key_param(key, search.relax_unsafe)
+        value = _key_param(key, options.relax_unsafe)
         if value is not None:
             params.append((tag_key(key.tag), value))
     return params
 
 
-def query_string(search: Search, limit: int, offset: int) -> str:
+def query_string(search: Search, options: QidoOptions, limit: int, offset: int) -> str:
     """The encoded query string of one page: match parameters, includefield, paging."""
-    params = match_params(search)
+    params = match_params(search, options)
     params += [("includefield", tag_key(t)) for t in search.include]
     params += [("limit", str(limit)), ("offset", str(offset))]
     return "&".join(f"{name}={quote(value, safe=''.join(sorted(SAFE)) + ',')}" for name, value in params)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -34,18 +33,18 @@ from pydicom.filewriter import write_dataset
 
 from gateway.codecs.syntaxes import EXPLICIT_VR_BE, IMPLICIT_VR_LE
 from gateway.config import Config
-from gateway.dicomweb.json import dataset_from_json
-from gateway.dicomweb.qido import Search
+from gateway.model.json import dataset_from_json
+from gateway.model.search import Search
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_FIND_RSP, response
 from gateway.dimse.identifier import Attribute, AnswerWriter, Unsupported, attributes_from_json
-from gateway.dimse.query import (
-    UNABLE_TO_PROCESS,
+from gateway.model.query import (
     PATIENT_ROOT_FIND,
     STUDY_ROOT_FIND,
     UNIQUE_KEY,
     Model,
     Query,
+    InvalidValue,
     QueryError,
     entity_values,
     parse_identifier,
@@ -60,6 +59,8 @@ SUCCESS = 0x0000
 PENDING = 0xFF00
 CANCEL = 0xFE00
 OUT_OF_RESOURCES = 0xA700
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
 
 FIND_SOP_CLASSES = (PATIENT_ROOT_FIND, STUDY_ROOT_FIND)
 
@@ -90,8 +91,10 @@ class Failure:
 
 def failure_status(exc: BaseException) -> Failure:
     """The one table from errors to C-FIND statuses (PS3.4 C.4.1.1.4)."""
+    if isinstance(exc, InvalidValue):
+        return Failure(UNABLE_TO_PROCESS, str(exc), tuple(exc.offending))
     if isinstance(exc, QueryError):
-        return Failure(exc.status, str(exc), tuple(exc.offending))
+        return Failure(IDENTIFIER_DOES_NOT_MATCH, str(exc), tuple(exc.offending))
     if isinstance(exc, UpstreamAuthError):
         return Failure(UNABLE_TO_PROCESS, str(exc))
     if isinstance(exc, UpstreamRejected):
@@ -131,7 +134,6 @@ class FindService:
     def __init__(self, config: Config, upstream: Upstream) -> None:
         self.config = config
         self.upstream = upstream
-        self.local_only = frozenset(int(tag_for_keyword(k)) for k in config.find.local_match_keys)  # type: ignore[arg-type]
 
     async def __call__(self, assoc: Association, message: Message) -> None:
         command, context = message.command, message.context
@@ -151,7 +153,7 @@ class FindService:
             except QueryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any decoding failure is the peer's malformed identifier
-                raise QueryError(f"unreadable identifier ({type(exc).__name__})", UNABLE_TO_PROCESS) from exc
+                raise InvalidValue(f"unreadable identifier ({type(exc).__name__})") from exc
             async with contextlib.aclosing(self.answers(query, syntax)) as answers:
                 async for answer in answers:
                     await send(PENDING, answer)
@@ -285,10 +287,6 @@ class FindService:
             include=tuple(sorted(t for t in tags if not query.is_below(t))),
             study_uid=query.uid("STUDY") if level in ("SERIES", "IMAGE") else None,
             series_uid=query.uid("SERIES") if level == "IMAGE" else None,
-            page_size=f.page_size,
-            timeout=f.timeout,
-            relax_unsafe=f.wildcard_unsafe_characters,
-            local_only=self.local_only,
         )
         method: Callable[[Search], AsyncIterator[JsonObject]] = getattr(self.upstream, SEARCH_METHOD[level])
         return _bounded(method(search), f.timeout + 5)

@@ -53,11 +53,11 @@ from pydicom.filewriter import dcmwrite
 from gateway.codecs import TranscodeError, choose_for_dataset, transcode
 from gateway.codecs.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from gateway.config import Config
-from gateway.dicomweb.qido import Search
+from gateway.model.search import Search
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import Command, response
 from gateway.dimse.find import decode_identifier, encode_identifier
-from gateway.dimse.query import make_key
+from gateway.model.query import make_key
 from gateway.dimse.requestor import DataSource, RequestorError
 from gateway.dimse.retrieve_request import (
     CANCEL,
@@ -210,13 +210,12 @@ class Retriever:
     async def search(self, request: RetrieveRequest) -> AsyncIterator[InstanceRef]:
         """Every instance the request names, by QIDO on the upstream, deduplicated,
         each as soon as its page arrives."""
-        f = self.config.find
         include = (SOP_CLASS_UID, STUDY_UID, SERIES_UID, SOP_INSTANCE_UID)
         searches: list[Search] = []
-        base = {"include": include, "page_size": f.page_size, "timeout": f.timeout}
+        base = {"include": include}
         if request.level == "PATIENT":
             assert request.patient_id is not None
-            search = Search(keys=(make_key(DataElement(PATIENT_ID, "LO", request.patient_id)),), include=(STUDY_UID, PATIENT_ID), page_size=f.page_size, timeout=f.timeout)
+            search = Search(keys=(make_key(DataElement(PATIENT_ID, "LO", request.patient_id)),), include=(STUDY_UID, PATIENT_ID))
             studies: list[str] = []
             async for obj in self.upstream.search_for_studies(search):
                 if _first(obj, "00100020") == request.patient_id and is_valid_uid(_first(obj, "0020000D")):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pydicom.datadict import tag_for_keyword
+
 from gateway.config import Config
+from gateway.dicomweb.qido import QidoOptions
 from gateway.upstream.base import Upstream
 
 
@@ -11,7 +14,14 @@ def make_upstream(cfg: Config) -> Upstream:
     if cfg.upstream.type == "dicomweb":
         from gateway.upstream.dicomweb import DicomWebUpstream
 
-        return DicomWebUpstream(cfg.upstream)
+        f = cfg.find
+        options = QidoOptions(
+            page_size=f.page_size,
+            timeout=f.timeout,
+            relax_unsafe=f.wildcard_unsafe_characters,
+            local_only=frozenset(int(tag_for_keyword(k)) for k in f.local_match_keys),  # type: ignore[arg-type]
+        )
+        return DicomWebUpstream(cfg.upstream, options)
     from gateway.upstream.local import LocalUpstream
 
-    return LocalUpstream(cfg.spool.directory)
+    return LocalUpstream(cfg.spool.directory, cfg.find.page_size)

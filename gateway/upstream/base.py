@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.dicomweb.qido import Search
+from gateway.model.search import Search
 from gateway.spool.queue import Outcome, SpooledInstance
 
 JsonObject = Mapping[str, Any]

@@ -21,7 +21,8 @@ from gateway.dicomweb import mediatypes
 from gateway.dicomweb.auth import auth_headers
 from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_parts, single_part_in_file, split_parts
-from gateway.dicomweb.qido import Search, query_string, resource_path
+from gateway.model.search import Search
+from gateway.dicomweb.qido import QidoOptions, query_string, resource_path
 from gateway.dicomweb.stow import ALREADY_STORED, TRANSIENT, parse_stow_response
 from gateway.spool.queue import Outcome, SpooledInstance
 from gateway.upstream.base import Health, JsonObject, Retrieved
@@ -81,8 +82,9 @@ class DicomWebUpstream:
 
     kind = "dicomweb"
 
-    def __init__(self, cfg: UpstreamConfig) -> None:
+    def __init__(self, cfg: UpstreamConfig, qido: QidoOptions = QidoOptions()) -> None:
         self.cfg = cfg
+        self.qido = qido
         self.url = cfg.url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
         self._wado_accept = 0  # index into WADO_ACCEPTS of the first one the archive took
@@ -186,8 +188,8 @@ class DicomWebUpstream:
 
     async def _page(self, path: str, search: Search, offset: int, limit: int) -> tuple[list[JsonObject], bool]:
         """One QIDO-RS page: (objects, whether the server says it cut the page short)."""
-        url = URL(f"{self.url}/{path}?{query_string(search, limit, offset)}", encoded=True)
-        timeout = aiohttp.ClientTimeout(total=search.timeout, sock_connect=self.cfg.connect_timeout)
+        url = URL(f"{self.url}/{path}?{query_string(search, self.qido, limit, offset)}", encoded=True)
+        timeout = aiohttp.ClientTimeout(total=self.qido.timeout, sock_connect=self.cfg.connect_timeout)
         resource = path.rsplit("/", 1)[-1]
         try:
             async with self.session.get(url, headers={"Accept": mediatypes.DICOM_JSON}, timeout=timeout) as resp:
@@ -195,7 +197,7 @@ class DicomWebUpstream:
                 status, reason = resp.status, resp.reason or ""
                 cut = _more_results_warning(resp)
         except asyncio.TimeoutError:
-            raise UpstreamUnavailable(f"archive timeout after {search.timeout:g} s") from None
+            raise UpstreamUnavailable(f"archive timeout after {self.qido.timeout:g} s") from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"archive unreachable: {type(exc).__name__}") from None
         if status in (401, 403):
@@ -226,7 +228,7 @@ class DicomWebUpstream:
         The next page is requested while the current one is being answered (one page
         ahead, so memory stays bounded), which hides most of the archive's latency.
         A page shorter than ``limit`` ends the search unless the server says, with a
-        Warning header, that it cut the page; so ``page_size`` must not exceed the
+        Warning header, that it cut the page; so ``find.page_size`` must not exceed the
         archive's own cap (AWS HealthImaging: 1000) on servers that cut silently.
         Closing the iterator (C-CANCEL, match cap) cancels the request in flight.
 
@@ -236,14 +238,14 @@ class DicomWebUpstream:
         """
         path = resource_path(level, search.study_uid, search.series_uid)
         offset = 0
-        limit = min(search.page_size, FIRST_PAGE)
+        limit = min(self.qido.page_size, FIRST_PAGE)
         pending = asyncio.ensure_future(self._page(path, search, offset, limit))
         try:
             while True:
                 page, cut = await pending
                 more = bool(page) and (len(page) >= limit or cut)
                 offset += len(page)
-                limit = search.page_size
+                limit = self.qido.page_size
                 if more:
                     pending = asyncio.ensure_future(self._page(path, search, offset, limit))
                 for item in page:

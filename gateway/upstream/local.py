@@ -23,9 +23,9 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from gateway.dicomweb.json import dataset_from_json
-from gateway.dicomweb.qido import Search
-from gateway.dimse.query import Key
+from gateway.model.json import dataset_from_json
+from gateway.model.search import Search
+from gateway.model.query import Key
 from gateway.fsutil import fsync_path
 from gateway.spool.db import connect, immediate
 from gateway.spool.queue import Outcome, SpooledInstance
@@ -77,7 +77,10 @@ class LocalUpstream:
 
     kind = "local"
 
-    def __init__(self, spool_directory: Path) -> None:
+    def __init__(self, spool_directory: Path, page_size: int = 1000) -> None:
+        """``page_size``: index rows read per step of a search (``find.page_size``), so
+        a search streams its answers instead of reading every match first."""
+        self.page_size = page_size
         self.root = spool_directory / "archive"
         self.objects = self.root / "objects"
         self.objects.mkdir(parents=True, exist_ok=True)
@@ -185,20 +188,20 @@ class LocalUpstream:
                 "COUNT(*) AS instances FROM instances "
                 f"WHERE study_uid IN (SELECT study_uid FROM instances WHERE {where}) "
                 "GROUP BY study_uid ORDER BY study_uid LIMIT ? OFFSET ?",
-                [*args, search.page_size, offset],
+                [*args, self.page_size, offset],
             ).fetchall()
         elif level == "series":
             rows = self._db.execute(
                 "SELECT MIN(rowid) AS first, COUNT(*) AS instances FROM instances "
                 f"WHERE series_uid IN (SELECT series_uid FROM instances WHERE {where}) "
                 "GROUP BY series_uid ORDER BY study_uid, series_uid LIMIT ? OFFSET ?",
-                [*args, search.page_size, offset],
+                [*args, self.page_size, offset],
             ).fetchall()
         else:
             rows = self._db.execute(
                 f"SELECT rowid AS first FROM instances WHERE {where} "
                 "ORDER BY study_uid, series_uid, rowid LIMIT ? OFFSET ?",
-                [*args, search.page_size, offset],
+                [*args, self.page_size, offset],
             ).fetchall()
         if not rows:
             return [], 0
@@ -233,7 +236,7 @@ class LocalUpstream:
             )
             for obj in page:
                 yield obj
-            if candidates < search.page_size:
+            if candidates < self.page_size:
                 return
             offset += candidates
 

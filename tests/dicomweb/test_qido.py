@@ -6,23 +6,27 @@ from urllib.parse import unquote
 
 from pydicom.dataset import Dataset
 
-from gateway.dicomweb.json import answer_charset, dataset_from_json
-from gateway.dicomweb.qido import Search, query_string, resource_path
-from gateway.dimse.query import Model, parse_identifier
+from gateway.model.json import answer_charset, dataset_from_json
+from gateway.model.search import Search
+from gateway.dicomweb.qido import QidoOptions, query_string, resource_path
+from gateway.model.query import Model, parse_identifier
 
 
-def search(relax: bool = True, **keys: str) -> Search:
+def options(relax: bool = True) -> QidoOptions:
+    return QidoOptions(relax_unsafe=relax, local_only=frozenset({0x00080061}))
+
+
+def search(**keys: str) -> Search:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
     q = parse_identifier(ds, Model.STUDY_ROOT)
-    return Search(keys=q.match_keys, include=tuple(k.tag for k in q.keys), relax_unsafe=relax,
-                  local_only=frozenset({0x00080061}))
+    return Search(keys=q.match_keys, include=tuple(k.tag for k in q.keys))
 
 
 def test_match_parameters_and_includefield() -> None:
-    qs = query_string(search(StudyDate="20200101-", StudyInstanceUID="1.2.3\\1.2.4", PatientID=""), 100, 200)
+    qs = query_string(search(StudyDate="20200101-", StudyInstanceUID="1.2.3\\1.2.4", PatientID=""), options(), 100, 200)
     assert "00080020=20200101-" in qs
     assert "0020000D=1.2.3,1.2.4" in qs
     assert "includefield=00100020" in qs
@@ -30,20 +34,20 @@ def test_match_parameters_and_includefield() -> None:
 
 
 def test_unsafe_characters_become_wildcards_when_relaxed() -> None:
-    assert "00100010=VAN*DER*BERG*PIETER" in query_string(search(PatientName="VAN DER BERG^PIETER"), 10, 0)
-    assert "00100010=M*LLER*" in query_string(search(PatientName="MÜLLER*"), 10, 0)
+    assert "00100010=VAN*DER*BERG*PIETER" in query_string(search(PatientName="VAN DER BERG^PIETER"), options(), 10, 0)
+    assert "00100010=M*LLER*" in query_string(search(PatientName="MÜLLER*"), options(), 10, 0)
     # nothing left but wildcards: not sent at all, the gateway filters
-    assert "00100010=" not in query_string(search(PatientName="山田*"), 10, 0)
+    assert "00100010=" not in query_string(search(PatientName="山田*"), options(), 10, 0)
 
 
 def test_percent_encoding_when_not_relaxed() -> None:
-    qs = query_string(search(relax=False, PatientName="VAN DAM^ELS"), 10, 0)
+    qs = query_string(search(PatientName="VAN DAM^ELS"), options(False), 10, 0)
     assert "00100010=VAN%20DAM%5EELS" in qs
     assert unquote("VAN%20DAM%5EELS") == "VAN DAM^ELS"
 
 
 def test_local_only_keys_are_not_sent() -> None:
-    assert "00080061=" not in query_string(search(ModalitiesInStudy="CT"), 10, 0)
+    assert "00080061=" not in query_string(search(ModalitiesInStudy="CT"), options(), 10, 0)
 
 
 def test_resource_paths() -> None:

@@ -14,10 +14,10 @@ import pytest
 from pydicom.dataset import Dataset
 
 from gateway.config import Config
-from gateway.dicomweb.json import dataset_from_json
+from gateway.model.json import dataset_from_json
 from gateway.dimse.find import FindService, encode_identifier
 from gateway.dimse.identifier import AnswerWriter, Unsupported, attributes_from_json
-from gateway.dimse.query import Model, Query, parse_identifier
+from gateway.model.query import Model, Query, parse_identifier
 
 IMPLICIT = "1.2.840.10008.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"

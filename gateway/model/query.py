@@ -35,14 +35,11 @@ from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
-from gateway.dicomweb.json import answer_charset, charset_terms, empty_like, keyword_vr, set_charset
+from gateway.model.json import answer_charset, charset_terms, empty_like, keyword_vr, set_charset
 from gateway.uids import is_valid_uid
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 UNIQUE_KEY = {"PATIENT": 0x00100020, "STUDY": 0x0020000D, "SERIES": 0x0020000E, "IMAGE": 0x00080018}
@@ -109,12 +106,18 @@ def attribute_level(tag: int, model: Model) -> str:
 
 
 class QueryError(Exception):
-    """The identifier cannot be answered; ``status`` is the C-FIND failure to send."""
+    """The request does not fit the information model (a level it lacks, a relational
+    query, keys below the level, matching it cannot do). Fronts map it: C-FIND 0xA900,
+    QIDO-RS 400. ``offending`` lists the tags at fault, for OffendingElement."""
 
-    def __init__(self, message: str, status: int = IDENTIFIER_DOES_NOT_MATCH, offending: Iterable[int] = ()) -> None:
+    def __init__(self, message: str, offending: Iterable[int] = ()) -> None:
         super().__init__(message)
-        self.status = status
         self.offending = list(offending)
+
+
+class InvalidValue(QueryError):
+    """A key's value cannot be parsed (a malformed date range, number or UID). Fronts
+    map it: C-FIND 0xC000, QIDO-RS 400."""
 
 
 def tag_name(tag: int) -> str:
@@ -224,7 +227,7 @@ class Range:
 
 
 def parse_range(vr: str, text: str, tag: int) -> Range:
-    """Parse one DA/TM/DT key value; QueryError (0xC000) if malformed."""
+    """Parse one DA/TM/DT key value; InvalidValue if malformed."""
     text = text.strip()
     if "-" in text and not (vr == "DT" and re.fullmatch(r"[^-]+[+-]\d{4}", text)):
         low_text, _, high_text = text.partition("-") if vr != "DT" else _split_dt_range(text)
@@ -232,9 +235,9 @@ def parse_range(vr: str, text: str, tag: int) -> Range:
         low_text = high_text = text
     for part in (low_text, high_text):
         if part and not (_RANGE_SYNTAX[vr].match(part) and _plausible(vr, part)):
-            raise QueryError(f"{tag_name(tag)}: {text!r} is not a {vr} value or range", UNABLE_TO_PROCESS, [tag])
+            raise InvalidValue(f"{tag_name(tag)}: {text!r} is not a {vr} value or range", [tag])
     if not low_text and not high_text:
-        raise QueryError(f"{tag_name(tag)}: '-' is not a range", UNABLE_TO_PROCESS, [tag])
+        raise InvalidValue(f"{tag_name(tag)}: '-' is not a range", [tag])
     return Range(
         normalise(vr, low_text, "0") if low_text else None,
         normalise(vr, high_text, "9") if high_text else None,
@@ -264,7 +267,7 @@ def _number_matcher(values: list[str], tag: int) -> Callable[[str], bool]:
     try:
         wanted = {float(v) for v in values}
     except ValueError:
-        raise QueryError(f"{tag_name(tag)}: not a number", UNABLE_TO_PROCESS, [tag]) from None
+        raise InvalidValue(f"{tag_name(tag)}: not a number", [tag]) from None
 
     def match(v: Any) -> bool:
         try:
@@ -360,11 +363,11 @@ def make_key(elem: DataElement) -> Key:
     if not values:
         return Key(tag, vr)
     if vr in BINARY_VRS:
-        raise QueryError(f"{tag_name(tag)}: matching on {vr} values is not supported", IDENTIFIER_DOES_NOT_MATCH, [tag])
+        raise QueryError(f"{tag_name(tag)}: matching on {vr} values is not supported", [tag])
     if vr == "UI":
         for v in values:
             if not is_valid_uid(v):
-                raise QueryError(f"{tag_name(tag)}: {v[:64]!r} is not a valid UID", UNABLE_TO_PROCESS, [tag])
+                raise InvalidValue(f"{tag_name(tag)}: {v[:64]!r} is not a valid UID", [tag])
         wanted = frozenset(values)
         return Key(tag, vr, values, matcher=lambda v: v in wanted)
     if vr in RANGE_VRS:
@@ -431,10 +434,10 @@ class Query:
 def parse_identifier(identifier: Dataset, model: Model) -> Query:
     """Validate an identifier against the model's hierarchy and build the Query.
 
-    Raises QueryError: 0xA900 for a level the model lacks, a missing unique key of
-    a level above (a relational query; relational queries are an extended
-    negotiation option the SCP does not offer), or a non-empty key below the query
-    level; 0xC000 for values that cannot be parsed.
+    Raises QueryError for a level the model lacks, a missing unique key of a level
+    above (a relational query; relational queries are an extended negotiation option
+    the SCP does not offer), or a non-empty key below the query level; InvalidValue
+    for values that cannot be parsed.
     """
     level_elem = identifier.get(QUERY_RETRIEVE_LEVEL)
     level = str(level_elem.value).strip().upper() if level_elem is not None and level_elem.value else ""
@@ -453,7 +456,7 @@ def parse_identifier(identifier: Dataset, model: Model) -> Query:
         except QueryError:
             raise
         except (ValueError, TypeError, LookupError):
-            raise QueryError(f"{tag_name(tag)}: unreadable value", UNABLE_TO_PROCESS, [tag]) from None
+            raise InvalidValue(f"{tag_name(tag)}: unreadable value", [tag]) from None
     query = Query(model, level, tuple(keys), charset)
     first = 1 if model is Model.STUDY_ROOT else 0
     for upper in LEVELS[first : LEVELS.index(level)]:

@@ -8,7 +8,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from gateway.dimse.query import Model, QueryError, parse_identifier
+from gateway.dimse.find import failure_status
+from gateway.model.query import Model, QueryError, parse_identifier
 
 
 def query(level: str = "STUDY", model: Model = Model.STUDY_ROOT, **keys: Any) -> Any:
@@ -133,7 +134,7 @@ def test_answer_character_set() -> None:
 def test_refusals(level: str, model: Model, keys: dict[str, str], status: int) -> None:
     with pytest.raises(QueryError) as info:
         query(level, model, **keys)
-    assert info.value.status == status
+    assert failure_status(info.value).status == status
 
 
 def test_universal_key_below_the_level_is_answered_empty() -> None:
