@@ -1,21 +1,21 @@
-"""The spool database: connection policy, schema and numbered migrations.
+"""The spool database: its schema, migrations and connection pool.
 
-SQLite in WAL mode. The spool's rows index the fsynced files under ``objects/``,
-which are what lets C-STORE answer Success; see `Spool.recover`. C-STORE threads and the forwarder's
-executor thread borrow connections from `SpoolDB`'s pool.
+The spool's rows index the fsynced files under ``objects/``, which are what lets
+C-STORE answer Success; see `Spool.recover`. C-STORE threads, the forwarder's
+executor and the CLI borrow connections from `SpoolDB`'s pool.
 """
 
 from __future__ import annotations
 
 import contextlib
 import queue
-import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlite_utils
+
+from gateway.sqlite import Migration, connect, migrate
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -45,53 +45,7 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["instances"].create_index(["study_uid", "state"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
-
-
-def connect(path: Path, durable: bool = True) -> sqlite_utils.Database:
-    """Open a connection in WAL mode.
-
-    ``durable``: every commit is fsynced (synchronous=FULL). The spool passes False:
-    its acknowledgements rest on the fsynced files, and start-up re-adopts a file
-    whose row a power cut lost, so a commit needs no fsync of its own.
-    """
-    conn = sqlite3.connect(str(path), timeout=60.0, check_same_thread=False)
-    db = sqlite_utils.Database(conn, execute_plugins=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-    db.execute("PRAGMA busy_timeout=60000")
-    return db
-
-
-def migrate(db: sqlite_utils.Database) -> None:
-    """Apply the migrations this database has not seen, recording each one."""
-    if "migrations" not in db.table_names():
-        db["migrations"].create({"version": int, "applied_at": float}, pk="version")
-    applied = {row["version"] for row in db["migrations"].rows}
-    for version, step in enumerate(MIGRATIONS, start=1):
-        if version in applied:
-            continue
-        with db.atomic():
-            step(db)
-            db["migrations"].insert({"version": version, "applied_at": time.time()})
-
-
-@contextlib.contextmanager
-def immediate(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
-    """A write transaction that takes the lock up front.
-
-    A deferred transaction that reads and then writes can fail with SQLITE_BUSY
-    without waiting when another thread committed in between; BEGIN IMMEDIATE waits
-    on the busy timeout instead.
-    """
-    db.conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.conn.execute("ROLLBACK")
-        raise
-    else:
-        db.conn.execute("COMMIT")
+MIGRATIONS: list[Migration] = [_v1]
 
 
 class SpoolDB:
@@ -109,7 +63,7 @@ class SpoolDB:
         self._open: list[sqlite_utils.Database] = []
         self._lock = threading.Lock()
         with self.connection() as db:
-            migrate(db)
+            migrate(db, MIGRATIONS)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite_utils.Database]:

@@ -29,7 +29,8 @@ from typing import Any
 from gateway.config import SpoolConfig
 from gateway.fsutil import fsync_path
 from gateway.header import InstanceHeader, read_header
-from gateway.spool.db import SpoolDB, immediate
+from gateway.spool.db import SpoolDB
+from gateway.sqlite import immediate
 
 log = logging.getLogger("gateway.spool")
 

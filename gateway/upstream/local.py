@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import sqlite_utils
 from pydicom.errors import InvalidDicomError
 
 from gateway.model.json import dataset_from_json
 from gateway.model.search import Search
 from gateway.model.query import Key
 from gateway.fsutil import fsync_path
-from gateway.spool.db import connect, immediate
+from gateway.sqlite import Migration, connect, immediate, migrate
 from gateway.spool.queue import Outcome, SpooledInstance
 from gateway.upstream.base import Health, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound
@@ -72,6 +73,30 @@ def header_json(ds: pydicom.Dataset) -> str:
     return json.dumps(out, separators=(",", ":"))
 
 
+def _v1(db: sqlite_utils.Database) -> None:
+    """The index as first shipped; databases from before migrations already have it."""
+    if "instances" in db.table_names():
+        return
+    columns: dict[str, type] = {
+        "sop_instance_uid": str,
+        "sop_class_uid": str,
+        "study_uid": str,
+        "series_uid": str,
+        "transfer_syntax": str,
+        **{col: str for col in INDEXED},
+        "file": str,
+        "size": int,
+        "stored_at": float,
+        "metadata": str,
+    }
+    db["instances"].create(columns, pk="sop_instance_uid")
+    for cols in (["study_uid"], ["series_uid"], ["patient_id"], ["study_date"]):
+        db["instances"].create_index(cols)
+
+
+MIGRATIONS: list[Migration] = [_v1]
+
+
 class LocalUpstream:
     """Archive on local disk under ``<spool>/archive``."""
 
@@ -87,24 +112,9 @@ class LocalUpstream:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-archive")
         self._db = self._executor.submit(self._open).result()
 
-    def _open(self) -> Any:
+    def _open(self) -> sqlite_utils.Database:
         db = connect(self.root / "index.sqlite")
-        if "instances" not in db.table_names():
-            columns: dict[str, type] = {
-                "sop_instance_uid": str,
-                "sop_class_uid": str,
-                "study_uid": str,
-                "series_uid": str,
-                "transfer_syntax": str,
-                **{col: str for col in INDEXED},
-                "file": str,
-                "size": int,
-                "stored_at": float,
-                "metadata": str,
-            }
-            db["instances"].create(columns, pk="sop_instance_uid")
-            for cols in (["study_uid"], ["series_uid"], ["patient_id"], ["study_date"]):
-                db["instances"].create_index(cols)
+        migrate(db, MIGRATIONS)
         return db
 
     async def start(self) -> None:

@@ -1,0 +1,74 @@
+"""SQLite as the spool and the embedded archive use it: connection policy, write
+transactions and numbered migrations, in one place so both databases behave alike.
+
+WAL mode (readers never block the writer), a busy timeout instead of immediate
+SQLITE_BUSY, ``BEGIN IMMEDIATE`` for read-then-write transactions, and migrations
+recorded in the database itself so a newer gateway upgrades an older database at
+start-up, and the facade can add columns without a hand-run script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import sqlite_utils
+
+Migration = Callable[[sqlite_utils.Database], None]
+
+BUSY_TIMEOUT_MS = 60_000
+
+
+def connect(path: Path, durable: bool = True) -> sqlite_utils.Database:
+    """Open a connection in WAL mode, usable from any one thread at a time.
+
+    ``durable``: every commit is fsynced (synchronous=FULL). The spool passes False:
+    its acknowledgements rest on the fsynced files, and start-up re-adopts a file
+    whose row a power cut lost, so a commit needs no fsync of its own.
+    """
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return db
+
+
+def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> None:
+    """Apply the migrations this database has not seen, each in its own transaction
+    with its record, so a crash mid-way leaves the database at a known version."""
+    if "migrations" not in db.table_names():
+        db["migrations"].create({"version": int, "applied_at": float}, pk="version")
+    applied = {row["version"] for row in db["migrations"].rows}
+    for version, step in enumerate(migrations, start=1):
+        if version in applied:
+            continue
+        with db.atomic():
+            step(db)
+            db["migrations"].insert({"version": version, "applied_at": time.time()})
+
+
+@contextlib.contextmanager
+def immediate(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """A write transaction that takes the lock up front.
+
+    A deferred transaction that reads and then writes can fail with SQLITE_BUSY
+    without waiting when another thread committed in between; BEGIN IMMEDIATE waits
+    on the busy timeout instead.
+    """
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.conn.execute("ROLLBACK")
+        raise
+    else:
+        db.conn.execute("COMMIT")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a sqlite3 error is SQLITE_FULL (disk or quota full), by its code."""
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL

@@ -1,0 +1,37 @@
+"""The shared SQLite helper: migrations run once each, in order, and are recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlite_utils
+
+from gateway.sqlite import connect, migrate
+from gateway.upstream.local import MIGRATIONS as ARCHIVE_MIGRATIONS
+
+
+def test_migrations_apply_once_and_in_order(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def step(n: int):  # type: ignore[no-untyped-def]
+        def run(db: sqlite_utils.Database) -> None:
+            calls.append(n)
+            db[f"t{n}"].create({"id": int}, pk="id")
+
+        return run
+
+    db = connect(tmp_path / "x.sqlite")
+    migrate(db, [step(1), step(2)])
+    migrate(db, [step(1), step(2), step(3)])
+    assert calls == [1, 2, 3]
+    assert [r["version"] for r in db["migrations"].rows] == [1, 2, 3]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_archive_index_from_before_migrations_is_adopted(tmp_path: Path) -> None:
+    """An embedded archive created before migrations existed keeps its rows."""
+    db = connect(tmp_path / "index.sqlite")
+    db["instances"].insert({"sop_instance_uid": "1.2.3", "file": "objects/ab/x.dcm"}, pk="sop_instance_uid")
+    migrate(db, ARCHIVE_MIGRATIONS)
+    assert db["instances"].count == 1
+    assert [r["version"] for r in db["migrations"].rows] == [1]
