@@ -78,7 +78,7 @@ class Spool:
         self.objects = self.directory / "objects"
         for d in (self.directory, self.incoming, self.objects):
             d.mkdir(parents=True, exist_ok=True)
-        self.db = SpoolDB(self.directory / "spool.sqlite")
+        self.db = SpoolDB(self.directory / "spool.sqlite", cfg.busy_timeout)
         self.on_enqueue: Callable[[], None] = lambda: None
         self._waiters: dict[int, threading.Event] = {}
         self._outcomes: dict[int, Outcome] = {}
