@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sqlite3
 import time
 from collections.abc import Callable
@@ -72,6 +73,22 @@ class Problems:
         return sorted(self._items.values(), key=lambda p: p.since)
 
 
+@dataclass
+class Hold:
+    """Delivery held because the archive refuses the gateway's configuration.
+
+    Sending more would only be refused the same way, so one worker at a time probes
+    with the oldest due batch, at ``next_probe``; the others wait. The pause between
+    probes doubles up to ``spool.retry_max_seconds``.
+    """
+
+    reason: str
+    started: float  # time.monotonic()
+    pause: float
+    next_probe: float = 0.0
+    probing: bool = False
+
+
 class Forwarder:
     def __init__(self, spool: Spool, upstream: Upstream, cfg: SpoolConfig, linger: float) -> None:
         """``linger``: seconds to wait after an idle spool wakes before claiming, so a
@@ -87,6 +104,7 @@ class Forwarder:
         self._stopping = False
         self._stop = asyncio.Event()
         self.problems = Problems()
+        self._hold: Hold | None = None
 
     def wake(self) -> None:
         """Called on the loop when an instance was queued or requeued."""
@@ -161,25 +179,71 @@ class Forwarder:
         """One claim and, if it found work, one delivery; returns whether the spool was idle."""
         max_bytes = self.cfg.batch_max_mb * 1024 * 1024
         self._wake.clear()
-        if idle and self.linger:
+        hold = self._hold
+        if hold is not None:
+            if hold.probing or time.monotonic() < hold.next_probe:
+                self.spool.answer_waiters("config", hold.reason)
+                wait = IDLE_POLL if hold.probing else hold.next_probe - time.monotonic()
+                await self._wait_wake(max(0.05, min(IDLE_POLL, wait)))
+                return False
+            hold.probing = True
+        elif idle and self.linger:
             await asyncio.sleep(self.linger)
-        batch = await self._write(
-            "claim instances from the spool", self.spool.claim, self.cfg.batch_max_instances, max_bytes
-        )
-        if batch:
-            await self._deliver(batch)
-            return False
+        try:
+            batch = await self._write(
+                "claim instances from the spool", self.spool.claim, self.cfg.batch_max_instances, max_bytes
+            )
+            if batch:
+                await self._deliver(batch)
+                return False
+        finally:
+            if hold is not None:
+                hold.probing = False
         try:
             due = await self._spool(self.spool.next_due_in)
         except sqlite3.Error as exc:
             self.problems.set("spool", f"cannot read the spool: {type(exc).__name__}: {exc}")
             raise
-        timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(due, 0.05))
+        await self._wait_wake(IDLE_POLL if due is None else min(IDLE_POLL, max(due, 0.05)))
+        return True
+
+    async def _wait_wake(self, seconds: float) -> None:
+        """Sleep until an instance is queued or ``seconds`` pass."""
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            await asyncio.wait_for(self._wake.wait(), seconds)
         except asyncio.TimeoutError:
             pass
-        return True
+
+    def _held(self, reason: str) -> None:
+        """The archive refused our configuration: start (or extend) the hold; logged
+        once per outage, and again only if the reason changes."""
+        now = time.monotonic()
+        hold = self._hold
+        if hold is None:
+            hold = self._hold = Hold(reason, now, self.cfg.retry_base_seconds)
+            log.error(
+                "delivery held: %s; nothing is dead, queued instances wait and one batch is"
+                " retried every %g s at most until the archive accepts it",
+                reason,
+                self.cfg.retry_max_seconds,
+            )
+        else:
+            if reason != hold.reason:
+                log.error("delivery still held, now because: %s", reason)
+                hold.reason = reason
+            hold.pause = min(hold.pause * 2, self.cfg.retry_max_seconds)
+            log.debug("delivery still held (%s); next try in %.1f s at most", reason, hold.pause)
+        hold.next_probe = now + hold.pause * random.uniform(0.5, 1.0)
+        self.problems.set("archive", f"delivery held: {reason}")
+
+    def _release_hold(self) -> None:
+        """The archive answered something other than a configuration refusal."""
+        if self._hold is None:
+            return
+        log.warning("delivery resumed: the archive no longer refuses us (held %.0f s)", time.monotonic() - self._hold.started)
+        self._hold = None
+        self.problems.clear("archive")
+        self._wake.set()
 
     async def _deliver(self, batch: list[SpooledInstance]) -> None:
         study = batch[0].study_uid
@@ -193,6 +257,11 @@ class Forwarder:
             log.exception("upstream store failed unexpectedly for study %s", study)
             outcomes = [Outcome(i.id, "retry", f"{type(exc).__name__}: {exc}") for i in batch]
         states = await self._record(batch, outcomes)
+        refusal = next((o.error for o in outcomes if o.kind == "config"), None)
+        if refusal is not None:
+            self._held(refusal)
+        else:
+            self._release_hold()
         elapsed = time.monotonic() - started
         by_id = {i.id: i for i in batch}
         delivered = [o for o in outcomes if states.get(o.instance_id) == "delivered"]
@@ -206,8 +275,8 @@ class Forwarder:
             )
         for o in outcomes:
             state = states.get(o.instance_id)
-            if state == "delivered":
-                continue
+            if state == "delivered" or o.kind == "config":
+                continue  # a configuration refusal is logged once, by _held
             inst = by_id[o.instance_id]
             level = logging.ERROR if state == "dead" else logging.WARNING
             log.log(

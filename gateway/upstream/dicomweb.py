@@ -36,6 +36,15 @@ from gateway.upstream.errors import (
 log = logging.getLogger("gateway.upstream")
 
 RETRYABLE_HTTP = frozenset({408, 429}) | frozenset(range(500, 600))
+# Whole-request refusals that say the gateway's credentials (401, 403) or URL (404,
+# 405: nothing, or no STOW-RS service, there) are wrong. They do not depend on the
+# instances sent, so they hold delivery instead of making instances dead.
+CONFIG_REFUSALS = {
+    401: "archive refused our credentials (HTTP 401); check upstream.auth",
+    403: "archive denied us access (HTTP 403); check upstream.auth and the archive's permissions",
+    404: "no STOW-RS service at the upstream URL (HTTP 404); check upstream.url",
+    405: "no STOW-RS service at the upstream URL (HTTP 405); check upstream.url",
+}
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -137,6 +146,9 @@ class DicomWebUpstream:
 
         if status in RETRYABLE_HTTP:
             return all_("retry", f"HTTP {status}: {_short(payload)}", retry_after)
+        if status in CONFIG_REFUSALS:
+            log.debug("STOW-RS error body: %s", _short(payload))
+            return all_("config", CONFIG_REFUSALS[status])
         parsed = parse_stow_response(payload, content_type)
         if status >= 400 and status != 409:
             return all_("rejected", f"HTTP {status}: {_short(payload)}")

@@ -3,6 +3,7 @@ forwarder, and an archive that refuses the gateway's credentials or URL."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,6 +15,8 @@ import pytest
 from pydicom import dcmread
 
 from tests.support import dcmtk
+from tests.support.compare import assert_same_dataset
+from tests.support.orthanc import Orthanc
 from tests.support.ports import wait_until
 from tests.support.synth import ct_series
 
@@ -87,3 +90,93 @@ def test_forwarder_survives_a_locked_spool_database(tmp_path: Path, orthanc, gat
     assert set(in_flight) <= logged_ids, failures
     wait_until(lambda: gw.health()["status"] == "ok", 20, 0.5, "healthz never recovered")
     assert "Traceback" not in log, log
+
+
+def set_config(gw, old: str, new: str) -> None:
+    """Fix the gateway's configuration the way an admin would: edit the file."""
+    text = gw.config_path.read_text()
+    assert old in text
+    gw.config_path.write_text(text.replace(old, new))
+
+
+def outage_lines(log: str, status: int) -> list[str]:
+    """Warning and error lines that speak of the archive's HTTP ``status``."""
+    return [
+        line
+        for line in log.splitlines()
+        if f"HTTP {status}" in line and (" WARNING " in line or " ERROR " in line)
+    ]
+
+
+@pytest.mark.slow
+def test_refused_credentials_hold_the_queue_until_fixed(tmp_path: Path, gateway) -> None:
+    """HTTP 401 on STOW-RS is the gateway's configuration problem: nothing goes dead, the
+    outage is logged once and shown in /healthz and ``spool status``, and once the
+    password is fixed everything is delivered as sent."""
+    archive = Orthanc(workdir=tmp_path / "orthanc", users={"gateway": "right-password"})
+    try:
+        archive.start()
+        auth = '\n[upstream.auth]\ntype = "basic"\nusername = "gateway"\npassword = "%s"\n'
+        gw = gateway(
+            upstream_url=archive.dicomweb_url,
+            extra=auth % "wrong-password",
+            spool={"concurrency": 2, "batch_max_instances": 4},
+        )
+        files = ct_series(tmp_path / "a", 10, rows=64, columns=64) + ct_series(tmp_path / "b", 10, rows=64, columns=64)
+        result = dcmtk.storescu(gw.port, files, gw.ae_title)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+        wait_until(lambda: outage_lines(gw.log(), 401), 30, 0.2, "no delivery attempt was refused")
+        time.sleep(4.0)  # several retries at retry_base_seconds 0.2 .. retry_max_seconds 2
+        counts = gw.counts()
+        assert counts["dead"] == 0 and counts["delivered"] == 0, counts
+        assert counts["queued"] + counts["failed"] + counts["sending"] == 20, counts
+        health = gw.health()
+        assert health["status"] == "degraded"
+        assert "401" in problem_reasons(health), health
+        status = gw.cli("spool", "status")
+        assert status.returncode == 0 and "401" in status.stdout, status.stdout + status.stderr
+        as_json = json.loads(gw.cli("spool", "status", "--json").stdout)
+        assert any("401" in p["reason"] for p in as_json["problems"]), as_json
+        assert len(outage_lines(gw.log(), 401)) == 1, gw.log()  # one line per outage, not per instance
+        assert archive.instance_count() == 0
+
+        gw.stop()
+        set_config(gw, "wrong-password", "right-password")
+        gw.start()
+        gw.wait_counts(delivered=20, timeout=60)
+        for path in files:
+            sent = dcmread(path, stop_before_pixels=True)
+            assert_same_dataset(path, archive.get_instance_bytes(str(sent.SOPInstanceUID)))
+        wait_until(lambda: gw.health()["status"] == "ok", 20, 0.5, "healthz never recovered")
+    finally:
+        archive.cleanup()
+
+
+@pytest.mark.slow
+def test_wrong_url_holds_and_ack_delivered_answers_a700(tmp_path: Path, orthanc, gateway) -> None:
+    """HTTP 404 on STOW-RS (a wrong path in upstream.url) holds the queue too; with
+    ``ack = "delivered"`` each C-STORE is told 0xA700 (try later) at once, never 0xC000."""
+    wrong = orthanc.http_url + "/no-such-dicomweb-root"
+    gw = gateway(upstream_url=wrong, dimse={"ack": "delivered", "ack_timeout": 30})
+    files = ct_series(tmp_path / "ct", 3, rows=64, columns=64)
+    for path in files:
+        started = time.monotonic()
+        result = dcmtk.storescu(gw.port, [path], gw.ae_title, extra_args=("-v",))
+        assert result.returncode != 0
+        assert "Refused: OutOfResources" in result.stderr, result.stderr
+        assert time.monotonic() - started < 15  # answered by the hold, not by ack_timeout
+    time.sleep(2.0)
+    counts = gw.counts()
+    assert counts["dead"] == 0 and counts["delivered"] == 0, counts
+    health = gw.health()
+    assert health["status"] == "degraded" and "404" in problem_reasons(health), health
+    status = gw.cli("spool", "status")
+    assert "404" in status.stdout, status.stdout + status.stderr
+    assert len(outage_lines(gw.log(), 404)) == 1, gw.log()
+
+    gw.stop()
+    set_config(gw, wrong, orthanc.dicomweb_url)
+    gw.start()
+    gw.wait_counts(delivered=3, timeout=60)
+    assert orthanc.sop_instance_uids() == {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}

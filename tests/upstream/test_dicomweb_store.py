@@ -83,9 +83,16 @@ def test_503_with_retry_after_retries(tmp_path: Path) -> None:
 
 
 def test_429_and_408_retry_other_4xx_reject(tmp_path: Path) -> None:
-    for status, kind in ((429, "retry"), (408, "retry"), (400, "rejected"), (401, "rejected"), (415, "rejected")):
+    for status, kind in ((429, "retry"), (408, "retry"), (400, "rejected"), (413, "rejected"), (415, "rejected")):
         outcomes, _ = run_against(lambda r, s=status: web.Response(status=s), [inst(tmp_path, 1)])
         assert outcomes[0].kind == kind, status
+
+
+def test_wrong_credentials_or_url_are_a_configuration_problem(tmp_path: Path) -> None:
+    for status in (401, 403, 404, 405):
+        outcomes, _ = run_against(lambda r, s=status: web.Response(status=s), [inst(tmp_path, 1), inst(tmp_path, 2)])
+        assert [o.kind for o in outcomes] == ["config", "config"], status
+        assert str(status) in outcomes[0].error
 
 
 def test_409_marks_each_instance_on_its_own(tmp_path: Path) -> None:
