@@ -150,11 +150,25 @@ class DicomWebUpstream:
             log.debug("STOW-RS error body: %s", _short(payload))
             return all_("config", CONFIG_REFUSALS[status])
         parsed = parse_stow_response(payload, content_type)
-        if status >= 400 and status != 409:
-            return all_("rejected", f"HTTP {status}: {_short(payload)}")
-        if not parsed.parsed:
+        if status >= 400 and (status != 409 or not parsed.parsed):
+            if len(instances) > 1:
+                # Refused as a whole without saying which instance is at fault (Orthanc
+                # answers 400 when one part is bad, having stored the others): one bad
+                # instance must not take the batch down, so each goes again on its own.
+                log.warning(
+                    "STOW-RS of %d instances of study %s refused as a whole (HTTP %d); sending each alone",
+                    len(instances),
+                    study_uid,
+                    status,
+                )
+                outcomes: list[Outcome] = []
+                for inst in instances:
+                    outcomes += await self.store_instances(study_uid, [inst])
+                return outcomes
             if status == 409:
                 return all_("rejected", f"HTTP 409 without a readable response: {_short(payload)}")
+            return all_("rejected", f"HTTP {status}: {_short(payload)}")
+        if not parsed.parsed:
             # A 2xx with no Store Instances Response: the request as a whole succeeded.
             return all_("delivered", "")
 
