@@ -10,6 +10,7 @@ import re
 import sys
 import time
 import urllib.request
+import warnings
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
@@ -25,8 +26,10 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # pydicom's warnings about invalid values quote the value, which may be a name.
+    # pydicom's warnings about invalid values quote the value, which may be a name; it
+    # both logs them and raises them as Python warnings, which print on stderr.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
