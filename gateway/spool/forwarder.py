@@ -56,14 +56,10 @@ class Problems:
     def __init__(self) -> None:
         self._items: dict[str, Problem] = {}
 
-    def set(self, component: str, reason: str) -> bool:
-        """Record a problem; True when it is new (or its reason changed), so callers log
-        an outage once instead of once per failed attempt."""
+    def set(self, component: str, reason: str) -> None:
+        """Record a problem, or a new reason for one going on (which keeps its start)."""
         old = self._items.get(component)
-        if old is not None and old.reason == reason:
-            return False
         self._items[component] = Problem(component, reason, old.since if old else time.time())
-        return True
 
     def clear(self, component: str) -> Problem | None:
         """End a problem; returns it if there was one."""
