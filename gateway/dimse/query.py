@@ -109,7 +109,11 @@ def attribute_level(tag: int, model: Model) -> str:
 
 
 class QueryError(Exception):
-    """The identifier cannot be answered; ``status`` is the C-FIND failure to send."""
+    """The identifier cannot be answered; ``status`` is the C-FIND failure to send.
+
+    The message is logged and sent as ErrorComment: it names keys, never quotes their
+    values, which may be a patient's name, ID or birth date.
+    """
 
     def __init__(self, message: str, status: int = IDENTIFIER_DOES_NOT_MATCH, offending: Iterable[int] = ()) -> None:
         super().__init__(message)
@@ -232,7 +236,7 @@ def parse_range(vr: str, text: str, tag: int) -> Range:
         low_text = high_text = text
     for part in (low_text, high_text):
         if part and not (_RANGE_SYNTAX[vr].match(part) and _plausible(vr, part)):
-            raise QueryError(f"{tag_name(tag)}: {text!r} is not a {vr} value or range", UNABLE_TO_PROCESS, [tag])
+            raise QueryError(f"{tag_name(tag)}: not a {vr} value or range", UNABLE_TO_PROCESS, [tag])
     if not low_text and not high_text:
         raise QueryError(f"{tag_name(tag)}: '-' is not a range", UNABLE_TO_PROCESS, [tag])
     return Range(
@@ -364,7 +368,7 @@ def make_key(elem: DataElement) -> Key:
     if vr == "UI":
         for v in values:
             if not is_valid_uid(v):
-                raise QueryError(f"{tag_name(tag)}: {v[:64]!r} is not a valid UID", UNABLE_TO_PROCESS, [tag])
+                raise QueryError(f"{tag_name(tag)}: not a valid UID", UNABLE_TO_PROCESS, [tag])
         wanted = frozenset(values)
         return Key(tag, vr, values, matcher=lambda v: v in wanted)
     if vr in RANGE_VRS:
@@ -439,7 +443,7 @@ def parse_identifier(identifier: Dataset, model: Model) -> Query:
     level_elem = identifier.get(QUERY_RETRIEVE_LEVEL)
     level = str(level_elem.value).strip().upper() if level_elem is not None and level_elem.value else ""
     if level not in LEVELS:
-        raise QueryError(f"QueryRetrieveLevel {level!r} is not one of {', '.join(LEVELS)}", offending=[QUERY_RETRIEVE_LEVEL])
+        raise QueryError(f"QueryRetrieveLevel is not one of {', '.join(LEVELS)}", offending=[QUERY_RETRIEVE_LEVEL])
     if model is Model.STUDY_ROOT and level == "PATIENT":
         raise QueryError("Study Root has no PATIENT level", offending=[QUERY_RETRIEVE_LEVEL])
     charset = tuple(charset_terms(identifier.get("SpecificCharacterSet")))

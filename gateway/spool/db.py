@@ -48,18 +48,20 @@ def _v1(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
 
 
-def connect(path: Path, durable: bool = True) -> sqlite_utils.Database:
+def connect(path: Path, durable: bool = True, busy_timeout: float = 60.0) -> sqlite_utils.Database:
     """Open a connection in WAL mode.
 
     ``durable``: every commit is fsynced (synchronous=FULL). The spool passes False:
     its acknowledgements rest on the fsynced files, and start-up re-adopts a file
     whose row a power cut lost, so a commit needs no fsync of its own.
+    ``busy_timeout``: seconds an operation waits for another connection's lock
+    before it fails with "database is locked".
     """
-    conn = sqlite3.connect(str(path), timeout=60.0, check_same_thread=False)
+    conn = sqlite3.connect(str(path), timeout=busy_timeout, check_same_thread=False)
     db = sqlite_utils.Database(conn, execute_plugins=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-    db.execute("PRAGMA busy_timeout=60000")
+    db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     return db
 
 
@@ -103,8 +105,9 @@ class SpoolDB:
     one thread at a time.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 60.0) -> None:
         self.path = path
+        self.busy_timeout = busy_timeout
         self._idle: queue.SimpleQueue[sqlite_utils.Database] = queue.SimpleQueue()
         self._open: list[sqlite_utils.Database] = []
         self._lock = threading.Lock()
@@ -116,7 +119,7 @@ class SpoolDB:
         try:
             db = self._idle.get_nowait()
         except queue.Empty:
-            db = connect(self.path, durable=False)
+            db = connect(self.path, durable=False, busy_timeout=self.busy_timeout)
             with self._lock:
                 self._open.append(db)
         try:
