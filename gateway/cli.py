@@ -9,6 +9,8 @@ import logging
 import re
 import sys
 import time
+import urllib.request
+import warnings
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
@@ -24,8 +26,10 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # pydicom's warnings about invalid values quote the value, which may be a name.
+    # pydicom's warnings about invalid values quote the value, which may be a name; it
+    # both logs them and raises them as Python warnings, which print on stderr.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
@@ -83,12 +87,29 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
         )
 
 
+def _daemon_problems(config: Config) -> tuple[str, list[dict[str, Any]] | None]:
+    """Ask the running daemon's /healthz what keeps delivery from working (a held
+    queue, a failing spool database): only the daemon knows, the spool rows do not.
+    Returns (URL asked, problems), problems None when the daemon did not answer."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(config.http.host, config.http.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{config.http.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.loads(resp.read())
+    except (OSError, ValueError):
+        return url, None
+    problems = body.get("problems") if isinstance(body, dict) else None
+    return url, problems if isinstance(problems, list) else None
+
+
 def cmd_spool(args: argparse.Namespace) -> int:
     config = _load(args.config)
     spool = Spool(config.spool)
     try:
         if args.action == "status":
             status = spool.status()
+            url, problems = _daemon_problems(config)
+            status["problems"] = problems
             if args.json:
                 print(json.dumps(status, indent=2))
             else:
@@ -100,6 +121,12 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 age = status["oldest_pending_age_seconds"]
                 print(f"oldest pending: {'-' if age is None else f'{age:.0f} s'}")
                 print(f"free space:     {status['free_bytes'] / 2**30:.1f} GiB")
+                if problems is None:
+                    print(f"daemon:         not answering at {url}")
+                elif not problems:
+                    print("delivery:       no problems")
+                for problem in problems or ():
+                    print(f"problem:        {problem.get('reason')} (since {problem.get('since')})")
         elif args.action == "list":
             _print_rows(spool.list_rows(args.state, args.limit), args.json)
         elif args.action == "retry":

@@ -63,7 +63,7 @@ async def run(config: Config) -> None:
     spool.on_enqueue = lambda: loop.call_soon_threadsafe(forwarder.wake)
     await forwarder.start()
 
-    runner = web.AppRunner(create_app(spool, upstream), access_log=None)
+    runner = web.AppRunner(create_app(spool, upstream, forwarder.problems), access_log=None)
     await runner.setup()
     store = StoreService(config, spool)
     retriever = Retriever(config, upstream)

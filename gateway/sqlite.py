@@ -19,21 +19,20 @@ import sqlite_utils
 
 Migration = Callable[[sqlite_utils.Database], None]
 
-BUSY_TIMEOUT_MS = 60_000
-
-
-def connect(path: Path, durable: bool = True) -> sqlite_utils.Database:
+def connect(path: Path, durable: bool = True, busy_timeout: float = 60.0) -> sqlite_utils.Database:
     """Open a connection in WAL mode, usable from any one thread at a time.
 
     ``durable``: every commit is fsynced (synchronous=FULL). The spool passes False:
     its acknowledgements rest on the fsynced files, and start-up re-adopts a file
     whose row a power cut lost, so a commit needs no fsync of its own.
+    ``busy_timeout``: seconds an operation waits for another connection's lock
+    before it fails with "database is locked".
     """
-    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    conn = sqlite3.connect(str(path), timeout=busy_timeout, check_same_thread=False)
     db = sqlite_utils.Database(conn, execute_plugins=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     return db
 
 

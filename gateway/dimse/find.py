@@ -87,6 +87,7 @@ class Failure:
     status: int
     comment: str
     offending: tuple[int, ...] = ()
+    internal: bool = False  # a bug of ours, not a refusal: worth an ERROR line
 
 
 def failure_status(exc: BaseException) -> Failure:
@@ -103,7 +104,7 @@ def failure_status(exc: BaseException) -> Failure:
         return Failure(OUT_OF_RESOURCES, str(exc))
     if isinstance(exc, TimeoutError):
         return Failure(OUT_OF_RESOURCES, "archive did not answer in time")
-    return Failure(UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})")
+    return Failure(UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})", internal=True)
 
 
 class MatchLimit(Exception):
@@ -168,8 +169,10 @@ class FindService:
             return
         except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status
             failure = failure_status(exc)
-            if failure.comment.startswith("internal error"):
-                log.exception("C-FIND from %s failed", assoc.peer)
+            if failure.internal:
+                # The traceback goes to DEBUG: exception messages may quote values (PHI).
+                log.error("C-FIND from %s failed: %s", assoc.peer, failure.comment)
+                log.debug("C-FIND internal error", exc_info=exc)
             self._log(assoc, query, sent, f"failed 0x{failure.status:04X}: {failure.comment}", started)
             extra: dict[int, Any] = {0x0902: failure.comment[:64]}
             if failure.offending:

@@ -108,7 +108,11 @@ def attribute_level(tag: int, model: Model) -> str:
 class QueryError(Exception):
     """The request does not fit the information model (a level it lacks, a relational
     query, keys below the level, matching it cannot do). Fronts map it: C-FIND 0xA900,
-    QIDO-RS 400. ``offending`` lists the tags at fault, for OffendingElement."""
+    QIDO-RS 400. ``offending`` lists the tags at fault, for OffendingElement.
+
+    The message is logged and sent as ErrorComment: it names keys, never quotes their
+    values, which may be a patient's name, ID or birth date.
+    """
 
     def __init__(self, message: str, offending: Iterable[int] = ()) -> None:
         super().__init__(message)
@@ -235,7 +239,7 @@ def parse_range(vr: str, text: str, tag: int) -> Range:
         low_text = high_text = text
     for part in (low_text, high_text):
         if part and not (_RANGE_SYNTAX[vr].match(part) and _plausible(vr, part)):
-            raise InvalidValue(f"{tag_name(tag)}: {text!r} is not a {vr} value or range", [tag])
+            raise InvalidValue(f"{tag_name(tag)}: not a {vr} value or range", [tag])
     if not low_text and not high_text:
         raise InvalidValue(f"{tag_name(tag)}: '-' is not a range", [tag])
     return Range(
@@ -367,7 +371,7 @@ def make_key(elem: DataElement) -> Key:
     if vr == "UI":
         for v in values:
             if not is_valid_uid(v):
-                raise InvalidValue(f"{tag_name(tag)}: {v[:64]!r} is not a valid UID", [tag])
+                raise InvalidValue(f"{tag_name(tag)}: not a valid UID", [tag])
         wanted = frozenset(values)
         return Key(tag, vr, values, matcher=lambda v: v in wanted)
     if vr in RANGE_VRS:
@@ -442,7 +446,7 @@ def parse_identifier(identifier: Dataset, model: Model) -> Query:
     level_elem = identifier.get(QUERY_RETRIEVE_LEVEL)
     level = str(level_elem.value).strip().upper() if level_elem is not None and level_elem.value else ""
     if level not in LEVELS:
-        raise QueryError(f"QueryRetrieveLevel {level!r} is not one of {', '.join(LEVELS)}", offending=[QUERY_RETRIEVE_LEVEL])
+        raise QueryError(f"QueryRetrieveLevel is not one of {', '.join(LEVELS)}", offending=[QUERY_RETRIEVE_LEVEL])
     if model is Model.STUDY_ROOT and level == "PATIENT":
         raise QueryError("Study Root has no PATIENT level", offending=[QUERY_RETRIEVE_LEVEL])
     charset = tuple(charset_terms(identifier.get("SpecificCharacterSet")))

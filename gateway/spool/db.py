@@ -57,8 +57,9 @@ class SpoolDB:
     one thread at a time.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 60.0) -> None:
         self.path = path
+        self.busy_timeout = busy_timeout
         self._idle: queue.SimpleQueue[sqlite_utils.Database] = queue.SimpleQueue()
         self._open: list[sqlite_utils.Database] = []
         self._lock = threading.Lock()
@@ -70,7 +71,7 @@ class SpoolDB:
         try:
             db = self._idle.get_nowait()
         except queue.Empty:
-            db = connect(self.path, durable=False)
+            db = connect(self.path, durable=False, busy_timeout=self.busy_timeout)
             with self._lock:
                 self._open.append(db)
         try:

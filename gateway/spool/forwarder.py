@@ -4,14 +4,24 @@ Each worker claims a batch (instances of one study, bounded in count and bytes),
 it to `Upstream.store_instances`, and records one outcome per instance. Workers sleep
 until the spool wakes them (a new instance) or the next retry falls due, so a spooled
 instance leaves within milliseconds and an idle gateway costs nothing.
+
+A worker never dies of an error: a spool database that refuses (locked, full,
+read-only) is retried, and an outcome the archive already gave is kept in memory and
+recorded as soon as the database takes it, so no claimed row stays ``sending``.
+While such a failure lasts it is listed in `Problems`, which /healthz reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from gateway.config import SpoolConfig
 from gateway.spool.queue import Outcome, Spool, SpooledInstance
@@ -21,6 +31,58 @@ log = logging.getLogger("gateway.forwarder")
 
 PURGE_INTERVAL = 600.0
 IDLE_POLL = 5.0
+# First pause after a failed spool write; doubles up to IDLE_POLL.
+RETRY_PAUSE = 0.5
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that keeps delivery from working right now."""
+
+    component: str
+    reason: str
+    since: float  # time.time() when it started
+
+
+class Problems:
+    """The delivery problems going on now, by component (``spool``, ``archive``...).
+
+    Set when a failure starts and cleared by the next success, so /healthz says
+    ``degraded``, and why, for exactly as long as it lasts. Used on the loop only.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, Problem] = {}
+
+    def set(self, component: str, reason: str) -> None:
+        """Record a problem, or a new reason for one going on (which keeps its start)."""
+        old = self._items.get(component)
+        self._items[component] = Problem(component, reason, old.since if old else time.time())
+
+    def clear(self, component: str) -> Problem | None:
+        """End a problem; returns it if there was one."""
+        return self._items.pop(component, None)
+
+    def all(self) -> list[Problem]:
+        return sorted(self._items.values(), key=lambda p: p.since)
+
+
+@dataclass
+class Hold:
+    """Delivery held because the archive refuses the gateway's configuration.
+
+    Sending more would only be refused the same way, so one worker at a time probes
+    with the oldest due batch, at ``next_probe``; the others wait. The pause between
+    probes doubles up to ``spool.retry_max_seconds``.
+    """
+
+    reason: str
+    started: float  # time.monotonic()
+    pause: float
+    next_probe: float = 0.0
+    probing: bool = False
 
 
 class Forwarder:
@@ -37,6 +99,8 @@ class Forwarder:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._stop = asyncio.Event()
+        self.problems = Problems()
+        self._hold: Hold | None = None
 
     def wake(self) -> None:
         """Called on the loop when an instance was queued or requeued."""
@@ -59,34 +123,123 @@ class Forwarder:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def _spool(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _spool(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def _write(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """A spool write; a failure is listed as the ``spool`` problem until a write succeeds.
+
+        Only writes end the problem: reads still work while another connection holds
+        the write lock, so their success proves nothing.
+        """
+        try:
+            result = await self._spool(fn, *args)
+        except Exception as exc:
+            self.problems.set("spool", f"cannot {what}: {type(exc).__name__}: {exc}")
+            raise
+        ended = self.problems.clear("spool")
+        if ended is not None:
+            log.info("spool database writable again after %.1f s", time.time() - ended.since)
+        return result
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the forwarder stops."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
     async def _worker(self) -> None:
-        max_bytes = self.cfg.batch_max_mb * 1024 * 1024
+        """Claim, deliver, record, forever; survives any error (logged, then paused)."""
         idle = False
+        pause = RETRY_PAUSE
         while not self._stopping:
-            self._wake.clear()
-            if idle and self.linger:
-                await asyncio.sleep(self.linger)
             try:
-                batch = await self._spool(
-                    self.spool.claim, self.cfg.batch_max_instances, max_bytes
-                )
-            except Exception:
-                log.exception("cannot claim from the spool; retrying in %s s", IDLE_POLL)
-                await asyncio.sleep(IDLE_POLL)
-                continue
-            idle = not batch
-            if not batch:
-                due = await self._spool(self.spool.next_due_in)
-                timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(due, 0.05))
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            await self._deliver(batch)
+                idle = await self._step(idle)
+                pause = RETRY_PAUSE
+            except asyncio.CancelledError:
+                raise
+            except sqlite3.Error as exc:
+                log.error("spool database error (%s: %s); forwarder retries in %.1f s", type(exc).__name__, exc, pause)
+                await self._pause(pause)
+                pause = min(pause * 2, IDLE_POLL)
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop delivery for good
+                log.exception("forwarder error; retrying in %.1f s", pause)
+                self.problems.set("forwarder", f"unexpected error: {type(exc).__name__}")
+                await self._pause(pause)
+                pause = min(pause * 2, IDLE_POLL)
+            else:
+                self.problems.clear("forwarder")
+
+    async def _step(self, idle: bool) -> bool:
+        """One claim and, if it found work, one delivery; returns whether the spool was idle."""
+        max_bytes = self.cfg.batch_max_mb * 1024 * 1024
+        self._wake.clear()
+        hold = self._hold
+        if hold is not None:
+            if hold.probing or time.monotonic() < hold.next_probe:
+                self.spool.answer_waiters("config", hold.reason)
+                wait = IDLE_POLL if hold.probing else hold.next_probe - time.monotonic()
+                await self._wait_wake(max(0.05, min(IDLE_POLL, wait)))
+                return False
+            hold.probing = True
+        elif idle and self.linger:
+            await asyncio.sleep(self.linger)
+        try:
+            batch = await self._write(
+                "claim instances from the spool", self.spool.claim, self.cfg.batch_max_instances, max_bytes
+            )
+            if batch:
+                await self._deliver(batch)
+                return False
+        finally:
+            if hold is not None:
+                hold.probing = False
+        try:
+            due = await self._spool(self.spool.next_due_in)
+        except sqlite3.Error as exc:
+            self.problems.set("spool", f"cannot read the spool: {type(exc).__name__}: {exc}")
+            raise
+        await self._wait_wake(IDLE_POLL if due is None else min(IDLE_POLL, max(due, 0.05)))
+        return True
+
+    async def _wait_wake(self, seconds: float) -> None:
+        """Sleep until an instance is queued or ``seconds`` pass."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _held(self, reason: str) -> None:
+        """The archive refused our configuration: start (or extend) the hold; logged
+        once per outage, and again only if the reason changes."""
+        now = time.monotonic()
+        hold = self._hold
+        if hold is None:
+            hold = self._hold = Hold(reason, now, self.cfg.retry_base_seconds)
+            log.error(
+                "delivery held: %s; nothing is dead, queued instances wait and one batch is"
+                " retried every %g s at most until the archive accepts it",
+                reason,
+                self.cfg.retry_max_seconds,
+            )
+        else:
+            if reason != hold.reason:
+                log.error("delivery still held, now because: %s", reason)
+                hold.reason = reason
+            hold.pause = min(hold.pause * 2, self.cfg.retry_max_seconds)
+            log.debug("delivery still held (%s); next try in %.1f s at most", reason, hold.pause)
+        hold.next_probe = now + hold.pause * random.uniform(0.5, 1.0)
+        self.problems.set("archive", f"delivery held: {reason}")
+
+    def _release_hold(self) -> None:
+        """The archive answered something other than a configuration refusal."""
+        if self._hold is None:
+            return
+        log.warning("delivery resumed: the archive no longer refuses us (held %.0f s)", time.monotonic() - self._hold.started)
+        self._hold = None
+        self.problems.clear("archive")
+        self._wake.set()
 
     async def _deliver(self, batch: list[SpooledInstance]) -> None:
         study = batch[0].study_uid
@@ -99,7 +252,12 @@ class Forwarder:
         except Exception as exc:  # noqa: BLE001 - a bug in one upstream must not stop the queue
             log.exception("upstream store failed unexpectedly for study %s", study)
             outcomes = [Outcome(i.id, "retry", f"{type(exc).__name__}: {exc}") for i in batch]
-        states = await asyncio.shield(self._spool(self.spool.record, batch, outcomes))
+        states = await self._record(batch, outcomes)
+        refusal = next((o.error for o in outcomes if o.kind == "config"), None)
+        if refusal is not None:
+            self._held(refusal)
+        else:
+            self._release_hold()
         elapsed = time.monotonic() - started
         by_id = {i.id: i for i in batch}
         delivered = [o for o in outcomes if states.get(o.instance_id) == "delivered"]
@@ -113,8 +271,8 @@ class Forwarder:
             )
         for o in outcomes:
             state = states.get(o.instance_id)
-            if state == "delivered":
-                continue
+            if state == "delivered" or o.kind == "config":
+                continue  # a configuration refusal is logged once, by _held
             inst = by_id[o.instance_id]
             level = logging.ERROR if state == "dead" else logging.WARNING
             log.log(
@@ -128,6 +286,28 @@ class Forwarder:
             )
         if delivered and self.cfg.retain_delivered_hours == 0:
             await self._spool(self.spool.purge_delivered, 0.0)
+
+    async def _record(self, batch: list[SpooledInstance], outcomes: list[Outcome]) -> dict[int, str]:
+        """Record what the archive said, retrying until the spool database takes it.
+
+        The archive has already acted on the batch, so the outcome is kept in memory
+        rather than the rows released: releasing needs the same database, and sending
+        again what was delivered is only acceptable after a crash.
+        """
+        ids = ", ".join(str(i.id) for i in batch)
+        pause = RETRY_PAUSE
+        while True:
+            try:
+                return await asyncio.shield(self._write("record delivery outcomes", self.spool.record, batch, outcomes))
+            except sqlite3.Error as exc:
+                log.error(
+                    "cannot record the outcome for spool ids %s (%s: %s); kept, retrying in %.1f s",
+                    ids, type(exc).__name__, exc, pause,
+                )
+            except Exception:  # noqa: BLE001 - whatever it is, the outcome must not be lost
+                log.exception("cannot record the outcome for spool ids %s; kept, retrying in %.1f s", ids, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, IDLE_POLL)
 
     async def _purger(self) -> None:
         retain = self.cfg.retain_delivered_hours * 3600

@@ -60,7 +60,10 @@ class Outcome:
     """What happened to one instance in a delivery attempt.
 
     ``kind`` is ``delivered``, ``retry`` (transient: try again later, not before
-    ``retry_after`` seconds if given) or ``rejected`` (permanent: the archive refused it).
+    ``retry_after`` seconds if given), ``rejected`` (permanent: the archive refused
+    this instance) or ``config`` (the archive refused the request for a reason of the
+    gateway's own configuration, such as credentials or URL: nothing is wrong with the
+    instance, and the attempt does not count towards ``max_attempts``).
     """
 
     instance_id: int
@@ -79,7 +82,7 @@ class Spool:
         self.objects = self.directory / "objects"
         for d in (self.directory, self.incoming, self.objects):
             d.mkdir(parents=True, exist_ok=True)
-        self.db = SpoolDB(self.directory / "spool.sqlite")
+        self.db = SpoolDB(self.directory / "spool.sqlite", cfg.busy_timeout)
         self.on_enqueue: Callable[[], None] = lambda: None
         self._waiters: dict[int, threading.Event] = {}
         self._outcomes: dict[int, Outcome] = {}
@@ -216,6 +219,15 @@ class Spool:
             for event in self._waiters.values():
                 event.set()
 
+    def answer_waiters(self, kind: str, error: str) -> None:
+        """Give every watched row still waiting the outcome ``kind`` now: while delivery
+        is held, waiting would only end in ``ack_timeout``. The rows stay queued."""
+        with self._waiters_lock:
+            for row_id, event in self._waiters.items():
+                if not event.is_set():
+                    self._outcomes[row_id] = Outcome(row_id, kind, error)
+                    event.set()
+
     def _notify(self, outcomes: Iterable[Outcome]) -> None:
         with self._waiters_lock:
             for outcome in outcomes:
@@ -308,6 +320,14 @@ class Spool:
                         [now, inst.id],
                     )
                     states[inst.id] = "delivered"
+                elif outcome.kind == "config":
+                    # Not the instance's fault: not an attempt, and due again at once.
+                    db.execute(
+                        "UPDATE instances SET state='failed', attempts=MAX(0, attempts-1), last_error=?"
+                        " WHERE id=?",
+                        [outcome.error, inst.id],
+                    )
+                    states[inst.id] = "failed"
                 elif outcome.kind == "retry" and not (
                     inst.attempts >= self.cfg.max_attempts or now - inst.received_at > max_age
                 ):

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from pathlib import Path
 
 import aiohttp
@@ -37,6 +38,15 @@ from gateway.upstream.errors import (
 log = logging.getLogger("gateway.upstream")
 
 RETRYABLE_HTTP = frozenset({408, 429}) | frozenset(range(500, 600))
+# Whole-request refusals that say the gateway's credentials (401, 403) or URL (404,
+# 405: nothing, or no STOW-RS service, there) are wrong. They do not depend on the
+# instances sent, so they hold delivery instead of making instances dead.
+CONFIG_REFUSALS = {
+    401: "archive refused our credentials (HTTP 401); check upstream.auth",
+    403: "archive denied us access (HTTP 403); check upstream.auth and the archive's permissions",
+    404: "no STOW-RS service at the upstream URL (HTTP 404); check upstream.url",
+    405: "no STOW-RS service at the upstream URL (HTTP 405); check upstream.url",
+}
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -53,9 +63,19 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def _short(body: bytes, limit: int = 200) -> str:
-    """A one-line excerpt of an error body for logs and the spool's last_error."""
+    """A one-line excerpt of an error body, for DEBUG logs only: archives' error pages
+    may echo the attributes (patient name, ID) of what they refused."""
     text = body[:limit].decode("utf-8", "replace")
     return " ".join(text.split())
+
+
+def http_status(status: int) -> str:
+    """``HTTP 503 Service Unavailable``: the code and its standard phrase, never the
+    archive's own reason phrase, which, like its error body, may quote patient data."""
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def _more_results_warning(resp: aiohttp.ClientResponse) -> bool:
@@ -137,14 +157,32 @@ class DicomWebUpstream:
         except OSError as exc:
             return all_("retry", f"cannot read spool file: {exc}")
 
+        if status >= 400:
+            log.debug("STOW-RS %s error body: %s", http_status(status), _short(payload))
         if status in RETRYABLE_HTTP:
-            return all_("retry", f"HTTP {status}: {_short(payload)}", retry_after)
+            return all_("retry", http_status(status), retry_after)
+        if status in CONFIG_REFUSALS:
+            return all_("config", CONFIG_REFUSALS[status])
         parsed = parse_stow_response(payload, content_type)
-        if status >= 400 and status != 409:
-            return all_("rejected", f"HTTP {status}: {_short(payload)}")
-        if not parsed.parsed:
+        if status >= 400 and (status != 409 or not parsed.parsed):
+            if len(instances) > 1:
+                # Refused as a whole without saying which instance is at fault (Orthanc
+                # answers 400 when one part is bad, having stored the others): one bad
+                # instance must not take the batch down, so each goes again on its own.
+                log.warning(
+                    "STOW-RS of %d instances of study %s refused as a whole (HTTP %d); sending each alone",
+                    len(instances),
+                    study_uid,
+                    status,
+                )
+                outcomes: list[Outcome] = []
+                for inst in instances:
+                    outcomes += await self.store_instances(study_uid, [inst])
+                return outcomes
             if status == 409:
-                return all_("rejected", f"HTTP 409 without a readable response: {_short(payload)}")
+                return all_("rejected", f"{http_status(409)} without a readable response")
+            return all_("rejected", http_status(status))
+        if not parsed.parsed:
             # A 2xx with no Store Instances Response: the request as a whole succeeded.
             return all_("delivered", "")
 
@@ -194,7 +232,7 @@ class DicomWebUpstream:
         try:
             async with self.session.get(url, headers={"Accept": mediatypes.DICOM_JSON}, timeout=timeout) as resp:
                 body = await resp.read()
-                status, reason = resp.status, resp.reason or ""
+                status = resp.status
                 cut = _more_results_warning(resp)
         except asyncio.TimeoutError:
             raise UpstreamUnavailable(f"archive timeout after {self.qido.timeout:g} s") from None
@@ -204,14 +242,14 @@ class DicomWebUpstream:
             log.error("QIDO-RS %s refused our credentials: HTTP %d", resource, status)
             raise UpstreamAuthError(f"archive refused credentials: HTTP {status}", status)
         if status in RETRYABLE_HTTP:
-            log.warning("QIDO-RS %s failed: HTTP %d %s", resource, status, reason)
+            log.warning("QIDO-RS %s failed: %s", resource, http_status(status))
             log.debug("QIDO-RS error body: %s", _short(body))
-            raise UpstreamUnavailable(f"archive error: HTTP {status} {reason}".strip())
+            raise UpstreamUnavailable(f"archive error: {http_status(status)}")
         if status == 404 and path.startswith("studies/"):
             return [], False  # the study or series named in the path does not exist
         if status >= 400:
             log.debug("QIDO-RS error body: %s", _short(body))
-            raise UpstreamRejected(f"archive rejected search: HTTP {status} {reason}".strip(), status)
+            raise UpstreamRejected(f"archive rejected search: {http_status(status)}", status)
         if status == 204 or not body.strip():
             return [], False
         try:
@@ -300,7 +338,7 @@ class DicomWebUpstream:
                         await resp.read()
                         continue
                     if resp.status >= 300:
-                        _raise_for_retrieve(resp.status, resp.reason or "", await resp.read())
+                        _raise_for_retrieve(resp.status, await resp.read())
                     content_type = resp.headers.get("Content-Type", "")
                     if not content_type.lower().startswith(mediatypes.MULTIPART_RELATED):
                         raise UpstreamRejected(f"RetrieveSeries answered {content_type!r}, not multipart")
@@ -326,13 +364,13 @@ class DicomWebUpstream:
         spill: Path | None = None
         try:
             async with self.session.get(url, headers={"Accept": accept}) as resp:
-                status, reason = resp.status, resp.reason or ""
+                status = resp.status
                 if status in NOT_ACCEPTABLE:
                     await resp.read()
                     return None
                 if status >= 300:
                     body = await resp.read()
-                    _raise_for_retrieve(status, reason, body)
+                    _raise_for_retrieve(status, body)
                 content_type = resp.headers.get("Content-Type", "")
                 length = resp.content_length
                 if length is not None and length <= spill_bytes:
@@ -355,7 +393,7 @@ class DicomWebUpstream:
             raise UpstreamRejected(f"unreadable WADO-RS answer: {exc}") from None
 
 
-def _raise_for_retrieve(status: int, reason: str, body: bytes) -> None:
+def _raise_for_retrieve(status: int, body: bytes) -> None:
     """Turn a failed RetrieveInstance into the typed error the edges map."""
     log.debug("WADO-RS error body: %s", _short(body))
     if status == 404:
@@ -364,8 +402,8 @@ def _raise_for_retrieve(status: int, reason: str, body: bytes) -> None:
         log.error("WADO-RS refused our credentials: HTTP %d", status)
         raise UpstreamAuthError(f"archive refused credentials: HTTP {status}", status)
     if status in RETRYABLE_HTTP:
-        raise UpstreamUnavailable(f"archive error: HTTP {status} {reason}".strip())
-    raise UpstreamRejected(f"archive rejected retrieve: HTTP {status} {reason}".strip(), status)
+        raise UpstreamUnavailable(f"archive error: {http_status(status)}")
+    raise UpstreamRejected(f"archive rejected retrieve: {http_status(status)}", status)
 
 
 async def _read_or_spill(

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
 from gateway.web import health
-from gateway.web.keys import HEALTH_CACHE, SPOOL, UPSTREAM
+from gateway.web.keys import HEALTH_CACHE, PROBLEMS, SPOOL, UPSTREAM
 
 
-def create_app(spool: Spool, upstream: Upstream) -> web.Application:
+def create_app(spool: Spool, upstream: Upstream, problems: Problems | None = None) -> web.Application:
     app = web.Application()
     app[SPOOL] = spool
     app[UPSTREAM] = upstream
+    app[PROBLEMS] = problems if problems is not None else Problems()
     app[HEALTH_CACHE] = []
     app.add_routes(health.routes)
     return app

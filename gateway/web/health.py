@@ -3,32 +3,51 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
+from typing import Any
 
 from aiohttp import web
 
-from gateway.web.keys import HEALTH_CACHE, SPOOL, UPSTREAM
+from gateway.web.keys import HEALTH_CACHE, PROBLEMS, SPOOL, UPSTREAM
 
 routes = web.RouteTableDef()
 
 _CACHE_SECONDS = 5.0
 
 
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     """Always 200 while the process runs; ``status`` says ``degraded`` when the archive
-    is unreachable or instances are dead, so monitoring can alert on the body."""
+    is unreachable, instances are dead, or something keeps delivery from working
+    (``problems``: the spool database refusing writes, the archive refusing our
+    credentials or URL), so monitoring can alert on the body."""
     app = request.app
     loop = asyncio.get_running_loop()
-    spool_status = await loop.run_in_executor(None, app[SPOOL].status)
+    problems: list[dict[str, Any]] = [
+        {"component": p.component, "reason": p.reason, "since": _iso(p.since)} for p in app[PROBLEMS].all()
+    ]
+    spool_status: dict[str, Any] | None
+    try:
+        spool_status = await loop.run_in_executor(None, app[SPOOL].status)
+    except (sqlite3.Error, OSError) as exc:
+        spool_status = None
+        problems.append(
+            {"component": "spool", "reason": f"cannot read the spool: {type(exc).__name__}: {exc}", "since": _iso(time.time())}
+        )
     cache = app[HEALTH_CACHE]
     if not cache or time.monotonic() - cache[0] > _CACHE_SECONDS:
         cache[:] = [time.monotonic(), await app[UPSTREAM].health()]
     health = cache[1]
-    degraded = not health.reachable or spool_status["counts"]["dead"] > 0
+    degraded = not health.reachable or bool(problems) or (spool_status is not None and spool_status["counts"]["dead"] > 0)
     return web.json_response(
         {
             "status": "degraded" if degraded else "ok",
+            "problems": problems,
             "spool": spool_status,
             "upstream": {
                 "type": app[UPSTREAM].kind,

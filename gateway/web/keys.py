@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
 
 SPOOL = web.AppKey("spool", Spool)
 UPSTREAM = web.AppKey("upstream", Upstream)
+# What keeps delivery from working right now (the forwarder's), for /healthz.
+PROBLEMS = web.AppKey("problems", Problems)
 # [monotonic time, Health] of the last upstream probe; a list so it can change after start-up.
 HEALTH_CACHE = web.AppKey("health_cache", list)

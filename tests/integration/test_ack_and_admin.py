@@ -10,7 +10,7 @@ from pydicom import dcmread
 
 from tests.support import dcmtk
 from tests.support.corpus import sample_files
-from tests.support.ports import wait_until
+from tests.support.ports import free_port, wait_until
 
 
 def test_echo(gateway) -> None:
@@ -67,17 +67,19 @@ def test_health_and_spool_cli_on_embedded_archive(gateway) -> None:
     assert len(archived) == 3
 
 
-def test_rejection_goes_dead_and_can_be_retried(orthanc, gateway) -> None:
-    gw = gateway(upstream_url=orthanc.http_url + "/no-such-dicomweb-root")
+def test_dead_instance_can_be_retried(gateway) -> None:
+    """An instance out of attempts is dead, shown as such, and requeued on demand.
+    (A wrong URL no longer makes instances dead: tests/reliability/test_delivery_faults.py.)"""
+    gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1})
     result = dcmtk.storescu(gw.port, sample_files()[:1], gw.ae_title)
     assert result.returncode == 0
     gw.wait_counts(dead=1, timeout=30)
     assert gw.health()["status"] == "degraded"
     (row,) = json.loads(gw.cli("spool", "list", "--state", "dead", "--json").stdout)
-    assert row["last_error"].startswith("HTTP 404")
+    assert row["last_error"].startswith("gave up after 1 attempts")
     retried = gw.cli("spool", "retry", "--dead")
     assert "requeued 1" in retried.stdout
-    gw.wait_counts(dead=1, timeout=30)  # still wrong URL: dead again, never lost
+    gw.wait_counts(dead=1, timeout=30)  # archive still unreachable: dead again, never lost
 
 
 def test_sigterm_stops_cleanly(gateway) -> None:

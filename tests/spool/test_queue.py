@@ -94,6 +94,25 @@ def test_rejected_is_dead_at_once(spool: Spool) -> None:
     assert spool.record([inst], [Outcome(inst.id, "rejected", "HTTP 400")]) == {inst.id: "dead"}
 
 
+def test_configuration_refusal_uses_no_attempt_and_never_kills(spool: Spool) -> None:
+    """A 401/404 is the gateway's problem: held rows stay due, past max_attempts (3)."""
+    row = spool.enqueue(received(spool, 1), header(1), "MOD")
+    for _ in range(5):
+        (inst,) = spool.claim(1, 10_000)
+        assert spool.record([inst], [Outcome(inst.id, "config", "HTTP 401")]) == {row: "failed"}
+    (stored,) = spool.list_rows()
+    assert (stored["state"], stored["attempts"], stored["last_error"]) == ("failed", 0, "HTTP 401")
+    assert spool.next_due_in() == 0.0
+
+
+def test_answer_waiters_while_held(spool: Spool) -> None:
+    row = spool.enqueue(received(spool, 1), header(1), "MOD", watch=True)
+    spool.answer_waiters("config", "held")
+    outcome = spool.wait_outcome(row, timeout=0.1)
+    assert outcome is not None and outcome.kind == "config"
+    assert spool.status()["counts"]["queued"] == 1
+
+
 def test_recover_requeues_sending_and_drops_partial_files(spool: Spool) -> None:
     spool.enqueue(received(spool, 1), header(1), "MOD")
     spool.claim(1, 10_000)

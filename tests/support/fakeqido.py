@@ -3,7 +3,9 @@
 Orthanc cannot be told to answer 401, 503 or to stall, nor does it say how many
 pages it served; this server can. It answers ``GET .../studies`` with ``count``
 synthetic studies paged by ``limit``/``offset``, optionally slowly, or with a fixed
-HTTP status, or not at all (``hang``), and records every request path.
+HTTP status (with ``body`` and reason phrase ``reason`` if given, e.g. an error page
+that echoes what it was sent), or not at all (``hang``), and records every request
+path. A ``POST`` (STOW-RS) gets the fixed status and body too, or an empty 200.
 """
 
 from __future__ import annotations
@@ -20,11 +22,21 @@ from tests.support.ports import free_port
 class FakeQido:
     """``FakeQido(count=500, page_delay=0.2).start()``; ``.url`` is the DICOMweb root."""
 
-    def __init__(self, count: int = 100, page_delay: float = 0.0, status: int = 200, hang: bool = False) -> None:
+    def __init__(
+        self,
+        count: int = 100,
+        page_delay: float = 0.0,
+        status: int = 200,
+        hang: bool = False,
+        body: bytes = b'{"error": "scripted failure"}',
+        reason: str | None = None,
+    ) -> None:
         self.count = count
         self.page_delay = page_delay
         self.status = status
         self.hang = hang
+        self.body = body
+        self.reason = reason
         self.requests: list[str] = []
         self.port = free_port()
         self._stop = threading.Event()
@@ -66,12 +78,7 @@ class FakeQido:
                     fake._stop.wait(60)
                     return
                 if fake.status != 200:
-                    body = b'{"error": "scripted failure"}'
-                    self.send_response(fake.status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    self.scripted(fake.status, fake.body)
                     return
                 query = parse_qs(urlsplit(self.path).query)
                 limit = int(query.get("limit", ["1000"])[0])
@@ -81,6 +88,18 @@ class FakeQido:
                 body = json.dumps(page).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib name
+                fake.requests.append(self.path)
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self.scripted(fake.status, fake.body if fake.status != 200 else b"")
+
+            def scripted(self, status: int, body: bytes) -> None:
+                self.send_response(status, fake.reason)
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

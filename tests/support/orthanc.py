@@ -42,6 +42,7 @@ Behaviour of these versions that tests must know (observed here, not assumed):
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -149,7 +150,11 @@ class Orthanc:
         extra_config: Mapping[str, Any] | None = None,
         workdir: Path | None = None,
         name: str | None = None,
+        users: Mapping[str, str] | None = None,
     ) -> None:
+        """``users``: ``{name: password}`` turns on HTTP basic authentication for REST
+        and DICOMweb; this object's own REST calls then log in as the first user."""
+        self._users = dict(users or {})
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="orthanc-")) if workdir is None else workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +194,8 @@ class Orthanc:
                 "SeriesMetadata": "Full",
             },
             "RemoteAccessAllowed": True,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self._users),
+            "RegisteredUsers": self._users,
             "HttpCompressionEnabled": False,
             "OrthancExplorerEnabled": False,
             "WebDavEnabled": False,
@@ -332,9 +338,17 @@ class Orthanc:
 
     # -- REST ------------------------------------------------------------------
 
+    def _auth_headers(self) -> dict[str, str]:
+        """Basic authentication as the first registered user, if any."""
+        if not self._users:
+            return {}
+        user, password = next(iter(self._users.items()))
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
     def _system_answers(self) -> bool:
+        request = urllib.request.Request(f"{self.http_url}/system", headers=self._auth_headers())
         try:
-            with urllib.request.urlopen(f"{self.http_url}/system", timeout=1) as response:
+            with urllib.request.urlopen(request, timeout=1) as response:
                 return response.status == 200
         except (OSError, urllib.error.URLError):
             return False
@@ -350,7 +364,7 @@ class Orthanc:
     ) -> tuple[int, dict[str, str], bytes]:
         """One HTTP request; statuses outside ``ok`` raise OrthancError."""
         url = path if path.startswith("http") else f"{self.http_url}{path}"
-        request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+        request = urllib.request.Request(url, data=body, method=method, headers={**self._auth_headers(), **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 status, response_headers, payload = response.status, dict(response.headers), response.read()

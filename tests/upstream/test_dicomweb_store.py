@@ -8,8 +8,9 @@ the HTTP status codes and PS3.18 response bodies under test.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -41,12 +42,15 @@ def failed_json(pairs: dict[str, int], ok: list[str]) -> str:
     )
 
 
-def run_against(handler: Callable[[web.Request], web.Response], instances: list[SpooledInstance]):
+def run_against(
+    handler: Callable[[web.Request], web.Response | Awaitable[web.Response]], instances: list[SpooledInstance]
+):
     seen: list[bytes] = []
 
     async def wrapped(request: web.Request) -> web.Response:
-        seen.append(await request.read())
-        return handler(request)
+        seen.append(await request.read())  # aiohttp keeps it: a handler may read() again
+        answer = handler(request)
+        return await answer if inspect.isawaitable(answer) else answer
 
     async def main():
         app = web.Application()
@@ -83,9 +87,32 @@ def test_503_with_retry_after_retries(tmp_path: Path) -> None:
 
 
 def test_429_and_408_retry_other_4xx_reject(tmp_path: Path) -> None:
-    for status, kind in ((429, "retry"), (408, "retry"), (400, "rejected"), (401, "rejected"), (415, "rejected")):
+    for status, kind in ((429, "retry"), (408, "retry"), (400, "rejected"), (413, "rejected"), (415, "rejected")):
         outcomes, _ = run_against(lambda r, s=status: web.Response(status=s), [inst(tmp_path, 1)])
         assert outcomes[0].kind == kind, status
+
+
+def test_whole_batch_refusal_is_narrowed_to_the_instance_refused(tmp_path: Path) -> None:
+    """Orthanc answers 400 for a whole request when one part is bad (and stores the
+    others): only that instance may go dead, so a refused batch is resent one by one."""
+    items = [inst(tmp_path, n) for n in (1, 2, 3)]
+    for status in (400, 413, 415):
+        bad = bytes([2]) * 1002
+
+        async def handler(request: web.Request, s: int = status) -> web.Response:
+            return web.Response(status=s if bad in await request.read() else 200)
+
+        outcomes, seen = run_against(handler, items)
+        assert [o.kind for o in outcomes] == ["delivered", "rejected", "delivered"], status
+        assert f"HTTP {status}" in outcomes[1].error
+        assert len(seen) == 4  # the batch, then each instance alone
+
+
+def test_wrong_credentials_or_url_are_a_configuration_problem(tmp_path: Path) -> None:
+    for status in (401, 403, 404, 405):
+        outcomes, _ = run_against(lambda r, s=status: web.Response(status=s), [inst(tmp_path, 1), inst(tmp_path, 2)])
+        assert [o.kind for o in outcomes] == ["config", "config"], status
+        assert str(status) in outcomes[0].error
 
 
 def test_409_marks_each_instance_on_its_own(tmp_path: Path) -> None:
