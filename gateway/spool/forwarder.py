@@ -245,7 +245,8 @@ class Forwarder:
         study = batch[0].study_uid
         started = time.monotonic()
         try:
-            outcomes = await self.upstream.store_instances(study, batch)
+            answers = await self.upstream.store_instances(study, [i.item() for i in batch])
+            outcomes = [Outcome(i.id, a.kind, a.error, a.retry_after) for i, a in zip(batch, answers, strict=True)]
         except asyncio.CancelledError:
             await asyncio.shield(self._spool(self.spool.release, batch))
             raise

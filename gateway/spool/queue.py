@@ -30,6 +30,7 @@ from gateway.config import SpoolConfig
 from gateway.fsutil import fsync_path
 from gateway.header import InstanceHeader, read_header
 from gateway.spool.db import SpoolDB
+from gateway.upstream.base import StoreItem
 from gateway.sqlite import immediate
 
 log = logging.getLogger("gateway.spool")
@@ -54,16 +55,19 @@ class SpooledInstance:
     attempts: int
     received_at: float
 
+    def item(self) -> StoreItem:
+        """The file and UIDs an upstream needs to store it."""
+        return StoreItem(
+            self.path, self.size, self.sop_instance_uid, self.sop_class_uid,
+            self.study_uid, self.series_uid, self.transfer_syntax,
+        )
+
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one instance in a delivery attempt.
-
-    ``kind`` is ``delivered``, ``retry`` (transient: try again later, not before
-    ``retry_after`` seconds if given), ``rejected`` (permanent: the archive refused
-    this instance) or ``config`` (the archive refused the request for a reason of the
-    gateway's own configuration, such as credentials or URL: nothing is wrong with the
-    instance, and the attempt does not count towards ``max_attempts``).
+    """What happened to one spooled instance in a delivery attempt: the upstream's
+    `StoreOutcome` (same ``kind`` values) for the row ``instance_id``. A ``config``
+    refusal does not count towards ``max_attempts``: nothing is wrong with the instance.
     """
 
     instance_id: int

@@ -8,13 +8,12 @@ facade issues land.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.model.search import Search
-from gateway.spool.queue import Outcome, SpooledInstance
 
 JsonObject = Mapping[str, Any]
 
@@ -57,6 +56,38 @@ class Retrieved:
             self.path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class StoreItem:
+    """One Part 10 file to store, with the UIDs its header gave when it was received.
+
+    Plain data, so an upstream never depends on where the file waited (the spool,
+    or a facade STOW body) and outcomes map back to items by position."""
+
+    path: Path
+    size: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What the archive made of one item.
+
+    ``kind``: ``delivered``; ``retry`` (transient: again later, not before
+    ``retry_after`` seconds if given); ``rejected`` (the archive refused this instance:
+    it will never take it as it is); ``config`` (the archive refused the gateway itself,
+    a credential or a URL: nothing about the instance, so it waits for an admin).
+    ``error`` names the reason without any attribute value.
+    """
+
+    kind: str
+    error: str = ""
+    retry_after: float | None = None
+
+
 class Upstream(Protocol):
     """An archive the gateway forwards to and reads from."""
 
@@ -68,11 +99,9 @@ class Upstream(Protocol):
     async def close(self) -> None:
         """Release sessions and pools."""
 
-    async def store_instances(
-        self, study_uid: str, instances: list[SpooledInstance]
-    ) -> list[Outcome]:
-        """STOW-RS the given instances of one study; one Outcome per instance, never raises
-        for per-instance failures (transport failures become ``retry`` outcomes)."""
+    async def store_instances(self, study_uid: str, instances: Sequence[StoreItem]) -> list[StoreOutcome]:
+        """STOW-RS the given instances of one study; one outcome per item, in order.
+        Never raises for an archive's answer (transport failures become ``retry``)."""
         ...
 
     async def health(self) -> Health:

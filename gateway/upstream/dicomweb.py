@@ -9,7 +9,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from pathlib import Path
@@ -25,8 +25,7 @@ from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_
 from gateway.model.search import Search
 from gateway.dicomweb.qido import QidoOptions, query_string, resource_path
 from gateway.dicomweb.stow import ALREADY_STORED, TRANSIENT, parse_stow_response
-from gateway.spool.queue import Outcome, SpooledInstance
-from gateway.upstream.base import Health, JsonObject, Retrieved
+from gateway.upstream.base import Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import (
     NotFound,
     UpstreamAuthError,
@@ -131,8 +130,8 @@ class DicomWebUpstream:
         return self._session
 
     async def store_instances(
-        self, study_uid: str, instances: list[SpooledInstance]
-    ) -> list[Outcome]:
+        self, study_uid: str, instances: Sequence[StoreItem]
+    ) -> list[StoreOutcome]:
         body = FileMultipart([(i.path, i.size) for i in instances], mediatypes.DICOM)
         headers = {
             "Content-Type": mediatypes.multipart_related(mediatypes.DICOM, body.boundary),
@@ -141,8 +140,8 @@ class DicomWebUpstream:
         }
         url = f"{self.url}/studies/{study_uid}"
 
-        def all_(kind: str, error: str, retry_after: float | None = None) -> list[Outcome]:
-            return [Outcome(i.id, kind, error, retry_after) for i in instances]
+        def all_(kind: str, error: str, retry_after: float | None = None) -> list[StoreOutcome]:
+            return [StoreOutcome(kind, error, retry_after) for _ in instances]
 
         try:
             async with self.session.post(url, data=body, headers=headers) as resp:
@@ -175,7 +174,7 @@ class DicomWebUpstream:
                     study_uid,
                     status,
                 )
-                outcomes: list[Outcome] = []
+                outcomes: list[StoreOutcome] = []
                 for inst in instances:
                     outcomes += await self.store_instances(study_uid, [inst])
                 return outcomes
@@ -192,20 +191,20 @@ class DicomWebUpstream:
             if uid in parsed.failed:
                 reason = parsed.failed[uid]
                 if reason in ALREADY_STORED:
-                    outcomes.append(Outcome(inst.id, "delivered", "already stored upstream"))
+                    outcomes.append(StoreOutcome("delivered", "already stored upstream"))
                 elif reason in TRANSIENT:
                     outcomes.append(
-                        Outcome(inst.id, "retry", f"HTTP {status}, failure reason {reason:#06x}")
+                        StoreOutcome("retry", f"HTTP {status}, failure reason {reason:#06x}")
                     )
                 else:
                     outcomes.append(
-                        Outcome(inst.id, "rejected", f"HTTP {status}, failure reason {reason:#06x}")
+                        StoreOutcome("rejected", f"HTTP {status}, failure reason {reason:#06x}")
                     )
             elif uid in parsed.referenced:
-                outcomes.append(Outcome(inst.id, "delivered", ""))
+                outcomes.append(StoreOutcome("delivered", ""))
             else:
                 outcomes.append(
-                    Outcome(inst.id, "retry", f"HTTP {status}: instance missing from the response")
+                    StoreOutcome("retry", f"HTTP {status}: instance missing from the response")
                 )
         return outcomes
 

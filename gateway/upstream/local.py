@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,7 @@ from gateway.model.search import Search
 from gateway.model.query import Key
 from gateway.fsutil import fsync_path
 from gateway.sqlite import Migration, connect, immediate, migrate
-from gateway.spool.queue import Outcome, SpooledInstance
-from gateway.upstream.base import Health, JsonObject, Retrieved
+from gateway.upstream.base import Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import NotFound
 
 log = logging.getLogger("gateway.upstream")
@@ -124,11 +123,11 @@ class LocalUpstream:
         self._executor.submit(self._db.close).result()
         self._executor.shutdown(wait=True)
 
-    def _store_one(self, inst: SpooledInstance) -> Outcome:
+    def _store_one(self, inst: StoreItem) -> StoreOutcome:
         try:
             ds = pydicom.dcmread(inst.path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            return Outcome(inst.id, "rejected", f"unreadable instance: {exc}")
+            return StoreOutcome("rejected", f"unreadable instance: {exc}")
         row: dict[str, Any] = {
             "sop_instance_uid": inst.sop_instance_uid,
             "sop_class_uid": inst.sop_class_uid,
@@ -166,11 +165,11 @@ class LocalUpstream:
             db["instances"].upsert(row, pk="sop_instance_uid")
         if previous and previous != row["file"]:
             (self.root / previous).unlink(missing_ok=True)
-        return Outcome(inst.id, "delivered", "replaced an older copy" if previous else "")
+        return StoreOutcome("delivered", "replaced an older copy" if previous else "")
 
     async def store_instances(
-        self, study_uid: str, instances: list[SpooledInstance]
-    ) -> list[Outcome]:
+        self, study_uid: str, instances: Sequence[StoreItem]
+    ) -> list[StoreOutcome]:
         loop = asyncio.get_running_loop()
         return [await loop.run_in_executor(self._executor, self._store_one, i) for i in instances]
 

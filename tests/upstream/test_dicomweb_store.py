@@ -16,15 +16,15 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.config import UpstreamConfig
-from gateway.spool.queue import SpooledInstance
+from gateway.upstream.base import StoreItem
 from gateway.upstream.dicomweb import DicomWebUpstream, retry_after_seconds
 from tests.support.ports import free_port
 
 
-def inst(tmp_path: Path, n: int) -> SpooledInstance:
+def inst(tmp_path: Path, n: int) -> StoreItem:
     path = tmp_path / f"{n}.dcm"
     path.write_bytes(bytes([n]) * (1000 + n))
-    return SpooledInstance(n, f"1.2.3.{n}", "1.2", "1.2.3", "1.2.3.9", "1.2.840.10008.1.2.1", path, 1000 + n, 1, 0.0)
+    return StoreItem(path, 1000 + n, f"1.2.3.{n}", "1.2", "1.2.3", "1.2.3.9", "1.2.840.10008.1.2.1")
 
 
 def failed_json(pairs: dict[str, int], ok: list[str]) -> str:
@@ -43,7 +43,7 @@ def failed_json(pairs: dict[str, int], ok: list[str]) -> str:
 
 
 def run_against(
-    handler: Callable[[web.Request], web.Response | Awaitable[web.Response]], instances: list[SpooledInstance]
+    handler: Callable[[web.Request], web.Response | Awaitable[web.Response]], instances: list[StoreItem]
 ):
     seen: list[bytes] = []
 
