@@ -169,8 +169,14 @@ class Counts:
             values[0x1020] = self.remaining
         return values
 
-    def final_status(self) -> int:
-        if self.failed == 0 and self.warning == 0:
+    def final_status(self, complete: bool = True) -> int:
+        """The final status once the sub-operations are over (PS3.4 C.4.2.1.5, C.4.3.1.4).
+
+        ``complete`` is False when the request could not be served whole although
+        sub-operations ran (the search failed part-way): never Success then, but
+        Warning when any sub-operation completed, else Refused 0xA702.
+        """
+        if complete and self.failed == 0 and self.warning == 0:
             return SUCCESS
         if self.completed == 0 and self.warning == 0:
             return OUT_OF_RESOURCES_SUBOPS
@@ -714,10 +720,14 @@ class RetrieveService:
             status = CANCEL
             extra = counts.command_fields(True)
         elif listing.error is not None:
-            # Cut short after sending began: what it listed is accounted for, the
-            # rest is unknown, so the move cannot end in success.
-            status, comment = failure_status(listing.error)
-            extra[0x0902] = comment[:64]
+            # Cut short after sub-operations began: 0xA701 would say none ran. Every
+            # instance it listed has been sent or counted failed (with its UID) by now,
+            # since the engine goes through all of them; what it never listed is unknown
+            # to us, so the request ends in Warning (or 0xA702 when nothing completed)
+            # with the counts, and the comment says the search failed.
+            status = counts.final_status(complete=False)
+            _, comment = failure_status(listing.error)
+            extra[0x0902] = f"search failed after {len(listing.refs)} listed: {comment}"[:64]
             log.warning("%s: search failed after listing %d instances: %s", what, len(listing.refs), comment)
         else:
             status = counts.final_status()

@@ -114,6 +114,12 @@ def test_final_status_and_counts() -> None:
     assert c.final_status() == 0xA702
     assert Counts(total=2, completed=1, warning=1).final_status() == 0xB000
     assert Counts(total=5, completed=2).command_fields(True)[0x1020] == 3
+    # A search that failed after sub-operations ran: never Success.
+    assert Counts(total=5, completed=5).final_status(complete=False) == 0xB000
+    assert Counts(total=5, warning=1).final_status(complete=False) == 0xB000
+    c = Counts(total=1)
+    c.fail("1")
+    assert c.final_status(complete=False) == 0xA702
 
 
 def test_proposals_cover_uncompressed_and_stored_syntaxes() -> None:
