@@ -5,21 +5,32 @@ A search that breaks mid-way: Orthanc's DICOMweb behind `SearchFailingProxy`, wh
 answers the second QIDO-RS page of the instance search with 503 (``find.page_size``
 is 5, so the first page lists 5 of the series' 12 instances); dcmtk's movescu, getscu
 and storescp are the mover, the requester and the destination.
+
+The large instance: 1000 frames of 512x512 16-bit (500 MiB decoded), stored RLE
+Lossless (12 MiB) in the embedded archive through dcmtk's storescu, moved to a
+storescp that accepts Implicit VR Little Endian only, so the gateway must decode it.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
+
+from gateway.codecs import PixelDescription, encode_frame
 
 from tests.integration.test_move_retrieve import failed_list, parse_move, peers
 from tests.support.daemon import Gateway
-from tests.support.dcmtk import StoreSCP, getscu, movescu
+from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu, storescu_for_syntax
 from tests.support.orthanc import Orthanc
 from tests.support.searchproxy import SearchFailingProxy
 from tests.support.synth import ct_series
@@ -161,3 +172,102 @@ def test_get_search_failing_after_sending_began_ends_with_warning(tmp_path: Path
     assert re.search(r"Failed Suboperations\s*:\s*(0|none)\b", final), output[-3000:]
     got = list(out.iterdir())
     assert len(got) == PAGE and uids(got) <= uids(env.series)
+
+
+# -- a 500 MiB multi-frame instance, transcoded on its way ----------------------------------
+
+FRAMES, ROWS, COLUMNS = 1000, 512, 512
+MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
+PEAK_LIMIT_KB = 300 * 1024
+
+
+_YY, _XX = np.mgrid[0:ROWS, 0:COLUMNS]
+_GRADIENT = (_YY * 7 + _XX // 64 * 3).astype(np.uint16)
+
+
+def frame_values(index: int) -> np.ndarray:
+    """Frame ``index`` of the big instance: a gradient in runs RLE packs well, other in
+    every frame so a frame out of place or altered shows."""
+    return _GRADIENT + np.uint16(index * 13 % 65536)
+
+
+def write_big_multiframe(path: Path) -> str:
+    """The instance, RLE Lossless, one fragment per frame; returns its SOP Instance UID."""
+    desc = PixelDescription(ROWS, COLUMNS, 1, 16, 16, 0, "MONOCHROME2")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MULTIFRAME_WORD_SC
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.SOPClassUID = MULTIFRAME_WORD_SC
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Synthetic^Large", "SYNTH-LARGE", "OT"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Rows, ds.Columns, ds.NumberOfFrames = ROWS, COLUMNS, FRAMES
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = encapsulate([encode_frame(frame_values(i), RLELossless, desc) for i in range(FRAMES)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(path, enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM of a process: the most resident memory it ever had, in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s*(\d+) kB", status).group(1))  # type: ignore[union-attr]
+
+
+def pixel_frames(path: Path) -> np.ndarray:
+    """The received native pixel data, mapped from the file (not read into memory)."""
+    with open(path, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        start = fh.tell()
+        assert str(ds.file_meta.TransferSyntaxUID) == ImplicitVRLittleEndian
+        fh.seek(start)
+        tag_and_length = fh.read(8)
+    assert tag_and_length[:4] == b"\xe0\x7f\x10\x00", tag_and_length
+    assert int.from_bytes(tag_and_length[4:], "little") == FRAMES * ROWS * COLUMNS * 2
+    return np.memmap(path, dtype="<u2", mode="r", offset=start + 8, shape=(FRAMES, ROWS, COLUMNS))
+
+
+@pytest.mark.slow
+def test_move_transcoding_a_500mb_multiframe_stays_within_300mb(tmp_path: Path) -> None:
+    """The RLE instance goes to an Implicit-VR-only storescp: it arrives with its 1000
+    frames, every pixel identical (lossless), and the gateway's peak resident memory
+    over its whole life (receipt, archive, move) stays under 300 MiB."""
+    started = time.monotonic()
+    source = tmp_path / "big.dcm"
+    sop_uid = write_big_multiframe(source)
+    generated = time.monotonic() - started
+    scp = StoreSCP(output_dir=tmp_path / "dest", ae_title="IMPLICIT", implicit_only=True).start()
+    gw = Gateway(tmp_path / "gw", extra=peers(("IMPLICIT", scp.port)))
+    try:
+        gw.start()
+        assert gw.proc is not None
+        sent = storescu(gw.port, [source], gw.ae_title, extra_args=storescu_for_syntax(RLELossless, [MULTIFRAME_WORD_SC]))
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        gw.wait_counts(delivered=1, timeout=60)
+        before_move = peak_rss_kb(gw.proc.pid)
+        moving = time.monotonic()
+        result = parse_move(movescu(
+            gw.port, "DICOMGW", "IMPLICIT", {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": sop_uid},
+            extra_args=["-v", "-d"], timeout=240,
+        ))
+        moved = time.monotonic() - moving
+        peak = peak_rss_kb(gw.proc.pid)
+        print(f"generated in {generated:.1f} s; moved in {moved:.1f} s; gateway VmHWM {before_move // 1024} MiB "
+              f"before the move, {peak // 1024} MiB after")
+        assert (result.status, result.completed, result.failed) == (0, 1, 0), result.output[-3000:] + gw.log()[-3000:]
+        [received] = scp.wait_for_files(1, timeout=60)
+        assert peak < PEAK_LIMIT_KB, f"gateway peak RSS {peak // 1024} MiB"
+        header = pydicom.dcmread(received, stop_before_pixels=True)
+        assert (str(header.SOPInstanceUID), int(header.NumberOfFrames)) == (sop_uid, FRAMES)
+        frames = pixel_frames(received)
+        for index in range(FRAMES):
+            assert np.array_equal(frames[index], frame_values(index)), f"frame {index} differs"
+    finally:
+        gw.kill()
+        scp.cleanup()
