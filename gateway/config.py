@@ -124,6 +124,7 @@ class RetrieveConfig:
     pending_seconds: float = 2.0  # ... or this many seconds
     spill_mb: float = 32.0  # instances larger than this wait on disk, not in memory
     allow_lossy: bool = False  # may a lossless instance be sent lossy when nothing else is accepted?
+    transcode_mb: float = 256.0  # memory the concurrent transcodes may hold together (estimated)
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,7 @@ def _retrieve(r: _Reader) -> RetrieveConfig:
         pending_seconds=r.number("pending_seconds", d.pending_seconds, 0.1, 3600),
         spill_mb=r.number("spill_mb", d.spill_mb, 0, 100000),
         allow_lossy=r.boolean("allow_lossy", d.allow_lossy),
+        transcode_mb=r.number("transcode_mb", d.transcode_mb, 1, 1000000),
     )
     r.finish()
     return cfg

@@ -20,7 +20,12 @@ answer lacks (or brings after failing) is fetched alone.
 An instance is sent as it is stored when the receiver accepted that transfer syntax
 (its bytes go out untouched, never parsed); otherwise it is transcoded, in a worker
 thread, to the best syntax the receiver accepted (lossless first, lossy only if
-``retrieve.allow_lossy``). Counters feed the Pending responses, sent at least every
+``retrieve.allow_lossy``): frame by frame where it can be (`gateway.codecs.stream`),
+so a few frames are in memory whatever the instance's size, into a file under
+``<spool>/retrieve`` when the result is larger than ``retrieve.spill_mb``. Each
+transcode first takes its estimated peak memory from a budget shared by every
+retrieval (``retrieve.transcode_mb``, `ByteBudget`), so the codec threads together
+stay within it. Counters feed the Pending responses, sent at least every
 ``pending_every`` sub-operations or ``pending_seconds``. A C-CANCEL takes effect
 between sub-operations: the one on the wire completes and is counted.
 
@@ -33,24 +38,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import shutil
 import time
+import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Protocol
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 
-from gateway.codecs import TranscodeError, choose_for_dataset, transcode
+from gateway.codecs import TranscodeError, choose_transfer_syntax, transcode
+from gateway.codecs.stream import FRAMES_HELD, Header, frame_size, obstacle, read_header, transcode_stream
 from gateway.codecs.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from gateway.config import Config
 from gateway.model.search import Search
@@ -58,7 +66,7 @@ from gateway.dimse.association import Association, Message
 from gateway.dimse.command import Command, response
 from gateway.dimse.find import decode_identifier, encode_identifier
 from gateway.model.query import make_key
-from gateway.dimse.requestor import DataSource, RequestorError
+from gateway.dimse.requestor import DataSource, FileSlice, RequestorError
 from gateway.dimse.retrieve_request import (
     CANCEL,
     OUT_OF_RESOURCES_SUBOPS,
@@ -169,8 +177,14 @@ class Counts:
             values[0x1020] = self.remaining
         return values
 
-    def final_status(self) -> int:
-        if self.failed == 0 and self.warning == 0:
+    def final_status(self, complete: bool = True) -> int:
+        """The final status once the sub-operations are over (PS3.4 C.4.2.1.5, C.4.3.1.4).
+
+        ``complete`` is False when the request could not be served whole although
+        sub-operations ran (the search failed part-way): never Success then, but
+        Warning when any sub-operation completed, else Refused 0xA702.
+        """
+        if complete and self.failed == 0 and self.warning == 0:
             return SUCCESS
         if self.completed == 0 and self.warning == 0:
             return OUT_OF_RESOURCES_SUBOPS
@@ -184,6 +198,117 @@ def failed_identifier(counts: Counts) -> Dataset | None:
     ds = Dataset()
     ds.FailedSOPInstanceUIDList = counts.failed_uids if len(counts.failed_uids) > 1 else counts.failed_uids[0]
     return ds
+
+
+# -- transcoding ------------------------------------------------------------------------------
+
+
+class ByteBudget:
+    """Memory the transcodes of every retrieval may hold at once, in bytes.
+
+    A transcode takes its estimated peak first and waits, in order of asking, until it
+    fits beside what the running ones hold; one larger than the whole budget waits to
+    run alone. So the codec threads never hold several large instances decoded at once.
+    Used from the event loop only.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(capacity, 1)
+        self.held = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, size: int) -> int:
+        """Wait until ``size`` bytes fit; returns the amount held, to `release` later."""
+        size = min(max(size, 0), self.capacity)
+        if not self._waiting and self.held + size <= self.capacity:
+            self.held += size
+            return size
+        entry = (size, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].cancelled():  # still waiting: give up the place
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(entry)
+                self._grant()
+            else:  # granted just as the cancellation came
+                self.release(size)
+            raise
+        return size
+
+    def release(self, size: int) -> None:
+        self.held -= size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self.held + self._waiting[0][0] <= self.capacity:
+            size, waiter = self._waiting.popleft()
+            if not waiter.cancelled():
+                self.held += size
+                waiter.set_result(None)
+
+
+@dataclass
+class Conversion:
+    """How one instance is converted for its receiver, decided from its header."""
+
+    target: str
+    header: Header | None  # None: converted whole (`gateway.codecs.stream` says when)
+    holds: int  # estimated peak memory of the conversion, in bytes
+    output: int  # estimated size of the converted data set, in bytes
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of a seekable file, as a file of their own: the
+    Part 10 file inside a retrieved answer (which may hold more, e.g. multipart)."""
+
+    name = "<retrieved instance>"  # pydicom asks file objects for one
+
+    def __init__(self, raw: BinaryIO, start: int, length: int) -> None:
+        super().__init__()
+        self._raw, self._start, self._length, self._pos = raw, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        size = max(min(len(buffer), self._length - self._pos), 0)
+        if size == 0:
+            return 0
+        self._raw.seek(self._start + self._pos)
+        count = self._raw.readinto(memoryview(buffer)[:size])  # type: ignore[attr-defined]
+        self._pos += count
+        return count
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def part10_file(retrieved: Retrieved) -> Iterator[BinaryIO]:
+    """The retrieved Part 10 file, readable and seekable (blocking for files)."""
+    raw: BinaryIO = BytesIO(retrieved.data) if retrieved.data is not None else open(retrieved.path, "rb")  # type: ignore[arg-type]
+    with io.BufferedReader(_Window(raw, retrieved.offset, retrieved.length), 1 << 16) as fp:  # type: ignore[arg-type]
+        yield fp  # type: ignore[misc]
+
+
+def _drop_output(future: asyncio.Future[tuple[DataSource, Path | None]]) -> None:
+    """Delete the spill file of a conversion nobody waits for any more."""
+    if not future.cancelled() and future.exception() is None and future.result()[1] is not None:
+        future.result()[1].unlink(missing_ok=True)  # type: ignore[union-attr]
 
 
 # -- the engine -------------------------------------------------------------------------------
@@ -201,6 +326,7 @@ class Retriever:
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         self.spill_bytes = int(config.retrieve.spill_mb * 1024 * 1024)
         self.codecs = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="retrieve-codec")
+        self.budget = ByteBudget(int(config.retrieve.transcode_mb * 1024 * 1024))
 
     def close(self) -> None:
         self.codecs.shutdown(wait=False, cancel_futures=True)
@@ -293,19 +419,74 @@ class Retriever:
 
     # ---- transcoding ----------------------------------------------------------------------
 
-    def _transcode(self, item: Fetched, accepted: list[str]) -> tuple[str, bytes]:
-        """(syntax, data set bytes) of the instance re-encoded for the receiver (worker thread)."""
-        assert item.retrieved is not None
-        ds = dcmread(BytesIO(item.retrieved.read()), force=True)
+    def _plan(self, item: Fetched, accepted: list[str]) -> Conversion:
+        """Read the instance's header and decide how to convert it (worker thread)."""
+        r = item.retrieved
+        assert r is not None
+        with part10_file(r) as fp:
+            header = read_header(fp)
+        desc = header.description()
         allow_lossy = self.config.retrieve.allow_lossy
-        target = choose_for_dataset(ds, accepted, allow_lossy=allow_lossy)
+        target = choose_transfer_syntax(header.source, accepted, allow_lossy, has_pixel_data=header.has_pixel_data, desc=desc)
         if target is None:
             raise TranscodeError(f"no accepted transfer syntax can carry this {item.transfer_syntax} instance")
-        out = transcode(ds, target, allow_lossy=allow_lossy)
-        buffer = DicomBytesIO()
+        decoded = header.decoded_size()
+        if desc is not None and obstacle(header, target) is None:
+            return Conversion(str(target), header, FRAMES_HELD * frame_size(desc), r.length + decoded)
+        # Whole: the stored bytes and their parse, the decoded frames, the new pixel
+        # data, the written data set and its copy.
+        return Conversion(str(target), None, 2 * r.length + 4 * decoded, r.length + decoded)
+
+    def _whole(self, item: Fetched, target: str) -> memoryview:
+        """The data set converted by the whole-instance `transcode` (worker thread)."""
+        assert item.retrieved is not None
+        ds = dcmread(BytesIO(item.retrieved.read()), force=True)
+        out = transcode(ds, target, allow_lossy=self.config.retrieve.allow_lossy)
+        del ds
+        buffer = BytesIO()
         dcmwrite(buffer, out, enforce_file_format=True)
-        encoded = buffer.getvalue()
-        return str(target), encoded[part10_header(encoded[:META_HEAD])[3] :]
+        encoded = buffer.getbuffer()
+        return encoded[part10_header(bytes(encoded[:META_HEAD]))[3] :]
+
+    def _convert(self, item: Fetched, conversion: Conversion) -> tuple[DataSource, Path | None]:
+        """The converted data set, in memory or in a spill file (returned to delete after
+        sending) when larger than ``retrieve.spill_mb`` (worker thread)."""
+        assert item.retrieved is not None
+        path = self.spill_dir / f"{uuid.uuid4().hex}.converted" if conversion.output > self.spill_bytes else None
+        try:
+            with open(path, "w+b") if path is not None else BytesIO() as out:
+                if conversion.header is not None:
+                    with part10_file(item.retrieved) as fp:
+                        transcode_stream(fp, conversion.header, conversion.target, out)
+                else:
+                    out.write(self._whole(item, conversion.target))
+                if path is None:
+                    return out.getvalue(), None  # type: ignore[union-attr]
+                size = out.seek(0, io.SEEK_END)
+            return FileSlice(path, 0, size), path
+        except BaseException:
+            if path is not None:
+                path.unlink(missing_ok=True)
+            raise
+
+    async def transcoded(self, item: Fetched, accepted: list[str]) -> tuple[str, DataSource, Path | None]:
+        """(syntax, data set, spill file to delete after sending or None) of the instance
+        converted for the receiver, within the memory budget.
+
+        The worker thread cannot be interrupted: when the request is cancelled meanwhile,
+        its budget stays taken until it ends and its output is then deleted.
+        """
+        loop = asyncio.get_running_loop()
+        conversion = await loop.run_in_executor(self.codecs, self._plan, item, accepted)
+        held = await self.budget.acquire(conversion.holds)
+        future = loop.run_in_executor(self.codecs, self._convert, item, conversion)
+        future.add_done_callback(lambda _: self.budget.release(held))
+        try:
+            dataset, spilled = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_drop_output)
+            raise
+        return conversion.target, dataset, spilled
 
     # ---- the pipeline ---------------------------------------------------------------------
 
@@ -524,12 +705,12 @@ class Retriever:
             return "receiver accepted no presentation context for the SOP class"
         context_id = accepted.get(item.transfer_syntax)
         dataset: DataSource
+        spilled: Path | None = None
         if context_id is not None:
             dataset = item.dataset()
         else:
-            loop = asyncio.get_running_loop()
             try:
-                syntax, encoded = await loop.run_in_executor(self.codecs, self._transcode, item, list(accepted))
+                syntax, dataset, spilled = await self.transcoded(item, list(accepted))
             except TranscodeError as exc:
                 counts.fail(uid)
                 return f"cannot transcode: {exc}"
@@ -537,8 +718,12 @@ class Retriever:
                 counts.fail(uid)
                 return f"cannot transcode: {type(exc).__name__}: {exc}"
             counts.transcoded += 1
-            context_id, dataset = accepted[syntax], encoded
-        rsp = await target.send(context_id, item.sop_class_uid, uid, dataset)
+            context_id = accepted[syntax]
+        try:
+            rsp = await target.send(context_id, item.sop_class_uid, uid, dataset)
+        finally:
+            if spilled is not None:
+                spilled.unlink(missing_ok=True)
         status = int(rsp.get(0x0900, 0xFFFF))  # type: ignore[arg-type]
         if status == SUCCESS:
             counts.completed += 1
@@ -713,10 +898,14 @@ class RetrieveService:
             status = CANCEL
             extra = counts.command_fields(True)
         elif listing.error is not None:
-            # Cut short after sending began: what it listed is accounted for, the
-            # rest is unknown, so the move cannot end in success.
-            status, comment = failure_status(listing.error)
-            extra[0x0902] = comment[:64]
+            # Cut short after sub-operations began: 0xA701 would say none ran. Every
+            # instance it listed has been sent or counted failed (with its UID) by now,
+            # since the engine goes through all of them; what it never listed is unknown
+            # to us, so the request ends in Warning (or 0xA702 when nothing completed)
+            # with the counts, and the comment says the search failed.
+            status = counts.final_status(complete=False)
+            _, comment = failure_status(listing.error)
+            extra[0x0902] = f"search failed after {len(listing.refs)} listed: {comment}"[:64]
             log.warning("%s: search failed after listing %d instances: %s", what, len(listing.refs), comment)
         else:
             status = counts.final_status()

@@ -52,7 +52,9 @@ class RetrieveError(Exception):
 
 
 def failure_status(exc: BaseException) -> tuple[int, str]:
-    """The one table from errors before any sub-operation to C-MOVE/C-GET statuses."""
+    """The one table from errors before any sub-operation to C-MOVE/C-GET statuses
+    (and their comments). A search failing after sub-operations began ends with the
+    counts instead: `gateway.dimse.retrieve.Counts.final_status` with ``complete=False``."""
     if isinstance(exc, RetrieveError):
         return exc.status, str(exc)
     if isinstance(exc, UpstreamAuthError):

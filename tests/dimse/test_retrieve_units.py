@@ -1,7 +1,8 @@
 """Unit tests of the C-MOVE/C-GET building blocks: requestor PDUs, WADO multipart
 reading (whole and streamed), File Meta parsing, retrieve identifiers, counts, context
-proposals, and the pipeline: bulk retrieval with its one-by-one fallback, sending while
-the search still lists, a SOP class listed late, a search cut short."""
+proposals, the transcode memory budget, and the pipeline: bulk retrieval with its
+one-by-one fallback, sending while the search still lists, a SOP class listed late, a
+search cut short."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from gateway.dimse import pdu
 from gateway.dimse.association import file_meta_header
 from gateway.dimse.command import Command
 from gateway.dimse.requestor import DataSource, FileSlice
-from gateway.dimse.retrieve import Counts, Retriever, proposals
+from gateway.dimse.retrieve import ByteBudget, Counts, Retriever, part10_file, proposals
 from gateway.dimse.retrieve_request import InstanceRef, RetrieveError, RetrieveRequest, parse_retrieve_identifier
 from gateway.dimse.retrieve_sources import Fetched, Listing, part10_header
 from gateway.upstream.base import Retrieved
@@ -114,6 +115,12 @@ def test_final_status_and_counts() -> None:
     assert c.final_status() == 0xA702
     assert Counts(total=2, completed=1, warning=1).final_status() == 0xB000
     assert Counts(total=5, completed=2).command_fields(True)[0x1020] == 3
+    # A search that failed after sub-operations ran: never Success.
+    assert Counts(total=5, completed=5).final_status(complete=False) == 0xB000
+    assert Counts(total=5, warning=1).final_status(complete=False) == 0xB000
+    c = Counts(total=1)
+    c.fail("1")
+    assert c.final_status(complete=False) == 0xA702
 
 
 def test_proposals_cover_uncompressed_and_stored_syntaxes() -> None:
@@ -376,3 +383,57 @@ def test_bulk_only_for_studies_and_series_of_a_named_study(tmp_path: Path) -> No
         return out
 
     assert asyncio.run(scopes()) == [True, True, False, False, False]
+
+
+def test_byte_budget_grants_in_order_and_a_large_one_alone() -> None:
+    """Transcodes wait until their estimate fits, in order of asking (a small one does
+    not overtake a large one waiting); one larger than the budget runs alone; a
+    cancelled waiter gives up its place."""
+
+    async def go() -> list[str]:
+        budget = ByteBudget(100)
+        order: list[str] = []
+
+        async def job(name: str, size: int, hold: asyncio.Event) -> None:
+            held = await budget.acquire(size)
+            order.append(name)
+            await hold.wait()
+            budget.release(held)
+
+        first, big, small, cancelled = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+        tasks = [asyncio.create_task(job("first", 60, first))]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(job("big", 500, big)))  # more than the budget
+        await asyncio.sleep(0)
+        doomed = asyncio.create_task(job("cancelled", 10, cancelled))
+        tasks.append(asyncio.create_task(job("small", 30, small)))
+        await asyncio.sleep(0)
+        assert order == ["first"] and budget.held == 60  # small fits, but waits its turn
+        doomed.cancel()
+        await asyncio.gather(doomed, return_exceptions=True)
+        first.set()
+        await asyncio.sleep(0.01)
+        assert order == ["first", "big"] and budget.held == 100  # alone
+        big.set()
+        await asyncio.sleep(0.01)
+        assert budget.held == 30
+        small.set()
+        await asyncio.gather(*tasks)
+        assert budget.held == 0
+        return order
+
+    assert asyncio.run(go()) == ["first", "big", "small"]
+
+
+def test_part10_file_is_bounded_to_the_instance(tmp_path: Path) -> None:
+    """A retrieved instance inside a larger answer reads as a file of its own."""
+    body = b"--boundary\r\n" + b"0123456789" + b"\r\n--boundary--"
+    spill = tmp_path / "answer"
+    spill.write_bytes(body)
+    for retrieved in (Retrieved(body, None, 12, 10), Retrieved(None, spill, 12, 10)):
+        with part10_file(retrieved) as fp:
+            assert fp.read() == b"0123456789"
+            fp.seek(4)
+            assert fp.read(3) == b"456"
+            fp.seek(-2, 2)
+            assert fp.read(10) == b"89"

@@ -1,0 +1,273 @@
+"""C-MOVE/C-GET faults: an instance search that fails after sub-operations ran, and
+transcoding a large multi-frame instance within bounded memory.
+
+A search that breaks mid-way: Orthanc's DICOMweb behind `SearchFailingProxy`, which
+answers the second QIDO-RS page of the instance search with 503 (``find.page_size``
+is 5, so the first page lists 5 of the series' 12 instances); dcmtk's movescu, getscu
+and storescp are the mover, the requester and the destination.
+
+The large instance: 1000 frames of 512x512 16-bit (500 MiB decoded), stored RLE
+Lossless (12 MiB) in the embedded archive through dcmtk's storescu, moved to a
+storescp that accepts Implicit VR Little Endian only, so the gateway must decode it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
+
+from gateway.codecs import PixelDescription, encode_frame
+
+from tests.integration.test_move_retrieve import failed_list, parse_move, peers
+from tests.support.daemon import Gateway
+from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu, storescu_for_syntax
+from tests.support.orthanc import Orthanc
+from tests.support.searchproxy import SearchFailingProxy
+from tests.support.synth import ct_series
+
+PAGE = 5  # find.page_size: the first page the search lists before failing
+SERIES_SIZE = 12
+
+
+def uids(paths: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True, force=True).SOPInstanceUID) for p in paths}
+
+
+def error_comment(output: str, final_marker: str) -> str:
+    """Error Comment (0000,0902) of the final response, as dumped by dcmtk's ``-d``
+    (in the Status Detail after the message)."""
+    match = re.search(r"\(0000,0902\) LO \[([^\]]*)\]", output.rpartition(final_marker)[2])
+    return match.group(1) if match else ""
+
+
+@dataclass
+class SearchEnv:
+    orthanc: Orthanc
+    proxy: SearchFailingProxy
+    gateway: Gateway
+    scp: StoreSCP
+    refusing: StoreSCP
+    series: list[Path]
+    study_uid: str
+    series_uid: str
+
+
+def start_gateway(root: Path, proxy: SearchFailingProxy, scp: StoreSCP, refusing: StoreSCP) -> Gateway:
+    return Gateway(
+        root, upstream_url=proxy.url,
+        extra=peers(("STORESCP", scp.port), ("REFUSER", refusing.port)) + f"\n[find]\npage_size = {PAGE}\n",
+    ).start()
+
+
+@pytest.fixture(scope="module")
+def search_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
+    root = tmp_path_factory.mktemp("search-fails")
+    series = ct_series(root / "series", SERIES_SIZE, 32, 32)
+    first = pydicom.dcmread(series[0], stop_before_pixels=True)
+    scp = StoreSCP(output_dir=root / "dest").start()
+    refusing = StoreSCP(output_dir=root / "refusing", ae_title="REFUSER", extra_args=["--refuse"]).start()
+    orthanc = Orthanc(workdir=root / "orthanc")
+    proxy: SearchFailingProxy | None = None
+    gateway: Gateway | None = None
+    try:
+        orthanc.start()
+        orthanc.upload(series)
+        proxy = SearchFailingProxy(orthanc.dicomweb_url).start()
+        gateway = start_gateway(root / "gw", proxy, scp, refusing)
+        yield SearchEnv(orthanc, proxy, gateway, scp, refusing, series, str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
+    finally:
+        if gateway is not None:
+            gateway.kill()
+        if proxy is not None:
+            proxy.stop()
+        scp.cleanup()
+        refusing.cleanup()
+        orthanc.cleanup()
+
+
+def clear(scp: StoreSCP) -> None:
+    for path in scp.files():
+        path.unlink()
+
+
+def test_move_search_failing_after_sending_began_ends_with_warning(search_env: SearchEnv) -> None:
+    """The series is read whole (RetrieveSeries) while the search lists it; the search
+    lists 5 and fails. The 5 listed arrive, and the final status is 0xB000 (Warning:
+    sub-operations complete, one or more failures; PS3.4 C.4.2.1.5), not 0xA701 (which
+    refuses before any sub-operation): Completed 5 as storescp received, nothing failed
+    (every listed instance was sent), and the Error Comment says the search failed."""
+    env = search_env
+    clear(env.scp)
+    failed_before = len(env.proxy.failed_searches)
+    keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": env.study_uid, "SeriesInstanceUID": env.series_uid}
+    result = parse_move(movescu(env.gateway.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=60))
+    assert len(env.proxy.failed_searches) > failed_before, "the proxy never failed a search page"
+    assert (result.status, result.completed, result.failed, result.warning) == (0xB000, PAGE, 0, 0), result.output[-3000:]
+    received = uids(env.scp.wait_for_files(PAGE))
+    assert len(received) == PAGE and received <= uids(env.series)
+    assert failed_list(result) == set()
+    assert error_comment(result.output, "Received Final Move Response").startswith("search failed"), result.output[-3000:]
+    assert "search failed after listing 5 instances" in env.gateway.log()
+
+
+def test_move_search_failing_with_a_failed_retrieval_lists_it(tmp_path: Path, search_env: SearchEnv) -> None:
+    """SERIES level without the study: no bulk read, each listed instance is fetched
+    alone, and the first of those fetches fails too. Final 0xB000 with Completed 4,
+    Failed 1, and the failed instance's UID in FailedSOPInstanceUIDList."""
+    env = search_env
+    proxy = SearchFailingProxy(env.orthanc.dicomweb_url, fail_retrievals=1).start()
+    scp = StoreSCP(output_dir=tmp_path / "dest").start()
+    gateway = start_gateway(tmp_path / "gw", proxy, scp, env.refusing)
+    try:
+        keys = {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": env.series_uid}
+        result = parse_move(movescu(gateway.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=60))
+        assert proxy.failed_searches and len(proxy.failed_retrievals) == 1
+        assert (result.status, result.completed, result.failed, result.warning) == (0xB000, PAGE - 1, 1, 0), result.output[-3000:]
+        assert failed_list(result) == set(proxy.failed_retrievals), result.output[-3000:]
+        received = uids(scp.wait_for_files(PAGE - 1))
+        assert len(received) == PAGE - 1 and not received & set(proxy.failed_retrievals)
+    finally:
+        gateway.kill()
+        proxy.stop()
+        scp.cleanup()
+
+
+def test_move_search_failing_with_nothing_completed_ends_with_a702(search_env: SearchEnv) -> None:
+    """The destination refuses the association: none of the 5 listed instances can be
+    sent, so the final status is 0xA702 (Refused: out of resources, unable to perform
+    sub-operations), Failed 5 and their UIDs listed, the Error Comment on the search."""
+    env = search_env
+    keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": env.study_uid, "SeriesInstanceUID": env.series_uid}
+    result = parse_move(movescu(env.gateway.port, "DICOMGW", "REFUSER", keys, extra_args=["-v", "-d"], timeout=60))
+    assert (result.status, result.completed, result.failed, result.warning) == (0xA702, 0, PAGE, 0), result.output[-3000:]
+    listed = failed_list(result)
+    assert len(listed) == PAGE and listed <= uids(env.series), result.output[-3000:]
+    assert error_comment(result.output, "Received Final Move Response").startswith("search failed"), result.output[-3000:]
+    assert env.refusing.files() == []
+
+
+def test_get_search_failing_after_sending_began_ends_with_warning(tmp_path: Path, search_env: SearchEnv) -> None:
+    """C-GET likewise: the 5 listed instances come back over the requester's own
+    association and the final C-GET response is 0xB000 with Completed 5."""
+    env = search_env
+    out = tmp_path / "got"
+    out.mkdir()
+    keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": env.study_uid, "SeriesInstanceUID": env.series_uid}
+    proc = getscu(env.gateway.port, "DICOMGW", keys, out, extra_args=["-v", "-d"], timeout=60)
+    output = proc.stdout + proc.stderr
+    final = output.rpartition("C-GET RSP")[2].split("END DIMSE MESSAGE")[0]  # the last response
+    status = re.search(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", final)
+    assert status is not None and int(status.group(1), 16) == 0xB000, output[-3000:]
+    assert re.search(r"Completed Suboperations\s*:\s*5\b", final), output[-3000:]
+    assert re.search(r"Failed Suboperations\s*:\s*(0|none)\b", final), output[-3000:]
+    got = list(out.iterdir())
+    assert len(got) == PAGE and uids(got) <= uids(env.series)
+
+
+# -- a 500 MiB multi-frame instance, transcoded on its way ----------------------------------
+
+FRAMES, ROWS, COLUMNS = 1000, 512, 512
+MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"
+PEAK_LIMIT_KB = 300 * 1024
+
+
+_YY, _XX = np.mgrid[0:ROWS, 0:COLUMNS]
+_GRADIENT = (_YY * 7 + _XX // 64 * 3).astype(np.uint16)
+
+
+def frame_values(index: int) -> np.ndarray:
+    """Frame ``index`` of the big instance: a gradient in runs RLE packs well, other in
+    every frame so a frame out of place or altered shows."""
+    return _GRADIENT + np.uint16(index * 13 % 65536)
+
+
+def write_big_multiframe(path: Path) -> str:
+    """The instance, RLE Lossless, one fragment per frame; returns its SOP Instance UID."""
+    desc = PixelDescription(ROWS, COLUMNS, 1, 16, 16, 0, "MONOCHROME2")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MULTIFRAME_WORD_SC
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.SOPClassUID = MULTIFRAME_WORD_SC
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Synthetic^Large", "SYNTH-LARGE", "OT"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Rows, ds.Columns, ds.NumberOfFrames = ROWS, COLUMNS, FRAMES
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = encapsulate([encode_frame(frame_values(i), RLELossless, desc) for i in range(FRAMES)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(path, enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM of a process: the most resident memory it ever had, in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s*(\d+) kB", status).group(1))  # type: ignore[union-attr]
+
+
+def pixel_frames(path: Path) -> np.ndarray:
+    """The received native pixel data, mapped from the file (not read into memory)."""
+    with open(path, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        start = fh.tell()
+        assert str(ds.file_meta.TransferSyntaxUID) == ImplicitVRLittleEndian
+        fh.seek(start)
+        tag_and_length = fh.read(8)
+    assert tag_and_length[:4] == b"\xe0\x7f\x10\x00", tag_and_length
+    assert int.from_bytes(tag_and_length[4:], "little") == FRAMES * ROWS * COLUMNS * 2
+    return np.memmap(path, dtype="<u2", mode="r", offset=start + 8, shape=(FRAMES, ROWS, COLUMNS))
+
+
+@pytest.mark.slow
+def test_move_transcoding_a_500mb_multiframe_stays_within_300mb(tmp_path: Path) -> None:
+    """The RLE instance goes to an Implicit-VR-only storescp: it arrives with its 1000
+    frames, every pixel identical (lossless), and the gateway's peak resident memory
+    over its whole life (receipt, archive, move) stays under 300 MiB."""
+    started = time.monotonic()
+    source = tmp_path / "big.dcm"
+    sop_uid = write_big_multiframe(source)
+    generated = time.monotonic() - started
+    scp = StoreSCP(output_dir=tmp_path / "dest", ae_title="IMPLICIT", implicit_only=True).start()
+    gw = Gateway(tmp_path / "gw", extra=peers(("IMPLICIT", scp.port)))
+    try:
+        gw.start()
+        assert gw.proc is not None
+        sent = storescu(gw.port, [source], gw.ae_title, extra_args=storescu_for_syntax(RLELossless, [MULTIFRAME_WORD_SC]))
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        gw.wait_counts(delivered=1, timeout=60)
+        before_move = peak_rss_kb(gw.proc.pid)
+        moving = time.monotonic()
+        result = parse_move(movescu(
+            gw.port, "DICOMGW", "IMPLICIT", {"QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": sop_uid},
+            extra_args=["-v", "-d"], timeout=240,
+        ))
+        moved = time.monotonic() - moving
+        peak = peak_rss_kb(gw.proc.pid)
+        print(f"generated in {generated:.1f} s; moved in {moved:.1f} s; gateway VmHWM {before_move // 1024} MiB "
+              f"before the move, {peak // 1024} MiB after")
+        assert (result.status, result.completed, result.failed) == (0, 1, 0), result.output[-3000:] + gw.log()[-3000:]
+        [received] = scp.wait_for_files(1, timeout=60)
+        assert peak < PEAK_LIMIT_KB, f"gateway peak RSS {peak // 1024} MiB"
+        header = pydicom.dcmread(received, stop_before_pixels=True)
+        assert (str(header.SOPInstanceUID), int(header.NumberOfFrames)) == (sop_uid, FRAMES)
+        frames = pixel_frames(received)
+        for index in range(FRAMES):
+            assert np.array_equal(frames[index], frame_values(index)), f"frame {index} differs"
+    finally:
+        gw.kill()
+        scp.cleanup()

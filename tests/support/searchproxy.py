@@ -1,0 +1,96 @@
+"""A DICOMweb proxy in front of a real archive that breaks instance searches mid-way.
+
+Orthanc cannot be told to fail the second page of a QIDO-RS search while answering
+everything else, and stopping it would also break the WADO-RS retrievals of what the
+first page listed; this proxy can. It forwards every GET to the archive unchanged,
+except a SearchForInstances page past the first (``offset`` > 0), which it answers
+with ``status``, and optionally the first ``fail_retrievals`` single-instance
+retrievals (``.../instances/<uid>``), answered 503. It records what it failed.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from tests.support.ports import free_port
+
+ROOT = "/dicom-web"
+_INSTANCE = re.compile(r"/instances/([0-9.]+)$")
+_FORWARDED_HEADERS = ("Content-Type", "Warning")
+
+
+class SearchFailingProxy:
+    """``SearchFailingProxy(orthanc.dicomweb_url).start()``; ``.url`` is the DICOMweb root."""
+
+    def __init__(self, target: str, status: int = 503, fail_retrievals: int = 0) -> None:
+        self.target = target.rstrip("/")
+        self.status = status
+        self.fail_retrievals = fail_retrievals
+        self.failed_searches: list[str] = []
+        self.failed_retrievals: list[str] = []  # SOP Instance UIDs
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{ROOT}"
+
+    def start(self) -> SearchFailingProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _verdict(self, path: str) -> bool:
+        """Whether to fail this request (and record it)."""
+        split = urlsplit(path)
+        offset = int(parse_qs(split.query).get("offset", ["0"])[0])
+        with self._lock:
+            if split.path.endswith("/instances") and offset > 0:
+                self.failed_searches.append(path)
+                return True
+            single = _INSTANCE.search(split.path)
+            if single and len(self.failed_retrievals) < self.fail_retrievals:
+                self.failed_retrievals.append(single.group(1))
+                return True
+        return False
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+                return
+
+            def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - stdlib name
+                if proxy._verdict(self.path):
+                    self._answer(proxy.status, {"Content-Type": "application/json"}, b'{"error": "scripted failure"}')
+                    return
+                rest = self.path[len(ROOT) :] if self.path.startswith(ROOT) else self.path
+                request = urllib.request.Request(proxy.target + rest, headers={"Accept": self.headers.get("Accept", "*/*")})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as resp:
+                        status, headers, body = resp.status, resp.headers, resp.read()
+                except urllib.error.HTTPError as exc:
+                    status, headers, body = exc.code, exc.headers, exc.read()
+                self._answer(status, {h: headers[h] for h in _FORWARDED_HEADERS if headers.get(h)}, body)
+
+        return Handler
