@@ -10,10 +10,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from gateway.structure import DEFLATED, scan_file
 from gateway.uids import is_valid_uid
+
+
+class HeaderError(Exception):
+    """A received file cannot be forwarded; the message names keywords, never values."""
+
+
+class Unreadable(HeaderError):
+    """The data set cannot be parsed or is cut short (C-STORE 0xC000, STOW 0xC000)."""
+
+
+class Mismatch(HeaderError):
+    """A required UID is missing, invalid, or differs from the request (C-STORE 0xA900)."""
 
 
 @dataclass(frozen=True)
@@ -41,45 +52,40 @@ def _uids_by_pydicom(path: Path) -> dict[str, str]:
     return {kw: str(ds.get(kw) or "") for kw in KEYWORDS.values()}
 
 
-def read_header(
-    path: Path, sop_class_uid: str | None, sop_instance_uid: str | None
-) -> tuple[InstanceHeader | None, str]:
+def read_header(path: Path, sop_class_uid: str | None, sop_instance_uid: str | None) -> InstanceHeader:
     """Check a received file and read what forwarding needs.
 
     ``sop_class_uid``/``sop_instance_uid`` are the C-STORE request's (None: not
-    compared). Returns the header, or None and a short reason (no PHI: only UIDs and
-    keywords). The element structure is checked against the file length, which
+    compared). Raises Unreadable or Mismatch with a short reason (no PHI: only UIDs
+    and keywords). The element structure is checked against the file length, which
     catches a data set cut short anywhere, pixel data included.
     """
     try:
         with open(path, "rb") as fh:
             scan = scan_file(fh, path.stat().st_size, frozenset(KEYWORDS))
         if scan.problem:
-            return None, f"malformed data set: {scan.problem}"
+            raise Unreadable(f"malformed data set: {scan.problem}")
         if scan.transfer_syntax in DEFLATED:
             uids = _uids_by_pydicom(path)
         else:
             uids = {kw: scan.values.get(tag, "") for tag, kw in KEYWORDS.items()}
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
-        return None, f"unreadable data set ({type(exc).__name__})"
+    except HeaderError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any parser failure is the sender's malformed data
-        return None, f"unreadable data set ({type(exc).__name__})"
+        raise Unreadable(f"unreadable data set ({type(exc).__name__})") from None
     for kw, value in uids.items():
         if not value:
-            return None, f"{kw} missing"
+            raise Mismatch(f"{kw} missing")
         if not is_valid_uid(value):
-            return None, f"{kw} is not a valid UID"
+            raise Mismatch(f"{kw} is not a valid UID")
     if sop_class_uid is not None and uids["SOPClassUID"] != sop_class_uid:
-        return None, "SOP Class UID differs from the request"
+        raise Mismatch("SOP Class UID differs from the request")
     if sop_instance_uid is not None and uids["SOPInstanceUID"] != sop_instance_uid:
-        return None, "SOP Instance UID differs from the request"
-    return (
-        InstanceHeader(
-            sop_instance_uid=uids["SOPInstanceUID"],
-            sop_class_uid=uids["SOPClassUID"],
-            study_uid=uids["StudyInstanceUID"],
-            series_uid=uids["SeriesInstanceUID"],
-            transfer_syntax=scan.transfer_syntax,
-        ),
-        "",
+        raise Mismatch("SOP Instance UID differs from the request")
+    return InstanceHeader(
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        transfer_syntax=scan.transfer_syntax,
     )

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from gateway.config import Config
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_STORE_RSP, response
-from gateway.header import read_header
+from gateway.header import HeaderError, Unreadable, read_header
 from gateway.spool.queue import Spool, SpoolFull
 
 log = logging.getLogger("gateway.dimse")
@@ -64,15 +64,13 @@ class StoreService:
         assert temp is not None
         command = message.command
         affected_uid = str(command.get(0x1000, ""))
-        header, problem = read_header(temp, str(command.get(0x0002, "")), affected_uid)
-        if header is None:
-            log.warning(
-                "C-STORE from %s of %s rejected: %s", calling, affected_uid[:64] or "?", problem
-            )
+        try:
+            header = read_header(temp, str(command.get(0x0002, "")), affected_uid)
+        except HeaderError as exc:
+            log.warning("C-STORE from %s of %s rejected: %s", calling, affected_uid[:64] or "?", exc)
             # A900 when the data set lacks what its SOP class requires; C000 when it
             # cannot be parsed at all.
-            code = CANNOT_UNDERSTAND if problem.startswith(("unreadable", "malformed")) else DATASET_DOES_NOT_MATCH
-            return code, problem
+            return (CANNOT_UNDERSTAND if isinstance(exc, Unreadable) else DATASET_DOES_NOT_MATCH), str(exc)
 
         watch = self.config.dimse.ack == "delivered"
         try:

@@ -28,7 +28,7 @@ from typing import Any
 
 from gateway.config import SpoolConfig
 from gateway.fsutil import fsync_path
-from gateway.header import InstanceHeader, read_header
+from gateway.header import HeaderError, InstanceHeader, read_header
 from gateway.spool.db import SpoolDB
 from gateway.upstream.base import StoreItem
 from gateway.sqlite import immediate
@@ -118,9 +118,10 @@ class Spool:
         for path in sorted(self.objects.glob("*/*.dcm")):
             if str(path.relative_to(self.directory)) in known:
                 continue
-            header, problem = read_header(path, None, None)
-            if header is None:
-                log.error("spool file %s is unreadable (%s); moved aside", path.name, problem)
+            try:
+                header = read_header(path, None, None)
+            except HeaderError as exc:
+                log.error("spool file %s is unreadable (%s); moved aside", path.name, exc)
                 path.rename(path.with_suffix(".unreadable"))
                 continue
             self._insert(path, header, "", path.stat().st_mtime)
