@@ -7,8 +7,9 @@ Life of a row: ``queued`` -> ``sending`` (claimed by a forwarder worker) ->
 times.
 
 Files are named by a random token, never by a UID from the wire, and live under
-``objects/xx/``. `enqueue` is called on the C-STORE worker threads and makes the
-instance durable (file fsync, rename, directory fsync, row commit) before it returns.
+``objects/xx/``; all 256 subdirectories are made durable when the spool is opened.
+`enqueue` is called on the C-STORE worker threads and makes the instance durable (file
+fsync, rename, directory fsync, row commit) before it returns.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import SpoolConfig
-from gateway.fsutil import fsync_path
+from gateway.fsutil import fsync_path, make_buckets
 from gateway.header import InstanceHeader, read_header
 from gateway.spool.db import SpoolDB, immediate
 
@@ -76,8 +77,8 @@ class Spool:
         self.directory = cfg.directory
         self.incoming = self.directory / "incoming"
         self.objects = self.directory / "objects"
-        for d in (self.directory, self.incoming, self.objects):
-            d.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        make_buckets(self.objects)
         self.db = SpoolDB(self.directory / "spool.sqlite")
         self.on_enqueue: Callable[[], None] = lambda: None
         self._waiters: dict[int, threading.Event] = {}
@@ -167,10 +168,7 @@ class Spool:
             self.check_space()
             fsync_path(temp_path)
             token = uuid.uuid4().hex
-            subdir = self.objects / token[:2]
-            if not subdir.is_dir():
-                subdir.mkdir(exist_ok=True)
-                fsync_path(self.objects, directory=True)
+            subdir = self.objects / token[:2]  # made durable at start-up: never created here
             final = subdir / f"{token}.dcm"
             os.replace(temp_path, final)
             fsync_path(subdir, directory=True)

@@ -106,7 +106,6 @@ def test_recover_requeues_sending_and_drops_partial_files(spool: Spool) -> None:
 def test_recover_adopts_files_whose_rows_were_lost(spool: Spool) -> None:
     """The row commit is not fsynced: after a power cut a durable file may have no row."""
     sample = sample_files()[0]
-    (spool.objects / "ab").mkdir()
     shutil.copy(sample, spool.objects / "ab" / "lost.dcm")
     (spool.objects / "ab" / "junk.dcm").write_bytes(b"not dicom")
     assert spool.recover() == (0, 1)
