@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -99,7 +100,7 @@ class Forwarder:
         except Exception as exc:  # noqa: BLE001 - a bug in one upstream must not stop the queue
             log.exception("upstream store failed unexpectedly for study %s", study)
             outcomes = [Outcome(i.id, "retry", f"{type(exc).__name__}: {exc}") for i in batch]
-        states = await asyncio.shield(self._spool(self.spool.record, batch, outcomes))
+        states = await self._record(batch, outcomes)
         elapsed = time.monotonic() - started
         by_id = {i.id: i for i in batch}
         delivered = [o for o in outcomes if states.get(o.instance_id) == "delivered"]
@@ -128,6 +129,19 @@ class Forwarder:
             )
         if delivered and self.cfg.retain_delivered_hours == 0:
             await self._spool(self.spool.purge_delivered, 0.0)
+
+    async def _record(self, batch: list[SpooledInstance], outcomes: list[Outcome]) -> dict[int, str]:
+        """Store a batch's outcomes, retrying while the spool database cannot be written
+        (disk full: SQLITE_FULL): the rows stay 'sending' until this succeeds, and only
+        a restart would requeue them if the worker gave up."""
+        while True:
+            try:
+                return await asyncio.shield(self._spool(self.spool.record, batch, outcomes))
+            except sqlite3.OperationalError as exc:
+                if self._stopping:
+                    raise
+                log.error("cannot record delivery outcomes (%s); retrying in %s s", exc, IDLE_POLL)
+                await asyncio.sleep(IDLE_POLL)
 
     async def _purger(self) -> None:
         retain = self.cfg.retain_delivered_hours * 3600

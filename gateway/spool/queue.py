@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -189,7 +190,7 @@ class Spool:
                     self._waiters[row_id] = threading.Event()
         except Exception as exc:
             final.unlink(missing_ok=True)
-            if "full" in str(exc).lower():
+            if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
                 raise SpoolFull(f"spool database full: {exc}") from exc
             raise
         self.on_enqueue()
