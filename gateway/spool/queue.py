@@ -165,16 +165,18 @@ class Spool:
         ``incoming/``). With ``watch``, the caller may then `wait_outcome` for it.
         Raises SpoolFull when the disk cannot take it; the file is then removed.
         """
+        token = uuid.uuid4().hex
+        subdir = self.objects / token[:2]  # made durable at start-up: never created here
+        final = subdir / f"{token}.dcm"
         try:
             self.check_space()
             fsync_path(temp_path)
-            token = uuid.uuid4().hex
-            subdir = self.objects / token[:2]  # made durable at start-up: never created here
-            final = subdir / f"{token}.dcm"
             os.replace(temp_path, final)
             fsync_path(subdir, directory=True)
         except OSError as exc:
+            # Not acknowledged, so not kept: wherever the file got to.
             temp_path.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(f"spool disk full: {exc.strerror}") from exc
             raise

@@ -248,6 +248,9 @@ def test_full_disk_answers_every_store_and_delivers_every_ack(tmp_path: Path, sm
         wait_until(lambda: expected <= orthanc.sop_instance_uids(), 120, 0.5, "acknowledged instances missing")
         counts = gw.wait_counts(delivered=len(expected), timeout=60)
         assert counts["sending"] == counts["queued"] == counts["failed"] == counts["dead"] == 0, counts
+        # Nothing refused left a file behind, half-received or whole.
+        assert not any((gw.spool_dir / "incoming").iterdir())
+        assert len(list((gw.spool_dir / "objects").glob("*/*.dcm"))) == len(expected)
         assert gw.running
         assert_no_dropped_association(gw.log())
     finally:
