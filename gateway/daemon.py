@@ -1,8 +1,8 @@
 """The daemon: one asyncio process running the SCP, the forwarder and the web app.
 
-Start order makes the gateway safe to talk to as soon as it listens: spool locked and recovered,
-upstream opened, forwarder running, HTTP up, and only then the DIMSE port. Stop order
-is the reverse, each step bounded by ``dimse.shutdown_grace``.
+Start order makes the gateway safe to talk to as soon as it listens: spool locked and
+recovered, upstream opened, forwarder running, HTTP up, and only then the DIMSE port.
+Stop order is the reverse, each step bounded by ``dimse.shutdown_grace``.
 """
 
 from __future__ import annotations
