@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 from gateway.dicomweb.json import dataset_from_json
 from gateway.dicomweb.qido import Search
 from gateway.dimse.query import Key
-from gateway.fsutil import fsync_path
+from gateway.fsutil import fsync_path, make_buckets
 from gateway.spool.db import connect, immediate
 from gateway.spool.queue import Outcome, SpooledInstance
 from gateway.upstream.base import Health, JsonObject, Retrieved
@@ -80,7 +80,10 @@ class LocalUpstream:
     def __init__(self, spool_directory: Path) -> None:
         self.root = spool_directory / "archive"
         self.objects = self.root / "objects"
-        self.objects.mkdir(parents=True, exist_ok=True)
+        # Every storage subdirectory is durable before any index row can point into
+        # one, so storing never creates a directory (see make_buckets).
+        make_buckets(self.objects)
+        fsync_path(spool_directory, directory=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-archive")
         self._db = self._executor.submit(self._open).result()
 
@@ -129,7 +132,6 @@ class LocalUpstream:
         }
         token = uuid.uuid4().hex
         target = self.objects / token[:2] / f"{token}.dcm"
-        target.parent.mkdir(exist_ok=True)
         try:
             os.link(inst.path, target)
         except OSError:
