@@ -6,16 +6,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import struct
 import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from io import BytesIO
 from pathlib import Path
 
 import aiohttp
-from pydicom.filereader import read_dataset
 from yarl import URL
 
 from gateway.config import UpstreamConfig
@@ -548,22 +547,34 @@ async def _syntax_of(item: Retrieved, part_type: str, answer_type: str) -> str:
 
 
 def file_meta_syntax(head: bytes) -> str:
-    """The Transfer Syntax UID in the File Meta at the start of ``head``, "" if none."""
+    """The Transfer Syntax UID in the File Meta at the start of ``head``, "" if none.
+
+    Read directly (the group is a few explicit VR little endian elements): a pydicom
+    parse costs ten times as much, on every instance of a streamed series.
+    """
     if head[128:132] == b"DICM":
-        start = 132
+        pos = 132
     elif head[:2] == b"\x02\x00":
-        start = 0  # an archive that sends the meta group without the preamble
+        pos = 0  # an archive that sends the meta group without the preamble
     else:
         return ""
-    try:
-        meta = read_dataset(
-            BytesIO(head[start:]), is_implicit_VR=False, is_little_endian=True,
-            stop_when=lambda tag, vr, length: tag.group != 0x0002,
-        )
-        elem = meta.get(0x00020010)
-    except (ValueError, EOFError, KeyError, TypeError):
-        return ""
-    return "" if elem is None or not elem.value else str(elem.value).strip("\0 ")
+    while pos + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        if head[pos + 4 : pos + 6] in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            pos += 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            pos += 8
+        if element == 0x0010:
+            return head[pos : pos + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos += length
+    return ""
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 
 async def _read_or_spill(
