@@ -9,7 +9,8 @@ What Orthanc 1.10 (DICOMweb plugin 1.7) does that shapes these tests, observed h
   puts the transfer syntax both in each part's Content-Type and (oddly) inside the
   quoted ``type`` parameter of the answer. A frame number of 0 or past Number of
   Frames answers 400 ("Parameter out of range"); a syntax it cannot convert to
-  answers 500, not 406.
+  answers 500, not 406; frames of an instance without pixel data (an SR) answer
+  500 "Not implemented yet", where the embedded archive raises NotFound.
 * DELETE on a study, series or instance answers 405 (``Allow: GET,POST``).
 * RetrieveMetadata names Pixel Data with an absolute BulkDataURI.
 * It never sends QIDO-RS's Warning header, so a capped search is scripted
@@ -30,6 +31,9 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import pack_bits
+from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 
 from gateway.codecs import PixelDescription, decode_frame
 from gateway.config import UpstreamConfig
@@ -408,3 +412,69 @@ def test_truncated_search_ends_a_retrieval_with_a701() -> None:
     """C-MOVE/C-GET whose instance search was capped cannot account for every match."""
     status, comment = failure_status(SearchTruncated("capped", 10))
     assert status == 0xA701 and "capped" in comment
+
+
+# -- the embedded archive's own rules -----------------------------------------------------
+
+
+def one_bit_instance(path: Path) -> Path:
+    """A 3-frame 1-bit image of 5x5 pixels: 25 bits a frame, so frames 2 and 3 start
+    inside a byte."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SegmentationStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "SEG"
+    ds.Rows = ds.Columns = 5
+    ds.NumberOfFrames = 3
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit, ds.PixelRepresentation = 0, 0
+    rng = np.random.default_rng(3)
+    ds.PixelData = pack_bits(rng.integers(0, 2, size=(3, 5, 5), dtype=np.uint8))
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_embedded_archive_serves_what_it_stores(tmp_path: Path) -> None:
+    """The embedded archive converts nothing: a syntax other than the stored one is
+    refused with 406 (native little endian frames excepted: their bytes are the same in
+    implicit and explicit VR); 1-bit frames that start inside a byte come out whole;
+    an instance without pixel data has no frames."""
+    one_bit = Item.read(one_bit_instance(tmp_path / "seg.dcm"))
+    j2k = Item.read(PYDICOM_TEST_FILES / "JPEG2000.dcm")
+    sr = Item.read(PYDICOM_TEST_FILES / "test-SR.dcm")
+    explicit, implicit = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+
+    async def main() -> list[Any]:
+        up = LocalUpstream(tmp_path / "spool")
+        try:
+            for n, item in enumerate((one_bit, j2k, sr)):
+                copy = tmp_path / f"{n}.dcm"
+                shutil.copy(item.path, copy)
+                spooled = SpooledInstance(n, item.sop, "", item.study, item.series, item.syntax, copy, copy.stat().st_size, 1, 0.0)
+                await up.store_instances(item.study, [spooled])
+
+            def frames(item: Item, numbers: list[int], acceptable: tuple[str, ...]) -> Awaitable[list[Any]]:
+                return collect(up.retrieve_frames(item.study, item.series, item.sop, numbers, acceptable=acceptable))
+
+            return [
+                await frames(one_bit, [1, 2, 3], (implicit,)),
+                await raised(frames(j2k, [1], (explicit,))),
+                await raised(up.retrieve_instance(j2k.study, j2k.series, j2k.sop, tmp_path, 1 << 16, acceptable=(explicit,))),
+                await raised(frames(sr, [1], ANY_SYNTAX)),
+            ]
+        finally:
+            await up.close()
+
+    bits, frames_refused, instance_refused, no_pixels = asyncio.run(main())
+    ds = pydicom.dcmread(one_bit.path)
+    desc = PixelDescription.from_dataset(ds)
+    assert [f.transfer_syntax for f in bits] == [implicit] * 3
+    for frame in bits:
+        assert np.array_equal(decode_frame(frame.data, frame.transfer_syntax, desc), ds.pixel_array[frame.number - 1])
+    for exc in (frames_refused, instance_refused):
+        assert isinstance(exc, UpstreamRejected) and exc.status == 406
+    assert isinstance(no_pixels, NotFound)
