@@ -41,8 +41,8 @@ from gateway.upstream.http import (
     HttpClient,
     Signer,
     retry_after_seconds,
-    short,
 )
+from gateway.upstream.http import short as _short  # the name the STOW outcome code uses
 
 __all__ = ["FIRST_PAGE", "DicomWebUpstream", "retry_after_seconds"]
 
@@ -149,13 +149,13 @@ class DicomWebUpstream:
             return all_("retry", str(exc))
 
         if status in RETRYABLE_HTTP:
-            return all_("retry", f"HTTP {status}: {short(payload)}", retry_after)
+            return all_("retry", f"HTTP {status}: {_short(payload)}", retry_after)
         parsed = parse_stow_response(payload, content_type)
         if status >= 400 and status != 409:
-            return all_("rejected", f"HTTP {status}: {short(payload)}")
+            return all_("rejected", f"HTTP {status}: {_short(payload)}")
         if not parsed.parsed:
             if status == 409:
-                return all_("rejected", f"HTTP 409 without a readable response: {short(payload)}")
+                return all_("rejected", f"HTTP 409 without a readable response: {_short(payload)}")
             # A 2xx with no Store Instances Response: the request as a whole succeeded.
             return all_("delivered", "")
 
