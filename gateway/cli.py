@@ -14,6 +14,7 @@ import warnings
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.spool.lock import SpoolLocked
 from gateway.spool.queue import STATES, Spool
 
 
@@ -59,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run(config))
-    except OSError as exc:
+    except (OSError, SpoolLocked) as exc:
         logging.getLogger("gateway").error("cannot start: %s", exc)
         return 1
     return 0
@@ -103,6 +104,16 @@ def _daemon_problems(config: Config) -> tuple[str, list[dict[str, Any]] | None]:
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
+    """Spool administration, safe while the daemon runs, so without the daemon's lock.
+
+    ``status`` and ``list`` only read. ``retry`` is one SQL transaction that moves
+    dead or failed rows to queued, which the daemon's forwarder picks up on its next
+    poll. ``purge`` touches only delivered rows, which nothing in the daemon changes
+    any more; deleting a file and its row twice (with the daemon's own purger) is
+    harmless, and embedded-archive copies are separate hard links. Taking the lock
+    instead would make these commands unusable exactly when they are needed (after
+    an archive outage, with the daemon running).
+    """
     config = _load(args.config)
     spool = Spool(config.spool)
     try:

@@ -1,8 +1,8 @@
 """The daemon: one asyncio process running the SCP, the forwarder and the web app.
 
-Start order makes the gateway safe to talk to as soon as it listens: spool recovered,
-upstream opened, forwarder running, HTTP up, and only then the DIMSE port. Stop order
-is the reverse, each step bounded by ``dimse.shutdown_grace``.
+Start order makes the gateway safe to talk to as soon as it listens: spool locked and
+recovered, upstream opened, forwarder running, HTTP up, and only then the DIMSE port.
+Stop order is the reverse, each step bounded by ``dimse.shutdown_grace``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gateway.dimse.retrieve import Retriever
 from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
 from gateway.spool.forwarder import Forwarder
+from gateway.spool.lock import SpoolLock
 from gateway.spool.queue import Spool
 from gateway.upstream import make_upstream
 from gateway.web.app import create_app
@@ -47,7 +48,16 @@ def sd_notify(message: str) -> None:
 
 
 async def run(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    """Run until SIGTERM or SIGINT, then shut down cleanly.
+
+    The spool lock comes before anything else touches the spool directory: a second
+    daemon started on it by mistake raises SpoolLocked having changed nothing.
+    """
+    with SpoolLock(config.spool.directory):
+        await _run(config)
+
+
+async def _run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     spool = Spool(config.spool)
     requeued, adopted = spool.recover()

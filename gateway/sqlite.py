@@ -57,15 +57,20 @@ def immediate(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     A deferred transaction that reads and then writes can fail with SQLITE_BUSY
     without waiting when another thread committed in between; BEGIN IMMEDIATE waits
     on the busy timeout instead.
+
+    On an error SQLite may already have rolled the transaction back itself (it does for
+    SQLITE_FULL), so the rollback here is conditional: a failing ROLLBACK must not
+    replace the error the caller decides on (``sqlite_errorcode``).
     """
     db.conn.execute("BEGIN IMMEDIATE")
     try:
         yield db
-    except BaseException:
-        db.conn.execute("ROLLBACK")
-        raise
-    else:
         db.conn.execute("COMMIT")
+    except BaseException:
+        if db.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.conn.execute("ROLLBACK")
+        raise
 
 
 def is_disk_full(exc: BaseException) -> bool:

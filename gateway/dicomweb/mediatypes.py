@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 DICOM_XML = "application/dicom+xml"
@@ -24,3 +26,42 @@ def multipart_accept(part_type: str, transfer_syntax: str | None = None) -> str:
     if transfer_syntax:
         value += f"; transfer-syntax={transfer_syntax}"
     return value
+
+
+# PS3.18 Table 8.7.3-5: the media type a frame of each compressed transfer syntax is
+# sent as; native (uncompressed) frames are application/octet-stream.
+_FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx",
+    "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+_TRANSFER_SYNTAX_PARAM = re.compile(r"""(?:^|[;\s"'])transfer-syntax\s*=\s*"?([0-9.]+)""", re.IGNORECASE)
+
+
+def frame_media_type(transfer_syntax: str) -> str:
+    """The media type frames in ``transfer_syntax`` travel as (``*``: octet-stream)."""
+    return _FRAME_MEDIA_TYPES.get(transfer_syntax, OCTET_STREAM)
+
+
+def transfer_syntax_param(content_type: str) -> str | None:
+    """The ``transfer-syntax`` parameter of a Content-Type, also where Orthanc puts it
+    (inside the quoted ``type`` parameter of a multipart answer); None when absent or
+    ``*``."""
+    match = _TRANSFER_SYNTAX_PARAM.search(content_type)
+    return match.group(1) if match else None
+
+
+def media_type(content_type: str) -> str:
+    """The bare media type of a Content-Type value, lower case."""
+    return content_type.split(";", 1)[0].strip().lower()

@@ -7,15 +7,21 @@ exactly as received), so an instance of any size costs no memory. Services run a
 tasks so the reader keeps reading: that is how a C-CANCEL reaches a running C-FIND.
 
 Any protocol violation (bad PDU, bad command, fragments out of order) aborts the
-association with a log line; it never takes the process down.
+association with a log line; it never takes the process down. A spool short of space
+is not a protocol matter: free space is checked at the C-STORE-RQ and every few MB of
+the data set, and a failed write (ENOSPC, EIO) stops the file; the rest of that data
+set is then read and dropped and the C-STORE is answered 0xA700, so the association
+carries on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import logging
+import shutil
 import struct
 import time
 import uuid
@@ -40,6 +46,7 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.60826662343822680984516461
 IMPLEMENTATION_VERSION_NAME = "DICOMGW_010"
 MAX_NON_STORE_DATASET = 4 * 1024 * 1024  # identifiers of C-FIND/MOVE/GET are small
 WRITEBACK_CHUNK = 256 * 1024
+SPACE_CHECK_BYTES = 4 * 1024 * 1024  # free space is checked again after this much of a data set
 
 
 class ProtocolError(Exception):
@@ -61,6 +68,7 @@ class Message:
     command: Command
     dataset_path: Path | None = None  # C-STORE: Part 10 file as received
     dataset: bytes | None = None  # other services: the encoded data set
+    refused: str | None = None  # C-STORE not stored (spool full, write error): why
 
 
 @dataclass
@@ -82,7 +90,10 @@ class Association:
         rq: pdu.AssociateRQ,
         contexts: dict[int, AcceptedContext],
         incoming_dir: Path,
+        min_free_bytes: int = 0,
     ) -> None:
+        """``min_free_bytes``: below this free space on ``incoming_dir``'s file system a
+        C-STORE data set is not written (``spool.min_free_mb``)."""
         self.reader = reader
         self.writer = writer
         self.rq = rq
@@ -93,6 +104,7 @@ class Association:
         self.contexts = contexts
         self.peer_max_pdu = rq.max_pdu_length
         self.incoming_dir = incoming_dir
+        self.min_free_bytes = min_free_bytes
         self.stats = AssociationStats()
         self._send_lock = asyncio.Lock()
         # message reassembly
@@ -101,6 +113,8 @@ class Association:
         self._sink: BinaryIO | None = None
         self._sink_path: Path | None = None
         self._flushed = 0  # bytes of the store file already handed to writeback
+        self._space_checked = 0  # bytes of the store file at the last free-space check
+        self._refused: str | None = None  # the C-STORE arriving is not being stored: why
         # running services, by message id, so C-CANCEL can reach them
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self._last_task: asyncio.Task[None] | None = None
@@ -173,7 +187,16 @@ class Association:
         return None
 
     def _open_store_file(self, message: Message) -> None:
-        """Start the Part 10 file: preamble and file meta, then the data set as received."""
+        """Start the Part 10 file: preamble and file meta, then the data set as received.
+
+        Below the free-space floor no file is opened: the data set is swallowed and
+        the C-STORE refused, so an instance never fills the disk from the start.
+        """
+        self._flushed = self._space_checked = 0
+        problem = self._space_problem()
+        if problem is not None:
+            self._refuse(problem)
+            return
         path = self.incoming_dir / f"{uuid.uuid4().hex}.part"
         header = file_meta_header(
             str(message.command.get(0x0002, "")),
@@ -181,12 +204,44 @@ class Association:
             message.context.transfer_syntax,
             self.calling_ae,
         )
-        fh = open(path, "wb")  # noqa: SIM115 - closed in _finish_dataset or discard()
-        fh.write(header)
+        try:
+            fh = open(path, "wb")  # noqa: SIM115 - closed in _finish_dataset, _refuse or discard()
+        except OSError as exc:
+            self._refuse(_write_problem(exc))
+            return
         self._sink, self._sink_path = fh, path
-        self._flushed = 0
+        try:
+            fh.write(header)
+        except OSError as exc:
+            self._refuse(_write_problem(exc))
+
+    def _space_problem(self) -> str | None:
+        """Why the spool cannot take more data now (free space below the floor), or None."""
+        try:
+            free = shutil.disk_usage(self.incoming_dir).free
+        except OSError as exc:
+            return f"spool unusable: {exc.strerror}"
+        if free < self.min_free_bytes:
+            return (
+                f"spool free space {free // 2**20} MiB is below the floor of "
+                f"{self.min_free_bytes // 2**20} MiB"
+            )
+        return None
+
+    def _refuse(self, reason: str) -> None:
+        """Stop storing the C-STORE in progress: drop its partial file; its remaining
+        fragments are read and discarded, and the C-STORE is answered with ``reason``."""
+        if self._sink is not None:
+            with contextlib.suppress(OSError):
+                self._sink.close()
+        if self._sink_path is not None:
+            with contextlib.suppress(OSError):
+                self._sink_path.unlink(missing_ok=True)
+        self._sink, self._sink_path, self._refused = None, None, reason
 
     def _write_data(self, fragment: memoryview) -> None:
+        if self._refused is not None:
+            return  # the rest of a refused C-STORE data set
         sink = self._sink
         assert sink is not None
         if self._sink_path is None:
@@ -194,22 +249,37 @@ class Association:
                 raise ProtocolError("identifier larger than the limit for query/retrieve requests")
             sink.write(fragment)
             return
-        sink.write(fragment)
-        written = sink.tell()
-        if written - self._flushed >= WRITEBACK_CHUNK:
-            sink.flush()
-            start_writeback(sink.fileno(), self._flushed, written - self._flushed)
-            self._flushed = written
+        try:
+            sink.write(fragment)
+            written = sink.tell()
+            if written - self._flushed >= WRITEBACK_CHUNK:
+                sink.flush()
+                start_writeback(sink.fileno(), self._flushed, written - self._flushed)
+                self._flushed = written
+        except OSError as exc:
+            self._refuse(_write_problem(exc))
+            return
+        if written - self._space_checked >= SPACE_CHECK_BYTES:
+            self._space_checked = written
+            problem = self._space_problem()
+            if problem is not None:
+                self._refuse(problem)
 
     def _finish_dataset(self) -> Message:
-        message, sink, path = self._pending, self._sink, self._sink_path
-        assert message is not None and sink is not None
-        self._pending, self._sink, self._sink_path = None, None, None
-        if path is not None:
-            sink.close()
-            message.dataset_path = path
-        else:
-            message.dataset = sink.getvalue()  # type: ignore[attr-defined]
+        message = self._pending
+        assert message is not None
+        if self._refused is None and self._sink_path is not None:
+            assert self._sink is not None
+            try:
+                self._sink.close()  # flushes the buffered tail, which can hit ENOSPC too
+            except OSError as exc:
+                self._refuse(_write_problem(exc))
+            else:
+                message.dataset_path = self._sink_path
+        elif self._refused is None:
+            message.dataset = self._sink.getvalue()  # type: ignore[union-attr]
+        message.refused = self._refused
+        self._pending, self._sink, self._sink_path, self._refused = None, None, None, None
         return message
 
     def discard(self) -> None:
@@ -219,7 +289,7 @@ class Association:
                 self._sink.close()
         if self._sink_path is not None:
             self._sink_path.unlink(missing_ok=True)
-        self._pending, self._sink, self._sink_path = None, None, None
+        self._pending, self._sink, self._sink_path, self._refused = None, None, None, None
 
     # ---- services -----------------------------------------------------------------
 
@@ -274,6 +344,13 @@ class Association:
         if self._last_task is not None:
             with contextlib.suppress(BaseException):
                 await self._last_task
+
+
+def _write_problem(exc: OSError) -> str:
+    """A C-STORE refusal reason for a failed write of its file."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"spool disk full: {exc.strerror}"
+    return f"spool write error: {exc.strerror}"
 
 
 def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:

@@ -51,7 +51,7 @@ from gateway.model.query import (
     tag_name,
 )
 from gateway.upstream.base import JsonObject, Upstream
-from gateway.upstream.errors import UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.errors import SearchTruncated, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger("gateway.dimse")
 
@@ -163,8 +163,10 @@ class FindService:
             self._log(assoc, query, sent, "cancelled", started)
             await asyncio.shield(send(CANCEL))
             raise
-        except MatchLimit:
-            self._log(assoc, query, sent, f"cut at {sent} matches", started)
+        except (MatchLimit, SearchTruncated) as exc:
+            # The archive capping its answer is the match cap reached elsewhere: never Success.
+            by = " by the archive" if isinstance(exc, SearchTruncated) else ""
+            self._log(assoc, query, sent, f"cut at {sent} matches{by}", started)
             await send(OUT_OF_RESOURCES, extra={0x0902: f"more than {sent} matches; refine the query"})
             return
         except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status

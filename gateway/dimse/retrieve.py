@@ -96,7 +96,7 @@ from gateway.dimse.retrieve_sources import (
     part10_header,
 )
 from gateway.uids import is_valid_uid
-from gateway.upstream.base import JsonObject, Retrieved, Upstream
+from gateway.upstream.base import ANY_SYNTAX, JsonObject, Retrieved, Upstream
 from gateway.upstream.errors import NotFound, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger("gateway.dimse")
@@ -400,7 +400,8 @@ class Retriever:
         item = Fetched(ref)
         try:
             item.retrieved = await self.upstream.retrieve_instance(
-                ref.study_uid, ref.series_uid, ref.sop_instance_uid, self.spill_dir, self.spill_bytes
+                ref.study_uid, ref.series_uid, ref.sop_instance_uid, self.spill_dir, self.spill_bytes,
+                acceptable=ANY_SYNTAX,
             )
             ts, sop_class, sop_instance, offset = await self.inspect(item.retrieved)
             item.transfer_syntax, item.dataset_offset = ts, offset

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from gateway.uids import is_valid_uid
-from gateway.upstream.errors import UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.errors import SearchTruncated, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
 
 # Statuses (PS3.4 C.4.2.1.5, C.4.3.1.4)
 SUCCESS = 0x0000
@@ -61,6 +61,8 @@ def failure_status(exc: BaseException) -> tuple[int, str]:
         return UNABLE_TO_PROCESS, "archive refused the gateway's credentials"
     if isinstance(exc, UpstreamRejected):
         return UNABLE_TO_PROCESS, str(exc)
+    if isinstance(exc, SearchTruncated):
+        return OUT_OF_RESOURCES_MATCHES, "archive capped the search: not every match is known"
     if isinstance(exc, (UpstreamUnavailable, TimeoutError)):
         return OUT_OF_RESOURCES_MATCHES, f"archive unavailable: {exc}" if str(exc) else "archive unavailable"
     return UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})"

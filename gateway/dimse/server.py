@@ -286,7 +286,9 @@ class DimseServer:
             )
         )
         await writer.drain()
-        assoc = Association(reader, writer, rq, accepted, self.incoming_dir)
+        assoc = Association(
+            reader, writer, rq, accepted, self.incoming_dir, self.config.spool.min_free_mb * 2**20
+        )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)
         self._associations.add(assoc)
         log.info("association accepted from %s (%d of %d contexts)", assoc.peer, len(accepted), len(results))

@@ -2,7 +2,9 @@
 
 The association has already written the data set, exactly as received, to a file in
 the spool's ``incoming/`` directory, so large instances never sit in memory. This handler reads only the header, checks that it is an
-instance we can forward, and hands the file to the spool. Statuses follow PS3.4 B.2.3.
+instance we can forward, and hands the file to the spool; or, when the association
+could not store it (spool below its free-space floor, disk full), answers 0xA700 at
+once. Statuses follow PS3.4 B.2.3.
 """
 
 from __future__ import annotations
@@ -44,11 +46,19 @@ class StoreService:
         self.executor.shutdown(wait=True)
 
     async def __call__(self, assoc: Association, message: Message) -> None:
-        assert message.dataset_path is not None
-        loop = asyncio.get_running_loop()
-        status, comment = await loop.run_in_executor(
-            self.executor, self._store, message, assoc.calling_ae
-        )
+        if message.refused is not None:
+            # The association did not store the data set (spool full, write error).
+            log.error(
+                "C-STORE of %s from %s refused: %s",
+                str(message.command.get(0x1000, ""))[:64] or "?", assoc.peer, message.refused,
+            )
+            status, comment = OUT_OF_RESOURCES, message.refused
+        else:
+            assert message.dataset_path is not None
+            loop = asyncio.get_running_loop()
+            status, comment = await loop.run_in_executor(
+                self.executor, self._store, message, assoc.calling_ae
+            )
         if status == SUCCESS:
             assoc.stats.stored += 1
         else:

@@ -7,8 +7,9 @@ Life of a row: ``queued`` -> ``sending`` (claimed by a forwarder worker) ->
 times.
 
 Files are named by a random token, never by a UID from the wire, and live under
-``objects/xx/``. `enqueue` is called on the C-STORE worker threads and makes the
-instance durable (file fsync, rename, directory fsync, row commit) before it returns.
+``objects/xx/``; all 256 subdirectories are made durable when the spool is opened.
+`enqueue` is called on the C-STORE worker threads and makes the instance durable (file
+fsync, rename, directory fsync, row commit) before it returns.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -27,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import SpoolConfig
-from gateway.fsutil import fsync_path
+from gateway.fsutil import fsync_path, make_buckets
 from gateway.header import HeaderError, InstanceHeader, read_header
 from gateway.spool.db import SpoolDB
-from gateway.upstream.base import StoreItem
 from gateway.sqlite import immediate
+from gateway.upstream.base import StoreItem
 
 log = logging.getLogger("gateway.spool")
 
@@ -84,8 +86,8 @@ class Spool:
         self.directory = cfg.directory
         self.incoming = self.directory / "incoming"
         self.objects = self.directory / "objects"
-        for d in (self.directory, self.incoming, self.objects):
-            d.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        make_buckets(self.objects)
         self.db = SpoolDB(self.directory / "spool.sqlite", cfg.busy_timeout)
         self.on_enqueue: Callable[[], None] = lambda: None
         self._waiters: dict[int, threading.Event] = {}
@@ -172,19 +174,18 @@ class Spool:
         ``incoming/``). With ``watch``, the caller may then `wait_outcome` for it.
         Raises SpoolFull when the disk cannot take it; the file is then removed.
         """
+        token = uuid.uuid4().hex
+        subdir = self.objects / token[:2]  # made durable at start-up: never created here
+        final = subdir / f"{token}.dcm"
         try:
             self.check_space()
             fsync_path(temp_path)
-            token = uuid.uuid4().hex
-            subdir = self.objects / token[:2]
-            if not subdir.is_dir():
-                subdir.mkdir(exist_ok=True)
-                fsync_path(self.objects, directory=True)
-            final = subdir / f"{token}.dcm"
             os.replace(temp_path, final)
             fsync_path(subdir, directory=True)
         except OSError as exc:
+            # Not acknowledged, so not kept: wherever the file got to.
             temp_path.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFull(f"spool disk full: {exc.strerror}") from exc
             raise
@@ -200,7 +201,7 @@ class Spool:
                     self._waiters[row_id] = threading.Event()
         except Exception as exc:
             final.unlink(missing_ok=True)
-            if "full" in str(exc).lower():
+            if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
                 raise SpoolFull(f"spool database full: {exc}") from exc
             raise
         self.on_enqueue()

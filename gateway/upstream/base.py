@@ -2,8 +2,9 @@
 
 Fronts only ever see this interface, so adding an archive type never touches them.
 Names follow PS3.18 (and dicomweb-client's protocol) so that each method maps to one
-DICOMweb transaction. Search and retrieval methods join as the C-FIND, C-MOVE and
-facade issues land.
+DICOMweb transaction; a streaming form of a retrieval is named ``iter_``. What an
+archive cannot do at all is in its `Capabilities`, and asking for it anyway raises
+NotSupported.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from gateway.model.search import Search
 
 JsonObject = Mapping[str, Any]
 
+# ``acceptable`` of a retrieval: the archive's stored transfer syntax, whatever it is.
+ANY_SYNTAX: tuple[str, ...] = ("*",)
+
 
 @dataclass(frozen=True)
 class Health:
@@ -26,18 +30,41 @@ class Health:
     detail: str
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an archive can do, for fronts to choose a way before asking.
+
+    ``delete`` is None while unknown: DICOMweb has no standard DELETE (Azure and
+    dcm4chee have one, Orthanc answers 405), so a DICOMweb archive says after the first
+    attempt. ``search_limit`` is how many results one search can reach by paging
+    (offset + limit), None for no limit; ``max_page`` the archive's own cap on
+    ``limit``, above which it may cut pages silently.
+    """
+
+    study_retrieve: bool = True  # RetrieveStudy in one request (iter_instances, no series)
+    series_retrieve: bool = True  # RetrieveSeries in one request
+    frames: bool = True  # RetrieveFrames (retrieve_frames)
+    metadata: bool = True  # RetrieveMetadata (retrieve_metadata)
+    delete: bool | None = True
+    search_limit: int | None = None
+    max_page: int | None = None
+
+
 @dataclass
 class Retrieved:
     """One retrieved instance: a Part 10 file at ``[offset, offset + length)`` of either
     ``data`` (small answers stay in memory) or the file ``path`` (large answers spilled
     to disk, or the embedded archive's own file). ``temporary`` files are the
-    receiver's to delete, with `release`."""
+    receiver's to delete, with `release`. ``transfer_syntax`` is the one the instance
+    came in: what the archive said in the part's Content-Type, else its File Meta; ""
+    only when the answer is not a readable Part 10 file."""
 
     data: bytes | None
     path: Path | None
     offset: int
     length: int
     temporary: bool = False
+    transfer_syntax: str = ""
 
     def read(self, start: int = 0, size: int = -1) -> bytes:
         """Bytes ``[start, start + size)`` of the Part 10 file (blocking for files)."""
@@ -88,10 +115,34 @@ class StoreOutcome:
     retry_after: float | None = None
 
 
+@dataclass(frozen=True)
+class Frame:
+    """One frame of an instance's pixel data (``number`` counts from 1), encoded in
+    ``transfer_syntax``: raw pixel bytes for the native syntaxes, one compressed
+    codestream (all its fragments joined) for the others."""
+
+    number: int
+    data: bytes
+    transfer_syntax: str
+
+
 class Upstream(Protocol):
-    """An archive the gateway forwards to and reads from."""
+    """An archive the gateway forwards to and reads from.
+
+    Retrievals take ``acceptable``: transfer syntax UIDs the caller takes, best first,
+    or `ANY_SYNTAX` for the stored one. An archive may convert (DICOMweb servers may)
+    or refuse with UpstreamRejected, status 406 (the embedded archive serves what it
+    stores); a caller that needs a syntax for certain asks `ANY_SYNTAX` and converts
+    with ``gateway.codecs``. Every method may raise UpstreamAuthError, UpstreamRejected
+    or UpstreamUnavailable besides what it names.
+    """
 
     kind: str
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this archive can do (may be refined by its answers, see Capabilities)."""
+        ...
 
     async def start(self) -> None:
         """Open sessions and pools; called once by the daemon before use."""
@@ -112,7 +163,8 @@ class Upstream(Protocol):
         """QIDO-RS SearchForStudies: every matching study as DICOM JSON, paging inside.
 
         Answers may include studies that do not match every key (the caller re-checks),
-        never fewer. Raises UpstreamAuthError, UpstreamRejected or UpstreamUnavailable.
+        never fewer: when the archive holds more matches than it lets us page to, the
+        iterator raises SearchTruncated after the last one it got.
         """
         ...
 
@@ -125,22 +177,70 @@ class Upstream(Protocol):
         ...
 
     async def retrieve_instance(
-        self, study_uid: str, series_uid: str, sop_instance_uid: str, spill_dir: Path, spill_bytes: int
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        spill_dir: Path,
+        spill_bytes: int,
+        *,
+        acceptable: Sequence[str],
     ) -> Retrieved:
-        """WADO-RS RetrieveInstance in its stored transfer syntax where the archive allows.
+        """WADO-RS RetrieveInstance in one of the ``acceptable`` syntaxes; the answer's
+        ``transfer_syntax`` says which one came.
 
         Answers above ``spill_bytes`` go to a temporary file in ``spill_dir`` so memory
-        stays bounded whatever the instance size. Raises NotFound, UpstreamAuthError,
-        UpstreamRejected or UpstreamUnavailable.
+        stays bounded whatever the instance size. Raises NotFound.
         """
         ...
 
     def iter_instances(
         self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
     ) -> AsyncIterator[Retrieved]:
-        """WADO-RS RetrieveSeries (RetrieveStudy when ``series_uid`` is None): every
-        instance, each handed out as soon as it has arrived, spilled as in
-        `retrieve_instance`. The answer may lack instances (the caller compares with a
-        search); raises as `retrieve_instance`, also after some instances were handed out.
+        """WADO-RS RetrieveSeries (RetrieveStudy when ``series_uid`` is None) in the stored
+        syntaxes: every instance, each handed out as soon as it has arrived, spilled as
+        in `retrieve_instance`. The answer may lack instances (the caller compares with
+        a search); raises as `retrieve_instance`, also after some instances were handed
+        out, and NotSupported where `Capabilities` rule the request out.
         """
+        ...
+
+    async def retrieve_metadata(
+        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+    ) -> list[JsonObject]:
+        """WADO-RS RetrieveMetadata of a study, series or instance (the deepest UID given
+        sets the level; an instance needs its series): one DICOM JSON object per
+        instance, bulk data (Pixel Data, large binary values) as ``BulkDataURI``.
+        Raises NotFound, NotSupported.
+        """
+        ...
+
+    def retrieve_frames(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        frame_numbers: Sequence[int],
+        *,
+        acceptable: Sequence[str],
+    ) -> AsyncIterator[Frame]:
+        """WADO-RS RetrieveFrames: the frames in the order asked, each with its syntax.
+
+        A frame number below 1 or past the instance's Number of Frames raises
+        UpstreamRejected with status 400 (what PS3.18 servers answer: the instance is
+        there, the request is wrong); an instance without pixel data raises NotFound.
+        Raises NotSupported when the archive serves no frames.
+        """
+        ...
+
+    async def delete_study(self, study_uid: str) -> None:
+        """Remove a study from the archive. Raises NotFound, NotSupported."""
+        ...
+
+    async def delete_series(self, study_uid: str, series_uid: str) -> None:
+        """Remove a series; as delete_study."""
+        ...
+
+    async def delete_instance(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> None:
+        """Remove an instance; as delete_study."""
         ...

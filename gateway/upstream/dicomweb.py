@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import ssl
-import time
+import struct
+import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from email.utils import parsedate_to_datetime
-from http import HTTPStatus
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -19,24 +19,36 @@ from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.dicomweb import mediatypes
-from gateway.dicomweb.auth import auth_headers
+from gateway.upstream.auth import config_signer
 from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_parts, single_part_in_file, split_parts
 from gateway.model.search import Search
 from gateway.dicomweb.qido import QidoOptions, query_string, resource_path
 from gateway.dicomweb.stow import ALREADY_STORED, TRANSIENT, parse_stow_response
-from gateway.upstream.base import Health, JsonObject, Retrieved, StoreItem, StoreOutcome
+from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import (
     NotFound,
-    UpstreamAuthError,
+    NotSupported,
+    SearchTruncated,
     UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from gateway.upstream.http import (
+    EVERY_STATUS,
+    RETRYABLE_HTTP,
+    Body,
+    HttpClient,
+    Signer,
+    retry_after_seconds,
+)
+from gateway.upstream.http import http_status, short as _short
+
+__all__ = ["FIRST_PAGE", "DicomWebUpstream", "retry_after_seconds"]
 
 log = logging.getLogger("gateway.upstream")
 
-RETRYABLE_HTTP = frozenset({408, 429}) | frozenset(range(500, 600))
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 # Whole-request refusals that say the gateway's credentials (401, 403) or URL (404,
 # 405: nothing, or no STOW-RS service, there) are wrong. They do not depend on the
 # instances sent, so they hold delivery instead of making instances dead.
@@ -48,35 +60,6 @@ CONFIG_REFUSALS = {
 }
 
 
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds, from either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
-def _short(body: bytes, limit: int = 200) -> str:
-    """A one-line excerpt of an error body, for DEBUG logs only: archives' error pages
-    may echo the attributes (patient name, ID) of what they refused."""
-    text = body[:limit].decode("utf-8", "replace")
-    return " ".join(text.split())
-
-
-def http_status(status: int) -> str:
-    """``HTTP 503 Service Unavailable``: the code and its standard phrase, never the
-    archive's own reason phrase, which, like its error body, may quote patient data."""
-    try:
-        return f"HTTP {status} {HTTPStatus(status).phrase}"
-    except ValueError:
-        return f"HTTP {status}"
-
-
 def _more_results_warning(resp: aiohttp.ClientResponse) -> bool:
     """PS3.18 10.6.3.3: a Warning header saying the server cut the page short."""
     return any("additional results" in w.lower() for w in resp.headers.getall("Warning", []))
@@ -85,49 +68,70 @@ def _more_results_warning(resp: aiohttp.ClientResponse) -> bool:
 # Results in the first QIDO-RS page of a search (later pages hold find.page_size).
 FIRST_PAGE = 100
 
-# Accept headers for RetrieveInstance, best first: the stored syntax (no transcoding by
-# the archive, no size blow-up), then whatever the archive prefers to send.
+# Accept headers for RetrieveInstance in the stored syntax, best first: the stored
+# syntax (no transcoding by the archive, no size blow-up), then whatever the archive
+# prefers to send.
 WADO_ACCEPTS = (
     mediatypes.multipart_accept(mediatypes.DICOM, "*"),
     mediatypes.multipart_accept(mediatypes.DICOM),
 )
+# The same for RetrieveFrames (PS3.18 8.7.3.5.2: octet-stream with ``*`` takes any).
+FRAME_ACCEPTS = (
+    mediatypes.multipart_accept(mediatypes.OCTET_STREAM, "*"),
+    mediatypes.multipart_accept(mediatypes.OCTET_STREAM),
+)
 # Statuses that mean "not in that representation": try the next Accept.
 NOT_ACCEPTABLE = frozenset({400, 406, 415})
+# For frames 400 means a bad frame number (Orthanc), so only these move on.
+FRAMES_NOT_ACCEPTABLE = frozenset({406, 415})
+# A DICOMweb archive without a DELETE answers these.
+DELETE_NOT_SUPPORTED = frozenset({405, 501})
 SPILL_CHUNK = 1 << 20
+META_HEAD = 64 * 1024  # the File Meta group is never near this long
 
 
 class DicomWebUpstream:
-    """STOW-RS and QIDO-RS (later WADO-RS) against one base URL."""
+    """STOW-RS, QIDO-RS, WADO-RS and DELETE against one base URL.
+
+    ``session`` and ``signer`` replace the ones built from the config (tests and the
+    facade pass their own); ``capabilities`` those of a generic DICOMweb server, for
+    archives with known limits.
+    """
 
     kind = "dicomweb"
 
-    def __init__(self, cfg: UpstreamConfig, qido: QidoOptions = QidoOptions()) -> None:
+    def __init__(
+        self,
+        cfg: UpstreamConfig,
+        qido: QidoOptions = QidoOptions(),
+        *,
+        session: aiohttp.ClientSession | None = None,
+        signer: Signer | None = None,
+        capabilities: Capabilities | None = None,
+    ) -> None:
         self.cfg = cfg
         self.qido = qido
         self.url = cfg.url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+        self.http = HttpClient(
+            self.url,
+            timeout=cfg.timeout,
+            connect_timeout=cfg.connect_timeout,
+            verify_tls=cfg.verify_tls,
+            session=session,
+            signer=signer if signer is not None else config_signer(cfg.auth),
+        )
+        self._capabilities = capabilities or Capabilities(delete=None)
         self._wado_accept = 0  # index into WADO_ACCEPTS of the first one the archive took
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
     async def start(self) -> None:
-        ssl_ctx: ssl.SSLContext | bool = True if self.cfg.verify_tls else False
-        self._session = aiohttp.ClientSession(
-            headers=auth_headers(self.cfg.auth),
-            timeout=aiohttp.ClientTimeout(
-                total=self.cfg.timeout, sock_connect=self.cfg.connect_timeout
-            ),
-            connector=aiohttp.TCPConnector(limit=64, ssl=ssl_ctx),
-        )
+        await self.http.start()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("DicomWebUpstream used before start()")
-        return self._session
+        await self.http.close()
 
     async def store_instances(
         self, study_uid: str, instances: Sequence[StoreItem]
@@ -138,23 +142,22 @@ class DicomWebUpstream:
             "Content-Length": str(body.content_length),
             "Accept": mediatypes.DICOM_JSON,
         }
-        url = f"{self.url}/studies/{study_uid}"
+        url = self.http.url(f"studies/{study_uid}")
 
         def all_(kind: str, error: str, retry_after: float | None = None) -> list[StoreOutcome]:
             return [StoreOutcome(kind, error, retry_after) for _ in instances]
 
         try:
-            async with self.session.post(url, data=body, headers=headers) as resp:
+            async with self.http.request(
+                "POST", url, what="store", headers=headers, data=body,
+                body=Body.streamed(body.content_length), passthrough=EVERY_STATUS,
+            ) as resp:
                 payload = await resp.read()
                 status = resp.status
                 content_type = resp.headers.get("Content-Type", "")
                 retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-        except asyncio.TimeoutError:
-            return all_("retry", f"timeout after {self.cfg.timeout:g}s posting to {url}")
-        except aiohttp.ClientError as exc:
-            return all_("retry", f"{type(exc).__name__}: {exc}")
-        except OSError as exc:
-            return all_("retry", f"cannot read spool file: {exc}")
+        except UpstreamUnavailable as exc:
+            return all_("retry", str(exc))
 
         if status >= 400:
             log.debug("STOW-RS %s error body: %s", http_status(status), _short(payload))
@@ -210,47 +213,35 @@ class DicomWebUpstream:
 
     async def health(self) -> Health:
         try:
-            async with self.session.get(
-                f"{self.url}/studies",
-                params={"limit": "1"},
-                headers={"Accept": mediatypes.DICOM_JSON},
-                timeout=aiohttp.ClientTimeout(total=5),
+            async with self.http.request(
+                "GET", self.http.url("studies", "limit=1"), what="health probe",
+                headers={"Accept": mediatypes.DICOM_JSON}, timeout=aiohttp.ClientTimeout(total=5),
+                passthrough=EVERY_STATUS,
             ) as resp:
                 await resp.read()
-                if resp.status < 400:
-                    return Health(True, f"HTTP {resp.status}")
-                return Health(False, f"HTTP {resp.status}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            return Health(False, f"{type(exc).__name__}: {exc}".strip())
+                return Health(resp.status < 400, f"HTTP {resp.status}")
+        except UpstreamError as exc:
+            return Health(False, str(exc))
+
+    # -- search ------------------------------------------------------------------------
 
     async def _page(self, path: str, search: Search, offset: int, limit: int) -> tuple[list[JsonObject], bool]:
         """One QIDO-RS page: (objects, whether the server says it cut the page short)."""
-        url = URL(f"{self.url}/{path}?{query_string(search, self.qido, limit, offset)}", encoded=True)
+        url = self.http.url(path, query_string(search, self.qido, limit, offset))
         timeout = aiohttp.ClientTimeout(total=self.qido.timeout, sock_connect=self.cfg.connect_timeout)
-        resource = path.rsplit("/", 1)[-1]
         try:
-            async with self.session.get(url, headers={"Accept": mediatypes.DICOM_JSON}, timeout=timeout) as resp:
+            async with self.http.request(
+                "GET", url, what="search", headers={"Accept": mediatypes.DICOM_JSON}, timeout=timeout
+            ) as resp:
                 body = await resp.read()
                 status = resp.status
                 cut = _more_results_warning(resp)
-        except asyncio.TimeoutError:
-            raise UpstreamUnavailable(f"archive timeout after {self.qido.timeout:g} s") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"archive unreachable: {type(exc).__name__}") from None
-        if status in (401, 403):
-            log.error("QIDO-RS %s refused our credentials: HTTP %d", resource, status)
-            raise UpstreamAuthError(f"archive refused credentials: HTTP {status}", status)
-        if status in RETRYABLE_HTTP:
-            log.warning("QIDO-RS %s failed: %s", resource, http_status(status))
-            log.debug("QIDO-RS error body: %s", _short(body))
-            raise UpstreamUnavailable(f"archive error: {http_status(status)}")
-        if status == 404 and path.startswith("studies/"):
-            return [], False  # the study or series named in the path does not exist
-        if status >= 400:
-            log.debug("QIDO-RS error body: %s", _short(body))
-            raise UpstreamRejected(f"archive rejected search: {http_status(status)}", status)
+        except NotFound:
+            if path.startswith("studies/"):
+                return [], False  # the study or series named in the path does not exist
+            raise UpstreamRejected("archive rejected search: HTTP 404", 404) from None
         if status == 204 or not body.strip():
-            return [], False
+            return [], cut
         try:
             page = json.loads(body)
         except ValueError:
@@ -266,27 +257,48 @@ class DicomWebUpstream:
         ahead, so memory stays bounded), which hides most of the archive's latency.
         A page shorter than ``limit`` ends the search unless the server says, with a
         Warning header, that it cut the page; so ``find.page_size`` must not exceed the
-        archive's own cap (AWS HealthImaging: 1000) on servers that cut silently.
+        archive's own cap (AWS HealthImaging: 1000) on servers that cut silently, and
+        is lowered to ``Capabilities.max_page`` when that is known.
         Closing the iterator (C-CANCEL, match cap) cancels the request in flight.
+
+        Ends with SearchTruncated when the archive announced more results (Warning)
+        and then sent none, or when a full page reaches ``Capabilities.search_limit``:
+        what lies beyond cannot be asked for.
 
         The first page holds at most ``FIRST_PAGE`` results: archives such as Orthanc
         send nothing until a whole page is built (about 0.35 ms per study), so a
         small first page lets the first answers go out while the rest is searched.
         """
+        caps = self._capabilities
         path = resource_path(level, search.study_uid, search.series_uid)
+        page_size = min(self.qido.page_size, caps.max_page or self.qido.page_size)
+        reach = caps.search_limit
+
+        def bounded(limit: int, offset: int) -> int:
+            return limit if reach is None else min(limit, reach - offset)
+
         offset = 0
-        limit = min(self.qido.page_size, FIRST_PAGE)
+        limit = bounded(min(page_size, FIRST_PAGE), offset)
+        announced = False  # the previous page said more results exist
         pending = asyncio.ensure_future(self._page(path, search, offset, limit))
         try:
             while True:
                 page, cut = await pending
+                if not page and (cut or announced):
+                    log.warning("QIDO-RS %s: archive announced more results than it sent (%d)", level, offset)
+                    raise SearchTruncated(f"archive announced more than the {offset} results it sent", offset)
                 more = bool(page) and (len(page) >= limit or cut)
                 offset += len(page)
-                limit = self.qido.page_size
-                if more:
+                announced = cut
+                capped = more and reach is not None and offset >= reach
+                limit = bounded(page_size, offset)
+                if more and not capped:
                     pending = asyncio.ensure_future(self._page(path, search, offset, limit))
                 for item in page:
                     yield item
+                if capped:
+                    log.warning("QIDO-RS %s: search reached the archive's limit of %d results", level, reach)
+                    raise SearchTruncated(f"archive lets a search reach {reach} results only", offset)
                 if not more:
                     return
         finally:
@@ -304,18 +316,45 @@ class DicomWebUpstream:
     def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
         return self._search("instances", search)
 
+    # -- retrieve ----------------------------------------------------------------------
+
+    def _instance_accepts(self, acceptable: Sequence[str]) -> list[tuple[str, int | None]]:
+        """(Accept, index in WADO_ACCEPTS or None) to try in order for ``acceptable``."""
+        out: list[tuple[str, int | None]] = []
+        for syntax in acceptable:
+            if syntax == "*":
+                out += [(WADO_ACCEPTS[i], i) for i in range(self._wado_accept, len(WADO_ACCEPTS))]
+            else:
+                out.append((mediatypes.multipart_accept(mediatypes.DICOM, syntax), None))
+        return out
+
     async def retrieve_instance(
-        self, study_uid: str, series_uid: str, sop_instance_uid: str, spill_dir: Path, spill_bytes: int
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        spill_dir: Path,
+        spill_bytes: int,
+        *,
+        acceptable: Sequence[str],
     ) -> Retrieved:
-        url = f"{self.url}/studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}"
-        for index in range(self._wado_accept, len(WADO_ACCEPTS)):
-            found = await self._wado(url, WADO_ACCEPTS[index], spill_dir, spill_bytes)
-            if found is not None:
-                if index != self._wado_accept:
-                    log.warning("WADO-RS: archive refused %r; using %r", WADO_ACCEPTS[self._wado_accept], WADO_ACCEPTS[index])
-                    self._wado_accept = index
-                return found
-        raise UpstreamRejected("archive offers the instance in no representation we accept")
+        url = self.http.url(f"studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}")
+        for accept, index in self._instance_accepts(acceptable):
+            found = await self._wado(url, accept, spill_dir, spill_bytes)
+            if found is None:
+                continue
+            if index is not None and index != self._wado_accept:
+                log.warning("WADO-RS: archive refused %r; using %r", WADO_ACCEPTS[self._wado_accept], accept)
+                self._wado_accept = index
+            return found
+        raise UpstreamRejected("archive offers the instance in no representation we accept", 406)
+
+    def _check_bulk(self, series_uid: str | None) -> None:
+        caps = self._capabilities
+        if series_uid is None and not caps.study_retrieve:
+            raise NotSupported("archive does not retrieve whole studies")
+        if series_uid is not None and not caps.series_retrieve:
+            raise NotSupported("archive does not retrieve whole series")
 
     async def iter_instances(
         self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
@@ -328,81 +367,243 @@ class DicomWebUpstream:
         the archive must send something every ``timeout`` seconds while we read (aiohttp
         stops that clock while the receiver's pace has paused our reading).
         """
-        url = f"{self.url}/studies/{study_uid}" + (f"/series/{series_uid}" if series_uid else "")
+        self._check_bulk(series_uid)
+        url = self.http.url(f"studies/{study_uid}" + (f"/series/{series_uid}" if series_uid else ""))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.timeout)
         for index in range(self._wado_accept, len(WADO_ACCEPTS)):
             try:
-                async with self.session.get(url, headers={"Accept": WADO_ACCEPTS[index]}, timeout=timeout) as resp:
+                async with self.http.request(
+                    "GET", url, what="retrieve", headers={"Accept": WADO_ACCEPTS[index]}, timeout=timeout,
+                    passthrough=NOT_ACCEPTABLE,
+                ) as resp:
                     if resp.status in NOT_ACCEPTABLE:
                         await resp.read()
                         continue
-                    if resp.status >= 300:
-                        _raise_for_retrieve(resp.status, await resp.read())
                     content_type = resp.headers.get("Content-Type", "")
                     if not content_type.lower().startswith(mediatypes.MULTIPART_RELATED):
                         raise UpstreamRejected(f"RetrieveSeries answered {content_type!r}, not multipart")
                     parts = iter_parts(resp.content.iter_any(), boundary_of(content_type), spill_dir, spill_bytes)
                     async for part in parts:
                         if part.data is not None:
-                            yield Retrieved(part.data, None, 0, part.length)
+                            item = Retrieved(part.data, None, 0, part.length)
                         else:
-                            yield Retrieved(None, part.path, 0, part.length, temporary=True)
+                            item = Retrieved(None, part.path, 0, part.length, temporary=True)
+                        item.transfer_syntax = await _syntax_of(item, part.headers.get("content-type", ""), content_type)
+                        yield item
                     return
-            except asyncio.TimeoutError:
-                raise UpstreamUnavailable(f"archive silent for {self.cfg.timeout:g} s") from None
-            except aiohttp.ClientError as exc:
-                raise UpstreamUnavailable(f"archive unreachable: {type(exc).__name__}") from None
-            except OSError as exc:
-                raise UpstreamUnavailable(f"cannot spill the instance: {exc.strerror}") from None
             except MultipartError as exc:
                 raise UpstreamRejected(f"unreadable WADO-RS answer: {exc}") from None
-        raise UpstreamRejected("archive offers the instances in no representation we accept")
+        raise UpstreamRejected("archive offers the instances in no representation we accept", 406)
 
-    async def _wado(self, url: str, accept: str, spill_dir: Path, spill_bytes: int) -> Retrieved | None:
+    async def _wado(self, url: URL, accept: str, spill_dir: Path, spill_bytes: int) -> Retrieved | None:
         """One RetrieveInstance attempt; None when the archive cannot answer ``accept``."""
         spill: Path | None = None
         try:
-            async with self.session.get(url, headers={"Accept": accept}) as resp:
-                status = resp.status
-                if status in NOT_ACCEPTABLE:
+            async with self.http.request(
+                "GET", url, what="retrieve", headers={"Accept": accept}, passthrough=NOT_ACCEPTABLE
+            ) as resp:
+                if resp.status in NOT_ACCEPTABLE:
                     await resp.read()
                     return None
-                if status >= 300:
-                    body = await resp.read()
-                    _raise_for_retrieve(status, body)
                 content_type = resp.headers.get("Content-Type", "")
                 length = resp.content_length
                 if length is not None and length <= spill_bytes:
                     data: bytes | None = await resp.read()
                 else:
                     data, spill = await _read_or_spill(resp, spill_dir, spill_bytes)
-        except asyncio.TimeoutError:
+        except UpstreamError:
             _unlink(spill)
-            raise UpstreamUnavailable(f"archive timeout after {self.cfg.timeout:g} s") from None
-        except aiohttp.ClientError as exc:
-            _unlink(spill)
-            raise UpstreamUnavailable(f"archive unreachable: {type(exc).__name__}") from None
-        except OSError as exc:
-            _unlink(spill)
-            raise UpstreamUnavailable(f"cannot spill the instance: {exc.strerror}") from None
+            raise
         try:
-            return _locate_instance(content_type, data, spill)
+            found, part_type = _locate_instance(content_type, data, spill)
         except MultipartError as exc:
             _unlink(spill)
             raise UpstreamRejected(f"unreadable WADO-RS answer: {exc}") from None
+        found.transfer_syntax = await _syntax_of(found, part_type, content_type)
+        return found
+
+    async def retrieve_metadata(
+        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+    ) -> list[JsonObject]:
+        if not self._capabilities.metadata:
+            raise NotSupported("archive does not serve metadata")
+        url = self.http.url(_resource(study_uid, series_uid, sop_instance_uid) + "/metadata")
+        async with self.http.request(
+            "GET", url, what="metadata retrieve", headers={"Accept": mediatypes.DICOM_JSON}
+        ) as resp:
+            body = await resp.read()
+        try:
+            objects = json.loads(body)
+        except ValueError:
+            raise UpstreamRejected("archive answered metadata with invalid JSON") from None
+        if not isinstance(objects, list):
+            raise UpstreamRejected("archive answered metadata with a non-array")
+        return [item for item in objects if isinstance(item, dict)]
+
+    async def retrieve_frames(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        frame_numbers: Sequence[int],
+        *,
+        acceptable: Sequence[str],
+    ) -> AsyncIterator[Frame]:
+        """RetrieveFrames as a stream: each frame as soon as its part has arrived.
+
+        Each frame's syntax is its part's ``transfer-syntax`` parameter, else the
+        answer's, else the one syntax asked for, else Explicit VR Little Endian for
+        ``application/octet-stream`` (PS3.18's default for it); a compressed part whose
+        syntax nothing names is refused. Orthanc 1.10 answers 500 (not 406) for a
+        syntax it cannot convert to: ask ``*`` there.
+        """
+        if not self._capabilities.frames:
+            raise NotSupported("archive does not serve frames")
+        _check_frame_numbers(frame_numbers)
+        path = _resource(study_uid, series_uid, sop_instance_uid)
+        url = self.http.url(f"{path}/frames/{','.join(str(n) for n in frame_numbers)}")
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.timeout)
+        for accept, asked in _frame_accepts(acceptable):
+            try:
+                async with self.http.request(
+                    "GET", url, what="frames retrieve", headers={"Accept": accept}, timeout=timeout,
+                    passthrough=FRAMES_NOT_ACCEPTABLE,
+                ) as resp:
+                    if resp.status in FRAMES_NOT_ACCEPTABLE:
+                        await resp.read()
+                        continue
+                    content_type = resp.headers.get("Content-Type", "")
+                    if not content_type.lower().startswith(mediatypes.MULTIPART_RELATED):
+                        if len(frame_numbers) != 1:
+                            raise UpstreamRejected(f"RetrieveFrames answered {content_type!r}, not multipart")
+                        data = await resp.read()
+                        yield Frame(frame_numbers[0], data, _frame_syntax(content_type, "", asked))
+                        return
+                    # Frames are handed out as bytes: nothing is spilled, so no directory is written.
+                    parts = iter_parts(resp.content.iter_any(), boundary_of(content_type), Path(tempfile.gettempdir()), sys.maxsize)
+                    sent = 0
+                    async for part in parts:
+                        if sent == len(frame_numbers):
+                            raise UpstreamRejected(f"archive answered more than the {sent} frames asked for")
+                        assert part.data is not None
+                        syntax = _frame_syntax(part.headers.get("content-type", ""), content_type, asked)
+                        yield Frame(frame_numbers[sent], part.data, syntax)
+                        sent += 1
+                    if sent != len(frame_numbers):
+                        raise UpstreamRejected(f"archive answered {sent} of {len(frame_numbers)} frames")
+                    return
+            except MultipartError as exc:
+                raise UpstreamRejected(f"unreadable WADO-RS answer: {exc}") from None
+        raise UpstreamRejected("archive offers the frames in no representation we accept", 406)
+
+    # -- delete ------------------------------------------------------------------------
+
+    async def _delete(self, path: str) -> None:
+        """DELETE a resource (Azure, dcm4chee); NotSupported once the archive said 405/501."""
+        if self._capabilities.delete is False:
+            raise NotSupported("archive does not delete over DICOMweb")
+        async with self.http.request(
+            "DELETE", self.http.url(path), what="delete", passthrough=DELETE_NOT_SUPPORTED
+        ) as resp:
+            await resp.read()
+            status = resp.status
+        if status in DELETE_NOT_SUPPORTED:
+            log.warning("DICOMweb DELETE: archive answered HTTP %d; deletion is not supported", status)
+            self._capabilities = replace(self._capabilities, delete=False)
+            raise NotSupported(f"archive does not delete over DICOMweb: HTTP {status}", status)
+        if self._capabilities.delete is None:
+            self._capabilities = replace(self._capabilities, delete=True)
+
+    async def delete_study(self, study_uid: str) -> None:
+        await self._delete(_resource(study_uid))
+
+    async def delete_series(self, study_uid: str, series_uid: str) -> None:
+        await self._delete(_resource(study_uid, series_uid))
+
+    async def delete_instance(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> None:
+        await self._delete(_resource(study_uid, series_uid, sop_instance_uid))
 
 
-def _raise_for_retrieve(status: int, body: bytes) -> None:
-    """Turn a failed RetrieveInstance into the typed error the edges map."""
-    log.debug("WADO-RS error body: %s", _short(body))
-    if status == 404:
-        raise NotFound("instance not in the archive")
-    if status in (401, 403):
-        log.error("WADO-RS refused our credentials: HTTP %d", status)
-        raise UpstreamAuthError(f"archive refused credentials: HTTP {status}", status)
-    if status in RETRYABLE_HTTP:
-        raise UpstreamUnavailable(f"archive error: {http_status(status)}")
-    raise UpstreamRejected(f"archive rejected retrieve: {http_status(status)}", status)
+def _resource(study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None) -> str:
+    """The WADO-RS path of a study, series or instance."""
+    if sop_instance_uid is not None and series_uid is None:
+        raise ValueError("an instance is addressed within its series")
+    path = f"studies/{study_uid}"
+    if series_uid is not None:
+        path += f"/series/{series_uid}"
+    if sop_instance_uid is not None:
+        path += f"/instances/{sop_instance_uid}"
+    return path
+
+
+def _check_frame_numbers(frame_numbers: Sequence[int]) -> None:
+    if not frame_numbers or any(n < 1 for n in frame_numbers):
+        raise UpstreamRejected("frame numbers must be given and start at 1", 400)
+
+
+def _frame_accepts(acceptable: Sequence[str]) -> list[tuple[str, str | None]]:
+    """(Accept, the syntax it names or None) to try in order for ``acceptable``."""
+    out: list[tuple[str, str | None]] = []
+    for syntax in acceptable:
+        if syntax == "*":
+            out += [(accept, None) for accept in FRAME_ACCEPTS]
+        else:
+            out.append((mediatypes.multipart_accept(mediatypes.frame_media_type(syntax), syntax), syntax))
+    return out
+
+
+def _frame_syntax(part_type: str, answer_type: str, asked: str | None) -> str:
+    """A frame's transfer syntax: see `DicomWebUpstream.retrieve_frames`."""
+    syntax = mediatypes.transfer_syntax_param(part_type) or mediatypes.transfer_syntax_param(answer_type) or asked
+    if syntax:
+        return syntax
+    if mediatypes.media_type(part_type) in ("", mediatypes.OCTET_STREAM):
+        return EXPLICIT_VR_LE
+    raise UpstreamRejected(f"frame of type {mediatypes.media_type(part_type)!r} without a transfer syntax")
+
+
+async def _syntax_of(item: Retrieved, part_type: str, answer_type: str) -> str:
+    """The transfer syntax a retrieved instance came in: as its part's or the answer's
+    Content-Type names it, else as its File Meta says ("" if it has none)."""
+    named = mediatypes.transfer_syntax_param(part_type) or mediatypes.transfer_syntax_param(answer_type)
+    if named:
+        return named
+    if item.data is not None:
+        head = item.read(0, META_HEAD)
+    else:
+        head = await asyncio.to_thread(item.read, 0, META_HEAD)
+    return file_meta_syntax(head)
+
+
+def file_meta_syntax(head: bytes) -> str:
+    """The Transfer Syntax UID in the File Meta at the start of ``head``, "" if none.
+
+    Read directly (the group is a few explicit VR little endian elements): a pydicom
+    parse costs ten times as much, on every instance of a streamed series.
+    """
+    if head[128:132] == b"DICM":
+        pos = 132
+    elif head[:2] == b"\x02\x00":
+        pos = 0  # an archive that sends the meta group without the preamble
+    else:
+        return ""
+    while pos + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        if head[pos + 4 : pos + 6] in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            pos += 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            pos += 8
+        if element == 0x0010:
+            return head[pos : pos + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos += length
+    return ""
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 
 async def _read_or_spill(
@@ -430,23 +631,23 @@ async def _read_or_spill(
     return None, path
 
 
-def _locate_instance(content_type: str, data: bytes | None, spill: Path | None) -> Retrieved:
-    """The Part 10 file inside a WADO-RS answer: its only part, or the whole body when
-    the archive answered plain ``application/dicom``."""
+def _locate_instance(content_type: str, data: bytes | None, spill: Path | None) -> tuple[Retrieved, str]:
+    """The Part 10 file inside a WADO-RS answer, its only part (with that part's
+    Content-Type), or the whole body when the archive answered plain ``application/dicom``."""
     if not content_type.lower().startswith(mediatypes.MULTIPART_RELATED):
         if spill is not None:
-            return Retrieved(None, spill, 0, spill.stat().st_size, temporary=True)
+            return Retrieved(None, spill, 0, spill.stat().st_size, temporary=True), content_type
         assert data is not None
-        return Retrieved(data, None, 0, len(data))
+        return Retrieved(data, None, 0, len(data)), content_type
     boundary = boundary_of(content_type)
     if spill is not None:
         span = single_part_in_file(spill, boundary)
-        return Retrieved(None, spill, span.offset, span.length, temporary=True)
+        return Retrieved(None, spill, span.offset, span.length, temporary=True), span.headers.get("content-type", "")
     assert data is not None
     parts = split_parts(data, boundary)
     if len(parts) != 1:
         raise MultipartError(f"{len(parts)} parts for one instance")
-    return Retrieved(data, None, parts[0].offset, parts[0].length)
+    return Retrieved(data, None, parts[0].offset, parts[0].length), parts[0].headers.get("content-type", "")
 
 
 def _unlink(path: Path | None) -> None:

@@ -27,5 +27,25 @@ class UpstreamAuthError(UpstreamRejected):
     """401 or 403: our credentials are wrong or lack a permission."""
 
 
+class NotSupported(UpstreamRejected):
+    """The archive cannot do this at all (its `Capabilities` say so, or it answered
+    405 or 501): asking again will not help, another way (or none) must be taken.
+    A refusal like any other to callers that only know `UpstreamRejected`."""
+
+
 class NotFound(UpstreamError):
     """The study, series, instance or frame does not exist upstream."""
+
+
+class SearchTruncated(UpstreamError):
+    """Raised by a search iterator after its last result: the archive holds more
+    matches than it let us page to (it announced more results with a PS3.18 Warning
+    and then sent none, or the search reached `Capabilities.search_limit`).
+
+    An exception rather than a flag so that no caller can end a short search with
+    Success by accident; ``returned`` is how many results were handed out before.
+    """
+
+    def __init__(self, message: str, returned: int) -> None:
+        super().__init__(message)
+        self.returned = returned

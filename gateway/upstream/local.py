@@ -20,17 +20,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import sqlite_utils
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 
+from gateway.codecs.errors import TranscodeError
+from gateway.codecs.syntaxes import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, syntax_info
+from gateway.fsutil import fsync_path, make_buckets
 from gateway.model.json import dataset_from_json
-from gateway.model.search import Search
 from gateway.model.query import Key
-from gateway.fsutil import fsync_path
+from gateway.model.search import Search
 from gateway.sqlite import Migration, connect, immediate, migrate
-from gateway.upstream.base import Health, JsonObject, Retrieved, StoreItem, StoreOutcome
-from gateway.upstream.errors import NotFound
+from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
+from gateway.upstream.errors import NotFound, UpstreamRejected
 
 log = logging.getLogger("gateway.upstream")
 
@@ -100,6 +106,7 @@ class LocalUpstream:
     """Archive on local disk under ``<spool>/archive``."""
 
     kind = "local"
+    capabilities = Capabilities()  # everything, delete included; no search limit
 
     def __init__(self, spool_directory: Path, page_size: int = 1000) -> None:
         """``page_size``: index rows read per step of a search (``find.page_size``), so
@@ -107,7 +114,10 @@ class LocalUpstream:
         self.page_size = page_size
         self.root = spool_directory / "archive"
         self.objects = self.root / "objects"
-        self.objects.mkdir(parents=True, exist_ok=True)
+        # Every storage subdirectory is durable before any index row can point into
+        # one, so storing never creates a directory (see make_buckets).
+        make_buckets(self.objects)
+        fsync_path(spool_directory, directory=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-archive")
         self._db = self._executor.submit(self._open).result()
 
@@ -141,7 +151,6 @@ class LocalUpstream:
         }
         token = uuid.uuid4().hex
         target = self.objects / token[:2] / f"{token}.dcm"
-        target.parent.mkdir(exist_ok=True)
         try:
             os.link(inst.path, target)
         except OSError:
@@ -260,43 +269,275 @@ class LocalUpstream:
 
     # -- retrieve (the archive's own files, never copied) ------------------------------
 
-    def _locate(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path | None:
+    def _locate(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> tuple[Path, str] | None:
         row = self._db.execute(
-            "SELECT file FROM instances WHERE sop_instance_uid = ? AND study_uid = ? AND series_uid = ?",
+            "SELECT file, transfer_syntax FROM instances WHERE sop_instance_uid = ? AND study_uid = ? AND series_uid = ?",
             [sop_instance_uid, study_uid, series_uid],
         ).fetchone()
-        return None if row is None else self.root / row[0]
+        return None if row is None else (self.root / row[0], row[1] or "")
+
+    async def _existing(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> tuple[Path, str]:
+        """The instance's file and stored syntax; NotFound if the index lacks it."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._executor, self._locate, study_uid, series_uid, sop_instance_uid)
+        if found is None:
+            raise NotFound("instance not in the embedded archive")
+        return found
 
     async def retrieve_instance(
-        self, study_uid: str, series_uid: str, sop_instance_uid: str, spill_dir: Path, spill_bytes: int
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        spill_dir: Path,
+        spill_bytes: int,
+        *,
+        acceptable: Sequence[str],
     ) -> Retrieved:
-        loop = asyncio.get_running_loop()
-        path = await loop.run_in_executor(self._executor, self._locate, study_uid, series_uid, sop_instance_uid)
+        """The stored file itself; the embedded archive converts nothing, so a caller
+        that does not accept the stored syntax gets UpstreamRejected (406)."""
+        path, syntax = await self._existing(study_uid, series_uid, sop_instance_uid)
+        if "*" not in acceptable and syntax not in acceptable:
+            raise UpstreamRejected(f"the embedded archive holds the instance in {syntax} only", 406)
         try:
-            size = path.stat().st_size if path is not None else -1
+            size = path.stat().st_size
         except FileNotFoundError:
-            size = -1
-        if path is None or size < 0:
-            raise NotFound("instance not in the embedded archive")
-        return Retrieved(None, path, 0, size)
+            raise NotFound("instance not in the embedded archive") from None
+        return Retrieved(None, path, 0, size, transfer_syntax=syntax)
 
-    def _files(self, study_uid: str, series_uid: str | None) -> list[str]:
-        sql, args = "SELECT file FROM instances WHERE study_uid = ?", [study_uid]
+    def _files(self, study_uid: str, series_uid: str | None, sop_instance_uid: str | None = None) -> list[tuple[str, str]]:
+        """(file, stored syntax) of the instances of a study, series or one instance."""
+        sql, args = "SELECT file, transfer_syntax FROM instances WHERE study_uid = ?", [study_uid]
         if series_uid is not None:
             sql, args = sql + " AND series_uid = ?", args + [series_uid]
-        return [row[0] for row in self._db.execute(sql, args).fetchall()]
+        if sop_instance_uid is not None:
+            sql, args = sql + " AND sop_instance_uid = ?", args + [sop_instance_uid]
+        return [(row[0], row[1] or "") for row in self._db.execute(sql + " ORDER BY series_uid, rowid", args).fetchall()]
 
     async def iter_instances(
         self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
     ) -> AsyncIterator[Retrieved]:
         loop = asyncio.get_running_loop()
-        for name in await loop.run_in_executor(self._executor, self._files, study_uid, series_uid):
+        for name, syntax in await loop.run_in_executor(self._executor, self._files, study_uid, series_uid):
             path = self.root / name
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
                 continue  # deleted meanwhile: the caller fetches what is missing one by one
-            yield Retrieved(None, path, 0, size)
+            yield Retrieved(None, path, 0, size, transfer_syntax=syntax)
+
+    async def retrieve_metadata(
+        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+    ) -> list[JsonObject]:
+        """Every attribute of the stored files, bulk data as ``BulkDataURI``: see
+        `metadata_json`. Files are read on a worker thread, not the index's."""
+        if sop_instance_uid is not None and series_uid is None:
+            raise ValueError("an instance is addressed within its series")
+        loop = asyncio.get_running_loop()
+        files = await loop.run_in_executor(self._executor, self._files, study_uid, series_uid, sop_instance_uid)
+        objects = await asyncio.to_thread(self._read_metadata, [name for name, _ in files])
+        if not objects:
+            raise NotFound("nothing in the embedded archive there")
+        return objects
+
+    def _read_metadata(self, names: list[str]) -> list[JsonObject]:
+        out: list[JsonObject] = []
+        for name in names:
+            try:
+                ds = pydicom.dcmread(self.root / name, defer_size=BULK_DATA_THRESHOLD)
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            out.append(metadata_json(ds))
+        return out
+
+    async def retrieve_frames(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        frame_numbers: Sequence[int],
+        *,
+        acceptable: Sequence[str],
+    ) -> AsyncIterator[Frame]:
+        """Frames cut out of the stored file as stored (nothing converted): a native
+        frame read from its place on disk, a compressed one from its fragments."""
+        if not frame_numbers or any(n < 1 for n in frame_numbers):
+            raise UpstreamRejected("frame numbers must be given and start at 1", 400)
+        path, stored = await self._existing(study_uid, series_uid, sop_instance_uid)
+        for frame in await asyncio.to_thread(read_frames, path, stored, frame_numbers, acceptable):
+            yield frame
+
+    # -- delete (index rows first and durably, then the files) -------------------------
+
+    def _delete_rows(self, where: str, args: list[str]) -> list[str]:
+        with immediate(self._db) as db:
+            files = [row[0] for row in db.execute(f"SELECT file FROM instances WHERE {where}", args).fetchall()]
+            db.execute(f"DELETE FROM instances WHERE {where}", args)
+        return files
+
+    async def _delete(self, where: str, args: list[str]) -> None:
+        """Commit the removal from the index, then unlink: a crash in between leaves an
+        unreferenced file, never a row whose file is gone."""
+        loop = asyncio.get_running_loop()
+        files = await loop.run_in_executor(self._executor, self._delete_rows, where, args)
+        if not files:
+            raise NotFound("nothing in the embedded archive there")
+        await asyncio.to_thread(self._unlink, files)
+        log.info("embedded archive: deleted %d instance(s)", len(files))
+
+    def _unlink(self, names: list[str]) -> None:
+        for name in names:
+            (self.root / name).unlink(missing_ok=True)
+
+    async def delete_study(self, study_uid: str) -> None:
+        await self._delete("study_uid = ?", [study_uid])
+
+    async def delete_series(self, study_uid: str, series_uid: str) -> None:
+        await self._delete("study_uid = ? AND series_uid = ?", [study_uid, series_uid])
+
+    async def delete_instance(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> None:
+        await self._delete(
+            "study_uid = ? AND series_uid = ? AND sop_instance_uid = ?", [study_uid, series_uid, sop_instance_uid]
+        )
+
+
+# -- metadata and frames out of stored files ---------------------------------------------
+
+# Binary values above this many bytes, and pixel data always, are bulk data: metadata
+# names them with a BulkDataURI instead of carrying them.
+BULK_DATA_THRESHOLD = 1024
+BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+PIXEL_DATA = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# Frames of these syntaxes are the same bytes: one may be served for the other.
+NATIVE_LITTLE_ENDIAN = frozenset({IMPLICIT_VR_LE, EXPLICIT_VR_LE})
+
+
+def _is_bulk(ds: pydicom.Dataset, raw: DataElement | RawDataElement) -> bool:
+    """Whether an element is bulk data, decided before its value is read."""
+    if raw.tag in PIXEL_DATA_TAGS:
+        return True
+    if isinstance(raw, RawDataElement):
+        length = raw.length
+    else:
+        length = len(raw.value) if isinstance(raw.value, (bytes, bytearray)) else 0
+    return length > BULK_DATA_THRESHOLD and _bulk_vr(ds, raw) in BULK_VRS
+
+
+def _bulk_vr(ds: pydicom.Dataset, raw: DataElement | RawDataElement) -> str:
+    """A bulk element's VR without reading its value (implicit VR: from the dictionary,
+    Pixel Data's "OB or OW" settled by Bits Allocated as PS3.5 A.1 does)."""
+    vr = raw.VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return "UN"
+    if str(vr) == "OB or OW":
+        return "OW" if raw.tag == PIXEL_DATA and int(ds.get("BitsAllocated") or 8) > 8 else "OB"
+    return str(vr).split(" or ")[0]
+
+
+def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, Any]:
+    """``ds`` as DICOM JSON with every attribute except bulk data, which gets a
+    ``BulkDataURI`` relative to the instance: ``bulkdata/<tag>`` at the top level,
+    ``bulkdata/<sequence tag>/<item index>/<tag>`` within sequences (for the facade to
+    resolve). Values stay on disk until needed (read with ``defer_size``), so pixel
+    data is never read; an element pydicom cannot encode is left out, as in the index.
+    """
+    out: dict[str, Any] = {}
+    for tag in ds.keys():
+        key = f"{int(tag):08X}"
+        try:
+            raw = ds.get_item(tag, keep_deferred=True)
+            if raw is None:
+                continue
+            if _is_bulk(ds, raw):
+                out[key] = {"vr": _bulk_vr(ds, raw), "BulkDataURI": f"{prefix}/{key}"}
+                continue
+            elem = ds[tag]
+            if elem.VR == "SQ":
+                items = [metadata_json(item, f"{prefix}/{key}/{i}") for i, item in enumerate(elem.value)]
+                out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+            else:
+                out[key] = elem.to_json_dict(None, BULK_DATA_THRESHOLD)
+        except Exception:  # noqa: BLE001 - one bad element must not lose the instance
+            log.debug("metadata: element %s left out", key)
+    return out
+
+
+def read_frames(path: Path, stored: str, numbers: Sequence[int], acceptable: Sequence[str]) -> list[Frame]:
+    """The frames ``numbers`` of the file at ``path`` as stored (blocking).
+
+    A native frame is read from its place in the file (a large multi-frame instance
+    is never read whole); a compressed one is taken from its fragments by pydicom.
+    """
+    try:
+        ds = pydicom.dcmread(path, defer_size=BULK_DATA_THRESHOLD)
+    except FileNotFoundError:
+        raise NotFound("instance not in the embedded archive") from None
+    pixels = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if pixels is None:
+        raise NotFound("the instance has no pixel data")
+    count = int(ds.get("NumberOfFrames") or 1)
+    past = [n for n in numbers if n > count]
+    if past:
+        raise UpstreamRejected(f"frame {past[0]} asked of an instance with {count}", 400)
+    try:
+        encapsulated = syntax_info(stored).encapsulated
+    except TranscodeError as exc:
+        raise UpstreamRejected(f"cannot cut frames out of this instance: {exc}", 406) from None
+    native = EXPLICIT_VR_LE if stored == DEFLATED_EXPLICIT_VR_LE else stored
+    served = _served_syntax(native, acceptable)
+    if served is None:
+        raise UpstreamRejected(f"the embedded archive holds the frames in {native} only", 406)
+    if encapsulated:
+        data = ds.PixelData
+        extended = None
+        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+            extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+        return [
+            Frame(n, get_frame(data, n - 1, number_of_frames=count, extended_offsets=extended), served)
+            for n in numbers
+        ]
+    bits = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated)
+    deferred = isinstance(pixels, RawDataElement) and pixels.value is None and stored != DEFLATED_EXPLICIT_VR_LE
+    if deferred:
+        with open(path, "rb") as fh:
+            return [Frame(n, _native_frame(fh, pixels.value_tell, n - 1, bits), served) for n in numbers]
+    whole = ds.PixelData
+    return [Frame(n, _native_frame(whole, 0, n - 1, bits), served) for n in numbers]
+
+
+def _served_syntax(native: str, acceptable: Sequence[str]) -> str | None:
+    """The syntax frames stored in ``native`` are served as, None if not acceptable."""
+    for syntax in acceptable:
+        if syntax in ("*", native):
+            return native
+        if native in NATIVE_LITTLE_ENDIAN and syntax in NATIVE_LITTLE_ENDIAN:
+            return syntax
+    return None
+
+
+def _native_frame(source: Any, start: int, index: int, bits: int) -> bytes:
+    """Frame ``index`` of native pixel data at ``start`` of ``source`` (an open file or
+    bytes), ``bits`` bits a frame; 1-bit frames need not start on a byte boundary."""
+    first_bit = index * bits
+    offset, shift = divmod(first_bit, 8)
+    size = (shift + bits + 7) // 8
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        chunk = bytes(source[start + offset : start + offset + size])
+    else:
+        source.seek(start + offset)
+        chunk = source.read(size)
+    if len(chunk) < size:
+        raise UpstreamRejected("the stored pixel data is shorter than its frames", 400)
+    if shift == 0 and bits % 8 == 0:
+        return chunk
+    unpacked = np.unpackbits(np.frombuffer(chunk, dtype=np.uint8), bitorder="little")[shift : shift + bits]
+    return np.packbits(unpacked, bitorder="little").tobytes()
+
 
 # Keys the index can narrow with SQL (exactly, before the Python rules run).
 _UID_COLUMNS = {0x0020000D: "study_uid", 0x0020000E: "series_uid", 0x00080018: "sop_instance_uid"}

@@ -7,7 +7,7 @@ search cut short."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -231,7 +231,7 @@ class FakeArchive:
         if self.search_fails:
             raise UpstreamUnavailable("search connection reset")
 
-    async def retrieve_instance(self, study: str, series: str, uid: str, spill_dir: Path, spill_bytes: int) -> Retrieved:
+    async def retrieve_instance(self, study: str, series: str, uid: str, spill_dir: Path, spill_bytes: int, *, acceptable: Sequence[str]) -> Retrieved:
         self.alone.append(uid)
         if uid not in self.held:
             raise NotFound("gone")

@@ -146,6 +146,27 @@ def test_match_cap_equal_to_the_answer_is_success(gateway: Callable[..., Gateway
     assert len(answers) == 320 and final.Status == 0x0000
 
 
+def test_archive_capping_the_search_is_not_success(gateway: Callable[..., Gateway], fake: Callable[..., FakeQido]) -> None:
+    """An archive that lets a search reach only its first 30 of 50 matches (and says so
+    with PS3.18's Warning) ends the C-FIND as the match cap does, never in Success."""
+    upstream = fake(count=50, reach=30)
+    gw = gateway(upstream_url=upstream.url, extra=find_section(page_size=20))
+    answers, final = pyfind(gw.port, gw.ae_title, identifier("STUDY", StudyInstanceUID=""))
+    assert len(answers) == 30
+    assert final.Status == 0xA700
+    assert "more than 30 matches" in final.ErrorComment
+    assert "cut at 30 matches by the archive" in gw.log()
+
+
+def test_archive_page_cap_is_paged_through(gateway: Callable[..., Gateway], fake: Callable[..., FakeQido]) -> None:
+    """An archive that cuts every page to 15 results and announces the rest is paged to
+    the end: every match, Success."""
+    upstream = fake(count=50, page_cap=15)
+    gw = gateway(upstream_url=upstream.url, extra=find_section(page_size=20))
+    answers, final = pyfind(gw.port, gw.ae_title, identifier("STUDY", StudyInstanceUID=""))
+    assert len(answers) == 50 and final.Status == 0x0000
+
+
 @pytest.mark.parametrize(
     ("status", "code", "comment"),
     [

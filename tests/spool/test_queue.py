@@ -125,7 +125,6 @@ def test_recover_requeues_sending_and_drops_partial_files(spool: Spool) -> None:
 def test_recover_adopts_files_whose_rows_were_lost(spool: Spool) -> None:
     """The row commit is not fsynced: after a power cut a durable file may have no row."""
     sample = sample_files()[0]
-    (spool.objects / "ab").mkdir()
     shutil.copy(sample, spool.objects / "ab" / "lost.dcm")
     (spool.objects / "ab" / "junk.dcm").write_bytes(b"not dicom")
     assert spool.recover() == (0, 1)
@@ -178,3 +177,22 @@ def test_concurrent_enqueue_from_many_threads(spool: Spool) -> None:
     for t in threads:
         t.join()
     assert spool.status()["counts"]["queued"] == 200
+
+
+def test_objects_subdirectories_are_made_at_open(spool: Spool) -> None:
+    """enqueue never creates a directory: all 256 exist (and were fsynced) at open."""
+    assert sorted(p.name for p in spool.objects.iterdir()) == [f"{n:02x}" for n in range(256)]
+
+
+def test_spool_database_full_is_spool_full(spool: Spool) -> None:
+    """SQLITE_FULL on the insert (decided on the error code, which a failed rollback
+    must not mask) refuses the instance and removes its file."""
+    with spool.db.connection() as db:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(SpoolFull):
+        # A row too big for the pages left (a long calling AE title stands in for a
+        # database that grew to the end of the disk).
+        spool.enqueue(received(spool, 1), header(1), "MOD" * 2000)
+    assert not list(spool.objects.glob("*/*.dcm")) and not any(spool.incoming.iterdir())
+    assert spool.status()["counts"]["queued"] == 0

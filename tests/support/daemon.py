@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,20 @@ class Gateway:
         extra: str = "",
         spool: dict[str, Any] | None = None,
         dimse: dict[str, Any] | None = None,
+        spool_dir: Path | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """``spool_dir``: put the spool elsewhere (another file system, or another
+        gateway's spool). ``wrapper``: a command the daemon runs under, e.g.
+        ``["/usr/bin/strace", "-f", "-o", path]``; signals go to the whole process
+        group, so they reach the daemon itself, not only the wrapper."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
         self.port = free_port()
         self.http_port = free_port()
-        self.spool_dir = workdir / "spool"
+        self.spool_dir = spool_dir if spool_dir is not None else workdir / "spool"
+        self.wrapper = list(wrapper)
         self.config_path = workdir / "gateway.toml"
         self.log_path = workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,10 +76,11 @@ class Gateway:
     def start(self, timeout: float = 30.0) -> Gateway:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+            [*self.wrapper, sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         try:
@@ -93,11 +102,11 @@ class Gateway:
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self._signal(signal.SIGTERM)
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             self.proc.wait()
             raise AssertionError(f"gateway ignored SIGTERM for {timeout}s:\n{self.log()}") from None
         self.proc = None
@@ -106,9 +115,17 @@ class Gateway:
     def kill(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGKILL)
+                self._signal(signal.SIGKILL)
             self.proc.wait()
             self.proc = None
+
+    def _signal(self, sig: int) -> None:
+        """Signal the daemon's process group (the daemon and any wrapper around it)."""
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def health(self) -> dict[str, Any]:
         with urllib.request.urlopen(

@@ -6,6 +6,12 @@ synthetic studies paged by ``limit``/``offset``, optionally slowly, or with a fi
 HTTP status (with ``body`` and reason phrase ``reason`` if given, e.g. an error page
 that echoes what it was sent), or not at all (``hang``), and records every request
 path. A ``POST`` (STOW-RS) gets the fixed status and body too, or an empty 200.
+
+Two archive caps, each announced with PS3.18's ``Warning: 299 ...: There are N
+additional results that can be requested`` (which Orthanc never sends):
+``page_cap`` cuts each page to that many results, the rest being reachable with
+``offset``; ``reach`` serves only the first ``reach`` results of a search, the page
+that ends there carrying the Warning and every later page coming back empty.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ class FakeQido:
         hang: bool = False,
         body: bytes = b'{"error": "scripted failure"}',
         reason: str | None = None,
+        page_cap: int | None = None,
+        reach: int | None = None,
     ) -> None:
         self.count = count
+        self.page_cap = page_cap
+        self.reach = reach
         self.page_delay = page_delay
         self.status = status
         self.hang = hang
@@ -81,12 +91,17 @@ class FakeQido:
                     self.scripted(fake.status, fake.body)
                     return
                 query = parse_qs(urlsplit(self.path).query)
-                limit = int(query.get("limit", ["1000"])[0])
+                asked = int(query.get("limit", ["1000"])[0])
                 offset = int(query.get("offset", ["0"])[0])
                 time.sleep(fake.page_delay)
-                page = [fake.study(n) for n in range(offset, min(offset + limit, fake.count))]
+                limit = min(asked, fake.page_cap or asked)
+                available = min(fake.count, fake.reach if fake.reach is not None else fake.count)
+                page = [fake.study(n) for n in range(offset, min(offset + limit, available))]
                 body = json.dumps(page).encode()
                 self.send_response(200)
+                left = fake.count - offset - len(page)
+                if page and left > 0 and (len(page) < asked or offset + len(page) >= available):  # a cap: say so
+                    self.send_header("Warning", f'299 fakeqido: "There are {left} additional results that can be requested"')
                 self.send_header("Content-Type", "application/dicom+json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()

@@ -1,0 +1,407 @@
+"""Disk faults: a full spool disk, two daemons on one spool, and the durability order
+of an acknowledgement proven on the wire (strace), which a SIGKILL test cannot see
+because the page cache survives a killed process."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.support import dcmtk
+from tests.support.daemon import REPO, Gateway
+from tests.support.ports import port_is_open, wait_until
+from tests.support.pyscu import send_files
+from tests.support.synth import ct_series
+
+MiB = 2**20
+SUCCESS = "Success"
+
+
+# ---- a small real file system ---------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB ext4 file system on a loop device (sparse image, no reserved blocks so
+    root fills it like anyone else), unmounted after the test even when it failed."""
+    if os.geteuid() != 0:
+        pytest.skip("a loop mount needs root")
+    image = tmp_path / "small.img"
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    with open(image, "wb") as fh:
+        fh.truncate(64 * MiB)
+    subprocess.run(["/usr/sbin/mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    subprocess.run(["/usr/bin/mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["/usr/bin/umount", str(mountpoint)], check=False).returncode != 0:
+            # Still busy (a process the test started is dying): detach lazily.
+            subprocess.run(["/usr/bin/umount", "-l", str(mountpoint)], check=False)
+
+
+def fill(path: Path, leave_free: int) -> Path:
+    """Allocate a filler file so that only ``leave_free`` bytes stay free on its file system."""
+    size = shutil.disk_usage(path.parent).free - leave_free
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+    return path
+
+
+def fill_completely(path: Path) -> Path:
+    """Write zeros into ``path`` until its file system has no block left."""
+    with open(path, "wb", buffering=0) as fh:
+        for chunk in (MiB, 4096):
+            try:
+                while True:
+                    fh.write(b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    return path
+
+
+def storescu_responses(output: str) -> list[tuple[str, str | None]]:
+    """(file, response status text or None) for every file storescu -v started sending."""
+    sent: list[tuple[str, str | None]] = []
+    for line in output.splitlines():
+        if m := re.search(r"Sending file: (.+)$", line):
+            sent.append((m.group(1).strip(), None))
+        elif (m := re.search(r"Received Store Response \((.+)\)", line)) and sent and sent[-1][1] is None:
+            sent[-1] = (sent[-1][0], m.group(1))
+    return sent
+
+
+def uid_of(path: str | Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def spool_counts(gw: Gateway) -> dict[str, int]:
+    """Spool counts from the CLI, which reads the spool while the daemon runs (its
+    /healthz would wait on a stopped archive)."""
+    status = gw.cli("spool", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    return json.loads(status.stdout)["counts"]
+
+
+def assert_no_dropped_association(log: str) -> None:
+    assert not re.search(r"association from \S+ failed", log), log[-3000:]
+    assert "internal error" not in log, log[-3000:]
+
+
+# ---- 5: object subdirectories exist before anything is acknowledged ----------------------
+
+
+def test_object_subdirectories_exist_after_start(gateway) -> None:
+    gw = gateway()
+    buckets = {f"{n:02x}" for n in range(256)}
+    for objects in (gw.spool_dir / "objects", gw.spool_dir / "archive" / "objects"):
+        missing = buckets - {p.name for p in objects.iterdir() if p.is_dir()}
+        assert not missing, f"{objects}: {len(missing)} of 256 subdirectories missing"
+
+
+# ---- 6: two daemons on one spool --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_second_daemon_on_the_same_spool_exits_and_touches_nothing(tmp_path: Path, orthanc, gateway) -> None:
+    first = gateway(upstream_url=orthanc.dicomweb_url)
+    files = ct_series(tmp_path / "ct", 5, rows=64, columns=64)
+    os.kill(orthanc.pid, signal.SIGSTOP)  # the archive hangs: the batch stays 'sending'
+    try:
+        result = dcmtk.storescu(first.port, files, first.ae_title)
+        assert result.returncode == 0, result.stdout + result.stderr
+        wait_until(lambda: spool_counts(first)["sending"] == 5, 30, 0.2, "batch never claimed")
+        in_flight = first.spool_dir / "incoming" / "in-flight.part"
+        in_flight.write_bytes(b"half of a data set still arriving")
+
+        second = Gateway(tmp_path / "second", upstream_url=orthanc.dicomweb_url, spool_dir=first.spool_dir)
+        try:
+            run = subprocess.run(
+                [sys.executable, "-m", "gateway", "run", "--config", str(second.config_path)],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second daemon on the same spool kept running")
+        assert run.returncode != 0
+        assert str(first.spool_dir) in run.stderr and f"pid {first.proc.pid}" in run.stderr, run.stderr
+        assert not port_is_open("127.0.0.1", second.port)
+        assert in_flight.read_bytes() == b"half of a data set still arriving"
+        assert spool_counts(first)["sending"] == 5
+        assert first.running
+    finally:
+        os.kill(orthanc.pid, signal.SIGCONT)
+    in_flight.unlink()
+    first.wait_counts(delivered=5, timeout=90)
+    assert {uid_of(f) for f in files} <= orthanc.sop_instance_uids()
+    assert first.cli("spool", "retry", "--dead").returncode == 0  # writes while the daemon runs
+
+
+# ---- 8: a full spool disk ---------------------------------------------------------------
+
+
+def test_space_floor_is_checked_before_and_during_receipt(tmp_path: Path, small_fs: Path) -> None:
+    """An instance larger than the free space crosses the floor mid-receipt: 0xA700,
+    and the association goes on to store the next one; below the floor at the
+    C-STORE-RQ nothing is written at all."""
+    gw = Gateway(tmp_path / "gw", spool_dir=small_fs / "spool", spool={"min_free_mb": 16})
+    try:
+        gw.start()
+        fill(small_fs / "filler", 32 * MiB)
+        big = ct_series(tmp_path / "big", 1, frames=80)[0]  # 40 MiB: more than is free
+        small = ct_series(tmp_path / "small", 2, rows=64, columns=64)
+        assert send_files(gw.port, [big, small[0]], gw.ae_title) == [0xA700, 0x0000]
+        assert "below the floor" in gw.log()
+        assert not any((gw.spool_dir / "incoming").iterdir())
+
+        fill(small_fs / "filler2", 8 * MiB)
+        assert send_files(gw.port, [small[1]], gw.ae_title) == [0xA700]
+        assert gw.running
+        assert_no_dropped_association(gw.log())
+        gw.wait_counts(delivered=1, timeout=30)
+    finally:
+        gw.kill()
+
+
+@pytest.mark.slow
+def test_full_disk_answers_every_store_and_delivers_every_ack(tmp_path: Path, small_fs: Path, orthanc) -> None:
+    """No floor (min_free_mb = 0): the real ENOSPC and SQLITE_FULL paths. A batch is
+    on its way to a hanging archive; several associations send more than fits; the
+    disk is then filled to the last block and the archive answers, so recording that
+    delivery fails too. Every C-STORE is answered, the daemon stays up, and once space
+    returns everything acknowledged is delivered and nothing stays 'sending'."""
+    gw = Gateway(
+        tmp_path / "gw",
+        upstream_url=orthanc.dicomweb_url,
+        spool_dir=small_fs / "spool",
+        spool={"min_free_mb": 0},
+    )
+    first = ct_series(tmp_path / "first", 8, rows=64, columns=64)
+    series = [ct_series(tmp_path / f"series{n}", 20) for n in range(3)]  # 3 x 20 x 512 KiB
+    late = ct_series(tmp_path / "late", 2, rows=64, columns=64)
+    try:
+        gw.start()
+        os.kill(orthanc.pid, signal.SIGSTOP)  # the archive hangs: a batch stays 'sending'
+        try:
+            result = dcmtk.storescu(gw.port, first, gw.ae_title)
+            assert result.returncode == 0, result.stdout + result.stderr
+            wait_until(lambda: spool_counts(gw)["sending"] == 8, 30, 0.2, "batch never claimed")
+
+            fillers = [fill(small_fs / "filler", 18 * MiB)]
+            procs = [
+                subprocess.Popen(
+                    ["/usr/bin/storescu", "-v", "-nh", "-aet", f"MOD{n}", "-aec", gw.ae_title]
+                    + ["127.0.0.1", str(gw.port), *map(str, files)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=dcmtk.dcmtk_env(),
+                )
+                for n, files in enumerate(series)
+            ]
+            outputs = [p.communicate(timeout=180)[0] for p in procs]
+            fillers.append(fill_completely(small_fs / "filler-last-block"))
+        finally:
+            os.kill(orthanc.pid, signal.SIGCONT)
+        acked = [str(f) for f in first]
+        refused = 0
+        for proc, output, files in zip(procs, outputs, series):
+            responses = storescu_responses(output)
+            assert proc.returncode == 0 and len(responses) == len(files), output[-3000:]
+            for name, status in responses:
+                assert status is not None, f"no response for {name}:\n{output[-3000:]}"
+                assert status == SUCCESS or "OutOfResources" in status.replace(" ", ""), status
+                if status == SUCCESS:
+                    acked.append(name)
+                else:
+                    refused += 1
+        assert refused > 0, "the disk never filled"
+        assert len(acked) > len(first), "nothing of the burst was acknowledged"
+        # The archive now takes the hung batch; the full spool cannot record that yet.
+        wait_until(lambda: orthanc.instance_count() >= 8, 60, 0.5, "the archive never got the hung batch")
+        assert send_files(gw.port, [late[0]], gw.ae_title) == [0xA700]
+        assert gw.running
+        assert_no_dropped_association(gw.log())
+
+        for filler in fillers:
+            filler.unlink()
+        assert send_files(gw.port, [late[1]], gw.ae_title) == [0x0000]
+        expected = {uid_of(f) for f in acked} | {uid_of(late[1])}
+        wait_until(lambda: expected <= orthanc.sop_instance_uids(), 120, 0.5, "acknowledged instances missing")
+        counts = gw.wait_counts(delivered=len(expected), timeout=60)
+        assert counts["sending"] == counts["queued"] == counts["failed"] == counts["dead"] == 0, counts
+        # Nothing refused left a file behind, half-received or whole.
+        assert not any((gw.spool_dir / "incoming").iterdir())
+        assert len(list((gw.spool_dir / "objects").glob("*/*.dcm"))) == len(expected)
+        assert gw.running
+        assert_no_dropped_association(gw.log())
+    finally:
+        gw.kill()
+
+
+# ---- 12: the durability order of every acknowledgement, on the wire ----------------------
+
+
+@dataclass
+class Call:
+    start: int  # line index where the call was entered
+    end: int  # line index where it returned
+    text: str  # "name(args) = result", unfinished/resumed halves joined
+
+
+def read_trace(path: Path) -> list[Call]:
+    """strace -f output as calls, in the order strace saw their entry and exit."""
+    calls: list[Call] = []
+    pending: dict[str, tuple[int, str]] = {}
+    for index, line in enumerate(path.read_text(errors="replace").splitlines()):
+        m = re.match(r"^(?:\[pid\s+)?(\d+)\]?\s+[\d:.]+\s+(.*)$", line)
+        if not m:
+            continue
+        pid, rest = m.groups()
+        if rest.endswith("<unfinished ...>"):
+            pending[pid] = (index, rest[: -len("<unfinished ...>")].rstrip())
+        elif r := re.match(r"^<\.\.\. \w+ resumed>\s?(.*)$", rest):
+            start, head = pending.pop(pid, (index, ""))
+            calls.append(Call(start, index, head + r.group(1)))
+        else:
+            calls.append(Call(index, index, rest))
+    return calls
+
+
+def unescape(text: str) -> bytes:
+    """A string as strace -x prints it back to bytes."""
+    simple = {"n": b"\n", "t": b"\t", "r": b"\r", "v": b"\v", "f": b"\f", "\\": b"\\", '"': b'"'}
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        if text[i] == "\\":
+            if text[i + 1] == "x":
+                out.append(int(text[i + 2 : i + 4], 16))
+                i += 4
+                continue
+            out += simple[text[i + 1]]
+            i += 2
+            continue
+        out += text[i].encode("latin-1")
+        i += 1
+    return bytes(out)
+
+
+def command_elements(data: bytes) -> dict[int, bytes]:
+    """The elements of an Implicit VR Little Endian command set, by element number."""
+    elements: dict[int, bytes] = {}
+    pos = 0
+    while pos + 8 <= len(data):
+        element = int.from_bytes(data[pos + 2 : pos + 4], "little")
+        length = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        elements[element] = data[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+    return elements
+
+
+def store_responses(buffer: bytes) -> Iterator[tuple[str, int]]:
+    """(Affected SOP Instance UID, status) of each C-STORE-RSP command in P-DATA-TF PDUs."""
+    pos = 0
+    while pos + 6 <= len(buffer):
+        pdu_type, length = buffer[pos], int.from_bytes(buffer[pos + 2 : pos + 6], "big")
+        body, pos = buffer[pos + 6 : pos + 6 + length], pos + 6 + length
+        if pdu_type != 0x04:
+            continue
+        item = 0
+        while item + 6 <= len(body):
+            item_length = int.from_bytes(body[item : item + 4], "big")
+            control, fragment = body[item + 5], body[item + 6 : item + 4 + item_length]
+            item += 4 + item_length
+            if control & 0x03 != 0x03:
+                continue  # a data set, or the start of a longer command
+            values = command_elements(fragment)
+            if int.from_bytes(values.get(0x0100, b""), "little") == 0x8001:
+                uid = values[0x1000].rstrip(b"\x00 ").decode("ascii")
+                yield uid, int.from_bytes(values[0x0900], "little")
+
+
+def fsynced_paths(calls: list[Call]) -> list[tuple[Call, str]]:
+    """Successful fsync/fdatasync calls with the path of their fd (strace -y)."""
+    found = []
+    for call in calls:
+        if m := re.match(r"^f(?:data)?sync\(\d+<(.+)>\) += 0$", call.text):
+            found.append((call, m.group(1)))
+    return found
+
+
+def renamed_paths(calls: list[Call]) -> dict[str, tuple[Call, str]]:
+    """Successful renames by destination: (call, source)."""
+    found = {}
+    for call in calls:
+        if m := re.match(r'^rename(?:at2?)?\((?:\S+, )?"(.+?)", (?:\S+, )?"(.+?)".*\) += 0$', call.text):
+            found[m.group(2)] = (call, m.group(1))
+    return found
+
+
+def test_every_success_follows_the_file_and_directory_fsync(tmp_path: Path) -> None:
+    """The daemon runs under strace: every C-STORE-RSP with Success that it writes on
+    the association's socket comes after the fsync of its spooled file and, after the
+    rename into objects/xx/, the fsync of that directory; and nothing on the
+    acknowledgement path creates a directory. The trace is in the order strace saw
+    each call enter and return, across threads, so "returned before the response
+    was entered" is a real happens-before."""
+    trace = tmp_path / "strace.txt"
+    syscalls = "openat,mkdir,mkdirat,fsync,fdatasync,rename,renameat,renameat2,sendto,write"
+    strace = ["/usr/bin/strace", "-f", "-tt", "-yy", "-x", "-s", "1024", "-e", f"trace={syscalls}", "-o", str(trace)]
+    gw = Gateway(tmp_path / "gw", wrapper=strace)
+    files = ct_series(tmp_path / "ct", 20, rows=128, columns=128)
+    try:
+        gw.start(timeout=90)
+        result = dcmtk.storescu(gw.port, files, gw.ae_title)
+        assert result.returncode == 0, result.stdout + result.stderr
+        gw.wait_counts(delivered=20, timeout=60)
+        listing = gw.cli("spool", "list", "--json")
+        assert listing.returncode == 0, listing.stderr
+        spooled = {row["sop_instance_uid"]: str(gw.spool_dir / row["file"]) for row in json.loads(listing.stdout)}
+    finally:
+        gw.stop(timeout=60)
+    calls = read_trace(trace)
+
+    on_socket = re.compile(rf'^(?:sendto|write)\(\d+<TCP:\[127\.0\.0\.1:{gw.port}->[^\]]*\]>, "((?:[^"\\]|\\.)*)"')
+    successes: dict[str, Call] = {}
+    for call in calls:
+        if m := on_socket.match(call.text):
+            for uid, status in store_responses(unescape(m.group(1))):
+                if status == 0x0000:
+                    successes.setdefault(uid, call)
+    assert set(successes) == {uid_of(f) for f in files} == set(spooled)
+
+    first_receipt = min(c.start for c in calls if re.match(r'^openat\(.*/incoming/[^"]+\.part"', c.text))
+    late_mkdirs = [c.text for c in calls if re.match(r"^mkdir(?:at)?\(", c.text) and c.start > first_receipt]
+    assert not late_mkdirs, f"mkdir on the acknowledgement path: {late_mkdirs[:3]}"
+
+    fsyncs, renames = fsynced_paths(calls), renamed_paths(calls)
+    for uid, response in successes.items():
+        final = spooled[uid]
+        rename, source = renames[final]
+        directory = str(Path(final).parent)
+        assert any(path == source and c.end < rename.start for c, path in fsyncs), (
+            f"{uid}: Success sent but its file was not fsynced before the rename"
+        )
+        assert rename.end < response.start, f"{uid}: Success sent before the file was renamed into place"
+        assert any(path == directory and rename.end < c.start and c.end < response.start for c, path in fsyncs), (
+            f"{uid}: Success sent before its directory was fsynced"
+        )
