@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from gateway.config import Config
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_STORE_RSP, response
-from gateway.header import HeaderError, Unreadable, read_header
-from gateway.spool.queue import Spool, SpoolFull
+from gateway.spool.ingest import Verdict, ingest
+from gateway.spool.queue import Spool
 
 log = logging.getLogger("gateway.dimse")
 
@@ -25,6 +25,19 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+
+# PS3.4 B.2.3: 0xA700 tells the sender to keep the instance and try again; 0xA900 and
+# 0xC000 that this data set will never be taken. A refused instance is 0xC000 too: the
+# archive's verdict on it will not change.
+STATUS = {
+    Verdict.STORED: SUCCESS,
+    Verdict.DELIVERED: SUCCESS,
+    Verdict.UNREADABLE: CANNOT_UNDERSTAND,
+    Verdict.MISMATCH: DATASET_DOES_NOT_MATCH,
+    Verdict.NO_SPACE: OUT_OF_RESOURCES,
+    Verdict.REFUSED: CANNOT_UNDERSTAND,
+    Verdict.NOT_DELIVERED: OUT_OF_RESOURCES,
+}
 
 
 class StoreService:
@@ -70,36 +83,11 @@ class StoreService:
 
     def _store(self, message: Message, calling: str) -> tuple[int, str]:
         """Validate and spool one received file; returns (status, error comment)."""
-        temp = message.dataset_path
-        assert temp is not None
+        assert message.dataset_path is not None
         command = message.command
-        affected_uid = str(command.get(0x1000, ""))
-        try:
-            header = read_header(temp, str(command.get(0x0002, "")), affected_uid)
-        except HeaderError as exc:
-            log.warning("C-STORE from %s of %s rejected: %s", calling, affected_uid[:64] or "?", exc)
-            # A900 when the data set lacks what its SOP class requires; C000 when it
-            # cannot be parsed at all.
-            return (CANNOT_UNDERSTAND if isinstance(exc, Unreadable) else DATASET_DOES_NOT_MATCH), str(exc)
-
-        watch = self.config.dimse.ack == "delivered"
-        try:
-            row_id = self.spool.enqueue(temp, header, calling, watch=watch)
-        except SpoolFull as exc:
-            log.error("C-STORE of %s refused: %s", header.sop_instance_uid, exc)
-            return OUT_OF_RESOURCES, "spool full"
-        except Exception as exc:  # noqa: BLE001 - never ack what is not stored
-            log.exception("C-STORE of %s could not be spooled", header.sop_instance_uid)
-            return OUT_OF_RESOURCES, f"spool error: {type(exc).__name__}"
-        log.debug("spooled %s as id %d", header.sop_instance_uid, row_id)
-
-        if not watch:
-            return SUCCESS, ""
-        outcome = self.spool.wait_outcome(row_id, self.config.dimse.ack_timeout)
-        if outcome is None:
-            return OUT_OF_RESOURCES, "not delivered in time; still queued"
-        if outcome.kind == "delivered":
-            return SUCCESS, ""
-        if outcome.kind == "rejected":
-            return CANNOT_UNDERSTAND, f"archive refused: {outcome.error}"
-        return OUT_OF_RESOURCES, "archive unavailable; still queued"
+        wait = self.config.dimse.ack_timeout if self.config.dimse.ack == "delivered" else None
+        result = ingest(
+            self.spool, message.dataset_path, calling,
+            str(command.get(0x0002, "")), str(command.get(0x1000, "")), wait,
+        )
+        return STATUS[result.verdict], result.reason

@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import shutil
-import sqlite3
 import threading
 import time
 import uuid
@@ -32,7 +31,7 @@ from gateway.config import SpoolConfig
 from gateway.fsutil import fsync_path, make_buckets
 from gateway.header import HeaderError, InstanceHeader, read_header
 from gateway.spool.db import SpoolDB
-from gateway.sqlite import immediate
+from gateway.sqlite import immediate, is_disk_full
 from gateway.upstream.base import StoreItem
 
 log = logging.getLogger("gateway.spool")
@@ -201,7 +200,7 @@ class Spool:
                     self._waiters[row_id] = threading.Event()
         except Exception as exc:
             final.unlink(missing_ok=True)
-            if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            if is_disk_full(exc):
                 raise SpoolFull(f"spool database full: {exc}") from exc
             raise
         self.on_enqueue()

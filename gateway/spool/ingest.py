@@ -1,0 +1,83 @@
+"""The one way a received instance enters the gateway: check its header, make it
+durable in the spool, and (for ``ack = "delivered"``) wait for the archive's verdict.
+
+C-STORE calls it today and the facade's STOW-RS will call it next, so both fronts give
+the same guarantee: an instance is acknowledged only once it is fsynced into the spool.
+The verdict is front-neutral; each front maps it to its own status (PS3.4 B.2.3 for
+C-STORE, PS3.18 failure reasons and HTTP codes for STOW-RS). Blocking: run it in a
+worker thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.header import HeaderError, Unreadable, read_header
+from gateway.spool.queue import Spool, SpoolFull
+
+log = logging.getLogger("gateway.spool")
+
+
+class Verdict(enum.Enum):
+    STORED = "stored"  # durable in the spool; delivery follows
+    DELIVERED = "delivered"  # durable, and the archive accepted it (waited for)
+    UNREADABLE = "unreadable"  # not a parsable data set, or cut short
+    MISMATCH = "mismatch"  # a required UID missing, invalid, or not the announced one
+    NO_SPACE = "no space"  # the spool cannot take it now (floor, full disk, spool error)
+    REFUSED = "refused"  # durable, but the archive refused it (it stays dead in the spool)
+    NOT_DELIVERED = "not delivered"  # durable and queued, the archive has not taken it yet
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What became of one received file; ``reason`` names keywords, never values."""
+
+    verdict: Verdict
+    reason: str = ""
+    sop_instance_uid: str = ""
+
+
+def ingest(
+    spool: Spool,
+    path: Path,
+    source: str,
+    expected_class: str | None = None,
+    expected_instance: str | None = None,
+    wait_delivery: float | None = None,
+) -> Ingested:
+    """Take the received file at ``path`` (in the spool's ``incoming/``) into the spool.
+
+    ``source`` says who sent it, for the log (an AE title, a client address).
+    ``expected_class``/``expected_instance``: the UIDs the request announced, checked
+    against the data set. ``wait_delivery``: seconds to wait for the first delivery
+    attempt (None: answer once durable). The file is consumed either way: moved into
+    the spool, or removed by the caller's cleanup when refused here.
+    """
+    try:
+        header = read_header(path, expected_class, expected_instance)
+    except HeaderError as exc:
+        log.warning("instance from %s (%s) rejected: %s", source, (expected_instance or "?")[:64], exc)
+        return Ingested(Verdict.UNREADABLE if isinstance(exc, Unreadable) else Verdict.MISMATCH, str(exc))
+    uid = header.sop_instance_uid
+    try:
+        row_id = spool.enqueue(path, header, source, watch=wait_delivery is not None)
+    except SpoolFull as exc:
+        log.error("instance %s from %s refused: %s", uid, source, exc)
+        return Ingested(Verdict.NO_SPACE, "spool full", uid)
+    except Exception as exc:  # noqa: BLE001 - never acknowledge what is not stored
+        log.exception("instance %s from %s could not be spooled", uid, source)
+        return Ingested(Verdict.NO_SPACE, f"spool error: {type(exc).__name__}", uid)
+    log.debug("spooled %s as id %d", uid, row_id)
+    if wait_delivery is None:
+        return Ingested(Verdict.STORED, "", uid)
+    outcome = spool.wait_outcome(row_id, wait_delivery)
+    if outcome is None:
+        return Ingested(Verdict.NOT_DELIVERED, "not delivered in time; still queued", uid)
+    if outcome.kind == "delivered":
+        return Ingested(Verdict.DELIVERED, "", uid)
+    if outcome.kind == "rejected":
+        return Ingested(Verdict.REFUSED, f"archive refused: {outcome.error}", uid)
+    return Ingested(Verdict.NOT_DELIVERED, "archive unavailable; still queued", uid)
