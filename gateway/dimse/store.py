@@ -44,7 +44,18 @@ class StoreService:
         self.executor.shutdown(wait=True)
 
     async def __call__(self, assoc: Association, message: Message) -> None:
-        assert message.dataset_path is not None
+        if message.dataset_path is None:
+            # CommandDataSetType said no data set follows: nothing to store.
+            log.warning(
+                "C-STORE-RQ from %s of %s without a data set answered with 0xC000",
+                assoc.calling_ae, str(message.command.get(0x1000, ""))[:64] or "?",
+            )
+            assoc.stats.failed += 1
+            await assoc.send_message(
+                message.context.id,
+                response(message.command, C_STORE_RSP, CANNOT_UNDERSTAND, extra={0x0902: "C-STORE-RQ without a data set"}),
+            )
+            return
         loop = asyncio.get_running_loop()
         status, comment = await loop.run_in_executor(
             self.executor, self._store, message, assoc.calling_ae

@@ -491,8 +491,14 @@ def test_store_request_without_dataset_is_answered(tmp_path: Path, gateway) -> N
         request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.10.1137.13.1"
         request.Priority = 0
         context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage)
+        # As pynetdicom's own send_c_echo does: pause its reactor, which would otherwise
+        # take the response as an unexpected message.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
         assoc.dimse.send_msg(request, context.context_id)
         _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
         assert rsp is not None, "no C-STORE-RSP"
         assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (7, 0xC000)
         echo = assoc.send_c_echo()
