@@ -283,9 +283,9 @@ class StoreRequestor:
                         break
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError, pdu.PDUError):
             await self.abort()
-            return
-        self.closed = True
-        self.writer.close()
+        finally:
+            self.closed = True
+            self.writer.close()
 
     async def abort(self) -> None:
         """A-ABORT (service user) and close; used on timeouts and cancellation. A peer
