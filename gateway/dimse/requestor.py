@@ -243,6 +243,12 @@ class StoreRequestor:
         except (ProtocolError, pdu.PDUError, CommandError) as exc:
             await self.abort()
             raise RequestorError(f"protocol error from the peer: {exc}") from None
+        except asyncio.CancelledError:
+            # Cut off mid-message (shutdown, or the requester gone): such an association
+            # can only be dropped, and a release would wait on a peer that may be stalled.
+            self.closed = True
+            self.writer.transport.abort()
+            raise
 
     async def _write(self, data: bytes) -> None:
         self.writer.write(data)

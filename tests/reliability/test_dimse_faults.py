@@ -14,6 +14,7 @@ import asyncio
 import logging
 import socket
 import struct
+import subprocess
 import threading
 import time
 import urllib.error
@@ -34,7 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from tests.integration.test_move_retrieve import failed_list, parse_move, peers
 from tests.support.daemon import Gateway
-from tests.support.dcmtk import StoreSCP, echoscu, movescu, storescu
+from tests.support.dcmtk import DCMTK_BIN, StoreSCP, dcmtk_env, echoscu, movescu, storescu
 from tests.support.orthanc import Orthanc
 from tests.support.ports import free_port
 from tests.support.synth import ct_series
@@ -424,7 +425,35 @@ def test_move_to_destination_that_stops_reading(tmp_path: Path, big_series: list
         peer.close()
 
 
-def get_request(called_ae: str, study_uid: str) -> bytes:
+@pytest.mark.slow
+def test_shutdown_during_a_move_to_a_destination_that_stops_reading(tmp_path: Path, big_series: list[Path]) -> None:
+    """A C-MOVE blocked on a destination that stopped reading (``dimse_timeout`` 60 s),
+    and a SIGTERM: the daemon stops within its grace period plus a few seconds; the
+    half-sent association to the destination is dropped, not released (a release would
+    wait on the same stalled peer)."""
+    peer = StalledPeer()
+    gw = local_gateway_with(tmp_path, big_series, {"dimse_timeout": 60}, peers(("STALLED", peer.port)))  # shutdown_grace = 5
+    first = pydicom.dcmread(big_series[0], stop_before_pixels=True)
+    mover = subprocess.Popen(
+        [str(DCMTK_BIN / "movescu"), "-S", "-aec", gw.ae_title, "-aem", "STALLED", "-k", "QueryRetrieveLevel=STUDY",
+         "-k", f"StudyInstanceUID={first.StudyInstanceUID}", "127.0.0.1", str(gw.port)],
+        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert peer.associated.wait(20)
+        time.sleep(1)  # the gateway is now blocked writing the first 24 MB sub-operation
+        started = time.monotonic()
+        assert gw.stop(timeout=30) == 0
+        assert time.monotonic() - started < 12
+        assert peer.closed(), "the stalled connection outlived the daemon"
+    finally:
+        mover.kill()
+        mover.wait()
+        gw.kill()
+        peer.close()
+
+
+def get_request(called_ae: str, study_uid: str) -> tuple[bytes, bytes]:
     """A-ASSOCIATE-RQ (Study Root C-GET, CT storage with the SCP role) then the C-GET-RQ
     of ``study_uid``, as raw PDUs."""
     from gateway.dimse import pdu
