@@ -7,11 +7,12 @@ exactly as received), so an instance of any size costs no memory. Services run a
 tasks so the reader keeps reading: that is how a C-CANCEL reaches a running C-FIND.
 
 Any protocol violation (bad PDU, bad command, fragments out of order) aborts the
-association with a log line; it never takes the process down. A spool short of space
-is not a protocol matter: free space is checked at the C-STORE-RQ and every few MB of
-the data set, and a failed write (ENOSPC, EIO) stops the file; the rest of that data
-set is then read and dropped and the C-STORE is answered 0xA700, so the association
-carries on.
+association with a log line; it never takes the process down. Every request gets a
+final response, also when its service raises; and no write waits for ever on a peer
+that stopped reading (`drain`). A spool short of space is not a protocol matter: free
+space is checked at the C-STORE-RQ and every few MB of the data set, and a failed write
+(ENOSPC, EIO) stops the file; the rest of that data set is then read and dropped and
+the C-STORE is answered 0xA700, so the association carries on.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ from gateway.dimse import pdu
 from gateway.writeback import start_writeback
 from gateway.dimse.command import (
     C_CANCEL_RQ,
+    C_FIND_RQ,
+    C_GET_RQ,
+    C_MOVE_RQ,
     C_STORE_RQ,
     Command,
     CommandError,
     decode_command,
+    response,
 )
 
 log = logging.getLogger("gateway.dimse")
@@ -47,10 +52,40 @@ IMPLEMENTATION_VERSION_NAME = "DICOMGW_010"
 MAX_NON_STORE_DATASET = 4 * 1024 * 1024  # identifiers of C-FIND/MOVE/GET are small
 WRITEBACK_CHUNK = 256 * 1024
 SPACE_CHECK_BYTES = 4 * 1024 * 1024  # free space is checked again after this much of a data set
+# Final statuses of a request whose service failed (PS3.7 C.4, PS3.4 B.2.3): C-STORE
+# says Out of Resources so the sender keeps the instance and retries; the others say
+# Processing failure.
+PROCESSING_FAILURE = 0x0110
+STORE_OUT_OF_RESOURCES = 0xA700
+CANCEL_STATUS = 0xFE00
+PENDING_STATUSES = frozenset({0xFF00, 0xFF01})
+# The requests a C-CANCEL applies to (PS3.7 9.3.2.3, 9.3.3.3, 9.3.4.3).
+CANCELLABLE = frozenset({C_FIND_RQ, C_MOVE_RQ, C_GET_RQ})
 
 
 class ProtocolError(Exception):
     """The peer broke the upper layer or DIMSE protocol; the association is aborted."""
+
+
+class SendError(ConnectionError):
+    """Writing to the peer failed, or the peer took nothing for the whole timeout; the
+    connection has been closed."""
+
+
+async def drain(writer: asyncio.StreamWriter, timeout: float) -> None:
+    """Wait until what was written has gone to the socket, at most ``timeout`` s.
+
+    A peer that reads nothing for that long, or a local socket error, gets its
+    connection closed at once (a transport abort: a plain close would keep the socket
+    open until the buffered bytes are sent, i.e. for ever) and SendError is raised.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await writer.drain()
+    except (TimeoutError, OSError) as exc:
+        writer.transport.abort()
+        reason = f"peer read nothing for {timeout:g} s" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        raise SendError(reason) from None
 
 
 @dataclass(frozen=True)
@@ -90,9 +125,11 @@ class Association:
         rq: pdu.AssociateRQ,
         contexts: dict[int, AcceptedContext],
         incoming_dir: Path,
+        dimse_timeout: float,
         min_free_bytes: int = 0,
     ) -> None:
-        """``min_free_bytes``: below this free space on ``incoming_dir``'s file system a
+        """``dimse_timeout`` bounds every write: how long a peer may read nothing.
+        ``min_free_bytes``: below this free space on ``incoming_dir``'s file system a
         C-STORE data set is not written (``spool.min_free_mb``)."""
         self.reader = reader
         self.writer = writer
@@ -105,6 +142,7 @@ class Association:
         self.peer_max_pdu = rq.max_pdu_length
         self.incoming_dir = incoming_dir
         self.min_free_bytes = min_free_bytes
+        self.dimse_timeout = dimse_timeout
         self.stats = AssociationStats()
         self._send_lock = asyncio.Lock()
         # message reassembly
@@ -118,6 +156,12 @@ class Association:
         # running services, by message id, so C-CANCEL can reach them
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self._last_task: asyncio.Task[None] | None = None
+        self._fields: dict[int, int] = {}  # command field of each queued or running request
+        self._started: set[int] = set()  # requests whose service has begun
+        self._cancelled_early: set[int] = set()  # C-CANCEL arrived while still queued
+        self._unanswered: set[int] = set()  # requests without their final response yet
+        # Called when the last running request ends: the reader's idle timer restarts.
+        self.on_idle: Callable[[], None] | None = None
         # C-GET: SOP classes for which the peer took the SCP role (we send C-STORE to
         # it), and the C-STORE-RSPs our sub-operations await, by message id.
         self.scp_roles: frozenset[str] = frozenset()
@@ -127,19 +171,40 @@ class Association:
     # ---- sending --------------------------------------------------------------
 
     async def send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
-        """Send one DIMSE message, fragmented to the peer's maximum PDU length."""
+        """Send one DIMSE message, fragmented to the peer's maximum PDU length.
+
+        Raises SendError (the connection is then closed) if the peer does not take it
+        within ``dimse_timeout``.
+        """
         pdus = pdu.encode_pdata(context_id, command, True, self.peer_max_pdu)
         if dataset is not None:
             pdus += pdu.encode_pdata(context_id, dataset, False, self.peer_max_pdu)
-        async with self._send_lock:
-            for item in pdus:
-                self.writer.write(item)
-            await self.writer.drain()
+        await self._write(pdus, self.dimse_timeout)
+        rsp = decode_command(command)
+        status = rsp.get(0x0900)
+        if rsp.field & 0x8000 and status is not None and status not in PENDING_STATUSES:
+            self._unanswered.discard(int(rsp.get(0x0120, 0)))  # type: ignore[arg-type]
 
     async def send_raw(self, data: bytes) -> None:
+        """Send bytes already encoded as PDUs (C-GET sub-operations, A-RELEASE-RP)."""
+        await self._write([data], self.dimse_timeout)
+
+    async def _write(self, items: list[bytes], timeout: float) -> None:
         async with self._send_lock:
-            self.writer.write(data)
-            await self.writer.drain()
+            if self.writer.is_closing():
+                raise SendError("connection already closed")
+            for item in items:
+                self.writer.write(item)
+            await drain(self.writer, timeout)
+
+    async def abort(self, timeout: float) -> None:
+        """A-ABORT (service provider) and close the connection. While a message is on its
+        way out the abort cannot be put between its PDUs (the peer might be stalling
+        that very message), so the connection is just closed."""
+        if not self._send_lock.locked():
+            with contextlib.suppress(SendError):
+                await self._write([pdu.encode_abort(2, 0)], timeout)
+        self.writer.transport.abort()
 
     # ---- receiving --------------------------------------------------------------
 
@@ -293,24 +358,65 @@ class Association:
 
     # ---- services -----------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        """Whether a request of this association is queued or in progress."""
+        return self._last_task is not None and not self._last_task.done()
+
     def dispatch(self, message: Message, handler: Callable[[Association, Message], Awaitable[None]]) -> None:
-        """Run a service for a message; requests are served in order, one at a time."""
+        """Run a service for a message; requests are served in order, one at a time.
+
+        Whatever the service does, the request ends with a final response: a service
+        that raises is logged with its traceback and answered with a failure status
+        (`_answer_failure`), and the next request is served as usual.
+        """
         previous = self._last_task
+        message_id, command_field = message.command.message_id, message.command.field
+        self._fields[message_id] = command_field
+        self._unanswered.add(message_id)
 
         async def run() -> None:
-            if previous is not None:
-                with contextlib.suppress(BaseException):
-                    await previous
             try:
+                if previous is not None:
+                    await asyncio.wait([previous])  # its outcome is its own business
+                if message_id in self._cancelled_early:
+                    await self.send_message(message.context.id, response(message.command, command_field | 0x8000, CANCEL_STATUS))
+                    return
+                self._started.add(message_id)
                 await handler(self, message)
+            except SendError as exc:
+                log.warning("request 0x%04x from %s not answered: %s", command_field, self.peer, exc)
+            except Exception:  # noqa: BLE001 - a failing service must still answer, and only its request fails
+                log.exception("request 0x%04x (message id %d) from %s failed", command_field, message_id, self.peer)
+                await self._answer_failure(message)
             finally:
                 if message.dataset_path is not None:
                     message.dataset_path.unlink(missing_ok=True)
-                self.tasks.pop(message.command.message_id, None)
+                self.tasks.pop(message_id, None)
+                self._fields.pop(message_id, None)
+                for ids in (self._started, self._cancelled_early, self._unanswered):
+                    ids.discard(message_id)
 
         task = asyncio.create_task(run())
-        self.tasks[message.command.message_id] = task
+        self.tasks[message_id] = task
         self._last_task = task
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if task is self._last_task and self.on_idle is not None:
+            self.on_idle()
+
+    async def _answer_failure(self, message: Message) -> None:
+        """The final response of a request whose service raised before sending it."""
+        command = message.command
+        if command.message_id not in self._unanswered:
+            return
+        status = STORE_OUT_OF_RESOURCES if command.field == C_STORE_RQ else PROCESSING_FAILURE
+        if command.field == C_STORE_RQ:
+            self.stats.failed += 1
+        rsp = response(command, command.field | 0x8000, status, extra={0x0902: "internal error"})
+        with contextlib.suppress(SendError):
+            await self.send_message(message.context.id, rsp)
 
     def next_message_id(self) -> int:
         """A message id for a request we send on this association (C-GET sub-operations)."""
@@ -334,16 +440,26 @@ class Association:
             future.set_result(message.command)
 
     def cancel(self, message: Message) -> None:
-        """C-CANCEL-RQ: cancel the running request it names (if still running)."""
+        """C-CANCEL-RQ: cancel the C-FIND, C-MOVE or C-GET it names, if not finished.
+
+        A running one is cancelled (its service answers with Cancel); a queued one is
+        answered with Cancel when its turn comes, without being run. C-CANCEL applies
+        to nothing else, so a C-STORE it names still completes and is answered.
+        """
         target = message.command.get(0x0120)
-        task = self.tasks.get(int(target)) if target is not None else None  # type: ignore[arg-type]
-        if task is not None and not task.done():
+        message_id = int(target) if target is not None else -1  # type: ignore[arg-type]
+        task = self.tasks.get(message_id)
+        if task is None or task.done() or self._fields.get(message_id) not in CANCELLABLE:
+            return
+        if message_id in self._started:
             task.cancel()
+        else:
+            self._cancelled_early.add(message_id)
 
     async def drain_tasks(self) -> None:
+        """Wait until every request received has been served (A-RELEASE-RQ)."""
         if self._last_task is not None:
-            with contextlib.suppress(BaseException):
-                await self._last_task
+            await asyncio.wait([self._last_task])
 
 
 def _write_problem(exc: OSError) -> str:
@@ -382,8 +498,8 @@ def file_meta_header(sop_class: str, sop_instance: str, transfer_syntax: str, so
     return b"\x00" * 128 + b"DICM" + group_length + body
 
 
-async def read_pdu(reader: asyncio.StreamReader, timeout: float, max_length: int) -> tuple[int, bytes]:
-    """Read one PDU; enforce the timeout and our announced maximum length."""
+async def read_pdu(reader: asyncio.StreamReader, timeout: float | None, max_length: int) -> tuple[int, bytes]:
+    """Read one PDU; enforce the timeout (None: the caller's) and our announced maximum length."""
     async with asyncio.timeout(timeout):
         header = await reader.readexactly(6)
         pdu_type, _, length = struct.unpack(">BBI", header)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from gateway.dimse.association import Association, Message
+from gateway.dimse.association import Association, Message, SendError
 from gateway.dimse.command import C_GET_RSP, C_STORE_RQ, HAS_DATASET, Command, encode_command
 from gateway.dimse.requestor import DataSource, RequestorError, send_dataset
 from gateway.dimse.retrieve import RetrieveService, StoreTarget
@@ -57,6 +57,8 @@ class GetTarget:
             await send_dataset(assoc.send_raw, context_id, dataset, assoc.peer_max_pdu, command)
             async with asyncio.timeout(self.dimse_timeout):
                 return await future
+        except SendError as exc:  # before OSError: SendError is one
+            raise RequestorError(f"cannot send: {exc}") from None
         except TimeoutError:
             raise RequestorError(f"no C-STORE response within {self.dimse_timeout:g} s") from None
         except (OSError, ConnectionError) as exc:

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_MOVE_RSP, Command
-from gateway.dimse.requestor import DataSource, StoreRequestor
+from gateway.dimse.requestor import DataSource, RequestorError, StoreRequestor
 from gateway.dimse.retrieve import RetrieveService, StoreTarget, proposals
 from gateway.dimse.retrieve_request import MOVE_DESTINATION_UNKNOWN, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE, InstanceRef
 from gateway.dimse.retrieve_sources import Fetched
@@ -61,6 +61,9 @@ class MoveService(RetrieveService):
         peer = self.config.peer(str(message.command.get(0x0600, "")).strip())
         assert peer is not None  # precheck
         contexts = proposals(refs, first)
+        if not contexts:
+            # Only instances without a SOP Class UID so far: no context can name them.
+            raise RequestorError("nothing to propose: no SOP Class UID known for these instances")
         requestor = await StoreRequestor.connect(
             peer.host,
             peer.port,

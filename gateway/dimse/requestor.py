@@ -27,6 +27,8 @@ from gateway.dimse.association import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     ProtocolError,
+    SendError,
+    drain,
     read_pdu,
 )
 from gateway.dimse.command import (
@@ -182,7 +184,7 @@ class StoreRequestor:
                     called_ae, calling_ae, contexts, max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
                 )
             )
-            await writer.drain()
+            await drain(writer, acse_timeout)
             pdu_type, body = await read_pdu(reader, acse_timeout, 1 << 20)
             if pdu_type == pdu.A_ASSOCIATE_RJ:
                 raise AssociationRejected(*pdu.parse_associate_rj(body))
@@ -210,8 +212,9 @@ class StoreRequestor:
     ) -> Command:
         """Send one C-STORE-RQ and return its C-STORE-RSP command.
 
-        Raises RequestorError when the association breaks; the caller then fails this
-        and every later sub-operation.
+        Raises RequestorError when the association breaks, the peer takes nothing for
+        ``dimse_timeout`` or does not answer within it; the connection is then closed
+        and the caller fails this and every later sub-operation.
         """
         self._message_id = self._message_id % 0xFFFF + 1
         values: dict[int, int | str | tuple[int, ...]] = {
@@ -227,19 +230,29 @@ class StoreRequestor:
         try:
             await send_dataset(self._write, context_id, dataset, self.peer_max_pdu, encode_command(values))
             return await self._response(self._message_id)
+        except SendError as exc:  # before OSError: SendError is one; the socket is closed
+            self.closed = True
+            raise RequestorError(f"cannot send: {exc}") from None
         except asyncio.TimeoutError:  # before OSError: TimeoutError is one
             await self.abort()
             raise RequestorError(f"no C-STORE response within {self.dimse_timeout:g} s") from None
         except (OSError, asyncio.IncompleteReadError) as exc:
             self.closed = True
+            self.writer.transport.abort()
             raise RequestorError(f"association lost: {type(exc).__name__}") from None
         except (ProtocolError, pdu.PDUError, CommandError) as exc:
             await self.abort()
             raise RequestorError(f"protocol error from the peer: {exc}") from None
+        except asyncio.CancelledError:
+            # Cut off mid-message (shutdown, or the requester gone): such an association
+            # can only be dropped, and a release would wait on a peer that may be stalled.
+            self.closed = True
+            self.writer.transport.abort()
+            raise
 
     async def _write(self, data: bytes) -> None:
         self.writer.write(data)
-        await self.writer.drain()
+        await drain(self.writer, self.dimse_timeout)
 
     async def _response(self, message_id: int) -> Command:
         buffer = bytearray()
@@ -266,27 +279,27 @@ class StoreRequestor:
         """A-RELEASE-RQ, wait for the RP (or give up and abort), close."""
         if self.closed:
             return
-        self.closed = True
         try:
             self.writer.write(pdu.encode_release_rq())
-            await self.writer.drain()
+            await drain(self.writer, timeout)
             async with asyncio.timeout(timeout):
                 while True:
                     pdu_type, _ = await read_pdu(self.reader, timeout, 1 << 26)
                     if pdu_type in (pdu.A_RELEASE_RP, pdu.A_ABORT):
                         break
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError):
-            with contextlib.suppress(OSError):
-                self.writer.write(pdu.encode_abort(0, 0))
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError, pdu.PDUError):
+            await self.abort()
         finally:
+            self.closed = True
             self.writer.close()
 
     async def abort(self) -> None:
-        """A-ABORT (service user) and close; used on timeouts and cancellation."""
+        """A-ABORT (service user) and close; used on timeouts and cancellation. A peer
+        that does not take the abort within 2 s has its connection closed regardless."""
         if not self.closed:
             self.closed = True
             with contextlib.suppress(OSError):
                 self.writer.write(pdu.encode_abort(0, 0))
-                await asyncio.wait_for(self.writer.drain(), 2)
+                await drain(self.writer, 2)
         with contextlib.suppress(Exception):
             self.writer.close()

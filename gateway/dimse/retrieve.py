@@ -105,6 +105,9 @@ log = logging.getLogger("gateway.dimse")
 STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 
 UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
+# Why an instance without a SOP Class UID (in the search answer and the file) fails:
+# a C-STORE-RQ must name it (AffectedSOPClassUID), and no context can be proposed.
+NO_SOP_CLASS = "no SOP Class UID in the archive's answer or file; no C-STORE can carry it"
 # Proposed (after the stored syntaxes and uncompressed) so a receiver that takes only
 # compressed data can still be served by recompressing losslessly.
 LOSSLESS_COMPRESSED = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5")
@@ -628,6 +631,8 @@ class Retriever:
                 if task is None:
                     break
                 item = await task
+                if not item.error and not item.sop_class_uid:
+                    item.error = NO_SOP_CLASS
                 if not item.error and not broken and not target.offered(item.sop_class_uid):
                     deferred.append(Fetched(item.ref, transfer_syntax=item.transfer_syntax, sop_class_uid=item.sop_class_uid))
                     item.release()

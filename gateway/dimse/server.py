@@ -26,6 +26,7 @@ from gateway.dimse.association import (
     Association,
     Message,
     ProtocolError,
+    drain,
     is_cancel,
     read_pdu,
 )
@@ -76,6 +77,8 @@ Handler = Callable[[Association, Message], Awaitable[None]]
 RJ_APPLICATION_CONTEXT = (1, 1, 2)
 RJ_CALLING_AE_NOT_RECOGNIZED = (1, 1, 3)
 RJ_LOCAL_LIMIT_EXCEEDED = (2, 3, 2)
+# An A-ABORT is a few bytes: a peer that cannot take them in this time is not reading.
+ABORT_TIMEOUT = 2.0
 
 
 QR_ROOT = "1.2.840.10008.5.1.4.1.2."
@@ -140,10 +143,12 @@ class DimseServer:
             self._server.close()
         if self._live:
             _, pending = await asyncio.wait(set(self._live), timeout=grace)
-            for assoc in list(self._associations):
+            for assoc in self._associations:
                 log.warning("aborting association from %s at shutdown", assoc.peer)
-                with contextlib.suppress(Exception):
-                    await assoc.send_raw(pdu.encode_abort(2, 0))
+            await asyncio.gather(
+                *(assoc.abort(min(ABORT_TIMEOUT, self.config.dimse.dimse_timeout)) for assoc in list(self._associations)),
+                return_exceptions=True,
+            )
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -222,19 +227,13 @@ class DimseServer:
             how = await self._serve(assoc)
         except ProtocolError as exc:
             how = f"aborted (protocol error: {exc})"
-            with contextlib.suppress(Exception):
-                writer.write(pdu.encode_abort(2, 0))
-                await writer.drain()
+            await self._send_abort(writer, 0)
         except pdu.PDUError as exc:
             how = f"aborted (malformed PDU: {exc})"
-            with contextlib.suppress(Exception):
-                writer.write(pdu.encode_abort(2, 2))
-                await writer.drain()
+            await self._send_abort(writer, 2)
         except asyncio.TimeoutError:
             how = "aborted (network timeout)"
-            with contextlib.suppress(Exception):
-                writer.write(pdu.encode_abort(2, 0))
-                await writer.drain()
+            await self._send_abort(writer, 0)
         except (asyncio.IncompleteReadError, ConnectionError):
             how = "aborted (connection lost)"
         except asyncio.CancelledError:
@@ -259,6 +258,13 @@ class DimseServer:
                 writer.close()
             self._live.discard(task)
 
+    @staticmethod
+    async def _send_abort(writer: asyncio.StreamWriter, reason: int) -> None:
+        """A-ABORT (service provider) with ``reason``, on a connection about to close."""
+        with contextlib.suppress(Exception):
+            writer.write(pdu.encode_abort(2, reason))
+            await drain(writer, ABORT_TIMEOUT)
+
     async def _associate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, where: str) -> Association | None:
         d = self.config.dimse
         pdu_type, body = await read_pdu(reader, d.acse_timeout, 1 << 16)
@@ -272,7 +278,7 @@ class DimseServer:
                 rq.calling_ae, where, rq.called_ae, *reject,
             )
             writer.write(pdu.encode_associate_rj(*reject))
-            await writer.drain()
+            await drain(writer, d.acse_timeout)
             return None
         accepted = {
             r.id: AcceptedContext(r.id, pc.abstract_syntax, r.transfer_syntax)
@@ -285,9 +291,9 @@ class DimseServer:
                 rq, results, self.max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles
             )
         )
-        await writer.drain()
+        await drain(writer, d.acse_timeout)
         assoc = Association(
-            reader, writer, rq, accepted, self.incoming_dir, self.config.spool.min_free_mb * 2**20
+            reader, writer, rq, accepted, self.incoming_dir, d.dimse_timeout, self.config.spool.min_free_mb * 2**20
         )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)
         self._associations.add(assoc)
@@ -295,22 +301,42 @@ class DimseServer:
         return assoc
 
     async def _serve(self, assoc: Association) -> str:
+        """Read PDUs until release or abort.
+
+        ``network_timeout`` is an idle timeout: it runs only while no request of the
+        association is queued or in progress, since a requester waits silently for its
+        C-FIND, C-MOVE or C-GET however long that takes (each write to it is bounded
+        by ``dimse_timeout`` instead). Every PDU, and the end of the last request,
+        restarts it. PDUs are read all along, so a C-CANCEL reaches a running request.
+        """
         d = self.config.dimse
+        loop = asyncio.get_running_loop()
         # Slack for the PDU header and a peer that counts the PDV header differently.
         max_length = self.max_pdu + 64
-        while True:
-            pdu_type, body = await read_pdu(assoc.reader, d.network_timeout, max_length)
-            if pdu_type == pdu.P_DATA_TF:
-                for message in assoc.on_pdata(body):
-                    self._route(assoc, message)
-            elif pdu_type == pdu.A_RELEASE_RQ:
-                await assoc.drain_tasks()
-                await assoc.send_raw(pdu.encode_release_rp())
-                return "released"
-            elif pdu_type == pdu.A_ABORT:
-                return "aborted by peer"
-            else:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} in an established association")
+        async with asyncio.timeout(None) as idle:
+
+            def rearm() -> None:
+                if not idle.expired():
+                    idle.reschedule(None if assoc.busy else loop.time() + d.network_timeout)
+
+            assoc.on_idle = rearm
+            try:
+                while True:
+                    rearm()
+                    pdu_type, body = await read_pdu(assoc.reader, None, max_length)
+                    if pdu_type == pdu.P_DATA_TF:
+                        for message in assoc.on_pdata(body):
+                            self._route(assoc, message)
+                    elif pdu_type == pdu.A_RELEASE_RQ:
+                        await assoc.drain_tasks()
+                        await assoc.send_raw(pdu.encode_release_rp())
+                        return "released"
+                    elif pdu_type == pdu.A_ABORT:
+                        return "aborted by peer"
+                    else:
+                        raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} in an established association")
+            finally:
+                assoc.on_idle = None
 
     def _route(self, assoc: Association, message: Message) -> None:
         if is_cancel(message):

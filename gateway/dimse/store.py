@@ -66,8 +66,14 @@ class StoreService:
                 str(message.command.get(0x1000, ""))[:64] or "?", assoc.peer, message.refused,
             )
             status, comment = OUT_OF_RESOURCES, message.refused
+        elif message.dataset_path is None:
+            # CommandDataSetType said no data set follows: nothing to store.
+            log.warning(
+                "C-STORE-RQ from %s of %s without a data set answered with 0xC000",
+                assoc.calling_ae, str(message.command.get(0x1000, ""))[:64] or "?",
+            )
+            status, comment = CANNOT_UNDERSTAND, "C-STORE-RQ without a data set"
         else:
-            assert message.dataset_path is not None
             loop = asyncio.get_running_loop()
             status, comment = await loop.run_in_executor(
                 self.executor, self._store, message, assoc.calling_ae
