@@ -1,7 +1,7 @@
 """C-MOVE/C-GET faults: an instance search that fails after sub-operations ran, and
 transcoding a large multi-frame instance within bounded memory.
 
-A search that breaks mid-way: Orthanc's DICOMweb behind `SearchFailingProxy`, which
+A search that breaks mid-way: Orthanc's DICOMweb behind `ArchiveProxy`, which
 answers the second QIDO-RS page of the instance search with 503 (``find.page_size``
 is 5, so the first page lists 5 of the series' 12 instances); dcmtk's movescu, getscu
 and storescp are the mover, the requester and the destination.
@@ -32,7 +32,7 @@ from tests.integration.test_move_retrieve import failed_list, parse_move, peers
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu, storescu_for_syntax
 from tests.support.orthanc import Orthanc
-from tests.support.searchproxy import SearchFailingProxy
+from tests.support.archiveproxy import ArchiveProxy
 from tests.support.synth import ct_series
 
 PAGE = 5  # find.page_size: the first page the search lists before failing
@@ -53,7 +53,7 @@ def error_comment(output: str, final_marker: str) -> str:
 @dataclass
 class SearchEnv:
     orthanc: Orthanc
-    proxy: SearchFailingProxy
+    proxy: ArchiveProxy
     gateway: Gateway
     scp: StoreSCP
     refusing: StoreSCP
@@ -62,7 +62,7 @@ class SearchEnv:
     series_uid: str
 
 
-def start_gateway(root: Path, proxy: SearchFailingProxy, scp: StoreSCP, refusing: StoreSCP) -> Gateway:
+def start_gateway(root: Path, proxy: ArchiveProxy, scp: StoreSCP, refusing: StoreSCP) -> Gateway:
     return Gateway(
         root, upstream_url=proxy.url,
         extra=peers(("STORESCP", scp.port), ("REFUSER", refusing.port)) + f"\n[find]\npage_size = {PAGE}\n",
@@ -77,12 +77,12 @@ def search_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
     scp = StoreSCP(output_dir=root / "dest").start()
     refusing = StoreSCP(output_dir=root / "refusing", ae_title="REFUSER", extra_args=["--refuse"]).start()
     orthanc = Orthanc(workdir=root / "orthanc")
-    proxy: SearchFailingProxy | None = None
+    proxy: ArchiveProxy | None = None
     gateway: Gateway | None = None
     try:
         orthanc.start()
         orthanc.upload(series)
-        proxy = SearchFailingProxy(orthanc.dicomweb_url).start()
+        proxy = ArchiveProxy(orthanc.dicomweb_url, fail_searches=True).start()
         gateway = start_gateway(root / "gw", proxy, scp, refusing)
         yield SearchEnv(orthanc, proxy, gateway, scp, refusing, series, str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
     finally:
@@ -125,7 +125,7 @@ def test_move_search_failing_with_a_failed_retrieval_lists_it(tmp_path: Path, se
     alone, and the first of those fetches fails too. Final 0xB000 with Completed 4,
     Failed 1, and the failed instance's UID in FailedSOPInstanceUIDList."""
     env = search_env
-    proxy = SearchFailingProxy(env.orthanc.dicomweb_url, fail_retrievals=1).start()
+    proxy = ArchiveProxy(env.orthanc.dicomweb_url, fail_searches=True, fail_retrievals=1).start()
     scp = StoreSCP(output_dir=tmp_path / "dest").start()
     gateway = start_gateway(tmp_path / "gw", proxy, scp, env.refusing)
     try:

@@ -3,7 +3,7 @@ idle timeout, a service that raises, a receiver that stops reading, a C-STORE-RQ
 without a data set, instances whose SOP class nobody knows.
 
 Real processes throughout (the daemon, dcmtk's movescu and storescp, Orthanc as the
-archive), except where nothing real misbehaves on demand: `DelayingProxy` slows
+archive), except where nothing real misbehaves on demand: `ArchiveProxy` slows
 Orthanc's WADO-RS answers down, `StalledPeer` accepts an association by hand and then
 never reads, and the C-GET requester that stops reading is a raw socket.
 """
@@ -17,11 +17,8 @@ import struct
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydicom
@@ -34,6 +31,7 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 
 from tests.integration.test_move_retrieve import failed_list, parse_move, peers
+from tests.support.archiveproxy import ArchiveProxy
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import DCMTK_BIN, StoreSCP, dcmtk_env, echoscu, movescu, storescu
 from tests.support.orthanc import Orthanc
@@ -59,54 +57,6 @@ def assert_healthy(gw: Gateway) -> None:
 # -- a slow archive ---------------------------------------------------------------------------
 
 
-class DelayingProxy:
-    """An HTTP proxy in front of Orthanc's DICOMweb that holds every single-instance
-    WADO-RS answer back ``delay`` seconds: a slow archive, with real answers."""
-
-    def __init__(self, upstream: str, delay: float) -> None:
-        self.upstream = upstream.rstrip("/")
-        self.delay = delay
-        self.port = free_port()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
-                return
-
-            def do_GET(self) -> None:  # noqa: N802 - stdlib name
-                if "/instances/" in self.path:
-                    time.sleep(proxy.delay)
-                path = self.path.removeprefix("/dicom-web")
-                request = urllib.request.Request(proxy.upstream + path, headers={"Accept": self.headers.get("Accept", "*/*")})
-                try:
-                    with urllib.request.urlopen(request, timeout=30) as resp:
-                        status, content_type, body = resp.status, resp.headers.get("Content-Type", ""), resp.read()
-                except urllib.error.HTTPError as exc:
-                    status, content_type, body = exc.code, exc.headers.get("Content-Type", ""), exc.read()
-                self.send_response(status)
-                if content_type:
-                    self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web"
-
-    def start(self) -> DelayingProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 @dataclass
 class SlowEnv:
     gateway: Gateway
@@ -127,12 +77,12 @@ def slow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowEnv]:
     series = ct_series(root / "series", SLOW_COUNT, 32, 32)
     scp = StoreSCP(output_dir=root / "dest").start()
     orthanc = Orthanc(workdir=root / "orthanc")
-    proxy: DelayingProxy | None = None
+    proxy: ArchiveProxy | None = None
     gateway: Gateway | None = None
     try:
         orthanc.start()
         orthanc.upload(series)
-        proxy = DelayingProxy(orthanc.dicomweb_url, SLOW_DELAY).start()
+        proxy = ArchiveProxy(orthanc.dicomweb_url, delay=SLOW_DELAY).start()
         gateway = Gateway(
             root / "gw",
             upstream_url=proxy.url,

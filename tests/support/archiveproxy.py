@@ -1,17 +1,19 @@
-"""A DICOMweb proxy in front of a real archive that breaks instance searches mid-way.
+"""A DICOMweb proxy in front of a real archive that is slow or breaks on cue.
 
 Orthanc cannot be told to fail the second page of a QIDO-RS search while answering
-everything else, and stopping it would also break the WADO-RS retrievals of what the
-first page listed; this proxy can. It forwards every GET to the archive unchanged,
-except a SearchForInstances page past the first (``offset`` > 0), which it answers
-with ``status``, and optionally the first ``fail_retrievals`` single-instance
-retrievals (``.../instances/<uid>``), answered 503. It records what it failed.
+everything else, nor to be slow; stopping it would also break the WADO-RS retrievals
+of what the first page listed. This proxy forwards every GET to the archive unchanged,
+except: with ``fail_searches``, a SearchForInstances page past the first (``offset``
+> 0), answered with ``status``; the first ``fail_retrievals`` single-instance
+retrievals (``.../instances/<uid>``), answered 503; and each single-instance
+retrieval held back ``delay`` seconds. It records what it failed.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,13 +26,23 @@ _INSTANCE = re.compile(r"/instances/([0-9.]+)$")
 _FORWARDED_HEADERS = ("Content-Type", "Warning")
 
 
-class SearchFailingProxy:
-    """``SearchFailingProxy(orthanc.dicomweb_url).start()``; ``.url`` is the DICOMweb root."""
+class ArchiveProxy:
+    """``ArchiveProxy(orthanc.dicomweb_url, ...).start()``; ``.url`` is the DICOMweb root."""
 
-    def __init__(self, target: str, status: int = 503, fail_retrievals: int = 0) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        fail_searches: bool = False,
+        status: int = 503,
+        fail_retrievals: int = 0,
+        delay: float = 0.0,
+    ) -> None:
         self.target = target.rstrip("/")
+        self.fail_searches = fail_searches
         self.status = status
         self.fail_retrievals = fail_retrievals
+        self.delay = delay
         self.failed_searches: list[str] = []
         self.failed_retrievals: list[str] = []  # SOP Instance UIDs
         self.port = free_port()
@@ -43,7 +55,7 @@ class SearchFailingProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{ROOT}"
 
-    def start(self) -> SearchFailingProxy:
+    def start(self) -> ArchiveProxy:
         self._thread.start()
         return self
 
@@ -56,7 +68,7 @@ class SearchFailingProxy:
         split = urlsplit(path)
         offset = int(parse_qs(split.query).get("offset", ["0"])[0])
         with self._lock:
-            if split.path.endswith("/instances") and offset > 0:
+            if self.fail_searches and split.path.endswith("/instances") and offset > 0:
                 self.failed_searches.append(path)
                 return True
             single = _INSTANCE.search(split.path)
@@ -84,6 +96,8 @@ class SearchFailingProxy:
                 if proxy._verdict(self.path):
                     self._answer(proxy.status, {"Content-Type": "application/json"}, b'{"error": "scripted failure"}')
                     return
+                if proxy.delay and _INSTANCE.search(urlsplit(self.path).path):
+                    time.sleep(proxy.delay)
                 rest = self.path[len(ROOT) :] if self.path.startswith(ROOT) else self.path
                 request = urllib.request.Request(proxy.target + rest, headers={"Accept": self.headers.get("Accept", "*/*")})
                 try:
