@@ -825,14 +825,14 @@ class RetrieveService:
 
     async def _refuse(self, send: Callable[..., Awaitable[None]], what: str, exc: Exception) -> None:
         """End a request that failed before any sub-operation with its status."""
-        status, comment = failure_status(exc)
-        if comment.startswith("internal error"):
+        failure = failure_status(exc)
+        if failure.internal:
             log.exception("%s failed", what)
-        log.warning("%s failed before any sub-operation: 0x%04X %s", what, status, comment)
-        extra: dict[int, int | str | tuple[int, ...]] = {0x0902: comment[:64]}
+        log.warning("%s failed before any sub-operation: 0x%04X %s", what, failure.status, failure.comment)
+        extra: dict[int, int | str | tuple[int, ...]] = {0x0902: failure.comment[:64]}
         if isinstance(exc, RetrieveError) and exc.offending:
             extra[0x0901] = exc.offending
-        await send(status, extra=extra)
+        await send(failure.status, extra=extra)
 
     async def _retrieve(
         self,
@@ -910,7 +910,7 @@ class RetrieveService:
             # to us, so the request ends in Warning (or 0xA702 when nothing completed)
             # with the counts, and the comment says the search failed.
             status = counts.final_status(complete=False)
-            _, comment = failure_status(listing.error)
+            comment = failure_status(listing.error).comment
             extra[0x0902] = f"search failed after {len(listing.refs)} listed: {comment}"[:64]
             log.warning("%s: search failed after listing %d instances: %s", what, len(listing.refs), comment)
         else:

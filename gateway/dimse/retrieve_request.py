@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -51,21 +52,31 @@ class RetrieveError(Exception):
         self.offending = tuple(offending)
 
 
-def failure_status(exc: BaseException) -> tuple[int, str]:
+class Failure(NamedTuple):
+    """The status a failed request ends with, its Error Comment, and whether the error
+    is a fault of ours (``internal``: logged with its traceback) rather than of the
+    request or the archive."""
+
+    status: int
+    comment: str
+    internal: bool = False
+
+
+def failure_status(exc: BaseException) -> Failure:
     """The one table from errors before any sub-operation to C-MOVE/C-GET statuses
     (and their comments). A search failing after sub-operations began ends with the
     counts instead: `gateway.dimse.retrieve.Counts.final_status` with ``complete=False``."""
     if isinstance(exc, RetrieveError):
-        return exc.status, str(exc)
+        return Failure(exc.status, str(exc))
     if isinstance(exc, UpstreamAuthError):
-        return UNABLE_TO_PROCESS, "archive refused the gateway's credentials"
+        return Failure(UNABLE_TO_PROCESS, "archive refused the gateway's credentials")
     if isinstance(exc, UpstreamRejected):
-        return UNABLE_TO_PROCESS, str(exc)
+        return Failure(UNABLE_TO_PROCESS, str(exc))
     if isinstance(exc, SearchTruncated):
-        return OUT_OF_RESOURCES_MATCHES, "archive capped the search: not every match is known"
+        return Failure(OUT_OF_RESOURCES_MATCHES, "archive capped the search: not every match is known")
     if isinstance(exc, (UpstreamUnavailable, TimeoutError)):
-        return OUT_OF_RESOURCES_MATCHES, f"archive unavailable: {exc}" if str(exc) else "archive unavailable"
-    return UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})"
+        return Failure(OUT_OF_RESOURCES_MATCHES, f"archive unavailable: {exc}" if str(exc) else "archive unavailable")
+    return Failure(UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})", internal=True)
 
 
 # -- the request ------------------------------------------------------------------------

@@ -28,10 +28,10 @@ from gateway.dimse.association import file_meta_header
 from gateway.dimse.command import Command
 from gateway.dimse.requestor import DataSource, FileSlice
 from gateway.dimse.retrieve import ByteBudget, Counts, Retriever, part10_file, proposals
-from gateway.dimse.retrieve_request import InstanceRef, RetrieveError, RetrieveRequest, parse_retrieve_identifier
+from gateway.dimse.retrieve_request import InstanceRef, RetrieveError, RetrieveRequest, failure_status, parse_retrieve_identifier
 from gateway.dimse.retrieve_sources import Fetched, Listing, part10_header
 from gateway.upstream.base import Retrieved
-from gateway.upstream.errors import NotFound, UpstreamUnavailable
+from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamUnavailable
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 JPEG = "1.2.840.10008.1.2.4.50"
@@ -121,6 +121,14 @@ def test_final_status_and_counts() -> None:
     c = Counts(total=1)
     c.fail("1")
     assert c.final_status(complete=False) == 0xA702
+
+
+def test_only_unexpected_errors_are_internal() -> None:
+    """The traceback of a refused request is logged for our faults only, decided by
+    type (not by the comment's wording)."""
+    assert failure_status(RuntimeError("bug")) == (0xC000, "internal error (RuntimeError)", True)
+    for known in (RetrieveError("bad", 0xA900), UpstreamAuthError("401"), UpstreamUnavailable("down"), TimeoutError()):
+        assert not failure_status(known).internal, known
 
 
 def test_proposals_cover_uncompressed_and_stored_syntaxes() -> None:
