@@ -20,9 +20,9 @@ from gateway.dimse.command import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
 from gateway.dimse.find import FIND_SOP_CLASSES, FindService
 from gateway.dimse.get import GET_SOP_CLASSES, GetService
 from gateway.dimse.move import MOVE_SOP_CLASSES, MoveService
-from gateway.dimse.retrieve import Retriever
 from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
+from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Forwarder
 from gateway.spool.lock import SpoolLock
 from gateway.spool.queue import Spool

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from gateway.codecs.syntaxes import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, IMPLICIT_VR_LE
+from gateway.part10 import LONG_VRS
 
 ITEM = 0xFFFEE000
 ITEM_DELIMITER = 0xFFFEE00D
 SEQUENCE_DELIMITER = 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
-# Explicit VRs whose length field is 4 bytes after 2 reserved bytes.
-LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 MAX_KEPT_VALUE = 256
 
 # Deflated Explicit VR LE, and Deflated Image Frame Compression.

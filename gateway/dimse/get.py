@@ -14,15 +14,16 @@ from collections.abc import Awaitable, Callable
 
 from gateway.dimse.association import Association, Message, SendError
 from gateway.dimse.command import C_GET_RSP, C_STORE_RQ, HAS_DATASET, Command, encode_command
-from gateway.dimse.requestor import DataSource, RequestorError, send_dataset
-from gateway.dimse.retrieve import RetrieveService, StoreTarget
-from gateway.dimse.retrieve_request import PATIENT_ROOT_GET, STUDY_ROOT_GET, InstanceRef
-from gateway.dimse.retrieve_sources import Fetched
+from gateway.dimse.requestor import RequestorError, send_dataset
+from gateway.dimse.retrieve import RetrieveService, StoreSubOperations
+from gateway.dimse.retrieve_request import PATIENT_ROOT_GET, STUDY_ROOT_GET
+from gateway.retrieval.request import InstanceRef
+from gateway.retrieval.source import DataSource, Fetched
 
 GET_SOP_CLASSES = (PATIENT_ROOT_GET, STUDY_ROOT_GET)
 
 
-class GetTarget:
+class GetTarget(StoreSubOperations):
     """The requesting association, as the receiver of C-STORE sub-operations."""
 
     def __init__(self, assoc: Association, dimse_timeout: float) -> None:
@@ -33,13 +34,13 @@ class GetTarget:
             if ctx.abstract_syntax in assoc.scp_roles:
                 self._syntaxes.setdefault(ctx.abstract_syntax, {}).setdefault(ctx.transfer_syntax, ctx.id)
 
-    def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
+    def contexts(self, sop_class_uid: str) -> dict[str, int]:
         return self._syntaxes.get(sop_class_uid, {})
 
-    def offered(self, sop_class_uid: str) -> bool:
+    def asked(self, sop_class_uid: str) -> bool:
         return True  # the requester proposed its contexts before asking; there is no other
 
-    async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
+    async def store(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
         assoc = self.assoc
         message_id = assoc.next_message_id()
         command = encode_command(
@@ -75,7 +76,7 @@ class GetService(RetrieveService):
 
     async def open_target(
         self, assoc: Association, message: Message, refs: list[InstanceRef], first: list[Fetched]
-    ) -> tuple[StoreTarget, Callable[[], Awaitable[None]]]:
+    ) -> tuple[StoreSubOperations, Callable[[], Awaitable[None]]]:
         async def nothing() -> None:
             return None
 

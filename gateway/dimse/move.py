@@ -5,8 +5,8 @@ says nothing about where it listens, and sending patient data to an address a
 caller names would be an exfiltration channel). The sub-operations go over one
 association to it, opened by our own requestor (`gateway.dimse.requestor`) as soon
 as the first instances are in; instances of SOP classes the search had not listed by
-then go over a second one at the end (PS3.4 allows several per move). The engine in
-`gateway.dimse.retrieve` does the rest.
+then go over a second one at the end (PS3.4 allows several per move). The service
+base in `gateway.dimse.retrieve` and the engine in `gateway.retrieval` do the rest.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ from collections.abc import Awaitable, Callable
 
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_MOVE_RSP, Command
-from gateway.dimse.requestor import DataSource, RequestorError, StoreRequestor
-from gateway.dimse.retrieve import RetrieveService, StoreTarget, proposals
-from gateway.dimse.retrieve_request import MOVE_DESTINATION_UNKNOWN, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE, InstanceRef
-from gateway.dimse.retrieve_sources import Fetched
+from gateway.dimse.requestor import RequestorError, StoreRequestor
+from gateway.dimse.retrieve import RetrieveService, StoreSubOperations, proposals
+from gateway.dimse.retrieve_request import MOVE_DESTINATION_UNKNOWN, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE
+from gateway.retrieval.request import InstanceRef
+from gateway.retrieval.source import DataSource, Fetched
 
 MOVE_SOP_CLASSES = (PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
 
 
-class MoveTarget:
+class MoveTarget(StoreSubOperations):
     """The move destination: an association we requested, with the originator named
     in every C-STORE-RQ (PS3.7 9.1.1.1) so the destination can tell who asked."""
 
@@ -32,13 +33,13 @@ class MoveTarget:
         self.originator = originator
         self.classes = classes
 
-    def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
+    def contexts(self, sop_class_uid: str) -> dict[str, int]:
         return self.requestor.accepted.get(sop_class_uid, {})
 
-    def offered(self, sop_class_uid: str) -> bool:
+    def asked(self, sop_class_uid: str) -> bool:
         return sop_class_uid in self.classes
 
-    async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
+    async def store(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
         return await self.requestor.store(context_id, sop_class_uid, sop_instance_uid, dataset, self.originator)
 
 
@@ -56,7 +57,7 @@ class MoveService(RetrieveService):
 
     async def open_target(
         self, assoc: Association, message: Message, refs: list[InstanceRef], first: list[Fetched]
-    ) -> tuple[StoreTarget, Callable[[], Awaitable[None]]]:
+    ) -> tuple[StoreSubOperations, Callable[[], Awaitable[None]]]:
         d = self.config.dimse
         peer = self.config.peer(str(message.command.get(0x0600, "")).strip())
         assert peer is not None  # precheck

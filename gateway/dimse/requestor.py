@@ -19,8 +19,6 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 from gateway.dimse import pdu
 from gateway.dimse.association import (
@@ -40,6 +38,7 @@ from gateway.dimse.command import (
     decode_command,
     encode_command,
 )
+from gateway.retrieval.source import DataSource, FileSlice
 
 log = logging.getLogger("gateway.dimse")
 
@@ -58,18 +57,6 @@ class AssociationRejected(RequestorError):
     def __init__(self, result: int, source: int, reason: int) -> None:
         super().__init__(f"association rejected (result {result}, source {source}, reason {reason})")
         self.result, self.source, self.reason = result, source, reason
-
-
-@dataclass(frozen=True)
-class FileSlice:
-    """A data set held in a file: ``length`` bytes from ``offset``."""
-
-    path: Path
-    offset: int
-    length: int
-
-
-DataSource = bytes | memoryview | FileSlice
 
 
 def pdata_fragments(

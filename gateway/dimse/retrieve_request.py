@@ -1,19 +1,21 @@
 """What a C-MOVE/C-GET asks for, and the statuses it can end with (PS3.4 C.4.2, C.4.3).
 
-Apart from the engine because none of it touches the network: checking an identifier
+Apart from the service because none of it touches the network: checking an identifier
 against the standard's rules and turning an error into a status is what a reviewer
 reads beside PS3.4, and what the tests exercise alone. Errors become statuses here,
-in one table (`failure_status`), whichever part of the retrieval raised them.
+in one table (`failure_status`), whichever part of the retrieval raised them. The
+request itself is the engine's (`gateway.retrieval.request`): other fronts make one too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from gateway.retrieval.request import PATIENT_ID, SERIES_UID, SOP_INSTANCE_UID, STUDY_UID, RetrieveRequest
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import SearchTruncated, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
 
@@ -29,11 +31,6 @@ IDENTIFIER_DOES_NOT_MATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC000
 
 QUERY_RETRIEVE_LEVEL = 0x00080052
-PATIENT_ID = 0x00100020
-STUDY_UID = 0x0020000D
-SERIES_UID = 0x0020000E
-SOP_INSTANCE_UID = 0x00080018
-SOP_CLASS_UID = 0x00080016
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
@@ -51,35 +48,34 @@ class RetrieveError(Exception):
         self.offending = tuple(offending)
 
 
-def failure_status(exc: BaseException) -> tuple[int, str]:
+class Failure(NamedTuple):
+    """The status a failed request ends with, its Error Comment, and whether the error
+    is a fault of ours (``internal``: logged with its traceback) rather than of the
+    request or the archive."""
+
+    status: int
+    comment: str
+    internal: bool = False
+
+
+def failure_status(exc: BaseException) -> Failure:
     """The one table from errors before any sub-operation to C-MOVE/C-GET statuses
     (and their comments). A search failing after sub-operations began ends with the
-    counts instead: `gateway.dimse.retrieve.Counts.final_status` with ``complete=False``."""
+    counts instead: `gateway.dimse.retrieve.final_status` with ``complete=False``."""
     if isinstance(exc, RetrieveError):
-        return exc.status, str(exc)
+        return Failure(exc.status, str(exc))
     if isinstance(exc, UpstreamAuthError):
-        return UNABLE_TO_PROCESS, "archive refused the gateway's credentials"
+        return Failure(UNABLE_TO_PROCESS, "archive refused the gateway's credentials")
     if isinstance(exc, UpstreamRejected):
-        return UNABLE_TO_PROCESS, str(exc)
+        return Failure(UNABLE_TO_PROCESS, str(exc))
     if isinstance(exc, SearchTruncated):
-        return OUT_OF_RESOURCES_MATCHES, "archive capped the search: not every match is known"
+        return Failure(OUT_OF_RESOURCES_MATCHES, "archive capped the search: not every match is known")
     if isinstance(exc, (UpstreamUnavailable, TimeoutError)):
-        return OUT_OF_RESOURCES_MATCHES, f"archive unavailable: {exc}" if str(exc) else "archive unavailable"
-    return UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})"
+        return Failure(OUT_OF_RESOURCES_MATCHES, f"archive unavailable: {exc}" if str(exc) else "archive unavailable")
+    return Failure(UNABLE_TO_PROCESS, f"internal error ({type(exc).__name__})", internal=True)
 
 
 # -- the request ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetrieveRequest:
-    """What a C-MOVE/C-GET identifier names: a level and the unique keys down to it."""
-
-    level: str
-    patient_id: str | None = None
-    study_uids: tuple[str, ...] = ()
-    series_uids: tuple[str, ...] = ()
-    sop_uids: tuple[str, ...] = ()
 
 
 def _values(ds: Dataset, tag: int) -> tuple[str, ...]:
@@ -125,14 +121,3 @@ def parse_retrieve_identifier(ds: Dataset, study_root: bool) -> RetrieveRequest:
     if not sops:
         raise RetrieveError("IMAGE level needs SOPInstanceUID", IDENTIFIER_DOES_NOT_MATCH, [SOP_INSTANCE_UID])
     return RetrieveRequest(level, study_uids=studies, series_uids=series, sop_uids=sops)
-
-
-# -- instances ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InstanceRef:
-    study_uid: str
-    series_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import struct
 import sys
 import tempfile
 import uuid
@@ -23,6 +22,7 @@ from gateway.upstream.auth import config_signer
 from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_parts, single_part_in_file, split_parts
 from gateway.model.search import Search
+from gateway.part10 import META_HEAD, read_file_meta
 from gateway.dicomweb.qido import QidoOptions, query_string, resource_path
 from gateway.dicomweb.stow import ALREADY_STORED, TRANSIENT, parse_stow_response
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
@@ -87,7 +87,6 @@ FRAMES_NOT_ACCEPTABLE = frozenset({406, 415})
 # A DICOMweb archive without a DELETE answers these.
 DELETE_NOT_SUPPORTED = frozenset({405, 501})
 SPILL_CHUNK = 1 << 20
-META_HEAD = 64 * 1024  # the File Meta group is never near this long
 
 
 class DicomWebUpstream:
@@ -564,7 +563,7 @@ def _frame_syntax(part_type: str, answer_type: str, asked: str | None) -> str:
 
 async def _syntax_of(item: Retrieved, part_type: str, answer_type: str) -> str:
     """The transfer syntax a retrieved instance came in: as its part's or the answer's
-    Content-Type names it, else as its File Meta says ("" if it has none)."""
+    Content-Type names it, else as its File Meta says ("" if it has no readable one)."""
     named = mediatypes.transfer_syntax_param(part_type) or mediatypes.transfer_syntax_param(answer_type)
     if named:
         return named
@@ -572,38 +571,10 @@ async def _syntax_of(item: Retrieved, part_type: str, answer_type: str) -> str:
         head = item.read(0, META_HEAD)
     else:
         head = await asyncio.to_thread(item.read, 0, META_HEAD)
-    return file_meta_syntax(head)
-
-
-def file_meta_syntax(head: bytes) -> str:
-    """The Transfer Syntax UID in the File Meta at the start of ``head``, "" if none.
-
-    Read directly (the group is a few explicit VR little endian elements): a pydicom
-    parse costs ten times as much, on every instance of a streamed series.
-    """
-    if head[128:132] == b"DICM":
-        pos = 132
-    elif head[:2] == b"\x02\x00":
-        pos = 0  # an archive that sends the meta group without the preamble
-    else:
+    try:
+        return read_file_meta(head).transfer_syntax
+    except ValueError:
         return ""
-    while pos + 8 <= len(head):
-        group, element = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002:
-            break
-        if head[pos + 4 : pos + 6] in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", head, pos + 8)
-            pos += 12
-        else:
-            (length,) = struct.unpack_from("<H", head, pos + 6)
-            pos += 8
-        if element == 0x0010:
-            return head[pos : pos + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        pos += length
-    return ""
-
-
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 
 
 async def _read_or_spill(

@@ -25,7 +25,7 @@ from gateway.codecs.syntaxes import (
     JPEG_BASELINE,
     RLE_LOSSLESS,
 )
-from gateway.dimse.retrieve_sources import part10_header
+from gateway.part10 import read_file_meta
 from tests.codecs.helpers import gradient_frames, make_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # rtdose fixtures
@@ -60,7 +60,7 @@ def streamed(raw: bytes, target: UID) -> bytes:
 
 def whole(raw: bytes, target: UID) -> bytes:
     encoded = part10(transcode(dcmread(io.BytesIO(raw), force=True), target))
-    return encoded[part10_header(encoded[:65536])[3] :]
+    return encoded[read_file_meta(encoded[:65536])[3] :]
 
 
 def elements(data: bytes, target: UID) -> dict[int, object]:

@@ -1,20 +1,17 @@
-"""Unit tests of the C-MOVE/C-GET building blocks: requestor PDUs, WADO multipart
-reading (whole and streamed), File Meta parsing, retrieve identifiers, counts, context
-proposals, the transcode memory budget, and the pipeline: bulk retrieval with its
-one-by-one fallback, sending while the search still lists, a SOP class listed late, a
-search cut short."""
+"""Unit tests of the DIMSE side of C-MOVE/C-GET: requestor PDUs, WADO multipart
+reading (whole and streamed), retrieve identifiers, statuses from the counts and from
+errors, context proposals, and the C-STORE receivers as the engine sees them. The
+engine itself is tested in tests/retrieval."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 
-from gateway.config import Config, RetrieveConfig, SpoolConfig
 from gateway.dicomweb.multipart_reader import (
     MultipartError,
     StreamedPart,
@@ -24,18 +21,25 @@ from gateway.dicomweb.multipart_reader import (
     split_parts,
 )
 from gateway.dimse import pdu
-from gateway.dimse.association import file_meta_header
 from gateway.dimse.command import Command
-from gateway.dimse.requestor import DataSource, FileSlice
-from gateway.dimse.retrieve import ByteBudget, Counts, Retriever, part10_file, proposals
-from gateway.dimse.retrieve_request import InstanceRef, RetrieveError, RetrieveRequest, parse_retrieve_identifier
-from gateway.dimse.retrieve_sources import Fetched, Listing, part10_header
-from gateway.upstream.base import Retrieved
-from gateway.upstream.errors import NotFound, UpstreamUnavailable
+from gateway.dimse.requestor import RequestorError
+from gateway.dimse.retrieve import (
+    NO_CONTEXT,
+    NO_SOP_CLASS,
+    StoreSubOperations,
+    command_fields,
+    final_status,
+    proposals,
+    store_delivery,
+)
+from gateway.dimse.retrieve_request import RetrieveError, failure_status, parse_retrieve_identifier
+from gateway.retrieval.engine import Counts, Delivery, Outcome, TargetLost
+from gateway.retrieval.request import InstanceRef
+from gateway.retrieval.source import DataSource, Fetched
+from gateway.upstream.errors import UpstreamAuthError, UpstreamUnavailable
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 JPEG = "1.2.840.10008.1.2.4.50"
-SR = "1.2.840.10008.5.1.4.1.1.88.22"
 
 
 def test_associate_rq_round_trips_through_the_acceptor_parser() -> None:
@@ -74,13 +78,6 @@ def test_multipart_single_part_in_memory_and_in_file(tmp_path) -> None:  # type:
         split_parts(b"--b0und\r\n\r\nunterminated", boundary)
 
 
-def test_part10_header_finds_syntax_and_data_set_start() -> None:
-    head = file_meta_header(CT, "1.2.3.4", JPEG, "SRC") + b"\x08\x00\x05\x00CS"
-    assert part10_header(head) == (JPEG, CT, "1.2.3.4", len(head) - 6)
-    with pytest.raises(ValueError):
-        part10_header(b"\x00" * 200)
-
-
 def _identifier(**values: str) -> Dataset:
     ds = Dataset()
     for keyword, value in values.items():
@@ -106,21 +103,29 @@ def test_retrieve_identifier_levels() -> None:
 
 
 def test_final_status_and_counts() -> None:
-    assert Counts(total=3, completed=3).final_status() == 0x0000
+    assert final_status(Counts(total=3, completed=3)) == 0x0000
     c = Counts(total=3, completed=2)
     c.fail("1.2")
-    assert (c.final_status(), c.remaining, c.failed_uids) == (0xB000, 0, ["1.2"])
+    assert (final_status(c), c.remaining, c.failed_uids) == (0xB000, 0, ["1.2"])
     c = Counts(total=2)
     c.fail("1"), c.fail("2")
-    assert c.final_status() == 0xA702
-    assert Counts(total=2, completed=1, warning=1).final_status() == 0xB000
-    assert Counts(total=5, completed=2).command_fields(True)[0x1020] == 3
+    assert final_status(c) == 0xA702
+    assert final_status(Counts(total=2, completed=1, warning=1)) == 0xB000
+    assert command_fields(Counts(total=5, completed=2), True)[0x1020] == 3
     # A search that failed after sub-operations ran: never Success.
-    assert Counts(total=5, completed=5).final_status(complete=False) == 0xB000
-    assert Counts(total=5, warning=1).final_status(complete=False) == 0xB000
+    assert final_status(Counts(total=5, completed=5), complete=False) == 0xB000
+    assert final_status(Counts(total=5, warning=1), complete=False) == 0xB000
     c = Counts(total=1)
     c.fail("1")
-    assert c.final_status(complete=False) == 0xA702
+    assert final_status(c, complete=False) == 0xA702
+
+
+def test_only_unexpected_errors_are_internal() -> None:
+    """The traceback of a refused request is logged for our faults only, decided by
+    type (not by the comment's wording)."""
+    assert failure_status(RuntimeError("bug")) == (0xC000, "internal error (RuntimeError)", True)
+    for known in (RetrieveError("bad", 0xA900), UpstreamAuthError("401"), UpstreamUnavailable("down"), TimeoutError()):
+        assert not failure_status(known).internal, known
 
 
 def test_proposals_cover_uncompressed_and_stored_syntaxes() -> None:
@@ -180,260 +185,51 @@ def test_multipart_stream_cut_short_keeps_complete_parts_and_no_spill_file(tmp_p
     assert _stream(b"no delimiter at all", 4, tmp_path, 500)[1] is not None
 
 
-# -- the pipeline: bulk first, then one by one -------------------------------------------
-
-STUDY, SERIES = "1.2.3", "1.2.3.4"
+# -- the C-STORE receivers, as the engine sees them --------------------------------------
 
 
-def _instance(uid: str, sop_class: str = CT) -> bytes:
-    """A Part 10 file whose data set (never parsed on the way) ends with its UID."""
-    return file_meta_header(sop_class, uid, "1.2.840.10008.1.2.1", "SRC") + b"data set of " + uid.encode()
+def test_c_store_statuses_become_outcomes() -> None:
+    """PS3.4 B.2.3: Success completed; 0xB000, 0xB006, 0xB007 warnings; anything else
+    (including a response without a status) failed, naming the status."""
+    assert store_delivery(Command({0x0100: 0x8001, 0x0900: 0})) == Delivery(Outcome.COMPLETED)
+    for warning in (0xB000, 0xB006, 0xB007):
+        assert store_delivery(Command({0x0100: 0x8001, 0x0900: warning})) == Delivery(Outcome.WARNING)
+    assert store_delivery(Command({0x0100: 0x8001, 0x0900: 0xA700})) == Delivery(
+        Outcome.FAILED, "receiver answered C-STORE status 0xA700"
+    )
+    assert store_delivery(Command({0x0100: 0x8001})).outcome is Outcome.FAILED
 
 
-def _uid(value: str) -> dict[str, object]:
-    return {"vr": "UI", "Value": [value]}
+class ScriptedAssociation(StoreSubOperations):
+    """Asked for CT, accepting it in one syntax on context 3; stores answer ``status``,
+    or raise RequestorError when ``status`` is None."""
+
+    def __init__(self, status: int | None) -> None:
+        self.status = status
+        self.sent: list[tuple[int, str, str]] = []
+
+    def contexts(self, sop_class_uid: str) -> dict[str, int]:
+        return {"1.2.840.10008.1.2.1": 3} if sop_class_uid == CT else {}
+
+    def asked(self, sop_class_uid: str) -> bool:
+        return sop_class_uid == CT
+
+    async def store(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
+        if self.status is None:
+            raise RequestorError("association lost: ConnectionResetError")
+        self.sent.append((context_id, sop_class_uid, sop_instance_uid))
+        return Command({0x0100: 0x8001, 0x0900: self.status})
 
 
-class FakeArchive:
-    """Serves ``held`` instances; the bulk answer brings ``bulk`` UIDs (in that order,
-    unknown and repeated ones included) and then fails when ``bulk_fails``. The search
-    lists ``listed`` (one page of ``page`` at a time, each after the bulk answer has
-    moved on by ``page`` instances, so sending starts before the search ends; with
-    ``pages_after_open`` the later pages wait for the first receiver to be opened), and
-    fails after them when ``search_fails``. ``classes`` gives a UID another SOP class."""
-
-    def __init__(
-        self, held: list[str], bulk: list[str], bulk_fails: bool, listed: list[str] | None = None,
-        classes: dict[str, str] | None = None, page: int = 10, search_fails: bool = False,
-        pages_after_open: bool = False,
-    ) -> None:
-        self.held, self.bulk, self.bulk_fails = held, bulk, bulk_fails
-        self.listed = list(held if listed is None else listed)
-        self.classes = classes or {}
-        self.page, self.search_fails = page, search_fails
-        self.alone: list[str] = []
-        self.bulk_sent = 0
-        self.listed_before_sending: int | None = None
-        self.pages_after_open = pages_after_open
-        self.opened = asyncio.Event()
-
-    def sop_class(self, uid: str) -> str:
-        return self.classes.get(uid, CT)
-
-    async def search_for_instances(self, search) -> AsyncIterator[dict[str, object]]:  # type: ignore[no-untyped-def]
-        for start in range(0, len(self.listed), self.page):
-            while self.bulk_sent < min(start, len(self.bulk)):
-                await asyncio.sleep(0)
-            if start and self.pages_after_open:
-                await self.opened.wait()
-            for uid in self.listed[start : start + self.page]:
-                yield {"0020000D": _uid(STUDY), "0020000E": _uid(SERIES), "00080018": _uid(uid), "00080016": _uid(self.sop_class(uid))}
-        if self.search_fails:
-            raise UpstreamUnavailable("search connection reset")
-
-    async def retrieve_instance(self, study: str, series: str, uid: str, spill_dir: Path, spill_bytes: int, *, acceptable: Sequence[str]) -> Retrieved:
-        self.alone.append(uid)
-        if uid not in self.held:
-            raise NotFound("gone")
-        data = _instance(uid, self.sop_class(uid))
-        return Retrieved(data, None, 0, len(data))
-
-    async def iter_instances(self, study: str, series: str | None, spill_dir: Path, spill_bytes: int) -> AsyncIterator[Retrieved]:
-        for uid in self.bulk:
-            data = _instance(uid, self.sop_class(uid))
-            self.bulk_sent += 1
-            yield Retrieved(data, None, 0, len(data))
-        if self.bulk_fails:
-            raise UpstreamUnavailable("connection reset")
-
-
-class FakeReceiver:
-    """One association: asked for ``classes`` (every class when None)."""
-
-    def __init__(self, classes: set[str] | None = None) -> None:
-        self.classes = classes
-        self.stored: list[str] = []
-
-    def syntaxes(self, sop_class_uid: str) -> dict[str, int]:
-        return {"1.2.840.10008.1.2.1": 1} if self.offered(sop_class_uid) else {}
-
-    def offered(self, sop_class_uid: str) -> bool:
-        return self.classes is None or sop_class_uid in self.classes
-
-    async def send(self, context_id: int, sop_class_uid: str, sop_instance_uid: str, dataset: DataSource) -> Command:
-        assert not isinstance(dataset, FileSlice) and bytes(dataset) == b"data set of " + sop_instance_uid.encode()
-        assert self.offered(sop_class_uid)
-        self.stored.append(sop_instance_uid)
-        return Command({0x0100: 0x8001, 0x0900: 0})
-
-
-def _retrieve(
-    tmp_path: Path, archive: FakeArchive, per_class: bool = False, level: str = "SERIES"
-) -> tuple[Counts, list[FakeReceiver], Listing]:
-    """Run a retrieval; with ``per_class`` each opened receiver is asked only for the
-    SOP classes proposals() would offer it, as a C-MOVE destination would be."""
-    config = Config(spool=replace(SpoolConfig(), directory=tmp_path), retrieve=RetrieveConfig(fetch_concurrency=2))
-    receivers: list[FakeReceiver] = []
-
-    async def go() -> tuple[Counts, Listing]:
-        retriever = Retriever(config, archive)  # type: ignore[arg-type]
-        request = RetrieveRequest(level, study_uids=(STUDY,), series_uids=(SERIES,))
-        feed = retriever.bulk(request, "test")
-        assert feed is not None
-        listing = Listing(retriever, request)
-
-        async def open_target(first: list[Fetched], refs: list[InstanceRef]) -> FakeReceiver:
-            if archive.listed_before_sending is None:
-                archive.listed_before_sending = len(listing.refs)
-            archive.opened.set()
-            receivers.append(FakeReceiver({sop for sop, _ in proposals(refs, first)} if per_class else None))
-            return receivers[-1]
-
-        async def report(counts: Counts) -> None:
-            assert listing.done and counts.total == len(listing.refs)
-
-        try:
-            return await retriever.run(listing, open_target, report, asyncio.Event(), "test", feed), listing
-        finally:
-            await listing.close()
-            await feed.close()
-            retriever.close()
-
-    counts, listing = asyncio.run(go())
-    return counts, receivers, listing
-
-
-def test_bulk_answer_delivers_every_instance_without_single_fetches(tmp_path: Path) -> None:
-    """Sending starts before the search has listed everything, and nothing goes alone."""
-    uids = [f"9.{i}" for i in range(1, 201)]
-    archive = FakeArchive(uids, uids, bulk_fails=False)
-    counts, [receiver], _ = _retrieve(tmp_path, archive)
-    assert (counts.total, counts.completed, counts.failed, counts.bulk) == (200, 200, 0, 200)
-    assert receiver.stored == uids and archive.alone == []
-    assert archive.listed_before_sending is not None and archive.listed_before_sending < 200
-
-
-def test_bulk_answer_cut_short_is_completed_one_by_one(tmp_path: Path) -> None:
-    """The bulk answer brings a stranger, a repeat and part of the list, then fails: the
-    rest is fetched alone, the one the archive no longer has fails, nothing goes twice."""
-    uids = [f"9.{i}" for i in range(1, 21)]
-    archive = FakeArchive(uids[:-1], ["9.99", *uids[:5], uids[2]], bulk_fails=True, listed=uids)
-    counts, [receiver], _ = _retrieve(tmp_path, archive)
-    assert sorted(receiver.stored) == sorted(uids[:-1]) and len(receiver.stored) == 19
-    assert archive.alone == uids[5:]
-    assert (counts.completed, counts.failed, counts.failed_uids, counts.bulk) == (19, 1, [uids[-1]], 5)
-
-
-def test_sop_class_listed_after_the_association_opened_goes_over_a_second_one(tmp_path: Path) -> None:
-    """CT first, then SR instances the search lists only after the first receiver was
-    opened: the CT go over it as they arrive, the SR (fetched again) over a second one
-    asked for the SR class, and every instance is sent once."""
-    ct = [f"9.{i}" for i in range(1, 101)]
-    sr = ["9.500", "9.501"]
-    uids = ct + sr
-    archive = FakeArchive(uids, uids, bulk_fails=False, classes=dict.fromkeys(sr, SR), page=100, pages_after_open=True)
-    counts, receivers, _ = _retrieve(tmp_path, archive, per_class=True)
-    assert [r.classes for r in receivers] == [{CT}, {SR}]
-    assert receivers[0].stored == ct and receivers[1].stored == sr
-    assert (counts.total, counts.completed, counts.failed, counts.final_status()) == (102, 102, 0, 0x0000)
-    assert archive.alone == sr
-
-
-def test_one_sop_class_one_receiver(tmp_path: Path) -> None:
-    uids = [f"9.{i}" for i in range(1, 151)]
-    counts, receivers, _ = _retrieve(tmp_path, FakeArchive(uids, uids, bulk_fails=False), per_class=True)
-    assert len(receivers) == 1 and counts.completed == 150
-
-
-def test_search_failing_after_sending_began_accounts_for_what_it_listed(tmp_path: Path) -> None:
-    """The search breaks after its first pages: what it listed is sent, the engine ends
-    without waiting for more, and the listing keeps the error for the final status."""
-    uids = [f"9.{i}" for i in range(1, 101)]
-    archive = FakeArchive(uids, uids, bulk_fails=False, listed=uids[:30], search_fails=True)
-    counts, [receiver], listing = _retrieve(tmp_path, archive)
-    assert isinstance(listing.error, UpstreamUnavailable)
-    assert (counts.total, counts.completed, counts.failed) == (30, 30, 0)
-    assert receiver.stored == uids[:30]
-
-
-def test_search_failing_before_anything_is_sent_raises(tmp_path: Path) -> None:
-    archive = FakeArchive([], ["9.1"], bulk_fails=False, listed=[], search_fails=True)
-    with pytest.raises(UpstreamUnavailable):
-        _retrieve(tmp_path, archive)
-
-
-def test_bulk_only_for_studies_and_series_of_a_named_study(tmp_path: Path) -> None:
-    config = Config(spool=replace(SpoolConfig(), directory=tmp_path))
-
-    async def scopes() -> list[bool]:
-        retriever = Retriever(config, FakeArchive([], [], False))  # type: ignore[arg-type]
-        out = []
-        for request in (
-            RetrieveRequest("STUDY", study_uids=(STUDY,)),
-            RetrieveRequest("SERIES", study_uids=(STUDY,), series_uids=(SERIES,)),
-            RetrieveRequest("SERIES", series_uids=(SERIES,)),
-            RetrieveRequest("IMAGE", study_uids=(STUDY,), series_uids=(SERIES,), sop_uids=("9.1",)),
-            RetrieveRequest("PATIENT", patient_id="P1"),
-        ):
-            feed = retriever.bulk(request, "test")
-            out.append(feed is not None)
-            if feed is not None:
-                await feed.close()
-        retriever.close()
-        return out
-
-    assert asyncio.run(scopes()) == [True, True, False, False, False]
-
-
-def test_byte_budget_grants_in_order_and_a_large_one_alone() -> None:
-    """Transcodes wait until their estimate fits, in order of asking (a small one does
-    not overtake a large one waiting); one larger than the budget runs alone; a
-    cancelled waiter gives up its place."""
-
-    async def go() -> list[str]:
-        budget = ByteBudget(100)
-        order: list[str] = []
-
-        async def job(name: str, size: int, hold: asyncio.Event) -> None:
-            held = await budget.acquire(size)
-            order.append(name)
-            await hold.wait()
-            budget.release(held)
-
-        first, big, small, cancelled = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
-        tasks = [asyncio.create_task(job("first", 60, first))]
-        await asyncio.sleep(0)
-        tasks.append(asyncio.create_task(job("big", 500, big)))  # more than the budget
-        await asyncio.sleep(0)
-        doomed = asyncio.create_task(job("cancelled", 10, cancelled))
-        tasks.append(asyncio.create_task(job("small", 30, small)))
-        await asyncio.sleep(0)
-        assert order == ["first"] and budget.held == 60  # small fits, but waits its turn
-        doomed.cancel()
-        await asyncio.gather(doomed, return_exceptions=True)
-        first.set()
-        await asyncio.sleep(0.01)
-        assert order == ["first", "big"] and budget.held == 100  # alone
-        big.set()
-        await asyncio.sleep(0.01)
-        assert budget.held == 30
-        small.set()
-        await asyncio.gather(*tasks)
-        assert budget.held == 0
-        return order
-
-    assert asyncio.run(go()) == ["first", "big", "small"]
-
-
-def test_part10_file_is_bounded_to_the_instance(tmp_path: Path) -> None:
-    """A retrieved instance inside a larger answer reads as a file of its own."""
-    body = b"--boundary\r\n" + b"0123456789" + b"\r\n--boundary--"
-    spill = tmp_path / "answer"
-    spill.write_bytes(body)
-    for retrieved in (Retrieved(body, None, 12, 10), Retrieved(None, spill, 12, 10)):
-        with part10_file(retrieved) as fp:
-            assert fp.read() == b"0123456789"
-            fp.seek(4)
-            assert fp.read(3) == b"456"
-            fp.seek(-2, 2)
-            assert fp.read(10) == b"89"
+def test_store_sub_operations_speak_the_engine_s_terms() -> None:
+    """The syntax the engine picks goes out on its context; a lost association is
+    TargetLost with the requestor's reason; an instance naming no SOP class is not set
+    aside for another association (none could carry it) but refused with NO_SOP_CLASS."""
+    target = ScriptedAssociation(0xB007)
+    assert target.syntaxes(CT) == ["1.2.840.10008.1.2.1"] and target.syntaxes("") == []
+    assert asyncio.run(target.send(CT, "1.2.3", "1.2.840.10008.1.2.1", b"x")).outcome is Outcome.WARNING
+    assert target.sent == [(3, CT, "1.2.3")]
+    with pytest.raises(TargetLost, match="association lost: ConnectionResetError"):
+        asyncio.run(ScriptedAssociation(None).send(CT, "1.2.3", "1.2.840.10008.1.2.1", b"x"))
+    assert (target.offered(CT), target.offered("1.2.840.10008.5.1.4.1.1.7"), target.offered("")) == (True, False, True)
+    assert (target.refusal(""), target.refusal("1.2.840.10008.5.1.4.1.1.7")) == (NO_SOP_CLASS, NO_CONTEXT)

@@ -410,7 +410,7 @@ def _param(path: str, name: str) -> str:
 
 def test_truncated_search_ends_a_retrieval_with_a701() -> None:
     """C-MOVE/C-GET whose instance search was capped cannot account for every match."""
-    status, comment = failure_status(SearchTruncated("capped", 10))
+    status, comment, _ = failure_status(SearchTruncated("capped", 10))
     assert status == 0xA701 and "capped" in comment
 
 

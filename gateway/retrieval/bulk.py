@@ -1,0 +1,118 @@
+"""Whole studies or series read in one request each, ahead of the search.
+
+For a STUDY or SERIES request whose study is named the archive answers a
+RetrieveStudy/RetrieveSeries and the instance search at once, and a search costs it
+about as much per instance as the retrieval does; so both start together, and the
+search stays the list of what is due (the engine sends a bulk instance once the
+search lists it, and fetches alone what the bulk answer lacks or brings after failing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+from gateway.retrieval.request import InstanceRef, RetrieveRequest
+from gateway.retrieval.source import Fetched, inspect
+from gateway.upstream.base import Upstream
+from gateway.upstream.errors import NotFound, UpstreamError
+
+log = logging.getLogger("gateway.retrieval")
+
+Scope = tuple[str, str | None]  # (study UID, series UID or None for the whole study)
+
+
+def bulk_scopes(request: RetrieveRequest) -> list[Scope] | None:
+    """The studies or series the request names with their study, to read whole; None
+    when it names neither (the series of a study not named, single instances)."""
+    if request.level == "STUDY":
+        return [(study, None) for study in request.study_uids]
+    if request.level == "SERIES" and request.study_uids:
+        return [(request.study_uids[0], series) for series in request.series_uids]
+    return None
+
+
+class BulkFeed:
+    """Instances of whole studies or series, read by one WADO-RS request each, in a
+    task of their own so that they arrive while the search is still answering.
+
+    What has arrived waits here, up to ``limit`` instances and ``max_bytes`` in memory
+    (the engine's look-ahead, which is then complete by the time the search answers);
+    then reading pauses, which pauses the archive through TCP. Answers above
+    ``spill_bytes`` wait in files under ``spill_dir``. A failed or unreadable answer
+    ends the feed (what it lacks is then fetched alone), logged once, never raised.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        scopes: list[Scope],
+        spill_dir: Path,
+        spill_bytes: int,
+        limit: int,
+        max_bytes: int,
+        what: str,
+    ) -> None:
+        self.upstream = upstream
+        self.spill_dir = spill_dir
+        self.spill_bytes = spill_bytes
+        self.max_bytes = max_bytes
+        self.what = what
+        self._queue: asyncio.Queue[Fetched | None] = asyncio.Queue(maxsize=max(limit, 1))
+        self._held = 0  # bytes of the waiting in-memory instances
+        self._room = asyncio.Event()
+        self._task = asyncio.create_task(self._read(scopes))
+
+    @staticmethod
+    def _in_memory(item: Fetched) -> int:
+        r = item.retrieved
+        return r.length if r is not None and r.data is not None else 0
+
+    async def _read(self, scopes: list[Scope]) -> None:
+        try:
+            for study_uid, series_uid in scopes:
+                answer = self.upstream.iter_instances(study_uid, series_uid, self.spill_dir, self.spill_bytes)
+                async with contextlib.aclosing(answer):
+                    async for retrieved in answer:
+                        item = Fetched(InstanceRef(study_uid, series_uid or "", "", ""), retrieved)
+                        try:
+                            item.transfer_syntax, item.sop_class_uid, sop_instance, item.dataset_offset = await inspect(retrieved)
+                            item.ref = replace(item.ref, sop_instance_uid=sop_instance, sop_class_uid=item.sop_class_uid)
+                            await self._queue.put(item)
+                        except (ValueError, OSError):
+                            item.release()  # unidentifiable: fetched alone if the search lists it
+                            continue
+                        except BaseException:
+                            item.release()
+                            raise
+                        self._held += self._in_memory(item)
+                        while self._held > self.max_bytes:
+                            self._room.clear()
+                            await self._room.wait()
+        except NotFound:
+            pass  # nothing there; the search says the same
+        except UpstreamError as exc:
+            log.warning("%s: bulk retrieval stopped (%s); fetching the rest one by one", self.what, exc)
+        except Exception:  # noqa: BLE001 - whatever went wrong, the rest is fetched alone
+            log.exception("%s: bulk retrieval failed; fetching the rest one by one", self.what)
+        await self._queue.put(None)
+
+    async def __aiter__(self) -> AsyncIterator[Fetched]:
+        while (item := await self._queue.get()) is not None:
+            self._held -= self._in_memory(item)
+            self._room.set()
+            yield item
+
+    async def close(self) -> None:
+        """Stop reading and release every instance still waiting."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                item.release()

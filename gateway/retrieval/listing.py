@@ -1,0 +1,147 @@
+"""The instances a request names, by searches on the upstream, as they arrive.
+
+A search of its own for the retrieval's list (rather than what the bulk answers bring)
+because it is the record of what is due: an instance stored after it, or one a bulk
+answer repeats, is not sent. `Listing` gathers it in a task of its own, so that sending
+starts with the first page instead of waiting for the last (an archive such as Orthanc
+takes about as long to list a series as we take to send it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from pydicom.dataelem import DataElement
+
+from gateway.model.query import make_key
+from gateway.model.search import Search
+from gateway.retrieval.request import (
+    PATIENT_ID,
+    SERIES_UID,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    STUDY_UID,
+    InstanceRef,
+    RetrieveRequest,
+)
+from gateway.uids import is_valid_uid
+from gateway.upstream.base import JsonObject, Upstream
+from gateway.upstream.errors import NotFound
+
+
+def _first(obj: JsonObject, key: str) -> str:
+    value = (obj.get(key) or {}).get("Value") or [""]
+    return str(value[0]) if value[0] is not None else ""
+
+
+def _ref(obj: JsonObject) -> InstanceRef | None:
+    ref = InstanceRef(_first(obj, "0020000D"), _first(obj, "0020000E"), _first(obj, "00080018"), _first(obj, "00080016"))
+    if not all(is_valid_uid(u) for u in (ref.study_uid, ref.series_uid, ref.sop_instance_uid)):
+        return None  # an archive answer we could not put in a URL safely
+    return ref
+
+
+def _uid_key(tag: int, uids: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    return make_key(DataElement(tag, "UI", list(uids) if len(uids) > 1 else uids[0]))
+
+
+async def search_instances(upstream: Upstream, request: RetrieveRequest) -> AsyncIterator[InstanceRef]:
+    """Every instance the request names, by QIDO on the upstream, deduplicated,
+    each as soon as its page arrives."""
+    include = (SOP_CLASS_UID, STUDY_UID, SERIES_UID, SOP_INSTANCE_UID)
+    searches: list[Search] = []
+    base = {"include": include}
+    if request.level == "PATIENT":
+        assert request.patient_id is not None
+        search = Search(keys=(make_key(DataElement(PATIENT_ID, "LO", request.patient_id)),), include=(STUDY_UID, PATIENT_ID))
+        studies: list[str] = []
+        async for obj in upstream.search_for_studies(search):
+            if _first(obj, "00100020") == request.patient_id and is_valid_uid(_first(obj, "0020000D")):
+                studies.append(_first(obj, "0020000D"))
+        searches = [Search(study_uid=s, **base) for s in dict.fromkeys(studies)]  # type: ignore[arg-type]
+    elif request.level == "STUDY":
+        searches = [Search(study_uid=s, **base) for s in request.study_uids]  # type: ignore[arg-type]
+    elif request.level == "SERIES":
+        study = request.study_uids[0] if request.study_uids else None
+        if study:
+            searches = [Search(study_uid=study, series_uid=s, **base) for s in request.series_uids]  # type: ignore[arg-type]
+        else:
+            searches = [Search(keys=(_uid_key(SERIES_UID, request.series_uids),), **base)]  # type: ignore[arg-type]
+    else:
+        study = request.study_uids[0] if request.study_uids else None
+        series = request.series_uids[0] if request.series_uids else None
+        searches = [
+            Search(
+                keys=(_uid_key(SOP_INSTANCE_UID, request.sop_uids),),
+                study_uid=study,
+                series_uid=series if study else None,
+                **base,  # type: ignore[arg-type]
+            )
+        ]
+    wanted_series = set(request.series_uids)
+    wanted_sops = set(request.sop_uids)
+    found: set[str] = set()
+    for search in searches:
+        try:
+            async for obj in upstream.search_for_instances(search):
+                ref = _ref(obj)
+                if ref is None or ref.sop_instance_uid in found:
+                    continue
+                # The archive may match loosely; the request is exact.
+                if wanted_series and ref.series_uid not in wanted_series:
+                    continue
+                if wanted_sops and ref.sop_instance_uid not in wanted_sops:
+                    continue
+                found.add(ref.sop_instance_uid)
+                yield ref
+        except NotFound:
+            continue
+
+
+class Listing:
+    """The search's answer as it arrives, gathered by a task of its own.
+
+    ``refs`` grows in search order; ``error`` is what ended the search early, if
+    anything (what was listed until then stays listed).
+    """
+
+    def __init__(self, upstream: Upstream, request: RetrieveRequest) -> None:
+        self.refs: dict[str, InstanceRef] = {}
+        self.done = False
+        self.error: Exception | None = None
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._search(upstream, request))
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _search(self, upstream: Upstream, request: RetrieveRequest) -> None:
+        try:
+            async for ref in search_instances(upstream, request):
+                self.refs[ref.sop_instance_uid] = ref
+                self._notify()
+        except Exception as exc:  # noqa: BLE001 - kept for the caller, which makes it a status
+            self.error = exc
+        finally:
+            self.done = True
+            self._notify()
+
+    async def listed(self, sop_instance_uid: str) -> InstanceRef | None:
+        """The instance's reference once the search lists it; None if it never does."""
+        while sop_instance_uid not in self.refs and not self.done:
+            await self._changed.wait()
+        return self.refs.get(sop_instance_uid)
+
+    async def complete(self) -> None:
+        """Wait for the search to end, however it ends."""
+        while not self.done:
+            await self._changed.wait()
+
+    async def close(self) -> None:
+        """Stop searching (a cancelled request)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -1,0 +1,335 @@
+"""Unit tests of the retrieval engine with a scripted archive and receiver: bulk
+retrieval with its one-by-one fallback, sending while the search still lists, a SOP
+class listed late, a search cut short, what the receiver answers (completed, warning,
+failed, gone), cancellation, and the release of every fetched instance on every path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Config, RetrieveConfig, SpoolConfig
+from gateway.dimse.association import file_meta_header
+from gateway.dimse.retrieve import final_status
+from gateway.retrieval.engine import Counts, Delivery, Outcome, Retriever, TargetLost
+from gateway.retrieval.listing import Listing
+from gateway.retrieval.request import InstanceRef, RetrieveRequest
+from gateway.retrieval.source import DataSource, Fetched, FileSlice
+from gateway.upstream.base import Retrieved
+from gateway.upstream.errors import NotFound, UpstreamUnavailable
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SR = "1.2.840.10008.5.1.4.1.1.88.22"
+STUDY, SERIES = "1.2.3", "1.2.3.4"
+
+
+def _instance(uid: str, sop_class: str = CT) -> bytes:
+    """A Part 10 file whose data set (never parsed on the way) ends with its UID."""
+    return file_meta_header(sop_class, uid, "1.2.840.10008.1.2.1", "SRC") + b"data set of " + uid.encode()
+
+
+def _uid(value: str) -> dict[str, object]:
+    return {"vr": "UI", "Value": [value]}
+
+
+@dataclass
+class Tracked(Retrieved):
+    """A retrieved instance that records its release in ``released``."""
+
+    released: set[int] | None = None
+
+    def release(self) -> None:
+        assert self.released is not None
+        self.released.add(id(self))
+        super().release()
+
+
+class FakeArchive:
+    """Serves ``held`` instances; the bulk answer brings ``bulk`` UIDs (in that order,
+    unknown and repeated ones included) and then fails when ``bulk_fails``. The search
+    lists ``listed`` (one page of ``page`` at a time, each after the bulk answer has
+    moved on by ``page`` instances, so sending starts before the search ends; with
+    ``pages_after_open`` the later pages wait for the first receiver to be opened), and
+    fails after them when ``search_fails``. ``classes`` gives a UID another SOP class.
+    Every instance handed out is kept in ``handed`` and records its release."""
+
+    def __init__(
+        self, held: list[str], bulk: list[str], bulk_fails: bool, listed: list[str] | None = None,
+        classes: dict[str, str] | None = None, page: int = 10, search_fails: bool = False,
+        pages_after_open: bool = False,
+    ) -> None:
+        self.held, self.bulk, self.bulk_fails = held, bulk, bulk_fails
+        self.listed = list(held if listed is None else listed)
+        self.classes = classes or {}
+        self.page, self.search_fails = page, search_fails
+        self.alone: list[str] = []
+        self.bulk_sent = 0
+        self.listed_before_sending: int | None = None
+        self.pages_after_open = pages_after_open
+        self.opened = asyncio.Event()
+        self.handed: list[Tracked] = []
+        self.released: set[int] = set()
+
+    def sop_class(self, uid: str) -> str:
+        return self.classes.get(uid, CT)
+
+    def _hand(self, uid: str) -> Tracked:
+        data = _instance(uid, self.sop_class(uid))
+        self.handed.append(Tracked(data, None, 0, len(data), released=self.released))
+        return self.handed[-1]
+
+    def unreleased(self) -> int:
+        return sum(1 for r in self.handed if id(r) not in self.released)
+
+    async def search_for_instances(self, search) -> AsyncIterator[dict[str, object]]:  # type: ignore[no-untyped-def]
+        for start in range(0, len(self.listed), self.page):
+            while self.bulk_sent < min(start, len(self.bulk)):
+                await asyncio.sleep(0)
+            if start and self.pages_after_open:
+                await self.opened.wait()
+            for uid in self.listed[start : start + self.page]:
+                yield {"0020000D": _uid(STUDY), "0020000E": _uid(SERIES), "00080018": _uid(uid), "00080016": _uid(self.sop_class(uid))}
+        if self.search_fails:
+            raise UpstreamUnavailable("search connection reset")
+
+    async def retrieve_instance(self, study: str, series: str, uid: str, spill_dir: Path, spill_bytes: int, *, acceptable: Sequence[str]) -> Retrieved:
+        self.alone.append(uid)
+        if uid not in self.held:
+            raise NotFound("gone")
+        return self._hand(uid)
+
+    async def iter_instances(self, study: str, series: str | None, spill_dir: Path, spill_bytes: int) -> AsyncIterator[Retrieved]:
+        for uid in self.bulk:
+            self.bulk_sent += 1
+            yield self._hand(uid)
+        if self.bulk_fails:
+            raise UpstreamUnavailable("connection reset")
+
+
+class FakeReceiver:
+    """One receiver: asked for ``classes`` (every class when None). ``answers`` maps a
+    UID to the outcome it gets (completed otherwise); after ``lost_after`` instances
+    it is gone. ``cancel`` is set once ``cancel_after`` instances are in."""
+
+    def __init__(
+        self, classes: set[str] | None = None, answers: dict[str, Delivery] | None = None,
+        lost_after: int | None = None, cancel: asyncio.Event | None = None, cancel_after: int = 0,
+    ) -> None:
+        self.classes = classes
+        self.answers = answers or {}
+        self.lost_after = lost_after
+        self.cancel, self.cancel_after = cancel, cancel_after
+        self.stored: list[str] = []
+
+    def syntaxes(self, sop_class_uid: str) -> list[str]:
+        return ["1.2.840.10008.1.2.1"] if self.offered(sop_class_uid) else []
+
+    def offered(self, sop_class_uid: str) -> bool:
+        return self.classes is None or sop_class_uid in self.classes
+
+    def refusal(self, sop_class_uid: str) -> str:
+        return "not taken here"
+
+    async def send(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, dataset: DataSource) -> Delivery:
+        assert not isinstance(dataset, FileSlice) and bytes(dataset) == b"data set of " + sop_instance_uid.encode()
+        assert self.offered(sop_class_uid) and transfer_syntax == "1.2.840.10008.1.2.1"
+        if self.lost_after is not None and len(self.stored) >= self.lost_after:
+            raise TargetLost("receiver went away")
+        self.stored.append(sop_instance_uid)
+        if self.cancel is not None and len(self.stored) >= self.cancel_after:
+            self.cancel.set()
+        return self.answers.get(sop_instance_uid, Delivery(Outcome.COMPLETED))
+
+
+def _retrieve(
+    tmp_path: Path, archive: FakeArchive, per_class: bool = False, level: str = "SERIES",
+    receiver: FakeReceiver | None = None, cancelled: asyncio.Event | None = None,
+) -> tuple[Counts, list[FakeReceiver], Listing]:
+    """Run a retrieval; with ``per_class`` each opened receiver is asked only for the
+    SOP classes of the instances it is opened with and of those listed by then, as a
+    C-MOVE destination would be. ``receiver`` is the first one opened, if given."""
+    config = Config(spool=replace(SpoolConfig(), directory=tmp_path), retrieve=RetrieveConfig(fetch_concurrency=2))
+    receivers: list[FakeReceiver] = []
+
+    async def go() -> tuple[Counts, Listing]:
+        retriever = Retriever(config, archive)  # type: ignore[arg-type]
+        request = RetrieveRequest(level, study_uids=(STUDY,), series_uids=(SERIES,))
+        feed = retriever.bulk(request, "test")
+        assert feed is not None
+        listing = retriever.listing(request)
+
+        async def open_target(first: list[Fetched], refs: list[InstanceRef]) -> FakeReceiver:
+            if archive.listed_before_sending is None:
+                archive.listed_before_sending = len(listing.refs)
+            archive.opened.set()
+            classes = {r.sop_class_uid for r in refs if r.sop_class_uid} | {f.sop_class_uid for f in first if f.sop_class_uid}
+            if receiver is not None and not receivers:
+                receivers.append(receiver)
+            else:
+                receivers.append(FakeReceiver(classes if per_class else None))
+            return receivers[-1]
+
+        async def report(counts: Counts) -> None:
+            assert listing.done and counts.total == len(listing.refs)
+
+        try:
+            return await retriever.run(listing, open_target, report, cancelled or asyncio.Event(), "test", feed), listing
+        finally:
+            await listing.close()
+            await feed.close()
+            retriever.close()
+
+    counts, listing = asyncio.run(go())
+    return counts, receivers, listing
+
+
+def test_bulk_answer_delivers_every_instance_without_single_fetches(tmp_path: Path) -> None:
+    """Sending starts before the search has listed everything, and nothing goes alone."""
+    uids = [f"9.{i}" for i in range(1, 201)]
+    archive = FakeArchive(uids, uids, bulk_fails=False)
+    counts, [receiver], _ = _retrieve(tmp_path, archive)
+    assert (counts.total, counts.completed, counts.failed, counts.bulk) == (200, 200, 0, 200)
+    assert receiver.stored == uids and archive.alone == []
+    assert archive.listed_before_sending is not None and archive.listed_before_sending < 200
+    assert archive.unreleased() == 0
+
+
+def test_bulk_answer_cut_short_is_completed_one_by_one(tmp_path: Path) -> None:
+    """The bulk answer brings a stranger, a repeat and part of the list, then fails: the
+    rest is fetched alone, the one the archive no longer has fails, nothing goes twice."""
+    uids = [f"9.{i}" for i in range(1, 21)]
+    archive = FakeArchive(uids[:-1], ["9.99", *uids[:5], uids[2]], bulk_fails=True, listed=uids)
+    counts, [receiver], _ = _retrieve(tmp_path, archive)
+    assert sorted(receiver.stored) == sorted(uids[:-1]) and len(receiver.stored) == 19
+    assert archive.alone == uids[5:]
+    assert (counts.completed, counts.failed, counts.failed_uids, counts.bulk) == (19, 1, [uids[-1]], 5)
+    assert archive.unreleased() == 0
+
+
+def test_sop_class_listed_after_the_association_opened_goes_over_a_second_one(tmp_path: Path) -> None:
+    """CT first, then SR instances the search lists only after the first receiver was
+    opened: the CT go over it as they arrive, the SR (fetched again) over a second one
+    asked for the SR class, and every instance is sent once."""
+    ct = [f"9.{i}" for i in range(1, 101)]
+    sr = ["9.500", "9.501"]
+    uids = ct + sr
+    archive = FakeArchive(uids, uids, bulk_fails=False, classes=dict.fromkeys(sr, SR), page=100, pages_after_open=True)
+    counts, receivers, _ = _retrieve(tmp_path, archive, per_class=True)
+    assert [r.classes for r in receivers] == [{CT}, {SR}]
+    assert receivers[0].stored == ct and receivers[1].stored == sr
+    assert (counts.total, counts.completed, counts.failed, final_status(counts)) == (102, 102, 0, 0x0000)
+    assert archive.alone == sr
+    assert archive.unreleased() == 0
+
+
+def test_one_sop_class_one_receiver(tmp_path: Path) -> None:
+    uids = [f"9.{i}" for i in range(1, 151)]
+    counts, receivers, _ = _retrieve(tmp_path, FakeArchive(uids, uids, bulk_fails=False), per_class=True)
+    assert len(receivers) == 1 and counts.completed == 150
+
+
+def test_search_failing_after_sending_began_accounts_for_what_it_listed(tmp_path: Path) -> None:
+    """The search breaks after its first pages: what it listed is sent, the engine ends
+    without waiting for more, and the listing keeps the error for the final status."""
+    uids = [f"9.{i}" for i in range(1, 101)]
+    archive = FakeArchive(uids, uids, bulk_fails=False, listed=uids[:30], search_fails=True)
+    counts, [receiver], listing = _retrieve(tmp_path, archive)
+    assert isinstance(listing.error, UpstreamUnavailable)
+    assert (counts.total, counts.completed, counts.failed) == (30, 30, 0)
+    assert receiver.stored == uids[:30]
+    assert archive.unreleased() == 0
+
+
+def test_search_failing_before_anything_is_sent_raises(tmp_path: Path) -> None:
+    archive = FakeArchive([], ["9.1"], bulk_fails=False, listed=[], search_fails=True)
+    with pytest.raises(UpstreamUnavailable):
+        _retrieve(tmp_path, archive)
+
+
+def test_bulk_only_for_studies_and_series_of_a_named_study(tmp_path: Path) -> None:
+    config = Config(spool=replace(SpoolConfig(), directory=tmp_path))
+
+    async def scopes() -> list[bool]:
+        retriever = Retriever(config, FakeArchive([], [], False))  # type: ignore[arg-type]
+        out = []
+        for request in (
+            RetrieveRequest("STUDY", study_uids=(STUDY,)),
+            RetrieveRequest("SERIES", study_uids=(STUDY,), series_uids=(SERIES,)),
+            RetrieveRequest("SERIES", series_uids=(SERIES,)),
+            RetrieveRequest("IMAGE", study_uids=(STUDY,), series_uids=(SERIES,), sop_uids=("9.1",)),
+            RetrieveRequest("PATIENT", patient_id="P1"),
+        ):
+            feed = retriever.bulk(request, "test")
+            out.append(feed is not None)
+            if feed is not None:
+                await feed.close()
+        retriever.close()
+        return out
+
+    assert asyncio.run(scopes()) == [True, True, False, False, False]
+
+
+def test_receiver_answers_become_counts(tmp_path: Path) -> None:
+    """A warning counts as a warning, a failure as failed with its UID, the rest completed."""
+    uids = [f"9.{i}" for i in range(1, 11)]
+    answers = {"9.3": Delivery(Outcome.WARNING), "9.7": Delivery(Outcome.FAILED, "refused")}
+    counts, [receiver], _ = _retrieve(tmp_path, FakeArchive(uids, uids, False), receiver=FakeReceiver(answers=answers))
+    assert receiver.stored == uids
+    assert (counts.total, counts.completed, counts.warning, counts.failed, counts.failed_uids) == (10, 8, 1, 1, ["9.7"])
+
+
+def test_receiver_gone_fails_that_instance_and_every_later_one(tmp_path: Path) -> None:
+    """TargetLost on the fourth instance: three completed, the other seven failed in
+    order, none sent after, and every fetched instance released."""
+    uids = [f"9.{i}" for i in range(1, 11)]
+    archive = FakeArchive(uids, uids, False)
+    counts, [receiver], _ = _retrieve(tmp_path, archive, receiver=FakeReceiver(lost_after=3))
+    assert receiver.stored == uids[:3]
+    assert (counts.completed, counts.failed, counts.failed_uids, counts.remaining) == (3, 7, uids[3:], 0)
+    assert archive.unreleased() == 0
+
+
+def test_cancel_stops_between_instances_and_releases_the_rest(tmp_path: Path) -> None:
+    """Cancelled while the fifth instance is being sent: it completes, nothing more
+    goes, the rest stay remaining, and every instance fetched ahead is released."""
+    uids = [f"9.{i}" for i in range(1, 21)]
+    archive = FakeArchive(uids, uids, False)
+    cancelled = asyncio.Event()
+    counts, [receiver], _ = _retrieve(
+        tmp_path, archive, receiver=FakeReceiver(cancel=cancelled, cancel_after=5), cancelled=cancelled
+    )
+    assert receiver.stored == uids[:5]
+    assert (counts.total, counts.completed, counts.failed, counts.remaining) == (20, 5, 0, 15)
+    assert archive.unreleased() == 0
+
+
+def test_first_receiver_that_cannot_be_opened_raises_target_lost(tmp_path: Path) -> None:
+    """The front decides what that means (C-MOVE fails every listed instance)."""
+    uids = [f"9.{i}" for i in range(1, 6)]
+    archive = FakeArchive(uids, uids, False)
+    config = Config(spool=replace(SpoolConfig(), directory=tmp_path))
+
+    async def go() -> None:
+        retriever = Retriever(config, archive)  # type: ignore[arg-type]
+        request = RetrieveRequest("SERIES", study_uids=(STUDY,), series_uids=(SERIES,))
+        listing = retriever.listing(request)
+
+        async def unreachable(first: list[Fetched], refs: list[InstanceRef]) -> FakeReceiver:
+            raise TargetLost("cannot connect")
+
+        async def report(counts: Counts) -> None:
+            return None
+
+        try:
+            await retriever.run(listing, unreachable, report, asyncio.Event(), "test")
+        finally:
+            await listing.close()
+            retriever.close()
+
+    with pytest.raises(TargetLost):
+        asyncio.run(go())
+    assert archive.handed and archive.unreleased() == 0
