@@ -1,25 +1,14 @@
-"""Unit tests of the DIMSE side of C-MOVE/C-GET: requestor PDUs, WADO multipart
-reading (whole and streamed), retrieve identifiers, statuses from the counts and from
+"""Unit tests of the DIMSE side of C-MOVE/C-GET: requestor PDUs, retrieve identifiers, statuses from the counts and from
 errors, context proposals, and the C-STORE receivers as the engine sees them. The
 engine itself is tested in tests/retrieval."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
 
-from gateway.dicomweb.multipart_reader import (
-    MultipartError,
-    StreamedPart,
-    boundary_of,
-    iter_parts,
-    single_part_in_file,
-    split_parts,
-)
 from gateway.dimse import pdu
 from gateway.dimse.command import Command
 from gateway.dimse.requestor import RequestorError
@@ -60,22 +49,6 @@ def test_associate_ac_and_rj_parse() -> None:
     assert pdu.parse_associate_rj(pdu.encode_associate_rj(1, 1, 3)[6:]) == (1, 1, 3)
     with pytest.raises(ValueError):
         pdu.encode_associate_rq("A", "B", [], 0, "1", "x")
-
-
-def test_multipart_single_part_in_memory_and_in_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    content_type = 'multipart/related; type="application/dicom"; boundary="b0und"'
-    payload = b"DICM\r\n--not-it\r\n" * 100
-    body = b"--b0und\r\nContent-Type: application/dicom\r\n\r\n" + payload + b"\r\n--b0und--\r\n"
-    boundary = boundary_of(content_type)
-    [span] = split_parts(body, boundary)
-    assert body[span.offset : span.offset + span.length] == payload
-    assert span.headers["content-type"] == "application/dicom"
-    path = tmp_path / "body"
-    path.write_bytes(body)
-    in_file = single_part_in_file(path, boundary)
-    assert (in_file.offset, in_file.length) == (span.offset, span.length)
-    with pytest.raises(MultipartError):
-        split_parts(b"--b0und\r\n\r\nunterminated", boundary)
 
 
 def _identifier(**values: str) -> Dataset:
@@ -137,52 +110,6 @@ def test_proposals_cover_uncompressed_and_stored_syntaxes() -> None:
     assert ("1.2.840.10008.5.1.4.1.1.7", [JPEG]) not in out
     many = [InstanceRef("1", "2", str(i), f"1.2.840.10008.5.1.4.1.1.{i}") for i in range(200)]
     assert len(proposals(many, [])) == 128
-
-
-async def _chunks(body: bytes, size: int) -> AsyncIterator[bytes]:
-    for start in range(0, len(body), size):
-        yield body[start : start + size]
-
-
-def _stream(body: bytes, size: int, spill_dir: Path, spill_bytes: int) -> tuple[list[StreamedPart], Exception | None]:
-    async def collect() -> tuple[list[StreamedPart], Exception | None]:
-        parts: list[StreamedPart] = []
-        try:
-            async for part in iter_parts(_chunks(body, size), "b0und", spill_dir, spill_bytes):
-                parts.append(part)
-        except MultipartError as exc:
-            return parts, exc
-        return parts, None
-
-    return asyncio.run(collect())
-
-
-def test_multipart_stream_hands_out_every_part_whatever_the_chunking(tmp_path: Path) -> None:
-    """Parts split anywhere across chunks, near-delimiters inside the content, a part
-    without headers, and one part above the spill size, which arrives as a file."""
-    contents = [b"A" * 50 + b"\r\n--b0un" + b"--b0und" + b"B" * 30, b"small", bytes(range(256)) * 3]
-    body = b"preamble\r\n--b0und\r\nContent-Type: application/dicom\r\n\r\n" + contents[0]
-    body += b"\r\n--b0und\r\n\r\n" + contents[1]
-    body += b"\r\n--b0und\r\nContent-Type: application/dicom\r\n\r\n" + contents[2] + b"\r\n--b0und--\r\n"
-    for size in (1, 2, 5, 13, 64, 700, len(body)):
-        spill_dir = tmp_path / f"spill-{size}"
-        parts, error = _stream(body, size, spill_dir, 500)
-        assert error is None
-        got = [p.data if p.data is not None else p.path.read_bytes() for p in parts]  # type: ignore[union-attr]
-        assert got == contents, size
-        assert [p.length for p in parts] == [len(c) for c in contents]
-        # a part that arrived within one chunk is in memory already: no point spilling it
-        assert [p.path is not None for p in parts] == [False, False, size < 500], size
-        assert parts[0].headers == {"content-type": "application/dicom"} and parts[1].headers == {}
-
-
-def test_multipart_stream_cut_short_keeps_complete_parts_and_no_spill_file(tmp_path: Path) -> None:
-    body = b"--b0und\r\n\r\nfirst\r\n--b0und\r\n\r\n" + b"x" * 2000
-    parts, error = _stream(body, 100, tmp_path, 500)
-    assert [p.data for p in parts] == [b"first"]
-    assert isinstance(error, MultipartError)
-    assert list(tmp_path.iterdir()) == []  # the half-received large part was deleted
-    assert _stream(b"no delimiter at all", 4, tmp_path, 500)[1] is not None
 
 
 # -- the C-STORE receivers, as the engine sees them --------------------------------------
