@@ -14,18 +14,19 @@ import warnings
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
+from gateway.logfmt import FORMATS, PatientDataFilter, formatter
 from gateway.spool.lock import SpoolLocked
 from gateway.spool.queue import STATES, Spool
 
 
-def setup_logging(level: str) -> None:
-    """One line per event on stderr. pynetdicom and pydicom are kept quiet because
-    their debug output and value warnings can carry patient names and IDs."""
-    logging.basicConfig(
-        level=getattr(logging, level),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(level: str, kind: str = "text", include_patient_data: bool = False) -> None:
+    """One line per event on stderr, as text or JSON (`gateway.logfmt`). pynetdicom and
+    pydicom are kept quiet because their debug output and value warnings can carry
+    patient names and IDs; our own such lines need ``include_patient_data``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(kind))
+    handler.addFilter(PatientDataFilter(include_patient_data))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pydicom's warnings about invalid values quote the value, which may be a name; it
     # both logs them and raises them as Python warnings, which print on stderr.
@@ -55,7 +56,7 @@ def _load(path: str) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    setup_logging(config.logging.level)
+    setup_logging(config.logging.level, args.log_format, config.logging.include_patient_data)
     from gateway.daemon import run
 
     try:
@@ -163,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="path to the TOML configuration")
         return p
 
-    with_config(sub.add_parser("run", help="run the gateway in the foreground")).set_defaults(
-        func=cmd_run
-    )
+    run = with_config(sub.add_parser("run", help="run the gateway in the foreground"))
+    run.add_argument("--log-format", choices=FORMATS, default="text", help="text lines, or one JSON object per line")
+    run.set_defaults(func=cmd_run)
     with_config(
         sub.add_parser("check-config", help="validate a configuration file")
     ).set_defaults(func=cmd_check_config)

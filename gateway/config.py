@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,15 @@ class Peer:
     host: str
     port: int
     permissions: frozenset[str] = PERMISSIONS
+    # The addresses ``host`` resolved to at load: with require_known_peers, an
+    # association under this AE title is accepted only from one of them...
+    addresses: frozenset[str] = frozenset()
+    # ...unless the peer opts out (a modality behind NAT or DHCP).
+    any_host: bool = False
+
+    def accepts_address(self, address: str) -> bool:
+        """Whether an association under this AE title may come from ``address``."""
+        return self.any_host or address.removeprefix("::ffff:") in self.addresses
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,9 @@ class HttpConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
+    # DEBUG lines that may quote patient data (archive error bodies) are dropped unless
+    # this is on: a switch for a debugging session, never for production.
+    include_patient_data: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,8 +276,15 @@ def _peer(reader: _Reader) -> Peer:
             )
         else:
             permissions = frozenset(raw)
+    any_host = reader.boolean("any_host", False)
+    addresses: frozenset[str] = frozenset()
+    if host:
+        try:
+            addresses = frozenset(str(info[4][0]) for info in socket.getaddrinfo(host, None))
+        except OSError as exc:
+            reader.problems.append(f"{reader.path}.host: cannot resolve {host!r} ({exc.strerror or exc})")
     reader.finish()
-    return Peer(ae, host, port, permissions)
+    return Peer(ae, host, port, permissions, addresses, any_host)
 
 
 def _dimse(r: _Reader) -> DimseConfig:
@@ -417,7 +437,8 @@ def parse_config(data: dict[str, Any]) -> Config:
     http_r.finish()
     log_r = root.sub("logging")
     logging_cfg = LoggingConfig(
-        level=log_r.string("level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+        level=log_r.string("level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        include_patient_data=log_r.boolean("include_patient_data", False),
     )
     log_r.finish()
     root.finish()

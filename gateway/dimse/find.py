@@ -187,8 +187,13 @@ class FindService:
     def _log(self, assoc: Association, query: Query | None, sent: int, outcome: str, started: float) -> None:
         """One line per request: level, key names (never values: they may be PHI)."""
         what = "?" if query is None else f"{query.model.name} {query.level} [{' '.join(tag_name(k.tag) for k in query.keys)}]"
+        elapsed = time.monotonic() - started
         log.info(
-            "C-FIND from %s %s: %d matches, %s, %.3f s", assoc.peer, what, sent, outcome, time.monotonic() - started
+            "C-FIND from %s %s: %d matches, %s, %.3f s", assoc.peer, what, sent, outcome, elapsed,
+            extra={"fields": {
+                "event": "operation", "operation": "C-FIND", "calling_ae": assoc.calling_ae,
+                "level": query.level if query else None, "matches": sent, "outcome": outcome, "seconds": round(elapsed, 3),
+            }},
         )
 
     async def answers(self, query: Query, syntax: str) -> AsyncIterator[bytes]:

@@ -352,6 +352,12 @@ class RetrieveService:
             "%s: %d instances (%d in bulk), %d completed, %d failed, %d warning, %d transcoded, %d not sent, over %d association(s), 0x%04X, %.2f s",
             what, counts.total, counts.bulk, counts.completed, counts.failed, counts.warning, counts.transcoded,
             counts.remaining, len(receivers.closers), status, elapsed,
+            extra={"fields": {
+                "event": "operation", "operation": self.name, "calling_ae": receivers.assoc.calling_ae,
+                "instances": counts.total, "completed": counts.completed, "failed": counts.failed,
+                "warning": counts.warning, "transcoded": counts.transcoded, "status": f"0x{status:04X}",
+                "seconds": round(elapsed, 3),
+            }},
         )
         with contextlib.suppress(Exception):
             await send(status, failed_identifier(counts), extra)

@@ -157,16 +157,21 @@ class DimseServer:
 
     # ---- negotiation ----------------------------------------------------------------
 
-    def negotiate(self, rq: pdu.AssociateRQ) -> tuple[tuple[int, int, int] | None, list[pdu.PresentationContextAC]]:
-        """Decide on an A-ASSOCIATE-RQ: a rejection reason, or the context results."""
+    def negotiate(
+        self, rq: pdu.AssociateRQ, address: str
+    ) -> tuple[tuple[int, int, int] | None, str, list[pdu.PresentationContextAC]]:
+        """Decide on an A-ASSOCIATE-RQ from ``address``: a rejection (reason and why, in
+        words for the log), or the context results."""
         d = self.config.dimse
         if rq.application_context != pdu.APPLICATION_CONTEXT:
-            return RJ_APPLICATION_CONTEXT, []
-        if d.require_known_peers and self.config.peer(rq.calling_ae) is None:
-            return RJ_CALLING_AE_NOT_RECOGNIZED, []
-        if len(self._associations) >= d.max_associations:
-            return RJ_LOCAL_LIMIT_EXCEEDED, []
+            return RJ_APPLICATION_CONTEXT, "application context not supported", []
         peer = self.config.peer(rq.calling_ae)
+        if d.require_known_peers and peer is None:
+            return RJ_CALLING_AE_NOT_RECOGNIZED, "calling AE title not in dimse.peers", []
+        if d.require_known_peers and peer is not None and not peer.accepts_address(address):
+            return RJ_CALLING_AE_NOT_RECOGNIZED, f"calling AE title known, but from another host than {peer.host}", []
+        if len(self._associations) >= d.max_associations:
+            return RJ_LOCAL_LIMIT_EXCEEDED, "too many associations (dimse.max_associations)", []
         # Storage classes a C-GET requester wants to receive (it asks for the SCP role).
         receiving = {r.sop_class_uid for r in rq.roles if r.scp_role}
         results = []
@@ -190,7 +195,7 @@ class DimseServer:
                 results.append(pdu.PresentationContextAC(pc.id, pdu.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, proposed[0]))
             else:
                 results.append(pdu.PresentationContextAC(pc.id, pdu.PC_ACCEPTED, chosen))
-        return None, results
+        return None, "", results
 
     @staticmethod
     def negotiate_roles(rq: pdu.AssociateRQ, accepted: dict[int, AcceptedContext]) -> list[pdu.RoleSelection]:
@@ -248,9 +253,15 @@ class DimseServer:
                     t.cancel()
                 self._associations.discard(assoc)
                 s = assoc.stats
+                elapsed = time.monotonic() - s.started
                 log.info(
                     "association from %s %s: %d stored, %d failed, %d echo, %.2f s",
-                    assoc.peer, how, s.stored, s.failed, s.echoed, time.monotonic() - s.started,
+                    assoc.peer, how, s.stored, s.failed, s.echoed, elapsed,
+                    extra={"fields": {
+                        "event": "association", "calling_ae": assoc.calling_ae, "called_ae": assoc.called_ae,
+                        "peer": where, "end": how, "stored": s.stored, "failed": s.failed, "echo": s.echoed,
+                        "seconds": round(elapsed, 3),
+                    }},
                 )
             elif how.startswith("aborted"):
                 log.warning("connection from %s %s before association", where, how)
@@ -271,11 +282,15 @@ class DimseServer:
         if pdu_type != pdu.A_ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
         rq = pdu.parse_associate_rq(body)
-        reject, results = self.negotiate(rq)
+        reject, why, results = self.negotiate(rq, where.rsplit(":", 1)[0])
         if reject is not None:
             log.warning(
-                "association from %s@%s to %s rejected (result %d, source %d, reason %d)",
-                rq.calling_ae, where, rq.called_ae, *reject,
+                "association from %s@%s to %s rejected: %s (result %d, source %d, reason %d)",
+                rq.calling_ae, where, rq.called_ae, why, *reject,
+                extra={"fields": {
+                    "event": "association rejected", "calling_ae": rq.calling_ae, "called_ae": rq.called_ae,
+                    "peer": where, "reason": why,
+                }},
             )
             writer.write(pdu.encode_associate_rj(*reject))
             await drain(writer, d.acse_timeout)

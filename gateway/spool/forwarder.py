@@ -269,6 +269,10 @@ class Forwarder:
                 study,
                 self.upstream.kind,
                 elapsed,
+                extra={"fields": {
+                    "event": "delivery", "outcome": "delivered", "study_uid": study, "instances": len(delivered),
+                    "upstream": self.upstream.kind, "seconds": round(elapsed, 3),
+                }},
             )
         for o in outcomes:
             state = states.get(o.instance_id)
@@ -284,6 +288,10 @@ class Forwarder:
                 inst.attempts,
                 "is dead" if state == "dead" else "will be retried",
                 o.error,
+                extra={"fields": {
+                    "event": "delivery", "outcome": state, "sop_instance_uid": inst.sop_instance_uid,
+                    "spool_id": inst.id, "attempt": inst.attempts, "error": o.error,
+                }},
             )
         if delivered and self.cfg.retain_delivered_hours == 0:
             await self._spool(self.spool.purge_delivered, 0.0)

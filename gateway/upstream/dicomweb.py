@@ -18,6 +18,7 @@ from yarl import URL
 
 from gateway.config import UpstreamConfig
 from gateway.dicomweb import mediatypes
+from gateway.logfmt import PATIENT_DATA
 from gateway.upstream.auth import config_signer
 from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_parts, single_part_in_file, split_parts
@@ -159,7 +160,7 @@ class DicomWebUpstream:
             return all_("retry", str(exc))
 
         if status >= 400:
-            log.debug("STOW-RS %s error body: %s", http_status(status), _short(payload))
+            log.debug("STOW-RS %s error body: %s", http_status(status), _short(payload), extra=PATIENT_DATA)
         if status in RETRYABLE_HTTP:
             return all_("retry", http_status(status), retry_after)
         if status in CONFIG_REFUSALS:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import aiohttp
 from yarl import URL
 
+from gateway.logfmt import PATIENT_DATA
 from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger("gateway.upstream")
@@ -122,7 +123,7 @@ def raise_for_status(method: str, url: URL, status: int, body: bytes, headers: M
     archive's reason phrase or, above DEBUG, its body (either may quote PHI)."""
     if status < 400:
         return
-    log.debug("%s %s error body: %s", method, url.path, short(body))
+    log.debug("%s %s error body: %s", method, url.path, short(body), extra=PATIENT_DATA)
     if status in (401, 403):
         log.error("%s %s: archive refused our credentials: HTTP %d", method, url.path, status)
         raise UpstreamAuthError(f"archive refused credentials: HTTP {status}", status)

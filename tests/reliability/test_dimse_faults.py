@@ -3,8 +3,8 @@ idle timeout, a service that raises, a receiver that stops reading, a C-STORE-RQ
 without a data set, instances whose SOP class nobody knows.
 
 Real processes throughout (the daemon, dcmtk's movescu and storescp, Orthanc as the
-archive), except where nothing real misbehaves on demand: `ArchiveProxy` slows
-Orthanc's WADO-RS answers down, `StalledPeer` accepts an association by hand and then
+archive, storescp made slow with --sleep-during), except where nothing real misbehaves on
+demand: `StalledPeer` accepts an association by hand and then
 never reads, and the C-GET requester that stops reading is a raw socket.
 """
 
@@ -31,7 +31,6 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 
 from tests.integration.test_move_retrieve import failed_list, parse_move, peers
-from tests.support.archiveproxy import ArchiveProxy
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import DCMTK_BIN, StoreSCP, dcmtk_env, echoscu, movescu, storescu
 from tests.support.orthanc import Orthanc
@@ -64,10 +63,12 @@ class SlowEnv:
     series: list[Path]
 
 
-# Each instance takes this long to come from the archive, one at a time, so a move of
-# SLOW_COUNT instances lasts SLOW_COUNT * SLOW_DELAY s, well beyond the idle timeout.
-SLOW_DELAY = 0.5
-SLOW_COUNT = 10
+# The destination takes a second over each C-STORE (storescp --sleep-during), so a
+# move of SLOW_COUNT instances lasts SLOW_COUNT s, well beyond the idle timeout, and
+# a C-CANCEL sent at the first Pending (after pending_seconds) always finds instances
+# left to send. (A slow archive would not do: the first 64 instances are fetched
+# before the first is sent, so the sends themselves would race the C-CANCEL.)
+SLOW_COUNT = 8
 IDLE_TIMEOUT = 2
 
 
@@ -75,17 +76,15 @@ IDLE_TIMEOUT = 2
 def slow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowEnv]:
     root = tmp_path_factory.mktemp("slow")
     series = ct_series(root / "series", SLOW_COUNT, 32, 32)
-    scp = StoreSCP(output_dir=root / "dest").start()
+    scp = StoreSCP(output_dir=root / "dest", extra_args=["--sleep-during", "1"]).start()
     orthanc = Orthanc(workdir=root / "orthanc")
-    proxy: ArchiveProxy | None = None
     gateway: Gateway | None = None
     try:
         orthanc.start()
         orthanc.upload(series)
-        proxy = ArchiveProxy(orthanc.dicomweb_url, delay=SLOW_DELAY).start()
         gateway = Gateway(
             root / "gw",
-            upstream_url=proxy.url,
+            upstream_url=orthanc.dicomweb_url,
             extra=peers(("STORESCP", scp.port)) + "\n[retrieve]\nfetch_concurrency = 1\npending_seconds = 3\n",
             dimse={"network_timeout": IDLE_TIMEOUT},
         ).start()
@@ -93,8 +92,6 @@ def slow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlowEnv]:
     finally:
         if gateway is not None:
             gateway.kill()
-        if proxy is not None:
-            proxy.stop()
         scp.cleanup()
         orthanc.cleanup()
 
@@ -112,8 +109,8 @@ def image_keys(paths: list[Path]) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_move_longer_than_the_idle_timeout_succeeds(slow_env: SlowEnv) -> None:
-    """``network_timeout = 2`` and a C-MOVE that takes ~5 s (slow archive, one fetch at
-    a time), during which movescu sends nothing: the move is not aborted, it ends with
+    """``network_timeout = 2`` and a C-MOVE that takes ~8 s (a slow destination),
+    during which movescu sends nothing: the move is not aborted, it ends with
     Success and every instance arrives."""
     for path in slow_env.scp.files():
         path.unlink()

@@ -1,19 +1,17 @@
-"""A DICOMweb proxy in front of a real archive that is slow or breaks on cue.
+"""A DICOMweb proxy in front of a real archive that breaks on cue.
 
 Orthanc cannot be told to fail the second page of a QIDO-RS search while answering
-everything else, nor to be slow; stopping it would also break the WADO-RS retrievals
-of what the first page listed. This proxy forwards every GET to the archive unchanged,
-except: with ``fail_searches``, a SearchForInstances page past the first (``offset``
-> 0), answered with ``status``; the first ``fail_retrievals`` single-instance
-retrievals (``.../instances/<uid>``), answered 503; and each single-instance
-retrieval held back ``delay`` seconds. It records what it failed.
+everything else; stopping it would also break the WADO-RS retrievals of what the
+first page listed. This proxy forwards every GET to the archive unchanged, except:
+with ``fail_searches``, a SearchForInstances page past the first (``offset`` > 0),
+answered with ``status``; and the first ``fail_retrievals`` single-instance
+retrievals (``.../instances/<uid>``), answered 503. It records what it failed.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,13 +34,11 @@ class ArchiveProxy:
         fail_searches: bool = False,
         status: int = 503,
         fail_retrievals: int = 0,
-        delay: float = 0.0,
     ) -> None:
         self.target = target.rstrip("/")
         self.fail_searches = fail_searches
         self.status = status
         self.fail_retrievals = fail_retrievals
-        self.delay = delay
         self.failed_searches: list[str] = []
         self.failed_retrievals: list[str] = []  # SOP Instance UIDs
         self.port = free_port()
@@ -96,8 +92,6 @@ class ArchiveProxy:
                 if proxy._verdict(self.path):
                     self._answer(proxy.status, {"Content-Type": "application/json"}, b'{"error": "scripted failure"}')
                     return
-                if proxy.delay and _INSTANCE.search(urlsplit(self.path).path):
-                    time.sleep(proxy.delay)
                 rest = self.path[len(ROOT) :] if self.path.startswith(ROOT) else self.path
                 request = urllib.request.Request(proxy.target + rest, headers={"Accept": self.headers.get("Accept", "*/*")})
                 try:

@@ -34,9 +34,11 @@ class Gateway:
         dimse: dict[str, Any] | None = None,
         spool_dir: Path | None = None,
         wrapper: Sequence[str] = (),
+        run_args: Sequence[str] = (),
     ) -> None:
         """``spool_dir``: put the spool elsewhere (another file system, or another
-        gateway's spool). ``wrapper``: a command the daemon runs under, e.g.
+        gateway's spool). ``run_args``: more options of ``dicom-gateway run`` (e.g.
+        ``--log-format json``). ``wrapper``: a command the daemon runs under, e.g.
         ``["/usr/bin/strace", "-f", "-o", path]``; signals go to the whole process
         group, so they reach the daemon itself, not only the wrapper."""
         self.workdir = workdir
@@ -46,6 +48,7 @@ class Gateway:
         self.http_port = free_port()
         self.spool_dir = spool_dir if spool_dir is not None else workdir / "spool"
         self.wrapper = list(wrapper)
+        self.run_args = list(run_args)
         self.config_path = workdir / "gateway.toml"
         self.log_path = workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -76,7 +79,7 @@ class Gateway:
     def start(self, timeout: float = 30.0) -> Gateway:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*self.wrapper, sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+            [*self.wrapper, sys.executable, "-m", "gateway", "run", "--config", str(self.config_path), *self.run_args],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
