@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any, Self
 
 from aiohttp import web
@@ -149,9 +150,10 @@ def _split_multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], b
 class Emulator:
     """``Emulator().start()``; ``stop()`` closes both hosts and joins the thread.
 
-    ``quota_scale`` multiplies every throttle rate and burst; ``clock_offset`` moves the
-    emulator's clock (seconds) to emulate clock skew; ``search_reach``/``max_stow_bytes``
-    are the service limits, lowered by tests that must reach them cheaply.
+    ``quota_scale`` multiplies every throttle rate and burst, ``quotas`` replaces the
+    table of them (operation: (rate, burst)); ``clock_offset`` moves the emulator's
+    clock (seconds, also in its Date headers) to emulate clock skew;
+    ``max_stow_bytes`` is the STOW-RS size limit.
     """
 
     def __init__(
@@ -161,11 +163,12 @@ class Emulator:
         quota_scale: float = 1.0,
         clock_offset: float = 0.0,
         max_stow_bytes: int = MAX_STOW_BYTES,
+        quotas: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         self.region = region
         self.identities = Identities()
         self.datastore = Datastore(datastore_id or new_id())
-        self.throttle = Throttle(quota_scale)
+        self.throttle = Throttle(quota_scale, quotas)
         self.clock_offset = clock_offset
         self.max_stow_bytes = max_stow_bytes
         self.requests: list[Record] = []
@@ -292,6 +295,7 @@ class Emulator:
             except (AuthFailure, ApiError) as exc:
                 message = exc.message
                 response = aws_error(exc.status, exc.error_type, exc.message)
+            response.headers["Date"] = formatdate(self.now(), usegmt=True)
             error_type = response.headers.get("x-amzn-ErrorType", "")
             self.requests.append(Record(host, operation, request.method, request.path, response.status, error_type, access_key, message))
             return response
