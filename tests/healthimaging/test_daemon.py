@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 import gateway.codecs  # noqa: F401 - registers the HTJ2K decoder with pydicom
 from gateway.codecs import Fidelity, syntax_info
-from tests.support import dcmtk
+from tests.support import dcmtk, findrun
 from tests.support.corpus import (
     CorpusItem,
     group_by_transfer_syntax,
@@ -30,6 +30,7 @@ from tests.support.corpus import (
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import StoreSCP, findscu, getscu, movescu, storescu
 from tests.support.healthimaging import Emulator
+from tests.support.healthimaging.studies import tiny_studies
 from tests.support.ports import wait_until
 from tests.support.pyscu import send_files
 from tests.support.synth import ct_series
@@ -229,3 +230,28 @@ def test_expiring_credentials_are_refreshed_without_a_failure(emulator: Emulator
     users = {r.access_key for r in emulator.requests if r.operation == "StoreDICOMStudy"}
     assert len(users) == 2 and users <= set(issued)
     assert "delivery held" not in gw.log()
+
+
+def test_a_search_of_1100_studies_pages_past_the_qido_limit(emulator: Emulator, gateway: Any) -> None:
+    emulator.load(tiny_studies(1100, run=2))
+    gw = gateway(upstream=healthimaging_upstream(emulator), env=key_env(*emulator.add_key()))
+    result = findrun.find(gw.port, gw.ae_title, {"QueryRetrieveLevel": "STUDY", "PatientID": "BULK*", "StudyInstanceUID": ""})
+    assert result.returncode == 0 and result.final.startswith("Success"), result.final
+    assert len({str(a.StudyInstanceUID) for a in result.answers}) == 1100
+    pages = [r for r in emulator.requests if r.operation == "SearchDICOMStudies"]
+    assert len(pages) == 3 and all(r.status == 200 for r in pages)  # 100, then 1000, then the last 0
+    assert not emulator.refusals()
+
+
+@pytest.mark.slow
+def test_a_search_past_10000_studies_goes_on_with_search_image_sets_or_ends_with_a700(emulator: Emulator, gateway: Any) -> None:
+    emulator.load(tiny_studies(10_050, run=3))
+    gw = gateway(upstream=healthimaging_upstream(emulator), env=key_env(*emulator.add_key()), extra="\n[find]\nmax_matches = 20000\n")
+    whole = findrun.find(gw.port, gw.ae_title, {"QueryRetrieveLevel": "STUDY", "PatientName": "Bulk*", "PatientID": "", "StudyInstanceUID": ""}, timeout=300)
+    assert whole.returncode == 0 and whole.final.startswith("Success"), whole.final
+    assert len({str(a.StudyInstanceUID) for a in whole.answers}) == 10_050
+    assert [r.status for r in emulator.requests if r.operation == "SearchImageSets"] == [200] * 201  # 50 image sets per page
+    cut = findrun.find(gw.port, gw.ae_title, {"QueryRetrieveLevel": "STUDY", "ModalitiesInStudy": "OT", "StudyInstanceUID": ""}, timeout=300)
+    assert cut.final == "Refused: OutOfResources", cut.final  # 0xA700: ModalitiesInStudy is not in the summaries
+    assert len(cut.answers) == 10_000
+    assert not emulator.refusals()

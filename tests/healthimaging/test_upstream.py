@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from gateway.model.query import make_key
 from gateway.model.search import Search
 from gateway.upstream import make_upstream
 from gateway.upstream.base import ANY_SYNTAX, StoreItem
-from gateway.upstream.errors import NotSupported
+from gateway.upstream.errors import NotSupported, SearchTruncated
 from gateway.upstream.healthimaging import HealthImagingUpstream
+from gateway.upstream.healthimaging.native import continuable, criteria
 from tests.support.healthimaging import Emulator
+from tests.support.healthimaging.studies import tiny_studies
 from tests.support.ports import free_port
 from tests.support.synth import ct_series
 
@@ -214,3 +217,45 @@ def test_health_says_throttled_or_unreachable(credentials: tuple[str, str]) -> N
         closed = config(emulator, dicomweb_endpoint_url=f"http://127.0.0.1:{free_port()}")
         health = run(HealthImagingUpstream(closed.upstream), lambda up: up.health())
         assert not health.reachable and health.detail.startswith("unreachable")
+
+
+def study_search(**keys: str) -> Search:
+    vrs = {"PatientID": "LO", "ModalitiesInStudy": "CS", "StudyDate": "DA", "PatientName": "PN"}
+    made = tuple(make_key(DataElement(k, vrs[k], v)) for k, v in keys.items())
+    return Search(keys=made, include=(0x0020000D, 0x00100020, 0x00100010))
+
+
+def test_criteria_narrow_by_one_key_and_keep_primary_image_sets() -> None:
+    assert criteria(study_search(PatientID="BULK00001", StudyDate="20240101-"))["filters"] == [
+        {"operator": "EQUAL", "values": [{"isPrimary": True}]},
+        {"operator": "EQUAL", "values": [{"DICOMPatientId": "BULK00001"}]},
+    ]
+    between = criteria(study_search(PatientID="BULK*", StudyDate="-20240102"))["filters"][1]
+    assert between["operator"] == "BETWEEN"
+    assert [v["DICOMStudyDateAndTime"]["DICOMStudyDate"] for v in between["values"]] == ["00010101", "20240102"]
+    assert continuable(study_search(PatientName="Bulk*"))
+    assert not continuable(study_search(ModalitiesInStudy="OT"))
+
+
+def test_a_study_search_past_the_qido_reach_continues_with_search_image_sets(
+    emulator: Emulator, credentials: tuple[str, str]
+) -> None:
+    emulator.load(tiny_studies(30, run=1))
+    upstream = upstream_for(emulator)
+    upstream._capabilities = replace(upstream.capabilities, search_limit=10)  # the service's 10,000, cheaply
+
+    async def scenario(up: HealthImagingUpstream) -> Any:
+        found = [obj async for obj in up.search_for_studies(study_search(PatientName="Bulk*"))]
+        cut = []
+        with pytest.raises(SearchTruncated) as truncated:
+            async for obj in up.search_for_studies(study_search(ModalitiesInStudy="OT")):
+                cut.append(obj)
+        return found, cut, truncated.value.returned
+
+    found, cut, returned = run(upstream, scenario)
+    uids = [obj["0020000D"]["Value"][0] for obj in found]
+    assert len(uids) == len(set(uids)) == 30
+    assert all(obj["00100010"]["Value"][0]["Alphabetic"].startswith("Bulk^") for obj in found)
+    assert len(cut) == returned == 10
+    searches = [r for r in emulator.requests if r.operation == "SearchImageSets"]
+    assert len(searches) == 1 and searches[0].status == 200 and not emulator.refusals()

@@ -14,7 +14,9 @@ the developer guide documents and nothing more:
   and series metadata, frames; no study-level or series-level retrieval, so fronts
   fetch instance by instance (`Capabilities`); no DELETE;
 * reads of each operation spaced by a client-side token bucket at the service's
-  quotas (``[upstream.rate_limits]``).
+  quotas (``[upstream.rate_limits]``);
+* a study search past QIDO-RS's 10,000 results goes on through the native
+  SearchImageSets where the image set summaries can answer it (`native`).
 """
 
 from __future__ import annotations
@@ -47,9 +49,16 @@ from gateway.upstream.base import (
 )
 from gateway.upstream.dicomweb import DicomWebUpstream
 from gateway.upstream.errors import (
+    SearchTruncated,
     UpstreamAuthError,
     UpstreamError,
     UpstreamUnavailable,
+)
+from gateway.upstream.healthimaging.native import (
+    NativeClient,
+    continuable,
+    skipping,
+    study_object,
 )
 from gateway.upstream.healthimaging.ratelimit import RateLimits
 from gateway.upstream.healthimaging.signer import (
@@ -167,10 +176,17 @@ class HealthImagingUpstream(DicomWebUpstream):
     ) -> None:
         self.region = cfg.region
         self.datastore_id = cfg.datastore_id
-        signer = SigV4Signer(cfg.region, credentials or AwsCredentials(cfg.profile))
+        credentials = credentials or AwsCredentials(cfg.profile)
         base = f"{cfg.dicomweb_endpoint_url}/datastore/{cfg.datastore_id}"
-        super().__init__(replace(cfg, url=base), qido, session=session, signer=signer, capabilities=CAPABILITIES)
+        super().__init__(
+            replace(cfg, url=base), qido, session=session, signer=SigV4Signer(cfg.region, credentials), capabilities=CAPABILITIES
+        )
         self.limits = RateLimits(cfg.rate_limits)
+        self.native = NativeClient(cfg, credentials, self.limits)
+
+    async def close(self) -> None:
+        await super().close()
+        await self.native.close()
 
     # -- store -------------------------------------------------------------------------
 
@@ -220,6 +236,26 @@ class HealthImagingUpstream(DicomWebUpstream):
         if include is not search.include:
             query += "&includefield=all"
         return canonical_query(query)
+
+    def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
+        """QIDO-RS, continued through SearchImageSets past the 10,000 results a QIDO-RS
+        search can reach when the search needs only what image set summaries hold
+        (`native.continuable`); otherwise such a search still ends in SearchTruncated."""
+        return self._studies(search)
+
+    async def _studies(self, search: Search) -> AsyncIterator[JsonObject]:
+        seen: set[str] = set()
+        try:
+            async for obj in super().search_for_studies(search):
+                seen.update(((obj.get("0020000D") or {}).get("Value") or [])[:1])
+                yield obj
+        except SearchTruncated as exc:
+            if not continuable(search):
+                raise
+            log.info("QIDO-RS stopped at %d studies; continuing the search with SearchImageSets", exc.returned)
+            async for summary in self.native.search_image_sets(search):
+                for obj in skipping([study_object(summary)], seen):
+                    yield obj
 
     # -- retrieve ----------------------------------------------------------------------
 

@@ -60,14 +60,23 @@ def canonical_query(query: str) -> str:
 
 
 class AwsCredentials:
-    """botocore's credential chain (or one profile of it), resolved on first use."""
+    """botocore's credential chain (or one profile of it), resolved on first use; its
+    session also makes the native API's client, so both share one set of credentials."""
 
     def __init__(self, profile: str = "") -> None:
         self.profile = profile
         self._credentials: Credentials | None = None
+        self._session: botocore.session.Session | None = None
+
+    @property
+    def session(self) -> botocore.session.Session:
+        """The botocore session (blocking to create: it loads botocore's data)."""
+        if self._session is None:
+            self._session = botocore.session.Session(profile=self.profile or None)
+        return self._session
 
     def _resolve(self) -> Credentials:
-        credentials = botocore.session.Session(profile=self.profile or None).get_credentials()
+        credentials = self.session.get_credentials()
         if credentials is None:
             raise UpstreamAuthError(
                 "no AWS credentials: botocore's chain found none (environment, shared config and "

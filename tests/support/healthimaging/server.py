@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, Self
@@ -172,6 +172,7 @@ class Emulator:
         self.clock_offset = clock_offset
         self.max_stow_bytes = max_stow_bytes
         self.requests: list[Record] = []
+        self._study_views: dict[str, tuple[int, Any]] = {}
         self.dicomweb_port = free_port()
         self.runtime_port = free_port()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -256,6 +257,12 @@ class Emulator:
     def refusals(self) -> list[Record]:
         """Requests refused for their signature or credentials."""
         return [r for r in self.requests if r.status in (400, 403) and r.error_type.endswith(("SignatureException", "ClientException", "TokenException"))]
+
+    def load(self, files: Iterable[bytes]) -> None:
+        """Store Part 10 files directly, as an import job would: for tests that need
+        thousands of studies without sending each over STOW-RS."""
+        for raw in files:
+            self.datastore.add(prepare(raw))
 
     def instance(self, sop_instance_uid: str) -> Instance | None:
         return next((i for i in self.datastore.instances() if i.sop_instance_uid == sop_instance_uid), None)
@@ -406,8 +413,15 @@ class Emulator:
     async def _search_studies(self, request: web.Request, body: bytes) -> web.Response:
         query = self._query(request, search.STUDY_KEYS)
         sets = sorted(self.datastore.primary_sets(), key=lambda s: s.updated_at, reverse=True)
-        studies = [search.study_view(s) for s in sets if s.instances]
+        studies = [self._study_view(s) for s in sets if s.instances]
         return self._answer(studies, query, search.STUDY_RETURN, lambda ds: {"00081190": {"vr": "UR", "Value": [self._retrieve_url(str(ds.StudyInstanceUID))]}})
+
+    def _study_view(self, image_set: ImageSet) -> Any:
+        """A study's attributes, computed once per image set version."""
+        cached = self._study_views.get(image_set.id)
+        if cached is None or cached[0] != image_set.version:
+            cached = self._study_views[image_set.id] = (image_set.version, search.study_view(image_set))
+        return cached[1]
 
     async def _search_series(self, request: web.Request, body: bytes) -> web.Response:
         study = request.match_info.get("study")

@@ -108,8 +108,10 @@ class Unstorable(Exception):
 
 
 def _part10(ds: Dataset) -> bytes:
+    """A Part 10 file in the dataset's File Meta syntax (a converted dataset may have
+    been read in another byte order)."""
     buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
 
 
@@ -117,7 +119,10 @@ def _frames(ds: Dataset, syntax: str) -> list[bytes]:
     """The pixel data of each frame, as stored (one codestream per frame when encapsulated)."""
     if "PixelData" not in ds:
         return []
-    count = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        count = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        count = 1  # an unreadable Number of Frames: one frame, as viewers read it
     if syntax_info(syntax).encapsulated:
         return list(generate_frames(ds.PixelData, number_of_frames=count))
     data = bytes(ds.PixelData)
