@@ -22,7 +22,7 @@ UpstreamAuthError, which holds delivery like a refusal of the service.
 from __future__ import annotations
 
 import asyncio
-import logging
+import threading
 from collections.abc import Mapping
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
@@ -38,8 +38,6 @@ from botocore.exceptions import BotoCoreError
 
 from gateway.upstream.errors import UpstreamAuthError
 from gateway.upstream.http import SignableRequest
-
-log = logging.getLogger("gateway.upstream")
 
 SERVICE = "medical-imaging"
 # What SigV4Auth adds to a request, all sent.
@@ -67,13 +65,16 @@ class AwsCredentials:
         self.profile = profile
         self._credentials: Credentials | None = None
         self._session: botocore.session.Session | None = None
+        self._session_lock = threading.Lock()
 
     @property
     def session(self) -> botocore.session.Session:
-        """The botocore session (blocking to create: it loads botocore's data)."""
-        if self._session is None:
-            self._session = botocore.session.Session(profile=self.profile or None)
-        return self._session
+        """The botocore session (blocking to create, and created from worker threads:
+        the signer's and the native client's share one)."""
+        with self._session_lock:
+            if self._session is None:
+                self._session = botocore.session.Session(profile=self.profile or None)
+            return self._session
 
     def _resolve(self) -> Credentials:
         credentials = self.session.get_credentials()
