@@ -157,6 +157,8 @@ def test_find_at_study_series_and_image_level(loaded: Loaded, tmp_path: Path) ->
     assert [(str(s.SeriesInstanceUID), int(s.NumberOfSeriesRelatedInstances)) for s in series] == [(first.SeriesInstanceUID, 12)]
     images = find(loaded, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": first.StudyInstanceUID, "SeriesInstanceUID": first.SeriesInstanceUID, "SOPInstanceUID": "", "InstanceNumber": ""}, tmp_path / "i")
     assert sorted(int(i.InstanceNumber) for i in images) == list(range(1, 13))
+    searched = {r.operation for r in loaded.emulator.requests if r.status == 200}
+    assert {"SearchDICOMStudies", "SearchDICOMSeries", "SearchDICOMInstances"} <= searched
     assert not loaded.emulator.refusals()
 
 
@@ -181,10 +183,12 @@ def test_move_to_an_uncompressed_only_destination_fetches_instance_by_instance(l
 
 def test_get_a_study(loaded: Loaded, tmp_path: Path) -> None:
     other = pydicom.dcmread(loaded.other)
+    before = len(loaded.emulator.requests)
     result = getscu(loaded.gateway.port, loaded.gateway.ae_title, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": str(other.StudyInstanceUID)}, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     (got,) = [pydicom.dcmread(p) for p in tmp_path.iterdir() if p.is_file()]
     assert got.SOPInstanceUID == other.SOPInstanceUID and np.array_equal(got.pixel_array, other.pixel_array)
+    assert [r.operation for r in loaded.emulator.requests[before:]] == ["SearchDICOMStudyInstances", "GetDICOMInstance"]
 
 
 def test_a_wrong_secret_holds_delivery_logged_once_then_delivers_after_the_fix(
