@@ -300,3 +300,20 @@ def test_wado_serves_the_stored_htj2k_or_decoded_pixels_and_no_bulk_retrieve(
         assert reply.status == 404 and reply.headers["x-amzn-errortype"] == "UnknownOperationException"
     metadata = json.loads(client.get(f"{emulator.datastore_url}/studies/{study}/series/{series}/metadata").body)
     assert metadata[0]["00020010"]["Value"] == [HTJ2K_RPCL]
+
+
+def test_payload_hash_forms(emulator: Emulator, keys: tuple[str, str], tmp_path: Path) -> None:
+    """UNSIGNED-PAYLOAD is accepted as the literal; a declared hash that is not the
+    body's makes the signature fail, as the service hashes what it received."""
+    (path,) = ct_series(tmp_path, 1, rows=8, columns=8)
+    data = path.read_bytes()
+    url = f"{emulator.datastore_url}/studies"
+
+    def post(declared: str, body: bytes) -> int:
+        aws = AWSRequest(method="POST", url=url, headers={"Content-Type": "application/dicom", "X-Amz-Content-SHA256": declared})
+        SigV4Auth(Credentials(*keys), "medical-imaging", emulator.region).add_auth(aws)
+        return post_raw(url, dict(aws.headers.items()), body)
+
+    assert post(hashlib.sha256(data).hexdigest(), data[:-1] + b"\x01") == 403
+    assert post("UNSIGNED-PAYLOAD", data) == 200
+    assert post(hashlib.sha256(data).hexdigest(), data) == 200
