@@ -95,14 +95,40 @@ class AuthConfig:
     value: str = ""
 
 
+# AWS HealthImaging's default quotas (requests/s) of the operations the gateway
+# calls, from its developer guide; ``[upstream.rate_limits]`` overrides them where an
+# account's quotas were raised (or must be shared with other clients).
+HEALTHIMAGING_QUOTAS: dict[str, float] = {
+    "GetDICOMInstance": 50,
+    "GetDICOMInstanceMetadata": 50,
+    "GetDICOMInstanceFrames": 50,
+    "GetDICOMSeriesMetadata": 50,
+    "GetImageFrame": 1000,
+    "GetImageSetMetadata": 50,
+    "SearchImageSets": 25,
+    "GetImageSet": 25,
+}
+HEALTHIMAGING_KEYS = ("region", "datastore_id", "dicomweb_endpoint_url", "runtime_endpoint_url", "profile", "rate_limits")
+AWS_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+DATASTORE_ID_RE = re.compile(r"^[0-9a-z]{32}$")  # botocore's medical-imaging model
+HTTP_URL_RE = re.compile(r"^https?://[^/\s]+")
+
+
 @dataclass(frozen=True)
 class UpstreamConfig:
-    type: str = "local"  # local | dicomweb
+    type: str = "local"  # local | dicomweb | healthimaging
     url: str = ""
     auth: AuthConfig = field(default_factory=AuthConfig)
     timeout: float = 120.0
     connect_timeout: float = 10.0
     verify_tls: bool = True
+    # type = "healthimaging" only; the endpoints are resolved from the region when not set.
+    region: str = ""
+    datastore_id: str = ""
+    dicomweb_endpoint_url: str = ""
+    runtime_endpoint_url: str = ""
+    profile: str = ""  # botocore profile; "" for botocore's default chain
+    rate_limits: dict[str, float] = field(default_factory=dict)  # operation -> requests/s
 
 
 @dataclass(frozen=True)
@@ -360,22 +386,68 @@ def _auth(r: _Reader) -> AuthConfig:
 
 def _upstream(r: _Reader) -> UpstreamConfig:
     d = UpstreamConfig()
-    kind = r.string("type", d.type, ("local", "dicomweb"))
+    kind = r.string("type", d.type, ("local", "dicomweb", "healthimaging"))
     url = r.string("url", d.url).rstrip("/")
-    if kind == "dicomweb" and not re.match(r"^https?://[^/\s]+", url):
+    if kind == "dicomweb" and not HTTP_URL_RE.match(url):
         r.problems.append(
             f"upstream.url: {url!r} is not an http(s) URL (required when upstream.type = 'dicomweb')"
         )
+    aws: dict[str, Any] = {}
+    if kind == "healthimaging":
+        aws = _healthimaging(r)
+        for key in ("url", "auth"):
+            if key in r.table:
+                r.seen.add(key)
+                r.problems.append(
+                    f"upstream.{key}: not used with upstream.type = 'healthimaging' "
+                    "(the endpoints come from upstream.region, credentials from botocore's chain)"
+                )
+    else:
+        for key in HEALTHIMAGING_KEYS:
+            if key in r.table:
+                r.seen.add(key)
+                r.problems.append(f"upstream.{key}: only used with upstream.type = 'healthimaging'")
     cfg = UpstreamConfig(
         type=kind,
         url=url,
-        auth=_auth(r.sub("auth")),
+        auth=_auth(r.sub("auth")) if kind != "healthimaging" else AuthConfig(),
         timeout=r.number("timeout", d.timeout, 0.1, 86400),
         connect_timeout=r.number("connect_timeout", d.connect_timeout, 0.1, 3600),
         verify_tls=r.boolean("verify_tls", d.verify_tls),
+        **aws,
     )
     r.finish()
     return cfg
+
+
+def _healthimaging(r: _Reader) -> dict[str, Any]:
+    """The ``[upstream]`` keys of an AWS HealthImaging data store."""
+    region = r.string("region", "")
+    if not region:
+        r.problems.append("upstream.region: required when upstream.type = 'healthimaging' (e.g. \"us-east-1\")")
+    elif not AWS_REGION_RE.match(region):
+        r.problems.append(f"upstream.region: {region!r} is not an AWS region name such as 'us-east-1'")
+    datastore_id = r.string("datastore_id", "")
+    if not datastore_id:
+        r.problems.append("upstream.datastore_id: required when upstream.type = 'healthimaging'")
+    elif not DATASTORE_ID_RE.match(datastore_id):
+        r.problems.append(f"upstream.datastore_id: {datastore_id!r} is not a data store ID (32 lower-case letters and digits)")
+    endpoints = {}
+    for key, host in (("dicomweb_endpoint_url", "dicom"), ("runtime_endpoint_url", "runtime")):
+        value = r.string(key, "").rstrip("/")
+        if value and not HTTP_URL_RE.match(value):
+            r.problems.append(f"upstream.{key}: {value!r} is not an http(s) URL")
+        endpoints[key] = value or f"https://{host}-medical-imaging.{region}.amazonaws.com"
+    limits = r.sub("rate_limits")
+    rate_limits = {op: limits.number(op, quota, 0.001, 1e6) for op, quota in HEALTHIMAGING_QUOTAS.items()}
+    limits.finish()
+    return {
+        "region": region,
+        "datastore_id": datastore_id,
+        "profile": r.string("profile", ""),
+        "rate_limits": rate_limits,
+        **endpoints,
+    }
 
 
 def _find(r: _Reader) -> FindConfig:

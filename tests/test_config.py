@@ -37,6 +37,8 @@ host = "127.0.0.1"
 port = 8080
 """
 
+HEALTHIMAGING = {"type": "healthimaging", "region": "us-east-1", "datastore_id": "d9a2a515ab294163a2d2f4069eed584c"}
+
 
 def test_issue_example_loads_as_written(tmp_path: Path) -> None:
     path = tmp_path / "g.toml"
@@ -72,12 +74,39 @@ def test_shipped_default_is_valid_and_local() -> None:
         ({"upstream": {"auth": {"type": "basic", "username": "u"}}}, "upstream.auth.password: required"),
         ({"spool": {"concurency": 4}}, "spool.concurency: unknown key"),
         ({"upstream": {"auth": {"type": "bearer", "token": "env:DICOMGW_TEST_UNSET"}}}, "DICOMGW_TEST_UNSET is not set"),
+        ({"upstream": {"type": "healthimaging", "datastore_id": "d9a2a515ab294163a2d2f4069eed584c"}}, "upstream.region: required"),
+        ({"upstream": {"type": "healthimaging", "region": "us-east-1"}}, "upstream.datastore_id: required"),
+        ({"upstream": {**HEALTHIMAGING, "region": "US East"}}, "upstream.region: 'US East' is not an AWS region"),
+        ({"upstream": {**HEALTHIMAGING, "datastore_id": "D9A2"}}, "upstream.datastore_id: 'D9A2' is not"),
+        ({"upstream": {**HEALTHIMAGING, "dicomweb_endpoint_url": "dicom.local"}}, "upstream.dicomweb_endpoint_url: 'dicom.local' is not an http(s) URL"),
+        ({"upstream": {**HEALTHIMAGING, "runtime_endpoint_url": "ftp://x"}}, "upstream.runtime_endpoint_url"),
+        ({"upstream": {**HEALTHIMAGING, "url": "http://x/dicom-web"}}, "upstream.url: not used with upstream.type = 'healthimaging'"),
+        ({"upstream": {**HEALTHIMAGING, "auth": {"type": "bearer", "token": "t"}}}, "upstream.auth: not used with upstream.type = 'healthimaging'"),
+        ({"upstream": {"type": "dicomweb", "url": "http://x", "region": "us-east-1"}}, "upstream.region: only used with upstream.type = 'healthimaging'"),
+        ({"upstream": {**HEALTHIMAGING, "rate_limits": {"GetDICOMInstanse": 10}}}, "upstream.rate_limits.GetDICOMInstanse: unknown key"),
+        ({"upstream": {**HEALTHIMAGING, "rate_limits": {"GetImageFrame": 0}}}, "upstream.rate_limits.GetImageFrame: expected a number"),
     ],
 )
 def test_errors_name_the_key(toml: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(toml)
     assert message in str(info.value)
+
+
+def test_healthimaging_example_of_the_issue_loads_with_its_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(
+        '[upstream]\ntype = "healthimaging"\nregion = "eu-west-1"\ndatastore_id = "d9a2a515ab294163a2d2f4069eed584c"\n'
+        'profile = "imaging"\n[upstream.rate_limits]\nGetDICOMInstance = 20\n'
+    )
+    up = load_config(path).upstream
+    assert (up.type, up.region, up.datastore_id, up.profile) == ("healthimaging", "eu-west-1", "d9a2a515ab294163a2d2f4069eed584c", "imaging")
+    assert up.dicomweb_endpoint_url == "https://dicom-medical-imaging.eu-west-1.amazonaws.com"
+    assert up.runtime_endpoint_url == "https://runtime-medical-imaging.eu-west-1.amazonaws.com"
+    assert up.rate_limits["GetDICOMInstance"] == 20 and up.rate_limits["GetImageFrame"] == 1000
+    assert up.rate_limits["SearchImageSets"] == 25 and up.rate_limits["GetImageSetMetadata"] == 50
+    local = parse_config({"upstream": {**HEALTHIMAGING, "dicomweb_endpoint_url": "http://127.0.0.1:9/", "runtime_endpoint_url": "http://127.0.0.1:8"}}).upstream
+    assert (local.dicomweb_endpoint_url, local.runtime_endpoint_url) == ("http://127.0.0.1:9", "http://127.0.0.1:8")
 
 
 def test_all_problems_reported_at_once() -> None:
@@ -116,6 +145,11 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert result.returncode != 0 and "invalid TOML" in result.stderr
     result = _check(tmp_path / "missing.toml")
     assert result.returncode != 0 and "file not found" in result.stderr
+    incomplete = tmp_path / "healthimaging.toml"
+    incomplete.write_text('[upstream]\ntype = "healthimaging"\n')
+    result = _check(incomplete)
+    assert result.returncode != 0
+    assert "upstream.region: required" in result.stderr and "upstream.datastore_id: required" in result.stderr
 
 
 def test_run_refuses_bad_config(tmp_path: Path) -> None:

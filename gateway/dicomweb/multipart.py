@@ -8,8 +8,9 @@ that archives which refuse chunked uploads accept it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -34,10 +35,22 @@ class FileMultipart:
         per_part = len(self._head) + 2
         return sum(size + per_part for _, size in self.files) + len(self._tail)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
+    def _layout(self) -> Iterator[bytes | tuple[Path, int]]:
+        """The body in order: literal bytes (part headers, CRLFs, the close delimiter)
+        and ``(path, size)`` for each file's content."""
         for path, size in self.files:
             yield self._head
+            yield path, size
+            yield b"\r\n"
+        yield self._tail
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        for piece in self._layout():
+            if isinstance(piece, bytes):
+                yield piece
+                continue
+            path, size = piece
             with open(path, "rb") as fh:
                 sent = 0
                 while sent < size:
@@ -46,5 +59,23 @@ class FileMultipart:
                         raise OSError(f"spool file {path.name} is shorter than recorded")
                     sent += len(chunk)
                     yield chunk
-            yield b"\r\n"
-        yield self._tail
+
+    def sha256(self) -> str:
+        """The hex SHA-256 of the body exactly as iterating it sends it, for signers that
+        sign the payload (AWS SigV4). Blocking: it reads every file, so the files are read
+        twice (the second time mostly from the page cache)."""
+        digest = hashlib.sha256()
+        for piece in self._layout():
+            if isinstance(piece, bytes):
+                digest.update(piece)
+                continue
+            path, size = piece
+            with open(path, "rb") as fh:
+                left = size
+                while left:
+                    chunk = fh.read(min(CHUNK, left))
+                    if not chunk:
+                        raise OSError(f"spool file {path.name} is shorter than recorded")
+                    digest.update(chunk)
+                    left -= len(chunk)
+        return digest.hexdigest()

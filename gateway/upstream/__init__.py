@@ -11,9 +11,7 @@ from gateway.upstream.base import Upstream
 
 def make_upstream(cfg: Config) -> Upstream:
     """The upstream the config names."""
-    if cfg.upstream.type == "dicomweb":
-        from gateway.upstream.dicomweb import DicomWebUpstream
-
+    if cfg.upstream.type in ("dicomweb", "healthimaging"):
         f = cfg.find
         options = QidoOptions(
             page_size=f.page_size,
@@ -21,6 +19,12 @@ def make_upstream(cfg: Config) -> Upstream:
             relax_unsafe=f.wildcard_unsafe_characters,
             local_only=frozenset(int(tag_for_keyword(k)) for k in f.local_match_keys),  # type: ignore[arg-type]
         )
+        if cfg.upstream.type == "healthimaging":
+            from gateway.upstream.healthimaging import HealthImagingUpstream
+
+            return HealthImagingUpstream(cfg.upstream, options)
+        from gateway.upstream.dicomweb import DicomWebUpstream
+
         return DicomWebUpstream(cfg.upstream, options)
     from gateway.upstream.local import LocalUpstream
 

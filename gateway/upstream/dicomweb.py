@@ -9,7 +9,7 @@ import logging
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,12 +150,13 @@ class DicomWebUpstream:
         try:
             async with self.http.request(
                 "POST", url, what="store", headers=headers, data=body,
-                body=Body.streamed(body.content_length), passthrough=EVERY_STATUS,
+                body=await self._stow_body(body), passthrough=EVERY_STATUS,
             ) as resp:
                 payload = await resp.read()
                 status = resp.status
                 content_type = resp.headers.get("Content-Type", "")
                 retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+                answer_headers = resp.headers.copy()
         except UpstreamUnavailable as exc:
             return all_("retry", str(exc))
 
@@ -164,7 +165,7 @@ class DicomWebUpstream:
         if status in RETRYABLE_HTTP:
             return all_("retry", http_status(status), retry_after)
         if status in CONFIG_REFUSALS:
-            return all_("config", CONFIG_REFUSALS[status])
+            return all_("config", self._config_refusal(status, answer_headers))
         parsed = parse_stow_response(payload, content_type)
         if status >= 400 and (status != 409 or not parsed.parsed):
             if len(instances) > 1:
@@ -211,6 +212,16 @@ class DicomWebUpstream:
                 )
         return outcomes
 
+    async def _stow_body(self, body: FileMultipart) -> Body:
+        """What the signer may know of a STOW-RS body: its length (it is streamed from
+        the spool files, so no hash). May raise UpstreamUnavailable."""
+        return Body.streamed(body.content_length)
+
+    def _config_refusal(self, status: int, headers: Mapping[str, str]) -> str:
+        """The reason delivery is held when the archive refused a STOW-RS as a whole with
+        a status of CONFIG_REFUSALS; archives that say more in their headers say it here."""
+        return CONFIG_REFUSALS[status]
+
     async def health(self) -> Health:
         try:
             async with self.http.request(
@@ -225,9 +236,13 @@ class DicomWebUpstream:
 
     # -- search ------------------------------------------------------------------------
 
+    def _search_query(self, path: str, search: Search, limit: int, offset: int) -> str:
+        """The encoded query string of one page of a search of the resource ``path``."""
+        return query_string(search, self.qido, limit, offset)
+
     async def _page(self, path: str, search: Search, offset: int, limit: int) -> tuple[list[JsonObject], bool]:
         """One QIDO-RS page: (objects, whether the server says it cut the page short)."""
-        url = self.http.url(path, query_string(search, self.qido, limit, offset))
+        url = self.http.url(path, self._search_query(path, search, limit, offset))
         timeout = aiohttp.ClientTimeout(total=self.qido.timeout, sock_connect=self.cfg.connect_timeout)
         try:
             async with self.http.request(

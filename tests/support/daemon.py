@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,17 @@ class Gateway:
         spool_dir: Path | None = None,
         wrapper: Sequence[str] = (),
         run_args: Sequence[str] = (),
+        upstream: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """``spool_dir``: put the spool elsewhere (another file system, or another
         gateway's spool). ``run_args``: more options of ``dicom-gateway run`` (e.g.
         ``--log-format json``). ``wrapper``: a command the daemon runs under, e.g.
         ``["/usr/bin/strace", "-f", "-o", path]``; signals go to the whole process
-        group, so they reach the daemon itself, not only the wrapper."""
+        group, so they reach the daemon itself, not only the wrapper. ``upstream``:
+        the body of the ``[upstream]`` table as TOML, instead of one built from
+        ``upstream_url``. ``env``: variables set for the daemon (and `cli`) on top of
+        the test's environment; replace it before a restart to change them."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -49,6 +54,7 @@ class Gateway:
         self.spool_dir = spool_dir if spool_dir is not None else workdir / "spool"
         self.wrapper = list(wrapper)
         self.run_args = list(run_args)
+        self.env = dict(env or {})
         self.config_path = workdir / "gateway.toml"
         self.log_path = workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -62,11 +68,12 @@ class Gateway:
                 **(spool or {}),
             }.items()
         )
-        upstream = (
-            f'type = "dicomweb"\nurl = "{upstream_url}"\ntimeout = 30\n'
-            if upstream_url
-            else 'type = "local"\n'
-        )
+        if upstream is None:
+            upstream = (
+                f'type = "dicomweb"\nurl = "{upstream_url}"\ntimeout = 30\n'
+                if upstream_url
+                else 'type = "local"\n'
+            )
         self.config_path.write_text(
             f'[dimse]\nae_title = "{ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
             f"shutdown_grace = 5\n{dimse_lines}\n"
@@ -84,6 +91,7 @@ class Gateway:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **self.env},
         )
         log.close()
         try:
@@ -162,7 +170,7 @@ class Gateway:
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ},
+            env={**os.environ, **self.env},
         )
 
 

@@ -1,0 +1,337 @@
+"""AWS HealthImaging as an upstream: its DICOMweb representation, SigV4-signed.
+
+A DICOMweb archive at ``{dicomweb_endpoint_url}/datastore/{datastore_id}`` with what
+the developer guide documents and nothing more:
+
+* STOW-RS ``POST /studies/{study}`` of at most 1 GB per request: a larger batch is
+  sent in several, an instance alone above it is refused. A 401/403 holds delivery
+  (the reason names credentials or the clock, from ``x-amzn-ErrorType`` and the
+  answer's Date); 429 and 5xx are retried by the forwarder;
+* QIDO-RS with the match keys each resource documents (the others are matched by the
+  gateway alone, as every answer is), ``limit`` at most 1000 and at most 10,000
+  results reachable per search (beyond: SearchTruncated);
+* WADO-RS of single instances (``application/dicom; transfer-syntax=...``), instance
+  and series metadata, frames; no study-level or series-level retrieval, so fronts
+  fetch instance by instance (`Capabilities`); no DELETE;
+* reads of each operation spaced by a client-side token bucket at the service's
+  quotas (``[upstream.rate_limits]``);
+* a study search past QIDO-RS's 10,000 results goes on through the native
+  SearchImageSets where the image set summaries can answer it (`native`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
+from email.utils import parsedate_tz
+from pathlib import Path
+
+import aiohttp
+from pydicom.datadict import tag_for_keyword
+
+from gateway.config import UpstreamConfig
+from gateway.dicomweb import mediatypes
+from gateway.dicomweb.multipart import FileMultipart
+from gateway.dicomweb.qido import QidoOptions
+from gateway.model.search import Search
+from gateway.upstream.base import (
+    Capabilities,
+    Frame,
+    Health,
+    JsonObject,
+    Retrieved,
+    StoreItem,
+    StoreOutcome,
+)
+from gateway.upstream.dicomweb import DicomWebUpstream
+from gateway.upstream.errors import (
+    SearchTruncated,
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from gateway.upstream.healthimaging.native import (
+    NativeClient,
+    continuable,
+    skipping,
+    study_object,
+)
+from gateway.upstream.healthimaging.ratelimit import RateLimits
+from gateway.upstream.healthimaging.signer import (
+    AwsCredentials,
+    SigV4Signer,
+    canonical_query,
+)
+from gateway.upstream.http import EVERY_STATUS, Body, http_status
+
+log = logging.getLogger("gateway.upstream")
+
+CAPABILITIES = Capabilities(
+    study_retrieve=False,
+    series_retrieve=False,
+    frames=True,
+    metadata=True,
+    delete=False,
+    search_limit=10_000,
+    max_page=1000,
+)
+MAX_STOW_BYTES = 1_000_000_000  # "up to 1GB of DICOM data per request"
+_PART_OVERHEAD = 128  # part headers and delimiters of the multipart body, per instance
+MAX_INCLUDEFIELDS = 50
+SKEW_SECONDS = 300  # SigV4 refuses requests more than five minutes off the service's clock
+
+
+def _tags(*keywords: str) -> frozenset[int]:
+    return frozenset(int(tag_for_keyword(k)) for k in keywords)  # type: ignore[arg-type]
+
+
+# The match keys each QIDO-RS resource documents ("Searching DICOM data in HealthImaging").
+STUDY_KEYS = _tags(
+    "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "ReferringPhysicianName",
+    "StudyDescription", "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime",
+    "StudyInstanceUID", "StudyID",
+)
+SERIES_KEYS = _tags("Modality", "SeriesInstanceUID")
+INSTANCE_KEYS = _tags("SOPClassUID", "SOPInstanceUID")
+ALL_SERIES_KEYS = STUDY_KEYS | _tags(
+    "Modality", "SeriesInstanceUID", "SeriesNumber", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime"
+)
+ALL_INSTANCE_KEYS = ALL_SERIES_KEYS | INSTANCE_KEYS
+
+# What an authentication refusal says, by x-amzn-ErrorType.
+AUTH_REFUSALS = {
+    "InvalidSignatureException": "HealthImaging refused the request signature (InvalidSignatureException): check the secret access key and the system clock",
+    "SignatureDoesNotMatch": "HealthImaging refused the request signature (SignatureDoesNotMatch): check the secret access key",
+    "UnrecognizedClientException": "HealthImaging does not know the access key or session token (UnrecognizedClientException): check the AWS credentials",
+    "InvalidClientTokenId": "HealthImaging does not know the access key (InvalidClientTokenId): check the AWS credentials",
+    "ExpiredTokenException": "the AWS session token has expired (ExpiredTokenException): check that the credential source renews it",
+    "AccessDeniedException": "the AWS credentials lack a permission (AccessDeniedException): check the IAM policy (medical-imaging:StoreDICOM, Search*, Get*)",
+    "MissingAuthenticationTokenException": "HealthImaging found no signature (MissingAuthenticationTokenException): check upstream.dicomweb_endpoint_url",
+}
+
+
+def error_type(headers: Mapping[str, str]) -> str:
+    """AWS's error code from ``x-amzn-ErrorType`` (``Code`` or ``Code:namespace-URL``)."""
+    return headers.get("x-amzn-ErrorType", "").split(":", 1)[0].strip()
+
+
+def clock_skew(headers: Mapping[str, str]) -> float | None:
+    """How far our clock is from the service's (its Date header), when past SigV4's
+    five minutes; None when within them or unknown."""
+    parsed = parsedate_tz(headers.get("Date", ""))
+    if parsed is None:
+        return None
+    theirs = calendar.timegm(parsed[:9]) - (parsed[9] or 0)
+    skew = time.time() - theirs
+    return skew if abs(skew) > SKEW_SECONDS else None
+
+
+def _allowed_keys(path: str) -> frozenset[int]:
+    """The documented match keys of the QIDO-RS resource ``path``."""
+    parts = path.split("/")
+    if parts == ["studies"]:
+        return STUDY_KEYS
+    if parts == ["series"]:
+        return ALL_SERIES_KEYS
+    if len(parts) == 3 and parts[2] == "series":
+        return SERIES_KEYS
+    if len(parts) == 5:
+        return INSTANCE_KEYS
+    return ALL_INSTANCE_KEYS  # a study's instances, or all instances
+
+
+def _batches(instances: Sequence[StoreItem]) -> list[list[StoreItem]]:
+    """Consecutive runs of instances whose multipart body stays within the STOW limit."""
+    batches: list[list[StoreItem]] = []
+    size = 0
+    for item in instances:
+        cost = item.size + _PART_OVERHEAD
+        if not batches or size + cost > MAX_STOW_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += cost
+    return batches
+
+
+class HealthImagingUpstream(DicomWebUpstream):
+    """One HealthImaging data store over its DICOMweb representation.
+
+    ``session`` and ``credentials`` replace those built from the config (tests).
+    """
+
+    kind = "healthimaging"
+
+    def __init__(
+        self,
+        cfg: UpstreamConfig,
+        qido: QidoOptions = QidoOptions(),
+        *,
+        session: aiohttp.ClientSession | None = None,
+        credentials: AwsCredentials | None = None,
+    ) -> None:
+        self.region = cfg.region
+        self.datastore_id = cfg.datastore_id
+        credentials = credentials or AwsCredentials(cfg.profile)
+        base = f"{cfg.dicomweb_endpoint_url}/datastore/{cfg.datastore_id}"
+        super().__init__(
+            replace(cfg, url=base), qido, session=session, signer=SigV4Signer(cfg.region, credentials), capabilities=CAPABILITIES
+        )
+        self.limits = RateLimits(cfg.rate_limits)
+        self.native = NativeClient(cfg, credentials, self.limits)
+
+    async def close(self) -> None:
+        await super().close()
+        await self.native.close()
+
+    # -- store -------------------------------------------------------------------------
+
+    async def store_instances(self, study_uid: str, instances: Sequence[StoreItem]) -> list[StoreOutcome]:
+        outcomes: list[StoreOutcome] = []
+        for batch in _batches(instances):
+            if len(batch) == 1 and batch[0].size + _PART_OVERHEAD > MAX_STOW_BYTES:
+                outcomes.append(StoreOutcome("rejected", f"instance of {batch[0].size} bytes is above HealthImaging's 1 GB STOW-RS limit"))
+                continue
+            try:
+                outcomes += await super().store_instances(study_uid, batch)
+            except UpstreamAuthError as exc:  # from the signer: no credentials to sign with
+                outcomes += [StoreOutcome("config", str(exc)) for _ in batch]
+        return outcomes
+
+    async def _stow_body(self, body: FileMultipart) -> Body:
+        """SigV4 signs the payload hash: the body is read once to hash it, then sent."""
+        try:
+            return Body(body.content_length, await asyncio.to_thread(body.sha256))
+        except OSError as exc:
+            raise UpstreamUnavailable(f"local file error: {exc.strerror or exc}") from None
+
+    def _config_refusal(self, status: int, headers: Mapping[str, str]) -> str:
+        code = error_type(headers)
+        if status == 404:
+            if code == "ResourceNotFoundException":
+                return f"HealthImaging has no data store {self.datastore_id} in {self.region} (HTTP 404); check upstream.datastore_id and upstream.region"
+            return f"no HealthImaging STOW-RS service at {self.url} ({http_status(status)}); check upstream.dicomweb_endpoint_url"
+        if status == 405:
+            return f"no HealthImaging STOW-RS service at {self.url} ({http_status(status)}); check upstream.dicomweb_endpoint_url"
+        reason = AUTH_REFUSALS.get(code, f"HealthImaging refused our credentials ({http_status(status)} {code}): check the AWS credentials")
+        skew = clock_skew(headers)
+        if skew is not None:
+            direction = "behind" if skew < 0 else "ahead of"
+            reason = f"the system clock is {abs(skew):.0f} s {direction} HealthImaging's, beyond SigV4's 5 minutes: fix the clock (NTP); {reason}"
+        return reason
+
+    # -- search ------------------------------------------------------------------------
+
+    def _search_query(self, path: str, search: Search, limit: int, offset: int) -> str:
+        """Only documented keys are sent (the gateway matches the others itself), at most
+        50 includefields (more: ``all``), in SigV4 canonical form."""
+        allowed = _allowed_keys(path)
+        keys = tuple(k for k in search.keys if k.tag in allowed)
+        include = search.include if len(search.include) <= MAX_INCLUDEFIELDS else ()
+        query = super()._search_query(path, replace(search, keys=keys, include=include), limit, offset)
+        if include is not search.include:
+            query += "&includefield=all"
+        return canonical_query(query)
+
+    def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
+        """QIDO-RS, continued through SearchImageSets past the 10,000 results a QIDO-RS
+        search can reach when the search needs only what image set summaries hold
+        (`native.continuable`); otherwise such a search still ends in SearchTruncated."""
+        return self._studies(search)
+
+    async def _studies(self, search: Search) -> AsyncIterator[JsonObject]:
+        seen: set[str] = set()
+        try:
+            async for obj in super().search_for_studies(search):
+                seen.update(((obj.get("0020000D") or {}).get("Value") or [])[:1])
+                yield obj
+        except SearchTruncated as exc:
+            if not continuable(search):
+                raise
+            log.info("QIDO-RS stopped at %d studies; continuing the search with SearchImageSets", exc.returned)
+            async for summary in self.native.search_image_sets(search):
+                for obj in skipping([study_object(summary)], seen):
+                    yield obj
+
+    # -- retrieve ----------------------------------------------------------------------
+
+    def _instance_accepts(self, acceptable: Sequence[str]) -> list[tuple[str, int | None]]:
+        """GetDICOMInstance answers one Part 10 file: ``application/dicom`` with the
+        syntax (``*``: as stored), not multipart."""
+        return [(f"{mediatypes.DICOM}; transfer-syntax={syntax}", None) for syntax in acceptable]
+
+    async def retrieve_instance(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        spill_dir: Path,
+        spill_bytes: int,
+        *,
+        acceptable: Sequence[str],
+    ) -> Retrieved:
+        await self.limits.acquire("GetDICOMInstance")
+        return await super().retrieve_instance(
+            study_uid, series_uid, sop_instance_uid, spill_dir, spill_bytes, acceptable=acceptable
+        )
+
+    async def retrieve_metadata(
+        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+    ) -> list[JsonObject]:
+        """Instance and series metadata as the service serves them; a study's, which it
+        does not serve, series by series."""
+        if series_uid is None:
+            objects: list[JsonObject] = []
+            async for series in self.search_for_series(Search(study_uid=study_uid, include=(0x0020000E,))):
+                uid = (series.get("0020000E") or {}).get("Value") or []
+                if uid:
+                    objects += await self.retrieve_metadata(study_uid, str(uid[0]))
+            return objects
+        await self.limits.acquire("GetDICOMSeriesMetadata" if sop_instance_uid is None else "GetDICOMInstanceMetadata")
+        return await super().retrieve_metadata(study_uid, series_uid, sop_instance_uid)
+
+    async def retrieve_frames(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        frame_numbers: Sequence[int],
+        *,
+        acceptable: Sequence[str],
+    ) -> AsyncIterator[Frame]:
+        await self.limits.acquire("GetDICOMInstanceFrames")
+        async for frame in super().retrieve_frames(
+            study_uid, series_uid, sop_instance_uid, frame_numbers, acceptable=acceptable
+        ):
+            yield frame
+
+    # -- health ------------------------------------------------------------------------
+
+    async def health(self) -> Health:
+        """A signed one-result study search: ``auth refused``, ``throttled`` or
+        ``unreachable`` say which of the three is wrong."""
+        try:
+            async with self.http.request(
+                "GET", self.http.url("studies", "limit=1"), what="health probe",
+                headers={"Accept": mediatypes.DICOM_JSON}, timeout=aiohttp.ClientTimeout(total=5),
+                passthrough=EVERY_STATUS,
+            ) as resp:
+                await resp.read()
+                status, headers = resp.status, resp.headers.copy()
+        except UpstreamAuthError as exc:
+            return Health(False, f"auth refused: {exc}")
+        except UpstreamError as exc:
+            return Health(False, f"unreachable: {exc}")
+        if status in (401, 403):
+            return Health(False, f"auth refused: {self._config_refusal(status, headers)}")
+        if status == 429:
+            return Health(True, f"throttled: {http_status(status)} {error_type(headers)}")
+        if status >= 500:
+            return Health(False, f"unreachable: {http_status(status)}")
+        if status >= 400:
+            return Health(False, f"refused: {self._config_refusal(status, headers) if status in (404, 405) else http_status(status)}")
+        return Health(True, f"HTTP {status}")
