@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import Fetched, inspect
-from gateway.upstream.base import Upstream
+from gateway.upstream.base import Capabilities, Upstream
 from gateway.upstream.errors import NotFound, UpstreamError
 
 log = logging.getLogger("gateway.retrieval")
@@ -26,12 +26,14 @@ log = logging.getLogger("gateway.retrieval")
 Scope = tuple[str, str | None]  # (study UID, series UID or None for the whole study)
 
 
-def bulk_scopes(request: RetrieveRequest) -> list[Scope] | None:
+def bulk_scopes(request: RetrieveRequest, capabilities: Capabilities) -> list[Scope] | None:
     """The studies or series the request names with their study, to read whole; None
-    when it names neither (the series of a study not named, single instances)."""
-    if request.level == "STUDY":
+    when it names neither (the series of a study not named, single instances), or the
+    archive cannot retrieve at that level (AWS HealthImaging has neither study nor
+    series retrieve): then every instance is fetched on its own."""
+    if request.level == "STUDY" and capabilities.study_retrieve:
         return [(study, None) for study in request.study_uids]
-    if request.level == "SERIES" and request.study_uids:
+    if request.level == "SERIES" and request.study_uids and capabilities.series_retrieve:
         return [(request.study_uids[0], series) for series in request.series_uids]
     return None
 

@@ -158,7 +158,7 @@ class Retriever:
     def bulk(self, request: RetrieveRequest, what: str) -> BulkFeed | None:
         """Start reading the request's series or studies whole, or None when it names
         neither with its study (the series of a study not named, single instances)."""
-        scopes = bulk_scopes(request)
+        scopes = bulk_scopes(request, self.upstream.capabilities)
         if scopes is None:
             return None
         return BulkFeed(self.upstream, scopes, self.spill_dir, self.spill_bytes, LOOKAHEAD_INSTANCES, LOOKAHEAD_BYTES, what)

@@ -179,6 +179,7 @@ def test_move_to_an_uncompressed_only_destination_fetches_instance_by_instance(l
     assert len(fetched) == 12 and all(r.status == 200 for r in fetched)
     assert not [r for r in loaded.emulator.requests if r.operation == "UnknownOperation"]
     assert not loaded.emulator.refusals()
+    assert "bulk retrieval stopped" not in loaded.gateway.log()  # no series retrieve was tried
 
 
 def test_get_a_study(loaded: Loaded, tmp_path: Path) -> None:

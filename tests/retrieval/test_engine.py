@@ -19,7 +19,7 @@ from gateway.retrieval.engine import Counts, Delivery, Outcome, Retriever, Targe
 from gateway.retrieval.listing import Listing
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import DataSource, Fetched, FileSlice
-from gateway.upstream.base import Retrieved
+from gateway.upstream.base import Capabilities, Retrieved
 from gateway.upstream.errors import NotFound, UpstreamUnavailable
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -56,6 +56,8 @@ class FakeArchive:
     ``pages_after_open`` the later pages wait for the first receiver to be opened), and
     fails after them when ``search_fails``. ``classes`` gives a UID another SOP class.
     Every instance handed out is kept in ``handed`` and records its release."""
+
+    capabilities = Capabilities()
 
     def __init__(
         self, held: list[str], bulk: list[str], bulk_fails: bool, listed: list[str] | None = None,
