@@ -22,12 +22,14 @@ from gateway.dimse.get import GET_SOP_CLASSES, GetService
 from gateway.dimse.move import MOVE_SOP_CLASSES, MoveService
 from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
+from gateway.metrics import Metrics
 from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Forwarder
 from gateway.spool.lock import SpoolLock
 from gateway.spool.queue import Spool
 from gateway.upstream import make_upstream
 from gateway.web.app import create_app
+from gateway.web.metrics import SpoolCollector
 
 log = logging.getLogger("gateway.daemon")
 
@@ -65,18 +67,21 @@ async def _run(config: Config) -> None:
         log.warning("requeued %d instance(s) left in 'sending' by an unclean stop", requeued)
     if adopted:
         log.warning("adopted %d spooled file(s) whose rows were lost; they are queued", adopted)
-    upstream = make_upstream(config)
+    # One registry per daemon, never the process-wide default.
+    metrics = Metrics()
+    metrics.registry.register(SpoolCollector(spool))
+    upstream = make_upstream(config, metrics)
     await upstream.start()
     # With ack = "delivered" every C-STORE waits for its own delivery: never linger.
     linger = 0.0 if config.dimse.ack == "delivered" else config.spool.batch_linger_ms / 1000
-    forwarder = Forwarder(spool, upstream, config.spool, linger)
+    forwarder = Forwarder(spool, upstream, config.spool, linger, metrics)
     spool.on_enqueue = lambda: loop.call_soon_threadsafe(forwarder.wake)
     await forwarder.start()
 
-    runner = web.AppRunner(create_app(spool, upstream, forwarder.problems), access_log=None)
+    runner = web.AppRunner(create_app(spool, upstream, forwarder.problems, metrics), access_log=None)
     await runner.setup()
     store = StoreService(config, spool)
-    retriever = Retriever(config, upstream)
+    retriever = Retriever(config, upstream, metrics)
     services = {
         C_STORE_RQ: store,
         C_FIND_RQ: FindService(config, upstream),
@@ -84,7 +89,8 @@ async def _run(config: Config) -> None:
         C_GET_RQ: GetService(config, retriever),
     }
     server = DimseServer(
-        config, spool.incoming, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES, UNCOMPRESSED)
+        config, spool.incoming, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES, UNCOMPRESSED),
+        metrics,
     )
     started = False
     try:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gateway.dimse import pdu
+from gateway.metrics import Metrics
 from gateway.writeback import start_writeback
 from gateway.dimse.command import (
     C_CANCEL_RQ,
@@ -127,10 +128,13 @@ class Association:
         incoming_dir: Path,
         dimse_timeout: float,
         min_free_bytes: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         """``dimse_timeout`` bounds every write: how long a peer may read nothing.
         ``min_free_bytes``: below this free space on ``incoming_dir``'s file system a
-        C-STORE data set is not written (``spool.min_free_mb``)."""
+        C-STORE data set is not written (``spool.min_free_mb``). ``metrics``: where each
+        request's final status and duration go."""
+        self.metrics = metrics
         self.reader = reader
         self.writer = writer
         self.rq = rq
@@ -160,6 +164,7 @@ class Association:
         self._started: set[int] = set()  # requests whose service has begun
         self._cancelled_early: set[int] = set()  # C-CANCEL arrived while still queued
         self._unanswered: set[int] = set()  # requests without their final response yet
+        self._received_at: dict[int, float] = {}  # monotonic time each request was complete
         # Called when the last running request ends: the reader's idle timer restarts.
         self.on_idle: Callable[[], None] | None = None
         # C-GET: SOP classes for which the peer took the SCP role (we send C-STORE to
@@ -183,7 +188,15 @@ class Association:
         rsp = decode_command(command)
         status = rsp.get(0x0900)
         if rsp.field & 0x8000 and status is not None and status not in PENDING_STATUSES:
-            self._unanswered.discard(int(rsp.get(0x0120, 0)))  # type: ignore[arg-type]
+            answered = int(rsp.get(0x0120, 0))  # type: ignore[arg-type]
+            self._unanswered.discard(answered)
+            self._observe(answered, rsp.field, int(status))  # type: ignore[arg-type]
+
+    def _observe(self, message_id: int, field: int, status: int | None) -> None:
+        """Report a request's end (its final status, None: never answered) to the metrics."""
+        received = self._received_at.pop(message_id, None)
+        if self.metrics is not None and received is not None:
+            self.metrics.dimse_request(field, status, time.monotonic() - received)
 
     async def send_raw(self, data: bytes) -> None:
         """Send bytes already encoded as PDUs (C-GET sub-operations, A-RELEASE-RP)."""
@@ -374,6 +387,7 @@ class Association:
         message_id, command_field = message.command.message_id, message.command.field
         self._fields[message_id] = command_field
         self._unanswered.add(message_id)
+        self._received_at[message_id] = time.monotonic()
 
         async def run() -> None:
             try:
@@ -392,6 +406,8 @@ class Association:
             finally:
                 if message.dataset_path is not None:
                     message.dataset_path.unlink(missing_ok=True)
+                if message_id in self._unanswered:
+                    self._observe(message_id, command_field, None)
                 self.tasks.pop(message_id, None)
                 self._fields.pop(message_id, None)
                 for ids in (self._started, self._cancelled_early, self._unanswered):

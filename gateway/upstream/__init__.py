@@ -6,11 +6,12 @@ from pydicom.datadict import tag_for_keyword
 
 from gateway.config import Config
 from gateway.dicomweb.qido import QidoOptions
+from gateway.metrics import Metrics
 from gateway.upstream.base import Upstream
 
 
-def make_upstream(cfg: Config) -> Upstream:
-    """The upstream the config names."""
+def make_upstream(cfg: Config, metrics: Metrics | None = None) -> Upstream:
+    """The upstream the config names; an HTTP one reports its requests to ``metrics``."""
     if cfg.upstream.type == "dicomweb":
         from gateway.upstream.dicomweb import DicomWebUpstream
 
@@ -21,7 +22,7 @@ def make_upstream(cfg: Config) -> Upstream:
             relax_unsafe=f.wildcard_unsafe_characters,
             local_only=frozenset(int(tag_for_keyword(k)) for k in f.local_match_keys),  # type: ignore[arg-type]
         )
-        return DicomWebUpstream(cfg.upstream, options)
+        return DicomWebUpstream(cfg.upstream, options, metrics=metrics)
     from gateway.upstream.local import LocalUpstream
 
     return LocalUpstream(cfg.spool.directory, cfg.find.page_size)
