@@ -11,6 +11,7 @@ from gateway.web import health
 # ops: /metrics and /readyz
 from gateway.metrics import Metrics
 from gateway.web import metrics as metrics_routes
+from gateway.web import ready
 from gateway.web.keys import HEALTH_CACHE, PROBLEMS, SPOOL, UPSTREAM
 
 
@@ -26,4 +27,5 @@ def create_app(
     # ops: /metrics and /readyz
     app[metrics_routes.METRICS] = metrics if metrics is not None else Metrics()
     app.add_routes(metrics_routes.routes)
+    app.add_routes(ready.routes)
     return app
