@@ -91,6 +91,7 @@ async def _run(config: Config) -> None:
     server = DimseServer(
         config, spool.incoming, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES, UNCOMPRESSED),
         metrics,
+        spool.space_problem,
     )
     started = False
     try:

@@ -22,7 +22,6 @@ import contextlib
 import errno
 import io
 import logging
-import shutil
 import struct
 import time
 import uuid
@@ -127,14 +126,16 @@ class Association:
         contexts: dict[int, AcceptedContext],
         incoming_dir: Path,
         dimse_timeout: float,
-        min_free_bytes: int = 0,
+        space_problem: Callable[[], str | None] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         """``dimse_timeout`` bounds every write: how long a peer may read nothing.
-        ``min_free_bytes``: below this free space on ``incoming_dir``'s file system a
-        C-STORE data set is not written (``spool.min_free_mb``). ``metrics``: where each
-        request's final status and duration go."""
+        ``space_problem``: the spool's check of its disk limits (``spool.min_free_mb``,
+        ``spool.max_size_mb``), which says why no more data can be taken; a C-STORE data
+        set is then not written. ``metrics``: where each request's final status and
+        duration go."""
         self.metrics = metrics
+        self.space_check = space_problem
         self.reader = reader
         self.writer = writer
         self.rq = rq
@@ -145,7 +146,6 @@ class Association:
         self.contexts = contexts
         self.peer_max_pdu = rq.max_pdu_length
         self.incoming_dir = incoming_dir
-        self.min_free_bytes = min_free_bytes
         self.dimse_timeout = dimse_timeout
         self.stats = AssociationStats()
         self._send_lock = asyncio.Lock()
@@ -294,17 +294,13 @@ class Association:
             self._refuse(_write_problem(exc))
 
     def _space_problem(self) -> str | None:
-        """Why the spool cannot take more data now (free space below the floor), or None."""
+        """Why the spool cannot take more data now (a disk limit reached), or None."""
+        if self.space_check is None:
+            return None
         try:
-            free = shutil.disk_usage(self.incoming_dir).free
+            return self.space_check()
         except OSError as exc:
             return f"spool unusable: {exc.strerror}"
-        if free < self.min_free_bytes:
-            return (
-                f"spool free space {free // 2**20} MiB is below the floor of "
-                f"{self.min_free_bytes // 2**20} MiB"
-            )
-        return None
 
     def _refuse(self, reason: str) -> None:
         """Stop storing the C-STORE in progress: drop its partial file; its remaining

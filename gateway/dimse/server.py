@@ -129,10 +129,13 @@ async def _unrecognized(assoc: Association, message: Message) -> None:
 class DimseServer:
     """The listening SCP and its live associations."""
 
-    def __init__(self, config: Config, incoming_dir, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]], metrics: Metrics | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: Config, incoming_dir, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]], metrics: Metrics | None = None, space_problem: Callable[[], str | None] | None = None) -> None:  # type: ignore[no-untyped-def]
         """``handlers`` maps a request Command Field to its service; ``abstract_syntaxes``
         lists the non-storage SOP classes served, with the transfer syntaxes we accept;
-        ``metrics`` receives association counts and request timings."""
+        ``metrics`` receives association counts and request timings; ``space_problem``
+        is the spool's check of its disk limits, run before and during each C-STORE
+        data set."""
+        self.space_problem = space_problem
         self.metrics = metrics if metrics is not None else Metrics()
         self.config = config
         self.incoming_dir = incoming_dir
@@ -326,7 +329,7 @@ class DimseServer:
         )
         await drain(writer, d.acse_timeout)
         assoc = Association(
-            reader, writer, rq, accepted, self.incoming_dir, d.dimse_timeout, self.config.spool.min_free_mb * 2**20,
+            reader, writer, rq, accepted, self.incoming_dir, d.dimse_timeout, self.space_problem,
             metrics=self.metrics,
         )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)

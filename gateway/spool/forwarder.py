@@ -303,6 +303,14 @@ class Forwarder:
             )
         if delivered and self.cfg.retain_delivered_hours == 0:
             await self._spool(self.spool.purge_delivered, 0.0)
+        if delivered and self.spool.needs_eviction():
+            await self._evict()
+
+    async def _evict(self) -> None:
+        """Delete delivered files, oldest first, to keep the spool under its cap."""
+        evicted = await self._spool(self.spool.evict_delivered)
+        if evicted:
+            log.info("evicted %d delivered instance(s) to keep the spool under spool.max_size_mb", evicted)
 
     async def _record(self, batch: list[SpooledInstance], outcomes: list[Outcome]) -> dict[int, str]:
         """Record what the archive said, retrying until the spool database takes it.
@@ -333,6 +341,8 @@ class Forwarder:
                 removed = await self._spool(self.spool.purge_delivered, retain)
                 if removed:
                     log.info("purged %d delivered instance(s) from the spool", removed)
+                if self.spool.needs_eviction():
+                    await self._evict()
             except Exception:
                 log.exception("spool purge failed")
             try:

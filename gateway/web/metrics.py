@@ -2,7 +2,7 @@
 
 Counters and histograms are kept up to date by the services as they work; the spool's
 gauges (instances and bytes per state, age of the oldest pending instance, free space)
-are read from the spool database when scraped. The whole exposition is rendered on a
+and disk limits are read from the spool when scraped. The whole exposition is rendered on a
 worker thread, so a slow spool read never stalls the event loop serving DIMSE.
 """
 
@@ -29,7 +29,7 @@ routes = web.RouteTableDef()
 
 
 class SpoolCollector(Collector):
-    """The spool's state, read at scrape time (called on the scraping worker thread)."""
+    """The spool's state and disk limits, read at scrape time (on the scraping worker thread)."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
@@ -55,6 +55,19 @@ class SpoolCollector(Collector):
             value=age or 0.0,
         )
         yield GaugeMetricFamily("gateway_spool_free_bytes", "Free space on the spool's file system", value=status["free_bytes"])
+        yield GaugeMetricFamily(
+            "gateway_spool_used_bytes", "Bytes of the spool's files, those being received included",
+            value=self.spool.used_bytes(),
+        )
+        yield GaugeMetricFamily("gateway_spool_max_bytes", "spool.max_size_mb in bytes (0: no cap)", value=self.spool.cap)
+        near = GaugeMetricFamily(
+            "gateway_spool_limit_near",
+            "1 when a disk limit is close: free space under 110 % of the floor, or the spool at 90 % of its cap",
+            labels=["limit"],
+        )
+        for limit, is_near in self.spool.limits_near().items():
+            near.add_metric([limit], 1 if is_near else 0)
+        yield near
 
 
 @routes.get("/metrics")
