@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 
 from aiohttp import web
 
@@ -26,27 +24,13 @@ from gateway.metrics import Metrics
 from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Forwarder
 from gateway.spool.lock import SpoolLock
-from gateway.spool.queue import Spool
+from gateway.spool.queue import STATES, Spool
+from gateway.systemd import feed_watchdog, report_status, sd_notify, watchdog_interval
 from gateway.upstream import make_upstream
 from gateway.web.app import create_app
 from gateway.web.metrics import SpoolCollector
 
 log = logging.getLogger("gateway.daemon")
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("systemd notify failed: %s", exc)
 
 
 async def run(config: Config) -> None:
@@ -94,6 +78,7 @@ async def _run(config: Config) -> None:
         spool.space_problem,
     )
     started = False
+    keepers: list[asyncio.Task[None]] = []  # systemd watchdog and status line
     try:
         await web.TCPSite(runner, config.http.host, config.http.port).start()
         await server.start()
@@ -109,6 +94,16 @@ async def _run(config: Config) -> None:
             config.spool.directory,
         )
         sd_notify("READY=1")
+        interval = watchdog_interval()
+        if interval is not None:
+            keepers.append(asyncio.create_task(feed_watchdog(interval), name="systemd-watchdog"))
+
+        async def status_line() -> str:
+            status = await loop.run_in_executor(None, spool.status)
+            counts = ", ".join(f"{status['counts'][state]} {state}" for state in STATES)
+            return f"spool: {counts}; {server.association_count} association(s) open"
+
+        keepers.append(asyncio.create_task(report_status(status_line), name="systemd-status"))
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -116,6 +111,9 @@ async def _run(config: Config) -> None:
         log.info("stopping")
         sd_notify("STOPPING=1")
     finally:
+        for task in keepers:
+            task.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)
         grace = config.dimse.shutdown_grace
         if started:
             await server.stop(grace)

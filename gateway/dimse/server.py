@@ -146,6 +146,11 @@ class DimseServer:
         self._live: set[asyncio.Task[None]] = set()
         self._associations: set[Association] = set()
 
+    @property
+    def association_count(self) -> int:
+        """Associations established now."""
+        return len(self._associations)
+
     async def start(self) -> None:
         self._server = await asyncio.start_server(
             self._on_connect,

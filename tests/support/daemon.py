@@ -35,12 +35,14 @@ class Gateway:
         spool_dir: Path | None = None,
         wrapper: Sequence[str] = (),
         run_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         """``spool_dir``: put the spool elsewhere (another file system, or another
         gateway's spool). ``run_args``: more options of ``dicom-gateway run`` (e.g.
         ``--log-format json``). ``wrapper``: a command the daemon runs under, e.g.
         ``["/usr/bin/strace", "-f", "-o", path]``; signals go to the whole process
-        group, so they reach the daemon itself, not only the wrapper."""
+        group, so they reach the daemon itself, not only the wrapper. ``env``: more
+        environment variables for the daemon (e.g. ``NOTIFY_SOCKET``)."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -49,6 +51,7 @@ class Gateway:
         self.spool_dir = spool_dir if spool_dir is not None else workdir / "spool"
         self.wrapper = list(wrapper)
         self.run_args = list(run_args)
+        self.env = dict(env or {})
         self.config_path = workdir / "gateway.toml"
         self.log_path = workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -84,6 +87,7 @@ class Gateway:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **self.env},
         )
         log.close()
         try:
