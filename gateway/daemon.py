@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 from aiohttp import web
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load_config
 from gateway.dimse.command import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
 from gateway.dimse.find import FIND_SOP_CLASSES, FindService
 from gateway.dimse.get import GET_SOP_CLASSES, GetService
@@ -21,6 +22,7 @@ from gateway.dimse.move import MOVE_SOP_CLASSES, MoveService
 from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
 from gateway.metrics import Metrics
+from gateway.reload import changed, merge
 from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Forwarder
 from gateway.spool.lock import SpoolLock
@@ -33,17 +35,18 @@ from gateway.web.metrics import SpoolCollector
 log = logging.getLogger("gateway.daemon")
 
 
-async def run(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down cleanly.
+async def run(config: Config, config_path: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly; SIGHUP reloads what
+    `gateway.reload` allows from ``config_path``.
 
     The spool lock comes before anything else touches the spool directory: a second
     daemon started on it by mistake raises SpoolLocked having changed nothing.
     """
     with SpoolLock(config.spool.directory):
-        await _run(config)
+        await _run(config, config_path)
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
     spool = Spool(config.spool)
     requeued, adopted = spool.recover()
@@ -104,9 +107,40 @@ async def _run(config: Config) -> None:
             return f"spool: {counts}; {server.association_count} association(s) open"
 
         keepers.append(asyncio.create_task(report_status(status_line), name="systemd-status"))
+        running = [config]  # the config in force, replaced by each reload
+
+        async def reload() -> None:
+            """Re-read the config file and apply what can change without a restart."""
+            assert config_path is not None
+            try:
+                loaded = await loop.run_in_executor(None, load_config, config_path)
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", "; ".join(exc.problems))
+                return
+            merged, needs_restart = merge(running[0], loaded)
+            applied = changed(running[0], merged)
+            running[0] = merged
+            for service in (server, store, *services.values(), retriever):
+                service.config = merged
+            spool.set_limits(merged.spool)
+            logging.getLogger().setLevel(merged.logging.level)
+            log.warning(
+                "configuration reloaded from %s: %s%s", config_path, ", ".join(applied) or "nothing changed",
+                f"; a restart is needed for {', '.join(needs_restart)}" if needs_restart else "",
+            )
+
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_sighup() -> None:
+            task = asyncio.create_task(reload(), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if config_path is not None:
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
         log.info("stopping")
         sd_notify("STOPPING=1")

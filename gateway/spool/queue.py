@@ -14,6 +14,7 @@ fsync, rename, directory fsync, row commit) before it returns.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -175,6 +176,11 @@ class Spool:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.directory).free
+
+    def set_limits(self, cfg: SpoolConfig) -> None:
+        """Take the disk limits (``min_free_mb``, ``max_size_mb``) of ``cfg`` (a reload)."""
+        self.cfg = dataclasses.replace(self.cfg, min_free_mb=cfg.min_free_mb, max_size_mb=cfg.max_size_mb)
+        self.cap = cfg.max_size_mb * MiB
 
     def used_bytes(self) -> int:
         """What the spool's files take: spooled instances plus those being received."""
