@@ -246,6 +246,7 @@ class Spool:
         try:
             self.check_space()
             fsync_path(temp_path)
+            size = temp_path.stat().st_size
             os.replace(temp_path, final)
             fsync_path(subdir, directory=True)
         except OSError as exc:
@@ -271,7 +272,7 @@ class Spool:
                 raise SpoolFull(f"spool database full: {exc}") from exc
             raise
         with self._bytes_lock:
-            self._stored_bytes += final.stat().st_size
+            self._stored_bytes += size
         self.on_enqueue()
         return row_id
 
