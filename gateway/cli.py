@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 import warnings
+from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
@@ -60,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.daemon import run
 
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, Path(args.config)))
     except (OSError, SpoolLocked) as exc:
         logging.getLogger("gateway").error("cannot start: %s", exc)
         return 1

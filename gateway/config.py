@@ -73,6 +73,7 @@ class DimseConfig:
 class SpoolConfig:
     directory: Path = Path("/var/lib/dicom-gateway")
     min_free_mb: int = 512
+    max_size_mb: int = 0  # 0: no cap on the spool's own files
     max_attempts: int = 20
     max_age_hours: float = 72.0
     batch_max_instances: int = 32
@@ -349,6 +350,7 @@ def _spool(r: _Reader) -> SpoolConfig:
     cfg = SpoolConfig(
         directory=Path(r.string("directory", str(d.directory))),
         min_free_mb=r.integer("min_free_mb", d.min_free_mb, 0, 2**40),
+        max_size_mb=r.integer("max_size_mb", d.max_size_mb, 0, 2**40),
         max_attempts=r.integer("max_attempts", d.max_attempts, 1, 10**6),
         max_age_hours=r.number("max_age_hours", d.max_age_hours, 0.001, 24 * 365 * 10),
         batch_max_instances=r.integer("batch_max_instances", d.batch_max_instances, 1, 10000),

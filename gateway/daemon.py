@@ -9,55 +9,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
+from pathlib import Path
 
 from aiohttp import web
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load_config
 from gateway.dimse.command import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
 from gateway.dimse.find import FIND_SOP_CLASSES, FindService
 from gateway.dimse.get import GET_SOP_CLASSES, GetService
 from gateway.dimse.move import MOVE_SOP_CLASSES, MoveService
 from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
+from gateway.metrics import Metrics
+from gateway.reload import changed, merge
 from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Forwarder
 from gateway.spool.lock import SpoolLock
-from gateway.spool.queue import Spool
+from gateway.spool.queue import STATES, Spool
+from gateway.systemd import feed_watchdog, report_status, sd_notify, watchdog_interval
 from gateway.upstream import make_upstream
 from gateway.web.app import create_app
+from gateway.web.metrics import SpoolCollector
 
 log = logging.getLogger("gateway.daemon")
 
 
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-    except OSError as exc:
-        log.warning("systemd notify failed: %s", exc)
-
-
-async def run(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down cleanly.
+async def run(config: Config, config_path: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly; SIGHUP reloads what
+    `gateway.reload` allows from ``config_path``.
 
     The spool lock comes before anything else touches the spool directory: a second
     daemon started on it by mistake raises SpoolLocked having changed nothing.
     """
     with SpoolLock(config.spool.directory):
-        await _run(config)
+        await _run(config, config_path)
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
     spool = Spool(config.spool)
     requeued, adopted = spool.recover()
@@ -65,18 +54,21 @@ async def _run(config: Config) -> None:
         log.warning("requeued %d instance(s) left in 'sending' by an unclean stop", requeued)
     if adopted:
         log.warning("adopted %d spooled file(s) whose rows were lost; they are queued", adopted)
-    upstream = make_upstream(config)
+    # One registry per daemon, never the process-wide default.
+    metrics = Metrics()
+    metrics.registry.register(SpoolCollector(spool))
+    upstream = make_upstream(config, metrics)
     await upstream.start()
     # With ack = "delivered" every C-STORE waits for its own delivery: never linger.
     linger = 0.0 if config.dimse.ack == "delivered" else config.spool.batch_linger_ms / 1000
-    forwarder = Forwarder(spool, upstream, config.spool, linger)
+    forwarder = Forwarder(spool, upstream, config.spool, linger, metrics)
     spool.on_enqueue = lambda: loop.call_soon_threadsafe(forwarder.wake)
     await forwarder.start()
 
-    runner = web.AppRunner(create_app(spool, upstream, forwarder.problems), access_log=None)
+    runner = web.AppRunner(create_app(spool, upstream, forwarder.problems, metrics), access_log=None)
     await runner.setup()
     store = StoreService(config, spool)
-    retriever = Retriever(config, upstream)
+    retriever = Retriever(config, upstream, metrics)
     services = {
         C_STORE_RQ: store,
         C_FIND_RQ: FindService(config, upstream),
@@ -84,9 +76,12 @@ async def _run(config: Config) -> None:
         C_GET_RQ: GetService(config, retriever),
     }
     server = DimseServer(
-        config, spool.incoming, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES, UNCOMPRESSED)
+        config, spool.incoming, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES, UNCOMPRESSED),
+        metrics,
+        spool.space_problem,
     )
     started = False
+    keepers: list[asyncio.Task[None]] = []  # systemd watchdog and status line
     try:
         await web.TCPSite(runner, config.http.host, config.http.port).start()
         await server.start()
@@ -102,13 +97,57 @@ async def _run(config: Config) -> None:
             config.spool.directory,
         )
         sd_notify("READY=1")
+        interval = watchdog_interval()
+        if interval is not None:
+            keepers.append(asyncio.create_task(feed_watchdog(interval), name="systemd-watchdog"))
+
+        async def status_line() -> str:
+            status = await loop.run_in_executor(None, spool.status)
+            counts = ", ".join(f"{status['counts'][state]} {state}" for state in STATES)
+            return f"spool: {counts}; {server.association_count} association(s) open"
+
+        keepers.append(asyncio.create_task(report_status(status_line), name="systemd-status"))
+        running = [config]  # the config in force, replaced by each reload
+
+        async def reload() -> None:
+            """Re-read the config file and apply what can change without a restart."""
+            assert config_path is not None
+            try:
+                loaded = await loop.run_in_executor(None, load_config, config_path)
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", "; ".join(exc.problems))
+                return
+            merged, needs_restart = merge(running[0], loaded)
+            applied = changed(running[0], merged)
+            running[0] = merged
+            for service in (server, store, *services.values(), retriever):
+                service.config = merged
+            spool.set_limits(merged.spool)
+            logging.getLogger().setLevel(merged.logging.level)
+            log.warning(
+                "configuration reloaded from %s: %s%s", config_path, ", ".join(applied) or "nothing changed",
+                f"; a restart is needed for {', '.join(needs_restart)}" if needs_restart else "",
+            )
+
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_sighup() -> None:
+            task = asyncio.create_task(reload(), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if config_path is not None:
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await stop.wait()
         log.info("stopping")
         sd_notify("STOPPING=1")
     finally:
+        for task in keepers:
+            task.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)
         grace = config.dimse.shutdown_grace
         if started:
             await server.stop(grace)

@@ -22,7 +22,6 @@ import contextlib
 import errno
 import io
 import logging
-import shutil
 import struct
 import time
 import uuid
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gateway.dimse import pdu
+from gateway.metrics import Metrics
 from gateway.writeback import start_writeback
 from gateway.dimse.command import (
     C_CANCEL_RQ,
@@ -126,11 +126,16 @@ class Association:
         contexts: dict[int, AcceptedContext],
         incoming_dir: Path,
         dimse_timeout: float,
-        min_free_bytes: int = 0,
+        space_problem: Callable[[], str | None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``dimse_timeout`` bounds every write: how long a peer may read nothing.
-        ``min_free_bytes``: below this free space on ``incoming_dir``'s file system a
-        C-STORE data set is not written (``spool.min_free_mb``)."""
+        ``space_problem``: the spool's check of its disk limits (``spool.min_free_mb``,
+        ``spool.max_size_mb``), which says why no more data can be taken; a C-STORE data
+        set is then not written. ``metrics``: where each request's final status and
+        duration go."""
+        self.metrics = metrics
+        self.space_check = space_problem
         self.reader = reader
         self.writer = writer
         self.rq = rq
@@ -141,7 +146,6 @@ class Association:
         self.contexts = contexts
         self.peer_max_pdu = rq.max_pdu_length
         self.incoming_dir = incoming_dir
-        self.min_free_bytes = min_free_bytes
         self.dimse_timeout = dimse_timeout
         self.stats = AssociationStats()
         self._send_lock = asyncio.Lock()
@@ -160,6 +164,7 @@ class Association:
         self._started: set[int] = set()  # requests whose service has begun
         self._cancelled_early: set[int] = set()  # C-CANCEL arrived while still queued
         self._unanswered: set[int] = set()  # requests without their final response yet
+        self._received_at: dict[int, float] = {}  # monotonic time each request was complete
         # Called when the last running request ends: the reader's idle timer restarts.
         self.on_idle: Callable[[], None] | None = None
         # C-GET: SOP classes for which the peer took the SCP role (we send C-STORE to
@@ -183,7 +188,15 @@ class Association:
         rsp = decode_command(command)
         status = rsp.get(0x0900)
         if rsp.field & 0x8000 and status is not None and status not in PENDING_STATUSES:
-            self._unanswered.discard(int(rsp.get(0x0120, 0)))  # type: ignore[arg-type]
+            answered = int(rsp.get(0x0120, 0))  # type: ignore[arg-type]
+            self._unanswered.discard(answered)
+            self._observe(answered, rsp.field, int(status))  # type: ignore[arg-type]
+
+    def _observe(self, message_id: int, field: int, status: int | None) -> None:
+        """Report a request's end (its final status, None: never answered) to the metrics."""
+        received = self._received_at.pop(message_id, None)
+        if self.metrics is not None and received is not None:
+            self.metrics.dimse_request(field, status, time.monotonic() - received)
 
     async def send_raw(self, data: bytes) -> None:
         """Send bytes already encoded as PDUs (C-GET sub-operations, A-RELEASE-RP)."""
@@ -281,17 +294,13 @@ class Association:
             self._refuse(_write_problem(exc))
 
     def _space_problem(self) -> str | None:
-        """Why the spool cannot take more data now (free space below the floor), or None."""
+        """Why the spool cannot take more data now (a disk limit reached), or None."""
+        if self.space_check is None:
+            return None
         try:
-            free = shutil.disk_usage(self.incoming_dir).free
+            return self.space_check()
         except OSError as exc:
             return f"spool unusable: {exc.strerror}"
-        if free < self.min_free_bytes:
-            return (
-                f"spool free space {free // 2**20} MiB is below the floor of "
-                f"{self.min_free_bytes // 2**20} MiB"
-            )
-        return None
 
     def _refuse(self, reason: str) -> None:
         """Stop storing the C-STORE in progress: drop its partial file; its remaining
@@ -374,6 +383,7 @@ class Association:
         message_id, command_field = message.command.message_id, message.command.field
         self._fields[message_id] = command_field
         self._unanswered.add(message_id)
+        self._received_at[message_id] = time.monotonic()
 
         async def run() -> None:
             try:
@@ -392,6 +402,8 @@ class Association:
             finally:
                 if message.dataset_path is not None:
                     message.dataset_path.unlink(missing_ok=True)
+                if message_id in self._unanswered:
+                    self._observe(message_id, command_field, None)
                 self.tasks.pop(message_id, None)
                 self._fields.pop(message_id, None)
                 for ids in (self._started, self._cancelled_early, self._unanswered):

@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from pynetdicom import AllStoragePresentationContexts
 
@@ -31,6 +32,7 @@ from gateway.dimse.association import (
     read_pdu,
 )
 from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, response
+from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.dimse")
 
@@ -81,6 +83,17 @@ RJ_LOCAL_LIMIT_EXCEEDED = (2, 3, 2)
 ABORT_TIMEOUT = 2.0
 
 
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an A-ASSOCIATE-RQ is rejected: the A-ASSOCIATE-RJ (result, source, reason),
+    a metric label, and the reason in words for the log."""
+
+    code: tuple[int, int, int]
+    label: str
+    why: str
+
+
 QR_ROOT = "1.2.840.10008.5.1.4.1.2."
 QR_PERMISSION = {"1": "find", "2": "move", "3": "get"}
 
@@ -116,9 +129,14 @@ async def _unrecognized(assoc: Association, message: Message) -> None:
 class DimseServer:
     """The listening SCP and its live associations."""
 
-    def __init__(self, config: Config, incoming_dir, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: Config, incoming_dir, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]], metrics: Metrics | None = None, space_problem: Callable[[], str | None] | None = None) -> None:  # type: ignore[no-untyped-def]
         """``handlers`` maps a request Command Field to its service; ``abstract_syntaxes``
-        lists the non-storage SOP classes served, with the transfer syntaxes we accept."""
+        lists the non-storage SOP classes served, with the transfer syntaxes we accept;
+        ``metrics`` receives association counts and request timings; ``space_problem``
+        is the spool's check of its disk limits, run before and during each C-STORE
+        data set."""
+        self.space_problem = space_problem
+        self.metrics = metrics if metrics is not None else Metrics()
         self.config = config
         self.incoming_dir = incoming_dir
         self.handlers: dict[int, Handler] = {C_ECHO_RQ: _echo, **handlers}
@@ -127,6 +145,11 @@ class DimseServer:
         self._server: asyncio.Server | None = None
         self._live: set[asyncio.Task[None]] = set()
         self._associations: set[Association] = set()
+
+    @property
+    def association_count(self) -> int:
+        """Associations established now."""
+        return len(self._associations)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -159,19 +182,20 @@ class DimseServer:
 
     def negotiate(
         self, rq: pdu.AssociateRQ, address: str
-    ) -> tuple[tuple[int, int, int] | None, str, list[pdu.PresentationContextAC]]:
-        """Decide on an A-ASSOCIATE-RQ from ``address``: a rejection (reason and why, in
-        words for the log), or the context results."""
+    ) -> tuple[Rejection | None, list[pdu.PresentationContextAC]]:
+        """Decide on an A-ASSOCIATE-RQ from ``address``: a rejection, or the context results."""
         d = self.config.dimse
         if rq.application_context != pdu.APPLICATION_CONTEXT:
-            return RJ_APPLICATION_CONTEXT, "application context not supported", []
+            return Rejection(RJ_APPLICATION_CONTEXT, "application_context", "application context not supported"), []
         peer = self.config.peer(rq.calling_ae)
         if d.require_known_peers and peer is None:
-            return RJ_CALLING_AE_NOT_RECOGNIZED, "calling AE title not in dimse.peers", []
+            return Rejection(RJ_CALLING_AE_NOT_RECOGNIZED, "unknown_calling_ae", "calling AE title not in dimse.peers"), []
         if d.require_known_peers and peer is not None and not peer.accepts_address(address):
-            return RJ_CALLING_AE_NOT_RECOGNIZED, f"calling AE title known, but from another host than {peer.host}", []
+            return Rejection(
+                RJ_CALLING_AE_NOT_RECOGNIZED, "wrong_host", f"calling AE title known, but from another host than {peer.host}"
+            ), []
         if len(self._associations) >= d.max_associations:
-            return RJ_LOCAL_LIMIT_EXCEEDED, "too many associations (dimse.max_associations)", []
+            return Rejection(RJ_LOCAL_LIMIT_EXCEEDED, "too_many_associations", "too many associations (dimse.max_associations)"), []
         # Storage classes a C-GET requester wants to receive (it asks for the SCP role).
         receiving = {r.sop_class_uid for r in rq.roles if r.scp_role}
         results = []
@@ -195,7 +219,7 @@ class DimseServer:
                 results.append(pdu.PresentationContextAC(pc.id, pdu.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, proposed[0]))
             else:
                 results.append(pdu.PresentationContextAC(pc.id, pdu.PC_ACCEPTED, chosen))
-        return None, "", results
+        return None, results
 
     @staticmethod
     def negotiate_roles(rq: pdu.AssociateRQ, accepted: dict[int, AcceptedContext]) -> list[pdu.RoleSelection]:
@@ -252,6 +276,7 @@ class DimseServer:
                 for t in list(assoc.tasks.values()):
                     t.cancel()
                 self._associations.discard(assoc)
+                self.metrics.associations_open.dec()
                 s = assoc.stats
                 elapsed = time.monotonic() - s.started
                 log.info(
@@ -282,17 +307,18 @@ class DimseServer:
         if pdu_type != pdu.A_ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
         rq = pdu.parse_associate_rq(body)
-        reject, why, results = self.negotiate(rq, where.rsplit(":", 1)[0])
+        reject, results = self.negotiate(rq, where.rsplit(":", 1)[0])
         if reject is not None:
             log.warning(
                 "association from %s@%s to %s rejected: %s (result %d, source %d, reason %d)",
-                rq.calling_ae, where, rq.called_ae, why, *reject,
+                rq.calling_ae, where, rq.called_ae, reject.why, *reject.code,
                 extra={"fields": {
                     "event": "association rejected", "calling_ae": rq.calling_ae, "called_ae": rq.called_ae,
-                    "peer": where, "reason": why,
+                    "peer": where, "reason": reject.why,
                 }},
             )
-            writer.write(pdu.encode_associate_rj(*reject))
+            self.metrics.associations_rejected.labels(reject.label).inc()
+            writer.write(pdu.encode_associate_rj(*reject.code))
             await drain(writer, d.acse_timeout)
             return None
         accepted = {
@@ -308,10 +334,13 @@ class DimseServer:
         )
         await drain(writer, d.acse_timeout)
         assoc = Association(
-            reader, writer, rq, accepted, self.incoming_dir, d.dimse_timeout, self.config.spool.min_free_mb * 2**20
+            reader, writer, rq, accepted, self.incoming_dir, d.dimse_timeout, self.space_problem,
+            metrics=self.metrics,
         )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)
         self._associations.add(assoc)
+        self.metrics.associations.inc()
+        self.metrics.associations_open.inc()
         log.info("association accepted from %s (%d of %d contexts)", assoc.peer, len(accepted), len(results))
         return assoc
 

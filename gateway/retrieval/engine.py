@@ -38,6 +38,7 @@ from typing import Protocol
 
 from gateway.codecs import TranscodeError
 from gateway.config import Config
+from gateway.metrics import Metrics
 from gateway.retrieval.bulk import BulkFeed, bulk_scopes
 from gateway.retrieval.listing import Listing
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
@@ -136,7 +137,8 @@ class Retriever:
     """What every retrieval shares, bound once (no globals): the upstream, the spill
     directory, the codec threads and their memory budget."""
 
-    def __init__(self, config: Config, upstream: Upstream) -> None:
+    def __init__(self, config: Config, upstream: Upstream, metrics: Metrics | None = None) -> None:
+        """``metrics``: where conversions for receivers are counted."""
         self.config = config
         self.upstream = upstream
         self.spill_dir = config.spool.directory / "retrieve"
@@ -146,7 +148,7 @@ class Retriever:
         self.spill_bytes = int(config.retrieve.spill_mb * 1024 * 1024)
         self.codecs = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="retrieve-codec")
         budget = ByteBudget(int(config.retrieve.transcode_mb * 1024 * 1024))
-        self.transcoder = Transcoder(self.codecs, budget, config.retrieve.allow_lossy, self.spill_dir, self.spill_bytes)
+        self.transcoder = Transcoder(self.codecs, budget, config.retrieve.allow_lossy, self.spill_dir, self.spill_bytes, metrics)
 
     def close(self) -> None:
         self.codecs.shutdown(wait=False, cancel_futures=True)

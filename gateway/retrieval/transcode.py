@@ -27,6 +27,7 @@ from pydicom.filewriter import dcmwrite
 
 from gateway.codecs import TranscodeError, choose_transfer_syntax, transcode
 from gateway.codecs.stream import FRAMES_HELD, Header, frame_size, obstacle, read_header, transcode_stream
+from gateway.metrics import Metrics
 from gateway.part10 import META_HEAD, read_file_meta
 from gateway.retrieval.source import DataSource, Fetched, FileSlice
 from gateway.upstream.base import Retrieved
@@ -147,7 +148,12 @@ class Transcoder:
     caller deletes once sent.
     """
 
-    def __init__(self, executor: Executor, budget: ByteBudget, allow_lossy: bool, spill_dir: Path, spill_bytes: int) -> None:
+    def __init__(
+        self, executor: Executor, budget: ByteBudget, allow_lossy: bool, spill_dir: Path, spill_bytes: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """``metrics``: where each conversion is counted by its syntax pair."""
+        self.metrics = metrics
         self.executor = executor
         self.budget = budget
         self.allow_lossy = allow_lossy
@@ -220,4 +226,6 @@ class Transcoder:
         except asyncio.CancelledError:
             future.add_done_callback(_drop_output)
             raise
+        if self.metrics is not None:
+            self.metrics.transcodes.labels(item.transfer_syntax, conversion.target).inc()
         return conversion.target, dataset, spilled

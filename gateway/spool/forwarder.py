@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from gateway.config import SpoolConfig
+from gateway.metrics import Metrics
 from gateway.spool.queue import Outcome, Spool, SpooledInstance
 from gateway.upstream.base import Upstream
 
@@ -86,10 +87,14 @@ class Hold:
 
 
 class Forwarder:
-    def __init__(self, spool: Spool, upstream: Upstream, cfg: SpoolConfig, linger: float) -> None:
+    def __init__(
+        self, spool: Spool, upstream: Upstream, cfg: SpoolConfig, linger: float, metrics: Metrics | None = None
+    ) -> None:
         """``linger``: seconds to wait after an idle spool wakes before claiming, so a
         burst of C-STOREs leaves as a few batched STOW-RS requests instead of one
-        request per instance (which costs both us and the archive far more CPU)."""
+        request per instance (which costs both us and the archive far more CPU).
+        ``metrics``: where delivery attempts and their outcomes are counted."""
+        self.metrics = metrics if metrics is not None else Metrics()
         self.spool = spool
         self.upstream = upstream
         self.cfg = cfg
@@ -244,6 +249,7 @@ class Forwarder:
     async def _deliver(self, batch: list[SpooledInstance]) -> None:
         study = batch[0].study_uid
         started = time.monotonic()
+        self.metrics.delivery_attempts.labels(self.upstream.kind).inc(len(batch))
         try:
             answers = await self.upstream.store_instances(study, [i.item() for i in batch])
             outcomes = [Outcome(i.id, a.kind, a.error, a.retry_after) for i, a in zip(batch, answers, strict=True)]
@@ -254,6 +260,8 @@ class Forwarder:
             log.exception("upstream store failed unexpectedly for study %s", study)
             outcomes = [Outcome(i.id, "retry", f"{type(exc).__name__}: {exc}") for i in batch]
         states = await self._record(batch, outcomes)
+        for o in outcomes:
+            self.metrics.delivery_outcomes.labels(self.upstream.kind, o.kind, states.get(o.instance_id, "unknown")).inc()
         refusal = next((o.error for o in outcomes if o.kind == "config"), None)
         if refusal is not None:
             self._held(refusal)
@@ -295,6 +303,14 @@ class Forwarder:
             )
         if delivered and self.cfg.retain_delivered_hours == 0:
             await self._spool(self.spool.purge_delivered, 0.0)
+        if delivered and self.spool.needs_eviction():
+            await self._evict()
+
+    async def _evict(self) -> None:
+        """Delete delivered files, oldest first, to keep the spool under its cap."""
+        evicted = await self._spool(self.spool.evict_delivered)
+        if evicted:
+            log.info("evicted %d delivered instance(s) to keep the spool under spool.max_size_mb", evicted)
 
     async def _record(self, batch: list[SpooledInstance], outcomes: list[Outcome]) -> dict[int, str]:
         """Record what the archive said, retrying until the spool database takes it.
@@ -325,6 +341,8 @@ class Forwarder:
                 removed = await self._spool(self.spool.purge_delivered, retain)
                 if removed:
                     log.info("purged %d delivered instance(s) from the spool", removed)
+                if self.spool.needs_eviction():
+                    await self._evict()
             except Exception:
                 log.exception("spool purge failed")
             try:

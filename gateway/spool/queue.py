@@ -14,6 +14,7 @@ fsync, rename, directory fsync, row commit) before it returns.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -37,6 +38,13 @@ from gateway.upstream.base import StoreItem
 log = logging.getLogger("gateway.spool")
 
 STATES = ("queued", "sending", "delivered", "failed", "dead")
+MiB = 1024 * 1024
+# A disk limit is "near" (not ready, a gauge) when free space is under 110 % of the
+# floor or the spool's files fill 90 % of its cap; delivered files are evicted down to
+# 80 % of the cap, so a spool whose deliveries flow never comes near it.
+NEAR_FLOOR = 1.1
+NEAR_CAP = 0.9
+EVICT_TO = 0.8
 
 
 class SpoolFull(Exception):
@@ -89,6 +97,12 @@ class Spool:
         make_buckets(self.objects)
         self.db = SpoolDB(self.directory / "spool.sqlite", cfg.busy_timeout)
         self.on_enqueue: Callable[[], None] = lambda: None
+        self.cap = cfg.max_size_mb * MiB  # 0: no cap
+        # Bytes of the files in objects/ (the rows' sizes); files being received in
+        # incoming/ are added when the cap is checked.
+        self._stored_bytes = 0
+        self._bytes_lock = threading.Lock()
+        self._count_stored_bytes()
         self._waiters: dict[int, threading.Event] = {}
         self._outcomes: dict[int, Outcome] = {}
         self._waiters_lock = threading.Lock()
@@ -127,7 +141,16 @@ class Spool:
                 continue
             self._insert(path, header, "", path.stat().st_mtime)
             adopted += 1
+        self._count_stored_bytes()
         return requeued, adopted
+
+    def _count_stored_bytes(self) -> None:
+        """Recount the bytes of the spooled files from the database (start-up, after a
+        purge or eviction: the admin CLI may have purged from another process)."""
+        with self.db.connection() as db:
+            total = next(db.query("SELECT COALESCE(SUM(size), 0) AS b FROM instances"))["b"]
+        with self._bytes_lock:
+            self._stored_bytes = int(total)
 
     def _insert(self, final: Path, header: InstanceHeader, calling_ae: str, received_at: float) -> int:
         with self.db.connection() as db, immediate(db):
@@ -154,15 +177,59 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.directory).free
 
-    def check_space(self, incoming_size: int = 0) -> None:
-        """Raise SpoolFull when accepting ``incoming_size`` more bytes would cross the floor."""
-        floor = self.cfg.min_free_mb * 1024 * 1024
+    def set_limits(self, cfg: SpoolConfig) -> None:
+        """Take the disk limits (``min_free_mb``, ``max_size_mb``) of ``cfg`` (a reload)."""
+        self.cfg = dataclasses.replace(self.cfg, min_free_mb=cfg.min_free_mb, max_size_mb=cfg.max_size_mb)
+        self.cap = cfg.max_size_mb * MiB
+
+    def used_bytes(self) -> int:
+        """What the spool's files take: spooled instances plus those being received."""
+        receiving = 0
+        with os.scandir(self.incoming) as entries:
+            for entry in entries:
+                try:
+                    receiving += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue  # finished or dropped meanwhile
+        with self._bytes_lock:
+            return self._stored_bytes + receiving
+
+    def space_problem(self, incoming_size: int = 0) -> str | None:
+        """Why ``incoming_size`` more bytes cannot be taken now: free space below
+        ``min_free_mb``, or the spool's files above ``max_size_mb``; None when they can.
+        The one check of both limits, at a C-STORE-RQ, during receipt and before an
+        instance is queued. Raises OSError when the spool's file system cannot be read."""
+        floor = self.cfg.min_free_mb * MiB
         free = self.free_bytes()
         if free - incoming_size < floor:
-            raise SpoolFull(
-                f"spool free space {free // 2**20} MiB is below the floor of "
-                f"{self.cfg.min_free_mb} MiB"
-            )
+            return f"spool free space {free // MiB} MiB is below the floor of {self.cfg.min_free_mb} MiB"
+        if self.cap:
+            used = self.used_bytes()
+            if used + incoming_size > self.cap:
+                return f"spool holds {used / MiB:.1f} MiB, over its cap of {self.cfg.max_size_mb} MiB"
+        return None
+
+    def check_space(self, incoming_size: int = 0) -> None:
+        """Raise SpoolFull when accepting ``incoming_size`` more bytes would cross a limit."""
+        problem = self.space_problem(incoming_size)
+        if problem is not None:
+            raise SpoolFull(problem)
+
+    def limits_near(self) -> dict[str, bool]:
+        """Whether each disk limit is close (``floor``: free space under 110 % of
+        ``min_free_mb``; ``cap``: the spool at 90 % of ``max_size_mb``)."""
+        floor = self.cfg.min_free_mb * MiB
+        return {
+            "floor": self.free_bytes() < floor * NEAR_FLOOR,
+            "cap": bool(self.cap) and self.used_bytes() >= self.cap * NEAR_CAP,
+        }
+
+    def needs_eviction(self) -> bool:
+        """Whether delivered files should go to keep the spool under its cap."""
+        if not self.cap:
+            return False
+        with self._bytes_lock:
+            return self._stored_bytes > self.cap * EVICT_TO
 
     def enqueue(
         self, temp_path: Path, header: InstanceHeader, calling_ae: str, watch: bool = False
@@ -179,6 +246,7 @@ class Spool:
         try:
             self.check_space()
             fsync_path(temp_path)
+            size = temp_path.stat().st_size
             os.replace(temp_path, final)
             fsync_path(subdir, directory=True)
         except OSError as exc:
@@ -203,6 +271,8 @@ class Spool:
             if is_disk_full(exc):
                 raise SpoolFull(f"spool database full: {exc}") from exc
             raise
+        with self._bytes_lock:
+            self._stored_bytes += size
         self.on_enqueue()
         return row_id
 
@@ -436,12 +506,45 @@ class Spool:
                     )
                 )
             if not rows:
+                self._count_stored_bytes()
                 return removed
-            for row in rows:
-                (self.directory / row["file"]).unlink(missing_ok=True)
-            with self.db.connection() as db, immediate(db):
-                db.execute(
-                    f"DELETE FROM instances WHERE id IN ({','.join('?' * len(rows))})",
-                    [r["id"] for r in rows],
-                )
+            self._remove(rows)
             removed += len(rows)
+
+    def evict_delivered(self) -> int:
+        """Delete delivered instances, longest delivered first, until the spool's files
+        are back under 80 % of ``max_size_mb`` (whatever ``retain_delivered_hours``
+        says); returns how many went. What is not delivered yet is never evicted."""
+        self._count_stored_bytes()
+        removed = 0
+        while self.needs_eviction():
+            with self.db.connection() as db:
+                rows = list(
+                    db.query(
+                        "SELECT id, file, size FROM instances WHERE state='delivered'"
+                        " ORDER BY delivered_at, id LIMIT 100"
+                    )
+                )
+            if not rows:
+                break
+            excess = self._stored_bytes - int(self.cap * EVICT_TO)
+            chosen: list[dict[str, Any]] = []
+            for row in rows:
+                chosen.append(row)
+                excess -= row["size"]
+                if excess <= 0:
+                    break
+            self._remove(chosen)
+            removed += len(chosen)
+            self._count_stored_bytes()
+        return removed
+
+    def _remove(self, rows: list[dict[str, Any]]) -> None:
+        """Delete these rows' spool files, then the rows."""
+        for row in rows:
+            (self.directory / row["file"]).unlink(missing_ok=True)
+        with self.db.connection() as db, immediate(db):
+            db.execute(
+                f"DELETE FROM instances WHERE id IN ({','.join('?' * len(rows))})",
+                [r["id"] for r in rows],
+            )

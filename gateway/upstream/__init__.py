@@ -6,11 +6,12 @@ from pydicom.datadict import tag_for_keyword
 
 from gateway.config import Config
 from gateway.dicomweb.qido import QidoOptions
+from gateway.metrics import Metrics
 from gateway.upstream.base import Upstream
 
 
-def make_upstream(cfg: Config) -> Upstream:
-    """The upstream the config names."""
+def make_upstream(cfg: Config, metrics: Metrics | None = None) -> Upstream:
+    """The upstream the config names; an HTTP one reports its requests to ``metrics``."""
     if cfg.upstream.type in ("dicomweb", "healthimaging"):
         f = cfg.find
         options = QidoOptions(
@@ -22,10 +23,10 @@ def make_upstream(cfg: Config) -> Upstream:
         if cfg.upstream.type == "healthimaging":
             from gateway.upstream.healthimaging import HealthImagingUpstream
 
-            return HealthImagingUpstream(cfg.upstream, options)
+            return HealthImagingUpstream(cfg.upstream, options, metrics=metrics)
         from gateway.upstream.dicomweb import DicomWebUpstream
 
-        return DicomWebUpstream(cfg.upstream, options)
+        return DicomWebUpstream(cfg.upstream, options, metrics=metrics)
     from gateway.upstream.local import LocalUpstream
 
     return LocalUpstream(cfg.spool.directory, cfg.find.page_size)

@@ -19,6 +19,7 @@ from yarl import URL
 from gateway.config import UpstreamConfig
 from gateway.dicomweb import mediatypes
 from gateway.logfmt import PATIENT_DATA
+from gateway.metrics import Metrics
 from gateway.upstream.auth import config_signer
 from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_parts, single_part_in_file, split_parts
@@ -95,7 +96,7 @@ class DicomWebUpstream:
 
     ``session`` and ``signer`` replace the ones built from the config (tests and the
     facade pass their own); ``capabilities`` those of a generic DICOMweb server, for
-    archives with known limits.
+    archives with known limits; ``metrics`` receives each HTTP request's duration.
     """
 
     kind = "dicomweb"
@@ -108,6 +109,7 @@ class DicomWebUpstream:
         session: aiohttp.ClientSession | None = None,
         signer: Signer | None = None,
         capabilities: Capabilities | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.qido = qido
@@ -119,6 +121,7 @@ class DicomWebUpstream:
             verify_tls=cfg.verify_tls,
             session=session,
             signer=signer if signer is not None else config_signer(cfg.auth),
+            metrics=metrics,
         )
         self._capabilities = capabilities or Capabilities(delete=None)
         self._wado_accept = 0  # index into WADO_ACCEPTS of the first one the archive took

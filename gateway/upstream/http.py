@@ -25,6 +25,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.logfmt import PATIENT_DATA
+from gateway.metrics import Metrics
 from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger("gateway.upstream")
@@ -155,7 +156,10 @@ class HttpClient:
         verify_tls: bool = True,
         session: aiohttp.ClientSession | None = None,
         signer: Signer | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        """``metrics``: where each request's duration and status go (None: nowhere)."""
+        self.metrics = metrics
         self.base_url = base_url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self.verify_tls = verify_tls
@@ -218,9 +222,12 @@ class HttpClient:
         writes there (a spool file streamed out, a spill file written).
         """
         effective = timeout or self.timeout
+        started = time.monotonic()
+        status: int | None = None
         try:
             sent = await self._signed(method, url, dict(headers or {}), body)
             async with self.session.request(method, url, headers=sent, data=data, timeout=effective) as resp:
+                status = resp.status
                 if resp.status >= 400 and resp.status not in passthrough:
                     payload = await resp.read()
                     raise_for_status(method, url, resp.status, payload, resp.headers, what)
@@ -232,3 +239,6 @@ class HttpClient:
             raise UpstreamUnavailable(f"archive unreachable: {type(exc).__name__}") from None
         except OSError as exc:
             raise UpstreamUnavailable(f"local file error: {exc.strerror or exc}") from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.upstream_request(what, method, status, time.monotonic() - started)

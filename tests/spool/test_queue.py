@@ -196,3 +196,35 @@ def test_spool_database_full_is_spool_full(spool: Spool) -> None:
         spool.enqueue(received(spool, 1), header(1), "MOD" * 2000)
     assert not list(spool.objects.glob("*/*.dcm")) and not any(spool.incoming.iterdir())
     assert spool.status()["counts"]["queued"] == 0
+
+
+def test_cap_counts_files_being_received_and_eviction_takes_only_delivered_oldest_first(tmp_path: Path) -> None:
+    """``max_size_mb``: the instances spooled plus those still arriving in incoming/;
+    eviction goes by delivery time down to 80 % of the cap and never touches a row
+    that is not delivered, however old."""
+    s = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, max_size_mb=1))
+    try:
+        chunk = 240 * 1024
+        ids = [s.enqueue(received(s, i, size=chunk), header(i), "MOD") for i in range(4)]
+        assert s.used_bytes() == 4 * chunk and s.space_problem() is None
+        assert s.limits_near() == {"floor": False, "cap": True}  # 94 % of the cap
+        partial = received(s, 99, size=100 * 1024)  # a C-STORE still arriving
+        assert s.used_bytes() == 5 * chunk - 140 * 1024
+        assert "over its cap of 1 MiB" in (s.space_problem() or "")
+        with pytest.raises(SpoolFull, match="over its cap"):
+            s.enqueue(partial, header(99), "MOD")
+        assert not partial.exists() and s.used_bytes() == 4 * chunk
+
+        # ids[0], received first, is still being sent; ids[3] was delivered first.
+        batch = {i.id: i for i in s.claim(10, 10**9)}
+        for row_id in (ids[3], ids[1], ids[2]):
+            s.record([batch[row_id]], [Outcome(row_id, "delivered")])
+            time.sleep(0.01)
+        assert s.evict_delivered() == 1
+        left = {row["id"]: row["state"] for row in s.list_rows()}
+        assert left == {ids[0]: "sending", ids[1]: "delivered", ids[2]: "delivered"}
+        assert not batch[ids[3]].path.exists() and batch[ids[0]].path.exists()
+        assert s.used_bytes() == 3 * chunk <= 0.8 * 2**20
+        assert s.evict_delivered() == 0
+    finally:
+        s.close()

@@ -45,7 +45,8 @@ class Gateway:
         group, so they reach the daemon itself, not only the wrapper. ``upstream``:
         the body of the ``[upstream]`` table as TOML, instead of one built from
         ``upstream_url``. ``env``: variables set for the daemon (and `cli`) on top of
-        the test's environment; replace it before a restart to change them."""
+        the test's environment (e.g. ``NOTIFY_SOCKET``); replace it before a restart to
+        change them."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title

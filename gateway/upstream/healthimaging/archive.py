@@ -37,6 +37,7 @@ from gateway.config import UpstreamConfig
 from gateway.dicomweb import mediatypes
 from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.qido import QidoOptions
+from gateway.metrics import Metrics
 from gateway.model.search import Search
 from gateway.upstream.base import (
     Capabilities,
@@ -173,13 +174,15 @@ class HealthImagingUpstream(DicomWebUpstream):
         *,
         session: aiohttp.ClientSession | None = None,
         credentials: AwsCredentials | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.region = cfg.region
         self.datastore_id = cfg.datastore_id
         credentials = credentials or AwsCredentials(cfg.profile)
         base = f"{cfg.dicomweb_endpoint_url}/datastore/{cfg.datastore_id}"
         super().__init__(
-            replace(cfg, url=base), qido, session=session, signer=SigV4Signer(cfg.region, credentials), capabilities=CAPABILITIES
+            replace(cfg, url=base), qido, session=session, signer=SigV4Signer(cfg.region, credentials),
+            capabilities=CAPABILITIES, metrics=metrics,
         )
         self.limits = RateLimits(cfg.rate_limits)
         self.native = NativeClient(cfg, credentials, self.limits)

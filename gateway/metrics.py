@@ -1,0 +1,87 @@
+"""The gateway's Prometheus collectors, one set per daemon on its own registry.
+
+A leaf: the services in ``dimse/``, ``spool/``, ``retrieval/`` and ``upstream/`` report
+into a `Metrics` handed to them, and ``web/`` exposes its registry at ``/metrics``. A
+dedicated `CollectorRegistry` (never the process-wide default) keeps two daemons, or
+the tests, in one process from sharing or colliding on counters.
+
+Labels stay bounded: DIMSE commands by name, statuses as four hex digits, delivery
+outcomes by kind, HTTP statuses as numbers, transfer syntaxes as UIDs.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds: a C-ECHO takes a millisecond, a C-MOVE of a study minutes.
+DIMSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+COMMAND_NAMES = {0x0030: "C-ECHO", 0x0001: "C-STORE", 0x0020: "C-FIND", 0x0021: "C-MOVE", 0x0010: "C-GET"}
+
+
+def command_name(field: int) -> str:
+    """The label of a request's Command Field (``other`` for services we do not offer)."""
+    return COMMAND_NAMES.get(field & 0x7FFF, "other")
+
+
+class Metrics:
+    """Every collector of one gateway, registered on ``registry`` (a new one if None)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.associations_open = Gauge(
+            "gateway_dimse_associations_open", "DIMSE associations established now", registry=r
+        )
+        self.associations = Counter(
+            "gateway_dimse_associations", "DIMSE associations accepted", registry=r
+        )
+        self.associations_rejected = Counter(
+            "gateway_dimse_associations_rejected",
+            "A-ASSOCIATE-RQs rejected, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.dimse_requests = Histogram(
+            "gateway_dimse_request_duration_seconds",
+            "DIMSE requests from their receipt to their final response, by command and final status",
+            ["command", "status"],
+            buckets=DIMSE_BUCKETS,
+            registry=r,
+        )
+        self.delivery_attempts = Counter(
+            "gateway_delivery_attempts",
+            "Instances sent to the upstream (each attempt of each instance)",
+            ["upstream"],
+            registry=r,
+        )
+        self.delivery_outcomes = Counter(
+            "gateway_delivery_outcomes",
+            "Delivery attempt outcomes: the upstream's verdict (kind) and the spool state it led to",
+            ["upstream", "kind", "state"],
+            registry=r,
+        )
+        self.upstream_requests = Histogram(
+            "gateway_upstream_request_duration_seconds",
+            "Upstream HTTP requests, body read included, by transaction, method and HTTP status"
+            " (error: no HTTP answer)",
+            ["what", "method", "status"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.transcodes = Counter(
+            "gateway_transcodes",
+            "Instances converted for a receiver, by source and target transfer syntax",
+            ["source", "target"],
+            registry=r,
+        )
+
+    def dimse_request(self, field: int, status: int | None, seconds: float) -> None:
+        """One DIMSE request ended; ``status`` None: no final response could be sent."""
+        label = "none" if status is None else f"0x{status:04X}"
+        self.dimse_requests.labels(command_name(field), label).observe(seconds)
+
+    def upstream_request(self, what: str, method: str, status: int | None, seconds: float) -> None:
+        """One upstream HTTP request ended; ``status`` None: it got no HTTP answer."""
+        self.upstream_requests.labels(what, method, "error" if status is None else str(status)).observe(seconds)

@@ -1,0 +1,77 @@
+"""GET /metrics: the daemon's Prometheus registry in the text exposition format.
+
+Counters and histograms are kept up to date by the services as they work; the spool's
+gauges (instances and bytes per state, age of the oldest pending instance, free space)
+and disk limits are read from the spool when scraped. The whole exposition is rendered on a
+worker thread, so a slow spool read never stalls the event loop serving DIMSE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.metrics import Metrics
+from gateway.spool.queue import STATES, Spool
+
+log = logging.getLogger("gateway.web")
+
+METRICS = web.AppKey("metrics", Metrics)
+
+routes = web.RouteTableDef()
+
+
+class SpoolCollector(Collector):
+    """The spool's state and disk limits, read at scrape time (on the scraping worker thread)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            status = self.spool.status()
+        except (sqlite3.Error, OSError) as exc:
+            # The scrape still answers with everything else; /healthz names the problem.
+            log.warning("metrics: cannot read the spool: %s: %s", type(exc).__name__, exc)
+            return
+        depth = GaugeMetricFamily("gateway_spool_instances", "Spooled instances by state", labels=["state"])
+        size = GaugeMetricFamily("gateway_spool_bytes", "Bytes of spooled instances by state", labels=["state"])
+        for state in STATES:
+            depth.add_metric([state], status["counts"][state])
+            size.add_metric([state], status["bytes"][state])
+        yield depth
+        yield size
+        age = status["oldest_pending_age_seconds"]
+        yield GaugeMetricFamily(
+            "gateway_spool_oldest_pending_age_seconds",
+            "Age of the oldest instance not yet delivered (0: none waiting)",
+            value=age or 0.0,
+        )
+        yield GaugeMetricFamily("gateway_spool_free_bytes", "Free space on the spool's file system", value=status["free_bytes"])
+        yield GaugeMetricFamily(
+            "gateway_spool_used_bytes", "Bytes of the spool's files, those being received included",
+            value=self.spool.used_bytes(),
+        )
+        yield GaugeMetricFamily("gateway_spool_max_bytes", "spool.max_size_mb in bytes (0: no cap)", value=self.spool.cap)
+        near = GaugeMetricFamily(
+            "gateway_spool_limit_near",
+            "1 when a disk limit is close: free space under 110 % of the floor, or the spool at 90 % of its cap",
+            labels=["limit"],
+        )
+        for limit, is_near in self.spool.limits_near().items():
+            near.add_metric([limit], 1 if is_near else 0)
+        yield near
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS].registry
+    body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
