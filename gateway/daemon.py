@@ -73,10 +73,10 @@ async def _run(config: Config) -> None:
     spool.on_enqueue = lambda: loop.call_soon_threadsafe(forwarder.wake)
     await forwarder.start()
 
-    runner = web.AppRunner(create_app(spool, upstream, forwarder.problems), access_log=None)
+    retriever = Retriever(config, upstream)
+    runner = web.AppRunner(create_app(config, spool, upstream, retriever, forwarder.problems), access_log=None)
     await runner.setup()
     store = StoreService(config, spool)
-    retriever = Retriever(config, upstream)
     services = {
         C_STORE_RQ: store,
         C_FIND_RQ: FindService(config, upstream),
