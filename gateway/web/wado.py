@@ -20,8 +20,10 @@ import io
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -53,8 +55,9 @@ from gateway.part10 import read_file_meta
 from gateway.retrieval.listing import search_instances
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import Fetched
-from gateway.upstream.base import ANY_SYNTAX, Retrieved
-from gateway.upstream.errors import NotFound, UpstreamRejected
+from gateway.upstream.base import ANY_SYNTAX, Frame, Retrieved
+from gateway.upstream.errors import NotFound, NotSupported, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.local import read_frames
 from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids
 from gateway.web.keys import RETRIEVER, UPSTREAM
 
@@ -370,6 +373,44 @@ def pick_form(forms: Sequence[FrameForm], stored: str, desc: PixelDescription) -
     raise NotAcceptable("frames of this instance can be served as: " + ", ".join(produce))
 
 
+async def _frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
+    """The frames as the archive stores them: by RetrieveFrames, or, when the archive
+    fails that (Orthanc 1.10 answers 500 for some stored syntaxes) or serves no frames,
+    cut out of the instance retrieved whole."""
+    upstream = request.app[UPSTREAM]
+    given = 0
+    try:
+        if upstream.capabilities.frames:
+            async for frame in upstream.retrieve_frames(
+                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=ANY_SYNTAX
+            ):
+                given += 1
+                yield frame
+            return
+    except (UpstreamUnavailable, NotSupported) as exc:
+        if given:
+            raise
+        log.info("frames of %s: the archive failed RetrieveFrames (%s); cutting them from the instance", ref.sop_instance_uid, exc)
+    retriever = request.app[RETRIEVER]
+    retrieved = await _fetch(request, ref)
+    path = retriever.spill_dir / f"{uuid.uuid4().hex}.frames"
+    try:
+        await asyncio.to_thread(_materialise, retrieved, path)
+        stored = read_file_meta(await asyncio.to_thread(retrieved.read, 0, 65536)).transfer_syntax
+        for frame in await asyncio.to_thread(read_frames, path, stored, numbers, ANY_SYNTAX):
+            yield frame
+    finally:
+        retrieved.release()
+        path.unlink(missing_ok=True)
+
+
+def _materialise(retrieved: Retrieved, path: Path) -> None:
+    """Copy a retrieved Part 10 file to ``path`` in bounded chunks (blocking)."""
+    with open(path, "wb") as out:
+        for start in range(0, retrieved.length, CHUNK):
+            out.write(retrieved.read(start, CHUNK))
+
+
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
     what = "WADO-RS frames"
@@ -398,7 +439,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
         if any(n > count for n in numbers):
             raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
         form: FrameForm | None = None
-        async with contextlib.aclosing(upstream.retrieve_frames(study, series, sop, numbers, acceptable=ANY_SYNTAX)) as frames:
+        async with contextlib.aclosing(_frames(request, InstanceRef(study, series, sop, ""), numbers)) as frames:
             async for frame in frames:
                 source = actual_syntax(frame.data, frame.transfer_syntax, desc)
                 if form is None:
