@@ -18,11 +18,11 @@ from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
-from gateway.web import auth, health, qido, stow, wado
+from gateway.web import auth, health, qido, rendered, stow, wado
 from gateway.web.keys import CONFIG, HEALTH_CACHE, PROBLEMS, RETRIEVER, SPOOL, UPSTREAM
 
 ALIAS_ROOTS = ("/v1", "/v1.0-prerelease", "/v2", "/datastore/{datastoreId}")
-# A client may hold a connection while a large STOW body streams in.
+# Bodies read whole (none of the facade's: STOW-RS streams its body part by part).
 MAX_SIMPLE_BODY = 1 << 20
 
 
@@ -64,4 +64,6 @@ def create_app(
         qido.add_routes(router, root)
         wado.add_routes(router, root)
         stow.add_routes(router, root)
+        rendered.add_routes(router, root)
+    rendered.add_wado_uri(router)
     return app

@@ -224,7 +224,7 @@ class InstanceBody:
             self.spill.unlink(missing_ok=True)
 
 
-async def _fetch(request: web.Request, ref: InstanceRef) -> Retrieved:
+async def fetch_instance(request: web.Request, ref: InstanceRef) -> Retrieved:
     retriever = request.app[RETRIEVER]
     return await request.app[UPSTREAM].retrieve_instance(
         ref.study_uid, ref.series_uid, ref.sop_instance_uid, retriever.spill_dir, retriever.spill_bytes, acceptable=ANY_SYNTAX
@@ -237,7 +237,7 @@ async def retrieve_instance(request: web.Request) -> web.StreamResponse:
     ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
     try:
         form = instance_form(request.headers.get("Accept"), single_allowed=True)
-        body = InstanceBody(request, await _fetch(request, ref), ref)
+        body = InstanceBody(request, await fetch_instance(request, ref), ref)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP answer
         return error_response(exc, what)
     try:
@@ -285,7 +285,7 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
             continue
         seen.add(ref.sop_instance_uid)
         try:
-            yield await _fetch(request, ref), ref
+            yield await fetch_instance(request, ref), ref
         except NotFound:
             continue  # deleted since it was listed
 
@@ -321,7 +321,8 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
             return error_response(exc, what)
         # Headers are gone: the only honest signal left is an unterminated body.
         log.error("%s: failed after %d instances: %s", what, sent, exc)
-        request.transport.close() if request.transport else None
+        if request.transport is not None:
+            request.transport.close()
         return stream.response
     if stream is None:
         return error_response(NotFound("no instances"), what)
@@ -373,7 +374,7 @@ def pick_form(forms: Sequence[FrameForm], stored: str, desc: PixelDescription) -
     raise NotAcceptable("frames of this instance can be served as: " + ", ".join(produce))
 
 
-async def _frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
+async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
     """The frames as the archive stores them: by RetrieveFrames, or, when the archive
     fails that (Orthanc 1.10 answers 500 for some stored syntaxes) or serves no frames,
     cut out of the instance retrieved whole."""
@@ -392,7 +393,7 @@ async def _frames(request: web.Request, ref: InstanceRef, numbers: list[int]) ->
             raise
         log.info("frames of %s: the archive failed RetrieveFrames (%s); cutting them from the instance", ref.sop_instance_uid, exc)
     retriever = request.app[RETRIEVER]
-    retrieved = await _fetch(request, ref)
+    retrieved = await fetch_instance(request, ref)
     path = retriever.spill_dir / f"{uuid.uuid4().hex}.frames"
     try:
         await asyncio.to_thread(_materialise, retrieved, path)
@@ -439,7 +440,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
         if any(n > count for n in numbers):
             raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
         form: FrameForm | None = None
-        async with contextlib.aclosing(_frames(request, InstanceRef(study, series, sop, ""), numbers)) as frames:
+        async with contextlib.aclosing(stored_frames(request, InstanceRef(study, series, sop, ""), numbers)) as frames:
             async for frame in frames:
                 source = actual_syntax(frame.data, frame.transfer_syntax, desc)
                 if form is None:

@@ -7,7 +7,8 @@ archive and over a real Orthanc (DICOMweb) upstream.
   every level, DELETE. Only the host and token are substituted; the one typo of the
   stored copy (``studies1.2...``, a lost slash) is restored as the vendor wrote it.
 * The SIIM 5-minute guide (seeds/003) with an ``apikey`` header under ``/dicomweb``:
-  QIDO by tag number, JSON and XML answers, WADO-RS instance as ``application/dicom``.
+  QIDO by tag number, JSON and XML answers, WADO-RS instance as ``application/dicom``,
+  rendered JPEG/PNG frames, and WADO-URI (DICOM, JPEG, PNG).
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.data import get_testdata_file
 
+from gateway.codecs.description import PixelDescription
+from gateway.codecs.render import render_frame, window_from_dataset
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.orthanc import Orthanc
@@ -206,6 +211,31 @@ def test_siim_guide_steps_with_an_apikey(facade: tuple[Gateway, Orthanc | None],
              *key, "--header", "Accept: application/dicom")
     assert r.status == 200
     assert pydicom.dcmread(BytesIO(r.body)).pixel_array.tolist() == ds.pixel_array.tolist()
+    # 5. rendered JPEG / PNG of frame 1, windowed as the instance says
+    instance = f"{url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    r = curl(f"{instance}/frames/1/rendered", *key, "--header", "Accept: image/jpeg")
+    assert r.status == 200 and r.content_type == "image/jpeg" and r.body.startswith(b"\xff\xd8")
+    r = curl(f"{instance}/frames/1/rendered", *key, "--header", "Accept: image/png")
+    assert r.status == 200 and r.content_type == "image/png"
+    png = np.asarray(Image.open(BytesIO(r.body)))
+    expected = render_frame(ds.pixel_array, PixelDescription.from_dataset(ds), "png", window_from_dataset(ds))
+    assert np.array_equal(png, np.asarray(Image.open(BytesIO(expected))))
+    assert np.corrcoef(png.ravel().astype(float), ds.pixel_array.ravel().astype(float))[0, 1] > 0.9
+    r = curl(f"{instance}/rendered?viewport=64,64&window=40,400", *key, "--header", "Accept: image/png")
+    assert r.status == 200 and Image.open(BytesIO(r.body)).size == (64, 64)
+    r = curl(f"{instance}/thumbnail", *key)
+    assert r.status == 200 and max(Image.open(BytesIO(r.body)).size) == 128
+    r = curl(f"{url}/studies/{ds.StudyInstanceUID}/rendered", *key, "--header", "Accept: image/gif")
+    assert r.status == 200 and r.body.startswith(b"GIF8")
+    # 6. WADO-URI: DICOM, then JPEG and PNG by contentType (at /wadouri/ and /wado)
+    query = f"requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"
+    r = curl(f"{gw.web_url}/wadouri/?{query}", *key)
+    assert r.status == 200 and pydicom.dcmread(BytesIO(r.body)).SOPInstanceUID == ds.SOPInstanceUID
+    r = curl(f"{gw.web_url}/wadouri/?{query}&contentType=image/jpeg", *key)
+    assert r.status == 200 and r.body.startswith(b"\xff\xd8")
+    r = curl(f"{gw.web_url}/wado?{query}&contentType=image/png&rows=32&columns=32", *key)
+    assert r.status == 200 and Image.open(BytesIO(r.body)).size == (32, 32)
+    assert curl(f"{gw.web_url}/wado?{query}", "--header", "apikey: wrong").status == 401
 
 
 def test_credentials_cors_and_health(gateway) -> None:  # type: ignore[no-untyped-def]
