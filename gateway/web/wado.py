@@ -269,16 +269,21 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
     caps = upstream.capabilities
     seen: set[str] = set()
     if caps.series_retrieve if series else caps.study_retrieve:
-        async for retrieved in upstream.iter_instances(study, series, retriever.spill_dir, retriever.spill_bytes):
-            head = await asyncio.to_thread(retrieved.read, 0, 65536)
-            try:
-                meta = read_file_meta(head)
-            except ValueError:
-                retrieved.release()
-                continue
-            seen.add(meta.sop_instance_uid)
-            ref = InstanceRef(study, series or "", meta.sop_instance_uid, meta.sop_class_uid)
-            yield retrieved, ref
+        try:
+            async for retrieved in upstream.iter_instances(study, series, retriever.spill_dir, retriever.spill_bytes):
+                head = await asyncio.to_thread(retrieved.read, 0, 65536)
+                try:
+                    meta = read_file_meta(head)
+                except ValueError:
+                    retrieved.release()
+                    continue
+                seen.add(meta.sop_instance_uid)
+                ref = InstanceRef(study, series or "", meta.sop_instance_uid, meta.sop_class_uid)
+                yield retrieved, ref
+        except NotSupported:
+            if seen:
+                raise
+            log.info("the archive refused the %s retrieve; fetching instance by instance", "series" if series else "study")
     request_ = RetrieveRequest("SERIES" if series else "STUDY", study_uids=(study,), series_uids=(series,) if series else ())
     async for ref in search_instances(upstream, request_):
         if ref.sop_instance_uid in seen:
