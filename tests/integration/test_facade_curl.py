@@ -32,7 +32,9 @@ from tests.support.daemon import Gateway
 from tests.support.orthanc import Orthanc
 from tests.support.ports import wait_until
 
-SAMPLES = Path("/work/shared/samples")
+REPO = Path(__file__).resolve().parents[2]
+# The project's shared/ folder lies beside the repository (CI lays a copy there too).
+SAMPLES = next((d for d in (REPO.parent / "shared" / "samples", Path("/work/shared/samples")) if d.is_dir()), REPO / "missing")
 STUDY = "1.2.826.0.1.3680043.8.498.13230779778012324449356534479549187420"
 SERIES = "1.2.826.0.1.3680043.8.498.45787841905473114233124723359129632652"
 SERIES_BLUE = "1.2.826.0.1.3680043.8.498.77033797676425927098669402985243398207"
