@@ -40,6 +40,14 @@ def path_uids(request: web.Request) -> dict[str, str]:
     return out
 
 
+def request_root(request: web.Request) -> str:
+    """The DICOMweb root URL the request came in under (base path or an alias root),
+    for URLs handed back to the client (RetrieveURL, BulkDataURI)."""
+    path = request.path
+    root = path[: path.find("/studies")] if "/studies" in path else path
+    return f"{request.scheme}://{request.host}{root}"
+
+
 def error_response(exc: BaseException, what: str) -> web.Response:
     """The one table from a failure to an HTTP answer; the message names keys and
     reasons, never attribute values."""

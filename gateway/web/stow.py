@@ -33,7 +33,7 @@ from gateway.dicomweb.xml import native_xml
 from gateway.header import HeaderError, Unreadable, read_header
 from gateway.spool.ingest import Ingested, Verdict, ingest
 from gateway.spool.queue import SpoolFull
-from gateway.web.common import path_uids, text_error
+from gateway.web.common import path_uids, request_root, text_error
 from gateway.web.keys import SPOOL
 
 log = logging.getLogger("gateway.web")
@@ -130,13 +130,6 @@ def _check_type(request: web.Request) -> str | None:
     return None
 
 
-def _root(request: web.Request) -> str:
-    """The request's DICOMweb root URL, for RetrieveURL values."""
-    path = request.path
-    root = path[: path.find("/studies")] if "/studies" in path else path
-    return f"{request.scheme}://{request.host}{root}"
-
-
 def response_module(results: list[PartResult], root: str, study_uid: str | None) -> dict[str, Any]:
     """The Store Instances Response Module (PS3.18 Table 10.5.3-1) as DICOM JSON."""
     stored = [r for r in results if not r.reason]
@@ -207,7 +200,7 @@ async def store(request: web.Request) -> web.StreamResponse:
     log.info(
         "STOW-RS from %s: %d stored, %d failed, %.3f s", request.remote, stored, len(results) - stored, time.monotonic() - started
     )
-    module = response_module(results, _root(request), study_uid)
+    module = response_module(results, request_root(request), study_uid)
     if any(media_range.media == DICOM_XML or media_range.part_type == DICOM_XML for media_range in parse_accept(request.headers.get("Accept"))[:1]):
         return web.Response(status=status, body=native_xml(module), content_type=DICOM_XML)
     return web.Response(status=status, body=json.dumps(module).encode(), content_type=DICOM_JSON)

@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from aiohttp import web
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -55,10 +57,11 @@ from gateway.part10 import read_file_meta
 from gateway.retrieval.listing import search_instances
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import Fetched
-from gateway.upstream.base import ANY_SYNTAX, Frame, Retrieved
+from gateway.uids import is_valid_uid
+from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.local import read_frames
-from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids
+from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids, request_root
 from gateway.web.keys import RETRIEVER, UPSTREAM
 
 log = logging.getLogger("gateway.web")
@@ -338,14 +341,43 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
 # -- metadata ------------------------------------------------------------------------
 
 
+_BULK_SEGMENT = re.compile(r"(?:^|/)bulk(?:data)?/(.+)$", re.IGNORECASE)
+
+
+def _uid(obj: JsonObject, key: str) -> str:
+    return str(((obj.get(key) or {}).get("Value") or [""])[0])
+
+
+def rewrite_bulk_uris(obj: dict[str, Any], base: str) -> None:
+    """Point every BulkDataURI of an instance's metadata at the facade's own bulkdata
+    resource (``base`` + the tag path): the archive's URIs are relative (the embedded
+    archive) or name the archive's own host, which the client may not reach."""
+    for value in obj.values():
+        if not isinstance(value, dict):
+            continue
+        uri = value.get("BulkDataURI")
+        if isinstance(uri, str):
+            match = _BULK_SEGMENT.search(uri.split("?", 1)[0])
+            if match:
+                value["BulkDataURI"] = base + match.group(1).upper()
+        for item in value.get("Value") or []:
+            if isinstance(item, dict) and value.get("vr") == "SQ":
+                rewrite_bulk_uris(item, base)
+
+
 async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
     what = "WADO-RS metadata"
     try:
         fmt = metadata_format(request.headers.get("Accept"))
-        objects = await request.app[UPSTREAM].retrieve_metadata(uids["study"], uids.get("series"), uids.get("instance"))
+        objects = [dict(o) for o in await request.app[UPSTREAM].retrieve_metadata(uids["study"], uids.get("series"), uids.get("instance"))]
     except Exception as exc:  # noqa: BLE001
         return error_response(exc, what)
+    root = request_root(request)
+    for obj in objects:
+        study, series, sop = _uid(obj, "0020000D") or uids["study"], _uid(obj, "0020000E"), _uid(obj, "00080018")
+        if all(is_valid_uid(u) for u in (study, series, sop)):
+            rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
     if fmt == "json":
         return web.Response(body=json.dumps(objects, ensure_ascii=False).encode("utf-8"), content_type=DICOM_JSON)
     stream = MultipartStream(request, DICOM_XML)
@@ -486,6 +518,48 @@ async def delete(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
+def bulk_value(path: Path, tag_path: str) -> bytes:
+    """The value of the element ``tag_path`` names (``7FE00010``, or
+    ``00540016/0/00181072`` through sequence items) in the Part 10 file (blocking)."""
+    pieces = tag_path.strip("/").split("/")
+    if len(pieces) % 2 == 0:
+        raise UpstreamRejected("a bulk data path alternates tags and item numbers, ending with a tag", 400)
+    ds = pydicom.dcmread(path, defer_size=1024)
+    try:
+        for i in range(0, len(pieces) - 1, 2):
+            ds = ds[int(pieces[i], 16)].value[int(pieces[i + 1])]
+        element = ds[int(pieces[-1], 16)]
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise NotFound("no such bulk data") from None
+    value = element.value
+    if not isinstance(value, (bytes, bytearray)):
+        raise NotFound("no bulk data there")
+    return bytes(value)
+
+
+async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
+    """A BulkDataURI of the metadata: the element's value as one octet-stream part."""
+    uids = path_uids(request)
+    what = "WADO-RS bulkdata"
+    ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
+    retriever = request.app[RETRIEVER]
+    spill = retriever.spill_dir / f"{uuid.uuid4().hex}.bulk"
+    try:
+        retrieved = await fetch_instance(request, ref)
+        try:
+            await asyncio.to_thread(_materialise, retrieved, spill)
+        finally:
+            retrieved.release()
+        value = await asyncio.to_thread(bulk_value, spill, request.match_info["tags"])
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc, what)
+    finally:
+        spill.unlink(missing_ok=True)
+    stream = MultipartStream(request, OCTET_STREAM)
+    await stream.part(OCTET_STREAM, [value])
+    return await stream.finish()
+
+
 def add_routes(router: Any, prefix: str) -> None:
     """The WADO-RS resources under ``prefix`` (a DICOMweb root)."""
     study = f"{prefix}/studies/{{study}}"
@@ -497,5 +571,6 @@ def add_routes(router: Any, prefix: str) -> None:
     for path in (study, series, instance):
         router.add("GET", f"{path}/metadata", retrieve_metadata)
     router.add("GET", f"{instance}/frames/{{frames}}", retrieve_frames)
+    router.add("GET", f"{instance}/bulkdata/{{tags:.+}}", retrieve_bulkdata)
     for path in (study, series, instance):
         router.add("DELETE", path, delete)

@@ -148,6 +148,22 @@ def test_dicomweb_client_searches_and_retrieves(loaded: Loaded) -> None:
     metadata = client.retrieve_instance_metadata(loaded.study, rle.SeriesInstanceUID, rle.SOPInstanceUID)
     assert metadata["00080018"]["Value"][0] == rle.SOPInstanceUID
     assert len(client.retrieve_study_metadata(loaded.study)) == len(loaded.files)
+    # BulkDataURIs name the facade, whatever the archive wrote; the value comes back whole
+    ct = loaded.files["CT_small.dcm"]
+    assert all("bulk" not in json.dumps(m).replace("/bulkdata/", "") for m in client.retrieve_study_metadata(loaded.study))
+    with_pixels = [m for m in client.retrieve_study_metadata(loaded.study) if "7FE00010" in m]  # Orthanc omits some
+    assert ct.SOPInstanceUID in {m["00080018"]["Value"][0] for m in with_pixels}
+    for metadata in with_pixels:
+        uri = metadata["7FE00010"]["BulkDataURI"]
+        sop = metadata["00080018"]["Value"][0]
+        # built from the Host header, which dicomweb-client sends without the port
+        assert uri == f"http://127.0.0.1/dicom-web/studies/{loaded.study}/series/{metadata['0020000E']['Value'][0]}/instances/{sop}/bulkdata/7FE00010"
+    uri = f"{loaded.url}/studies/{loaded.study}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}/bulkdata/7FE00010"
+    r = curl(uri, "--header", f"Authorization: Bearer {TOKEN}", "--header", 'Accept: multipart/related; type="application/octet-stream"')
+    assert r.status == 200
+    (headers, value), = r.parts()
+    assert headers["content-type"] == "application/octet-stream" and value == ct.PixelData
+    assert curl(uri.replace("7FE00010", "7FE00011"), "--header", f"Authorization: Bearer {TOKEN}").status == 404
 
 
 @pytest.mark.slow
