@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -145,6 +146,12 @@ def test_dicomweb_client_searches_and_retrieves(loaded: Loaded) -> None:
     assert np.array_equal(series_answer[0].pixel_array, rle.pixel_array)
     one = client.retrieve_instance(loaded.study, rle.SeriesInstanceUID, rle.SOPInstanceUID)
     assert np.array_equal(one.pixel_array, rle.pixel_array)
+    png = client.retrieve_instance_rendered(loaded.study, rle.SeriesInstanceUID, rle.SOPInstanceUID, media_types=("image/png",))
+    assert np.array_equal(np.asarray(Image.open(BytesIO(png))), rle.pixel_array[0])  # 8-bit RGB: rendered as is
+    jpeg = client.retrieve_instance_frames_rendered(
+        loaded.study, rle.SeriesInstanceUID, rle.SOPInstanceUID, frame_numbers=[2], media_types=("image/jpeg",)
+    )
+    assert Image.open(BytesIO(jpeg)).size == (rle.Columns, rle.Rows)
     metadata = client.retrieve_instance_metadata(loaded.study, rle.SeriesInstanceUID, rle.SOPInstanceUID)
     assert metadata["00080018"]["Value"][0] == rle.SOPInstanceUID
     assert len(client.retrieve_study_metadata(loaded.study)) == len(loaded.files)
