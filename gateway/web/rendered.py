@@ -15,8 +15,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import pydicom
 from aiohttp import web
 from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut
 
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
@@ -27,6 +29,8 @@ from gateway.dicomweb.accept import parse_accept
 from gateway.model.json import dataset_from_json
 from gateway.model.search import Search
 from gateway.retrieval.request import InstanceRef
+from gateway.retrieval.transcode import part10_file
+from gateway.upstream.base import Retrieved
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, UpstreamRejected
 from gateway.web.common import NotAcceptable, error_response, path_uids, text_error
@@ -72,7 +76,11 @@ def rs_options(request: web.Request, thumbnail: bool) -> RenderOptions:
     q = request.query
     window = None
     if "window" in q:
-        center, width = _numbers("window", q["window"], 2)[:2]
+        pieces = q["window"].split(",")
+        center, width = _numbers("window", ",".join(pieces[:2]), 2)
+        function = pieces[2].strip().lower() if len(pieces) > 2 else "linear"
+        if function not in ("linear", "linear_exact"):
+            raise web.HTTPBadRequest(text="window: only the linear VOI LUT function is supported\n")
         window = (center, width)
     viewport = THUMBNAIL if thumbnail else None
     if "viewport" in q:
@@ -82,11 +90,16 @@ def rs_options(request: web.Request, thumbnail: bool) -> RenderOptions:
     return RenderOptions(render_format(request.headers.get("Accept")), window, viewport, quality)
 
 
-def _render(data: bytes, label: str, ds: Dataset, options: RenderOptions) -> bytes:
-    """Decode one stored frame and render it (blocking, CPU-bound)."""
+def _render(data: bytes, label: str, ds: Dataset, options: RenderOptions, palette: Dataset | None = None) -> bytes:
+    """Decode one stored frame and render it (blocking, CPU-bound); ``palette`` holds
+    the Palette Color Lookup Tables of a PALETTE COLOR image."""
     desc = PixelDescription.from_dataset(ds)
     source = actual_syntax(data, label, desc)
     arr, decoded = decode_frame_described(data, source, desc, as_rgb=True)
+    if palette is not None:
+        arr = apply_color_lut(arr, palette)
+        bits = arr.dtype.itemsize * 8
+        decoded = PixelDescription(desc.rows, desc.columns, 3, bits, bits, 0, "RGB")
     window = None
     if decoded.samples_per_pixel == 1:
         if options.window is not None:
@@ -111,6 +124,22 @@ async def _first_instance(request: web.Request, study: str, series: str | None) 
     raise NotFound("no instance to render")
 
 
+async def _palette(request: web.Request, ref: InstanceRef) -> Dataset:
+    """The instance's header up to its pixel data: the palette tables are bulk data in
+    metadata, so they are read from the instance itself."""
+    retrieved = await fetch_instance(request, ref)
+    try:
+        head = await asyncio.to_thread(_header, retrieved)
+    finally:
+        retrieved.release()
+    return head
+
+
+def _header(retrieved: Retrieved) -> Dataset:
+    with part10_file(retrieved) as fp:
+        return pydicom.dcmread(fp, stop_before_pixels=True)
+
+
 async def render(request: web.Request, ref: InstanceRef, frame: int, options: RenderOptions) -> web.Response:
     upstream = request.app[UPSTREAM]
     metadata = await upstream.retrieve_metadata(ref.study_uid, ref.series_uid, ref.sop_instance_uid)
@@ -122,10 +151,13 @@ async def render(request: web.Request, ref: InstanceRef, frame: int, options: Re
     count = int(ds.get("NumberOfFrames") or 1)
     if frame > count:
         raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
+    palette = await _palette(request, ref) if ds.get("PhotometricInterpretation") == "PALETTE COLOR" else None
     async with contextlib.aclosing(stored_frames(request, ref, [frame])) as frames:
         got = await anext(frames)
     loop = asyncio.get_running_loop()
-    image = await loop.run_in_executor(request.app[RETRIEVER].codecs, _render, got.data, got.transfer_syntax, ds, options)
+    image = await loop.run_in_executor(
+        request.app[RETRIEVER].codecs, _render, got.data, got.transfer_syntax, ds, options, palette
+    )
     media = next(m for m, f in FORMATS.items() if f == options.fmt)
     return web.Response(body=image, content_type=media)
 

@@ -23,6 +23,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_color_lut
 from pydicom.uid import generate_uid
 
 from gateway.codecs.convert import transcode
@@ -43,6 +44,7 @@ SOURCES = (
     "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
     "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless SV1, RGB
     "CT_small.dcm",  # Explicit VR Little Endian
+    "examples_palette.dcm",  # PALETTE COLOR
 )
 
 
@@ -224,6 +226,27 @@ def test_htj2k_frames_as_stored_and_converted(loaded: Loaded) -> None:
     assert b"application/octet-stream" in r.body and b"image/jphc" in r.body
     r = curl(ct_frames.replace("/frames/1", "/frames/2"), *auth)
     assert r.status == 400
+
+
+@pytest.mark.slow
+def test_rendered_palette_colour_and_monochrome(loaded: Loaded) -> None:
+    auth = ("--header", f"Authorization: Bearer {TOKEN}")
+    palette = loaded.files["examples_palette.dcm"]
+    url = f"{loaded.url}/studies/{loaded.study}/series/{palette.SeriesInstanceUID}/instances/{palette.SOPInstanceUID}"
+    r = curl(f"{url}/rendered", *auth, "--header", "Accept: image/png")
+    assert r.status == 200, r.body
+    expected = apply_color_lut(palette.pixel_array, palette)
+    if expected.dtype == np.uint16:
+        expected = (expected >> 8).astype(np.uint8)
+    assert np.array_equal(np.asarray(Image.open(BytesIO(r.body)).convert("RGB")), expected)
+    # MONOCHROME with the request's window: a width-1 window is a threshold at the center
+    ct = loaded.files["CT_small.dcm"]
+    url = f"{loaded.url}/studies/{loaded.study}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}"
+    center = float(ct.RescaleSlope) * 200 + float(ct.RescaleIntercept)
+    r = curl(f"{url}/rendered?window={center},1,linear", *auth, "--header", "Accept: image/png")
+    assert r.status == 200, r.body
+    png = np.asarray(Image.open(BytesIO(r.body)))
+    assert np.array_equal(png == 255, ct.pixel_array > 199.5)
 
 
 @pytest.mark.slow
