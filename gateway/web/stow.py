@@ -81,11 +81,11 @@ def _take(spool: Any, path: Path, source: str, study_uid: str | None) -> PartRes
             header = read_header(path, None, None)
         except HeaderError as exc:
             reason = CANNOT_UNDERSTAND if isinstance(exc, Unreadable) else DATA_SET_MISMATCH
-            log.warning("STOW-RS part from %s rejected: %s", source, exc)
+            log.warning("%s: a part was rejected: %s", source, exc)
             return PartResult("", "", "", "", reason, str(exc))
         ids = (header.sop_class_uid, header.sop_instance_uid, header.study_uid, header.series_uid)
         if study_uid is not None and header.study_uid != study_uid:
-            log.warning("STOW-RS instance %s from %s is outside the study in the path", header.sop_instance_uid, source)
+            log.warning("%s: instance %s is outside the study in the path", source, header.sop_instance_uid)
             return PartResult(*ids, DATA_SET_MISMATCH, "the instance is not in the study the request names")
         result: Ingested = ingest(spool, path, source)
         if result.verdict in (Verdict.STORED, Verdict.DELIVERED):

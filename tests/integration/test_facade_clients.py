@@ -146,6 +146,12 @@ def test_dicomweb_client_searches_and_retrieves(loaded: Loaded) -> None:
     # no transfer syntax named: Explicit VR Little Endian, converted by the gateway
     assert series_answer[0].file_meta.TransferSyntaxUID == ELE
     assert np.array_equal(series_answer[0].pixel_array, rle.pixel_array)
+    ct = loaded.files["CT_small.dcm"]
+    j2k = client.retrieve_instance(
+        loaded.study, ct.SeriesInstanceUID, ct.SOPInstanceUID, media_types=(("application/dicom", "1.2.840.10008.1.2.4.90"),)
+    )
+    assert j2k.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"  # converted losslessly by the gateway
+    assert np.array_equal(j2k.pixel_array, ct.pixel_array)
     one = client.retrieve_instance(loaded.study, rle.SeriesInstanceUID, rle.SOPInstanceUID)
     assert np.array_equal(one.pixel_array, rle.pixel_array)
     png = client.retrieve_instance_rendered(loaded.study, rle.SeriesInstanceUID, rle.SOPInstanceUID, media_types=("image/png",))
