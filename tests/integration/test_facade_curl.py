@@ -194,6 +194,8 @@ def test_siim_guide_steps_with_an_apikey(facade: tuple[Gateway, Orthanc | None],
     assert r.status == 200
     assert [s["0020000D"]["Value"][0] for s in r.json()] == [ds.StudyInstanceUID]
     assert curl(f"{url}/studies/?00100010=NOBODY*", *key).json() == []
+    r = curl(f"{url}/studies?PatientName=siim*&fuzzymatching=true&includefield=all", *key)
+    assert [s["0020000D"]["Value"][0] for s in r.json()] == [ds.StudyInstanceUID]  # PN matching ignores case
     # 2. the study's structure
     r = curl(f"{url}/studies/{ds.StudyInstanceUID}/instances", *key)
     assert [i["00080018"]["Value"][0] for i in r.json()] == [ds.SOPInstanceUID]
