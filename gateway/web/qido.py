@@ -39,7 +39,7 @@ XML_TYPES = (DICOM_XML, "text/xml", "application/xml")
 def answer_format(accept: str | None) -> str:
     """``json`` or ``xml`` (multipart of PS3.19 documents), from the Accept header."""
     for media_range in parse_accept(accept):
-        if media_range.media in (DICOM_JSON, JSON) or media_range.matches(DICOM_JSON) and media_range.media != MULTIPART_RELATED:
+        if media_range.media in (DICOM_JSON, JSON, "*/*", "application/*", "*"):
             return "json"
         if media_range.media in XML_TYPES:
             return "xml"
