@@ -114,10 +114,10 @@ async def _run(config: Config) -> None:
             await server.stop(grace)
         spool.release_waiters()
         store.close()
-        retriever.close()
         spool.on_enqueue = lambda: None
         await forwarder.stop(grace)
         await runner.cleanup()
+        retriever.close()  # after the facade's last request: it converts on these threads
         await upstream.close()
         spool.close()
         log.info("stopped")
