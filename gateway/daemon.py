@@ -74,7 +74,12 @@ async def _run(config: Config) -> None:
     await forwarder.start()
 
     retriever = Retriever(config, upstream)
-    runner = web.AppRunner(create_app(config, spool, upstream, retriever, forwarder.problems), access_log=None)
+    # A facade answer still streaming at stop gets the same grace as an association.
+    runner = web.AppRunner(
+        create_app(config, spool, upstream, retriever, forwarder.problems),
+        access_log=None,
+        shutdown_timeout=config.dimse.shutdown_grace,
+    )
     await runner.setup()
     store = StoreService(config, spool)
     services = {
