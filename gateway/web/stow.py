@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, MULTIPART_RELATED, OCTET_STREAM, media_type
@@ -102,10 +104,14 @@ async def _parts(request: web.Request, incoming: Path) -> AsyncIterator[Streamed
     if media in (DICOM, OCTET_STREAM):
         path = incoming / f"{uuid.uuid4().hex}.part"
         length = 0
-        with open(path, "wb") as fh:
-            async for chunk in request.content.iter_chunked(READ_CHUNK):
-                await asyncio.to_thread(fh.write, chunk)
-                length += len(chunk)
+        try:
+            with open(path, "wb") as fh:
+                async for chunk in request.content.iter_chunked(READ_CHUNK):
+                    await asyncio.to_thread(fh.write, chunk)
+                    length += len(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)  # a body cut off is nobody's instance
+            raise
         yield StreamedPart({"content-type": DICOM}, None, path, length)
         return
     async for part in iter_parts(request.content.iter_chunked(READ_CHUNK), boundary_of(content_type), incoming, SPILL_BYTES):
@@ -191,6 +197,11 @@ async def store(request: web.Request) -> web.StreamResponse:
     except MultipartError as exc:
         log.warning("STOW-RS from %s: body unreadable after %d parts: %s", request.remote, len(results), exc)
         results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"unreadable multipart body: {exc}"))
+    except (OSError, aiohttp.ClientError, HttpProcessingError) as exc:
+        # The client went away mid-body: what was complete before is stored (and stays).
+        stored = sum(1 for r in results if not r.reason)
+        log.warning("STOW-RS from %s: body cut off after %d stored instance(s): %s", request.remote, stored, type(exc).__name__)
+        return text_error(400, "the request body ended early")
     if not results:
         return text_error(400, "the request holds no instance")
     stored = sum(1 for r in results if not r.reason)

@@ -5,12 +5,16 @@ cannot be told to) and over a spool that cannot take more.
   exactly the matches, and ``offset``/``limit`` count those;
 * an archive that cuts its answer: the answer says so with a PS3.18 Warning;
 * an archive answering 503 or refusing the gateway's credentials: 503 and 502, named;
-* a full spool: STOW-RS answers 503 with Retry-After and keeps nothing.
+* a full spool: STOW-RS answers 503 with Retry-After and keeps nothing;
+* a STOW-RS body cut off: no file left behind, the complete parts before it stored.
 """
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -19,6 +23,8 @@ from pydicom.data import get_testdata_file
 
 from tests.support.curl import curl
 from tests.support.fakeqido import FakeQido
+from tests.support.orthanc import build_multipart_related
+from tests.support.ports import wait_until
 
 
 @pytest.fixture
@@ -79,3 +85,36 @@ def test_a_full_spool_refuses_stow_with_retry_after(gateway, tmp_path: Path) -> 
     assert r.status == 503 and r.headers["retry-after"].isdigit()
     assert gw.counts()["queued"] == 0
     assert not any((gw.spool_dir / "incoming").iterdir())
+
+
+def _cut_off(port: int, head: bytes, body: bytes) -> None:
+    """Send a request whose body stops short of its Content-Length, then hang up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + body)
+        time.sleep(0.3)
+
+
+def test_a_stow_body_cut_off_leaves_nothing_behind(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway()
+    data = (Path(get_testdata_file("CT_small.dcm"))).read_bytes()
+    head = (
+        "POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/dicom\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    _cut_off(gw.http_port, head, data[:1000])
+    # multipart: the first part complete, the second cut off; the first is stored
+    other = pydicom.dcmread(BytesIO(data))
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    buffer = BytesIO()
+    other.save_as(buffer, enforce_file_format=True)
+    content_type, body = build_multipart_related([data, buffer.getvalue()])
+    head = (
+        f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    _cut_off(gw.http_port, head, body[: len(data) + 2000])
+    gw.wait_counts(delivered=1)
+    wait_until(lambda: gw.log().count("body cut off") == 2, 10, 0.1, "the cut-off bodies were not both logged")
+    assert not any((gw.spool_dir / "incoming").iterdir())
+    assert "Traceback" not in gw.log() and "Error handling request" not in gw.log()
+    assert curl(f"{gw.web_url}/dicom-web/studies").status == 200
