@@ -11,6 +11,7 @@ variable NAME (missing variable: an error naming both the key and the variable).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -165,9 +166,30 @@ class RetrieveConfig:
 
 
 @dataclass(frozen=True)
+class HttpAuthConfig:
+    """Who may use the DICOMweb facade: any one matching credential admits a request.
+    None configured means open, which ``parse_config`` allows only on a loopback
+    ``http.host`` unless ``allow_anonymous`` says so explicitly."""
+
+    bearer_tokens: tuple[str, ...] = ()
+    api_key_header: str = "apikey"
+    api_keys: tuple[str, ...] = ()
+    basic_users: tuple[tuple[str, str], ...] = ()  # (user, password)
+    allow_anonymous: bool = False
+
+    @property
+    def open(self) -> bool:
+        """No credential configured: every request is admitted."""
+        return not (self.bearer_tokens or self.api_keys or self.basic_users)
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    base_path: str = "/dicom-web"  # DICOMweb root (also served under /v1, /v2, ...)
+    cors_origins: tuple[str, ...] = ()  # origins answered with CORS headers; "*" for any
+    auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
 
 
 @dataclass(frozen=True)
@@ -479,6 +501,79 @@ def _retrieve(r: _Reader) -> RetrieveConfig:
     return cfg
 
 
+def _strings(r: _Reader, key: str) -> tuple[str, ...]:
+    """A list of strings, each of which may be ``"env:NAME"`` (secrets)."""
+    raw = r._raw(key)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        r.problems.append(f"{r._key(key)}: expected a list of strings")
+        return ()
+    out: list[str] = []
+    for value in raw:
+        if value.startswith("env:"):
+            if value[4:] not in os.environ:
+                r.problems.append(f"{r._key(key)}: environment variable {value[4:]} is not set")
+                continue
+            value = os.environ[value[4:]]
+        if not value:
+            r.problems.append(f"{r._key(key)}: empty value")
+            continue
+        out.append(value)
+    return tuple(out)
+
+
+def _http(r: _Reader) -> HttpConfig:
+    d = HttpConfig()
+    host = r.string("host", d.host)
+    base_path = "/" + r.string("base_path", d.base_path).strip("/")
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", base_path) or "//" in base_path:
+        r.problems.append(f"http.base_path: {base_path!r} is not a URL path")
+    a = r.sub("auth")
+    users_raw = a._raw("basic_users")
+    users: list[tuple[str, str]] = []
+    if users_raw is not None:
+        if not isinstance(users_raw, dict):
+            a.problems.append("http.auth.basic_users: expected a table of user = password")
+        else:
+            users_r = _Reader(users_raw, "http.auth.basic_users", r.problems)
+            for user in users_raw:
+                password = users_r.string(user, "")
+                if not password or ":" in user:
+                    r.problems.append(f"http.auth.basic_users.{user}: expected a user without ':' and a password")
+                else:
+                    users.append((user, password))
+    auth = HttpAuthConfig(
+        bearer_tokens=_strings(a, "bearer_tokens"),
+        api_key_header=a.string("api_key_header", HttpAuthConfig.api_key_header).strip().lower(),
+        api_keys=_strings(a, "api_keys"),
+        basic_users=tuple(users),
+        allow_anonymous=a.boolean("allow_anonymous", HttpAuthConfig.allow_anonymous),
+    )
+    a.finish()
+    if auth.open and not auth.allow_anonymous and not _is_loopback(host):
+        r.problems.append(
+            f"http.auth: no credentials configured and http.host {host!r} is not loopback; "
+            "set bearer_tokens, api_keys or basic_users, or allow_anonymous = true"
+        )
+    cfg = HttpConfig(
+        host=host,
+        port=r.integer("port", d.port, 0, 65535),
+        base_path=base_path.rstrip("/") or "/",
+        cors_origins=_strings(r, "cors_origins"),
+        auth=auth,
+    )
+    r.finish()
+    return cfg
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _keywords(r: _Reader, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
     """A list of DICOM keywords, each checked against the data dictionary."""
     raw = r._raw(key)
@@ -503,12 +598,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     upstream = _upstream(root.sub("upstream"))
     find = _find(root.sub("find"))
     retrieve = _retrieve(root.sub("retrieve"))
-    http_r = root.sub("http")
-    http = HttpConfig(
-        host=http_r.string("host", HttpConfig.host),
-        port=http_r.integer("port", HttpConfig.port, 0, 65535),
-    )
-    http_r.finish()
+    http = _http(root.sub("http"))
     log_r = root.sub("logging")
     logging_cfg = LoggingConfig(
         level=log_r.string("level", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -65,10 +65,15 @@ async def _run(config: Config, config_path: Path | None) -> None:
     spool.on_enqueue = lambda: loop.call_soon_threadsafe(forwarder.wake)
     await forwarder.start()
 
-    runner = web.AppRunner(create_app(spool, upstream, forwarder.problems, metrics), access_log=None)
+    retriever = Retriever(config, upstream, metrics)
+    # A facade answer still streaming at stop gets the same grace as an association.
+    runner = web.AppRunner(
+        create_app(config, spool, upstream, retriever, forwarder.problems, metrics),
+        access_log=None,
+        shutdown_timeout=config.dimse.shutdown_grace,
+    )
     await runner.setup()
     store = StoreService(config, spool)
-    retriever = Retriever(config, upstream, metrics)
     services = {
         C_STORE_RQ: store,
         C_FIND_RQ: FindService(config, upstream),
@@ -153,10 +158,10 @@ async def _run(config: Config, config_path: Path | None) -> None:
             await server.stop(grace)
         spool.release_waiters()
         store.close()
-        retriever.close()
         spool.on_enqueue = lambda: None
         await forwarder.stop(grace)
         await runner.cleanup()
+        retriever.close()  # after the facade's last request: it converts on these threads
         await upstream.close()
         spool.close()
         log.info("stopped")

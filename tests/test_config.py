@@ -163,3 +163,40 @@ def test_run_refuses_bad_config(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode != 0 and "spool.max_attempts" in result.stderr
+
+
+HTTP_ISSUE_EXAMPLE = """
+[http]
+host = "127.0.0.1"
+port = 8080
+base_path = "/dicom-web"
+cors_origins = ["*"]
+[http.auth]
+bearer_tokens = ["env:GW_TOKEN"]
+api_key_header = "apikey"
+api_keys = ["env:GW_APIKEY"]
+basic_users = { viewer = "env:GW_VIEWER_PASSWORD" }
+"""
+
+
+def test_http_facade_keys_load_as_the_issue_writes_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GW_TOKEN", "t0k")
+    monkeypatch.setenv("GW_APIKEY", "k3y")
+    monkeypatch.setenv("GW_VIEWER_PASSWORD", "pw")
+    path = tmp_path / "g.toml"
+    path.write_text(HTTP_ISSUE_EXAMPLE)
+    http = load_config(path).http
+    assert http.base_path == "/dicom-web" and http.cors_origins == ("*",)
+    assert http.auth.bearer_tokens == ("t0k",) and http.auth.api_keys == ("k3y",)
+    assert http.auth.basic_users == (("viewer", "pw"),) and http.auth.api_key_header == "apikey"
+
+
+def test_an_open_facade_must_listen_on_loopback_or_say_so() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"http": {"host": "0.0.0.0"}})
+    assert "http.auth" in str(info.value) and "allow_anonymous" in str(info.value)
+    assert parse_config({"http": {"host": "0.0.0.0", "auth": {"allow_anonymous": True}}}).http.auth.open
+    assert not parse_config({"http": {"host": "0.0.0.0", "auth": {"bearer_tokens": ["x"]}}}).http.auth.open
+    with pytest.raises(ConfigError) as info:
+        parse_config({"http": {"auth": {"bearer_tokens": ["env:GW_SURELY_UNSET"], "tokens": []}}})
+    assert "GW_SURELY_UNSET" in str(info.value) and "http.auth.tokens: unknown key" in str(info.value)

@@ -13,7 +13,7 @@ from pydicom.pixels import convert_color_space
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
 
-_FORMATS = {"png": "PNG", "jpeg": "JPEG"}
+_FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF"}
 _JPEG_QUALITY = 90
 
 
@@ -22,14 +22,17 @@ def render_frame(
     desc: PixelDescription,
     fmt: str = "png",
     window: tuple[float, float] | None = None,
+    viewport: tuple[int, int] | None = None,
+    quality: int = _JPEG_QUALITY,
 ) -> bytes:
-    """Return `arr` as an 8-bit PNG or JPEG image.
+    """Return `arr` as an 8-bit PNG, JPEG or GIF image.
 
     Monochrome frames are windowed with `window` = (center, width) in the
     frame's own (stored) value units, or stretched from min to max when no
     window is given; MONOCHROME1 is inverted so that it displays correctly.
     Colour frames must be RGB or YBR_FULL; samples wider than 8 bits are
-    scaled down from Bits Stored.
+    scaled down from Bits Stored. ``viewport`` (columns, rows) scales the image to fit
+    within it, keeping its aspect ratio (PS3.18 8.3.5.1.3); ``quality`` is JPEG's.
     """
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")
@@ -40,8 +43,15 @@ def render_frame(
         image = Image.fromarray(_monochrome(arr, desc, window))
     else:
         image = Image.fromarray(_colour(arr, desc))
+    if viewport is not None:
+        width, height = viewport
+        if width < 1 or height < 1:
+            raise ValueError(f"viewport must be positive, got {viewport}")
+        scale = min(width / image.width, height / image.height)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    options = {"quality": _JPEG_QUALITY} if fmt == "jpeg" else {}
+    options = {"quality": max(1, min(int(quality), 100))} if fmt == "jpeg" else {}
     image.save(buffer, format=_FORMATS[fmt], **options)
     return buffer.getvalue()
 

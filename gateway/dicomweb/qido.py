@@ -85,6 +85,8 @@ def query_string(search: Search, options: QidoOptions, limit: int, offset: int) 
     """The encoded query string of one page: match parameters, includefield, paging."""
     params = match_params(search, options)
     params += [("includefield", tag_key(t)) for t in search.include]
+    if search.include_all:
+        params.append(("includefield", "all"))
     params += [("limit", str(limit)), ("offset", str(offset))]
     return "&".join(f"{name}={quote(value, safe=''.join(sorted(SAFE)) + ',')}" for name, value in params)
 

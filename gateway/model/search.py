@@ -17,5 +17,6 @@ class Search:
 
     keys: tuple[Key, ...] = ()
     include: tuple[int, ...] = ()
+    include_all: bool = False  # QIDO-RS ``includefield=all``: every attribute the archive has
     study_uid: str | None = None
     series_uid: str | None = None

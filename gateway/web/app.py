@@ -1,31 +1,75 @@
-"""The aiohttp application: today the health endpoint; the DICOMweb facade joins it."""
+"""The aiohttp application: /healthz, /readyz, /metrics and the DICOMweb facade.
+
+The facade's resources are mounted under ``http.base_path`` and again under the roots
+other services use (Azure's ``/v1``, ``/v1.0-prerelease``, ``/v2``; HealthImaging's
+``/datastore/{datastoreId}``), so clients written for those work with only the host
+changed. Each resource also answers with a trailing slash (the SIIM guide writes
+``/studies/?00100010=...``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
-from gateway.web import health
-# ops: /metrics and /readyz
-from gateway.metrics import Metrics
+from gateway.web import auth, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
-from gateway.web import ready
-from gateway.web.keys import HEALTH_CACHE, PROBLEMS, SPOOL, UPSTREAM
+from gateway.web.keys import CONFIG, HEALTH_CACHE, PROBLEMS, RETRIEVER, SPOOL, UPSTREAM
+
+ALIAS_ROOTS = ("/v1", "/v1.0-prerelease", "/v2", "/datastore/{datastoreId}")
+# Bodies read whole (none of the facade's: STOW-RS streams its body part by part).
+MAX_SIMPLE_BODY = 1 << 20
+
+
+class _Router:
+    """Adds each route with and without a trailing slash."""
+
+    def __init__(self, router: web.UrlDispatcher) -> None:
+        self.router = router
+
+    def add(self, method: str, path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
+        self.router.add_route(method, path, handler)
+        self.router.add_route(method, path + "/", handler)
+
+
+def roots(config: Config) -> list[str]:
+    """Every DICOMweb root the facade answers under ("" for a base path of "/")."""
+    base = "" if config.http.base_path == "/" else config.http.base_path
+    return list(dict.fromkeys([base, *ALIAS_ROOTS]))
 
 
 def create_app(
-    spool: Spool, upstream: Upstream, problems: Problems | None = None, metrics: Metrics | None = None
+    config: Config,
+    spool: Spool,
+    upstream: Upstream,
+    retriever: Retriever,
+    problems: Problems | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_SIMPLE_BODY)
+    app[CONFIG] = config
     app[SPOOL] = spool
     app[UPSTREAM] = upstream
+    app[RETRIEVER] = retriever
     app[PROBLEMS] = problems if problems is not None else Problems()
     app[HEALTH_CACHE] = []
+    auth.install(app, config.http.auth, config.http.cors_origins)
     app.add_routes(health.routes)
-    # ops: /metrics and /readyz
     app[metrics_routes.METRICS] = metrics if metrics is not None else Metrics()
     app.add_routes(metrics_routes.routes)
     app.add_routes(ready.routes)
+    router = _Router(app.router)
+    for root in roots(config):
+        qido.add_routes(router, root)
+        wado.add_routes(router, root)
+        stow.add_routes(router, root)
+        rendered.add_routes(router, root)
+    rendered.add_wado_uri(router)
     return app

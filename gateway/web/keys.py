@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.config import Config
+from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
 
 SPOOL = web.AppKey("spool", Spool)
 UPSTREAM = web.AppKey("upstream", Upstream)
+CONFIG = web.AppKey("config", Config)
+# The retrieval engine the DIMSE front shares: spill directory, codec threads, budget.
+RETRIEVER = web.AppKey("retriever", Retriever)
 # What keeps delivery from working right now (the forwarder's), for /healthz.
 PROBLEMS = web.AppKey("problems", Problems)
 # [monotonic time, Health] of the last upstream probe; a list so it can change after start-up.

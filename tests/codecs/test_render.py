@@ -71,11 +71,20 @@ def test_ct_window_from_dataset_undoes_the_rescale() -> None:
 def test_arguments_are_validated_by_name() -> None:
     arr = np.zeros((2, 3), np.int16)
     with pytest.raises(ValueError, match="fmt"):
-        render_frame(arr, MONO, "gif")
+        render_frame(arr, MONO, "bmp")  # GIF is one of ours now (the rendered resource offers it)
     with pytest.raises(ValueError, match="arr"):
         render_frame(arr[:1], MONO)
     with pytest.raises(ValueError, match="window width"):
         render_frame(arr, MONO, window=(0, 0))
+    with pytest.raises(ValueError, match="viewport"):
+        render_frame(arr, MONO, viewport=(0, 5))
+
+
+def test_viewport_fits_the_image_keeping_its_aspect() -> None:
+    arr = np.arange(200 * 100, dtype=np.uint16).reshape(100, 200)
+    desc = PixelDescription(100, 200, 1, 16, 16, 0, "MONOCHROME2")
+    assert Image.open(io.BytesIO(render_frame(arr, desc, viewport=(50, 50)))).size == (50, 25)
+    assert Image.open(io.BytesIO(render_frame(arr, desc, "gif"))).format == "GIF"
 
 
 def test_palette_colour_needs_its_lut_applied_first() -> None:

@@ -33,14 +33,18 @@ class Gateway:
         spool: dict[str, Any] | None = None,
         dimse: dict[str, Any] | None = None,
         spool_dir: Path | None = None,
+        http: dict[str, Any] | None = None,
+        http_auth: dict[str, Any] | None = None,
         wrapper: Sequence[str] = (),
         run_args: Sequence[str] = (),
         upstream: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        """``spool_dir``: put the spool elsewhere (another file system, or another
-        gateway's spool). ``run_args``: more options of ``dicom-gateway run`` (e.g.
-        ``--log-format json``). ``wrapper``: a command the daemon runs under, e.g.
+        """``http``/``http_auth``: keys of ``[http]`` and ``[http.auth]`` (the facade's
+        base path, CORS origins, credentials). ``spool_dir``: put the spool elsewhere
+        (another file system, or another gateway's spool). ``run_args``: more options of
+        ``dicom-gateway run`` (e.g. ``--log-format json``). ``wrapper``: a command the
+        daemon runs under, e.g.
         ``["/usr/bin/strace", "-f", "-o", path]``; signals go to the whole process
         group, so they reach the daemon itself, not only the wrapper. ``upstream``:
         the body of the ``[upstream]`` table as TOML, instead of one built from
@@ -59,6 +63,8 @@ class Gateway:
         self.config_path = workdir / "gateway.toml"
         self.log_path = workdir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        http_lines = "".join(f"{k} = {_toml(v)}\n" for k, v in (http or {}).items())
+        auth_lines = "".join(f"{k} = {_toml(v)}\n" for k, v in (http_auth or {}).items())
         dimse_lines = "".join(f"{k} = {_toml(v)}\n" for k, v in (dimse or {}).items())
         spool_lines = "".join(
             f"{k} = {_toml(v)}\n"
@@ -80,7 +86,8 @@ class Gateway:
             f"shutdown_grace = 5\n{dimse_lines}\n"
             f'[spool]\ndirectory = "{self.spool_dir}"\n{spool_lines}\n'
             f"[upstream]\n{upstream}\n"
-            f'[http]\nhost = "127.0.0.1"\nport = {self.http_port}\n\n'
+            f'[http]\nhost = "127.0.0.1"\nport = {self.http_port}\n{http_lines}\n'
+            f"[http.auth]\n{auth_lines}\n"
             f'[logging]\nlevel = "INFO"\n{extra}'
         )
 
@@ -145,6 +152,11 @@ class Gateway:
         ) as resp:
             return json.loads(resp.read())
 
+    @property
+    def web_url(self) -> str:
+        """The HTTP root (``/healthz``, and the facade's roots below it)."""
+        return f"http://127.0.0.1:{self.http_port}"
+
     def counts(self) -> dict[str, int]:
         return self.health()["spool"]["counts"]
 
@@ -180,5 +192,9 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
     return str(value)
 

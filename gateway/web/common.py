@@ -1,0 +1,116 @@
+"""What the facade's route modules share: path UIDs, the one table from errors to HTTP
+answers, and a streamed ``multipart/related`` response."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from gateway.codecs.errors import TranscodeError
+from gateway.model.query import QueryError
+from gateway.uids import is_valid_uid
+from gateway.upstream.errors import NotFound, NotSupported, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+
+log = logging.getLogger("gateway.web")
+
+
+class NotAcceptable(Exception):
+    """Nothing the client accepts can be produced; the message names what can."""
+
+
+def text_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A plain-text error answer (never a traceback, never a value from the request)."""
+    return web.Response(status=status, text=message.rstrip() + "\n", headers=dict(headers or {}))
+
+
+def path_uids(request: web.Request) -> dict[str, str]:
+    """The study/series/instance UIDs of the path; HTTPBadRequest for one that is not
+    a UID (so nothing odd ever reaches a URL or a file name upstream)."""
+    out = {}
+    for name in ("study", "series", "instance"):
+        value = request.match_info.get(name)
+        if value is None:
+            continue
+        if not is_valid_uid(value):
+            raise web.HTTPBadRequest(text=f"the {name} in the path is not a valid UID\n")
+        out[name] = value
+    return out
+
+
+def request_root(request: web.Request) -> str:
+    """The DICOMweb root URL the request came in under (base path or an alias root),
+    for URLs handed back to the client (RetrieveURL, BulkDataURI)."""
+    path = request.path
+    root = path[: path.find("/studies")] if "/studies" in path else path
+    return f"{request.scheme}://{request.host}{root}"
+
+
+def error_response(exc: BaseException, what: str) -> web.Response:
+    """The one table from a failure to an HTTP answer; the message names keys and
+    reasons, never attribute values."""
+    if isinstance(exc, NotAcceptable):
+        return text_error(406, str(exc))
+    if isinstance(exc, QueryError):
+        return text_error(400, str(exc))
+    if isinstance(exc, NotFound):
+        return text_error(404, f"{what}: not found")
+    if isinstance(exc, UpstreamAuthError):
+        return text_error(502, f"{what}: the archive refused the gateway's credentials")
+    if isinstance(exc, NotSupported):
+        return text_error(501, f"{what}: the archive does not support this ({exc})")
+    if isinstance(exc, UpstreamRejected):
+        if exc.status in (400, 404, 406, 409, 410):
+            return text_error(exc.status, f"{what}: {exc}")
+        return text_error(502, f"{what}: the archive refused: {exc}")
+    if isinstance(exc, UpstreamUnavailable):
+        headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
+        return text_error(503, f"{what}: the archive is unavailable: {exc}", headers)
+    if isinstance(exc, TimeoutError):
+        return text_error(504, f"{what}: the archive did not answer in time")
+    if isinstance(exc, TranscodeError):
+        return text_error(406, f"{what}: cannot convert: {exc}")
+    log.error("%s failed: internal error %s", what, type(exc).__name__)
+    log.debug("internal error", exc_info=exc)
+    return text_error(500, f"{what}: internal error ({type(exc).__name__})")
+
+
+class MultipartStream:
+    """A ``multipart/related`` answer written part by part as each becomes ready, so a
+    series of any size never sits in memory. Each part's header line is spelled
+    exactly ``Content-Type:`` (some viewers match it case-sensitively)."""
+
+    def __init__(self, request: web.Request, part_type: str, extra: str = "", status: int = 200) -> None:
+        self.request = request
+        self.boundary = f"dicomgw-{secrets.token_hex(12)}"
+        self.response = web.StreamResponse(status=status)
+        self.response.content_type = "multipart/related"
+        self.response.headers["Content-Type"] = f'multipart/related; type="{part_type}"; boundary={self.boundary}{extra}'
+        self.parts = 0
+
+    async def start(self) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+
+    async def part(self, content_type: str, chunks: list[bytes] | None = None, extra_headers: str = "") -> None:
+        """Begin a part; its content follows with `write` unless ``chunks`` are given."""
+        await self.start()
+        head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n{extra_headers}\r\n"
+        if self.parts:
+            head = "\r\n" + head
+        await self.response.write(head.encode("latin-1"))
+        self.parts += 1
+        for chunk in chunks or ():
+            await self.response.write(chunk)
+
+    async def write(self, data: bytes | memoryview) -> None:
+        await self.response.write(bytes(data))
+
+    async def finish(self) -> web.StreamResponse:
+        await self.start()
+        tail = f"--{self.boundary}--\r\n"
+        await self.response.write(((("\r\n") if self.parts else "") + tail).encode("latin-1"))
+        await self.response.write_eof()
+        return self.response

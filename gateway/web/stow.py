@@ -1,0 +1,224 @@
+"""STOW-RS (PS3.18 10.5): uploads enter the spool like C-STOREs, with the same guarantee.
+
+The body is parsed while it streams in: each part goes to a file in the spool's
+``incoming/`` (a large one straight to disk as it arrives) and is handed to the one
+ingest function, which checks its header and makes it durable. The answer is sent
+only once every accepted instance is fsynced, as a C-STORE Success is. A part that is
+unreadable, lacks a UID, or belongs to another study than the path names fails on its
+own (PS3.18 failure reasons 0xC000, 0xA900); the others are stored.
+
+Accepted bodies: ``multipart/related; type="application/dicom"`` (also what ``curl
+--form`` sends with the Content-Type overridden, parts carrying form-data headers) and
+a single ``application/dicom`` body (Azure's and HealthImaging's single-part form).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from gateway.dicomweb.accept import parse_accept
+from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, MULTIPART_RELATED, OCTET_STREAM, media_type
+from gateway.dicomweb.multipart_reader import MultipartError, StreamedPart, boundary_of, iter_parts
+from gateway.dicomweb.xml import native_xml
+from gateway.header import HeaderError, Unreadable, read_header
+from gateway.spool.ingest import Ingested, Verdict, ingest
+from gateway.spool.queue import SpoolFull
+from gateway.web.common import path_uids, request_root, text_error
+from gateway.web.keys import SPOOL
+
+log = logging.getLogger("gateway.web")
+
+# Parts up to this size are gathered in memory, larger ones are written as they arrive.
+SPILL_BYTES = 4 << 20
+READ_CHUNK = 1 << 18
+RETRY_AFTER_SECONDS = 60
+
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+DATA_SET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+# PS3.18 Table 10.5.3-2 / PS3.4 B.2.3 for each ingest verdict that stores nothing.
+FAILURE_REASON = {
+    Verdict.UNREADABLE: CANNOT_UNDERSTAND,
+    Verdict.MISMATCH: DATA_SET_MISMATCH,
+    Verdict.NO_SPACE: OUT_OF_RESOURCES,
+}
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """What became of one part: stored (reason 0) or failed with a PS3.18 reason."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    reason: int = 0
+    comment: str = ""
+
+
+def _write_incoming(directory: Path, data: bytes) -> Path:
+    path = directory / f"{uuid.uuid4().hex}.part"
+    with open(path, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def _take(spool: Any, path: Path, source: str, study_uid: str | None) -> PartResult:
+    """Check one received file against the path's study and ingest it (blocking)."""
+    try:
+        try:
+            header = read_header(path, None, None)
+        except HeaderError as exc:
+            reason = CANNOT_UNDERSTAND if isinstance(exc, Unreadable) else DATA_SET_MISMATCH
+            log.warning("%s: a part was rejected: %s", source, exc)
+            return PartResult("", "", "", "", reason, str(exc))
+        ids = (header.sop_class_uid, header.sop_instance_uid, header.study_uid, header.series_uid)
+        if study_uid is not None and header.study_uid != study_uid:
+            log.warning("%s: instance %s is outside the study in the path", source, header.sop_instance_uid)
+            return PartResult(*ids, DATA_SET_MISMATCH, "the instance is not in the study the request names")
+        result: Ingested = ingest(spool, path, source)
+        if result.verdict in (Verdict.STORED, Verdict.DELIVERED):
+            return PartResult(*ids)
+        return PartResult(*ids, FAILURE_REASON.get(result.verdict, PROCESSING_FAILURE), result.reason)
+    finally:
+        path.unlink(missing_ok=True)  # consumed by ingest when stored; a refused one goes
+
+
+async def _parts(request: web.Request, incoming: Path) -> AsyncIterator[StreamedPart]:
+    """The body's instances as they complete (one part for a single-part body)."""
+    content_type = request.headers.get("Content-Type", "")
+    media = media_type(content_type)
+    if media in (DICOM, OCTET_STREAM):
+        path = incoming / f"{uuid.uuid4().hex}.part"
+        length = 0
+        try:
+            with open(path, "wb") as fh:
+                async for chunk in request.content.iter_chunked(READ_CHUNK):
+                    await asyncio.to_thread(fh.write, chunk)
+                    length += len(chunk)
+        except BaseException:
+            path.unlink(missing_ok=True)  # a body cut off is nobody's instance
+            raise
+        yield StreamedPart({"content-type": DICOM}, None, path, length)
+        return
+    async for part in iter_parts(request.content.iter_chunked(READ_CHUNK), boundary_of(content_type), incoming, SPILL_BYTES):
+        yield part
+
+
+def _check_type(request: web.Request) -> str | None:
+    """Why the request's Content-Type is not one STOW-RS takes, or None."""
+    content_type = request.headers.get("Content-Type", "")
+    media = media_type(content_type)
+    if media in (DICOM, OCTET_STREAM):
+        return None
+    if media not in (MULTIPART_RELATED, "multipart/form-data"):
+        return f"Content-Type {media or '(none)'} is not multipart/related or application/dicom"
+    part_type = next((r.part_type for r in parse_accept(content_type) if r.part_type), DICOM)
+    if part_type != DICOM:
+        return f"only application/dicom parts are stored, not {part_type}"
+    try:
+        boundary_of(content_type)
+    except MultipartError:
+        return "multipart Content-Type without a boundary"
+    return None
+
+
+def response_module(results: list[PartResult], root: str, study_uid: str | None) -> dict[str, Any]:
+    """The Store Instances Response Module (PS3.18 Table 10.5.3-1) as DICOM JSON."""
+    stored = [r for r in results if not r.reason]
+    failed = [r for r in results if r.reason]
+    module: dict[str, Any] = {}
+    if study_uid is not None or stored:
+        study = study_uid or stored[0].study_uid
+        module["00081190"] = {"vr": "UR", "Value": [f"{root}/studies/{study}"]}
+    if stored:
+        module["00081199"] = {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00081150": {"vr": "UI", "Value": [r.sop_class_uid]},
+                    "00081155": {"vr": "UI", "Value": [r.sop_instance_uid]},
+                    "00081190": {
+                        "vr": "UR",
+                        "Value": [f"{root}/studies/{r.study_uid}/series/{r.series_uid}/instances/{r.sop_instance_uid}"],
+                    },
+                }
+                for r in stored
+            ],
+        }
+    if failed:
+        items = []
+        for r in failed:
+            item: dict[str, Any] = {"00081197": {"vr": "US", "Value": [r.reason]}}
+            if r.sop_instance_uid:
+                item["00081150"] = {"vr": "UI", "Value": [r.sop_class_uid]}
+                item["00081155"] = {"vr": "UI", "Value": [r.sop_instance_uid]}
+            items.append(item)
+        module["00081198"] = {"vr": "SQ", "Value": items}
+    return module
+
+
+async def store(request: web.Request) -> web.StreamResponse:
+    started = time.monotonic()
+    study_uid = path_uids(request).get("study")
+    spool = request.app[SPOOL]
+    source = f"STOW-RS {request.remote}"
+    problem = _check_type(request)
+    if problem is not None:
+        return text_error(415, problem)
+    try:
+        await asyncio.to_thread(spool.check_space)
+    except SpoolFull as exc:
+        log.error("STOW-RS from %s refused: %s", request.remote, exc)
+        return text_error(503, "the gateway's spool is full; try again later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    results: list[PartResult] = []
+    try:
+        async for part in _parts(request, spool.incoming):
+            part_type = media_type(part.headers.get("content-type", DICOM))
+            path = part.path or await asyncio.to_thread(_write_incoming, spool.incoming, part.data or b"")
+            if part_type not in (DICOM, OCTET_STREAM):
+                path.unlink(missing_ok=True)
+                results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"part of type {part_type}"))
+                continue
+            results.append(await asyncio.to_thread(_take, spool, path, source, study_uid))
+    except MultipartError as exc:
+        log.warning("STOW-RS from %s: body unreadable after %d parts: %s", request.remote, len(results), exc)
+        results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"unreadable multipart body: {exc}"))
+    except (OSError, aiohttp.ClientError, HttpProcessingError) as exc:
+        # The client went away mid-body: what was complete before is stored (and stays).
+        stored = sum(1 for r in results if not r.reason)
+        log.warning("STOW-RS from %s: body cut off after %d stored instance(s): %s", request.remote, stored, type(exc).__name__)
+        return text_error(400, "the request body ended early")
+    if not results:
+        return text_error(400, "the request holds no instance")
+    stored = sum(1 for r in results if not r.reason)
+    if not stored and all(r.reason == OUT_OF_RESOURCES for r in results):
+        return text_error(503, "the gateway's spool is full; try again later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    status = 200 if stored == len(results) else 202 if stored else 409
+    log.info(
+        "STOW-RS from %s: %d stored, %d failed, %.3f s", request.remote, stored, len(results) - stored, time.monotonic() - started
+    )
+    module = response_module(results, request_root(request), study_uid)
+    if any(media_range.media == DICOM_XML or media_range.part_type == DICOM_XML for media_range in parse_accept(request.headers.get("Accept"))[:1]):
+        return web.Response(status=status, body=native_xml(module), content_type=DICOM_XML)
+    return web.Response(status=status, body=json.dumps(module).encode(), content_type=DICOM_JSON)
+
+
+def add_routes(router: Any, prefix: str) -> None:
+    """STOW-RS (and Azure's PUT upsert, the same here: the archive keeps the last copy)."""
+    for method in ("POST", "PUT"):
+        router.add(method, f"{prefix}/studies", store)
+        router.add(method, f"{prefix}/studies/{{study}}", store)

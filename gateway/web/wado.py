@@ -1,0 +1,576 @@
+"""WADO-RS (PS3.18 10.4): instances, series and studies, metadata and frames.
+
+Instances go as stored (``transfer-syntax=*``) or converted by the retrieval
+engine's transcoder; series and studies stream as ``multipart/related`` one part per
+instance as each arrives, never held whole (one RetrieveSeries/Study request upstream
+where its capabilities allow, else the instance listing and one request per
+instance, and anything the bulk answer lacked fetched one by one after it).
+
+Frames are asked of the archive as stored and each is checked against the instance's
+pixel description before use (`gateway.codecs.frame_check`): a label the bytes
+contradict is corrected, and the gateway converts the frame itself when the client
+asked for another syntax.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from aiohttp import web
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+from gateway.codecs.description import PixelDescription
+from gateway.codecs.errors import TranscodeError
+from gateway.codecs.frame_check import actual_syntax, convert_frame, convertible
+from gateway.codecs.syntaxes import (
+    EXPLICIT_VR_LE,
+    HTJ2K_FAMILY,
+    HTJ2K_LOSSLESS,
+    JPEG2000_FAMILY,
+    JPEG2000_LOSSLESS,
+    JPEG_BASELINE,
+    JPEG_EXTENDED,
+    JPEG_LOSSLESS,
+    JPEG_LOSSLESS_SV1,
+    JPEG_LS_LOSSLESS,
+    RLE_LOSSLESS,
+)
+from gateway.dicomweb.accept import parse_accept
+from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, JSON, MULTIPART_RELATED, OCTET_STREAM, frame_media_type
+from gateway.dicomweb.xml import native_xml
+from gateway.model.json import dataset_from_json
+from gateway.part10 import read_file_meta
+from gateway.retrieval.listing import search_instances
+from gateway.retrieval.request import InstanceRef, RetrieveRequest
+from gateway.retrieval.source import Fetched
+from gateway.uids import is_valid_uid
+from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
+from gateway.upstream.errors import NotFound, NotSupported, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.local import read_frames
+from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids, request_root
+from gateway.web.keys import RETRIEVER, UPSTREAM
+
+log = logging.getLogger("gateway.web")
+
+CHUNK = 1 << 20
+ANY = "*"
+# The syntax each frame media type defaults to, and the ones it may name (PS3.18 Table 8.7.3-5).
+FRAME_DEFAULT = {
+    OCTET_STREAM: EXPLICIT_VR_LE,
+    "image/jpeg": JPEG_BASELINE,
+    "image/jls": JPEG_LS_LOSSLESS,
+    "image/jp2": JPEG2000_LOSSLESS,
+    "image/jphc": HTJ2K_LOSSLESS,
+    "image/dicom-rle": RLE_LOSSLESS,
+}
+FRAME_SYNTAXES = {
+    "image/jpeg": frozenset({JPEG_BASELINE, JPEG_EXTENDED, JPEG_LOSSLESS, JPEG_LOSSLESS_SV1}),
+    "image/jls": frozenset({JPEG_LS_LOSSLESS, "1.2.840.10008.1.2.4.81"}),
+    "image/jp2": JPEG2000_FAMILY,
+    "image/jphc": HTJ2K_FAMILY,
+    "image/dicom-rle": frozenset({RLE_LOSSLESS}),
+}
+PIXEL_TAGS = (0x00280002, 0x00280004, 0x00280006, 0x00280010, 0x00280011, 0x00280100, 0x00280101, 0x00280103, 0x00280008)
+
+
+# -- negotiation ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceForm:
+    """How instances go out: one bare part10 body or multipart parts, in a syntax."""
+
+    single: bool
+    syntax: str  # a UID, or "*" for as stored
+
+
+def instance_form(accept: str | None, single_allowed: bool) -> InstanceForm:
+    """The first form the Accept header admits (PS3.18 8.7.3.5.2: ELE unless named)."""
+    for r in parse_accept(accept):
+        ts = r.transfer_syntax or EXPLICIT_VR_LE
+        if r.media == MULTIPART_RELATED and r.part_type in ("", DICOM, "*/*", "application/*"):
+            return InstanceForm(False, ts)
+        if r.media == DICOM and single_allowed:
+            return InstanceForm(True, ts)
+        if r.media in ("*/*", "application/*", "*"):
+            return InstanceForm(False, ts)
+    raise NotAcceptable(
+        'instances are served as multipart/related; type="application/dicom"'
+        + (" or application/dicom" if single_allowed else "")
+        + "; transfer-syntax=* or a transfer syntax UID"
+    )
+
+
+def metadata_format(accept: str | None) -> str:
+    for r in parse_accept(accept):
+        if r.media in (DICOM_JSON, JSON, "*/*", "application/*", "*"):
+            return "json"
+        if r.media == DICOM_XML or r.media == MULTIPART_RELATED and r.part_type == DICOM_XML:
+            return "xml"
+    raise NotAcceptable('metadata is served as application/dicom+json or multipart/related; type="application/dicom+xml"')
+
+
+@dataclass(frozen=True)
+class FrameForm:
+    """One way to serve frames: the part media type and the syntax (``*``: as stored)."""
+
+    part_type: str
+    syntax: str
+
+
+def frame_forms(accept: str | None) -> list[FrameForm]:
+    """Every form the Accept header admits for frames, best first."""
+    forms: list[FrameForm] = []
+    for r in parse_accept(accept):
+        if r.media == MULTIPART_RELATED:
+            part = r.part_type or OCTET_STREAM
+        elif r.media in ("*/*", "*"):
+            part = OCTET_STREAM
+        elif r.media in (OCTET_STREAM, *FRAME_SYNTAXES):
+            part = r.media  # a single media type: served as one part of it
+        else:
+            continue
+        if part in ("*/*", "application/*", "image/*"):
+            forms.append(FrameForm(part, r.transfer_syntax or ANY))
+            continue
+        if part not in FRAME_DEFAULT:
+            continue
+        syntax = r.transfer_syntax or FRAME_DEFAULT[part]
+        if part != OCTET_STREAM and syntax != ANY and syntax not in FRAME_SYNTAXES.get(part, ()):
+            continue
+        forms.append(FrameForm(part, syntax))
+    return forms
+
+
+# -- instances -----------------------------------------------------------------------
+
+
+def _part10_head(sop_class: str, sop_instance: str, syntax: str) -> bytes:
+    """Preamble, DICM and a File Meta group for a data set converted to ``syntax``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    buffer = io.BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+class InstanceBody:
+    """One retrieved instance ready to send: stored bytes, or converted ones, as chunks."""
+
+    def __init__(self, request: web.Request, retrieved: Retrieved, ref: InstanceRef) -> None:
+        self.request = request
+        self.retrieved = retrieved
+        self.ref = ref
+        self.syntax = ""
+        self.spill: Any = None
+
+    async def prepare(self, target: str) -> None:
+        """Read the File Meta and convert when ``target`` differs from the stored syntax."""
+        head = await asyncio.to_thread(self.retrieved.read, 0, 65536)
+        meta = read_file_meta(head)
+        if meta.sop_instance_uid and meta.sop_instance_uid != self.ref.sop_instance_uid:
+            raise UpstreamRejected("the archive returned a different instance")
+        self.syntax = meta.transfer_syntax
+        self.sop_class = meta.sop_class_uid or self.ref.sop_class_uid
+        if target in (ANY, self.syntax):
+            self.chunks = self._stored()
+            return
+        item = Fetched(self.ref, self.retrieved, meta.transfer_syntax, self.sop_class, meta.dataset_offset)
+        syntax, data, spill = await self.request.app[RETRIEVER].transcoder.transcoded(item, [target])
+        self.syntax, self.spill = syntax, spill
+        self.chunks = self._converted(data)
+
+    async def _stored(self) -> AsyncIterator[bytes]:
+        r = self.retrieved
+        for start in range(0, r.length, CHUNK):
+            if r.data is not None:
+                yield r.read(start, CHUNK)
+            else:
+                yield await asyncio.to_thread(r.read, start, CHUNK)
+
+    async def _converted(self, data: Any) -> AsyncIterator[bytes]:
+        yield _part10_head(self.sop_class, self.ref.sop_instance_uid, self.syntax)
+        if isinstance(data, (bytes, memoryview)):
+            yield bytes(data)
+            return
+        with open(data.path, "rb") as fh:
+            fh.seek(data.offset)
+            left = data.length
+            while left > 0:
+                chunk = await asyncio.to_thread(fh.read, min(CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+
+    def release(self) -> None:
+        self.retrieved.release()
+        if self.spill is not None:
+            self.spill.unlink(missing_ok=True)
+
+
+async def fetch_instance(request: web.Request, ref: InstanceRef) -> Retrieved:
+    retriever = request.app[RETRIEVER]
+    return await request.app[UPSTREAM].retrieve_instance(
+        ref.study_uid, ref.series_uid, ref.sop_instance_uid, retriever.spill_dir, retriever.spill_bytes, acceptable=ANY_SYNTAX
+    )
+
+
+async def retrieve_instance(request: web.Request) -> web.StreamResponse:
+    uids = path_uids(request)
+    what = "WADO-RS instance"
+    ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
+    try:
+        form = instance_form(request.headers.get("Accept"), single_allowed=True)
+        body = InstanceBody(request, await fetch_instance(request, ref), ref)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP answer
+        return error_response(exc, what)
+    try:
+        try:
+            await body.prepare(form.syntax)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc, what)
+        content_type = f"{DICOM}; transfer-syntax={body.syntax}"
+        if form.single:
+            response = web.StreamResponse(headers={"Content-Type": content_type})
+            await response.prepare(request)
+            async for chunk in body.chunks:
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        stream = MultipartStream(request, DICOM)
+        await stream.part(content_type)
+        async for chunk in body.chunks:
+            await stream.write(chunk)
+        return await stream.finish()
+    finally:
+        body.release()
+
+
+async def _instances(request: web.Request, study: str, series: str | None) -> AsyncIterator[tuple[Retrieved, InstanceRef]]:
+    """Every instance of the study or series, each as soon as it has arrived."""
+    upstream = request.app[UPSTREAM]
+    retriever = request.app[RETRIEVER]
+    caps = upstream.capabilities
+    seen: set[str] = set()
+    if caps.series_retrieve if series else caps.study_retrieve:
+        try:
+            async for retrieved in upstream.iter_instances(study, series, retriever.spill_dir, retriever.spill_bytes):
+                head = await asyncio.to_thread(retrieved.read, 0, 65536)
+                try:
+                    meta = read_file_meta(head)
+                except ValueError:
+                    retrieved.release()
+                    continue
+                seen.add(meta.sop_instance_uid)
+                ref = InstanceRef(study, series or "", meta.sop_instance_uid, meta.sop_class_uid)
+                yield retrieved, ref
+        except NotSupported:
+            if seen:
+                raise
+            log.info("the archive refused the %s retrieve; fetching instance by instance", "series" if series else "study")
+    request_ = RetrieveRequest("SERIES" if series else "STUDY", study_uids=(study,), series_uids=(series,) if series else ())
+    async for ref in search_instances(upstream, request_):
+        if ref.sop_instance_uid in seen:
+            continue
+        seen.add(ref.sop_instance_uid)
+        try:
+            yield await fetch_instance(request, ref), ref
+        except NotFound:
+            continue  # deleted since it was listed
+
+
+async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
+    """A study or series as one multipart answer, streamed instance by instance."""
+    uids = path_uids(request)
+    series = uids.get("series")
+    what = f"WADO-RS {'series' if series else 'study'}"
+    started = time.monotonic()
+    stream: MultipartStream | None = None
+    sent = 0
+    try:
+        form = instance_form(request.headers.get("Accept"), single_allowed=False)
+        async with contextlib.aclosing(_instances(request, uids["study"], series)) as instances:
+            async for retrieved, ref in instances:
+                body = InstanceBody(request, retrieved, ref)
+                try:
+                    await body.prepare(form.syntax)
+                    if stream is None:
+                        stream = MultipartStream(request, DICOM)
+                    await stream.part(f"{DICOM}; transfer-syntax={body.syntax}")
+                    async for chunk in body.chunks:
+                        await stream.write(chunk)
+                    sent += 1
+                finally:
+                    body.release()
+    except (ConnectionResetError, asyncio.CancelledError):
+        log.info("%s: client went away after %d instances", what, sent)
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP answer, or ends the stream
+        if stream is None:
+            return error_response(exc, what)
+        # Headers are gone: the only honest signal left is an unterminated body.
+        log.error("%s: failed after %d instances: %s", what, sent, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return stream.response
+    if stream is None:
+        return error_response(NotFound("no instances"), what)
+    log.info("%s: %d instances, %.3f s", what, sent, time.monotonic() - started)
+    return await stream.finish()
+
+
+# -- metadata ------------------------------------------------------------------------
+
+
+_BULK_SEGMENT = re.compile(r"(?:^|/)bulk(?:data)?/(.+)$", re.IGNORECASE)
+
+
+def _uid(obj: JsonObject, key: str) -> str:
+    return str(((obj.get(key) or {}).get("Value") or [""])[0])
+
+
+def rewrite_bulk_uris(obj: dict[str, Any], base: str) -> None:
+    """Point every BulkDataURI of an instance's metadata at the facade's own bulkdata
+    resource (``base`` + the tag path): the archive's URIs are relative (the embedded
+    archive) or name the archive's own host, which the client may not reach."""
+    for value in obj.values():
+        if not isinstance(value, dict):
+            continue
+        uri = value.get("BulkDataURI")
+        if isinstance(uri, str):
+            match = _BULK_SEGMENT.search(uri.split("?", 1)[0])
+            if match:
+                value["BulkDataURI"] = base + match.group(1).upper()
+        for item in value.get("Value") or []:
+            if isinstance(item, dict) and value.get("vr") == "SQ":
+                rewrite_bulk_uris(item, base)
+
+
+async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
+    uids = path_uids(request)
+    what = "WADO-RS metadata"
+    try:
+        fmt = metadata_format(request.headers.get("Accept"))
+        objects = [dict(o) for o in await request.app[UPSTREAM].retrieve_metadata(uids["study"], uids.get("series"), uids.get("instance"))]
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc, what)
+    root = request_root(request)
+    for obj in objects:
+        study, series, sop = _uid(obj, "0020000D") or uids["study"], _uid(obj, "0020000E"), _uid(obj, "00080018")
+        if all(is_valid_uid(u) for u in (study, series, sop)):
+            rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
+    if fmt == "json":
+        return web.Response(body=json.dumps(objects, ensure_ascii=False).encode("utf-8"), content_type=DICOM_JSON)
+    stream = MultipartStream(request, DICOM_XML)
+    for obj in objects:
+        await stream.part(DICOM_XML, [native_xml(obj)])
+    return await stream.finish()
+
+
+# -- frames --------------------------------------------------------------------------
+
+
+def frame_numbers(text: str) -> list[int]:
+    numbers = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        if not piece.isdigit() or int(piece) < 1:
+            raise web.HTTPBadRequest(text="frame numbers are positive integers separated by commas\n")
+        numbers.append(int(piece))
+    return numbers
+
+
+def pick_form(forms: Sequence[FrameForm], stored: str, desc: PixelDescription) -> FrameForm:
+    """The first acceptable form the gateway can produce from ``stored`` frames."""
+    for form in forms:
+        if form.syntax == ANY or convertible(stored, form.syntax, desc) is None:
+            return form
+    produce = ["application/octet-stream (transfer-syntax=* or 1.2.840.10008.1.2.1)"]
+    for media, default in FRAME_DEFAULT.items():
+        if media != OCTET_STREAM and convertible(stored, default, desc) is None:
+            produce.append(f"{media} ({default})")
+    raise NotAcceptable("frames of this instance can be served as: " + ", ".join(produce))
+
+
+async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
+    """The frames as the archive stores them: by RetrieveFrames, or, when the archive
+    fails that (Orthanc 1.10 answers 500 for some stored syntaxes) or serves no frames,
+    cut out of the instance retrieved whole."""
+    upstream = request.app[UPSTREAM]
+    given = 0
+    try:
+        if upstream.capabilities.frames:
+            async for frame in upstream.retrieve_frames(
+                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=ANY_SYNTAX
+            ):
+                given += 1
+                yield frame
+            return
+    except (UpstreamUnavailable, NotSupported) as exc:
+        if given:
+            raise
+        log.info("frames of %s: the archive failed RetrieveFrames (%s); cutting them from the instance", ref.sop_instance_uid, exc)
+    retriever = request.app[RETRIEVER]
+    retrieved = await fetch_instance(request, ref)
+    path = retriever.spill_dir / f"{uuid.uuid4().hex}.frames"
+    try:
+        await asyncio.to_thread(_materialise, retrieved, path)
+        stored = read_file_meta(await asyncio.to_thread(retrieved.read, 0, 65536)).transfer_syntax
+        for frame in await asyncio.to_thread(read_frames, path, stored, numbers, ANY_SYNTAX):
+            yield frame
+    finally:
+        retrieved.release()
+        path.unlink(missing_ok=True)
+
+
+def _materialise(retrieved: Retrieved, path: Path) -> None:
+    """Copy a retrieved Part 10 file to ``path`` in bounded chunks (blocking)."""
+    with open(path, "wb") as out:
+        for start in range(0, retrieved.length, CHUNK):
+            out.write(retrieved.read(start, CHUNK))
+
+
+async def retrieve_frames(request: web.Request) -> web.StreamResponse:
+    uids = path_uids(request)
+    what = "WADO-RS frames"
+    numbers = frame_numbers(request.match_info["frames"])
+    upstream = request.app[UPSTREAM]
+    codecs = request.app[RETRIEVER].codecs
+    loop = asyncio.get_running_loop()
+    study, series, sop = uids["study"], uids["series"], uids["instance"]
+    stream: MultipartStream | None = None
+    try:
+        forms = frame_forms(request.headers.get("Accept"))
+        if not forms:
+            raise NotAcceptable(
+                'frames are served as multipart/related; type="application/octet-stream" (or image/jphc, image/jpeg, '
+                "image/jls, image/jp2, image/dicom-rle) with an optional transfer-syntax"
+            )
+        metadata = await upstream.retrieve_metadata(study, series, sop)
+        if not metadata:
+            raise NotFound("no such instance")
+        ds = dataset_from_json(metadata[0], PIXEL_TAGS)
+        try:
+            desc = PixelDescription.from_dataset(ds)
+        except (TranscodeError, ValueError, AttributeError, TypeError):
+            raise NotFound("the instance has no usable pixel description") from None
+        count = int(ds.get("NumberOfFrames") or 1)
+        if any(n > count for n in numbers):
+            raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
+        form: FrameForm | None = None
+        async with contextlib.aclosing(stored_frames(request, InstanceRef(study, series, sop, ""), numbers)) as frames:
+            async for frame in frames:
+                source = actual_syntax(frame.data, frame.transfer_syntax, desc)
+                if form is None:
+                    form = pick_form(forms, source, desc)
+                target = source if form.syntax == ANY else form.syntax
+                data = await loop.run_in_executor(codecs, convert_frame, frame.data, source, target, desc)
+                media = form.part_type if form.part_type not in ("*/*", "application/*", "image/*") else frame_media_type(target)
+                if stream is None:
+                    stream = MultipartStream(request, media, f"; transfer-syntax={target}")
+                await stream.part(f"{media}; transfer-syntax={target}", [data])
+    except Exception as exc:  # noqa: BLE001
+        if stream is None:
+            return error_response(exc, what)
+        log.error("%s: failed after the answer began: %s", what, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return stream.response
+    if stream is None:
+        return error_response(NotFound("no frames"), what)
+    return await stream.finish()
+
+
+async def delete(request: web.Request) -> web.StreamResponse:
+    """Azure's DELETE of a study, series or instance, passed to the upstream."""
+    uids = path_uids(request)
+    upstream = request.app[UPSTREAM]
+    what = "DELETE"
+    try:
+        if "instance" in uids:
+            await upstream.delete_instance(uids["study"], uids["series"], uids["instance"])
+        elif "series" in uids:
+            await upstream.delete_series(uids["study"], uids["series"])
+        else:
+            await upstream.delete_study(uids["study"])
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc, what)
+    log.info("DELETE %s: done", "/".join(uids.values()))
+    return web.Response(status=204)
+
+
+def bulk_value(path: Path, tag_path: str) -> bytes:
+    """The value of the element ``tag_path`` names (``7FE00010``, or
+    ``00540016/0/00181072`` through sequence items) in the Part 10 file (blocking)."""
+    pieces = tag_path.strip("/").split("/")
+    if len(pieces) % 2 == 0:
+        raise UpstreamRejected("a bulk data path alternates tags and item numbers, ending with a tag", 400)
+    ds = pydicom.dcmread(path, defer_size=1024)
+    try:
+        for i in range(0, len(pieces) - 1, 2):
+            ds = ds[int(pieces[i], 16)].value[int(pieces[i + 1])]
+        element = ds[int(pieces[-1], 16)]
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise NotFound("no such bulk data") from None
+    value = element.value
+    if not isinstance(value, (bytes, bytearray)):
+        raise NotFound("no bulk data there")
+    return bytes(value)
+
+
+async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
+    """A BulkDataURI of the metadata: the element's value as one octet-stream part."""
+    uids = path_uids(request)
+    what = "WADO-RS bulkdata"
+    ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
+    retriever = request.app[RETRIEVER]
+    spill = retriever.spill_dir / f"{uuid.uuid4().hex}.bulk"
+    try:
+        retrieved = await fetch_instance(request, ref)
+        try:
+            await asyncio.to_thread(_materialise, retrieved, spill)
+        finally:
+            retrieved.release()
+        value = await asyncio.to_thread(bulk_value, spill, request.match_info["tags"])
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc, what)
+    finally:
+        spill.unlink(missing_ok=True)
+    stream = MultipartStream(request, OCTET_STREAM)
+    await stream.part(OCTET_STREAM, [value])
+    return await stream.finish()
+
+
+def add_routes(router: Any, prefix: str) -> None:
+    """The WADO-RS resources under ``prefix`` (a DICOMweb root)."""
+    study = f"{prefix}/studies/{{study}}"
+    series = f"{study}/series/{{series}}"
+    instance = f"{series}/instances/{{instance}}"
+    router.add("GET", study, retrieve_bulk)
+    router.add("GET", series, retrieve_bulk)
+    router.add("GET", instance, retrieve_instance)
+    for path in (study, series, instance):
+        router.add("GET", f"{path}/metadata", retrieve_metadata)
+    router.add("GET", f"{instance}/frames/{{frames}}", retrieve_frames)
+    router.add("GET", f"{instance}/bulkdata/{{tags:.+}}", retrieve_bulkdata)
+    for path in (study, series, instance):
+        router.add("DELETE", path, delete)

@@ -1,0 +1,120 @@
+"""The facade over archives that misbehave (a scripted QIDO-RS server, since Orthanc
+cannot be told to) and over a spool that cannot take more.
+
+* an archive that ignores the match parameters: the gateway's own re-check answers
+  exactly the matches, and ``offset``/``limit`` count those;
+* an archive that cuts its answer: the answer says so with a PS3.18 Warning;
+* an archive answering 503 or refusing the gateway's credentials: 503 and 502, named;
+* a full spool: STOW-RS answers 503 with Retry-After and keeps nothing;
+* a STOW-RS body cut off: no file left behind, the complete parts before it stored.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.support.curl import curl
+from tests.support.fakeqido import FakeQido
+from tests.support.orthanc import build_multipart_related
+from tests.support.ports import wait_until
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeQido]:
+    server = FakeQido(count=20).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _uids(answer: list[dict]) -> list[str]:
+    return [a["0020000D"]["Value"][0] for a in answer]
+
+
+def test_every_archive_answer_is_rechecked_and_paged_by_the_gateway(gateway, fake: FakeQido) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway(upstream_url=fake.url)
+    url = f"{gw.web_url}/dicom-web/studies"
+    r = curl(f"{url}?StudyInstanceUID={fake.study(3)['0020000D']['Value'][0]}")  # type: ignore[index]
+    assert r.status == 200 and _uids(r.json()) == ["1.2.826.0.1.3680043.10.1137.99.3"]
+    assert any("0020000D=1.2.826.0.1.3680043.10.1137.99.3" in p for p in fake.requests)  # the key went upstream too
+    r = curl(f"{url}?PatientName=NOT*")
+    assert r.json() == []
+    r = curl(f"{url}?PatientID=FAKE&offset=2&limit=5")
+    assert _uids(r.json()) == [f"1.2.826.0.1.3680043.10.1137.99.{n}" for n in range(2, 7)]
+    assert "warning" not in r.headers
+
+
+def test_a_cut_answer_says_so(gateway) -> None:  # type: ignore[no-untyped-def]
+    server = FakeQido(count=50, reach=10).start()
+    try:
+        gw = gateway(upstream_url=server.url)
+        r = curl(f"{gw.web_url}/dicom-web/studies")
+        assert r.status == 200 and len(r.json()) == 10
+        assert r.headers["warning"].startswith("299 ")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("status", "expected", "words"), [(503, 503, b"unavailable"), (401, 502, b"credentials")])
+def test_archive_failures_become_named_http_errors(gateway, status: int, expected: int, words: bytes) -> None:  # type: ignore[no-untyped-def]
+    server = FakeQido(status=status).start()
+    try:
+        gw = gateway(upstream_url=server.url)
+        r = curl(f"{gw.web_url}/dicom-web/studies?PatientName=SECRET*")
+        assert r.status == expected and words in r.body
+        assert b"SECRET" not in r.body and "SECRET" not in gw.log()
+    finally:
+        server.stop()
+
+
+def test_a_full_spool_refuses_stow_with_retry_after(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway(spool={"min_free_mb": 2**39})
+    path = tmp_path / "ct.dcm"
+    pydicom.dcmread(get_testdata_file("CT_small.dcm")).save_as(path, enforce_file_format=True)
+    r = curl("-X", "POST", f"{gw.web_url}/dicom-web/studies", "--header", "Content-Type: application/dicom",
+             "--data-binary", f"@{path}")
+    assert r.status == 503 and r.headers["retry-after"].isdigit()
+    assert gw.counts()["queued"] == 0
+    assert not any((gw.spool_dir / "incoming").iterdir())
+
+
+def _cut_off(port: int, head: bytes, body: bytes) -> None:
+    """Send a request whose body stops short of its Content-Length, then hang up."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + body)
+        time.sleep(0.3)
+
+
+def test_a_stow_body_cut_off_leaves_nothing_behind(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway()
+    data = (Path(get_testdata_file("CT_small.dcm"))).read_bytes()
+    head = (
+        "POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/dicom\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    _cut_off(gw.http_port, head, data[:1000])
+    # multipart: the first part complete, the second cut off; the first is stored
+    other = pydicom.dcmread(BytesIO(data))
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    buffer = BytesIO()
+    other.save_as(buffer, enforce_file_format=True)
+    content_type, body = build_multipart_related([data, buffer.getvalue()])
+    head = (
+        f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    _cut_off(gw.http_port, head, body[: len(data) + 2000])
+    gw.wait_counts(delivered=1)
+    wait_until(lambda: gw.log().count("body cut off") == 2, 10, 0.1, "the cut-off bodies were not both logged")
+    assert not any((gw.spool_dir / "incoming").iterdir())
+    assert "Traceback" not in gw.log() and "Error handling request" not in gw.log()
+    assert curl(f"{gw.web_url}/dicom-web/studies").status == 200
