@@ -14,7 +14,9 @@ the developer guide documents and nothing more:
   and series metadata, frames; no study-level or series-level retrieval, so fronts
   fetch instance by instance (`Capabilities`); no DELETE;
 * reads of each operation spaced by a client-side token bucket at the service's
-  quotas (``[upstream.rate_limits]``);
+  quotas (``[upstream.rate_limits]``); a read throttled all the same (429: other
+  clients share the account's quota) or failing transiently is tried again, a
+  bounded number of times with growing pauses, at least its Retry-After;
 * a study search past QIDO-RS's 10,000 results goes on through the native
   SearchImageSets where the image set summaries can answer it (`native`).
 """
@@ -24,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import calendar
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from email.utils import parsedate_tz
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 from pydicom.datadict import tag_for_keyword
@@ -69,6 +73,7 @@ from gateway.upstream.healthimaging.signer import (
 from gateway.upstream.http import EVERY_STATUS, Body, http_status
 
 log = logging.getLogger("gateway.upstream")
+T = TypeVar("T")
 
 CAPABILITIES = Capabilities(
     study_retrieve=False,
@@ -83,6 +88,10 @@ MAX_STOW_BYTES = 1_000_000_000  # "up to 1GB of DICOM data per request"
 _PART_OVERHEAD = 128  # part headers and delimiters of the multipart body, per instance
 MAX_INCLUDEFIELDS = 50
 SKEW_SECONDS = 300  # SigV4 refuses requests more than five minutes off the service's clock
+READ_ATTEMPTS = 6  # tries of one read (instance, metadata) before its error is final
+READ_BACKOFF_BASE = 0.2  # seconds before the second try, doubled for each next one
+READ_BACKOFF_MAX = 5.0
+RETRY_AFTER_MAX = 30.0  # a longer Retry-After is waited this long: a move must not stall for hours
 
 
 def _tags(*keywords: str) -> frozenset[int]:
@@ -128,6 +137,23 @@ def clock_skew(headers: Mapping[str, str]) -> float | None:
     theirs = calendar.timegm(parsed[:9]) - (parsed[9] or 0)
     skew = time.time() - theirs
     return skew if abs(skew) > SKEW_SECONDS else None
+
+
+async def read_with_retry(operation: str, read: Callable[[], Awaitable[T]]) -> T:
+    """``read()`` tried up to READ_ATTEMPTS times while it fails transiently (429,
+    5xx, connection errors: `UpstreamUnavailable`), pausing between tries a growing,
+    jittered backoff, or the answer's Retry-After when that is longer. The client-side
+    buckets keep the gateway's own traffic under the quotas; these retries absorb the
+    throttling that other clients sharing the account's quota cause."""
+    for attempt in range(1, READ_ATTEMPTS):
+        try:
+            return await read()
+        except UpstreamUnavailable as exc:
+            backoff = min(READ_BACKOFF_MAX, READ_BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            delay = max(backoff, min(exc.retry_after or 0.0, RETRY_AFTER_MAX))
+            log.info("HealthImaging %s failed transiently (%s); try %d of %d in %.1f s", operation, exc, attempt + 1, READ_ATTEMPTS, delay)
+            await asyncio.sleep(delay)
+    return await read()
 
 
 def _allowed_keys(path: str) -> frozenset[int]:
@@ -274,10 +300,13 @@ class HealthImagingUpstream(DicomWebUpstream):
         *,
         acceptable: Sequence[str],
     ) -> Retrieved:
-        await self.limits.acquire("GetDICOMInstance")
-        return await super().retrieve_instance(
-            study_uid, series_uid, sop_instance_uid, spill_dir, spill_bytes, acceptable=acceptable
-        )
+        async def read() -> Retrieved:
+            await self.limits.acquire("GetDICOMInstance")
+            return await DicomWebUpstream.retrieve_instance(
+                self, study_uid, series_uid, sop_instance_uid, spill_dir, spill_bytes, acceptable=acceptable
+            )
+
+        return await read_with_retry("GetDICOMInstance", read)
 
     async def retrieve_metadata(
         self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
@@ -291,8 +320,13 @@ class HealthImagingUpstream(DicomWebUpstream):
                 if uid:
                     objects += await self.retrieve_metadata(study_uid, str(uid[0]))
             return objects
-        await self.limits.acquire("GetDICOMSeriesMetadata" if sop_instance_uid is None else "GetDICOMInstanceMetadata")
-        return await super().retrieve_metadata(study_uid, series_uid, sop_instance_uid)
+        operation = "GetDICOMSeriesMetadata" if sop_instance_uid is None else "GetDICOMInstanceMetadata"
+
+        async def read() -> list[JsonObject]:
+            await self.limits.acquire(operation)
+            return await DicomWebUpstream.retrieve_metadata(self, study_uid, series_uid, sop_instance_uid)
+
+        return await read_with_retry(operation, read)
 
     async def retrieve_frames(
         self,
