@@ -18,7 +18,9 @@ the developer guide documents and nothing more:
   clients share the account's quota) or failing transiently is tried again, a
   bounded number of times with growing pauses, at least its Retry-After;
 * a study search past QIDO-RS's 10,000 results goes on through the native
-  SearchImageSets where the image set summaries can answer it (`native`).
+  SearchImageSets where the image set summaries can answer it (`native`);
+* with ``retrieve_path = "frames"``, instances with pixel data are rebuilt from their
+  image set's metadata and frames (`frames`) rather than read with GetDICOMInstance.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import replace
 from email.utils import parsedate_tz
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from pydicom.datadict import tag_for_keyword
@@ -57,6 +59,12 @@ from gateway.upstream.errors import (
     UpstreamAuthError,
     UpstreamError,
     UpstreamUnavailable,
+)
+from gateway.upstream.healthimaging.frames import (
+    TtlCache,
+    Unrebuildable,
+    instance_entry,
+    rebuild,
 )
 from gateway.upstream.healthimaging.native import (
     NativeClient,
@@ -91,6 +99,8 @@ SKEW_SECONDS = 300  # SigV4 refuses requests more than five minutes off the serv
 READ_ATTEMPTS = 6  # tries of one read (instance, metadata) before its error is final
 READ_BACKOFF_BASE = 0.2  # seconds before the second try, doubled for each next one
 READ_BACKOFF_MAX = 5.0
+METADATA_TTL = 30.0  # seconds an image set's metadata serves the frames path
+METADATA_CACHED = 8  # image sets whose metadata is kept at once
 RETRY_AFTER_MAX = 30.0  # a longer Retry-After is waited this long: a move must not stall for hours
 
 
@@ -209,6 +219,10 @@ class HealthImagingUpstream(DicomWebUpstream):
         )
         self.limits = RateLimits(cfg.rate_limits)
         self.native = NativeClient(cfg, credentials, self.limits)
+        self.retrieve_path = cfg.retrieve_path
+        self._metadata: TtlCache[str, tuple[str, dict[str, Any]] | None] = TtlCache(
+            self._primary_metadata, METADATA_TTL, METADATA_CACHED
+        )
 
     async def close(self) -> None:
         await super().close()
@@ -300,6 +314,11 @@ class HealthImagingUpstream(DicomWebUpstream):
         *,
         acceptable: Sequence[str],
     ) -> Retrieved:
+        if self.retrieve_path == "frames":
+            rebuilt = await self._rebuilt(study_uid, series_uid, sop_instance_uid)
+            if rebuilt is not None:
+                return rebuilt
+
         async def read() -> Retrieved:
             await self.limits.acquire("GetDICOMInstance")
             return await DicomWebUpstream.retrieve_instance(
@@ -307,6 +326,40 @@ class HealthImagingUpstream(DicomWebUpstream):
             )
 
         return await read_with_retry("GetDICOMInstance", read)
+
+    async def _primary_metadata(self, study_uid: str) -> tuple[str, dict[str, Any]] | None:
+        """The ID and metadata document of the study's primary image set, or None."""
+        summaries = await read_with_retry("SearchImageSets", lambda: self.native.image_sets_of_study(study_uid, primary=True))
+        if not summaries:
+            return None
+        image_set_id = str(summaries[0].get("imageSetId") or "")
+        document = await read_with_retry("GetImageSetMetadata", lambda: self.native.image_set_metadata(image_set_id))
+        return image_set_id, document
+
+    async def _rebuilt(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Retrieved | None:
+        """The instance rebuilt from metadata and frames; None when it must be read
+        with GetDICOMInstance instead (not in the metadata even when fetched anew, no
+        frames, or metadata that does not make a data set)."""
+        found = await self._metadata.get(study_uid)
+        entry = instance_entry(found[1], series_uid, sop_instance_uid) if found else None
+        if entry is None:  # stored since the metadata was read, perhaps
+            self._metadata.forget(study_uid)
+            found = await self._metadata.get(study_uid)
+            entry = instance_entry(found[1], series_uid, sop_instance_uid) if found else None
+        if found is None or entry is None or not entry.get("ImageFrames"):
+            return None
+        image_set_id, document = found
+
+        async def frame(frame_id: str) -> bytes:
+            return await read_with_retry("GetImageFrame", lambda: self.native.image_frame(image_set_id, frame_id))
+
+        frames = await asyncio.gather(*(frame(str(f.get("ID") or "")) for f in entry["ImageFrames"]))
+        try:
+            data, syntax = await asyncio.to_thread(rebuild, document, series_uid, sop_instance_uid, frames)
+        except Unrebuildable as exc:
+            log.warning("instance %s not rebuilt from HealthImaging metadata (%s); reading it with GetDICOMInstance", sop_instance_uid, exc)
+            return None
+        return Retrieved(data, None, 0, len(data), transfer_syntax=syntax)
 
     async def retrieve_metadata(
         self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
