@@ -109,7 +109,7 @@ def test_a_move_through_the_frames_path_decodes_for_an_uncompressed_only_receive
     try:
         paths = ct_series(tmp_path / "series", 20, rows=64, columns=64)
         peers = f'\n[[dimse.peers]]\nae_title = "IMPLICIT"\nhost = "127.0.0.1"\nport = {scp.port}\n'
-        upstream = healthimaging_upstream(emulator, 'retrieve_path = "frames"\n')
+        upstream = healthimaging_upstream(emulator)  # the frames path is the default
         gw = gateway(upstream=upstream, env=key_env(*emulator.add_key()), extra=peers)
         assert storescu(gw.port, paths, gw.ae_title).returncode == 0
         gw.wait_counts(delivered=len(paths), timeout=60)

@@ -46,7 +46,7 @@ def move_series(emulator: Emulator, scp: StoreSCP, gateway: Any, tmp_path: Path,
     GetDICOMInstance bucket at ``rate``/s; check every instance arrived intact."""
     paths = ct_series(tmp_path / "series", COUNT, rows=32, columns=32)
     peers = f'\n[[dimse.peers]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {scp.port}\n'
-    upstream = healthimaging_upstream(emulator, f"\n[upstream.rate_limits]\nGetDICOMInstance = {rate}\n")
+    upstream = healthimaging_upstream(emulator, f'retrieve_path = "dicomweb"\n\n[upstream.rate_limits]\nGetDICOMInstance = {rate}\n')
     gw = gateway(upstream=upstream, env=key_env(*emulator.add_key()), extra=peers)
     assert storescu(gw.port, paths, gw.ae_title).returncode == 0
     gw.wait_counts(delivered=COUNT, timeout=60)
