@@ -19,6 +19,10 @@ the developer guide documents and nothing more:
   bounded number of times with growing pauses, at least its Retry-After;
 * a study search past QIDO-RS's 10,000 results goes on through the native
   SearchImageSets where the image set summaries can answer it (`native`);
+* with ``include_non_primary``, the instances of a study's non-primary image sets
+  (which QIDO-RS and WADO-RS without ``imageSetId`` do not show) are found through
+  SearchImageSets and their metadata, answered in series and instance searches of the
+  study and retrieved with their ``imageSetId``;
 * with ``retrieve_path = "frames"``, instances with pixel data are rebuilt from their
   image set's metadata and frames (`frames`) rather than read with GetDICOMInstance.
 """
@@ -31,7 +35,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from email.utils import parsedate_tz
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,6 +69,7 @@ from gateway.upstream.healthimaging.frames import (
     Unrebuildable,
     instance_entry,
     rebuild,
+    search_objects,
 )
 from gateway.upstream.healthimaging.native import (
     NativeClient,
@@ -180,6 +185,16 @@ def _allowed_keys(path: str) -> frozenset[int]:
     return ALL_INSTANCE_KEYS  # a study's instances, or all instances
 
 
+@dataclass(frozen=True)
+class Located:
+    """Where an instance is: its image set, whether primary, its metadata and entry."""
+
+    image_set_id: str
+    primary: bool
+    document: dict[str, Any]
+    entry: dict[str, Any]
+
+
 def _batches(instances: Sequence[StoreItem]) -> list[list[StoreItem]]:
     """Consecutive runs of instances whose multipart body stays within the STOW limit."""
     batches: list[list[StoreItem]] = []
@@ -220,8 +235,13 @@ class HealthImagingUpstream(DicomWebUpstream):
         self.limits = RateLimits(cfg.rate_limits)
         self.native = NativeClient(cfg, credentials, self.limits)
         self.retrieve_path = cfg.retrieve_path
-        self._metadata: TtlCache[str, tuple[str, dict[str, Any]] | None] = TtlCache(
+        self.include_non_primary = cfg.include_non_primary
+        # study UID -> (image set ID, metadata) of its primary, and of its non-primary image sets
+        self._metadata: TtlCache[str, list[tuple[str, dict[str, Any]]]] = TtlCache(
             self._primary_metadata, METADATA_TTL, METADATA_CACHED
+        )
+        self._non_primary: TtlCache[str, list[tuple[str, dict[str, Any]]]] = TtlCache(
+            self._non_primary_metadata, METADATA_TTL, METADATA_CACHED
         )
 
     async def close(self) -> None:
@@ -297,6 +317,34 @@ class HealthImagingUpstream(DicomWebUpstream):
                 for obj in skipping([study_object(summary)], seen):
                     yield obj
 
+    def search_for_series(self, search: Search) -> AsyncIterator[JsonObject]:
+        return self._with_non_primary(super().search_for_series(search), search, instances=False)
+
+    def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
+        return self._with_non_primary(super().search_for_instances(search), search, instances=True)
+
+    async def _with_non_primary(
+        self, answers: AsyncIterator[JsonObject], search: Search, *, instances: bool
+    ) -> AsyncIterator[JsonObject]:
+        """QIDO-RS's answers (primary image sets only), then, with ``include_non_primary``
+        and a study named, the series or instances of the study's non-primary image
+        sets that QIDO-RS did not show, from their metadata (read anew for each search).
+        The front matches every answer against the search's keys."""
+        uid_tag = "00080018" if instances else "0020000E"
+        seen: set[str] = set()
+        async for obj in answers:
+            seen.update(((obj.get(uid_tag) or {}).get("Value") or [])[:1])
+            yield obj
+        if not (self.include_non_primary and search.study_uid):
+            return
+        self._non_primary.forget(search.study_uid)
+        for image_set_id, document in await self._non_primary.get(search.study_uid):
+            for obj in search_objects(document, search.series_uid, instances=instances):
+                uid = ((obj.get(uid_tag) or {}).get("Value") or [""])[0]
+                if uid and uid not in seen:
+                    seen.add(uid)
+                    yield obj
+
     # -- retrieve ----------------------------------------------------------------------
 
     def _instance_accepts(self, acceptable: Sequence[str]) -> list[tuple[str, int | None]]:
@@ -314,48 +362,71 @@ class HealthImagingUpstream(DicomWebUpstream):
         *,
         acceptable: Sequence[str],
     ) -> Retrieved:
-        if self.retrieve_path == "frames":
-            rebuilt = await self._rebuilt(study_uid, series_uid, sop_instance_uid)
+        """Rebuilt from metadata and frames (``retrieve_path = "frames"``) where it has
+        frames, else GetDICOMInstance; an instance of a non-primary image set
+        (``include_non_primary``) is found in its image set and read from there."""
+        located: Located | None = None
+        if self.retrieve_path == "frames" or self.include_non_primary:
+            located = await self._locate(study_uid, series_uid, sop_instance_uid)
+        if located is not None and self.retrieve_path == "frames" and located.entry.get("ImageFrames"):
+            rebuilt = await self._rebuilt(located, series_uid, sop_instance_uid)
             if rebuilt is not None:
                 return rebuilt
+        query = f"imageSetId={located.image_set_id}" if located is not None and not located.primary else ""
+        url = self.http.url(f"studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}", query)
 
         async def read() -> Retrieved:
             await self.limits.acquire("GetDICOMInstance")
-            return await DicomWebUpstream.retrieve_instance(
-                self, study_uid, series_uid, sop_instance_uid, spill_dir, spill_bytes, acceptable=acceptable
-            )
+            for accept, _ in self._instance_accepts(acceptable):
+                found = await self._wado(url, accept, spill_dir, spill_bytes)
+                if found is not None:
+                    return found
+            raise UpstreamRejected("HealthImaging offers the instance in no representation we accept", 406)
 
         return await read_with_retry("GetDICOMInstance", read)
 
-    async def _primary_metadata(self, study_uid: str) -> tuple[str, dict[str, Any]] | None:
-        """The ID and metadata document of the study's primary image set, or None."""
-        summaries = await read_with_retry("SearchImageSets", lambda: self.native.image_sets_of_study(study_uid, primary=True))
-        if not summaries:
-            return None
-        image_set_id = str(summaries[0].get("imageSetId") or "")
-        document = await read_with_retry("GetImageSetMetadata", lambda: self.native.image_set_metadata(image_set_id))
-        return image_set_id, document
+    async def _primary_metadata(self, study_uid: str) -> list[tuple[str, dict[str, Any]]]:
+        """The ID and metadata document of the study's primary image set (none or one)."""
+        return await self._image_sets(study_uid, primary=True)
 
-    async def _rebuilt(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Retrieved | None:
-        """The instance rebuilt from metadata and frames; None when it must be read
-        with GetDICOMInstance instead (not in the metadata even when fetched anew, no
-        frames, or metadata that does not make a data set)."""
-        found = await self._metadata.get(study_uid)
-        entry = instance_entry(found[1], series_uid, sop_instance_uid) if found else None
-        if entry is None:  # stored since the metadata was read, perhaps
-            self._metadata.forget(study_uid)
-            found = await self._metadata.get(study_uid)
-            entry = instance_entry(found[1], series_uid, sop_instance_uid) if found else None
-        if found is None or entry is None or not entry.get("ImageFrames"):
-            return None
-        image_set_id, document = found
+    async def _non_primary_metadata(self, study_uid: str) -> list[tuple[str, dict[str, Any]]]:
+        """The IDs and metadata documents of the study's non-primary image sets."""
+        return await self._image_sets(study_uid, primary=False)
+
+    async def _image_sets(self, study_uid: str, primary: bool) -> list[tuple[str, dict[str, Any]]]:
+        summaries = await read_with_retry("SearchImageSets", lambda: self.native.image_sets_of_study(study_uid, primary))
+        found = []
+        for summary in summaries:
+            image_set_id = str(summary.get("imageSetId") or "")
+            document = await read_with_retry("GetImageSetMetadata", lambda: self.native.image_set_metadata(image_set_id))
+            found.append((image_set_id, document))
+        return found
+
+    async def _locate(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Located | None:
+        """The image set holding the instance and its metadata: the study's primary one,
+        else (``include_non_primary``) a non-primary one; each read anew once when the
+        cached copy lacks the instance (stored since, perhaps). None when neither has it."""
+        caches = [(self._metadata, True)] + ([(self._non_primary, False)] if self.include_non_primary else [])
+        for cache, primary in caches:
+            for fresh in (False, True):
+                if fresh:
+                    cache.forget(study_uid)
+                for image_set_id, document in await cache.get(study_uid):
+                    entry = instance_entry(document, series_uid, sop_instance_uid)
+                    if entry is not None:
+                        return Located(image_set_id, primary, document, entry)
+        return None
+
+    async def _rebuilt(self, located: Located, series_uid: str, sop_instance_uid: str) -> Retrieved | None:
+        """The instance rebuilt from metadata and frames; None when the metadata does
+        not make a data set (then GetDICOMInstance reads it)."""
 
         async def frame(frame_id: str) -> bytes:
-            return await read_with_retry("GetImageFrame", lambda: self.native.image_frame(image_set_id, frame_id))
+            return await read_with_retry("GetImageFrame", lambda: self.native.image_frame(located.image_set_id, frame_id))
 
-        frames = await asyncio.gather(*(frame(str(f.get("ID") or "")) for f in entry["ImageFrames"]))
+        frames = await asyncio.gather(*(frame(str(f.get("ID") or "")) for f in located.entry["ImageFrames"]))
         try:
-            data, syntax = await asyncio.to_thread(rebuild, document, series_uid, sop_instance_uid, frames)
+            data, syntax = await asyncio.to_thread(rebuild, located.document, series_uid, sop_instance_uid, frames)
         except Unrebuildable as exc:
             log.warning("instance %s not rebuilt from HealthImaging metadata (%s); reading it with GetDICOMInstance", sop_instance_uid, exc)
             return None

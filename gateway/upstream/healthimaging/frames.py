@@ -137,6 +137,34 @@ def rebuild(document: dict[str, Any], series_uid: str, sop_instance_uid: str, fr
     return buffer.getvalue(), str(syntax)
 
 
+def search_objects(document: dict[str, Any], series_uid: str | None, *, instances: bool) -> list[dict[str, Any]]:
+    """An image set's series (or instances), as DICOM JSON search answers holding the
+    patient, study and series attributes (and the instance's), from its metadata; only
+    those of ``series_uid`` when given."""
+    study = document.get("Study") or {}
+    above = Dataset()
+    for level in ((document.get("Patient") or {}).get("DICOM"), study.get("DICOM")):
+        if isinstance(level, dict):
+            above.update(dataset_of(level))
+    objects: list[dict[str, Any]] = []
+    for uid, series in (study.get("Series") or {}).items():
+        if series_uid is not None and uid != series_uid or not isinstance(series, dict):
+            continue
+        at_series = Dataset()
+        at_series.update(above)
+        at_series.update(dataset_of(series.get("DICOM") or {}))
+        if not instances:
+            at_series.NumberOfSeriesRelatedInstances = len(series.get("Instances") or {})
+            objects.append(at_series.to_json_dict(suppress_invalid_tags=True))
+            continue
+        for entry in (series.get("Instances") or {}).values():
+            ds = Dataset()
+            ds.update(at_series)
+            ds.update(dataset_of(entry.get("DICOM") or {}, entry.get("DICOMVRs") or {}))
+            objects.append(ds.to_json_dict(suppress_invalid_tags=True))
+    return objects
+
+
 class TtlCache(Generic[K, V]):
     """``load(key)`` remembered for ``ttl`` seconds, at most ``size`` keys; concurrent
     asks for one key share a single load (a move asks for one image set's metadata
