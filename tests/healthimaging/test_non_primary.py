@@ -1,10 +1,13 @@
 """Instances HealthImaging puts in a non-primary image set (their study attributes
 conflict with the study's primary image set): QIDO-RS and WADO-RS without
 ``imageSetId`` do not show them. With ``include_non_primary = true`` the gateway finds
-them through SearchImageSets and serves them in C-FIND and C-MOVE."""
+them through SearchImageSets and serves them in C-FIND and C-MOVE; without it,
+``spool status`` counts them, found the same way after delivery (the STOW-RS answer
+is not documented to say which image set an instance joined)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +86,9 @@ def test_non_primary_instances_are_found_and_moved_when_included(
         scp.cleanup()
 
 
-def test_non_primary_instances_stay_out_of_searches_by_default(emulator: Emulator, gateway: Any, tmp_path: Path) -> None:
+def test_non_primary_instances_stay_out_of_searches_by_default_and_spool_status_counts_them(
+    emulator: Emulator, gateway: Any, tmp_path: Path
+) -> None:
     primary, conflicting = study_with_a_conflict(tmp_path)
     gw = gateway(upstream=healthimaging_upstream(emulator), env=key_env(*emulator.add_key()))
     assert storescu(gw.port, primary + conflicting, gw.ae_title).returncode == 0
@@ -97,4 +102,8 @@ def test_non_primary_instances_stay_out_of_searches_by_default(emulator: Emulato
         tmp_path / "im",
     )
     assert images == []
-    assert not [r for r in emulator.requests if r.operation in ("SearchImageSets", "GetImageSetMetadata")]
+    status = json.loads(gw.cli("spool", "status", "--json").stdout)
+    assert status["counts"]["delivered"] == 5 and status["delivered_not_primary"] == 2
+    text = gw.cli("spool", "status").stdout
+    assert "not primary:    2 delivered instances" in text, text
+    assert "2 instance(s) of study %s were stored in a non-primary HealthImaging image set" % study in gw.log()

@@ -260,7 +260,40 @@ class HealthImagingUpstream(DicomWebUpstream):
                 outcomes += await super().store_instances(study_uid, batch)
             except UpstreamAuthError as exc:  # from the signer: no credentials to sign with
                 outcomes += [StoreOutcome("config", str(exc)) for _ in batch]
-        return outcomes
+        delivered = {item.sop_instance_uid for item, o in zip(instances, outcomes) if o.kind == "delivered"}
+        if self.include_non_primary or not delivered:
+            return outcomes
+        apart = await self._not_primary(study_uid, delivered)
+        return [
+            replace(o, not_primary=True) if o.kind == "delivered" and item.sop_instance_uid in apart else o
+            for item, o in zip(instances, outcomes)
+        ]
+
+    async def _not_primary(self, study_uid: str, delivered: set[str]) -> set[str]:
+        """Which of the delivered instances went to a non-primary image set. The STOW-RS
+        answer does not say (the guide documents none of its fields for that), so the
+        study's non-primary image sets are searched (SearchImageSets, ``isPrimary``
+        false) and their metadata read. A failure only loses the count: delivery is done."""
+        self._non_primary.forget(study_uid)
+        try:
+            image_sets = await self._non_primary.get(study_uid)
+        except UpstreamError as exc:
+            log.warning("could not check whether instances of study %s went to a non-primary image set: %s", study_uid, exc)
+            return set()
+        apart = {
+            sop
+            for _, document in image_sets
+            for series in ((document.get("Study") or {}).get("Series") or {}).values()
+            for sop in (series.get("Instances") or {})
+            if sop in delivered
+        }
+        if apart:
+            log.warning(
+                "%d instance(s) of study %s were stored in a non-primary HealthImaging image set (their patient or"
+                " study attributes conflict with the study's); searches and retrievals do not show them unless"
+                " upstream.include_non_primary = true", len(apart), study_uid,
+            )
+        return apart
 
     async def _stow_body(self, body: FileMultipart) -> Body:
         """SigV4 signs the payload hash: the body is read once to hash it, then sent."""
