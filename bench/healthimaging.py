@@ -29,11 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # botocore (here and in the gateways) asks nothing of the network
 
-from tests.support.daemon import Gateway  # noqa: E402
-from tests.support.dcmtk import StoreSCP, movescu  # noqa: E402
-from tests.support.healthimaging import Emulator  # noqa: E402
-from tests.support.orthanc import Orthanc  # noqa: E402
-from tests.support.synth import ct_series  # noqa: E402
+from tests.support.daemon import Gateway
+from tests.support.dcmtk import StoreSCP, movescu
+from tests.support.healthimaging import Emulator
+from tests.support.orthanc import Orthanc
+from tests.support.synth import ct_series
 
 
 def timed_move(port: int, called: str, keys: dict[str, str], scp: StoreSCP, count: int) -> float:

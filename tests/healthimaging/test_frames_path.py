@@ -15,9 +15,11 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 import gateway.codecs  # noqa: F401 - registers the HTJ2K decoder with pydicom
 from gateway.upstream.base import ANY_SYNTAX
+from gateway.upstream.errors import UpstreamRejected
 from gateway.upstream.healthimaging import HealthImagingUpstream
 from tests.healthimaging.test_daemon import healthimaging_upstream, key_env
 from tests.healthimaging.test_upstream import credentials, run, upstream_for  # noqa: F401 - a fixture
@@ -59,9 +61,8 @@ def frames(ds: Dataset) -> list[bytes]:
     return [ds.PixelData.rstrip(b"\0")]
 
 
-def test_instances_rebuilt_from_metadata_and_frames_equal_the_originals(
-    emulator: Emulator, credentials: tuple[str, str], tmp_path: Path
-) -> None:
+@pytest.mark.usefixtures("credentials")
+def test_instances_rebuilt_from_metadata_and_frames_equal_the_originals(emulator: Emulator, tmp_path: Path) -> None:
     corpus = unique_by_sop_instance([read_item(PYDICOM_TEST_FILES / name) for name in CORPUS], tmp_path / "corpus")
     paths = ct_series(tmp_path / "ct", 3, rows=64, columns=64) + [item.path for item in corpus]
     emulator.load(p.read_bytes() for p in paths)
@@ -131,3 +132,25 @@ def test_a_move_through_the_frames_path_decodes_for_an_uncompressed_only_receive
     finally:
         scp.cleanup()
         shutil.rmtree(tmp_path / "received", ignore_errors=True)
+
+
+@pytest.mark.usefixtures("credentials")
+def test_a_named_syntax_is_honoured_and_an_impossible_one_refused(emulator: Emulator, tmp_path: Path) -> None:
+    """The frames path serves the stored syntax only: a caller naming another gets it
+    from GetDICOMInstance, and one the service cannot produce is refused (406)."""
+    (path,) = ct_series(tmp_path / "ct", 1, rows=32, columns=32)
+    emulator.load([path.read_bytes()])
+    ds = pydicom.dcmread(path)
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+
+    async def scenario(up: HealthImagingUpstream) -> bytes:
+        explicit = await up.retrieve_instance(*uids, tmp_path, 1 << 30, acceptable=(ExplicitVRLittleEndian,))
+        with pytest.raises(UpstreamRejected) as refused:
+            await up.retrieve_instance(*uids, tmp_path, 1 << 30, acceptable=(JPEGBaseline8Bit,))
+        assert refused.value.status == 406
+        return explicit.read()
+
+    got = pydicom.dcmread(io.BytesIO(run(upstream_for(emulator, retrieve_path="frames"), scenario)))
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(got.pixel_array, ds.pixel_array)
+    assert [r.status for r in emulator.requests if r.operation == "GetDICOMInstance"] == [200, 406]

@@ -106,4 +106,4 @@ def test_non_primary_instances_stay_out_of_searches_by_default_and_spool_status_
     assert status["counts"]["delivered"] == 5 and status["delivered_not_primary"] == 2
     text = gw.cli("spool", "status").stdout
     assert "not primary:    2 delivered instances" in text, text
-    assert "2 instance(s) of study %s were stored in a non-primary HealthImaging image set" % study in gw.log()
+    assert f"2 instance(s) of study {study} were stored in a non-primary HealthImaging image set" in gw.log()

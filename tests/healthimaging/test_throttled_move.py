@@ -61,8 +61,8 @@ def move_series(emulator: Emulator, scp: StoreSCP, gateway: Any, tmp_path: Path,
     result = movescu(gw.port, gw.ae_title, "DEST", keys, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     received = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in scp.wait_for_files(COUNT, timeout=60))}
-    for path in paths:
-        sent = pydicom.dcmread(path)
+    for sent_path in paths:
+        sent = pydicom.dcmread(sent_path)
         assert np.array_equal(received[str(sent.SOPInstanceUID)].pixel_array, sent.pixel_array)
     return gw
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import functools
 import logging
 import random
 import time
@@ -62,6 +63,7 @@ from gateway.upstream.errors import (
     SearchTruncated,
     UpstreamAuthError,
     UpstreamError,
+    UpstreamRejected,
     UpstreamUnavailable,
 )
 from gateway.upstream.healthimaging.frames import (
@@ -396,12 +398,14 @@ class HealthImagingUpstream(DicomWebUpstream):
         acceptable: Sequence[str],
     ) -> Retrieved:
         """Rebuilt from metadata and frames (``retrieve_path = "frames"``) where it has
-        frames, else GetDICOMInstance; an instance of a non-primary image set
+        frames and its stored syntax is acceptable, else GetDICOMInstance; an instance of a non-primary image set
         (``include_non_primary``) is found in its image set and read from there."""
         located: Located | None = None
         if self.retrieve_path == "frames" or self.include_non_primary:
             located = await self._locate(study_uid, series_uid, sop_instance_uid)
-        if located is not None and self.retrieve_path == "frames" and located.entry.get("ImageFrames"):
+        stored = str(located.entry.get("StoredTransferSyntaxUID") or "") if located is not None else ""
+        rebuildable = "*" in acceptable or stored in acceptable
+        if located is not None and self.retrieve_path == "frames" and rebuildable and located.entry.get("ImageFrames"):
             rebuilt = await self._rebuilt(located, series_uid, sop_instance_uid)
             if rebuilt is not None:
                 return rebuilt
@@ -431,7 +435,7 @@ class HealthImagingUpstream(DicomWebUpstream):
         found = []
         for summary in summaries:
             image_set_id = str(summary.get("imageSetId") or "")
-            document = await read_with_retry("GetImageSetMetadata", lambda: self.native.image_set_metadata(image_set_id))
+            document = await read_with_retry("GetImageSetMetadata", functools.partial(self.native.image_set_metadata, image_set_id))
             found.append((image_set_id, document))
         return found
 
