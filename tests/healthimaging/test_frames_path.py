@@ -154,3 +154,24 @@ def test_a_named_syntax_is_honoured_and_an_impossible_one_refused(emulator: Emul
     assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert np.array_equal(got.pixel_array, ds.pixel_array)
     assert [r.status for r in emulator.requests if r.operation == "GetDICOMInstance"] == [200, 406]
+
+
+@pytest.mark.usefixtures("credentials")
+def test_an_instance_above_the_spill_threshold_is_read_with_get_dicom_instance(emulator: Emulator, tmp_path: Path) -> None:
+    """A rebuild is held in memory: one larger than the spill threshold is read with
+    GetDICOMInstance, whose answer goes to disk as it arrives."""
+    (path,) = ct_series(tmp_path / "ct", 1, rows=64, columns=64)
+    emulator.load([path.read_bytes()])
+    ds = pydicom.dcmread(path)
+
+    async def scenario(up: HealthImagingUpstream) -> Any:
+        return await up.retrieve_instance(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, tmp_path, 64, acceptable=ANY_SYNTAX
+        )
+
+    retrieved = run(upstream_for(emulator, retrieve_path="frames"), scenario)
+    assert retrieved.path is not None and retrieved.temporary
+    assert np.array_equal(pydicom.dcmread(retrieved.path).pixel_array, ds.pixel_array)
+    retrieved.release()
+    operations = [r.operation for r in emulator.requests]
+    assert "GetImageFrame" not in operations and operations.count("GetDICOMInstance") == 1

@@ -398,13 +398,17 @@ class HealthImagingUpstream(DicomWebUpstream):
         acceptable: Sequence[str],
     ) -> Retrieved:
         """Rebuilt from metadata and frames (``retrieve_path = "frames"``) where it has
-        frames and its stored syntax is acceptable, else GetDICOMInstance; an instance of a non-primary image set
+        frames, its stored syntax is acceptable and its frames fit in ``spill_bytes``,
+        else GetDICOMInstance; an instance of a non-primary image set
         (``include_non_primary``) is found in its image set and read from there."""
         located: Located | None = None
         if self.retrieve_path == "frames" or self.include_non_primary:
             located = await self._locate(study_uid, series_uid, sop_instance_uid)
         stored = str(located.entry.get("StoredTransferSyntaxUID") or "") if located is not None else ""
-        rebuildable = "*" in acceptable or stored in acceptable
+        # Rebuilt in memory: an instance larger than the spill threshold is read with
+        # GetDICOMInstance, whose answer is spilled to disk as it arrives.
+        size = sum(int(f.get("FrameSizeInBytes") or 0) for f in located.entry.get("ImageFrames") or []) if located else 0
+        rebuildable = ("*" in acceptable or stored in acceptable) and size <= spill_bytes
         if located is not None and self.retrieve_path == "frames" and rebuildable and located.entry.get("ImageFrames"):
             rebuilt = await self._rebuilt(located, series_uid, sop_instance_uid)
             if rebuilt is not None:
