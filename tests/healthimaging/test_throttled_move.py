@@ -1,4 +1,4 @@
-"""C-MOVE from HealthImaging under its quotas, with the emulator's scaled down (10
+"""C-MOVE and C-GET from HealthImaging under its quotas, with the emulator's scaled down (10
 GetDICOMInstance/s and 10 GetImageFrame/s, bursts of 20) so a 40-instance move,
 fetched eight at a time, would outrun them on either retrieve path: the client-side
 bucket keeps the gateway under them, and where a 429 happens all the same (the
@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from tests.healthimaging.test_daemon import healthimaging_upstream, key_env
-from tests.support.dcmtk import StoreSCP, movescu, storescu
+from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu
 from tests.support.healthimaging import Emulator, throttle
 from tests.support.synth import ct_series
 
@@ -92,3 +92,23 @@ def test_a_throttled_read_is_retried_and_the_move_completes(
     if path == "dicomweb":  # botocore retries GetImageFrame's 429s itself, then so do we
         assert "GetDICOMInstance failed transiently" in gw.log()
     assert not throttled.refusals()
+
+
+@pytest.mark.slow
+def test_a_throttled_c_get_is_retried_and_completes(throttled: Emulator, gateway: Any, tmp_path: Path) -> None:
+    """C-GET reads through the same path: throttled GetDICOMInstance reads are retried
+    and every instance comes back on the association."""
+    paths = ct_series(tmp_path / "series", COUNT, rows=32, columns=32)
+    upstream = healthimaging_upstream(throttled, 'retrieve_path = "dicomweb"\n\n[upstream.rate_limits]\nGetDICOMInstance = 1000\n')
+    gw = gateway(upstream=upstream, env=key_env(*throttled.add_key()))
+    assert storescu(gw.port, paths, gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=COUNT, timeout=60)
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    out = tmp_path / "got"
+    out.mkdir()
+    result = getscu(gw.port, gw.ae_title, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = {str(pydicom.dcmread(p).SOPInstanceUID) for p in out.iterdir()}
+    assert got == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+    fetched = [r for r in throttled.requests if r.operation == "GetDICOMInstance"]
+    assert [r for r in fetched if r.status == 429] and len([r for r in fetched if r.status == 200]) == COUNT
