@@ -23,7 +23,13 @@ from gateway.upstream.errors import UpstreamRejected
 from gateway.upstream.healthimaging import HealthImagingUpstream
 from tests.healthimaging.test_daemon import healthimaging_upstream, key_env
 from tests.healthimaging.test_upstream import credentials, run, upstream_for  # noqa: F401 - a fixture
-from tests.support.corpus import PYDICOM_TEST_FILES, read_item, unique_by_sop_instance
+from tests.support.corpus import (
+    PYDICOM_TEST_FILES,
+    pydicom_corpus,
+    read_item,
+    sample_items,
+    unique_by_sop_instance,
+)
 from tests.support.dcmtk import StoreSCP, movescu, storescu
 from tests.support.healthimaging import Emulator
 from tests.support.synth import ct_series
@@ -175,3 +181,26 @@ def test_an_instance_above_the_spill_threshold_is_read_with_get_dicom_instance(e
     retrieved.release()
     operations = [r.operation for r in emulator.requests]
     assert "GetImageFrame" not in operations and operations.count("GetDICOMInstance") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("credentials")
+def test_the_whole_corpus_through_the_frames_path_keeps_every_carried_attribute(emulator: Emulator, tmp_path: Path) -> None:
+    """Every encoding and structure of the corpus: rebuilt where it can be, otherwise
+    (no pixel data, a value invalid for its VR such as badVR.dcm's) read with
+    GetDICOMInstance; never an error, never an attribute changed."""
+    items = unique_by_sop_instance(sample_items() + pydicom_corpus(dcmtk_only=False), tmp_path / "corpus")
+    emulator.load(i.path.read_bytes() for i in items)
+
+    async def scenario(up: HealthImagingUpstream) -> list[bytes]:
+        return [
+            (await up.retrieve_instance(i.study_uid, i.series_uid, i.sop_instance_uid, tmp_path, 1 << 30, acceptable=ANY_SYNTAX)).read()
+            for i in items
+        ]
+
+    rebuilt = run(upstream_for(emulator, retrieve_path="frames"), scenario)
+    for item, data in zip(items, rebuilt):
+        assert carried(pydicom.dcmread(io.BytesIO(data))) == carried(pydicom.dcmread(item.path)), item.path.name
+    without_pixels = len([i for i in items if "PixelData" not in pydicom.dcmread(i.path)])
+    gets = len([r for r in emulator.requests if r.operation == "GetDICOMInstance"])
+    assert gets == without_pixels + 1  # badVR.dcm: Number of Frames "1A" is no IS, so not rebuilt

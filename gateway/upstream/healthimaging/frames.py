@@ -87,19 +87,24 @@ def _item(vr: str, raw: Any) -> Any:
     return "" if raw is None else str(raw)
 
 
-def dataset_of(attributes: dict[str, Any], vrs: dict[str, str] | None = None) -> Dataset:
-    """A data set from a metadata ``DICOM`` object (sequences recursively)."""
+def dataset_of(attributes: dict[str, Any], vrs: dict[str, str] | None = None, *, strict: bool = True) -> Dataset:
+    """A data set from a metadata ``DICOM`` object (sequences recursively). A value
+    pydicom cannot take for its VR raises Unrebuildable (``strict``) or is left out."""
     ds = Dataset()
     for key, raw in attributes.items():
         found = _tag_and_vr(key, vrs or {})
         if found is None:
             continue
         tag, vr = found
-        if vr == "SQ":
-            items = raw if isinstance(raw, list) else []
-            ds.add(DataElement(tag, "SQ", DicomSequence([dataset_of(i) for i in items if isinstance(i, dict)])))
-        elif vr not in _BINARY_VRS:
-            ds.add(DataElement(tag, vr, _value(vr, raw)))
+        try:
+            if vr == "SQ":
+                items = raw if isinstance(raw, list) else []
+                ds.add(DataElement(tag, "SQ", DicomSequence([dataset_of(i, strict=strict) for i in items if isinstance(i, dict)])))
+            elif vr not in _BINARY_VRS:
+                ds.add(DataElement(tag, vr, _value(vr, raw)))
+        except (ValueError, TypeError, OverflowError) as exc:
+            if strict:
+                raise Unrebuildable(f"value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) not valid for VR {vr}: {type(exc).__name__}") from None
     return ds
 
 
@@ -145,14 +150,14 @@ def search_objects(document: dict[str, Any], series_uid: str | None, *, instance
     above = Dataset()
     for level in ((document.get("Patient") or {}).get("DICOM"), study.get("DICOM")):
         if isinstance(level, dict):
-            above.update(dataset_of(level))
+            above.update(dataset_of(level, strict=False))
     objects: list[dict[str, Any]] = []
     for uid, series in (study.get("Series") or {}).items():
         if series_uid is not None and uid != series_uid or not isinstance(series, dict):
             continue
         at_series = Dataset()
         at_series.update(above)
-        at_series.update(dataset_of(series.get("DICOM") or {}))
+        at_series.update(dataset_of(series.get("DICOM") or {}, strict=False))
         if not instances:
             at_series.NumberOfSeriesRelatedInstances = len(series.get("Instances") or {})
             objects.append(at_series.to_json_dict(suppress_invalid_tags=True))
@@ -160,7 +165,7 @@ def search_objects(document: dict[str, Any], series_uid: str | None, *, instance
         for entry in (series.get("Instances") or {}).values():
             ds = Dataset()
             ds.update(at_series)
-            ds.update(dataset_of(entry.get("DICOM") or {}, entry.get("DICOMVRs") or {}))
+            ds.update(dataset_of(entry.get("DICOM") or {}, entry.get("DICOMVRs") or {}, strict=False))
             objects.append(ds.to_json_dict(suppress_invalid_tags=True))
     return objects
 
