@@ -21,6 +21,7 @@ import gateway.codecs  # noqa: F401 - registers the HTJ2K decoder with pydicom
 from gateway.upstream.base import ANY_SYNTAX
 from gateway.upstream.errors import UpstreamRejected
 from gateway.upstream.healthimaging import HealthImagingUpstream
+from gateway.upstream.healthimaging.frames import frames_size
 from tests.healthimaging.test_daemon import healthimaging_upstream, key_env
 from tests.healthimaging.test_upstream import credentials, run, upstream_for  # noqa: F401 - a fixture
 from tests.support.corpus import (
@@ -204,3 +205,8 @@ def test_the_whole_corpus_through_the_frames_path_keeps_every_carried_attribute(
     without_pixels = len([i for i in items if "PixelData" not in pydicom.dcmread(i.path)])
     gets = len([r for r in emulator.requests if r.operation == "GetDICOMInstance"])
     assert gets == without_pixels + 1  # badVR.dcm: Number of Frames "1A" is no IS, so not rebuilt
+
+
+def test_frame_sizes_the_metadata_does_not_give_as_numbers_count_as_none() -> None:
+    entry = {"ImageFrames": [{"ID": "a", "FrameSizeInBytes": 10}, {"ID": "b", "FrameSizeInBytes": "12"}, {"ID": "c"}, "odd"]}
+    assert frames_size(entry) == 10

@@ -69,6 +69,7 @@ from gateway.upstream.errors import (
 from gateway.upstream.healthimaging.frames import (
     TtlCache,
     Unrebuildable,
+    frames_size,
     instance_entry,
     rebuild,
     search_objects,
@@ -407,7 +408,7 @@ class HealthImagingUpstream(DicomWebUpstream):
         stored = str(located.entry.get("StoredTransferSyntaxUID") or "") if located is not None else ""
         # Rebuilt in memory: an instance larger than the spill threshold is read with
         # GetDICOMInstance, whose answer is spilled to disk as it arrives.
-        size = sum(int(f.get("FrameSizeInBytes") or 0) for f in located.entry.get("ImageFrames") or []) if located else 0
+        size = frames_size(located.entry) if located is not None else 0
         rebuildable = ("*" in acceptable or stored in acceptable) and size <= spill_bytes
         if located is not None and self.retrieve_path == "frames" and rebuildable and located.entry.get("ImageFrames"):
             rebuilt = await self._rebuilt(located, series_uid, sop_instance_uid)

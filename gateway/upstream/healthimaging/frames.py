@@ -53,6 +53,17 @@ def instance_entry(document: dict[str, Any], series_uid: str, sop_instance_uid: 
     return entry if isinstance(entry, dict) else None
 
 
+def frames_size(entry: dict[str, Any]) -> int:
+    """The bytes of an instance's frames as stored, from their ``FrameSizeInBytes``
+    (a missing or unreadable size counts as none)."""
+    total = 0
+    for frame in entry.get("ImageFrames") or []:
+        size = frame.get("FrameSizeInBytes") if isinstance(frame, dict) else None
+        if isinstance(size, int) and size > 0:
+            total += size
+    return total
+
+
 def _tag_and_vr(key: str, vrs: dict[str, str]) -> tuple[int, str] | None:
     """The tag and VR of a metadata key: a keyword, or eight hex digits (private and
     repeating-group attributes) with its VR from ``DICOMVRs`` or the dictionary."""
