@@ -131,6 +131,11 @@ def cmd_spool(args: argparse.Namespace) -> int:
                         f"{state:<10} {status['counts'][state]:>8} instances "
                         f"{status['bytes'][state] / 2**20:>10.1f} MiB"
                     )
+                if status["delivered_not_primary"]:
+                    print(
+                        f"not primary:    {status['delivered_not_primary']} delivered instances kept apart from their"
+                        " study by the archive (HealthImaging non-primary image sets; upstream.include_non_primary)"
+                    )
                 age = status["oldest_pending_age_seconds"]
                 print(f"oldest pending: {'-' if age is None else f'{age:.0f} s'}")
                 print(f"free space:     {status['free_bytes'] / 2**30:.1f} GiB")

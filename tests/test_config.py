@@ -85,6 +85,8 @@ def test_shipped_default_is_valid_and_local() -> None:
         ({"upstream": {"type": "dicomweb", "url": "http://x", "region": "us-east-1"}}, "upstream.region: only used with upstream.type = 'healthimaging'"),
         ({"upstream": {**HEALTHIMAGING, "rate_limits": {"GetDICOMInstanse": 10}}}, "upstream.rate_limits.GetDICOMInstanse: unknown key"),
         ({"upstream": {**HEALTHIMAGING, "rate_limits": {"GetImageFrame": 0}}}, "upstream.rate_limits.GetImageFrame: expected a number"),
+        ({"upstream": {**HEALTHIMAGING, "retrieve_path": "wado"}}, "upstream.retrieve_path: 'wado' is not one of 'dicomweb', 'frames'"),
+        ({"upstream": {"type": "dicomweb", "url": "http://x", "include_non_primary": True}}, "upstream.include_non_primary: only used with upstream.type = 'healthimaging'"),
     ],
 )
 def test_errors_name_the_key(toml: dict, message: str) -> None:
@@ -105,6 +107,7 @@ def test_healthimaging_example_of_the_issue_loads_with_its_defaults(tmp_path: Pa
     assert up.runtime_endpoint_url == "https://runtime-medical-imaging.eu-west-1.amazonaws.com"
     assert up.rate_limits["GetDICOMInstance"] == 20 and up.rate_limits["GetImageFrame"] == 1000
     assert up.rate_limits["SearchImageSets"] == 25 and up.rate_limits["GetImageSetMetadata"] == 50
+    assert (up.retrieve_path, up.include_non_primary) == ("frames", False)
     local = parse_config({"upstream": {**HEALTHIMAGING, "dicomweb_endpoint_url": "http://127.0.0.1:9/", "runtime_endpoint_url": "http://127.0.0.1:8"}}).upstream
     assert (local.dicomweb_endpoint_url, local.runtime_endpoint_url) == ("http://127.0.0.1:9", "http://127.0.0.1:8")
 

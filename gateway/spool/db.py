@@ -45,7 +45,13 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["instances"].create_index(["study_uid", "state"])
 
 
-MIGRATIONS: list[Migration] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Delivered instances the archive keeps apart from their study (HealthImaging's
+    non-primary image sets), for ``spool status``."""
+    db["instances"].add_column("not_primary", int, not_null_default=0)
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2]
 
 
 class SpoolDB:

@@ -252,7 +252,7 @@ class Forwarder:
         self.metrics.delivery_attempts.labels(self.upstream.kind).inc(len(batch))
         try:
             answers = await self.upstream.store_instances(study, [i.item() for i in batch])
-            outcomes = [Outcome(i.id, a.kind, a.error, a.retry_after) for i, a in zip(batch, answers, strict=True)]
+            outcomes = [Outcome(i.id, a.kind, a.error, a.retry_after, a.not_primary) for i, a in zip(batch, answers, strict=True)]
         except asyncio.CancelledError:
             await asyncio.shield(self._spool(self.spool.release, batch))
             raise

@@ -83,6 +83,7 @@ class Outcome:
     kind: str
     error: str = ""
     retry_after: float | None = None
+    not_primary: bool = False
 
 
 class Spool:
@@ -390,9 +391,9 @@ class Spool:
                 inst = by_id[outcome.instance_id]
                 if outcome.kind == "delivered":
                     db.execute(
-                        "UPDATE instances SET state='delivered', delivered_at=?, last_error=NULL"
+                        "UPDATE instances SET state='delivered', delivered_at=?, last_error=NULL, not_primary=?"
                         " WHERE id=?",
-                        [now, inst.id],
+                        [now, int(outcome.not_primary), inst.id],
                     )
                     states[inst.id] = "delivered"
                 elif outcome.kind == "config":
@@ -437,7 +438,8 @@ class Spool:
     # ---- admin ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Counts and bytes per state, and the age of the oldest waiting instance."""
+        """Counts and bytes per state, the age of the oldest waiting instance, and how
+        many delivered instances the archive keeps apart from their study."""
         with self.db.connection() as db:
             counts = {s: 0 for s in STATES}
             sizes = {s: 0 for s in STATES}
@@ -446,6 +448,9 @@ class Spool:
             ):
                 counts[row["state"]] = row["n"]
                 sizes[row["state"]] = row["b"]
+            not_primary = next(
+                db.query("SELECT COUNT(*) AS n FROM instances WHERE state='delivered' AND not_primary=1")
+            )["n"]
             oldest = next(
                 db.query(
                     "SELECT MIN(received_at) AS t FROM instances"
@@ -455,6 +460,7 @@ class Spool:
         return {
             "counts": counts,
             "bytes": sizes,
+            "delivered_not_primary": not_primary,
             "oldest_pending_age_seconds": round(time.time() - oldest, 1) if oldest else None,
             "free_bytes": self.free_bytes(),
         }

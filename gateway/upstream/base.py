@@ -107,12 +107,15 @@ class StoreOutcome:
     ``retry_after`` seconds if given); ``rejected`` (the archive refused this instance:
     it will never take it as it is); ``config`` (the archive refused the gateway itself,
     a credential or a URL: nothing about the instance, so it waits for an admin).
-    ``error`` names the reason without any attribute value.
+    ``error`` names the reason without any attribute value. ``not_primary``: delivered,
+    but the archive keeps it apart from its study, where searches and retrievals of
+    the study do not see it (HealthImaging's non-primary image sets).
     """
 
     kind: str
     error: str = ""
     retry_after: float | None = None
+    not_primary: bool = False
 
 
 @dataclass(frozen=True)

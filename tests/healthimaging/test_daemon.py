@@ -108,7 +108,8 @@ class Loaded:
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
     """A gateway on the emulator holding a 12-instance CT series and one other study,
-    with an uncompressed-only storescp (Implicit VR LE) as its move destination."""
+    with an uncompressed-only storescp (Implicit VR LE) as its move destination; it
+    retrieves with GetDICOMInstance (the frames path has tests of its own)."""
     root = tmp_path_factory.mktemp("hi-loaded")
     env = {
         "AWS_EC2_METADATA_DISABLED": "true",
@@ -126,7 +127,8 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
         other.save_as(other_path)
         peers = f'\n[[dimse.peers]]\nae_title = "IMPLICIT"\nhost = "127.0.0.1"\nport = {scp.port}\n'
         gw = Gateway(
-            root / "gw", upstream=healthimaging_upstream(emulator), env={**env, **key_env(*emulator.add_key())}, extra=peers
+            root / "gw", upstream=healthimaging_upstream(emulator, 'retrieve_path = "dicomweb"\n'),
+            env={**env, **key_env(*emulator.add_key())}, extra=peers,
         ).start()
         result = storescu(gw.port, [*series, other_path], gw.ae_title)
         assert result.returncode == 0, result.stdout + result.stderr

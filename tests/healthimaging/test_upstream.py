@@ -144,7 +144,7 @@ def test_store_and_retrieve_one_instance_at_a_time(emulator: Emulator, credentia
     paths = ct_series(tmp_path / "in", 3, rows=32, columns=32)
     items = [item(p) for p in paths]
     study, series = items[0].study_uid, items[0].series_uid
-    upstream = upstream_for(emulator)
+    upstream = upstream_for(emulator, retrieve_path="dicomweb")  # GetDICOMInstance, not the frames path
 
     async def scenario(up: HealthImagingUpstream) -> Any:
         outcomes = await up.store_instances(study, items)

@@ -14,21 +14,32 @@ the developer guide documents and nothing more:
   and series metadata, frames; no study-level or series-level retrieval, so fronts
   fetch instance by instance (`Capabilities`); no DELETE;
 * reads of each operation spaced by a client-side token bucket at the service's
-  quotas (``[upstream.rate_limits]``);
+  quotas (``[upstream.rate_limits]``); a read throttled all the same (429: other
+  clients share the account's quota) or failing transiently is tried again, a
+  bounded number of times with growing pauses, at least its Retry-After;
 * a study search past QIDO-RS's 10,000 results goes on through the native
-  SearchImageSets where the image set summaries can answer it (`native`).
+  SearchImageSets where the image set summaries can answer it (`native`);
+* with ``include_non_primary``, the instances of a study's non-primary image sets
+  (which QIDO-RS and WADO-RS without ``imageSetId`` do not show) are found through
+  SearchImageSets and their metadata, answered in series and instance searches of the
+  study and retrieved with their ``imageSetId``;
+* with ``retrieve_path = "frames"``, instances with pixel data are rebuilt from their
+  image set's metadata and frames (`frames`) rather than read with GetDICOMInstance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import functools
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from email.utils import parsedate_tz
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 from pydicom.datadict import tag_for_keyword
@@ -53,7 +64,16 @@ from gateway.upstream.errors import (
     SearchTruncated,
     UpstreamAuthError,
     UpstreamError,
+    UpstreamRejected,
     UpstreamUnavailable,
+)
+from gateway.upstream.healthimaging.frames import (
+    TtlCache,
+    Unrebuildable,
+    frames_size,
+    instance_entry,
+    rebuild,
+    search_objects,
 )
 from gateway.upstream.healthimaging.native import (
     NativeClient,
@@ -70,6 +90,7 @@ from gateway.upstream.healthimaging.signer import (
 from gateway.upstream.http import EVERY_STATUS, Body, http_status
 
 log = logging.getLogger("gateway.upstream")
+T = TypeVar("T")
 
 CAPABILITIES = Capabilities(
     study_retrieve=False,
@@ -84,6 +105,12 @@ MAX_STOW_BYTES = 1_000_000_000  # "up to 1GB of DICOM data per request"
 _PART_OVERHEAD = 128  # part headers and delimiters of the multipart body, per instance
 MAX_INCLUDEFIELDS = 50
 SKEW_SECONDS = 300  # SigV4 refuses requests more than five minutes off the service's clock
+READ_ATTEMPTS = 6  # tries of one read (instance, metadata) before its error is final
+READ_BACKOFF_BASE = 0.2  # seconds before the second try, doubled for each next one
+READ_BACKOFF_MAX = 5.0
+METADATA_TTL = 30.0  # seconds an image set's metadata serves the frames path
+METADATA_CACHED = 8  # image sets whose metadata is kept at once
+RETRY_AFTER_MAX = 30.0  # a longer Retry-After is waited this long: a move must not stall for hours
 
 
 def _tags(*keywords: str) -> frozenset[int]:
@@ -131,6 +158,23 @@ def clock_skew(headers: Mapping[str, str]) -> float | None:
     return skew if abs(skew) > SKEW_SECONDS else None
 
 
+async def read_with_retry(operation: str, read: Callable[[], Awaitable[T]]) -> T:
+    """``read()`` tried up to READ_ATTEMPTS times while it fails transiently (429,
+    5xx, connection errors: `UpstreamUnavailable`), pausing between tries a growing,
+    jittered backoff, or the answer's Retry-After when that is longer. The client-side
+    buckets keep the gateway's own traffic under the quotas; these retries absorb the
+    throttling that other clients sharing the account's quota cause."""
+    for attempt in range(1, READ_ATTEMPTS):
+        try:
+            return await read()
+        except UpstreamUnavailable as exc:
+            backoff = min(READ_BACKOFF_MAX, READ_BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            delay = max(backoff, min(exc.retry_after or 0.0, RETRY_AFTER_MAX))
+            log.info("HealthImaging %s failed transiently (%s); try %d of %d in %.1f s", operation, exc, attempt + 1, READ_ATTEMPTS, delay)
+            await asyncio.sleep(delay)
+    return await read()
+
+
 def _allowed_keys(path: str) -> frozenset[int]:
     """The documented match keys of the QIDO-RS resource ``path``."""
     parts = path.split("/")
@@ -143,6 +187,16 @@ def _allowed_keys(path: str) -> frozenset[int]:
     if len(parts) == 5:
         return INSTANCE_KEYS
     return ALL_INSTANCE_KEYS  # a study's instances, or all instances
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where an instance is: its image set, whether primary, its metadata and entry."""
+
+    image_set_id: str
+    primary: bool
+    document: dict[str, Any]
+    entry: dict[str, Any]
 
 
 def _batches(instances: Sequence[StoreItem]) -> list[list[StoreItem]]:
@@ -186,6 +240,15 @@ class HealthImagingUpstream(DicomWebUpstream):
         )
         self.limits = RateLimits(cfg.rate_limits)
         self.native = NativeClient(cfg, credentials, self.limits)
+        self.retrieve_path = cfg.retrieve_path
+        self.include_non_primary = cfg.include_non_primary
+        # study UID -> (image set ID, metadata) of its primary, and of its non-primary image sets
+        self._metadata: TtlCache[str, list[tuple[str, dict[str, Any]]]] = TtlCache(
+            self._primary_metadata, METADATA_TTL, METADATA_CACHED
+        )
+        self._non_primary: TtlCache[str, list[tuple[str, dict[str, Any]]]] = TtlCache(
+            self._non_primary_metadata, METADATA_TTL, METADATA_CACHED
+        )
 
     async def close(self) -> None:
         await super().close()
@@ -203,7 +266,40 @@ class HealthImagingUpstream(DicomWebUpstream):
                 outcomes += await super().store_instances(study_uid, batch)
             except UpstreamAuthError as exc:  # from the signer: no credentials to sign with
                 outcomes += [StoreOutcome("config", str(exc)) for _ in batch]
-        return outcomes
+        delivered = {item.sop_instance_uid for item, o in zip(instances, outcomes) if o.kind == "delivered"}
+        if self.include_non_primary or not delivered:
+            return outcomes
+        apart = await self._not_primary(study_uid, delivered)
+        return [
+            replace(o, not_primary=True) if o.kind == "delivered" and item.sop_instance_uid in apart else o
+            for item, o in zip(instances, outcomes)
+        ]
+
+    async def _not_primary(self, study_uid: str, delivered: set[str]) -> set[str]:
+        """Which of the delivered instances went to a non-primary image set. The STOW-RS
+        answer does not say (the guide documents none of its fields for that), so the
+        study's non-primary image sets are searched (SearchImageSets, ``isPrimary``
+        false) and their metadata read. A failure only loses the count: delivery is done."""
+        self._non_primary.forget(study_uid)
+        try:
+            image_sets = await self._non_primary.get(study_uid)
+        except UpstreamError as exc:
+            log.warning("could not check whether instances of study %s went to a non-primary image set: %s", study_uid, exc)
+            return set()
+        apart = {
+            sop
+            for _, document in image_sets
+            for series in ((document.get("Study") or {}).get("Series") or {}).values()
+            for sop in (series.get("Instances") or {})
+            if sop in delivered
+        }
+        if apart:
+            log.warning(
+                "%d instance(s) of study %s were stored in a non-primary HealthImaging image set (their patient or"
+                " study attributes conflict with the study's); searches and retrievals do not show them unless"
+                " upstream.include_non_primary = true", len(apart), study_uid,
+            )
+        return apart
 
     async def _stow_body(self, body: FileMultipart) -> Body:
         """SigV4 signs the payload hash: the body is read once to hash it, then sent."""
@@ -260,6 +356,34 @@ class HealthImagingUpstream(DicomWebUpstream):
                 for obj in skipping([study_object(summary)], seen):
                     yield obj
 
+    def search_for_series(self, search: Search) -> AsyncIterator[JsonObject]:
+        return self._with_non_primary(super().search_for_series(search), search, instances=False)
+
+    def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
+        return self._with_non_primary(super().search_for_instances(search), search, instances=True)
+
+    async def _with_non_primary(
+        self, answers: AsyncIterator[JsonObject], search: Search, *, instances: bool
+    ) -> AsyncIterator[JsonObject]:
+        """QIDO-RS's answers (primary image sets only), then, with ``include_non_primary``
+        and a study named, the series or instances of the study's non-primary image
+        sets that QIDO-RS did not show, from their metadata (read anew for each search).
+        The front matches every answer against the search's keys."""
+        uid_tag = "00080018" if instances else "0020000E"
+        seen: set[str] = set()
+        async for obj in answers:
+            seen.update(((obj.get(uid_tag) or {}).get("Value") or [])[:1])
+            yield obj
+        if not (self.include_non_primary and search.study_uid):
+            return
+        self._non_primary.forget(search.study_uid)
+        for image_set_id, document in await self._non_primary.get(search.study_uid):
+            for obj in search_objects(document, search.series_uid, instances=instances):
+                uid = ((obj.get(uid_tag) or {}).get("Value") or [""])[0]
+                if uid and uid not in seen:
+                    seen.add(uid)
+                    yield obj
+
     # -- retrieve ----------------------------------------------------------------------
 
     def _instance_accepts(self, acceptable: Sequence[str]) -> list[tuple[str, int | None]]:
@@ -277,10 +401,81 @@ class HealthImagingUpstream(DicomWebUpstream):
         *,
         acceptable: Sequence[str],
     ) -> Retrieved:
-        await self.limits.acquire("GetDICOMInstance")
-        return await super().retrieve_instance(
-            study_uid, series_uid, sop_instance_uid, spill_dir, spill_bytes, acceptable=acceptable
-        )
+        """Rebuilt from metadata and frames (``retrieve_path = "frames"``) where it has
+        frames, its stored syntax is acceptable and its frames fit in ``spill_bytes``,
+        else GetDICOMInstance; an instance of a non-primary image set
+        (``include_non_primary``) is found in its image set and read from there."""
+        located: Located | None = None
+        if self.retrieve_path == "frames" or self.include_non_primary:
+            located = await self._locate(study_uid, series_uid, sop_instance_uid)
+        stored = str(located.entry.get("StoredTransferSyntaxUID") or "") if located is not None else ""
+        # Rebuilt in memory: an instance larger than the spill threshold is read with
+        # GetDICOMInstance, whose answer is spilled to disk as it arrives.
+        size = frames_size(located.entry) if located is not None else 0
+        rebuildable = ("*" in acceptable or stored in acceptable) and size <= spill_bytes
+        if located is not None and self.retrieve_path == "frames" and rebuildable and located.entry.get("ImageFrames"):
+            rebuilt = await self._rebuilt(located, series_uid, sop_instance_uid)
+            if rebuilt is not None:
+                return rebuilt
+        query = f"imageSetId={located.image_set_id}" if located is not None and not located.primary else ""
+        url = self.http.url(f"studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}", query)
+
+        async def read() -> Retrieved:
+            await self.limits.acquire("GetDICOMInstance")
+            for accept, _ in self._instance_accepts(acceptable):
+                found = await self._wado(url, accept, spill_dir, spill_bytes)
+                if found is not None:
+                    return found
+            raise UpstreamRejected("HealthImaging offers the instance in no representation we accept", 406)
+
+        return await read_with_retry("GetDICOMInstance", read)
+
+    async def _primary_metadata(self, study_uid: str) -> list[tuple[str, dict[str, Any]]]:
+        """The ID and metadata document of the study's primary image set (none or one)."""
+        return await self._image_sets(study_uid, primary=True)
+
+    async def _non_primary_metadata(self, study_uid: str) -> list[tuple[str, dict[str, Any]]]:
+        """The IDs and metadata documents of the study's non-primary image sets."""
+        return await self._image_sets(study_uid, primary=False)
+
+    async def _image_sets(self, study_uid: str, primary: bool) -> list[tuple[str, dict[str, Any]]]:
+        summaries = await read_with_retry("SearchImageSets", lambda: self.native.image_sets_of_study(study_uid, primary))
+        found = []
+        for summary in summaries:
+            image_set_id = str(summary.get("imageSetId") or "")
+            document = await read_with_retry("GetImageSetMetadata", functools.partial(self.native.image_set_metadata, image_set_id))
+            found.append((image_set_id, document))
+        return found
+
+    async def _locate(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Located | None:
+        """The image set holding the instance and its metadata: the study's primary one,
+        else (``include_non_primary``) a non-primary one; each read anew once when the
+        cached copy lacks the instance (stored since, perhaps). None when neither has it."""
+        caches = [(self._metadata, True)] + ([(self._non_primary, False)] if self.include_non_primary else [])
+        for cache, primary in caches:
+            for fresh in (False, True):
+                if fresh:
+                    cache.forget(study_uid)
+                for image_set_id, document in await cache.get(study_uid):
+                    entry = instance_entry(document, series_uid, sop_instance_uid)
+                    if entry is not None:
+                        return Located(image_set_id, primary, document, entry)
+        return None
+
+    async def _rebuilt(self, located: Located, series_uid: str, sop_instance_uid: str) -> Retrieved | None:
+        """The instance rebuilt from metadata and frames; None when the metadata does
+        not make a data set (then GetDICOMInstance reads it)."""
+
+        async def frame(frame_id: str) -> bytes:
+            return await read_with_retry("GetImageFrame", lambda: self.native.image_frame(located.image_set_id, frame_id))
+
+        frames = await asyncio.gather(*(frame(str(f.get("ID") or "")) for f in located.entry["ImageFrames"]))
+        try:
+            data, syntax = await asyncio.to_thread(rebuild, located.document, series_uid, sop_instance_uid, frames)
+        except Unrebuildable as exc:
+            log.warning("instance %s not rebuilt from HealthImaging metadata (%s); reading it with GetDICOMInstance", sop_instance_uid, exc)
+            return None
+        return Retrieved(data, None, 0, len(data), transfer_syntax=syntax)
 
     async def retrieve_metadata(
         self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
@@ -294,8 +489,13 @@ class HealthImagingUpstream(DicomWebUpstream):
                 if uid:
                     objects += await self.retrieve_metadata(study_uid, str(uid[0]))
             return objects
-        await self.limits.acquire("GetDICOMSeriesMetadata" if sop_instance_uid is None else "GetDICOMInstanceMetadata")
-        return await super().retrieve_metadata(study_uid, series_uid, sop_instance_uid)
+        operation = "GetDICOMSeriesMetadata" if sop_instance_uid is None else "GetDICOMInstanceMetadata"
+
+        async def read() -> list[JsonObject]:
+            await self.limits.acquire(operation)
+            return await DicomWebUpstream.retrieve_metadata(self, study_uid, series_uid, sop_instance_uid)
+
+        return await read_with_retry(operation, read)
 
     async def retrieve_frames(
         self,

@@ -1,6 +1,8 @@
 """HealthImaging's native image-set API (botocore's ``medical-imaging`` client on the
 ``runtime-`` host): SearchImageSets, to continue a study search past the 10,000
-results QIDO-RS lets a search reach.
+results QIDO-RS lets a search reach and to find a study's image sets;
+GetImageSetMetadata and GetImageFrame, from which the frames retrieve path
+rebuilds instances (`frames`).
 
 SearchImageSets pages with ``nextToken`` and no cap, but answers each image set with
 a fixed set of study-level tags (`SUMMARY_TAGS`), and filters on at most two
@@ -16,6 +18,8 @@ rate limit of SearchImageSets; botocore retries throttling itself.
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -142,13 +146,21 @@ class NativeClient:
             verify=self.cfg.verify_tls, config=config,
         )
 
-    async def _call(self, operation: str, **params: Any) -> dict[str, Any]:
+    async def _call(self, operation: str, blob: str = "", **params: Any) -> dict[str, Any]:
+        """One call in a thread; a streaming member ``blob`` of the answer is read there too."""
         await self.limits.acquire(operation)
         try:
             if self._client is None:
                 self._client = await asyncio.to_thread(self._make_client)
             method = getattr(self._client, _snake(operation))
-            return await asyncio.to_thread(method, **params)  # type: ignore[no-any-return]
+
+            def invoke() -> dict[str, Any]:
+                answer: dict[str, Any] = method(**params)
+                if blob:
+                    answer[blob] = answer[blob].read()
+                return answer
+
+            return await asyncio.to_thread(invoke)
         except NoCredentialsError:
             raise UpstreamAuthError("no AWS credentials for the HealthImaging native API") from None
         except ClientError as exc:
@@ -178,6 +190,47 @@ class NativeClient:
             if not token:
                 return
             params["nextToken"] = token
+
+
+    async def image_sets_of_study(self, study_uid: str, primary: bool) -> list[dict[str, Any]]:
+        """The summaries of a study's primary image set (``primary``) or non-primary ones."""
+        filters = [
+            {"operator": "EQUAL", "values": [{"DICOMStudyInstanceUID": study_uid}]},
+            {"operator": "EQUAL", "values": [{"isPrimary": primary}]},
+        ]
+        params: dict[str, Any] = {"datastoreId": self.cfg.datastore_id, "searchCriteria": {"filters": filters}}
+        found: list[dict[str, Any]] = []
+        while True:
+            page = await self._call("SearchImageSets", **params)
+            found += page.get("imageSetsMetadataSummaries") or []
+            token = page.get("nextToken")
+            if not token:
+                return found
+            params["nextToken"] = token
+
+    async def image_set_metadata(self, image_set_id: str) -> dict[str, Any]:
+        """GetImageSetMetadata's document, decompressed (botocore hands the gzip on as is)."""
+        answer = await self._call(
+            "GetImageSetMetadata", blob="imageSetMetadataBlob", datastoreId=self.cfg.datastore_id, imageSetId=image_set_id
+        )
+        raw: bytes = answer["imageSetMetadataBlob"]
+        try:
+            if answer.get("contentEncoding") == "gzip" or raw[:2] == b"\x1f\x8b":
+                raw = gzip.decompress(raw)
+            document = json.loads(raw)
+        except (OSError, EOFError, ValueError):
+            raise UpstreamRejected(f"HealthImaging answered unreadable metadata for image set {image_set_id}") from None
+        if not isinstance(document, dict):
+            raise UpstreamRejected(f"HealthImaging answered metadata for image set {image_set_id} that is not an object")
+        return document
+
+    async def image_frame(self, image_set_id: str, frame_id: str) -> bytes:
+        """GetImageFrame: one frame as stored (HTJ2K for lossless data by default)."""
+        answer = await self._call(
+            "GetImageFrame", blob="imageFrameBlob", datastoreId=self.cfg.datastore_id, imageSetId=image_set_id,
+            imageFrameInformation={"imageFrameId": frame_id},
+        )
+        return answer["imageFrameBlob"]  # type: ignore[no-any-return]
 
 
 def _snake(operation: str) -> str:

@@ -7,7 +7,8 @@
                         "ImageFrames": [{"ID", "PixelDataChecksumFromBaseToFullResolution",
                                          "MinPixelValue", "MaxPixelValue", "FrameSizeInBytes"}]}}}}}}
 
-Attributes are keyed by keyword (private ones by tag, their VR in ``DICOMVRs``),
+Attributes are keyed by keyword (private ones and those of repeating groups, which
+have no keyword of their own, by tag, their VR in ``DICOMVRs``),
 multi-valued ones as lists, sequences as lists of objects; binary values other than
 the frames are left out. Frame checksums are CRC32 of the full-resolution decoded
 frame (the guide shows the field, not how it is computed).
@@ -58,7 +59,7 @@ def _attributes(ds: Dataset, only: frozenset[str] | None = None, skip: frozenset
     for elem in ds:
         if elem.tag.group <= 0x0002 or elem.tag == 0x7FE00010 or elem.VR in _BINARY_VRS:
             continue
-        if elem.tag.is_private:
+        if elem.tag.is_private or not elem.keyword:  # private, or of a repeating group (60xx overlays)
             key = f"{elem.tag:08X}"
             vrs[key] = elem.VR
         else:
