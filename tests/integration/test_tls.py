@@ -1,0 +1,149 @@
+"""DIMSE over TLS and the HTTP side over HTTPS, with dcmtk's and curl's real TLS clients
+against certificates made here with openssl: a CA, a server certificate for
+127.0.0.1/localhost and a client certificate it signed, and a client certificate of
+another CA that the gateway must refuse."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import dcmtk
+from tests.support.corpus import sample_files
+from tests.support.curl import curl
+from tests.support.daemon import Gateway
+from tests.support.ports import free_port, wait_until
+
+OPENSSL = "/usr/bin/openssl"
+
+
+@dataclass(frozen=True)
+class Pki:
+    """PEM files: ``ca`` signed ``server`` and ``client``; ``other_ca`` signed ``stranger``."""
+
+    directory: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _ca(cwd: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-noenc", "-days", "2", "-subj", f"/CN={name}",
+        "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=cwd,
+    )
+
+
+def _leaf(cwd: Path, name: str, ca: str, extensions: str) -> None:
+    (cwd / f"{name}.ext").write_text(extensions)
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-noenc", "-subj", f"/CN={name}",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=cwd,
+    )
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+        "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=cwd,
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    cwd = tmp_path_factory.mktemp("pki")
+    _ca(cwd, "ca")
+    _ca(cwd, "other_ca")
+    client = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
+    _leaf(cwd, "server", "ca", "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _leaf(cwd, "client", "ca", client)
+    _leaf(cwd, "stranger", "other_ca", client)
+    return Pki(cwd)
+
+
+@pytest.fixture
+def tls_gateway(tmp_path: Path, pki: Pki) -> Iterator[callable]:  # type: ignore[valid-type]
+    """Factory: a gateway whose config names its certificate files relative to itself
+    (they are copied beside the config file), with ``[dimse.tls]`` on ``tls_port``."""
+    started: list[Gateway] = []
+
+    def make(dimse_tls: str = "", http_tls: str = "", **kwargs) -> Gateway:  # type: ignore[no-untyped-def]
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        for name in ("server.crt", "server.key", "ca.crt"):
+            shutil.copy(pki.directory / name, workdir / name)
+        gw = Gateway(workdir, extra=dimse_tls + http_tls, **kwargs)
+        started.append(gw)
+        return gw.start()
+
+    yield make
+    for gw in started:
+        gw.kill()
+
+
+def _dimse_tls(port: int, ca: bool = True) -> str:
+    return (
+        f'\n[dimse.tls]\nport = {port}\ncertificate = "server.crt"\nprivate_key = "server.key"\n'
+        + ('ca_certificates = "ca.crt"\n' if ca else "")
+    )
+
+
+def _client(pki: Pki, name: str | None) -> list[str]:
+    """dcmtk's TLS options: our key and certificate (none: anonymous TLS), the server
+    verified against our CA."""
+    auth = ["+tls", str(pki.directory / f"{name}.key"), str(pki.directory / f"{name}.crt"), "-pw"] if name else ["+tla"]
+    return [*auth, "+cf", str(pki.directory / "ca.crt"), "-rc"]
+
+
+def test_echo_store_and_find_over_tls_with_a_client_certificate(tls_gateway, pki: Pki) -> None:
+    tls_port = free_port()
+    gw = tls_gateway(dimse_tls=_dimse_tls(tls_port))
+    echo = dcmtk.echoscu(tls_port, gw.ae_title, extra_args=_client(pki, "client"))
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+    files = sample_files()
+    store = dcmtk.storescu(tls_port, files, gw.ae_title, extra_args=_client(pki, "client"))
+    assert store.returncode == 0, store.stdout + store.stderr
+    assert gw.wait_counts(delivered=len(files))["delivered"] == len(files)
+    find = dcmtk.findscu(
+        tls_port, gw.ae_title, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ""},
+        extra_args=[*_client(pki, "client"), "-v"],
+    )
+    assert find.returncode == 0 and "Find Response: 1 (Pending)" in find.stdout + find.stderr, find.stderr
+    # The plain port still serves beside the TLS one.
+    assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0
+    # A plain DIMSE client on the TLS port gets nowhere, and the log says why.
+    assert dcmtk.echoscu(tls_port, gw.ae_title, timeout=20).returncode != 0
+    wait_until(lambda: "TLS connection from 127.0.0.1" in gw.log(), 10, 0.1, "plain client on the TLS port not logged")
+
+
+def test_client_without_a_certificate_or_from_another_ca_is_refused_and_logged(tls_gateway, pki: Pki) -> None:
+    tls_port = free_port()
+    gw = tls_gateway(dimse_tls=_dimse_tls(tls_port))
+    anonymous = dcmtk.echoscu(tls_port, gw.ae_title, extra_args=_client(pki, None), timeout=20)
+    assert anonymous.returncode != 0
+    stranger = dcmtk.storescu(tls_port, sample_files()[:1], gw.ae_title, extra_args=_client(pki, "stranger"), timeout=20)
+    assert stranger.returncode != 0
+    wait_until(lambda: gw.log().count("TLS connection from 127.0.0.1") >= 2, 10, 0.1, "refusals not logged")
+    log = gw.log()
+    assert "refused: no client certificate" in log
+    assert "refused: client certificate not trusted (unable to get local issuer certificate)" in log
+    assert sum(gw.counts().values()) == 0
+    # The right certificate still gets through.
+    assert dcmtk.echoscu(tls_port, gw.ae_title, extra_args=_client(pki, "client")).returncode == 0
+
+
+def test_without_ca_certificates_no_client_certificate_is_asked(tls_gateway, pki: Pki) -> None:
+    tls_port = free_port()
+    gw = tls_gateway(dimse_tls=_dimse_tls(tls_port, ca=False))
+    echo = dcmtk.echoscu(tls_port, gw.ae_title, extra_args=_client(pki, None))
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+
+
+def test_a_missing_certificate_file_is_named_at_start(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "gw", extra=_dimse_tls(free_port()))
+    result = gw.cli("check-config")
+    assert result.returncode != 0
+    assert f"dimse.tls.certificate: cannot read {tmp_path / 'gw' / 'server.crt'}" in result.stdout + result.stderr
