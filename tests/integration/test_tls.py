@@ -147,3 +147,26 @@ def test_a_missing_certificate_file_is_named_at_start(tmp_path: Path) -> None:
     result = gw.cli("check-config")
     assert result.returncode != 0
     assert f"dimse.tls.certificate: cannot read {tmp_path / 'gw' / 'server.crt'}" in result.stdout + result.stderr
+
+
+def test_http_side_over_https(tls_gateway, pki: Pki) -> None:
+    """``[http.tls]``: /healthz and the facade answer over HTTPS, verified against the
+    CA by curl; plain HTTP on that port gets no answer."""
+    http_tls = '\n[http.tls]\ncertificate = "server.crt"\nprivate_key = "server.key"\n'
+    gw = tls_gateway(http_tls=http_tls)
+    https = f"https://127.0.0.1:{gw.http_port}"
+    ca = ("--cacert", str(pki.directory / "ca.crt"))
+    health = curl(*ca, f"{https}/healthz")
+    assert health.status == 200 and health.json()["status"] == "ok", health.body
+    assert dcmtk.storescu(gw.port, sample_files()[:1], gw.ae_title).returncode == 0
+    url = f"{https}/dicom-web/studies"
+    studies = wait_until(lambda: (r := curl(*ca, url)).status == 200 and r.body and r.json(), 30, 0.2, "study never listed")
+    assert len(studies) == 1
+    plain = subprocess.run(
+        ["/usr/bin/curl", "-sS", "-o", "/dev/null", f"http://127.0.0.1:{gw.http_port}/healthz"],
+        capture_output=True, timeout=30,
+    )
+    assert plain.returncode != 0
+    # Without the CA, curl refuses the server: it is TLS it cannot verify, not plain HTTP.
+    unverified = subprocess.run(["/usr/bin/curl", "-sS", "-o", "/dev/null", f"{https}/healthz"], capture_output=True, timeout=30)
+    assert unverified.returncode == 60, unverified.stderr
