@@ -6,12 +6,17 @@ another CA that the gateway must refuse."""
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pydicom import Dataset, dcmread
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import SecondaryCaptureImageStorage, StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from tests.support import dcmtk
 from tests.support.corpus import sample_files
@@ -133,6 +138,49 @@ def test_client_without_a_certificate_or_from_another_ca_is_refused_and_logged(t
     assert sum(gw.counts().values()) == 0
     # The right certificate still gets through.
     assert dcmtk.echoscu(tls_port, gw.ae_title, extra_args=_client(pki, "client")).returncode == 0
+
+
+def test_get_and_move_over_tls(tls_gateway, pki: Pki, storescp) -> None:
+    """pynetdicom (dcmtk's getscu and movescu have no TLS) retrieves over TLS: C-GET
+    brings the instances back over the TLS association, C-MOVE sends them to a peer."""
+    scp = storescp()
+    tls_port = free_port()
+    peer = f'\n[[dimse.peers]]\nae_title = "STORESCP"\nhost = "127.0.0.1"\nport = {scp.port}\n'
+    gw = tls_gateway(dimse_tls=_dimse_tls(tls_port) + peer)
+    files = sample_files()
+    assert dcmtk.storescu(tls_port, files, gw.ae_title, extra_args=_client(pki, "client")).returncode == 0
+    gw.wait_counts(delivered=len(files))
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.directory / "ca.crt"))
+    context.load_cert_chain(pki.directory / "client.crt", pki.directory / "client.key")
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="TLSGET")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.add_requested_context(SecondaryCaptureImageStorage)
+    assoc = ae.associate(
+        "127.0.0.1", tls_port, ae_title=gw.ae_title, tls_args=(context, "localhost"),
+        ext_neg=[build_role(SecondaryCaptureImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    try:
+        gets = [status.Status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+        moves = [status.Status for status, _ in assoc.send_c_move(query, "STORESCP", StudyRootQueryRetrieveInformationModelMove)]
+    finally:
+        assoc.release()
+    assert gets[-1] == 0x0000 and moves[-1] == 0x0000, (gets, moves)
+    expected = sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
+    assert sorted(received) == expected
+    assert len(scp.wait_for_files(len(files))) == len(files)
 
 
 def test_without_ca_certificates_no_client_certificate_is_asked(tls_gateway, pki: Pki) -> None:
