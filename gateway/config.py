@@ -48,6 +48,9 @@ class Peer:
     addresses: frozenset[str] = frozenset()
     # ...unless the peer opts out (a modality behind NAT or DHCP).
     any_host: bool = False
+    # Associations under this AE title at once (0: only dimse.max_associations), so
+    # one modality stuck in a loop cannot take every slot.
+    max_associations: int = 0
 
     def accepts_address(self, address: str) -> bool:
         """Whether an association under this AE title may come from ``address``."""
@@ -368,6 +371,7 @@ def _peer(reader: _Reader) -> Peer:
         else:
             permissions = frozenset(raw)
     any_host = reader.boolean("any_host", False)
+    max_associations = reader.integer("max_associations", 0, 0, 1000)
     addresses: frozenset[str] = frozenset()
     if host:
         try:
@@ -375,7 +379,7 @@ def _peer(reader: _Reader) -> Peer:
         except OSError as exc:
             reader.problems.append(f"{reader.path}.host: cannot resolve {host!r} ({exc.strerror or exc})")
     reader.finish()
-    return Peer(ae, host, port, permissions, addresses, any_host)
+    return Peer(ae, host, port, permissions, addresses, any_host, max_associations)
 
 
 def _dimse(r: _Reader) -> DimseConfig:

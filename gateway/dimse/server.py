@@ -202,6 +202,13 @@ class DimseServer:
             ), []
         if len(self._associations) >= d.max_associations:
             return Rejection(RJ_LOCAL_LIMIT_EXCEEDED, "too_many_associations", "too many associations (dimse.max_associations)"), []
+        if peer is not None and peer.max_associations and sum(
+            1 for a in self._associations if a.calling_ae.strip() == peer.ae_title
+        ) >= peer.max_associations:
+            return Rejection(
+                RJ_LOCAL_LIMIT_EXCEEDED, "too_many_associations_for_peer",
+                f"too many associations from {peer.ae_title} (its max_associations, {peer.max_associations})",
+            ), []
         # Storage classes a C-GET requester wants to receive (it asks for the SCP role).
         receiving = {r.sop_class_uid for r in rq.roles if r.scp_role}
         results = []
@@ -365,18 +372,24 @@ class DimseServer:
             if r.result == pdu.PC_ACCEPTED
         }
         roles = self.negotiate_roles(rq, accepted)
-        writer.write(
-            pdu.encode_associate_ac(
-                rq, results, self.max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles
-            )
-        )
-        await drain(writer, d.acse_timeout)
         assoc = Association(
             reader, writer, rq, accepted, self.incoming_dir, d.dimse_timeout, self.space_problem,
             metrics=self.metrics,
         )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)
+        # Counted before the A-ASSOCIATE-AC goes out: another RQ negotiated while it
+        # drains must see this slot taken.
         self._associations.add(assoc)
+        try:
+            writer.write(
+                pdu.encode_associate_ac(
+                    rq, results, self.max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles
+                )
+            )
+            await drain(writer, d.acse_timeout)
+        except BaseException:
+            self._associations.discard(assoc)
+            raise
         self.metrics.associations.inc()
         self.metrics.associations_open.inc()
         log.info("association accepted from %s (%d of %d contexts)", assoc.peer, len(accepted), len(results))
