@@ -325,8 +325,10 @@ class DimseServer:
                 label, why = "tls_no_client_certificate", "no client certificate (dimse.tls.ca_certificates requires one)"
             else:
                 label, why = "tls_handshake_failed", f"TLS handshake failed ({exc.reason or exc})"
-        except (OSError, asyncio.TimeoutError) as exc:
-            label, why = "tls_handshake_failed", f"TLS handshake not completed ({type(exc).__name__})"
+        except ConnectionAbortedError:  # asyncio's handshake timeout
+            label, why = "tls_handshake_failed", "no TLS handshake within dimse.acse_timeout"
+        except OSError:
+            label, why = "tls_handshake_failed", "connection lost during the TLS handshake"
         else:
             cert = writer.get_extra_info("peercert") or {}
             subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)

@@ -6,8 +6,10 @@ another CA that the gateway must refuse."""
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +183,16 @@ def test_get_and_move_over_tls(tls_gateway, pki: Pki, storescp) -> None:
     expected = sorted(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
     assert sorted(received) == expected
     assert len(scp.wait_for_files(len(files))) == len(files)
+
+
+def test_a_connection_silent_on_the_tls_port_is_closed_after_acse_timeout(tls_gateway) -> None:
+    tls_port = free_port()
+    gw = tls_gateway(dimse_tls=_dimse_tls(tls_port), dimse={"acse_timeout": 1})
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the gateway
+        assert time.monotonic() - started < 5
+    wait_until(lambda: "refused: no TLS handshake within dimse.acse_timeout" in gw.log(), 10, 0.1, "not logged")
 
 
 def test_without_ca_certificates_no_client_certificate_is_asked(tls_gateway, pki: Pki) -> None:
