@@ -5,6 +5,7 @@ another CA that the gateway must refuse."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import ssl
@@ -230,3 +231,6 @@ def test_http_side_over_https(tls_gateway, pki: Pki) -> None:
     # Without the CA, curl refuses the server: it is TLS it cannot verify, not plain HTTP.
     unverified = subprocess.run(["/usr/bin/curl", "-sS", "-o", "/dev/null", f"{https}/healthz"], capture_output=True, timeout=30)
     assert unverified.returncode == 60, unverified.stderr
+    # `spool status` still reaches its daemon's /healthz for what holds delivery.
+    status = gw.cli("spool", "status", "--json")
+    assert json.loads(status.stdout)["problems"] == [], status.stdout + status.stderr
