@@ -129,7 +129,7 @@ def test_echo_store_and_find_over_tls_with_a_client_certificate(tls_gateway, pki
 
 def test_client_without_a_certificate_or_from_another_ca_is_refused_and_logged(tls_gateway, pki: Pki) -> None:
     tls_port = free_port()
-    gw = tls_gateway(dimse_tls=_dimse_tls(tls_port))
+    gw = tls_gateway(dimse_tls=_dimse_tls(tls_port), http_auth={"basic_users": {"admin": "secret"}})
     anonymous = dcmtk.echoscu(tls_port, gw.ae_title, extra_args=_client(pki, None), timeout=20)
     assert anonymous.returncode != 0
     stranger = dcmtk.storescu(tls_port, sample_files()[:1], gw.ae_title, extra_args=_client(pki, "stranger"), timeout=20)
@@ -139,6 +139,9 @@ def test_client_without_a_certificate_or_from_another_ca_is_refused_and_logged(t
     assert "refused: no client certificate" in log
     assert "refused: client certificate not trusted (unable to get local issuer certificate)" in log
     assert sum(gw.counts().values()) == 0
+    metrics = curl("-u", "admin:secret", f"{gw.web_url}/metrics").body.decode()
+    for reason in ("tls_no_client_certificate", "tls_certificate_refused"):
+        assert f'gateway_dimse_associations_rejected_total{{reason="{reason}"}} 1.0' in metrics
     # The right certificate still gets through.
     assert dcmtk.echoscu(tls_port, gw.ae_title, extra_args=_client(pki, "client")).returncode == 0
 
