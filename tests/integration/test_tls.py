@@ -11,9 +11,10 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
@@ -73,12 +74,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-def tls_gateway(tmp_path: Path, pki: Pki) -> Iterator[callable]:  # type: ignore[valid-type]
+def tls_gateway(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Gateway]]:
     """Factory: a gateway whose config names its certificate files relative to itself
     (they are copied beside the config file), with ``[dimse.tls]`` on ``tls_port``."""
     started: list[Gateway] = []
 
-    def make(dimse_tls: str = "", http_tls: str = "", **kwargs) -> Gateway:  # type: ignore[no-untyped-def]
+    def make(dimse_tls: str = "", http_tls: str = "", **kwargs: Any) -> Gateway:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
         for name in ("server.crt", "server.key", "ca.crt"):
