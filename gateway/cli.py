@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import ssl
 import sys
 import time
 import urllib.request
@@ -95,9 +96,16 @@ def _daemon_problems(config: Config) -> tuple[str, list[dict[str, Any]] | None]:
     queue, a failing spool database): only the daemon knows, the spool rows do not.
     Returns (URL asked, problems), problems None when the daemon did not answer."""
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(config.http.host, config.http.host)
-    url = f"http://{f'[{host}]' if ':' in host else host}:{config.http.port}/healthz"
+    scheme, context = "http", None
+    if config.http.tls is not None:
+        # Our own daemon, asked at an address its certificate may not name: trust
+        # exactly the certificate it serves, whoever signed it.
+        scheme, context = "https", ssl.create_default_context(cafile=config.http.tls.certificate)
+        context.check_hostname = False
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{config.http.port}/healthz"
     try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        with urllib.request.urlopen(url, timeout=10, context=context) as resp:
             body = json.loads(resp.read())
     except (OSError, ValueError):
         return url, None

@@ -15,8 +15,9 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,44 @@ class Peer:
     addresses: frozenset[str] = frozenset()
     # ...unless the peer opts out (a modality behind NAT or DHCP).
     any_host: bool = False
+    # Associations under this AE title at once (0: only dimse.max_associations), so
+    # one modality stuck in a loop cannot take every slot.
+    max_associations: int = 0
 
     def accepts_address(self, address: str) -> bool:
         """Whether an association under this AE title may come from ``address``."""
         return self.any_host or address.removeprefix("::ffff:") in self.addresses
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """A TLS listener: our certificate and key and, when ``ca_certificates`` is set, the
+    CAs a client certificate must chain to (then one is required). ``port`` and
+    ``ca_certificates`` exist under ``[dimse.tls]`` only; ``[http.tls]`` has neither."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    port: int = 0
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server context, TLS 1.2 and later only; raises OSError or ssl.SSLError
+        when a file cannot be read or does not hold what it should."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.certificate, self.private_key)
+        if self.ca_certificates is not None:
+            context.load_verify_locations(cafile=self.ca_certificates)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def resolved(self, base: Path) -> TlsConfig:
+        """The same with relative paths taken from ``base`` (the config file's directory)."""
+        ca = self.ca_certificates
+        return TlsConfig(
+            (base / self.certificate).resolve(), (base / self.private_key).resolve(),
+            (base / ca).resolve() if ca is not None else None, self.port,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,6 +103,7 @@ class DimseConfig:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     shutdown_grace: float = 10.0
+    tls: TlsConfig | None = None  # [dimse.tls]: a second, TLS-only port
 
 
 @dataclass(frozen=True)
@@ -198,6 +234,7 @@ class HttpConfig:
     base_path: str = "/dicom-web"  # DICOMweb root (also served under /v1, /v2, ...)
     cors_origins: tuple[str, ...] = ()  # origins answered with CORS headers; "*" for any
     auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
+    tls: TlsConfig | None = None  # [http.tls]: HTTPS instead of HTTP
 
 
 @dataclass(frozen=True)
@@ -334,6 +371,7 @@ def _peer(reader: _Reader) -> Peer:
         else:
             permissions = frozenset(raw)
     any_host = reader.boolean("any_host", False)
+    max_associations = reader.integer("max_associations", 0, 0, 1000)
     addresses: frozenset[str] = frozenset()
     if host:
         try:
@@ -341,7 +379,7 @@ def _peer(reader: _Reader) -> Peer:
         except OSError as exc:
             reader.problems.append(f"{reader.path}.host: cannot resolve {host!r} ({exc.strerror or exc})")
     reader.finish()
-    return Peer(ae, host, port, permissions, addresses, any_host)
+    return Peer(ae, host, port, permissions, addresses, any_host, max_associations)
 
 
 def _dimse(r: _Reader) -> DimseConfig:
@@ -370,9 +408,29 @@ def _dimse(r: _Reader) -> DimseConfig:
         acse_timeout=r.number("acse_timeout", d.acse_timeout, 1, 3600),
         dimse_timeout=r.number("dimse_timeout", d.dimse_timeout, 1, 3600),
         shutdown_grace=r.number("shutdown_grace", d.shutdown_grace, 0, 3600),
+        tls=_tls(r, dimse=True),
     )
+    if cfg.tls is not None and cfg.tls.port == cfg.port:
+        r.problems.append(f"dimse.tls.port: {cfg.port} is dimse.port already; TLS needs a port of its own")
     r.finish()
     return cfg
+
+
+def _tls(r: _Reader, dimse: bool) -> TlsConfig | None:
+    """``[dimse.tls]`` (``dimse``) or ``[http.tls]``, None when the table is absent."""
+    if "tls" not in r.table:
+        return None
+    t = r.sub("tls")
+    required = ("port", "certificate", "private_key") if dimse else ("certificate", "private_key")
+    for key in required:
+        if key not in t.table:
+            t.problems.append(f"{t.path}.{key}: required")
+    certificate = t.string("certificate", "")
+    private_key = t.string("private_key", "")
+    ca_certificates = t.string("ca_certificates", "") if dimse else ""
+    port = t.integer("port", 0, 1, 65535) if dimse else 0
+    t.finish()
+    return TlsConfig(Path(certificate), Path(private_key), Path(ca_certificates) if ca_certificates else None, port)
 
 
 def _spool(r: _Reader) -> SpoolConfig:
@@ -572,6 +630,7 @@ def _http(r: _Reader) -> HttpConfig:
         base_path=base_path.rstrip("/") or "/",
         cors_origins=_strings(r, "cors_origins"),
         auth=auth,
+        tls=_tls(r, dimse=False),
     )
     r.finish()
     return cfg
@@ -641,4 +700,34 @@ def load_config(path: str | Path) -> Config:
             **{**cfg.spool.__dict__, "directory": (path.parent / cfg.spool.directory).resolve()}
         )
         cfg = Config(cfg.dimse, spool, cfg.upstream, cfg.http, cfg.logging, cfg.find, cfg.retrieve)
-    return cfg
+    dimse_tls = cfg.dimse.tls.resolved(path.parent) if cfg.dimse.tls is not None else None
+    http_tls = cfg.http.tls.resolved(path.parent) if cfg.http.tls is not None else None
+    problems = [*_tls_problems("dimse.tls", dimse_tls), *_tls_problems("http.tls", http_tls)]
+    if problems:
+        raise ConfigError(problems)
+    return replace(cfg, dimse=replace(cfg.dimse, tls=dimse_tls), http=replace(cfg.http, tls=http_tls))
+
+
+def _tls_problems(section: str, tls: TlsConfig | None) -> list[str]:
+    """Why ``tls`` cannot make a server context, naming the key at fault; checked at
+    load so that a bad file stops ``check-config`` and start-up, not a handshake."""
+    if tls is None:
+        return []
+    files = {"certificate": tls.certificate, "private_key": tls.private_key, "ca_certificates": tls.ca_certificates}
+    problems = []
+    for key, file in files.items():
+        if file is not None and not os.access(file, os.R_OK):
+            problems.append(f"{section}.{key}: cannot read {file}")
+    if problems:
+        return problems
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    except (OSError, ssl.SSLError) as exc:
+        return [f"{section}.certificate, {section}.private_key: not a PEM certificate and its private key ({exc})"]
+    if tls.ca_certificates is not None:
+        try:
+            context.load_verify_locations(cafile=tls.ca_certificates)
+        except (OSError, ssl.SSLError) as exc:
+            return [f"{section}.ca_certificates: not PEM CA certificates ({exc})"]
+    return []

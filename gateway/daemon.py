@@ -88,14 +88,17 @@ async def _run(config: Config, config_path: Path | None) -> None:
     started = False
     keepers: list[asyncio.Task[None]] = []  # systemd watchdog and status line
     try:
-        await web.TCPSite(runner, config.http.host, config.http.port).start()
+        https = config.http.tls.server_context() if config.http.tls is not None else None
+        await web.TCPSite(runner, config.http.host, config.http.port, ssl_context=https).start()
         await server.start()
         started = True
         log.info(
-            "listening: DIMSE %s on %s:%d, HTTP on %s:%d, upstream %s, spool %s",
+            "listening: DIMSE %s on %s:%d%s, HTTP%s on %s:%d, upstream %s, spool %s",
             config.dimse.ae_title,
             config.dimse.host,
             config.dimse.port,
+            f" and TLS on {config.dimse.tls.port}" if config.dimse.tls is not None else "",
+            "S" if https is not None else "",
             config.http.host,
             config.http.port,
             config.upstream.type + (f" {config.upstream.url}" if config.upstream.url else ""),

@@ -39,7 +39,7 @@ class Metrics:
         )
         self.associations_rejected = Counter(
             "gateway_dimse_associations_rejected",
-            "A-ASSOCIATE-RQs rejected, by reason",
+            "A-ASSOCIATE-RQs rejected, and TLS connections refused before one, by reason",
             ["reason"],
             registry=r,
         )

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from pynetdicom import AllStoragePresentationContexts
 
@@ -142,7 +144,7 @@ class DimseServer:
         self.handlers: dict[int, Handler] = {C_ECHO_RQ: _echo, **handlers}
         self.abstract_syntaxes = {VERIFICATION: UNCOMPRESSED, **abstract_syntaxes}
         self.max_pdu = config.dimse.max_pdu_size or (1 << 24)
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._live: set[asyncio.Task[None]] = set()
         self._associations: set[Association] = set()
 
@@ -152,18 +154,22 @@ class DimseServer:
         return len(self._associations)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._on_connect,
-            self.config.dimse.host,
-            self.config.dimse.port,
-            reuse_address=True,
-            limit=1 << 20,
-        )
+        """Listen on ``dimse.tls.port`` (when configured), then on ``dimse.port``: once
+        the plain port answers, both do."""
+        d = self.config.dimse
+        if d.tls is not None:
+            self._servers.append(await asyncio.start_server(
+                partial(self._on_connect, tls=d.tls.server_context()), d.host, d.tls.port,
+                reuse_address=True, limit=1 << 20,
+            ))
+        self._servers.append(await asyncio.start_server(
+            self._on_connect, d.host, d.port, reuse_address=True, limit=1 << 20,
+        ))
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let running associations finish for ``grace`` s, then abort them."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         if self._live:
             _, pending = await asyncio.wait(set(self._live), timeout=grace)
             for assoc in self._associations:
@@ -175,8 +181,8 @@ class DimseServer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in self._servers:
+            await server.wait_closed()
 
     # ---- negotiation ----------------------------------------------------------------
 
@@ -196,6 +202,13 @@ class DimseServer:
             ), []
         if len(self._associations) >= d.max_associations:
             return Rejection(RJ_LOCAL_LIMIT_EXCEEDED, "too_many_associations", "too many associations (dimse.max_associations)"), []
+        if peer is not None and peer.max_associations and sum(
+            1 for a in self._associations if a.calling_ae.strip() == peer.ae_title
+        ) >= peer.max_associations:
+            return Rejection(
+                RJ_LOCAL_LIMIT_EXCEEDED, "too_many_associations_for_peer",
+                f"too many associations from {peer.ae_title} (its max_associations, {peer.max_associations})",
+            ), []
         # Storage classes a C-GET requester wants to receive (it asks for the SCP role).
         receiving = {r.sop_class_uid for r in rq.roles if r.scp_role}
         results = []
@@ -236,7 +249,11 @@ class DimseServer:
 
     # ---- one connection --------------------------------------------------------------
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_connect(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """One connection, from the A-ASSOCIATE-RQ to its end; on the TLS port (``tls``)
+        the handshake comes first, bounded by ``acse_timeout``."""
         task = asyncio.current_task()
         assert task is not None
         self._live.add(task)
@@ -250,6 +267,8 @@ class DimseServer:
         assoc: Association | None = None
         how = "closed"
         try:
+            if tls is not None and not await self._start_tls(writer, tls, where):
+                return
             assoc = await self._associate(reader, writer, where)
             if assoc is None:
                 return
@@ -294,6 +313,34 @@ class DimseServer:
                 writer.close()
             self._live.discard(task)
 
+    async def _start_tls(self, writer: asyncio.StreamWriter, context: ssl.SSLContext, where: str) -> bool:
+        """The server side of the TLS handshake; a refused one is logged in words and
+        counted, and False returned (the connection is then closed)."""
+        try:
+            await writer.start_tls(context, ssl_handshake_timeout=self.config.dimse.acse_timeout)
+        except ssl.SSLCertVerificationError as exc:
+            label, why = "tls_certificate_refused", f"client certificate not trusted ({exc.verify_message})"
+        except ssl.SSLError as exc:
+            if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+                label, why = "tls_no_client_certificate", "no client certificate (dimse.tls.ca_certificates requires one)"
+            else:
+                label, why = "tls_handshake_failed", f"TLS handshake failed ({exc.reason or exc})"
+        except ConnectionAbortedError:  # asyncio's handshake timeout
+            label, why = "tls_handshake_failed", "no TLS handshake within dimse.acse_timeout"
+        except OSError:
+            label, why = "tls_handshake_failed", "connection lost during the TLS handshake"
+        else:
+            cert = writer.get_extra_info("peercert") or {}
+            subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+            log.debug("TLS from %s: %s, client certificate %s", where, writer.get_extra_info("ssl_object").version(), subject or "none")
+            return True
+        log.warning(
+            "TLS connection from %s refused: %s", where, why,
+            extra={"fields": {"event": "tls refused", "peer": where, "reason": why}},
+        )
+        self.metrics.associations_rejected.labels(label).inc()
+        return False
+
     @staticmethod
     async def _send_abort(writer: asyncio.StreamWriter, reason: int) -> None:
         """A-ABORT (service provider) with ``reason``, on a connection about to close."""
@@ -327,18 +374,24 @@ class DimseServer:
             if r.result == pdu.PC_ACCEPTED
         }
         roles = self.negotiate_roles(rq, accepted)
-        writer.write(
-            pdu.encode_associate_ac(
-                rq, results, self.max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles
-            )
-        )
-        await drain(writer, d.acse_timeout)
         assoc = Association(
             reader, writer, rq, accepted, self.incoming_dir, d.dimse_timeout, self.space_problem,
             metrics=self.metrics,
         )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)
+        # Counted before the A-ASSOCIATE-AC goes out: another RQ negotiated while it
+        # drains must see this slot taken.
         self._associations.add(assoc)
+        try:
+            writer.write(
+                pdu.encode_associate_ac(
+                    rq, results, self.max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles
+                )
+            )
+            await drain(writer, d.acse_timeout)
+        except BaseException:
+            self._associations.discard(assoc)
+            raise
         self.metrics.associations.inc()
         self.metrics.associations_open.inc()
         log.info("association accepted from %s (%d of %d contexts)", assoc.peer, len(accepted), len(results))
