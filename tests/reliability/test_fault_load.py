@@ -26,22 +26,29 @@ from tests.support.synth import ct_series
 
 MODALITIES, INSTANCES = (20, 100) if FULL_SCALE else (8, 25)
 CHUNK = 5
+PACE = 2.5
 
 
 class Modality(threading.Thread):
     """Sends its files chunk by chunk until each was acknowledged once."""
 
-    def __init__(self, name: str, files: list[Path], gateway_port: int, called_ae: str, pace: float) -> None:
+    def __init__(
+        self, name: str, files: list[Path], gateway_port: int, called_ae: str, pace: float, delay: float = 0.0
+    ) -> None:
+        """``pace``: seconds between chunks; ``delay``: before the first (staggered
+        modalities make the acknowledged count grow smoothly, not in steps)."""
         super().__init__(name=name, daemon=True)
         self.files = files
         self.port = gateway_port
         self.called_ae = called_ae
         self.pace = pace
+        self.delay = delay
         self.sent = 0
         self.acked: set[str] = set()
         self.failures = 0
 
     def run(self) -> None:
+        time.sleep(self.delay)
         deadline = time.monotonic() + 300
         for start in range(0, len(self.files), CHUNK):
             pending = [str(f) for f in self.files[start : start + CHUNK]]
@@ -73,29 +80,38 @@ def test_load_with_two_outages_and_a_kill(tmp_path: Path, orthanc, gateway, faul
     series = [ct_series(tmp_path / f"m{n}", INSTANCES, rows=32, columns=32) for n in range(MODALITIES)]
     uid_of = {str(f): str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for files in series for f in files}
     total = MODALITIES * INSTANCES
-    modalities = [Modality(f"MOD{n:02d}", files, gw.port, gw.ae_title, pace=0.4) for n, files in enumerate(series)]
+    # About 15 s of sending at CI size, so both outages and the kill fall inside it.
+    modalities = [
+        Modality(f"MOD{n:02d}", files, gw.port, gw.ae_title, pace=PACE, delay=PACE * n / MODALITIES)
+        for n, files in enumerate(series)
+    ]
     for m in modalities:
         m.start()
 
     def acked() -> int:
         return sum(len(m.acked) for m in modalities)
 
+    mid_send: list[bool] = []
+
     def after(fraction: float) -> None:
+        """Wait for ``fraction`` of the instances to be acknowledged; note whether
+        sending is still going on, as every fault here must strike during it."""
         wait_until(lambda: acked() >= fraction * total or not any(m.is_alive() for m in modalities),
                    240, 0.05, f"sending stalled before {fraction:.0%}")
+        mid_send.append(acked() < total)
 
-    after(0.15)
+    after(0.1)
     orthanc.stop()
-    after(0.3)
+    after(0.25)
     orthanc.start()
-    after(0.45)
+    after(0.4)
     gw.proc.kill()  # SIGKILL: no shutdown code runs
     gw.proc.wait()
     time.sleep(1.0)  # modalities meet a closed port meanwhile, and retry
     gw.start()
-    after(0.6)
+    after(0.55)
     orthanc.stop()
-    after(0.8)
+    after(0.7)
     orthanc.start()
     for m in modalities:
         m.join(timeout=300)
@@ -124,3 +140,4 @@ def test_load_with_two_outages_and_a_kill(tmp_path: Path, orthanc, gateway, faul
         })
     assert not any((gw.spool_dir / "incoming").iterdir())
     assert sum(m.failures for m in modalities) > 0, "the kill never interrupted a send"
+    assert all(mid_send), f"a fault came after sending ended: {mid_send}"

@@ -44,7 +44,10 @@ def test_node_killed_behind_haproxy(
     series = [ct_series(tmp_path / f"m{n}", INSTANCES, rows=32, columns=32) for n in range(MODALITIES)]
     uid_of = {str(f): str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for files in series for f in files}
     total = MODALITIES * INSTANCES
-    modalities = [Modality(f"MODALITY{n}", files, proxy.port, "DICOMGW", pace=0.3) for n, files in enumerate(series)]
+    modalities = [
+        Modality(f"MODALITY{n}", files, proxy.port, "DICOMGW", pace=1.0, delay=n / MODALITIES)
+        for n, files in enumerate(series)
+    ]
     for m in modalities:
         m.start()
 
@@ -53,6 +56,7 @@ def test_node_killed_behind_haproxy(
 
     wait_until(lambda: acked() >= 0.4 * total, 120, 0.05, "sending through HAProxy stalled")
     victim, survivor = nodes
+    assert acked() < total, "sending ended before the kill"
     victim.proc.kill()  # SIGKILL mid-send
     victim.proc.wait()
     for m in modalities:
