@@ -51,7 +51,7 @@ class HAProxy:
             )
         try:
             wait_for_port("127.0.0.1", self.port, 10)
-        except Exception:
+        except AssertionError:
             self.stop()
             raise AssertionError(f"haproxy did not start:\n{self.log_path.read_text()}") from None
         return self
