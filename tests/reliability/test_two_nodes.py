@@ -16,6 +16,7 @@ from tests.integration.test_move_retrieve import parse_move, peers
 from tests.reliability.conftest import FULL_SCALE, FaultSummary
 from tests.reliability.test_fault_load import Modality, deliveries
 from tests.support import dcmtk
+from tests.support.daemon import Gateway
 from tests.support.haproxy import HAProxy
 from tests.support.ports import wait_until
 from tests.support.synth import ct_series
@@ -41,12 +42,15 @@ def test_node_killed_behind_haproxy(
     nodes = [gateway(upstream_url=orthanc.dicomweb_url, extra=peers(("STORESCP", dest.port))) for _ in range(2)]
     proxy = HAProxy(tmp_path / "haproxy", [n.port for n in nodes]).start()
     haproxy.append(proxy)
-    series = [ct_series(tmp_path / f"m{n}", INSTANCES, rows=32, columns=32) for n in range(MODALITIES)]
+    # Three modalities send small instances in paced chunks; the fourth sends larger
+    # ones in one long association, started mid-way, whose node is the one killed.
+    series = [ct_series(tmp_path / f"m{n}", INSTANCES, rows=32, columns=32) for n in range(MODALITIES - 1)]
+    series.append(ct_series(tmp_path / "long", INSTANCES, rows=512, columns=512))
     uid_of = {str(f): str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for files in series for f in files}
     total = MODALITIES * INSTANCES
     modalities = [
         Modality(f"MODALITY{n}", files, proxy.port, "DICOMGW", pace=1.0, delay=n / MODALITIES)
-        for n, files in enumerate(series)
+        for n, files in enumerate(series[:-1])
     ]
     for m in modalities:
         m.start()
@@ -54,16 +58,28 @@ def test_node_killed_behind_haproxy(
     def acked() -> int:
         return sum(len(m.acked) for m in modalities)
 
-    wait_until(lambda: acked() >= 0.4 * total, 120, 0.05, "sending through HAProxy stalled")
-    victim, survivor = nodes
+    wait_until(lambda: acked() >= 0.4 * INSTANCES * (MODALITIES - 1), 120, 0.05, "sending through HAProxy stalled")
+    long = Modality(f"MODALITY{MODALITIES - 1}", series[-1], proxy.port, "DICOMGW", pace=0, chunk=INSTANCES)
+    modalities.append(long)
+    long.start()
+    holder: list[Gateway] = []
+
+    def long_association_under_way() -> bool:
+        holder[:] = [n for n in nodes if f"association accepted from {long.name}@" in n.log()]
+        return bool(holder) and sum(holder[0].counts().values()) >= 5
+
+    wait_until(long_association_under_way, 60, 0.005, "the long association never started")
+    victim = holder[0]
+    survivor = next(n for n in nodes if n is not victim)
     assert acked() < total, "sending ended before the kill"
-    victim.proc.kill()  # SIGKILL mid-send
+    victim.proc.kill()  # SIGKILL in the middle of the long association
     victim.proc.wait()
     for m in modalities:
         m.join(timeout=180)
         assert not m.is_alive(), f"{m.name} never finished sending through the survivor"
     acked_uids = {uid_of[f] for m in modalities for f in m.acked}
     assert len(acked_uids) == total
+    assert long.failures > 0, "the kill never cut the long association"
 
     # The survivor answers queries and moves through the proxy while the victim is down.
     survivor.wait_counts(queued=0, sending=0, failed=0, dead=0, timeout=120)
