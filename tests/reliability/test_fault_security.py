@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from tests.reliability.conftest import FaultSummary
@@ -62,6 +63,15 @@ def test_known_ae_from_the_wrong_host_is_rejected_in_words(locked: Gateway, faul
     fault_summary.reject("known AE, wrong host")
 
 
+def _with_sop_instance_uid(path: Path, uid: str) -> Path:
+    """The file with ``uid`` as its SOP Instance UID in the data set and the file meta
+    (so the C-STORE-RQ announces it too)."""
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.save_as(path)
+    return path
+
+
 def test_hostile_uids_are_refused_and_nothing_escapes_the_spool(
     locked: Gateway, tmp_path: Path, fault_summary: FaultSummary
 ) -> None:
@@ -71,6 +81,7 @@ def test_hostile_uids_are_refused_and_nothing_escapes_the_spool(
         "over-long study UID": _instance(tmp_path, "c.dcm", StudyInstanceUID="1." + "2" * 200),
         "over-long series UID": _instance(tmp_path, "d.dcm", SeriesInstanceUID="1.2." + "3" * 64),
         "newline in a UID": _instance(tmp_path, "e.dcm", StudyInstanceUID="1.2\nFORGED UID LINE"),
+        "SOP instance traversal": _with_sop_instance_uid(_instance(tmp_path, "f.dcm"), "../../../../tmp/escaped-sop"),
     }
     outside = locked.workdir.parent
     before = {p for p in outside.rglob("*") if p.is_file()}
