@@ -29,19 +29,19 @@ class FaultSummary:
     def lines(self) -> list[str]:
         out: list[str] = []
         if self.delivery:
-            out.append(f"{'scenario':<28}{'sent':>7}{'acked':>7}{'deliv':>7}{'lost':>6}{'dup':>6}{'left':>6}")
+            out.append(f"{'scenario':<32}{'sent':>7}{'acked':>7}{'deliv':>7}{'lost':>6}{'dup':>6}{'left':>6}")
             for r in self.delivery:
                 out.append(
-                    f"{r['scenario']:<28}{r['sent']:>7}{r['acknowledged']:>7}{r['delivered']:>7}"
+                    f"{r['scenario']:<32}{r['sent']:>7}{r['acknowledged']:>7}{r['delivered']:>7}"
                     f"{r['lost']:>6}{r['duplicated']:>6}{r['left']:>6}"
                 )
         if self.fuzz:
-            out.append(f"{'fuzz target':<28}{'cases':>7}{'crash':>7}{'hangs':>7}{'RSS+MB':>8}")
+            out.append(f"{'fuzz target':<32}{'cases':>7}{'crash':>7}{'hangs':>7}{'RSS+MB':>8}")
             for r in self.fuzz:
-                out.append(f"{r['target']:<28}{r['cases']:>7}{r['crashes']:>7}{r['hangs']:>7}{r['rss_growth_mb']:>8}")
+                out.append(f"{r['target']:<32}{r['cases']:>7}{r['crashes']:>7}{r['hangs']:>7}{r['rss_growth_mb']:>8}")
         if self.rejections:
-            out.append(f"{'rejection':<28}{'count':>7}")
-            out.extend(f"{kind:<28}{n:>7}" for kind, n in self.rejections.items())
+            out.append(f"{'rejection':<32}{'count':>7}")
+            out.extend(f"{kind:<32}{n:>7}" for kind, n in self.rejections.items())
         return out
 
 
