@@ -136,7 +136,11 @@ class LocalUpstream:
     def _store_one(self, inst: StoreItem) -> StoreOutcome:
         try:
             ds = pydicom.dcmread(inst.path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            # Elements are decoded here, not by dcmread: one pydicom cannot decode (a VR
+            # no standard defines) makes the instance as unreadable as a bad header.
+            indexed = {col: _text(ds, kw) for col, kw in INDEXED.items()}
+            metadata = header_json(ds)
+        except (InvalidDicomError, OSError, ValueError, EOFError, NotImplementedError, KeyError, TypeError) as exc:
             return StoreOutcome("rejected", f"unreadable instance: {exc}")
         row: dict[str, Any] = {
             "sop_instance_uid": inst.sop_instance_uid,
@@ -144,10 +148,10 @@ class LocalUpstream:
             "study_uid": inst.study_uid,
             "series_uid": inst.series_uid,
             "transfer_syntax": inst.transfer_syntax,
-            **{col: _text(ds, kw) for col, kw in INDEXED.items()},
+            **indexed,
             "size": inst.size,
             "stored_at": time.time(),
-            "metadata": header_json(ds),
+            "metadata": metadata,
         }
         token = uuid.uuid4().hex
         target = self.objects / token[:2] / f"{token}.dcm"

@@ -1,0 +1,133 @@
+"""The security cases of the fault suite, against one locked-down daemon: each hostile
+request is refused and the refusal is logged in words (which AE, from where, why), and
+nothing a peer sends can forge a log line or write outside the spool."""
+
+from __future__ import annotations
+
+import re
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.reliability.conftest import FaultSummary
+from tests.reliability.test_bad_input import _instance
+from tests.reliability.test_fault_fuzz import associate_rq
+from tests.support import dcmtk
+from tests.support.daemon import Gateway
+from tests.support.pyscu import send_files
+
+TOKEN = "fault-suite-token"
+PEERS = (
+    '\n[[dimse.peers]]\nae_title = "KNOWNMOD"\nhost = "127.0.0.1"\nport = 104\n'
+    '\n[[dimse.peers]]\nae_title = "FARAWAY"\nhost = "127.0.0.2"\nport = 104\n'
+)
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = Gateway(
+        tmp_path_factory.mktemp("locked"),
+        dimse={"require_known_peers": True},
+        http_auth={"bearer_tokens": [TOKEN]},
+        extra=PEERS,
+    ).start()
+    try:
+        yield gw
+    finally:
+        gw.kill()
+
+
+def rejection_lines(gw: Gateway, calling_ae: str) -> list[str]:
+    return [line for line in gw.log().splitlines() if f"association from {calling_ae}@" in line and "rejected:" in line]
+
+
+def test_unknown_ae_is_rejected_in_words(locked: Gateway, fault_summary: FaultSummary) -> None:
+    assert dcmtk.echoscu(locked.port, locked.ae_title, calling_ae="KNOWNMOD").returncode == 0
+    result = dcmtk.echoscu(locked.port, locked.ae_title, calling_ae="STRANGER")
+    assert result.returncode != 0
+    (line,) = rejection_lines(locked, "STRANGER")
+    assert "STRANGER@127.0.0.1:" in line and "calling AE title not in dimse.peers" in line
+    fault_summary.reject("unknown calling AE")
+
+
+def test_known_ae_from_the_wrong_host_is_rejected_in_words(locked: Gateway, fault_summary: FaultSummary) -> None:
+    result = dcmtk.echoscu(locked.port, locked.ae_title, calling_ae="FARAWAY")
+    assert result.returncode != 0
+    (line,) = rejection_lines(locked, "FARAWAY")
+    assert "FARAWAY@127.0.0.1:" in line and "from another host than 127.0.0.2" in line
+    fault_summary.reject("known AE, wrong host")
+
+
+def _with_sop_instance_uid(path: Path, uid: str) -> Path:
+    """The file with ``uid`` as its SOP Instance UID in the data set and the file meta
+    (so the C-STORE-RQ announces it too)."""
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.save_as(path)
+    return path
+
+
+def test_hostile_uids_are_refused_and_nothing_escapes_the_spool(
+    locked: Gateway, tmp_path: Path, fault_summary: FaultSummary
+) -> None:
+    hostile = {
+        "study traversal": _instance(tmp_path, "a.dcm", StudyInstanceUID="../../../../../../tmp/escaped-study"),
+        "series traversal": _instance(tmp_path, "b.dcm", SeriesInstanceUID="1.2/../../../escaped-series"),
+        "over-long study UID": _instance(tmp_path, "c.dcm", StudyInstanceUID="1." + "2" * 200),
+        "over-long series UID": _instance(tmp_path, "d.dcm", SeriesInstanceUID="1.2." + "3" * 64),
+        "newline in a UID": _instance(tmp_path, "e.dcm", StudyInstanceUID="1.2\nFORGED UID LINE"),
+        "SOP instance traversal": _with_sop_instance_uid(_instance(tmp_path, "f.dcm"), "../../../../tmp/escaped-sop"),
+    }
+    outside = locked.workdir.parent
+    before = {p for p in outside.rglob("*") if p.is_file()}
+    statuses = send_files(locked.port, list(hostile.values()), locked.ae_title, calling_ae="KNOWNMOD")
+    assert statuses == [0xA900] * len(hostile), dict(zip(hostile, map(hex, statuses)))
+    for kind in hostile:
+        fault_summary.reject(kind)
+    refusals = [line for line in locked.log().splitlines() if "instance from KNOWNMOD" in line and "rejected:" in line]
+    assert len(refusals) == len(hostile), refusals
+    assert all("is not a valid UID" in line for line in refusals), refusals
+    assert not re.search(r"^FORGED", locked.log(), re.MULTILINE)
+    after = {p for p in outside.rglob("*") if p.is_file()}
+    assert not list(Path("/tmp").glob("escaped-*"))
+    new = {p for p in after - before if locked.spool_dir not in p.parents}
+    assert new <= {locked.log_path}, new
+    assert sum(locked.counts().values()) == 0
+
+
+def test_newline_in_calling_ae_cannot_forge_a_log_line(locked: Gateway, fault_summary: FaultSummary) -> None:
+    with socket.create_connection(("127.0.0.1", locked.port), timeout=10) as sock:
+        sock.sendall(associate_rq(calling=b"EV\nFORGED LINE", called=locked.ae_title.encode()))
+        reply = sock.recv(64)
+    assert reply[:1] == b"\x03"  # A-ASSOCIATE-RJ
+    log = locked.log()
+    assert not re.search(r"^FORGED", log, re.MULTILINE)
+    (line,) = rejection_lines(locked, r"EV\nFORGED LINE")
+    assert "calling AE title not in dimse.peers" in line
+    fault_summary.reject("forged-newline AE title")
+
+
+def test_facade_without_a_token_gets_401(locked: Gateway, tmp_path: Path, fault_summary: FaultSummary) -> None:
+    base = f"{locked.web_url}/dicom-web"
+    body = _instance(tmp_path, "stow.dcm").read_bytes()
+    for request in (
+        urllib.request.Request(f"{base}/studies"),
+        urllib.request.Request(f"{base}/studies", data=body, headers={"Content-Type": "application/dicom"}),
+        urllib.request.Request(f"{base}/studies", headers={"Authorization": "Bearer not-the-token"}),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+        assert refused.value.headers["WWW-Authenticate"]
+        fault_summary.reject("facade without valid token")
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{base}/studies", headers={"Authorization": f"Bearer {TOKEN}"}), timeout=10
+    ) as resp:
+        assert resp.status in (200, 204)
+    assert locked.log().count("401, no valid credentials") >= 3
+    assert sum(locked.counts().values()) == 0
