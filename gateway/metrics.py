@@ -6,7 +6,8 @@ dedicated `CollectorRegistry` (never the process-wide default) keeps two daemons
 the tests, in one process from sharing or colliding on counters.
 
 Labels stay bounded: DIMSE commands by name, statuses as four hex digits, delivery
-outcomes by kind, HTTP statuses as numbers, transfer syntaxes as UIDs.
+outcomes by kind, HTTP statuses as numbers, HTTP routes as their patterns, transfer
+syntaxes as UIDs.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class Metrics:
             buckets=UPSTREAM_BUCKETS,
             registry=r,
         )
+        self.http_requests = Histogram(
+            "gateway_http_request_duration_seconds",
+            "HTTP requests (facade, probes, /metrics) to the end of their answer, by route"
+            " pattern, method and status",
+            ["route", "method", "status"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
         self.transcodes = Counter(
             "gateway_transcodes",
             "Instances converted for a receiver, by source and target transfer syntax",
@@ -81,6 +90,11 @@ class Metrics:
         """One DIMSE request ended; ``status`` None: no final response could be sent."""
         label = "none" if status is None else f"0x{status:04X}"
         self.dimse_requests.labels(command_name(field), label).observe(seconds)
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """One HTTP request answered; ``route`` is its pattern (``/dicom-web/studies/{study}``),
+        never the path itself, so UIDs do not become labels."""
+        self.http_requests.labels(route, method, str(status)).observe(seconds)
 
     def upstream_request(self, what: str, method: str, status: int | None, seconds: float) -> None:
         """One upstream HTTP request ended; ``status`` None: it got no HTTP answer."""

@@ -19,7 +19,7 @@ from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
-from gateway.web import auth, health, qido, ready, rendered, stow, wado
+from gateway.web import auth, counting, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
 from gateway.web.keys import CONFIG, HEALTH_CACHE, PROBLEMS, RETRIEVER, SPOOL, UPSTREAM
 
@@ -63,6 +63,7 @@ def create_app(
     auth.install(app, config.http.auth, config.http.cors_origins)
     app.add_routes(health.routes)
     app[metrics_routes.METRICS] = metrics if metrics is not None else Metrics()
+    counting.install(app)
     app.add_routes(metrics_routes.routes)
     app.add_routes(ready.routes)
     router = _Router(app.router)

@@ -4,6 +4,7 @@ with the right labels."""
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -101,3 +102,24 @@ def test_metrics_follow_dimse_operations_delivery_and_retrieval(
     assert value(after, "gateway_spool_bytes", state="delivered") > 3 * 32 * 32 * 2
     assert value(after, "gateway_spool_oldest_pending_age_seconds") == 0
     assert value(after, "gateway_spool_free_bytes") > 0
+
+
+def test_http_requests_are_counted_by_route_pattern(gateway: Callable[..., Gateway]) -> None:
+    """A facade search, a lookup of a study that does not exist and the probes, each
+    under its route pattern (never a UID as a label), with its status."""
+    gw = gateway()
+    base = f"http://127.0.0.1:{gw.http_port}"
+    with urllib.request.urlopen(f"{base}/dicom-web/studies", timeout=10) as resp:
+        assert resp.status in (200, 204)
+        searched = resp.status
+    try:
+        urllib.request.urlopen(f"{base}/dicom-web/studies/1.2.3/metadata", timeout=10)
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
+    urllib.request.urlopen(f"{base}/healthz", timeout=10).read()
+    samples = scrape(gw)
+    count = "gateway_http_request_duration_seconds_count"
+    assert value(samples, count, route="/dicom-web/studies", method="GET", status=str(searched)) == 1
+    assert value(samples, count, route="/dicom-web/studies/{study}/metadata", status="404") == 1
+    assert value(samples, count, route="/healthz", status="200") == 1
+    assert not any("1.2.3" in dict(labels).get("route", "") for (_, labels) in samples)
