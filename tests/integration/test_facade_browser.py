@@ -5,24 +5,38 @@ from the gateway does.
 * A plain page fetches a QIDO-RS search and a rendered PNG with an ``Authorization``
   header: the browser must get its CORS preflight answered, read the JSON, and draw
   the image.
+* OHIF Viewer 3, as viewer developers run it (the prebuilt ``dist/`` of the npm package
+  ``@ohif/app``, fetched by scripts/install-test-deps.sh), with its DICOMweb data source
+  on the facade: the study list, a study opened from it, series metadata and every
+  frame asked with ``transfer-syntax=*`` (one slice stored as RLE, one as JPEG 2000),
+  decoded by the viewer to exactly the stored values and drawn in the viewport.
+  OHIF takes a bearer token from the URL only on its viewer routes, not on the study
+  list, so this facade is open (loopback, no credentials: the documented default).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from pydicom.data import get_testdata_file
+from PIL import Image
 from playwright.sync_api import sync_playwright
-from pydicom.uid import generate_uid
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
+from gateway.codecs.convert import transcode
 from tests.support.daemon import Gateway
+from tests.support.ohif import ohif_dist
 from tests.support.staticsite import StaticSite
+from tests.support.synth import ct_series
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's, installed by scripts/install-test-deps.sh
 TOKEN = "browser-token"
@@ -104,3 +118,164 @@ def test_page_from_another_origin_searches_and_draws_a_rendered_png(tmp_path: Pa
         gw.kill()
         site.stop()
         other.stop()
+
+
+def _ohif_config(facade: str) -> str:
+    """OHIF's ``app-config.js``: one DICOMweb data source, the facade, asked as a full
+    DICOMweb service (QIDO with includefield and fuzzy matching; WADO-RS metadata and
+    frames, thumbnails from frames too; series metadata only when a series is shown)."""
+    config = {
+        "routerBasename": "/",
+        "extensions": [],
+        "modes": [],
+        "showStudyList": True,
+        "maxNumberOfWebWorkers": 2,
+        "showWarningMessageForCrossOrigin": False,
+        "showCPUFallbackMessage": False,
+        "defaultDataSourceName": "gateway",
+        "dataSources": [
+            {
+                "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
+                "sourceName": "gateway",
+                "configuration": {
+                    "friendlyName": "dicom-gateway",
+                    "name": "gateway",
+                    "qidoRoot": facade,
+                    "wadoRoot": facade,
+                    "wadoUriRoot": facade,
+                    "qidoSupportsIncludeField": True,
+                    "supportsFuzzyMatching": True,
+                    "supportsWildcard": True,
+                    "supportsReject": False,
+                    "imageRendering": "wadors",
+                    "thumbnailRendering": "wadors",
+                    "enableStudyLazyLoad": True,
+                    "staticWado": False,
+                    "singlepart": "bulkdata,video",
+                    "omitQuotationForMultipartRequest": True,
+                    "bulkDataURI": {"enabled": True, "relativeResolution": "studies"},
+                },
+            }
+        ],
+    }
+    return f"window.config = {json.dumps(config, indent=1)};\n"
+
+
+def _viewer_study(directory: Path) -> list[pydicom.Dataset]:
+    """Six 256x256 CT slices of one series, the fourth stored as RLE and the fifth as
+    JPEG 2000 lossless, so OHIF's ``transfer-syntax=*`` frames come in three syntaxes."""
+    datasets = [pydicom.dcmread(p) for p in ct_series(directory, 6, rows=256, columns=256)]
+    for ds in datasets:
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.8, 0.8]
+        ds.SliceThickness = 1
+        ds.StudyDescription = "OHIF facade"
+        ds.SeriesDescription = "CT three syntaxes"
+    datasets[3] = transcode(datasets[3], RLELossless)
+    datasets[4] = transcode(datasets[4], JPEG2000Lossless)
+    return datasets
+
+
+# What OHIF decoded, per SOP Instance UID: cornerstone's cached images of the viewport's stack.
+DECODED_JS = """() => {
+  const cs = window.cornerstone;
+  const engine = cs && cs.getRenderingEngines()[0];
+  const viewport = engine && engine.getViewports()[0];
+  if (!viewport || !viewport.getImageIds().length) return null;
+  const out = {};
+  for (const id of viewport.getImageIds()) {
+    const image = cs.cache.getImage(id);
+    if (!image) return null;
+    const data = image.voxelManager ? image.voxelManager.getScalarData() : image.getPixelData();
+    out[id.split("/instances/")[1].split("/")[0]] = Array.from(data);
+  }
+  return out;
+}"""
+CURRENT_INDEX_JS = "() => window.cornerstone.getRenderingEngines()[0].getViewports()[0].getCurrentImageIdIndex()"
+
+
+def _viewport_shot(page: Any, path: Path) -> np.ndarray:
+    """A screenshot of the viewport, kept in ``path``, as a grey-level array."""
+    page.locator(".cornerstone-viewport-element").first.screenshot(path=str(path))
+    return np.asarray(Image.open(BytesIO(path.read_bytes())).convert("L"), dtype=np.float64)
+
+
+@pytest.mark.slow
+def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any) -> None:
+    datasets = _viewer_study(tmp_path / "ct")
+    study, series = datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID
+    site = StaticSite(ohif_dist(), spa=True)
+    gw = Gateway(tmp_path / "gw", http={"cors_origins": [site.origin]})
+    try:
+        gw.start()
+        facade = f"{gw.web_url}/dicom-web"
+        client = DICOMwebClient(facade)
+        assert len(client.store_instances(datasets=datasets).ReferencedSOPSequence) == len(datasets)
+        gw.wait_counts(delivered=len(datasets))
+        site.pages["/app-config.js"] = _ohif_config(facade)
+        site.start()
+
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        responses: list[Any] = []
+        page.on("response", lambda r: responses.append(r) if r.url.startswith(facade) else None)
+        page.goto(f"{site.origin}/")
+        page.get_by_text("OHIF facade").first.click(timeout=30_000)  # the study list's row
+        page.get_by_role("button", name="Basic Viewer").first.click(timeout=10_000)
+        page.wait_for_url(f"**/viewer?StudyInstanceUIDs={study}*", timeout=30_000)
+        page.wait_for_function(f"({DECODED_JS})() !== null", timeout=60_000)
+
+        # each slice decoded by the viewer equals the stored values (CT rescale applied)
+        decoded = page.evaluate(DECODED_JS)
+        assert set(decoded) == {ds.SOPInstanceUID for ds in datasets}
+        for ds in datasets:
+            expected = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+            got = np.array(decoded[ds.SOPInstanceUID], dtype=np.int32).reshape(ds.Rows, ds.Columns)
+            assert np.array_equal(got, expected), ds.file_meta.TransferSyntaxUID
+
+        for label in ("Skip all", "Confirm and hide"):  # the first-run tour and the notice over the viewport
+            button = page.get_by_role("button", name=label)
+            if button.count():
+                button.first.click()
+        # scroll with the mouse wheel to the RLE and the JPEG 2000 slices: each is drawn
+        box = page.locator(".cornerstone-viewport-element").first.bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        order = [url.split("/instances/")[1].split("/")[0] for url in page.evaluate(
+            "() => window.cornerstone.getRenderingEngines()[0].getViewports()[0].getImageIds()")]
+        shots = {}
+        for index in range(len(order)):
+            deadline = time.monotonic() + 10
+            while page.evaluate(CURRENT_INDEX_JS) < index:
+                assert time.monotonic() < deadline, f"the wheel did not reach slice {index + 1}"
+                page.mouse.wheel(0, 120)
+                page.wait_for_timeout(200)
+            page.wait_for_timeout(300)
+            shots[order[index]] = _viewport_shot(page, tmp_path / f"viewport-{index + 1}.png")
+        for ds in datasets:
+            shot = shots[ds.SOPInstanceUID]
+            # a drawn slice: the bright blob in the middle, dark corners, noise throughout
+            assert shot.std() > 20, ds.file_meta.TransferSyntaxUID
+            middle = shot[shot.shape[0] // 3: 2 * shot.shape[0] // 3, shot.shape[1] // 3: 2 * shot.shape[1] // 3]
+            assert middle.mean() > shot.mean() + 10, ds.file_meta.TransferSyntaxUID
+
+        # what OHIF asked the facade, and that every answer was a success
+        # path, status, Accept, Content-Type of each facade answer
+        answers = [(r.url[len(facade):], r.status, r.request.headers.get("accept", ""), r.headers.get("content-type", "")) for r in responses]
+        assert answers and all(status == 200 for _, status, _, _ in answers), [a for a in answers if a[1] != 200]
+        metadata = [a for a in answers if a[0] == f"/studies/{study}/series/{series}/metadata"]
+        assert metadata and "application/dicom+json" in metadata[0][2]
+        frames = [a for a in answers if "/frames/" in a[0]]
+        assert {path.split("/instances/")[1].split("/")[0] for path, _, _, _ in frames} == {ds.SOPInstanceUID for ds in datasets}
+        assert all("transfer-syntax=*" in accept and content.startswith("multipart/related") for _, _, accept, content in frames)
+        # each frame as stored, its part header spelled as OHIF reads it
+        syntax = {ds.SOPInstanceUID: ds.file_meta.TransferSyntaxUID for ds in datasets}
+        for response in responses:
+            if "/frames/" in response.url:
+                sop = response.url.split("/instances/")[1].split("/")[0]
+                head = response.body()[:400]
+                assert b"\r\nContent-Type: " in head and f"transfer-syntax={syntax[sop]}".encode() in head, head
+        assert any(path.startswith("/studies?") for path, _, _, _ in answers)  # the study list's search
+        assert "Traceback" not in gw.log()
+    finally:
+        gw.kill()
+        site.stop()
