@@ -7,9 +7,9 @@ from the gateway does.
   the image.
 * OHIF Viewer 3, as viewer developers run it (the prebuilt ``dist/`` of the npm package
   ``@ohif/app``, fetched by scripts/install-test-deps.sh), with its DICOMweb data source
-  on the facade: the study list, a study opened from it, series metadata and every
-  frame asked with ``transfer-syntax=*`` (one slice stored as RLE, one as JPEG 2000),
-  decoded by the viewer to exactly the stored values and drawn in the viewport.
+  on the facade, over the embedded archive and over Orthanc: the study list, a study
+  opened from it, series metadata and every frame asked with ``transfer-syntax=*``
+  (one slice stored as RLE, one as JPEG 2000), decoded by the viewer to exactly the stored values and drawn in the viewport.
   OHIF takes a bearer token from the URL only on its viewer routes, not on the study
   list, so this facade is open (loopback, no credentials: the documented default).
 """
@@ -35,6 +35,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 from gateway.codecs.convert import transcode
 from tests.support.daemon import Gateway
 from tests.support.ohif import ohif_dist
+from tests.support.orthanc import Orthanc
 from tests.support.staticsite import StaticSite
 from tests.support.synth import ct_series
 
@@ -201,12 +202,16 @@ def _viewport_shot(page: Any, path: Path) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any) -> None:
+@pytest.mark.parametrize("upstream", ["local", "orthanc"])
+def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any, upstream: str) -> None:
     datasets = _viewer_study(tmp_path / "ct")
     study, series = datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID
     site = StaticSite(ohif_dist(), spa=True)
-    gw = Gateway(tmp_path / "gw", http={"cors_origins": [site.origin]})
+    orthanc = Orthanc(workdir=tmp_path / "orthanc") if upstream == "orthanc" else None
+    gw = Gateway(tmp_path / "gw", upstream_url=orthanc.dicomweb_url if orthanc else None, http={"cors_origins": [site.origin]})
     try:
+        if orthanc is not None:
+            orthanc.start()
         gw.start()
         facade = f"{gw.web_url}/dicom-web"
         client = DICOMwebClient(facade)
@@ -279,3 +284,5 @@ def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any)
     finally:
         gw.kill()
         site.stop()
+        if orthanc is not None:
+            orthanc.cleanup()
