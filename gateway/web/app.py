@@ -10,6 +10,7 @@ changed. Each resource also answers with a trailing slash (the SIIM guide writes
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,7 +22,8 @@ from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
 from gateway.web import auth, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
-from gateway.web.keys import CONFIG, HEALTH_CACHE, PROBLEMS, RETRIEVER, SPOOL, UPSTREAM
+from gateway.web.cache import FacadeCache
+from gateway.web.keys import CACHE, CONFIG, HEALTH_CACHE, PROBLEMS, RETRIEVER, SPOOL, UPSTREAM
 
 ALIAS_ROOTS = ("/v1", "/v1.0-prerelease", "/v2", "/datastore/{datastoreId}")
 # Bodies read whole (none of the facade's: STOW-RS streams its body part by part).
@@ -45,6 +47,15 @@ def roots(config: Config) -> list[str]:
     return list(dict.fromkeys([base, *ALIAS_ROOTS]))
 
 
+def facade_cache(config: Config) -> FacadeCache | None:
+    """The on-disk cache of a remote upstream's frames and metadata (``[http.cache]``)."""
+    cache = config.http.cache
+    if config.upstream.type == "local" or cache.max_mb <= 0:
+        return None
+    directory = Path(cache.directory) if cache.directory else config.spool.directory / "facade-cache"
+    return FacadeCache(directory, int(cache.max_mb * (1 << 20)), cache.metadata_seconds)
+
+
 def create_app(
     config: Config,
     spool: Spool,
@@ -60,6 +71,7 @@ def create_app(
     app[RETRIEVER] = retriever
     app[PROBLEMS] = problems if problems is not None else Problems()
     app[HEALTH_CACHE] = []
+    app[CACHE] = facade_cache(config)
     auth.install(app, config.http.auth, config.http.cors_origins)
     app.add_routes(health.routes)
     app[metrics_routes.METRICS] = metrics if metrics is not None else Metrics()

@@ -1,0 +1,85 @@
+"""The facade cache's bound and eviction order, its expiry of study/series metadata and
+its validators, on the class itself (the integration test counts an archive's requests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from gateway.upstream.base import Frame, JsonObject
+from gateway.web.cache import FacadeCache, etag_for, not_modified
+
+STUDY, SERIES = "1.2.3", "1.2.3.4"
+
+
+class Archive:
+    """Counts what the cache asks of it; every frame is 1000 bytes."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, int]] = []
+        self.metadata = 0
+
+    async def fetch_frames(self, sop: str, numbers: list[int]) -> AsyncIterator[Frame]:
+        for n in numbers:
+            self.frames.append((sop, n))
+            yield Frame(n, bytes([n % 256]) * 1000, "1.2.840.10008.1.2.1")
+
+    async def fetch_metadata(self) -> list[JsonObject]:
+        self.metadata += 1
+        return [{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}}]
+
+
+async def _frames(cache: FacadeCache, archive: Archive, sop: str, numbers: list[int]) -> list[Frame]:
+    return [f async for f in cache.frames(STUDY, SERIES, sop, numbers, lambda run: archive.fetch_frames(sop, run))]
+
+
+def test_bounded_least_recently_used_and_in_order(tmp_path: Path) -> None:
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=3500, metadata_seconds=60)
+        archive = Archive()
+        got = await _frames(cache, archive, "9.1", [1, 2, 3])
+        assert [f.number for f in got] == [1, 2, 3] and archive.frames == [("9.1", 1), ("9.1", 2), ("9.1", 3)]
+        # frame 2 cached, 1 and 3 too: nothing new asked; the order is the one asked
+        got = await _frames(cache, archive, "9.1", [3, 2, 1])
+        assert [f.number for f in got] == [3, 2, 1] and len(archive.frames) == 3
+        assert got[0].data == bytes([3]) * 1000
+        # a fourth frame evicts the least recently used (frame 3, used before 2 and 1)
+        await _frames(cache, archive, "9.1", [4])
+        assert cache.bytes <= 3500 and sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 3500
+        await _frames(cache, archive, "9.1", [1, 2, 3])
+        assert archive.frames[4:] == [("9.1", 3)]  # only the evicted one went back to the archive
+        # a value larger than the whole cache is served but not kept
+        small = FacadeCache(tmp_path / "s", max_bytes=500, metadata_seconds=60)
+        await _frames(small, archive, "9.2", [1])
+        await _frames(small, archive, "9.2", [1])
+        assert archive.frames[-2:] == [("9.2", 1), ("9.2", 1)] and small.bytes == 0
+
+    asyncio.run(run())
+
+
+def test_series_metadata_expires_instance_metadata_does_not(tmp_path: Path) -> None:
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=0.2)
+        archive = Archive()
+        for _ in range(2):
+            await cache.metadata(STUDY, SERIES, None, archive.fetch_metadata)
+            await cache.metadata(STUDY, SERIES, "1.2.3.4.5", archive.fetch_metadata)
+        assert archive.metadata == 2
+        await asyncio.sleep(0.3)
+        await cache.metadata(STUDY, SERIES, None, archive.fetch_metadata)
+        await cache.metadata(STUDY, SERIES, "1.2.3.4.5", archive.fetch_metadata)
+        assert archive.metadata == 3  # the series' again, the instance's still kept
+        cache.forget_study(STUDY)
+        await cache.metadata(STUDY, SERIES, "1.2.3.4.5", archive.fetch_metadata)
+        assert archive.metadata == 4 and cache.bytes > 0
+
+    asyncio.run(run())
+
+
+def test_if_none_match() -> None:
+    tag = etag_for("1.2.3", [1], "application/octet-stream", "1.2.840.10008.1.2.5")
+    assert tag.startswith('W/"') and tag != etag_for("1.2.3", [1], "application/octet-stream", "1.2.840.10008.1.2.1")
+    assert not_modified(tag, tag) and not_modified(f'"x", {tag}', tag) and not_modified("*", tag)
+    assert not_modified(tag.removeprefix("W/"), tag)  # weak comparison
+    assert not not_modified(None, tag) and not not_modified('"other"', tag)
