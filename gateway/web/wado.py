@@ -399,7 +399,11 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
             rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
     if fmt == "json":
         body = json.dumps(objects, ensure_ascii=False).encode("utf-8")
-        validators = {"ETag": content_etag(body), "Cache-Control": _metadata_cache_control(request, "instance" in uids)}
+        validators = {
+            "ETag": content_etag(body),
+            "Cache-Control": _metadata_cache_control(request, "instance" in uids),
+            "Vary": "Accept",
+        }
         if not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
             return web.Response(status=304, headers=validators)
         return web.Response(body=body, content_type=DICOM_JSON, headers=validators)
@@ -519,6 +523,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 validators = {
                     "ETag": etag_for(sop, numbers, media, target),
                     "Cache-Control": f"private, max-age={request.app[CONFIG].http.cache.client_max_age}",
+                    "Vary": "Accept",  # the same URL has a representation per media type and syntax
                 }
                 if stream is None and not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
                     return web.Response(status=304, headers=validators)

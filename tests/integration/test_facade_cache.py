@@ -57,7 +57,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
     proxy = ArchiveProxy(orthanc.dicomweb_url).start()
     cache_dir = tmp_path / "facade-cache"
-    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url, extra=f'\n[http.cache]\ndirectory = "{cache_dir}"\nmax_mb = 8\n')
+    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url, http={"cors_origins": ["http://viewer.localhost"]}, extra=f'\n[http.cache]\ndirectory = "{cache_dir}"\nmax_mb = 8\n')
     try:
         orthanc.upload(paths)
         gw.start()
@@ -91,6 +91,9 @@ def test_if_none_match_gets_304_without_a_body(setup: Setup) -> None:
     frame = curl(setup.frame_url(ds), "--header", FRAMES_ACCEPT)
     assert frame.status == 200 and frame.headers["etag"]
     assert "max-age=" in frame.headers["cache-control"]
+    assert frame.headers["vary"] == "Accept"  # a browser keeps one answer per Accept
+    cross = curl(setup.frame_url(ds), "--header", FRAMES_ACCEPT, "--header", "Origin: http://viewer.localhost")
+    assert cross.headers["vary"] == "Accept, Origin" and cross.headers["access-control-allow-origin"] == "http://viewer.localhost"
     again = _revalidate(setup.frame_url(ds), FRAMES_ACCEPT, frame.headers["etag"])
     assert again.status == 304 and again.body == b"" and again.headers["etag"] == frame.headers["etag"]
     # another representation of the same frame has another validator
