@@ -33,6 +33,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from gateway.codecs.convert import transcode
+from tests.support.archiveproxy import ArchiveProxy
 from tests.support.daemon import Gateway
 from tests.support.ohif import ohif_dist
 from tests.support.orthanc import Orthanc
@@ -208,15 +209,24 @@ def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any,
     study, series = datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID
     site = StaticSite(ohif_dist(), spa=True)
     orthanc = Orthanc(workdir=tmp_path / "orthanc") if upstream == "orthanc" else None
-    gw = Gateway(tmp_path / "gw", upstream_url=orthanc.dicomweb_url if orthanc else None, http={"cors_origins": [site.origin]})
+    # Orthanc behind a proxy that counts what reaches it
+    proxy = ArchiveProxy(orthanc.dicomweb_url) if orthanc is not None else None
+    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url if proxy else None, http={"cors_origins": [site.origin]})
     try:
-        if orthanc is not None:
-            orthanc.start()
-        gw.start()
         facade = f"{gw.web_url}/dicom-web"
-        client = DICOMwebClient(facade)
-        assert len(client.store_instances(datasets=datasets).ReferencedSOPSequence) == len(datasets)
-        gw.wait_counts(delivered=len(datasets))
+        if orthanc is not None and proxy is not None:
+            orthanc.start()
+            proxy.start()
+            files = [tmp_path / "ct" / f"stored{n}.dcm" for n in range(len(datasets))]
+            for ds, path in zip(datasets, files, strict=True):
+                ds.save_as(path, enforce_file_format=True)
+            orthanc.upload(files)
+            gw.start()
+        else:
+            gw.start()
+            client = DICOMwebClient(facade)
+            assert len(client.store_instances(datasets=datasets).ReferencedSOPSequence) == len(datasets)
+            gw.wait_counts(delivered=len(datasets))
         site.pages["/app-config.js"] = _ohif_config(facade)
         site.start()
 
@@ -280,9 +290,22 @@ def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any,
                 head = response.body()[:400]
                 assert b"\r\nContent-Type: " in head and f"transfer-syntax={syntax[sop]}".encode() in head, head
         assert any(path.startswith("/studies?") for path, _, _, _ in answers)  # the study list's search
+
+        if proxy is not None:
+            # the viewer opened again: metadata and frames come from the facade's cache
+            # (or the browser's), none from the archive
+            asked = [p for p in proxy.requests if "/frames/" in p or p.endswith("/metadata")]
+            assert sum("/frames/" in p for p in asked) == len(datasets)
+            served = len(responses)
+            page.reload()
+            page.wait_for_function(f"({DECODED_JS})() !== null", timeout=60_000)
+            assert any(r.url.endswith(f"/series/{series}/metadata") for r in responses[served:])  # asked the facade again
+            assert [p for p in proxy.requests if "/frames/" in p or p.endswith("/metadata")] == asked
         assert "Traceback" not in gw.log()
     finally:
         gw.kill()
         site.stop()
+        if proxy is not None:
+            proxy.stop()
         if orthanc is not None:
             orthanc.cleanup()
