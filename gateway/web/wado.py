@@ -476,7 +476,7 @@ def _materialise(retrieved: Retrieved, path: Path) -> None:
             out.write(retrieved.read(start, CHUNK))
 
 
-def _frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
+def frames_of(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
     """The frames as stored, through the facade's cache when the upstream is remote."""
     cache = request.app[CACHE]
     if cache is None:
@@ -513,7 +513,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
         if any(n > count for n in numbers):
             raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
         form: FrameForm | None = None
-        async with contextlib.aclosing(_frames(request, InstanceRef(study, series, sop, ""), numbers)) as frames:
+        async with contextlib.aclosing(frames_of(request, InstanceRef(study, series, sop, ""), numbers)) as frames:
             async for frame in frames:
                 source = actual_syntax(frame.data, frame.transfer_syntax, desc)
                 if form is None:

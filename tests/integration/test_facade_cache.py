@@ -82,6 +82,17 @@ def test_a_series_scrolled_twice_is_fetched_from_the_archive_once(setup: Setup) 
     assert "Traceback" not in setup.gw.log()
 
 
+def test_rendered_and_thumbnails_use_the_cached_frames(setup: Setup) -> None:
+    setup.scroll()
+    asked = list(setup.proxy.requests)
+    for ds in setup.datasets:
+        url = f"{setup.series_url}/instances/{ds.SOPInstanceUID}"
+        for path in ("rendered", "thumbnail", "frames/1/rendered"):
+            r = curl(f"{url}/{path}", "--header", "Accept: image/png")
+            assert r.status == 200 and r.body.startswith(b"\x89PNG"), path
+    assert setup.proxy.requests == asked, setup.proxy.requests[len(asked):]
+
+
 def _revalidate(url: str, accept: str, etag: str) -> CurlResult:
     return curl(url, "--header", accept, "--header", f"If-None-Match: {etag}")
 
