@@ -7,7 +7,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
+
+from gateway.config import ConfigError, parse_config
 from gateway.upstream.base import Frame, JsonObject
+from gateway.web.app import facade_cache
 from gateway.web.cache import FacadeCache, etag_for, not_modified
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
@@ -83,3 +87,30 @@ def test_if_none_match() -> None:
     assert not_modified(tag, tag) and not_modified(f'"x", {tag}', tag) and not_modified("*", tag)
     assert not_modified(tag.removeprefix("W/"), tag)  # weak comparison
     assert not not_modified(None, tag) and not not_modified('"other"', tag)
+
+
+def test_cache_keys_and_where_the_cache_lives(tmp_path: Path) -> None:
+    default = parse_config({
+        "spool": {"directory": str(tmp_path / "spool")},
+        "upstream": {"type": "dicomweb", "url": "http://127.0.0.1:1/dicom-web"},
+    })
+    assert default.http.cache.max_mb == 256 and default.http.cache.metadata_seconds == 60
+    cache = facade_cache(default)
+    assert cache is not None and cache.directory == default.spool.directory / "facade-cache"
+    config = parse_config({
+        "spool": {"directory": str(tmp_path / "spool")},
+        "upstream": {"type": "dicomweb", "url": "http://127.0.0.1:1/dicom-web"},
+        "http": {"cache": {"max_mb": 0.5, "directory": str(tmp_path / "c"), "metadata_seconds": 5, "client_max_age": 10}},
+    })
+    cache = facade_cache(config)
+    assert cache is not None and cache.directory == tmp_path / "c" and cache.max_bytes == 1 << 19
+    assert facade_cache(parse_config({})) is None  # the embedded archive is on disk already
+    off = {
+        "spool": {"directory": str(tmp_path / "spool")},
+        "upstream": {"type": "dicomweb", "url": "http://127.0.0.1:1/dicom-web"},
+        "http": {"cache": {"max_mb": 0}},
+    }
+    assert facade_cache(parse_config(off)) is None
+    with pytest.raises(ConfigError) as info:
+        parse_config({"http": {"cache": {"max_mb": -1, "size": 3}}})
+    assert "http.cache.max_mb" in str(info.value) and "http.cache.size: unknown key" in str(info.value)
