@@ -9,9 +9,12 @@ from the gateway does.
   ``@ohif/app``, fetched by scripts/install-test-deps.sh), with its DICOMweb data source
   on the facade, over the embedded archive and over Orthanc: the study list, a study
   opened from it, series metadata and every frame asked with ``transfer-syntax=*``
-  (one slice stored as RLE, one as JPEG 2000), decoded by the viewer to exactly the stored values and drawn in the viewport.
-  OHIF takes a bearer token from the URL only on its viewer routes, not on the study
-  list, so this facade is open (loopback, no credentials: the documented default).
+  (one slice stored as RLE, one as JPEG 2000), decoded by the viewer to exactly the
+  stored values and drawn in the viewport; over Orthanc, the viewer opened again costs
+  the archive no metadata or frame request (the facade's cache).
+* OHIF takes a bearer token from the URL only on its viewer routes, so the study list
+  runs on an open facade (loopback, no credentials: the documented default) and the
+  viewer alone also on one that requires the token.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ async function run(facade, token, study, series, instance) {
   await new Promise((resolve, reject) => { img.onload = resolve; img.onerror = reject; img.src = URL.createObjectURL(blob); });
   return {qidoStatus: qido.status, studies: studies, pngStatus: png.status, pngType: blob.type,
           width: img.naturalWidth, height: img.naturalHeight};
+}
+async function unauthenticated(facade) {
+  return (await fetch(facade + "/studies")).status;
 }
 async function refused(facade) {
   try { await fetch(facade + "/studies", {headers: {Authorization: "Bearer x"}}); return "fetched"; }
@@ -112,6 +118,8 @@ def test_page_from_another_origin_searches_and_draws_a_rendered_png(tmp_path: Pa
         # the Authorization header made both fetches preflighted, and each preflight was answered
         assert {e["request"]["url"].split("?")[0].rsplit("/", 1)[-1] for e in preflights} >= {"studies", "rendered"}, json.dumps(preflights)[:2000]
 
+        # a 401 carries the CORS headers too, so the page can tell "log in" from "unreachable"
+        assert page.evaluate("(f) => unauthenticated(f)", facade) == 401
         # the same page from an origin the gateway does not list: the browser refuses the answer
         page.goto(f"{other.origin}/index.html")
         assert page.evaluate("(f) => refused(f)", facade) == "TypeError"
@@ -196,6 +204,16 @@ DECODED_JS = """() => {
 CURRENT_INDEX_JS = "() => window.cornerstone.getRenderingEngines()[0].getViewports()[0].getCurrentImageIdIndex()"
 
 
+def _assert_decoded_as_stored(page: Any, datasets: list[pydicom.Dataset]) -> None:
+    """Each slice the viewer decoded equals the stored values (CT rescale applied)."""
+    decoded = page.evaluate(DECODED_JS)
+    assert set(decoded) == {ds.SOPInstanceUID for ds in datasets}
+    for ds in datasets:
+        expected = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+        got = np.array(decoded[ds.SOPInstanceUID], dtype=np.int32).reshape(ds.Rows, ds.Columns)
+        assert np.array_equal(got, expected), ds.file_meta.TransferSyntaxUID
+
+
 def _viewport_shot(page: Any, path: Path) -> np.ndarray:
     """A screenshot of the viewport, kept in ``path``, as a grey-level array."""
     page.locator(".cornerstone-viewport-element").first.screenshot(path=str(path))
@@ -239,13 +257,7 @@ def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any,
         page.wait_for_url(f"**/viewer?StudyInstanceUIDs={study}*", timeout=30_000)
         page.wait_for_function(f"({DECODED_JS})() !== null", timeout=60_000)
 
-        # each slice decoded by the viewer equals the stored values (CT rescale applied)
-        decoded = page.evaluate(DECODED_JS)
-        assert set(decoded) == {ds.SOPInstanceUID for ds in datasets}
-        for ds in datasets:
-            expected = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
-            got = np.array(decoded[ds.SOPInstanceUID], dtype=np.int32).reshape(ds.Rows, ds.Columns)
-            assert np.array_equal(got, expected), ds.file_meta.TransferSyntaxUID
+        _assert_decoded_as_stored(page, datasets)
 
         for label in ("Skip all", "Confirm and hide"):  # the first-run tour and the notice over the viewport
             button = page.get_by_role("button", name=label)
@@ -309,3 +321,35 @@ def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any,
             proxy.stop()
         if orthanc is not None:
             orthanc.cleanup()
+
+
+@pytest.mark.slow
+def test_ohif_viewer_given_a_bearer_token_draws_a_study(tmp_path: Path, browser: Any) -> None:
+    """OHIF's viewer route takes ``?token=`` and sends it as ``Authorization: Bearer`` on
+    every DICOMweb request: each is preflighted from the viewer's origin and admitted."""
+    datasets = _viewer_study(tmp_path / "ct")
+    study = datasets[0].StudyInstanceUID
+    site = StaticSite(ohif_dist(), spa=True)
+    gw = Gateway(tmp_path / "gw", http={"cors_origins": [site.origin]}, http_auth={"bearer_tokens": [TOKEN]})
+    try:
+        gw.start()
+        facade = f"{gw.web_url}/dicom-web"
+        client = DICOMwebClient(facade, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert len(client.store_instances(datasets=datasets).ReferencedSOPSequence) == len(datasets)
+        gw.wait_counts(delivered=len(datasets))
+        site.pages["/app-config.js"] = _ohif_config(facade)
+        site.start()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        answers: list[tuple[str, int, str]] = []
+        page.on("response", lambda r: answers.append(
+            (r.url[len(facade):], r.status, r.request.headers.get("authorization", ""))
+        ) if r.url.startswith(facade) else None)
+        page.goto(f"{site.origin}/viewer?StudyInstanceUIDs={study}&token={TOKEN}")
+        page.wait_for_function(f"({DECODED_JS})() !== null", timeout=60_000)
+        _assert_decoded_as_stored(page, datasets)
+        assert sum("/frames/" in path for path, _, _ in answers) >= len(datasets)
+        assert all(status == 200 and auth == f"Bearer {TOKEN}" for _, status, auth in answers), answers
+        assert "401" not in gw.log() and "Traceback" not in gw.log()
+    finally:
+        gw.kill()
+        site.stop()
