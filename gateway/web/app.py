@@ -9,6 +9,7 @@ changed. Each resource also answers with a trailing slash (the SIIM guide writes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from gateway.web import metrics as metrics_routes
 from gateway.web.cache import FacadeCache
 from gateway.web.keys import CACHE, CONFIG, HEALTH_CACHE, PROBLEMS, RETRIEVER, SPOOL, UPSTREAM
 
+log = logging.getLogger("gateway.web")
 ALIAS_ROOTS = ("/v1", "/v1.0-prerelease", "/v2", "/datastore/{datastoreId}")
 # Bodies read whole (none of the facade's: STOW-RS streams its body part by part).
 MAX_SIMPLE_BODY = 1 << 20
@@ -53,7 +55,11 @@ def facade_cache(config: Config) -> FacadeCache | None:
     if config.upstream.type == "local" or cache.max_mb <= 0:
         return None
     directory = Path(cache.directory) if cache.directory else config.spool.directory / "facade-cache"
-    return FacadeCache(directory, int(cache.max_mb * (1 << 20)), cache.metadata_seconds)
+    try:
+        return FacadeCache(directory, int(cache.max_mb * (1 << 20)), cache.metadata_seconds)
+    except OSError as exc:
+        log.warning("facade cache disabled: cannot use %s: %s", directory, exc.strerror or type(exc).__name__)
+        return None
 
 
 def create_app(

@@ -50,8 +50,6 @@ class FacadeCache:
         self.metadata_seconds = metadata_seconds
         self.index: OrderedDict[str, _Entry] = OrderedDict()
         self.bytes = 0
-        self.hits = 0
-        self.misses = 0
         directory.mkdir(parents=True, exist_ok=True)
         for path in directory.iterdir():  # only what a cache wrote: the directory is the admin's
             if _ENTRY_NAME.fullmatch(path.name):
@@ -77,14 +75,11 @@ class FacadeCache:
     async def _read(self, key: str) -> tuple[bytes, str] | None:
         entry = self._lookup(key)
         if entry is None:
-            self.misses += 1
             return None
         try:
             data = await asyncio.to_thread(entry.path.read_bytes)
         except FileNotFoundError:  # evicted while we read
-            self.misses += 1
             return None
-        self.hits += 1
         return data, entry.syntax
 
     async def _write(self, key: str, data: bytes, syntax: str, expires: float) -> None:

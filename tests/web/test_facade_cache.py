@@ -114,3 +114,15 @@ def test_cache_keys_and_where_the_cache_lives(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"http": {"cache": {"max_mb": -1, "size": 3}}})
     assert "http.cache.max_mb" in str(info.value) and "http.cache.size: unknown key" in str(info.value)
+
+
+def test_an_unusable_cache_directory_disables_the_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = parse_config({
+        "spool": {"directory": str(tmp_path / "spool")},
+        "upstream": {"type": "dicomweb", "url": "http://127.0.0.1:1/dicom-web"},
+        "http": {"cache": {"directory": str(blocker / "cache")}},
+    })
+    assert facade_cache(config) is None
+    assert "facade cache disabled" in caplog.text
