@@ -81,6 +81,14 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
+@pytest.fixture
+def ohif() -> Path:
+    """OHIF's prebuilt ``dist/``, as the install script left it."""
+    dist = ohif_dist()
+    assert (dist / "index.html").is_file(), f"{dist} is missing: run scripts/install-test-deps.sh"
+    return dist
+
+
 def _store_ct(gw: Gateway) -> pydicom.Dataset:
     """CT_small in a fresh study, stored through the facade's STOW-RS."""
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -222,10 +230,10 @@ def _viewport_shot(page: Any, path: Path) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("upstream", ["local", "orthanc"])
-def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any, upstream: str) -> None:
+def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any, ohif: Path, upstream: str) -> None:
     datasets = _viewer_study(tmp_path / "ct")
     study, series = datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID
-    site = StaticSite(ohif_dist(), spa=True)
+    site = StaticSite(ohif, spa=True)
     orthanc = Orthanc(workdir=tmp_path / "orthanc") if upstream == "orthanc" else None
     # Orthanc behind a proxy that counts what reaches it
     proxy = ArchiveProxy(orthanc.dicomweb_url) if orthanc is not None else None
@@ -324,12 +332,12 @@ def test_ohif_viewer_lists_opens_and_draws_a_study(tmp_path: Path, browser: Any,
 
 
 @pytest.mark.slow
-def test_ohif_viewer_given_a_bearer_token_draws_a_study(tmp_path: Path, browser: Any) -> None:
+def test_ohif_viewer_given_a_bearer_token_draws_a_study(tmp_path: Path, browser: Any, ohif: Path) -> None:
     """OHIF's viewer route takes ``?token=`` and sends it as ``Authorization: Bearer`` on
     every DICOMweb request: each is preflighted from the viewer's origin and admitted."""
     datasets = _viewer_study(tmp_path / "ct")
     study = datasets[0].StudyInstanceUID
-    site = StaticSite(ohif_dist(), spa=True)
+    site = StaticSite(ohif, spa=True)
     gw = Gateway(tmp_path / "gw", http={"cors_origins": [site.origin]}, http_auth={"bearer_tokens": [TOKEN]})
     try:
         gw.start()
