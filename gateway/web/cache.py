@@ -14,6 +14,7 @@ before use, so an entry evicted by a concurrent request never breaks an answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -137,22 +138,22 @@ class FacadeCache:
         async def flush() -> AsyncIterator[Frame]:
             run = list(pending)
             pending.clear()
-            async for frame in fetch(run):
-                await self._write(f"{study}/{series}/{sop}/frame/{frame.number}", frame.data, frame.transfer_syntax, 0.0)
-                yield frame
+            async with contextlib.aclosing(fetch(run)) as fetched:  # its cleanup runs if the client goes
+                async for frame in fetched:
+                    await self._write(f"{study}/{series}/{sop}/frame/{frame.number}", frame.data, frame.transfer_syntax, 0.0)
+                    yield frame
 
-        for number in numbers:
-            cached = await self._read(f"{study}/{series}/{sop}/frame/{number}")
-            if cached is None:
+        for number in [*numbers, 0]:  # 0: the end, where the last missing run is fetched
+            cached = await self._read(f"{study}/{series}/{sop}/frame/{number}") if number else None
+            if cached is None and number:
                 pending.append(number)
                 continue
             if pending:
-                async for frame in flush():
-                    yield frame
-            yield Frame(number, cached[0], cached[1])
-        if pending:
-            async for frame in flush():
-                yield frame
+                async with contextlib.aclosing(flush()) as flushed:
+                    async for frame in flushed:
+                        yield frame
+            if cached is not None:
+                yield Frame(number, cached[0], cached[1])
 
 
 def _write_file(path: Path, data: bytes) -> None:
