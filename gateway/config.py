@@ -208,8 +208,8 @@ class HttpConfig:
     port: int = 8080
     base_path: str = "/dicom-web"  # DICOMweb root (also served under /v1, /v2, ...)
     cors_origins: tuple[str, ...] = ()  # origins answered with CORS headers; "*" for any
-    auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
     cache: HttpCacheConfig = field(default_factory=HttpCacheConfig)
+    auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
 
 
 @dataclass(frozen=True)
@@ -545,6 +545,18 @@ def _strings(r: _Reader, key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _http_cache(r: _Reader) -> HttpCacheConfig:
+    d = HttpCacheConfig()
+    cfg = HttpCacheConfig(
+        max_mb=r.number("max_mb", d.max_mb, 0, 1 << 30),
+        directory=r.string("directory", d.directory),
+        metadata_seconds=r.number("metadata_seconds", d.metadata_seconds, 0, 86400 * 365),
+        client_max_age=r.integer("client_max_age", d.client_max_age, 0, 86400 * 365),
+    )
+    r.finish()
+    return cfg
+
+
 def _http(r: _Reader) -> HttpConfig:
     d = HttpConfig()
     host = r.string("host", d.host)
@@ -583,20 +595,8 @@ def _http(r: _Reader) -> HttpConfig:
         port=r.integer("port", d.port, 0, 65535),
         base_path=base_path.rstrip("/") or "/",
         cors_origins=_strings(r, "cors_origins"),
-        auth=auth,
         cache=_http_cache(r.sub("cache")),
-    )
-    r.finish()
-    return cfg
-
-
-def _http_cache(r: _Reader) -> HttpCacheConfig:
-    d = HttpCacheConfig()
-    cfg = HttpCacheConfig(
-        max_mb=r.number("max_mb", d.max_mb, 0, 1 << 30),
-        directory=r.string("directory", d.directory),
-        metadata_seconds=r.number("metadata_seconds", d.metadata_seconds, 0, 86400 * 365),
-        client_max_age=r.integer("client_max_age", d.client_max_age, 0, 86400 * 365),
+        auth=auth,
     )
     r.finish()
     return cfg
