@@ -79,7 +79,10 @@ class FacadeCache:
             return None
         try:
             data = await asyncio.to_thread(entry.path.read_bytes)
-        except FileNotFoundError:  # evicted while we read
+        except FileNotFoundError:  # evicted while we read, or its file replaced and dropped
+            if self.index.get(key) is entry:
+                del self.index[key]
+                self.bytes -= entry.size
             return None
         return data, entry.syntax
 
@@ -159,9 +162,13 @@ class FacadeCache:
 def _write_file(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all (a reader never sees half an entry)."""
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent writers of one key
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # -- HTTP validators -----------------------------------------------------------------

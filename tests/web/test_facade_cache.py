@@ -11,6 +11,7 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from gateway.upstream.base import Frame, JsonObject
+from gateway.upstream.errors import UpstreamUnavailable
 from gateway.web.app import facade_cache
 from gateway.web.cache import FacadeCache, etag_for, not_modified
 
@@ -126,3 +127,25 @@ def test_an_unusable_cache_directory_disables_the_cache(tmp_path: Path, caplog: 
     })
     assert facade_cache(config) is None
     assert "facade cache disabled" in caplog.text
+
+
+def test_an_entry_whose_file_vanished_is_no_longer_counted(tmp_path: Path) -> None:
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=60)
+        archive = Archive()
+        await _frames(cache, archive, "9.3", [1])
+        for path in (tmp_path / "c").iterdir():
+            path.unlink()
+
+        async def archive_down(numbers: list[int]) -> AsyncIterator[Frame]:
+            raise UpstreamUnavailable("archive down")
+            yield Frame(0, b"", "")  # an async generator, as the archive's are
+
+        with pytest.raises(UpstreamUnavailable):
+            [f async for f in cache.frames(STUDY, SERIES, "9.3", [1], archive_down)]
+        assert cache.bytes == 0 and not cache.index  # the bound counts only what is on disk
+        got = await _frames(cache, archive, "9.3", [1])
+        assert got[0].data == bytes([1]) * 1000 and archive.frames == [("9.3", 1), ("9.3", 1)]
+        assert cache.bytes == 1000
+
+    asyncio.run(run())
