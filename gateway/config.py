@@ -228,11 +228,23 @@ class HttpAuthConfig:
 
 
 @dataclass(frozen=True)
+class HttpCacheConfig:
+    """The facade's on-disk cache of frames and metadata fetched from a remote upstream
+    (never the embedded archive, which is on disk already)."""
+
+    max_mb: float = 256.0  # size bound, least recently used entries evicted first; 0: no cache
+    directory: str = ""  # "" = <spool.directory>/facade-cache; earlier entries removed at start
+    metadata_seconds: float = 60.0  # study/series metadata reused this long (instances may be added)
+    client_max_age: int = 3600  # Cache-Control max-age for frames and instance metadata
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     base_path: str = "/dicom-web"  # DICOMweb root (also served under /v1, /v2, ...)
     cors_origins: tuple[str, ...] = ()  # origins answered with CORS headers; "*" for any
+    cache: HttpCacheConfig = field(default_factory=HttpCacheConfig)
     auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
     tls: TlsConfig | None = None  # [http.tls]: HTTPS instead of HTTP
 
@@ -591,6 +603,18 @@ def _strings(r: _Reader, key: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _http_cache(r: _Reader) -> HttpCacheConfig:
+    d = HttpCacheConfig()
+    cfg = HttpCacheConfig(
+        max_mb=r.number("max_mb", d.max_mb, 0, 1 << 30),
+        directory=r.string("directory", d.directory),
+        metadata_seconds=r.number("metadata_seconds", d.metadata_seconds, 0, 86400 * 365),
+        client_max_age=r.integer("client_max_age", d.client_max_age, 0, 86400 * 365),
+    )
+    r.finish()
+    return cfg
+
+
 def _http(r: _Reader) -> HttpConfig:
     d = HttpConfig()
     host = r.string("host", d.host)
@@ -629,6 +653,7 @@ def _http(r: _Reader) -> HttpConfig:
         port=r.integer("port", d.port, 0, 65535),
         base_path=base_path.rstrip("/") or "/",
         cors_origins=_strings(r, "cors_origins"),
+        cache=_http_cache(r.sub("cache")),
         auth=auth,
         tls=_tls(r, dimse=False),
     )

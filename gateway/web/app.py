@@ -9,7 +9,9 @@ changed. Each resource also answers with a trailing slash (the SIIM guide writes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,8 +23,10 @@ from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
 from gateway.web import auth, counting, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
-from gateway.web.keys import CONFIG, HEALTH_CACHE, PROBLEMS, RETRIEVER, SPOOL, UPSTREAM
+from gateway.web.cache import FacadeCache
+from gateway.web.keys import CACHE, CONFIG, HEALTH_CACHE, PROBLEMS, RETRIEVER, SPOOL, UPSTREAM
 
+log = logging.getLogger("gateway.web")
 ALIAS_ROOTS = ("/v1", "/v1.0-prerelease", "/v2", "/datastore/{datastoreId}")
 # Bodies read whole (none of the facade's: STOW-RS streams its body part by part).
 MAX_SIMPLE_BODY = 1 << 20
@@ -45,6 +49,19 @@ def roots(config: Config) -> list[str]:
     return list(dict.fromkeys([base, *ALIAS_ROOTS]))
 
 
+def facade_cache(config: Config) -> FacadeCache | None:
+    """The on-disk cache of a remote upstream's frames and metadata (``[http.cache]``)."""
+    cache = config.http.cache
+    if config.upstream.type == "local" or cache.max_mb <= 0:
+        return None
+    directory = Path(cache.directory) if cache.directory else config.spool.directory / "facade-cache"
+    try:
+        return FacadeCache(directory, int(cache.max_mb * (1 << 20)), cache.metadata_seconds)
+    except OSError as exc:
+        log.warning("facade cache disabled: cannot use %s: %s", directory, exc.strerror or type(exc).__name__)
+        return None
+
+
 def create_app(
     config: Config,
     spool: Spool,
@@ -60,6 +77,7 @@ def create_app(
     app[RETRIEVER] = retriever
     app[PROBLEMS] = problems if problems is not None else Problems()
     app[HEALTH_CACHE] = []
+    app[CACHE] = facade_cache(config)
     auth.install(app, config.http.auth, config.http.cors_origins)
     app.add_routes(health.routes)
     app[metrics_routes.METRICS] = metrics if metrics is not None else Metrics()

@@ -110,7 +110,11 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
         return await handler(request)
 
     async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers.update(_cors(request, origins))
+        headers = _cors(request, origins)
+        vary = response.headers.get("Vary")
+        if vary and "Vary" in headers:  # keep what the handler varies on (Accept)
+            headers["Vary"] = f"{vary}, {headers['Vary']}"
+        response.headers.update(headers)
 
     app.middlewares.append(guard)
     app.on_response_prepare.append(add_cors)

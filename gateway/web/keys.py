@@ -9,6 +9,7 @@ from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
+from gateway.web.cache import FacadeCache
 
 SPOOL = web.AppKey("spool", Spool)
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -19,3 +20,5 @@ RETRIEVER = web.AppKey("retriever", Retriever)
 PROBLEMS = web.AppKey("problems", Problems)
 # [monotonic time, Health] of the last upstream probe; a list so it can change after start-up.
 HEALTH_CACHE = web.AppKey("health_cache", list)
+# Frames and metadata of a remote upstream kept on disk; None over the embedded archive.
+CACHE = web.AppKey("facade_cache", FacadeCache | None)

@@ -35,7 +35,7 @@ from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, UpstreamRejected
 from gateway.web.common import NotAcceptable, error_response, path_uids, text_error
 from gateway.web.keys import RETRIEVER, UPSTREAM
-from gateway.web.wado import PIXEL_TAGS, InstanceBody, InstanceForm, fetch_instance, stored_frames
+from gateway.web.wado import PIXEL_TAGS, InstanceBody, InstanceForm, fetch_instance, frames_of, metadata_of
 
 log = logging.getLogger("gateway.web")
 
@@ -141,8 +141,7 @@ def _header(retrieved: Retrieved) -> Dataset:
 
 
 async def render(request: web.Request, ref: InstanceRef, frame: int, options: RenderOptions) -> web.Response:
-    upstream = request.app[UPSTREAM]
-    metadata = await upstream.retrieve_metadata(ref.study_uid, ref.series_uid, ref.sop_instance_uid)
+    metadata = await metadata_of(request, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
     if not metadata:
         raise NotFound("no such instance")
     ds = dataset_from_json(metadata[0], RENDER_TAGS)
@@ -152,7 +151,7 @@ async def render(request: web.Request, ref: InstanceRef, frame: int, options: Re
     if frame > count:
         raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
     palette = await _palette(request, ref) if ds.get("PhotometricInterpretation") == "PALETTE COLOR" else None
-    async with contextlib.aclosing(stored_frames(request, ref, [frame])) as frames:
+    async with contextlib.aclosing(frames_of(request, ref, [frame])) as frames:
         got = await anext(frames)
     loop = asyncio.get_running_loop()
     image = await loop.run_in_executor(

@@ -61,8 +61,9 @@ from gateway.uids import is_valid_uid
 from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.local import read_frames
+from gateway.web.cache import content_etag, etag_for, not_modified
 from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids, request_root
-from gateway.web.keys import RETRIEVER, UPSTREAM
+from gateway.web.keys import CACHE, CONFIG, RETRIEVER, UPSTREAM
 
 log = logging.getLogger("gateway.web")
 
@@ -365,12 +366,30 @@ def rewrite_bulk_uris(obj: dict[str, Any], base: str) -> None:
                 rewrite_bulk_uris(item, base)
 
 
+async def metadata_of(request: web.Request, study: str, series: str | None, sop: str | None) -> list[JsonObject]:
+    """The upstream's metadata at the level the UIDs name, through the facade's cache
+    when the upstream is remote."""
+    upstream = request.app[UPSTREAM]
+    cache = request.app[CACHE]
+    if cache is None:
+        return list(await upstream.retrieve_metadata(study, series, sop))
+    return await cache.metadata(study, series, sop, lambda: upstream.retrieve_metadata(study, series, sop))
+
+
+def _metadata_cache_control(request: web.Request, instance: bool) -> str:
+    """An instance's metadata never changes; a study's or series' does as instances
+    arrive, so clients revalidate it (the ETag makes that a 304)."""
+    if instance:
+        return f"private, max-age={request.app[CONFIG].http.cache.client_max_age}"
+    return "private, no-cache"
+
+
 async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
     what = "WADO-RS metadata"
     try:
         fmt = metadata_format(request.headers.get("Accept"))
-        objects = [dict(o) for o in await request.app[UPSTREAM].retrieve_metadata(uids["study"], uids.get("series"), uids.get("instance"))]
+        objects = [dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"))]
     except Exception as exc:  # noqa: BLE001
         return error_response(exc, what)
     root = request_root(request)
@@ -379,7 +398,15 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
         if all(is_valid_uid(u) for u in (study, series, sop)):
             rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
     if fmt == "json":
-        return web.Response(body=json.dumps(objects, ensure_ascii=False).encode("utf-8"), content_type=DICOM_JSON)
+        body = json.dumps(objects, ensure_ascii=False).encode("utf-8")
+        validators = {
+            "ETag": content_etag(body),
+            "Cache-Control": _metadata_cache_control(request, "instance" in uids),
+            "Vary": "Accept",
+        }
+        if not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
+            return web.Response(status=304, headers=validators)
+        return web.Response(body=body, content_type=DICOM_JSON, headers=validators)
     stream = MultipartStream(request, DICOM_XML)
     for obj in objects:
         await stream.part(DICOM_XML, [native_xml(obj)])
@@ -449,11 +476,20 @@ def _materialise(retrieved: Retrieved, path: Path) -> None:
             out.write(retrieved.read(start, CHUNK))
 
 
+def frames_of(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
+    """The frames as stored, through the facade's cache when the upstream is remote."""
+    cache = request.app[CACHE]
+    if cache is None:
+        return stored_frames(request, ref, numbers)
+    return cache.frames(
+        ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, lambda run: stored_frames(request, ref, run)
+    )
+
+
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
     what = "WADO-RS frames"
     numbers = frame_numbers(request.match_info["frames"])
-    upstream = request.app[UPSTREAM]
     codecs = request.app[RETRIEVER].codecs
     loop = asyncio.get_running_loop()
     study, series, sop = uids["study"], uids["series"], uids["instance"]
@@ -465,7 +501,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 'frames are served as multipart/related; type="application/octet-stream" (or image/jphc, image/jpeg, '
                 "image/jls, image/jp2, image/dicom-rle) with an optional transfer-syntax"
             )
-        metadata = await upstream.retrieve_metadata(study, series, sop)
+        metadata = await metadata_of(request, study, series, sop)
         if not metadata:
             raise NotFound("no such instance")
         ds = dataset_from_json(metadata[0], PIXEL_TAGS)
@@ -477,16 +513,24 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
         if any(n > count for n in numbers):
             raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
         form: FrameForm | None = None
-        async with contextlib.aclosing(stored_frames(request, InstanceRef(study, series, sop, ""), numbers)) as frames:
+        async with contextlib.aclosing(frames_of(request, InstanceRef(study, series, sop, ""), numbers)) as frames:
             async for frame in frames:
                 source = actual_syntax(frame.data, frame.transfer_syntax, desc)
                 if form is None:
                     form = pick_form(forms, source, desc)
                 target = source if form.syntax == ANY else form.syntax
-                data = await loop.run_in_executor(codecs, convert_frame, frame.data, source, target, desc)
                 media = form.part_type if form.part_type not in ("*/*", "application/*", "image/*") else frame_media_type(target)
+                validators = {
+                    "ETag": etag_for(sop, numbers, media, target),
+                    "Cache-Control": f"private, max-age={request.app[CONFIG].http.cache.client_max_age}",
+                    "Vary": "Accept",  # the same URL has a representation per media type and syntax
+                }
+                if stream is None and not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
+                    return web.Response(status=304, headers=validators)
+                data = await loop.run_in_executor(codecs, convert_frame, frame.data, source, target, desc)
                 if stream is None:
                     stream = MultipartStream(request, media, f"; transfer-syntax={target}")
+                    stream.response.headers.update(validators)
                 await stream.part(f"{media}; transfer-syntax={target}", [data])
     except Exception as exc:  # noqa: BLE001
         if stream is None:
@@ -514,6 +558,10 @@ async def delete(request: web.Request) -> web.StreamResponse:
             await upstream.delete_study(uids["study"])
     except Exception as exc:  # noqa: BLE001
         return error_response(exc, what)
+    finally:
+        cache = request.app[CACHE]
+        if cache is not None:
+            cache.forget_study(uids["study"])
     log.info("DELETE %s: done", "/".join(uids.values()))
     return web.Response(status=204)
 

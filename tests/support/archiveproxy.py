@@ -5,7 +5,8 @@ everything else; stopping it would also break the WADO-RS retrievals of what the
 first page listed. This proxy forwards every GET to the archive unchanged, except:
 with ``fail_searches``, a SearchForInstances page past the first (``offset`` > 0),
 answered with ``status``; and the first ``fail_retrievals`` single-instance
-retrievals (``.../instances/<uid>``), answered 503. It records what it failed.
+retrievals (``.../instances/<uid>``), answered 503. It records what it failed, and
+every path it was asked (``requests``), so tests can count what reached the archive.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ArchiveProxy:
         self.fail_retrievals = fail_retrievals
         self.failed_searches: list[str] = []
         self.failed_retrievals: list[str] = []  # SOP Instance UIDs
+        self.requests: list[str] = []  # every GET's path and query, in order
         self.port = free_port()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
@@ -89,6 +91,8 @@ class ArchiveProxy:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:  # noqa: N802 - stdlib name
+                with proxy._lock:
+                    proxy.requests.append(self.path)
                 if proxy._verdict(self.path):
                     self._answer(proxy.status, {"Content-Type": "application/json"}, b'{"error": "scripted failure"}')
                     return

@@ -51,4 +51,5 @@ def curl(*args: str, timeout: float = 60) -> CurlResult:
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
-        return CurlResult(status, headers, body_path.read_bytes())
+        # curl writes no body file for an empty body (a 304, a 204)
+        return CurlResult(status, headers, body_path.read_bytes() if body_path.exists() else b"")

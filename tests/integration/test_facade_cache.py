@@ -1,0 +1,121 @@
+"""The facade's cache over a remote upstream (Orthanc, behind a proxy counting what
+reaches it): a viewer scrolling a series twice costs the archive one pass, and a
+client revalidating with If-None-Match gets 304 without a body."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.encaps import generate_frames
+from pydicom.uid import RLELossless
+
+from gateway.codecs.convert import transcode
+from tests.support.archiveproxy import ArchiveProxy
+from tests.support.curl import CurlResult, curl
+from tests.support.daemon import Gateway
+from tests.support.orthanc import Orthanc
+from tests.support.synth import ct_series
+
+# What OHIF Viewer 3 sends for series metadata and for frames.
+METADATA_ACCEPT = "Accept: application/dicom+json"
+FRAMES_ACCEPT = "Accept: multipart/related; type=application/octet-stream; transfer-syntax=*"
+
+
+@dataclass
+class Setup:
+    gw: Gateway
+    proxy: ArchiveProxy
+    datasets: list[pydicom.Dataset]
+    cache_dir: Path
+
+    @property
+    def series_url(self) -> str:
+        ds = self.datasets[0]
+        return f"{self.gw.web_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+
+    def frame_url(self, ds: pydicom.Dataset) -> str:
+        return f"{self.series_url}/instances/{ds.SOPInstanceUID}/frames/1"
+
+    def scroll(self) -> list[bytes]:
+        """What a viewer does to show the series: its metadata, then each slice's frame."""
+        answers = [curl(f"{self.series_url}/metadata", "--header", METADATA_ACCEPT)]
+        answers += [curl(self.frame_url(ds), "--header", FRAMES_ACCEPT) for ds in self.datasets]
+        assert all(a.status == 200 for a in answers), [a.status for a in answers]
+        return [answers[0].body] + [a.parts()[0][1] for a in answers[1:]]
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    paths = ct_series(tmp_path / "ct", 4, rows=64, columns=64)
+    datasets = [pydicom.dcmread(p) for p in paths]
+    datasets[2] = transcode(datasets[2], RLELossless)
+    datasets[2].save_as(paths[2], enforce_file_format=True)
+    orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
+    proxy = ArchiveProxy(orthanc.dicomweb_url).start()
+    cache_dir = tmp_path / "facade-cache"
+    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url, http={"cors_origins": ["http://viewer.localhost"]}, extra=f'\n[http.cache]\ndirectory = "{cache_dir}"\nmax_mb = 8\n')
+    try:
+        orthanc.upload(paths)
+        gw.start()
+        yield Setup(gw, proxy, datasets, cache_dir)
+    finally:
+        gw.kill()
+        proxy.stop()
+        orthanc.cleanup()
+
+
+def test_a_series_scrolled_twice_is_fetched_from_the_archive_once(setup: Setup) -> None:
+    first = setup.scroll()
+    asked = list(setup.proxy.requests)
+    assert any(p.endswith("/metadata") for p in asked) and sum("/frames/" in p for p in asked) == len(setup.datasets)
+    second = setup.scroll()
+    assert setup.proxy.requests == asked, setup.proxy.requests[len(asked):]  # nothing more reached the archive
+    assert second == first
+    # as stored: the RLE slice's frame is its RLE codestream, the others native pixels
+    assert first[1 + 2] == next(generate_frames(setup.datasets[2].PixelData, number_of_frames=1))
+    assert first[1] == setup.datasets[0].PixelData
+    assert sum(f.stat().st_size for f in setup.cache_dir.iterdir()) <= 8 << 20
+    assert "Traceback" not in setup.gw.log()
+
+
+def test_rendered_and_thumbnails_use_the_cached_frames(setup: Setup) -> None:
+    setup.scroll()
+    asked = list(setup.proxy.requests)
+    for ds in setup.datasets:
+        url = f"{setup.series_url}/instances/{ds.SOPInstanceUID}"
+        for path in ("rendered", "thumbnail", "frames/1/rendered"):
+            r = curl(f"{url}/{path}", "--header", "Accept: image/png")
+            assert r.status == 200 and r.body.startswith(b"\x89PNG"), path
+    assert setup.proxy.requests == asked, setup.proxy.requests[len(asked):]
+
+
+def _revalidate(url: str, accept: str, etag: str) -> CurlResult:
+    return curl(url, "--header", accept, "--header", f"If-None-Match: {etag}")
+
+
+def test_if_none_match_gets_304_without_a_body(setup: Setup) -> None:
+    ds = setup.datasets[0]
+    frame = curl(setup.frame_url(ds), "--header", FRAMES_ACCEPT)
+    assert frame.status == 200 and frame.headers["etag"]
+    assert "max-age=" in frame.headers["cache-control"]
+    assert frame.headers["vary"] == "Accept"  # a browser keeps one answer per Accept
+    cross = curl(setup.frame_url(ds), "--header", FRAMES_ACCEPT, "--header", "Origin: http://viewer.localhost")
+    assert cross.headers["vary"] == "Accept, Origin" and cross.headers["access-control-allow-origin"] == "http://viewer.localhost"
+    again = _revalidate(setup.frame_url(ds), FRAMES_ACCEPT, frame.headers["etag"])
+    assert again.status == 304 and again.body == b"" and again.headers["etag"] == frame.headers["etag"]
+    # another representation of the same frame has another validator
+    native = curl(setup.frame_url(ds), "--header", "Accept: multipart/related; type=application/octet-stream")
+    assert native.status == 200 and native.headers["etag"] != ""
+    other = _revalidate(setup.frame_url(setup.datasets[1]), FRAMES_ACCEPT, frame.headers["etag"])
+    assert other.status == 200 and other.parts()[0][1] == setup.datasets[1].PixelData
+
+    metadata = curl(f"{setup.series_url}/metadata", "--header", METADATA_ACCEPT)
+    assert metadata.status == 200 and metadata.headers["cache-control"] == "private, no-cache"
+    again = _revalidate(f"{setup.series_url}/metadata", METADATA_ACCEPT, metadata.headers["etag"])
+    assert again.status == 304 and again.body == b""
+    stale = _revalidate(f"{setup.series_url}/metadata", METADATA_ACCEPT, '"0123"')
+    assert stale.status == 200 and stale.body == metadata.body

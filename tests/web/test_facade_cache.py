@@ -1,0 +1,151 @@
+"""The facade cache's bound and eviction order, its expiry of study/series metadata and
+its validators, on the class itself (the integration test counts an archive's requests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, parse_config
+from gateway.upstream.base import Frame, JsonObject
+from gateway.upstream.errors import UpstreamUnavailable
+from gateway.web.app import facade_cache
+from gateway.web.cache import FacadeCache, etag_for, not_modified
+
+STUDY, SERIES = "1.2.3", "1.2.3.4"
+
+
+class Archive:
+    """Counts what the cache asks of it; every frame is 1000 bytes."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, int]] = []
+        self.metadata = 0
+
+    async def fetch_frames(self, sop: str, numbers: list[int]) -> AsyncIterator[Frame]:
+        for n in numbers:
+            self.frames.append((sop, n))
+            yield Frame(n, bytes([n % 256]) * 1000, "1.2.840.10008.1.2.1")
+
+    async def fetch_metadata(self) -> list[JsonObject]:
+        self.metadata += 1
+        return [{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}}]
+
+
+async def _frames(cache: FacadeCache, archive: Archive, sop: str, numbers: list[int]) -> list[Frame]:
+    return [f async for f in cache.frames(STUDY, SERIES, sop, numbers, lambda run: archive.fetch_frames(sop, run))]
+
+
+def test_bounded_least_recently_used_and_in_order(tmp_path: Path) -> None:
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=3500, metadata_seconds=60)
+        archive = Archive()
+        got = await _frames(cache, archive, "9.1", [1, 2, 3])
+        assert [f.number for f in got] == [1, 2, 3] and archive.frames == [("9.1", 1), ("9.1", 2), ("9.1", 3)]
+        # frame 2 cached, 1 and 3 too: nothing new asked; the order is the one asked
+        got = await _frames(cache, archive, "9.1", [3, 2, 1])
+        assert [f.number for f in got] == [3, 2, 1] and len(archive.frames) == 3
+        assert got[0].data == bytes([3]) * 1000
+        # a fourth frame evicts the least recently used (frame 3, used before 2 and 1)
+        await _frames(cache, archive, "9.1", [4])
+        assert cache.bytes <= 3500 and sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 3500
+        await _frames(cache, archive, "9.1", [1, 2, 3])
+        assert archive.frames[4:] == [("9.1", 3)]  # only the evicted one went back to the archive
+        # a value larger than the whole cache is served but not kept
+        small = FacadeCache(tmp_path / "s", max_bytes=500, metadata_seconds=60)
+        await _frames(small, archive, "9.2", [1])
+        await _frames(small, archive, "9.2", [1])
+        assert archive.frames[-2:] == [("9.2", 1), ("9.2", 1)] and small.bytes == 0
+
+    asyncio.run(run())
+
+
+def test_series_metadata_expires_instance_metadata_does_not(tmp_path: Path) -> None:
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=0.2)
+        archive = Archive()
+        for _ in range(2):
+            await cache.metadata(STUDY, SERIES, None, archive.fetch_metadata)
+            await cache.metadata(STUDY, SERIES, "1.2.3.4.5", archive.fetch_metadata)
+        assert archive.metadata == 2
+        await asyncio.sleep(0.3)
+        await cache.metadata(STUDY, SERIES, None, archive.fetch_metadata)
+        await cache.metadata(STUDY, SERIES, "1.2.3.4.5", archive.fetch_metadata)
+        assert archive.metadata == 3  # the series' again, the instance's still kept
+        cache.forget_study(STUDY)
+        await cache.metadata(STUDY, SERIES, "1.2.3.4.5", archive.fetch_metadata)
+        assert archive.metadata == 4 and cache.bytes > 0
+
+    asyncio.run(run())
+
+
+def test_if_none_match() -> None:
+    tag = etag_for("1.2.3", [1], "application/octet-stream", "1.2.840.10008.1.2.5")
+    assert tag.startswith('W/"') and tag != etag_for("1.2.3", [1], "application/octet-stream", "1.2.840.10008.1.2.1")
+    assert not_modified(tag, tag) and not_modified(f'"x", {tag}', tag) and not_modified("*", tag)
+    assert not_modified(tag.removeprefix("W/"), tag)  # weak comparison
+    assert not not_modified(None, tag) and not not_modified('"other"', tag)
+
+
+def test_cache_keys_and_where_the_cache_lives(tmp_path: Path) -> None:
+    default = parse_config({
+        "spool": {"directory": str(tmp_path / "spool")},
+        "upstream": {"type": "dicomweb", "url": "http://127.0.0.1:1/dicom-web"},
+    })
+    assert default.http.cache.max_mb == 256 and default.http.cache.metadata_seconds == 60
+    cache = facade_cache(default)
+    assert cache is not None and cache.directory == default.spool.directory / "facade-cache"
+    config = parse_config({
+        "spool": {"directory": str(tmp_path / "spool")},
+        "upstream": {"type": "dicomweb", "url": "http://127.0.0.1:1/dicom-web"},
+        "http": {"cache": {"max_mb": 0.5, "directory": str(tmp_path / "c"), "metadata_seconds": 5, "client_max_age": 10}},
+    })
+    cache = facade_cache(config)
+    assert cache is not None and cache.directory == tmp_path / "c" and cache.max_bytes == 1 << 19
+    assert facade_cache(parse_config({})) is None  # the embedded archive is on disk already
+    off = {
+        "spool": {"directory": str(tmp_path / "spool")},
+        "upstream": {"type": "dicomweb", "url": "http://127.0.0.1:1/dicom-web"},
+        "http": {"cache": {"max_mb": 0}},
+    }
+    assert facade_cache(parse_config(off)) is None
+    with pytest.raises(ConfigError) as info:
+        parse_config({"http": {"cache": {"max_mb": -1, "size": 3}}})
+    assert "http.cache.max_mb" in str(info.value) and "http.cache.size: unknown key" in str(info.value)
+
+
+def test_an_unusable_cache_directory_disables_the_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = parse_config({
+        "spool": {"directory": str(tmp_path / "spool")},
+        "upstream": {"type": "dicomweb", "url": "http://127.0.0.1:1/dicom-web"},
+        "http": {"cache": {"directory": str(blocker / "cache")}},
+    })
+    assert facade_cache(config) is None
+    assert "facade cache disabled" in caplog.text
+
+
+def test_an_entry_whose_file_vanished_is_no_longer_counted(tmp_path: Path) -> None:
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=60)
+        archive = Archive()
+        await _frames(cache, archive, "9.3", [1])
+        for path in (tmp_path / "c").iterdir():
+            path.unlink()
+
+        async def archive_down(numbers: list[int]) -> AsyncIterator[Frame]:
+            raise UpstreamUnavailable("archive down")
+            yield Frame(0, b"", "")  # an async generator, as the archive's are
+
+        with pytest.raises(UpstreamUnavailable):
+            [f async for f in cache.frames(STUDY, SERIES, "9.3", [1], archive_down)]
+        assert cache.bytes == 0 and not cache.index  # the bound counts only what is on disk
+        got = await _frames(cache, archive, "9.3", [1])
+        assert got[0].data == bytes([1]) * 1000 and archive.frames == [("9.3", 1), ("9.3", 1)]
+        assert cache.bytes == 1000
+
+    asyncio.run(run())
