@@ -79,6 +79,13 @@ class Metrics:
             buckets=UPSTREAM_BUCKETS,
             registry=r,
         )
+        self.cache_lookups = Counter(
+            "gateway_facade_cache_lookups",
+            "Facade cache lookups of a remote upstream's metadata and frames, by kind and result"
+            " (the hit ratio is hit / (hit + miss))",
+            ["kind", "result"],
+            registry=r,
+        )
         self.transcodes = Counter(
             "gateway_transcodes",
             "Instances converted for a receiver, by source and target transfer syntax",

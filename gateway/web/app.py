@@ -49,14 +49,14 @@ def roots(config: Config) -> list[str]:
     return list(dict.fromkeys([base, *ALIAS_ROOTS]))
 
 
-def facade_cache(config: Config) -> FacadeCache | None:
+def facade_cache(config: Config, metrics: Metrics | None = None) -> FacadeCache | None:
     """The on-disk cache of a remote upstream's frames and metadata (``[http.cache]``)."""
     cache = config.http.cache
     if config.upstream.type == "local" or cache.max_mb <= 0:
         return None
     directory = Path(cache.directory) if cache.directory else config.spool.directory / "facade-cache"
     try:
-        return FacadeCache(directory, int(cache.max_mb * (1 << 20)), cache.metadata_seconds)
+        return FacadeCache(directory, int(cache.max_mb * (1 << 20)), cache.metadata_seconds, metrics)
     except OSError as exc:
         log.warning("facade cache disabled: cannot use %s: %s", directory, exc.strerror or type(exc).__name__)
         return None
@@ -77,10 +77,11 @@ def create_app(
     app[RETRIEVER] = retriever
     app[PROBLEMS] = problems if problems is not None else Problems()
     app[HEALTH_CACHE] = []
-    app[CACHE] = facade_cache(config)
+    metrics = metrics if metrics is not None else Metrics()
+    app[CACHE] = facade_cache(config, metrics)
     auth.install(app, config.http.auth, config.http.cors_origins)
     app.add_routes(health.routes)
-    app[metrics_routes.METRICS] = metrics if metrics is not None else Metrics()
+    app[metrics_routes.METRICS] = metrics
     counting.install(app)
     app.add_routes(metrics_routes.routes)
     app.add_routes(ready.routes)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.metrics import Metrics
 from gateway.upstream.base import Frame, JsonObject
 
 log = logging.getLogger("gateway.web")
@@ -45,7 +46,9 @@ class _Entry:
 class FacadeCache:
     """``await cache.metadata(study, series, sop, fetch)``, ``cache.frames(...)``."""
 
-    def __init__(self, directory: Path, max_bytes: int, metadata_seconds: float) -> None:
+    def __init__(self, directory: Path, max_bytes: int, metadata_seconds: float, metrics: Metrics | None = None) -> None:
+        """``metrics``: where each lookup counts as a hit or a miss."""
+        self.metrics = metrics
         self.directory = directory
         self.max_bytes = max_bytes
         self.metadata_seconds = metadata_seconds
@@ -110,6 +113,10 @@ class FacadeCache:
         for key in [k for k in self.index if k.startswith(f"{study}/")]:
             self._drop(key)
 
+    def _count(self, kind: str, hit: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_lookups.labels(kind, "hit" if hit else "miss").inc()
+
     # -- what the routes ask ---------------------------------------------------------
 
     async def metadata(
@@ -118,6 +125,7 @@ class FacadeCache:
         """The metadata at the level the UIDs name, from the cache or from ``fetch``."""
         key = f"{study}/{series or ''}/{sop or ''}/metadata"
         cached = await self._read(key)
+        self._count("metadata", cached is not None)
         if cached is not None:
             return list(json.loads(cached[0]))
         objects = list(await fetch())
@@ -148,6 +156,8 @@ class FacadeCache:
 
         for number in [*numbers, 0]:  # 0: the end, where the last missing run is fetched
             cached = await self._read(f"{study}/{series}/{sop}/frame/{number}") if number else None
+            if number:
+                self._count("frame", cached is not None)
             if cached is None and number:
                 pending.append(number)
                 continue

@@ -4,12 +4,14 @@ client revalidating with If-None-Match gets 304 without a body."""
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.encaps import generate_frames
 from pydicom.uid import RLELossless
 
@@ -48,6 +50,18 @@ class Setup:
         return [answers[0].body] + [a.parts()[0][1] for a in answers[1:]]
 
 
+def cache_lookups(gw: Gateway) -> dict[tuple[str, str], float]:
+    """``gateway_facade_cache_lookups_total`` by (kind, result), from /metrics."""
+    with urllib.request.urlopen(f"{gw.web_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (s.labels["kind"], s.labels["result"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "gateway_facade_cache_lookups_total"
+    }
+
+
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Setup]:
     paths = ct_series(tmp_path / "ct", 4, rows=64, columns=64)
@@ -80,6 +94,12 @@ def test_a_series_scrolled_twice_is_fetched_from_the_archive_once(setup: Setup) 
     assert first[1] == setup.datasets[0].PixelData
     assert sum(f.stat().st_size for f in setup.cache_dir.iterdir()) <= 8 << 20
     assert "Traceback" not in setup.gw.log()
+    # the hit ratio an admin graphs: the second pass repeated every lookup of the first
+    # (series metadata, and each frame's instance metadata and frame) as a hit
+    lookups = cache_lookups(setup.gw)
+    frames = len(setup.datasets)
+    assert lookups[("frame", "miss")] == lookups[("frame", "hit")] == frames
+    assert lookups[("metadata", "miss")] == lookups[("metadata", "hit")] >= 1
 
 
 def test_rendered_and_thumbnails_use_the_cached_frames(setup: Setup) -> None:
