@@ -20,7 +20,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pydicom
@@ -30,22 +29,11 @@ sys.path.insert(0, str(REPO))
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # botocore (here and in the gateways) asks nothing of the network
 
 from tests.support.daemon import Gateway
-from tests.support.dcmtk import StoreSCP, movescu
+from tests.support.dcmtk import StoreSCP
 from tests.support.healthimaging import Emulator
 from tests.support.orthanc import Orthanc
+from bench.move import timed_move  # noqa: E402
 from tests.support.synth import ct_series
-
-
-def timed_move(port: int, called: str, keys: dict[str, str], scp: StoreSCP, count: int) -> float:
-    for path in scp.files():
-        path.unlink()
-    started = time.perf_counter()
-    proc = movescu(port, called, "STORESCP", keys, timeout=600)
-    scp.wait_for_files(count, timeout=300)
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0 or len(scp.files()) != count:
-        raise SystemExit(f"{called}: move failed ({len(scp.files())} of {count} files)\n{proc.stderr[-2000:]}")
-    return elapsed
 
 
 def healthimaging_gateway(root: Path, emulator: Emulator, retrieve_path: str, peers: str) -> Gateway:
@@ -95,7 +83,7 @@ def main() -> None:
             times: dict[str, list[float]] = {"dicomweb": [], "frames": [], "orthanc": []}
             for _ in range(args.repeat):
                 for name, gw in (*by_path.items(), ("orthanc", gateways[2])):
-                    times[name].append(timed_move(gw.port, gw.ae_title, keys, scp, args.count))
+                    times[name].append(timed_move(gw.port, gw.ae_title, keys, scp, args.count, wait=300))
             rates = {name: args.count / min(t) for name, t in times.items()}
             throttled = sum(emulator.throttle.refused.values())
             print(f"series: {args.count} instances of {args.size}x{args.size} 16-bit, {paths[0].stat().st_size / 1024:.0f} KB each, best of {args.repeat}")

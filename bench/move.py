@@ -28,12 +28,14 @@ from tests.support.orthanc import Orthanc  # noqa: E402
 from tests.support.synth import ct_series  # noqa: E402
 
 
-def timed_move(port: int, called: str, keys: dict[str, str], scp: StoreSCP, count: int) -> float:
+def timed_move(port: int, called: str, keys: dict[str, str], scp: StoreSCP, count: int, wait: float = 120) -> float:
+    """Seconds from the C-MOVE request until ``count`` files are at ``scp`` (at most
+    ``wait`` after movescu returns)."""
     for path in scp.files():
         path.unlink()
     started = time.perf_counter()
     proc = movescu(port, called, "STORESCP", keys, timeout=600)
-    scp.wait_for_files(count, timeout=120)
+    scp.wait_for_files(count, timeout=wait)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0 or len(scp.files()) != count:
         raise SystemExit(f"{called}: move failed ({len(scp.files())} of {count} files)\n{proc.stderr[-2000:]}")
