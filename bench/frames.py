@@ -43,13 +43,20 @@ from pydicom.uid import CTImageStorage, generate_uid
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.transcode import DESC, OJPH_EXPAND, SIZE, ct_like_frame, startup_seconds, time_ojph  # noqa: E402
-from gateway.codecs import encode_frame  # noqa: E402
-from gateway.codecs.syntaxes import HTJ2K_LOSSLESS  # noqa: E402
-from tests.support.daemon import Gateway  # noqa: E402
-from tests.support.orthanc import Orthanc, parse_multipart_related  # noqa: E402
-from tests.support.ports import wait_for_port  # noqa: E402
-from tests.support.synth import ct_series  # noqa: E402
+from bench.transcode import (
+    DESC,
+    OJPH_EXPAND,
+    SIZE,
+    ct_like_frame,
+    startup_seconds,
+    time_ojph,
+)
+from gateway.codecs import encode_frame
+from gateway.codecs.syntaxes import HTJ2K_LOSSLESS
+from tests.support.daemon import Gateway
+from tests.support.orthanc import Orthanc, parse_multipart_related
+from tests.support.ports import wait_for_port
+from tests.support.synth import ct_series
 
 ELE = "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
 STORED = "multipart/related; type=application/octet-stream; transfer-syntax=*"
@@ -264,12 +271,13 @@ def main() -> None:
     print()
     print(f"{'path':<28}{'s':>8}{'frames/s':>10}  {'answers':<16}check")
     for label, result in results.items():
-        rate = result.ok / result.seconds if result.ok else 0.0
+        fps = result.ok / result.seconds if result.ok else 0.0
         answers = ",".join(f"{code}x{count}" for code, count in sorted(result.statuses.items()))
-        print(f"{label:<28}{result.seconds:>8.3f}{rate:>10.1f}  {answers:<16}{notes[label]}")
+        print(f"{label:<28}{result.seconds:>8.3f}{fps:>10.1f}  {answers:<16}{notes[label]}")
     print(f"{'ojph_expand, per process':<28}{ojph:>8.3f}{n / ojph:>10.1f}")
     print(f"{'ojph_expand minus start-up':<28}{ojph_net:>8.3f}{n / ojph_net:>10.1f}  (start-up {startup * 1000:.2f} ms)")
     print()
+
     def rate(label: str) -> float:
         return results[label].ok / results[label].seconds
 
