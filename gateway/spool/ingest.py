@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.header import HeaderError, Unreadable, read_header
+from gateway.header import HeaderError, InstanceHeader, Unreadable, read_header
 from gateway.spool.queue import Spool, SpoolFull
 
 log = logging.getLogger("gateway.spool")
@@ -33,11 +33,12 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class Ingested:
-    """What became of one received file; ``reason`` names keywords, never values."""
+    """What became of one received file; ``reason`` names keywords, never values.
+    ``header``: its UIDs when the data set could be read (a front reports them)."""
 
     verdict: Verdict
     reason: str = ""
-    sop_instance_uid: str = ""
+    header: InstanceHeader | None = None
 
 
 def ingest(
@@ -47,12 +48,13 @@ def ingest(
     expected_class: str | None = None,
     expected_instance: str | None = None,
     wait_delivery: float | None = None,
+    expected_study: str | None = None,
 ) -> Ingested:
     """Take the received file at ``path`` (in the spool's ``incoming/``) into the spool.
 
     ``source`` says who sent it, for the log (an AE title, a client address).
-    ``expected_class``/``expected_instance``: the UIDs the request announced, checked
-    against the data set. ``wait_delivery``: seconds to wait for the first delivery
+    ``expected_class``/``expected_instance``/``expected_study``: the UIDs the request
+    announced (a STOW-RS path names the study), checked against the data set. ``wait_delivery``: seconds to wait for the first delivery
     attempt (None: answer once durable). The file is consumed either way: moved into
     the spool, or removed by the caller's cleanup when refused here.
     """
@@ -62,22 +64,25 @@ def ingest(
         log.warning("instance from %s (%s) rejected: %s", source, (expected_instance or "?")[:64], exc)
         return Ingested(Verdict.UNREADABLE if isinstance(exc, Unreadable) else Verdict.MISMATCH, str(exc))
     uid = header.sop_instance_uid
+    if expected_study is not None and header.study_uid != expected_study:
+        log.warning("instance %s from %s is outside the study the request names", uid, source)
+        return Ingested(Verdict.MISMATCH, "the instance is not in the study the request names", header)
     try:
         row_id = spool.enqueue(path, header, source, watch=wait_delivery is not None)
     except SpoolFull as exc:
         log.error("instance %s from %s refused: %s", uid, source, exc)
-        return Ingested(Verdict.NO_SPACE, "spool full", uid)
+        return Ingested(Verdict.NO_SPACE, "spool full", header)
     except Exception as exc:  # noqa: BLE001 - never acknowledge what is not stored
         log.exception("instance %s from %s could not be spooled", uid, source)
-        return Ingested(Verdict.NO_SPACE, f"spool error: {type(exc).__name__}", uid)
+        return Ingested(Verdict.NO_SPACE, f"spool error: {type(exc).__name__}", header)
     log.debug("spooled %s as id %d", uid, row_id)
     if wait_delivery is None:
-        return Ingested(Verdict.STORED, "", uid)
+        return Ingested(Verdict.STORED, "", header)
     outcome = spool.wait_outcome(row_id, wait_delivery)
     if outcome is None:
-        return Ingested(Verdict.NOT_DELIVERED, "not delivered in time; still queued", uid)
+        return Ingested(Verdict.NOT_DELIVERED, "not delivered in time; still queued", header)
     if outcome.kind == "delivered":
-        return Ingested(Verdict.DELIVERED, "", uid)
+        return Ingested(Verdict.DELIVERED, "", header)
     if outcome.kind == "rejected":
-        return Ingested(Verdict.REFUSED, f"archive refused: {outcome.error}", uid)
-    return Ingested(Verdict.NOT_DELIVERED, "archive unavailable; still queued", uid)
+        return Ingested(Verdict.REFUSED, f"archive refused: {outcome.error}", header)
+    return Ingested(Verdict.NOT_DELIVERED, "archive unavailable; still queued", header)

@@ -32,7 +32,6 @@ from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, MULTIPART_RELATED, OCTET_STREAM, media_type
 from gateway.dicomweb.multipart_reader import MultipartError, StreamedPart, boundary_of, iter_parts
 from gateway.dicomweb.xml import native_xml
-from gateway.header import HeaderError, Unreadable, read_header
 from gateway.spool.ingest import Ingested, Verdict, ingest
 from gateway.spool.queue import SpoolFull
 from gateway.web.common import path_uids, request_root, text_error
@@ -77,19 +76,11 @@ def _write_incoming(directory: Path, data: bytes) -> Path:
 
 
 def _take(spool: Any, path: Path, source: str, study_uid: str | None) -> PartResult:
-    """Check one received file against the path's study and ingest it (blocking)."""
+    """Ingest one received file, checked against the path's study (blocking)."""
     try:
-        try:
-            header = read_header(path, None, None)
-        except HeaderError as exc:
-            reason = CANNOT_UNDERSTAND if isinstance(exc, Unreadable) else DATA_SET_MISMATCH
-            log.warning("%s: a part was rejected: %s", source, exc)
-            return PartResult("", "", "", "", reason, str(exc))
-        ids = (header.sop_class_uid, header.sop_instance_uid, header.study_uid, header.series_uid)
-        if study_uid is not None and header.study_uid != study_uid:
-            log.warning("%s: instance %s is outside the study in the path", source, header.sop_instance_uid)
-            return PartResult(*ids, DATA_SET_MISMATCH, "the instance is not in the study the request names")
-        result: Ingested = ingest(spool, path, source)
+        result: Ingested = ingest(spool, path, source, expected_study=study_uid)
+        h = result.header
+        ids = (h.sop_class_uid, h.sop_instance_uid, h.study_uid, h.series_uid) if h else ("", "", "", "")
         if result.verdict in (Verdict.STORED, Verdict.DELIVERED):
             return PartResult(*ids)
         return PartResult(*ids, FAILURE_REASON.get(result.verdict, PROCESSING_FAILURE), result.reason)
