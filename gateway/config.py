@@ -121,6 +121,7 @@ class SpoolConfig:
     retain_delivered_hours: float = 24.0
     batch_linger_ms: int = 200
     busy_timeout: float = 60.0  # seconds a spool database operation waits for a lock
+    reserve_mb: int = 64  # blank files kept ready for C-STOREs (0: a new file each)
 
 
 @dataclass(frozen=True)
@@ -460,6 +461,7 @@ def _spool(r: _Reader) -> SpoolConfig:
         retry_max_seconds=r.number("retry_max_seconds", d.retry_max_seconds, 0.01, 86400),
         batch_linger_ms=r.integer("batch_linger_ms", d.batch_linger_ms, 0, 60000),
         busy_timeout=r.number("busy_timeout", d.busy_timeout, 0.01, 3600),
+        reserve_mb=r.integer("reserve_mb", d.reserve_mb, 0, 2**20),
         retain_delivered_hours=r.number(
             "retain_delivered_hours", d.retain_delivered_hours, 0, 24 * 365 * 10
         ),

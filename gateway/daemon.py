@@ -50,6 +50,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
     spool = Spool(config.spool)
     requeued, adopted = spool.recover()
+    spool.reserve.start()
     if requeued:
         log.warning("requeued %d instance(s) left in 'sending' by an unclean stop", requeued)
     if adopted:
@@ -81,7 +82,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
         C_GET_RQ: GetService(config, retriever),
     }
     server = DimseServer(
-        config, spool.incoming, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES, UNCOMPRESSED),
+        config, spool.receive, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES, UNCOMPRESSED),
         metrics,
         spool.space_problem,
     )

@@ -6,6 +6,7 @@ were lost, so both apply the same rules.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,27 +47,33 @@ KEYWORDS = {
 }
 
 
-def _uids_by_pydicom(path: Path) -> dict[str, str]:
-    """Deflated data sets cannot be walked raw; pydicom inflates them."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size="256 KB")
+def _uids_by_pydicom(path: Path, size: int) -> dict[str, str]:
+    """Deflated data sets cannot be walked raw; pydicom inflates them (from the first
+    ``size`` bytes only: a spool file may be longer than its instance)."""
+    with open(path, "rb") as fh:
+        ds = pydicom.dcmread(io.BytesIO(fh.read(size)), stop_before_pixels=True, defer_size="256 KB")
     return {kw: str(ds.get(kw) or "") for kw in KEYWORDS.values()}
 
 
-def read_header(path: Path, sop_class_uid: str | None, sop_instance_uid: str | None) -> InstanceHeader:
+def read_header(
+    path: Path, sop_class_uid: str | None, sop_instance_uid: str | None, size: int | None = None
+) -> InstanceHeader:
     """Check a received file and read what forwarding needs.
 
     ``sop_class_uid``/``sop_instance_uid`` are the C-STORE request's (None: not
-    compared). Raises Unreadable or Mismatch with a short reason (no PHI: only UIDs
+    compared); ``size``: the instance's length when the file is longer (a spool record
+    in its blank). Raises Unreadable or Mismatch with a short reason (no PHI: only UIDs
     and keywords). The element structure is checked against the file length, which
     catches a data set cut short anywhere, pixel data included.
     """
     try:
+        length = path.stat().st_size if size is None else size
         with open(path, "rb") as fh:
-            scan = scan_file(fh, path.stat().st_size, frozenset(KEYWORDS))
+            scan = scan_file(fh, length, frozenset(KEYWORDS))
         if scan.problem:
             raise Unreadable(f"malformed data set: {scan.problem}")
         if scan.transfer_syntax in DEFLATED:
-            uids = _uids_by_pydicom(path)
+            uids = _uids_by_pydicom(path, length)
         else:
             uids = {kw: scan.values.get(tag, "") for tag, kw in KEYWORDS.items()}
     except HeaderError:

@@ -57,6 +57,9 @@ class _Walker:
         self.values: dict[int, str] = {}
 
     def read(self, n: int) -> bytes:
+        # Bounded by ``size``, not by the file: a spool record may sit in a longer file.
+        if self.fh.tell() + n > self.size:
+            raise Malformed("element runs past the end of the data set")
         data = self.fh.read(n)
         if len(data) != n:
             raise Malformed("element header runs past the end of the data set")

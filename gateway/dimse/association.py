@@ -1,9 +1,9 @@
 """One accepted DICOM association, served on the asyncio loop (PS3.8 acceptor role).
 
 Reads PDUs, reassembles DIMSE messages and hands each one to the service registered
-for its command. A C-STORE data set is streamed straight into a file in the spool's
-``incoming/`` directory as its fragments arrive (preamble, file meta, then the bytes
-exactly as received), so an instance of any size costs no memory. Services run as
+for its command. A C-STORE data set is streamed straight into its spool file (a
+`Receipt`: file meta, then the bytes exactly as received) as its fragments arrive, so
+an instance of any size costs no memory. Services run as
 tasks so the reader keeps reading: that is how a C-CANCEL reaches a running C-FIND.
 
 Any protocol violation (bad PDU, bad command, fragments out of order) aborts the
@@ -24,15 +24,12 @@ import io
 import logging
 import struct
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO
 
 from gateway.dimse import pdu
 from gateway.metrics import Metrics
-from gateway.writeback import start_writeback
+from gateway.spool.receipt import Receipt
 from gateway.dimse.command import (
     C_CANCEL_RQ,
     C_FIND_RQ,
@@ -50,7 +47,6 @@ log = logging.getLogger("gateway.dimse")
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.60826662343822680984516461294576239553"
 IMPLEMENTATION_VERSION_NAME = "DICOMGW_010"
 MAX_NON_STORE_DATASET = 4 * 1024 * 1024  # identifiers of C-FIND/MOVE/GET are small
-WRITEBACK_CHUNK = 256 * 1024
 SPACE_CHECK_BYTES = 4 * 1024 * 1024  # free space is checked again after this much of a data set
 # Final statuses of a request whose service failed (PS3.7 C.4, PS3.4 B.2.3): C-STORE
 # says Out of Resources so the sender keeps the instance and retries; the others say
@@ -101,7 +97,7 @@ class Message:
 
     context: AcceptedContext
     command: Command
-    dataset_path: Path | None = None  # C-STORE: Part 10 file as received
+    receipt: Receipt | None = None  # C-STORE: the spool file it was received into
     dataset: bytes | None = None  # other services: the encoded data set
     refused: str | None = None  # C-STORE not stored (spool full, write error): why
 
@@ -124,7 +120,7 @@ class Association:
         writer: asyncio.StreamWriter,
         rq: pdu.AssociateRQ,
         contexts: dict[int, AcceptedContext],
-        incoming_dir: Path,
+        receive: Callable[[], Receipt] | None,
         dimse_timeout: float,
         space_problem: Callable[[], str | None] | None = None,
         metrics: Metrics | None = None,
@@ -132,7 +128,8 @@ class Association:
         """``dimse_timeout`` bounds every write: how long a peer may read nothing.
         ``space_problem``: the spool's check of its disk limits (``spool.min_free_mb``,
         ``spool.max_size_mb``), which says why no more data can be taken; a C-STORE data
-        set is then not written. ``metrics``: where each request's final status and
+        set is then not written. ``receive``: a new spool file for a C-STORE's data set
+        (`Spool.receive`); None: C-STORE data sets are refused. ``metrics``: where each request's final status and
         duration go."""
         self.metrics = metrics
         self.space_check = space_problem
@@ -145,16 +142,15 @@ class Association:
         self.peer = f"{rq.calling_ae}@{peer[0]}:{peer[1]}"
         self.contexts = contexts
         self.peer_max_pdu = rq.max_pdu_length
-        self.incoming_dir = incoming_dir
+        self.receive = receive
         self.dimse_timeout = dimse_timeout
         self.stats = AssociationStats()
         self._send_lock = asyncio.Lock()
         # message reassembly
         self._command_buf = bytearray()
         self._pending: Message | None = None
-        self._sink: BinaryIO | None = None
-        self._sink_path: Path | None = None
-        self._flushed = 0  # bytes of the store file already handed to writeback
+        self._sink: io.BytesIO | None = None  # the identifier of a non-store request
+        self._receipt: Receipt | None = None  # the C-STORE data set being received
         self._space_checked = 0  # bytes of the store file at the last free-space check
         self._refused: str | None = None  # the C-STORE arriving is not being stored: why
         # running services, by message id, so C-CANCEL can reach them
@@ -265,17 +261,20 @@ class Association:
         return None
 
     def _open_store_file(self, message: Message) -> None:
-        """Start the Part 10 file: preamble and file meta, then the data set as received.
+        """Start the spool file: file meta, then the data set as received (the record's
+        preamble is written when it is sealed).
 
         Below the free-space floor no file is opened: the data set is swallowed and
         the C-STORE refused, so an instance never fills the disk from the start.
         """
-        self._flushed = self._space_checked = 0
+        self._space_checked = 0
         problem = self._space_problem()
         if problem is not None:
             self._refuse(problem)
             return
-        path = self.incoming_dir / f"{uuid.uuid4().hex}.part"
+        if self.receive is None:
+            self._refuse("no spool to store into")
+            return
         header = file_meta_header(
             str(message.command.get(0x0002, "")),
             str(message.command.get(0x1000, "")),
@@ -283,13 +282,8 @@ class Association:
             self.calling_ae,
         )
         try:
-            fh = open(path, "wb")  # noqa: SIM115 - closed in _finish_dataset, _refuse or discard()
-        except OSError as exc:
-            self._refuse(_write_problem(exc))
-            return
-        self._sink, self._sink_path = fh, path
-        try:
-            fh.write(header)
+            self._receipt = self.receive()
+            self._receipt.write(memoryview(header)[128:])
         except OSError as exc:
             self._refuse(_write_problem(exc))
 
@@ -305,36 +299,29 @@ class Association:
     def _refuse(self, reason: str) -> None:
         """Stop storing the C-STORE in progress: drop its partial file; its remaining
         fragments are read and discarded, and the C-STORE is answered with ``reason``."""
-        if self._sink is not None:
+        if self._receipt is not None:
             with contextlib.suppress(OSError):
-                self._sink.close()
-        if self._sink_path is not None:
-            with contextlib.suppress(OSError):
-                self._sink_path.unlink(missing_ok=True)
-        self._sink, self._sink_path, self._refused = None, None, reason
+                self._receipt.abandon()
+        self._receipt, self._refused = None, reason
 
     def _write_data(self, fragment: memoryview) -> None:
         if self._refused is not None:
             return  # the rest of a refused C-STORE data set
-        sink = self._sink
-        assert sink is not None
-        if self._sink_path is None:
+        receipt = self._receipt
+        if receipt is None:
+            sink = self._sink
+            assert sink is not None
             if sink.tell() + len(fragment) > MAX_NON_STORE_DATASET:
                 raise ProtocolError("identifier larger than the limit for query/retrieve requests")
             sink.write(fragment)
             return
         try:
-            sink.write(fragment)
-            written = sink.tell()
-            if written - self._flushed >= WRITEBACK_CHUNK:
-                sink.flush()
-                start_writeback(sink.fileno(), self._flushed, written - self._flushed)
-                self._flushed = written
+            receipt.write(fragment)
         except OSError as exc:
             self._refuse(_write_problem(exc))
             return
-        if written - self._space_checked >= SPACE_CHECK_BYTES:
-            self._space_checked = written
+        if receipt.length - self._space_checked >= SPACE_CHECK_BYTES:
+            self._space_checked = receipt.length
             problem = self._space_problem()
             if problem is not None:
                 self._refuse(problem)
@@ -342,28 +329,20 @@ class Association:
     def _finish_dataset(self) -> Message:
         message = self._pending
         assert message is not None
-        if self._refused is None and self._sink_path is not None:
-            assert self._sink is not None
-            try:
-                self._sink.close()  # flushes the buffered tail, which can hit ENOSPC too
-            except OSError as exc:
-                self._refuse(_write_problem(exc))
-            else:
-                message.dataset_path = self._sink_path
+        if self._refused is None and self._receipt is not None:
+            message.receipt = self._receipt
         elif self._refused is None:
             message.dataset = self._sink.getvalue()  # type: ignore[union-attr]
         message.refused = self._refused
-        self._pending, self._sink, self._sink_path, self._refused = None, None, None, None
+        self._pending, self._sink, self._receipt, self._refused = None, None, None, None
         return message
 
     def discard(self) -> None:
         """Drop a half-received data set (abort, timeout, protocol error)."""
-        if self._sink is not None:
+        if self._receipt is not None:
             with contextlib.suppress(OSError):
-                self._sink.close()
-        if self._sink_path is not None:
-            self._sink_path.unlink(missing_ok=True)
-        self._pending, self._sink, self._sink_path, self._refused = None, None, None, None
+                self._receipt.abandon()
+        self._pending, self._sink, self._receipt, self._refused = None, None, None, None
 
     # ---- services -----------------------------------------------------------------
 
@@ -400,8 +379,9 @@ class Association:
                 log.exception("request 0x%04x (message id %d) from %s failed", command_field, message_id, self.peer)
                 await self._answer_failure(message)
             finally:
-                if message.dataset_path is not None:
-                    message.dataset_path.unlink(missing_ok=True)
+                if message.receipt is not None:
+                    with contextlib.suppress(OSError):
+                        message.receipt.abandon()  # unless the service sealed it
                 if message_id in self._unanswered:
                     self._observe(message_id, command_field, None)
                 self.tasks.pop(message_id, None)

@@ -35,6 +35,7 @@ from gateway.dimse.association import (
 )
 from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, response
 from gateway.metrics import Metrics
+from gateway.spool.receipt import Receipt
 
 log = logging.getLogger("gateway.dimse")
 
@@ -131,7 +132,7 @@ async def _unrecognized(assoc: Association, message: Message) -> None:
 class DimseServer:
     """The listening SCP and its live associations."""
 
-    def __init__(self, config: Config, incoming_dir, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]], metrics: Metrics | None = None, space_problem: Callable[[], str | None] | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: Config, receive: Callable[[], Receipt] | None, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]], metrics: Metrics | None = None, space_problem: Callable[[], str | None] | None = None) -> None:
         """``handlers`` maps a request Command Field to its service; ``abstract_syntaxes``
         lists the non-storage SOP classes served, with the transfer syntaxes we accept;
         ``metrics`` receives association counts and request timings; ``space_problem``
@@ -140,7 +141,7 @@ class DimseServer:
         self.space_problem = space_problem
         self.metrics = metrics if metrics is not None else Metrics()
         self.config = config
-        self.incoming_dir = incoming_dir
+        self.receive = receive
         self.handlers: dict[int, Handler] = {C_ECHO_RQ: _echo, **handlers}
         self.abstract_syntaxes = {VERIFICATION: UNCOMPRESSED, **abstract_syntaxes}
         self.max_pdu = config.dimse.max_pdu_size or (1 << 24)
@@ -375,7 +376,7 @@ class DimseServer:
         }
         roles = self.negotiate_roles(rq, accepted)
         assoc = Association(
-            reader, writer, rq, accepted, self.incoming_dir, d.dimse_timeout, self.space_problem,
+            reader, writer, rq, accepted, self.receive, d.dimse_timeout, self.space_problem,
             metrics=self.metrics,
         )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)

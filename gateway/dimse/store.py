@@ -1,10 +1,10 @@
 """C-STORE SCP: validate a received instance and make it durable before answering.
 
-The association has already written the data set, exactly as received, to a file in
-the spool's ``incoming/`` directory, so large instances never sit in memory. This handler reads only the header, checks that it is an
-instance we can forward, and hands the file to the spool; or, when the association
-could not store it (spool below its free-space floor, disk full), answers 0xA700 at
-once. Statuses follow PS3.4 B.2.3.
+The association has already written the data set, exactly as received, into its
+spool file (a `Receipt`), so large instances never sit in memory. This handler reads
+only the header, checks that it is an instance we can forward, and has the spool seal
+it; or, when the association could not store it (spool below its free-space floor,
+disk full), answers 0xA700 at once. Statuses follow PS3.4 B.2.3.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class StoreService:
                 str(message.command.get(0x1000, ""))[:64] or "?", assoc.peer, message.refused,
             )
             status, comment = OUT_OF_RESOURCES, message.refused
-        elif message.dataset_path is None:
+        elif message.receipt is None:
             # CommandDataSetType said no data set follows: nothing to store.
             log.warning(
                 "C-STORE-RQ from %s of %s without a data set answered with 0xC000",
@@ -89,11 +89,11 @@ class StoreService:
 
     def _store(self, message: Message, calling: str) -> tuple[int, str]:
         """Validate and spool one received file; returns (status, error comment)."""
-        assert message.dataset_path is not None
+        assert message.receipt is not None
         command = message.command
         wait = self.config.dimse.ack_timeout if self.config.dimse.ack == "delivered" else None
         result = ingest(
-            self.spool, message.dataset_path, calling,
+            self.spool, message.receipt, calling,
             str(command.get(0x0002, "")), str(command.get(0x1000, "")), wait,
         )
         return STATUS[result.verdict], result.reason

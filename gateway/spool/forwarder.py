@@ -251,8 +251,11 @@ class Forwarder:
         started = time.monotonic()
         self.metrics.delivery_attempts.labels(self.upstream.kind).inc(len(batch))
         try:
-            answers = await self.upstream.store_instances(study, [i.item() for i in batch])
-            outcomes = [Outcome(i.id, a.kind, a.error, a.retry_after, a.not_primary) for i, a in zip(batch, answers, strict=True)]
+            damaged = await self._spool(self.spool.prepare, batch)
+            sound = [i for i in batch if i.id not in damaged]
+            answers = await self.upstream.store_instances(study, [i.item() for i in sound]) if sound else []
+            outcomes = [Outcome(i.id, a.kind, a.error, a.retry_after, a.not_primary) for i, a in zip(sound, answers, strict=True)]
+            outcomes += [Outcome(i, "rejected", why) for i, why in damaged.items()]
         except asyncio.CancelledError:
             await asyncio.shield(self._spool(self.spool.release, batch))
             raise

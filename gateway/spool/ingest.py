@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gateway.header import HeaderError, InstanceHeader, Unreadable, read_header
 from gateway.spool.queue import Spool, SpoolFull
+from gateway.spool.receipt import Receipt
 
 log = logging.getLogger("gateway.spool")
 
@@ -43,23 +44,28 @@ class Ingested:
 
 def ingest(
     spool: Spool,
-    path: Path,
+    received: Receipt | Path,
     source: str,
     expected_class: str | None = None,
     expected_instance: str | None = None,
     wait_delivery: float | None = None,
     expected_study: str | None = None,
 ) -> Ingested:
-    """Take the received file at ``path`` (in the spool's ``incoming/``) into the spool.
+    """Take a received instance into the spool: a C-STORE's `Receipt` (sealed here),
+    or a STOW-RS part's file in the spool's ``incoming/`` (moved into the spool).
 
     ``source`` says who sent it, for the log (an AE title, a client address).
     ``expected_class``/``expected_instance``/``expected_study``: the UIDs the request
     announced (a STOW-RS path names the study), checked against the data set. ``wait_delivery``: seconds to wait for the first delivery
-    attempt (None: answer once durable). The file is consumed either way: moved into
-    the spool, or removed by the caller's cleanup when refused here.
+    attempt (None: answer once durable). What was received is consumed either way:
+    made durable, or dropped by the caller's cleanup when refused here.
     """
+    if isinstance(received, Receipt):
+        path, size = received.path, received.length
+    else:
+        path, size = received, None
     try:
-        header = read_header(path, expected_class, expected_instance)
+        header = read_header(path, expected_class, expected_instance, size=size)
     except HeaderError as exc:
         log.warning("instance from %s (%s) rejected: %s", source, (expected_instance or "?")[:64], exc)
         return Ingested(Verdict.UNREADABLE if isinstance(exc, Unreadable) else Verdict.MISMATCH, str(exc))
@@ -68,7 +74,11 @@ def ingest(
         log.warning("instance %s from %s is outside the study the request names", uid, source)
         return Ingested(Verdict.MISMATCH, "the instance is not in the study the request names", header)
     try:
-        row_id = spool.enqueue(path, header, source, watch=wait_delivery is not None)
+        watch = wait_delivery is not None
+        if isinstance(received, Receipt):
+            row_id = spool.commit(received, header, source, watch)
+        else:
+            row_id = spool.enqueue(received, header, source, watch)
     except SpoolFull as exc:
         log.error("instance %s from %s refused: %s", uid, source, exc)
         return Ingested(Verdict.NO_SPACE, "spool full", header)

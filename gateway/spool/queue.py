@@ -8,8 +8,10 @@ times.
 
 Files are named by a random token, never by a UID from the wire, and live under
 ``objects/xx/``; all 256 subdirectories are made durable when the spool is opened.
-`enqueue` is called on the C-STORE worker threads and makes the instance durable (file
-fsync, rename, directory fsync, row commit) before it returns.
+A C-STORE is received straight into its file (`receive`, a blank from the `Reserve`)
+and `commit` seals it as a checksummed record with one ``fdatasync`` (`record`) before
+it returns; STOW-RS parts arrive as files in ``incoming/`` and `enqueue` makes them
+durable (file fsync, rename, directory fsync). Either way the row commit follows.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from gateway.config import SpoolConfig
 from gateway.fsutil import fsync_path, make_buckets
 from gateway.header import HeaderError, InstanceHeader, read_header
 from gateway.spool.db import SpoolDB
+from gateway.spool.disk import Disk
+from gateway.spool.receipt import Receipt
+from gateway.spool.record import BLANK_PREAMBLE, PREAMBLE, CorruptRecord, read_preamble, verify
+from gateway.spool.reserve import Reserve
 from gateway.sqlite import immediate, is_disk_full
 from gateway.upstream.base import StoreItem
 
@@ -107,9 +113,16 @@ class Spool:
         self._waiters: dict[int, threading.Event] = {}
         self._outcomes: dict[int, Outcome] = {}
         self._waiters_lock = threading.Lock()
+        self.disk = Disk()
+        self.reserve = Reserve(self.objects, self.disk, cfg.reserve_mb * MiB, self._headroom)
+        self._receiving: set[Receipt] = set()
 
     def close(self) -> None:
+        self.reserve.stop()
         self.db.close()
+
+    def _headroom(self) -> int:
+        return self.free_bytes() - self.cfg.min_free_mb * MiB
 
     # ---- start-up -------------------------------------------------------------
 
@@ -124,6 +137,7 @@ class Spool:
         """
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
+
         with self.db.connection() as db, immediate(db):
             requeued = db.execute(
                 "UPDATE instances SET state='queued', next_attempt_at=0 WHERE state='sending'"
@@ -134,16 +148,49 @@ class Spool:
         for path in sorted(self.objects.glob("*/*.dcm")):
             if str(path.relative_to(self.directory)) in known:
                 continue
+            kind, length = self._classify(path)
+            if kind == "blank":
+                self.reserve.give_back(path, path.stat().st_size)
+                continue
+            if kind == "torn":
+                # Never acknowledged: the seal's fdatasync did not return.
+                log.warning("spool file %s was cut short before it was sealed; removed", path.name)
+                path.unlink()
+                continue
             try:
-                header = read_header(path, None, None)
+                header = read_header(path, None, None, size=length)
             except HeaderError as exc:
                 log.error("spool file %s is unreadable (%s); moved aside", path.name, exc)
                 path.rename(path.with_suffix(".unreadable"))
                 continue
-            self._insert(path, header, "", path.stat().st_mtime)
+            self._insert(path, header, "", path.stat().st_mtime, length)
             adopted += 1
         self._count_stored_bytes()
         return requeued, adopted
+
+    def _classify(self, path: Path) -> tuple[str, int | None]:
+        """What a spool file without a row is: ("blank", None), ("torn", None), or
+        ("instance", its length: a verified record's, None for a plain file)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            head = read_preamble(fd)
+            if head.kind == "blank":
+                return "blank", None
+            if head.kind == "plain":
+                # A blank or receipt whose first page never reached the disk: zeros
+                # where the preamble and the Part 10 prefix should be. (Anything else
+                # without a record preamble is an instance as older spools wrote them.)
+                start = os.pread(fd, PREAMBLE + 4, 0)
+                if len(start) == PREAMBLE + 4 and not any(start):
+                    return "torn", None
+                return "instance", None
+            try:
+                verify(fd)
+            except CorruptRecord:
+                return "torn", None
+            return "instance", head.length
+        finally:
+            os.close(fd)
 
     def _count_stored_bytes(self) -> None:
         """Recount the bytes of the spooled files from the database (start-up, after a
@@ -153,7 +200,9 @@ class Spool:
         with self._bytes_lock:
             self._stored_bytes = int(total)
 
-    def _insert(self, final: Path, header: InstanceHeader, calling_ae: str, received_at: float) -> int:
+    def _insert(
+        self, final: Path, header: InstanceHeader, calling_ae: str, received_at: float, size: int | None = None
+    ) -> int:
         with self.db.connection() as db, immediate(db):
             cur = db.execute(
                 "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
@@ -166,7 +215,7 @@ class Spool:
                     header.series_uid,
                     header.transfer_syntax,
                     str(final.relative_to(self.directory)),
-                    final.stat().st_size,
+                    final.stat().st_size if size is None else size,
                     calling_ae,
                     received_at,
                 ),
@@ -184,8 +233,10 @@ class Spool:
         self.cap = cfg.max_size_mb * MiB
 
     def used_bytes(self) -> int:
-        """What the spool's files take: spooled instances plus those being received."""
-        receiving = 0
+        """What the spool's files take: spooled instances plus those being received
+        (ready blanks are not counted: they are room for what comes)."""
+        with self._bytes_lock:
+            receiving = sum(r.length for r in self._receiving)
         with os.scandir(self.incoming) as entries:
             for entry in entries:
                 try:
@@ -201,7 +252,7 @@ class Spool:
         The one check of both limits, at a C-STORE-RQ, during receipt and before an
         instance is queued. Raises OSError when the spool's file system cannot be read."""
         floor = self.cfg.min_free_mb * MiB
-        free = self.free_bytes()
+        free = self.free_bytes() + self.reserve.ready_bytes
         if free - incoming_size < floor:
             return f"spool free space {free // MiB} MiB is below the floor of {self.cfg.min_free_mb} MiB"
         if self.cap:
@@ -221,7 +272,7 @@ class Spool:
         ``min_free_mb``; ``cap``: the spool at 90 % of ``max_size_mb``)."""
         floor = self.cfg.min_free_mb * MiB
         return {
-            "floor": self.free_bytes() < floor * NEAR_FLOOR,
+            "floor": self.free_bytes() + self.reserve.ready_bytes < floor * NEAR_FLOOR,
             "cap": bool(self.cap) and self.used_bytes() >= self.cap * NEAR_CAP,
         }
 
@@ -231,6 +282,56 @@ class Spool:
             return False
         with self._bytes_lock:
             return self._stored_bytes > self.cap * EVICT_TO
+
+    def receive(self) -> Receipt:
+        """Start receiving an instance into a spool file: a ready blank, or a new file
+        when the reserve is empty. Raises OSError when neither can be had."""
+        blank = self.reserve.take()
+        if blank is not None:
+            path, capacity = blank
+            receipt = Receipt(self.disk, path, self.disk.open(path), capacity, self._receipt_ended)
+        else:
+            token = uuid.uuid4().hex
+            path = self.objects / token[:2] / f"{token}.dcm"  # the bucket exists: never created here
+            fd = self.disk.create(path)
+            try:
+                self.disk.pwrite(fd, BLANK_PREAMBLE, 0)
+            except OSError:
+                self.disk.close(fd)
+                self.disk.unlink(path)
+                raise
+            receipt = Receipt(self.disk, path, fd, None, self._receipt_ended)
+        with self._bytes_lock:
+            self._receiving.add(receipt)
+        return receipt
+
+    def _receipt_ended(self, receipt: Receipt) -> None:
+        with self._bytes_lock:
+            self._receiving.discard(receipt)
+        if receipt.reusable and receipt.capacity is not None:
+            self.reserve.give_back(receipt.path, receipt.capacity)
+
+    def commit(self, receipt: Receipt, header: InstanceHeader, calling_ae: str, watch: bool = False) -> int:
+        """Seal a received instance as a durable record and queue it; return its row id.
+
+        The one ``fdatasync`` of `Receipt.seal` is what a C-STORE Success rests on; the
+        row commit after it is not synced (WAL), and a record whose row a power cut
+        took is adopted again at start-up (`recover`). Raises SpoolFull when the disk
+        cannot take it; the receipt is then abandoned.
+        """
+        try:
+            self.check_space()
+            length = receipt.seal()
+        except OSError as exc:
+            receipt.abandon()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFull(f"spool disk full: {exc.strerror}") from exc
+            raise
+        except SpoolFull:
+            receipt.abandon()
+            raise
+        self.reserve.note(length)
+        return self._queue(receipt.path, header, calling_ae, watch, length)
 
     def enqueue(
         self, temp_path: Path, header: InstanceHeader, calling_ae: str, watch: bool = False
@@ -260,11 +361,15 @@ class Spool:
         except SpoolFull:
             temp_path.unlink(missing_ok=True)
             raise
+        return self._queue(final, header, calling_ae, watch, size)
+
+    def _queue(self, final: Path, header: InstanceHeader, calling_ae: str, watch: bool, size: int) -> int:
+        """Insert the row of a file made durable; the file goes if the row cannot be."""
         try:
             # Registered under the waiters lock so a delivery that completes before
             # this returns still finds its waiter.
             with self._waiters_lock:
-                row_id = self._insert(final, header, calling_ae, time.time())
+                row_id = self._insert(final, header, calling_ae, time.time(), size)
                 if watch:
                     self._waiters[row_id] = threading.Event()
         except Exception as exc:
@@ -360,6 +465,40 @@ class Spool:
                 ids,
             )
         return [self._row({**r, "attempts": r["attempts"] + 1}) for r in batch]
+
+    def prepare(self, batch: list[SpooledInstance]) -> dict[int, str]:
+        """Check each claimed record against its checksum and cut a blank's tail off its
+        file, before the instance leaves the spool: a damaged record is never
+        delivered, and every reader (the embedded archive's hard link included) sees
+        exactly the instance. The cut is fsynced before anything reads it. Returns
+        the ids that cannot be delivered, with why."""
+        bad: dict[int, str] = {}
+        cut: list[int] = []
+        try:
+            for inst in batch:
+                try:
+                    fd = self.disk.open(inst.path)
+                except OSError as exc:
+                    bad[inst.id] = f"spool file unreadable: {exc.strerror or exc}"
+                    continue
+                try:
+                    head = verify(fd)
+                    if head.kind == "record" and os.fstat(fd).st_size > head.length:
+                        self.disk.truncate(fd, head.length)
+                        cut.append(fd)
+                        continue
+                except CorruptRecord as exc:
+                    log.error("spool record %s (id %d) is damaged: %s; not delivered", inst.path.name, inst.id, exc)
+                    bad[inst.id] = f"spool record damaged: {exc}"
+                except OSError as exc:
+                    bad[inst.id] = f"spool file unreadable: {exc.strerror or exc}"
+                self.disk.close(fd)
+            for fd in cut:
+                self.disk.fsync(fd)
+        finally:
+            for fd in cut:
+                self.disk.close(fd)
+        return bad
 
     def next_due_in(self) -> float | None:
         """Seconds until the next failed row becomes due (None when nothing waits)."""

@@ -84,7 +84,7 @@ def test_unsupported_command_gets_0211_not_an_abort(tmp_path) -> None:
             self.task = asyncio.ensure_future(handler(self, message))
 
     async def main() -> None:
-        server = DimseServer(parse_config({}), tmp_path, {}, {})
+        server = DimseServer(parse_config({}), None, {}, {})
         assoc = FakeAssoc()
         message = Message(AcceptedContext(1, "1.2.840.10008.1.1", "1.2.840.10008.1.2"), Command({0x0100: 0x0130, 0x0110: 5}))
         server._route(assoc, message)  # type: ignore[arg-type]

@@ -152,6 +152,7 @@ def test_raising_handler_answers_and_association_survives(tmp_path: Path, caplog
     from gateway.config import parse_config
     from gateway.dimse.command import C_FIND_RQ, C_STORE_RQ
     from gateway.dimse.server import UNCOMPRESSED, DimseServer
+    from gateway.spool.queue import Spool
 
     async def boom(assoc: object, message: object) -> None:
         raise RuntimeError("service bug")
@@ -179,7 +180,8 @@ def test_raising_handler_answers_and_association_survives(tmp_path: Path, caplog
 
     async def main() -> tuple[int, int, int]:
         config = parse_config({"dimse": {"host": "127.0.0.1", "port": free_port()}, "spool": {"directory": str(tmp_path / "spool")}})
-        server = DimseServer(config, tmp_path, {C_FIND_RQ: boom, C_STORE_RQ: boom}, {STUDY_ROOT_FIND: UNCOMPRESSED})
+        spool = Spool(config.spool)
+        server = DimseServer(config, spool.receive, {C_FIND_RQ: boom, C_STORE_RQ: boom}, {STUDY_ROOT_FIND: UNCOMPRESSED})
         await server.start()
         try:
             return await asyncio.get_running_loop().run_in_executor(None, client, config.dimse.port)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from gateway.spool.record import PREAMBLE, RECORD_MAGIC, parse
 from tests.support import dcmtk
 from tests.support.daemon import REPO, Gateway
 from tests.support.ports import port_is_open, wait_until
@@ -248,9 +249,11 @@ def test_full_disk_answers_every_store_and_delivers_every_ack(tmp_path: Path, sm
         wait_until(lambda: expected <= orthanc.sop_instance_uids(), 120, 0.5, "acknowledged instances missing")
         counts = gw.wait_counts(delivered=len(expected), timeout=60)
         assert counts["sending"] == counts["queued"] == counts["failed"] == counts["dead"] == 0, counts
-        # Nothing refused left a file behind, half-received or whole.
+        # Nothing refused left a file behind, half-received or whole: every spool file
+        # is a record of an acknowledged instance, or a blank of the reserve.
         assert not any((gw.spool_dir / "incoming").iterdir())
-        assert len(list((gw.spool_dir / "objects").glob("*/*.dcm"))) == len(expected)
+        kinds = [parse(p.read_bytes()[:PREAMBLE]).kind for p in (gw.spool_dir / "objects").glob("*/*.dcm")]
+        assert kinds.count("record") == len(expected) and len(kinds) - kinds.count("blank") == len(expected)
         assert gw.running
         assert_no_dropped_association(gw.log())
     finally:
@@ -356,17 +359,40 @@ def renamed_paths(calls: list[Call]) -> dict[str, tuple[Call, str]]:
     return found
 
 
-def test_every_success_follows_the_file_and_directory_fsync(tmp_path: Path) -> None:
+def pwrites(calls: list[Call]) -> dict[str, list[tuple[Call, int, bytes]]]:
+    """Successful pwrite64 calls by the path of their fd: (call, file offset, the
+    first bytes written)."""
+    found: dict[str, list[tuple[Call, int, bytes]]] = {}
+    for call in calls:
+        if m := re.match(r'^pwrite64\(\d+<(.+?)>, "((?:[^"\\]|\\.)*)"(?:\.\.\.)?, \d+, (\d+)\) += \d+$', call.text):
+            found.setdefault(m.group(1), []).append((call, int(m.group(3)), unescape(m.group(2))))
+    return found
+
+
+def created_paths(calls: list[Call]) -> dict[str, Call]:
+    """Files created (O_CREAT) by path."""
+    found = {}
+    for call in calls:
+        if m := re.match(r'^openat\(\S+, "(.+?)", [^)]*O_CREAT[^)]*\) += \d+', call.text):
+            found[m.group(1)] = call
+    return found
+
+
+@pytest.mark.parametrize("reserve_mb", [64, 0], ids=["into-blanks", "new-files"])
+def test_every_success_follows_the_record_and_directory_sync(tmp_path: Path, reserve_mb: int) -> None:
     """The daemon runs under strace: every C-STORE-RSP with Success that it writes on
-    the association's socket comes after the fsync of its spooled file and, after the
-    rename into objects/xx/, the fsync of that directory; and nothing on the
-    acknowledgement path creates a directory. The trace is in the order strace saw
-    each call enter and return, across threads, so "returned before the response
-    was entered" is a real happens-before."""
+    the association's socket comes after (1) every write of the instance's bytes into
+    its spool file and the write of the record's sealed preamble, (2) an fdatasync or
+    fsync of that file entered after those writes returned, and (3) an fsync of its
+    directory entered after the file was created; and nothing on the acknowledgement
+    path creates a directory. With the reserve the files are blanks made beforehand
+    (their directory fsync long before); with ``reserve_mb = 0`` each is new. The
+    trace is in the order strace saw each call enter and return, across threads, so
+    "returned before the response was entered" is a real happens-before."""
     trace = tmp_path / "strace.txt"
-    syscalls = "openat,mkdir,mkdirat,fsync,fdatasync,rename,renameat,renameat2,sendto,write"
+    syscalls = "openat,mkdir,mkdirat,fsync,fdatasync,pwrite64,sendto,write"
     strace = ["/usr/bin/strace", "-f", "-tt", "-yy", "-x", "-s", "1024", "-e", f"trace={syscalls}", "-o", str(trace)]
-    gw = Gateway(tmp_path / "gw", wrapper=strace)
+    gw = Gateway(tmp_path / "gw", wrapper=strace, spool={"reserve_mb": reserve_mb})
     files = ct_series(tmp_path / "ct", 20, rows=128, columns=128)
     try:
         gw.start(timeout=90)
@@ -389,19 +415,22 @@ def test_every_success_follows_the_file_and_directory_fsync(tmp_path: Path) -> N
                     successes.setdefault(uid, call)
     assert set(successes) == {uid_of(f) for f in files} == set(spooled)
 
-    first_receipt = min(c.start for c in calls if re.match(r'^openat\(.*/incoming/[^"]+\.part"', c.text))
-    late_mkdirs = [c.text for c in calls if re.match(r"^mkdir(?:at)?\(", c.text) and c.start > first_receipt]
+    first_store = min(c.start for c in successes.values())
+    late_mkdirs = [c.text for c in calls if re.match(r"^mkdir(?:at)?\(", c.text) and c.start > first_store]
     assert not late_mkdirs, f"mkdir on the acknowledgement path: {late_mkdirs[:3]}"
 
-    fsyncs, renames = fsynced_paths(calls), renamed_paths(calls)
+    fsyncs, writes, created = fsynced_paths(calls), pwrites(calls), created_paths(calls)
     for uid, response in successes.items():
         final = spooled[uid]
-        rename, source = renames[final]
-        directory = str(Path(final).parent)
-        assert any(path == source and c.end < rename.start for c, path in fsyncs), (
-            f"{uid}: Success sent but its file was not fsynced before the rename"
+        before = [(c, offset, data) for c, offset, data in writes.get(final, []) if c.start < response.start]
+        seals = [c for c, offset, data in before if offset == 0 and data.startswith(RECORD_MAGIC)]
+        assert seals, f"{uid}: Success sent before its record was sealed"
+        last_write = max(c.end for c, _, _ in before)
+        assert any(path == final and last_write < c.start and c.end < response.start for c, path in fsyncs), (
+            f"{uid}: Success sent before its bytes were synced"
         )
-        assert rename.end < response.start, f"{uid}: Success sent before the file was renamed into place"
-        assert any(path == directory and rename.end < c.start and c.end < response.start for c, path in fsyncs), (
-            f"{uid}: Success sent before its directory was fsynced"
+        creation = created[final]
+        directory = str(Path(final).parent)
+        assert any(path == directory and creation.end < c.start and c.end < response.start for c, path in fsyncs), (
+            f"{uid}: Success sent before its directory entry was synced"
         )
