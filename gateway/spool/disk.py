@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 class Disk:
-    """``open``/``create``/``pwrite``/syncs/``truncate``/``unlink`` on spool files."""
+    """``create``/``open``/``pwrite``/syncs/``close``/``unlink`` on spool files."""
 
     def create(self, path: Path) -> int:
         """A new file that did not exist (its directory entry is durable only after
@@ -33,9 +33,6 @@ class Disk:
         """The bytes written and the file's size: what a record needs to be durable."""
         os.fdatasync(fd)
 
-    def fsync(self, fd: int) -> None:
-        os.fsync(fd)
-
     def fsync_dir(self, path: Path) -> None:
         """Make the entries of directory ``path`` (files created or removed) durable."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -43,9 +40,6 @@ class Disk:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def truncate(self, fd: int, length: int) -> None:
-        os.ftruncate(fd, length)
 
     def close(self, fd: int) -> None:
         os.close(fd)

@@ -251,7 +251,7 @@ class Forwarder:
         started = time.monotonic()
         self.metrics.delivery_attempts.labels(self.upstream.kind).inc(len(batch))
         try:
-            damaged = await self._spool(self.spool.prepare, batch)
+            damaged = await self._spool(self.spool.check, batch)
             sound = [i for i in batch if i.id not in damaged]
             answers = await self.upstream.store_instances(study, [i.item() for i in sound]) if sound else []
             outcomes = [Outcome(i.id, a.kind, a.error, a.retry_after, a.not_primary) for i, a in zip(sound, answers, strict=True)]

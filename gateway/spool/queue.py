@@ -466,38 +466,27 @@ class Spool:
             )
         return [self._row({**r, "attempts": r["attempts"] + 1}) for r in batch]
 
-    def prepare(self, batch: list[SpooledInstance]) -> dict[int, str]:
-        """Check each claimed record against its checksum and cut a blank's tail off its
-        file, before the instance leaves the spool: a damaged record is never
-        delivered, and every reader (the embedded archive's hard link included) sees
-        exactly the instance. The cut is fsynced before anything reads it. Returns
-        the ids that cannot be delivered, with why."""
+    def check(self, batch: list[SpooledInstance]) -> dict[int, str]:
+        """Check each claimed record against its checksum before the instance leaves the
+        spool, so a damaged record is never delivered. (Readers take the row's
+        ``size`` bytes: a record may sit in a longer blank.) Returns the ids that
+        cannot be delivered, with why."""
         bad: dict[int, str] = {}
-        cut: list[int] = []
-        try:
-            for inst in batch:
-                try:
-                    fd = self.disk.open(inst.path)
-                except OSError as exc:
-                    bad[inst.id] = f"spool file unreadable: {exc.strerror or exc}"
-                    continue
-                try:
-                    head = verify(fd)
-                    if head.kind == "record" and os.fstat(fd).st_size > head.length:
-                        self.disk.truncate(fd, head.length)
-                        cut.append(fd)
-                        continue
-                except CorruptRecord as exc:
-                    log.error("spool record %s (id %d) is damaged: %s; not delivered", inst.path.name, inst.id, exc)
-                    bad[inst.id] = f"spool record damaged: {exc}"
-                except OSError as exc:
-                    bad[inst.id] = f"spool file unreadable: {exc.strerror or exc}"
-                self.disk.close(fd)
-            for fd in cut:
-                self.disk.fsync(fd)
-        finally:
-            for fd in cut:
-                self.disk.close(fd)
+        for inst in batch:
+            try:
+                fd = os.open(inst.path, os.O_RDONLY)
+            except OSError as exc:
+                bad[inst.id] = f"spool file unreadable: {exc.strerror or exc}"
+                continue
+            try:
+                verify(fd)
+            except CorruptRecord as exc:
+                log.error("spool record %s (id %d) is damaged: %s; not delivered", inst.path.name, inst.id, exc)
+                bad[inst.id] = f"spool record damaged: {exc}"
+            except OSError as exc:
+                bad[inst.id] = f"spool file unreadable: {exc.strerror or exc}"
+            finally:
+                os.close(fd)
         return bad
 
     def next_due_in(self) -> float | None:

@@ -3,7 +3,7 @@
 The spool's file operations go through `Disk`; here a recorder takes its place. It
 performs each operation for real and also keeps, per file, what the last sync made
 durable and the writes since. The test runs a sequence (blanks prepared, instances
-received into blanks, into a new file, one growing its blank, a delivery's trim) and
+received into blanks, into a new file, one growing its blank) and
 cuts the power before operation k, for every k. From the record it builds disk images
 a power cut could leave behind: each unsynced write kept or lost (sector by sector,
 so torn), each directory entry not yet fsynced present or absent, and the spool
@@ -46,7 +46,7 @@ class PowerCut(BaseException):
 @dataclass
 class FileModel:
     synced: bytes | None = None  # content the last sync made durable (None: none yet)
-    pending: list[tuple[str, int, bytes]] = field(default_factory=list)  # since that sync
+    pending: list[tuple[int, bytes]] = field(default_factory=list)  # writes since that sync
     entry_durable: bool = False  # its directory was fsynced after it was created
     unlinked: bool = False
     unlink_durable: bool = False
@@ -82,21 +82,11 @@ class RecordingDisk(Disk):
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> None:
         self._step()
         super().pwrite(fd, data, offset)
-        self.files[self.fds[fd]].pending.append(("write", offset, bytes(data)))
-
-    def truncate(self, fd: int, length: int) -> None:
-        self._step()
-        super().truncate(fd, length)
-        self.files[self.fds[fd]].pending.append(("truncate", length, b""))
+        self.files[self.fds[fd]].pending.append((offset, bytes(data)))
 
     def fdatasync(self, fd: int) -> None:
         self._step()
         super().fdatasync(fd)
-        self._synced(self.fds[fd])
-
-    def fsync(self, fd: int) -> None:
-        self._step()
-        super().fsync(fd)
         self._synced(self.fds[fd])
 
     def _synced(self, path: Path) -> None:
@@ -133,11 +123,7 @@ class RecordingDisk(Disk):
             if model.unlinked and rng.random() < 0.5:
                 continue  # the removal did
             content = bytearray(model.synced or b"")
-            for kind, offset, data in model.pending:
-                if kind == "truncate":
-                    if rng.random() < 0.5:
-                        del content[offset:]
-                    continue
+            for offset, data in model.pending:
                 for start in range(0, len(data), SECTOR):
                     if rng.random() < 0.5:
                         continue  # this sector of the write was lost
@@ -164,7 +150,7 @@ def instances(directory: Path) -> list[bytes]:
 
 
 def run_sequence(root: Path, disk: RecordingDisk, payloads: list[bytes]) -> Run:
-    """Blanks, four C-STOREs as the association does them, then one delivery's trim."""
+    """Blanks, four C-STOREs as the association does them, then a delivery's check."""
     spool = Spool(SpoolConfig(directory=root, min_free_mb=0, reserve_mb=1))
     spool.disk = spool.reserve.disk = disk
     run = Run({}, {})
@@ -182,7 +168,7 @@ def run_sequence(root: Path, disk: RecordingDisk, payloads: list[bytes]) -> Run:
             assert result.verdict is Verdict.STORED, result
             run.acknowledged[uid] = data[PREAMBLE:]
         batch = spool.claim(10, 1 << 30)
-        assert not spool.prepare(batch)
+        assert not spool.check(batch)
     except PowerCut:
         pass
     finally:
@@ -213,14 +199,14 @@ def recover_image(source: Path, target: Path, image: dict[Path, bytes], keep_db:
 
 def delivered_bytes(spool: Spool) -> dict[str, bytes]:
     """What the forwarder would hand to an upstream after recovery: UID -> bytes after
-    the preamble, for each instance `prepare` lets through."""
+    the preamble, for each instance `check` lets through."""
     out: dict[str, bytes] = {}
     while batch := spool.claim(100, 1 << 30):
-        damaged = spool.prepare(batch)
+        damaged = spool.check(batch)
         for inst in batch:
             if inst.id in damaged:
                 continue
-            data = inst.path.read_bytes()
+            data = inst.path.read_bytes()[: inst.size]
             assert len(data) == inst.size
             out[inst.sop_instance_uid] = data[PREAMBLE:]
     return out
@@ -272,6 +258,6 @@ def test_a_record_damaged_after_its_seal_is_never_delivered(tmp_path: Path, flip
         data = bytearray(inst.path.read_bytes())
         data[flip] ^= 0xFF
         inst.path.write_bytes(bytes(data))
-        assert "checksum" in spool.prepare([inst])[inst.id]
+        assert "checksum" in spool.check([inst])[inst.id]
     finally:
         spool.close()
