@@ -1,8 +1,9 @@
 """STOW-RS (PS3.18 10.5): uploads enter the spool like C-STOREs, with the same guarantee.
 
-The body is parsed while it streams in: each part goes to a file in the spool's
-``incoming/`` (a large one straight to disk as it arrives) and is handed to the one
-ingest function, which checks its header and makes it durable. The answer is sent
+The body is parsed while it streams in: a part up to 4 MiB is written into a spool
+record as a C-STORE is (after its preamble: the record's own takes its place), a
+larger one goes straight to a file in the spool's ``incoming/`` as it arrives; either
+is handed to the one ingest function, which checks its header and makes it durable. The answer is sent
 only once every accepted instance is fsynced, as a C-STORE Success is. A part that is
 unreadable, lacks a UID, or belongs to another study than the path names fails on its
 own (PS3.18 failure reasons 0xC000, 0xA900); the others are stored.
@@ -34,6 +35,8 @@ from gateway.dicomweb.multipart_reader import MultipartError, StreamedPart, boun
 from gateway.dicomweb.xml import native_xml
 from gateway.spool.ingest import Ingested, Verdict, ingest
 from gateway.spool.queue import SpoolFull
+from gateway.spool.receipt import Receipt
+from gateway.spool.record import PREAMBLE
 from gateway.web.common import path_uids, request_root, text_error
 from gateway.web.keys import SPOOL
 
@@ -68,24 +71,39 @@ class PartResult:
     comment: str = ""
 
 
-def _write_incoming(directory: Path, data: bytes) -> Path:
-    path = directory / f"{uuid.uuid4().hex}.part"
-    with open(path, "wb") as fh:
-        fh.write(data)
-    return path
-
-
-def _take(spool: Any, path: Path, source: str, study_uid: str | None) -> PartResult:
-    """Ingest one received file, checked against the path's study (blocking)."""
+def _take(spool: Any, part: StreamedPart, source: str, study_uid: str | None) -> PartResult:
+    """Ingest one received part, checked against the path's study (blocking)."""
+    received: Receipt | Path
+    if part.path is not None:
+        received = part.path
+    else:
+        data = memoryview(part.data or b"")
+        try:
+            received = spool.receive()
+        except OSError as exc:
+            log.error("STOW-RS part from %s not stored: %s", source, exc.strerror or exc)
+            return PartResult("", "", "", "", OUT_OF_RESOURCES, "spool unusable")
+        try:
+            # A Part 10 file's preamble is the sender's; the record's replaces it. A
+            # part too short for one is refused by the header check, as it would be.
+            received.write(data[PREAMBLE:])
+        except OSError as exc:
+            received.abandon()
+            log.error("STOW-RS part from %s not stored: %s", source, exc.strerror or exc)
+            return PartResult("", "", "", "", OUT_OF_RESOURCES, "spool write failed")
     try:
-        result: Ingested = ingest(spool, path, source, expected_study=study_uid)
+        result: Ingested = ingest(spool, received, source, expected_study=study_uid)
         h = result.header
         ids = (h.sop_class_uid, h.sop_instance_uid, h.study_uid, h.series_uid) if h else ("", "", "", "")
         if result.verdict in (Verdict.STORED, Verdict.DELIVERED):
             return PartResult(*ids)
         return PartResult(*ids, FAILURE_REASON.get(result.verdict, PROCESSING_FAILURE), result.reason)
     finally:
-        path.unlink(missing_ok=True)  # consumed by ingest when stored; a refused one goes
+        # Consumed by ingest when stored; a refused one goes.
+        if isinstance(received, Receipt):
+            received.abandon()
+        else:
+            received.unlink(missing_ok=True)
 
 
 async def _parts(request: web.Request, incoming: Path) -> AsyncIterator[StreamedPart]:
@@ -179,12 +197,12 @@ async def store(request: web.Request) -> web.StreamResponse:
     try:
         async for part in _parts(request, spool.incoming):
             part_type = media_type(part.headers.get("content-type", DICOM))
-            path = part.path or await asyncio.to_thread(_write_incoming, spool.incoming, part.data or b"")
             if part_type not in (DICOM, OCTET_STREAM):
-                path.unlink(missing_ok=True)
+                if part.path is not None:
+                    part.path.unlink(missing_ok=True)
                 results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"part of type {part_type}"))
                 continue
-            results.append(await asyncio.to_thread(_take, spool, path, source, study_uid))
+            results.append(await asyncio.to_thread(_take, spool, part, source, study_uid))
     except MultipartError as exc:
         log.warning("STOW-RS from %s: body unreadable after %d parts: %s", request.remote, len(results), exc)
         results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"unreadable multipart body: {exc}"))

@@ -350,15 +350,6 @@ def fsynced_paths(calls: list[Call]) -> list[tuple[Call, str]]:
     return found
 
 
-def renamed_paths(calls: list[Call]) -> dict[str, tuple[Call, str]]:
-    """Successful renames by destination: (call, source)."""
-    found = {}
-    for call in calls:
-        if m := re.match(r'^rename(?:at2?)?\((?:\S+, )?"(.+?)", (?:\S+, )?"(.+?)".*\) += 0$', call.text):
-            found[m.group(2)] = (call, m.group(1))
-    return found
-
-
 def pwrites(calls: list[Call]) -> dict[str, list[tuple[Call, int, bytes]]]:
     """Successful pwrite64 calls by the path of their fd: (call, file offset, the
     first bytes written)."""
@@ -419,18 +410,24 @@ def test_every_success_follows_the_record_and_directory_sync(tmp_path: Path, res
     late_mkdirs = [c.text for c in calls if re.match(r"^mkdir(?:at)?\(", c.text) and c.start > first_store]
     assert not late_mkdirs, f"mkdir on the acknowledgement path: {late_mkdirs[:3]}"
 
-    fsyncs, writes, created = fsynced_paths(calls), pwrites(calls), created_paths(calls)
     for uid, response in successes.items():
-        final = spooled[uid]
-        before = [(c, offset, data) for c, offset, data in writes.get(final, []) if c.start < response.start]
-        seals = [c for c, offset, data in before if offset == 0 and data.startswith(RECORD_MAGIC)]
-        assert seals, f"{uid}: Success sent before its record was sealed"
-        last_write = max(c.end for c, _, _ in before)
-        assert any(path == final and last_write < c.start and c.end < response.start for c, path in fsyncs), (
-            f"{uid}: Success sent before its bytes were synced"
-        )
-        creation = created[final]
-        directory = str(Path(final).parent)
-        assert any(path == directory and creation.end < c.start and c.end < response.start for c, path in fsyncs), (
-            f"{uid}: Success sent before its directory entry was synced"
-        )
+        problem = record_not_durable(calls, spooled[uid], response)
+        assert problem is None, f"{uid}: Success sent before {problem}"
+
+
+def record_not_durable(calls: list[Call], final: str, moment: Call) -> str | None:
+    """Why the spool record ``final`` was not durable when ``moment`` was entered: its
+    seal not written, its bytes not synced after their last write, or its directory
+    entry not synced after its creation; None when it was."""
+    writes = [(c, offset, data) for c, offset, data in pwrites(calls).get(final, []) if c.start < moment.start]
+    if not any(offset == 0 and data.startswith(RECORD_MAGIC) for _, offset, data in writes):
+        return "its record was sealed"
+    last_write = max(c.end for c, _, _ in writes)
+    fsyncs = fsynced_paths(calls)
+    if not any(path == final and last_write < c.start and c.end < moment.start for c, path in fsyncs):
+        return "its bytes were synced"
+    creation = created_paths(calls)[final]
+    directory = str(Path(final).parent)
+    if not any(path == directory and creation.end < c.start and c.end < moment.start for c, path in fsyncs):
+        return "its directory entry was synced"
+    return None
