@@ -68,6 +68,8 @@ def verify(fd: int) -> Preamble:
         raise CorruptRecord("a blank, not a sealed record")
     if head.kind != "record":
         return head
+    if head.length < PREAMBLE + 4:
+        raise CorruptRecord(f"record of {head.length} bytes cannot hold a Part 10 file")
     crc, offset = 0, PREAMBLE
     while offset < head.length:
         chunk = os.pread(fd, min(_CHUNK, head.length - offset), offset)

@@ -139,6 +139,8 @@ class Reserve:
         made: list[Path] = []
         try:
             for _ in range(count):
+                if self._stopping:
+                    break  # a stop never waits for a whole batch of blanks
                 token = uuid.uuid4().hex
                 path = self.objects / token[:2] / f"{token}.dcm"
                 fd = self.disk.create(path)
