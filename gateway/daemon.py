@@ -50,7 +50,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
     spool = Spool(config.spool)
     requeued, adopted = spool.recover()
-    spool.reserve.start()
+    spool.start()
     if requeued:
         log.warning("requeued %d instance(s) left in 'sending' by an unclean stop", requeued)
     if adopted:
@@ -64,6 +64,14 @@ async def _run(config: Config, config_path: Path | None) -> None:
     linger = 0.0 if config.dimse.ack == "delivered" else config.spool.batch_linger_ms / 1000
     forwarder = Forwarder(spool, upstream, config.spool, linger, metrics)
     spool.on_enqueue = lambda: loop.call_soon_threadsafe(forwarder.wake)
+
+    def index_problem(reason: str | None) -> None:
+        if reason is None:
+            loop.call_soon_threadsafe(forwarder.problems.clear, "spool index")
+        else:
+            loop.call_soon_threadsafe(forwarder.problems.set, "spool index", reason)
+
+    spool.on_index_problem = index_problem
     await forwarder.start()
 
     retriever = Retriever(config, upstream, metrics)
@@ -163,6 +171,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
         spool.release_waiters()
         store.close()
         spool.on_enqueue = lambda: None
+        spool.on_index_problem = lambda reason: None
         await forwarder.stop(grace)
         await runner.cleanup()
         retriever.close()  # after the facade's last request: it converts on these threads

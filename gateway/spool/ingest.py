@@ -85,9 +85,10 @@ def ingest(
     except Exception as exc:  # noqa: BLE001 - never acknowledge what is not stored
         log.exception("instance %s from %s could not be spooled", uid, source)
         return Ingested(Verdict.NO_SPACE, f"spool error: {type(exc).__name__}", header)
-    log.debug("spooled %s as id %d", uid, row_id)
+    log.debug("spooled %s as id %s", uid, row_id if row_id is not None else "(being indexed)")
     if wait_delivery is None:
         return Ingested(Verdict.STORED, "", header)
+    assert row_id is not None  # a watched row is written before commit returns
     outcome = spool.wait_outcome(row_id, wait_delivery)
     if outcome is None:
         return Ingested(Verdict.NOT_DELIVERED, "not delivered in time; still queued", header)

@@ -35,6 +35,7 @@ from gateway.fsutil import fsync_path, make_buckets
 from gateway.header import HeaderError, InstanceHeader, read_header
 from gateway.spool.db import SpoolDB
 from gateway.spool.disk import Disk
+from gateway.spool.indexer import Indexer, PendingRow
 from gateway.spool.receipt import Receipt
 from gateway.spool.record import BLANK_PREAMBLE, PREAMBLE, CorruptRecord, read_preamble, verify
 from gateway.spool.reserve import Reserve
@@ -116,9 +117,24 @@ class Spool:
         self.disk = Disk()
         self.reserve = Reserve(self.objects, self.disk, cfg.reserve_mb * MiB, self._headroom)
         self._receiving: set[Receipt] = set()
+        self._indexer: Indexer | None = None
+        # Told why rows cannot be written (None: they can again); called on the indexer thread.
+        self.on_index_problem: Callable[[str | None], None] = lambda reason: None
+
+    def start(self) -> None:
+        """The daemon's background work: the reserve of blanks, and the thread that
+        indexes sealed records (before it runs, `commit` inserts each row itself)."""
+        self.reserve.start()
+        self._indexer = Indexer(
+            self._insert_many, lambda: self.on_enqueue(), lambda reason: self.on_index_problem(reason)
+        )
+        self._indexer.start()
 
     def close(self) -> None:
         self.reserve.stop()
+        if self._indexer is not None:
+            self._indexer.stop()
+            self._indexer = None
         self.db.close()
 
     def _headroom(self) -> int:
@@ -200,27 +216,38 @@ class Spool:
         with self._bytes_lock:
             self._stored_bytes = int(total)
 
+    def _insert_many(self, rows: list[PendingRow]) -> None:
+        """Insert the rows of sealed records in one transaction (the indexer's)."""
+        with self.db.connection() as db, immediate(db):
+            for final, header, calling_ae, received_at, size in rows:
+                self._insert_row(db, final, header, calling_ae, received_at, size)
+
     def _insert(
         self, final: Path, header: InstanceHeader, calling_ae: str, received_at: float, size: int | None = None
     ) -> int:
         with self.db.connection() as db, immediate(db):
-            cur = db.execute(
-                "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
-                " transfer_syntax, file, size, calling_ae, received_at, state, attempts,"
-                " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,'queued',0,0)",
-                (
-                    header.sop_instance_uid,
-                    header.sop_class_uid,
-                    header.study_uid,
-                    header.series_uid,
-                    header.transfer_syntax,
-                    str(final.relative_to(self.directory)),
-                    final.stat().st_size if size is None else size,
-                    calling_ae,
-                    received_at,
-                ),
-            )
-            return int(cur.lastrowid or 0)
+            return self._insert_row(db, final, header, calling_ae, received_at, size)
+
+    def _insert_row(
+        self, db: Any, final: Path, header: InstanceHeader, calling_ae: str, received_at: float, size: int | None
+    ) -> int:
+        cur = db.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
+            " transfer_syntax, file, size, calling_ae, received_at, state, attempts,"
+            " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,'queued',0,0)",
+            (
+                header.sop_instance_uid,
+                header.sop_class_uid,
+                header.study_uid,
+                header.series_uid,
+                header.transfer_syntax,
+                str(final.relative_to(self.directory)),
+                final.stat().st_size if size is None else size,
+                calling_ae,
+                received_at,
+            ),
+        )
+        return int(cur.lastrowid or 0)
 
     # ---- ingest (association threads) ----------------------------------------
 
@@ -311,12 +338,17 @@ class Spool:
         if receipt.reusable and receipt.capacity is not None:
             self.reserve.give_back(receipt.path, receipt.capacity)
 
-    def commit(self, receipt: Receipt, header: InstanceHeader, calling_ae: str, watch: bool = False) -> int:
-        """Seal a received instance as a durable record and queue it; return its row id.
+    def commit(
+        self, receipt: Receipt, header: InstanceHeader, calling_ae: str, watch: bool = False
+    ) -> int | None:
+        """Seal a received instance as a durable record and queue it; return its row id
+        (None: the row is being written by the indexer).
 
-        The one ``fdatasync`` of `Receipt.seal` is what a C-STORE Success rests on; the
-        row commit after it is not synced (WAL), and a record whose row a power cut
-        took is adopted again at start-up (`recover`). Raises SpoolFull when the disk
+        The one ``fdatasync`` of `Receipt.seal` is what a C-STORE Success rests on. Its
+        row is not: a sealed record without a row is adopted at start-up (`recover`),
+        so once the daemon runs (`start`) rows are written by the indexer thread, many
+        per transaction, off the acknowledgement's path; only a watched row (``ack =
+        "delivered"`` waits for it) is written here. Raises SpoolFull when the disk
         cannot take it; the receipt is then abandoned.
         """
         try:
@@ -331,6 +363,12 @@ class Spool:
             receipt.abandon()
             raise
         self.reserve.note(length)
+        indexer = self._indexer
+        if indexer is not None and not watch:
+            with self._bytes_lock:
+                self._stored_bytes += length
+            indexer.add((receipt.path, header, calling_ae, time.time(), length))
+            return None
         return self._queue(receipt.path, header, calling_ae, watch, length)
 
     def enqueue(

@@ -1,0 +1,70 @@
+"""Rows of sealed records are written off the acknowledgement's path, and never dropped."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from gateway.config import SpoolConfig
+from gateway.spool.ingest import Verdict, ingest
+from gateway.spool.queue import Spool
+from gateway.spool.record import PREAMBLE
+from tests.support.synth import ct_series
+
+
+def store(spool: Spool, data: bytes) -> None:
+    receipt = spool.receive()
+    receipt.write(data[PREAMBLE:])
+    assert ingest(spool, receipt, "MOD").verdict is Verdict.STORED
+
+
+def test_rows_wait_while_the_database_is_locked_and_are_written_after(tmp_path: Path) -> None:
+    """The spool database locked by another process: C-STOREs are still acknowledged
+    (their records are sealed), /healthz hears why rows wait, and once the lock goes
+    every row is written and the problem cleared."""
+    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0, busy_timeout=0.05))
+    problems: list[str | None] = []
+    written = threading.Event()
+    spool.on_index_problem = problems.append
+    spool.on_enqueue = written.set
+    spool.start()
+    files = [p.read_bytes() for p in ct_series(tmp_path / "ct", 5, 32, 32)]
+    other = sqlite3.connect(spool.db.path)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        for data in files:
+            store(spool, data)
+        deadline = time.monotonic() + 10
+        while not problems and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert problems and "locked" in str(problems[0])
+        other.rollback()
+        assert written.wait(10)
+        deadline = time.monotonic() + 10
+        while problems[-1] is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert problems[-1] is None
+        assert spool.status()["counts"]["queued"] == 5
+    finally:
+        other.close()
+        spool.close()
+
+
+def test_rows_not_written_at_stop_are_adopted_at_the_next_start(tmp_path: Path) -> None:
+    cfg = SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0, busy_timeout=0.05)
+    spool = Spool(cfg)
+    spool.start()
+    other = sqlite3.connect(spool.db.path)
+    other.execute("BEGIN EXCLUSIVE")
+    for data in [p.read_bytes() for p in ct_series(tmp_path / "ct", 3, 32, 32)]:
+        store(spool, data)
+    spool.close()
+    other.rollback()
+    other.close()
+    spool = Spool(cfg)
+    try:
+        assert spool.recover() == (0, 3)
+    finally:
+        spool.close()
