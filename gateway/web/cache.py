@@ -120,10 +120,16 @@ class FacadeCache:
     # -- what the routes ask ---------------------------------------------------------
 
     async def metadata(
-        self, study: str, series: str | None, sop: str | None, fetch: Callable[[], Awaitable[Sequence[JsonObject]]]
+        self,
+        study: str,
+        series: str | None,
+        sop: str | None,
+        fetch: Callable[[], Awaitable[Sequence[JsonObject]]],
+        image_set: str | None = None,
     ) -> list[JsonObject]:
-        """The metadata at the level the UIDs name, from the cache or from ``fetch``."""
-        key = f"{study}/{series or ''}/{sop or ''}/metadata"
+        """The metadata at the level the UIDs name (in the HealthImaging image set
+        ``image_set`` when given: kept apart), from the cache or from ``fetch``."""
+        key = f"{study}/{series or ''}/{sop or ''}/metadata" + _scope(image_set)
         cached = await self._read(key)
         self._count("metadata", cached is not None)
         if cached is not None:
@@ -141,21 +147,23 @@ class FacadeCache:
         sop: str,
         numbers: Sequence[int],
         fetch: Callable[[list[int]], AsyncIterator[Frame]],
+        image_set: str | None = None,
     ) -> AsyncIterator[Frame]:
         """The frames in the order asked, each from the cache or, for each run of missing
         ones, from ``fetch(run)`` (kept as they pass), so the answer still streams."""
         pending: list[int] = []
+        scope = _scope(image_set)
 
         async def flush() -> AsyncIterator[Frame]:
             run = list(pending)
             pending.clear()
             async with contextlib.aclosing(fetch(run)) as fetched:  # its cleanup runs if the client goes
                 async for frame in fetched:
-                    await self._write(f"{study}/{series}/{sop}/frame/{frame.number}", frame.data, frame.transfer_syntax, 0.0)
+                    await self._write(f"{study}/{series}/{sop}/frame/{frame.number}{scope}", frame.data, frame.transfer_syntax, 0.0)
                     yield frame
 
         for number in [*numbers, 0]:  # 0: the end, where the last missing run is fetched
-            cached = await self._read(f"{study}/{series}/{sop}/frame/{number}") if number else None
+            cached = await self._read(f"{study}/{series}/{sop}/frame/{number}{scope}") if number else None
             if number:
                 self._count("frame", cached is not None)
             if cached is None and number:
@@ -167,6 +175,11 @@ class FacadeCache:
                         yield frame
             if cached is not None:
                 yield Frame(number, cached[0], cached[1])
+
+
+def _scope(image_set: str | None) -> str:
+    """The key suffix of entries read from a named image set."""
+    return f"@{image_set}" if image_set else ""
 
 
 def _write_file(path: Path, data: bytes) -> None:

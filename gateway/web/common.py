@@ -4,6 +4,7 @@ answers, and a streamed ``multipart/related`` response."""
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Mapping
 
@@ -13,8 +14,11 @@ from gateway.codecs.errors import TranscodeError
 from gateway.model.query import QueryError
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+from gateway.web.keys import UPSTREAM
 
 log = logging.getLogger("gateway.web")
+# What HealthImaging's image set IDs look like (its API's pattern).
+IMAGE_SET_ID = re.compile(r"[0-9a-z]{32}")
 
 
 class NotAcceptable(Exception):
@@ -26,9 +30,31 @@ def text_error(status: int, message: str, headers: Mapping[str, str] | None = No
     return web.Response(status=status, text=message.rstrip() + "\n", headers=dict(headers or {}))
 
 
+def image_set_id(request: web.Request) -> str | None:
+    """The ``imageSetId`` a request under ``/datastore/{datastoreId}`` names, when the
+    upstream is HealthImaging (the only archive with image sets); None otherwise, so
+    other upstreams accept the parameter and ignore it. HTTPBadRequest for a value
+    that cannot be an image set ID."""
+    value = request.query.get("imageSetId")
+    if not value or "datastoreId" not in request.match_info or request.app[UPSTREAM].kind != "healthimaging":
+        return None
+    if not IMAGE_SET_ID.fullmatch(value):
+        raise web.HTTPBadRequest(text="imageSetId is not a HealthImaging image set ID (32 lowercase letters and digits)\n")
+    return value
+
+
+def subject(what: str, request: web.Request) -> str:
+    """``what`` a route does, naming the image set it reads when the request names one,
+    so a 404 says where the instance was looked for."""
+    named = image_set_id(request)
+    return f"{what} in image set {named}" if named else what
+
+
 def path_uids(request: web.Request) -> dict[str, str]:
     """The study/series/instance UIDs of the path; HTTPBadRequest for one that is not
-    a UID (so nothing odd ever reaches a URL or a file name upstream)."""
+    a UID (so nothing odd ever reaches a URL or a file name upstream), or for an
+    ``imageSetId`` that is not an image set ID."""
+    image_set_id(request)
     out = {}
     for name in ("study", "series", "instance"):
         value = request.match_info.get(name)

@@ -33,7 +33,7 @@ from gateway.retrieval.transcode import part10_file
 from gateway.upstream.base import Retrieved
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, UpstreamRejected
-from gateway.web.common import NotAcceptable, error_response, path_uids, text_error
+from gateway.web.common import NotAcceptable, error_response, path_uids, subject, text_error
 from gateway.web.keys import RETRIEVER, UPSTREAM
 from gateway.web.wado import PIXEL_TAGS, InstanceBody, InstanceForm, fetch_instance, frames_of, metadata_of
 
@@ -164,7 +164,7 @@ async def render(request: web.Request, ref: InstanceRef, frame: int, options: Re
 def _rendered_handler(thumbnail: bool) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         uids = path_uids(request)
-        what = "thumbnail" if thumbnail else "rendered"
+        what = subject("thumbnail" if thumbnail else "rendered", request)
         try:
             options = rs_options(request, thumbnail)
             frame = 1

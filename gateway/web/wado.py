@@ -62,7 +62,7 @@ from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.local import read_frames
 from gateway.web.cache import content_etag, etag_for, not_modified
-from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids, request_root
+from gateway.web.common import MultipartStream, NotAcceptable, error_response, image_set_id, path_uids, request_root, subject
 from gateway.web.keys import CACHE, CONFIG, RETRIEVER, UPSTREAM
 
 log = logging.getLogger("gateway.web")
@@ -231,13 +231,14 @@ class InstanceBody:
 async def fetch_instance(request: web.Request, ref: InstanceRef) -> Retrieved:
     retriever = request.app[RETRIEVER]
     return await request.app[UPSTREAM].retrieve_instance(
-        ref.study_uid, ref.series_uid, ref.sop_instance_uid, retriever.spill_dir, retriever.spill_bytes, acceptable=ANY_SYNTAX
+        ref.study_uid, ref.series_uid, ref.sop_instance_uid, retriever.spill_dir, retriever.spill_bytes,
+        acceptable=ANY_SYNTAX, image_set_id=image_set_id(request),
     )
 
 
 async def retrieve_instance(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
-    what = "WADO-RS instance"
+    what = subject("WADO-RS instance", request)
     ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
     try:
         form = instance_form(request.headers.get("Accept"), single_allowed=True)
@@ -267,11 +268,18 @@ async def retrieve_instance(request: web.Request) -> web.StreamResponse:
 
 
 async def _instances(request: web.Request, study: str, series: str | None) -> AsyncIterator[tuple[Retrieved, InstanceRef]]:
-    """Every instance of the study or series, each as soon as it has arrived."""
+    """Every instance of the study or series, each as soon as it has arrived; those of
+    the named image set (HealthImaging) as its metadata lists them."""
     upstream = request.app[UPSTREAM]
     retriever = request.app[RETRIEVER]
     caps = upstream.capabilities
     seen: set[str] = set()
+    if image_set_id(request):
+        for obj in await metadata_of(request, study, series, None):
+            ref = InstanceRef(study, _uid(obj, "0020000E"), _uid(obj, "00080018"), _uid(obj, "00080016"))
+            if is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid):
+                yield await fetch_instance(request, ref), ref
+        return
     if caps.series_retrieve if series else caps.study_retrieve:
         try:
             async for retrieved in upstream.iter_instances(study, series, retriever.spill_dir, retriever.spill_bytes):
@@ -303,7 +311,7 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
     """A study or series as one multipart answer, streamed instance by instance."""
     uids = path_uids(request)
     series = uids.get("series")
-    what = f"WADO-RS {'series' if series else 'study'}"
+    what = subject(f"WADO-RS {'series' if series else 'study'}", request)
     started = time.monotonic()
     stream: MultipartStream | None = None
     sent = 0
@@ -371,9 +379,12 @@ async def metadata_of(request: web.Request, study: str, series: str | None, sop:
     when the upstream is remote."""
     upstream = request.app[UPSTREAM]
     cache = request.app[CACHE]
+    named = image_set_id(request)
     if cache is None:
-        return list(await upstream.retrieve_metadata(study, series, sop))
-    return await cache.metadata(study, series, sop, lambda: upstream.retrieve_metadata(study, series, sop))
+        return list(await upstream.retrieve_metadata(study, series, sop, image_set_id=named))
+    return await cache.metadata(
+        study, series, sop, lambda: upstream.retrieve_metadata(study, series, sop, image_set_id=named), named
+    )
 
 
 def _metadata_cache_control(request: web.Request, instance: bool) -> str:
@@ -386,7 +397,7 @@ def _metadata_cache_control(request: web.Request, instance: bool) -> str:
 
 async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
-    what = "WADO-RS metadata"
+    what = subject("WADO-RS metadata", request)
     try:
         fmt = metadata_format(request.headers.get("Accept"))
         objects = [dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"))]
@@ -447,7 +458,8 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
     try:
         if upstream.capabilities.frames:
             async for frame in upstream.retrieve_frames(
-                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=ANY_SYNTAX
+                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=ANY_SYNTAX,
+                image_set_id=image_set_id(request),
             ):
                 given += 1
                 yield frame
@@ -482,13 +494,14 @@ def frames_of(request: web.Request, ref: InstanceRef, numbers: list[int]) -> Asy
     if cache is None:
         return stored_frames(request, ref, numbers)
     return cache.frames(
-        ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, lambda run: stored_frames(request, ref, run)
+        ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, lambda run: stored_frames(request, ref, run),
+        image_set_id(request),
     )
 
 
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
-    what = "WADO-RS frames"
+    what = subject("WADO-RS frames", request)
     numbers = frame_numbers(request.match_info["frames"])
     codecs = request.app[RETRIEVER].codecs
     loop = asyncio.get_running_loop()
@@ -521,7 +534,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 target = source if form.syntax == ANY else form.syntax
                 media = form.part_type if form.part_type not in ("*/*", "application/*", "image/*") else frame_media_type(target)
                 validators = {
-                    "ETag": etag_for(sop, numbers, media, target),
+                    "ETag": etag_for(sop, numbers, media, target, *filter(None, [image_set_id(request)])),
                     "Cache-Control": f"private, max-age={request.app[CONFIG].http.cache.client_max_age}",
                     "Vary": "Accept",  # the same URL has a representation per media type and syntax
                 }
@@ -588,7 +601,7 @@ def bulk_value(path: Path, tag_path: str) -> bytes:
 async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
     """A BulkDataURI of the metadata: the element's value as one octet-stream part."""
     uids = path_uids(request)
-    what = "WADO-RS bulkdata"
+    what = subject("WADO-RS bulkdata", request)
     ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
     retriever = request.app[RETRIEVER]
     spill = retriever.spill_dir / f"{uuid.uuid4().hex}.bulk"
