@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
@@ -103,13 +103,28 @@ def error_response(exc: BaseException, what: str) -> web.Response:
     return text_error(500, f"{what}: internal error ({type(exc).__name__})")
 
 
+async def send_streamed(request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Send a one-part answer chunk by chunk; a HEAD request gets its status and
+    headers only (aiohttp would otherwise put the chunks on the wire unframed)."""
+    await response.prepare(request)
+    if request.method != "HEAD":
+        async for chunk in chunks:
+            await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
 class MultipartStream:
     """A ``multipart/related`` answer written part by part as each becomes ready, so a
     series of any size never sits in memory. Each part's header line is spelled
-    exactly ``Content-Type:`` (some viewers match it case-sensitively)."""
+    exactly ``Content-Type:`` (some viewers match it case-sensitively).
+
+    For a HEAD request nothing after the headers is written, and ``head`` tells the
+    route it may stop as soon as the answer has begun (its headers are then final)."""
 
     def __init__(self, request: web.Request, part_type: str, extra: str = "", status: int = 200) -> None:
         self.request = request
+        self.head = request.method == "HEAD"
         self.boundary = f"dicomgw-{secrets.token_hex(12)}"
         self.response = web.StreamResponse(status=status)
         self.response.content_type = "multipart/related"
@@ -123,19 +138,25 @@ class MultipartStream:
     async def part(self, content_type: str, chunks: list[bytes] | None = None, extra_headers: str = "") -> None:
         """Begin a part; its content follows with `write` unless ``chunks`` are given."""
         await self.start()
+        self.parts += 1
+        if self.head:
+            return
         head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n{extra_headers}\r\n"
-        if self.parts:
+        if self.parts > 1:
             head = "\r\n" + head
         await self.response.write(head.encode("latin-1"))
-        self.parts += 1
         for chunk in chunks or ():
             await self.response.write(chunk)
 
     async def write(self, data: bytes | memoryview) -> None:
-        await self.response.write(bytes(data))
+        if not self.head:
+            await self.response.write(bytes(data))
 
     async def finish(self) -> web.StreamResponse:
         await self.start()
+        if self.head:
+            await self.response.write_eof()
+            return self.response
         tail = f"--{self.boundary}--\r\n"
         await self.response.write(((("\r\n") if self.parts else "") + tail).encode("latin-1"))
         await self.response.write_eof()

@@ -33,7 +33,7 @@ from gateway.retrieval.transcode import part10_file
 from gateway.upstream.base import Retrieved
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, UpstreamRejected
-from gateway.web.common import NotAcceptable, error_response, path_uids, subject, text_error
+from gateway.web.common import NotAcceptable, error_response, path_uids, send_streamed, subject, text_error
 from gateway.web.keys import RETRIEVER, UPSTREAM
 from gateway.web.wado import PIXEL_TAGS, InstanceBody, InstanceForm, fetch_instance, frames_of, metadata_of
 
@@ -209,11 +209,7 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
                 form = InstanceForm(True, q.get("transferSyntax", "1.2.840.10008.1.2.1"))
                 await body.prepare(form.syntax)
                 response = web.StreamResponse(headers={"Content-Type": f"application/dicom; transfer-syntax={body.syntax}"})
-                await response.prepare(request)
-                async for chunk in body.chunks:
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
+                return await send_streamed(request, response, body.chunks)
             finally:
                 body.release()
         if content_type not in FORMATS:

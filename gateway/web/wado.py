@@ -62,7 +62,16 @@ from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.local import read_frames
 from gateway.web.cache import content_etag, etag_for, not_modified
-from gateway.web.common import MultipartStream, NotAcceptable, error_response, image_set_id, path_uids, request_root, subject
+from gateway.web.common import (
+    MultipartStream,
+    NotAcceptable,
+    error_response,
+    image_set_id,
+    path_uids,
+    request_root,
+    send_streamed,
+    subject,
+)
 from gateway.web.keys import CACHE, CONFIG, RETRIEVER, UPSTREAM
 
 log = logging.getLogger("gateway.web")
@@ -252,12 +261,7 @@ async def retrieve_instance(request: web.Request) -> web.StreamResponse:
             return error_response(exc, what)
         content_type = f"{DICOM}; transfer-syntax={body.syntax}"
         if form.single:
-            response = web.StreamResponse(headers={"Content-Type": content_type})
-            await response.prepare(request)
-            async for chunk in body.chunks:
-                await response.write(chunk)
-            await response.write_eof()
-            return response
+            return await send_streamed(request, web.StreamResponse(headers={"Content-Type": content_type}), body.chunks)
         stream = MultipartStream(request, DICOM)
         await stream.part(content_type)
         async for chunk in body.chunks:
@@ -330,6 +334,8 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
                     sent += 1
                 finally:
                     body.release()
+                if stream is not None and stream.head:
+                    break  # the headers are out: nothing more to send
     except (ConnectionResetError, asyncio.CancelledError):
         log.info("%s: client went away after %d instances", what, sent)
         raise
@@ -545,6 +551,8 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                     stream = MultipartStream(request, media, f"; transfer-syntax={target}")
                     stream.response.headers.update(validators)
                 await stream.part(f"{media}; transfer-syntax={target}", [data])
+                if stream.head:
+                    break
     except Exception as exc:  # noqa: BLE001
         if stream is None:
             return error_response(exc, what)
