@@ -4,7 +4,11 @@ and metadata, so a viewer scrolling a series twice costs the archive one pass.
 A SOP Instance UID names one immutable object, so frames and instance metadata are kept
 until evicted (least recently used first once ``http.cache.max_mb`` is reached) or until
 a DELETE through the facade drops the study's entries; study and series metadata change
-as instances arrive, so they are reused only ``http.cache.metadata_seconds``.
+as instances arrive, so they are reused only ``http.cache.metadata_seconds``, and are
+dropped at once when instances of theirs are stored (STOW-RS through the facade, and
+again when the forwarder delivers any instance), with the stored instances' own
+entries (Azure's PUT replaces an instance). An answer fetched while a study's entries
+were dropped is not kept: it may predate the change.
 
 The index lives in memory and the entries an earlier run left are removed at start, so
 nothing stale from an earlier run (or another upstream) is ever served. Values are read whole
@@ -23,7 +27,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,8 @@ from gateway.upstream.base import Frame, JsonObject
 
 log = logging.getLogger("gateway.web")
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}(\.[0-9a-f]{32}\.tmp)?")
+# Studies whose changes are counted (a fetch that saw a count vanish keeps nothing).
+CHANGES_KEPT = 10_000
 
 
 @dataclass
@@ -54,6 +60,7 @@ class FacadeCache:
         self.metadata_seconds = metadata_seconds
         self.index: OrderedDict[str, _Entry] = OrderedDict()
         self.bytes = 0
+        self._changes: dict[str, int] = {}  # study UID -> times its entries were dropped
         directory.mkdir(parents=True, exist_ok=True)
         for path in directory.iterdir():  # only what a cache wrote: the directory is the admin's
             if _ENTRY_NAME.fullmatch(path.name):
@@ -110,7 +117,22 @@ class FacadeCache:
 
     def forget_study(self, study: str) -> None:
         """Drop every entry of ``study`` (after a DELETE of it or of anything in it)."""
-        for key in [k for k in self.index if k.startswith(f"{study}/")]:
+        self._forget(study, (f"{study}/",))
+
+    def forget_stored(self, study: str, instances: Iterable[tuple[str, str]]) -> None:
+        """Drop what storing ``instances`` ((series UID, SOP Instance UID) pairs of
+        ``study``) makes stale: the study's metadata, their series' metadata, and their
+        own metadata and frames (a stored instance may replace one)."""
+        prefixes = {f"{study}///metadata"}
+        for series, sop in instances:
+            prefixes |= {f"{study}/{series}//metadata", f"{study}/{series}/{sop}/"}
+        self._forget(study, tuple(prefixes))
+
+    def _forget(self, study: str, prefixes: tuple[str, ...]) -> None:
+        self._changes[study] = self._changes.pop(study, 0) + 1
+        if len(self._changes) > CHANGES_KEPT:  # the longest unchanged study is forgotten
+            del self._changes[next(iter(self._changes))]
+        for key in [k for k in self.index if k.startswith(prefixes)]:
             self._drop(key)
 
     def _count(self, kind: str, hit: bool) -> None:
@@ -134,9 +156,10 @@ class FacadeCache:
         self._count("metadata", cached is not None)
         if cached is not None:
             return list(json.loads(cached[0]))
+        before = self._changes.get(study)
         objects = list(await fetch())
         expires = 0.0 if sop else time.monotonic() + self.metadata_seconds
-        if sop or self.metadata_seconds > 0:
+        if (sop or self.metadata_seconds > 0) and self._changes.get(study) == before:
             await self._write(key, json.dumps(objects).encode("utf-8"), "", expires)
         return objects
 
@@ -157,9 +180,11 @@ class FacadeCache:
         async def flush() -> AsyncIterator[Frame]:
             run = list(pending)
             pending.clear()
+            before = self._changes.get(study)
             async with contextlib.aclosing(fetch(run)) as fetched:  # its cleanup runs if the client goes
                 async for frame in fetched:
-                    await self._write(f"{study}/{series}/{sop}/frame/{frame.number}{scope}", frame.data, frame.transfer_syntax, 0.0)
+                    if self._changes.get(study) == before:
+                        await self._write(f"{study}/{series}/{sop}/frame/{frame.number}{scope}", frame.data, frame.transfer_syntax, 0.0)
                     yield frame
 
         for number in [*numbers, 0]:  # 0: the end, where the last missing run is fetched

@@ -414,19 +414,23 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
         study, series, sop = _uid(obj, "0020000D") or uids["study"], _uid(obj, "0020000E"), _uid(obj, "00080018")
         if all(is_valid_uid(u) for u in (study, series, sop)):
             rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
+    # Validated by content, JSON and XML alike: the XML parts' boundary changes with
+    # every answer, so the ETag is of the parts themselves.
+    body = json.dumps(objects, ensure_ascii=False).encode("utf-8") if fmt == "json" else b""
+    parts = [] if fmt == "json" else [native_xml(obj) for obj in objects]
+    validators = {
+        "ETag": content_etag(body if fmt == "json" else b"\0".join([b"xml", *parts])),
+        "Cache-Control": _metadata_cache_control(request, "instance" in uids),
+        "Vary": "Accept",
+    }
+    if not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
+        return web.Response(status=304, headers=validators)
     if fmt == "json":
-        body = json.dumps(objects, ensure_ascii=False).encode("utf-8")
-        validators = {
-            "ETag": content_etag(body),
-            "Cache-Control": _metadata_cache_control(request, "instance" in uids),
-            "Vary": "Accept",
-        }
-        if not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
-            return web.Response(status=304, headers=validators)
         return web.Response(body=body, content_type=DICOM_JSON, headers=validators)
     stream = MultipartStream(request, DICOM_XML)
-    for obj in objects:
-        await stream.part(DICOM_XML, [native_xml(obj)])
+    stream.response.headers.update(validators)
+    for part in parts:
+        await stream.part(DICOM_XML, [part])
     return await stream.finish()
 
 
