@@ -76,6 +76,8 @@ def _routes(gw: Gateway, path: Path) -> list[tuple[str, str]]:
         (f"{instance}/rendered", "image/png"),
         (f"{instance}/frames/2/rendered", "image/jpeg"),
         (f"{instance}/thumbnail", "image/png"),
+        (f"{study}/rendered", "image/png"),
+        (f"{series}/thumbnail", "image/jpeg"),
         (f"{gw.web_url}/wado?requestType=WADO&{uri}&contentType=application/dicom", "*/*"),
         (f"{gw.web_url}/wadouri/?requestType=WADO&{uri}&contentType=image/jpeg", "*/*"),
         (f"{gw.web_url}/v1/studies/{ds.StudyInstanceUID}/series", JSON),
