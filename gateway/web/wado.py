@@ -312,22 +312,40 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
 
 
 async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
-    """A study or series as one multipart answer, streamed instance by instance."""
+    """A study or series as one multipart answer, streamed instance by instance.
+
+    An instance that cannot be converted to the syntax asked for is left out, with a
+    warning naming it, and the others are sent: converting is deterministic, so
+    ending the answer there (the only other signal once the headers are out) would
+    make the whole series unreadable in that syntax for good, while checking every
+    instance before the first byte would hold a large series' answer back until all
+    of it was converted. When instances were left out before the answer began, its
+    ``Warning`` header says so; all left out is a 406."""
     uids = path_uids(request)
     series = uids.get("series")
     what = subject(f"WADO-RS {'series' if series else 'study'}", request)
     started = time.monotonic()
     stream: MultipartStream | None = None
     sent = 0
+    left_out: list[str] = []
     try:
         form = instance_form(request.headers.get("Accept"), single_allowed=False)
         async with contextlib.aclosing(_instances(request, uids["study"], series)) as instances:
             async for retrieved, ref in instances:
                 body = InstanceBody(request, retrieved, ref)
                 try:
-                    await body.prepare(form.syntax)
+                    try:
+                        await body.prepare(form.syntax)
+                    except TranscodeError as exc:
+                        left_out.append(ref.sop_instance_uid)
+                        log.warning("%s: instance %s left out: cannot convert it to %s: %s", what, ref.sop_instance_uid, form.syntax, exc)
+                        continue
                     if stream is None:
                         stream = MultipartStream(request, DICOM)
+                        if left_out:
+                            stream.response.headers["Warning"] = (
+                                f'299 dicom-gateway "{len(left_out)} instance(s) could not be converted to {form.syntax} and are left out"'
+                            )
                     await stream.part(f"{DICOM}; transfer-syntax={body.syntax}")
                     async for chunk in body.chunks:
                         await stream.write(chunk)
@@ -348,8 +366,13 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
             request.transport.close()
         return stream.response
     if stream is None:
+        if left_out:
+            return error_response(TranscodeError(f"none of the {len(left_out)} instance(s) converts to {form.syntax}"), what)
         return error_response(NotFound("no instances"), what)
-    log.info("%s: %d instances, %.3f s", what, sent, time.monotonic() - started)
+    if left_out:
+        log.warning("%s: %d instances sent, %d left out (not convertible to %s)", what, sent, len(left_out), form.syntax)
+    else:
+        log.info("%s: %d instances, %.3f s", what, sent, time.monotonic() - started)
     return await stream.finish()
 
 
