@@ -164,7 +164,9 @@ def _media(options: RenderOptions) -> str:
     return next(m for m, f in FORMATS.items() if f == options.fmt)
 
 
-async def rendered_image(request: web.Request, ref: InstanceRef, frame: int, options: RenderOptions, metadata: JsonObject | None = None) -> bytes:
+async def rendered_image(
+    request: web.Request, ref: InstanceRef, frame: int, options: RenderOptions, metadata: JsonObject | None = None
+) -> bytes:
     """Frame ``frame`` of the instance, rendered; ``metadata``: the instance's, when
     the caller has it already."""
     if metadata is None:
@@ -178,8 +180,8 @@ async def rendered_image(request: web.Request, ref: InstanceRef, frame: int, opt
     count = int(ds.get("NumberOfFrames") or 1)
     if frame > count:
         raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
-    monochrome_lut = VOI_LUT_SEQUENCE in metadata and options.window is None
-    needs_header = ds.get("PhotometricInterpretation") == "PALETTE COLOR" or monochrome_lut
+    voi_lut = VOI_LUT_SEQUENCE in metadata and options.window is None
+    needs_header = ds.get("PhotometricInterpretation") == "PALETTE COLOR" or voi_lut
     header = await _instance_header(request, ref) if needs_header else None
     async with contextlib.aclosing(frames_of(request, ref, [frame])) as frames:
         got = await anext(frames)

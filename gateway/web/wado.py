@@ -281,8 +281,12 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
     if image_set_id(request):
         for obj in await metadata_of(request, study, series, None):
             ref = InstanceRef(study, _uid(obj, "0020000E"), _uid(obj, "00080018"), _uid(obj, "00080016"))
-            if is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid):
+            if not (is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid)):
+                continue
+            try:
                 yield await fetch_instance(request, ref), ref
+            except NotFound:
+                continue  # deleted since it was listed
         return
     if caps.series_retrieve if series else caps.study_retrieve:
         try:
@@ -539,6 +543,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     codecs = request.app[RETRIEVER].codecs
     loop = asyncio.get_running_loop()
     study, series, sop = uids["study"], uids["series"], uids["instance"]
+    named = [image_set] if (image_set := image_set_id(request)) else []  # a named image set's frames validate apart
     stream: MultipartStream | None = None
     try:
         forms = frame_forms(request.headers.get("Accept"))
@@ -567,7 +572,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 target = source if form.syntax == ANY else form.syntax
                 media = form.part_type if form.part_type not in ("*/*", "application/*", "image/*") else frame_media_type(target)
                 validators = {
-                    "ETag": etag_for(sop, numbers, media, target, *filter(None, [image_set_id(request)])),
+                    "ETag": etag_for(sop, numbers, media, target, *named),
                     "Cache-Control": f"private, max-age={request.app[CONFIG].http.cache.client_max_age}",
                     "Vary": "Accept",  # the same URL has a representation per media type and syntax
                 }
