@@ -43,6 +43,7 @@ from gateway.web.common import (
     MultipartStream,
     NotAcceptable,
     error_response,
+    image_set_id,
     path_uids,
     request_root,
     send_streamed,
@@ -133,6 +134,14 @@ def _render(data: bytes, label: str, ds: Dataset, options: RenderOptions, header
 
 
 async def _first_instance(request: web.Request, study: str, series: str | None) -> InstanceRef:
+    """The study's or series' first instance (the first with an image, from the
+    metadata, in a named HealthImaging image set, which searches do not see)."""
+    if image_set_id(request):
+        for obj in await metadata_of(request, study, series, None):
+            ref = InstanceRef(study, _text(obj, "0020000E"), _text(obj, "00080018"), "")
+            if "00280010" in obj and is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid):
+                return ref
+        raise NotFound("no instance to render")
     upstream = request.app[UPSTREAM]
     search = Search(include=(0x0020000E, 0x00080018), study_uid=study, series_uid=series)
     async with contextlib.aclosing(upstream.search_for_instances(search)) as found:

@@ -102,6 +102,13 @@ def test_image_set_id_is_passed_to_healthimaging(emulator: Emulator, gateway: An
     assert r.content_type.startswith("application/dicom")
     r = curl(f"{other}/rendered?imageSetId={sets[False]}", "--header", "Accept: image/png")
     assert r.status == 200 and r.content_type == "image/png"
+    other_series = f"{root}/studies/{STUDY}/series/{OTHER_SERIES}"
+    r = curl(f"{other_series}/rendered?imageSetId={sets[False]}", "--header", "Accept: image/png")
+    assert r.status == 200 and [h["content-location"].split("/")[-2] for h, _ in r.parts()] == [OTHER_SOP]
+    r = curl(f"{other_series}/thumbnail?imageSetId={sets[False]}", "--header", "Accept: image/png")
+    assert r.status == 200 and r.content_type == "image/png"
+    r = curl(f"{other_series}?imageSetId={sets[False]}", "--header", "Accept: multipart/related; type=application/dicom; transfer-syntax=*")
+    assert r.status == 200 and len(r.parts()) == 1
     assert _searches(emulator, since) == []  # named image sets are read by ID, never searched for
 
     # An image set the data store does not have, or one not holding the instance: 404 naming it.
