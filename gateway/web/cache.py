@@ -59,6 +59,8 @@ class FacadeCache:
         self.max_bytes = max_bytes
         self.metadata_seconds = metadata_seconds
         self.index: OrderedDict[str, _Entry] = OrderedDict()
+        # study UID -> its keys, so dropping a study's entries never walks the whole index
+        self._by_study: dict[str, set[str]] = {}
         self.bytes = 0
         self._changes: dict[str, int] = {}  # study UID -> times its entries were dropped
         directory.mkdir(parents=True, exist_ok=True)
@@ -79,9 +81,19 @@ class FacadeCache:
         return entry
 
     def _drop(self, key: str) -> None:
+        entry = self._pop(key)
+        entry.path.unlink(missing_ok=True)
+
+    def _pop(self, key: str) -> _Entry:
+        """Remove ``key`` from the index (its file stays)."""
         entry = self.index.pop(key)
         self.bytes -= entry.size
-        entry.path.unlink(missing_ok=True)
+        study = key.split("/", 1)[0]
+        keys = self._by_study[study]
+        keys.discard(key)
+        if not keys:
+            del self._by_study[study]
+        return entry
 
     async def _read(self, key: str) -> tuple[bytes, str] | None:
         entry = self._lookup(key)
@@ -91,8 +103,7 @@ class FacadeCache:
             data = await asyncio.to_thread(entry.path.read_bytes)
         except FileNotFoundError:  # evicted while we read, or its file replaced and dropped
             if self.index.get(key) is entry:
-                del self.index[key]
-                self.bytes -= entry.size
+                self._pop(key)
             return None
         return data, entry.syntax
 
@@ -108,9 +119,9 @@ class FacadeCache:
             log.warning("facade cache: cannot write an entry: %s", exc.strerror or type(exc).__name__)
             return
         if key in self.index:
-            old = self.index.pop(key)
-            self.bytes -= old.size
+            self._pop(key)
         self.index[key] = _Entry(path, len(data), syntax, expires)
+        self._by_study.setdefault(key.split("/", 1)[0], set()).add(key)
         self.bytes += len(data)
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self.index)))
@@ -132,7 +143,7 @@ class FacadeCache:
         self._changes[study] = self._changes.pop(study, 0) + 1
         if len(self._changes) > CHANGES_KEPT:  # the longest unchanged study is forgotten
             del self._changes[next(iter(self._changes))]
-        for key in [k for k in self.index if k.startswith(prefixes)]:
+        for key in [k for k in self._by_study.get(study, ()) if k.startswith(prefixes)]:
             self._drop(key)
 
     def _count(self, kind: str, hit: bool) -> None:
