@@ -1,7 +1,8 @@
 """Render a decoded frame to PNG or JPEG for thumbnails and rendered DICOMweb.
 
 A monochrome frame goes through the grayscale pipeline of PS3.4 N.2: the Modality
-rescale (`Rescale`), then a VOI transformation (`VoiWindow`: Window Center/Width with
+LUT (`Rescale`, or `ModalityLut`: an item of the Modality LUT Sequence), then a VOI
+transformation (`VoiWindow`: Window Center/Width with
 the VOI LUT Function LINEAR, LINEAR_EXACT or SIGMOID; or `VoiLut`: an item of the VOI
 LUT Sequence), then MONOCHROME1 inversion, to 8 bits.
 """
@@ -34,6 +35,20 @@ class Rescale:
 
     def apply(self, arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.float64) * self.slope + self.intercept
+
+
+@dataclass(frozen=True, eq=False)
+class ModalityLut:
+    """An item of the Modality LUT Sequence (PS3.3 C.11.1): ``data[i]`` is the modality
+    value of the stored value ``first + i``; stored values outside the table take its
+    first or last entry."""
+
+    first: int
+    data: np.ndarray = field(repr=False)
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        index = np.clip(arr.astype(np.int64) - self.first, 0, len(self.data) - 1)
+        return self.data[index].astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,7 @@ def render_frame(
     quality: int = _JPEG_QUALITY,
     *,
     voi: VoiWindow | VoiLut | None = None,
-    rescale: Rescale = Rescale(),
+    rescale: Rescale | ModalityLut = Rescale(),
 ) -> bytes:
     """Return `arr` as an 8-bit PNG, JPEG or GIF image.
 
@@ -137,7 +152,13 @@ def window_from_dataset(ds: Dataset) -> tuple[float, float] | None:
     return (float(center) - intercept) / slope, float(width) / abs(slope)
 
 
-def rescale_from_dataset(ds: Dataset) -> Rescale:
+def rescale_from_dataset(ds: Dataset) -> Rescale | ModalityLut:
+    """The instance's Modality LUT: the first item of its Modality LUT Sequence, else
+    its Rescale Slope/Intercept (identity when absent)."""
+    items = ds.get("ModalityLUTSequence")
+    if items:
+        first, table = _table(items[0], int(ds.get("PixelRepresentation") or 0), "Modality")
+        return ModalityLut(first, table)
     return Rescale(float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0))
 
 
@@ -157,21 +178,27 @@ def voi_from_dataset(ds: Dataset) -> VoiWindow | VoiLut | None:
 
 
 def _lut_of(item: Dataset, pixel_representation: int) -> VoiLut:
+    first, table = _table(item, pixel_representation, "VOI")
+    return VoiLut(first, table, int(item.LUTDescriptor[2]))
+
+
+def _table(item: Dataset, pixel_representation: int, kind: str) -> tuple[int, np.ndarray]:
+    """(first value mapped, entries) of a LUT Sequence item (PS3.3 C.11.1.1.1, C.11.2.1.1)."""
     descriptor = item.get("LUTDescriptor")
     data = item.get("LUTData")
     if descriptor is None or len(descriptor) != 3 or data is None:
-        raise ValueError("VOI LUT Sequence item lacks its LUT Descriptor or LUT Data")
+        raise ValueError(f"{kind} LUT Sequence item lacks its LUT Descriptor or LUT Data")
     entries, first, bits = (int(v) for v in descriptor)
     entries = entries or 65536
-    if pixel_representation == 1 and first >= 0x8000:  # US-encoded but signed (C.11.2.1.1)
+    if pixel_representation == 1 and first >= 0x8000:  # US-encoded but signed
         first -= 0x10000
     if isinstance(data, (bytes, bytearray)):
         table = np.frombuffer(data, "<u2")
     else:
         table = np.asarray(data if isinstance(data, (list, MultiValue)) else [data], dtype=np.int64)
     if len(table) < entries or not 1 <= bits <= 16:
-        raise ValueError(f"VOI LUT of {len(table)} entries, {bits} bits, does not match its descriptor")
-    return VoiLut(first, table[:entries], bits)
+        raise ValueError(f"{kind} LUT of {len(table)} entries, {bits} bits, does not match its descriptor")
+    return first, table[:entries]
 
 
 def _first(value: object) -> object:
@@ -185,7 +212,7 @@ def _monochrome(
     desc: PixelDescription,
     window: tuple[float, float] | None,
     voi: VoiWindow | VoiLut | None,
-    rescale: Rescale,
+    rescale: Rescale | ModalityLut,
 ) -> np.ndarray:
     if desc.photometric_interpretation == "PALETTE COLOR":
         raise TranscodeError(

@@ -1,7 +1,7 @@
 """Rendered images (PS3.18 10.4 Rendered Resources, thumbnails) and WADO-URI (PS3.18 9).
 
-A frame is fetched as stored (its label checked as for /frames), decoded, rescaled to
-modality values, put through the request's window, else the instance's VOI LUT
+A frame is fetched as stored (its label checked as for /frames), decoded, mapped to
+modality values (Modality LUT Sequence, else Rescale Slope/Intercept), put through the request's window, else the instance's VOI LUT
 Sequence, else its own window (each window with its VOI LUT Function: LINEAR,
 LINEAR_EXACT or SIGMOID), MONOCHROME1 inverted, colour as RGB, fitted to the
 ``viewport`` and encoded by Pillow. A multi-frame instance renders its first frame
@@ -58,7 +58,8 @@ log = logging.getLogger("gateway.web")
 FORMATS = {"image/jpeg": "jpeg", "image/png": "png", "image/gif": "gif"}
 # Pixel description, Window Center/Width, Rescale Intercept/Slope, VOI LUT Function
 RENDER_TAGS = (*PIXEL_TAGS, 0x00281050, 0x00281051, 0x00281052, 0x00281053, 0x00281056)
-VOI_LUT_SEQUENCE = "00283010"  # its LUT Data is bulk data in metadata: read from the instance
+# LUT Sequences: their LUT Data is bulk data in metadata, so they are read from the instance
+MODALITY_LUT_SEQUENCE, VOI_LUT_SEQUENCE = "00283000", "00283010"
 THUMBNAIL = (128, 128)
 
 
@@ -126,10 +127,11 @@ def _render(data: bytes, label: str, ds: Dataset, options: RenderOptions, header
         bits = arr.dtype.itemsize * 8
         decoded = PixelDescription(desc.rows, desc.columns, 3, bits, bits, 0, "RGB")
     voi: VoiWindow | VoiLut | None = None
+    described = header if header is not None else ds
     if decoded.samples_per_pixel == 1:
-        voi = options.window or voi_from_dataset(header if header is not None else ds)
+        voi = options.window or voi_from_dataset(described)
     return render_frame(
-        arr, decoded, options.fmt, None, options.viewport, options.quality, voi=voi, rescale=rescale_from_dataset(ds)
+        arr, decoded, options.fmt, None, options.viewport, options.quality, voi=voi, rescale=rescale_from_dataset(described)
     )
 
 
@@ -189,8 +191,8 @@ async def rendered_image(
     count = int(ds.get("NumberOfFrames") or 1)
     if frame > count:
         raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
-    voi_lut = VOI_LUT_SEQUENCE in metadata and options.window is None
-    needs_header = ds.get("PhotometricInterpretation") == "PALETTE COLOR" or voi_lut
+    luts = MODALITY_LUT_SEQUENCE in metadata or VOI_LUT_SEQUENCE in metadata and options.window is None
+    needs_header = ds.get("PhotometricInterpretation") == "PALETTE COLOR" or luts
     header = await _instance_header(request, ref) if needs_header else None
     async with contextlib.aclosing(frames_of(request, ref, [frame])) as frames:
         got = await anext(frames)

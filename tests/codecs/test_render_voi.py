@@ -1,5 +1,6 @@
-"""The VOI stage of rendering (PS3.3 C.11.2): the three VOI LUT Functions and a VOI LUT
-Sequence item, against the standard's formulas written out in numpy."""
+"""The Modality LUT and VOI stages of rendering (PS3.3 C.11.1, C.11.2): the three VOI
+LUT Functions, a VOI LUT Sequence item and a Modality LUT Sequence item, against the
+standard's formulas written out in numpy."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from gateway.codecs.description import PixelDescription
-from gateway.codecs.render import Rescale, VoiLut, VoiWindow, render_frame, voi_from_dataset
+from gateway.codecs.render import (
+    ModalityLut,
+    Rescale,
+    VoiLut,
+    VoiWindow,
+    render_frame,
+    rescale_from_dataset,
+    voi_from_dataset,
+)
 
 DESC = PixelDescription(16, 16, 1, 16, 12, 0, "MONOCHROME2")
 ARR = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 16) % 4096
@@ -71,3 +80,21 @@ def test_the_instance_window_carries_its_function() -> None:
     del ds.VOILUTFunction
     assert voi_from_dataset(ds) == VoiWindow(40.0, 400.0, "LINEAR")
     assert voi_from_dataset(Dataset()) is None
+
+
+def test_a_modality_lut_sequence_replaces_the_rescale() -> None:
+    table = (np.arange(4096) ** 2 // 4096).astype(np.int64)  # a curve no rescale can express
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 12]
+    item.LUTData = table.tolist()
+    ds = Dataset()
+    ds.ModalityLUTSequence = [item]
+    ds.RescaleSlope, ds.RescaleIntercept = 2, -1000  # ignored: the table wins
+    modality = rescale_from_dataset(ds)
+    assert isinstance(modality, ModalityLut)
+    x = table[ARR].astype(np.float64)
+    window = VoiWindow(2000, 4000, "LINEAR_EXACT")
+    out = np.asarray(Image.open(io.BytesIO(render_frame(ARR, DESC, "png", voi=window, rescale=modality))))
+    assert np.array_equal(out, _eight(np.where(x <= 0, 0.0, np.where(x > 4000, 1.0, (x - 2000) / 4000 + 0.5))))
+    del ds.ModalityLUTSequence
+    assert rescale_from_dataset(ds) == Rescale(2.0, -1000.0)

@@ -5,6 +5,7 @@ against the standard's VOI formulas in numpy on synthetic instances:
   renders frame 1, ``/frames/{n}/rendered`` frame n; a requested window with
   ``linear-exact`` or ``sigmoid`` replaces the instance's;
 * an instance with a VOI LUT Sequence (and a window, which the table wins over);
+* an instance with a Modality LUT Sequence (and a rescale, which the table wins over);
 * series and study: every instance with an image rendered, one part each
   (PS3.18 10.4.1.1.3), an instance without pixel data left out; the thumbnail one image.
 """
@@ -145,3 +146,24 @@ def test_study_and_series_render_every_image_instance(loaded: tuple[Gateway, Dat
     assert r.status == 404
     r = curl(f"{study}/series/{multi.SeriesInstanceUID}/thumbnail", "--header", "Accept: image/png")
     assert r.status == 200 and r.content_type == "image/png" and max(Image.open(BytesIO(r.body)).size) <= 128
+
+
+@pytest.mark.slow
+def test_a_modality_lut_sequence_maps_stored_values(tmp_path: Path) -> None:
+    gw = Gateway(tmp_path / "gw").start()
+    (path,) = ct_series(tmp_path / "ct", 1, rows=32, columns=32)
+    ds = pydicom.dcmread(path)
+    table = (np.arange(4096) ** 2 // 4096).astype(np.uint16)  # a curve no rescale can express
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 12])  # LUT Descriptor
+    item.add_new(0x00283006, "US", table.tolist())  # LUT Data: bulk data in metadata
+    item.ModalityLUTType = "HU"
+    ds.ModalityLUTSequence = [item]
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 2000, 4000, "LINEAR_EXACT"
+    ds.save_as(path, enforce_file_format=True)
+    r = curl("-X", "POST", f"{gw.web_url}/dicom-web/studies", "--header", "Content-Type: application/dicom", "--data-binary", f"@{path}")
+    assert r.status == 200, r.body
+    gw.wait_counts(delivered=1)
+    r = curl(f"{_url(gw, ds)}/rendered", "--header", "Accept: image/png")
+    assert r.status == 200, r.body
+    assert np.array_equal(_png(r.body), _linear_exact(table[ds.pixel_array], 1, 0, 2000, 4000))
