@@ -118,7 +118,7 @@ def rs_options(request: web.Request, thumbnail: bool) -> RenderOptions:
 def _render(data: bytes, label: str, ds: Dataset, options: RenderOptions, header: Dataset | None = None) -> bytes:
     """Decode one stored frame and render it (blocking, CPU-bound); ``header`` is the
     instance's own, read when the metadata cannot carry what rendering needs: the
-    Palette Color Lookup Tables of a PALETTE COLOR image, a VOI LUT Sequence."""
+    Palette Color Lookup Tables of a PALETTE COLOR image, a Modality or VOI LUT Sequence."""
     desc = PixelDescription.from_dataset(ds)
     source = actual_syntax(data, label, desc)
     arr, decoded = decode_frame_described(data, source, desc, as_rgb=True)
@@ -210,28 +210,40 @@ async def render_each(request: web.Request, study: str, series: str | None, opti
     """Every instance of the study or series that has an image, rendered (frame 1),
     one part each, in series order and by Instance Number within a series; an
     instance that cannot be rendered is left out with a warning. Each is rendered
-    as its part is due, so the answer streams whatever the series' size."""
+    as its part is due, so the answer streams whatever the series' size; an archive
+    failing once the answer began ends it unterminated (its headers are gone)."""
     metadata = [m for m in await metadata_of(request, study, series, None) if "00280010" in m]
     order = {uid: n for n, uid in enumerate(dict.fromkeys(_text(m, "0020000E") for m in metadata))}
     metadata.sort(key=lambda m: (order[_text(m, "0020000E")], _number(m, "00200013")))
     media = _media(options)
     root = request_root(request)
+    level = "series" if series else "study"
     stream: MultipartStream | None = None
-    for obj in metadata:
-        ref = InstanceRef(study, _text(obj, "0020000E"), _text(obj, "00080018"), "")
-        if not (is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid)):
-            continue
-        try:
-            image = await rendered_image(request, ref, 1, options, obj)
-        except (TranscodeError, ValueError, UpstreamRejected, NotFound) as exc:
-            log.warning("rendered %s: instance %s left out: %s", "series" if series else "study", ref.sop_instance_uid, exc)
-            continue
+    try:
+        for obj in metadata:
+            ref = InstanceRef(study, _text(obj, "0020000E"), _text(obj, "00080018"), "")
+            if not (is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid)):
+                continue
+            try:
+                image = await rendered_image(request, ref, 1, options, obj)
+            except (TranscodeError, ValueError, UpstreamRejected, NotFound) as exc:
+                log.warning("rendered %s: instance %s left out: %s", level, ref.sop_instance_uid, exc)
+                continue
+            if stream is None:
+                stream = MultipartStream(request, media)
+            location = f"{root}/studies/{study}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}/rendered"
+            await stream.part(media, [image], f"Content-Location: {location}\r\n")
+            if stream.head:
+                break
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - before the answer began, the handler answers it
         if stream is None:
-            stream = MultipartStream(request, media)
-        location = f"{root}/studies/{study}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}/rendered"
-        await stream.part(media, [image], f"Content-Location: {location}\r\n")
-        if stream.head:
-            break
+            raise
+        log.error("rendered %s: failed after the answer began: %s", level, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return stream.response
     if stream is None:
         raise NotFound("no image to render")
     return await stream.finish()
