@@ -33,6 +33,10 @@ def setup_logging(level: str, kind: str = "text", include_patient_data: bool = F
     # pydicom's warnings about invalid values quote the value, which may be a name; it
     # both logs them and raises them as Python warnings, which print on stderr.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # A frame no codec plugin can decode or encode is logged by pydicom once per plugin,
+    # traceback and all, then raised with every plugin's reason, which we log in one line.
+    for module in ("pydicom.pixels.decoders.base", "pydicom.pixels.encoders.base"):
+        logging.getLogger(module).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

@@ -30,6 +30,7 @@ from gateway.spool.queue import STATES, Spool
 from gateway.systemd import feed_watchdog, report_status, sd_notify, watchdog_interval
 from gateway.upstream import make_upstream
 from gateway.web.app import create_app
+from gateway.web.keys import CACHE
 from gateway.web.metrics import SpoolCollector
 
 log = logging.getLogger("gateway.daemon")
@@ -76,8 +77,12 @@ async def _run(config: Config, config_path: Path | None) -> None:
 
     retriever = Retriever(config, upstream, metrics)
     # A facade answer still streaming at stop gets the same grace as an association.
+    app = create_app(config, spool, upstream, retriever, forwarder.problems, metrics)
+    cache = app[CACHE]
+    if cache is not None:  # a delivered instance changes its study's and series' metadata
+        forwarder.on_delivered = cache.forget_stored
     runner = web.AppRunner(
-        create_app(config, spool, upstream, retriever, forwarder.problems, metrics),
+        app,
         access_log=None,
         shutdown_timeout=config.dimse.shutdown_grace,
     )

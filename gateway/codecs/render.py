@@ -1,8 +1,16 @@
-"""Render a decoded frame to PNG or JPEG for thumbnails and rendered DICOMweb."""
+"""Render a decoded frame to PNG or JPEG for thumbnails and rendered DICOMweb.
+
+A monochrome frame goes through the grayscale pipeline of PS3.4 N.2: the Modality
+LUT (`Rescale`, or `ModalityLut`: an item of the Modality LUT Sequence), then a VOI
+transformation (`VoiWindow`: Window Center/Width with
+the VOI LUT Function LINEAR, LINEAR_EXACT or SIGMOID; or `VoiLut`: an item of the VOI
+LUT Sequence), then MONOCHROME1 inversion, to 8 bits.
+"""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -15,6 +23,76 @@ from gateway.codecs.errors import TranscodeError
 
 _FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF"}
 _JPEG_QUALITY = 90
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # PS3.3 C.11.2.1.2, C.11.2.1.3
+
+
+@dataclass(frozen=True)
+class Rescale:
+    """Rescale Slope/Intercept: stored values to modality values."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        return arr.astype(np.float64) * self.slope + self.intercept
+
+
+@dataclass(frozen=True, eq=False)
+class ModalityLut:
+    """An item of the Modality LUT Sequence (PS3.3 C.11.1): ``data[i]`` is the modality
+    value of the stored value ``first + i``; stored values outside the table take its
+    first or last entry."""
+
+    first: int
+    data: np.ndarray = field(repr=False)
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        index = np.clip(arr.astype(np.int64) - self.first, 0, len(self.data) - 1)
+        return self.data[index].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class VoiWindow:
+    """A window of modality values and its VOI LUT Function; ``scale`` maps modality
+    values to [0, 1] as PS3.3 C.11.2.1.2.1 (LINEAR), C.11.2.1.3.2 (LINEAR_EXACT) and
+    C.11.2.1.3.1 (SIGMOID) define it."""
+
+    center: float
+    width: float
+    function: str = "LINEAR"
+
+    def __post_init__(self) -> None:
+        if self.function not in VOI_FUNCTIONS:
+            raise ValueError(f"VOI LUT Function must be one of {', '.join(VOI_FUNCTIONS)}, got {self.function!r}")
+        if self.function == "LINEAR" and self.width < 1:
+            raise ValueError(f"window width must be >= 1, got {self.width}")
+        if self.width <= 0:
+            raise ValueError(f"window width must be > 0, got {self.width}")
+
+    def scale(self, x: np.ndarray) -> np.ndarray:
+        c, w = self.center, self.width
+        if self.function == "SIGMOID":
+            return 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+        if self.function == "LINEAR_EXACT":
+            return np.clip((x - c) / w + 0.5, 0.0, 1.0)
+        if w == 1:  # the linear function's threshold case
+            return (x > c - 0.5).astype(np.float64)
+        return np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class VoiLut:
+    """An item of the VOI LUT Sequence (PS3.3 C.11.2.1.1): ``data[i]`` is the output
+    for the modality value ``first + i``; values below or above the table take its
+    first or last entry; outputs span ``bits`` bits."""
+
+    first: int
+    data: np.ndarray = field(repr=False)
+    bits: int
+
+    def scale(self, x: np.ndarray) -> np.ndarray:
+        index = np.clip(np.rint(x) - self.first, 0, len(self.data) - 1).astype(np.int64)
+        return self.data[index].astype(np.float64) / float((1 << self.bits) - 1)
 
 
 def render_frame(
@@ -24,12 +102,16 @@ def render_frame(
     window: tuple[float, float] | None = None,
     viewport: tuple[int, int] | None = None,
     quality: int = _JPEG_QUALITY,
+    *,
+    voi: VoiWindow | VoiLut | None = None,
+    rescale: Rescale | ModalityLut = Rescale(),
 ) -> bytes:
     """Return `arr` as an 8-bit PNG, JPEG or GIF image.
 
-    Monochrome frames are windowed with `window` = (center, width) in the
-    frame's own (stored) value units, or stretched from min to max when no
-    window is given; MONOCHROME1 is inverted so that it displays correctly.
+    Monochrome frames are rescaled to modality values with ``rescale`` and put
+    through ``voi``; without it, windowed linearly with `window` = (center, width)
+    in the frame's own (stored) value units, or stretched from min to max when
+    neither is given; MONOCHROME1 is inverted so that it displays correctly.
     Colour frames must be RGB or YBR_FULL; samples wider than 8 bits are
     scaled down from Bits Stored. ``viewport`` (columns, rows) scales the image to fit
     within it, keeping its aspect ratio (PS3.18 8.3.5.1.3); ``quality`` is JPEG's.
@@ -40,7 +122,7 @@ def render_frame(
         shape = getattr(arr, "shape", type(arr).__name__)
         raise ValueError(f"arr must be an array of shape {desc.shape}, got {shape}")
     if desc.samples_per_pixel == 1:
-        image = Image.fromarray(_monochrome(arr, desc, window))
+        image = Image.fromarray(_monochrome(arr, desc, window, voi, rescale))
     else:
         image = Image.fromarray(_colour(arr, desc))
     if viewport is not None:
@@ -70,6 +152,55 @@ def window_from_dataset(ds: Dataset) -> tuple[float, float] | None:
     return (float(center) - intercept) / slope, float(width) / abs(slope)
 
 
+def rescale_from_dataset(ds: Dataset) -> Rescale | ModalityLut:
+    """The instance's Modality LUT: the first item of its Modality LUT Sequence, else
+    its Rescale Slope/Intercept (identity when absent)."""
+    items = ds.get("ModalityLUTSequence")
+    if items:
+        first, table = _table(items[0], int(ds.get("PixelRepresentation") or 0), "Modality")
+        return ModalityLut(first, table)
+    return Rescale(float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0))
+
+
+def voi_from_dataset(ds: Dataset) -> VoiWindow | VoiLut | None:
+    """The instance's own VOI transformation: the first item of its VOI LUT Sequence
+    (preferred when it also has a window, as pydicom's ``apply_voi_lut`` does), else
+    its first Window Center/Width with its VOI LUT Function (LINEAR when absent),
+    else None. ValueError for one that cannot be applied."""
+    items = ds.get("VOILUTSequence")
+    if items:
+        return _lut_of(items[0], int(ds.get("PixelRepresentation") or 0))
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if center is None or width is None:
+        return None
+    function = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper() or "LINEAR"
+    return VoiWindow(float(center), float(width), function)  # type: ignore[arg-type]
+
+
+def _lut_of(item: Dataset, pixel_representation: int) -> VoiLut:
+    first, table = _table(item, pixel_representation, "VOI")
+    return VoiLut(first, table, int(item.LUTDescriptor[2]))
+
+
+def _table(item: Dataset, pixel_representation: int, kind: str) -> tuple[int, np.ndarray]:
+    """(first value mapped, entries) of a LUT Sequence item (PS3.3 C.11.1.1.1, C.11.2.1.1)."""
+    descriptor = item.get("LUTDescriptor")
+    data = item.get("LUTData")
+    if descriptor is None or len(descriptor) != 3 or data is None:
+        raise ValueError(f"{kind} LUT Sequence item lacks its LUT Descriptor or LUT Data")
+    entries, first, bits = (int(v) for v in descriptor)
+    entries = entries or 65536
+    if pixel_representation == 1 and first >= 0x8000:  # US-encoded but signed
+        first -= 0x10000
+    if isinstance(data, (bytes, bytearray)):
+        table = np.frombuffer(data, "<u2")
+    else:
+        table = np.asarray(data if isinstance(data, (list, MultiValue)) else [data], dtype=np.int64)
+    if len(table) < entries or not 1 <= bits <= 16:
+        raise ValueError(f"{kind} LUT of {len(table)} entries, {bits} bits, does not match its descriptor")
+    return first, table[:entries]
+
+
 def _first(value: object) -> object:
     if isinstance(value, MultiValue):
         return value[0] if len(value) else None
@@ -77,26 +208,25 @@ def _first(value: object) -> object:
 
 
 def _monochrome(
-    arr: np.ndarray, desc: PixelDescription, window: tuple[float, float] | None
+    arr: np.ndarray,
+    desc: PixelDescription,
+    window: tuple[float, float] | None,
+    voi: VoiWindow | VoiLut | None,
+    rescale: Rescale | ModalityLut,
 ) -> np.ndarray:
     if desc.photometric_interpretation == "PALETTE COLOR":
         raise TranscodeError(
             "PALETTE COLOR frames need their palette: apply "
             "pydicom.pixels.apply_color_lut before rendering"
         )
-    values = arr.astype(np.float64)
-    if window is None:
+    if voi is not None:
+        scaled = voi.scale(rescale.apply(arr))
+    elif window is not None:
+        scaled = VoiWindow(*window).scale(arr.astype(np.float64))
+    else:
+        values = rescale.apply(arr)
         low, high = float(values.min()), float(values.max())
         scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    else:
-        center, width = window
-        if width < 1:
-            raise ValueError(f"window width must be >= 1, got {width}")
-        # PS3.3 C.11.2.1.2.1 linear function; width 1 is a threshold.
-        if width == 1:
-            scaled = (values > center - 0.5).astype(np.float64)
-        else:
-            scaled = (values - (center - 0.5)) / (width - 1) + 0.5
     out = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
     if desc.photometric_interpretation == "MONOCHROME1":
         out = 255 - out

@@ -106,6 +106,9 @@ class Forwarder:
         self._stop = asyncio.Event()
         self.problems = Problems()
         self._hold: Hold | None = None
+        # Told (study UID, [(series UID, SOP Instance UID)]) of each delivered batch, so
+        # what a front keeps of the archive's answers (the facade cache) can be dropped.
+        self.on_delivered: Callable[[str, list[tuple[str, str]]], None] | None = None
 
     def wake(self) -> None:
         """Called on the loop when an instance was queued or requeued."""
@@ -273,6 +276,8 @@ class Forwarder:
         elapsed = time.monotonic() - started
         by_id = {i.id: i for i in batch}
         delivered = [o for o in outcomes if states.get(o.instance_id) == "delivered"]
+        if delivered and self.on_delivered is not None:
+            self.on_delivered(study, [(by_id[o.instance_id].series_uid, by_id[o.instance_id].sop_instance_uid) for o in delivered])
         if delivered:
             log.info(
                 "delivered %d instance(s) of study %s to %s in %.2f s",

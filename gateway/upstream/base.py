@@ -138,6 +138,10 @@ class Upstream(Protocol):
     stores); a caller that needs a syntax for certain asks `ANY_SYNTAX` and converts
     with ``gateway.codecs``. Every method may raise UpstreamAuthError, UpstreamRejected
     or UpstreamUnavailable besides what it names.
+
+    Reads of one instance or series take ``image_set_id``: the HealthImaging image set
+    that holds it (WADO-RS's ``imageSetId``), which that archive reads instead of
+    finding the study's; other archives have no image sets and ignore it.
     """
 
     kind: str
@@ -188,6 +192,7 @@ class Upstream(Protocol):
         spill_bytes: int,
         *,
         acceptable: Sequence[str],
+        image_set_id: str | None = None,
     ) -> Retrieved:
         """WADO-RS RetrieveInstance in one of the ``acceptable`` syntaxes; the answer's
         ``transfer_syntax`` says which one came.
@@ -209,7 +214,12 @@ class Upstream(Protocol):
         ...
 
     async def retrieve_metadata(
-        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        *,
+        image_set_id: str | None = None,
     ) -> list[JsonObject]:
         """WADO-RS RetrieveMetadata of a study, series or instance (the deepest UID given
         sets the level; an instance needs its series): one DICOM JSON object per
@@ -226,6 +236,7 @@ class Upstream(Protocol):
         frame_numbers: Sequence[int],
         *,
         acceptable: Sequence[str],
+        image_set_id: str | None = None,
     ) -> AsyncIterator[Frame]:
         """WADO-RS RetrieveFrames: the frames in the order asked, each with its syntax.
 

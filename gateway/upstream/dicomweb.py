@@ -336,6 +336,11 @@ class DicomWebUpstream:
 
     # -- retrieve ----------------------------------------------------------------------
 
+    def _image_set_query(self, image_set_id: str | None) -> str:
+        """The query naming an image set in a WADO-RS URL: none here (a plain DICOMweb
+        archive has no image sets); HealthImaging's ``imageSetId``."""
+        return ""
+
     def _instance_accepts(self, acceptable: Sequence[str]) -> list[tuple[str, int | None]]:
         """(Accept, index in WADO_ACCEPTS or None) to try in order for ``acceptable``."""
         out: list[tuple[str, int | None]] = []
@@ -355,8 +360,9 @@ class DicomWebUpstream:
         spill_bytes: int,
         *,
         acceptable: Sequence[str],
+        image_set_id: str | None = None,
     ) -> Retrieved:
-        url = self.http.url(f"studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}")
+        url = self.http.url(f"studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}", self._image_set_query(image_set_id))
         for accept, index in self._instance_accepts(acceptable):
             found = await self._wado(url, accept, spill_dir, spill_bytes)
             if found is None:
@@ -441,11 +447,16 @@ class DicomWebUpstream:
         return found
 
     async def retrieve_metadata(
-        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        *,
+        image_set_id: str | None = None,
     ) -> list[JsonObject]:
         if not self._capabilities.metadata:
             raise NotSupported("archive does not serve metadata")
-        url = self.http.url(_resource(study_uid, series_uid, sop_instance_uid) + "/metadata")
+        url = self.http.url(_resource(study_uid, series_uid, sop_instance_uid) + "/metadata", self._image_set_query(image_set_id))
         async with self.http.request(
             "GET", url, what="metadata retrieve", headers={"Accept": mediatypes.DICOM_JSON}
         ) as resp:
@@ -466,6 +477,7 @@ class DicomWebUpstream:
         frame_numbers: Sequence[int],
         *,
         acceptable: Sequence[str],
+        image_set_id: str | None = None,
     ) -> AsyncIterator[Frame]:
         """RetrieveFrames as a stream: each frame as soon as its part has arrived.
 
@@ -479,7 +491,7 @@ class DicomWebUpstream:
             raise NotSupported("archive does not serve frames")
         _check_frame_numbers(frame_numbers)
         path = _resource(study_uid, series_uid, sop_instance_uid)
-        url = self.http.url(f"{path}/frames/{','.join(str(n) for n in frame_numbers)}")
+        url = self.http.url(f"{path}/frames/{','.join(str(n) for n in frame_numbers)}", self._image_set_query(image_set_id))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.timeout)
         for accept, asked in _frame_accepts(acceptable):
             try:

@@ -353,6 +353,7 @@ class LocalUpstream:
         spill_bytes: int,
         *,
         acceptable: Sequence[str],
+        image_set_id: str | None = None,
     ) -> Retrieved:
         """The stored file itself; the embedded archive converts nothing, so a caller
         that does not accept the stored syntax gets UpstreamRejected (406)."""
@@ -387,7 +388,12 @@ class LocalUpstream:
             yield Retrieved(None, path, 0, size, transfer_syntax=syntax)
 
     async def retrieve_metadata(
-        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        *,
+        image_set_id: str | None = None,
     ) -> list[JsonObject]:
         """Every attribute of the stored files, bulk data as ``BulkDataURI``: see
         `metadata_json`. Files are read on a worker thread, not the index's."""
@@ -418,6 +424,7 @@ class LocalUpstream:
         frame_numbers: Sequence[int],
         *,
         acceptable: Sequence[str],
+        image_set_id: str | None = None,
     ) -> AsyncIterator[Frame]:
         """Frames cut out of the stored file as stored (nothing converted): a native
         frame read from its place on disk, a compressed one from its fragments."""

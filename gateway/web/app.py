@@ -33,14 +33,18 @@ MAX_SIMPLE_BODY = 1 << 20
 
 
 class _Router:
-    """Adds each route with and without a trailing slash."""
+    """Adds each route with and without a trailing slash; each GET route answers HEAD
+    too (same handler: aiohttp sends its status and headers without the body)."""
 
     def __init__(self, router: web.UrlDispatcher) -> None:
         self.router = router
 
     def add(self, method: str, path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> None:
-        self.router.add_route(method, path, handler)
-        self.router.add_route(method, path + "/", handler)
+        for variant in (path, path + "/"):
+            if method == "GET":
+                self.router.add_get(variant, handler, allow_head=True)
+            else:
+                self.router.add_route(method, variant, handler)
 
 
 def roots(config: Config) -> list[str]:

@@ -4,7 +4,11 @@ and metadata, so a viewer scrolling a series twice costs the archive one pass.
 A SOP Instance UID names one immutable object, so frames and instance metadata are kept
 until evicted (least recently used first once ``http.cache.max_mb`` is reached) or until
 a DELETE through the facade drops the study's entries; study and series metadata change
-as instances arrive, so they are reused only ``http.cache.metadata_seconds``.
+as instances arrive, so they are reused only ``http.cache.metadata_seconds``, and are
+dropped at once when instances of theirs are stored (STOW-RS through the facade, and
+again when the forwarder delivers any instance), with the stored instances' own
+entries (Azure's PUT replaces an instance). An answer fetched while a study's entries
+were dropped is not kept: it may predate the change.
 
 The index lives in memory and the entries an earlier run left are removed at start, so
 nothing stale from an earlier run (or another upstream) is ever served. Values are read whole
@@ -23,7 +27,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,8 @@ from gateway.upstream.base import Frame, JsonObject
 
 log = logging.getLogger("gateway.web")
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}(\.[0-9a-f]{32}\.tmp)?")
+# Studies whose changes are counted (a fetch that saw a count vanish keeps nothing).
+CHANGES_KEPT = 10_000
 
 
 @dataclass
@@ -53,7 +59,10 @@ class FacadeCache:
         self.max_bytes = max_bytes
         self.metadata_seconds = metadata_seconds
         self.index: OrderedDict[str, _Entry] = OrderedDict()
+        # study UID -> its keys, so dropping a study's entries never walks the whole index
+        self._by_study: dict[str, set[str]] = {}
         self.bytes = 0
+        self._changes: dict[str, int] = {}  # study UID -> times its entries were dropped
         directory.mkdir(parents=True, exist_ok=True)
         for path in directory.iterdir():  # only what a cache wrote: the directory is the admin's
             if _ENTRY_NAME.fullmatch(path.name):
@@ -72,9 +81,19 @@ class FacadeCache:
         return entry
 
     def _drop(self, key: str) -> None:
+        entry = self._pop(key)
+        entry.path.unlink(missing_ok=True)
+
+    def _pop(self, key: str) -> _Entry:
+        """Remove ``key`` from the index (its file stays)."""
         entry = self.index.pop(key)
         self.bytes -= entry.size
-        entry.path.unlink(missing_ok=True)
+        study = key.split("/", 1)[0]
+        keys = self._by_study[study]
+        keys.discard(key)
+        if not keys:
+            del self._by_study[study]
+        return entry
 
     async def _read(self, key: str) -> tuple[bytes, str] | None:
         entry = self._lookup(key)
@@ -84,8 +103,7 @@ class FacadeCache:
             data = await asyncio.to_thread(entry.path.read_bytes)
         except FileNotFoundError:  # evicted while we read, or its file replaced and dropped
             if self.index.get(key) is entry:
-                del self.index[key]
-                self.bytes -= entry.size
+                self._pop(key)
             return None
         return data, entry.syntax
 
@@ -101,16 +119,31 @@ class FacadeCache:
             log.warning("facade cache: cannot write an entry: %s", exc.strerror or type(exc).__name__)
             return
         if key in self.index:
-            old = self.index.pop(key)
-            self.bytes -= old.size
+            self._pop(key)
         self.index[key] = _Entry(path, len(data), syntax, expires)
+        self._by_study.setdefault(key.split("/", 1)[0], set()).add(key)
         self.bytes += len(data)
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self.index)))
 
     def forget_study(self, study: str) -> None:
         """Drop every entry of ``study`` (after a DELETE of it or of anything in it)."""
-        for key in [k for k in self.index if k.startswith(f"{study}/")]:
+        self._forget(study, (f"{study}/",))
+
+    def forget_stored(self, study: str, instances: Iterable[tuple[str, str]]) -> None:
+        """Drop what storing ``instances`` ((series UID, SOP Instance UID) pairs of
+        ``study``) makes stale: the study's metadata, their series' metadata, and their
+        own metadata and frames (a stored instance may replace one)."""
+        prefixes = {f"{study}///metadata"}
+        for series, sop in instances:
+            prefixes |= {f"{study}/{series}//metadata", f"{study}/{series}/{sop}/"}
+        self._forget(study, tuple(prefixes))
+
+    def _forget(self, study: str, prefixes: tuple[str, ...]) -> None:
+        self._changes[study] = self._changes.pop(study, 0) + 1
+        if len(self._changes) > CHANGES_KEPT:  # the longest unchanged study is forgotten
+            del self._changes[next(iter(self._changes))]
+        for key in [k for k in self._by_study.get(study, ()) if k.startswith(prefixes)]:
             self._drop(key)
 
     def _count(self, kind: str, hit: bool) -> None:
@@ -120,17 +153,24 @@ class FacadeCache:
     # -- what the routes ask ---------------------------------------------------------
 
     async def metadata(
-        self, study: str, series: str | None, sop: str | None, fetch: Callable[[], Awaitable[Sequence[JsonObject]]]
+        self,
+        study: str,
+        series: str | None,
+        sop: str | None,
+        fetch: Callable[[], Awaitable[Sequence[JsonObject]]],
+        image_set: str | None = None,
     ) -> list[JsonObject]:
-        """The metadata at the level the UIDs name, from the cache or from ``fetch``."""
-        key = f"{study}/{series or ''}/{sop or ''}/metadata"
+        """The metadata at the level the UIDs name (in the HealthImaging image set
+        ``image_set`` when given: kept apart), from the cache or from ``fetch``."""
+        key = f"{study}/{series or ''}/{sop or ''}/metadata" + _scope(image_set)
         cached = await self._read(key)
         self._count("metadata", cached is not None)
         if cached is not None:
             return list(json.loads(cached[0]))
+        before = self._changes.get(study)
         objects = list(await fetch())
         expires = 0.0 if sop else time.monotonic() + self.metadata_seconds
-        if sop or self.metadata_seconds > 0:
+        if (sop or self.metadata_seconds > 0) and self._changes.get(study) == before:
             await self._write(key, json.dumps(objects).encode("utf-8"), "", expires)
         return objects
 
@@ -141,21 +181,25 @@ class FacadeCache:
         sop: str,
         numbers: Sequence[int],
         fetch: Callable[[list[int]], AsyncIterator[Frame]],
+        image_set: str | None = None,
     ) -> AsyncIterator[Frame]:
         """The frames in the order asked, each from the cache or, for each run of missing
         ones, from ``fetch(run)`` (kept as they pass), so the answer still streams."""
         pending: list[int] = []
+        scope = _scope(image_set)
 
         async def flush() -> AsyncIterator[Frame]:
             run = list(pending)
             pending.clear()
+            before = self._changes.get(study)
             async with contextlib.aclosing(fetch(run)) as fetched:  # its cleanup runs if the client goes
                 async for frame in fetched:
-                    await self._write(f"{study}/{series}/{sop}/frame/{frame.number}", frame.data, frame.transfer_syntax, 0.0)
+                    if self._changes.get(study) == before:
+                        await self._write(f"{study}/{series}/{sop}/frame/{frame.number}{scope}", frame.data, frame.transfer_syntax, 0.0)
                     yield frame
 
         for number in [*numbers, 0]:  # 0: the end, where the last missing run is fetched
-            cached = await self._read(f"{study}/{series}/{sop}/frame/{number}") if number else None
+            cached = await self._read(f"{study}/{series}/{sop}/frame/{number}{scope}") if number else None
             if number:
                 self._count("frame", cached is not None)
             if cached is None and number:
@@ -167,6 +211,11 @@ class FacadeCache:
                         yield frame
             if cached is not None:
                 yield Frame(number, cached[0], cached[1])
+
+
+def _scope(image_set: str | None) -> str:
+    """The key suffix of entries read from a named image set."""
+    return f"@{image_set}" if image_set else ""
 
 
 def _write_file(path: Path, data: bytes) -> None:

@@ -4,8 +4,9 @@ answers, and a streamed ``multipart/related`` response."""
 from __future__ import annotations
 
 import logging
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
@@ -13,8 +14,11 @@ from gateway.codecs.errors import TranscodeError
 from gateway.model.query import QueryError
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+from gateway.web.keys import UPSTREAM
 
 log = logging.getLogger("gateway.web")
+# What HealthImaging's image set IDs look like (its API's pattern).
+IMAGE_SET_ID = re.compile(r"[0-9a-z]{32}")
 
 
 class NotAcceptable(Exception):
@@ -26,9 +30,31 @@ def text_error(status: int, message: str, headers: Mapping[str, str] | None = No
     return web.Response(status=status, text=message.rstrip() + "\n", headers=dict(headers or {}))
 
 
+def image_set_id(request: web.Request) -> str | None:
+    """The ``imageSetId`` a request under ``/datastore/{datastoreId}`` names, when the
+    upstream is HealthImaging (the only archive with image sets); None otherwise, so
+    other upstreams accept the parameter and ignore it. HTTPBadRequest for a value
+    that cannot be an image set ID."""
+    value = request.query.get("imageSetId")
+    if not value or "datastoreId" not in request.match_info or request.app[UPSTREAM].kind != "healthimaging":
+        return None
+    if not IMAGE_SET_ID.fullmatch(value):
+        raise web.HTTPBadRequest(text="imageSetId is not a HealthImaging image set ID (32 lowercase letters and digits)\n")
+    return value
+
+
+def subject(what: str, request: web.Request) -> str:
+    """``what`` a route does, naming the image set it reads when the request names one,
+    so a 404 says where the instance was looked for."""
+    named = image_set_id(request)
+    return f"{what} in image set {named}" if named else what
+
+
 def path_uids(request: web.Request) -> dict[str, str]:
     """The study/series/instance UIDs of the path; HTTPBadRequest for one that is not
-    a UID (so nothing odd ever reaches a URL or a file name upstream)."""
+    a UID (so nothing odd ever reaches a URL or a file name upstream), or for an
+    ``imageSetId`` that is not an image set ID."""
+    image_set_id(request)
     out = {}
     for name in ("study", "series", "instance"):
         value = request.match_info.get(name)
@@ -77,13 +103,28 @@ def error_response(exc: BaseException, what: str) -> web.Response:
     return text_error(500, f"{what}: internal error ({type(exc).__name__})")
 
 
+async def send_streamed(request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Send a one-part answer chunk by chunk; a HEAD request gets its status and
+    headers only (aiohttp would otherwise put the chunks on the wire unframed)."""
+    await response.prepare(request)
+    if request.method != "HEAD":
+        async for chunk in chunks:
+            await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
 class MultipartStream:
     """A ``multipart/related`` answer written part by part as each becomes ready, so a
     series of any size never sits in memory. Each part's header line is spelled
-    exactly ``Content-Type:`` (some viewers match it case-sensitively)."""
+    exactly ``Content-Type:`` (some viewers match it case-sensitively).
+
+    For a HEAD request nothing after the headers is written, and ``head`` tells the
+    route it may stop as soon as the answer has begun (its headers are then final)."""
 
     def __init__(self, request: web.Request, part_type: str, extra: str = "", status: int = 200) -> None:
         self.request = request
+        self.head = request.method == "HEAD"
         self.boundary = f"dicomgw-{secrets.token_hex(12)}"
         self.response = web.StreamResponse(status=status)
         self.response.content_type = "multipart/related"
@@ -97,19 +138,25 @@ class MultipartStream:
     async def part(self, content_type: str, chunks: list[bytes] | None = None, extra_headers: str = "") -> None:
         """Begin a part; its content follows with `write` unless ``chunks`` are given."""
         await self.start()
+        self.parts += 1
+        if self.head:
+            return
         head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n{extra_headers}\r\n"
-        if self.parts:
+        if self.parts > 1:
             head = "\r\n" + head
         await self.response.write(head.encode("latin-1"))
-        self.parts += 1
         for chunk in chunks or ():
             await self.response.write(chunk)
 
     async def write(self, data: bytes | memoryview) -> None:
-        await self.response.write(bytes(data))
+        if not self.head:
+            await self.response.write(bytes(data))
 
     async def finish(self) -> web.StreamResponse:
         await self.start()
+        if self.head:
+            await self.response.write_eof()
+            return self.response
         tail = f"--{self.boundary}--\r\n"
         await self.response.write(((("\r\n") if self.parts else "") + tail).encode("latin-1"))
         await self.response.write_eof()

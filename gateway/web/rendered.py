@@ -1,10 +1,15 @@
 """Rendered images (PS3.18 10.4 Rendered Resources, thumbnails) and WADO-URI (PS3.18 9).
 
-A frame is fetched as stored (its label checked as for /frames), decoded, windowed
-with the request's window or the instance's own (both in modality units, Rescale
-Slope/Intercept undone), MONOCHROME1 inverted, colour as RGB, fitted to the
-``viewport`` and encoded by Pillow. A study or series renders its first instance;
-a multi-frame instance its first frame (the frame resources name any frame).
+A frame is fetched as stored (its label checked as for /frames), decoded, mapped to
+modality values (Modality LUT Sequence, else Rescale Slope/Intercept), put through the request's window, else the instance's VOI LUT
+Sequence, else its own window (each window with its VOI LUT Function: LINEAR,
+LINEAR_EXACT or SIGMOID), MONOCHROME1 inverted, colour as RGB, fitted to the
+``viewport`` and encoded by Pillow. A multi-frame instance renders its first frame
+(the frame resources name any frame). A study or series renders every instance that
+has an image, one part each of a ``multipart/related`` answer in the selected
+rendered media type (PS3.18 10.4.1.1.3: the resource contains all of its instances),
+each part naming its instance's rendered resource in Content-Location; its
+thumbnail is one representative image, its first instance's.
 """
 
 from __future__ import annotations
@@ -24,38 +29,56 @@ from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.frame_check import actual_syntax
 from gateway.codecs.frames import decode_frame_described
-from gateway.codecs.render import render_frame, window_from_dataset
+from gateway.codecs.render import VoiLut, VoiWindow, render_frame, rescale_from_dataset, voi_from_dataset
 from gateway.dicomweb.accept import parse_accept
+from gateway.dicomweb.mediatypes import MULTIPART_RELATED
 from gateway.model.json import dataset_from_json
 from gateway.model.search import Search
 from gateway.retrieval.request import InstanceRef
 from gateway.retrieval.transcode import part10_file
-from gateway.upstream.base import Retrieved
+from gateway.upstream.base import JsonObject, Retrieved
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, UpstreamRejected
-from gateway.web.common import NotAcceptable, error_response, path_uids, text_error
+from gateway.web.common import (
+    MultipartStream,
+    NotAcceptable,
+    error_response,
+    image_set_id,
+    path_uids,
+    request_root,
+    send_streamed,
+    subject,
+    text_error,
+)
 from gateway.web.keys import RETRIEVER, UPSTREAM
 from gateway.web.wado import PIXEL_TAGS, InstanceBody, InstanceForm, fetch_instance, frames_of, metadata_of
 
 log = logging.getLogger("gateway.web")
 
 FORMATS = {"image/jpeg": "jpeg", "image/png": "png", "image/gif": "gif"}
-RENDER_TAGS = (*PIXEL_TAGS, 0x00281050, 0x00281051, 0x00281052, 0x00281053)
+# Pixel description, Window Center/Width, Rescale Intercept/Slope, VOI LUT Function
+RENDER_TAGS = (*PIXEL_TAGS, 0x00281050, 0x00281051, 0x00281052, 0x00281053, 0x00281056)
+# LUT Sequences: their LUT Data is bulk data in metadata, so they are read from the instance
+MODALITY_LUT_SEQUENCE, VOI_LUT_SEQUENCE = "00283000", "00283010"
 THUMBNAIL = (128, 128)
 
 
 @dataclass(frozen=True)
 class RenderOptions:
     fmt: str
-    window: tuple[float, float] | None  # center, width in modality units
+    window: VoiWindow | None  # the request's, in modality units
     viewport: tuple[int, int] | None
     quality: int
 
 
 def render_format(accept: str | None) -> str:
+    """The rendered format the Accept header asks for (``image/png``, or as the parts
+    of a multipart answer: ``multipart/related; type=image/png``)."""
     for r in parse_accept(accept):
         if r.media in FORMATS:
             return FORMATS[r.media]
+        if r.media == MULTIPART_RELATED and r.part_type in FORMATS:
+            return FORMATS[r.part_type]
         if r.media in ("*/*", "image/*", "*"):
             return "jpeg"
     raise NotAcceptable("rendered images are served as image/jpeg, image/png or image/gif")
@@ -72,16 +95,18 @@ def _numbers(name: str, text: str, count: int) -> list[float]:
 
 
 def rs_options(request: web.Request, thumbnail: bool) -> RenderOptions:
-    """``window=center,width[,function]``, ``viewport=vw,vh[,...]``, ``quality`` (PS3.18 8.3.5)."""
+    """``window=center,width[,function]`` (function ``linear``, ``linear-exact`` or
+    ``sigmoid``), ``viewport=vw,vh[,...]``, ``quality`` (PS3.18 8.3.5)."""
     q = request.query
     window = None
     if "window" in q:
         pieces = q["window"].split(",")
         center, width = _numbers("window", ",".join(pieces[:2]), 2)
-        function = pieces[2].strip().lower() if len(pieces) > 2 else "linear"
-        if function not in ("linear", "linear_exact"):
-            raise web.HTTPBadRequest(text="window: only the linear VOI LUT function is supported\n")
-        window = (center, width)
+        function = pieces[2].strip().upper().replace("-", "_") if len(pieces) > 2 else "LINEAR"
+        try:
+            window = VoiWindow(center, width, function)
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"window: {exc} (functions: linear, linear-exact, sigmoid)\n") from None
     viewport = THUMBNAIL if thumbnail else None
     if "viewport" in q:
         vw, vh = _numbers("viewport", q["viewport"], 2)[:2]
@@ -90,29 +115,35 @@ def rs_options(request: web.Request, thumbnail: bool) -> RenderOptions:
     return RenderOptions(render_format(request.headers.get("Accept")), window, viewport, quality)
 
 
-def _render(data: bytes, label: str, ds: Dataset, options: RenderOptions, palette: Dataset | None = None) -> bytes:
-    """Decode one stored frame and render it (blocking, CPU-bound); ``palette`` holds
-    the Palette Color Lookup Tables of a PALETTE COLOR image."""
+def _render(data: bytes, label: str, ds: Dataset, options: RenderOptions, header: Dataset | None = None) -> bytes:
+    """Decode one stored frame and render it (blocking, CPU-bound); ``header`` is the
+    instance's own, read when the metadata cannot carry what rendering needs: the
+    Palette Color Lookup Tables of a PALETTE COLOR image, a Modality or VOI LUT Sequence."""
     desc = PixelDescription.from_dataset(ds)
     source = actual_syntax(data, label, desc)
     arr, decoded = decode_frame_described(data, source, desc, as_rgb=True)
-    if palette is not None:
-        arr = apply_color_lut(arr, palette)
+    if desc.photometric_interpretation == "PALETTE COLOR" and header is not None:
+        arr = apply_color_lut(arr, header)
         bits = arr.dtype.itemsize * 8
         decoded = PixelDescription(desc.rows, desc.columns, 3, bits, bits, 0, "RGB")
-    window = None
+    voi: VoiWindow | VoiLut | None = None
+    described = header if header is not None else ds
     if decoded.samples_per_pixel == 1:
-        if options.window is not None:
-            slope = float(ds.get("RescaleSlope") or 1.0)
-            intercept = float(ds.get("RescaleIntercept") or 0.0)
-            center, width = options.window
-            window = ((center - intercept) / slope, width / abs(slope))
-        else:
-            window = window_from_dataset(ds)
-    return render_frame(arr, decoded, options.fmt, window, options.viewport, options.quality)
+        voi = options.window or voi_from_dataset(described)
+    return render_frame(
+        arr, decoded, options.fmt, None, options.viewport, options.quality, voi=voi, rescale=rescale_from_dataset(described)
+    )
 
 
 async def _first_instance(request: web.Request, study: str, series: str | None) -> InstanceRef:
+    """The study's or series' first instance (the first with an image, from the
+    metadata, in a named HealthImaging image set, which searches do not see)."""
+    if image_set_id(request):
+        for obj in await metadata_of(request, study, series, None):
+            ref = InstanceRef(study, _text(obj, "0020000E"), _text(obj, "00080018"), "")
+            if "00280010" in obj and is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid):
+                return ref
+        raise NotFound("no instance to render")
     upstream = request.app[UPSTREAM]
     search = Search(include=(0x0020000E, 0x00080018), study_uid=study, series_uid=series)
     async with contextlib.aclosing(upstream.search_for_instances(search)) as found:
@@ -124,9 +155,9 @@ async def _first_instance(request: web.Request, study: str, series: str | None) 
     raise NotFound("no instance to render")
 
 
-async def _palette(request: web.Request, ref: InstanceRef) -> Dataset:
-    """The instance's header up to its pixel data: the palette tables are bulk data in
-    metadata, so they are read from the instance itself."""
+async def _instance_header(request: web.Request, ref: InstanceRef) -> Dataset:
+    """The instance's header up to its pixel data, for what is bulk data in metadata
+    (palette tables, VOI LUT data)."""
     retrieved = await fetch_instance(request, ref)
     try:
         head = await asyncio.to_thread(_header, retrieved)
@@ -140,31 +171,99 @@ def _header(retrieved: Retrieved) -> Dataset:
         return pydicom.dcmread(fp, stop_before_pixels=True)
 
 
-async def render(request: web.Request, ref: InstanceRef, frame: int, options: RenderOptions) -> web.Response:
-    metadata = await metadata_of(request, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
-    if not metadata:
-        raise NotFound("no such instance")
-    ds = dataset_from_json(metadata[0], RENDER_TAGS)
+def _media(options: RenderOptions) -> str:
+    return next(m for m, f in FORMATS.items() if f == options.fmt)
+
+
+async def rendered_image(
+    request: web.Request, ref: InstanceRef, frame: int, options: RenderOptions, metadata: JsonObject | None = None
+) -> bytes:
+    """Frame ``frame`` of the instance, rendered; ``metadata``: the instance's, when
+    the caller has it already."""
+    if metadata is None:
+        found = await metadata_of(request, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
+        if not found:
+            raise NotFound("no such instance")
+        metadata = found[0]
+    ds = dataset_from_json(metadata, RENDER_TAGS)
     if 0x00280010 not in ds:
         raise UpstreamRejected("the instance has no image to render", 406)
     count = int(ds.get("NumberOfFrames") or 1)
     if frame > count:
         raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
-    palette = await _palette(request, ref) if ds.get("PhotometricInterpretation") == "PALETTE COLOR" else None
+    luts = MODALITY_LUT_SEQUENCE in metadata or VOI_LUT_SEQUENCE in metadata and options.window is None
+    needs_header = ds.get("PhotometricInterpretation") == "PALETTE COLOR" or luts
+    header = await _instance_header(request, ref) if needs_header else None
     async with contextlib.aclosing(frames_of(request, ref, [frame])) as frames:
         got = await anext(frames)
     loop = asyncio.get_running_loop()
-    image = await loop.run_in_executor(
-        request.app[RETRIEVER].codecs, _render, got.data, got.transfer_syntax, ds, options, palette
+    return await loop.run_in_executor(
+        request.app[RETRIEVER].codecs, _render, got.data, got.transfer_syntax, ds, options, header
     )
-    media = next(m for m, f in FORMATS.items() if f == options.fmt)
-    return web.Response(body=image, content_type=media)
+
+
+async def render(request: web.Request, ref: InstanceRef, frame: int, options: RenderOptions) -> web.Response:
+    return web.Response(body=await rendered_image(request, ref, frame, options), content_type=_media(options))
+
+
+async def render_each(request: web.Request, study: str, series: str | None, options: RenderOptions) -> web.StreamResponse:
+    """Every instance of the study or series that has an image, rendered (frame 1),
+    one part each, in series order and by Instance Number within a series; an
+    instance that cannot be rendered is left out with a warning. Each is rendered
+    as its part is due, so the answer streams whatever the series' size; an archive
+    failing once the answer began ends it unterminated (its headers are gone)."""
+    metadata = [m for m in await metadata_of(request, study, series, None) if "00280010" in m]
+    order = {uid: n for n, uid in enumerate(dict.fromkeys(_text(m, "0020000E") for m in metadata))}
+    metadata.sort(key=lambda m: (order[_text(m, "0020000E")], _number(m, "00200013")))
+    media = _media(options)
+    root = request_root(request)
+    level = "series" if series else "study"
+    stream: MultipartStream | None = None
+    try:
+        for obj in metadata:
+            ref = InstanceRef(study, _text(obj, "0020000E"), _text(obj, "00080018"), "")
+            if not (is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid)):
+                continue
+            try:
+                image = await rendered_image(request, ref, 1, options, obj)
+            except (TranscodeError, ValueError, UpstreamRejected, NotFound) as exc:
+                log.warning("rendered %s: instance %s left out: %s", level, ref.sop_instance_uid, exc)
+                continue
+            if stream is None:
+                stream = MultipartStream(request, media)
+            location = f"{root}/studies/{study}/series/{ref.series_uid}/instances/{ref.sop_instance_uid}/rendered"
+            await stream.part(media, [image], f"Content-Location: {location}\r\n")
+            if stream.head:
+                break
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - before the answer began, the handler answers it
+        if stream is None:
+            raise
+        log.error("rendered %s: failed after the answer began: %s", level, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return stream.response
+    if stream is None:
+        raise NotFound("no image to render")
+    return await stream.finish()
+
+
+def _text(obj: JsonObject, key: str) -> str:
+    return str(((obj.get(key) or {}).get("Value") or [""])[0])
+
+
+def _number(obj: JsonObject, key: str) -> float:
+    try:
+        return float(((obj.get(key) or {}).get("Value") or [0])[0])
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _rendered_handler(thumbnail: bool) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         uids = path_uids(request)
-        what = "thumbnail" if thumbnail else "rendered"
+        what = subject("thumbnail" if thumbnail else "rendered", request)
         try:
             options = rs_options(request, thumbnail)
             frame = 1
@@ -175,8 +274,10 @@ def _rendered_handler(thumbnail: bool) -> Any:
                 frame = int(text)
             if "instance" in uids:
                 ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
-            else:
+            elif thumbnail:
                 ref = await _first_instance(request, uids["study"], uids.get("series"))
+            else:
+                return await render_each(request, uids["study"], uids.get("series"), options)
             return await render(request, ref, frame, options)
         except web.HTTPException:
             raise
@@ -209,18 +310,18 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
                 form = InstanceForm(True, q.get("transferSyntax", "1.2.840.10008.1.2.1"))
                 await body.prepare(form.syntax)
                 response = web.StreamResponse(headers={"Content-Type": f"application/dicom; transfer-syntax={body.syntax}"})
-                await response.prepare(request)
-                async for chunk in body.chunks:
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
+                return await send_streamed(request, response, body.chunks)
             finally:
                 body.release()
         if content_type not in FORMATS:
             raise NotAcceptable("WADO-URI serves application/dicom, image/jpeg, image/png and image/gif")
         window = None
         if "windowCenter" in q and "windowWidth" in q:
-            window = (_numbers("windowCenter", q["windowCenter"], 1)[0], _numbers("windowWidth", q["windowWidth"], 1)[0])
+            center, width = _numbers("windowCenter", q["windowCenter"], 1)[0], _numbers("windowWidth", q["windowWidth"], 1)[0]
+            try:
+                window = VoiWindow(center, width)
+            except ValueError as exc:
+                return text_error(400, f"windowWidth: {exc}")
         viewport = None
         if "rows" in q or "columns" in q:
             rows = int(_numbers("rows", q.get("rows", "65535"), 1)[0])

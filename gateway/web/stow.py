@@ -38,7 +38,7 @@ from gateway.spool.queue import SpoolFull
 from gateway.spool.receipt import Receipt
 from gateway.spool.record import PREAMBLE
 from gateway.web.common import path_uids, request_root, text_error
-from gateway.web.keys import SPOOL
+from gateway.web.keys import CACHE, SPOOL
 
 log = logging.getLogger("gateway.web")
 
@@ -217,6 +217,10 @@ async def store(request: web.Request) -> web.StreamResponse:
     if not stored and all(r.reason == OUT_OF_RESOURCES for r in results):
         return text_error(503, "the gateway's spool is full; try again later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
     status = 200 if stored == len(results) else 202 if stored else 409
+    cache = request.app[CACHE]
+    if cache is not None:  # a viewer asking again sees the new instances once they are upstream
+        for study in {r.study_uid for r in results if not r.reason}:
+            cache.forget_stored(study, [(r.series_uid, r.sop_instance_uid) for r in results if not r.reason and r.study_uid == study])
     log.info(
         "STOW-RS from %s: %d stored, %d failed, %.3f s", request.remote, stored, len(results) - stored, time.monotonic() - started
     )

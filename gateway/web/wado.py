@@ -62,7 +62,16 @@ from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.local import read_frames
 from gateway.web.cache import content_etag, etag_for, not_modified
-from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids, request_root
+from gateway.web.common import (
+    MultipartStream,
+    NotAcceptable,
+    error_response,
+    image_set_id,
+    path_uids,
+    request_root,
+    send_streamed,
+    subject,
+)
 from gateway.web.keys import CACHE, CONFIG, RETRIEVER, UPSTREAM
 
 log = logging.getLogger("gateway.web")
@@ -231,13 +240,14 @@ class InstanceBody:
 async def fetch_instance(request: web.Request, ref: InstanceRef) -> Retrieved:
     retriever = request.app[RETRIEVER]
     return await request.app[UPSTREAM].retrieve_instance(
-        ref.study_uid, ref.series_uid, ref.sop_instance_uid, retriever.spill_dir, retriever.spill_bytes, acceptable=ANY_SYNTAX
+        ref.study_uid, ref.series_uid, ref.sop_instance_uid, retriever.spill_dir, retriever.spill_bytes,
+        acceptable=ANY_SYNTAX, image_set_id=image_set_id(request),
     )
 
 
 async def retrieve_instance(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
-    what = "WADO-RS instance"
+    what = subject("WADO-RS instance", request)
     ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
     try:
         form = instance_form(request.headers.get("Accept"), single_allowed=True)
@@ -251,12 +261,7 @@ async def retrieve_instance(request: web.Request) -> web.StreamResponse:
             return error_response(exc, what)
         content_type = f"{DICOM}; transfer-syntax={body.syntax}"
         if form.single:
-            response = web.StreamResponse(headers={"Content-Type": content_type})
-            await response.prepare(request)
-            async for chunk in body.chunks:
-                await response.write(chunk)
-            await response.write_eof()
-            return response
+            return await send_streamed(request, web.StreamResponse(headers={"Content-Type": content_type}), body.chunks)
         stream = MultipartStream(request, DICOM)
         await stream.part(content_type)
         async for chunk in body.chunks:
@@ -267,11 +272,22 @@ async def retrieve_instance(request: web.Request) -> web.StreamResponse:
 
 
 async def _instances(request: web.Request, study: str, series: str | None) -> AsyncIterator[tuple[Retrieved, InstanceRef]]:
-    """Every instance of the study or series, each as soon as it has arrived."""
+    """Every instance of the study or series, each as soon as it has arrived; those of
+    the named image set (HealthImaging) as its metadata lists them."""
     upstream = request.app[UPSTREAM]
     retriever = request.app[RETRIEVER]
     caps = upstream.capabilities
     seen: set[str] = set()
+    if image_set_id(request):
+        for obj in await metadata_of(request, study, series, None):
+            ref = InstanceRef(study, _uid(obj, "0020000E"), _uid(obj, "00080018"), _uid(obj, "00080016"))
+            if not (is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid)):
+                continue
+            try:
+                yield await fetch_instance(request, ref), ref
+            except NotFound:
+                continue  # deleted since it was listed
+        return
     if caps.series_retrieve if series else caps.study_retrieve:
         try:
             async for retrieved in upstream.iter_instances(study, series, retriever.spill_dir, retriever.spill_bytes):
@@ -300,28 +316,48 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
 
 
 async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
-    """A study or series as one multipart answer, streamed instance by instance."""
+    """A study or series as one multipart answer, streamed instance by instance.
+
+    An instance that cannot be converted to the syntax asked for is left out, with a
+    warning naming it, and the others are sent: converting is deterministic, so
+    ending the answer there (the only other signal once the headers are out) would
+    make the whole series unreadable in that syntax for good, while checking every
+    instance before the first byte would hold a large series' answer back until all
+    of it was converted. When instances were left out before the answer began, its
+    ``Warning`` header says so; all left out is a 406."""
     uids = path_uids(request)
     series = uids.get("series")
-    what = f"WADO-RS {'series' if series else 'study'}"
+    what = subject(f"WADO-RS {'series' if series else 'study'}", request)
     started = time.monotonic()
     stream: MultipartStream | None = None
     sent = 0
+    left_out: list[str] = []
     try:
         form = instance_form(request.headers.get("Accept"), single_allowed=False)
         async with contextlib.aclosing(_instances(request, uids["study"], series)) as instances:
             async for retrieved, ref in instances:
                 body = InstanceBody(request, retrieved, ref)
                 try:
-                    await body.prepare(form.syntax)
+                    try:
+                        await body.prepare(form.syntax)
+                    except TranscodeError as exc:
+                        left_out.append(ref.sop_instance_uid)
+                        log.warning("%s: instance %s left out: cannot convert it to %s: %s", what, ref.sop_instance_uid, form.syntax, exc)
+                        continue
                     if stream is None:
                         stream = MultipartStream(request, DICOM)
+                        if left_out:
+                            stream.response.headers["Warning"] = (
+                                f'299 dicom-gateway "{len(left_out)} instance(s) could not be converted to {form.syntax} and are left out"'
+                            )
                     await stream.part(f"{DICOM}; transfer-syntax={body.syntax}")
                     async for chunk in body.chunks:
                         await stream.write(chunk)
                     sent += 1
                 finally:
                     body.release()
+                if stream is not None and stream.head:
+                    break  # the headers are out: nothing more to send
     except (ConnectionResetError, asyncio.CancelledError):
         log.info("%s: client went away after %d instances", what, sent)
         raise
@@ -334,8 +370,13 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
             request.transport.close()
         return stream.response
     if stream is None:
+        if left_out:
+            return error_response(TranscodeError(f"none of the {len(left_out)} instance(s) converts to {form.syntax}"), what)
         return error_response(NotFound("no instances"), what)
-    log.info("%s: %d instances, %.3f s", what, sent, time.monotonic() - started)
+    if left_out:
+        log.warning("%s: %d instances sent, %d left out (not convertible to %s)", what, sent, len(left_out), form.syntax)
+    else:
+        log.info("%s: %d instances, %.3f s", what, sent, time.monotonic() - started)
     return await stream.finish()
 
 
@@ -371,9 +412,12 @@ async def metadata_of(request: web.Request, study: str, series: str | None, sop:
     when the upstream is remote."""
     upstream = request.app[UPSTREAM]
     cache = request.app[CACHE]
+    named = image_set_id(request)
     if cache is None:
-        return list(await upstream.retrieve_metadata(study, series, sop))
-    return await cache.metadata(study, series, sop, lambda: upstream.retrieve_metadata(study, series, sop))
+        return list(await upstream.retrieve_metadata(study, series, sop, image_set_id=named))
+    return await cache.metadata(
+        study, series, sop, lambda: upstream.retrieve_metadata(study, series, sop, image_set_id=named), named
+    )
 
 
 def _metadata_cache_control(request: web.Request, instance: bool) -> str:
@@ -386,7 +430,7 @@ def _metadata_cache_control(request: web.Request, instance: bool) -> str:
 
 async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
-    what = "WADO-RS metadata"
+    what = subject("WADO-RS metadata", request)
     try:
         fmt = metadata_format(request.headers.get("Accept"))
         objects = [dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"))]
@@ -397,19 +441,23 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
         study, series, sop = _uid(obj, "0020000D") or uids["study"], _uid(obj, "0020000E"), _uid(obj, "00080018")
         if all(is_valid_uid(u) for u in (study, series, sop)):
             rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
+    # Validated by content, JSON and XML alike: the XML parts' boundary changes with
+    # every answer, so the ETag is of the parts themselves.
+    body = json.dumps(objects, ensure_ascii=False).encode("utf-8") if fmt == "json" else b""
+    parts = [] if fmt == "json" else [native_xml(obj) for obj in objects]
+    validators = {
+        "ETag": content_etag(body if fmt == "json" else b"\0".join([b"xml", *parts])),
+        "Cache-Control": _metadata_cache_control(request, "instance" in uids),
+        "Vary": "Accept",
+    }
+    if not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
+        return web.Response(status=304, headers=validators)
     if fmt == "json":
-        body = json.dumps(objects, ensure_ascii=False).encode("utf-8")
-        validators = {
-            "ETag": content_etag(body),
-            "Cache-Control": _metadata_cache_control(request, "instance" in uids),
-            "Vary": "Accept",
-        }
-        if not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
-            return web.Response(status=304, headers=validators)
         return web.Response(body=body, content_type=DICOM_JSON, headers=validators)
     stream = MultipartStream(request, DICOM_XML)
-    for obj in objects:
-        await stream.part(DICOM_XML, [native_xml(obj)])
+    stream.response.headers.update(validators)
+    for part in parts:
+        await stream.part(DICOM_XML, [part])
     return await stream.finish()
 
 
@@ -447,7 +495,8 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
     try:
         if upstream.capabilities.frames:
             async for frame in upstream.retrieve_frames(
-                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=ANY_SYNTAX
+                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=ANY_SYNTAX,
+                image_set_id=image_set_id(request),
             ):
                 given += 1
                 yield frame
@@ -482,17 +531,19 @@ def frames_of(request: web.Request, ref: InstanceRef, numbers: list[int]) -> Asy
     if cache is None:
         return stored_frames(request, ref, numbers)
     return cache.frames(
-        ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, lambda run: stored_frames(request, ref, run)
+        ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, lambda run: stored_frames(request, ref, run),
+        image_set_id(request),
     )
 
 
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
-    what = "WADO-RS frames"
+    what = subject("WADO-RS frames", request)
     numbers = frame_numbers(request.match_info["frames"])
     codecs = request.app[RETRIEVER].codecs
     loop = asyncio.get_running_loop()
     study, series, sop = uids["study"], uids["series"], uids["instance"]
+    named = [image_set] if (image_set := image_set_id(request)) else []  # a named image set's frames validate apart
     stream: MultipartStream | None = None
     try:
         forms = frame_forms(request.headers.get("Accept"))
@@ -521,7 +572,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 target = source if form.syntax == ANY else form.syntax
                 media = form.part_type if form.part_type not in ("*/*", "application/*", "image/*") else frame_media_type(target)
                 validators = {
-                    "ETag": etag_for(sop, numbers, media, target),
+                    "ETag": etag_for(sop, numbers, media, target, *named),
                     "Cache-Control": f"private, max-age={request.app[CONFIG].http.cache.client_max_age}",
                     "Vary": "Accept",  # the same URL has a representation per media type and syntax
                 }
@@ -532,6 +583,8 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                     stream = MultipartStream(request, media, f"; transfer-syntax={target}")
                     stream.response.headers.update(validators)
                 await stream.part(f"{media}; transfer-syntax={target}", [data])
+                if stream.head:
+                    break
     except Exception as exc:  # noqa: BLE001
         if stream is None:
             return error_response(exc, what)
@@ -588,7 +641,7 @@ def bulk_value(path: Path, tag_path: str) -> bytes:
 async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
     """A BulkDataURI of the metadata: the element's value as one octet-stream part."""
     uids = path_uids(request)
-    what = "WADO-RS bulkdata"
+    what = subject("WADO-RS bulkdata", request)
     ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
     retriever = request.app[RETRIEVER]
     spill = retriever.spill_dir / f"{uuid.uuid4().hex}.bulk"

@@ -19,6 +19,7 @@ from gateway.codecs.convert import transcode
 from tests.support.archiveproxy import ArchiveProxy
 from tests.support.curl import CurlResult, curl
 from tests.support.daemon import Gateway
+from tests.support.dcmtk import storescu
 from tests.support.orthanc import Orthanc
 from tests.support.synth import ct_series
 
@@ -139,3 +140,64 @@ def test_if_none_match_gets_304_without_a_body(setup: Setup) -> None:
     assert again.status == 304 and again.body == b""
     stale = _revalidate(f"{setup.series_url}/metadata", METADATA_ACCEPT, '"0123"')
     assert stale.status == 200 and stale.body == metadata.body
+
+
+def _another_of_the_series(ds: pydicom.Dataset, path: Path, number: int) -> pydicom.Dataset:
+    new = ds.copy()
+    new.file_meta = ds.file_meta.copy()
+    new.SOPInstanceUID = new.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    new.InstanceNumber = number
+    new.save_as(path, enforce_file_format=True)
+    return new
+
+
+def _sops(answer: CurlResult) -> set[str]:
+    return {obj["00080018"]["Value"][0] for obj in answer.json()}
+
+
+def test_instances_stored_through_the_gateway_show_in_metadata_at_once(setup: Setup, tmp_path: Path) -> None:
+    """Series and study metadata are kept 60 s by default; an instance stored through
+    the facade (STOW-RS) or by C-STORE shows in them as soon as it is in the archive,
+    even when a viewer asked between the STOW-RS answer and the delivery."""
+    ds = setup.datasets[0]
+    study_url = f"{setup.gw.web_url}/dicom-web/studies/{ds.StudyInstanceUID}/metadata"
+    series_url = f"{setup.series_url}/metadata"
+    before = {str(d.SOPInstanceUID) for d in setup.datasets}
+    assert _sops(curl(series_url, "--header", METADATA_ACCEPT)) == before
+    assert _sops(curl(study_url, "--header", METADATA_ACCEPT)) == before
+
+    stowed = _another_of_the_series(ds, tmp_path / "stowed.dcm", 5)
+    r = curl("-X", "POST", f"{setup.gw.web_url}/dicom-web/studies/{ds.StudyInstanceUID}", "--header", "Content-Type: application/dicom",
+             "--header", "Accept: application/dicom+json", "--data-binary", f"@{tmp_path / 'stowed.dcm'}")
+    assert r.status == 200, r.body
+    curl(series_url, "--header", METADATA_ACCEPT)  # a viewer asking before delivery
+    setup.gw.wait_counts(delivered=1)
+    after = before | {str(stowed.SOPInstanceUID)}
+    assert _sops(curl(series_url, "--header", METADATA_ACCEPT)) == after
+    assert _sops(curl(study_url, "--header", METADATA_ACCEPT)) == after
+
+    stored = _another_of_the_series(ds, tmp_path / "stored.dcm", 6)
+    assert storescu(setup.gw.port, [tmp_path / "stored.dcm"], setup.gw.ae_title).returncode == 0
+    setup.gw.wait_counts(delivered=2)
+    after |= {str(stored.SOPInstanceUID)}
+    assert _sops(curl(series_url, "--header", METADATA_ACCEPT)) == after
+    assert _sops(curl(study_url, "--header", METADATA_ACCEPT)) == after
+
+
+def test_xml_metadata_has_a_validator_too(setup: Setup, tmp_path: Path) -> None:
+    xml = 'Accept: multipart/related; type="application/dicom+xml"'
+    url = f"{setup.series_url}/metadata"
+    first = curl(url, "--header", xml)
+    assert first.status == 200 and first.headers["etag"] and first.headers["cache-control"] == "private, no-cache"
+    assert first.headers["etag"] != curl(url, "--header", METADATA_ACCEPT).headers["etag"]  # one per representation
+    again = _revalidate(url, xml, first.headers["etag"])
+    assert again.status == 304 and again.body == b"" and again.headers["etag"] == first.headers["etag"]
+    # a new instance in the series: a new validator, and the whole answer
+    _another_of_the_series(setup.datasets[0], tmp_path / "new.dcm", 5)
+    r = curl("-X", "POST", f"{setup.gw.web_url}/dicom-web/studies", "--header", "Content-Type: application/dicom",
+             "--data-binary", f"@{tmp_path / 'new.dcm'}")
+    assert r.status == 200
+    setup.gw.wait_counts(delivered=1)
+    changed = _revalidate(url, xml, first.headers["etag"])
+    assert changed.status == 200 and changed.headers["etag"] != first.headers["etag"]
+    assert len(changed.parts()) == len(setup.datasets) + 1

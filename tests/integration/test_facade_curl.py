@@ -228,7 +228,8 @@ def test_siim_guide_steps_with_an_apikey(facade: tuple[Gateway, Orthanc | None],
     r = curl(f"{instance}/thumbnail", *key)
     assert r.status == 200 and max(Image.open(BytesIO(r.body)).size) == 128
     r = curl(f"{url}/studies/{ds.StudyInstanceUID}/rendered", *key, "--header", "Accept: image/gif")
-    assert r.status == 200 and r.body.startswith(b"GIF8")
+    assert r.status == 200 and r.content_type.startswith("multipart/related")  # each instance rendered (PS3.18 10.4.1.1.3)
+    assert [body[:4] for _, body in r.parts()] == [b"GIF8"]
     # 6. WADO-URI: DICOM, then JPEG and PNG by contentType (at /wadouri/ and /wado)
     query = f"requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"
     r = curl(f"{gw.web_url}/wadouri/?{query}", *key)

@@ -2,7 +2,8 @@
 
 Orthanc cannot be told to fail the second page of a QIDO-RS search while answering
 everything else; stopping it would also break the WADO-RS retrievals of what the
-first page listed. This proxy forwards every GET to the archive unchanged, except:
+first page listed. This proxy forwards every GET (and STOW-RS POST) to the archive
+unchanged, except:
 with ``fail_searches``, a SearchForInstances page past the first (``offset`` > 0),
 answered with ``status``; and the first ``fail_retrievals`` single-instance
 retrievals (``.../instances/<uid>``), answered 503. It records what it failed, and
@@ -104,5 +105,18 @@ class ArchiveProxy:
                 except urllib.error.HTTPError as exc:
                     status, headers, body = exc.code, exc.headers, exc.read()
                 self._answer(status, {h: headers[h] for h in _FORWARDED_HEADERS if headers.get(h)}, body)
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib name
+                """STOW-RS, forwarded as it came (the gateway delivering to the archive)."""
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                rest = self.path[len(ROOT) :] if self.path.startswith(ROOT) else self.path
+                headers = {h: self.headers[h] for h in ("Accept", "Content-Type") if self.headers.get(h)}
+                request = urllib.request.Request(proxy.target + rest, data=body, headers=headers, method="POST")
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as resp:
+                        status, answer, content = resp.status, resp.headers, resp.read()
+                except urllib.error.HTTPError as exc:
+                    status, answer, content = exc.code, exc.headers, exc.read()
+                self._answer(status, {h: answer[h] for h in _FORWARDED_HEADERS if answer.get(h)}, content)
 
         return Handler

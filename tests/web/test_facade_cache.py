@@ -82,6 +82,66 @@ def test_series_metadata_expires_instance_metadata_does_not(tmp_path: Path) -> N
     asyncio.run(run())
 
 
+def test_storing_drops_what_it_makes_stale_and_nothing_else(tmp_path: Path) -> None:
+    """The study's and the series' metadata and the stored instance's own entries go;
+    another series' metadata, another instance's frames, another study's stay."""
+
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=600)
+        archive = Archive()
+        other_study = "1.2.9"
+        reads = [
+            (STUDY, None, None), (STUDY, SERIES, None), (STUDY, "1.2.3.7", None), (STUDY, SERIES, "1.2.3.4.5"),
+            (STUDY, SERIES, "1.2.3.4.6"), (other_study, None, None),
+        ]
+        for study, series, sop in reads:
+            await cache.metadata(study, series, sop, archive.fetch_metadata)
+        await _frames(cache, archive, "1.2.3.4.5", [1])
+        await _frames(cache, archive, "1.2.3.4.6", [1])
+        assert archive.metadata == 6 and len(archive.frames) == 2
+        cache.forget_stored(STUDY, [(SERIES, "1.2.3.4.5")])
+        for study, series, sop in reads:
+            await cache.metadata(study, series, sop, archive.fetch_metadata)
+        assert archive.metadata == 6 + 3  # the study's, the series', the stored instance's
+        await _frames(cache, archive, "1.2.3.4.5", [1])
+        await _frames(cache, archive, "1.2.3.4.6", [1])
+        assert archive.frames[2:] == [("1.2.3.4.5", 1)]
+
+    asyncio.run(run())
+
+
+def test_an_answer_fetched_across_a_store_is_not_kept(tmp_path: Path) -> None:
+    """A series' metadata read from the archive while an instance of it was stored may
+    predate the instance: it answers its own request but is not kept."""
+
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=600)
+        archive = Archive()
+
+        async def slow() -> list[JsonObject]:
+            cache.forget_stored(STUDY, [(SERIES, "1.2.3.4.7")])  # stored while the read is under way
+            return await archive.fetch_metadata()
+
+        assert await cache.metadata(STUDY, SERIES, None, slow) == await archive.fetch_metadata()
+        await cache.metadata(STUDY, SERIES, None, archive.fetch_metadata)
+        assert archive.metadata == 3  # read again: the first answer was not kept
+        await cache.metadata(STUDY, SERIES, None, archive.fetch_metadata)
+        assert archive.metadata == 3
+
+        async def frames_across(run: list[int]) -> AsyncIterator[Frame]:
+            cache.forget_stored(STUDY, [(SERIES, "1.2.3.4.8")])
+            async for frame in archive.fetch_frames("1.2.3.4.8", run):
+                yield frame
+
+        assert len([f async for f in cache.frames(STUDY, SERIES, "1.2.3.4.8", [1], frames_across)]) == 1
+        await _frames(cache, archive, "1.2.3.4.8", [1])
+        assert archive.frames == [("1.2.3.4.8", 1)] * 2  # read again: the first was not kept
+        await _frames(cache, archive, "1.2.3.4.8", [1])
+        assert len(archive.frames) == 2
+
+    asyncio.run(run())
+
+
 def test_if_none_match() -> None:
     tag = etag_for("1.2.3", [1], "application/octet-stream", "1.2.840.10008.1.2.5")
     assert tag.startswith('W/"') and tag != etag_for("1.2.3", [1], "application/octet-stream", "1.2.840.10008.1.2.1")

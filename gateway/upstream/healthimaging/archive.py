@@ -23,6 +23,9 @@ the developer guide documents and nothing more:
   (which QIDO-RS and WADO-RS without ``imageSetId`` do not show) are found through
   SearchImageSets and their metadata, answered in series and instance searches of the
   study and retrieved with their ``imageSetId``;
+* an instance, series or frames read with an ``image_set_id`` (a facade client's
+  ``imageSetId``) come from that image set, named to the service as ``imageSetId``;
+  its metadata is read by ID, never searched for;
 * with ``retrieve_path = "frames"``, instances with pixel data are rebuilt from their
   image set's metadata and frames (`frames`) rather than read with GetDICOMInstance.
 """
@@ -61,6 +64,7 @@ from gateway.upstream.base import (
 )
 from gateway.upstream.dicomweb import DicomWebUpstream
 from gateway.upstream.errors import (
+    NotFound,
     SearchTruncated,
     UpstreamAuthError,
     UpstreamError,
@@ -249,6 +253,8 @@ class HealthImagingUpstream(DicomWebUpstream):
         self._non_primary: TtlCache[str, list[tuple[str, dict[str, Any]]]] = TtlCache(
             self._non_primary_metadata, METADATA_TTL, METADATA_CACHED
         )
+        # image set ID -> its metadata, for reads that name their image set
+        self._named: TtlCache[str, dict[str, Any]] = TtlCache(self._named_metadata, METADATA_TTL, METADATA_CACHED)
 
     async def close(self) -> None:
         await super().close()
@@ -386,6 +392,9 @@ class HealthImagingUpstream(DicomWebUpstream):
 
     # -- retrieve ----------------------------------------------------------------------
 
+    def _image_set_query(self, image_set_id: str | None) -> str:
+        return canonical_query(f"imageSetId={image_set_id}") if image_set_id else ""
+
     def _instance_accepts(self, acceptable: Sequence[str]) -> list[tuple[str, int | None]]:
         """GetDICOMInstance answers one Part 10 file: ``application/dicom`` with the
         syntax (``*``: as stored), not multipart."""
@@ -400,13 +409,17 @@ class HealthImagingUpstream(DicomWebUpstream):
         spill_bytes: int,
         *,
         acceptable: Sequence[str],
+        image_set_id: str | None = None,
     ) -> Retrieved:
         """Rebuilt from metadata and frames (``retrieve_path = "frames"``) where it has
         frames, its stored syntax is acceptable and its frames fit in ``spill_bytes``,
         else GetDICOMInstance; an instance of a non-primary image set
-        (``include_non_primary``) is found in its image set and read from there."""
+        (``include_non_primary``) is found in its image set and read from there; one
+        in a named image set (``image_set_id``) is read from that one."""
         located: Located | None = None
-        if self.retrieve_path == "frames" or self.include_non_primary:
+        if image_set_id and self.retrieve_path == "frames":
+            located = await self._locate_in(image_set_id, study_uid, series_uid, sop_instance_uid)
+        elif self.retrieve_path == "frames" or self.include_non_primary:
             located = await self._locate(study_uid, series_uid, sop_instance_uid)
         stored = str(located.entry.get("StoredTransferSyntaxUID") or "") if located is not None else ""
         # Rebuilt in memory: an instance larger than the spill threshold is read with
@@ -417,7 +430,9 @@ class HealthImagingUpstream(DicomWebUpstream):
             rebuilt = await self._rebuilt(located, series_uid, sop_instance_uid)
             if rebuilt is not None:
                 return rebuilt
-        query = f"imageSetId={located.image_set_id}" if located is not None and not located.primary else ""
+        if not image_set_id and located is not None and not located.primary:
+            image_set_id = located.image_set_id
+        query = self._image_set_query(image_set_id)
         url = self.http.url(f"studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}", query)
 
         async def read() -> Retrieved:
@@ -437,6 +452,26 @@ class HealthImagingUpstream(DicomWebUpstream):
     async def _non_primary_metadata(self, study_uid: str) -> list[tuple[str, dict[str, Any]]]:
         """The IDs and metadata documents of the study's non-primary image sets."""
         return await self._image_sets(study_uid, primary=False)
+
+    async def _named_metadata(self, image_set_id: str) -> dict[str, Any]:
+        """The metadata document of the image set ``image_set_id``; NotFound when the
+        data store has no such image set."""
+        try:
+            return await read_with_retry("GetImageSetMetadata", functools.partial(self.native.image_set_metadata, image_set_id))
+        except UpstreamRejected as exc:
+            if exc.status in (400, 404):  # ValidationException for a malformed ID, ResourceNotFound for an unknown one
+                raise NotFound(f"no image set {image_set_id} in data store {self.datastore_id}") from None
+            raise
+
+    async def _locate_in(self, image_set_id: str, study_uid: str, series_uid: str, sop_instance_uid: str) -> Located:
+        """The instance in the image set named by its ID (no search); NotFound when the
+        image set or the instance in it is not there."""
+        document = await self._named.get(image_set_id)
+        study = ((document.get("Study") or {}).get("DICOM") or {}).get("StudyInstanceUID")
+        entry = instance_entry(document, series_uid, sop_instance_uid) if study in (None, study_uid) else None
+        if entry is None:
+            raise NotFound(f"instance not in image set {image_set_id}")
+        return Located(image_set_id, False, document, entry)
 
     async def _image_sets(self, study_uid: str, primary: bool) -> list[tuple[str, dict[str, Any]]]:
         summaries = await read_with_retry("SearchImageSets", lambda: self.native.image_sets_of_study(study_uid, primary))
@@ -478,22 +513,33 @@ class HealthImagingUpstream(DicomWebUpstream):
         return Retrieved(data, None, 0, len(data), transfer_syntax=syntax)
 
     async def retrieve_metadata(
-        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+        self,
+        study_uid: str,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        *,
+        image_set_id: str | None = None,
     ) -> list[JsonObject]:
         """Instance and series metadata as the service serves them; a study's, which it
-        does not serve, series by series."""
+        does not serve, series by series (those of the named image set's metadata when
+        ``image_set_id`` is given, else those a series search finds)."""
         if series_uid is None:
+            if image_set_id:
+                document = await self._named.get(image_set_id)
+                series_uids = [str(uid) for uid in ((document.get("Study") or {}).get("Series") or {})]
+            else:
+                series_uids = []
+                async for series in self.search_for_series(Search(study_uid=study_uid, include=(0x0020000E,))):
+                    series_uids += [str(uid) for uid in ((series.get("0020000E") or {}).get("Value") or [])[:1]]
             objects: list[JsonObject] = []
-            async for series in self.search_for_series(Search(study_uid=study_uid, include=(0x0020000E,))):
-                uid = (series.get("0020000E") or {}).get("Value") or []
-                if uid:
-                    objects += await self.retrieve_metadata(study_uid, str(uid[0]))
+            for uid in series_uids:
+                objects += await self.retrieve_metadata(study_uid, uid, image_set_id=image_set_id)
             return objects
         operation = "GetDICOMSeriesMetadata" if sop_instance_uid is None else "GetDICOMInstanceMetadata"
 
         async def read() -> list[JsonObject]:
             await self.limits.acquire(operation)
-            return await DicomWebUpstream.retrieve_metadata(self, study_uid, series_uid, sop_instance_uid)
+            return await DicomWebUpstream.retrieve_metadata(self, study_uid, series_uid, sop_instance_uid, image_set_id=image_set_id)
 
         return await read_with_retry(operation, read)
 
@@ -505,10 +551,11 @@ class HealthImagingUpstream(DicomWebUpstream):
         frame_numbers: Sequence[int],
         *,
         acceptable: Sequence[str],
+        image_set_id: str | None = None,
     ) -> AsyncIterator[Frame]:
         await self.limits.acquire("GetDICOMInstanceFrames")
         async for frame in super().retrieve_frames(
-            study_uid, series_uid, sop_instance_uid, frame_numbers, acceptable=acceptable
+            study_uid, series_uid, sop_instance_uid, frame_numbers, acceptable=acceptable, image_set_id=image_set_id
         ):
             yield frame
 
