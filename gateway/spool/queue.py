@@ -144,16 +144,17 @@ class Spool:
 
     def recover(self) -> tuple[int, int]:
         """Start-up: requeue rows a crash left in ``sending``, drop half-received temp
-        files, and adopt files in ``objects/`` that have no row.
+        files, and sort the files in ``objects/`` that have no row.
 
-        A C-STORE is acknowledged once its file is fsynced into ``objects/``; the row
-        commit is not fsynced (WAL, synchronous=NORMAL), so after a power cut the file
-        may outlive its row. Adopting such files queues them again: delivery is
-        idempotent, losing them is not. Returns (requeued, adopted).
+        A C-STORE is acknowledged once its record is sealed; the row is written after
+        (by the indexer, and not fsynced: WAL, synchronous=NORMAL), so after a crash or
+        a power cut a record may have no row. Such records are verified and queued
+        again (delivery is idempotent, losing them is not); blanks go back to the
+        reserve; a record that fails its checksum, or a file whose first page never
+        landed, was never acknowledged and is removed. Returns (requeued, adopted).
         """
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
-
         with self.db.connection() as db, immediate(db):
             requeued = db.execute(
                 "UPDATE instances SET state='queued', next_attempt_at=0 WHERE state='sending'"
