@@ -31,7 +31,6 @@ from pydicom.errors import InvalidDicomError
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.syntaxes import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, syntax_info
 from gateway.fsutil import fsync_path, make_buckets
-from gateway.model.json import dataset_from_json
 from gateway.model.query import Key
 from gateway.model.search import Search
 from gateway.sqlite import Migration, connect, immediate, migrate
@@ -196,71 +195,57 @@ class LocalUpstream:
 
     # -- search (QIDO-RS semantics over the index) ------------------------------------
 
-    def _search_page(self, level: str, search: Search, offset: int) -> tuple[list[JsonObject], int]:
-        """One page of candidates (SQL on indexed columns), then the exact rules in Python.
+    def _search_page(self, level: str, search: Search, after: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """The next ``page_size`` candidates after the sort key ``after`` (SQL on the
+        indexed columns only): each row is the sort key, the header JSON of the
+        entity's first instance and, for studies and series, the computed attributes.
 
-        Returns the matching objects and how many candidates the page held, so the
-        caller knows when the index is exhausted.
+        Keyset paging (``WHERE key > after``) rather than OFFSET, so each page costs
+        what it returns, not everything before it. The header is returned as text and
+        decoded by the caller, one result at a time as it is answered.
         """
         where, args = _prefilter(level, search)
         if level == "studies":
-            rows = self._db.execute(
-                "SELECT MIN(rowid) AS first, group_concat(DISTINCT modality) AS mods, "
+            sql = (
+                "SELECT g.study_uid, i.metadata, g.mods, g.classes, g.series, g.instances FROM ("
+                "SELECT study_uid, MIN(rowid) AS first, group_concat(DISTINCT modality) AS mods, "
                 "group_concat(DISTINCT sop_class_uid) AS classes, COUNT(DISTINCT series_uid) AS series, "
                 "COUNT(*) AS instances FROM instances "
-                f"WHERE study_uid IN (SELECT study_uid FROM instances WHERE {where}) "
-                "GROUP BY study_uid ORDER BY study_uid LIMIT ? OFFSET ?",
-                [*args, self.page_size, offset],
-            ).fetchall()
+                f"WHERE study_uid IN (SELECT study_uid FROM instances WHERE {where}) AND study_uid > ? "
+                "GROUP BY study_uid ORDER BY study_uid LIMIT ?"
+                ") AS g JOIN instances AS i ON i.rowid = g.first ORDER BY g.study_uid"
+            )
         elif level == "series":
-            rows = self._db.execute(
-                "SELECT MIN(rowid) AS first, COUNT(*) AS instances FROM instances "
+            sql = (
+                "SELECT g.study_uid, g.series_uid, i.metadata, g.instances FROM ("
+                "SELECT study_uid, series_uid, MIN(rowid) AS first, COUNT(*) AS instances FROM instances "
                 f"WHERE series_uid IN (SELECT series_uid FROM instances WHERE {where}) "
-                "GROUP BY series_uid ORDER BY study_uid, series_uid LIMIT ? OFFSET ?",
-                [*args, self.page_size, offset],
-            ).fetchall()
+                "AND (study_uid, series_uid) > (?, ?) "
+                "GROUP BY series_uid ORDER BY study_uid, series_uid LIMIT ?"
+                ") AS g JOIN instances AS i ON i.rowid = g.first ORDER BY g.study_uid, g.series_uid"
+            )
         else:
-            rows = self._db.execute(
-                f"SELECT rowid AS first FROM instances WHERE {where} "
-                "ORDER BY study_uid, series_uid, rowid LIMIT ? OFFSET ?",
-                [*args, self.page_size, offset],
-            ).fetchall()
-        if not rows:
-            return [], 0
-        firsts = [r[0] for r in rows]
-        metadata = dict(
-            self._db.execute(
-                f"SELECT rowid, metadata FROM instances WHERE rowid IN ({','.join('?' * len(firsts))})", firsts
-            ).fetchall()
-        )
-        tags = [k.tag for k in search.keys]
-        out: list[JsonObject] = []
-        for row in rows:
-            obj: dict[str, Any] = json.loads(metadata[row[0]] or "{}")
-            if level == "studies":
-                obj["00080061"] = {"vr": "CS", "Value": sorted(m for m in (row[1] or "").split(",") if m)}
-                obj["00080062"] = {"vr": "UI", "Value": sorted(c for c in (row[2] or "").split(",") if c)}
-                obj["00201206"] = {"vr": "IS", "Value": [row[3]]}
-                obj["00201208"] = {"vr": "IS", "Value": [row[4]]}
-            elif level == "series":
-                obj["00201209"] = {"vr": "IS", "Value": [row[1]]}
-            ds = dataset_from_json(obj, tags)
-            if all(k.matches(ds) for k in search.keys):
-                out.append(obj)
-        return out, len(rows)
+            sql = (
+                f"SELECT study_uid, series_uid, rowid, metadata FROM instances WHERE ({where}) "
+                "AND (study_uid, series_uid, rowid) > (?, ?, ?) "
+                "ORDER BY study_uid, series_uid, rowid LIMIT ?"
+            )
+        return self._db.execute(sql, [*args, *after, self.page_size]).fetchall()
 
     async def _search(self, level: str, search: Search) -> AsyncIterator[JsonObject]:
+        """Candidates of the prefilter, in the order of the level's unique keys: the
+        caller re-checks every answer with the exact rules (``Upstream``), so they are
+        not matched here a second time."""
         loop = asyncio.get_running_loop()
-        offset = 0
+        keys = _SORT_KEYS[level]
+        after: tuple[Any, ...] = ("",) * (keys - 1) + ((0,) if level == "instances" else ("",))
         while True:
-            page, candidates = await loop.run_in_executor(
-                self._executor, self._search_page, level, search, offset
-            )
-            for obj in page:
-                yield obj
-            if candidates < self.page_size:
+            rows = await loop.run_in_executor(self._executor, self._search_page, level, search, after)
+            for row in rows:
+                yield _result(level, row)
+            if len(rows) < self.page_size:
                 return
-            offset += candidates
+            after = tuple(rows[-1][:keys])
 
     def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
         return self._search("studies", search)
@@ -541,6 +526,28 @@ def _native_frame(source: Any, start: int, index: int, bits: int) -> bytes:
         return chunk
     unpacked = np.unpackbits(np.frombuffer(chunk, dtype=np.uint8), bitorder="little")[shift : shift + bits]
     return np.packbits(unpacked, bitorder="little").tobytes()
+
+
+# Columns of a search row that make its sort key, by level.
+_SORT_KEYS = {"studies": 1, "series": 2, "instances": 3}
+
+
+def _result(level: str, row: tuple[Any, ...]) -> dict[str, Any]:
+    """One search row as DICOM JSON: the stored header plus, for studies and series,
+    the attributes computed over their instances."""
+    if level == "studies":
+        _, metadata, mods, classes, series, instances = row
+        obj: dict[str, Any] = json.loads(metadata or "{}")
+        obj["00080061"] = {"vr": "CS", "Value": sorted(m for m in (mods or "").split(",") if m)}
+        obj["00080062"] = {"vr": "UI", "Value": sorted(c for c in (classes or "").split(",") if c)}
+        obj["00201206"] = {"vr": "IS", "Value": [series]}
+        obj["00201208"] = {"vr": "IS", "Value": [instances]}
+        return obj
+    if level == "series":
+        obj = json.loads(row[2] or "{}")
+        obj["00201209"] = {"vr": "IS", "Value": [row[3]]}
+        return obj
+    return json.loads(row[3] or "{}")
 
 
 # Keys the index can narrow with SQL (exactly, before the Python rules run).
