@@ -362,8 +362,9 @@ def _direct_answer(
 ) -> bytes:
     """One result answered straight from its JSON: the encoded identifier, or ``b""``
     when it does not match or repeats a match; Unsupported when the result needs the
-    pydicom path (``FindService._dataset_answer``)."""
-    attrs = attributes_from_json(obj, tags)
+    pydicom path (``FindService._dataset_answer``). Only the keys that match and the
+    unique key are decoded before the answer is known to be wanted."""
+    attrs = attributes_from_json(obj, writer.check_tags)
     for tag, uid in known_uids.items():
         attrs.setdefault(tag, Attribute("UI", (uid,)))
     if not writer.matches(attrs):
@@ -372,7 +373,12 @@ def _direct_answer(
     unique = "" if uid is None else "\\".join(uid.texts())
     if unique in seen:
         return b""  # the archive changed between pages and repeated a match
-    answer = writer.encode(attrs)  # may raise Unsupported: record the match only once answered
+    answer = writer.encode_json(obj, known_uids)
+    if answer is None:
+        attrs = attributes_from_json(obj, tags)
+        for tag, uid_text in known_uids.items():
+            attrs.setdefault(tag, Attribute("UI", (uid_text,)))
+        answer = writer.encode(attrs)  # may raise Unsupported: record the match only once answered
     seen.add(unique)
     return answer
 
