@@ -195,8 +195,8 @@ class LocalUpstream:
 
     # -- search (QIDO-RS semantics over the index) ------------------------------------
 
-    def _search_page(self, level: str, search: Search, after: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """The next ``page_size`` candidates after the sort key ``after`` (SQL on the
+    def _search_page(self, level: str, search: Search, after: tuple[Any, ...], limit: int) -> list[tuple[Any, ...]]:
+        """The next ``limit`` candidates after the sort key ``after`` (SQL on the
         indexed columns only): each row is the sort key, the header JSON of the
         entity's first instance and, for studies and series, the computed attributes.
 
@@ -230,22 +230,38 @@ class LocalUpstream:
                 "AND (study_uid, series_uid, rowid) > (?, ?, ?) "
                 "ORDER BY study_uid, series_uid, rowid LIMIT ?"
             )
-        return self._db.execute(sql, [*args, *after, self.page_size]).fetchall()
+        return self._db.execute(sql, [*args, *after, limit]).fetchall()
 
     async def _search(self, level: str, search: Search) -> AsyncIterator[JsonObject]:
         """Candidates of the prefilter, in the order of the level's unique keys: the
         caller re-checks every answer with the exact rules (``Upstream``), so they are
-        not matched here a second time."""
+        not matched here a second time.
+
+        The first page is small (``FIRST_PAGE``) so the first answers go out at once,
+        and each next page is read on the index thread while the current one is
+        handed on (SQLite runs without the GIL meanwhile).
+        """
         loop = asyncio.get_running_loop()
         keys = _SORT_KEYS[level]
         after: tuple[Any, ...] = ("",) * (keys - 1) + ((0,) if level == "instances" else ("",))
-        while True:
-            rows = await loop.run_in_executor(self._executor, self._search_page, level, search, after)
-            for row in rows:
-                yield _result(level, row)
-            if len(rows) < self.page_size:
-                return
-            after = tuple(rows[-1][:keys])
+        limit = min(self.page_size, FIRST_PAGE)
+        pending = loop.run_in_executor(self._executor, self._search_page, level, search, after, limit)
+        try:
+            while True:
+                rows = await pending
+                more = len(rows) >= limit
+                if more:
+                    after, limit = tuple(rows[-1][:keys]), self.page_size
+                    pending = loop.run_in_executor(self._executor, self._search_page, level, search, after, limit)
+                for row in rows:
+                    yield _result(level, row)
+                if not more:
+                    return
+        finally:
+            if not pending.done():
+                pending.cancel()  # not started yet: never runs; running: its rows are dropped
+            elif not pending.cancelled():
+                pending.exception()  # retrieved, so an error of an abandoned page is not reported as lost
 
     def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
         return self._search("studies", search)
@@ -528,6 +544,9 @@ def _native_frame(source: Any, start: int, index: int, bits: int) -> bytes:
     return np.packbits(unpacked, bitorder="little").tobytes()
 
 
+# Results in the first page of a search (later pages hold ``page_size``), as for
+# the DICOMweb upstream: the first answers go out before the rest is read.
+FIRST_PAGE = 100
 # Columns of a search row that make its sort key, by level.
 _SORT_KEYS = {"studies": 1, "series": 2, "instances": 3}
 
