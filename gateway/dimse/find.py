@@ -352,6 +352,7 @@ class FindService:
             include=tuple(sorted(t for t in tags if not query.is_below(t))),
             study_uid=query.uid("STUDY") if level in ("SERIES", "IMAGE") else None,
             series_uid=query.uid("SERIES") if level == "IMAGE" else None,
+            include_only=True,
         )
         method: Callable[[Search], AsyncIterator[JsonObject]] = getattr(self.upstream, SEARCH_METHOD[level])
         return _bounded(method(search), f.timeout + 5)

@@ -205,9 +205,10 @@ class LocalUpstream:
         decoded by the caller, one result at a time as it is answered.
         """
         where, args = _prefilter(level, search)
+        header = _header_column(level, search)
         if level == "studies":
             sql = (
-                "SELECT g.study_uid, i.metadata, g.mods, g.classes, g.series, g.instances FROM ("
+                f"SELECT g.study_uid, {header}, g.mods, g.classes, g.series, g.instances FROM ("
                 "SELECT study_uid, MIN(rowid) AS first, group_concat(DISTINCT modality) AS mods, "
                 "group_concat(DISTINCT sop_class_uid) AS classes, COUNT(DISTINCT series_uid) AS series, "
                 "COUNT(*) AS instances FROM instances "
@@ -217,7 +218,7 @@ class LocalUpstream:
             )
         elif level == "series":
             sql = (
-                "SELECT g.study_uid, g.series_uid, i.metadata, g.instances FROM ("
+                f"SELECT g.study_uid, g.series_uid, {header}, g.instances FROM ("
                 "SELECT study_uid, series_uid, MIN(rowid) AS first, COUNT(*) AS instances FROM instances "
                 f"WHERE series_uid IN (SELECT series_uid FROM instances WHERE {where}) "
                 "AND (study_uid, series_uid) > (?, ?) "
@@ -226,7 +227,7 @@ class LocalUpstream:
             )
         else:
             sql = (
-                f"SELECT study_uid, series_uid, rowid, metadata FROM instances WHERE ({where}) "
+                f"SELECT study_uid, series_uid, rowid, {header} FROM instances AS i WHERE ({where}) "
                 "AND (study_uid, series_uid, rowid) > (?, ?, ?) "
                 "ORDER BY study_uid, series_uid, rowid LIMIT ?"
             )
@@ -237,6 +238,10 @@ class LocalUpstream:
         caller re-checks every answer with the exact rules (``Upstream``), so they are
         not matched here a second time.
 
+        A search that needs only what it includes (``Search.include_only``) gets only
+        those attributes, picked out of the stored header by SQLite (``json_extract``,
+        a few microseconds) instead of the whole header decoded in Python.
+
         The first page is small (``FIRST_PAGE``) so the first answers go out at once,
         and each next page is read on the index thread while the current one is
         handed on (SQLite runs without the GIL meanwhile).
@@ -245,6 +250,7 @@ class LocalUpstream:
         keys = _SORT_KEYS[level]
         after: tuple[Any, ...] = ("",) * (keys - 1) + ((0,) if level == "instances" else ("",))
         limit = min(self.page_size, FIRST_PAGE)
+        names = _extracted(level, search)
         pending = loop.run_in_executor(self._executor, self._search_page, level, search, after, limit)
         try:
             while True:
@@ -254,7 +260,7 @@ class LocalUpstream:
                     after, limit = tuple(rows[-1][:keys]), self.page_size
                     pending = loop.run_in_executor(self._executor, self._search_page, level, search, after, limit)
                 for row in rows:
-                    yield _result(level, row)
+                    yield _result(level, row, names)
                 if not more:
                     return
         finally:
@@ -551,22 +557,54 @@ FIRST_PAGE = 100
 _SORT_KEYS = {"studies": 1, "series": 2, "instances": 3}
 
 
-def _result(level: str, row: tuple[Any, ...]) -> dict[str, Any]:
-    """One search row as DICOM JSON: the stored header plus, for studies and series,
-    the attributes computed over their instances."""
+# The unique keys an answer of each level carries, whatever the search includes.
+_LEVEL_UIDS = {"studies": (0x0020000D,), "series": (0x0020000D, 0x0020000E), "instances": (0x0020000D, 0x0020000E, 0x00080018)}
+
+
+def _extracted(level: str, search: Search) -> list[str] | None:
+    """The attributes a search reads out of the stored header (DICOM JSON names), in
+    order; None for the whole header."""
+    if not search.include_only or search.include_all:
+        return None
+    tags = {*search.include, *(k.tag for k in search.keys), *_LEVEL_UIDS[level]}
+    return [f"{tag:08X}" for tag in sorted(tags)]
+
+
+def _header_column(level: str, search: Search) -> str:
+    """The SQL expression of a row's header: the stored JSON, or a JSON array of the
+    extracted attributes (json_extract with two paths or more answers an array)."""
+    names = _extracted(level, search)
+    if names is None:
+        return "i.metadata"
+    paths = [f"'$.\"{name}\"'" for name in names]  # hex digits only: nothing to escape
+    if len(paths) == 1:
+        paths *= 2
+    return f"json_extract(i.metadata, {', '.join(paths)})"
+
+
+def _header(text: str | None, names: list[str] | None) -> dict[str, Any]:
+    """The header of a search row as DICOM JSON (the attributes it has)."""
+    if names is None:
+        return json.loads(text or "{}")
+    return {name: value for name, value in zip(names, json.loads(text or "[]")) if value is not None}
+
+
+def _result(level: str, row: tuple[Any, ...], names: list[str] | None) -> dict[str, Any]:
+    """One search row as DICOM JSON: the stored header (or the attributes extracted
+    from it) plus, for studies and series, the attributes computed over their instances."""
     if level == "studies":
         _, metadata, mods, classes, series, instances = row
-        obj: dict[str, Any] = json.loads(metadata or "{}")
+        obj = _header(metadata, names)
         obj["00080061"] = {"vr": "CS", "Value": sorted(m for m in (mods or "").split(",") if m)}
         obj["00080062"] = {"vr": "UI", "Value": sorted(c for c in (classes or "").split(",") if c)}
         obj["00201206"] = {"vr": "IS", "Value": [series]}
         obj["00201208"] = {"vr": "IS", "Value": [instances]}
         return obj
     if level == "series":
-        obj = json.loads(row[2] or "{}")
+        obj = _header(row[2], names)
         obj["00201209"] = {"vr": "IS", "Value": [row[3]]}
         return obj
-    return json.loads(row[3] or "{}")
+    return _header(row[3], names)
 
 
 # Keys the index can narrow with SQL (exactly, before the Python rules run).
