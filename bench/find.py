@@ -43,8 +43,12 @@ comparison is fair. What was measured on Orthanc 1.10.1 with the DICOMweb plugin
 * ``StorageAccessOnFind`` ("Always", the default, or "Never") changes neither path;
   ``DicomWeb.StudiesMetadata``/``SeriesMetadata`` concern WADO-RS metadata, not
   QIDO-RS; ``ExtraMainDicomTags`` does not exist before Orthanc 1.11.
-* Concurrent QIDO-RS pages do not add up: the plugin's REST calls serialise inside
-  Orthanc, and both processes share the machine's cores.
+* A request with an offset costs Orthanc ~20 ms more than one without (limit=1:
+  4 ms; limit=1&offset=999: 22 ms): its lookup walks every match before the offset.
+* Concurrent QIDO-RS pages add up only when cores are idle: the two halves at once
+  took 305 ms at best against 412 ms for one request, but the same in the median
+  (469 against 459 ms) on this shared machine, where the SCU and the gateway need
+  those cores too.
 """
 
 from __future__ import annotations
