@@ -283,12 +283,9 @@ class DicomWebUpstream:
         and then sent none, or when a full page reaches ``Capabilities.search_limit``:
         what lies beyond cannot be asked for.
 
-        The first page holds at most ``FIRST_PAGE`` results and each next one twice the
-        last, up to ``find.page_size``: archives such as Orthanc send nothing until a
-        whole page is built (about 0.35 ms per study), so a small first page lets the
-        first answers go out while the rest is searched, and growing pages keep the
-        last one, whose answers can go out only once the archive is done, at about
-        half of the answer, for a few more requests (Orthanc: ~20 ms each).
+        The first page holds at most ``FIRST_PAGE`` results: archives such as Orthanc
+        send nothing until a whole page is built (about 0.35 ms per study), so a
+        small first page lets the first answers go out while the rest is searched.
         """
         caps = self._capabilities
         path = resource_path(level, search.study_uid, search.series_uid)
@@ -312,7 +309,7 @@ class DicomWebUpstream:
                 offset += len(page)
                 announced = cut
                 capped = more and reach is not None and offset >= reach
-                limit = bounded(min(page_size, 2 * limit), offset)
+                limit = bounded(page_size, offset)
                 if more and not capped:
                     pending = asyncio.ensure_future(self._page(path, search, offset, limit))
                 for item in page:
