@@ -205,6 +205,7 @@ class AnswerWriter:
         if pydicom_config.datetime_conversion:
             fast -= {"DA", "DT", "TM"}
         self._fast_vrs = fast
+        self._plain_vrs = fast - {"PN", "IS"}
         # An all-ASCII answer is in the requested character set (or UTF-8 when that
         # set is unknown), whatever its values.
         self._ascii_terms = tuple(charset_for((), self.requested))
@@ -230,6 +231,8 @@ class AnswerWriter:
             return None
         out: list[bytes] = []
         implicit = self.implicit
+        fast = self._fast_vrs
+        plain = self._plain_vrs
         for tag, name, vr, fixed in plan:
             if fixed is not None:
                 out.append(fixed)
@@ -243,18 +246,25 @@ class AnswerWriter:
             else:
                 vr = attr.get("vr")
                 values = attr.get("Value")
-                if not values and vr in TEXT_VRS:
+                if not values:
+                    if vr not in TEXT_VRS:
+                        return None
                     text = ""  # no value: written empty, whatever the VR
-                elif vr not in self._fast_vrs or (found := _plain_text(vr, values)) is None:
+                elif len(values) == 1 and type(values[0]) is str and vr in plain:
+                    text = values[0]  # the usual value: one text of a VR that needs no conversion
+                    if not text.isascii():
+                        return None
+                elif vr not in fast or (found := _plain_text(vr, values)) is None:
                     return None
                 else:
                     text = found
-            if len(text) % 2:
-                text += "\0" if vr == "UI" else " "
+            size = len(text) + len(text) % 2
             head, length = _header(tag, vr, implicit)
-            if length == "<H" and len(text) > 0xFFFF:
+            if length == "<H" and size > 0xFFFF:
                 return None
-            out += (head, struct.pack(length, len(text)), text.encode("ascii"))
+            out += (head, struct.pack(length, size), text.encode("ascii"))
+            if size != len(text):
+                out.append(b"\0" if vr == "UI" else b" ")
         return b"".join(out)
 
     def matches(self, attrs: Mapping[int, Attribute]) -> bool:
