@@ -140,8 +140,10 @@ class PendingSender:
     two system calls and a wake-up of the peer, more than encoding it; here they go out
     in batches: a full batch at once, a partial one as soon as the service waits for
     anything (the archive's next page): the ``call_soon`` callback runs only once the
-    task suspends, so no answer waits for the archive behind it. The command set of a
-    Pending response is the same for every answer, so it is encoded once.
+    task suspends, so no answer waits for the archive behind it. Batches start at one
+    answer and double up to ``BATCH_ANSWERS``, so the peer starts taking answers at
+    once. The command set of a Pending response is the same for every answer, so it
+    is encoded once.
     """
 
     def __init__(self, assoc: Association, context_id: int, command: bytes) -> None:
@@ -149,12 +151,14 @@ class PendingSender:
         self.context_id = context_id
         self.command = assoc.pdus(context_id, command, True)
         self.batch: list[bytes] = []
+        self.size = 1  # answers in the next full batch
         self.scheduled = False
         self.closed = False
 
     async def add(self, answer: bytes) -> None:
         self.batch += (self.command, self.assoc.pdus(self.context_id, answer, False))
-        if len(self.batch) >= 2 * BATCH_ANSWERS:
+        if len(self.batch) >= 2 * self.size:
+            self.size = min(2 * self.size, BATCH_ANSWERS)
             await self.flush()
         elif not self.scheduled:
             self.scheduled = True
