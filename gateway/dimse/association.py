@@ -198,6 +198,19 @@ class Association:
         """Send bytes already encoded as PDUs (C-GET sub-operations, A-RELEASE-RP)."""
         await self._write([data], self.dimse_timeout)
 
+    def pdus(self, context_id: int, part: bytes, is_command: bool) -> bytes:
+        """One message part (command or data set) as the PDUs ``send_message`` writes,
+        for a caller that sends many messages in one write (C-FIND Pending responses)."""
+        return b"".join(pdu.encode_pdata(context_id, part, is_command, self.peer_max_pdu))
+
+    def write_now(self, data: bytes) -> None:
+        """Hand whole messages' PDUs to the transport without waiting for the peer to
+        take them; the caller's next ``send_raw``/``send_message`` waits (bounded by
+        ``dimse_timeout``). Safe between other senders' messages: a holder of the send
+        lock waits only after writing whole messages."""
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
     async def _write(self, items: list[bytes], timeout: float) -> None:
         async with self._send_lock:
             if self.writer.is_closing():

@@ -129,6 +129,60 @@ def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
     return fp.getvalue()
 
 
+# Pending responses per write at most; more wait for the next write.
+BATCH_ANSWERS = 64
+
+
+class PendingSender:
+    """The Pending responses of one C-FIND, written several at a time.
+
+    The answers of an archive's page are ready together. Written one by one, each cost
+    two system calls and a wake-up of the peer, more than encoding it; here they go out
+    in batches: a full batch at once, a partial one as soon as the service waits for
+    anything (the archive's next page): the ``call_soon`` callback runs only once the
+    task suspends, so no answer waits for the archive behind it. Batches start at one
+    answer and double up to ``BATCH_ANSWERS``, so the peer starts taking answers at
+    once. The command set of a Pending response is the same for every answer, so it
+    is encoded once.
+    """
+
+    def __init__(self, assoc: Association, context_id: int, command: bytes) -> None:
+        self.assoc = assoc
+        self.context_id = context_id
+        self.command = assoc.pdus(context_id, command, True)
+        self.batch: list[bytes] = []
+        self.size = 1  # answers in the next full batch
+        self.scheduled = False
+        self.closed = False
+
+    async def add(self, answer: bytes) -> None:
+        self.batch += (self.command, self.assoc.pdus(self.context_id, answer, False))
+        if len(self.batch) >= 2 * self.size:
+            self.size = min(2 * self.size, BATCH_ANSWERS)
+            await self.flush()
+        elif not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self.scheduled = False
+        if self.batch and not self.closed:
+            self.assoc.write_now(b"".join(self.batch))
+        self.batch.clear()
+
+    async def flush(self) -> None:
+        """Write what is batched and wait until the peer takes it (``dimse_timeout``)."""
+        if self.batch and not self.closed:
+            data = b"".join(self.batch)
+            self.batch.clear()
+            await self.assoc.send_raw(data)
+
+    def close(self) -> None:
+        """Drop what is batched (C-CANCEL): nothing more goes out."""
+        self.closed = True
+        self.batch.clear()
+
+
 class FindService:
     """The C-FIND service for both information models, with its dependencies bound."""
 
@@ -147,6 +201,7 @@ class FindService:
             await assoc.send_message(context.id, rsp, body)
 
         query: Query | None = None
+        pending = PendingSender(assoc, context.id, response(command, C_FIND_RSP, PENDING, has_dataset=True))
         try:
             try:
                 identifier = decode_identifier(message.dataset or b"", syntax)
@@ -157,9 +212,11 @@ class FindService:
                 raise InvalidValue(f"unreadable identifier ({type(exc).__name__})") from exc
             async with contextlib.aclosing(self.answers(query, syntax)) as answers:
                 async for answer in answers:
-                    await send(PENDING, answer)
+                    await pending.add(answer)
                     sent += 1
+            await pending.flush()
         except asyncio.CancelledError:
+            pending.close()
             self._log(assoc, query, sent, "cancelled", started)
             await asyncio.shield(send(CANCEL))
             raise
@@ -167,6 +224,7 @@ class FindService:
             # The archive capping its answer is the match cap reached elsewhere: never Success.
             by = " by the archive" if isinstance(exc, SearchTruncated) else ""
             self._log(assoc, query, sent, f"cut at {sent} matches{by}", started)
+            await pending.flush()
             await send(OUT_OF_RESOURCES, extra={0x0902: f"more than {sent} matches; refine the query"})
             return
         except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status
@@ -176,6 +234,7 @@ class FindService:
                 log.error("C-FIND from %s failed: %s", assoc.peer, failure.comment)
                 log.debug("C-FIND internal error", exc_info=exc)
             self._log(assoc, query, sent, f"failed 0x{failure.status:04X}: {failure.comment}", started)
+            await pending.flush()
             extra: dict[int, Any] = {0x0902: failure.comment[:64]}
             if failure.offending:
                 extra[0x0901] = failure.offending
@@ -297,6 +356,7 @@ class FindService:
             include=tuple(sorted(t for t in tags if not query.is_below(t))),
             study_uid=query.uid("STUDY") if level in ("SERIES", "IMAGE") else None,
             series_uid=query.uid("SERIES") if level == "IMAGE" else None,
+            include_only=True,
         )
         method: Callable[[Search], AsyncIterator[JsonObject]] = getattr(self.upstream, SEARCH_METHOD[level])
         return _bounded(method(search), f.timeout + 5)
@@ -307,8 +367,9 @@ def _direct_answer(
 ) -> bytes:
     """One result answered straight from its JSON: the encoded identifier, or ``b""``
     when it does not match or repeats a match; Unsupported when the result needs the
-    pydicom path (``FindService._dataset_answer``)."""
-    attrs = attributes_from_json(obj, tags)
+    pydicom path (``FindService._dataset_answer``). Only the keys that match and the
+    unique key are decoded before the answer is known to be wanted."""
+    attrs = attributes_from_json(obj, writer.check_tags)
     for tag, uid in known_uids.items():
         attrs.setdefault(tag, Attribute("UI", (uid,)))
     if not writer.matches(attrs):
@@ -317,7 +378,12 @@ def _direct_answer(
     unique = "" if uid is None else "\\".join(uid.texts())
     if unique in seen:
         return b""  # the archive changed between pages and repeated a match
-    answer = writer.encode(attrs)  # may raise Unsupported: record the match only once answered
+    answer = writer.encode_json(obj, known_uids)
+    if answer is None:
+        attrs = attributes_from_json(obj, tags)
+        for tag, uid_text in known_uids.items():
+            attrs.setdefault(tag, Attribute("UI", (uid_text,)))
+        answer = writer.encode(attrs)  # may raise Unsupported: record the match only once answered
     seen.add(unique)
     return answer
 

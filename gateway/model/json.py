@@ -48,7 +48,8 @@ def keyword_vr(tag: int) -> str:
         return "UN"
 
 
-def _pn_from_json(value: Any) -> str:
+def pn_from_json(value: Any) -> str:
+    """A PN value of DICOM JSON as DICOM text: the groups joined with ``=``."""
     if isinstance(value, str):  # tolerated: some servers send PN as a plain string
         return value
     if not isinstance(value, Mapping):
@@ -63,7 +64,7 @@ def _scalar(vr: str, value: Any) -> Any:
     if value is None:
         return None
     if vr == "PN":
-        return _pn_from_json(value)
+        return pn_from_json(value)
     if vr == "AT":
         return Tag(str(value))
     if vr == "IS" and isinstance(value, float) and value.is_integer():

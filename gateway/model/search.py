@@ -18,5 +18,9 @@ class Search:
     keys: tuple[Key, ...] = ()
     include: tuple[int, ...] = ()
     include_all: bool = False  # QIDO-RS ``includefield=all``: every attribute the archive has
+    # The caller reads nothing but ``include`` and the keys (C-FIND): an archive may
+    # leave out every other attribute. QIDO-RS returns its level's defaults too, so
+    # the facade leaves this False.
+    include_only: bool = False
     study_uid: str | None = None
     series_uid: str | None = None

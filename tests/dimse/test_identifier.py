@@ -63,6 +63,12 @@ RESULTS = [
     study(**{"00101020": {"vr": "DS", "Value": [2, 1e-7]}}),
     study(**{"00100020": {"vr": "LO", "Value": ["ÅSTRÖM"]}}),
     {"0020000D": {"vr": "UI", "Value": ["1.2.3.4"]}},
+    # Plain ASCII results, as most archives hold them: answered by encode_json.
+    study(**{"00101020": {"vr": "DS"}, "00101030": {"vr": "DS", "Value": []}, "00201208": {"vr": "IS", "Value": [17]}}),
+    study(**{"00101020": {"vr": "DS"}, "00101030": {"vr": "DS"}, "00100010": pn("DOE^JOHN^^", "", "")}),
+    study(**{"00101020": {"vr": "DS"}, "00101030": {"vr": "DS"}, "00100010": {"vr": "PN", "Value": ["DOE^JOHN="]}}),
+    study(**{"00101020": {"vr": "DS"}, "00101030": {"vr": "DS"}, "00081030": {"vr": "LO", "Value": ["A\\B", None]}}),
+    study(**{"00101020": {"vr": "DS"}, "00101030": {"vr": "DS"}, "00080050": {"vr": "SH", "Value": ["ACC1"]}}),
 ]
 
 KEYS: list[dict[str, Any]] = [
@@ -106,6 +112,8 @@ def test_direct_answer_equals_pydicom_answer(keys: dict[str, Any], charset: list
         assert writer.matches(attrs) == query.matches(entity), obj
         expected = encode_identifier(query.answer(entity, "GATEWAY"), syntax)
         assert writer.encode(attrs) == expected, obj
+        plain = writer.encode_json(obj, {})
+        assert plain is None or plain == expected, obj
 
 
 @pytest.mark.parametrize(
@@ -127,6 +135,14 @@ def test_a_value_too_long_for_explicit_vr_is_refused() -> None:
     with pytest.raises(Unsupported):
         AnswerWriter(query, "GATEWAY", implicit=False).encode(attrs)
     assert len(AnswerWriter(query, "GATEWAY", implicit=True).encode(attrs)) > 70000
+
+
+def test_plain_results_skip_the_general_encoder() -> None:
+    """The usual answer (ASCII text values) is written by encode_json, not encode."""
+    query = make_query(KEYS[1], ["ISO_IR 100"])
+    plain = RESULTS[-1]
+    assert AnswerWriter(query, "GATEWAY", implicit=True).encode_json(plain, {}) is not None
+    assert AnswerWriter(query, "GATEWAY", implicit=False).encode_json(RESULTS[1], {}) is None  # Latin-1 name
 
 
 def test_a_result_the_direct_path_refuses_is_still_answered() -> None:
