@@ -198,11 +198,11 @@ class Association:
         if self.metrics is not None and received is not None:
             self.metrics.dimse_request(field, status, time.monotonic() - received)
 
-    async def send_raw(self, data: bytes) -> None:
+    async def send_raw(self, data: bytes | bytearray | memoryview) -> None:
         """Send bytes already encoded as PDUs (C-GET sub-operations, A-RELEASE-RP)."""
         await self._write([data], self.dimse_timeout)
 
-    async def _write(self, items: list[bytes], timeout: float) -> None:
+    async def _write(self, items: list[bytes | bytearray | memoryview], timeout: float) -> None:
         async with self._send_lock:
             if self.writer.is_closing():
                 raise SendError("connection already closed")

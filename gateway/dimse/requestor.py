@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import socket
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from gateway.dimse import pdu
@@ -45,6 +48,7 @@ log = logging.getLogger("gateway.dimse")
 MAX_CONTEXTS = 128  # presentation context ids are the odd numbers 1..255
 # Bytes of a file data set read (in a worker thread) per write; bounds memory per send.
 FILE_CHUNK = 4 << 20
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class RequestorError(Exception):
@@ -59,13 +63,19 @@ class AssociationRejected(RequestorError):
         self.result, self.source, self.reason = result, source, reason
 
 
+def _fragment_size(peer_max_pdu: int) -> int:
+    """Data set bytes per P-DATA-TF: the peer's maximum PDU less the 6 bytes of the PDV
+    item header (1 MiB when the peer sets no limit)."""
+    return max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
+
+
 def pdata_fragments(
     context_id: int, payload: memoryview, is_command: bool, last_part: bool, peer_max_pdu: int, prefix: bytes = b""
 ) -> bytes:
     """P-DATA-TF PDUs carrying ``payload``, one PDV each, fragmented to the peer's
     maximum; the final one is flagged last when ``last_part``. Joined, after ``prefix``,
     into one buffer so a whole message part costs one socket write."""
-    limit = max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
+    limit = _fragment_size(peer_max_pdu)
     pieces: list[bytes | memoryview] = [prefix]
     offset, end = 0, len(payload)
     while True:
@@ -79,34 +89,85 @@ def pdata_fragments(
             return b"".join(pieces)
 
 
+def pdata_frame(context_id: int, length: int, last_part: bool, peer_max_pdu: int, prefix: bytes = b"") -> tuple[bytearray, list[memoryview]]:
+    """``prefix``, then the P-DATA-TF PDUs for ``length`` bytes of a data set with their
+    headers written and their data left to fill: returns the buffer and the slots,
+    in order, that the data set's bytes go to. A file is read straight into the slots
+    (`_read_into`), so the PDUs are built without copying the data set again."""
+    limit = _fragment_size(peer_max_pdu)
+    count = max(-(-length // limit), 1)
+    buffer = bytearray(len(prefix) + length + 12 * count)
+    buffer[: len(prefix)] = prefix
+    view = memoryview(buffer)
+    slots: list[memoryview] = []
+    position, left = len(prefix), length
+    for index in range(count):
+        size = min(limit, left)
+        left -= size
+        control = 2 if last_part and index == count - 1 else 0
+        struct.pack_into(">BBIIBB", buffer, position, pdu.P_DATA_TF, 0, size + 6, size + 2, context_id, control)
+        slots.append(view[position + 12 : position + 12 + size])
+        position += 12 + size
+    return buffer, slots
+
+
+def _read_into(fd: int, slots: list[memoryview], offset: int) -> None:
+    """Fill ``slots`` with the file's bytes from ``offset`` on, with as few preadv
+    calls as the kernel allows (IOV_MAX slots each)."""
+    pending = deque(slot for slot in slots if len(slot))
+    while pending:
+        got = os.preadv(fd, list(itertools.islice(pending, IOV_MAX)), offset)
+        if got == 0:
+            raise OSError("retrieved file shorter than recorded")
+        offset += got
+        while got:
+            slot = pending[0]
+            if got >= len(slot):
+                got -= len(slot)
+                pending.popleft()
+            else:
+                pending[0] = slot[got:]
+                got = 0
+
+
 async def send_dataset(
-    write: Callable[[bytes], Awaitable[None]], context_id: int, dataset: DataSource, peer_max_pdu: int, command: bytes
+    write: Callable[[bytes | bytearray | memoryview], Awaitable[None]],
+    context_id: int,
+    dataset: DataSource,
+    peer_max_pdu: int,
+    command: bytes,
 ) -> None:
-    """Write the PDUs of a ``command`` (encoded) and its data set; a file is read in
-    bounded chunks (large ones in a worker thread) so an instance of any size costs at
-    most FILE_CHUNK of memory. The command goes in the same write as the first data,
-    so the receiver is woken once per message rather than twice."""
+    """Write the PDUs of a ``command`` (encoded) and its data set. The command goes in
+    the same write as the first data, so the receiver is woken once per message rather
+    than twice. A file is read in bounded chunks (large ones in a worker thread), each
+    straight into its PDUs, so an instance of any size costs at most FILE_CHUNK of
+    memory and one read and one write per chunk."""
     head = pdata_fragments(context_id, memoryview(command), True, True, peer_max_pdu)
     if not isinstance(dataset, FileSlice):
         await write(pdata_fragments(context_id, memoryview(dataset), False, True, peer_max_pdu, head))
         return
     loop = asyncio.get_running_loop()
     # Chunks are whole multiples of the fragment size, so no short PDU goes out mid-way.
-    limit = max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
-    chunk_size = max(limit, FILE_CHUNK // limit * limit)
-    with open(dataset.path, "rb") as fh:
-        fh.seek(dataset.offset)
-        remaining = dataset.length
+    limit = _fragment_size(peer_max_pdu)
+    chunk_size = limit * max(1, min(FILE_CHUNK // limit, IOV_MAX))
+    fd = os.open(dataset.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        offset, remaining = dataset.offset, dataset.length
         while True:
             size = min(chunk_size, remaining)
-            chunk = await loop.run_in_executor(None, fh.read, size) if size > (1 << 20) else fh.read(size)
-            if len(chunk) != size:
-                raise OSError("retrieved file shorter than recorded")
             remaining -= size
-            await write(pdata_fragments(context_id, memoryview(chunk), False, remaining == 0, peer_max_pdu, head))
+            buffer, slots = pdata_frame(context_id, size, remaining == 0, peer_max_pdu, head)
+            if size > (1 << 20):
+                await loop.run_in_executor(None, _read_into, fd, slots, offset)
+            else:
+                _read_into(fd, slots, offset)
+            offset += size
+            await write(memoryview(buffer))
             head = b""
             if remaining == 0:
                 return
+    finally:
+        os.close(fd)
 
 
 class StoreRequestor:
@@ -237,7 +298,7 @@ class StoreRequestor:
             self.writer.transport.abort()
             raise
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
         self.writer.write(data)
         await drain(self.writer, self.dimse_timeout)
 
