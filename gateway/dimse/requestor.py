@@ -27,10 +27,13 @@ from gateway.dimse import pdu
 from gateway.dimse.association import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
+    IOV_MAX,
+    Buffer,
     ProtocolError,
     SendError,
     drain,
     read_pdu,
+    write_gathered,
 )
 from gateway.dimse.command import (
     C_STORE_RQ,
@@ -48,7 +51,6 @@ log = logging.getLogger("gateway.dimse")
 MAX_CONTEXTS = 128  # presentation context ids are the odd numbers 1..255
 # Bytes of a file data set read (in a worker thread) per write; bounds memory per send.
 FILE_CHUNK = 4 << 20
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class RequestorError(Exception):
@@ -69,14 +71,14 @@ def _fragment_size(peer_max_pdu: int) -> int:
     return max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
 
 
-def pdata_fragments(
-    context_id: int, payload: memoryview, is_command: bool, last_part: bool, peer_max_pdu: int, prefix: bytes = b""
-) -> bytes:
+def pdata_pieces(
+    context_id: int, payload: memoryview, is_command: bool, last_part: bool, peer_max_pdu: int
+) -> list[bytes | memoryview]:
     """P-DATA-TF PDUs carrying ``payload``, one PDV each, fragmented to the peer's
-    maximum; the final one is flagged last when ``last_part``. Joined, after ``prefix``,
-    into one buffer so a whole message part costs one socket write."""
+    maximum; the final one is flagged last when ``last_part``. As pieces: each PDU's
+    12 header bytes, then its fragment, a view of ``payload`` (nothing is copied)."""
     limit = _fragment_size(peer_max_pdu)
-    pieces: list[bytes | memoryview] = [prefix]
+    pieces: list[bytes | memoryview] = []
     offset, end = 0, len(payload)
     while True:
         chunk = payload[offset : offset + limit]
@@ -86,7 +88,7 @@ def pdata_fragments(
         pieces.append(struct.pack(">BBIIBB", pdu.P_DATA_TF, 0, len(chunk) + 6, len(chunk) + 2, context_id, control))
         pieces.append(chunk)
         if offset >= end:
-            return b"".join(pieces)
+            return pieces
 
 
 def pdata_frame(context_id: int, length: int, last_part: bool, peer_max_pdu: int, prefix: bytes = b"") -> tuple[bytearray, list[memoryview]]:
@@ -131,20 +133,22 @@ def _read_into(fd: int, slots: list[memoryview], offset: int) -> None:
 
 
 async def send_dataset(
-    write: Callable[[bytes | bytearray | memoryview], Awaitable[None]],
+    write: Callable[[list[Buffer]], Awaitable[None]],
     context_id: int,
     dataset: DataSource,
     peer_max_pdu: int,
     command: bytes,
 ) -> None:
-    """Write the PDUs of a ``command`` (encoded) and its data set. The command goes in
-    the same write as the first data, so the receiver is woken once per message rather
-    than twice. A file is read in bounded chunks (large ones in a worker thread), each
-    straight into its PDUs, so an instance of any size costs at most FILE_CHUNK of
-    memory and one read and one write per chunk."""
-    head = pdata_fragments(context_id, memoryview(command), True, True, peer_max_pdu)
+    """Write the PDUs of a ``command`` (encoded) and its data set; ``write`` takes
+    them as pieces and gathers them into one write (`write_gathered`). The command
+    goes in the same write as the first data, so the receiver is woken once per
+    message rather than twice. Data in memory goes from where it lies; a file is read
+    in bounded chunks (large ones in a worker thread), each straight into its PDUs, so
+    an instance of any size costs at most FILE_CHUNK of memory and one read and one
+    write per chunk."""
+    head = b"".join(pdata_pieces(context_id, memoryview(command), True, True, peer_max_pdu))
     if not isinstance(dataset, FileSlice):
-        await write(pdata_fragments(context_id, memoryview(dataset), False, True, peer_max_pdu, head))
+        await write([head, *pdata_pieces(context_id, memoryview(dataset), False, True, peer_max_pdu)])
         return
     loop = asyncio.get_running_loop()
     # Chunks are whole multiples of the fragment size, so no short PDU goes out mid-way.
@@ -156,13 +160,13 @@ async def send_dataset(
         while True:
             size = min(chunk_size, remaining)
             remaining -= size
-            buffer, slots = pdata_frame(context_id, size, remaining == 0, peer_max_pdu, head)
+            frame, slots = pdata_frame(context_id, size, remaining == 0, peer_max_pdu, head)
             if size > (1 << 20):
                 await loop.run_in_executor(None, _read_into, fd, slots, offset)
             else:
                 _read_into(fd, slots, offset)
             offset += size
-            await write(memoryview(buffer))
+            await write([frame])
             head = b""
             if remaining == 0:
                 return
@@ -298,8 +302,8 @@ class StoreRequestor:
             self.writer.transport.abort()
             raise
 
-    async def _write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writer.write(data)
+    async def _write(self, pieces: list[Buffer]) -> None:
+        write_gathered(self.writer, pieces)
         await drain(self.writer, self.dimse_timeout)
 
     async def _response(self, message_id: int) -> Command:
