@@ -114,8 +114,8 @@ def _writev(fd: int, buffers: Sequence[Buffer]) -> int:
         except OSError:
             return sent  # the transport meets it again and closes the connection
         sent += took
-        if took < sum(len(b) for b in batch):
-            return sent
+        if start + IOV_MAX < len(buffers) and took < sum(map(len, batch)):
+            return sent  # the socket is full: the rest waits in the transport
     return sent
 
 

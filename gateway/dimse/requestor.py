@@ -78,39 +78,60 @@ def pdata_pieces(
     maximum; the final one is flagged last when ``last_part``. As pieces: each PDU's
     12 header bytes, then its fragment, a view of ``payload`` (nothing is copied)."""
     limit = _fragment_size(peer_max_pdu)
+    kind = 1 if is_command else 0
+    # Every fragment but the last is full, with the same header.
+    full = struct.pack(">BBIIBB", pdu.P_DATA_TF, 0, limit + 6, limit + 2, context_id, kind)
     pieces: list[bytes | memoryview] = []
     offset, end = 0, len(payload)
-    while True:
-        chunk = payload[offset : offset + limit]
-        offset += len(chunk)
-        last = offset >= end and last_part
-        control = (1 if is_command else 0) | (2 if last else 0)
-        pieces.append(struct.pack(">BBIIBB", pdu.P_DATA_TF, 0, len(chunk) + 6, len(chunk) + 2, context_id, control))
-        pieces.append(chunk)
-        if offset >= end:
-            return pieces
+    while end - offset > limit:
+        pieces.append(full)
+        pieces.append(payload[offset : offset + limit])
+        offset += limit
+    size = end - offset
+    control = kind | (2 if last_part else 0)
+    pieces.append(struct.pack(">BBIIBB", pdu.P_DATA_TF, 0, size + 6, size + 2, context_id, control))
+    pieces.append(payload[offset:])
+    return pieces
 
 
-def pdata_frame(context_id: int, length: int, last_part: bool, peer_max_pdu: int, prefix: bytes = b"") -> tuple[bytearray, list[memoryview]]:
-    """``prefix``, then the P-DATA-TF PDUs for ``length`` bytes of a data set with their
-    headers written and their data left to fill: returns the buffer and the slots,
-    in order, that the data set's bytes go to. A file is read straight into the slots
-    (`_read_into`), so the PDUs are built without copying the data set again."""
+class FrameBuffer:
+    """Memory for the PDUs of a file's chunks, kept from one C-STORE to the next: fresh
+    memory would be zeroed and faulted in for every instance. Reuse is safe because
+    `write_gathered` keeps no reference (what the socket does not take at once goes to
+    the transport as a copy). A larger need gets a new buffer, never a resize, since a
+    view of the old one may still be alive."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def take(self, size: int) -> memoryview:
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        return memoryview(self._buffer)[:size]
+
+
+def pdata_frame(
+    frames: FrameBuffer, context_id: int, length: int, last_part: bool, peer_max_pdu: int, prefix: bytes = b""
+) -> tuple[memoryview, list[memoryview]]:
+    """``prefix``, then the P-DATA-TF PDUs for ``length`` bytes of a data set, laid out
+    in memory from ``frames`` with their headers written and their data left to fill:
+    returns the whole and the slots, in order, that the data set's bytes go to. A file
+    is read straight into the slots (`_read_into`), so the PDUs are built without
+    copying the data set again."""
     limit = _fragment_size(peer_max_pdu)
     count = max(-(-length // limit), 1)
-    buffer = bytearray(len(prefix) + length + 12 * count)
-    buffer[: len(prefix)] = prefix
-    view = memoryview(buffer)
+    frame = frames.take(len(prefix) + length + 12 * count)
+    frame[: len(prefix)] = prefix
     slots: list[memoryview] = []
     position, left = len(prefix), length
     for index in range(count):
         size = min(limit, left)
         left -= size
         control = 2 if last_part and index == count - 1 else 0
-        struct.pack_into(">BBIIBB", buffer, position, pdu.P_DATA_TF, 0, size + 6, size + 2, context_id, control)
-        slots.append(view[position + 12 : position + 12 + size])
+        struct.pack_into(">BBIIBB", frame, position, pdu.P_DATA_TF, 0, size + 6, size + 2, context_id, control)
+        slots.append(frame[position + 12 : position + 12 + size])
         position += 12 + size
-    return buffer, slots
+    return frame, slots
 
 
 def _read_into(fd: int, slots: list[memoryview], offset: int) -> None:
@@ -138,14 +159,15 @@ async def send_dataset(
     dataset: DataSource,
     peer_max_pdu: int,
     command: bytes,
+    frames: FrameBuffer | None = None,
 ) -> None:
     """Write the PDUs of a ``command`` (encoded) and its data set; ``write`` takes
     them as pieces and gathers them into one write (`write_gathered`). The command
     goes in the same write as the first data, so the receiver is woken once per
     message rather than twice. Data in memory goes from where it lies; a file is read
     in bounded chunks (large ones in a worker thread), each straight into its PDUs, so
-    an instance of any size costs at most FILE_CHUNK of memory and one read and one
-    write per chunk."""
+    an instance of any size costs at most FILE_CHUNK of memory (``frames``: the
+    sender's own, reused) and one read and one write per chunk."""
     head = b"".join(pdata_pieces(context_id, memoryview(command), True, True, peer_max_pdu))
     if not isinstance(dataset, FileSlice):
         await write([head, *pdata_pieces(context_id, memoryview(dataset), False, True, peer_max_pdu)])
@@ -154,13 +176,14 @@ async def send_dataset(
     # Chunks are whole multiples of the fragment size, so no short PDU goes out mid-way.
     limit = _fragment_size(peer_max_pdu)
     chunk_size = limit * max(1, min(FILE_CHUNK // limit, IOV_MAX))
+    frames = frames or FrameBuffer()
     fd = os.open(dataset.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         offset, remaining = dataset.offset, dataset.length
         while True:
             size = min(chunk_size, remaining)
             remaining -= size
-            frame, slots = pdata_frame(context_id, size, remaining == 0, peer_max_pdu, head)
+            frame, slots = pdata_frame(frames, context_id, size, remaining == 0, peer_max_pdu, head)
             if size > (1 << 20):
                 await loop.run_in_executor(None, _read_into, fd, slots, offset)
             else:
@@ -200,6 +223,7 @@ class StoreRequestor:
                 continue
             self.accepted.setdefault(pc.abstract_syntax, {}).setdefault(result.transfer_syntax, result.id)
         self._message_id = 0
+        self._frames = FrameBuffer()
         self.closed = False
 
     @classmethod
@@ -280,7 +304,7 @@ class StoreRequestor:
         if originator is not None:
             values[0x1030], values[0x1031] = originator
         try:
-            await send_dataset(self._write, context_id, dataset, self.peer_max_pdu, encode_command(values))
+            await send_dataset(self._write, context_id, dataset, self.peer_max_pdu, encode_command(values), self._frames)
             return await self._response(self._message_id)
         except SendError as exc:  # before OSError: SendError is one; the socket is closed
             self.closed = True
