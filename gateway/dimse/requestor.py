@@ -7,8 +7,10 @@ write and the wait for the response, nothing more.
 
 One operation is outstanding at a time (no asynchronous operations window is
 negotiated), so the response is read inline after each request. A data set is
-written straight from the retrieved bytes or file, fragmented to the peer's maximum
-PDU length, without building the PDUs for a whole large instance in memory.
+written straight from the retrieved bytes (gathered with writev between the PDU
+headers) or file (read with preadv into its PDUs, chunk by chunk), fragmented to the
+peer's maximum PDU length, without building the PDUs for a whole large instance in
+memory or copying the bytes on the way more than once.
 """
 
 from __future__ import annotations
