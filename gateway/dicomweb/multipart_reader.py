@@ -10,7 +10,8 @@ delimiter's headers and the close delimiter, so it is never copied again.
 A series or study answer holds one part per instance and may be gigabytes, so
 `iter_parts` reads it as a stream: each part is handed out as soon as its closing
 delimiter arrives, found with the same ``bytes.find`` over the received chunks
-(each byte is searched once), and a part above the spill size goes to a file.
+(each byte is searched once; the chunks are joined once, into the part), and a part
+above the spill size goes to a file.
 """
 
 from __future__ import annotations
@@ -140,6 +141,13 @@ class _Spill:
         self.fh.write(data)
         self.length += len(data)
 
+    def truncate(self, length: int) -> None:
+        """Cut the content back to ``length`` bytes (the start of a delimiter that was
+        split across chunks had been written)."""
+        self.fh.truncate(length)
+        self.fh.seek(length)
+        self.length = length
+
     def finish(self) -> Path:
         self.fh.close()
         return self.path
@@ -149,70 +157,125 @@ class _Spill:
         self.path.unlink(missing_ok=True)
 
 
+class _Body:
+    """A body as it arrives: the chunk being read and the position in it; what lies
+    before the position is consumed. Only short things (a delimiter, part headers)
+    may need more than one chunk at once: `extend` then joins the next chunk to the
+    rest of this one. Part content is gathered chunk by chunk (`iter_parts`)."""
+
+    def __init__(self, chunks: AsyncIterable[bytes], start: bytes) -> None:
+        self._source = aiter(chunks)
+        self.chunk = start
+        self.pos = 0
+
+    async def next_chunk(self) -> bytes | None:
+        """The next chunk as it came, or None at the end of the body."""
+        return await anext(self._source, None)
+
+    async def extend(self) -> bool:
+        """Join the next chunk to the rest of the current one; False at the end."""
+        chunk = await anext(self._source, None)
+        if chunk is None:
+            return False
+        self.chunk = self.chunk[self.pos :] + chunk
+        self.pos = 0
+        return True
+
+
+def _trim(pieces: list[memoryview], count: int) -> None:
+    """Drop the last ``count`` bytes of the content held in ``pieces``."""
+    while count:
+        last = pieces[-1]
+        if len(last) <= count:
+            count -= len(last)
+            pieces.pop()
+        else:
+            pieces[-1] = last[: len(last) - count]
+            count = 0
+
+
 async def iter_parts(chunks: AsyncIterable[bytes], boundary: str, spill_dir: Path, spill_bytes: int) -> AsyncIterable[StreamedPart]:
     """Every part of a body arriving as ``chunks``, each as soon as it is complete.
 
     Memory holds at most one part below ``spill_bytes`` plus one chunk; a larger part
-    is written to a file under ``spill_dir`` as it arrives. A body that ends before its
-    close delimiter raises MultipartError after the complete parts were handed out.
+    is written to a file under ``spill_dir`` as it arrives. A part's content is the
+    chunks it arrived in, joined once when its delimiter is found (each byte is
+    searched once, and copied once); a delimiter split across chunks is found in the
+    few bytes either side of their seam. A body that ends before its close delimiter
+    raises MultipartError after the complete parts were handed out.
     """
     # A leading CRLF makes the first delimiter look like every later one.
     delimiter = b"\r\n--" + boundary.encode("latin-1")
-    keep = len(delimiter) + 1  # bytes that may hold the start of a split delimiter
-    buf = bytearray(b"\r\n")
-    source = aiter(chunks)
+    seam = len(delimiter) - 1  # bytes either side of a seam a split delimiter can span
+    body = _Body(chunks, b"\r\n")
     spill: _Spill | None = None
-
-    async def more() -> bool:
-        chunk = await anext(source, None)
-        if chunk is None:
-            return False
-        buf.extend(chunk)
-        return True
-
     try:
         # the preamble, up to the first delimiter
-        while (pos := buf.find(delimiter)) < 0:
-            if len(buf) > _EDGE:
+        while (found := body.chunk.find(delimiter, body.pos)) < 0:
+            if len(body.chunk) - body.pos > _EDGE or not await body.extend():
                 raise MultipartError("first boundary not found")
-            if not await more():
-                raise MultipartError("first boundary not found")
-        del buf[:pos]
+        body.pos = found
         while True:
-            # buf starts with a delimiter: the close delimiter, or a part's headers
-            while len(buf) < len(delimiter) + 2 or (buf[len(delimiter) : len(delimiter) + 2] != b"--" and buf.find(b"\r\n\r\n", len(delimiter)) < 0):
-                if len(buf) > _EDGE:
+            # at a delimiter: the close delimiter, or a part's headers
+            while True:
+                chunk, pos = body.chunk, body.pos
+                after = pos + len(delimiter)
+                if len(chunk) >= after + 2 and (chunk[after : after + 2] == b"--" or chunk.find(b"\r\n\r\n", after) >= 0):
+                    break
+                if len(chunk) - pos > _EDGE:
                     raise MultipartError("part headers not terminated")
-                if not await more():
+                if not await body.extend():
                     raise MultipartError("body ends inside part headers")
-            if buf[len(delimiter) : len(delimiter) + 2] == b"--":
+            if chunk[after : after + 2] == b"--":
                 return
-            line_end = buf.find(b"\r\n", len(delimiter))
-            headers_end = buf.find(b"\r\n\r\n", line_end)
-            headers = _headers(bytes(buf[line_end + 2 : headers_end]))
-            del buf[: headers_end + 4]
+            line_end = chunk.find(b"\r\n", after)
+            headers_end = chunk.find(b"\r\n\r\n", line_end)
+            headers = _headers(bytes(chunk[line_end + 2 : headers_end]))
+            start = headers_end + 4
             # the content, up to the next delimiter
-            searched = 0
-            while (end := buf.find(delimiter, searched)) < 0:
-                searched = max(0, len(buf) - keep)
-                if spill is None and len(buf) > spill_bytes:
+            end = chunk.find(delimiter, start)
+            if end >= 0:  # within the chunk the headers came in
+                body.pos = end
+                data = chunk[start:end]
+                yield StreamedPart(headers, data, None, len(data))
+                continue
+            pieces = [memoryview(chunk)[start:]]
+            held = len(chunk) - start
+            tail = bytes(chunk[max(start, len(chunk) - seam) :])  # the content's last bytes
+            while True:
+                if spill is None and held > spill_bytes:
                     spill = _Spill(spill_dir)
-                if spill is not None and searched > 0:
-                    with memoryview(buf) as view:
-                        spill.write(view[:searched])
-                    del buf[:searched]
-                    searched = 0
-                if not await more():
+                if spill is not None:
+                    for piece in pieces:
+                        spill.write(piece)
+                    pieces.clear()
+                chunk = await body.next_chunk()
+                if chunk is None:
                     raise MultipartError("body ends inside a part")
+                split = (tail + chunk[:seam]).find(delimiter)
+                if split >= 0:  # the delimiter began in the content held already
+                    if spill is not None:
+                        spill.truncate(spill.length - (len(tail) - split))
+                    else:
+                        _trim(pieces, len(tail) - split)
+                    body.chunk, body.pos = tail[split:] + chunk, 0
+                    break
+                end = chunk.find(delimiter)
+                if end >= 0:
+                    pieces.append(memoryview(chunk)[:end])
+                    body.chunk, body.pos = chunk, end
+                    break
+                pieces.append(memoryview(chunk))
+                held += len(chunk)
+                tail = (tail + chunk[-seam:])[-seam:]
             if spill is None:
-                with memoryview(buf) as view:
-                    data = bytes(view[:end])
-                del buf[:end]
+                data = b"".join(pieces)
+                pieces.clear()
                 yield StreamedPart(headers, data, None, len(data))
             else:
-                with memoryview(buf) as view:
-                    spill.write(view[:end])
-                del buf[:end]
+                for piece in pieces:
+                    spill.write(piece)
+                pieces.clear()
                 done, spill = spill, None
                 yield StreamedPart(headers, None, done.finish(), done.length)
     finally:

@@ -22,9 +22,10 @@ import contextlib
 import errno
 import io
 import logging
+import os
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.dimse import pdu
@@ -66,6 +67,65 @@ class ProtocolError(Exception):
 class SendError(ConnectionError):
     """Writing to the peer failed, or the peer took nothing for the whole timeout; the
     connection has been closed."""
+
+
+Buffer = bytes | bytearray | memoryview
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def write_gathered(writer: asyncio.StreamWriter, buffers: Sequence[Buffer]) -> None:
+    """Queue ``buffers`` on the connection, in order, without joining them first.
+
+    When nothing is queued ahead of them on a plain TCP connection they go to the
+    socket with writev, straight from where they lie (a data set's PDUs are its own
+    bytes between 12-byte headers, so joining them would copy the whole data set once
+    more); whatever the socket does not take then, and everything on a TLS connection,
+    goes through the transport, which sends it as the peer reads. A socket error is
+    left for the transport to meet on that write, and report as it does.
+    """
+    transport = writer.transport
+    sent = 0
+    sock = writer.get_extra_info("socket")
+    if (
+        sock is not None
+        and writer.get_extra_info("ssl_object") is None
+        and not transport.is_closing()
+        and transport.get_write_buffer_size() == 0
+    ):
+        sent = _writev(sock.fileno(), buffers)
+    rest = _after(buffers, sent)
+    if rest:
+        writer.write(b"".join(rest))
+
+
+def _writev(fd: int, buffers: Sequence[Buffer]) -> int:
+    """Bytes of ``buffers`` a non-blocking socket took, IOV_MAX buffers per call."""
+    sent = 0
+    for start in range(0, len(buffers), IOV_MAX):
+        batch = buffers[start : start + IOV_MAX]
+        try:
+            took = os.writev(fd, batch)
+        except (BlockingIOError, InterruptedError):
+            return sent
+        except OSError:
+            return sent  # the transport meets it again and closes the connection
+        sent += took
+        if start + IOV_MAX < len(buffers) and took < sum(map(len, batch)):
+            return sent  # the socket is full: the rest waits in the transport
+    return sent
+
+
+def _after(buffers: Sequence[Buffer], count: int) -> list[Buffer]:
+    """What remains of ``buffers`` once their first ``count`` bytes are gone."""
+    rest: list[Buffer] = []
+    for buffer in buffers:
+        size = len(buffer)
+        if count >= size:
+            count -= size
+            continue
+        rest.append(memoryview(buffer)[count:] if count else buffer)
+        count = 0
+    return rest
 
 
 async def drain(writer: asyncio.StreamWriter, timeout: float) -> None:
@@ -194,9 +254,9 @@ class Association:
         if self.metrics is not None and received is not None:
             self.metrics.dimse_request(field, status, time.monotonic() - received)
 
-    async def send_raw(self, data: bytes) -> None:
-        """Send bytes already encoded as PDUs (C-GET sub-operations, A-RELEASE-RP)."""
-        await self._write([data], self.dimse_timeout)
+    async def send_raw(self, data: Sequence[Buffer]) -> None:
+        """Send PDUs already encoded, in pieces (C-GET sub-operations, A-RELEASE-RP)."""
+        await self._write(data, self.dimse_timeout)
 
     def pdus(self, context_id: int, part: bytes, is_command: bool) -> bytes:
         """One message part (command or data set) as the PDUs ``send_message`` writes,
@@ -211,12 +271,11 @@ class Association:
         if not self.writer.is_closing():
             self.writer.write(data)
 
-    async def _write(self, items: list[bytes], timeout: float) -> None:
+    async def _write(self, items: Sequence[Buffer], timeout: float) -> None:
         async with self._send_lock:
             if self.writer.is_closing():
                 raise SendError("connection already closed")
-            for item in items:
-                self.writer.write(item)
+            write_gathered(self.writer, items)
             await drain(self.writer, timeout)
 
     async def abort(self, timeout: float) -> None:

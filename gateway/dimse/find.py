@@ -173,9 +173,9 @@ class PendingSender:
     async def flush(self) -> None:
         """Write what is batched and wait until the peer takes it (``dimse_timeout``)."""
         if self.batch and not self.closed:
-            data = b"".join(self.batch)
+            pieces = list(self.batch)  # written as they are (writev), not joined first
             self.batch.clear()
-            await self.assoc.send_raw(data)
+            await self.assoc.send_raw(pieces)
 
     def close(self) -> None:
         """Drop what is batched (C-CANCEL): nothing more goes out."""

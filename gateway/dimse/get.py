@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from gateway.dimse.association import Association, Message, SendError
 from gateway.dimse.command import C_GET_RSP, C_STORE_RQ, HAS_DATASET, Command, encode_command
-from gateway.dimse.requestor import RequestorError, send_dataset
+from gateway.dimse.requestor import FrameBuffer, RequestorError, send_dataset
 from gateway.dimse.retrieve import RetrieveService, StoreSubOperations
 from gateway.dimse.retrieve_request import PATIENT_ROOT_GET, STUDY_ROOT_GET
 from gateway.retrieval.request import InstanceRef
@@ -29,6 +29,7 @@ class GetTarget(StoreSubOperations):
     def __init__(self, assoc: Association, dimse_timeout: float) -> None:
         self.assoc = assoc
         self.dimse_timeout = dimse_timeout
+        self._frames = FrameBuffer()
         self._syntaxes: dict[str, dict[str, int]] = {}
         for ctx in sorted(assoc.contexts.values(), key=lambda c: c.id):
             if ctx.abstract_syntax in assoc.scp_roles:
@@ -55,7 +56,7 @@ class GetTarget(StoreSubOperations):
         )
         future = assoc.expect_response(message_id)
         try:
-            await send_dataset(assoc.send_raw, context_id, dataset, assoc.peer_max_pdu, command)
+            await send_dataset(assoc.send_raw, context_id, dataset, assoc.peer_max_pdu, command, self._frames)
             async with asyncio.timeout(self.dimse_timeout):
                 return await future
         except SendError as exc:  # before OSError: SendError is one

@@ -7,27 +7,35 @@ write and the wait for the response, nothing more.
 
 One operation is outstanding at a time (no asynchronous operations window is
 negotiated), so the response is read inline after each request. A data set is
-written straight from the retrieved bytes or file, fragmented to the peer's maximum
-PDU length, without building the PDUs for a whole large instance in memory.
+written straight from the retrieved bytes (gathered with writev between the PDU
+headers) or file (read with preadv into its PDUs, chunk by chunk), fragmented to the
+peer's maximum PDU length, without building the PDUs for a whole large instance in
+memory or copying the bytes on the way more than once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import socket
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from gateway.dimse import pdu
 from gateway.dimse.association import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
+    IOV_MAX,
+    Buffer,
     ProtocolError,
     SendError,
     drain,
     read_pdu,
+    write_gathered,
 )
 from gateway.dimse.command import (
     C_STORE_RQ,
@@ -59,54 +67,136 @@ class AssociationRejected(RequestorError):
         self.result, self.source, self.reason = result, source, reason
 
 
-def pdata_fragments(
-    context_id: int, payload: memoryview, is_command: bool, last_part: bool, peer_max_pdu: int, prefix: bytes = b""
-) -> bytes:
+def _fragment_size(peer_max_pdu: int) -> int:
+    """Data set bytes per P-DATA-TF: the peer's maximum PDU less the 6 bytes of the PDV
+    item header (1 MiB when the peer sets no limit)."""
+    return max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
+
+
+def pdata_pieces(
+    context_id: int, payload: memoryview, is_command: bool, last_part: bool, peer_max_pdu: int
+) -> list[bytes | memoryview]:
     """P-DATA-TF PDUs carrying ``payload``, one PDV each, fragmented to the peer's
-    maximum; the final one is flagged last when ``last_part``. Joined, after ``prefix``,
-    into one buffer so a whole message part costs one socket write."""
-    limit = max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
-    pieces: list[bytes | memoryview] = [prefix]
+    maximum; the final one is flagged last when ``last_part``. As pieces: each PDU's
+    12 header bytes, then its fragment, a view of ``payload`` (nothing is copied)."""
+    limit = _fragment_size(peer_max_pdu)
+    kind = 1 if is_command else 0
+    # Every fragment but the last is full, with the same header.
+    full = struct.pack(">BBIIBB", pdu.P_DATA_TF, 0, limit + 6, limit + 2, context_id, kind)
+    pieces: list[bytes | memoryview] = []
     offset, end = 0, len(payload)
-    while True:
-        chunk = payload[offset : offset + limit]
-        offset += len(chunk)
-        last = offset >= end and last_part
-        control = (1 if is_command else 0) | (2 if last else 0)
-        pieces.append(struct.pack(">BBIIBB", pdu.P_DATA_TF, 0, len(chunk) + 6, len(chunk) + 2, context_id, control))
-        pieces.append(chunk)
-        if offset >= end:
-            return b"".join(pieces)
+    while end - offset > limit:
+        pieces.append(full)
+        pieces.append(payload[offset : offset + limit])
+        offset += limit
+    size = end - offset
+    control = kind | (2 if last_part else 0)
+    pieces.append(struct.pack(">BBIIBB", pdu.P_DATA_TF, 0, size + 6, size + 2, context_id, control))
+    pieces.append(payload[offset:])
+    return pieces
+
+
+class FrameBuffer:
+    """Memory for the PDUs of a file's chunks, kept from one C-STORE to the next: fresh
+    memory would be zeroed and faulted in for every instance. Reuse is safe because
+    `write_gathered` keeps no reference (what the socket does not take at once goes to
+    the transport as a copy). A larger need gets a new buffer, never a resize, since a
+    view of the old one may still be alive."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def take(self, size: int) -> memoryview:
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        return memoryview(self._buffer)[:size]
+
+
+def pdata_frame(
+    frames: FrameBuffer, context_id: int, length: int, last_part: bool, peer_max_pdu: int, prefix: bytes = b""
+) -> tuple[memoryview, list[memoryview]]:
+    """``prefix``, then the P-DATA-TF PDUs for ``length`` bytes of a data set, laid out
+    in memory from ``frames`` with their headers written and their data left to fill:
+    returns the whole and the slots, in order, that the data set's bytes go to. A file
+    is read straight into the slots (`_read_into`), so the PDUs are built without
+    copying the data set again."""
+    limit = _fragment_size(peer_max_pdu)
+    count = max(-(-length // limit), 1)
+    frame = frames.take(len(prefix) + length + 12 * count)
+    frame[: len(prefix)] = prefix
+    slots: list[memoryview] = []
+    position, left = len(prefix), length
+    for index in range(count):
+        size = min(limit, left)
+        left -= size
+        control = 2 if last_part and index == count - 1 else 0
+        struct.pack_into(">BBIIBB", frame, position, pdu.P_DATA_TF, 0, size + 6, size + 2, context_id, control)
+        slots.append(frame[position + 12 : position + 12 + size])
+        position += 12 + size
+    return frame, slots
+
+
+def _read_into(fd: int, slots: list[memoryview], offset: int) -> None:
+    """Fill ``slots`` with the file's bytes from ``offset`` on, with as few preadv
+    calls as the kernel allows (IOV_MAX slots each)."""
+    pending = deque(slot for slot in slots if len(slot))
+    while pending:
+        got = os.preadv(fd, list(itertools.islice(pending, IOV_MAX)), offset)
+        if got == 0:
+            raise OSError("retrieved file shorter than recorded")
+        offset += got
+        while got:
+            slot = pending[0]
+            if got >= len(slot):
+                got -= len(slot)
+                pending.popleft()
+            else:
+                pending[0] = slot[got:]
+                got = 0
 
 
 async def send_dataset(
-    write: Callable[[bytes], Awaitable[None]], context_id: int, dataset: DataSource, peer_max_pdu: int, command: bytes
+    write: Callable[[list[Buffer]], Awaitable[None]],
+    context_id: int,
+    dataset: DataSource,
+    peer_max_pdu: int,
+    command: bytes,
+    frames: FrameBuffer | None = None,
 ) -> None:
-    """Write the PDUs of a ``command`` (encoded) and its data set; a file is read in
-    bounded chunks (large ones in a worker thread) so an instance of any size costs at
-    most FILE_CHUNK of memory. The command goes in the same write as the first data,
-    so the receiver is woken once per message rather than twice."""
-    head = pdata_fragments(context_id, memoryview(command), True, True, peer_max_pdu)
+    """Write the PDUs of a ``command`` (encoded) and its data set; ``write`` takes
+    them as pieces and gathers them into one write (`write_gathered`). The command
+    goes in the same write as the first data, so the receiver is woken once per
+    message rather than twice. Data in memory goes from where it lies; a file is read
+    in bounded chunks (large ones in a worker thread), each straight into its PDUs, so
+    an instance of any size costs at most FILE_CHUNK of memory (``frames``: the
+    sender's own, reused) and one read and one write per chunk."""
+    head = b"".join(pdata_pieces(context_id, memoryview(command), True, True, peer_max_pdu))
     if not isinstance(dataset, FileSlice):
-        await write(pdata_fragments(context_id, memoryview(dataset), False, True, peer_max_pdu, head))
+        await write([head, *pdata_pieces(context_id, memoryview(dataset), False, True, peer_max_pdu)])
         return
     loop = asyncio.get_running_loop()
     # Chunks are whole multiples of the fragment size, so no short PDU goes out mid-way.
-    limit = max((peer_max_pdu - 6) if peer_max_pdu else (1 << 20), 1)
-    chunk_size = max(limit, FILE_CHUNK // limit * limit)
-    with open(dataset.path, "rb") as fh:
-        fh.seek(dataset.offset)
-        remaining = dataset.length
+    limit = _fragment_size(peer_max_pdu)
+    chunk_size = limit * max(1, min(FILE_CHUNK // limit, IOV_MAX))
+    frames = frames or FrameBuffer()
+    fd = os.open(dataset.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        offset, remaining = dataset.offset, dataset.length
         while True:
             size = min(chunk_size, remaining)
-            chunk = await loop.run_in_executor(None, fh.read, size) if size > (1 << 20) else fh.read(size)
-            if len(chunk) != size:
-                raise OSError("retrieved file shorter than recorded")
             remaining -= size
-            await write(pdata_fragments(context_id, memoryview(chunk), False, remaining == 0, peer_max_pdu, head))
+            frame, slots = pdata_frame(frames, context_id, size, remaining == 0, peer_max_pdu, head)
+            if size > (1 << 20):
+                await loop.run_in_executor(None, _read_into, fd, slots, offset)
+            else:
+                _read_into(fd, slots, offset)
+            offset += size
+            await write([frame])
             head = b""
             if remaining == 0:
                 return
+    finally:
+        os.close(fd)
 
 
 class StoreRequestor:
@@ -135,6 +225,7 @@ class StoreRequestor:
                 continue
             self.accepted.setdefault(pc.abstract_syntax, {}).setdefault(result.transfer_syntax, result.id)
         self._message_id = 0
+        self._frames = FrameBuffer()
         self.closed = False
 
     @classmethod
@@ -215,7 +306,7 @@ class StoreRequestor:
         if originator is not None:
             values[0x1030], values[0x1031] = originator
         try:
-            await send_dataset(self._write, context_id, dataset, self.peer_max_pdu, encode_command(values))
+            await send_dataset(self._write, context_id, dataset, self.peer_max_pdu, encode_command(values), self._frames)
             return await self._response(self._message_id)
         except SendError as exc:  # before OSError: SendError is one; the socket is closed
             self.closed = True
@@ -237,8 +328,8 @@ class StoreRequestor:
             self.writer.transport.abort()
             raise
 
-    async def _write(self, data: bytes) -> None:
-        self.writer.write(data)
+    async def _write(self, pieces: list[Buffer]) -> None:
+        write_gathered(self.writer, pieces)
         await drain(self.writer, self.dimse_timeout)
 
     async def _response(self, message_id: int) -> Command:

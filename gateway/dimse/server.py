@@ -427,7 +427,7 @@ class DimseServer:
                             self._route(assoc, message)
                     elif pdu_type == pdu.A_RELEASE_RQ:
                         await assoc.drain_tasks()
-                        await assoc.send_raw(pdu.encode_release_rp())
+                        await assoc.send_raw([pdu.encode_release_rp()])
                         return "released"
                     elif pdu_type == pdu.A_ABORT:
                         return "aborted by peer"

@@ -58,7 +58,9 @@ class Fetched:
 async def inspect(retrieved: Retrieved) -> FileMeta:
     """The File Meta of a retrieved instance (a spilled one read in a worker thread);
     raises ValueError when it is not a Part 10 file, OSError when its file is gone."""
-    if retrieved.data is not None:
+    if retrieved.head is not None:
+        head = retrieved.head
+    elif retrieved.data is not None:
         head = retrieved.read(0, META_HEAD)
     else:
         head = await asyncio.get_running_loop().run_in_executor(None, retrieved.read, 0, META_HEAD)

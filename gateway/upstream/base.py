@@ -65,6 +65,10 @@ class Retrieved:
     length: int
     temporary: bool = False
     transfer_syntax: str = ""
+    # The file's first bytes, when the upstream read them already (the embedded archive
+    # reads them for many instances per trip to a worker thread), so its File Meta is
+    # parsed without another read.
+    head: bytes | None = None
 
     def read(self, start: int = 0, size: int = -1) -> bytes:
         """Bytes ``[start, start + size)`` of the Part 10 file (blocking for files)."""
@@ -78,7 +82,7 @@ class Retrieved:
 
     def release(self) -> None:
         """Drop the data; delete a temporary spill file."""
-        self.data = None
+        self.data = self.head = None
         if self.temporary and self.path is not None:
             self.path.unlink(missing_ok=True)
 

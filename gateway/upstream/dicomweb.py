@@ -602,6 +602,7 @@ async def _syntax_of(item: Retrieved, part_type: str, answer_type: str) -> str:
         head = item.read(0, META_HEAD)
     else:
         head = await asyncio.to_thread(item.read, 0, META_HEAD)
+    item.head = head  # for the retrieval engine's look at the File Meta
     try:
         return read_file_meta(head).transfer_syntax
     except ValueError:

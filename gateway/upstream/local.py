@@ -34,11 +34,26 @@ from gateway.codecs.syntaxes import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_LE, IMP
 from gateway.fsutil import fsync_path, make_buckets
 from gateway.model.query import Key
 from gateway.model.search import Search
+from gateway.part10 import META_HEAD, read_file_meta
 from gateway.sqlite import Migration, connect, immediate, migrate
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import NotFound, UpstreamRejected
 
 log = logging.getLogger("gateway.upstream")
+
+# Files whose heads `LocalUpstream.iter_instances` reads per trip to a worker thread.
+HEAD_BATCH = 32
+# Bytes read first for a file's head: its File Meta is a few hundred bytes.
+SHORT_HEAD = 4096
+
+
+def _meta_within(head: bytes) -> bool:
+    """Whether ``head`` holds a whole File Meta group and an element header after it,
+    so that where the data set starts is known from it alone."""
+    try:
+        return read_file_meta(head).dataset_offset + 8 <= len(head)
+    except ValueError:
+        return False
 
 INDEXED = {
     "patient_id": "PatientID",
@@ -385,14 +400,31 @@ class LocalUpstream:
     async def iter_instances(
         self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
     ) -> AsyncIterator[Retrieved]:
+        """The stored files, each with its head read (`_heads`), HEAD_BATCH files per
+        trip to a worker thread: one trip per file cost more than the read itself."""
         loop = asyncio.get_running_loop()
-        for name, syntax in await loop.run_in_executor(self._executor, self._files, study_uid, series_uid):
+        files = await loop.run_in_executor(self._executor, self._files, study_uid, series_uid)
+        for start in range(0, len(files), HEAD_BATCH):
+            for item in await asyncio.to_thread(self._heads, files[start : start + HEAD_BATCH]):
+                yield item
+
+    def _heads(self, files: list[tuple[str, str]]) -> list[Retrieved]:
+        """Each file's size and head: its first SHORT_HEAD bytes when they hold the whole
+        File Meta and the start of the data set after it, else META_HEAD bytes. Files
+        deleted meanwhile are left out (the caller fetches what is missing one by one)."""
+        out: list[Retrieved] = []
+        for name, syntax in files:
             path = self.root / name
             try:
-                size = path.stat().st_size
+                with open(path, "rb", buffering=0) as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    head = os.pread(fh.fileno(), SHORT_HEAD, 0)
+                    if len(head) < size and not _meta_within(head):
+                        head = os.pread(fh.fileno(), META_HEAD, 0)
             except FileNotFoundError:
-                continue  # deleted meanwhile: the caller fetches what is missing one by one
-            yield Retrieved(None, path, 0, size, transfer_syntax=syntax)
+                continue
+            out.append(Retrieved(None, path, 0, size, transfer_syntax=syntax, head=head))
+        return out
 
     async def retrieve_metadata(
         self,
