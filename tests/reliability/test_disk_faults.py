@@ -381,7 +381,7 @@ def test_every_success_follows_the_record_and_directory_sync(tmp_path: Path, res
     trace is in the order strace saw each call enter and return, across threads, so
     "returned before the response was entered" is a real happens-before."""
     trace = tmp_path / "strace.txt"
-    syscalls = "openat,mkdir,mkdirat,fsync,fdatasync,pwrite64,sendto,write"
+    syscalls = "openat,mkdir,mkdirat,fsync,fdatasync,pwrite64,sendto,write,writev"
     strace = ["/usr/bin/strace", "-f", "-tt", "-yy", "-x", "-s", "1024", "-e", f"trace={syscalls}", "-o", str(trace)]
     gw = Gateway(tmp_path / "gw", wrapper=strace, spool={"reserve_mb": reserve_mb})
     files = ct_series(tmp_path / "ct", 20, rows=128, columns=128)
@@ -397,13 +397,11 @@ def test_every_success_follows_the_record_and_directory_sync(tmp_path: Path, res
         gw.stop(timeout=60)
     calls = read_trace(trace)
 
-    on_socket = re.compile(rf'^(?:sendto|write)\(\d+<TCP:\[127\.0\.0\.1:{gw.port}->[^\]]*\]>, "((?:[^"\\]|\\.)*)"')
     successes: dict[str, Call] = {}
-    for call in calls:
-        if m := on_socket.match(call.text):
-            for uid, status in store_responses(unescape(m.group(1))):
-                if status == 0x0000:
-                    successes.setdefault(uid, call)
+    for call, sent in socket_writes(calls, gw.port):
+        for uid, status in store_responses(sent):
+            if status == 0x0000:
+                successes.setdefault(uid, call)
     assert set(successes) == {uid_of(f) for f in files} == set(spooled)
 
     first_store = min(c.start for c in successes.values())
@@ -413,6 +411,19 @@ def test_every_success_follows_the_record_and_directory_sync(tmp_path: Path, res
     for uid, response in successes.items():
         problem = record_not_durable(calls, spooled[uid], response)
         assert problem is None, f"{uid}: Success sent before {problem}"
+
+
+def socket_writes(calls: list[Call], port: int) -> Iterator[tuple[Call, bytes]]:
+    """What the daemon wrote on connections to its ``port``, call by call (write and
+    sendto carry one buffer, writev several)."""
+    on_socket = re.compile(rf"^(sendto|write|writev)\(\d+<TCP:\[127\.0\.0\.1:{port}->[^\]]*\]>, (.*)$")
+    string = re.compile(r'"((?:[^"\\]|\\.)*)"')
+    for call in calls:
+        if m := on_socket.match(call.text):
+            if m.group(1) == "writev":
+                yield call, b"".join(unescape(s) for s in re.findall(r'iov_base=' + string.pattern, m.group(2)))
+            elif s := string.match(m.group(2)):
+                yield call, unescape(s.group(1))
 
 
 def record_not_durable(calls: list[Call], final: str, moment: Call) -> str | None:
