@@ -37,8 +37,12 @@ class Setup:
 
     @property
     def series_url(self) -> str:
+        return f"{self.gw.web_url}/dicom-web{self.series_path}"
+
+    @property
+    def series_path(self) -> str:
         ds = self.datasets[0]
-        return f"{self.gw.web_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        return f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
 
     def frame_url(self, ds: pydicom.Dataset) -> str:
         return f"{self.series_url}/instances/{ds.SOPInstanceUID}/frames/1"
@@ -87,6 +91,10 @@ def test_a_series_scrolled_twice_is_fetched_from_the_archive_once(setup: Setup) 
     first = setup.scroll()
     asked = list(setup.proxy.requests)
     assert any(p.endswith("/metadata") for p in asked) and sum("/frames/" in p for p in asked) == len(setup.datasets)
+    # each frame's instance metadata came out of the series' the viewer asked first
+    metadata = [p for p in asked if p.endswith("/metadata")]
+    assert len(metadata) == 1 and metadata[0].endswith(f"{setup.series_path}/metadata"), metadata
+    after_first = cache_lookups(setup.gw)
     second = setup.scroll()
     assert setup.proxy.requests == asked, setup.proxy.requests[len(asked):]  # nothing more reached the archive
     assert second == first
@@ -100,7 +108,10 @@ def test_a_series_scrolled_twice_is_fetched_from_the_archive_once(setup: Setup) 
     lookups = cache_lookups(setup.gw)
     frames = len(setup.datasets)
     assert lookups[("frame", "miss")] == lookups[("frame", "hit")] == frames
-    assert lookups[("metadata", "miss")] == lookups[("metadata", "hit")] >= 1
+    for kind in ("frame", "metadata"):
+        first_pass = after_first.get((kind, "hit"), 0) + after_first[(kind, "miss")]
+        assert lookups[(kind, "miss")] == after_first[(kind, "miss")] >= 1
+        assert lookups[(kind, "hit")] - after_first.get((kind, "hit"), 0) == first_pass == (frames if kind == "frame" else frames + 1)
 
 
 def test_rendered_and_thumbnails_use_the_cached_frames(setup: Setup) -> None:
