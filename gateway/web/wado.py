@@ -407,15 +407,19 @@ def rewrite_bulk_uris(obj: dict[str, Any], base: str) -> None:
                 rewrite_bulk_uris(item, base)
 
 
-async def metadata_of(request: web.Request, study: str, series: str | None, sop: str | None) -> list[JsonObject]:
+async def metadata_of(
+    request: web.Request, study: str, series: str | None, sop: str | None, via_series: bool = True
+) -> list[JsonObject]:
     """The upstream's metadata at the level the UIDs name, through the facade's cache
-    when the upstream is remote (an instance's out of its series', see `FacadeCache`)."""
+    when the upstream is remote. An instance's comes out of its series' (see
+    `FacadeCache.instance_metadata`) unless ``via_series`` is False: a client asking
+    one instance's metadata alone does not make the archive read the whole series'."""
     upstream = request.app[UPSTREAM]
     cache = request.app[CACHE]
     named = image_set_id(request)
     if cache is None:
         return list(await upstream.retrieve_metadata(study, series, sop, image_set_id=named))
-    if series is not None and sop is not None:
+    if series is not None and sop is not None and via_series:
         return await cache.instance_metadata(
             study, series, sop,
             lambda: upstream.retrieve_metadata(study, series, None, image_set_id=named),
@@ -440,7 +444,9 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     what = subject("WADO-RS metadata", request)
     try:
         fmt = metadata_format(request.headers.get("Accept"))
-        objects = [dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"))]
+        objects = [
+            dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"), via_series=False)
+        ]
     except Exception as exc:  # noqa: BLE001
         return error_response(exc, what)
     root = request_root(request)
