@@ -10,10 +10,11 @@ again when the forwarder delivers any instance), with the stored instances' own
 entries (Azure's PUT replaces an instance). An answer fetched while a study's entries
 were dropped is not kept: it may predate the change.
 
-An instance's metadata is taken from its series' metadata, which also keeps every other
-instance's: a viewer asks a series' metadata before its frames, and each frame needs its
-instance's pixel description, so one request to the archive answers a whole series'
-instead of one per frame. Concurrent misses in one series share the one request.
+A series' metadata also keeps each of its instances' (immutable, like theirs fetched
+alone), and the frame routes take an instance's from its series' (`instance_metadata`): a
+viewer asks a series' metadata before its frames, and each frame needs its instance's
+pixel description, so one request to the archive answers a whole series' instead of one
+per frame. Concurrent misses in one series share the one request.
 
 The index lives in memory and the entries an earlier run left are removed at start, so
 nothing stale from an earlier run (or another upstream) is ever served. Values are read whole
@@ -315,9 +316,13 @@ def _scope(image_set: str | None) -> str:
 
 
 def _uid(obj: JsonObject, tag: str) -> str | None:
-    """The first value of a UID attribute of a DICOM JSON object (None: absent)."""
-    values = (obj.get(tag) or {}).get("Value") or [None]
-    return str(values[0]) if values[0] is not None else None
+    """The first value of a UID attribute of a DICOM JSON object (None: absent, or not
+    shaped as DICOM JSON: an archive's answer is not trusted to be)."""
+    element = obj.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    if not isinstance(values, list) or not values or values[0] is None:
+        return None
+    return str(values[0])
 
 
 def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:

@@ -213,6 +213,30 @@ def test_a_series_metadata_failure_falls_back_to_the_instance(tmp_path: Path) ->
     asyncio.run(run())
 
 
+def test_a_malformed_series_answer_is_passed_on_and_keeps_nothing_it_cannot_read(tmp_path: Path) -> None:
+    """Objects of an archive's series metadata that are not DICOM JSON are answered as
+    they came (the route's business) but kept for no instance."""
+
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=60)
+        odd: list[JsonObject] = [{"00080018": ["1.2.3.4.1"]}, {"00080018": {"vr": "UI", "Value": "1.2.3.4.2"}}, _instance("1.2.3.4.3")]
+        instances: list[str] = []
+
+        async def series() -> list[JsonObject]:
+            return odd
+
+        async def instance() -> list[JsonObject]:
+            instances.append("1.2.3.4.1")
+            return [_instance("1.2.3.4.1")]
+
+        assert await cache.metadata(STUDY, SERIES, None, series) == odd
+        assert (await cache.instance_metadata(STUDY, SERIES, "1.2.3.4.3", series, instance))[0] == _instance("1.2.3.4.3")
+        assert (await cache.instance_metadata(STUDY, SERIES, "1.2.3.4.1", series, instance))[0] == _instance("1.2.3.4.1")
+        assert instances == ["1.2.3.4.1"]
+
+    asyncio.run(run())
+
+
 def test_if_none_match() -> None:
     tag = etag_for("1.2.3", [1], "application/octet-stream", "1.2.840.10008.1.2.5")
     assert tag.startswith('W/"') and tag != etag_for("1.2.3", [1], "application/octet-stream", "1.2.840.10008.1.2.1")
