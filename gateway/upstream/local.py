@@ -11,6 +11,7 @@ returned. All index access happens on one dedicated thread.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -573,14 +574,18 @@ def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, An
     return out
 
 
-def read_frames(path: Path, stored: str, numbers: Sequence[int], acceptable: Sequence[str]) -> list[Frame]:
-    """The frames ``numbers`` of the file at ``path`` as stored (blocking).
+def read_frames(source: Path | bytes, stored: str, numbers: Sequence[int], acceptable: Sequence[str]) -> list[Frame]:
+    """The frames ``numbers`` of the Part 10 file at ``source`` (a path, or the file's
+    bytes) as stored (blocking).
 
-    A native frame is read from its place in the file (a large multi-frame instance
+    A native frame is read from its place in a file (a large multi-frame instance
     is never read whole); a compressed one is taken from its fragments by pydicom.
     """
     try:
-        ds = pydicom.dcmread(path, defer_size=BULK_DATA_THRESHOLD)
+        if isinstance(source, Path):
+            ds = pydicom.dcmread(source, defer_size=BULK_DATA_THRESHOLD)
+        else:
+            ds = pydicom.dcmread(io.BytesIO(source))
     except FileNotFoundError:
         raise NotFound("instance not in the embedded archive") from None
     pixels = ds.get_item(PIXEL_DATA, keep_deferred=True)
@@ -609,8 +614,8 @@ def read_frames(path: Path, stored: str, numbers: Sequence[int], acceptable: Seq
         ]
     bits = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated)
     deferred = isinstance(pixels, RawDataElement) and pixels.value is None and stored != DEFLATED_EXPLICIT_VR_LE
-    if deferred:
-        with open(path, "rb") as fh:
+    if deferred and isinstance(source, Path):
+        with open(source, "rb") as fh:
             return [Frame(n, _native_frame(fh, pixels.value_tell, n - 1, bits), served) for n in numbers]
     whole = ds.PixelData
     return [Frame(n, _native_frame(whole, 0, n - 1, bits), served) for n in numbers]

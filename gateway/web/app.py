@@ -24,7 +24,8 @@ from gateway.upstream.base import Upstream
 from gateway.web import auth, counting, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
 from gateway.web.cache import FacadeCache
-from gateway.web.keys import CACHE, CONFIG, HEALTH_CACHE, PROBLEMS, RETRIEVER, SPOOL, UPSTREAM
+from gateway.web.keys import CACHE, CONFIG, HEALTH_CACHE, PROBLEMS, REFUSED_SERIES, RETRIEVER, SPOOL, UPSTREAM
+from gateway.web.refusals import RefusedSeries
 
 log = logging.getLogger("gateway.web")
 ALIAS_ROOTS = ("/v1", "/v1.0-prerelease", "/v2", "/datastore/{datastoreId}")
@@ -83,6 +84,7 @@ def create_app(
     app[HEALTH_CACHE] = []
     metrics = metrics if metrics is not None else Metrics()
     app[CACHE] = facade_cache(config, metrics)
+    app[REFUSED_SERIES] = RefusedSeries()
     auth.install(app, config.http.auth, config.http.cors_origins)
     app.add_routes(health.routes)
     app[metrics_routes.METRICS] = metrics

@@ -10,6 +10,12 @@ again when the forwarder delivers any instance), with the stored instances' own
 entries (Azure's PUT replaces an instance). An answer fetched while a study's entries
 were dropped is not kept: it may predate the change.
 
+A series' metadata also keeps each of its instances' (immutable, like theirs fetched
+alone), and the frame routes take an instance's from its series' (`instance_metadata`): a
+viewer asks a series' metadata before its frames, and each frame needs its instance's
+pixel description, so one request to the archive answers a whole series' instead of one
+per frame. Concurrent misses in one series share the one request.
+
 The index lives in memory and the entries an earlier run left are removed at start, so
 nothing stale from an earlier run (or another upstream) is ever served. Values are read whole
 before use, so an entry evicted by a concurrent request never breaks an answer.
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.metrics import Metrics
+from gateway.uids import is_valid_uid
 from gateway.upstream.base import Frame, JsonObject
 
 log = logging.getLogger("gateway.web")
@@ -63,6 +70,10 @@ class FacadeCache:
         self._by_study: dict[str, set[str]] = {}
         self.bytes = 0
         self._changes: dict[str, int] = {}  # study UID -> times its entries were dropped
+        # series key -> when its metadata was last fetched (monotonic), kept as long as
+        # series metadata is: an instance missing from it meanwhile is fetched alone
+        self._series_read: OrderedDict[str, float] = OrderedDict()
+        self._series_fetches: dict[str, asyncio.Task[list[JsonObject]]] = {}  # in flight
         directory.mkdir(parents=True, exist_ok=True)
         for path in directory.iterdir():  # only what a cache wrote: the directory is the admin's
             if _ENTRY_NAME.fullmatch(path.name):
@@ -110,19 +121,24 @@ class FacadeCache:
     async def _write(self, key: str, data: bytes, syntax: str, expires: float) -> None:
         """Keep ``data`` under ``key``, evicting the least recently used entries to stay
         within the bound; a value larger than the whole cache is not kept."""
-        if len(data) > self.max_bytes:
+        await self._write_many([(key, data)], syntax, expires)
+
+    async def _write_many(self, items: Sequence[tuple[str, bytes]], syntax: str, expires: float) -> None:
+        """`_write` of each (key, data), the files written in one worker-thread call."""
+        kept = [(key, data, self.directory / hashlib.sha256(key.encode()).hexdigest()) for key, data in items if len(data) <= self.max_bytes]
+        if not kept:
             return
-        path = self.directory / hashlib.sha256(key.encode()).hexdigest()
         try:
-            await asyncio.to_thread(_write_file, path, data)
+            await asyncio.to_thread(_write_files, [(path, data) for _, data, path in kept])
         except OSError as exc:
             log.warning("facade cache: cannot write an entry: %s", exc.strerror or type(exc).__name__)
             return
-        if key in self.index:
-            self._pop(key)
-        self.index[key] = _Entry(path, len(data), syntax, expires)
-        self._by_study.setdefault(key.split("/", 1)[0], set()).add(key)
-        self.bytes += len(data)
+        for key, data, path in kept:
+            if key in self.index:
+                self._pop(key)
+            self.index[key] = _Entry(path, len(data), syntax, expires)
+            self._by_study.setdefault(key.split("/", 1)[0], set()).add(key)
+            self.bytes += len(data)
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self.index)))
 
@@ -167,11 +183,92 @@ class FacadeCache:
         self._count("metadata", cached is not None)
         if cached is not None:
             return list(json.loads(cached[0]))
+        if series and not sop:
+            return await self._series_metadata(study, series, fetch, image_set)
         before = self._changes.get(study)
         objects = list(await fetch())
         expires = 0.0 if sop else time.monotonic() + self.metadata_seconds
         if (sop or self.metadata_seconds > 0) and self._changes.get(study) == before:
             await self._write(key, json.dumps(objects).encode("utf-8"), "", expires)
+        return objects
+
+    async def instance_metadata(
+        self,
+        study: str,
+        series: str,
+        sop: str,
+        fetch_series: Callable[[], Awaitable[Sequence[JsonObject]]],
+        fetch_instance: Callable[[], Awaitable[Sequence[JsonObject]]],
+        image_set: str | None = None,
+    ) -> list[JsonObject]:
+        """An instance's metadata, from the cache or else from its series' (kept for
+        every instance of it); from ``fetch_instance`` when the series' could not be read,
+        or lacks the instance, or was read within ``metadata_seconds`` without it."""
+        scope = _scope(image_set)
+        key = f"{study}/{series}/{sop}/metadata{scope}"
+        cached = await self._read(key)
+        self._count("metadata", cached is not None)
+        if cached is not None:
+            return list(json.loads(cached[0]))
+        series_key = f"{study}/{series}//metadata{scope}"
+        read_at = self._series_read.get(series_key)
+        if series_key in self._series_fetches or read_at is None or read_at + self.metadata_seconds < time.monotonic():
+            try:
+                objects = await self._series_metadata(study, series, fetch_series, image_set)
+            except Exception as exc:  # noqa: BLE001 - the instance's own request says what is wrong
+                log.debug("facade cache: series metadata of %s unread: %s", series, exc)
+            else:
+                found = [o for o in objects if _uid(o, "00080018") == sop and _uid(o, "0020000E") in (series, None)]
+                if found:
+                    return found
+        before = self._changes.get(study)
+        objects = list(await fetch_instance())
+        if self._changes.get(study) == before:
+            await self._write(key, json.dumps(objects).encode("utf-8"), "", 0.0)
+        return objects
+
+    async def _series_metadata(
+        self, study: str, series: str, fetch: Callable[[], Awaitable[Sequence[JsonObject]]], image_set: str | None
+    ) -> list[JsonObject]:
+        """A series' metadata from ``fetch``, one request at a time per series (a caller
+        that goes away leaves it to the others); kept for ``metadata_seconds``, and each
+        instance's part of it for good."""
+        scope = _scope(image_set)
+        series_key = f"{study}/{series}//metadata{scope}"
+        task = self._series_fetches.get(series_key)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch_series(study, series, fetch, scope))
+            self._series_fetches[series_key] = task
+
+            def done(finished: asyncio.Task[list[JsonObject]]) -> None:
+                self._series_fetches.pop(series_key, None)
+                if not finished.cancelled():
+                    finished.exception()  # retrieved, though every caller may have gone
+
+            task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _fetch_series(
+        self, study: str, series: str, fetch: Callable[[], Awaitable[Sequence[JsonObject]]], scope: str
+    ) -> list[JsonObject]:
+        series_key = f"{study}/{series}//metadata{scope}"
+        self._series_read[series_key] = time.monotonic()  # tried: failing or not, not again at once
+        self._series_read.move_to_end(series_key)
+        if len(self._series_read) > CHANGES_KEPT:
+            del self._series_read[next(iter(self._series_read))]
+        before = self._changes.get(study)
+        objects = list(await fetch())
+        if self._changes.get(study) != before:
+            return objects
+        if self.metadata_seconds > 0:
+            await self._write(series_key, json.dumps(objects).encode("utf-8"), "", time.monotonic() + self.metadata_seconds)
+        instances = [
+            (f"{study}/{series}/{sop}/metadata{scope}", json.dumps([o]).encode("utf-8"))
+            for o in objects
+            if is_valid_uid(sop := _uid(o, "00080018") or "") and _uid(o, "0020000E") in (series, None)
+        ]
+        if self._changes.get(study) == before:
+            await self._write_many(instances, "", 0.0)
         return objects
 
     async def frames(
@@ -218,16 +315,27 @@ def _scope(image_set: str | None) -> str:
     return f"@{image_set}" if image_set else ""
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (a reader never sees half an entry)."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent writers of one key
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+def _uid(obj: JsonObject, tag: str) -> str | None:
+    """The first value of a UID attribute of a DICOM JSON object (None: absent, or not
+    shaped as DICOM JSON: an archive's answer is not trusted to be)."""
+    element = obj.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    if not isinstance(values, list) or not values or values[0] is None:
+        return None
+    return str(values[0])
+
+
+def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:
+    """Write each ``path`` whole or not at all (a reader never sees half an entry)."""
+    for path, data in items:
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent writers of one key
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 # -- HTTP validators -----------------------------------------------------------------

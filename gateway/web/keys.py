@@ -10,6 +10,7 @@ from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
 from gateway.web.cache import FacadeCache
+from gateway.web.refusals import RefusedSeries
 
 SPOOL = web.AppKey("spool", Spool)
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -22,3 +23,5 @@ PROBLEMS = web.AppKey("problems", Problems)
 HEALTH_CACHE = web.AppKey("health_cache", list)
 # Frames and metadata of a remote upstream kept on disk; None over the embedded archive.
 CACHE = web.AppKey("facade_cache", FacadeCache | None)
+# Series whose frames are cut from their instances, the archive having refused RetrieveFrames.
+REFUSED_SERIES = web.AppKey("refused_series", RefusedSeries)

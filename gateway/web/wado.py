@@ -72,7 +72,7 @@ from gateway.web.common import (
     send_streamed,
     subject,
 )
-from gateway.web.keys import CACHE, CONFIG, RETRIEVER, UPSTREAM
+from gateway.web.keys import CACHE, CONFIG, REFUSED_SERIES, RETRIEVER, UPSTREAM
 
 log = logging.getLogger("gateway.web")
 
@@ -407,14 +407,25 @@ def rewrite_bulk_uris(obj: dict[str, Any], base: str) -> None:
                 rewrite_bulk_uris(item, base)
 
 
-async def metadata_of(request: web.Request, study: str, series: str | None, sop: str | None) -> list[JsonObject]:
+async def metadata_of(
+    request: web.Request, study: str, series: str | None, sop: str | None, via_series: bool = True
+) -> list[JsonObject]:
     """The upstream's metadata at the level the UIDs name, through the facade's cache
-    when the upstream is remote."""
+    when the upstream is remote. An instance's comes out of its series' (see
+    `FacadeCache.instance_metadata`) unless ``via_series`` is False: a client asking
+    one instance's metadata alone does not make the archive read the whole series'."""
     upstream = request.app[UPSTREAM]
     cache = request.app[CACHE]
     named = image_set_id(request)
     if cache is None:
         return list(await upstream.retrieve_metadata(study, series, sop, image_set_id=named))
+    if series is not None and sop is not None and via_series:
+        return await cache.instance_metadata(
+            study, series, sop,
+            lambda: upstream.retrieve_metadata(study, series, None, image_set_id=named),
+            lambda: upstream.retrieve_metadata(study, series, sop, image_set_id=named),
+            named,
+        )
     return await cache.metadata(
         study, series, sop, lambda: upstream.retrieve_metadata(study, series, sop, image_set_id=named), named
     )
@@ -433,7 +444,9 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     what = subject("WADO-RS metadata", request)
     try:
         fmt = metadata_format(request.headers.get("Accept"))
-        objects = [dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"))]
+        objects = [
+            dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"), via_series=False)
+        ]
     except Exception as exc:  # noqa: BLE001
         return error_response(exc, what)
     root = request_root(request)
@@ -488,34 +501,52 @@ def pick_form(forms: Sequence[FrameForm], stored: str, desc: PixelDescription) -
 
 async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
     """The frames as the archive stores them: by RetrieveFrames, or, when the archive
-    fails that (Orthanc 1.10 answers 500 for some stored syntaxes) or serves no frames,
-    cut out of the instance retrieved whole."""
+    fails that (Orthanc 1.10 answers 500 for some stored syntaxes; see `RefusedSeries`)
+    or serves no frames, cut out of the instance retrieved whole."""
     upstream = request.app[UPSTREAM]
-    given = 0
-    try:
-        if upstream.capabilities.frames:
+    refusals = request.app[REFUSED_SERIES]
+    named = image_set_id(request)
+    series_key = f"{ref.study_uid}/{ref.series_uid}@{named or ''}"
+    refused: Exception | None = None
+    if upstream.capabilities.frames and not refusals.refused(series_key):
+        given = 0
+        try:
             async for frame in upstream.retrieve_frames(
-                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=ANY_SYNTAX,
-                image_set_id=image_set_id(request),
+                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=ANY_SYNTAX, image_set_id=named,
             ):
                 given += 1
                 yield frame
             return
-    except (UpstreamUnavailable, NotSupported) as exc:
-        if given:
-            raise
-        log.info("frames of %s: the archive failed RetrieveFrames (%s); cutting them from the instance", ref.sop_instance_uid, exc)
+        except (UpstreamUnavailable, NotSupported) as exc:
+            if given:
+                raise
+            refused = exc
     retriever = request.app[RETRIEVER]
     retrieved = await fetch_instance(request, ref)
-    path = retriever.spill_dir / f"{uuid.uuid4().hex}.frames"
+    spill = retriever.spill_dir / f"{uuid.uuid4().hex}.frames"
     try:
-        await asyncio.to_thread(_materialise, retrieved, path)
-        stored = read_file_meta(await asyncio.to_thread(retrieved.read, 0, 65536)).transfer_syntax
-        for frame in await asyncio.to_thread(read_frames, path, stored, numbers, ANY_SYNTAX):
-            yield frame
+        frames = await asyncio.to_thread(_cut_frames, retrieved, spill, numbers)
     finally:
         retrieved.release()
-        path.unlink(missing_ok=True)
+        spill.unlink(missing_ok=True)
+    if refused is not None:
+        refusals.remember(series_key)
+        log.info(
+            "frames of series %s: the archive failed RetrieveFrames (%s); cutting them from the instances for %.0f s",
+            ref.series_uid, refused, refusals.seconds,
+        )
+    for frame in frames:
+        yield frame
+
+
+def _cut_frames(retrieved: Retrieved, spill: Path, numbers: list[int]) -> list[Frame]:
+    """The frames ``numbers`` of a retrieved instance as stored (blocking): parsed in
+    memory when the instance came into memory, else from a copy of it at ``spill``."""
+    stored = read_file_meta(retrieved.read(0, 65536)).transfer_syntax
+    if retrieved.data is not None:
+        return read_frames(retrieved.read(), stored, numbers, ANY_SYNTAX)
+    _materialise(retrieved, spill)
+    return read_frames(spill, stored, numbers, ANY_SYNTAX)
 
 
 def _materialise(retrieved: Retrieved, path: Path) -> None:

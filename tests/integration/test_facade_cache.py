@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.encaps import generate_frames
 from pydicom.uid import RLELossless
 
+HTJ2K = "1.2.840.10008.1.2.4.201"
+
 from gateway.codecs.convert import transcode
 from tests.support.archiveproxy import ArchiveProxy
 from tests.support.curl import CurlResult, curl
@@ -37,8 +39,12 @@ class Setup:
 
     @property
     def series_url(self) -> str:
+        return f"{self.gw.web_url}/dicom-web{self.series_path}"
+
+    @property
+    def series_path(self) -> str:
         ds = self.datasets[0]
-        return f"{self.gw.web_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        return f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
 
     def frame_url(self, ds: pydicom.Dataset) -> str:
         return f"{self.series_url}/instances/{ds.SOPInstanceUID}/frames/1"
@@ -87,6 +93,10 @@ def test_a_series_scrolled_twice_is_fetched_from_the_archive_once(setup: Setup) 
     first = setup.scroll()
     asked = list(setup.proxy.requests)
     assert any(p.endswith("/metadata") for p in asked) and sum("/frames/" in p for p in asked) == len(setup.datasets)
+    # each frame's instance metadata came out of the series' the viewer asked first
+    metadata = [p for p in asked if p.endswith("/metadata")]
+    assert len(metadata) == 1 and metadata[0].endswith(f"{setup.series_path}/metadata"), metadata
+    after_first = cache_lookups(setup.gw)
     second = setup.scroll()
     assert setup.proxy.requests == asked, setup.proxy.requests[len(asked):]  # nothing more reached the archive
     assert second == first
@@ -100,7 +110,43 @@ def test_a_series_scrolled_twice_is_fetched_from_the_archive_once(setup: Setup) 
     lookups = cache_lookups(setup.gw)
     frames = len(setup.datasets)
     assert lookups[("frame", "miss")] == lookups[("frame", "hit")] == frames
-    assert lookups[("metadata", "miss")] == lookups[("metadata", "hit")] >= 1
+    for kind in ("frame", "metadata"):
+        first_pass = after_first.get((kind, "hit"), 0) + after_first[(kind, "miss")]
+        assert lookups[(kind, "miss")] == after_first[(kind, "miss")] >= 1
+        assert lookups[(kind, "hit")] - after_first.get((kind, "hit"), 0) == first_pass == (frames if kind == "frame" else frames + 1)
+
+
+def test_frames_orthanc_refuses_as_stored_are_cut_from_instances_asking_once_per_series(tmp_path: Path) -> None:
+    """Orthanc 1.10 answers 500 to RetrieveFrames of HTJ2K instances as stored: the
+    facade cuts the frames out of the instances, and after the first refusal it asks the
+    series' other instances whole at once; their metadata came in one series request."""
+    paths = ct_series(tmp_path / "ct", 3, rows=64, columns=64)
+    datasets = [transcode(pydicom.dcmread(p), HTJ2K) for p in paths]
+    for ds, path in zip(datasets, paths):
+        ds.save_as(path, enforce_file_format=True)
+    orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
+    proxy = ArchiveProxy(orthanc.dicomweb_url).start()
+    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url)
+    try:
+        orthanc.upload(paths)
+        gw.start()
+        ds0 = datasets[0]
+        base = f"{gw.web_url}/dicom-web/studies/{ds0.StudyInstanceUID}/series/{ds0.SeriesInstanceUID}/instances"
+        for ds in datasets:
+            r = curl(f"{base}/{ds.SOPInstanceUID}/frames/1", "--header", FRAMES_ACCEPT)
+            assert r.status == 200, r.body
+            (headers, stream), = r.parts()
+            assert headers["content-type"].endswith(f"transfer-syntax={HTJ2K}")
+            assert stream == next(generate_frames(ds.PixelData, number_of_frames=1))
+        asked = proxy.requests
+        assert sum("/frames/" in p for p in asked) == 1, asked  # the first instance's, refused
+        assert sum(p.split("?")[0].endswith(str(ds.SOPInstanceUID)) for p in asked for ds in datasets) == 3
+        assert [p.split("?")[0].rsplit("/", 2)[-2:] for p in asked if "/metadata" in p] == [[str(ds0.SeriesInstanceUID), "metadata"]]
+        assert gw.log().count("cutting them from the instances") == 1 and "Traceback" not in gw.log()
+    finally:
+        gw.kill()
+        proxy.stop()
+        orthanc.cleanup()
 
 
 def test_rendered_and_thumbnails_use_the_cached_frames(setup: Setup) -> None:

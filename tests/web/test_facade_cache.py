@@ -19,7 +19,9 @@ STUDY, SERIES = "1.2.3", "1.2.3.4"
 
 
 class Archive:
-    """Counts what the cache asks of it; every frame is 1000 bytes."""
+    """Counts what the cache asks of it; every frame is 1000 bytes. Its metadata, at any
+    level, is one object of an instance these tests never read alone (an instance in a
+    series' metadata is kept as that instance's: see the series tests below)."""
 
     def __init__(self) -> None:
         self.frames: list[tuple[str, int]] = []
@@ -32,7 +34,7 @@ class Archive:
 
     async def fetch_metadata(self) -> list[JsonObject]:
         self.metadata += 1
-        return [{"00080018": {"vr": "UI", "Value": ["1.2.3.4.5"]}}]
+        return [{"00080018": {"vr": "UI", "Value": ["1.2.3.4.99"]}}]
 
 
 async def _frames(cache: FacadeCache, archive: Archive, sop: str, numbers: list[int]) -> list[Frame]:
@@ -138,6 +140,99 @@ def test_an_answer_fetched_across_a_store_is_not_kept(tmp_path: Path) -> None:
         assert archive.frames == [("1.2.3.4.8", 1)] * 2  # read again: the first was not kept
         await _frames(cache, archive, "1.2.3.4.8", [1])
         assert len(archive.frames) == 2
+
+    asyncio.run(run())
+
+
+def _instance(sop: str, series: str = SERIES) -> JsonObject:
+    return {"0020000E": {"vr": "UI", "Value": [series]}, "00080018": {"vr": "UI", "Value": [sop]}}
+
+
+class SeriesArchive:
+    """Series metadata of three instances (slow enough for requests to overlap), and each
+    instance's own, counted apart."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.series = 0
+        self.instances: list[str] = []
+        self.fail = fail
+
+    async def fetch_series(self) -> list[JsonObject]:
+        self.series += 1
+        await asyncio.sleep(0.05)
+        if self.fail:
+            raise UpstreamUnavailable("archive error: HTTP 500")
+        return [_instance(f"1.2.3.4.{n}") for n in (1, 2, 3)] + [_instance("1.2.3.4.9", "1.2.3.8")]
+
+    def fetch_instance(self, sop: str):  # noqa: ANN201
+        async def fetch() -> list[JsonObject]:
+            self.instances.append(sop)
+            return [_instance(sop)]
+
+        return fetch
+
+
+def test_an_instances_metadata_comes_from_its_series_read_once(tmp_path: Path) -> None:
+    """Frames of a series asked at once cost the archive one series metadata request,
+    not one instance metadata request per frame; an instance the series' answer lacks is
+    asked alone, once; and what the series' answer says of another series is not kept."""
+
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=60)
+        archive = SeriesArchive()
+
+        async def read(sop: str) -> list[JsonObject]:
+            return await cache.instance_metadata(STUDY, SERIES, sop, archive.fetch_series, archive.fetch_instance(sop))
+
+        answers = await asyncio.gather(*(read(f"1.2.3.4.{n}") for n in (1, 2, 3, 1, 2, 3, 1, 2)))
+        assert [a[0]["00080018"]["Value"] for a in answers] == [[f"1.2.3.4.{n}"] for n in (1, 2, 3, 1, 2, 3, 1, 2)]
+        assert archive.series == 1 and archive.instances == []
+        assert (await read("1.2.3.4.7"))[0]["00080018"]["Value"] == ["1.2.3.4.7"]  # newer than the series' answer
+        await read("1.2.3.4.7")
+        await read("1.2.3.4.9")  # the series' answer put it in another series
+        assert archive.series == 1 and archive.instances == ["1.2.3.4.7", "1.2.3.4.9"]
+        # a viewer's own series metadata request keeps every instance's too
+        viewer = FacadeCache(tmp_path / "v", max_bytes=1 << 20, metadata_seconds=60)
+        assert len(await viewer.metadata(STUDY, SERIES, None, archive.fetch_series)) == 4
+        await viewer.instance_metadata(STUDY, SERIES, "1.2.3.4.2", archive.fetch_series, archive.fetch_instance("1.2.3.4.2"))
+        assert archive.series == 2 and archive.instances == ["1.2.3.4.7", "1.2.3.4.9"]
+
+    asyncio.run(run())
+
+
+def test_a_series_metadata_failure_falls_back_to_the_instance(tmp_path: Path) -> None:
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=60)
+        archive = SeriesArchive(fail=True)
+        for sop in ("1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.1"):
+            got = await cache.instance_metadata(STUDY, SERIES, sop, archive.fetch_series, archive.fetch_instance(sop))
+            assert got[0]["00080018"]["Value"] == [sop]
+        # the series tried once (not again within metadata_seconds), each instance once
+        assert archive.series == 1 and archive.instances == ["1.2.3.4.1", "1.2.3.4.2"]
+
+    asyncio.run(run())
+
+
+def test_a_malformed_series_answer_is_passed_on_and_keeps_nothing_it_cannot_read(tmp_path: Path) -> None:
+    """Objects of an archive's series metadata that are not DICOM JSON are answered as
+    they came (the route's business) but kept for no instance."""
+
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=60)
+        odd: list[JsonObject] = [{"00080018": ["1.2.3.4.1"]}, {"00080018": {"vr": "UI", "Value": "1.2.3.4.2"}}, _instance("1.2.3.4.3")]
+        instances: list[str] = []
+
+        async def series() -> list[JsonObject]:
+            return odd
+
+        async def instance() -> list[JsonObject]:
+            instances.append("1.2.3.4.1")
+            return [_instance("1.2.3.4.1")]
+
+        assert await cache.metadata(STUDY, SERIES, None, series) == odd
+        assert (await cache.instance_metadata(STUDY, SERIES, "1.2.3.4.3", series, instance))[0] == _instance("1.2.3.4.3")
+        assert (await cache.instance_metadata(STUDY, SERIES, "1.2.3.4.1", series, instance))[0] == _instance("1.2.3.4.1")
+        assert instances == ["1.2.3.4.1"]
 
     asyncio.run(run())
 
