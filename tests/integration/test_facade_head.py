@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -34,8 +35,8 @@ def _comparable(headers: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.fixture
-def loaded(tmp_path: Path) -> tuple[Gateway, list[Path]]:
-    gw = Gateway(tmp_path / "gw").start()
+def loaded(tmp_path: Path, gateway: Callable[..., Gateway]) -> tuple[Gateway, list[Path]]:
+    gw = gateway()
     paths = ct_series(tmp_path / "ct", 2, rows=64, columns=64, frames=3)
     for path in paths:
         r = curl("-X", "POST", f"{gw.web_url}/dicom-web/studies", "--header", "Content-Type: application/dicom",

@@ -13,6 +13,7 @@ against the standard's VOI formulas in numpy on synthetic instances:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -79,8 +80,8 @@ def _instances(tmp_path: Path) -> tuple[Dataset, Dataset, Dataset]:
 
 
 @pytest.fixture
-def loaded(tmp_path: Path) -> tuple[Gateway, Dataset, Dataset, Dataset]:
-    gw = Gateway(tmp_path / "gw").start()
+def loaded(tmp_path: Path, gateway: Callable[..., Gateway]) -> tuple[Gateway, Dataset, Dataset, Dataset]:
+    gw = gateway()
     datasets = _instances(tmp_path)
     for n, ds in enumerate(datasets):
         path = tmp_path / f"{n}.dcm"
@@ -149,8 +150,8 @@ def test_study_and_series_render_every_image_instance(loaded: tuple[Gateway, Dat
 
 
 @pytest.mark.slow
-def test_a_modality_lut_sequence_maps_stored_values(tmp_path: Path) -> None:
-    gw = Gateway(tmp_path / "gw").start()
+def test_a_modality_lut_sequence_maps_stored_values(tmp_path: Path, gateway: Callable[..., Gateway]) -> None:
+    gw = gateway()
     (path,) = ct_series(tmp_path / "ct", 1, rows=32, columns=32)
     ds = pydicom.dcmread(path)
     table = (np.arange(4096) ** 2 // 4096).astype(np.uint16)  # a curve no rescale can express

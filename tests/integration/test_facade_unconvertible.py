@@ -6,6 +6,7 @@ of them come."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,10 @@ def _series(tmp_path: Path, name: str, study: str, count: int, bad: set[int]) ->
 
 
 @pytest.mark.slow
-def test_an_instance_that_cannot_be_converted_is_left_out_not_the_answer(tmp_path: Path) -> None:
-    gw = Gateway(tmp_path / "gw").start()
+def test_an_instance_that_cannot_be_converted_is_left_out_not_the_answer(
+    tmp_path: Path, gateway: Callable[..., Gateway]
+) -> None:
+    gw = gateway()
     study = pydicom.uid.generate_uid()
     middle, middle_bad = _series(tmp_path, "middle", study, 3, {1})
     first, first_bad = _series(tmp_path, "first", study, 2, {0})
