@@ -70,6 +70,9 @@ class Gateway:
             f"{k} = {_toml(v)}\n"
             for k, v in {
                 "min_free_mb": 1,
+                # Each daemon of the suite starts on an empty spool: 64 MiB of blanks for
+                # each of ~150 daemons would be ~10 GB written for nothing.
+                "reserve_mb": 4,
                 "retry_base_seconds": 0.2,
                 "retry_max_seconds": 2.0,
                 **(spool or {}),
