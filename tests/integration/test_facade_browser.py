@@ -357,7 +357,8 @@ def test_ohif_viewer_given_a_bearer_token_draws_a_study(tmp_path: Path, browser:
         _assert_decoded_as_stored(page, datasets)
         assert sum("/frames/" in path for path, _, _ in answers) >= len(datasets)
         assert all(status == 200 and auth == f"Bearer {TOKEN}" for _, status, auth in answers), answers
-        assert "401" not in gw.log() and "Traceback" not in gw.log()
+        # The refusal's own log line, not the digits: a random UID may hold "401".
+        assert "no valid credentials" not in gw.log() and "Traceback" not in gw.log()
     finally:
         gw.kill()
         site.stop()
