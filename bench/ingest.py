@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.config import SpoolConfig  # noqa: E402
 from tests.support.daemon import Gateway  # noqa: E402
 from tests.support.dcmtk import dcmtk_env  # noqa: E402
 from tests.support.orthanc import Orthanc  # noqa: E402
@@ -82,8 +83,10 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     orthanc = Orthanc(workdir=work / "orthanc").start()
-    local = Gateway(work / "gw-local").start()
-    gw = Gateway(work / "gw", upstream_url=orthanc.dicomweb_url).start()
+    # The product's reserve of blanks, not the small one test daemons get.
+    reserve = {"reserve_mb": SpoolConfig().reserve_mb}
+    local = Gateway(work / "gw-local", spool=reserve).start()
+    gw = Gateway(work / "gw", upstream_url=orthanc.dicomweb_url, spool=reserve).start()
     wait_for_port("127.0.0.1", scp_port, 10)
     rates: dict[str, list[float]] = {k: [] for k in ("a1", "a4", "b1", "b4", "c", "d")}
     try:
@@ -126,7 +129,7 @@ def main() -> None:
 
     if not args.skip_large:
         big = ct_series(work / "big", 1, frames=1000)[0]
-        fresh = Gateway(work / "gw-large", upstream_url=orthanc.dicomweb_url).start()
+        fresh = Gateway(work / "gw-large", upstream_url=orthanc.dicomweb_url, spool=reserve).start()
         try:
             assert fresh.proc is not None
             seconds = storescu(fresh.port, fresh.ae_title, [big])

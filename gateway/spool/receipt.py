@@ -18,9 +18,10 @@ from gateway.spool.disk import Disk
 from gateway.spool.record import PREAMBLE, seal
 from gateway.writeback import start_writeback
 
-# Early writeback only pays for large instances: a small one is flushed by the seal
-# about as fast, and the extra call costs time on the event loop.
-WRITEBACK_CHUNK = 4 * 1024 * 1024
+# Writeback is started every 256 KiB as the data arrives, so the seal's fdatasync waits
+# only for the tail: measured on 200 x 512 KB C-STOREs in one association, 240/s with
+# writeback only every 4 MiB against 289/s every 256 KiB (median of 5, same run).
+WRITEBACK_CHUNK = 256 * 1024
 
 
 class Receipt:
