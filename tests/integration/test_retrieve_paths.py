@@ -210,7 +210,23 @@ def test_move_spilled_to_disk(tmp_path: Path) -> None:
         watcher.start()
         try:
             keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": str(first.StudyInstanceUID), "SeriesInstanceUID": str(first.SeriesInstanceUID)}
-            result = parse_move(movescu(gw.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=30))
+            # The destination is frozen while the move starts, so the instances read
+            # ahead wait in their spill files long enough to be seen (a spill file
+            # of an instance sent at once lives for well under the watcher's poll).
+            scp.pause()
+            moved: list[MoveResult] = []
+            mover = threading.Thread(target=lambda: moved.append(parse_move(
+                movescu(gw.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=60)
+            )))
+            try:
+                mover.start()
+                deadline = time.monotonic() + 20
+                while not seen and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            finally:
+                scp.resume()
+            mover.join()
+            (result,) = moved
             assert (result.status, result.completed, result.failed) == (0, 12, 0), result.output[-3000:]
             assert "12 instances (12 in bulk)" in gw.log()
             bulk_seen = len(seen)

@@ -32,6 +32,7 @@ import atexit
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -351,6 +352,16 @@ class StoreSCP:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def pause(self) -> None:
+        """Freeze storescp (SIGSTOP): connections are accepted by the kernel but nothing
+        is answered until `resume`."""
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGCONT)
 
     def files(self) -> list[Path]:
         """Received files, sorted by name."""
