@@ -57,11 +57,6 @@ class Indexer:
             self._pending.append(row)
             self._cond.notify()
 
-    @property
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._pending)
-
     def stop(self) -> None:
         """Write what is pending (one last try), then end. A row still unwritten is not
         lost: its sealed record is adopted at the next start."""
