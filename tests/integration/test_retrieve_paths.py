@@ -180,11 +180,20 @@ def test_move_patient_level(env: Env) -> None:
 
 
 def test_move_spilled_to_disk(tmp_path: Path) -> None:
-    """``retrieve.spill_mb = 0.1`` and 128 KiB images: every instance waits in a file
+    """``retrieve.spill_mb = 0.1`` and 512 KiB images: every instance waits in a file
     under ``<spool>/retrieve`` (watched while the moves run), over the series answer
     (bulk) and over single-instance requests (IMAGE level), and arrives identical;
-    afterwards no spill file is left."""
-    paths = ct_series(tmp_path / "series", 12, 256, 256)
+    afterwards no spill file is left.
+
+    The images are larger than any chunk aiohttp hands out (its buffer pauses reading
+    at 128 KiB, a read adds at most 256 KiB), so no part of the series answer can
+    arrive whole in one chunk, which the multipart reader keeps in memory whatever
+    its size. The destination is frozen (SIGSTOP) while each move starts, so the
+    instances read ahead of its association wait in their spill files long enough
+    to be seen: a spill file of an instance sent at once lives for well under the
+    watcher's poll.
+    """
+    paths = ct_series(tmp_path / "series", 12, 512, 512)
     first = pydicom.dcmread(paths[0], stop_before_pixels=True)
     scp = StoreSCP(output_dir=tmp_path / "dest").start()
     orthanc = Orthanc(workdir=tmp_path / "orthanc")
@@ -206,32 +215,36 @@ def test_move_spilled_to_disk(tmp_path: Path) -> None:
                     seen.update(p.name for p in spill_dir.iterdir())
                 time.sleep(0.002)
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": str(first.StudyInstanceUID), "SeriesInstanceUID": str(first.SeriesInstanceUID)}
-            # The destination is frozen while the move starts, so the instances read
-            # ahead wait in their spill files long enough to be seen (a spill file
-            # of an instance sent at once lives for well under the watcher's poll).
-            scp.pause()
+        def move_frozen(keys: dict[str, str], timeout: int) -> MoveResult:
+            """Move ``keys`` while the destination stays frozen until a new spill
+            file has been seen (or 20 s have passed)."""
+            before = len(seen)
             moved: list[MoveResult] = []
+            scp.pause()
             mover = threading.Thread(target=lambda: moved.append(parse_move(
-                movescu(gw.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=60)
+                movescu(gw.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=timeout)
             )))
             try:
                 mover.start()
                 deadline = time.monotonic() + 20
-                while not seen and time.monotonic() < deadline:
+                while len(seen) == before and time.monotonic() < deadline:
                     time.sleep(0.01)
             finally:
                 scp.resume()
             mover.join()
             (result,) = moved
+            return result
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": str(first.StudyInstanceUID), "SeriesInstanceUID": str(first.SeriesInstanceUID)}
+            result = move_frozen(keys, 60)
             assert (result.status, result.completed, result.failed) == (0, 12, 0), result.output[-3000:]
             assert "12 instances (12 in bulk)" in gw.log()
             bulk_seen = len(seen)
             keys = {**keys, "QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": "\\".join(uids(paths[:4]))}
-            result = parse_move(movescu(gw.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=30))
+            result = move_frozen(keys, 30)
             assert (result.status, result.completed, result.failed) == (0, 4, 0), result.output[-3000:]
         finally:
             stop.set()
