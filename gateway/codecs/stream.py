@@ -120,6 +120,17 @@ class Header:
         return frames * frame_size(desc)
 
 
+def native_frame_bits(ds: Dataset) -> int:
+    """Bits of one native frame of ``ds``: Rows x Columns x Samples per Pixel x Bits
+    Allocated, two thirds of that in YBR_FULL_422 (chrominance halved horizontally,
+    PS3.3 C.7.6.3.1.2). Raises TranscodeError when the Image Pixel module is incomplete."""
+    try:
+        bits = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        raise TranscodeError("incomplete Image Pixel module") from None
+    return bits // 3 * 2 if ds.get("PhotometricInterpretation") == "YBR_FULL_422" else bits
+
+
 def frame_size(desc: PixelDescription) -> int:
     """Bytes of one native frame described by ``desc`` (whole bytes per sample; two
     samples per pixel in YBR_FULL_422, whose chrominance is halved horizontally)."""
@@ -209,6 +220,34 @@ def transcode_stream(fp: BinaryIO, header: Header, target: str, out: BinaryIO) -
         _recode(fp, header, value_start, length, target_info.uid, out, writer)
     if tail is not None:
         write_dataset(writer, tail, parent_encoding=_charset(ds))
+
+
+def frames_as_stored(fp: BinaryIO) -> tuple[UID, Iterator[bytes]]:
+    """The syntax ``fp``'s frames are stored in, and the frames, one at a time as they
+    are read (a frame in memory whatever the instance's size).
+
+    Native frames are `native_frame_bits` long, as the embedded archive cuts them. Raises TranscodeError where the frames cannot
+    be reached one by one (Deflated or big-endian data sets, 1-bit native frames packed
+    across byte boundaries) or there are none.
+    """
+    header = read_header(fp)
+    if header.source in _NOT_STREAMED:
+        raise TranscodeError(f"frames of {header.source} are not read one by one")
+    if not header.has_pixel_data:
+        raise TranscodeError("no Pixel Data")
+    source = syntax_info(header.source)
+    count = header.frames
+    vr, length, value_start = _pixel_element(fp, header.pixel_position)
+    if source.encapsulated != (length == UNDEFINED_LENGTH):
+        raise TranscodeError(f"{source.name} Pixel Data with {'un' if length == UNDEFINED_LENGTH else ''}defined length")
+    if source.encapsulated:
+        return source.uid, _encapsulated_frames(fp, value_start, header.dataset, count)
+    bits = native_frame_bits(header.dataset)
+    if bits % 8:
+        raise TranscodeError("native frames that do not end on a byte boundary")
+    if length < count * (bits // 8):
+        raise TranscodeError(f"Pixel Data holds {length} bytes, {count} frames need {count * (bits // 8)}")
+    return source.uid, _native_frames(fp, value_start, bits // 8, count)
 
 
 def _pixel_element(fp: BinaryIO, position: int) -> tuple[bytes, int, int]:

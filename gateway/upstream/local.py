@@ -31,6 +31,7 @@ from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 
 from gateway.codecs.errors import TranscodeError
+from gateway.codecs.stream import native_frame_bits
 from gateway.codecs.syntaxes import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, syntax_info
 from gateway.fsutil import fsync_path, make_buckets
 from gateway.model.query import Key
@@ -612,7 +613,10 @@ def read_frames(source: Path | bytes, stored: str, numbers: Sequence[int], accep
             Frame(n, get_frame(data, n - 1, number_of_frames=count, extended_offsets=extended), served)
             for n in numbers
         ]
-    bits = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated)
+    try:
+        bits = native_frame_bits(ds)
+    except TranscodeError as exc:
+        raise UpstreamRejected(f"cannot cut frames out of this instance: {exc}", 406) from None
     deferred = isinstance(pixels, RawDataElement) and pixels.value is None and stored != DEFLATED_EXPLICIT_VR_LE
     if deferred and isinstance(source, Path):
         with open(source, "rb") as fh:

@@ -14,7 +14,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from gateway.codecs import TranscodeError, transcode
-from gateway.codecs.stream import obstacle, read_header, transcode_stream
+from gateway.codecs.stream import frames_as_stored, obstacle, read_header, transcode_stream
 from gateway.codecs.syntaxes import (
     DEFLATED_EXPLICIT_VR_LE,
     EXPLICIT_VR_BE,
@@ -26,7 +26,9 @@ from gateway.codecs.syntaxes import (
     RLE_LOSSLESS,
 )
 from gateway.part10 import read_file_meta
-from tests.codecs.helpers import gradient_frames, make_dataset
+from gateway.upstream.base import ANY_SYNTAX
+from gateway.upstream.local import read_frames
+from tests.codecs.helpers import bundled, gradient_frames, make_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # rtdose fixtures
 
@@ -151,3 +153,34 @@ def test_one_bit_and_no_pixel_data_go_whole() -> None:
     del ds.PixelData
     header = read_header(io.BytesIO(part10(ds)))
     assert not header.has_pixel_data and "no Pixel Data" in (obstacle(header, IMPLICIT_VR_LE) or "")
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_frames_as_stored_are_the_frames_the_embedded_archive_cuts(name: str) -> None:
+    """Read one at a time from the file, the frames equal what `read_frames` cuts from
+    the parsed instance (the embedded archive's frames route), in the stored syntax."""
+    raw = part10(bundled(name))
+    syntax, frames = frames_as_stored(io.BytesIO(raw))
+    got = list(frames)
+    stored = read_file_meta(raw).transfer_syntax
+    expected = read_frames(raw, stored, range(1, len(got) + 1), ANY_SYNTAX)
+    assert syntax == stored and len(got) == int(bundled(name).get("NumberOfFrames") or 1)
+    assert got == [f.data for f in expected]
+    if not bundled(name).file_meta.TransferSyntaxUID.is_compressed:  # native: the frames tile the Pixel Data
+        pixels = bundled(name).PixelData
+        assert b"".join(got) == pixels[: len(got) * len(got[0])] and len(pixels) - len(b"".join(got)) <= 1
+
+
+def test_frames_as_stored_refuses_what_it_cannot_read_one_by_one() -> None:
+    ds = make_dataset(gradient_frames(1, 16, 16, "uint8"), photometric="MONOCHROME2", transfer_syntax=DEFLATED_EXPLICIT_VR_LE)
+    with pytest.raises(TranscodeError, match="one by one"):
+        frames_as_stored(io.BytesIO(part10(ds)))
+    ds = make_dataset(gradient_frames(1, 16, 16, "uint8"), photometric="MONOCHROME2")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.Rows, ds.Columns = 1, 1, 0, 15, 15
+    ds.PixelData = b"\x00" * 32
+    with pytest.raises(TranscodeError, match="byte boundary"):
+        frames_as_stored(io.BytesIO(part10(ds)))
+    ds = make_dataset(gradient_frames(3, 16, 16, "uint16"), photometric="MONOCHROME2")
+    ds.NumberOfFrames = 4
+    with pytest.raises(TranscodeError, match="frames need"):
+        frames_as_stored(io.BytesIO(part10(ds)))
