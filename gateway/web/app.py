@@ -24,8 +24,19 @@ from gateway.upstream.base import Upstream
 from gateway.web import auth, counting, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
 from gateway.web.cache import FacadeCache
-from gateway.web.keys import CACHE, CONFIG, HEALTH_CACHE, PROBLEMS, REFUSED_SERIES, RETRIEVER, SPOOL, UPSTREAM
+from gateway.web.keys import (
+    CACHE,
+    CONFIG,
+    HEALTH_CACHE,
+    PROBLEMS,
+    REFUSED_SERIES,
+    RETRIEVER,
+    SPOOL,
+    UPSTREAM,
+    WHOLE_INSTANCE_FRAMES,
+)
 from gateway.web.refusals import RefusedSeries
+from gateway.web.whole_instance import WholeInstanceFrames
 
 log = logging.getLogger("gateway.web")
 ALIAS_ROOTS = ("/v1", "/v1.0-prerelease", "/v2", "/datastore/{datastoreId}")
@@ -85,6 +96,7 @@ def create_app(
     metrics = metrics if metrics is not None else Metrics()
     app[CACHE] = facade_cache(config, metrics)
     app[REFUSED_SERIES] = RefusedSeries()
+    app[WHOLE_INSTANCE_FRAMES] = None if app[CACHE] is None else WholeInstanceFrames(app[CACHE])
     auth.install(app, config.http.auth, config.http.cors_origins)
     app.add_routes(health.routes)
     app[metrics_routes.METRICS] = metrics

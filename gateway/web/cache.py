@@ -310,6 +310,36 @@ class FacadeCache:
                 yield Frame(number, cached[0], cached[1])
 
 
+    def generation(self, study: str) -> int | None:
+        """How many times ``study``'s entries were dropped so far: an answer fetched
+        while this changed may predate the change and is not kept."""
+        return self._changes.get(study)
+
+    async def keep_frames(
+        self, study: str, series: str, sop: str, frames: Sequence[Frame], image_set: str | None, generation: int | None
+    ) -> None:
+        """Keep frames (one instance's, in one syntax) cut from its instance retrieved
+        whole, unless the study changed since ``generation``."""
+        if not frames or self._changes.get(study) != generation:
+            return
+        scope = _scope(image_set)
+        items = [(f"{study}/{series}/{sop}/frame/{f.number}{scope}", f.data) for f in frames]
+        await self._write_many(items, frames[0].transfer_syntax, 0.0)
+
+    async def kept_frames(
+        self, study: str, series: str, sop: str, numbers: Sequence[int], image_set: str | None
+    ) -> list[Frame] | None:
+        """The frames ``numbers`` when the cache holds every one, else None. (Not
+        counted as lookups: `frames` counted them when it missed.)"""
+        scope = _scope(image_set)
+        found = []
+        for number in numbers:
+            cached = await self._read(f"{study}/{series}/{sop}/frame/{number}{scope}")
+            if cached is None:
+                return None
+            found.append(Frame(number, cached[0], cached[1]))
+        return found
+
 def _scope(image_set: str | None) -> str:
     """The key suffix of entries read from a named image set."""
     return f"@{image_set}" if image_set else ""

@@ -11,6 +11,7 @@ from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
 from gateway.web.cache import FacadeCache
 from gateway.web.refusals import RefusedSeries
+from gateway.web.whole_instance import WholeInstanceFrames
 
 SPOOL = web.AppKey("spool", Spool)
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -25,3 +26,5 @@ HEALTH_CACHE = web.AppKey("health_cache", list)
 CACHE = web.AppKey("facade_cache", FacadeCache | None)
 # Series whose frames are cut from their instances, the archive having refused RetrieveFrames.
 REFUSED_SERIES = web.AppKey("refused_series", RefusedSeries)
+# Frames cut from instances retrieved whole, all of an instance's at once; None without a cache.
+WHOLE_INSTANCE_FRAMES = web.AppKey("whole_instance_frames", WholeInstanceFrames | None)

@@ -72,7 +72,7 @@ from gateway.web.common import (
     send_streamed,
     subject,
 )
-from gateway.web.keys import CACHE, CONFIG, REFUSED_SERIES, RETRIEVER, UPSTREAM
+from gateway.web.keys import CACHE, CONFIG, REFUSED_SERIES, RETRIEVER, UPSTREAM, WHOLE_INSTANCE_FRAMES
 
 log = logging.getLogger("gateway.web")
 
@@ -502,7 +502,8 @@ def pick_form(forms: Sequence[FrameForm], stored: str, desc: PixelDescription) -
 async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
     """The frames as the archive stores them: by RetrieveFrames, or, when the archive
     fails that (Orthanc 1.10 answers 500 for some stored syntaxes; see `RefusedSeries`)
-    or serves no frames, cut out of the instance retrieved whole."""
+    or serves no frames, cut out of the instance retrieved whole (with all its other
+    frames, into the cache: `WholeInstanceFrames`)."""
     upstream = request.app[UPSTREAM]
     refusals = request.app[REFUSED_SERIES]
     named = image_set_id(request)
@@ -521,14 +522,19 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
             if given:
                 raise
             refused = exc
-    retriever = request.app[RETRIEVER]
-    retrieved = await fetch_instance(request, ref)
-    spill = retriever.spill_dir / f"{uuid.uuid4().hex}.frames"
-    try:
-        frames = await asyncio.to_thread(_cut_frames, retrieved, spill, numbers)
-    finally:
-        retrieved.release()
-        spill.unlink(missing_ok=True)
+    frames: list[Frame] | None = None
+    whole = request.app[WHOLE_INSTANCE_FRAMES]
+    if whole is not None:
+        frames = await whole.frames(ref, numbers, named, lambda: fetch_instance(request, ref))
+    if frames is None:
+        retriever = request.app[RETRIEVER]
+        retrieved = await fetch_instance(request, ref)
+        spill = retriever.spill_dir / f"{uuid.uuid4().hex}.frames"
+        try:
+            frames = await asyncio.to_thread(_cut_frames, retrieved, spill, numbers)
+        finally:
+            retrieved.release()
+            spill.unlink(missing_ok=True)
     if refused is not None:
         refusals.remember(series_key)
         log.info(

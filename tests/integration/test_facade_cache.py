@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,55 @@ def test_frames_orthanc_refuses_as_stored_are_cut_from_instances_asking_once_per
         proxy.stop()
         orthanc.cleanup()
 
+
+
+def test_a_multi_frame_instance_orthanc_refuses_is_retrieved_once_for_all_its_frames(tmp_path: Path) -> None:
+    """A viewer asks a multi-frame HTJ2K instance's frames one request at a time, several
+    at once; Orthanc refuses them frame by frame, so the facade cuts them out of the
+    instance: retrieved once for all its frames (before: once per request), each frame
+    the stored codestream. Concurrent first requests share the one retrieval."""
+    paths = ct_series(tmp_path / "ct", 2, rows=64, columns=64, frames=12)
+    datasets = [transcode(pydicom.dcmread(p), HTJ2K) for p in paths]
+    for ds, path in zip(datasets, paths):
+        ds.save_as(path, enforce_file_format=True)
+    orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
+    proxy = ArchiveProxy(orthanc.dicomweb_url).start()
+    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url)
+    try:
+        orthanc.upload(paths)
+        gw.start()
+        ds0 = datasets[0]
+        base = f"{gw.web_url}/dicom-web/studies/{ds0.StudyInstanceUID}/series/{ds0.SeriesInstanceUID}/instances"
+
+        def frame(ds: pydicom.Dataset, number: int) -> bytes:
+            r = curl(f"{base}/{ds.SOPInstanceUID}/frames/{number}", "--header", FRAMES_ACCEPT)
+            assert r.status == 200, r.body
+            (headers, data), = r.parts()
+            assert headers["content-type"].endswith(f"transfer-syntax={HTJ2K}")
+            return data
+
+        def retrievals(ds: pydicom.Dataset) -> int:
+            return sum(p.split("?")[0].endswith(str(ds.SOPInstanceUID)) for p in proxy.requests)
+
+        # the first instance: frame 1 (refused, cut), then the others, 4 requests at a time
+        got = {1: frame(ds0, 1)}
+        with ThreadPoolExecutor(4) as pool:
+            got.update(zip(range(2, 13), pool.map(lambda n: frame(ds0, n), range(2, 13))))
+        # the second: its first 6 frames asked at once, the series already known refused
+        ds1 = datasets[1]
+        with ThreadPoolExecutor(6) as pool:
+            second = dict(zip(range(1, 7), pool.map(lambda n: frame(ds1, n), range(1, 7))))
+        for ds, answers in ((ds0, got), (ds1, second)):
+            stored = list(generate_frames(ds.PixelData, number_of_frames=12))
+            assert all(answers[n] == stored[n - 1] for n in answers), sorted(answers)
+        asked = proxy.requests
+        assert sum("/frames/" in p for p in asked) == 1, asked  # the first instance's frame 1, refused
+        assert (retrievals(ds0), retrievals(ds1)) == (1, 1), asked
+        assert "Traceback" not in gw.log()
+    finally:
+        gw.kill()
+        proxy.stop()
+        orthanc.cleanup()
 
 def test_rendered_and_thumbnails_use_the_cached_frames(setup: Setup) -> None:
     setup.scroll()

@@ -1,0 +1,115 @@
+"""Frames cut out of an instance retrieved whole, once for all of its frames.
+
+When the archive will not serve an instance's frames (Orthanc 1.10 answers 500 to
+RetrieveFrames of some stored syntaxes; see `RefusedSeries`), the facade retrieves the
+instance and cuts the frames out. A viewer asks a multi-frame instance's frames a few
+at a time, several requests at once (OHIF), so cutting only the frames asked would
+retrieve the whole instance again for every request: a thousand retrievals of a
+thousand-frame instance. Here the first request retrieves it and cuts every frame into
+the facade's cache, a batch at a time (memory holds a batch of frames, never the
+instance); requests for the same instance arriving meanwhile wait for that, and each
+takes its frames from the cache.
+
+An instance larger than a quarter of the cache keeps the per-request path (keeping all
+its frames would evict what was just cut), and so does one whose frames cannot be read
+one by one (`frames_as_stored`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import BinaryIO
+
+from gateway.codecs.errors import TranscodeError
+from gateway.codecs.stream import frames_as_stored
+from gateway.retrieval.request import InstanceRef
+from gateway.upstream.base import Frame, Retrieved
+from gateway.web.cache import FacadeCache
+
+log = logging.getLogger("gateway.web")
+
+# Frames cut per worker-thread trip, and written to the cache at once.
+CUT_BATCH = 16
+
+
+class WholeInstanceFrames:
+    """``await frames(ref, numbers, image_set, retrieve)``; one cut at a time per instance."""
+
+    def __init__(self, cache: FacadeCache) -> None:
+        self.cache = cache
+        self._running: dict[str, asyncio.Task[bool]] = {}
+
+    async def frames(
+        self,
+        ref: InstanceRef,
+        numbers: Sequence[int],
+        image_set: str | None,
+        retrieve: Callable[[], Awaitable[Retrieved]],
+    ) -> list[Frame] | None:
+        """The frames ``numbers`` of ``ref``, cut with all the others from the instance
+        ``retrieve()`` gives (one retrieval shared by concurrent requests), or None when
+        they could not be kept in the cache: the caller then cuts its own. Raises what
+        ``retrieve`` raises."""
+        key = f"{ref.sop_instance_uid}@{image_set or ''}"
+        task = self._running.get(key)
+        if task is None:
+            task = asyncio.create_task(self._cut_all(ref, image_set, retrieve))
+            self._running[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        # Shielded: a viewer that goes away leaves the cut to finish for the others.
+        if not await asyncio.shield(task):
+            return None
+        return await self.cache.kept_frames(ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, image_set)
+
+    def _finished(self, key: str, task: asyncio.Task[bool]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # read here, so one nobody waits for any more is not reported as lost
+
+    async def _cut_all(
+        self, ref: InstanceRef, image_set: str | None, retrieve: Callable[[], Awaitable[Retrieved]]
+    ) -> bool:
+        """Retrieve the instance and keep each of its frames in the cache; whether all were."""
+        generation = self.cache.generation(ref.study_uid)
+        retrieved = await retrieve()
+        fp: BinaryIO | None = None
+        try:
+            if retrieved.length > self.cache.max_bytes // 4:
+                return False
+            fp = await asyncio.to_thread(_open, retrieved)
+            syntax, frames = await asyncio.to_thread(frames_as_stored, fp)
+            cut = 0
+            while batch := await asyncio.to_thread(_take, frames, CUT_BATCH):
+                kept = [Frame(cut + n, data, syntax) for n, data in enumerate(batch, start=1)]
+                cut += len(batch)
+                await self.cache.keep_frames(
+                    ref.study_uid, ref.series_uid, ref.sop_instance_uid, kept, image_set, generation
+                )
+            return cut > 0
+        except TranscodeError as exc:
+            log.debug("instance %s: frames not cut whole: %s", ref.sop_instance_uid, exc)
+            return False
+        finally:
+            if fp is not None:
+                fp.close()
+            retrieved.release()
+
+
+def _open(retrieved: Retrieved) -> BinaryIO:
+    """The retrieved Part 10 file, positioned at its start (blocking)."""
+    if retrieved.data is not None:
+        return io.BytesIO(retrieved.read())
+    assert retrieved.path is not None
+    fp = open(retrieved.path, "rb")  # noqa: SIM115 - closed by the caller
+    fp.seek(retrieved.offset)
+    return fp
+
+
+def _take(frames: Iterator[bytes], count: int) -> list[bytes]:
+    """The next ``count`` frames at most (blocking: reads the file)."""
+    return list(itertools.islice(frames, count))
