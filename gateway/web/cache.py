@@ -291,8 +291,10 @@ class FacadeCache:
             before = self._changes.get(study)
             async with contextlib.aclosing(fetch(run)) as fetched:  # its cleanup runs if the client goes
                 async for frame in fetched:
-                    if self._changes.get(study) == before:
-                        await self._write(f"{study}/{series}/{sop}/frame/{frame.number}{scope}", frame.data, frame.transfer_syntax, 0.0)
+                    key = f"{study}/{series}/{sop}/frame/{frame.number}{scope}"
+                    # (kept already when cut with its whole instance: `keep_frames`)
+                    if self._changes.get(study) == before and key not in self.index:
+                        await self._write(key, frame.data, frame.transfer_syntax, 0.0)
                     yield frame
 
         for number in [*numbers, 0]:  # 0: the end, where the last missing run is fetched

@@ -7,8 +7,8 @@ at a time, several requests at once (OHIF), so cutting only the frames asked wou
 retrieve the whole instance again for every request: a thousand retrievals of a
 thousand-frame instance. Here the first request retrieves it and cuts every frame into
 the facade's cache, a batch at a time (memory holds a batch of frames, never the
-instance); requests for the same instance arriving meanwhile wait for that, and each
-takes its frames from the cache.
+instance) and answers its own request from what it cut; requests for the same instance
+arriving meanwhile wait for that and take their frames from the cache.
 
 An instance larger than a quarter of the cache keeps the per-request path (keeping all
 its frames would evict what was just cut), and so does one whose frames cannot be read
@@ -41,7 +41,7 @@ class WholeInstanceFrames:
 
     def __init__(self, cache: FacadeCache) -> None:
         self.cache = cache
-        self._running: dict[str, asyncio.Task[bool]] = {}
+        self._running: dict[str, asyncio.Task[dict[int, Frame] | None]] = {}
 
     async def frames(
         self,
@@ -52,52 +52,62 @@ class WholeInstanceFrames:
     ) -> list[Frame] | None:
         """The frames ``numbers`` of ``ref``, cut with all the others from the instance
         ``retrieve()`` gives (one retrieval shared by concurrent requests), or None when
-        they could not be kept in the cache: the caller then cuts its own. Raises what
+        they could not be had that way: the caller then cuts its own. Raises what
         ``retrieve`` raises."""
         key = f"{ref.sop_instance_uid}@{image_set or ''}"
         task = self._running.get(key)
         if task is None:
-            task = asyncio.create_task(self._cut_all(ref, image_set, retrieve))
+            task = asyncio.create_task(self._cut_all(ref, image_set, retrieve, set(numbers)))
             self._running[key] = task
             task.add_done_callback(lambda done: self._finished(key, done))
-        # Shielded: a viewer that goes away leaves the cut to finish for the others.
-        if not await asyncio.shield(task):
+            # Shielded: a viewer that goes away leaves the cut to finish for the others.
+            cut = await asyncio.shield(task)
+            return None if cut is None else [cut[n] for n in numbers]
+        if await asyncio.shield(task) is None:
             return None
         return await self.cache.kept_frames(ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, image_set)
 
-    def _finished(self, key: str, task: asyncio.Task[bool]) -> None:
+    def _finished(self, key: str, task: asyncio.Task[dict[int, Frame] | None]) -> None:
         if self._running.get(key) is task:
             del self._running[key]
         if not task.cancelled():
             task.exception()  # read here, so one nobody waits for any more is not reported as lost
 
     async def _cut_all(
-        self, ref: InstanceRef, image_set: str | None, retrieve: Callable[[], Awaitable[Retrieved]]
-    ) -> bool:
-        """Retrieve the instance and keep each of its frames in the cache; whether all were."""
+        self,
+        ref: InstanceRef,
+        image_set: str | None,
+        retrieve: Callable[[], Awaitable[Retrieved]],
+        wanted: set[int],
+    ) -> dict[int, Frame] | None:
+        """Retrieve the instance and keep each of its frames in the cache; the frames
+        ``wanted`` by the request that started the cut, or None when not every frame
+        could be cut (the cache keeps those that were)."""
         generation = self.cache.generation(ref.study_uid)
         retrieved = await retrieve()
         fp: BinaryIO | None = None
+        found: dict[int, Frame] = {}
         try:
             if retrieved.length > self.cache.max_bytes // 4:
-                return False
+                return None
             fp = await asyncio.to_thread(_open, retrieved)
             syntax, frames = await asyncio.to_thread(frames_as_stored, fp)
             cut = 0
             while batch := await asyncio.to_thread(_take, frames, CUT_BATCH):
                 kept = [Frame(cut + n, data, syntax) for n, data in enumerate(batch, start=1)]
                 cut += len(batch)
+                found.update((f.number, f) for f in kept if f.number in wanted)
                 await self.cache.keep_frames(
                     ref.study_uid, ref.series_uid, ref.sop_instance_uid, kept, image_set, generation
                 )
-            return cut > 0
         except TranscodeError as exc:
             log.debug("instance %s: frames not cut whole: %s", ref.sop_instance_uid, exc)
-            return False
+            return None
         finally:
             if fp is not None:
                 fp.close()
             retrieved.release()
+        return found if len(found) == len(wanted) else None
 
 
 def _open(retrieved: Retrieved) -> BinaryIO:
