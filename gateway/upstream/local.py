@@ -5,7 +5,8 @@ files are hard links to the spool files (same file system, no copy; cut to the
 instance where the spool record sat in a longer blank), so purging the
 spool never removes archived data. The index holds the attributes C-FIND and QIDO
 match on, plus each instance's header as DICOM JSON so any requested key can be
-returned. All index access happens on one dedicated thread.
+returned. Instances are stored by the writer process (`archive_writer`); the daemon's
+own index access (search, retrieve, delete) happens on one dedicated thread.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import io
 import json
 import logging
 import os
-import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,6 @@ import sqlite_utils
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.encaps import get_frame
-from pydicom.errors import InvalidDicomError
 
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.stream import native_frame_bits
@@ -38,6 +36,7 @@ from gateway.model.query import Key
 from gateway.model.search import Search
 from gateway.part10 import META_HEAD, read_file_meta
 from gateway.sqlite import Migration, connect, immediate, migrate
+from gateway.upstream.archive_writer import INDEXED, WriterProcess
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import NotFound, UpstreamRejected
 
@@ -56,45 +55,6 @@ def _meta_within(head: bytes) -> bool:
         return read_file_meta(head).dataset_offset + 8 <= len(head)
     except ValueError:
         return False
-
-INDEXED = {
-    "patient_id": "PatientID",
-    "patient_name": "PatientName",
-    "patient_birth_date": "PatientBirthDate",
-    "patient_sex": "PatientSex",
-    "study_date": "StudyDate",
-    "study_time": "StudyTime",
-    "accession_number": "AccessionNumber",
-    "study_id": "StudyID",
-    "study_description": "StudyDescription",
-    "referring_physician_name": "ReferringPhysicianName",
-    "modality": "Modality",
-    "series_number": "SeriesNumber",
-    "series_description": "SeriesDescription",
-    "instance_number": "InstanceNumber",
-}
-
-
-def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return str(value)
-
-
-def header_json(ds: pydicom.Dataset) -> str:
-    """The data set without pixel data as DICOM JSON; unencodable elements are dropped."""
-    kept = pydicom.Dataset()
-    for elem in ds:
-        if elem.tag.group in (0x0002, 0x7FE0) or elem.tag.is_private and elem.VR in ("OB", "UN"):
-            continue
-        kept.add(elem)
-    # suppress_invalid_tags: one bad element must not lose the instance (it is left
-    # out, as before), and one call for the whole data set is ~2.7x faster than one
-    # per element.
-    out = kept.to_json_dict(bulk_data_threshold=65536, suppress_invalid_tags=True)
-    return json.dumps(out, separators=(",", ":"))
-
 
 def _v1(db: sqlite_utils.Database) -> None:
     """The index as first shipped; databases from before migrations already have it."""
@@ -138,6 +98,7 @@ class LocalUpstream:
         fsync_path(spool_directory, directory=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-archive")
         self._db = self._executor.submit(self._open).result()
+        self._writer = WriterProcess(self.root)
 
     def _open(self) -> sqlite_utils.Database:
         db = connect(self.root / "index.sqlite")
@@ -145,118 +106,17 @@ class LocalUpstream:
         return db
 
     async def start(self) -> None:
-        return None
+        await self._writer.start()
 
     async def close(self) -> None:
+        await self._writer.close()
         self._executor.submit(self._db.close).result()
         self._executor.shutdown(wait=True)
-
-    def _place(self, inst: StoreItem, target: Path) -> bool:
-        """Put the instance's bytes at ``target``: a hard link to the spool file, cut to
-        the instance's length (a spool record may sit in a longer blank; the cut is
-        the spool file's too, which holds the same instance). Returns whether the
-        file's own content or size changed (it then needs an fsync; a plain link needs
-        only its directory's). Raises OSError."""
-        try:
-            os.link(inst.path, target)
-            changed = False
-        except OSError:
-            # Different file system (spool moved by hand): copy instead.
-            with open(inst.path, "rb") as src, open(target, "wb") as dst:
-                left = inst.size
-                while left and (chunk := src.read(min(1 << 20, left))):
-                    dst.write(chunk)
-                    left -= len(chunk)
-            changed = True
-        if target.stat().st_size > inst.size:
-            os.truncate(target, inst.size)
-            changed = True
-        return changed
-
-    def _index_row(self, inst: StoreItem, target: Path) -> dict[str, Any]:
-        """The index row of a placed instance; raises what a malformed header raises."""
-        ds = pydicom.dcmread(target, stop_before_pixels=True)
-        # Elements are decoded here, not by dcmread: one pydicom cannot decode (a VR
-        # no standard defines) makes the instance as unreadable as a bad header.
-        indexed = {col: _text(ds, kw) for col, kw in INDEXED.items()}
-        return {
-            "sop_instance_uid": inst.sop_instance_uid,
-            "sop_class_uid": inst.sop_class_uid,
-            "study_uid": inst.study_uid,
-            "series_uid": inst.series_uid,
-            "transfer_syntax": inst.transfer_syntax,
-            **indexed,
-            "size": inst.size,
-            "stored_at": time.time(),
-            "metadata": header_json(ds),
-            "file": str(target.relative_to(self.root)),
-        }
-
-    def _store_batch(self, instances: Sequence[StoreItem]) -> list[StoreOutcome]:
-        """Store a delivery's instances: place and index each, then make the batch
-        durable at once (one fsync of each file and directory touched, one index
-        commit) before any is reported delivered."""
-        outcomes: list[StoreOutcome | None] = [None] * len(instances)
-        rows: dict[int, dict[str, Any]] = {}
-        changed: list[Path] = []
-        for n, inst in enumerate(instances):
-            token = uuid.uuid4().hex
-            target = self.objects / token[:2] / f"{token}.dcm"
-            try:
-                if self._place(inst, target):
-                    changed.append(target)
-            except OSError as exc:
-                target.unlink(missing_ok=True)
-                outcomes[n] = StoreOutcome("retry", f"cannot store in the archive: {exc.strerror or exc}")
-                continue
-            try:
-                rows[n] = self._index_row(inst, target)
-            except (InvalidDicomError, OSError, ValueError, EOFError, NotImplementedError, KeyError, TypeError) as exc:
-                target.unlink(missing_ok=True)
-                outcomes[n] = StoreOutcome("rejected", f"unreadable instance: {exc}")
-        placed = [self.root / row["file"] for row in rows.values()]
-        try:
-            for path in changed:
-                if path in placed:
-                    fsync_path(path)
-            for directory in {(self.root / row["file"]).parent for row in rows.values()}:
-                fsync_path(directory, directory=True)
-        except OSError as exc:
-            for n, row in rows.items():
-                (self.root / row["file"]).unlink(missing_ok=True)
-                outcomes[n] = StoreOutcome("retry", f"cannot store in the archive: {exc.strerror or exc}")
-            rows = {}
-        replaced: dict[int, str] = {}
-        if rows:
-            columns = list(next(iter(rows.values())))
-            sql = (
-                f"INSERT OR REPLACE INTO instances ({', '.join(columns)})"
-                f" VALUES ({', '.join('?' * len(columns))})"
-            )
-            try:
-                with immediate(self._db) as db:
-                    for n, row in rows.items():
-                        old = db.execute(
-                            "SELECT file FROM instances WHERE sop_instance_uid = ?", [row["sop_instance_uid"]]
-                        ).fetchone()
-                        if old and old[0] != row["file"]:
-                            replaced[n] = old[0]
-                        db.execute(sql, [row[c] for c in columns])
-            except Exception:
-                for path in placed:
-                    path.unlink(missing_ok=True)
-                raise
-        for n, previous in replaced.items():
-            (self.root / previous).unlink(missing_ok=True)
-        for n in rows:
-            outcomes[n] = StoreOutcome("delivered", "replaced an older copy" if n in replaced else "")
-        return [o if o is not None else StoreOutcome("retry", "not stored") for o in outcomes]
 
     async def store_instances(
         self, study_uid: str, instances: Sequence[StoreItem]
     ) -> list[StoreOutcome]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._store_batch, instances)
+        return await self._writer.store(instances)
 
     def _count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])

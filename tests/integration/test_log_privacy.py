@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from tests.support import dcmtk
@@ -90,4 +91,25 @@ def test_archive_error_bodies_stay_out_of_log_and_last_error(tmp_path: Path, gat
     wait_until(lambda: "C-FIND from" in gw.log(), 10, 0.1, "C-FIND not logged")
     log = gw.log()
     for marker in ("MRKBODY", "MRKPID", "MRKREASON"):
+        assert marker not in log, (marker, log)
+
+
+def test_invalid_values_stored_in_the_embedded_archive_are_not_logged(tmp_path: Path, gateway) -> None:
+    """The archive's writer process parses every stored header with pydicom, whose
+    warnings about invalid values quote them; its stderr is the daemon's log."""
+    gw = gateway()
+    (path,) = ct_series(tmp_path / "ct", 1, rows=32, columns=32)
+    ds = pydicom.dcmread(path)
+    ds.PatientBirthDate = "MRKBIRTH9"
+    ds.PatientAge = "MRKAGE9"
+    ds.save_as(path, enforce_file_format=True)
+    assert dcmtk.storescu(gw.port, [path], gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=1)
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": str(ds.StudyInstanceUID), "PatientBirthDate": ""}
+    (tmp_path / "found").mkdir()
+    assert dcmtk.findscu(gw.port, gw.ae_title, keys, output_dir=tmp_path / "found").returncode == 0
+    (answer,) = (tmp_path / "found").iterdir()
+    assert pydicom.dcmread(answer).PatientBirthDate == "MRKBIRTH9"  # stored as sent, and answered
+    log = gw.log()
+    for marker in ("MRKBIRTH9", "MRKAGE9"):
         assert marker not in log, (marker, log)
