@@ -256,8 +256,20 @@ class WriterProcess:
 
     async def store(self, instances: Sequence[StoreItem]) -> list[StoreOutcome]:
         """The batch's outcomes; all ``retry`` if the process died on it. Raises
-        RuntimeError with the writer's error when storing failed as a whole."""
+        RuntimeError with the writer's error when storing failed as a whole.
+
+        A caller cancelled meanwhile leaves the exchange to finish (shielded): were its
+        answer left unread in the pipe, the next batch would take it for its own."""
         data = pickle.dumps(list(instances), protocol=pickle.HIGHEST_PROTOCOL)
+        exchange = asyncio.ensure_future(self._exchange(data, len(instances)))
+        exchange.add_done_callback(lambda done: done.cancelled() or done.exception())
+        answer = await asyncio.shield(exchange)
+        if isinstance(answer, str):
+            raise RuntimeError(answer)
+        return answer
+
+    async def _exchange(self, data: bytes, count: int) -> list[StoreOutcome] | str:
+        """Send one pickled batch and read its answer, one exchange at a time."""
         async with self._lock:
             proc = await self._spawn()
             assert proc.stdin is not None and proc.stdout is not None
@@ -265,16 +277,14 @@ class WriterProcess:
                 proc.stdin.write(_LENGTH.pack(len(data)) + data)
                 await proc.stdin.drain()
                 head = await proc.stdout.readexactly(_LENGTH.size)
-                answer = pickle.loads(await proc.stdout.readexactly(_LENGTH.unpack(head)[0]))
+                answer: list[StoreOutcome] | str = pickle.loads(await proc.stdout.readexactly(_LENGTH.unpack(head)[0]))
             except (OSError, asyncio.IncompleteReadError):
                 code = await proc.wait()
                 log.error(
                     "the embedded archive's writer process ended (exit code %s); %d instance(s) will be stored again by a new one",
-                    code, len(instances),
+                    code, count,
                 )
-                return [StoreOutcome("retry", "the archive's writer process ended") for _ in instances]
-        if isinstance(answer, str):
-            raise RuntimeError(answer)
+                return [StoreOutcome("retry", "the archive's writer process ended") for _ in range(count)]
         return answer
 
     async def close(self) -> None:
