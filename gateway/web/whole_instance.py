@@ -85,29 +85,54 @@ class WholeInstanceFrames:
         could be cut (the cache keeps those that were)."""
         generation = self.cache.generation(ref.study_uid)
         retrieved = await retrieve()
-        fp: BinaryIO | None = None
+        reader = _Reader(retrieved)
         found: dict[int, Frame] = {}
         try:
             if retrieved.length > self.cache.max_bytes // 4:
                 return None
-            fp = await asyncio.to_thread(_open, retrieved)
-            syntax, frames = await asyncio.to_thread(frames_as_stored, fp)
+            batch = await asyncio.to_thread(reader.first, CUT_BATCH)
             cut = 0
-            while batch := await asyncio.to_thread(_take, frames, CUT_BATCH):
-                kept = [Frame(cut + n, data, syntax) for n, data in enumerate(batch, start=1)]
+            while batch:
+                kept = [Frame(cut + n, data, reader.syntax) for n, data in enumerate(batch, start=1)]
                 cut += len(batch)
                 found.update((f.number, f) for f in kept if f.number in wanted)
                 await self.cache.keep_frames(
                     ref.study_uid, ref.series_uid, ref.sop_instance_uid, kept, image_set, generation
                 )
+                if len(batch) < CUT_BATCH:
+                    break
+                batch = await asyncio.to_thread(reader.next, CUT_BATCH)
         except TranscodeError as exc:
             log.debug("instance %s: frames not cut whole: %s", ref.sop_instance_uid, exc)
             return None
         finally:
-            if fp is not None:
-                fp.close()
+            reader.close()
             retrieved.release()
         return found if len(found) == len(wanted) else None
+
+
+class _Reader:
+    """A retrieved instance's frames, read a batch at a time (blocking methods: run in a
+    worker thread; the first also opens the file and reads the header, so a one-frame
+    instance costs one trip)."""
+
+    def __init__(self, retrieved: Retrieved) -> None:
+        self.retrieved = retrieved
+        self.syntax = ""
+        self._fp: BinaryIO | None = None
+        self._frames: Iterator[bytes] = iter(())
+
+    def first(self, count: int) -> list[bytes]:
+        self._fp = _open(self.retrieved)
+        self.syntax, self._frames = frames_as_stored(self._fp)
+        return self.next(count)
+
+    def next(self, count: int) -> list[bytes]:
+        return list(itertools.islice(self._frames, count))
+
+    def close(self) -> None:
+        if self._fp is not None:
+            self._fp.close()
 
 
 def _open(retrieved: Retrieved) -> BinaryIO:
@@ -119,7 +144,3 @@ def _open(retrieved: Retrieved) -> BinaryIO:
     fp.seek(retrieved.offset)
     return fp
 
-
-def _take(frames: Iterator[bytes], count: int) -> list[bytes]:
-    """The next ``count`` frames at most (blocking: reads the file)."""
-    return list(itertools.islice(frames, count))
