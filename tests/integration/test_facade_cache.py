@@ -4,6 +4,7 @@ client revalidating with If-None-Match gets 304 without a body."""
 
 from __future__ import annotations
 
+import contextlib
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +91,30 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         orthanc.cleanup()
 
 
+@contextlib.contextmanager
+def htj2k_behind_a_proxy(
+    tmp_path: Path, count: int, frames: int
+) -> Iterator[tuple[Gateway, ArchiveProxy, list[pydicom.Dataset], str]]:
+    """``count`` HTJ2K instances of ``frames`` frames in an Orthanc (which refuses their
+    frames as stored) behind a proxy counting requests, and a gateway over the proxy;
+    yields those and the URL of the series' instances."""
+    paths = ct_series(tmp_path / "ct", count, rows=64, columns=64, frames=frames)
+    datasets = [transcode(pydicom.dcmread(p), HTJ2K) for p in paths]
+    for ds, path in zip(datasets, paths):
+        ds.save_as(path, enforce_file_format=True)
+    orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
+    proxy = ArchiveProxy(orthanc.dicomweb_url).start()
+    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url)
+    try:
+        orthanc.upload(paths)
+        gw.start()
+        ds0 = datasets[0]
+        yield gw, proxy, datasets, f"{gw.web_url}/dicom-web/studies/{ds0.StudyInstanceUID}/series/{ds0.SeriesInstanceUID}/instances"
+    finally:
+        gw.kill()
+        proxy.stop()
+        orthanc.cleanup()
+
 def test_a_series_scrolled_twice_is_fetched_from_the_archive_once(setup: Setup) -> None:
     first = setup.scroll()
     asked = list(setup.proxy.requests)
@@ -121,18 +146,8 @@ def test_frames_orthanc_refuses_as_stored_are_cut_from_instances_asking_once_per
     """Orthanc 1.10 answers 500 to RetrieveFrames of HTJ2K instances as stored: the
     facade cuts the frames out of the instances, and after the first refusal it asks the
     series' other instances whole at once; their metadata came in one series request."""
-    paths = ct_series(tmp_path / "ct", 3, rows=64, columns=64)
-    datasets = [transcode(pydicom.dcmread(p), HTJ2K) for p in paths]
-    for ds, path in zip(datasets, paths):
-        ds.save_as(path, enforce_file_format=True)
-    orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
-    proxy = ArchiveProxy(orthanc.dicomweb_url).start()
-    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url)
-    try:
-        orthanc.upload(paths)
-        gw.start()
+    with htj2k_behind_a_proxy(tmp_path, 3, frames=1) as (gw, proxy, datasets, base):
         ds0 = datasets[0]
-        base = f"{gw.web_url}/dicom-web/studies/{ds0.StudyInstanceUID}/series/{ds0.SeriesInstanceUID}/instances"
         for ds in datasets:
             r = curl(f"{base}/{ds.SOPInstanceUID}/frames/1", "--header", FRAMES_ACCEPT)
             assert r.status == 200, r.body
@@ -144,10 +159,6 @@ def test_frames_orthanc_refuses_as_stored_are_cut_from_instances_asking_once_per
         assert sum(p.split("?")[0].endswith(str(ds.SOPInstanceUID)) for p in asked for ds in datasets) == 3
         assert [p.split("?")[0].rsplit("/", 2)[-2:] for p in asked if "/metadata" in p] == [[str(ds0.SeriesInstanceUID), "metadata"]]
         assert gw.log().count("cutting them from the instances") == 1 and "Traceback" not in gw.log()
-    finally:
-        gw.kill()
-        proxy.stop()
-        orthanc.cleanup()
 
 
 
@@ -156,18 +167,8 @@ def test_a_multi_frame_instance_orthanc_refuses_is_retrieved_once_for_all_its_fr
     at once; Orthanc refuses them frame by frame, so the facade cuts them out of the
     instance: retrieved once for all its frames (before: once per request), each frame
     the stored codestream. Concurrent first requests share the one retrieval."""
-    paths = ct_series(tmp_path / "ct", 2, rows=64, columns=64, frames=12)
-    datasets = [transcode(pydicom.dcmread(p), HTJ2K) for p in paths]
-    for ds, path in zip(datasets, paths):
-        ds.save_as(path, enforce_file_format=True)
-    orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
-    proxy = ArchiveProxy(orthanc.dicomweb_url).start()
-    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url)
-    try:
-        orthanc.upload(paths)
-        gw.start()
+    with htj2k_behind_a_proxy(tmp_path, 2, frames=12) as (gw, proxy, datasets, base):
         ds0 = datasets[0]
-        base = f"{gw.web_url}/dicom-web/studies/{ds0.StudyInstanceUID}/series/{ds0.SeriesInstanceUID}/instances"
 
         def frame(ds: pydicom.Dataset, number: int) -> bytes:
             r = curl(f"{base}/{ds.SOPInstanceUID}/frames/{number}", "--header", FRAMES_ACCEPT)
@@ -194,10 +195,6 @@ def test_a_multi_frame_instance_orthanc_refuses_is_retrieved_once_for_all_its_fr
         assert sum("/frames/" in p for p in asked) == 1, asked  # the first instance's frame 1, refused
         assert (retrievals(ds0), retrievals(ds1)) == (1, 1), asked
         assert "Traceback" not in gw.log()
-    finally:
-        gw.kill()
-        proxy.stop()
-        orthanc.cleanup()
 
 def test_rendered_and_thumbnails_use_the_cached_frames(setup: Setup) -> None:
     setup.scroll()
