@@ -56,6 +56,7 @@ def _meta_within(head: bytes) -> bool:
     except ValueError:
         return False
 
+
 def _v1(db: sqlite_utils.Database) -> None:
     """The index as first shipped; databases from before migrations already have it."""
     if "instances" in db.table_names():

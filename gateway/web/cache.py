@@ -311,7 +311,6 @@ class FacadeCache:
             if cached is not None:
                 yield Frame(number, cached[0], cached[1])
 
-
     def generation(self, study: str) -> int | None:
         """How many times ``study``'s entries were dropped so far: an answer fetched
         while this changed may predate the change and is not kept."""
@@ -341,6 +340,7 @@ class FacadeCache:
                 return None
             found.append(Frame(number, cached[0], cached[1]))
         return found
+
 
 def _scope(image_set: str | None) -> str:
     """The key suffix of entries read from a named image set."""
