@@ -8,11 +8,13 @@ class UpstreamError(Exception):
 
 
 class UpstreamUnavailable(UpstreamError):
-    """Transient: connection refused, timeout, 5xx, 429, 408. Worth retrying."""
+    """Transient: connection refused, timeout, 5xx, 429, 408. Worth retrying.
+    ``status``: the HTTP status the archive answered with; 0 when it did not answer."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, status: int = 0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
 
 
 class UpstreamRejected(UpstreamError):

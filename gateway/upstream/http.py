@@ -132,7 +132,7 @@ def raise_for_status(method: str, url: URL, status: int, body: bytes, headers: M
         raise NotFound(f"not in the archive: HTTP 404 on {what}")
     if status in RETRYABLE_HTTP:
         log.warning("%s %s failed: %s", method, url.path, http_status(status))
-        raise UpstreamUnavailable(f"archive error: {http_status(status)}", retry_after_seconds(headers.get("Retry-After")))
+        raise UpstreamUnavailable(f"archive error: {http_status(status)}", retry_after_seconds(headers.get("Retry-After")), status)
     raise UpstreamRejected(f"archive rejected {what}: {http_status(status)}", status)
 
 

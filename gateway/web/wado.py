@@ -499,6 +499,15 @@ def pick_form(forms: Sequence[FrameForm], stored: str, desc: PixelDescription) -
     raise NotAcceptable("frames of this instance can be served as: " + ", ".join(produce))
 
 
+def refusal(exc: UpstreamUnavailable | NotSupported) -> bool:
+    """Whether a failed RetrieveFrames is the archive refusing these frames, which the
+    instance retrieved whole makes up for: it cannot serve them (NotSupported), or it
+    answered 500 (Orthanc 1.10 for some stored syntaxes). A timeout, an archive out of
+    reach, 429 or 502-504 are passing: the client is told (503) and asks again, and the
+    series is not switched to whole instances (over HealthImaging a far smaller quota)."""
+    return isinstance(exc, NotSupported) or exc.status == 500
+
+
 async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
     """The frames as the archive stores them: by RetrieveFrames, or, when the archive
     fails that (Orthanc 1.10 answers 500 for some stored syntaxes; see `RefusedSeries`)
@@ -519,7 +528,7 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
                 yield frame
             return
         except (UpstreamUnavailable, NotSupported) as exc:
-            if given:
+            if given or not refusal(exc):
                 raise
             refused = exc
     frames: list[Frame] | None = None

@@ -196,6 +196,37 @@ def test_a_multi_frame_instance_orthanc_refuses_is_retrieved_once_for_all_its_fr
         assert (retrievals(ds0), retrievals(ds1)) == (1, 1), asked
         assert "Traceback" not in gw.log()
 
+
+def test_a_passing_frames_failure_is_answered_503_and_not_remembered(tmp_path: Path) -> None:
+    """RetrieveFrames failed with 503 (an archive throttling or restarting) is passing,
+    unlike Orthanc's 500 refusal: the viewer is answered 503 and asks again; the facade
+    neither retrieves the whole instance for it nor switches the series to whole
+    instances (over HealthImaging, a quota twenty times smaller)."""
+    paths = ct_series(tmp_path / "ct", 2, rows=64, columns=64)  # native: Orthanc serves their frames
+    datasets = [pydicom.dcmread(p) for p in paths]
+    orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
+    proxy = ArchiveProxy(orthanc.dicomweb_url, fail_frames=1, status=503).start()
+    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url)
+    try:
+        orthanc.upload(paths)
+        gw.start()
+        ds0 = datasets[0]
+        base = f"{gw.web_url}/dicom-web/studies/{ds0.StudyInstanceUID}/series/{ds0.SeriesInstanceUID}/instances"
+        first = curl(f"{base}/{ds0.SOPInstanceUID}/frames/1", "--header", FRAMES_ACCEPT)
+        assert first.status == 503, first.body
+        for ds in datasets:
+            r = curl(f"{base}/{ds.SOPInstanceUID}/frames/1", "--header", FRAMES_ACCEPT)
+            assert r.status == 200, r.body
+            assert r.parts()[0][1] == ds.PixelData
+        asked = proxy.requests
+        assert sum("/frames/" in p for p in asked) == 3, asked
+        assert not any(p.split("?")[0].endswith(str(ds.SOPInstanceUID)) for p in asked for ds in datasets), asked
+        assert "cutting them from the instances" not in gw.log()
+    finally:
+        gw.kill()
+        proxy.stop()
+        orthanc.cleanup()
+
 def test_rendered_and_thumbnails_use_the_cached_frames(setup: Setup) -> None:
     setup.scroll()
     asked = list(setup.proxy.requests)

@@ -5,8 +5,9 @@ everything else; stopping it would also break the WADO-RS retrievals of what the
 first page listed. This proxy forwards every GET (and STOW-RS POST) to the archive
 unchanged, except:
 with ``fail_searches``, a SearchForInstances page past the first (``offset`` > 0),
-answered with ``status``; and the first ``fail_retrievals`` single-instance
-retrievals (``.../instances/<uid>``), answered 503. It records what it failed, and
+answered with ``status``; the first ``fail_retrievals`` single-instance
+retrievals (``.../instances/<uid>``), answered with ``status`` too; and the first
+``fail_frames`` RetrieveFrames, likewise. It records what it failed, and
 every path it was asked (``requests``), so tests can count what reached the archive.
 """
 
@@ -36,6 +37,7 @@ class ArchiveProxy:
         fail_searches: bool = False,
         status: int = 503,
         fail_retrievals: int = 0,
+        fail_frames: int = 0,
     ) -> None:
         self.target = target.rstrip("/")
         self.fail_searches = fail_searches
@@ -43,6 +45,8 @@ class ArchiveProxy:
         self.fail_retrievals = fail_retrievals
         self.failed_searches: list[str] = []
         self.failed_retrievals: list[str] = []  # SOP Instance UIDs
+        self.fail_frames = fail_frames  # the first this many RetrieveFrames fail
+        self.failed_frames: list[str] = []
         self.requests: list[str] = []  # every GET's path and query, in order
         self.port = free_port()
         self._lock = threading.Lock()
@@ -69,6 +73,9 @@ class ArchiveProxy:
         with self._lock:
             if self.fail_searches and split.path.endswith("/instances") and offset > 0:
                 self.failed_searches.append(path)
+                return True
+            if "/frames/" in split.path and len(self.failed_frames) < self.fail_frames:
+                self.failed_frames.append(path)
                 return True
             single = _INSTANCE.search(split.path)
             if single and len(self.failed_retrievals) < self.fail_retrievals:

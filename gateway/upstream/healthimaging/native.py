@@ -169,7 +169,7 @@ class NativeClient:
             if code in AUTH_CODES or status in (401, 403):
                 raise UpstreamAuthError(f"HealthImaging refused {operation}: {code} (HTTP {status})", status) from None
             if status == 429 or status >= 500:
-                raise UpstreamUnavailable(f"HealthImaging {operation} failed: {code} (HTTP {status})") from None
+                raise UpstreamUnavailable(f"HealthImaging {operation} failed: {code} (HTTP {status})", status=status) from None
             raise UpstreamRejected(f"HealthImaging rejected {operation}: {code} (HTTP {status})", status) from None
         except BotoCoreError as exc:
             raise UpstreamUnavailable(f"HealthImaging {operation} failed: {type(exc).__name__}") from None
