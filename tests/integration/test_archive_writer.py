@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -44,20 +42,20 @@ def alive(pid: int) -> bool:
 
 
 def test_a_writer_killed_while_storing_loses_nothing(tmp_path: Path, gateway) -> None:
-    """SIGKILL the writer as the first deliveries land: its batch comes back ``retry``, a
-    new writer stores it, and the archive ends with every instance sent, once."""
+    """The writer is frozen (SIGSTOP) while instances arrive, so a batch is surely in its
+    hands (rows ``sending``) when it is SIGKILLed: that batch comes back ``retry``, a new
+    writer stores it, and the archive ends with every instance sent, once."""
     gw = gateway()
     (first,) = writers(gw)
-    files = ct_series(tmp_path / "ct", 60, rows=128, columns=128)
-    sent: list[subprocess.CompletedProcess[str]] = []
-    sender = threading.Thread(target=lambda: sent.append(dcmtk.storescu(gw.port, files, gw.ae_title)))
-    sender.start()
-    wait_until(lambda: gw.counts().get("delivered", 0) > 0, 30, 0.005, "nothing delivered")
-    os.kill(first, signal.SIGKILL)
-    sender.join()
-    assert sent[0].returncode == 0, sent[0].stderr
-    gw.wait_counts(delivered=60, timeout=60)
-    wait_until(lambda: gw.health()["upstream"]["detail"] == "embedded archive, 60 instances", 20, 0.5)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        sent = dcmtk.storescu(gw.port, ct_series(tmp_path / "ct", 20, rows=64, columns=64), gw.ae_title)
+        assert sent.returncode == 0, sent.stderr  # acknowledged: the spool holds them
+        wait_until(lambda: gw.counts().get("sending", 0) > 0, 30, 0.05, "no batch handed to the writer")
+    finally:
+        os.kill(first, signal.SIGKILL)
+    gw.wait_counts(delivered=20, timeout=60)
+    wait_until(lambda: gw.health()["upstream"]["detail"] == "embedded archive, 20 instances", 20, 0.5)
     (second,) = writers(gw)
     assert second != first
     log = gw.log()
