@@ -9,6 +9,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.support.dcmtk import dcmtk_env
+from tests.support.ports import wait_until
 from tests.support.synth import ct_series
 
 
@@ -33,4 +34,4 @@ def test_concurrent_modalities(tmp_path: Path, orthanc, gateway) -> None:
     gw.wait_counts(delivered=200, timeout=120)
     expected = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for files in series for f in files}
     assert orthanc.sop_instance_uids() == expected
-    assert gw.log().count("released: 50 stored, 0 failed") == 4
+    wait_until(lambda: gw.log().count("released: 50 stored, 0 failed") == 4, 10, 0.1, "association summaries")
