@@ -231,16 +231,12 @@ def _serve(root: Path) -> None:
 
 class WriterProcess:
     """``await store(instances)`` in the writer process (started at `start`, or by the
-    first batch; again after it died); ``pid`` of the one running."""
+    first batch; again after it died)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()  # one batch at a time
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     async def start(self) -> None:
         async with self._lock:
