@@ -1,5 +1,6 @@
 """The facade's bounded on-disk cache of what a remote upstream sent: frames as stored
-and metadata, so a viewer scrolling a series twice costs the archive one pass.
+and metadata, so a viewer scrolling a series twice costs the archive one pass, and
+frames converted to another syntax, so it costs the gateway one decode.
 
 A SOP Instance UID names one immutable object, so frames and instance metadata are kept
 until evicted (least recently used first once ``http.cache.max_mb`` is reached) or until
@@ -310,6 +311,31 @@ class FacadeCache:
                         yield frame
             if cached is not None:
                 yield Frame(number, cached[0], cached[1])
+
+    async def converted(
+        self,
+        study: str,
+        series: str,
+        sop: str,
+        number: int,
+        image_set: str | None,
+        target: str,
+        generation: int | None,
+        make: Callable[[], Awaitable[bytes]],
+    ) -> bytes:
+        """Frame ``number`` in syntax ``target``, from the cache or made by ``make()``
+        from the frame as stored and kept (unless the study changed since
+        ``generation``): decoding is most of what a frame already cached as stored
+        costs, so a viewer asking another syntax than the stored one pays it once."""
+        key = f"{study}/{series}/{sop}/frame/{number}{_scope(image_set)}>{target}"
+        cached = await self._read(key)
+        self._count("converted", cached is not None)
+        if cached is not None:
+            return cached[0]
+        data = await make()
+        if self._changes.get(study) == generation:
+            await self._write(key, data, target, 0.0)
+        return data
 
     def generation(self, study: str) -> int | None:
         """How many times ``study``'s entries were dropped so far: an answer fetched

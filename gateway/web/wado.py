@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -590,6 +591,8 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     study, series, sop = uids["study"], uids["series"], uids["instance"]
     named = [image_set] if (image_set := image_set_id(request)) else []  # a named image set's frames validate apart
+    cache = request.app[CACHE]
+    generation = cache.generation(study) if cache is not None else None  # before any frame is read
     stream: MultipartStream | None = None
     try:
         forms = frame_forms(request.headers.get("Accept"))
@@ -624,7 +627,13 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 }
                 if stream is None and not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
                     return web.Response(status=304, headers=validators)
-                data = await loop.run_in_executor(codecs, convert_frame, frame.data, source, target, desc)
+                if cache is None or target == source:
+                    data = await loop.run_in_executor(codecs, convert_frame, frame.data, source, target, desc)
+                else:
+                    data = await cache.converted(
+                        study, series, sop, frame.number, image_set, target, generation,
+                        partial(loop.run_in_executor, codecs, convert_frame, frame.data, source, target, desc),
+                    )
                 if stream is None:
                     stream = MultipartStream(request, media, f"; transfer-syntax={target}")
                     stream.response.headers.update(validators)

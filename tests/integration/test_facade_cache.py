@@ -5,6 +5,7 @@ client revalidating with If-None-Match gets 304 without a body."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -140,6 +141,38 @@ def test_a_series_scrolled_twice_is_fetched_from_the_archive_once(setup: Setup) 
         first_pass = after_first.get((kind, "hit"), 0) + after_first[(kind, "miss")]
         assert lookups[(kind, "miss")] == after_first[(kind, "miss")] >= 1
         assert lookups[(kind, "hit")] - after_first.get((kind, "hit"), 0) == first_pass == (frames if kind == "frame" else frames + 1)
+
+
+def test_a_frame_converted_for_a_client_is_decoded_once(setup: Setup) -> None:
+    """A client asking frames in another syntax than the stored one (ELE of an RLE
+    slice, HTJ2K of a native one) has them converted the first time and served from the
+    cache the second: the same bytes, a `converted` hit, nothing more from the archive."""
+    rle, native = setup.datasets[2], setup.datasets[0]
+    asks = [
+        (rle, "Accept: multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"),
+        (native, f"Accept: multipart/related; type=image/jphc; transfer-syntax={HTJ2K}"),
+    ]
+
+    def fetch() -> list[bytes]:
+        out = []
+        for ds, accept in asks:
+            r = curl(setup.frame_url(ds), "--header", accept)
+            assert r.status == 200, r.body
+            out.append(r.parts()[0][1])
+        return out
+
+    first = fetch()
+    asked = list(setup.proxy.requests)
+    assert cache_lookups(setup.gw)[("converted", "miss")] == 2
+    assert fetch() == first
+    assert setup.proxy.requests == asked, setup.proxy.requests[len(asked):]
+    lookups = cache_lookups(setup.gw)
+    assert (lookups[("converted", "miss")], lookups[("converted", "hit")]) == (2, 2)
+    assert first[0] == rle.pixel_array.tobytes()  # decoded as pydicom decodes it
+    decoded = copy.deepcopy(native)
+    decoded.file_meta.TransferSyntaxUID = HTJ2K
+    decoded.PixelData = pydicom.encaps.encapsulate([first[1]])
+    assert (decoded.pixel_array == native.pixel_array).all()  # lossless, pixel for pixel
 
 
 def test_frames_orthanc_refuses_as_stored_are_cut_from_instances_asking_once_per_series(tmp_path: Path) -> None:
