@@ -115,9 +115,14 @@ def actual_syntax(data: bytes, label: str, desc: PixelDescription) -> str:
     return sniffed
 
 
+def same_bytes(source: str, target: str) -> bool:
+    """Whether a frame in ``source`` is already one in ``target`` (no conversion)."""
+    return source == target or (source in NATIVE_LE and target in NATIVE_LE)
+
+
 def convertible(source: str, target: str, desc: PixelDescription) -> str | None:
     """Why a frame of ``source`` cannot be served as ``target`` (None: it can)."""
-    if source == target or (source in NATIVE_LE and target in NATIVE_LE):
+    if same_bytes(source, target):
         return None
     try:
         info = syntax_info(source)
@@ -133,7 +138,7 @@ def convertible(source: str, target: str, desc: PixelDescription) -> str | None:
 def convert_frame(data: bytes, source: str, target: str, desc: PixelDescription) -> bytes:
     """One frame re-encoded from ``source`` to ``target`` (blocking, CPU-bound). Colour
     comes out RGB when decoded, as pydicom's own ``pixel_array`` gives it."""
-    if source == target or (source in NATIVE_LE and target in NATIVE_LE):
+    if same_bytes(source, target):
         return data
     arr, decoded = decode_frame_described(data, source, desc, as_rgb=True)
     if target in NATIVE_LE:

@@ -36,7 +36,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
-from gateway.codecs.frame_check import actual_syntax, convert_frame, convertible
+from gateway.codecs.frame_check import actual_syntax, convert_frame, convertible, same_bytes
 from gateway.codecs.syntaxes import (
     EXPLICIT_VR_LE,
     HTJ2K_FAMILY,
@@ -627,7 +627,9 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 }
                 if stream is None and not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
                     return web.Response(status=304, headers=validators)
-                if cache is None or target == source:
+                if same_bytes(source, target):
+                    data = frame.data  # as asked already: no trip to a codec thread
+                elif cache is None:
                     data = await loop.run_in_executor(codecs, convert_frame, frame.data, source, target, desc)
                 else:
                     data = await cache.converted(
