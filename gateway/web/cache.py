@@ -47,6 +47,8 @@ log = logging.getLogger("gateway.web")
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}(\.[0-9a-f]{32}\.tmp)?")
 # Studies whose changes are counted (a fetch that saw a count vanish keeps nothing).
 CHANGES_KEPT = 10_000
+# Instances whose derived values (`derived`) are kept in memory.
+DERIVED_KEPT = 10_000
 
 
 @dataclass
@@ -75,6 +77,8 @@ class FacadeCache:
         # series metadata is: an instance missing from it meanwhile is fetched alone
         self._series_read: OrderedDict[str, float] = OrderedDict()
         self._series_fetches: dict[str, asyncio.Task[list[JsonObject]]] = {}  # in flight
+        # instance metadata key -> {name: value computed from that metadata}
+        self._derived: OrderedDict[str, dict[str, Any]] = OrderedDict()
         directory.mkdir(parents=True, exist_ok=True)
         for path in directory.iterdir():  # only what a cache wrote: the directory is the admin's
             if _ENTRY_NAME.fullmatch(path.name):
@@ -100,6 +104,7 @@ class FacadeCache:
         """Remove ``key`` from the index (its file stays)."""
         entry = self.index.pop(key)
         self.bytes -= entry.size
+        self._derived.pop(key, None)
         study = key.split("/", 1)[0]
         keys = self._by_study[study]
         keys.discard(key)
@@ -336,6 +341,33 @@ class FacadeCache:
         if self._changes.get(study) == generation:
             await self._write(key, data, target, 0.0)
         return data
+
+    def derived(self, study: str, series: str, sop: str, image_set: str | None, name: str) -> Any | None:
+        """What `remember` kept under ``name`` for an instance, while its metadata is
+        in the cache (a hit on that metadata), else None. A frame request needs its
+        instance's pixel description; reading and parsing the metadata entry for it
+        was half of what a frame cached as stored cost."""
+        key = f"{study}/{series}/{sop}/metadata{_scope(image_set)}"
+        values = self._derived.get(key)
+        if values is None or name not in values or self._lookup(key) is None:
+            return None
+        self._derived.move_to_end(key)
+        self._count("metadata", True)
+        return values[name]
+
+    def remember(
+        self, study: str, series: str, sop: str, image_set: str | None, name: str, value: Any, generation: int | None
+    ) -> None:
+        """Keep ``value``, computed from the instance's metadata as read after
+        ``generation``, for as long as that metadata stays in the cache (not when the
+        study changed meanwhile, or the metadata is not kept)."""
+        key = f"{study}/{series}/{sop}/metadata{_scope(image_set)}"
+        if self._changes.get(study) != generation or key not in self.index:
+            return
+        self._derived.setdefault(key, {})[name] = value
+        self._derived.move_to_end(key)
+        if len(self._derived) > DERIVED_KEPT:
+            del self._derived[next(iter(self._derived))]
 
     def generation(self, study: str) -> int | None:
         """How many times ``study``'s entries were dropped so far: an answer fetched

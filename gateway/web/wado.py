@@ -583,6 +583,29 @@ def frames_of(request: web.Request, ref: InstanceRef, numbers: list[int]) -> Asy
     )
 
 
+async def pixels_of(
+    request: web.Request, study: str, series: str, sop: str, generation: int | None
+) -> tuple[PixelDescription, int]:
+    """An instance's pixel description and number of frames, from its metadata (kept
+    parsed by the facade's cache while the metadata is cached: `FacadeCache.derived`)."""
+    cache = request.app[CACHE]
+    image_set = image_set_id(request)
+    if cache is not None and (kept := cache.derived(study, series, sop, image_set, "pixels")) is not None:
+        return kept
+    metadata = await metadata_of(request, study, series, sop)
+    if not metadata:
+        raise NotFound("no such instance")
+    ds = dataset_from_json(metadata[0], PIXEL_TAGS)
+    try:
+        desc = PixelDescription.from_dataset(ds)
+    except (TranscodeError, ValueError, AttributeError, TypeError):
+        raise NotFound("the instance has no usable pixel description") from None
+    pixels = desc, int(ds.get("NumberOfFrames") or 1)
+    if cache is not None:
+        cache.remember(study, series, sop, image_set, "pixels", pixels, generation)
+    return pixels
+
+
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
     what = subject("WADO-RS frames", request)
@@ -601,15 +624,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 'frames are served as multipart/related; type="application/octet-stream" (or image/jphc, image/jpeg, '
                 "image/jls, image/jp2, image/dicom-rle) with an optional transfer-syntax"
             )
-        metadata = await metadata_of(request, study, series, sop)
-        if not metadata:
-            raise NotFound("no such instance")
-        ds = dataset_from_json(metadata[0], PIXEL_TAGS)
-        try:
-            desc = PixelDescription.from_dataset(ds)
-        except (TranscodeError, ValueError, AttributeError, TypeError):
-            raise NotFound("the instance has no usable pixel description") from None
-        count = int(ds.get("NumberOfFrames") or 1)
+        desc, count = await pixels_of(request, study, series, sop, generation)
         if any(n > count for n in numbers):
             raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
         form: FrameForm | None = None

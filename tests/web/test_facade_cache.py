@@ -304,3 +304,41 @@ def test_an_entry_whose_file_vanished_is_no_longer_counted(tmp_path: Path) -> No
         assert cache.bytes == 1000
 
     asyncio.run(run())
+
+
+def test_a_value_derived_from_instance_metadata_lives_as_long_as_that_metadata(tmp_path: Path) -> None:
+    """What a frame request derives from an instance's metadata (its pixel description)
+    is kept in memory only while the metadata entry is cached: gone when the instance is
+    stored again, when the entry is evicted, and never kept across a change of the study."""
+
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=2500, metadata_seconds=60)
+        archive = Archive()
+        sop = "1.2.3.4.99"
+
+        async def read() -> None:
+            await cache.metadata(STUDY, SERIES, sop, archive.fetch_metadata)
+
+        # not kept while the metadata is not in the cache
+        cache.remember(STUDY, SERIES, sop, None, "pixels", "v0", cache.generation(STUDY))
+        assert cache.derived(STUDY, SERIES, sop, None, "pixels") is None
+        await read()
+        cache.remember(STUDY, SERIES, sop, None, "pixels", "v1", cache.generation(STUDY))
+        assert cache.derived(STUDY, SERIES, sop, None, "pixels") == "v1"
+        assert cache.derived(STUDY, SERIES, sop, "image-set", "pixels") is None  # another scope
+        # stored again (Azure's PUT replaces it): dropped with the metadata
+        cache.forget_stored(STUDY, [(SERIES, sop)])
+        assert cache.derived(STUDY, SERIES, sop, None, "pixels") is None
+        # derived from metadata read before a change of the study: not kept
+        before = cache.generation(STUDY)
+        await read()
+        cache.forget_stored(STUDY, [(SERIES, "1.2.3.4.5")])  # another instance of the study stored
+        cache.remember(STUDY, SERIES, sop, None, "pixels", "v2", before)
+        assert cache.derived(STUDY, SERIES, sop, None, "pixels") is None
+        cache.remember(STUDY, SERIES, sop, None, "pixels", "v3", cache.generation(STUDY))
+        assert cache.derived(STUDY, SERIES, sop, None, "pixels") == "v3"
+        # evicted with its entry (frames fill the 2500-byte cache)
+        await _frames(cache, archive, "9.1", [1, 2, 3])
+        assert cache.derived(STUDY, SERIES, sop, None, "pixels") is None
+
+    asyncio.run(run())
