@@ -100,6 +100,34 @@ async def search_instances(upstream: Upstream, request: RetrieveRequest) -> Asyn
             continue
 
 
+# QIDO-RS Number of Study / Series Related Instances (PS3.18 table 10.6.3-3 and -4).
+STUDY_INSTANCES = 0x00201208
+SERIES_INSTANCES = 0x00201209
+
+
+async def count_instances(upstream: Upstream, study: str, series: str | None) -> int | None:
+    """How many instances the archive says the study (or series) holds, by one study- or
+    series-level search: far cheaper for it than listing them (Orthanc: a few ms against
+    120-140 ms for 300 instances). None when it does not say."""
+    if series is None:
+        search = Search(keys=(_uid_key(STUDY_UID, (study,)),), include=(STUDY_INSTANCES,))
+        found, tag, uid_tag = upstream.search_for_studies(search), "00201208", "0020000D"
+    else:
+        search = Search(study_uid=study, keys=(_uid_key(SERIES_UID, (series,)),), include=(SERIES_INSTANCES,))
+        found, tag, uid_tag = upstream.search_for_series(search), "00201209", "0020000E"
+    count: int | None = None
+    try:
+        async for obj in found:
+            if _first(obj, uid_tag) == (series or study):
+                try:
+                    count = int(_first(obj, tag))
+                except ValueError:
+                    return None
+    except NotFound:
+        return None  # the listing decides
+    return count
+
+
 class Listing:
     """The search's answer as it arrives, gathered by a task of its own.
 

@@ -55,7 +55,7 @@ from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, JSON, MULT
 from gateway.dicomweb.xml import native_xml
 from gateway.model.json import dataset_from_json
 from gateway.part10 import read_file_meta
-from gateway.retrieval.listing import search_instances
+from gateway.retrieval.listing import count_instances, search_instances
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import Fetched
 from gateway.uids import is_valid_uid
@@ -305,6 +305,12 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
             if seen:
                 raise
             log.info("the archive refused the %s retrieve; fetching instance by instance", "series" if series else "study")
+        else:
+            # The answer may lack instances an archive could not send whole; the count
+            # says so at the cost of one short search, the listing only then.
+            counted = await count_instances(upstream, study, series)
+            if counted is not None and counted <= len(seen):
+                return
     request_ = RetrieveRequest("SERIES" if series else "STUDY", study_uids=(study,), series_uids=(series,) if series else ())
     async for ref in search_instances(upstream, request_):
         if ref.sop_instance_uid in seen:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -173,6 +174,31 @@ def test_a_frame_converted_for_a_client_is_decoded_once(setup: Setup) -> None:
     decoded.file_meta.TransferSyntaxUID = HTJ2K
     decoded.PixelData = pydicom.encaps.encapsulate([first[1]])
     assert (decoded.pixel_array == native.pixel_array).all()  # lossless, pixel for pixel
+
+
+def _retrieved_sops(answer: CurlResult) -> list[str]:
+    return [str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID) for _, data in answer.parts()]
+
+
+def test_a_series_retrieve_lists_the_instances_only_when_the_archive_left_some_out(setup: Setup) -> None:
+    """A series retrieve is checked against the archive's count of the series'
+    instances (one series-level search), not against a listing of every instance
+    (Orthanc: 120-140 ms of its CPU per 300): the listing, and a retrieval of each
+    instance the bulk answer lacked, only when the count says one is missing."""
+    accept = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
+    expected = sorted(str(ds.SOPInstanceUID) for ds in setup.datasets)
+    r = curl(setup.series_url, "--header", accept)
+    assert r.status == 200 and sorted(_retrieved_sops(r)) == expected
+    asked = [p.split("?")[0] for p in setup.proxy.requests]
+    assert asked == [f"/dicom-web{setup.series_path}", f"/dicom-web/studies/{setup.datasets[0].StudyInstanceUID}/series"], asked
+
+    setup.proxy.drop_bulk_parts = 1
+    before = len(setup.proxy.requests)
+    r = curl(setup.series_url, "--header", accept)
+    assert r.status == 200 and sorted(_retrieved_sops(r)) == expected  # the left-out one fetched alone
+    asked = [p.split("?")[0] for p in setup.proxy.requests[before:]]
+    assert asked[2] == f"/dicom-web{setup.series_path}/instances", asked  # the listing
+    assert len(asked) == 4 and asked[3].startswith(f"/dicom-web{setup.series_path}/instances/"), asked
 
 
 def test_frames_orthanc_refuses_as_stored_are_cut_from_instances_asking_once_per_series(tmp_path: Path) -> None:

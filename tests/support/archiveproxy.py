@@ -24,6 +24,7 @@ from tests.support.ports import free_port
 
 ROOT = "/dicom-web"
 _INSTANCE = re.compile(r"/instances/([0-9.]+)$")
+_BULK = re.compile(r"/studies/[0-9.]+(/series/[0-9.]+)?$")  # RetrieveStudy / RetrieveSeries
 _FORWARDED_HEADERS = ("Content-Type", "Warning")
 
 
@@ -38,6 +39,7 @@ class ArchiveProxy:
         status: int = 503,
         fail_retrievals: int = 0,
         fail_frames: int = 0,
+        drop_bulk_parts: int = 0,
     ) -> None:
         self.target = target.rstrip("/")
         self.fail_searches = fail_searches
@@ -47,6 +49,9 @@ class ArchiveProxy:
         self.failed_retrievals: list[str] = []  # SOP Instance UIDs
         self.fail_frames = fail_frames  # the first this many RetrieveFrames fail
         self.failed_frames: list[str] = []
+        # the first part of this many study/series retrieve answers is left out (an
+        # archive whose bulk answer lacks an instance it could not send whole)
+        self.drop_bulk_parts = drop_bulk_parts
         self.requests: list[str] = []  # every GET's path and query, in order
         self.port = free_port()
         self._lock = threading.Lock()
@@ -83,6 +88,15 @@ class ArchiveProxy:
                 return True
         return False
 
+    def _maybe_drop_first_part(self, body: bytes) -> bytes:
+        """The multipart ``body`` without its first part, while drops are due."""
+        with self._lock:
+            if self.drop_bulk_parts <= 0:
+                return body
+            self.drop_bulk_parts -= 1
+        delimiter = body[: body.index(b"\r\n")]  # "--boundary", how the body starts
+        return body[body.index(b"\r\n" + delimiter, len(delimiter)) + 2 :]
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
 
@@ -111,6 +125,8 @@ class ArchiveProxy:
                         status, headers, body = resp.status, resp.headers, resp.read()
                 except urllib.error.HTTPError as exc:
                     status, headers, body = exc.code, exc.headers, exc.read()
+                if status == 200 and _BULK.search(urlsplit(self.path).path):
+                    body = proxy._maybe_drop_first_part(body)
                 self._answer(status, {h: headers[h] for h in _FORWARDED_HEADERS if headers.get(h)}, body)
 
             def do_POST(self) -> None:  # noqa: N802 - stdlib name
