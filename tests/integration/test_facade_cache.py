@@ -189,8 +189,13 @@ def test_a_series_retrieve_lists_the_instances_only_when_the_archive_left_some_o
     expected = sorted(str(ds.SOPInstanceUID) for ds in setup.datasets)
     r = curl(setup.series_url, "--header", accept)
     assert r.status == 200 and sorted(_retrieved_sops(r)) == expected
+    study = f"/dicom-web/studies/{setup.datasets[0].StudyInstanceUID}"
     asked = [p.split("?")[0] for p in setup.proxy.requests]
-    assert asked == [f"/dicom-web{setup.series_path}", f"/dicom-web/studies/{setup.datasets[0].StudyInstanceUID}/series"], asked
+    assert asked == [f"/dicom-web{setup.series_path}", f"{study}/series"], asked
+    r = curl(f"{setup.gw.web_url}{study}", "--header", accept)  # the study: counted alike
+    assert r.status == 200 and sorted(_retrieved_sops(r)) == expected
+    asked = [p.split("?")[0] for p in setup.proxy.requests[2:]]
+    assert asked == [study, "/dicom-web/studies"], asked
 
     setup.proxy.drop_bulk_parts = 1
     before = len(setup.proxy.requests)
