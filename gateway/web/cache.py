@@ -342,6 +342,26 @@ class FacadeCache:
             await self._write(key, data, target, 0.0)
         return data
 
+    async def kept_converted(
+        self, study: str, series: str, sop: str, numbers: Sequence[int], image_set: str | None, target: str
+    ) -> list[bytes] | None:
+        """The frames ``numbers`` converted to ``target`` when the cache holds every
+        one (each counted a `converted` hit), else None (nothing counted: `converted`
+        counts each lookup then)."""
+        scope = _scope(image_set)
+        keys = [f"{study}/{series}/{sop}/frame/{number}{scope}>{target}" for number in numbers]
+        if not all(key in self.index for key in keys):
+            return None
+        found = []
+        for key in keys:
+            cached = await self._read(key)
+            if cached is None:  # evicted or expired meanwhile
+                return None
+            found.append(cached[0])
+        for _ in found:
+            self._count("converted", True)
+        return found
+
     def derived(self, study: str, series: str, sop: str, image_set: str | None, name: str) -> Any | None:
         """What `remember` kept under ``name`` for an instance, while its metadata is
         in the cache (a hit on that metadata), else None. A frame request needs its

@@ -22,7 +22,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -612,12 +612,63 @@ async def pixels_of(
     return pixels
 
 
+# Frames of one request read from the cache at once when all were converted before.
+KEPT_CONVERTED_AT_ONCE = 16
+
+
+async def _frame_answers(
+    request: web.Request,
+    ref: InstanceRef,
+    numbers: list[int],
+    forms: Sequence[FrameForm],
+    desc: PixelDescription,
+    generation: int | None,
+) -> AsyncIterator[tuple[FrameForm, str, Callable[[], Awaitable[bytes]]]]:
+    """For each frame asked, in order: the form and syntax it is answered in, and how
+    to have its bytes (awaited only after the If-None-Match check, so a 304 converts
+    nothing).
+
+    Frames the cache holds converted to the first form asked are answered from there
+    without reading the frames as stored: that form is the one `pick_form` would
+    choose, since the stored frames were converted to it once."""
+    cache = request.app[CACHE]
+    image_set = image_set_id(request)
+    study, series, sop = ref.study_uid, ref.series_uid, ref.sop_instance_uid
+    first = forms[0]
+    if cache is not None and first.syntax != ANY and len(numbers) <= KEPT_CONVERTED_AT_ONCE:
+        kept = await cache.kept_converted(study, series, sop, numbers, image_set, first.syntax)
+        if kept is not None:
+            for data in kept:
+                yield first, first.syntax, partial(_ready, data)
+            return
+    codecs = request.app[RETRIEVER].codecs
+    loop = asyncio.get_running_loop()
+    form: FrameForm | None = None
+    async with contextlib.aclosing(frames_of(request, ref, numbers)) as frames:
+        async for frame in frames:
+            source = actual_syntax(frame.data, frame.transfer_syntax, desc)
+            if form is None:
+                form = pick_form(forms, source, desc)
+            target = source if form.syntax == ANY else form.syntax
+            convert = partial(loop.run_in_executor, codecs, convert_frame, frame.data, source, target, desc)
+            if same_bytes(source, target):
+                yield form, target, partial(_ready, frame.data)  # as asked already: no trip to a codec thread
+            elif cache is None:
+                yield form, target, convert
+            else:
+                yield form, target, partial(
+                    cache.converted, study, series, sop, frame.number, image_set, target, generation, convert
+                )
+
+
+async def _ready(data: bytes) -> bytes:
+    return data
+
+
 async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
     what = subject("WADO-RS frames", request)
     numbers = frame_numbers(request.match_info["frames"])
-    codecs = request.app[RETRIEVER].codecs
-    loop = asyncio.get_running_loop()
     study, series, sop = uids["study"], uids["series"], uids["instance"]
     named = [image_set] if (image_set := image_set_id(request)) else []  # a named image set's frames validate apart
     cache = request.app[CACHE]
@@ -633,13 +684,9 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
         desc, count = await pixels_of(request, study, series, sop, generation)
         if any(n > count for n in numbers):
             raise UpstreamRejected(f"the instance has {count} frame(s)", 400)
-        form: FrameForm | None = None
-        async with contextlib.aclosing(frames_of(request, InstanceRef(study, series, sop, ""), numbers)) as frames:
-            async for frame in frames:
-                source = actual_syntax(frame.data, frame.transfer_syntax, desc)
-                if form is None:
-                    form = pick_form(forms, source, desc)
-                target = source if form.syntax == ANY else form.syntax
+        answers = _frame_answers(request, InstanceRef(study, series, sop, ""), numbers, forms, desc, generation)
+        async with contextlib.aclosing(answers):
+            async for form, target, produce in answers:
                 media = form.part_type if form.part_type not in ("*/*", "application/*", "image/*") else frame_media_type(target)
                 validators = {
                     "ETag": etag_for(sop, numbers, media, target, *named),
@@ -648,15 +695,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 }
                 if stream is None and not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
                     return web.Response(status=304, headers=validators)
-                if same_bytes(source, target):
-                    data = frame.data  # as asked already: no trip to a codec thread
-                elif cache is None:
-                    data = await loop.run_in_executor(codecs, convert_frame, frame.data, source, target, desc)
-                else:
-                    data = await cache.converted(
-                        study, series, sop, frame.number, image_set, target, generation,
-                        partial(loop.run_in_executor, codecs, convert_frame, frame.data, source, target, desc),
-                    )
+                data = await produce()
                 if stream is None:
                     stream = MultipartStream(request, media, f"; transfer-syntax={target}")
                     stream.response.headers.update(validators)

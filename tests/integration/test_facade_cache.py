@@ -154,25 +154,32 @@ def test_a_frame_converted_for_a_client_is_decoded_once(setup: Setup) -> None:
         (native, f"Accept: multipart/related; type=image/jphc; transfer-syntax={HTJ2K}"),
     ]
 
-    def fetch() -> list[bytes]:
+    def fetch() -> list[tuple[str, str, bytes]]:
         out = []
         for ds, accept in asks:
             r = curl(setup.frame_url(ds), "--header", accept)
             assert r.status == 200, r.body
-            out.append(r.parts()[0][1])
+            (headers, data), = r.parts()
+            out.append((r.headers["etag"], headers["content-type"], data))
         return out
 
     first = fetch()
     asked = list(setup.proxy.requests)
     assert cache_lookups(setup.gw)[("converted", "miss")] == 2
-    assert fetch() == first
+    assert fetch() == first  # the same representation: ETag, part type and bytes
+    assert [t for _, t, _ in first] == [
+        "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1", f"image/jphc; transfer-syntax={HTJ2K}"
+    ]
     assert setup.proxy.requests == asked, setup.proxy.requests[len(asked):]
     lookups = cache_lookups(setup.gw)
     assert (lookups[("converted", "miss")], lookups[("converted", "hit")]) == (2, 2)
-    assert first[0] == rle.pixel_array.tobytes()  # decoded as pydicom decodes it
+    assert lookups.get(("frame", "hit"), 0) == 0  # the second pass read no frame as stored
+    for (ds, accept), (etag, _, _) in zip(asks, first):
+        assert _revalidate(setup.frame_url(ds), accept, etag).status == 304
+    assert first[0][2] == rle.pixel_array.tobytes()  # decoded as pydicom decodes it
     decoded = copy.deepcopy(native)
     decoded.file_meta.TransferSyntaxUID = HTJ2K
-    decoded.PixelData = pydicom.encaps.encapsulate([first[1]])
+    decoded.PixelData = pydicom.encaps.encapsulate([first[1][2]])
     assert (decoded.pixel_array == native.pixel_array).all()  # lossless, pixel for pixel
 
 
