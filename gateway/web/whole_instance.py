@@ -10,9 +10,10 @@ the facade's cache, a batch at a time (memory holds a batch of frames, never the
 instance) and answers its own request from what it cut; requests for the same instance
 arriving meanwhile wait for that and take their frames from the cache.
 
-An instance larger than a quarter of the cache keeps the per-request path (keeping all
-its frames would evict what was just cut), and so does one whose frames cannot be read
-one by one (`frames_as_stored`).
+Of an instance larger than a quarter of the cache only the frames the request asked are
+cut, and none kept (keeping all its frames would evict what was just cut); other
+requests for it retrieve it on their own. One whose frames cannot be read one by one
+(`frames_as_stored`) keeps the per-request path.
 """
 
 from __future__ import annotations
@@ -80,25 +81,30 @@ class WholeInstanceFrames:
         retrieve: Callable[[], Awaitable[Retrieved]],
         wanted: set[int],
     ) -> dict[int, Frame] | None:
-        """Retrieve the instance and keep each of its frames in the cache; the frames
-        ``wanted`` by the request that started the cut, or None when not every frame
-        could be cut (the cache keeps those that were)."""
+        """Retrieve the instance and keep each of its frames in the cache (unless it is
+        larger than a quarter of the cache); the frames ``wanted`` by the request that
+        started the cut, or None when not every frame could be cut (the cache keeps
+        those that were)."""
         generation = self.cache.generation(ref.study_uid)
         retrieved = await retrieve()
         reader = _Reader(retrieved)
         found: dict[int, Frame] = {}
+        # Too large to keep whole: only the frames wanted are cut from this retrieval
+        # (not retrieved again by the caller), and nothing is kept.
+        keep = retrieved.length <= self.cache.max_bytes // 4
         try:
-            if retrieved.length > self.cache.max_bytes // 4:
-                return None
             batch = await asyncio.to_thread(reader.first, CUT_BATCH)
             cut = 0
             while batch:
                 kept = [Frame(cut + n, data, reader.syntax) for n, data in enumerate(batch, start=1)]
                 cut += len(batch)
                 found.update((f.number, f) for f in kept if f.number in wanted)
-                await self.cache.keep_frames(
-                    ref.study_uid, ref.series_uid, ref.sop_instance_uid, kept, image_set, generation
-                )
+                if keep:
+                    await self.cache.keep_frames(
+                        ref.study_uid, ref.series_uid, ref.sop_instance_uid, kept, image_set, generation
+                    )
+                elif len(found) == len(wanted):
+                    break
                 if len(batch) < CUT_BATCH:
                     break
                 batch = await asyncio.to_thread(reader.next, CUT_BATCH)

@@ -95,18 +95,19 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
 
 @contextlib.contextmanager
 def htj2k_behind_a_proxy(
-    tmp_path: Path, count: int, frames: int
+    tmp_path: Path, count: int, frames: int, extra: str = ""
 ) -> Iterator[tuple[Gateway, ArchiveProxy, list[pydicom.Dataset], str]]:
     """``count`` HTJ2K instances of ``frames`` frames in an Orthanc (which refuses their
-    frames as stored) behind a proxy counting requests, and a gateway over the proxy;
-    yields those and the URL of the series' instances."""
+    frames as stored) behind a proxy counting requests, and a gateway over the proxy
+    (``extra``: more of its configuration); yields those and the URL of the series'
+    instances."""
     paths = ct_series(tmp_path / "ct", count, rows=64, columns=64, frames=frames)
     datasets = [transcode(pydicom.dcmread(p), HTJ2K) for p in paths]
     for ds, path in zip(datasets, paths):
         ds.save_as(path, enforce_file_format=True)
     orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
     proxy = ArchiveProxy(orthanc.dicomweb_url).start()
-    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url)
+    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url, extra=extra)
     try:
         orthanc.upload(paths)
         gw.start()
@@ -265,6 +266,24 @@ def test_a_multi_frame_instance_orthanc_refuses_is_retrieved_once_for_all_its_fr
         asked = proxy.requests
         assert sum("/frames/" in p for p in asked) == 1, asked  # the first instance's frame 1, refused
         assert (retrievals(ds0), retrievals(ds1)) == (1, 1), asked
+        assert "Traceback" not in gw.log()
+
+
+def test_an_instance_too_large_to_keep_is_retrieved_once_per_request(tmp_path: Path) -> None:
+    """A multi-frame instance larger than a quarter of the cache (24 KiB of a 96 KiB
+    cache here) is not cut whole into it: each request cuts its own frames out of one
+    retrieval of the instance (before: the instance was retrieved, found too large, and
+    retrieved again), and none is kept."""
+    with htj2k_behind_a_proxy(tmp_path, 1, frames=12, extra="\n[http.cache]\nmax_mb = 0.09375\n") as (gw, proxy, datasets, base):
+        ds = datasets[0]
+        stored = list(generate_frames(ds.PixelData, number_of_frames=12))
+        assert len(ds.PixelData) > 24 << 10
+        for numbers in ("3", "7,2", "12"):
+            r = curl(f"{base}/{ds.SOPInstanceUID}/frames/{numbers}", "--header", FRAMES_ACCEPT)
+            assert r.status == 200, r.body
+            assert [data for _, data in r.parts()] == [stored[int(n) - 1] for n in numbers.split(",")]
+        retrievals = [p for p in proxy.requests if p.split("?")[0].endswith(str(ds.SOPInstanceUID))]
+        assert len(retrievals) == 3, proxy.requests
         assert "Traceback" not in gw.log()
 
 
