@@ -519,7 +519,8 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
     """The frames as the archive stores them: by RetrieveFrames, or, when the archive
     fails that (Orthanc 1.10 answers 500 for some stored syntaxes; see `RefusedSeries`)
     or serves no frames, cut out of the instance retrieved whole (with all its other
-    frames, into the cache: `WholeInstanceFrames`)."""
+    frames, into the cache: `WholeInstanceFrames`); of an instance too large for that,
+    asked by RetrieveFrames as ELE (see `WholeInstanceFrames.ask_as_ele`)."""
     upstream = request.app[UPSTREAM]
     refusals = request.app[REFUSED_SERIES]
     named = image_set_id(request)
@@ -538,9 +539,29 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
             if given or not refusal(exc):
                 raise
             refused = exc
+    if refused is not None:
+        refusals.remember(series_key)
+        log.info(
+            "frames of series %s: the archive failed RetrieveFrames (%s); cutting them from the instances for %.0f s",
+            ref.series_uid, refused, refusals.seconds,
+        )
     frames: list[Frame] | None = None
     whole = request.app[WHOLE_INSTANCE_FRAMES]
-    if whole is not None:
+    if whole is not None and upstream.capabilities.frames and whole.ask_as_ele(ref, named):
+        given = 0
+        try:
+            async for frame in upstream.retrieve_frames(
+                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=(EXPLICIT_VR_LE,),
+                image_set_id=named,
+            ):
+                given += 1
+                yield frame
+            return
+        except (UpstreamUnavailable, NotSupported) as exc:
+            if given or not refusal(exc):
+                raise
+            whole.ele_refused(ref, named)
+    elif whole is not None:
         frames = await whole.frames(ref, numbers, named, lambda: fetch_instance(request, ref))
     if frames is None:
         retriever = request.app[RETRIEVER]
@@ -551,12 +572,6 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
         finally:
             retrieved.release()
             spill.unlink(missing_ok=True)
-    if refused is not None:
-        refusals.remember(series_key)
-        log.info(
-            "frames of series %s: the archive failed RetrieveFrames (%s); cutting them from the instances for %.0f s",
-            ref.series_uid, refused, refusals.seconds,
-        )
     for frame in frames:
         yield frame
 

@@ -269,21 +269,30 @@ def test_a_multi_frame_instance_orthanc_refuses_is_retrieved_once_for_all_its_fr
         assert "Traceback" not in gw.log()
 
 
-def test_an_instance_too_large_to_keep_is_retrieved_once_per_request(tmp_path: Path) -> None:
-    """A multi-frame instance larger than a quarter of the cache (24 KiB of a 96 KiB
-    cache here) is not cut whole into it: each request cuts its own frames out of one
-    retrieval of the instance (before: the instance was retrieved, found too large, and
-    retrieved again), and none is kept."""
-    with htj2k_behind_a_proxy(tmp_path, 1, frames=12, extra="\n[http.cache]\nmax_mb = 0.09375\n") as (gw, proxy, datasets, base):
+@pytest.mark.parametrize("ele_served", [True, False], ids=["frames-as-ele", "refused-in-every-form"])
+def test_an_instance_too_large_to_keep_is_retrieved_once_then_asked_as_ele(tmp_path: Path, ele_served: bool) -> None:
+    """A multi-frame HTJ2K instance larger than a quarter of the cache (24 KiB of a 96
+    KiB cache here) is not cut whole into it: the first request cuts its own frames out
+    of one retrieval (before: retrieved, found too large, retrieved again); later ones
+    ask Orthanc for their frames as ELE, which it serves as stored, not the whole
+    instance. An archive refusing that too has the instance retrieved once per request."""
+    extra = "\n[http.cache]\nmax_mb = 0.09375\n"
+    with htj2k_behind_a_proxy(tmp_path, 1, frames=12, extra=extra) as (gw, proxy, datasets, base):
+        if not ele_served:
+            proxy.fail_frames, proxy.status = 1 << 30, 500
         ds = datasets[0]
         stored = list(generate_frames(ds.PixelData, number_of_frames=12))
         assert len(ds.PixelData) > 24 << 10
         for numbers in ("3", "7,2", "12"):
             r = curl(f"{base}/{ds.SOPInstanceUID}/frames/{numbers}", "--header", FRAMES_ACCEPT)
             assert r.status == 200, r.body
-            assert [data for _, data in r.parts()] == [stored[int(n) - 1] for n in numbers.split(",")]
+            for (headers, data), n in zip(r.parts(), numbers.split(","), strict=True):
+                assert headers["content-type"].endswith(f"transfer-syntax={HTJ2K}") and data == stored[int(n) - 1]
         retrievals = [p for p in proxy.requests if p.split("?")[0].endswith(str(ds.SOPInstanceUID))]
-        assert len(retrievals) == 3, proxy.requests
+        frames = [p for p in proxy.requests if "/frames/" in p]
+        # served: the first request's refused as stored, the others' as ELE;
+        # refused in every form: the first as stored, the second as ELE
+        assert (len(retrievals), len(frames)) == ((1, 3) if ele_served else (3, 2)), proxy.requests
         assert "Traceback" not in gw.log()
 
 
