@@ -525,42 +525,26 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
     refusals = request.app[REFUSED_SERIES]
     named = image_set_id(request)
     series_key = f"{ref.study_uid}/{ref.series_uid}@{named or ''}"
-    refused: Exception | None = None
+    refused: list[Exception] = []
     if upstream.capabilities.frames and not refusals.refused(series_key):
-        given = 0
-        try:
-            async for frame in upstream.retrieve_frames(
-                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=ANY_SYNTAX, image_set_id=named,
-            ):
-                given += 1
-                yield frame
+        async for frame in _retrieve_frames(request, ref, numbers, ANY_SYNTAX, refused):
+            yield frame
+        if not refused:
             return
-        except (UpstreamUnavailable, NotSupported) as exc:
-            if given or not refusal(exc):
-                raise
-            refused = exc
-    if refused is not None:
         refusals.remember(series_key)
         log.info(
             "frames of series %s: the archive failed RetrieveFrames (%s); cutting them from the instances for %.0f s",
-            ref.series_uid, refused, refusals.seconds,
+            ref.series_uid, refused[0], refusals.seconds,
         )
     frames: list[Frame] | None = None
     whole = request.app[WHOLE_INSTANCE_FRAMES]
     if whole is not None and upstream.capabilities.frames and whole.ask_as_ele(ref, named):
-        given = 0
-        try:
-            async for frame in upstream.retrieve_frames(
-                ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=(EXPLICIT_VR_LE,),
-                image_set_id=named,
-            ):
-                given += 1
-                yield frame
+        refused_as_ele: list[Exception] = []
+        async for frame in _retrieve_frames(request, ref, numbers, (EXPLICIT_VR_LE,), refused_as_ele):
+            yield frame
+        if not refused_as_ele:
             return
-        except (UpstreamUnavailable, NotSupported) as exc:
-            if given or not refusal(exc):
-                raise
-            whole.ele_refused(ref, named)
+        whole.ele_refused(ref, named)
     elif whole is not None:
         frames = await whole.frames(ref, numbers, named, lambda: fetch_instance(request, ref))
     if frames is None:
@@ -574,6 +558,26 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
             spill.unlink(missing_ok=True)
     for frame in frames:
         yield frame
+
+
+async def _retrieve_frames(
+    request: web.Request, ref: InstanceRef, numbers: list[int], acceptable: Sequence[str], refused: list[Exception]
+) -> AsyncIterator[Frame]:
+    """RetrieveFrames in one of the ``acceptable`` syntaxes. Refused before any frame
+    came (`refusal`), it ends with no frame and the refusal appended to ``refused``;
+    other failures are raised."""
+    given = 0
+    try:
+        async for frame in request.app[UPSTREAM].retrieve_frames(
+            ref.study_uid, ref.series_uid, ref.sop_instance_uid, numbers, acceptable=acceptable,
+            image_set_id=image_set_id(request),
+        ):
+            given += 1
+            yield frame
+    except (UpstreamUnavailable, NotSupported) as exc:
+        if given or not refusal(exc):
+            raise
+        refused.append(exc)
 
 
 def _cut_frames(retrieved: Retrieved, spill: Path, numbers: list[int]) -> list[Frame]:
