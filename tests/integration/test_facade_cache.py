@@ -8,7 +8,7 @@ import contextlib
 import copy
 import io
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,21 +195,21 @@ def test_a_series_retrieve_lists_the_instances_only_when_the_archive_left_some_o
     instance the bulk answer lacked, only when the count says one is missing."""
     accept = 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*'
     expected = sorted(str(ds.SOPInstanceUID) for ds in setup.datasets)
-    r = curl(setup.series_url, "--header", accept)
-    assert r.status == 200 and sorted(_retrieved_sops(r)) == expected
+
+    def asked_during(answer: Callable[[], CurlResult]) -> list[str]:
+        before = len(setup.proxy.requests)
+        r = answer()
+        assert r.status == 200 and sorted(_retrieved_sops(r)) == expected
+        return [p.split("?")[0] for p in setup.proxy.requests[before:]]
+
     study = f"/dicom-web/studies/{setup.datasets[0].StudyInstanceUID}"
-    asked = [p.split("?")[0] for p in setup.proxy.requests]
+    asked = asked_during(lambda: curl(setup.series_url, "--header", accept))
     assert asked == [f"/dicom-web{setup.series_path}", f"{study}/series"], asked
-    r = curl(f"{setup.gw.web_url}{study}", "--header", accept)  # the study: counted alike
-    assert r.status == 200 and sorted(_retrieved_sops(r)) == expected
-    asked = [p.split("?")[0] for p in setup.proxy.requests[2:]]
+    asked = asked_during(lambda: curl(f"{setup.gw.web_url}{study}", "--header", accept))  # the study: counted alike
     assert asked == [study, "/dicom-web/studies"], asked
 
     setup.proxy.drop_bulk_parts = 1
-    before = len(setup.proxy.requests)
-    r = curl(setup.series_url, "--header", accept)
-    assert r.status == 200 and sorted(_retrieved_sops(r)) == expected  # the left-out one fetched alone
-    asked = [p.split("?")[0] for p in setup.proxy.requests[before:]]
+    asked = asked_during(lambda: curl(setup.series_url, "--header", accept))  # the left-out one fetched alone
     assert asked[2] == f"/dicom-web{setup.series_path}/instances", asked  # the listing
     assert len(asked) == 4 and asked[3].startswith(f"/dicom-web{setup.series_path}/instances/"), asked
 
