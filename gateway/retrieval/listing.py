@@ -110,17 +110,19 @@ async def count_instances(upstream: Upstream, study: str, series: str | None) ->
     series-level search: far cheaper for it than listing them (Orthanc: a few ms against
     120-140 ms for 300 instances). None when it does not say."""
     if series is None:
-        search = Search(keys=(_uid_key(STUDY_UID, (study,)),), include=(STUDY_INSTANCES,))
-        found, tag, uid_tag = upstream.search_for_studies(search), "00201208", "0020000D"
+        uid_tag, count_tag = STUDY_UID, STUDY_INSTANCES
+        found = upstream.search_for_studies(Search(keys=(_uid_key(STUDY_UID, (study,)),), include=(count_tag,)))
     else:
-        search = Search(study_uid=study, keys=(_uid_key(SERIES_UID, (series,)),), include=(SERIES_INSTANCES,))
-        found, tag, uid_tag = upstream.search_for_series(search), "00201209", "0020000E"
+        uid_tag, count_tag = SERIES_UID, SERIES_INSTANCES
+        found = upstream.search_for_series(
+            Search(study_uid=study, keys=(_uid_key(SERIES_UID, (series,)),), include=(count_tag,))
+        )
     count: int | None = None
     try:
         async for obj in found:
-            if _first(obj, uid_tag) == (series or study):
+            if _first(obj, f"{uid_tag:08X}") == (series or study):
                 try:
-                    count = int(_first(obj, tag))
+                    count = int(_first(obj, f"{count_tag:08X}"))
                 except ValueError:
                     return None
     except NotFound:

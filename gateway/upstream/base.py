@@ -212,8 +212,9 @@ class Upstream(Protocol):
         """WADO-RS RetrieveSeries (RetrieveStudy when ``series_uid`` is None) in the stored
         syntaxes: every instance, each handed out as soon as it has arrived, spilled as
         in `retrieve_instance`. The answer may lack instances (the caller compares it
-        with the archive's count, then with a search); raises as `retrieve_instance`, also after some instances were handed
-        out, and NotSupported where `Capabilities` rule the request out.
+        with the archive's count, then with a search); raises as `retrieve_instance`,
+        also after some instances were handed out, and NotSupported where
+        `Capabilities` rule the request out.
         """
         ...
 

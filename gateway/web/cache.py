@@ -184,7 +184,7 @@ class FacadeCache:
     ) -> list[JsonObject]:
         """The metadata at the level the UIDs name (in the HealthImaging image set
         ``image_set`` when given: kept apart), from the cache or from ``fetch``."""
-        key = f"{study}/{series or ''}/{sop or ''}/metadata" + _scope(image_set)
+        key = _metadata_key(study, series, sop, image_set)
         cached = await self._read(key)
         self._count("metadata", cached is not None)
         if cached is not None:
@@ -210,13 +210,12 @@ class FacadeCache:
         """An instance's metadata, from the cache or else from its series' (kept for
         every instance of it); from ``fetch_instance`` when the series' could not be read,
         or lacks the instance, or was read within ``metadata_seconds`` without it."""
-        scope = _scope(image_set)
-        key = f"{study}/{series}/{sop}/metadata{scope}"
+        key = _metadata_key(study, series, sop, image_set)
         cached = await self._read(key)
         self._count("metadata", cached is not None)
         if cached is not None:
             return list(json.loads(cached[0]))
-        series_key = f"{study}/{series}//metadata{scope}"
+        series_key = _metadata_key(study, series, None, image_set)
         read_at = self._series_read.get(series_key)
         if series_key in self._series_fetches or read_at is None or read_at + self.metadata_seconds < time.monotonic():
             try:
@@ -239,11 +238,10 @@ class FacadeCache:
         """A series' metadata from ``fetch``, one request at a time per series (a caller
         that goes away leaves it to the others); kept for ``metadata_seconds``, and each
         instance's part of it for good."""
-        scope = _scope(image_set)
-        series_key = f"{study}/{series}//metadata{scope}"
+        series_key = _metadata_key(study, series, None, image_set)
         task = self._series_fetches.get(series_key)
         if task is None:
-            task = asyncio.ensure_future(self._fetch_series(study, series, fetch, scope))
+            task = asyncio.ensure_future(self._fetch_series(study, series, fetch, image_set))
             self._series_fetches[series_key] = task
 
             def done(finished: asyncio.Task[list[JsonObject]]) -> None:
@@ -255,9 +253,9 @@ class FacadeCache:
         return await asyncio.shield(task)
 
     async def _fetch_series(
-        self, study: str, series: str, fetch: Callable[[], Awaitable[Sequence[JsonObject]]], scope: str
+        self, study: str, series: str, fetch: Callable[[], Awaitable[Sequence[JsonObject]]], image_set: str | None
     ) -> list[JsonObject]:
-        series_key = f"{study}/{series}//metadata{scope}"
+        series_key = _metadata_key(study, series, None, image_set)
         self._series_read[series_key] = time.monotonic()  # tried: failing or not, not again at once
         self._series_read.move_to_end(series_key)
         if len(self._series_read) > CHANGES_KEPT:
@@ -269,7 +267,7 @@ class FacadeCache:
         if self.metadata_seconds > 0:
             await self._write(series_key, json.dumps(objects).encode("utf-8"), "", time.monotonic() + self.metadata_seconds)
         instances = [
-            (f"{study}/{series}/{sop}/metadata{scope}", json.dumps([o]).encode("utf-8"))
+            (_metadata_key(study, series, sop, image_set), json.dumps([o]).encode("utf-8"))
             for o in objects
             if is_valid_uid(sop := _uid(o, "00080018") or "") and _uid(o, "0020000E") in (series, None)
         ]
@@ -289,7 +287,6 @@ class FacadeCache:
         """The frames in the order asked, each from the cache or, for each run of missing
         ones, from ``fetch(run)`` (kept as they pass), so the answer still streams."""
         pending: list[int] = []
-        scope = _scope(image_set)
 
         async def flush() -> AsyncIterator[Frame]:
             run = list(pending)
@@ -297,14 +294,14 @@ class FacadeCache:
             before = self._changes.get(study)
             async with contextlib.aclosing(fetch(run)) as fetched:  # its cleanup runs if the client goes
                 async for frame in fetched:
-                    key = f"{study}/{series}/{sop}/frame/{frame.number}{scope}"
+                    key = _frame_key(study, series, sop, frame.number, image_set)
                     # (kept already when cut with its whole instance: `keep_frames`)
                     if self._changes.get(study) == before and key not in self.index:
                         await self._write(key, frame.data, frame.transfer_syntax, 0.0)
                     yield frame
 
         for number in [*numbers, 0]:  # 0: the end, where the last missing run is fetched
-            cached = await self._read(f"{study}/{series}/{sop}/frame/{number}{scope}") if number else None
+            cached = await self._read(_frame_key(study, series, sop, number, image_set)) if number else None
             if number:
                 self._count("frame", cached is not None)
             if cached is None and number:
@@ -332,7 +329,7 @@ class FacadeCache:
         from the frame as stored and kept (unless the study changed since
         ``generation``): decoding is most of what a frame already cached as stored
         costs, so a viewer asking another syntax than the stored one pays it once."""
-        key = f"{study}/{series}/{sop}/frame/{number}{_scope(image_set)}>{target}"
+        key = _frame_key(study, series, sop, number, image_set, target)
         cached = await self._read(key)
         self._count("converted", cached is not None)
         if cached is not None:
@@ -348,26 +345,22 @@ class FacadeCache:
         """The frames ``numbers`` converted to ``target`` when the cache holds every
         one (each counted a `converted` hit), else None (nothing counted: `converted`
         counts each lookup then)."""
-        scope = _scope(image_set)
-        keys = [f"{study}/{series}/{sop}/frame/{number}{scope}>{target}" for number in numbers]
+        keys = [_frame_key(study, series, sop, number, image_set, target) for number in numbers]
         if not all(key in self.index for key in keys):
             return None
-        found = []
-        for key in keys:
-            cached = await self._read(key)
-            if cached is None:  # evicted or expired meanwhile
-                return None
-            found.append(cached[0])
+        found = await self._read_all(keys)
+        if found is None:  # evicted meanwhile
+            return None
         for _ in found:
             self._count("converted", True)
-        return found
+        return [data for data, _ in found]
 
     def derived(self, study: str, series: str, sop: str, image_set: str | None, name: str) -> Any | None:
         """What `remember` kept under ``name`` for an instance, while its metadata is
         in the cache (a hit on that metadata), else None. A frame request needs its
         instance's pixel description; reading and parsing the metadata entry for it
         was half of what a frame cached as stored cost."""
-        key = f"{study}/{series}/{sop}/metadata{_scope(image_set)}"
+        key = _metadata_key(study, series, sop, image_set)
         values = self._derived.get(key)
         if values is None or name not in values or self._lookup(key) is None:
             return None
@@ -381,7 +374,7 @@ class FacadeCache:
         """Keep ``value``, computed from the instance's metadata as read after
         ``generation``, for as long as that metadata stays in the cache (not when the
         study changed meanwhile, or the metadata is not kept)."""
-        key = f"{study}/{series}/{sop}/metadata{_scope(image_set)}"
+        key = _metadata_key(study, series, sop, image_set)
         if self._changes.get(study) != generation or key not in self.index:
             return
         self._derived.setdefault(key, {})[name] = value
@@ -401,8 +394,7 @@ class FacadeCache:
         whole, unless the study changed since ``generation``."""
         if not frames or self._changes.get(study) != generation:
             return
-        scope = _scope(image_set)
-        items = [(f"{study}/{series}/{sop}/frame/{f.number}{scope}", f.data) for f in frames]
+        items = [(_frame_key(study, series, sop, f.number, image_set), f.data) for f in frames]
         await self._write_many(items, frames[0].transfer_syntax, 0.0)
 
     async def kept_frames(
@@ -410,19 +402,37 @@ class FacadeCache:
     ) -> list[Frame] | None:
         """The frames ``numbers`` when the cache holds every one, else None. (Not
         counted as lookups: `frames` counted them when it missed.)"""
-        scope = _scope(image_set)
+        found = await self._read_all([_frame_key(study, series, sop, number, image_set) for number in numbers])
+        if found is None:
+            return None
+        return [Frame(number, data, syntax) for number, (data, syntax) in zip(numbers, found, strict=True)]
+
+    async def _read_all(self, keys: Sequence[str]) -> list[tuple[bytes, str]] | None:
+        """Every entry of ``keys`` (value, syntax), or None as soon as one is missing."""
         found = []
-        for number in numbers:
-            cached = await self._read(f"{study}/{series}/{sop}/frame/{number}{scope}")
+        for key in keys:
+            cached = await self._read(key)
             if cached is None:
                 return None
-            found.append(Frame(number, cached[0], cached[1]))
+            found.append(cached)
         return found
 
 
 def _scope(image_set: str | None) -> str:
     """The key suffix of entries read from a named image set."""
     return f"@{image_set}" if image_set else ""
+
+
+def _metadata_key(study: str, series: str | None, sop: str | None, image_set: str | None) -> str:
+    """The key of metadata at the level the UIDs name. Every key starts with its study's
+    UID and then the series' and the instance's, so a study's or an instance's entries
+    are found by prefix (`_forget`)."""
+    return f"{study}/{series or ''}/{sop or ''}/metadata{_scope(image_set)}"
+
+
+def _frame_key(study: str, series: str, sop: str, number: int, image_set: str | None, target: str = "") -> str:
+    """The key of a frame as stored, or converted to ``target``."""
+    return f"{study}/{series}/{sop}/frame/{number}{_scope(image_set)}" + (f">{target}" if target else "")
 
 
 def _uid(obj: JsonObject, tag: str) -> str | None:
