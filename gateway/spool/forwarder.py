@@ -269,6 +269,10 @@ class Forwarder:
         for o in outcomes:
             self.metrics.delivery_outcomes.labels(self.upstream.kind, o.kind, states.get(o.instance_id, "unknown")).inc()
         refusal = next((o.error for o in outcomes if o.kind == "config"), None)
+        if refusal is None and self._hold is not None and outcomes and all(o.kind == "retry" for o in outcomes):
+            # Unreachable or a 5xx: no word on our configuration, so the hold stands
+            # (released, it would log a recovery and then the same outage again).
+            refusal = self._hold.reason
         if refusal is not None:
             self._held(refusal)
         else:
