@@ -265,7 +265,7 @@ class RetrieveService:
             await self._refuse(send, what, exc)
             return
         feed = self.retriever.bulk(request, what)
-        listing = self.retriever.listing(request)
+        listing = self.retriever.listing(request, feed)
         try:
             await self._retrieve(_Receivers(self, assoc, message), listing, feed, send, what, started)
         finally:

@@ -1,10 +1,10 @@
-"""Whole studies or series read in one request each, ahead of the search.
+"""Whole studies or series read in one request each.
 
 For a STUDY or SERIES request whose study is named the archive answers a
-RetrieveStudy/RetrieveSeries and the instance search at once, and a search costs it
-about as much per instance as the retrieval does; so both start together, and the
-search stays the list of what is due (the engine sends a bulk instance once the
-search lists it, and fetches alone what the bulk answer lacks or brings after failing).
+RetrieveStudy/RetrieveSeries, and those answers are the list of what is due, checked
+against the archive's count of the scopes (`Listing`): an instance search costs an
+archive about as much per instance as the retrieval does, so it runs only for what
+the bulk answers lacked (or brought before failing), which is then fetched alone.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class BulkFeed:
         self.spill_bytes = spill_bytes
         self.max_bytes = max_bytes
         self.what = what
+        self.scopes = scopes
         self._queue: asyncio.Queue[Fetched | None] = asyncio.Queue(maxsize=max(limit, 1))
         self._held = 0  # bytes of the waiting in-memory instances
         self._room = asyncio.Event()

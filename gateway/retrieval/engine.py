@@ -1,7 +1,8 @@
 """The retrieval engine: every instance a request names, fetched and sent in order.
 
-A request becomes a list of instances (QIDO searches on the upstream, paging inside,
-in a task of its own: `Listing`), and a pipeline that starts with the first answers:
+A request becomes a list of instances (`Listing`: the bulk answers checked against
+the archive's count, or QIDO searches, in a task of its own), and a pipeline that
+starts with the first answers:
 up to ``retrieve.fetch_concurrency`` instances are fetched from the upstream at once,
 at most twice that many wait fetched, and they go to the receiver strictly in order,
 one at a time, while the search goes on. Instances of a SOP class the search had not
@@ -32,7 +33,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -40,12 +41,12 @@ from gateway.codecs import TranscodeError
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.retrieval.bulk import BulkFeed, bulk_scopes
-from gateway.retrieval.listing import Listing
+from gateway.retrieval.listing import Listing, search_instances
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import DataSource, Fetched, inspect
 from gateway.retrieval.transcode import ByteBudget, Transcoder
 from gateway.upstream.base import ANY_SYNTAX, Upstream
-from gateway.upstream.errors import NotFound, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.errors import NotFound, UpstreamError, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger("gateway.retrieval")
 
@@ -153,9 +154,10 @@ class Retriever:
     def close(self) -> None:
         self.codecs.shutdown(wait=False, cancel_futures=True)
 
-    def listing(self, request: RetrieveRequest) -> Listing:
-        """Start searching for the request's instances."""
-        return Listing(self.upstream, request)
+    def listing(self, request: RetrieveRequest, feed: BulkFeed | None = None) -> Listing:
+        """Start finding out what the request's instances are: counted when ``feed``
+        reads them in bulk, searched otherwise."""
+        return Listing(self.upstream, request, feed.scopes if feed is not None else ())
 
     def bulk(self, request: RetrieveRequest, what: str) -> BulkFeed | None:
         """Start reading the request's series or studies whole, or None when it names
@@ -209,16 +211,16 @@ class Retriever:
 class Pipeline:
     """One retrieval, from its listing to the last instance sent.
 
-    Sending starts while the search is still listing: instances come from ``feed``
-    first, each once the search has listed it, then the listed ones it did not bring
-    are fetched one by one (a producer task queues them, in order, behind a window of
+    Sending starts with the first answers: instances come from ``feed`` first, each
+    once it is due (`Listing.admit`), then the listed ones it did not bring are
+    fetched one by one (a producer task queues them, in order, behind a window of
     ``2 * fetch_concurrency``). ``open_target`` is called with the first
     LOOKAHEAD_INSTANCES fetched instances (fewer if they hold LOOKAHEAD_BYTES) and
     what the search has listed by then. An instance of a SOP class that receiver was
     not asked for (listed later) is set aside and fetched again at the end, for a
     second ``open_target`` call with the set-aside ones (the first receiver is done
-    with by then). Progress reports wait for the search to finish, since only then is
-    the number remaining known. Every fetched instance is released on every path.
+    with by then). Progress reports wait until the number due is known (the count,
+    or the end of the search). Every fetched instance is released on every path.
     """
 
     def __init__(
@@ -274,24 +276,24 @@ class Pipeline:
     async def _produce(self) -> None:
         """Queue the instances to send, in order, then None for the end."""
         delivered = await self._queue_bulk() if self.feed is not None else set()
+        self.listing.bulk_over()
         await self.listing.complete()
         await self._queue_fetches(delivered)
         await self._queue.put(None)
 
     async def _queue_bulk(self) -> set[str]:
-        """Queue the bulk answers' instances as the search lists them; returns their UIDs."""
+        """Queue the bulk answers' instances, each due as it comes (`Listing.admit`);
+        returns their UIDs."""
         assert self.feed is not None
         delivered: set[str] = set()
         loop = asyncio.get_running_loop()
         async for item in self.feed:
             uid = item.ref.sop_instance_uid
-            ref = None if uid in delivered else await self.listing.listed(uid)
-            if ref is None:
-                item.release()  # stored after the search, or sent twice
+            if uid in delivered:
+                item.release()  # the answer repeats it
                 continue
+            self.listing.admit(item.ref)
             delivered.add(uid)
-            item.ref = ref
-            item.sop_class_uid = item.sop_class_uid or ref.sop_class_uid
             self.counts.bulk += 1
             arrived: asyncio.Future[Fetched] = loop.create_future()
             arrived.set_result(item)
@@ -356,6 +358,27 @@ class Pipeline:
         self._deferred.append(Fetched(item.ref, transfer_syntax=item.transfer_syntax, sop_class_uid=item.sop_class_uid))
         item.release()
 
+    async def _locate(self, deferred: list[Fetched]) -> None:
+        """Fill in the series of set-aside instances a study's bulk answer brought
+        (fetching one alone needs it, and that answer does not say it): one search
+        per study for those instances. One it does not find keeps no series, and
+        its fetch fails (counted failed)."""
+        unknown: dict[str, list[str]] = {}
+        for info in deferred:
+            if not info.ref.series_uid:
+                unknown.setdefault(info.ref.study_uid, []).append(info.ref.sop_instance_uid)
+        found: dict[str, str] = {}
+        for study, uids in unknown.items():
+            request = RetrieveRequest("IMAGE", study_uids=(study,), sop_uids=tuple(uids))
+            try:
+                async for ref in search_instances(self.retriever.upstream, request):
+                    found[ref.sop_instance_uid] = ref.series_uid
+            except UpstreamError as exc:
+                log.warning("%s: cannot find the series of %d set-aside instances: %s", self.what, len(uids), exc)
+        for info in deferred:
+            if not info.ref.series_uid and info.ref.sop_instance_uid in found:
+                info.ref = replace(info.ref, series_uid=found[info.ref.sop_instance_uid])
+
     async def _send_set_aside(self) -> None:
         """The instances the first receiver was not asked for, to a second one, each
         fetched again one ahead of the one sending."""
@@ -366,6 +389,7 @@ class Pipeline:
             for info in deferred:
                 self.counts.fail(info.ref.sop_instance_uid)
             return
+        await self._locate(deferred)
         try:
             target = await self.open_target(deferred, [])
         except TargetLost as exc:
@@ -455,10 +479,11 @@ class Pipeline:
 
     async def _report_if_due(self) -> None:
         """A progress report every ``pending_every`` instances or ``pending_seconds``,
-        once the search has ended."""
+        once the number due is known."""
         now = time.monotonic()
-        if self.listing.done:
-            self.counts.total = len(self.listing.refs)
+        total = self.listing.total()
+        if total is not None:
+            self.counts.total = total
             if self.counts.remaining and (
                 self._since >= self.settings.pending_every or now - self._last_report >= self.settings.pending_seconds
             ):
@@ -467,7 +492,9 @@ class Pipeline:
 
     async def _clean_up(self) -> None:
         """Stop the producer and every fetch, and release whatever they fetched."""
-        self.counts.total = len(self.listing.refs)
+        total = self.listing.total()
+        self.counts.total = len(self.listing.refs) if total is None else total
+        self.listing.bulk_over()
         assert self._producer is not None
         self._producer.cancel()
         for task in list(self._fetches):

@@ -1,10 +1,14 @@
 """C-MOVE/C-GET faults: an instance search that fails after sub-operations ran, and
 transcoding a large multi-frame instance within bounded memory.
 
-A search that breaks mid-way: Orthanc's DICOMweb behind `ArchiveProxy`, which
-answers the second QIDO-RS page of the instance search with 503 (``find.page_size``
-is 5, so the first page lists 5 of the series' 12 instances); dcmtk's movescu, getscu
-and storescp are the mover, the requester and the destination.
+A search that breaks: Orthanc's DICOMweb behind `ArchiveProxy`. For a series named
+with its study, the series answer (RetrieveSeries) is the list of what is due once
+the archive's count agrees, so the module's proxy leaves the first instance out of
+every series answer and fails every instance search (which should find it) with
+503: 11 of the series' 12 instances are known when the search fails. A series named
+without its study is listed by the search alone: that proxy answers its second page
+with 503 (``find.page_size`` is 5, so the first page lists 5). dcmtk's movescu,
+getscu and storescp are the mover, the requester and the destination.
 
 The large instance: 1000 frames of 512x512 16-bit (500 MiB decoded), stored RLE
 Lossless (12 MiB) in the embedded archive through dcmtk's storescu, moved to a
@@ -37,6 +41,7 @@ from tests.support.synth import ct_series
 
 PAGE = 5  # find.page_size: the first page the search lists before failing
 SERIES_SIZE = 12
+SHORT = SERIES_SIZE - 1  # what the proxy's series answers bring
 
 
 def uids(paths: list[Path]) -> set[str]:
@@ -82,7 +87,7 @@ def search_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchEnv]:
     try:
         orthanc.start()
         orthanc.upload(series)
-        proxy = ArchiveProxy(orthanc.dicomweb_url, fail_searches=True).start()
+        proxy = ArchiveProxy(orthanc.dicomweb_url, fail_every_search=True, drop_bulk_parts=1000).start()
         gateway = start_gateway(root / "gw", proxy, scp, refusing)
         yield SearchEnv(orthanc, proxy, gateway, scp, refusing, series, str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
     finally:
@@ -101,23 +106,46 @@ def clear(scp: StoreSCP) -> None:
 
 
 def test_move_search_failing_after_sending_began_ends_with_warning(search_env: SearchEnv) -> None:
-    """The series is read whole (RetrieveSeries) while the search lists it; the search
-    lists 5 and fails. The 5 listed arrive, and the final status is 0xB000 (Warning:
+    """The series answer brings 11 of the 12 the archive counts; the search that should
+    find the last one fails. The 11 arrive, and the final status is 0xB000 (Warning:
     sub-operations complete, one or more failures; PS3.4 C.4.2.1.5), not 0xA701 (which
-    refuses before any sub-operation): Completed 5 as storescp received, nothing failed
-    (every listed instance was sent), and the Error Comment says the search failed."""
+    refuses before any sub-operation): Completed 11 as storescp received, nothing
+    failed (every known instance was sent), and the Error Comment says the search
+    failed."""
     env = search_env
     clear(env.scp)
     failed_before = len(env.proxy.failed_searches)
     keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": env.study_uid, "SeriesInstanceUID": env.series_uid}
     result = parse_move(movescu(env.gateway.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=60))
-    assert len(env.proxy.failed_searches) > failed_before, "the proxy never failed a search page"
-    assert (result.status, result.completed, result.failed, result.warning) == (0xB000, PAGE, 0, 0), result.output[-3000:]
-    received = uids(env.scp.wait_for_files(PAGE))
-    assert len(received) == PAGE and received <= uids(env.series)
+    assert len(env.proxy.failed_searches) > failed_before, "the proxy never failed a search"
+    assert (result.status, result.completed, result.failed, result.warning) == (0xB000, SHORT, 0, 0), result.output[-3000:]
+    received = uids(env.scp.wait_for_files(SHORT))
+    assert len(received) == SHORT and received <= uids(env.series)
     assert failed_list(result) == set()
     assert error_comment(result.output, "Received Final Move Response").startswith("search failed"), result.output[-3000:]
-    assert "search failed after listing 5 instances" in env.gateway.log()
+    assert f"search failed after listing {SHORT} instances" in env.gateway.log()
+
+
+def test_move_of_a_whole_series_answer_needs_no_instance_search(tmp_path: Path, search_env: SearchEnv) -> None:
+    """A proxy that fails every instance search but sends series answers whole: the
+    archive's count (a series-level search) agrees with the answer, so no instance
+    search is made and the move ends in Success with all 12."""
+    env = search_env
+    proxy = ArchiveProxy(env.orthanc.dicomweb_url, fail_every_search=True).start()
+    scp = StoreSCP(output_dir=tmp_path / "dest").start()
+    gateway = start_gateway(tmp_path / "gw", proxy, scp, env.refusing)
+    try:
+        keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": env.study_uid, "SeriesInstanceUID": env.series_uid}
+        result = parse_move(movescu(gateway.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=60))
+        assert (result.status, result.completed, result.failed) == (0, SERIES_SIZE, 0), result.output[-3000:]
+        assert uids(scp.wait_for_files(SERIES_SIZE)) == uids(env.series)
+        assert proxy.failed_searches == []
+        assert not [r for r in proxy.requests if r.split("?")[0].endswith("/instances")], proxy.requests
+        assert any(r.split("?")[0].endswith("/series") for r in proxy.requests), proxy.requests
+    finally:
+        gateway.kill()
+        proxy.stop()
+        scp.cleanup()
 
 
 def test_move_search_failing_with_a_failed_retrieval_lists_it(tmp_path: Path, search_env: SearchEnv) -> None:
@@ -143,22 +171,22 @@ def test_move_search_failing_with_a_failed_retrieval_lists_it(tmp_path: Path, se
 
 
 def test_move_search_failing_with_nothing_completed_ends_with_a702(search_env: SearchEnv) -> None:
-    """The destination refuses the association: none of the 5 listed instances can be
+    """The destination refuses the association: none of the 11 known instances can be
     sent, so the final status is 0xA702 (Refused: out of resources, unable to perform
-    sub-operations), Failed 5 and their UIDs listed, the Error Comment on the search."""
+    sub-operations), Failed 11 and their UIDs listed, the Error Comment on the search."""
     env = search_env
     keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": env.study_uid, "SeriesInstanceUID": env.series_uid}
     result = parse_move(movescu(env.gateway.port, "DICOMGW", "REFUSER", keys, extra_args=["-v", "-d"], timeout=60))
-    assert (result.status, result.completed, result.failed, result.warning) == (0xA702, 0, PAGE, 0), result.output[-3000:]
+    assert (result.status, result.completed, result.failed, result.warning) == (0xA702, 0, SHORT, 0), result.output[-3000:]
     listed = failed_list(result)
-    assert len(listed) == PAGE and listed <= uids(env.series), result.output[-3000:]
+    assert len(listed) == SHORT and listed <= uids(env.series), result.output[-3000:]
     assert error_comment(result.output, "Received Final Move Response").startswith("search failed"), result.output[-3000:]
     assert env.refusing.files() == []
 
 
 def test_get_search_failing_after_sending_began_ends_with_warning(tmp_path: Path, search_env: SearchEnv) -> None:
-    """C-GET likewise: the 5 listed instances come back over the requester's own
-    association and the final C-GET response is 0xB000 with Completed 5."""
+    """C-GET likewise: the 11 known instances come back over the requester's own
+    association and the final C-GET response is 0xB000 with Completed 11."""
     env = search_env
     out = tmp_path / "got"
     out.mkdir()
@@ -168,10 +196,10 @@ def test_get_search_failing_after_sending_began_ends_with_warning(tmp_path: Path
     final = output.rpartition("C-GET RSP")[2].split("END DIMSE MESSAGE")[0]  # the last response
     status = re.search(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", final)
     assert status is not None and int(status.group(1), 16) == 0xB000, output[-3000:]
-    assert re.search(r"Completed Suboperations\s*:\s*5\b", final), output[-3000:]
+    assert re.search(rf"Completed Suboperations\s*:\s*{SHORT}\b", final), output[-3000:]
     assert re.search(r"Failed Suboperations\s*:\s*(0|none)\b", final), output[-3000:]
     got = list(out.iterdir())
-    assert len(got) == PAGE and uids(got) <= uids(env.series)
+    assert len(got) == SHORT and uids(got) <= uids(env.series)
 
 
 # -- a 500 MiB multi-frame instance, transcoded on its way ----------------------------------

@@ -5,7 +5,7 @@ everything else; stopping it would also break the WADO-RS retrievals of what the
 first page listed. This proxy forwards every GET (and STOW-RS POST) to the archive
 unchanged, except:
 with ``fail_searches``, a SearchForInstances page past the first (``offset`` > 0),
-answered with ``status``; the first ``fail_retrievals`` single-instance
+answered with ``status`` (with ``fail_every_search``, every page); the first ``fail_retrievals`` single-instance
 retrievals (``.../instances/<uid>``), answered with ``status`` too; and the first
 ``fail_frames`` RetrieveFrames, likewise. It records what it failed, and
 every path it was asked (``requests``), so tests can count what reached the archive.
@@ -36,6 +36,7 @@ class ArchiveProxy:
         target: str,
         *,
         fail_searches: bool = False,
+        fail_every_search: bool = False,
         status: int = 503,
         fail_retrievals: int = 0,
         fail_frames: int = 0,
@@ -43,6 +44,7 @@ class ArchiveProxy:
     ) -> None:
         self.target = target.rstrip("/")
         self.fail_searches = fail_searches
+        self.fail_every_search = fail_every_search
         self.status = status
         self.fail_retrievals = fail_retrievals
         self.failed_searches: list[str] = []
@@ -76,7 +78,7 @@ class ArchiveProxy:
         split = urlsplit(path)
         offset = int(parse_qs(split.query).get("offset", ["0"])[0])
         with self._lock:
-            if self.fail_searches and split.path.endswith("/instances") and offset > 0:
+            if split.path.endswith("/instances") and (self.fail_every_search or self.fail_searches and offset > 0):
                 self.failed_searches.append(path)
                 return True
             if "/frames/" in split.path and len(self.failed_frames) < self.fail_frames:
