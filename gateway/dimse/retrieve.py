@@ -317,7 +317,7 @@ class RetrieveService:
                     counts = Counts() if worker.cancelled() else worker.result()
         except TargetLost as exc:
             await listing.complete()
-            counts = Counts(total=len(listing.refs))
+            counts = Counts(total=len(listing.refs) + listing.unknown(), failed=listing.unknown())
             for ref in listing.refs.values():
                 counts.fail(ref.sop_instance_uid)
             log.warning("%s: cannot open the receiving association: %s", what, exc)
@@ -340,7 +340,8 @@ class RetrieveService:
             # Cut short after sub-operations began: 0xA701 would say none ran. Every
             # instance it listed has been sent or counted failed (with its UID) by now,
             # since the engine goes through all of them; what it never listed is unknown
-            # to us, so the request ends in Warning (or 0xA702 when nothing completed)
+            # to us (counted failed, without a UID, when the archive's count says how
+            # many), so the request ends in Warning (or 0xA702 when nothing completed)
             # with the counts, and the comment says the search failed.
             status = final_status(counts, complete=False)
             comment = failure_status(listing.error).comment

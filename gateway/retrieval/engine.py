@@ -5,8 +5,8 @@ the archive's count, or QIDO searches, in a task of its own), and a pipeline tha
 starts with the first answers:
 up to ``retrieve.fetch_concurrency`` instances are fetched from the upstream at once,
 at most twice that many wait fetched, and they go to the receiver strictly in order,
-one at a time, while the search goes on. Instances of a SOP class the search had not
-listed when the receiver was opened go last, to a second one. A fetched instance
+one at a time, while the search goes on. Instances of a SOP class not seen (fetched
+or listed) when the receiver was opened go last, to a second one. A fetched instance
 above ``retrieve.spill_mb`` waits in a file under ``<spool>/retrieve``, so memory
 stays bounded by the window (and the look-ahead before the first send) whatever the
 study size. A STUDY or SERIES request whose study is named is read in bulk as well
@@ -267,6 +267,7 @@ class Pipeline:
             target = await self.open_target(first, list(self.listing.refs.values()))
             if await self._send_in_order(target):
                 await self._send_set_aside()
+                self.counts.failed += self.listing.unknown()
             return self.counts
         finally:
             await self._clean_up()

@@ -283,13 +283,13 @@ def test_one_sop_class_one_receiver(tmp_path: Path) -> None:
 def test_search_failing_after_a_short_bulk_answer_accounts_for_what_is_known(tmp_path: Path) -> None:
     """The archive counts 100 and its answer breaks after 60: the search that should
     find the rest lists 30 (all sent already) and breaks too. The 60 are sent, the
-    engine ends without waiting for more, and the listing keeps the error for the
-    final status."""
+    engine ends without waiting for more, the 40 never named count failed (without
+    UIDs), and the listing keeps the error for the final status."""
     uids = [f"9.{i}" for i in range(1, 101)]
     archive = FakeArchive(uids, uids[:60], bulk_fails=True, listed=uids[:30], search_fails=True, count=100)
     counts, [receiver], listing = _retrieve(tmp_path, archive)
-    assert isinstance(listing.error, UpstreamUnavailable)
-    assert (counts.total, counts.completed, counts.failed) == (60, 60, 0)
+    assert isinstance(listing.error, UpstreamUnavailable) and listing.unknown() == 40
+    assert (counts.total, counts.completed, counts.failed, counts.failed_uids) == (100, 60, 40, [])
     assert receiver.stored == uids[:60] and archive.alone == []
     assert archive.unreleased() == 0
 
