@@ -79,11 +79,13 @@ def failure_status(exc: BaseException) -> Failure:
 
 
 def _values(ds: Dataset, tag: int) -> tuple[str, ...]:
+    """The element's values, each once (a UID named twice is retrieved, and counted
+    against the archive's count, once)."""
     elem = ds.get(tag)
     if elem is None or elem.value in (None, ""):
         return ()
     raw = list(elem.value) if isinstance(elem.value, (list, MultiValue)) else [elem.value]
-    return tuple(str(v).strip().rstrip("\x00") for v in raw if str(v).strip())
+    return tuple(dict.fromkeys(str(v).strip().rstrip("\x00") for v in raw if str(v).strip()))
 
 
 def parse_retrieve_identifier(ds: Dataset, study_root: bool) -> RetrieveRequest:

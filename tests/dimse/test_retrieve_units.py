@@ -59,8 +59,8 @@ def _identifier(**values: str) -> Dataset:
 
 
 def test_retrieve_identifier_levels() -> None:
-    req = parse_retrieve_identifier(_identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=["1.2", "1.3"]), True)
-    assert req.study_uids == ("1.2", "1.3")
+    req = parse_retrieve_identifier(_identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=["1.2", "1.3", "1.2"]), True)
+    assert req.study_uids == ("1.2", "1.3")  # each once: read in bulk and counted once
     req = parse_retrieve_identifier(_identifier(QueryRetrieveLevel="IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.1", SOPInstanceUID="1.2.1.1"), True)
     assert (req.level, req.sop_uids) == ("IMAGE", ("1.2.1.1",))
     assert parse_retrieve_identifier(_identifier(QueryRetrieveLevel="PATIENT", PatientID="P1"), False).patient_id == "P1"
