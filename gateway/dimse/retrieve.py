@@ -264,6 +264,7 @@ class RetrieveService:
         except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status
             await self._refuse(send, what, exc)
             return
+        request = await self.retriever.located(request)
         feed = self.retriever.bulk(request, what)
         listing = self.retriever.listing(request, feed)
         try:

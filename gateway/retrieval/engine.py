@@ -41,7 +41,7 @@ from gateway.codecs import TranscodeError
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.retrieval.bulk import BulkFeed, bulk_scopes
-from gateway.retrieval.listing import Listing, search_instances
+from gateway.retrieval.listing import Listing, search_instances, with_study
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import DataSource, Fetched, inspect
 from gateway.retrieval.transcode import ByteBudget, Transcoder
@@ -153,6 +153,13 @@ class Retriever:
 
     def close(self) -> None:
         self.codecs.shutdown(wait=False, cancel_futures=True)
+
+    async def located(self, request: RetrieveRequest) -> RetrieveRequest:
+        """The request with the study of its series filled in, where the archive can
+        read series in bulk and one search finds it (`with_study`)."""
+        if not self.upstream.capabilities.series_retrieve:
+            return request
+        return await with_study(self.upstream, request)
 
     def listing(self, request: RetrieveRequest, feed: BulkFeed | None = None) -> Listing:
         """Start finding out what the request's instances are: counted when ``feed``

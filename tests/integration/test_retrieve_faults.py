@@ -1,13 +1,13 @@
 """C-MOVE/C-GET faults: an instance search that fails after sub-operations ran, and
 transcoding a large multi-frame instance within bounded memory.
 
-A search that breaks: Orthanc's DICOMweb behind `ArchiveProxy`. For a series named
-with its study, the series answer (RetrieveSeries) is the list of what is due once
-the archive's count agrees, so the module's proxy leaves the first instance out of
-every series answer and fails every instance search (which should find it) with
-503: 11 of the series' 12 instances are known when the search fails. A series named
-without its study is listed by the search alone: that proxy answers its second page
-with 503 (``find.page_size`` is 5, so the first page lists 5). dcmtk's movescu,
+A search that breaks: Orthanc's DICOMweb behind `ArchiveProxy`. For a series, the
+series answer (RetrieveSeries) is the list of what is due once the archive's count
+agrees, so the module's proxy leaves the first instance out of every series answer
+and fails every instance search (which should find it) with 503: 11 of the series'
+12 instances are known when the search fails. Instances named one by one (IMAGE
+level) are listed by the search alone: that proxy answers its second page with 503
+(``find.page_size`` is 5, so the first page lists 5). dcmtk's movescu,
 getscu and storescp are the mover, the requester and the destination.
 
 The large instance: 1000 frames of 512x512 16-bit (500 MiB decoded), stored RLE
@@ -36,7 +36,7 @@ from tests.integration.test_move_retrieve import failed_list, parse_move, peers
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu, storescu_for_syntax
 from tests.support.orthanc import Orthanc
-from tests.support.archiveproxy import ArchiveProxy
+from tests.support.archiveproxy import ROOT, ArchiveProxy
 from tests.support.synth import ct_series
 
 PAGE = 5  # find.page_size: the first page the search lists before failing
@@ -126,22 +126,28 @@ def test_move_search_failing_after_sending_began_ends_with_warning(search_env: S
     assert f"search failed after listing {SHORT} instances" in env.gateway.log()
 
 
-def test_move_of_a_whole_series_answer_needs_no_instance_search(tmp_path: Path, search_env: SearchEnv) -> None:
+@pytest.mark.parametrize("study_named", [True, False], ids=["study-named", "study-left-out"])
+def test_move_of_a_whole_series_answer_needs_no_instance_search(tmp_path: Path, search_env: SearchEnv, study_named: bool) -> None:
     """A proxy that fails every instance search but sends series answers whole: the
     archive's count (a series-level search) agrees with the answer, so no instance
-    search is made and the move ends in Success with all 12."""
+    search is made, nothing is fetched alone, and the move ends in Success with all
+    12. A request that leaves the study out gets it from one series search first."""
     env = search_env
     proxy = ArchiveProxy(env.orthanc.dicomweb_url, fail_every_search=True).start()
     scp = StoreSCP(output_dir=tmp_path / "dest").start()
     gateway = start_gateway(tmp_path / "gw", proxy, scp, env.refusing)
     try:
-        keys = {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": env.study_uid, "SeriesInstanceUID": env.series_uid}
+        keys = {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": env.series_uid}
+        if study_named:
+            keys["StudyInstanceUID"] = env.study_uid
         result = parse_move(movescu(gateway.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=60))
         assert (result.status, result.completed, result.failed) == (0, SERIES_SIZE, 0), result.output[-3000:]
         assert uids(scp.wait_for_files(SERIES_SIZE)) == uids(env.series)
         assert proxy.failed_searches == []
         assert not [r for r in proxy.requests if r.split("?")[0].endswith("/instances")], proxy.requests
         assert any(r.split("?")[0].endswith("/series") for r in proxy.requests), proxy.requests
+        bulk = f"/studies/{env.study_uid}/series/{env.series_uid}"
+        assert [r for r in proxy.requests if "/series/" in r] == [ROOT + bulk], proxy.requests
     finally:
         gateway.kill()
         proxy.stop()
@@ -149,7 +155,7 @@ def test_move_of_a_whole_series_answer_needs_no_instance_search(tmp_path: Path, 
 
 
 def test_move_search_failing_with_a_failed_retrieval_lists_it(tmp_path: Path, search_env: SearchEnv) -> None:
-    """SERIES level without the study: no bulk read, each listed instance is fetched
+    """IMAGE level (every instance named): no bulk read, each listed instance is fetched
     alone, and the first of those fetches fails too. Final 0xB000 with Completed 4,
     Failed 1, and the failed instance's UID in FailedSOPInstanceUIDList."""
     env = search_env
@@ -157,7 +163,10 @@ def test_move_search_failing_with_a_failed_retrieval_lists_it(tmp_path: Path, se
     scp = StoreSCP(output_dir=tmp_path / "dest").start()
     gateway = start_gateway(tmp_path / "gw", proxy, scp, env.refusing)
     try:
-        keys = {"QueryRetrieveLevel": "SERIES", "SeriesInstanceUID": env.series_uid}
+        keys = {
+            "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": env.study_uid, "SeriesInstanceUID": env.series_uid,
+            "SOPInstanceUID": "\\".join(sorted(uids(env.series))),
+        }
         result = parse_move(movescu(gateway.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"], timeout=60))
         assert proxy.failed_searches and len(proxy.failed_retrievals) == 1
         assert (result.status, result.completed, result.failed, result.warning) == (0xB000, PAGE - 1, 1, 0), result.output[-3000:]
