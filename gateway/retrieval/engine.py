@@ -41,7 +41,7 @@ from gateway.codecs import TranscodeError
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.retrieval.bulk import BulkFeed, bulk_scopes
-from gateway.retrieval.listing import Listing, search_instances, with_study
+from gateway.retrieval.listing import Listing, as_studies, search_instances, with_study
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import DataSource, Fetched, inspect
 from gateway.retrieval.transcode import ByteBudget, Transcoder
@@ -155,11 +155,15 @@ class Retriever:
         self.codecs.shutdown(wait=False, cancel_futures=True)
 
     async def located(self, request: RetrieveRequest) -> RetrieveRequest:
-        """The request with the study of its series filled in, where the archive can
-        read series in bulk and one search finds it (`with_study`)."""
-        if not self.upstream.capabilities.series_retrieve:
-            return request
-        return await with_study(self.upstream, request)
+        """The request in the terms the archive reads in bulk, where one search finds
+        them: a series with its study (`with_study`), a patient as its studies
+        (`as_studies`)."""
+        caps = self.upstream.capabilities
+        if request.level == "SERIES" and caps.series_retrieve:
+            return await with_study(self.upstream, request)
+        if request.level == "PATIENT" and caps.study_retrieve:
+            return await as_studies(self.upstream, request)
+        return request
 
     def listing(self, request: RetrieveRequest, feed: BulkFeed | None = None) -> Listing:
         """Start finding out what the request's instances are: counted when ``feed``

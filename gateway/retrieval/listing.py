@@ -53,6 +53,17 @@ def _uid_key(tag: int, uids: tuple[str, ...]):  # type: ignore[no-untyped-def]
     return make_key(DataElement(tag, "UI", list(uids) if len(uids) > 1 else uids[0]))
 
 
+async def _patient_studies(upstream: Upstream, patient_id: str) -> list[str]:
+    """The patient's studies, each once (the archive may match the ID loosely; the
+    request is exact). Raises UpstreamError."""
+    search = Search(keys=(make_key(DataElement(PATIENT_ID, "LO", patient_id)),), include=(STUDY_UID, PATIENT_ID))
+    studies: list[str] = []
+    async for obj in upstream.search_for_studies(search):
+        if _first(obj, "00100020") == patient_id and is_valid_uid(_first(obj, "0020000D")):
+            studies.append(_first(obj, "0020000D"))
+    return list(dict.fromkeys(studies))
+
+
 async def search_instances(upstream: Upstream, request: RetrieveRequest) -> AsyncIterator[InstanceRef]:
     """Every instance the request names, by QIDO on the upstream, deduplicated,
     each as soon as its page arrives."""
@@ -61,12 +72,8 @@ async def search_instances(upstream: Upstream, request: RetrieveRequest) -> Asyn
     base = {"include": include}
     if request.level == "PATIENT":
         assert request.patient_id is not None
-        search = Search(keys=(make_key(DataElement(PATIENT_ID, "LO", request.patient_id)),), include=(STUDY_UID, PATIENT_ID))
-        studies: list[str] = []
-        async for obj in upstream.search_for_studies(search):
-            if _first(obj, "00100020") == request.patient_id and is_valid_uid(_first(obj, "0020000D")):
-                studies.append(_first(obj, "0020000D"))
-        searches = [Search(study_uid=s, **base) for s in dict.fromkeys(studies)]  # type: ignore[arg-type]
+        studies = await _patient_studies(upstream, request.patient_id)
+        searches = [Search(study_uid=s, **base) for s in studies]  # type: ignore[arg-type]
     elif request.level == "STUDY":
         searches = [Search(study_uid=s, **base) for s in request.study_uids]  # type: ignore[arg-type]
     elif request.level == "SERIES":
@@ -126,6 +133,20 @@ async def with_study(upstream: Upstream, request: RetrieveRequest) -> RetrieveRe
     if len(studies) < len(request.series_uids) or len(found) != 1 or not is_valid_uid(study := found.pop()):
         return request
     return replace(request, study_uids=(study,))
+
+
+async def as_studies(upstream: Upstream, request: RetrieveRequest) -> RetrieveRequest:
+    """A PATIENT request as the STUDY request for the patient's studies (one study
+    search), so they can be read in bulk and counted instead of listed and fetched
+    one by one. The request as it was when the patient has no study, and when the
+    search fails (the instance search decides, and meets the same failure)."""
+    if request.level != "PATIENT" or request.patient_id is None:
+        return request
+    try:
+        studies = await _patient_studies(upstream, request.patient_id)
+    except UpstreamError:
+        return request
+    return RetrieveRequest("STUDY", study_uids=tuple(studies)) if studies else request
 
 
 # QIDO-RS Number of Study / Series Related Instances (PS3.18 table 10.6.3-3 and -4).

@@ -163,14 +163,17 @@ def test_move_to_destination_rejecting_the_sop_class(env: Env) -> None:
 
 def test_move_patient_level(env: Env) -> None:
     """Patient Root, QueryRetrieveLevel PATIENT with a PatientID: both of the patient's
-    studies arrive whole and identical, and nothing of another patient."""
+    studies arrive whole and identical, and nothing of another patient; one study
+    search made them a STUDY request, so both were read in bulk."""
     before = set(uids(env.scp.files()))
+    logged = len(env.gateway.log())
     proc = movescu(
         env.gateway.port, "DICOMGW", "STORESCP", {"QueryRetrieveLevel": "PATIENT", "PatientID": "PAT-PATHS"},
         model="patient", extra_args=["-v", "-d"], timeout=30,
     )
     result = parse_move(proc)
     assert (result.status, result.completed, result.failed, result.warning) == (0, 12, 0, 0), result.output[-3000:]
+    assert "12 instances (12 in bulk)" in env.gateway.log()[logged:]
     env.scp.wait_for_files(len(before) + 12)
     received = {uid: p for uid, p in uids(env.scp.files()).items() if uid not in before}
     expected = uids(env.patient)

@@ -1,5 +1,6 @@
-"""Unit tests of `with_study`: a SERIES request without its study gets it from one
-series search, only when that search finds every series in one study."""
+"""Unit tests of `with_study` and `as_studies`: a SERIES request without its study
+gets it from one series search, only when that search finds every series in one
+study; a PATIENT request becomes the STUDY request for the patient's studies."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from gateway.model.search import Search
-from gateway.retrieval.listing import with_study
+from gateway.retrieval.listing import as_studies, with_study
 from gateway.retrieval.request import RetrieveRequest
 from gateway.upstream.errors import UpstreamUnavailable
 
@@ -59,3 +60,26 @@ def test_requests_naming_their_study_or_at_other_levels_need_no_search() -> None
     ):
         assert _located(archive, request) == request
     assert archive.searches == []
+
+
+class StudyArchive:
+    """Answers a study search with ``studies`` (study UID -> patient ID), or fails."""
+
+    def __init__(self, studies: dict[str, str], fails: bool = False) -> None:
+        self.studies, self.fails = studies, fails
+
+    async def search_for_studies(self, search: Search) -> AsyncIterator[dict[str, object]]:
+        if self.fails:
+            raise UpstreamUnavailable("connection refused")
+        for study, patient in self.studies.items():
+            yield {"0020000D": {"vr": "UI", "Value": [study]}, "00100020": {"vr": "LO", "Value": [patient]}}
+
+
+def test_a_patient_request_becomes_one_for_the_patients_studies() -> None:
+    """Only the studies of exactly that patient (the archive may match loosely); the
+    request as it was when there is none, or the search fails."""
+    request = RetrieveRequest("PATIENT", patient_id="P1")
+    archive = StudyArchive({"1.2.3": "P1", "1.2.4": "P10", "1.2.5": "P1"})
+    assert asyncio.run(as_studies(archive, request)) == RetrieveRequest("STUDY", study_uids=("1.2.3", "1.2.5"))  # type: ignore[arg-type]
+    for archive in (StudyArchive({"1.2.4": "P10"}), StudyArchive({"1.2.3": "P1"}, fails=True)):
+        assert asyncio.run(as_studies(archive, request)) == request  # type: ignore[arg-type]
