@@ -18,6 +18,7 @@ storescp that accepts Implicit VR Little Endian only, so the gateway must decode
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -210,6 +211,54 @@ def test_get_search_failing_after_sending_began_ends_with_warning(tmp_path: Path
     assert re.search(r"Failed Suboperations\s*:\s*1\b", final), output[-3000:]
     got = list(out.iterdir())
     assert len(got) == SHORT and uids(got) <= uids(env.series)
+
+
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+
+
+def test_move_cancelled_while_its_series_is_located_ends_with_cancel(tmp_path: Path, search_env: SearchEnv) -> None:
+    """A SERIES C-MOVE without its study: the gateway first asks the archive for the
+    series' study, and the archive takes 3 s to answer. A C-CANCEL sent meanwhile
+    (pynetdicom as the requester: movescu cancels only after a response) ends the
+    request with Cancel (0xFE00) at once, nothing sent, and the association serves a
+    C-ECHO after it."""
+    from pydicom.dataset import Dataset as Identifier
+    from pynetdicom import AE
+
+    env = search_env
+    proxy = ArchiveProxy(env.orthanc.dicomweb_url, slow_series_searches=3.0).start()
+    scp = StoreSCP(output_dir=tmp_path / "dest").start()
+    gateway = start_gateway(tmp_path / "gw", proxy, scp, env.refusing)
+    try:
+        ae = AE("PYSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+        ae.add_requested_context(STUDY_ROOT_MOVE)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", gateway.port, ae_title="DICOMGW")
+        assert assoc.is_established
+        try:
+            query = Identifier()
+            query.QueryRetrieveLevel = "SERIES"
+            query.SeriesInstanceUID = env.series_uid
+            context = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == STUDY_ROOT_MOVE)
+            responses = assoc.send_c_move(query, "STORESCP", STUDY_ROOT_MOVE, msg_id=7)
+            started = time.monotonic()
+            timer = threading.Timer(0.5, assoc.send_c_cancel, args=(7, context))
+            timer.start()
+            statuses = [status.Status for status, _ in responses if status]
+            elapsed = time.monotonic() - started
+            timer.join()
+            assert statuses == [0xFE00] and elapsed < 2.5, (statuses, elapsed)
+            assert assoc.send_c_echo().Status == 0
+        finally:
+            assoc.release()
+        assert "cancelled before any sub-operation" in gateway.log()
+        time.sleep(3)  # the slow search ends; nothing may follow it
+        assert scp.files() == []
+    finally:
+        gateway.kill()
+        proxy.stop()
+        scp.cleanup()
 
 
 # -- a 500 MiB multi-frame instance, transcoded on its way ----------------------------------

@@ -7,7 +7,8 @@ unchanged, except:
 with ``fail_searches``, a SearchForInstances page past the first (``offset`` > 0),
 answered with ``status`` (with ``fail_every_search``, every page); the first ``fail_retrievals`` single-instance
 retrievals (``.../instances/<uid>``), answered with ``status`` too; and the first
-``fail_frames`` RetrieveFrames, likewise. It records what it failed, and
+``fail_frames`` RetrieveFrames, likewise; with ``slow_series_searches``, every
+SearchForSeries is answered that many seconds late. It records what it failed, and
 every path it was asked (``requests``), so tests can count what reached the archive.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +43,7 @@ class ArchiveProxy:
         fail_retrievals: int = 0,
         fail_frames: int = 0,
         drop_bulk_parts: int = 0,
+        slow_series_searches: float = 0.0,
     ) -> None:
         self.target = target.rstrip("/")
         self.fail_searches = fail_searches
@@ -54,6 +57,7 @@ class ArchiveProxy:
         # the first part of this many study/series retrieve answers is left out (an
         # archive whose bulk answer lacks an instance it could not send whole)
         self.drop_bulk_parts = drop_bulk_parts
+        self.slow_series_searches = slow_series_searches
         self.requests: list[str] = []  # every GET's path and query, in order
         self.port = free_port()
         self._lock = threading.Lock()
@@ -117,6 +121,8 @@ class ArchiveProxy:
             def do_GET(self) -> None:  # noqa: N802 - stdlib name
                 with proxy._lock:
                     proxy.requests.append(self.path)
+                if proxy.slow_series_searches and urlsplit(self.path).path.endswith("/series"):
+                    time.sleep(proxy.slow_series_searches)
                 if proxy._verdict(self.path):
                     self._answer(proxy.status, {"Content-Type": "application/json"}, b'{"error": "scripted failure"}')
                     return
