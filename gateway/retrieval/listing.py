@@ -1,11 +1,12 @@
 """The instances a request names, by searches on the upstream, as they arrive.
 
-Two ways to know what is due. A request the archive also answers in bulk (a study, or
-a series whose study is named or found by `with_study`; `bulk`) is *counted*: one study- or series-level search
-gives how many instances each holds (NumberOf{Study,Series}RelatedInstances, a few ms
-of the archive's time), the bulk answers are the list, and the instance search runs
-only when they brought fewer than counted (or the count is unknown), to fetch alone
-what they lacked. Listing a series costs an archive such as Orthanc about as much as
+Two ways to know what is due. A request the archive also answers in bulk (a study,
+a series whose study is named or found by `with_study`, a patient's studies found by
+`as_studies`; see `bulk`) is *counted*: one study- or series-level search gives how
+many instances each holds (NumberOf{Study,Series}RelatedInstances, a few ms of the
+archive's time), the bulk answers are the list, and the instance search runs only
+when they brought fewer than counted (or the count is unknown), to fetch alone what
+they lacked. Listing a series costs an archive such as Orthanc about as much as
 sending it (120-140 ms of its CPU for 300 instances), and sending had to wait for it.
 Any other request is *listed*: the instance search is the record of what is due, and
 an instance stored after it is not sent. Either way `Listing` works in a task of its
