@@ -205,12 +205,22 @@ class Listing:
         self._changed = asyncio.Event()
 
     async def _count(self, upstream: Upstream, request: RetrieveRequest, scopes: Sequence[tuple[str, str | None]]) -> None:
-        """Count what the scopes hold; after the bulk answers, search only if they
-        brought fewer (an archive that cannot count, or fails to, is searched)."""
-        counts = await asyncio.gather(*(count_instances(upstream, study, series) for study, series in scopes), return_exceptions=True)
-        if all(isinstance(n, int) for n in counts):
-            self.expected = sum(counts)  # type: ignore[arg-type]
-            self._notify()
+        """Count what the scopes hold, one search after the other (a patient's fifty
+        studies are not fifty requests at once on the archive; the bulk answers are
+        read meanwhile); after them, search only if they brought fewer (an archive
+        that cannot count, or fails to, is searched)."""
+        total = 0
+        try:
+            for study, series in scopes:
+                count = await count_instances(upstream, study, series)
+                if count is None:
+                    break
+                total += count
+            else:
+                self.expected = total
+                self._notify()
+        except Exception:  # noqa: BLE001 - whatever keeps the count unknown, the search decides
+            pass
         await self._bulk_over.wait()
         if self.expected is not None and len(self.refs) >= self.expected:
             self.done = True
