@@ -219,6 +219,7 @@ class Association:
         self._fields: dict[int, int] = {}  # command field of each queued or running request
         self._started: set[int] = set()  # requests whose service has begun
         self._cancelled_early: set[int] = set()  # C-CANCEL arrived while still queued
+        self._cancelled_running: set[int] = set()  # C-CANCEL cancelled the running service
         self._unanswered: set[int] = set()  # requests without their final response yet
         self._received_at: dict[int, float] = {}  # monotonic time each request was complete
         # Called when the last running request ends: the reader's idle timer restarts.
@@ -428,7 +429,9 @@ class Association:
 
         Whatever the service does, the request ends with a final response: a service
         that raises is logged with its traceback and answered with a failure status
-        (`_answer_failure`), and the next request is served as usual.
+        (`_answer_failure`); one a C-CANCEL stopped before it answered (it answers
+        Cancel itself, with its counts, once it has begun sub-operations) is answered
+        Cancel; and the next request is served as usual.
         """
         previous = self._last_task
         message_id, command_field = message.command.message_id, message.command.field
@@ -445,6 +448,15 @@ class Association:
                     return
                 self._started.add(message_id)
                 await handler(self, message)
+            except asyncio.CancelledError:
+                if message_id in self._cancelled_running and message_id in self._unanswered:
+                    log.info(
+                        "request 0x%04x (message id %d) from %s cancelled before any sub-operation or response",
+                        command_field, message_id, self.peer,
+                    )
+                    with contextlib.suppress(SendError):
+                        await self.send_message(message.context.id, response(message.command, command_field | 0x8000, CANCEL_STATUS))
+                raise
             except SendError as exc:
                 log.warning("request 0x%04x from %s not answered: %s", command_field, self.peer, exc)
             except Exception:  # noqa: BLE001 - a failing service must still answer, and only its request fails
@@ -458,7 +470,7 @@ class Association:
                     self._observe(message_id, command_field, None)
                 self.tasks.pop(message_id, None)
                 self._fields.pop(message_id, None)
-                for ids in (self._started, self._cancelled_early, self._unanswered):
+                for ids in (self._started, self._cancelled_early, self._cancelled_running, self._unanswered):
                     ids.discard(message_id)
 
         task = asyncio.create_task(run())
@@ -516,6 +528,7 @@ class Association:
         if task is None or task.done() or self._fields.get(message_id) not in CANCELLABLE:
             return
         if message_id in self._started:
+            self._cancelled_running.add(message_id)
             task.cancel()
         else:
             self._cancelled_early.add(message_id)

@@ -264,15 +264,7 @@ class RetrieveService:
         except Exception as exc:  # noqa: BLE001 - every failure must end the request with a status
             await self._refuse(send, what, exc)
             return
-        try:
-            request = await self.retriever.located(request)
-        except asyncio.CancelledError:
-            # C-CANCEL (or the requester gone) during the search that locates the
-            # request: nothing was sent, and the request still ends with Cancel.
-            log.info("%s cancelled before any sub-operation", what)
-            with contextlib.suppress(Exception):
-                await send(CANCEL, extra=command_fields(Counts(), True))
-            raise
+        request = await self.retriever.located(request)  # C-CANCEL meanwhile: answered by dispatch
         feed = self.retriever.bulk(request, what)
         listing = self.retriever.listing(request, feed)
         try:
