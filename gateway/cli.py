@@ -19,6 +19,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.logfmt import FORMATS, PatientDataFilter, formatter
 from gateway.spool.lock import SpoolLocked
 from gateway.spool.queue import STATES, Spool
+from gateway.uids import is_valid_uid
 
 
 def setup_logging(level: str, kind: str = "text", include_patient_data: bool = False) -> None:
@@ -86,11 +87,11 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'id':>8}  {'state':<9} {'att':>3}  {'received':<19}  {'sop instance uid':<64}  last error")
+    print(f"{'id':>8}  {'state':<9} {'att':>3}  {'received':<19}  {'from':<16}  {'sop instance uid':<64}  last error")
     for r in rows:
         received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["received_at"]))
         print(
-            f"{r['id']:>8}  {r['state']:<9} {r['attempts']:>3}  {received}  "
+            f"{r['id']:>8}  {r['state']:<9} {r['attempts']:>3}  {received}  {r['calling_ae'] or '':<16}  "
             f"{r['sop_instance_uid']:<64}  {r['last_error'] or ''}"
         )
 
@@ -158,12 +159,17 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 for problem in problems or ():
                     print(f"problem:        {problem.get('reason')} (since {problem.get('since')})")
         elif args.action == "list":
-            _print_rows(spool.list_rows(args.state, args.limit), args.json)
+            rows = spool.list_rows(
+                args.state, args.limit, study_uid=args.study, series_uid=args.series,
+                sop_instance_uid=args.instance, calling_ae=args.calling_ae,
+                since=None if args.since is None else time.time() - args.since,
+            )
+            _print_rows(rows, args.json)
         elif args.action == "retry":
-            if not args.dead and not args.id:
-                print("spool retry: give --dead or --id N [N ...]", file=sys.stderr)
+            if sum(map(bool, (args.dead, args.id, args.study))) != 1:
+                print("spool retry: give one of --dead, --id N [N ...] or --study UID", file=sys.stderr)
                 return 2
-            print(f"requeued {spool.retry(args.id or (), dead=args.dead)} instance(s)")
+            print(f"requeued {spool.retry(args.id or (), dead=args.dead, study_uid=args.study)} instance(s)")
         elif args.action == "purge":
             if not args.delivered:
                 print("spool purge: only --delivered instances can be purged", file=sys.stderr)
@@ -172,6 +178,28 @@ def cmd_spool(args: argparse.Namespace) -> int:
     finally:
         spool.close()
     return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """Where is my study: the spool's rows of it beside the archive's count, per series
+    (`gateway.whereis`). Exit status 0 whatever it finds; 1 only when the archive could
+    not be asked, so a script can tell "not there" from "could not look"."""
+    from gateway.spool.study import study_in_spool
+    from gateway.whereis import archive_view, format_report, report
+
+    if not is_valid_uid(args.study_uid):
+        print(f"study: {args.study_uid!r} is not a UID (digits and dots, at most 64 characters)", file=sys.stderr)
+        return 2
+    config = _load(args.config)
+    spool = Spool(config.spool)
+    try:
+        in_spool = study_in_spool(spool.db, args.study_uid)
+    finally:
+        spool.close()
+    archive = None if args.no_archive else asyncio.run(archive_view(config, args.study_uid))
+    data = report(args.study_uid, in_spool, archive)
+    print(json.dumps(data, indent=2) if args.json else format_report(data, config.upstream.type))
+    return 1 if archive is not None and archive.error else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,16 +224,29 @@ def build_parser() -> argparse.ArgumentParser:
     listing = with_config(spool_sub.add_parser("list", help="list spooled instances"))
     listing.add_argument("--state", choices=STATES)
     listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--study", metavar="UID", help="only this study's instances")
+    listing.add_argument("--series", metavar="UID", help="only this series' instances")
+    listing.add_argument("--instance", metavar="UID", help="only rows of this SOP Instance UID")
+    listing.add_argument("--calling-ae", metavar="AE", help="only instances this AE title sent")
+    listing.add_argument("--since", type=parse_duration, help="only instances received in the last 30m, 12h, 7d...")
     listing.add_argument("--json", action="store_true")
     retry = with_config(spool_sub.add_parser("retry", help="requeue dead or failed instances"))
     retry.add_argument("--dead", action="store_true", help="requeue every dead instance")
     retry.add_argument("--id", type=int, nargs="+", help="requeue these spool ids")
+    retry.add_argument("--study", metavar="UID", help="requeue the study's dead and failed instances")
     purge = with_config(spool_sub.add_parser("purge", help="delete delivered instances"))
     purge.add_argument("--delivered", action="store_true", required=True)
     purge.add_argument(
         "--older-than", type=parse_duration, default=0.0, help="e.g. 7d, 12h (default: all)"
     )
     spool.set_defaults(func=cmd_spool)
+    study = with_config(
+        sub.add_parser("study", help="where is a study: its series in the spool and in the archive")
+    )
+    study.add_argument("study_uid", metavar="STUDY_UID")
+    study.add_argument("--no-archive", action="store_true", help="only what the spool holds; do not ask the archive")
+    study.add_argument("--json", action="store_true")
+    study.set_defaults(func=cmd_study)
     return parser
 
 

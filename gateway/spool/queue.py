@@ -632,32 +632,54 @@ class Spool:
             "free_bytes": self.free_bytes(),
         }
 
-    def list_rows(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM instances"
+    def list_rows(
+        self,
+        state: str | None = None,
+        limit: int = 100,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        calling_ae: str | None = None,
+        since: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """The newest rows matching every filter given (``since``: received at or after
+        this time), newest first."""
+        where: list[str] = []
         params: list[Any] = []
-        if state:
-            sql += " WHERE state = ?"
-            params.append(state)
+        for column, value in (
+            ("state", state),
+            ("study_uid", study_uid),
+            ("series_uid", series_uid),
+            ("sop_instance_uid", sop_instance_uid),
+            ("calling_ae", calling_ae),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("received_at >= ?")
+            params.append(since)
+        sql = "SELECT * FROM instances" + (f" WHERE {' AND '.join(where)}" if where else "")
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(limit)
         with self.db.connection() as db:
             return list(db.query(sql, params))
 
-    def retry(self, ids: Iterable[int] = (), dead: bool = False) -> int:
-        """Requeue dead rows (all, or the given ids in dead or failed) for immediate delivery."""
+    def retry(self, ids: Iterable[int] = (), dead: bool = False, study_uid: str | None = None) -> int:
+        """Requeue rows for immediate delivery: every dead one (``dead``), or the given
+        ids, or every one of a study, in dead or failed (waiting for its next attempt)."""
         ids = list(ids)
+        requeue = "UPDATE instances SET state='queued', attempts=0, next_attempt_at=0"
         with self.db.connection() as db, immediate(db):
             if ids:
                 cur = db.execute(
-                    "UPDATE instances SET state='queued', attempts=0, next_attempt_at=0"
-                    f" WHERE state IN ('dead','failed') AND id IN ({','.join('?' * len(ids))})",
-                    ids,
+                    f"{requeue} WHERE state IN ('dead','failed') AND id IN ({','.join('?' * len(ids))})", ids
                 )
+            elif study_uid is not None:
+                cur = db.execute(f"{requeue} WHERE state IN ('dead','failed') AND study_uid = ?", [study_uid])
             elif dead:
-                cur = db.execute(
-                    "UPDATE instances SET state='queued', attempts=0, next_attempt_at=0"
-                    " WHERE state='dead'"
-                )
+                cur = db.execute(f"{requeue} WHERE state='dead'")
             else:
                 return 0
             count = cur.rowcount

@@ -5,6 +5,7 @@ a wrong secret key and short-lived credentials."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -182,6 +183,23 @@ def test_move_to_an_uncompressed_only_destination_fetches_instance_by_instance(l
     assert not [r for r in loaded.emulator.requests if r.operation == "UnknownOperation"]
     assert not loaded.emulator.refusals()
     assert "bulk retrieval stopped" not in loaded.gateway.log()  # no series retrieve was tried
+
+
+def test_study_command_asks_healthimaging_with_a_signed_search(loaded: Loaded) -> None:
+    """`dicom-gateway study` beside the running daemon: the spool's rows of the series
+    and the data store's count, read with one SigV4-signed series search."""
+    first = pydicom.dcmread(loaded.series[0], stop_before_pixels=True)
+    before = len(loaded.emulator.requests)
+    result = loaded.gateway.cli("study", str(first.StudyInstanceUID), "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    (row,) = data["series"]
+    assert row["series_uid"] == first.SeriesInstanceUID and row["states"]["delivered"] == 12
+    assert row["archive_instances"] == 12 and row["calling_aes"] == {"STORESCU": 12}
+    assert data["archive"] == {"error": None, "series": 1, "instances": 12}
+    asked = loaded.emulator.requests[before:]
+    assert [r.operation for r in asked] == ["SearchDICOMSeries"] and asked[0].status == 200
+    assert not loaded.emulator.refusals()
 
 
 def test_get_a_study(loaded: Loaded, tmp_path: Path) -> None:

@@ -228,3 +228,31 @@ def test_cap_counts_files_being_received_and_eviction_takes_only_delivered_oldes
         assert s.evict_delivered() == 0
     finally:
         s.close()
+
+
+def test_study_in_spool_groups_by_series_state_sender_and_reason(spool: Spool) -> None:
+    """What `dicom-gateway study` shows of the spool: per series, counts per state, the
+    senders, and each reason of a failed or dead instance with how many it holds."""
+    from gateway.spool.study import study_in_spool
+
+    def in_series(n: int, series: str) -> InstanceHeader:
+        return InstanceHeader(f"1.2.3.4.5.{n}", "1.2.840.10008.5.1.4.1.1.2", STUDY, series, "1.2.840.10008.1.2.1")
+
+    for n in range(4):
+        spool.enqueue(received(spool, n), in_series(n, "1.2.3.4.6"), "CT01" if n < 3 else "MR01")
+    spool.enqueue(received(spool, 9), in_series(9, "1.2.3.4.7"), "CT01")
+    spool.enqueue(received(spool, 10), header(10, "9.9"), "CT01")  # another study
+    batch = spool.claim(10, 10_000)
+    outcomes = {0: Outcome(batch[0].id, "delivered"), 1: Outcome(batch[1].id, "rejected", "HTTP 400"),
+                2: Outcome(batch[2].id, "rejected", "HTTP 400"), 3: Outcome(batch[3].id, "retry", "HTTP 503")}
+    spool.record(batch[:4], list(outcomes.values()))
+    spool.release(batch[4:])
+
+    first, second = study_in_spool(spool.db, STUDY)
+    assert first.series_uid == "1.2.3.4.6" and second.series_uid == "1.2.3.4.7"
+    assert first.states == {"queued": 0, "sending": 0, "delivered": 1, "failed": 1, "dead": 2}
+    assert first.calling_aes == {"CT01": 3, "MR01": 1} and first.instances == 4
+    assert first.errors == {("dead", "HTTP 400"): 2, ("failed", "HTTP 503"): 1}
+    assert first.last_delivered is not None and first.first_received <= first.last_received
+    assert second.states["queued"] == 1 and second.errors == {} and second.last_delivered is None
+    assert study_in_spool(spool.db, "7.7.7") == []

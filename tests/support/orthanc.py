@@ -434,6 +434,10 @@ class Orthanc:
             results.append(json.loads(answer))
         return results
 
+    def delete_instance(self, sop_instance_uid: str) -> None:
+        """Remove one instance from the archive behind the gateway's back."""
+        self._request("DELETE", f"/instances/{self.instance_id(sop_instance_uid)}")
+
     def clear(self) -> None:
         """Delete every patient (and so every instance)."""
         for patient in self.get_json("/patients"):

@@ -1,0 +1,125 @@
+"""Where is my study: `dicom-gateway study` and the spool filters, against real
+processes (storescu as two modalities, the daemon, Orthanc or the embedded archive)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from tests.support import dcmtk
+from tests.support.ports import free_port
+from tests.support.synth import ct_series
+
+
+def uids(path: Path) -> tuple[str, str, str]:
+    ds = dcmread(path, stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+def store(gw, paths: list[Path], calling_ae: str) -> None:
+    result = dcmtk.storescu(gw.port, paths, gw.ae_title, calling_ae=calling_ae)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_study_report_and_filters_on_the_embedded_archive(tmp_path: Path, gateway) -> None:
+    gw = gateway()
+    study_uid = "1.2.826.0.1.3680043.8.498.4242"
+    first = ct_series(tmp_path / "a", 3, 32, 32, study_uid=study_uid)
+    second = ct_series(tmp_path / "b", 2, 32, 32, study_uid=study_uid)
+    other = ct_series(tmp_path / "c", 1, 32, 32)
+    store(gw, first + second[:1], "CT01")
+    store(gw, second[1:] + other, "MR01")
+    gw.wait_counts(delivered=6)
+
+    result = gw.cli("study", study_uid, "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["archive"] == {"error": None, "series": 2, "instances": 5}
+    rows = {row["series_uid"]: row for row in data["series"]}
+    a, b = rows[uids(first[0])[1]], rows[uids(second[0])[1]]
+    assert [row["series_uid"] for row in data["series"]] == [uids(first[0])[1], uids(second[0])[1]]
+    assert a["instances"] == 3 and a["states"]["delivered"] == 3 and a["archive_instances"] == 3
+    assert a["calling_aes"] == {"CT01": 3} and a["modality"] == "CT"
+    assert b["states"]["delivered"] == 2 and b["archive_instances"] == 2
+    assert b["calling_aes"] == {"CT01": 1, "MR01": 1}
+    assert a["first_received"] <= a["last_received"] <= a["last_delivered"]
+
+    text = gw.cli("study", study_uid)
+    assert text.returncode == 0
+    assert uids(first[0])[1] in text.stdout and "from CT01 (1), MR01 (1)" in text.stdout
+    assert "archive (local): 5 instances in 2 series" in text.stdout
+
+    unknown = gw.cli("study", "1.2.3.999")
+    assert unknown.returncode == 0 and "neither the spool nor the archive holds any instance" in unknown.stdout
+    bad = gw.cli("study", "../../etc")
+    assert bad.returncode == 2 and "not a UID" in bad.stderr
+
+    def listed(*args: str) -> list[dict]:
+        out = gw.cli("spool", "list", "--json", *args)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert len(listed("--study", study_uid)) == 5
+    assert {r["sop_instance_uid"] for r in listed("--series", uids(second[0])[1])} == {uids(p)[2] for p in second}
+    assert [r["sop_instance_uid"] for r in listed("--instance", uids(other[0])[2])] == [uids(other[0])[2]]
+    assert len(listed("--calling-ae", "MR01")) == 2
+    assert len(listed("--calling-ae", "MR01", "--study", study_uid)) == 1
+    assert len(listed("--since", "1h")) == 6 and listed("--since", "1h", "--limit", "2")[0]["id"] == 6
+    assert "MR01" in gw.cli("spool", "list", "--calling-ae", "MR01").stdout
+
+
+def test_study_report_shows_refusals_and_retry_takes_one_study(tmp_path: Path, gateway) -> None:
+    """Instances the archive never took are shown with the reason, the archive's
+    failure is the exit status, and a retry by study requeues that study only."""
+    gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1})
+    mine = ct_series(tmp_path / "a", 2, 32, 32)
+    theirs = ct_series(tmp_path / "b", 1, 32, 32)
+    store(gw, mine + theirs, "CT01")
+    gw.wait_counts(dead=3, timeout=30)
+    study_uid = uids(mine[0])[0]
+
+    result = gw.cli("study", study_uid)
+    assert result.returncode == 1  # the archive could not be asked
+    assert "2 dead: gave up after 1 attempts" in result.stdout
+    assert "archive (dicomweb): could not be asked" in result.stdout
+    data = json.loads(gw.cli("study", study_uid, "--json").stdout)
+    (row,) = data["series"]
+    assert row["states"]["dead"] == 2 and row["archive_instances"] is None
+    (error,) = row["errors"]
+    assert error["state"] == "dead" and error["instances"] == 2 and error["error"].startswith("gave up after 1 attempts")
+    offline = gw.cli("study", study_uid, "--no-archive", "--json")
+    assert offline.returncode == 0 and json.loads(offline.stdout)["archive"] is None
+
+    assert gw.cli("spool", "retry", "--study", study_uid, "--dead").returncode == 2
+    retried = gw.cli("spool", "retry", "--study", study_uid)
+    assert "requeued 2" in retried.stdout
+    other_study = json.loads(gw.cli("spool", "list", "--study", uids(theirs[0])[0], "--json").stdout)
+    assert [r["state"] for r in other_study] == ["dead"]  # not requeued
+    gw.wait_counts(dead=3, timeout=30)  # still no archive: dead again, never lost
+
+
+@pytest.mark.slow
+def test_study_report_compares_with_orthanc(tmp_path: Path, orthanc, gateway) -> None:
+    """The archive's own count beside the spool's: an instance removed from the archive
+    after delivery, and a series the archive got from elsewhere, both show."""
+    gw = gateway(upstream_url=orthanc.dicomweb_url)
+    study_uid = "1.2.826.0.1.3680043.8.498.4343"
+    sent = ct_series(tmp_path / "a", 3, 32, 32, study_uid=study_uid)
+    direct = ct_series(tmp_path / "b", 2, 32, 32, study_uid=study_uid)
+    store(gw, sent, "CT01")
+    gw.wait_counts(delivered=3, timeout=60)
+    orthanc.upload(direct)
+    orthanc.delete_instance(uids(sent[0])[2])
+
+    data = json.loads(gw.cli("study", study_uid, "--json").stdout)
+    rows = {row["series_uid"]: row for row in data["series"]}
+    mine, elsewhere = rows[uids(sent[0])[1]], rows[uids(direct[0])[1]]
+    assert mine["states"]["delivered"] == 3 and mine["archive_instances"] == 2
+    assert elsewhere["instances"] == 0 and elsewhere["states"] is None and elsewhere["archive_instances"] == 2
+    assert data["archive"] == {"error": None, "series": 2, "instances": 4}
+    text = gw.cli("study", study_uid).stdout
+    assert "not in the spool (never received here, or purged after delivery)" in text
+    assert "archive (dicomweb): 4 instances in 2 series" in text
