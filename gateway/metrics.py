@@ -7,7 +7,8 @@ the tests, in one process from sharing or colliding on counters.
 
 Labels stay bounded: DIMSE commands by name, statuses as four hex digits, delivery
 outcomes by kind, HTTP statuses as numbers, HTTP routes as their patterns, transfer
-syntaxes as UIDs.
+syntaxes as UIDs, and calling AE titles as they come (a site has a few dozen
+modalities) up to `SENDER_LABELS` distinct ones, the rest as ``other``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Seconds: a C-ECHO takes a millisecond, a C-MOVE of a study minutes.
 DIMSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+# Distinct calling AE titles with a label of their own: beyond it, an association storm
+# of random AE titles (a scanner, a misconfigured fleet) cannot grow the registry.
+SENDER_LABELS = 64
+OTHER_SENDERS = "other"
 
 COMMAND_NAMES = {0x0030: "C-ECHO", 0x0001: "C-STORE", 0x0020: "C-FIND", 0x0021: "C-MOVE", 0x0010: "C-GET"}
 
@@ -51,6 +57,21 @@ class Metrics:
             buckets=DIMSE_BUCKETS,
             registry=r,
         )
+        self.stores = Counter(
+            "gateway_dimse_instances_received",
+            "C-STORE requests answered, by calling AE title and result (stored: Success, the"
+            " instance durable in the spool; refused: any other status)",
+            ["calling_ae", "result"],
+            registry=r,
+        )
+        self.last_stored = Gauge(
+            "gateway_dimse_last_stored_timestamp_seconds",
+            "When an instance from each calling AE title was last stored (Unix time), to alert"
+            " on a modality that went quiet",
+            ["calling_ae"],
+            registry=r,
+        )
+        self._senders: set[str] = set()
         self.delivery_attempts = Counter(
             "gateway_delivery_attempts",
             "Instances sent to the upstream (each attempt of each instance)",
@@ -97,6 +118,16 @@ class Metrics:
         """One DIMSE request ended; ``status`` None: no final response could be sent."""
         label = "none" if status is None else f"0x{status:04X}"
         self.dimse_requests.labels(command_name(field), label).observe(seconds)
+
+    def store_answered(self, calling_ae: str, stored: bool) -> None:
+        """A C-STORE from ``calling_ae`` was answered: Success (``stored``) or not."""
+        sender = calling_ae if calling_ae in self._senders else OTHER_SENDERS
+        if sender == OTHER_SENDERS and len(self._senders) < SENDER_LABELS:
+            self._senders.add(calling_ae)
+            sender = calling_ae
+        self.stores.labels(sender, "stored" if stored else "refused").inc()
+        if stored:
+            self.last_stored.labels(sender).set_to_current_time()
 
     def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One HTTP request answered; ``route`` is its pattern (``/dicom-web/studies/{study}``),

@@ -82,6 +82,8 @@ class StoreService:
             assoc.stats.stored += 1
         else:
             assoc.stats.failed += 1
+        if assoc.metrics is not None:
+            assoc.metrics.store_answered(assoc.calling_ae, status == SUCCESS)
         extra: dict[int, int | str | tuple[int, ...]] = {0x0902: comment[:64]} if comment else {}
         await assoc.send_message(
             message.context.id, response(message.command, C_STORE_RSP, status, extra=extra)

@@ -4,6 +4,7 @@ with the right labels."""
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -60,6 +61,7 @@ def test_metrics_follow_dimse_operations_delivery_and_retrieval(
 
         assert echoscu(gw.port, gw.ae_title).returncode == 0
         assert echoscu(gw.port, gw.ae_title, calling_ae="STRANGER").returncode != 0
+        sending = time.time()
         result = storescu(gw.port, files, gw.ae_title)
         assert result.returncode == 0, result.stderr
         gw.wait_counts(delivered=3)
@@ -80,6 +82,9 @@ def test_metrics_follow_dimse_operations_delivery_and_retrieval(
     assert value(after, histogram, command="C-ECHO", status="0x0000") == 1
     assert value(after, histogram, command="C-STORE", status="0x0000") == 3
     assert value(after, histogram, command="C-STORE") == 3
+    assert value(after, "gateway_dimse_instances_received_total", calling_ae="STORESCU", result="stored") == 3
+    assert value(after, "gateway_dimse_instances_received_total", result="refused") == 0
+    assert sending <= value(after, "gateway_dimse_last_stored_timestamp_seconds", calling_ae="STORESCU") <= time.time()
     assert value(after, histogram, command="C-FIND", status="0x0000") == 1
     assert value(after, histogram, command="C-MOVE", status="0x0000") == 1
     assert value(after, histogram, command="C-GET", status="0x0000") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -112,6 +113,10 @@ def test_malformed_datasets_are_refused(tmp_path: Path, gateway) -> None:
     assert sum(gw.counts().values()) == 1
     assert not any((gw.spool_dir / "incoming").iterdir())
     assert "rejected" in gw.log()
+    # What an admin graphs per modality: one stored, four refused, from PYSCU.
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.http_port}/metrics", timeout=10).read().decode()
+    assert 'gateway_dimse_instances_received_total{calling_ae="PYSCU",result="stored"} 1.0' in metrics
+    assert 'gateway_dimse_instances_received_total{calling_ae="PYSCU",result="refused"} 4.0' in metrics
 
 
 @pytest.mark.parametrize("upstream", ["local"])
