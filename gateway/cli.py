@@ -202,6 +202,46 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 1 if archive is not None and archive.error else 0
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    """The configured peers (AE title, address, what each may do) and, with ``--echo``,
+    whether each answers a C-ECHO from the gateway's AE title. Exit status 1 when an
+    echoed peer did not answer Success."""
+    config = _load(args.config)
+    peers = [p for p in config.dimse.peers if not args.ae_titles or p.ae_title in args.ae_titles]
+    unknown = sorted(set(args.ae_titles) - {p.ae_title for p in peers})
+    if unknown:
+        print(f"peers: not in [[dimse.peers]]: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    results: dict[str, tuple[bool, str]] = {}
+    if args.echo:
+        from gateway.dimse.verification import echo_peer
+
+        async def echo_all() -> None:
+            for peer in peers:
+                results[peer.ae_title] = await echo_peer(config, peer, args.timeout)
+
+        asyncio.run(echo_all())
+    rows = [
+        {
+            "ae_title": p.ae_title, "host": p.host, "port": p.port, "permissions": sorted(p.permissions),
+            "any_host": p.any_host, "max_associations": p.max_associations,
+            **({"echo": {"ok": results[p.ae_title][0], "detail": results[p.ae_title][1]}} if args.echo else {}),
+        }
+        for p in peers
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{config.dimse.ae_title} on port {config.dimse.port}; "
+              f"{'only these peers may associate' if config.dimse.require_known_peers else 'any AE title may associate'}")
+        for row in rows:
+            print(f"{row['ae_title']:<16}  {row['host']}:{row['port']:<5}  {','.join(row['permissions'])}"
+                  + ("  from any host" if row["any_host"] else ""))
+            if args.echo:
+                print(f"{'':<16}  {'ok' if row['echo']['ok'] else 'FAILED'}: {row['echo']['detail']}")
+    return 1 if any(not ok for ok, _ in results.values()) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than", type=parse_duration, default=0.0, help="e.g. 7d, 12h (default: all)"
     )
     spool.set_defaults(func=cmd_spool)
+    peers = with_config(sub.add_parser("peers", help="the configured peers; --echo checks each answers C-ECHO"))
+    peers.add_argument("ae_titles", metavar="AE", nargs="*", help="only these peers (default: all)")
+    peers.add_argument("--echo", action="store_true", help="send each a C-ECHO from our AE title")
+    peers.add_argument("--timeout", type=float, default=10.0, help="seconds per step of each echo (default 10)")
+    peers.add_argument("--json", action="store_true")
+    peers.set_defaults(func=cmd_peers)
     study = with_config(
         sub.add_parser("study", help="where is a study: its series in the spool and in the archive")
     )

@@ -21,6 +21,8 @@ C_MOVE_RSP = 0x8021
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_CANCEL_RQ = 0x0FFF
+# The Verification SOP Class, the abstract syntax of C-ECHO (PS3.4 A.4).
+VERIFICATION = "1.2.840.10008.1.1"
 
 NO_DATASET = 0x0101
 HAS_DATASET = 0x0001

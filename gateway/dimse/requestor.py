@@ -38,9 +38,13 @@ from gateway.dimse.association import (
     write_gathered,
 )
 from gateway.dimse.command import (
+    C_ECHO_RQ,
+    C_ECHO_RSP,
     C_STORE_RQ,
     C_STORE_RSP,
     HAS_DATASET,
+    NO_DATASET,
+    VERIFICATION,
     Command,
     CommandError,
     decode_command,
@@ -59,11 +63,26 @@ class RequestorError(Exception):
     """The association to the peer could not be opened or broke down."""
 
 
+# PS3.8 Table 9-21: (source, reason) of an A-ASSOCIATE-RJ, in the words an admin acts on.
+REJECT_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognized",
+    (1, 7): "called AE title not recognized",
+    (2, 1): "no reason given",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded",
+}
+
+
 class AssociationRejected(RequestorError):
     """The peer answered A-ASSOCIATE-RJ."""
 
     def __init__(self, result: int, source: int, reason: int) -> None:
-        super().__init__(f"association rejected (result {result}, source {source}, reason {reason})")
+        words = REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
+        kind = {1: "permanent", 2: "transient"}.get(result, f"result {result}")
+        super().__init__(f"association rejected ({kind}: {words})")
         self.result, self.source, self.reason = result, source, reason
 
 
@@ -200,7 +219,8 @@ async def send_dataset(
 
 
 class StoreRequestor:
-    """One open association on which we are the C-STORE SCU."""
+    """One open association on which we are the C-STORE SCU (and the C-ECHO SCU, to
+    check a destination before anything is sent to it)."""
 
     def __init__(
         self,
@@ -307,7 +327,7 @@ class StoreRequestor:
             values[0x1030], values[0x1031] = originator
         try:
             await send_dataset(self._write, context_id, dataset, self.peer_max_pdu, encode_command(values), self._frames)
-            return await self._response(self._message_id)
+            return await self._response(self._message_id, C_STORE_RSP)
         except SendError as exc:  # before OSError: SendError is one; the socket is closed
             self.closed = True
             raise RequestorError(f"cannot send: {exc}") from None
@@ -328,11 +348,27 @@ class StoreRequestor:
             self.writer.transport.abort()
             raise
 
+    async def echo(self, context_id: int) -> int:
+        """Send one C-ECHO-RQ on the Verification context ``context_id`` and return the
+        C-ECHO-RSP status. Raises RequestorError as `store` does."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        command = encode_command({0x0002: VERIFICATION, 0x0100: C_ECHO_RQ, 0x0110: self._message_id, 0x0800: NO_DATASET})
+        try:
+            await self._write(pdu.encode_pdata(context_id, command, True, self.peer_max_pdu))
+            answer = await self._response(self._message_id, C_ECHO_RSP)
+        except asyncio.TimeoutError:
+            await self.abort()
+            raise RequestorError(f"no C-ECHO response within {self.dimse_timeout:g} s") from None
+        except (OSError, asyncio.IncompleteReadError, ProtocolError, pdu.PDUError, CommandError) as exc:
+            await self.abort()
+            raise RequestorError(f"C-ECHO failed: {type(exc).__name__}: {exc}") from None
+        return int(answer.get(0x0900, -1))  # type: ignore[arg-type]
+
     async def _write(self, pieces: list[Buffer]) -> None:
         write_gathered(self.writer, pieces)
         await drain(self.writer, self.dimse_timeout)
 
-    async def _response(self, message_id: int) -> Command:
+    async def _response(self, message_id: int, field: int) -> Command:
         buffer = bytearray()
         async with asyncio.timeout(self.dimse_timeout):
             while True:
@@ -341,15 +377,15 @@ class StoreRequestor:
                     self.closed = True
                     raise ConnectionError("peer aborted the association")
                 if pdu_type != pdu.P_DATA_TF:
-                    raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} while awaiting C-STORE-RSP")
+                    raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02x} while awaiting a response")
                 for _, control, fragment in pdu.parse_pdata(body):
                     if not control & 1:
-                        raise ProtocolError("data set fragment in a C-STORE response")
+                        raise ProtocolError("data set fragment in a response")
                     buffer += fragment
                     if control & 2:
                         command = decode_command(bytes(buffer))
                         buffer.clear()
-                        if command.field != C_STORE_RSP or command.get(0x0120) != message_id:
+                        if command.field != field or command.get(0x0120) != message_id:
                             raise ProtocolError(f"unexpected response 0x{command.field:04x}")
                         return command
 

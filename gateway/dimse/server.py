@@ -33,13 +33,12 @@ from gateway.dimse.association import (
     is_cancel,
     read_pdu,
 )
-from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, response
+from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, VERIFICATION, response
 from gateway.metrics import Metrics
 from gateway.spool.receipt import Receipt
 
 log = logging.getLogger("gateway.dimse")
 
-VERIFICATION = "1.2.840.10008.1.1"
 STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
 STORAGE_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
