@@ -125,7 +125,9 @@ def cmd_spool(args: argparse.Namespace) -> int:
     dead or failed rows to queued, which the daemon's forwarder picks up on its next
     poll. ``purge`` touches only delivered rows, which nothing in the daemon changes
     any more; deleting a file and its row twice (with the daemon's own purger) is
-    harmless, and embedded-archive copies are separate hard links. Taking the lock
+    harmless, and embedded-archive copies are separate hard links. ``discard`` first
+    turns the rows dead in the transaction that finds them, so no forwarder claims one
+    while its file goes (`Spool.discard_study`). Taking the lock
     instead would make these commands unusable exactly when they are needed (after
     an archive outage, with the daemon running).
     """
@@ -170,6 +172,18 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 print("spool retry: give one of --dead, --id N [N ...] or --study UID", file=sys.stderr)
                 return 2
             print(f"requeued {spool.retry(args.id or (), dead=args.dead, study_uid=args.study)} instance(s)")
+        elif args.action == "discard":
+            counts = spool.discard_study(args.study, dry_run=not args.yes)
+            taken = counts["queued"] + counts["failed"] + counts["dead"]
+            detail = f"queued {counts['queued']}, failed {counts['failed']}, dead {counts['dead']}"
+            if args.yes:
+                print(f"discarded {taken} undelivered instance(s) of study {args.study} ({detail})")
+            else:
+                print(f"would discard {taken} undelivered instance(s) of study {args.study} ({detail}); add --yes to do it")
+            if counts["sending"]:
+                print(f"{counts['sending']} instance(s) of it are being sent now and were left alone: run again once"
+                      " they are delivered or back in the queue", file=sys.stderr)
+                return 1
         elif args.action == "purge":
             if not args.delivered:
                 print("spool purge: only --delivered instances can be purged", file=sys.stderr)
@@ -274,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--dead", action="store_true", help="requeue every dead instance")
     retry.add_argument("--id", type=int, nargs="+", help="requeue these spool ids")
     retry.add_argument("--study", metavar="UID", help="requeue the study's dead and failed instances")
+    discard = with_config(
+        spool_sub.add_parser("discard", help="withdraw a study's undelivered instances so they are never sent")
+    )
+    discard.add_argument("--study", metavar="UID", required=True)
+    discard.add_argument("--yes", action="store_true", help="do it (without: only say what would go)")
     purge = with_config(spool_sub.add_parser("purge", help="delete delivered instances"))
     purge.add_argument("--delivered", action="store_true", required=True)
     purge.add_argument(

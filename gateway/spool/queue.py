@@ -706,6 +706,51 @@ class Spool:
             self._remove(rows)
             removed += len(rows)
 
+    def discard_study(self, study_uid: str, dry_run: bool = True) -> dict[str, int]:
+        """Withdraw a study's undelivered instances (queued, failed, dead) so they are
+        never sent: a study sent under the wrong patient must not reach the archive.
+        Returns how many per state it took (or would take, ``dry_run``) and, under
+        ``sending``, how many are on their way now and were left alone.
+
+        Crash-safe in three steps: the rows turn ``dead`` (which no forwarder claims,
+        in the same transaction that finds them, so none is claimed meanwhile), the
+        files go and their directories are fsynced, then the rows go. Removing a row
+        before its file is durably gone could let start-up adopt the file as a record
+        whose row a power cut lost, and deliver it.
+        """
+        with self.db.connection() as db, immediate(db):
+            rows = list(
+                db.query(
+                    "SELECT id, file, state FROM instances WHERE study_uid = ? AND state IN"
+                    " ('queued','failed','dead','sending')",
+                    [study_uid],
+                )
+            )
+            taken = [r for r in rows if r["state"] != "sending"]
+            if taken and not dry_run:
+                db.execute(
+                    "UPDATE instances SET state='dead', last_error='discarded by an administrator'"
+                    f" WHERE id IN ({','.join('?' * len(taken))})",
+                    [r["id"] for r in taken],
+                )
+        counts = dict.fromkeys(("queued", "failed", "dead", "sending"), 0)
+        for row in rows:
+            counts[row["state"]] += 1
+        if dry_run or not taken:
+            return counts
+        directories = set()
+        for row in taken:
+            path = self.directory / row["file"]
+            path.unlink(missing_ok=True)
+            directories.add(path.parent)
+        for directory in directories:
+            fsync_path(directory, directory=True)
+        with self.db.connection() as db, immediate(db):
+            db.execute(f"DELETE FROM instances WHERE id IN ({','.join('?' * len(taken))})", [r["id"] for r in taken])
+        self._count_stored_bytes()
+        log.warning("discarded %d undelivered instance(s) of study %s", len(taken), study_uid)
+        return counts
+
     def evict_delivered(self) -> int:
         """Delete delivered instances, longest delivered first, until the spool's files
         are back under 80 % of ``max_size_mb`` (whatever ``retain_delivered_hours``

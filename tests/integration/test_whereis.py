@@ -123,3 +123,33 @@ def test_study_report_compares_with_orthanc(tmp_path: Path, orthanc, gateway) ->
     text = gw.cli("study", study_uid).stdout
     assert "not in the spool (never received here, or purged after delivery)" in text
     assert "archive (dicomweb): 4 instances in 2 series" in text
+
+
+def test_a_study_sent_by_mistake_is_withdrawn_before_it_reaches_the_archive(tmp_path: Path, gateway) -> None:
+    """A study stored under the wrong patient while the archive is down: `spool discard`
+    says what it would take, then takes the study's undelivered instances (files and
+    rows), leaves the other study alone, and a restart does not bring them back."""
+    gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1})
+    wrong = ct_series(tmp_path / "wrong", 3, 32, 32)
+    right = ct_series(tmp_path / "right", 1, 32, 32)
+    store(gw, wrong + right, "CT01")
+    gw.wait_counts(dead=4, timeout=30)
+    study_uid = uids(wrong[0])[0]
+    files = {r["file"] for r in json.loads(gw.cli("spool", "list", "--study", study_uid, "--json").stdout)}
+    assert len(files) == 3 and all((gw.spool_dir / f).exists() for f in files)
+
+    dry = gw.cli("spool", "discard", "--study", study_uid)
+    assert dry.returncode == 0 and "would discard 3 undelivered instance(s)" in dry.stdout and "add --yes" in dry.stdout
+    assert len(json.loads(gw.cli("spool", "list", "--study", study_uid, "--json").stdout)) == 3
+
+    done = gw.cli("spool", "discard", "--study", study_uid, "--yes")
+    assert done.returncode == 0, done.stderr
+    assert f"discarded 3 undelivered instance(s) of study {study_uid} (queued 0, failed 0, dead 3)" in done.stdout
+    assert json.loads(gw.cli("spool", "list", "--study", study_uid, "--json").stdout) == []
+    assert not any((gw.spool_dir / f).exists() for f in files)
+    assert [r["study_uid"] for r in json.loads(gw.cli("spool", "list", "--json").stdout)] == [uids(right[0])[0]]
+
+    gw.stop()
+    gw.start()  # start-up adopts records without rows: none of the discarded is left to adopt
+    assert gw.counts()["dead"] == 1 and sum(gw.counts().values()) == 1
+    assert "discarded by an administrator" not in gw.cli("spool", "list").stdout

@@ -256,3 +256,21 @@ def test_study_in_spool_groups_by_series_state_sender_and_reason(spool: Spool) -
     assert first.last_delivered is not None and first.first_received <= first.last_received
     assert second.states["queued"] == 1 and second.errors == {} and second.last_delivered is None
     assert study_in_spool(spool.db, "7.7.7") == []
+
+
+def test_discard_study_takes_undelivered_rows_and_files_but_not_one_being_sent(spool: Spool) -> None:
+    ids = [spool.enqueue(received(spool, n), header(n), "MOD") for n in range(4)]
+    other = spool.enqueue(received(spool, 9), header(9, "9.9"), "MOD")
+    sending = spool.claim(1, 10_000)  # the first row, on its way
+    (dead,) = [i for i in spool.claim(1, 10_000)]
+    spool.record([dead], [Outcome(dead.id, "rejected", "HTTP 400")])
+    files = {r["id"]: spool.directory / r["file"] for r in spool.list_rows(limit=10)}
+
+    assert spool.discard_study(STUDY) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1}
+    assert len(spool.list_rows(study_uid=STUDY)) == 4  # a dry run changes nothing
+
+    assert spool.discard_study(STUDY, dry_run=False) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1}
+    left = spool.list_rows(limit=10)
+    assert {r["id"] for r in left} == {sending[0].id, other}
+    assert [files[i].exists() for i in ids] == [True, False, False, False]
+    assert spool.status()["bytes"]["queued"] == 100  # the other study's
