@@ -15,7 +15,8 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.config import Config, ConfigError, load_config
-from gateway.dimse.command import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ
+from gateway.dimse.command import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ, N_ACTION_RQ, STORAGE_COMMITMENT
+from gateway.dimse.commitment import CommitmentService
 from gateway.dimse.find import FIND_SOP_CLASSES, FindService
 from gateway.dimse.get import GET_SOP_CLASSES, GetService
 from gateway.dimse.move import MOVE_SOP_CLASSES, MoveService
@@ -93,9 +94,10 @@ async def _run(config: Config, config_path: Path | None) -> None:
         C_FIND_RQ: FindService(config, upstream),
         C_MOVE_RQ: MoveService(config, retriever),
         C_GET_RQ: GetService(config, retriever),
+        N_ACTION_RQ: CommitmentService(config, spool, upstream),
     }
     server = DimseServer(
-        config, spool.receive, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES, UNCOMPRESSED),
+        config, spool.receive, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES + (STORAGE_COMMITMENT,), UNCOMPRESSED),
         metrics,
         spool.space_problem,
     )

@@ -21,8 +21,15 @@ C_MOVE_RSP = 0x8021
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
 C_CANCEL_RQ = 0x0FFF
+N_EVENT_REPORT_RQ = 0x0100
+N_EVENT_REPORT_RSP = 0x8100
+N_ACTION_RQ = 0x0130
+N_ACTION_RSP = 0x8130
 # The Verification SOP Class, the abstract syntax of C-ECHO (PS3.4 A.4).
 VERIFICATION = "1.2.840.10008.1.1"
+# Storage Commitment Push Model SOP Class and its well-known instance (PS3.4 J.3.5).
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 
 NO_DATASET = 0x0101
 HAS_DATASET = 0x0001
@@ -44,6 +51,8 @@ _KINDS: dict[int, str] = {
     0x0903: "U",  # ErrorID
     0x1000: "S",  # AffectedSOPInstanceUID
     0x1001: "S",  # RequestedSOPInstanceUID
+    0x1002: "U",  # EventTypeID
+    0x1008: "U",  # ActionTypeID
     0x1020: "U",  # NumberOfRemainingSuboperations
     0x1021: "U",  # NumberOfCompletedSuboperations
     0x1022: "U",  # NumberOfFailedSuboperations

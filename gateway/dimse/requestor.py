@@ -261,8 +261,10 @@ class StoreRequestor:
         connect_timeout: float,
         acse_timeout: float,
         dimse_timeout: float,
+        roles: list[pdu.RoleSelection] = (),  # type: ignore[assignment]
     ) -> StoreRequestor:
-        """Open the association proposing ``(sop class, [transfer syntaxes])`` contexts."""
+        """Open the association proposing ``(sop class, [transfer syntaxes])`` contexts
+        (and ``roles``: SCP/SCU Role Selection, e.g. our SCP role for Storage Commitment)."""
         if not proposals or len(proposals) > MAX_CONTEXTS:
             raise ValueError(f"{len(proposals)} presentation contexts; 1 to {MAX_CONTEXTS} allowed")
         contexts = [pdu.PresentationContextRQ(2 * i + 1, sop, list(ts)) for i, (sop, ts) in enumerate(proposals)]
@@ -279,7 +281,8 @@ class StoreRequestor:
         try:
             writer.write(
                 pdu.encode_associate_rq(
-                    called_ae, calling_ae, contexts, max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+                    called_ae, calling_ae, contexts, max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
+                    list(roles),
                 )
             )
             await drain(writer, acse_timeout)
@@ -351,18 +354,28 @@ class StoreRequestor:
     async def echo(self, context_id: int) -> int:
         """Send one C-ECHO-RQ on the Verification context ``context_id`` and return the
         C-ECHO-RSP status. Raises RequestorError as `store` does."""
+        answer = await self.request(context_id, {0x0002: VERIFICATION, 0x0100: C_ECHO_RQ}, None, C_ECHO_RSP)
+        return int(answer.get(0x0900, -1))  # type: ignore[arg-type]
+
+    async def request(
+        self, context_id: int, values: dict[int, int | str | tuple[int, ...]], dataset: bytes | None, rsp_field: int
+    ) -> Command:
+        """Send one request with a small in-memory data set (or none) and return its
+        response command (C-ECHO; N-EVENT-REPORT of a storage commitment)."""
         self._message_id = self._message_id % 0xFFFF + 1
-        command = encode_command({0x0002: VERIFICATION, 0x0100: C_ECHO_RQ, 0x0110: self._message_id, 0x0800: NO_DATASET})
+        command = encode_command({**values, 0x0110: self._message_id, 0x0800: NO_DATASET if dataset is None else HAS_DATASET})
+        pieces = pdu.encode_pdata(context_id, command, True, self.peer_max_pdu)
+        if dataset is not None:
+            pieces += pdu.encode_pdata(context_id, dataset, False, self.peer_max_pdu)
         try:
-            await self._write(pdu.encode_pdata(context_id, command, True, self.peer_max_pdu))
-            answer = await self._response(self._message_id, C_ECHO_RSP)
+            await self._write(pieces)
+            return await self._response(self._message_id, rsp_field)
         except asyncio.TimeoutError:
             await self.abort()
-            raise RequestorError(f"no C-ECHO response within {self.dimse_timeout:g} s") from None
+            raise RequestorError(f"no response within {self.dimse_timeout:g} s") from None
         except (OSError, asyncio.IncompleteReadError, ProtocolError, pdu.PDUError, CommandError) as exc:
             await self.abort()
-            raise RequestorError(f"C-ECHO failed: {type(exc).__name__}: {exc}") from None
-        return int(answer.get(0x0900, -1))  # type: ignore[arg-type]
+            raise RequestorError(f"request failed: {type(exc).__name__}: {exc}") from None
 
     async def _write(self, pieces: list[Buffer]) -> None:
         write_gathered(self.writer, pieces)

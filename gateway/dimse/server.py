@@ -33,7 +33,7 @@ from gateway.dimse.association import (
     is_cancel,
     read_pdu,
 )
-from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, VERIFICATION, response
+from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VERIFICATION, response
 from gateway.metrics import Metrics
 from gateway.spool.receipt import Receipt
 
@@ -102,7 +102,7 @@ QR_PERMISSION = {"1": "find", "2": "move", "3": "get"}
 
 def permission_for(abstract_syntax: str) -> str | None:
     """The peer permission a presentation context needs (None: always allowed)."""
-    if is_storage_class(abstract_syntax):
+    if is_storage_class(abstract_syntax) or abstract_syntax == STORAGE_COMMITMENT:
         return "store"
     if abstract_syntax.startswith(QR_ROOT):
         return QR_PERMISSION.get(abstract_syntax.rsplit(".", 1)[-1])

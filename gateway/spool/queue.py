@@ -706,6 +706,23 @@ class Spool:
             self._remove(rows)
             removed += len(rows)
 
+    def held(self, sop_instance_uids: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """SOP Instance UID -> (state, SOP Class UID) of the given instances the spool
+        holds; a UID received more than once counts by its best row (not dead before
+        dead), for a storage commitment."""
+        wanted = list(dict.fromkeys(sop_instance_uids))
+        found: dict[str, tuple[str, str]] = {}
+        with self.db.connection() as db:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                for row in db.query(
+                    "SELECT sop_instance_uid, state, sop_class_uid FROM instances"
+                    f" WHERE sop_instance_uid IN ({','.join('?' * len(chunk))}) ORDER BY state = 'dead'",
+                    chunk,
+                ):
+                    found.setdefault(row["sop_instance_uid"], (row["state"], row["sop_class_uid"] or ""))
+        return found
+
     def discard_study(self, study_uid: str, dry_run: bool = True) -> dict[str, int]:
         """Withdraw a study's undelivered instances (queued, failed, dead) so they are
         never sent: a study sent under the wrong patient must not reach the archive.

@@ -64,7 +64,8 @@ def test_scan_refuses_files_without_dicom_prefix() -> None:
 
 
 def test_unsupported_command_gets_0211_not_an_abort(tmp_path) -> None:
-    """An N-ACTION on an accepted context: answered with Unrecognized Operation."""
+    """An N-GET (a service we do not offer) on an accepted context: answered with
+    Unrecognized Operation."""
     import asyncio
 
     from gateway.config import parse_config
@@ -86,10 +87,10 @@ def test_unsupported_command_gets_0211_not_an_abort(tmp_path) -> None:
     async def main() -> None:
         server = DimseServer(parse_config({}), None, {}, {})
         assoc = FakeAssoc()
-        message = Message(AcceptedContext(1, "1.2.840.10008.1.1", "1.2.840.10008.1.2"), Command({0x0100: 0x0130, 0x0110: 5}))
+        message = Message(AcceptedContext(1, "1.2.840.10008.1.1", "1.2.840.10008.1.2"), Command({0x0100: 0x0110, 0x0110: 5}))
         server._route(assoc, message)  # type: ignore[arg-type]
         await assoc.task
 
     asyncio.run(main())
     rsp = decode_command(sent[0])
-    assert rsp.field == 0x8130 and rsp.values[0x0900] == 0x0211 and rsp.values[0x0120] == 5
+    assert rsp.field == 0x8110 and rsp.values[0x0900] == 0x0211 and rsp.values[0x0120] == 5

@@ -1,0 +1,156 @@
+"""Storage Commitment Push Model: pynetdicom as the modality (dcmtk has no storage
+commitment SCU), the real daemon as the SCP. The report comes on the modality's own
+association when it waits for it, and on a new association to its configured address
+when it released at once; the decision follows what the spool and archive hold."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StorageCommitmentPushModel
+
+from tests.support import dcmtk
+from tests.support.ports import free_port, wait_until
+from tests.support.synth import ct_series
+
+WELL_KNOWN = "1.2.840.10008.1.20.1.1"
+
+
+def request(refs: list[tuple[str, str]]) -> tuple[str, Dataset]:
+    ds = Dataset()
+    ds.TransactionUID = generate_uid()
+    ds.ReferencedSOPSequence = []
+    for sop_class, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        ds.ReferencedSOPSequence.append(item)
+    return str(ds.TransactionUID), ds
+
+
+class Reports:
+    """N-EVENT-REPORTs a modality received, from any association."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, Dataset, str]] = []
+        self.lock = threading.Lock()
+
+    def handler(self, event) -> tuple[int, None]:  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.got.append((event.event_type, event.event_information, event.assoc.requestor.ae_title))
+        return 0x0000, None
+
+    def wait(self, timeout: float = 20.0) -> tuple[int, Dataset, str]:
+        wait_until(lambda: bool(self.got), timeout, 0.05, "no N-EVENT-REPORT")
+        return self.got[0]
+
+
+def uids(paths: list[Path]) -> list[tuple[str, str]]:
+    return [(str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in (dcmread(p, stop_before_pixels=True) for p in paths)]
+
+
+def test_commitment_reported_on_the_same_association(tmp_path: Path, gateway) -> None:
+    """Committed: instances in the spool, and instances only the archive still holds
+    (their spool rows purged after delivery); failed: one known nowhere (0x0112), one
+    asked under another SOP class (0x0119). A malformed N-ACTION gets a status."""
+    gw = gateway()
+    archived = ct_series(tmp_path / "archived", 2, 32, 32)
+    assert dcmtk.storescu(gw.port, archived, gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=2)
+    assert "purged 2" in gw.cli("spool", "purge", "--delivered").stdout
+    spooled = ct_series(tmp_path / "spooled", 2, 32, 32)
+    assert dcmtk.storescu(gw.port, spooled, gw.ae_title).returncode == 0
+    unknown = (CTImageStorage, generate_uid())
+    (first, second) = uids(spooled)
+    conflict = (MRImageStorage, second[1])
+    transaction, ds = request([*uids(archived), first, unknown, conflict])
+
+    reports = Reports()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
+        assert status.Status == 0x0000
+        event_type, report, _ = reports.wait()
+        bad, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, generate_uid())
+        assert bad.Status == 0x0117
+        no_action, _ = assoc.send_n_action(ds, 2, StorageCommitmentPushModel, WELL_KNOWN)
+        assert no_action.Status == 0x0123
+    finally:
+        assoc.release()
+    assert event_type == 2
+    assert str(report.TransactionUID) == transaction
+    assert report.RetrieveAETitle == gw.ae_title
+    committed = {str(i.ReferencedSOPInstanceUID) for i in report.ReferencedSOPSequence}
+    assert committed == {u for _, u in uids(archived)} | {first[1]}
+    failed = {(str(i.ReferencedSOPInstanceUID), int(i.FailureReason)) for i in report.FailedSOPSequence}
+    assert failed == {(unknown[1], 0x0112), (second[1], 0x0119)}
+    wait_until(lambda: f"storage commitment {transaction} reported to MODALITY" in gw.log(), 10, 0.1)
+    assert len(reports.got) == 1
+
+
+def test_commitment_reported_on_a_new_association_after_a_release(tmp_path: Path, gateway) -> None:
+    """A modality that releases right after the N-ACTION-RSP (as Orthanc's SCU does)
+    gets the report on an association the gateway opens to its configured address,
+    taking the SCP role by role selection. Instances the archive refused (dead) are not
+    committed (0x0110), nor one the spool lacks while the archive cannot be asked."""
+    reports = Reports()
+    listener = AE(ae_title="MODALITY")
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    port = free_port()
+    server = listener.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
+    try:
+        peer = f'\n[[dimse.peers]]\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = {port}\n'
+        gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1}, extra=peer)
+        stored = ct_series(tmp_path / "ct", 2, 32, 32)
+        assert dcmtk.storescu(gw.port, stored, gw.ae_title, calling_ae="MODALITY").returncode == 0
+        gw.wait_counts(dead=2, timeout=30)  # the archive is unreachable: both dead
+        unknown = (CTImageStorage, generate_uid())
+        transaction, ds = request([*uids(stored), unknown])
+
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(StorageCommitmentPushModel)
+        assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title)
+        assert assoc.is_established
+        status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
+        assoc.release()
+        assert status.Status == 0x0000
+        event_type, report, caller = reports.wait()
+        assert caller == gw.ae_title
+        assert event_type == 2 and str(report.TransactionUID) == transaction
+        assert {(str(i.ReferencedSOPInstanceUID), int(i.FailureReason)) for i in report.FailedSOPSequence} == {
+            (u, 0x0110) for _, u in [*uids(stored), unknown]
+        }
+        assert "ReferencedSOPSequence" not in report
+        wait_until(lambda: "reported to MODALITY on a new association (0x0000)" in gw.log(), 10, 0.1)
+    finally:
+        server.shutdown()
+
+
+def test_with_ack_delivered_commitment_waits_for_the_archive(tmp_path: Path, orthanc, gateway) -> None:
+    """ack = "delivered": committed once the archive (Orthanc) holds them, as a C-STORE
+    Success would say; the report waits for delivery rather than committing early."""
+    gw = gateway(upstream_url=orthanc.dicomweb_url, dimse={"ack": "delivered", "ack_timeout": 20})
+    stored = ct_series(tmp_path / "ct", 3, 32, 32)
+    assert dcmtk.storescu(gw.port, stored, gw.ae_title).returncode == 0
+    transaction, ds = request(uids(stored))
+    reports = Reports()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
+    try:
+        status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
+        assert status.Status == 0x0000
+        event_type, report, _ = reports.wait()
+    finally:
+        assoc.release()
+    assert event_type == 1 and "FailedSOPSequence" not in report
+    assert {str(i.ReferencedSOPInstanceUID) for i in report.ReferencedSOPSequence} == {u for _, u in uids(stored)}
+    assert {u for _, u in uids(stored)} <= orthanc.sop_instance_uids()
