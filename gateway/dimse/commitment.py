@@ -142,6 +142,14 @@ def parse_request(message: Message) -> tuple[str, list[tuple[str, str]]]:
     return transaction, refs
 
 
+def _named(message: Message) -> dict[int, int | str | tuple[int, ...]]:
+    """The N-ACTION-RSP's Affected SOP Instance UID: the instance the request named
+    (PS3.7 10.1.4.1.7; dcmtk-based requesters such as Orthanc refuse a response
+    without it)."""
+    requested = str(message.command.get(0x1001, ""))
+    return {0x1000: requested} if requested else {}
+
+
 class CommitmentService:
     """The N-ACTION handler, with what it decides from: the spool and the archive."""
 
@@ -156,10 +164,11 @@ class CommitmentService:
             transaction, refs = parse_request(message)
         except BadRequest as exc:
             log.warning("storage commitment request from %s refused (0x%04X): %s", assoc.peer, exc.status, exc)
-            await assoc.send_message(message.context.id, response(message.command, N_ACTION_RSP, exc.status))
+            await assoc.send_message(message.context.id, response(message.command, N_ACTION_RSP, exc.status, extra=_named(message)))
             return
         await assoc.send_message(
-            message.context.id, response(message.command, N_ACTION_RSP, 0x0000, extra={0x1008: REQUEST_COMMITMENT})
+            message.context.id,
+            response(message.command, N_ACTION_RSP, 0x0000, extra={**_named(message), 0x1008: REQUEST_COMMITMENT}),
         )
         task = asyncio.create_task(self._decide_and_report(assoc, message.context, transaction, refs))
         self._reports.add(task)

@@ -154,3 +154,28 @@ def test_with_ack_delivered_commitment_waits_for_the_archive(tmp_path: Path, ort
     assert event_type == 1 and "FailedSOPSequence" not in report
     assert {str(i.ReferencedSOPInstanceUID) for i in report.ReferencedSOPSequence} == {u for _, u in uids(stored)}
     assert {u for _, u in uids(stored)} <= orthanc.sop_instance_uids()
+
+
+def test_orthanc_as_the_modality_gets_its_commitment_report(tmp_path: Path, orthanc, gateway) -> None:
+    """Orthanc's own Storage Commitment SCU (REST /modalities/{id}/storage-commitment)
+    asks the gateway about instances it sent; Orthanc releases after the N-ACTION, so
+    the report reaches it on the association the gateway opens back to its DICOM port."""
+    peer = f'\n[[dimse.peers]]\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+    gw = gateway(extra=peer)
+    orthanc.set_modality("gw", gw.ae_title, "127.0.0.1", gw.port)
+    stored = ct_series(tmp_path / "ct", 2, 32, 32)
+    assert dcmtk.storescu(gw.port, stored, gw.ae_title).returncode == 0
+    unknown = (CTImageStorage, generate_uid())
+    job = orthanc.post_json(
+        "/modalities/gw/storage-commitment", {"DicomInstances": [list(p) for p in [*uids(stored), unknown]], "Timeout": 30}
+    )
+    report_id = job["ID"]
+
+    def done() -> dict | None:
+        report = orthanc.get_json(f"/storage-commitment/{report_id}")
+        return report if report["Status"] != "Pending" else None
+
+    report = wait_until(done, 30, 0.2, "Orthanc's storage commitment stayed pending")
+    assert report["Status"] == "Failure"  # one of the three is known nowhere
+    assert {i["SOPInstanceUID"] for i in report["Success"]} == {u for _, u in uids(stored)}
+    assert [(i["SOPInstanceUID"], i["FailureReason"]) for i in report["Failures"]] == [(unknown[1], 0x0112)]
