@@ -89,12 +89,13 @@ async def _run(config: Config, config_path: Path | None) -> None:
     )
     await runner.setup()
     store = StoreService(config, spool)
+    commitment = CommitmentService(config, spool, upstream)
     services = {
         C_STORE_RQ: store,
         C_FIND_RQ: FindService(config, upstream),
         C_MOVE_RQ: MoveService(config, retriever),
         C_GET_RQ: GetService(config, retriever),
-        N_ACTION_RQ: CommitmentService(config, spool, upstream),
+        N_ACTION_RQ: commitment,
     }
     server = DimseServer(
         config, spool.receive, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES + (STORAGE_COMMITMENT,), UNCOMPRESSED),
@@ -108,6 +109,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
         await web.TCPSite(runner, config.http.host, config.http.port, ssl_context=https).start()
         await server.start()
         started = True
+        commitment.resume()
         log.info(
             "listening: DIMSE %s on %s:%d%s, HTTP%s on %s:%d, upstream %s, spool %s",
             config.dimse.ae_title,
@@ -175,6 +177,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
         grace = config.dimse.shutdown_grace
         if started:
             await server.stop(grace)
+        await commitment.stop()
         spool.release_waiters()
         store.close()
         spool.on_enqueue = lambda: None

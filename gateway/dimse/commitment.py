@@ -15,16 +15,20 @@ The answer, an N-EVENT-REPORT, goes first on the modality's own association, rig
 after the N-ACTION-RSP, as most modalities wait for it there; a modality that
 released it at once (Orthanc does) gets it on a new association the gateway opens to
 the modality's `[[dimse.peers]]` entry, taking the SCP role by role selection. A
-report no association could carry is retried a few times, then logged; the modality
-asks again (requests are not kept across a restart of the daemon).
+report no association could carry is retried a few times, then logged, and the
+modality asks again. A request is recorded in the spool database before it is
+answered and forgotten once reported, so one a restart interrupted is reported at
+start-up (`gateway.spool.commitments`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import Any
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -50,6 +54,7 @@ from gateway.dimse.command import (
 from gateway.dimse.requestor import RequestorError, StoreRequestor
 from gateway.model.query import make_key
 from gateway.model.search import Search
+from gateway.spool import commitments
 from gateway.spool.queue import Spool
 from gateway.uids import is_valid_uid
 from gateway.upstream.base import Upstream
@@ -166,23 +171,53 @@ class CommitmentService:
             log.warning("storage commitment request from %s refused (0x%04X): %s", assoc.peer, exc.status, exc)
             await assoc.send_message(message.context.id, response(message.command, N_ACTION_RSP, exc.status, extra=_named(message)))
             return
+        try:
+            row = await asyncio.to_thread(commitments.record, self.spool.db, transaction, assoc.calling_ae.strip(), refs)
+        except Exception as exc:  # noqa: BLE001 - a request we cannot keep is refused, not accepted
+            log.error("storage commitment %s from %s not accepted: cannot record it: %s", transaction, assoc.peer, exc)
+            await assoc.send_message(
+                message.context.id, response(message.command, N_ACTION_RSP, PROCESSING_FAILURE, extra=_named(message))
+            )
+            return
         await assoc.send_message(
             message.context.id,
             response(message.command, N_ACTION_RSP, 0x0000, extra={**_named(message), 0x1008: REQUEST_COMMITMENT}),
         )
-        task = asyncio.create_task(self._decide_and_report(assoc, message.context, transaction, refs))
+        self._spawn(self._decide_and_report(row, transaction, assoc.calling_ae.strip(), refs, (assoc, message.context)))
+
+    def resume(self) -> None:
+        """Report the requests a previous run accepted but did not report (start-up):
+        on a new association, since the one they came on is gone."""
+        for owed in commitments.pending(self.spool.db):
+            log.info("storage commitment %s from %s: reporting after a restart", owed.transaction_uid, owed.calling_ae)
+            self._spawn(self._decide_and_report(owed.id, owed.transaction_uid, owed.calling_ae, owed.refs, None))
+
+    async def stop(self) -> None:
+        """Cancel the reports in progress; their requests stay recorded for the next run."""
+        for task in list(self._reports):
+            task.cancel()
+        await asyncio.gather(*self._reports, return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
     async def _decide_and_report(
-        self, assoc: Association, context: AcceptedContext, transaction: str, refs: list[tuple[str, str]]
+        self,
+        row: int,
+        transaction: str,
+        calling_ae: str,
+        refs: list[tuple[str, str]],
+        origin: tuple[Association, AcceptedContext] | None,
     ) -> None:
         decision = await self.decide(transaction, refs)
         log.info(
             "storage commitment %s from %s: %d committed, %d failed",
-            transaction, assoc.peer, len(decision.committed), len(decision.failed),
+            transaction, calling_ae, len(decision.committed), len(decision.failed),
         )
-        await self._report(assoc, context, decision)
+        await self._report(origin, calling_ae, decision)
+        await asyncio.to_thread(commitments.forget, self.spool.db, row)  # reported, or given up on
 
     async def decide(self, transaction: str, refs: list[tuple[str, str]]) -> Commitment:
         """Committed what the gateway holds durably; with ``dimse.ack = "delivered"``
@@ -228,18 +263,20 @@ class CommitmentService:
             return None
         return found
 
-    async def _report(self, assoc: Association, context: AcceptedContext, decision: Commitment) -> None:
-        """The N-EVENT-REPORT: on the requester's association while it is open, else on
-        a new association to its configured address."""
+    async def _report(
+        self, origin: tuple[Association, AcceptedContext] | None, calling_ae: str, decision: Commitment
+    ) -> None:
+        """The N-EVENT-REPORT: on the requester's association (``origin``) while it is
+        open, else on a new association to its configured address."""
         event = ALL_COMMITTED if not decision.failed else SOME_FAILED
         values = {0x0002: STORAGE_COMMITMENT, 0x1000: STORAGE_COMMITMENT_INSTANCE, 0x1002: event}
-        if await self._on_same_association(assoc, context, decision, values):
+        if origin is not None and await self._on_same_association(*origin, decision, values):
             return
-        peer = self.config.peer(assoc.calling_ae)
+        peer = self.config.peer(calling_ae)
         if peer is None:
             log.warning(
-                "storage commitment %s: %s closed its association before the report, and is not in"
-                " dimse.peers to be called back", decision.transaction_uid, assoc.calling_ae,
+                "storage commitment %s: %s is not in dimse.peers to be called back with the report",
+                decision.transaction_uid, calling_ae,
             )
             return
         d = self.config.dimse

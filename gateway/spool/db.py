@@ -51,7 +51,17 @@ def _v2(db: sqlite_utils.Database) -> None:
     db["instances"].add_column("not_primary", int, not_null_default=0)
 
 
-MIGRATIONS: list[Migration] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    """Storage commitment requests answered but not yet reported, replayed at start-up
+    (`gateway.spool.commitments`)."""
+    db["commitments"].create(
+        {"id": int, "transaction_uid": str, "calling_ae": str, "refs": str, "received_at": float},
+        pk="id",
+        not_null={"transaction_uid", "calling_ae", "refs", "received_at"},
+    )
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3]
 
 
 class SpoolDB:

@@ -179,3 +179,43 @@ def test_orthanc_as_the_modality_gets_its_commitment_report(tmp_path: Path, orth
     assert report["Status"] == "Failure"  # one of the three is known nowhere
     assert {i["SOPInstanceUID"] for i in report["Success"]} == {u for _, u in uids(stored)}
     assert [(i["SOPInstanceUID"], i["FailureReason"]) for i in report["Failures"]] == [(unknown[1], 0x0112)]
+
+
+def test_a_commitment_interrupted_by_a_crash_is_reported_after_the_restart(tmp_path: Path, gateway) -> None:
+    """Accepted (N-ACTION-RSP Success) but not yet reported when the daemon is killed
+    -9: the request was recorded before the answer, so the restarted daemon reports it
+    on a new association."""
+    port = free_port()
+    peer = f'\n[[dimse.peers]]\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = {port}\n'
+    gw = gateway(extra=peer)
+    stored = ct_series(tmp_path / "ct", 2, 32, 32)
+    assert dcmtk.storescu(gw.port, stored, gw.ae_title, calling_ae="MODALITY").returncode == 0
+    transaction, ds = request(uids(stored))
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title)
+    status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
+    assoc.release()
+    assert status.Status == 0x0000
+    # Nobody listens at the modality's address yet: the first call back fails, and the
+    # daemon dies before its next try.
+    wait_until(lambda: f"storage commitment {transaction}: report to MODALITY, try 1" in gw.log(), 20, 0.05)
+    gw.kill()
+
+    reports = Reports()
+    listener = AE(ae_title="MODALITY")
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = listener.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
+    try:
+        gw.start()
+        event_type, report, caller = reports.wait()
+    finally:
+        server.shutdown()
+    assert caller == gw.ae_title and event_type == 1 and str(report.TransactionUID) == transaction
+    assert {str(i.ReferencedSOPInstanceUID) for i in report.ReferencedSOPSequence} == {u for _, u in uids(stored)}
+    assert f"storage commitment {transaction} from MODALITY: reporting after a restart" in gw.log()
+    wait_until(lambda: f"storage commitment {transaction} reported to MODALITY on a new association" in gw.log(), 10, 0.1)
+    gw.stop()
+    gw.start()  # reported once: nothing owed any more
+    wait_until(lambda: gw.log().count("listening: DIMSE") == 3, 10, 0.05, "third start not logged")
+    assert gw.log().count("reporting after a restart") == 1

@@ -24,6 +24,17 @@ def store(gw, paths: list[Path], calling_ae: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def dead_studies(tmp_path: Path, gateway, count: int) -> tuple:  # type: ignore[no-untyped-def]
+    """A gateway whose archive is unreachable, holding a study of ``count`` instances
+    and another of one, all dead after their one attempt."""
+    gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1})
+    first = ct_series(tmp_path / "first", count, 32, 32)
+    other = ct_series(tmp_path / "other", 1, 32, 32)
+    store(gw, first + other, "CT01")
+    gw.wait_counts(dead=count + 1, timeout=30)
+    return gw, first, other
+
+
 def test_study_report_and_filters_on_the_embedded_archive(tmp_path: Path, gateway) -> None:
     gw = gateway()
     study_uid = "1.2.826.0.1.3680043.8.498.4242"
@@ -74,11 +85,7 @@ def test_study_report_and_filters_on_the_embedded_archive(tmp_path: Path, gatewa
 def test_study_report_shows_refusals_and_retry_takes_one_study(tmp_path: Path, gateway) -> None:
     """Instances the archive never took are shown with the reason, the archive's
     failure is the exit status, and a retry by study requeues that study only."""
-    gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1})
-    mine = ct_series(tmp_path / "a", 2, 32, 32)
-    theirs = ct_series(tmp_path / "b", 1, 32, 32)
-    store(gw, mine + theirs, "CT01")
-    gw.wait_counts(dead=3, timeout=30)
+    gw, mine, theirs = dead_studies(tmp_path, gateway, 2)
     study_uid = uids(mine[0])[0]
 
     result = gw.cli("study", study_uid)
@@ -129,11 +136,7 @@ def test_a_study_sent_by_mistake_is_withdrawn_before_it_reaches_the_archive(tmp_
     """A study stored under the wrong patient while the archive is down: `spool discard`
     says what it would take, then takes the study's undelivered instances (files and
     rows), leaves the other study alone, and a restart does not bring them back."""
-    gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1})
-    wrong = ct_series(tmp_path / "wrong", 3, 32, 32)
-    right = ct_series(tmp_path / "right", 1, 32, 32)
-    store(gw, wrong + right, "CT01")
-    gw.wait_counts(dead=4, timeout=30)
+    gw, wrong, right = dead_studies(tmp_path, gateway, 3)
     study_uid = uids(wrong[0])[0]
     files = {r["file"] for r in json.loads(gw.cli("spool", "list", "--study", study_uid, "--json").stdout)}
     assert len(files) == 3 and all((gw.spool_dir / f).exists() for f in files)
