@@ -154,6 +154,8 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 age = status["oldest_pending_age_seconds"]
                 print(f"oldest pending: {'-' if age is None else f'{age:.0f} s'}")
                 print(f"free space:     {status['free_bytes'] / 2**30:.1f} GiB")
+                if status["commitments_owed"]:
+                    print(f"commitments:    {status['commitments_owed']} storage commitment report(s) not yet delivered")
                 if problems is None:
                     print(f"daemon:         not answering at {url}")
                 elif not problems:

@@ -89,7 +89,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
     )
     await runner.setup()
     store = StoreService(config, spool)
-    commitment = CommitmentService(config, spool, upstream)
+    commitment = CommitmentService(config, spool, upstream, metrics)
     services = {
         C_STORE_RQ: store,
         C_FIND_RQ: FindService(config, upstream),

@@ -72,6 +72,19 @@ class Metrics:
             registry=r,
         )
         self._senders: set[str] = set()
+        self.commitment_instances = Counter(
+            "gateway_storage_commitment_instances",
+            "Instances a storage commitment request asked about, by result (committed, failed)",
+            ["result"],
+            registry=r,
+        )
+        self.commitment_reports = Counter(
+            "gateway_storage_commitment_reports",
+            "Storage commitment reports (N-EVENT-REPORT), by how they went: on the requester's"
+            " association, on a new one to it, or not delivered (given up, or no peer to call)",
+            ["via"],
+            registry=r,
+        )
         self.delivery_attempts = Counter(
             "gateway_delivery_attempts",
             "Instances sent to the upstream (each attempt of each instance)",

@@ -52,6 +52,7 @@ from gateway.dimse.command import (
     response,
 )
 from gateway.dimse.requestor import RequestorError, StoreRequestor
+from gateway.metrics import Metrics
 from gateway.model.query import make_key
 from gateway.model.search import Search
 from gateway.spool import commitments
@@ -158,10 +159,11 @@ def _named(message: Message) -> dict[int, int | str | tuple[int, ...]]:
 class CommitmentService:
     """The N-ACTION handler, with what it decides from: the spool and the archive."""
 
-    def __init__(self, config: Config, spool: Spool, upstream: Upstream) -> None:
+    def __init__(self, config: Config, spool: Spool, upstream: Upstream, metrics: Metrics | None = None) -> None:
         self.config = config
         self.spool = spool
         self.upstream = upstream
+        self.metrics = metrics
         self._reports: set[asyncio.Task[None]] = set()
 
     async def __call__(self, assoc: Association, message: Message) -> None:
@@ -216,8 +218,12 @@ class CommitmentService:
             "storage commitment %s from %s: %d committed, %d failed",
             transaction, calling_ae, len(decision.committed), len(decision.failed),
         )
-        await self._report(origin, calling_ae, decision)
+        via = await self._report(origin, calling_ae, decision)
         await asyncio.to_thread(commitments.forget, self.spool.db, row)  # reported, or given up on
+        if self.metrics is not None:
+            self.metrics.commitment_instances.labels("committed").inc(len(decision.committed))
+            self.metrics.commitment_instances.labels("failed").inc(len(decision.failed))
+            self.metrics.commitment_reports.labels(via).inc()
 
     async def decide(self, transaction: str, refs: list[tuple[str, str]]) -> Commitment:
         """Committed what the gateway holds durably; with ``dimse.ack = "delivered"``
@@ -265,20 +271,21 @@ class CommitmentService:
 
     async def _report(
         self, origin: tuple[Association, AcceptedContext] | None, calling_ae: str, decision: Commitment
-    ) -> None:
+    ) -> str:
         """The N-EVENT-REPORT: on the requester's association (``origin``) while it is
-        open, else on a new association to its configured address."""
+        open, else on a new association to its configured address. Returns how it went
+        (``same_association``, ``new_association``, ``undelivered``)."""
         event = ALL_COMMITTED if not decision.failed else SOME_FAILED
         values = {0x0002: STORAGE_COMMITMENT, 0x1000: STORAGE_COMMITMENT_INSTANCE, 0x1002: event}
         if origin is not None and await self._on_same_association(*origin, decision, values):
-            return
+            return "same_association"
         peer = self.config.peer(calling_ae)
         if peer is None:
             log.warning(
                 "storage commitment %s: %s is not in dimse.peers to be called back with the report",
                 decision.transaction_uid, calling_ae,
             )
-            return
+            return "undelivered"
         d = self.config.dimse
         for attempt in range(1, NEW_ASSOCIATION_TRIES + 1):
             try:
@@ -297,7 +304,7 @@ class CommitmentService:
                 contexts = requestor.accepted.get(STORAGE_COMMITMENT) or {}
                 if not contexts:
                     log.warning("storage commitment %s: %s accepted no Storage Commitment context", decision.transaction_uid, peer.ae_title)
-                    return
+                    return "undelivered"
                 syntax, context_id = next(iter(contexts.items()))
                 answer = await requestor.request(
                     context_id, {**values, 0x0100: N_EVENT_REPORT_RQ}, decision.report(syntax, d.ae_title), N_EVENT_REPORT_RSP
@@ -306,7 +313,7 @@ class CommitmentService:
                     "storage commitment %s reported to %s on a new association (0x%04X)",
                     decision.transaction_uid, peer.ae_title, int(answer.get(0x0900, -1)),  # type: ignore[arg-type]
                 )
-                return
+                return "new_association"
             except RequestorError as exc:
                 log.warning("storage commitment %s: report to %s, try %d: %s", decision.transaction_uid, peer.ae_title, attempt, exc)
             finally:
@@ -314,6 +321,7 @@ class CommitmentService:
             if attempt < NEW_ASSOCIATION_TRIES:
                 await asyncio.sleep(RETRY_SECONDS)
         log.error("storage commitment %s: no report could reach %s", decision.transaction_uid, peer.ae_title)
+        return "undelivered"
 
     async def _on_same_association(
         self, assoc: Association, context: AcceptedContext, decision: Commitment, values: dict[int, int | str | tuple[int, ...]]

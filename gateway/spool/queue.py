@@ -605,8 +605,9 @@ class Spool:
     # ---- admin ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Counts and bytes per state, the age of the oldest waiting instance, and how
-        many delivered instances the archive keeps apart from their study."""
+        """Counts and bytes per state, the age of the oldest waiting instance, how many
+        delivered instances the archive keeps apart from their study, and how many
+        storage commitment requests still owe their requester a report."""
         with self.db.connection() as db:
             counts = {s: 0 for s in STATES}
             sizes = {s: 0 for s in STATES}
@@ -624,10 +625,12 @@ class Spool:
                     " WHERE state IN ('queued','sending','failed')"
                 )
             )["t"]
+            owed = next(db.query("SELECT COUNT(*) AS n FROM commitments"))["n"]
         return {
             "counts": counts,
             "bytes": sizes,
             "delivered_not_primary": not_primary,
+            "commitments_owed": owed,
             "oldest_pending_age_seconds": round(time.time() - oldest, 1) if oldest else None,
             "free_bytes": self.free_bytes(),
         }

@@ -5,7 +5,9 @@ when it released at once; the decision follows what the spool and archive hold."
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.request
 from pathlib import Path
 
 from pydicom import dcmread
@@ -94,6 +96,10 @@ def test_commitment_reported_on_the_same_association(tmp_path: Path, gateway) ->
     assert failed == {(unknown[1], 0x0112), (second[1], 0x0119)}
     wait_until(lambda: f"storage commitment {transaction} reported to MODALITY" in gw.log(), 10, 0.1)
     assert len(reports.got) == 1
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.http_port}/metrics", timeout=10).read().decode()
+    assert 'gateway_storage_commitment_instances_total{result="committed"} 3.0' in metrics
+    assert 'gateway_storage_commitment_instances_total{result="failed"} 2.0' in metrics
+    assert 'gateway_storage_commitment_reports_total{via="same_association"} 1.0' in metrics
 
 
 def test_commitment_reported_on_a_new_association_after_a_release(tmp_path: Path, gateway) -> None:
@@ -200,7 +206,9 @@ def test_a_commitment_interrupted_by_a_crash_is_reported_after_the_restart(tmp_p
     # Nobody listens at the modality's address yet: the first call back fails, and the
     # daemon dies before its next try.
     wait_until(lambda: f"storage commitment {transaction}: report to MODALITY, try 1" in gw.log(), 20, 0.05)
+    owed = json.loads(gw.cli("spool", "status", "--json").stdout)["commitments_owed"]
     gw.kill()
+    assert owed == 1
 
     reports = Reports()
     listener = AE(ae_title="MODALITY")
@@ -219,3 +227,4 @@ def test_a_commitment_interrupted_by_a_crash_is_reported_after_the_restart(tmp_p
     gw.start()  # reported once: nothing owed any more
     wait_until(lambda: gw.log().count("listening: DIMSE") == 3, 10, 0.05, "third start not logged")
     assert gw.log().count("reporting after a restart") == 1
+    assert json.loads(gw.cli("spool", "status", "--json").stdout)["commitments_owed"] == 0
