@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Config
+from gateway.model.json import first_text
 from gateway.model.search import Search
 from gateway.spool.queue import STATES
 from gateway.spool.study import SeriesInSpool
@@ -44,11 +45,6 @@ class ArchiveView:
     error: str | None = None
 
 
-def _first(obj: dict[str, Any], tag: int) -> str:
-    values = (obj.get(f"{tag:08X}") or {}).get("Value") or [""]
-    return "" if values[0] is None else str(values[0])
-
-
 async def archive_view(config: Config, study_uid: str) -> ArchiveView:
     """One series-level search in the study. The embedded archive is read without
     being started: starting it would spawn a second writer process beside the
@@ -60,13 +56,13 @@ async def archive_view(config: Config, study_uid: str) -> ArchiveView:
             await upstream.start()
         search = Search(study_uid=study_uid, include=(SERIES_UID, SERIES_NUMBER, MODALITY, SERIES_INSTANCES))
         async for obj in upstream.search_for_series(search):
-            count = _first(obj, SERIES_INSTANCES)
+            count = first_text(obj, SERIES_INSTANCES)
             view.series.append(
                 SeriesInArchive(
-                    _first(obj, SERIES_UID),
+                    first_text(obj, SERIES_UID),
                     int(count) if count.isdigit() else None,
-                    _first(obj, MODALITY),
-                    _first(obj, SERIES_NUMBER),
+                    first_text(obj, MODALITY),
+                    first_text(obj, SERIES_NUMBER),
                 )
             )
     except NotFound:

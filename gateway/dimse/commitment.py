@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
 
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -51,9 +50,10 @@ from gateway.dimse.command import (
     encode_command,
     response,
 )
-from gateway.dimse.requestor import RequestorError, StoreRequestor
+from gateway.dimse.requestor import UNCOMPRESSED, RequestorError, StoreRequestor
 from gateway.metrics import Metrics
-from gateway.model.query import make_key
+from gateway.model.json import first_text
+from gateway.model.query import uid_key
 from gateway.model.search import Search
 from gateway.spool import commitments
 from gateway.spool.queue import Spool
@@ -261,9 +261,9 @@ class CommitmentService:
         try:
             for start in range(0, len(uids), 100):
                 chunk = uids[start : start + 100]
-                key = make_key(DataElement(SOP_INSTANCE_UID, "UI", chunk if len(chunk) > 1 else chunk[0]))
-                async for obj in self.upstream.search_for_instances(Search(keys=(key,), include=(SOP_INSTANCE_UID,))):
-                    found.update(str(v) for v in (obj.get("00080018") or {}).get("Value") or [])
+                search = Search(keys=(uid_key(SOP_INSTANCE_UID, chunk),), include=(SOP_INSTANCE_UID,))
+                async for obj in self.upstream.search_for_instances(search):
+                    found.add(first_text(obj, SOP_INSTANCE_UID))
         except Exception as exc:  # noqa: BLE001 - the commitment then fails those, it does not crash
             log.warning("storage commitment: the archive could not be asked about %d instance(s): %s", len(uids), exc)
             return None
@@ -291,7 +291,7 @@ class CommitmentService:
             try:
                 requestor = await StoreRequestor.connect(
                     peer.host, peer.port, d.ae_title, peer.ae_title,
-                    [(STORAGE_COMMITMENT, [IMPLICIT_VR_LE, "1.2.840.10008.1.2.1"])],
+                    [(STORAGE_COMMITMENT, list(UNCOMPRESSED))],
                     max_pdu=d.max_pdu_size, connect_timeout=d.acse_timeout, acse_timeout=d.acse_timeout,
                     dimse_timeout=d.dimse_timeout, roles=[pdu.RoleSelection(STORAGE_COMMITMENT, False, True)],
                 )
@@ -340,7 +340,7 @@ class CommitmentService:
             deadline = loop.time() + SAME_ASSOCIATION_SECONDS
             while not answered.done() and not assoc.writer.is_closing() and loop.time() < deadline:
                 await asyncio.wait([answered], timeout=0.2)
-        except (OSError, ConnectionError):
+        except OSError:  # SendError included: the association is gone
             return False
         finally:
             if not answered.done():

@@ -25,6 +25,7 @@ import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from gateway.codecs.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from gateway.dimse import pdu
 from gateway.dimse.association import (
     IMPLEMENTATION_CLASS_UID,
@@ -54,6 +55,9 @@ from gateway.retrieval.source import DataSource, FileSlice
 
 log = logging.getLogger("gateway.dimse")
 
+# Every SCP accepts Implicit VR Little Endian (PS3.5 10.1) and most Explicit: what a
+# context proposes when nothing else is needed, and what every syntax we decode converts to.
+UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 MAX_CONTEXTS = 128  # presentation context ids are the odd numbers 1..255
 # Bytes of a file data set read (in a worker thread) per write; bounds memory per send.
 FILE_CHUNK = 4 << 20

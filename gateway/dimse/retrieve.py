@@ -21,12 +21,11 @@ from collections.abc import Awaitable, Callable
 
 from pydicom.dataset import Dataset
 
-from gateway.codecs.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from gateway.config import Config
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import Command, response
 from gateway.dimse.find import decode_identifier, encode_identifier
-from gateway.dimse.requestor import RequestorError
+from gateway.dimse.requestor import UNCOMPRESSED, RequestorError
 from gateway.dimse.retrieve_request import (
     CANCEL,
     OUT_OF_RESOURCES_SUBOPS,
@@ -50,7 +49,6 @@ log = logging.getLogger("gateway.dimse")
 # C-STORE statuses counted as warnings rather than failures (PS3.4 B.2.3)
 STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 
-UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 # Why an instance without a SOP Class UID (in the search answer and the file) fails:
 # a C-STORE-RQ must name it (AffectedSOPClassUID), and no context can be proposed.
 NO_SOP_CLASS = "no SOP Class UID in the archive's answer or file; no C-STORE can carry it"

@@ -11,10 +11,7 @@ import time
 
 from gateway.config import Config, Peer
 from gateway.dimse.command import VERIFICATION
-from gateway.dimse.requestor import RequestorError, StoreRequestor
-
-# Every SCP accepts Implicit VR Little Endian (PS3.5 10.1); Explicit for those that prefer it.
-SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+from gateway.dimse.requestor import UNCOMPRESSED, RequestorError, StoreRequestor
 
 
 async def echo_peer(config: Config, peer: Peer, timeout: float) -> tuple[bool, str]:
@@ -22,7 +19,7 @@ async def echo_peer(config: Config, peer: Peer, timeout: float) -> tuple[bool, s
     started = time.monotonic()
     try:
         requestor = await StoreRequestor.connect(
-            peer.host, peer.port, config.dimse.ae_title, peer.ae_title, [(VERIFICATION, SYNTAXES)],
+            peer.host, peer.port, config.dimse.ae_title, peer.ae_title, [(VERIFICATION, list(UNCOMPRESSED))],
             max_pdu=config.dimse.max_pdu_size, connect_timeout=timeout, acse_timeout=timeout, dimse_timeout=timeout,
         )
     except RequestorError as exc:

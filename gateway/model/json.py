@@ -40,6 +40,13 @@ def tag_key(tag: int) -> str:
     return f"{tag:08X}"
 
 
+def first_text(obj: JsonObject, tag: int) -> str:
+    """The first value of attribute ``tag`` of a DICOM JSON object, as text ("" when it
+    is absent, empty or null): what a search answer's UIDs and counts are read with."""
+    values = (obj.get(tag_key(tag)) or {}).get("Value") or [""]
+    return "" if values[0] is None else str(values[0])
+
+
 def keyword_vr(tag: int) -> str:
     """The dictionary VR of a tag (the first of ambiguous ones), ``UN`` if unknown."""
     try:

@@ -350,6 +350,11 @@ class Key:
         return DataElement(self.tag, elem.VR, elem.value)
 
 
+def uid_key(tag: int, uids: tuple[str, ...] | list[str]) -> Key:
+    """A key matching any of ``uids`` (list of UID matching, PS3.4 C.2.2.2.2)."""
+    return make_key(DataElement(tag, "UI", list(uids) if len(uids) > 1 else uids[0]))
+
+
 def make_key(elem: DataElement) -> Key:
     """A Key from an identifier element (values already decoded to text)."""
     tag = int(elem.tag)

@@ -22,7 +22,8 @@ from dataclasses import replace
 
 from pydicom.dataelem import DataElement
 
-from gateway.model.query import make_key
+from gateway.model.json import first_text
+from gateway.model.query import make_key, uid_key
 from gateway.model.search import Search
 from gateway.retrieval.request import (
     PATIENT_ID,
@@ -38,20 +39,11 @@ from gateway.upstream.base import JsonObject, Upstream
 from gateway.upstream.errors import NotFound, UpstreamError
 
 
-def _first(obj: JsonObject, key: str) -> str:
-    value = (obj.get(key) or {}).get("Value") or [""]
-    return str(value[0]) if value[0] is not None else ""
-
-
 def _ref(obj: JsonObject) -> InstanceRef | None:
-    ref = InstanceRef(_first(obj, "0020000D"), _first(obj, "0020000E"), _first(obj, "00080018"), _first(obj, "00080016"))
+    ref = InstanceRef(first_text(obj, STUDY_UID), first_text(obj, SERIES_UID), first_text(obj, SOP_INSTANCE_UID), first_text(obj, SOP_CLASS_UID))
     if not all(is_valid_uid(u) for u in (ref.study_uid, ref.series_uid, ref.sop_instance_uid)):
         return None  # an archive answer we could not put in a URL safely
     return ref
-
-
-def _uid_key(tag: int, uids: tuple[str, ...]):  # type: ignore[no-untyped-def]
-    return make_key(DataElement(tag, "UI", list(uids) if len(uids) > 1 else uids[0]))
 
 
 async def _patient_studies(upstream: Upstream, patient_id: str) -> list[str]:
@@ -60,8 +52,8 @@ async def _patient_studies(upstream: Upstream, patient_id: str) -> list[str]:
     search = Search(keys=(make_key(DataElement(PATIENT_ID, "LO", patient_id)),), include=(STUDY_UID, PATIENT_ID))
     studies: list[str] = []
     async for obj in upstream.search_for_studies(search):
-        if _first(obj, "00100020") == patient_id and is_valid_uid(_first(obj, "0020000D")):
-            studies.append(_first(obj, "0020000D"))
+        if first_text(obj, PATIENT_ID) == patient_id and is_valid_uid(first_text(obj, STUDY_UID)):
+            studies.append(first_text(obj, STUDY_UID))
     return list(dict.fromkeys(studies))
 
 
@@ -82,13 +74,13 @@ async def search_instances(upstream: Upstream, request: RetrieveRequest) -> Asyn
         if study:
             searches = [Search(study_uid=study, series_uid=s, **base) for s in request.series_uids]  # type: ignore[arg-type]
         else:
-            searches = [Search(keys=(_uid_key(SERIES_UID, request.series_uids),), **base)]  # type: ignore[arg-type]
+            searches = [Search(keys=(uid_key(SERIES_UID, request.series_uids),), **base)]  # type: ignore[arg-type]
     else:
         study = request.study_uids[0] if request.study_uids else None
         series = request.series_uids[0] if request.series_uids else None
         searches = [
             Search(
-                keys=(_uid_key(SOP_INSTANCE_UID, request.sop_uids),),
+                keys=(uid_key(SOP_INSTANCE_UID, request.sop_uids),),
                 study_uid=study,
                 series_uid=series if study else None,
                 **base,  # type: ignore[arg-type]
@@ -123,11 +115,11 @@ async def with_study(upstream: Upstream, request: RetrieveRequest) -> RetrieveRe
     if request.level != "SERIES" or request.study_uids or not request.series_uids:
         return request
     studies: dict[str, str] = {}
-    search = Search(keys=(_uid_key(SERIES_UID, request.series_uids),), include=(STUDY_UID,))
+    search = Search(keys=(uid_key(SERIES_UID, request.series_uids),), include=(STUDY_UID,))
     try:
         async for obj in upstream.search_for_series(search):
-            if (series := _first(obj, "0020000E")) in request.series_uids:
-                studies[series] = _first(obj, "0020000D")
+            if (series := first_text(obj, SERIES_UID)) in request.series_uids:
+                studies[series] = first_text(obj, STUDY_UID)
     except UpstreamError:
         return request
     found = set(studies.values())
@@ -161,18 +153,18 @@ async def count_instances(upstream: Upstream, study: str, series: str | None) ->
     120-140 ms for 300 instances). None when it does not say."""
     if series is None:
         uid_tag, count_tag = STUDY_UID, STUDY_INSTANCES
-        found = upstream.search_for_studies(Search(keys=(_uid_key(STUDY_UID, (study,)),), include=(count_tag,)))
+        found = upstream.search_for_studies(Search(keys=(uid_key(STUDY_UID, (study,)),), include=(count_tag,)))
     else:
         uid_tag, count_tag = SERIES_UID, SERIES_INSTANCES
         found = upstream.search_for_series(
-            Search(study_uid=study, keys=(_uid_key(SERIES_UID, (series,)),), include=(count_tag,))
+            Search(study_uid=study, keys=(uid_key(SERIES_UID, (series,)),), include=(count_tag,))
         )
     count: int | None = None
     try:
         async for obj in found:
-            if _first(obj, f"{uid_tag:08X}") == (series or study):
+            if first_text(obj, uid_tag) == (series or study):
                 try:
-                    count = int(_first(obj, f"{count_tag:08X}"))
+                    count = int(first_text(obj, count_tag))
                 except ValueError:
                     return None
     except NotFound:

@@ -61,10 +61,10 @@ def study_in_spool(db: SpoolDB, study_uid: str) -> list[SeriesInSpool]:
     with db.connection() as conn:
         groups = list(conn.query(sql, [study_uid]))
     for g in sorted(groups, key=lambda g: g["first"]):
-        s = series.get(g["series_uid"] or "")
-        if s is None:
-            s = series[g["series_uid"] or ""] = SeriesInSpool(g["series_uid"] or "", first_received=g["first"])
-        n = g["n"]
+        uid = g["series_uid"] or ""
+        if uid not in series:  # groups come oldest first: its first arrival
+            series[uid] = SeriesInSpool(uid, first_received=g["first"])
+        s, n = series[uid], g["n"]
         s.states[g["state"]] = s.states.get(g["state"], 0) + n
         ae = g["calling_ae"] or ""
         s.calling_aes[ae] = s.calling_aes.get(ae, 0) + n
