@@ -17,6 +17,7 @@ from typing import Any
 
 from gateway.config import Config, ConfigError, load_config
 from gateway.logfmt import FORMATS, PatientDataFilter, formatter
+from gateway.spool.copies import Copies
 from gateway.spool.lock import SpoolLocked
 from gateway.spool.queue import STATES, Spool
 from gateway.uids import is_valid_uid
@@ -154,6 +155,12 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 age = status["oldest_pending_age_seconds"]
                 print(f"oldest pending: {'-' if age is None else f'{age:.0f} s'}")
                 print(f"free space:     {status['free_bytes'] / 2**30:.1f} GiB")
+                for destination, route in status["routes"].items():
+                    told = ", ".join(f"{n} {state}" for state, n in route["counts"].items() if n)
+                    age = route["oldest_pending_age_seconds"]
+                    print(f"route {destination}: copies {told}" + (f"; oldest waiting {age:.0f} s" if age else ""))
+                    if route["last_error"] and (route["counts"]["failed"] or route["counts"]["dead"]):
+                        print(f"  last error: {route['last_error']}")
                 if status["commitments_owed"]:
                     print(f"commitments:    {status['commitments_owed']} storage commitment report(s) not yet delivered")
                 if problems is None:
@@ -174,10 +181,16 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 print("spool retry: give one of --dead, --id N [N ...] or --study UID", file=sys.stderr)
                 return 2
             print(f"requeued {spool.retry(args.id or (), dead=args.dead, study_uid=args.study)} instance(s)")
+            if not args.id:
+                copies = Copies(spool).retry(dead=args.dead, study_uid=args.study)
+                if copies:
+                    print(f"requeued {copies} route copies")
         elif args.action == "discard":
             counts = spool.discard_study(args.study, dry_run=not args.yes)
             taken = counts["queued"] + counts["failed"] + counts["dead"]
             detail = f"queued {counts['queued']}, failed {counts['failed']}, dead {counts['dead']}"
+            if counts["copies"]:
+                detail += f"; and {counts['copies']} route copies of its delivered instances"
             if args.yes:
                 print(f"discarded {taken} undelivered instance(s) of study {args.study} ({detail})")
             else:
@@ -286,10 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--calling-ae", metavar="AE", help="only instances this AE title sent")
     listing.add_argument("--since", type=parse_duration, help="only instances received in the last 30m, 12h, 7d...")
     listing.add_argument("--json", action="store_true")
-    retry = with_config(spool_sub.add_parser("retry", help="requeue dead or failed instances"))
-    retry.add_argument("--dead", action="store_true", help="requeue every dead instance")
+    retry = with_config(spool_sub.add_parser("retry", help="requeue dead or failed instances (and routes' copies)"))
+    retry.add_argument("--dead", action="store_true", help="requeue every dead instance and dead route copy")
     retry.add_argument("--id", type=int, nargs="+", help="requeue these spool ids")
-    retry.add_argument("--study", metavar="UID", help="requeue the study's dead and failed instances")
+    retry.add_argument("--study", metavar="UID", help="requeue the study's dead and failed instances and route copies")
     discard = with_config(
         spool_sub.add_parser("discard", help="withdraw a study's undelivered instances so they are never sent")
     )

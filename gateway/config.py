@@ -21,7 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pydicom.uid
 from pydicom.datadict import tag_for_keyword
+
+from gateway.uids import is_valid_uid
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
 PERMISSIONS = frozenset({"store", "find", "move", "get"})
@@ -55,6 +58,23 @@ class Peer:
     def accepts_address(self, address: str) -> bool:
         """Whether an association under this AE title may come from ``address``."""
         return self.any_host or address.removeprefix("::ffff:") in self.addresses
+
+
+@dataclass(frozen=True)
+class Route:
+    """A copy of what is received sent on to another DICOM node (``[[dimse.routes]]``):
+    every instance from one of ``calling_ae`` (empty: from anyone, STOW-RS included)
+    whose SOP class is one of ``sop_classes`` (empty: any) is also sent, by C-STORE,
+    to the peer ``destination``, besides going to the archive."""
+
+    destination: str
+    calling_ae: frozenset[str] = frozenset()
+    sop_classes: frozenset[str] = frozenset()
+
+    def matches(self, calling_ae: str, sop_class_uid: str) -> bool:
+        return (not self.calling_ae or calling_ae.strip() in self.calling_ae) and (
+            not self.sop_classes or sop_class_uid in self.sop_classes
+        )
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,7 @@ class DimseConfig:
     host: str = "0.0.0.0"
     port: int = 11112
     peers: tuple[Peer, ...] = ()
+    routes: tuple[Route, ...] = ()
     require_known_peers: bool = False
     ack: str = "spooled"  # "spooled" | "delivered"
     ack_timeout: float = 60.0
@@ -412,6 +433,7 @@ def _dimse(r: _Reader) -> DimseConfig:
         host=r.string("host", d.host),
         port=r.integer("port", d.port, 1, 65535),
         peers=tuple(peers),
+        routes=_routes(r, {p.ae_title for p in peers}),
         require_known_peers=r.boolean("require_known_peers", d.require_known_peers),
         ack=r.string("ack", d.ack, ("spooled", "delivered")),
         ack_timeout=r.number("ack_timeout", d.ack_timeout, 1, 3600),
@@ -427,6 +449,40 @@ def _dimse(r: _Reader) -> DimseConfig:
         r.problems.append(f"dimse.tls.port: {cfg.port} is dimse.port already; TLS needs a port of its own")
     r.finish()
     return cfg
+
+
+def _routes(r: _Reader, peers: set[str]) -> tuple[Route, ...]:
+    """``[[dimse.routes]]``: each names a configured peer (its address is where the
+    copies go) and what it takes; SOP classes by UID or by pydicom keyword
+    (``CTImageStorage``)."""
+    raw = r._raw("routes") or []
+    if not isinstance(raw, list):
+        r.problems.append("dimse.routes: expected an array of tables ([[dimse.routes]])")
+        return ()
+    routes: list[Route] = []
+    for i, item in enumerate(raw):
+        reader = _Reader(item, f"dimse.routes[{i}]", r.problems)
+        destination = reader.ae_title("destination", "") if "destination" in reader.table else ""
+        if "destination" not in reader.table:
+            r.problems.append(f"{reader.path}.destination: required")
+        elif destination and destination not in peers:
+            r.problems.append(
+                f"{reader.path}.destination: {destination!r} is not a [[dimse.peers]] AE title (its host and port are where copies go)"
+            )
+        callers = frozenset(_strings(reader, "calling_ae"))
+        for title in sorted(callers):
+            if not AE_TITLE_RE.match(title):
+                r.problems.append(f"{reader.path}.calling_ae: {title!r} is not a valid AE title")
+        classes: set[str] = set()
+        for name in _strings(reader, "sop_classes"):
+            uid = name if is_valid_uid(name) else getattr(pydicom.uid, name, None)
+            if is_valid_uid(name) or (isinstance(uid, pydicom.uid.UID) and uid.type == "SOP Class"):
+                classes.add(str(uid))
+            else:
+                r.problems.append(f"{reader.path}.sop_classes: {name!r} is neither a UID nor a SOP class keyword")
+        reader.finish()
+        routes.append(Route(destination, frozenset(t.strip() for t in callers), frozenset(classes)))
+    return tuple(routes)
 
 
 def _tls(r: _Reader, dimse: bool) -> TlsConfig | None:

@@ -20,6 +20,7 @@ from gateway.dimse.commitment import CommitmentService
 from gateway.dimse.find import FIND_SOP_CLASSES, FindService
 from gateway.dimse.get import GET_SOP_CLASSES, GetService
 from gateway.dimse.move import MOVE_SOP_CLASSES, MoveService
+from gateway.dimse.routing import RouteSenders
 from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
 from gateway.metrics import Metrics
@@ -50,7 +51,7 @@ async def run(config: Config, config_path: Path | None = None) -> None:
 
 async def _run(config: Config, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
-    spool = Spool(config.spool)
+    spool = Spool(config.spool, config.dimse.routes)
     requeued, adopted = spool.recover()
     spool.start()
     if requeued:
@@ -65,7 +66,14 @@ async def _run(config: Config, config_path: Path | None) -> None:
     # With ack = "delivered" every C-STORE waits for its own delivery: never linger.
     linger = 0.0 if config.dimse.ack == "delivered" else config.spool.batch_linger_ms / 1000
     forwarder = Forwarder(spool, upstream, config.spool, linger, metrics)
-    spool.on_enqueue = lambda: loop.call_soon_threadsafe(forwarder.wake)
+    routes: RouteSenders | None = None
+
+    def queued() -> None:
+        forwarder.wake()
+        if routes is not None:
+            routes.wake()
+
+    spool.on_enqueue = lambda: loop.call_soon_threadsafe(queued)
 
     def index_problem(reason: str | None) -> None:
         if reason is None:
@@ -77,6 +85,8 @@ async def _run(config: Config, config_path: Path | None) -> None:
     await forwarder.start()
 
     retriever = Retriever(config, upstream, metrics)
+    routes = RouteSenders(config, spool, retriever.transcoder, metrics)
+    routes.start()
     # A facade answer still streaming at stop gets the same grace as an association.
     app = create_app(config, spool, upstream, retriever, forwarder.problems, metrics)
     cache = app[CACHE]
@@ -146,7 +156,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
             merged, needs_restart = merge(running[0], loaded)
             applied = changed(running[0], merged)
             running[0] = merged
-            for service in (server, store, *services.values(), retriever):
+            for service in (server, store, *services.values(), retriever, routes):
                 service.config = merged
             spool.set_limits(merged.spool)
             logging.getLogger().setLevel(merged.logging.level)
@@ -183,6 +193,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
         spool.on_enqueue = lambda: None
         spool.on_index_problem = lambda reason: None
         await forwarder.stop(grace)
+        await routes.stop(grace)
         await runner.cleanup()
         retriever.close()  # after the facade's last request: it converts on these threads
         await upstream.close()

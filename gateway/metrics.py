@@ -85,6 +85,13 @@ class Metrics:
             ["via"],
             registry=r,
         )
+        self.route_copies = Counter(
+            "gateway_route_copies",
+            "Copies a route sent on to its destination by C-STORE, by the state each attempt left"
+            " them in (delivered; failed: waits for another attempt; dead)",
+            ["destination", "state"],
+            registry=r,
+        )
         self.delivery_attempts = Counter(
             "gateway_delivery_attempts",
             "Instances sent to the upstream (each attempt of each instance)",

@@ -136,6 +136,9 @@ def format_report(data: dict[str, Any], upstream_kind: str) -> str:
         else:
             about.append("not in the spool (never received here, or purged after delivery)")
         lines.append("      " + "; ".join(about))
+        for destination, counts in sorted((row.get("copies") or {}).items()):
+            told = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+            lines.append(f"      copies to {destination}: {told}")
         for e in sorted(row["errors"], key=lambda e: -e["instances"]):
             state = "dead" if e["state"] == "dead" else "failed, to be retried"
             lines.append(f"      {e['instances']} {state}: {e['error']}")

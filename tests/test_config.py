@@ -203,3 +203,29 @@ def test_an_open_facade_must_listen_on_loopback_or_say_so() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"http": {"auth": {"bearer_tokens": ["env:GW_SURELY_UNSET"], "tokens": []}}})
     assert "GW_SURELY_UNSET" in str(info.value) and "http.auth.tokens: unknown key" in str(info.value)
+
+
+def test_routes_name_a_peer_and_what_they_take() -> None:
+    peers = [{"ae_title": "AI", "host": "127.0.0.1", "port": 104}]
+    cfg = parse_config({"dimse": {"peers": peers, "routes": [
+        {"destination": "AI", "calling_ae": ["CT01 ", "CT02"], "sop_classes": ["CTImageStorage", "1.2.840.10008.5.1.4.1.1.4"]},
+        {"destination": "AI"},
+    ]}})
+    first, anything = cfg.dimse.routes
+    assert first.calling_ae == {"CT01", "CT02"}
+    assert first.sop_classes == {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}
+    assert first.matches("CT01", "1.2.840.10008.5.1.4.1.1.2") and not first.matches("MR01", "1.2.840.10008.5.1.4.1.1.2")
+    assert not first.matches("CT01", "1.2.840.10008.5.1.4.1.1.7")
+    assert anything.matches("STOW-RS 127.0.0.1", "1.2.3")
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"dimse": {"peers": peers, "routes": [
+            {"destination": "NOPE", "sop_classes": ["ExplicitVRLittleEndian", "CTImageStorage"], "modality": "CT"},
+            {"calling_ae": ["BAD\\AE"]},
+        ]}})
+    assert exc.value.problems == [
+        "dimse.routes[0].destination: 'NOPE' is not a [[dimse.peers]] AE title (its host and port are where copies go)",
+        "dimse.routes[0].sop_classes: 'ExplicitVRLittleEndian' is neither a UID nor a SOP class keyword",
+        "dimse.routes[0].modality: unknown key",
+        "dimse.routes[1].destination: required",
+        "dimse.routes[1].calling_ae: 'BAD\\\\AE' is not a valid AE title",
+    ]

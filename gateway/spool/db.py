@@ -61,7 +61,29 @@ def _v3(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    """Copies of instances that routes send on to other DICOM nodes, each with its own
+    delivery state (`gateway.spool.copies`); a spool file stays while one is pending."""
+    db["copies"].create(
+        {
+            "id": int,
+            "instance_id": int,
+            "destination": str,
+            "state": str,
+            "attempts": int,
+            "next_attempt_at": float,
+            "last_error": str,
+            "delivered_at": float,
+        },
+        pk="id",
+        not_null={"instance_id", "destination", "state"},
+        defaults={"attempts": 0, "next_attempt_at": 0.0, "state": "queued"},
+    )
+    db["copies"].create_index(["destination", "state", "next_attempt_at"])
+    db["copies"].create_index(["instance_id"])
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4]
 
 
 class SpoolDB:

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.config import SpoolConfig
+from gateway.config import Route, SpoolConfig
 from gateway.fsutil import fsync_path, make_buckets
 from gateway.header import HeaderError, InstanceHeader, read_header
+from gateway.spool.copies import copies_status
 from gateway.spool.db import SpoolDB
 from gateway.spool.disk import Disk
 from gateway.spool.indexer import Indexer, PendingRow
@@ -49,6 +50,11 @@ MiB = 1024 * 1024
 # A disk limit is "near" (not ready, a gauge) when free space is under 110 % of the
 # floor or the spool's files fill 90 % of its cap; delivered files are evicted down to
 # 80 % of the cap, so a spool whose deliveries flow never comes near it.
+# A delivered instance's file may go (purge, eviction) only once every copy a route
+# made of it has been delivered too.
+NO_COPY_PENDING = (
+    "NOT EXISTS (SELECT 1 FROM copies WHERE copies.instance_id = instances.id AND copies.state != 'delivered')"
+)
 NEAR_FLOOR = 1.1
 NEAR_CAP = 0.9
 EVICT_TO = 0.8
@@ -96,8 +102,10 @@ class Outcome:
 class Spool:
     """The spool directory and its database."""
 
-    def __init__(self, cfg: SpoolConfig) -> None:
+    def __init__(self, cfg: SpoolConfig, routes: tuple[Route, ...] = ()) -> None:
+        """``routes``: where copies of what is queued also go (`gateway.spool.copies`)."""
         self.cfg = cfg
+        self.routes = routes
         self.directory = cfg.directory
         self.incoming = self.directory / "incoming"
         self.objects = self.directory / "objects"
@@ -159,13 +167,14 @@ class Spool:
             requeued = db.execute(
                 "UPDATE instances SET state='queued', next_attempt_at=0 WHERE state='sending'"
             ).rowcount
+            requeued += db.execute("UPDATE copies SET state='queued', next_attempt_at=0 WHERE state='sending'").rowcount
         with self.db.connection() as db:
             known = {row["file"] for row in db.query("SELECT file FROM instances")}
         adopted = 0
         for path in sorted(self.objects.glob("*/*.dcm")):
             if str(path.relative_to(self.directory)) in known:
                 continue
-            kind, length = self._classify(path)
+            kind, length, calling_ae = self._classify(path)
             if kind == "blank":
                 self.reserve.give_back(path, path.stat().st_size)
                 continue
@@ -180,32 +189,33 @@ class Spool:
                 log.error("spool file %s is unreadable (%s); moved aside", path.name, exc)
                 path.rename(path.with_suffix(".unreadable"))
                 continue
-            self._insert(path, header, "", path.stat().st_mtime, length)
+            self._insert(path, header, calling_ae, path.stat().st_mtime, length)
             adopted += 1
         self._count_stored_bytes()
         return requeued, adopted
 
-    def _classify(self, path: Path) -> tuple[str, int | None]:
-        """What a spool file without a row is: ("blank", None), ("torn", None), or
-        ("instance", its length: a verified record's, None for a plain file)."""
+    def _classify(self, path: Path) -> tuple[str, int | None, str]:
+        """What a spool file without a row is: ("blank", None, ""), ("torn", None, ""), or
+        ("instance", its length: a verified record's, None for a plain file, and the
+        sender's AE title the record names)."""
         fd = os.open(path, os.O_RDONLY)
         try:
             head = read_preamble(fd)
             if head.kind == "blank":
-                return "blank", None
+                return "blank", None, ""
             if head.kind == "plain":
                 # A blank or receipt whose first page never reached the disk: zeros
                 # where the preamble and the Part 10 prefix should be. (Anything else
                 # without a record preamble is an instance as older spools wrote them.)
                 start = os.pread(fd, PREAMBLE + 4, 0)
                 if len(start) == PREAMBLE + 4 and not any(start):
-                    return "torn", None
-                return "instance", None
+                    return "torn", None, ""
+                return "instance", None, ""
             try:
                 verify(fd)
             except CorruptRecord:
-                return "torn", None
-            return "instance", head.length
+                return "torn", None, ""
+            return "instance", head.length, head.calling_ae
         finally:
             os.close(fd)
 
@@ -248,7 +258,11 @@ class Spool:
                 received_at,
             ),
         )
-        return int(cur.lastrowid or 0)
+        row_id = int(cur.lastrowid or 0)
+        destinations = {r.destination for r in self.routes if r.matches(calling_ae, header.sop_class_uid)}
+        for destination in sorted(destinations):
+            db.execute("INSERT INTO copies (instance_id, destination, state) VALUES (?,?,'queued')", (row_id, destination))
+        return row_id
 
     # ---- ingest (association threads) ----------------------------------------
 
@@ -354,7 +368,7 @@ class Spool:
         """
         try:
             self.check_space()
-            length = receipt.seal()
+            length = receipt.seal(calling_ae)
         except OSError as exc:
             receipt.abandon()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -458,7 +472,7 @@ class Spool:
 
     # ---- delivery (forwarder) -------------------------------------------------
 
-    def _row(self, row: dict[str, Any]) -> SpooledInstance:
+    def instance_of(self, row: dict[str, Any]) -> SpooledInstance:
         return SpooledInstance(
             id=row["id"],
             sop_instance_uid=row["sop_instance_uid"],
@@ -503,7 +517,7 @@ class Spool:
                 f" WHERE id IN ({','.join('?' * len(ids))})",
                 ids,
             )
-        return [self._row({**r, "attempts": r["attempts"] + 1}) for r in batch]
+        return [self.instance_of({**r, "attempts": r["attempts"] + 1}) for r in batch]
 
     def check(self, batch: list[SpooledInstance]) -> dict[int, str]:
         """Check each claimed record against its checksum before the instance leaves the
@@ -606,8 +620,9 @@ class Spool:
 
     def status(self) -> dict[str, Any]:
         """Counts and bytes per state, the age of the oldest waiting instance, how many
-        delivered instances the archive keeps apart from their study, and how many
-        storage commitment requests still owe their requester a report."""
+        delivered instances the archive keeps apart from their study, how many
+        storage commitment requests still owe their requester a report, and the copies
+        routes send on, per destination."""
         with self.db.connection() as db:
             counts = {s: 0 for s in STATES}
             sizes = {s: 0 for s in STATES}
@@ -626,6 +641,7 @@ class Spool:
                 )
             )["t"]
             owed = next(db.query("SELECT COUNT(*) AS n FROM commitments"))["n"]
+            routes = copies_status(db)
         return {
             "counts": counts,
             "bytes": sizes,
@@ -633,6 +649,7 @@ class Spool:
             "commitments_owed": owed,
             "oldest_pending_age_seconds": round(time.time() - oldest, 1) if oldest else None,
             "free_bytes": self.free_bytes(),
+            "routes": routes,
         }
 
     def list_rows(
@@ -699,7 +716,7 @@ class Spool:
                 rows = list(
                     db.query(
                         "SELECT id, file FROM instances WHERE state='delivered' AND delivered_at <= ?"
-                        " LIMIT 500",
+                        f" AND {NO_COPY_PENDING} LIMIT 500",
                         [cutoff],
                     )
                 )
@@ -728,34 +745,52 @@ class Spool:
 
     def discard_study(self, study_uid: str, dry_run: bool = True) -> dict[str, int]:
         """Withdraw a study's undelivered instances (queued, failed, dead) so they are
-        never sent: a study sent under the wrong patient must not reach the archive.
-        Returns how many per state it took (or would take, ``dry_run``) and, under
-        ``sending``, how many are on their way now and were left alone.
+        never sent: a study sent under the wrong patient must not reach the archive,
+        nor a route's destination. Returns how many per state it took (or would take,
+        ``dry_run``); under ``sending``, how many are on their way now (to the archive
+        or as a route's copy) and were left alone; under ``copies``, how many copies of
+        the study's delivered instances, not yet sent by their routes, it withdrew too.
 
-        Crash-safe in three steps: the rows turn ``dead`` (which no forwarder claims,
-        in the same transaction that finds them, so none is claimed meanwhile), the
-        files go and their directories are fsynced, then the rows go. Removing a row
-        before its file is durably gone could let start-up adopt the file as a record
-        whose row a power cut lost, and deliver it.
+        Crash-safe in three steps: the rows and their copies turn ``dead`` (which no
+        forwarder claims, in the same transaction that finds them, so none is claimed
+        meanwhile), the files go and their directories are fsynced, then the rows go.
+        Removing a row before its file is durably gone could let start-up adopt the
+        file as a record whose row a power cut lost, and deliver it.
         """
+        pending = "('queued','failed','dead')"
         with self.db.connection() as db, immediate(db):
             rows = list(
                 db.query(
-                    "SELECT id, file, state FROM instances WHERE study_uid = ? AND state IN"
-                    " ('queued','failed','dead','sending')",
+                    "SELECT id, file, CASE WHEN EXISTS (SELECT 1 FROM copies WHERE copies.instance_id = instances.id"
+                    " AND copies.state = 'sending') THEN 'sending' ELSE state END AS state FROM instances"
+                    " WHERE study_uid = ? AND state IN ('queued','failed','dead','sending')",
                     [study_uid],
                 )
             )
             taken = [r for r in rows if r["state"] != "sending"]
-            if taken and not dry_run:
+            copies = [
+                r["id"]
+                for r in db.query(
+                    f"SELECT copies.id FROM copies JOIN instances ON instances.id = copies.instance_id"
+                    f" WHERE instances.study_uid = ? AND instances.state = 'delivered' AND copies.state IN {pending}",
+                    [study_uid],
+                )
+            ]
+            if not dry_run:
+                marks = ",".join("?" * len(taken))
                 db.execute(
-                    "UPDATE instances SET state='dead', last_error='discarded by an administrator'"
-                    f" WHERE id IN ({','.join('?' * len(taken))})",
+                    f"UPDATE instances SET state='dead', last_error='discarded by an administrator' WHERE id IN ({marks})",
                     [r["id"] for r in taken],
                 )
+                db.execute(
+                    f"UPDATE copies SET state='dead', last_error='discarded by an administrator' WHERE instance_id IN ({marks})",
+                    [r["id"] for r in taken],
+                )
+                db.execute(f"DELETE FROM copies WHERE id IN ({','.join('?' * len(copies))})", copies)
         counts = dict.fromkeys(("queued", "failed", "dead", "sending"), 0)
         for row in rows:
             counts[row["state"]] += 1
+        counts["copies"] = len(copies)
         if dry_run or not taken:
             return counts
         directories = set()
@@ -765,8 +800,7 @@ class Spool:
             directories.add(path.parent)
         for directory in directories:
             fsync_path(directory, directory=True)
-        with self.db.connection() as db, immediate(db):
-            db.execute(f"DELETE FROM instances WHERE id IN ({','.join('?' * len(taken))})", [r["id"] for r in taken])
+        self._remove(taken)
         self._count_stored_bytes()
         log.warning("discarded %d undelivered instance(s) of study %s", len(taken), study_uid)
         return counts
@@ -781,7 +815,7 @@ class Spool:
             with self.db.connection() as db:
                 rows = list(
                     db.query(
-                        "SELECT id, file, size FROM instances WHERE state='delivered'"
+                        f"SELECT id, file, size FROM instances WHERE state='delivered' AND {NO_COPY_PENDING}"
                         " ORDER BY delivered_at, id LIMIT 100"
                     )
                 )
@@ -803,8 +837,7 @@ class Spool:
         """Delete these rows' spool files, then the rows."""
         for row in rows:
             (self.directory / row["file"]).unlink(missing_ok=True)
+        ids = [r["id"] for r in rows]
         with self.db.connection() as db, immediate(db):
-            db.execute(
-                f"DELETE FROM instances WHERE id IN ({','.join('?' * len(rows))})",
-                [r["id"] for r in rows],
-            )
+            db.execute(f"DELETE FROM copies WHERE instance_id IN ({','.join('?' * len(ids))})", ids)
+            db.execute(f"DELETE FROM instances WHERE id IN ({','.join('?' * len(ids))})", ids)

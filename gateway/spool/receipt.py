@@ -63,11 +63,12 @@ class Receipt:
             start_writeback(self.fd, self._flushed, self.length - self._flushed)
             self._flushed = self.length
 
-    def seal(self) -> int:
-        """Make the record durable; returns its length. Raises OSError (then `abandon`)."""
+    def seal(self, calling_ae: str = "") -> int:
+        """Make the record durable, naming its sender; returns its length. Raises OSError
+        (then `abandon`)."""
         assert self.fd is not None
         self._seal_tried = True
-        self.disk.pwrite(self.fd, seal(self.length, self.crc), 0)
+        self.disk.pwrite(self.fd, seal(self.length, self.crc, calling_ae), 0)
         self.disk.fdatasync(self.fd)
         if self.fresh:
             self.disk.fsync_dir(self.path.parent)

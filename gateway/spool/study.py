@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.spool.copies import COPY_STATES
 from gateway.spool.db import SpoolDB
 from gateway.spool.queue import STATES
 
@@ -29,6 +30,8 @@ class SeriesInSpool:
     last_delivered: float | None = None
     # (state, last error) of failed and dead rows -> how many instances
     errors: dict[tuple[str, str], int] = field(default_factory=dict)
+    # a route's destination -> its copies of the series per state
+    copies: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def instances(self) -> int:
@@ -44,6 +47,7 @@ class SeriesInSpool:
             "last_received": self.last_received,
             "last_delivered": self.last_delivered,
             "errors": [{"state": state, "error": error, "instances": n} for (state, error), n in self.errors.items()],
+            "copies": self.copies,
         }
 
 
@@ -60,6 +64,14 @@ def study_in_spool(db: SpoolDB, study_uid: str) -> list[SeriesInSpool]:
     series: dict[str, SeriesInSpool] = {}
     with db.connection() as conn:
         groups = list(conn.query(sql, [study_uid]))
+        copies = list(
+            conn.query(
+                "SELECT instances.series_uid AS series, copies.destination AS d, copies.state AS s, COUNT(*) AS n"
+                " FROM copies JOIN instances ON instances.id = copies.instance_id WHERE instances.study_uid = ?"
+                " GROUP BY series, d, s",
+                [study_uid],
+            )
+        )
     for g in sorted(groups, key=lambda g: g["first"]):
         uid = g["series_uid"] or ""
         if uid not in series:  # groups come oldest first: its first arrival
@@ -74,4 +86,7 @@ def study_in_spool(db: SpoolDB, study_uid: str) -> list[SeriesInSpool]:
         if g["error"] is not None:
             key = (g["state"], g["error"])
             s.errors[key] = s.errors.get(key, 0) + n
+    for c in copies:
+        if (uid := c["series"] or "") in series:
+            series[uid].copies.setdefault(c["d"], dict.fromkeys(COPY_STATES, 0))[c["s"]] = c["n"]
     return list(series.values())

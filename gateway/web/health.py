@@ -23,7 +23,7 @@ def _iso(epoch: float) -> str:
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     """Always 200 while the process runs; ``status`` says ``degraded`` when the archive
-    is unreachable, instances are dead, or something keeps delivery from working
+    is unreachable, instances or routes' copies are dead, or something keeps delivery from working
     (``problems``: the spool database refusing writes, the archive refusing our
     credentials or URL), so monitoring can alert on the body."""
     app = request.app
@@ -43,7 +43,10 @@ async def healthz(request: web.Request) -> web.Response:
     if not cache or time.monotonic() - cache[0] > _CACHE_SECONDS:
         cache[:] = [time.monotonic(), await app[UPSTREAM].health()]
     health = cache[1]
-    degraded = not health.reachable or bool(problems) or (spool_status is not None and spool_status["counts"]["dead"] > 0)
+    dead = spool_status is not None and (
+        spool_status["counts"]["dead"] > 0 or any(r["counts"]["dead"] for r in spool_status["routes"].values())
+    )
+    degraded = not health.reachable or bool(problems) or dead
     return web.json_response(
         {
             "status": "degraded" if degraded else "ok",

@@ -54,6 +54,15 @@ class SpoolCollector(Collector):
             "Age of the oldest instance not yet delivered (0: none waiting)",
             value=age or 0.0,
         )
+        copies = GaugeMetricFamily(
+            "gateway_route_copies_spooled",
+            "Copies routes send on, by destination and state (as gateway_spool_instances)",
+            labels=["destination", "state"],
+        )
+        for destination, route in status["routes"].items():
+            for state, count in route["counts"].items():
+                copies.add_metric([destination, state], count)
+        yield copies
         yield GaugeMetricFamily("gateway_spool_free_bytes", "Free space on the spool's file system", value=status["free_bytes"])
         yield GaugeMetricFamily(
             "gateway_spool_used_bytes", "Bytes of the spool's files, those being received included",

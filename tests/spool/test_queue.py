@@ -10,8 +10,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from gateway.config import SpoolConfig
+from gateway.config import Route, SpoolConfig
 from gateway.header import InstanceHeader
+from gateway.spool.copies import Copies
 from gateway.spool.queue import Outcome, Spool, SpoolFull
 from tests.support.corpus import sample_files
 
@@ -266,11 +267,63 @@ def test_discard_study_takes_undelivered_rows_and_files_but_not_one_being_sent(s
     spool.record([dead], [Outcome(dead.id, "rejected", "HTTP 400")])
     files = {r["id"]: spool.directory / r["file"] for r in spool.list_rows(limit=10)}
 
-    assert spool.discard_study(STUDY) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1}
+    assert spool.discard_study(STUDY) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0}
     assert len(spool.list_rows(study_uid=STUDY)) == 4  # a dry run changes nothing
 
-    assert spool.discard_study(STUDY, dry_run=False) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1}
+    assert spool.discard_study(STUDY, dry_run=False) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0}
     left = spool.list_rows(limit=10)
     assert {r["id"] for r in left} == {sending[0].id, other}
     assert [files[i].exists() for i in ids] == [True, False, False, False]
     assert spool.status()["bytes"]["queued"] == 100  # the other study's
+
+
+def test_routes_make_copies_that_keep_their_file_until_delivered(tmp_path: Path) -> None:
+    routes = (Route("AI", frozenset({"CT01"})), Route("OLD", sop_classes=frozenset({"1.2.840.10008.5.1.4.1.1.4"})))
+    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, max_attempts=2), routes)
+    copies = Copies(spool)
+    try:
+        routed = spool.enqueue(received(spool, 1), header(1), "CT01")  # CT: AI only
+        spool.enqueue(received(spool, 2), header(2), "MR01")  # neither
+        assert spool.status()["routes"]["AI"]["counts"]["queued"] == 1 and "OLD" not in spool.status()["routes"]
+        assert copies.claim("OLD", 10) == []
+        for inst in spool.claim(10, 10_000):
+            spool.record([inst], [Outcome(inst.id, "delivered")])
+        assert spool.purge_delivered() == 1  # the unrouted one; the routed file waits for its copy
+        (copy,) = copies.claim("AI", 10)
+        assert copy.instance.id == routed and copy.instance.path.exists() and copy.instance.attempts == 1
+        assert copies.record([(copy, "retry", "destination down")]) == {copy.id: "failed"}
+        spool.recover()  # nothing in flight: nothing changes
+        assert copies.claim("AI", 10) == []  # not due yet
+        assert copies.retry(dead=True) == 0
+        with spool.db.connection() as db:
+            db.execute("UPDATE copies SET next_attempt_at = 0")
+        (copy,) = copies.claim("AI", 10)
+        assert copies.record([(copy, "retry", "destination down")]) == {copy.id: "dead"}  # max_attempts = 2
+        assert "gave up after 2 attempts" in spool.status()["routes"]["AI"]["last_error"]
+        assert spool.purge_delivered() == 0
+        assert copies.retry(dead=True) == 1
+        (copy,) = copies.claim("AI", 10)
+        assert copies.record([(copy, "delivered", "")]) == {copy.id: "delivered"}
+        assert spool.purge_delivered() == 1 and spool.status()["routes"] == {}
+        assert not copy.instance.path.exists()
+    finally:
+        spool.close()
+
+
+def test_a_record_adopted_after_a_power_cut_keeps_its_sender_and_its_routes(tmp_path: Path) -> None:
+    cfg = SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0)
+    instance = sample_files()[0].read_bytes()
+    spool = Spool(cfg)
+    receipt = spool.receive()
+    receipt.write(instance[128:])
+    receipt.seal("CT01")  # acknowledged; the power went before its row was written
+    spool.close()
+
+    spool = Spool(cfg, (Route("AI", frozenset({"CT01"})),))
+    try:
+        assert spool.recover() == (0, 1)
+        (row,) = spool.list_rows("queued")
+        assert row["calling_ae"] == "CT01"
+        assert spool.status()["routes"]["AI"]["counts"]["queued"] == 1
+    finally:
+        spool.close()
