@@ -31,7 +31,7 @@ from gateway.upstream.healthimaging import HealthImagingUpstream
 from gateway.upstream.healthimaging.native import continuable, criteria
 from tests.support.healthimaging import Emulator
 from tests.support.healthimaging.studies import tiny_studies
-from tests.support.ports import free_port
+from tests.support.ports import closed_port
 from tests.support.synth import ct_series
 
 HTJ2K_RPCL = "1.2.840.10008.1.2.4.202"
@@ -214,7 +214,7 @@ def test_health_says_throttled_or_unreachable(credentials: tuple[str, str]) -> N
         first, second = run(upstream_for(emulator), twice)
         assert first.reachable and first.detail == "HTTP 200"
         assert second.reachable and second.detail.startswith("throttled")
-        closed = config(emulator, dicomweb_endpoint_url=f"http://127.0.0.1:{free_port()}")
+        closed = config(emulator, dicomweb_endpoint_url=f"http://127.0.0.1:{closed_port()}")
         health = run(HealthImagingUpstream(closed.upstream), lambda up: up.health())
         assert not health.reachable and health.detail.startswith("unreachable")
 

@@ -10,7 +10,7 @@ from pydicom import dcmread
 
 from tests.support import dcmtk
 from tests.support.corpus import sample_files
-from tests.support.ports import free_port, wait_until
+from tests.support.ports import closed_port, wait_until
 
 
 def test_echo(gateway) -> None:
@@ -72,7 +72,7 @@ def test_health_and_spool_cli_on_embedded_archive(gateway) -> None:
 def test_dead_instance_can_be_retried(gateway) -> None:
     """An instance out of attempts is dead, shown as such, and requeued on demand.
     (A wrong URL no longer makes instances dead: tests/reliability/test_delivery_faults.py.)"""
-    gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1})
+    gw = gateway(upstream_url=f"http://127.0.0.1:{closed_port()}/dicom-web", spool={"max_attempts": 1})
     result = dcmtk.storescu(gw.port, sample_files()[:1], gw.ae_title)
     assert result.returncode == 0
     gw.wait_counts(dead=1, timeout=30)

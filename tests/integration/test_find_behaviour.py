@@ -36,7 +36,7 @@ from tests.support.fakeqido import FakeQido
 from tests.support.finddata import Archive
 from tests.support.findrun import find
 from tests.support.orthanc import Orthanc
-from tests.support.ports import free_port
+from tests.support.ports import closed_port
 
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
@@ -192,7 +192,7 @@ def test_upstream_http_errors(
 
 
 def test_upstream_down(gateway: Callable[..., Gateway]) -> None:
-    gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web")
+    gw = gateway(upstream_url=f"http://127.0.0.1:{closed_port()}/dicom-web")
     answers, final = pyfind(gw.port, gw.ae_title, identifier("STUDY", StudyInstanceUID=""))
     assert not answers
     assert final.Status == 0xA700

@@ -17,7 +17,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StorageCommitmentPushModel
 
 from tests.support import dcmtk
-from tests.support.ports import free_port, wait_until
+from tests.support.ports import closed_port, free_port, wait_until
 from tests.support.synth import ct_series
 
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"
@@ -114,7 +114,7 @@ def test_commitment_reported_on_a_new_association_after_a_release(tmp_path: Path
     server = listener.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
     try:
         peer = f'\n[[dimse.peers]]\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = {port}\n'
-        gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1}, extra=peer)
+        gw = gateway(upstream_url=f"http://127.0.0.1:{closed_port()}/dicom-web", spool={"max_attempts": 1}, extra=peer)
         stored = ct_series(tmp_path / "ct", 2, 32, 32)
         assert dcmtk.storescu(gw.port, stored, gw.ae_title, calling_ae="MODALITY").returncode == 0
         gw.wait_counts(dead=2, timeout=30)  # the archive is unreachable: both dead

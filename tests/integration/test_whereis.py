@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.support import dcmtk
-from tests.support.ports import free_port
+from tests.support.ports import closed_port
 from tests.support.synth import ct_series
 
 
@@ -27,7 +27,7 @@ def store(gw, paths: list[Path], calling_ae: str) -> None:
 def dead_studies(tmp_path: Path, gateway, count: int) -> tuple:  # type: ignore[no-untyped-def]
     """A gateway whose archive is unreachable, holding a study of ``count`` instances
     and another of one, all dead after their one attempt."""
-    gw = gateway(upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web", spool={"max_attempts": 1})
+    gw = gateway(upstream_url=f"http://127.0.0.1:{closed_port()}/dicom-web", spool={"max_attempts": 1})
     first = ct_series(tmp_path / "first", count, 32, 32)
     other = ct_series(tmp_path / "other", 1, 32, 32)
     store(gw, first + other, "CT01")

@@ -26,6 +26,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_HELD: list[socket.socket] = []
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens, and nothing will: the socket stays
+    bound, without listening, until the test process ends, so connections to it are
+    refused and `free_port` can never hand it to a gateway started after (a daemon
+    whose archive URL pointed at its own HTTP port was once the result)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return int(sock.getsockname()[1])
+
+
 def port_is_open(host: str, port: int, timeout: float = 0.2) -> bool:
     """Tell whether something accepts TCP connections on host:port right now."""
     try:

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.config import UpstreamConfig
 from gateway.upstream.base import StoreItem
 from gateway.upstream.dicomweb import DicomWebUpstream, retry_after_seconds
-from tests.support.ports import free_port
+from tests.support.ports import closed_port, free_port
 
 
 def inst(tmp_path: Path, n: int) -> StoreItem:
@@ -126,7 +126,7 @@ def test_409_marks_each_instance_on_its_own(tmp_path: Path) -> None:
 
 def test_connection_refused_retries(tmp_path: Path) -> None:
     async def main():
-        up = DicomWebUpstream(UpstreamConfig(type="dicomweb", url=f"http://127.0.0.1:{free_port()}/x"))
+        up = DicomWebUpstream(UpstreamConfig(type="dicomweb", url=f"http://127.0.0.1:{closed_port()}/x"))
         await up.start()
         try:
             return await up.store_instances("1.2.3", [inst(tmp_path, 1)])

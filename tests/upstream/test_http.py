@@ -35,7 +35,7 @@ from gateway.upstream.errors import (
     UpstreamUnavailable,
 )
 from gateway.upstream.http import HttpClient, SignableRequest
-from tests.support.ports import free_port
+from tests.support.ports import closed_port, free_port
 
 Routes = Callable[[web.Application], None]
 
@@ -146,7 +146,7 @@ def test_transport_failures_are_typed() -> None:
 
     async def scenario(url: str) -> list[str]:
         client = HttpClient(url, timeout=0.3, connect_timeout=5)
-        refused = HttpClient(f"http://127.0.0.1:{free_port()}/dicom-web", timeout=5, connect_timeout=5)
+        refused = HttpClient(f"http://127.0.0.1:{closed_port()}/dicom-web", timeout=5, connect_timeout=5)
         await client.start()
         await refused.start()
         try:
