@@ -253,7 +253,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     rows = [
         {
             "ae_title": p.ae_title, "host": p.host, "port": p.port, "permissions": sorted(p.permissions),
-            "any_host": p.any_host, "max_associations": p.max_associations,
+            "any_host": p.any_host, "max_associations": p.max_associations, "tls": p.tls,
             **({"echo": {"ok": results[p.ae_title][0], "detail": results[p.ae_title][1]}} if args.echo else {}),
         }
         for p in peers
@@ -265,7 +265,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
               f"{'only these peers may associate' if config.dimse.require_known_peers else 'any AE title may associate'}")
         for row in rows:
             print(f"{row['ae_title']:<16}  {row['host']}:{row['port']:<5}  {','.join(row['permissions'])}"
-                  + ("  from any host" if row["any_host"] else ""))
+                  + ("  from any host" if row["any_host"] else "") + ("  called over TLS" if row["tls"] else ""))
             if args.echo:
                 print(f"{'':<16}  {'ok' if row['echo']['ok'] else 'FAILED'}: {row['echo']['detail']}")
     return 1 if any(not ok for ok, _ in results.values()) else 0

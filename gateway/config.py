@@ -11,6 +11,7 @@ variable NAME (missing variable: an error naming both the key and the variable).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -54,6 +55,9 @@ class Peer:
     # Associations under this AE title at once (0: only dimse.max_associations), so
     # one modality stuck in a loop cannot take every slot.
     max_associations: int = 0
+    # The gateway's associations to it (C-MOVE, routes, commitment reports, peers
+    # --echo) use TLS, with [dimse.tls]'s certificate and CAs (`TlsConfig.client_context`).
+    tls: bool = False
 
     def accepts_address(self, address: str) -> bool:
         """Whether an association under this AE title may come from ``address``."""
@@ -98,6 +102,13 @@ class TlsConfig:
             context.load_verify_locations(cafile=self.ca_certificates)
             context.verify_mode = ssl.CERT_REQUIRED
         return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """For associations the gateway requests of a peer with ``tls = true``: TLS 1.2
+        and later, our certificate presented as the client's, the peer's certificate
+        verified against ``ca_certificates`` (the system's CAs when unset) and its name
+        or address against the peer's ``host``. Built once per configuration."""
+        return _client_context(self)
 
     def resolved(self, base: Path) -> TlsConfig:
         """The same with relative paths taken from ``base`` (the config file's directory)."""
@@ -289,6 +300,10 @@ class Config:
     find: FindConfig = field(default_factory=FindConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
 
+    def peer_tls(self, peer: Peer) -> ssl.SSLContext | None:
+        """The client context for associations to ``peer`` (None: plain TCP)."""
+        return self.dimse.tls.client_context() if peer.tls and self.dimse.tls is not None else None
+
     def peer(self, ae_title: str) -> Peer | None:
         """The configured peer with this AE title (trailing spaces ignored)."""
         wanted = ae_title.strip()
@@ -385,6 +400,18 @@ class _Reader:
             self.problems.append(f"{self._key(key)}: unknown key")
 
 
+@functools.lru_cache(maxsize=4)
+def _client_context(tls: TlsConfig) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the peer and its name
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(cafile=tls.ca_certificates)
+    else:
+        context.load_default_certs()
+    return context
+
+
 def _peer(reader: _Reader) -> Peer:
     ae = reader.ae_title("ae_title", "")
     host = reader.string("host", "")
@@ -406,6 +433,7 @@ def _peer(reader: _Reader) -> Peer:
             permissions = frozenset(raw)
     any_host = reader.boolean("any_host", False)
     max_associations = reader.integer("max_associations", 0, 0, 1000)
+    tls = reader.boolean("tls", False)
     addresses: frozenset[str] = frozenset()
     if host:
         try:
@@ -413,7 +441,7 @@ def _peer(reader: _Reader) -> Peer:
         except OSError as exc:
             reader.problems.append(f"{reader.path}.host: cannot resolve {host!r} ({exc.strerror or exc})")
     reader.finish()
-    return Peer(ae, host, port, permissions, addresses, any_host, max_associations)
+    return Peer(ae, host, port, permissions, addresses, any_host, max_associations, tls)
 
 
 def _dimse(r: _Reader) -> DimseConfig:
@@ -445,6 +473,12 @@ def _dimse(r: _Reader) -> DimseConfig:
         shutdown_grace=r.number("shutdown_grace", d.shutdown_grace, 0, 3600),
         tls=_tls(r, dimse=True),
     )
+    for i, p in enumerate(peers):
+        if p.tls and cfg.tls is None:
+            r.problems.append(
+                f"dimse.peers[{i}].tls: needs [dimse.tls] (its certificate is presented to the peer, its"
+                " ca_certificates verify the peer's)"
+            )
     if cfg.tls is not None and cfg.tls.port == cfg.port:
         r.problems.append(f"dimse.tls.port: {cfg.port} is dimse.port already; TLS needs a port of its own")
     r.finish()

@@ -294,6 +294,7 @@ class CommitmentService:
                     [(STORAGE_COMMITMENT, list(UNCOMPRESSED))],
                     max_pdu=d.max_pdu_size, connect_timeout=d.acse_timeout, acse_timeout=d.acse_timeout,
                     dimse_timeout=d.dimse_timeout, roles=[pdu.RoleSelection(STORAGE_COMMITMENT, False, True)],
+                    tls=self.config.peer_tls(peer),
                 )
             except RequestorError as exc:
                 log.warning("storage commitment %s: report to %s, try %d: %s", decision.transaction_uid, peer.ae_title, attempt, exc)

@@ -75,6 +75,7 @@ class MoveService(RetrieveService):
             connect_timeout=d.acse_timeout,
             acse_timeout=d.acse_timeout,
             dimse_timeout=d.dimse_timeout,
+            tls=self.config.peer_tls(peer),
         )
         classes = frozenset(sop for sop, _ in contexts)
         return MoveTarget(requestor, (assoc.calling_ae, message.command.message_id), classes), requestor.release

@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import socket
+import ssl
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -266,15 +267,29 @@ class StoreRequestor:
         acse_timeout: float,
         dimse_timeout: float,
         roles: list[pdu.RoleSelection] = (),  # type: ignore[assignment]
+        tls: ssl.SSLContext | None = None,
     ) -> StoreRequestor:
         """Open the association proposing ``(sop class, [transfer syntaxes])`` contexts
-        (and ``roles``: SCP/SCU Role Selection, e.g. our SCP role for Storage Commitment)."""
+        (and ``roles``: SCP/SCU Role Selection, e.g. our SCP role for Storage Commitment),
+        over TLS with ``tls`` (the peer's certificate checked against ``host``)."""
         if not proposals or len(proposals) > MAX_CONTEXTS:
             raise ValueError(f"{len(proposals)} presentation contexts; 1 to {MAX_CONTEXTS} allowed")
         contexts = [pdu.PresentationContextRQ(2 * i + 1, sop, list(ts)) for i, (sop, ts) in enumerate(proposals)]
         try:
             async with asyncio.timeout(connect_timeout):
-                reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+                reader, writer = await asyncio.open_connection(
+                    host, port, limit=1 << 20, ssl=tls, server_hostname=host if tls is not None else None
+                )
+        except ssl.SSLCertVerificationError as exc:
+            raise RequestorError(f"TLS to {host}:{port} refused: {exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            raise RequestorError(f"TLS to {host}:{port} failed: {exc.reason or exc}") from None
+        except (ConnectionResetError, ConnectionAbortedError) as exc:
+            if tls is None:
+                raise RequestorError(f"cannot connect to {host}:{port}: {type(exc).__name__}") from None
+            raise RequestorError(
+                f"TLS to {host}:{port} failed: {type(exc).__name__} in the handshake (does the peer speak TLS there?)"
+            ) from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise RequestorError(f"cannot connect to {host}:{port}: {type(exc).__name__}") from None
         sock = writer.get_extra_info("socket")

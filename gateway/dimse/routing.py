@@ -167,6 +167,7 @@ class RouteSenders:
             requestor = await StoreRequestor.connect(
                 peer.host, peer.port, d.ae_title, peer.ae_title, contexts, max_pdu=d.max_pdu_size,
                 connect_timeout=d.acse_timeout, acse_timeout=d.acse_timeout, dimse_timeout=d.dimse_timeout,
+                tls=self.config.peer_tls(peer),
             )
         except RequestorError as exc:
             return outcomes + [(c, "retry", str(exc)) for c, _ in ready]

@@ -21,6 +21,7 @@ async def echo_peer(config: Config, peer: Peer, timeout: float) -> tuple[bool, s
         requestor = await StoreRequestor.connect(
             peer.host, peer.port, config.dimse.ae_title, peer.ae_title, [(VERIFICATION, list(UNCOMPRESSED))],
             max_pdu=config.dimse.max_pdu_size, connect_timeout=timeout, acse_timeout=timeout, dimse_timeout=timeout,
+            tls=config.peer_tls(peer),
         )
     except RequestorError as exc:
         return False, str(exc)

@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -241,3 +242,51 @@ def test_http_side_over_https(tls_gateway, pki: Pki) -> None:
     # `spool status` still reaches its daemon's /healthz for what holds delivery.
     status = gw.cli("spool", "status", "--json")
     assert json.loads(status.stdout)["problems"] == [], status.stdout + status.stderr
+
+
+def test_peers_marked_tls_are_called_over_tls_for_moves_routes_and_echo(tls_gateway, pki: Pki, tmp_path: Path) -> None:
+    """A TLS storescp (dcmtk, requiring a client certificate of our CA) as the peer the
+    gateway calls: a C-MOVE's sub-operations, a route's copies and `peers --echo` all
+    reach it over TLS with the gateway's certificate; a plain storescp marked TLS, and a
+    TLS one whose certificate another CA signed, are refused with the reason."""
+
+    def tls_scp(name: str, cert: str) -> dcmtk.StoreSCP:
+        key_cert = [str(pki.directory / f"{cert}.key"), str(pki.directory / f"{cert}.crt")]
+        return dcmtk.StoreSCP(tmp_path / name, ae_title=name, extra_args=[
+            "+tls", *key_cert, "-pw", "+cf", str(pki.directory / "ca.crt"), "-rc",
+        ])
+
+    def peer(ae: str, port: int) -> str:
+        return f'\n[[dimse.peers]]\nae_title = "{ae}"\nhost = "127.0.0.1"\nport = {port}\ntls = true\n'
+
+    with tls_scp("SECURE", "server") as secure, tls_scp("IMPOSTOR", "stranger") as impostor, \
+            dcmtk.StoreSCP(tmp_path / "plain", ae_title="PLAIN") as plain:
+        gw = tls_gateway(
+            dimse_tls=_dimse_tls(free_port()) + peer("SECURE", secure.port) + peer("IMPOSTOR", impostor.port)
+            + peer("PLAIN", plain.port) + '\n[[dimse.routes]]\ndestination = "SECURE"\ncalling_ae = ["CT01"]\n'
+        )
+        files = sample_files()[:2]
+        assert dcmtk.storescu(gw.port, files, gw.ae_title, calling_ae="CT01").returncode == 0
+        assert len(secure.wait_for_files(2)) == 2  # the route's copies
+        gw.wait_counts(delivered=2)
+        study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        moved = dcmtk.movescu(gw.port, gw.ae_title, "SECURE", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        # Same instances, same file names: the move shows in the destination's log.
+        assert secure.log().count("Received Store Request") == 4
+
+        echoed = gw.cli("peers", "--echo", "--json", "--timeout", "10")
+        rows = {r["ae_title"]: r for r in json.loads(echoed.stdout)}
+        assert rows["SECURE"]["tls"] and rows["SECURE"]["echo"]["ok"], rows["SECURE"]
+        assert rows["IMPOSTOR"]["echo"]["detail"].startswith(f"TLS to 127.0.0.1:{impostor.port} refused: "), rows["IMPOSTOR"]
+        assert rows["PLAIN"]["echo"]["ok"] is False and rows["PLAIN"]["echo"]["detail"].startswith("TLS to 127.0.0.1"), rows["PLAIN"]
+
+
+def test_a_tls_peer_needs_the_dimse_tls_table(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('[[dimse.peers]]\nae_title = "SECURE"\nhost = "127.0.0.1"\nport = 2762\ntls = true\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "dimse.peers[0].tls: needs [dimse.tls]" in result.stdout + result.stderr
