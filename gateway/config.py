@@ -68,16 +68,19 @@ class Peer:
 class Route:
     """A copy of what is received sent on to another DICOM node (``[[dimse.routes]]``):
     every instance from one of ``calling_ae`` (empty: from anyone, STOW-RS included)
-    whose SOP class is one of ``sop_classes`` (empty: any) is also sent, by C-STORE,
-    to the peer ``destination``, besides going to the archive."""
+    of one of ``modalities`` and ``sop_classes`` (each empty: any) is also sent, by
+    C-STORE, to the peer ``destination``, besides going to the archive."""
 
     destination: str
     calling_ae: frozenset[str] = frozenset()
     sop_classes: frozenset[str] = frozenset()
+    modalities: frozenset[str] = frozenset()
 
-    def matches(self, calling_ae: str, sop_class_uid: str) -> bool:
-        return (not self.calling_ae or calling_ae.strip() in self.calling_ae) and (
-            not self.sop_classes or sop_class_uid in self.sop_classes
+    def matches(self, calling_ae: str, sop_class_uid: str, modality: str = "") -> bool:
+        return (
+            (not self.calling_ae or calling_ae.strip() in self.calling_ae)
+            and (not self.sop_classes or sop_class_uid in self.sop_classes)
+            and (not self.modalities or modality in self.modalities)
         )
 
 
@@ -514,8 +517,12 @@ def _routes(r: _Reader, peers: set[str]) -> tuple[Route, ...]:
                 classes.add(str(uid))
             else:
                 r.problems.append(f"{reader.path}.sop_classes: {name!r} is neither a UID nor a SOP class keyword")
+        modalities = frozenset(_strings(reader, "modalities"))
+        for code in sorted(modalities):
+            if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", code):
+                r.problems.append(f"{reader.path}.modalities: {code!r} is not a Modality code (CS: CT, MR, US...)")
         reader.finish()
-        routes.append(Route(destination, frozenset(t.strip() for t in callers), frozenset(classes)))
+        routes.append(Route(destination, frozenset(t.strip() for t in callers), frozenset(classes), modalities))
     return tuple(routes)
 
 

@@ -37,6 +37,7 @@ class InstanceHeader:
     study_uid: str
     series_uid: str
     transfer_syntax: str
+    modality: str = ""  # (0008,0060), for routes; "" when absent
 
 
 KEYWORDS = {
@@ -45,14 +46,16 @@ KEYWORDS = {
     0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",
 }
+MODALITY = 0x00080060
 
 
-def _uids_by_pydicom(path: Path, size: int) -> dict[str, str]:
+def _uids_by_pydicom(path: Path, size: int) -> tuple[dict[str, str], str]:
     """Deflated data sets cannot be walked raw; pydicom inflates them (from the first
-    ``size`` bytes only: a spool file may be longer than its instance)."""
+    ``size`` bytes only: a spool file may be longer than its instance). The UIDs, and
+    the modality."""
     with open(path, "rb") as fh:
         ds = pydicom.dcmread(io.BytesIO(fh.read(size)), stop_before_pixels=True, defer_size="256 KB")
-    return {kw: str(ds.get(kw) or "") for kw in KEYWORDS.values()}
+    return {kw: str(ds.get(kw) or "") for kw in KEYWORDS.values()}, str(ds.get("Modality") or "")
 
 
 def read_header(
@@ -69,13 +72,14 @@ def read_header(
     try:
         length = path.stat().st_size if size is None else size
         with open(path, "rb") as fh:
-            scan = scan_file(fh, length, frozenset(KEYWORDS))
+            scan = scan_file(fh, length, frozenset(KEYWORDS) | {MODALITY})
         if scan.problem:
             raise Unreadable(f"malformed data set: {scan.problem}")
         if scan.transfer_syntax in DEFLATED:
-            uids = _uids_by_pydicom(path, length)
+            uids, modality = _uids_by_pydicom(path, length)
         else:
             uids = {kw: scan.values.get(tag, "") for tag, kw in KEYWORDS.items()}
+            modality = scan.values.get(MODALITY, "")
     except HeaderError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure is the sender's malformed data
@@ -95,4 +99,5 @@ def read_header(
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
         transfer_syntax=scan.transfer_syntax,
+        modality=modality.strip(),
     )

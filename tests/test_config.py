@@ -210,8 +210,11 @@ def test_routes_name_a_peer_and_what_they_take() -> None:
     cfg = parse_config({"dimse": {"peers": peers, "routes": [
         {"destination": "AI", "calling_ae": ["CT01 ", "CT02"], "sop_classes": ["CTImageStorage", "1.2.840.10008.5.1.4.1.1.4"]},
         {"destination": "AI"},
+        {"destination": "AI", "modalities": ["MR", "CT"]},
     ]}})
-    first, anything = cfg.dimse.routes
+    first, anything, by_modality = cfg.dimse.routes
+    assert by_modality.matches("X", "1.2.3", "MR") and not by_modality.matches("X", "1.2.3", "US")
+    assert not by_modality.matches("X", "1.2.3", "")
     assert first.calling_ae == {"CT01", "CT02"}
     assert first.sop_classes == {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}
     assert first.matches("CT01", "1.2.840.10008.5.1.4.1.1.2") and not first.matches("MR01", "1.2.840.10008.5.1.4.1.1.2")
@@ -220,7 +223,7 @@ def test_routes_name_a_peer_and_what_they_take() -> None:
     with pytest.raises(ConfigError) as exc:
         parse_config({"dimse": {"peers": peers, "routes": [
             {"destination": "NOPE", "sop_classes": ["ExplicitVRLittleEndian", "CTImageStorage"], "modality": "CT"},
-            {"calling_ae": ["BAD\\AE"]},
+            {"calling_ae": ["BAD\\AE"], "modalities": ["ct"]},
         ]}})
     assert exc.value.problems == [
         "dimse.routes[0].destination: 'NOPE' is not a [[dimse.peers]] AE title (its host and port are where copies go)",
@@ -228,4 +231,5 @@ def test_routes_name_a_peer_and_what_they_take() -> None:
         "dimse.routes[0].modality: unknown key",
         "dimse.routes[1].destination: required",
         "dimse.routes[1].calling_ae: 'BAD\\\\AE' is not a valid AE title",
+        "dimse.routes[1].modalities: 'ct' is not a Modality code (CS: CT, MR, US...)",
     ]

@@ -259,7 +259,7 @@ class Spool:
             ),
         )
         row_id = int(cur.lastrowid or 0)
-        destinations = {r.destination for r in self.routes if r.matches(calling_ae, header.sop_class_uid)}
+        destinations = {r.destination for r in self.routes if r.matches(calling_ae, header.sop_class_uid, header.modality)}
         for destination in sorted(destinations):
             db.execute("INSERT INTO copies (instance_id, destination, state) VALUES (?,?,'queued')", (row_id, destination))
         return row_id

@@ -50,15 +50,19 @@ def test_routes_copy_what_they_match_as_stored_or_converted(tmp_path: Path, gate
     with StoreSCP(tmp_path / "ai", ae_title="AI") as ai, \
             StoreSCP(tmp_path / "old", ae_title="OLDPACS", implicit_only=True) as old:
         gw = gateway(extra=peer("AI", ai.port) + peer("OLDPACS", old.port)
-                     + route("AI", calling_ae=["CT01"]) + route("OLDPACS", calling_ae=["MR01"], sop_classes=["CTImageStorage"]))
+                     + route("AI", calling_ae=["CT01"]) + route("AI", modalities=["MR"])
+                     + route("OLDPACS", calling_ae=["MR01"], sop_classes=["CTImageStorage"]))
         ct01 = ct_series(tmp_path / "ct01", 3, 64, 64)
         mr01 = ct_series(tmp_path / "mr01", 2, 64, 64)
-        us01 = ct_series(tmp_path / "us01", 1, 64, 64)
+        us01 = ct_series(tmp_path / "us01", 2, 64, 64)
+        labelled_mr = dcmread(us01[1])
+        labelled_mr.Modality = "MR"
+        labelled_mr.save_as(us01[1])
         store(gw, ct01, "CT01")
         store(gw, mr01, "MR01")
         store(gw, us01, "US01")
-        gw.wait_counts(delivered=6)  # the archive has everything, routed or not
-        wait_until(lambda: len(received(ai)) == 3 and len(received(old)) == 2, 30, 0.2, "copies never arrived")
+        gw.wait_counts(delivered=7)  # the archive has everything, routed or not
+        wait_until(lambda: len(received(ai)) == 4 and len(received(old)) == 2, 30, 0.2, "copies never arrived")
 
         # CT01's instances reached AI exactly as the modality sent them.
         at_ai = received(ai)
@@ -72,19 +76,19 @@ def test_routes_copy_what_they_match_as_stored_or_converted(tmp_path: Path, gate
             got = dcmread(at_old[str(sent.SOPInstanceUID)])
             assert got.file_meta.TransferSyntaxUID == IMPLICIT_LE
             assert got.PixelData == sent.PixelData and got.StudyInstanceUID == sent.StudyInstanceUID
-        # US01 matched no route.
-        us_uid = str(dcmread(us01[0], stop_before_pixels=True).SOPInstanceUID)
-        assert us_uid not in at_ai and us_uid not in at_old
+        # US01's CT matched no route; its MR went to AI by its modality.
+        us_uid, mr_uid = (str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in us01)
+        assert us_uid not in at_ai and us_uid not in at_old and mr_uid in at_ai
 
         wait_until(lambda: gw.health()["spool"]["routes"]["OLDPACS"]["counts"]["delivered"] == 2, 10, 0.2, "not recorded")
         health = gw.health()
         assert health["status"] == "ok"
-        assert health["spool"]["routes"]["AI"]["counts"] == {"queued": 0, "sending": 0, "delivered": 3, "failed": 0, "dead": 0}
+        assert health["spool"]["routes"]["AI"]["counts"] == {"queued": 0, "sending": 0, "delivered": 4, "failed": 0, "dead": 0}
         samples = scrape(gw)
-        assert value(samples, "gateway_route_copies_total", destination="AI", state="delivered") == 3
+        assert value(samples, "gateway_route_copies_total", destination="AI", state="delivered") == 4
         assert value(samples, "gateway_route_copies_spooled", destination="OLDPACS", state="delivered") == 2
         status = gw.cli("spool", "status")
-        assert "route AI: copies 3 delivered" in status.stdout, status.stdout
+        assert "route AI: copies 4 delivered" in status.stdout, status.stdout
         study_uid = str(dcmread(ct01[0], stop_before_pixels=True).StudyInstanceUID)
         report = gw.cli("study", study_uid)
         assert "copies to AI: 3 delivered" in report.stdout, report.stdout
