@@ -279,7 +279,7 @@ def test_discard_study_takes_undelivered_rows_and_files_but_not_one_being_sent(s
 
 def test_routes_make_copies_that_keep_their_file_until_delivered(tmp_path: Path) -> None:
     routes = (Route("AI", frozenset({"CT01"})), Route("OLD", sop_classes=frozenset({"1.2.840.10008.5.1.4.1.1.4"})))
-    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, max_attempts=2), routes)
+    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, max_attempts=3), routes)
     copies = Copies(spool)
     try:
         routed = spool.enqueue(received(spool, 1), header(1), "CT01")  # CT: AI only
@@ -290,16 +290,17 @@ def test_routes_make_copies_that_keep_their_file_until_delivered(tmp_path: Path)
             spool.record([inst], [Outcome(inst.id, "delivered")])
         assert spool.purge_delivered() == 1  # the unrouted one; the routed file waits for its copy
         (copy,) = copies.claim("AI", 10)
-        assert copy.instance.id == routed and copy.instance.path.exists() and copy.instance.attempts == 1
+        assert spool.recover() == (1, 0)  # a crash while it was being sent: queued again
+        (copy,) = copies.claim("AI", 10)
+        assert copy.instance.id == routed and copy.instance.path.exists() and copy.instance.attempts == 2
         assert copies.record([(copy, "retry", "destination down")]) == {copy.id: "failed"}
-        spool.recover()  # nothing in flight: nothing changes
         assert copies.claim("AI", 10) == []  # not due yet
         assert copies.retry(dead=True) == 0
         with spool.db.connection() as db:
             db.execute("UPDATE copies SET next_attempt_at = 0")
         (copy,) = copies.claim("AI", 10)
-        assert copies.record([(copy, "retry", "destination down")]) == {copy.id: "dead"}  # max_attempts = 2
-        assert "gave up after 2 attempts" in spool.status()["routes"]["AI"]["last_error"]
+        assert copies.record([(copy, "retry", "destination down")]) == {copy.id: "dead"}  # max_attempts = 3
+        assert "gave up after 3 attempts" in spool.status()["routes"]["AI"]["last_error"]
         assert spool.purge_delivered() == 0
         assert copies.retry(dead=True) == 1
         (copy,) = copies.claim("AI", 10)
