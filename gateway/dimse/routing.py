@@ -100,10 +100,10 @@ class RouteSenders:
         event = self._wake[destination]
         while not self._stopping:
             try:
+                event.clear()  # before looking: a wake-up while we look is not lost
                 batch = await asyncio.to_thread(self.copies.claim, destination, BATCH)
                 if not batch:
                     due = await asyncio.to_thread(self.copies.next_due_in, destination)
-                    event.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(event.wait(), IDLE_POLL if due is None else min(due + 0.05, IDLE_POLL))
                     continue
@@ -113,7 +113,7 @@ class RouteSenders:
                     # Stopping, or a fault: the copies go back to the queue untouched.
                     await asyncio.shield(asyncio.to_thread(self.copies.release, batch))
                     raise
-                states = await asyncio.to_thread(self.copies.record, outcomes)
+                states = await self._record(destination, outcomes)
                 self._report(destination, outcomes, states)
                 if "delivered" in states.values() and self.spool.cfg.retain_delivered_hours == 0:
                     # The archive's forwarder purged what it delivered at once, except
@@ -124,6 +124,18 @@ class RouteSenders:
             except Exception:  # noqa: BLE001 - a spool error must not end the route for good
                 log.exception("route to %s: unexpected error; trying again shortly", destination)
                 await asyncio.sleep(5)
+
+    async def _record(self, destination: str, outcomes: list[tuple[SpooledCopy, str, str]]) -> dict[int, str]:
+        """Record what the destination said, retrying until the spool database takes
+        it: the copies are sent, and releasing them would need that same database."""
+        pause = 0.5
+        while True:
+            try:
+                return await asyncio.shield(asyncio.to_thread(self.copies.record, outcomes))
+            except Exception as exc:  # noqa: BLE001 - the outcome must not be lost
+                log.error("route to %s: cannot record %d outcomes (%s: %s); retrying", destination, len(outcomes), type(exc).__name__, exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, IDLE_POLL)
 
     def _report(self, destination: str, outcomes: list[tuple[SpooledCopy, str, str]], states: dict[int, str]) -> None:
         counts = {"delivered": 0, "failed": 0, "dead": 0}
