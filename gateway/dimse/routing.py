@@ -1,9 +1,11 @@
 """Route senders: the copies `[[dimse.routes]]` make, sent on by C-STORE.
 
 One task per destination claims its due copies (`gateway.spool.copies`), a batch at a
-time, and sends them over one association it requests from the gateway's AE title to
+time, and sends them over an association it requests from the gateway's AE title to
 the peer's address, proposing each SOP class with the syntaxes the batch is stored in
-and the uncompressed ones. An instance goes as stored when the destination accepts
+and the uncompressed ones. The association stays open while copies keep coming (a
+modality sending a study makes many small batches) and is released once the queue is
+empty, or replaced when a batch brings a SOP class or syntax it was not proposed. An instance goes as stored when the destination accepts
 that syntax, otherwise converted as for a C-MOVE (`Transcoder`, lossless unless
 ``retrieve.allow_lossy``). Each record is checked against its checksum first, as
 before a delivery to the archive.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.codecs import TranscodeError
@@ -62,6 +65,14 @@ def _fetched(copy: SpooledCopy) -> Fetched:
     return Fetched(ref, retrieved, meta.transfer_syntax, inst.sop_class_uid, meta.dataset_offset)
 
 
+@dataclass
+class _Open:
+    """An association kept open to a destination, and what it was proposed."""
+
+    requestor: StoreRequestor
+    proposed: frozenset[tuple[str, str]]  # (SOP class, transfer syntax)
+
+
 class RouteSenders:
     """The daemon's senders of routed copies, one task per destination."""
 
@@ -76,6 +87,7 @@ class RouteSenders:
         self._wake = {d: asyncio.Event() for d in self.destinations}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._open: dict[str, _Open] = {}
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run(d), name=f"route-{d}") for d in self.destinations]
@@ -97,12 +109,28 @@ class RouteSenders:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _run(self, destination: str) -> None:
+        try:
+            await self._loop(destination)
+        finally:
+            await self._close(destination, abort=True)
+
+    async def _close(self, destination: str, abort: bool = False) -> None:
+        """End the association kept open to ``destination``, if any."""
+        kept = self._open.pop(destination, None)
+        if kept is not None:
+            if abort or kept.requestor.closed:
+                await kept.requestor.abort()
+            else:
+                await kept.requestor.release()
+
+    async def _loop(self, destination: str) -> None:
         event = self._wake[destination]
         while not self._stopping:
             try:
                 event.clear()  # before looking: a wake-up while we look is not lost
                 batch = await asyncio.to_thread(self.copies.claim, destination, BATCH)
                 if not batch:
+                    await self._close(destination)
                     due = await asyncio.to_thread(self.copies.next_due_in, destination)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(event.wait(), IDLE_POLL if due is None else min(due + 0.05, IDLE_POLL))
@@ -153,7 +181,7 @@ class RouteSenders:
                 destination, counts["delivered"], counts["failed"], first, counts["dead"],
             )
         else:
-            log.info("route to %s: %d copied, %d dead", destination, counts["delivered"], counts["dead"])
+            log.debug("route to %s: %d copied, %d dead", destination, counts["delivered"], counts["dead"])
 
     async def _send(self, destination: str, batch: list[SpooledCopy]) -> list[tuple[SpooledCopy, str, str]]:
         """Send one batch over one association; what became of each copy."""
@@ -173,16 +201,24 @@ class RouteSenders:
         peer = self.config.peer(destination)
         if peer is None:
             return outcomes + [(c, "retry", f"{destination} is no longer a configured peer") for c, _ in ready]
-        d = self.config.dimse
-        contexts = proposals([], [f for _, f in ready])
-        try:
-            requestor = await StoreRequestor.connect(
-                peer.host, peer.port, d.ae_title, peer.ae_title, contexts, max_pdu=d.max_pdu_size,
-                connect_timeout=d.acse_timeout, acse_timeout=d.acse_timeout, dimse_timeout=d.dimse_timeout,
-                tls=self.config.peer_tls(peer),
-            )
-        except RequestorError as exc:
-            return outcomes + [(c, "retry", str(exc)) for c, _ in ready]
+        wanted = {(f.sop_class_uid, f.transfer_syntax) for _, f in ready}
+        kept = self._open.get(destination)
+        if kept is not None and (kept.requestor.closed or not wanted <= kept.proposed):
+            await self._close(destination)
+            kept = None
+        if kept is None:
+            d = self.config.dimse
+            contexts = proposals([], [f for _, f in ready])
+            try:
+                requestor = await StoreRequestor.connect(
+                    peer.host, peer.port, d.ae_title, peer.ae_title, contexts, max_pdu=d.max_pdu_size,
+                    connect_timeout=d.acse_timeout, acse_timeout=d.acse_timeout, dimse_timeout=d.dimse_timeout,
+                    tls=self.config.peer_tls(peer),
+                )
+            except RequestorError as exc:
+                return outcomes + [(c, "retry", str(exc)) for c, _ in ready]
+            kept = self._open[destination] = _Open(requestor, frozenset((c, t) for c, ts in contexts for t in ts))
+        requestor = kept.requestor
         lost = ""
         try:
             for copy, item in ready:
@@ -198,9 +234,7 @@ class RouteSenders:
             for _, item in ready:
                 item.release()
             if lost or requestor.closed:
-                await requestor.abort()
-            else:
-                await requestor.release()
+                await self._close(destination, abort=True)
         return outcomes
 
     async def _store(self, requestor: StoreRequestor, item: Fetched) -> tuple[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.support.dcmtk import dcmtk_env
+from tests.support.dcmtk import StoreSCP, dcmtk_env
 from tests.support.ports import wait_until
 from tests.support.synth import ct_series
 
@@ -63,3 +63,35 @@ def test_sigkill_mid_send_loses_nothing(tmp_path: Path, orthanc, gateway) -> Non
     assert counts["dead"] == 0 and counts["sending"] == 0
     # Nothing half-written survives in the spool.
     assert not any((gw.spool_dir / "incoming").iterdir())
+
+
+@pytest.mark.slow
+def test_sigkill_mid_send_loses_no_routed_copy(tmp_path: Path, gateway) -> None:
+    """The same kill with a route copying everything to a storescp: after the restart
+    every acknowledged instance reaches the destination too, whole."""
+    with StoreSCP(tmp_path / "dest", ae_title="DEST") as dest:
+        gw = gateway(extra=f'\n[[dimse.peers]]\nae_title = "DEST"\nhost = "127.0.0.1"\nport = {dest.port}\n'
+                     '\n[[dimse.routes]]\ndestination = "DEST"\n')
+        files = ct_series(tmp_path / "ct", 200)
+        proc = subprocess.Popen(
+            ["/usr/bin/storescu", "-v", "-aet", "MODALITY", "-aec", gw.ae_title, "127.0.0.1", str(gw.port)]
+            + [str(f) for f in files],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env(),
+        )
+        wait_until(lambda: (gw.spool_dir / "spool.sqlite").exists(), 20, 0.01, "spool never created")
+        wait_until(lambda: sum(gw.counts().values()) >= 40, 60, 0.005, "gateway never received 40 instances")
+        gw.proc.kill()
+        gw.proc.wait()
+        output, _ = proc.communicate(timeout=60)
+        acked = acknowledged_files(output)
+        assert 40 <= len(acked) < 200, output[-2000:]
+
+        gw.start()
+        expected = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): Path(f) for f in acked}
+        wait_until(lambda: len(dest.files()) >= len(expected), 120, 0.5, "copies missing at the destination")
+        at_dest = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in dest.wait_for_files(len(expected))}
+        assert set(expected) <= set(at_dest)
+        for uid, sent in expected.items():
+            assert dcmread(at_dest[uid]).PixelData == dcmread(sent).PixelData
+        routes = gw.health()["spool"]["routes"]["DEST"]["counts"]
+        assert routes["dead"] == 0 and routes["sending"] == 0
