@@ -173,7 +173,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
             rows = spool.list_rows(
                 args.state, args.limit, study_uid=args.study, series_uid=args.series,
                 sop_instance_uid=args.instance, calling_ae=args.calling_ae,
-                since=None if args.since is None else time.time() - args.since,
+                since=None if args.since is None else time.time() - args.since, route=args.route,
             )
             _print_rows(rows, args.json)
         elif args.action == "retry":
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--instance", metavar="UID", help="only rows of this SOP Instance UID")
     listing.add_argument("--calling-ae", metavar="AE", help="only instances this AE title sent")
     listing.add_argument("--since", type=parse_duration, help="only instances received in the last 30m, 12h, 7d...")
+    listing.add_argument(
+        "--route", metavar="AE", help="the copies a route owes this destination instead (--state: the copy's state)"
+    )
     listing.add_argument("--json", action="store_true")
     retry = with_config(spool_sub.add_parser("retry", help="requeue dead or failed instances (and routes' copies)"))
     retry.add_argument("--dead", action="store_true", help="requeue every dead instance and dead route copy")

@@ -662,26 +662,37 @@ class Spool:
         sop_instance_uid: str | None = None,
         calling_ae: str | None = None,
         since: float | None = None,
+        route: str | None = None,
     ) -> list[dict[str, Any]]:
         """The newest rows matching every filter given (``since``: received at or after
-        this time), newest first."""
+        this time), newest first. With ``route``, the copies that route's destination is
+        owed instead: each instance row with the copy's ``state``, ``attempts`` and
+        ``last_error`` (``state`` then filters the copies)."""
         where: list[str] = []
         params: list[Any] = []
         for column, value in (
-            ("state", state),
-            ("study_uid", study_uid),
-            ("series_uid", series_uid),
-            ("sop_instance_uid", sop_instance_uid),
-            ("calling_ae", calling_ae),
+            ("copies.state" if route is not None else "instances.state", state),
+            ("instances.study_uid", study_uid),
+            ("instances.series_uid", series_uid),
+            ("instances.sop_instance_uid", sop_instance_uid),
+            ("instances.calling_ae", calling_ae),
+            ("copies.destination", route),
         ):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
         if since is not None:
-            where.append("received_at >= ?")
+            where.append("instances.received_at >= ?")
             params.append(since)
-        sql = "SELECT * FROM instances" + (f" WHERE {' AND '.join(where)}" if where else "")
-        sql += " ORDER BY id DESC LIMIT ?"
+        if route is None:
+            sql = "SELECT * FROM instances"
+        else:
+            sql = (
+                "SELECT instances.id, sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,"
+                " file, size, calling_ae, received_at, destination, copies.state, copies.attempts,"
+                " copies.last_error, copies.delivered_at FROM copies JOIN instances ON instances.id = copies.instance_id"
+            )
+        sql += (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY instances.id DESC LIMIT ?"
         params.append(limit)
         with self.db.connection() as db:
             return list(db.query(sql, params))

@@ -152,6 +152,16 @@ def test_a_refused_copy_is_dead_until_retried_and_discard_withdraws_pending_copi
         assert health["status"] == "degraded"  # a dead copy is something an admin must see
         assert health["spool"]["routes"]["AI"]["last_error"] == "destination answered C-STORE status 0xA900"
         assert "route to AI: instance" in gw.log() and "not copied" in gw.log()
+        owed = json.loads(gw.cli("spool", "list", "--route", "AI", "--state", "dead", "--json").stdout)
+        assert sorted(r["sop_instance_uid"] for r in owed) == sorted(
+            str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in first
+        )
+        assert {(r["destination"], r["state"], r["last_error"]) for r in owed} == {
+            ("AI", "dead", "destination answered C-STORE status 0xA900")
+        }
+        assert all(r["calling_ae"] == "CT01" for r in owed)
+        table = gw.cli("spool", "list", "--route", "AI").stdout
+        assert table.count("destination answered C-STORE status 0xA900") == 2, table
 
         destination.status = 0x0000  # the destination fixed
         retried = gw.cli("spool", "retry", "--dead")
