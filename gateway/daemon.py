@@ -159,6 +159,9 @@ async def _run(config: Config, config_path: Path | None) -> None:
             for service in (server, store, *services.values(), retriever, routes):
                 service.config = merged
             spool.set_limits(merged.spool)
+            spool.routes = merged.dimse.routes
+            assert routes is not None  # made before the first reload can be asked for
+            routes.reconfigure()
             logging.getLogger().setLevel(merged.logging.level)
             log.warning(
                 "configuration reloaded from %s: %s%s", config_path, ", ".join(applied) or "nothing changed",

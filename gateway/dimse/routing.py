@@ -77,20 +77,27 @@ class RouteSenders:
     """The daemon's senders of routed copies, one task per destination."""
 
     def __init__(self, config: Config, spool: Spool, transcoder: Transcoder, metrics: Metrics | None = None) -> None:
-        """``config`` is replaced on reload (peer addresses); the routes need a restart."""
+        """``config`` is replaced on reload (peer addresses), and `reconfigure` then
+        starts a sender for a destination a new route names."""
         self.config = config
         self.spool = spool
         self.copies = Copies(spool)
         self.transcoder = transcoder
         self.metrics = metrics
-        self.destinations = sorted({r.destination for r in config.dimse.routes})
-        self._wake = {d: asyncio.Event() for d in self.destinations}
+        self._wake: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._open: dict[str, _Open] = {}
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run(d), name=f"route-{d}") for d in self.destinations]
+        self.reconfigure()
+
+    def reconfigure(self) -> None:
+        """A sender for every destination the routes name. One whose route is gone keeps
+        its sender: copies already queued for it are still owed."""
+        for destination in sorted({r.destination for r in self.config.dimse.routes} - set(self._wake)):
+            self._wake[destination] = asyncio.Event()
+            self._tasks.append(asyncio.create_task(self._run(destination), name=f"route-{destination}"))
 
     def wake(self) -> None:
         """Something was queued: look now instead of at the next poll."""

@@ -6,6 +6,8 @@ VR Little Endian only), the daemon over its embedded archive."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 from pydicom import dcmread
@@ -185,3 +187,19 @@ def test_a_refused_copy_is_dead_until_retried_and_discard_withdraws_pending_copi
         }
     finally:
         destination.stop()
+
+
+def test_a_route_added_by_a_reload_copies_what_comes_after(tmp_path: Path, gateway) -> None:
+    with StoreSCP(tmp_path / "ai", ae_title="AI") as ai:
+        gw = gateway(extra=peer("AI", ai.port))
+        before, after = ct_series(tmp_path / "before", 1, 32, 32), ct_series(tmp_path / "after", 1, 32, 32)
+        store(gw, before, "CT01")
+        gw.wait_counts(delivered=1)
+        gw.config_path.write_text(gw.config_path.read_text() + route("AI", calling_ae=["CT01"]))
+        assert gw.proc is not None
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in gw.log(), 10, 0.05, "no reload logged")
+        assert "dimse.routes" in gw.log() and "restart is needed" not in gw.log()
+        store(gw, after, "CT01")
+        wait_until(lambda: len(received(ai)) == 1, 20, 0.2, "the copy never arrived")
+        assert set(received(ai)) == {str(dcmread(after[0], stop_before_pixels=True).SOPInstanceUID)}
