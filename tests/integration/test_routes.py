@@ -16,6 +16,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from gateway.part10 import META_HEAD, read_file_meta
 from tests.integration.test_metrics import scrape, value
 from tests.support import dcmtk
+from tests.support.curl import curl
 from tests.support.dcmtk import StoreSCP
 from tests.support.ports import free_port, wait_until
 from tests.support.synth import ct_series
@@ -203,3 +204,18 @@ def test_a_route_added_by_a_reload_copies_what_comes_after(tmp_path: Path, gatew
         store(gw, after, "CT01")
         wait_until(lambda: len(received(ai)) == 1, 20, 0.2, "the copy never arrived")
         assert set(received(ai)) == {str(dcmread(after[0], stop_before_pixels=True).SOPInstanceUID)}
+
+
+def test_a_stow_rs_upload_is_routed_to_orthanc_by_modality(tmp_path: Path, orthanc, gateway) -> None:
+    """Orthanc as the route's destination (a real PACS on its DIMSE port) and curl's
+    STOW-RS as the sender: an upload through the facade is copied like a C-STORE."""
+    gw = gateway(extra=peer(orthanc.aet, orthanc.dicom_port) + route(orthanc.aet, modalities=["CT"]))
+    series = ct_series(tmp_path / "ct", 2, 32, 32)
+    for path in series:
+        result = curl("-X", "POST", "-H", "Content-Type: application/dicom", "--data-binary", f"@{path}",
+                      f"{gw.web_url}/dicom-web/studies")
+        assert result.status == 200, result.body
+    expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series}
+    wait_until(lambda: orthanc.sop_instance_uids() == expected, 30, 0.2, "copies never reached Orthanc")
+    gw.wait_counts(delivered=2)  # and the embedded archive has them too
+    assert gw.health()["spool"]["routes"][orthanc.aet]["counts"]["delivered"] == 2
