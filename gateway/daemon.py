@@ -55,7 +55,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
     requeued, adopted = spool.recover()
     spool.start()
     if requeued:
-        log.warning("requeued %d instance(s) left in 'sending' by an unclean stop", requeued)
+        log.warning("requeued %d instance(s) or route copies left in 'sending' by an unclean stop", requeued)
     if adopted:
         log.warning("adopted %d spooled file(s) whose rows were lost; they are queued", adopted)
     # One registry per daemon, never the process-wide default.

@@ -3,7 +3,9 @@
 A route (``[[dimse.routes]]``) sends what it matches on to another DICOM node by
 C-STORE, besides the archive. Its copies are rows of their own (table ``copies``),
 written in the transaction that queues the instance (`Spool._insert_row`), so a copy
-is as durable as the instance's acknowledgement and is never made twice. Each has the
+is never made twice, nor lost: one whose row a power cut lost with its instance's is
+made again when start-up adopts the record (its preamble names the sender routes
+match on). Each has the
 life of an instance's row, per destination: ``queued`` -> ``sending`` -> ``delivered``,
 or ``failed`` (retried at ``next_attempt_at``) -> ``dead`` after ``spool.max_attempts``
 or ``spool.max_age_hours``, or at once when the destination refuses it for good. The

@@ -50,14 +50,14 @@ MiB = 1024 * 1024
 # A disk limit is "near" (not ready, a gauge) when free space is under 110 % of the
 # floor or the spool's files fill 90 % of its cap; delivered files are evicted down to
 # 80 % of the cap, so a spool whose deliveries flow never comes near it.
+NEAR_FLOOR = 1.1
+NEAR_CAP = 0.9
+EVICT_TO = 0.8
 # A delivered instance's file may go (purge, eviction) only once every copy a route
 # made of it has been delivered too.
 NO_COPY_PENDING = (
     "NOT EXISTS (SELECT 1 FROM copies WHERE copies.instance_id = instances.id AND copies.state != 'delivered')"
 )
-NEAR_FLOOR = 1.1
-NEAR_CAP = 0.9
-EVICT_TO = 0.8
 
 
 class SpoolFull(Exception):
@@ -473,6 +473,7 @@ class Spool:
     # ---- delivery (forwarder) -------------------------------------------------
 
     def instance_of(self, row: dict[str, Any]) -> SpooledInstance:
+        """The instance an ``instances`` row describes (also joined to a route's copy)."""
         return SpooledInstance(
             id=row["id"],
             sop_instance_uid=row["sop_instance_uid"],
