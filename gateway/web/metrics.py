@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.metrics import Metrics
+from gateway.spool.copies import COPY_STATES
 from gateway.spool.queue import STATES, Spool
 
 log = logging.getLogger("gateway.web")
@@ -59,10 +60,19 @@ class SpoolCollector(Collector):
             "Copies routes send on, by destination and state (as gateway_spool_instances)",
             labels=["destination", "state"],
         )
-        for destination, route in status["routes"].items():
+        waiting = GaugeMetricFamily(
+            "gateway_route_oldest_pending_age_seconds",
+            "Age of the oldest instance a route's destination has not received yet (0: none waiting)",
+            labels=["destination"],
+        )
+        # Every configured destination, also when the spool holds no copy for it.
+        for destination in sorted(set(status["routes"]) | {r.destination for r in self.spool.routes}):
+            route = status["routes"].get(destination, {"counts": dict.fromkeys(COPY_STATES, 0)})
             for state, count in route["counts"].items():
                 copies.add_metric([destination, state], count)
+            waiting.add_metric([destination], route.get("oldest_pending_age_seconds") or 0.0)
         yield copies
+        yield waiting
         yield GaugeMetricFamily("gateway_spool_free_bytes", "Free space on the spool's file system", value=status["free_bytes"])
         yield GaugeMetricFamily(
             "gateway_spool_used_bytes", "Bytes of the spool's files, those being received included",

@@ -104,6 +104,7 @@ def test_copies_wait_out_an_outage_and_a_kill_and_keep_their_files(tmp_path: Pat
     store(gw, series, "CT01")
     gw.wait_counts(delivered=3)
     wait_until(lambda: gw.health()["spool"]["routes"]["AI"]["counts"]["failed"] == 3, 20, 0.2, "copies not failed")
+    assert value(scrape(gw), "gateway_route_oldest_pending_age_seconds", destination="AI") > 0
     health = gw.health()
     assert "cannot connect" in health["spool"]["routes"]["AI"]["last_error"]
     # Delivered to the archive, but the files stay while their copies wait.
@@ -119,6 +120,10 @@ def test_copies_wait_out_an_outage_and_a_kill_and_keep_their_files(tmp_path: Pat
         # Every copy delivered: the files go at once (retain_delivered_hours = 0).
         wait_until(lambda: json.loads(gw.cli("spool", "list", "--json").stdout) == [], 10, 0.2, "files kept")
         assert gw.health()["spool"]["routes"] == {}
+        samples = scrape(gw)
+        assert ("gateway_route_oldest_pending_age_seconds", frozenset({("destination", "AI")})) in samples
+        assert value(samples, "gateway_route_oldest_pending_age_seconds", destination="AI") == 0
+        assert value(samples, "gateway_route_copies_spooled", destination="AI") == 0
 
 
 class Destination:
