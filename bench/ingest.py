@@ -57,6 +57,19 @@ def storescu(port: int, called: str, files: list[Path], senders: int = 1) -> flo
     return time.perf_counter() - started
 
 
+def storescp_sink(directory: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    """dcmtk's storescp writing what it receives into ``directory`` (no fsync), AE title
+    SINK, on a free port: the reference receiver of the benchmarks."""
+    port = free_port()
+    scp = subprocess.Popen(
+        ["/usr/bin/storescp", "-od", str(directory), "-aet", "SINK", str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return port, scp
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -75,13 +88,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     received = work / "storescp"
     received.mkdir()
-    scp_port = free_port()
-    scp = subprocess.Popen(
-        ["/usr/bin/storescp", "-od", str(received), "-aet", "SINK", str(scp_port)],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    scp_port, scp = storescp_sink(received)
     orthanc = Orthanc(workdir=work / "orthanc").start()
     # The product's reserve of blanks, not the small one test daemons get.
     reserve = {"reserve_mb": SpoolConfig().reserve_mb}

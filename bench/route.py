@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,11 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.ingest import storescu  # noqa: E402
+from bench.ingest import storescp_sink, storescu  # noqa: E402
 from gateway.config import SpoolConfig  # noqa: E402
 from tests.support.daemon import Gateway  # noqa: E402
-from tests.support.dcmtk import dcmtk_env  # noqa: E402
-from tests.support.ports import free_port, wait_for_port, wait_until  # noqa: E402
+from tests.support.ports import wait_for_port, wait_until  # noqa: E402
 from tests.support.synth import ct_series  # noqa: E402
 
 
@@ -44,11 +42,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-route-"))
     received = work / "storescp"
     received.mkdir()
-    scp_port = free_port()
-    scp = subprocess.Popen(
-        ["/usr/bin/storescp", "-od", str(received), "-aet", "SINK", str(scp_port)],
-        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    scp_port, scp = storescp_sink(received)
     gw = Gateway(
         work / "gw", spool={"reserve_mb": SpoolConfig().reserve_mb},
         extra=f'\n[[dimse.peers]]\nae_title = "SINK"\nhost = "127.0.0.1"\nport = {scp_port}\n'
