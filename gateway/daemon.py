@@ -66,12 +66,12 @@ async def _run(config: Config, config_path: Path | None) -> None:
     # With ack = "delivered" every C-STORE waits for its own delivery: never linger.
     linger = 0.0 if config.dimse.ack == "delivered" else config.spool.batch_linger_ms / 1000
     forwarder = Forwarder(spool, upstream, config.spool, linger, metrics)
-    routes: RouteSenders | None = None
+    retriever = Retriever(config, upstream, metrics)
+    routes = RouteSenders(config, spool, retriever.transcoder, metrics)
 
     def queued() -> None:
         forwarder.wake()
-        if routes is not None:
-            routes.wake()
+        routes.wake()
 
     spool.on_enqueue = lambda: loop.call_soon_threadsafe(queued)
 
@@ -84,8 +84,6 @@ async def _run(config: Config, config_path: Path | None) -> None:
     spool.on_index_problem = index_problem
     await forwarder.start()
 
-    retriever = Retriever(config, upstream, metrics)
-    routes = RouteSenders(config, spool, retriever.transcoder, metrics)
     routes.start()
     # A facade answer still streaming at stop gets the same grace as an association.
     app = create_app(config, spool, upstream, retriever, forwarder.problems, metrics)
@@ -160,7 +158,6 @@ async def _run(config: Config, config_path: Path | None) -> None:
                 service.config = merged
             spool.set_limits(merged.spool)
             spool.routes = merged.dimse.routes
-            assert routes is not None  # made before the first reload can be asked for
             routes.reconfigure()
             logging.getLogger().setLevel(merged.logging.level)
             log.warning(

@@ -37,7 +37,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from gateway.codecs.syntaxes import IMPLICIT_VR_LE
-from gateway.config import Config
+from gateway.config import Config, Peer
 from gateway.dimse import pdu
 from gateway.dimse.association import Association, AcceptedContext, Message
 from gateway.dimse.command import (
@@ -286,43 +286,40 @@ class CommitmentService:
                 decision.transaction_uid, calling_ae,
             )
             return "undelivered"
-        d = self.config.dimse
         for attempt in range(1, NEW_ASSOCIATION_TRIES + 1):
             try:
-                requestor = await StoreRequestor.connect(
-                    peer.host, peer.port, d.ae_title, peer.ae_title,
-                    [(STORAGE_COMMITMENT, list(UNCOMPRESSED))],
-                    max_pdu=d.max_pdu_size, connect_timeout=d.acse_timeout, acse_timeout=d.acse_timeout,
-                    dimse_timeout=d.dimse_timeout, roles=[pdu.RoleSelection(STORAGE_COMMITMENT, False, True)],
-                    tls=self.config.peer_tls(peer),
-                )
+                return await self._call_back(peer, decision, values)
             except RequestorError as exc:
                 log.warning("storage commitment %s: report to %s, try %d: %s", decision.transaction_uid, peer.ae_title, attempt, exc)
-                if attempt < NEW_ASSOCIATION_TRIES:
-                    await asyncio.sleep(RETRY_SECONDS)
-                continue
-            try:
-                contexts = requestor.accepted.get(STORAGE_COMMITMENT) or {}
-                if not contexts:
-                    log.warning("storage commitment %s: %s accepted no Storage Commitment context", decision.transaction_uid, peer.ae_title)
-                    return "undelivered"
-                syntax, context_id = next(iter(contexts.items()))
-                answer = await requestor.request(
-                    context_id, {**values, 0x0100: N_EVENT_REPORT_RQ}, decision.report(syntax, d.ae_title), N_EVENT_REPORT_RSP
-                )
-                log.info(
-                    "storage commitment %s reported to %s on a new association (0x%04X)",
-                    decision.transaction_uid, peer.ae_title, int(answer.get(0x0900, -1)),  # type: ignore[arg-type]
-                )
-                return "new_association"
-            except RequestorError as exc:
-                log.warning("storage commitment %s: report to %s, try %d: %s", decision.transaction_uid, peer.ae_title, attempt, exc)
-            finally:
-                await requestor.release()
             if attempt < NEW_ASSOCIATION_TRIES:
                 await asyncio.sleep(RETRY_SECONDS)
         log.error("storage commitment %s: no report could reach %s", decision.transaction_uid, peer.ae_title)
         return "undelivered"
+
+    async def _call_back(self, peer: Peer, decision: Commitment, values: dict[int, int | str | tuple[int, ...]]) -> str:
+        """One new association to the requester, the gateway as SCP by role selection,
+        carrying the report; raises RequestorError when it cannot be opened or breaks."""
+        requestor = await StoreRequestor.to_peer(
+            self.config, peer, [(STORAGE_COMMITMENT, list(UNCOMPRESSED))],
+            roles=[pdu.RoleSelection(STORAGE_COMMITMENT, False, True)],
+        )
+        try:
+            contexts = requestor.accepted.get(STORAGE_COMMITMENT) or {}
+            if not contexts:
+                log.warning("storage commitment %s: %s accepted no Storage Commitment context", decision.transaction_uid, peer.ae_title)
+                return "undelivered"
+            syntax, context_id = next(iter(contexts.items()))
+            answer = await requestor.request(
+                context_id, {**values, 0x0100: N_EVENT_REPORT_RQ}, decision.report(syntax, self.config.dimse.ae_title),
+                N_EVENT_REPORT_RSP,
+            )
+        finally:
+            await requestor.release()
+        log.info(
+            "storage commitment %s reported to %s on a new association (0x%04X)",
+            decision.transaction_uid, peer.ae_title, int(answer.get(0x0900, -1)),  # type: ignore[arg-type]
+        )
+        return "new_association"
 
     async def _on_same_association(
         self, assoc: Association, context: AcceptedContext, decision: Commitment, values: dict[int, int | str | tuple[int, ...]]

@@ -58,24 +58,12 @@ class MoveService(RetrieveService):
     async def open_target(
         self, assoc: Association, message: Message, refs: list[InstanceRef], first: list[Fetched]
     ) -> tuple[StoreSubOperations, Callable[[], Awaitable[None]]]:
-        d = self.config.dimse
         peer = self.config.peer(str(message.command.get(0x0600, "")).strip())
         assert peer is not None  # precheck
         contexts = proposals(refs, first)
         if not contexts:
             # Only instances without a SOP Class UID so far: no context can name them.
             raise RequestorError("nothing to propose: no SOP Class UID known for these instances")
-        requestor = await StoreRequestor.connect(
-            peer.host,
-            peer.port,
-            d.ae_title,
-            peer.ae_title,
-            contexts,
-            max_pdu=d.max_pdu_size,
-            connect_timeout=d.acse_timeout,
-            acse_timeout=d.acse_timeout,
-            dimse_timeout=d.dimse_timeout,
-            tls=self.config.peer_tls(peer),
-        )
+        requestor = await StoreRequestor.to_peer(self.config, peer, contexts)
         classes = frozenset(sop for sop, _ in contexts)
         return MoveTarget(requestor, (assoc.calling_ae, message.command.message_id), classes), requestor.release

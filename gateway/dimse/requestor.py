@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from gateway.codecs.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
+from gateway.config import Config, Peer
 from gateway.dimse import pdu
 from gateway.dimse.association import (
     IMPLEMENTATION_CLASS_UID,
@@ -318,6 +319,26 @@ class StoreRequestor:
             writer.close()
             raise RequestorError(f"association negotiation failed: {type(exc).__name__}: {exc}") from None
         return cls(reader, writer, contexts, ac, max_pdu, dimse_timeout)
+
+    @classmethod
+    async def to_peer(
+        cls,
+        config: Config,
+        peer: Peer,
+        proposals: list[tuple[str, list[str]]],
+        *,
+        roles: list[pdu.RoleSelection] = (),  # type: ignore[assignment]
+        timeout: float | None = None,
+    ) -> StoreRequestor:
+        """Open an association to a configured peer the way the gateway always calls
+        one: from ``dimse.ae_title``, with ``dimse.max_pdu_size``, the ``dimse``
+        timeouts (or ``timeout`` for all of them) and TLS when the peer asks for it."""
+        d = config.dimse
+        return await cls.connect(
+            peer.host, peer.port, d.ae_title, peer.ae_title, proposals, max_pdu=d.max_pdu_size,
+            connect_timeout=timeout or d.acse_timeout, acse_timeout=timeout or d.acse_timeout,
+            dimse_timeout=timeout or d.dimse_timeout, roles=roles, tls=config.peer_tls(peer),
+        )
 
     def context_for(self, sop_class: str, transfer_syntax: str) -> int | None:
         return self.accepted.get(sop_class, {}).get(transfer_syntax)

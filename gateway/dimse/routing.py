@@ -190,19 +190,27 @@ class RouteSenders:
         else:
             log.debug("route to %s: %d copied, %d dead", destination, counts["delivered"], counts["dead"])
 
-    async def _send(self, destination: str, batch: list[SpooledCopy]) -> list[tuple[SpooledCopy, str, str]]:
-        """Send one batch over one association; what became of each copy."""
-        outcomes: list[tuple[SpooledCopy, str, str]] = []
-        bad = await asyncio.to_thread(self.spool.check, [c.instance for c in batch])
+    def _prepare(
+        self, batch: list[SpooledCopy]
+    ) -> tuple[list[tuple[SpooledCopy, Fetched]], list[tuple[SpooledCopy, str, str]]]:
+        """The records that can go, each checked against its checksum and its File Meta
+        read, and the outcomes of those that cannot (one worker-thread trip a batch)."""
+        bad = self.spool.check([c.instance for c in batch])
         ready: list[tuple[SpooledCopy, Fetched]] = []
+        refused: list[tuple[SpooledCopy, str, str]] = []
         for copy in batch:
             if copy.instance.id in bad:
-                outcomes.append((copy, "refused", bad[copy.instance.id]))
+                refused.append((copy, "refused", bad[copy.instance.id]))
                 continue
             try:
-                ready.append((copy, await asyncio.to_thread(_fetched, copy)))
+                ready.append((copy, _fetched(copy)))
             except (OSError, ValueError) as exc:
-                outcomes.append((copy, "refused", f"spool record unreadable: {exc}"))
+                refused.append((copy, "refused", f"spool record unreadable: {exc}"))
+        return ready, refused
+
+    async def _send(self, destination: str, batch: list[SpooledCopy]) -> list[tuple[SpooledCopy, str, str]]:
+        """Send one batch over one association; what became of each copy."""
+        ready, outcomes = await asyncio.to_thread(self._prepare, batch)
         if not ready:
             return outcomes
         peer = self.config.peer(destination)
@@ -214,14 +222,9 @@ class RouteSenders:
             await self._close(destination)
             kept = None
         if kept is None:
-            d = self.config.dimse
             contexts = proposals([], [f for _, f in ready])
             try:
-                requestor = await StoreRequestor.connect(
-                    peer.host, peer.port, d.ae_title, peer.ae_title, contexts, max_pdu=d.max_pdu_size,
-                    connect_timeout=d.acse_timeout, acse_timeout=d.acse_timeout, dimse_timeout=d.dimse_timeout,
-                    tls=self.config.peer_tls(peer),
-                )
+                requestor = await StoreRequestor.to_peer(self.config, peer, contexts)
             except RequestorError as exc:
                 return outcomes + [(c, "retry", str(exc)) for c, _ in ready]
             kept = self._open[destination] = _Open(requestor, frozenset((c, t) for c, ts in contexts for t in ts))

@@ -18,11 +18,7 @@ async def echo_peer(config: Config, peer: Peer, timeout: float) -> tuple[bool, s
     """(answered Success, what happened): the association, one C-ECHO, the release."""
     started = time.monotonic()
     try:
-        requestor = await StoreRequestor.connect(
-            peer.host, peer.port, config.dimse.ae_title, peer.ae_title, [(VERIFICATION, list(UNCOMPRESSED))],
-            max_pdu=config.dimse.max_pdu_size, connect_timeout=timeout, acse_timeout=timeout, dimse_timeout=timeout,
-            tls=config.peer_tls(peer),
-        )
+        requestor = await StoreRequestor.to_peer(config, peer, [(VERIFICATION, list(UNCOMPRESSED))], timeout=timeout)
     except RequestorError as exc:
         return False, str(exc)
     try:
