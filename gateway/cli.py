@@ -88,11 +88,13 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'id':>8}  {'state':<9} {'att':>3}  {'received':<19}  {'from':<16}  {'sop instance uid':<64}  last error")
+    print(
+        f"{'id':>8}  {'state':<9} {'att':>3}  {'received':<19}  {'from':<16}  {'to':<16}  {'sop instance uid':<64}  last error"
+    )
     for r in rows:
         received = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["received_at"]))
         print(
-            f"{r['id']:>8}  {r['state']:<9} {r['attempts']:>3}  {received}  {r['calling_ae'] or '':<16}  "
+            f"{r['id']:>8}  {r['state']:<9} {r['attempts']:>3}  {received}  {r['calling_ae'] or '':<16}  {r['called_ae'] or '':<16}  "
             f"{r['sop_instance_uid']:<64}  {r['last_error'] or ''}"
         )
 
@@ -172,7 +174,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
         elif args.action == "list":
             rows = spool.list_rows(
                 args.state, args.limit, study_uid=args.study, series_uid=args.series,
-                sop_instance_uid=args.instance, calling_ae=args.calling_ae,
+                sop_instance_uid=args.instance, calling_ae=args.calling_ae, called_ae=args.called_ae,
                 since=None if args.since is None else time.time() - args.since, route=args.route,
             )
             _print_rows(rows, args.json)
@@ -297,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--series", metavar="UID", help="only this series' instances")
     listing.add_argument("--instance", metavar="UID", help="only rows of this SOP Instance UID")
     listing.add_argument("--calling-ae", metavar="AE", help="only instances this AE title sent")
+    listing.add_argument("--called-ae", metavar="AE", help="only instances sent to this AE title of the gateway's")
     listing.add_argument("--since", type=parse_duration, help="only instances received in the last 30m, 12h, 7d...")
     listing.add_argument(
         "--route", metavar="AE", help="the copies a route owes this destination instead (--state: the copy's state)"

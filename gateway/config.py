@@ -67,18 +67,23 @@ class Peer:
 @dataclass(frozen=True)
 class Route:
     """A copy of what is received sent on to another DICOM node (``[[dimse.routes]]``):
-    every instance from one of ``calling_ae`` (empty: from anyone, STOW-RS included)
-    of one of ``modalities`` and ``sop_classes`` (each empty: any) is also sent, by
-    C-STORE, to the peer ``destination``, besides going to the archive."""
+    every instance from one of ``calling_ae`` (empty: from anyone, STOW-RS included),
+    sent to one of ``called_ae`` (empty: whatever AE title the sender called; set, only
+    C-STORE matches: STOW-RS calls none), of one of ``modalities`` and ``sop_classes``
+    (each empty: any) is also sent, by C-STORE, to the peer ``destination``, besides
+    going to the archive. ``called_ae`` lets a modality pick a destination by the AE
+    title it sends to (a second title of the gateway's, such as ``GW_AI``)."""
 
     destination: str
     calling_ae: frozenset[str] = frozenset()
     sop_classes: frozenset[str] = frozenset()
     modalities: frozenset[str] = frozenset()
+    called_ae: frozenset[str] = frozenset()
 
-    def matches(self, calling_ae: str, sop_class_uid: str, modality: str = "") -> bool:
+    def matches(self, calling_ae: str, called_ae: str, sop_class_uid: str, modality: str = "") -> bool:
         return (
             (not self.calling_ae or calling_ae.strip() in self.calling_ae)
+            and (not self.called_ae or called_ae.strip() in self.called_ae)
             and (not self.sop_classes or sop_class_uid in self.sop_classes)
             and (not self.modalities or modality in self.modalities)
         )
@@ -130,6 +135,7 @@ class DimseConfig:
     peers: tuple[Peer, ...] = ()
     routes: tuple[Route, ...] = ()
     require_known_peers: bool = False
+    check_called_ae: bool = False  # reject associations calling an AE title not ours
     ack: str = "spooled"  # "spooled" | "delivered"
     ack_timeout: float = 60.0
     max_pdu_size: int = 262144
@@ -139,6 +145,12 @@ class DimseConfig:
     dimse_timeout: float = 60.0
     shutdown_grace: float = 10.0
     tls: TlsConfig | None = None  # [dimse.tls]: a second, TLS-only port
+
+    @property
+    def own_ae_titles(self) -> frozenset[str]:
+        """The AE titles the gateway answers to as called AE: ``ae_title`` and every
+        route's ``called_ae`` (what ``check_called_ae`` accepts)."""
+        return frozenset({self.ae_title}).union(*(r.called_ae for r in self.routes))
 
 
 @dataclass(frozen=True)
@@ -466,6 +478,7 @@ def _dimse(r: _Reader) -> DimseConfig:
         peers=tuple(peers),
         routes=_routes(r, {p.ae_title for p in peers}),
         require_known_peers=r.boolean("require_known_peers", d.require_known_peers),
+        check_called_ae=r.boolean("check_called_ae", d.check_called_ae),
         ack=r.string("ack", d.ack, ("spooled", "delivered")),
         ack_timeout=r.number("ack_timeout", d.ack_timeout, 1, 3600),
         max_pdu_size=r.integer("max_pdu_size", d.max_pdu_size, 0, 2**31 - 1),
@@ -507,9 +520,11 @@ def _routes(r: _Reader, peers: set[str]) -> tuple[Route, ...]:
                 f"{reader.path}.destination: {destination!r} is not a [[dimse.peers]] AE title (its host and port are where copies go)"
             )
         callers = frozenset(_strings(reader, "calling_ae"))
-        for title in sorted(callers):
-            if not AE_TITLE_RE.match(title):
-                r.problems.append(f"{reader.path}.calling_ae: {title!r} is not a valid AE title")
+        called = frozenset(_strings(reader, "called_ae"))
+        for key, titles in (("calling_ae", callers), ("called_ae", called)):
+            for title in sorted(titles):
+                if not AE_TITLE_RE.match(title):
+                    r.problems.append(f"{reader.path}.{key}: {title!r} is not a valid AE title")
         classes: set[str] = set()
         for name in _strings(reader, "sop_classes"):
             uid = name if is_valid_uid(name) else getattr(pydicom.uid, name, None)
@@ -522,7 +537,10 @@ def _routes(r: _Reader, peers: set[str]) -> tuple[Route, ...]:
             if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", code):
                 r.problems.append(f"{reader.path}.modalities: {code!r} is not a Modality code (CS: CT, MR, US...)")
         reader.finish()
-        routes.append(Route(destination, frozenset(t.strip() for t in callers), frozenset(classes), modalities))
+        routes.append(Route(
+            destination, frozenset(t.strip() for t in callers), frozenset(classes), modalities,
+            frozenset(t.strip() for t in called),
+        ))
     return tuple(routes)
 
 

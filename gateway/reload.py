@@ -1,6 +1,7 @@
 """What a SIGHUP may change in a running daemon, and what needs a restart.
 
-Reloaded: who may associate and do what (``dimse.peers``, ``require_known_peers``),
+Reloaded: who may associate and do what (``dimse.peers``, ``require_known_peers``,
+``check_called_ae``),
 where copies go (``dimse.routes``: for what is received from then on), the
 association limits and timeouts (``max_associations``, ``ack_timeout``,
 ``network_timeout``, ``acse_timeout``, ``dimse_timeout``, ``shutdown_grace``), the disk
@@ -19,7 +20,7 @@ from gateway.config import Config
 
 RELOADABLE = {
     "dimse": (
-        "peers", "routes", "require_known_peers", "max_associations", "ack_timeout", "network_timeout",
+        "peers", "routes", "require_known_peers", "check_called_ae", "max_associations", "ack_timeout", "network_timeout",
         "acse_timeout", "dimse_timeout", "shutdown_grace",
     ),
     "spool": ("min_free_mb", "max_size_mb"),

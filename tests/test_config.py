@@ -211,19 +211,23 @@ def test_routes_name_a_peer_and_what_they_take() -> None:
         {"destination": "AI", "calling_ae": ["CT01 ", "CT02"], "sop_classes": ["CTImageStorage", "1.2.840.10008.5.1.4.1.1.4"]},
         {"destination": "AI"},
         {"destination": "AI", "modalities": ["MR", "CT"]},
+        {"destination": "AI", "called_ae": ["GW_AI "]},
     ]}})
-    first, anything, by_modality = cfg.dimse.routes
-    assert by_modality.matches("X", "1.2.3", "MR") and not by_modality.matches("X", "1.2.3", "US")
-    assert not by_modality.matches("X", "1.2.3", "")
+    first, anything, by_modality, by_called = cfg.dimse.routes
+    assert by_modality.matches("X", "GW", "1.2.3", "MR") and not by_modality.matches("X", "GW", "1.2.3", "US")
+    assert not by_modality.matches("X", "GW", "1.2.3", "")
+    assert by_called.matches("X", "GW_AI", "1.2.3") and not by_called.matches("X", "DICOMGW", "1.2.3")
+    assert not by_called.matches("STOW-RS 127.0.0.1", "", "1.2.3")
+    assert cfg.dimse.own_ae_titles == {"DICOMGW", "GW_AI"}
     assert first.calling_ae == {"CT01", "CT02"}
     assert first.sop_classes == {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"}
-    assert first.matches("CT01", "1.2.840.10008.5.1.4.1.1.2") and not first.matches("MR01", "1.2.840.10008.5.1.4.1.1.2")
-    assert not first.matches("CT01", "1.2.840.10008.5.1.4.1.1.7")
-    assert anything.matches("STOW-RS 127.0.0.1", "1.2.3")
+    assert first.matches("CT01", "GW", "1.2.840.10008.5.1.4.1.1.2") and not first.matches("MR01", "GW", "1.2.840.10008.5.1.4.1.1.2")
+    assert not first.matches("CT01", "GW", "1.2.840.10008.5.1.4.1.1.7")
+    assert anything.matches("STOW-RS 127.0.0.1", "", "1.2.3")
     with pytest.raises(ConfigError) as exc:
         parse_config({"dimse": {"peers": peers, "routes": [
             {"destination": "NOPE", "sop_classes": ["ExplicitVRLittleEndian", "CTImageStorage"], "modality": "CT"},
-            {"calling_ae": ["BAD\\AE"], "modalities": ["ct"]},
+            {"calling_ae": ["BAD\\AE"], "modalities": ["ct"], "called_ae": ["WAY_TOO_LONG_AE_TITLE"]},
         ]}})
     assert exc.value.problems == [
         "dimse.routes[0].destination: 'NOPE' is not a [[dimse.peers]] AE title (its host and port are where copies go)",
@@ -231,5 +235,6 @@ def test_routes_name_a_peer_and_what_they_take() -> None:
         "dimse.routes[0].modality: unknown key",
         "dimse.routes[1].destination: required",
         "dimse.routes[1].calling_ae: 'BAD\\\\AE' is not a valid AE title",
+        "dimse.routes[1].called_ae: 'WAY_TOO_LONG_AE_TITLE' is not a valid AE title",
         "dimse.routes[1].modalities: 'ct' is not a Modality code (CS: CT, MR, US...)",
     ]

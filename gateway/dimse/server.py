@@ -80,6 +80,7 @@ Handler = Callable[[Association, Message], Awaitable[None]]
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 RJ_APPLICATION_CONTEXT = (1, 1, 2)
 RJ_CALLING_AE_NOT_RECOGNIZED = (1, 1, 3)
+RJ_CALLED_AE_NOT_RECOGNIZED = (1, 1, 7)
 RJ_LOCAL_LIMIT_EXCEEDED = (2, 3, 2)
 # An A-ABORT is a few bytes: a peer that cannot take them in this time is not reading.
 ABORT_TIMEOUT = 2.0
@@ -193,6 +194,11 @@ class DimseServer:
         d = self.config.dimse
         if rq.application_context != pdu.APPLICATION_CONTEXT:
             return Rejection(RJ_APPLICATION_CONTEXT, "application_context", "application context not supported"), []
+        if d.check_called_ae and rq.called_ae not in d.own_ae_titles:
+            return Rejection(
+                RJ_CALLED_AE_NOT_RECOGNIZED, "unknown_called_ae",
+                "called AE title is none of the gateway's (dimse.ae_title, the routes' called_ae)",
+            ), []
         peer = self.config.peer(rq.calling_ae)
         if d.require_known_peers and peer is None:
             return Rejection(RJ_CALLING_AE_NOT_RECOGNIZED, "unknown_calling_ae", "calling AE title not in dimse.peers"), []

@@ -17,6 +17,7 @@ from gateway.config import Config
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_STORE_RSP, response
 from gateway.spool.ingest import Verdict, ingest
+from gateway.spool.record import Sender
 from gateway.spool.queue import Spool
 
 log = logging.getLogger("gateway.dimse")
@@ -76,7 +77,7 @@ class StoreService:
         else:
             loop = asyncio.get_running_loop()
             status, comment = await loop.run_in_executor(
-                self.executor, self._store, message, assoc.calling_ae
+                self.executor, self._store, message, Sender(assoc.calling_ae, assoc.called_ae)
             )
         if status == SUCCESS:
             assoc.stats.stored += 1
@@ -89,13 +90,13 @@ class StoreService:
             message.context.id, response(message.command, C_STORE_RSP, status, extra=extra)
         )
 
-    def _store(self, message: Message, calling: str) -> tuple[int, str]:
+    def _store(self, message: Message, sender: Sender) -> tuple[int, str]:
         """Validate and spool one received file; returns (status, error comment)."""
         assert message.receipt is not None
         command = message.command
         wait = self.config.dimse.ack_timeout if self.config.dimse.ack == "delivered" else None
         result = ingest(
-            self.spool, message.receipt, calling,
+            self.spool, message.receipt, sender,
             str(command.get(0x0002, "")), str(command.get(0x1000, "")), wait,
         )
         return STATUS[result.verdict], result.reason

@@ -83,7 +83,13 @@ def _v4(db: sqlite_utils.Database) -> None:
     db["copies"].create_index(["instance_id"])
 
 
-MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """The AE title each instance was sent to (routes may match on it; empty for
+    STOW-RS and for rows written before)."""
+    db["instances"].add_column("called_ae", str, not_null_default="")
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5]
 
 
 class SpoolDB:

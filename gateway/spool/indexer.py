@@ -18,11 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.header import InstanceHeader
+from gateway.spool.record import Sender
 
 log = logging.getLogger("gateway.spool")
 
-# (file, header, calling AE title, received at, size): what a row is made of.
-PendingRow = tuple[Path, InstanceHeader, str, float, int]
+# (file, header, sender, received at, size): what a row is made of.
+PendingRow = tuple[Path, InstanceHeader, Sender, float, int]
 BATCH = 500
 FIRST_PAUSE = 0.05
 MAX_PAUSE = 5.0

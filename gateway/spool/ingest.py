@@ -18,6 +18,7 @@ from pathlib import Path
 from gateway.header import HeaderError, InstanceHeader, Unreadable, read_header
 from gateway.spool.queue import Spool, SpoolFull
 from gateway.spool.receipt import Receipt
+from gateway.spool.record import Sender
 
 log = logging.getLogger("gateway.spool")
 
@@ -45,7 +46,7 @@ class Ingested:
 def ingest(
     spool: Spool,
     received: Receipt | Path,
-    source: str,
+    sender: Sender,
     expected_class: str | None = None,
     expected_instance: str | None = None,
     wait_delivery: float | None = None,
@@ -54,7 +55,8 @@ def ingest(
     """Take a received instance into the spool: a C-STORE's `Receipt` (sealed here),
     or a STOW-RS part's file in the spool's ``incoming/`` (moved into the spool).
 
-    ``source`` says who sent it, for the log (an AE title, a client address).
+    ``sender`` says who sent it (an AE title and the one it called, or a STOW-RS
+    client's address), for the row, the routes and the log.
     ``expected_class``/``expected_instance``/``expected_study``: the UIDs the request
     announced (a STOW-RS path names the study), checked against the data set. ``wait_delivery``: seconds to wait for the first delivery
     attempt (None: answer once durable). What was received is consumed either way:
@@ -64,6 +66,7 @@ def ingest(
         path, size = received.path, received.length
     else:
         path, size = received, None
+    source = sender.calling_ae
     try:
         header = read_header(path, expected_class, expected_instance, size=size)
     except HeaderError as exc:
@@ -76,9 +79,9 @@ def ingest(
     try:
         watch = wait_delivery is not None
         if isinstance(received, Receipt):
-            row_id = spool.commit(received, header, source, watch)
+            row_id = spool.commit(received, header, sender, watch)
         else:
-            row_id = spool.enqueue(received, header, source, watch)
+            row_id = spool.enqueue(received, header, sender, watch)
     except SpoolFull as exc:
         log.error("instance %s from %s refused: %s", uid, source, exc)
         return Ingested(Verdict.NO_SPACE, "spool full", header)

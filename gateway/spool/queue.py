@@ -38,7 +38,7 @@ from gateway.spool.db import SpoolDB
 from gateway.spool.disk import Disk
 from gateway.spool.indexer import Indexer, PendingRow
 from gateway.spool.receipt import Receipt
-from gateway.spool.record import BLANK_PREAMBLE, PREAMBLE, CorruptRecord, read_preamble, verify
+from gateway.spool.record import BLANK_PREAMBLE, PREAMBLE, CorruptRecord, Sender, read_preamble, verify
 from gateway.spool.reserve import Reserve
 from gateway.sqlite import immediate, is_disk_full
 from gateway.upstream.base import StoreItem
@@ -174,7 +174,7 @@ class Spool:
         for path in sorted(self.objects.glob("*/*.dcm")):
             if str(path.relative_to(self.directory)) in known:
                 continue
-            kind, length, calling_ae = self._classify(path)
+            kind, length, sender = self._classify(path)
             if kind == "blank":
                 self.reserve.give_back(path, path.stat().st_size)
                 continue
@@ -189,33 +189,33 @@ class Spool:
                 log.error("spool file %s is unreadable (%s); moved aside", path.name, exc)
                 path.rename(path.with_suffix(".unreadable"))
                 continue
-            self._insert(path, header, calling_ae, path.stat().st_mtime, length)
+            self._insert(path, header, sender, path.stat().st_mtime, length)
             adopted += 1
         self._count_stored_bytes()
         return requeued, adopted
 
-    def _classify(self, path: Path) -> tuple[str, int | None, str]:
-        """What a spool file without a row is: ("blank", None, ""), ("torn", None, ""), or
+    def _classify(self, path: Path) -> tuple[str, int | None, Sender]:
+        """What a spool file without a row is: ("blank", None, _), ("torn", None, _), or
         ("instance", its length: a verified record's, None for a plain file, and the
-        sender's AE title the record names)."""
+        sender the record names)."""
         fd = os.open(path, os.O_RDONLY)
         try:
             head = read_preamble(fd)
             if head.kind == "blank":
-                return "blank", None, ""
+                return "blank", None, Sender()
             if head.kind == "plain":
                 # A blank or receipt whose first page never reached the disk: zeros
                 # where the preamble and the Part 10 prefix should be. (Anything else
                 # without a record preamble is an instance as older spools wrote them.)
                 start = os.pread(fd, PREAMBLE + 4, 0)
                 if len(start) == PREAMBLE + 4 and not any(start):
-                    return "torn", None, ""
-                return "instance", None, ""
+                    return "torn", None, Sender()
+                return "instance", None, Sender()
             try:
                 verify(fd)
             except CorruptRecord:
-                return "torn", None, ""
-            return "instance", head.length, head.calling_ae
+                return "torn", None, Sender()
+            return "instance", head.length, head.sender
         finally:
             os.close(fd)
 
@@ -230,22 +230,22 @@ class Spool:
     def _insert_many(self, rows: list[PendingRow]) -> None:
         """Insert the rows of sealed records in one transaction (the indexer's)."""
         with self.db.connection() as db, immediate(db):
-            for final, header, calling_ae, received_at, size in rows:
-                self._insert_row(db, final, header, calling_ae, received_at, size)
+            for final, header, sender, received_at, size in rows:
+                self._insert_row(db, final, header, sender, received_at, size)
 
     def _insert(
-        self, final: Path, header: InstanceHeader, calling_ae: str, received_at: float, size: int | None = None
+        self, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None = None
     ) -> int:
         with self.db.connection() as db, immediate(db):
-            return self._insert_row(db, final, header, calling_ae, received_at, size)
+            return self._insert_row(db, final, header, sender, received_at, size)
 
     def _insert_row(
-        self, db: Any, final: Path, header: InstanceHeader, calling_ae: str, received_at: float, size: int | None
+        self, db: Any, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None
     ) -> int:
         cur = db.execute(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
-            " transfer_syntax, file, size, calling_ae, received_at, state, attempts,"
-            " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,'queued',0,0)",
+            " transfer_syntax, file, size, calling_ae, called_ae, received_at, state, attempts,"
+            " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?,'queued',0,0)",
             (
                 header.sop_instance_uid,
                 header.sop_class_uid,
@@ -254,12 +254,16 @@ class Spool:
                 header.transfer_syntax,
                 str(final.relative_to(self.directory)),
                 final.stat().st_size if size is None else size,
-                calling_ae,
+                sender.calling_ae,
+                sender.called_ae,
                 received_at,
             ),
         )
         row_id = int(cur.lastrowid or 0)
-        destinations = {r.destination for r in self.routes if r.matches(calling_ae, header.sop_class_uid, header.modality)}
+        destinations = {
+            r.destination for r in self.routes
+            if r.matches(sender.calling_ae, sender.called_ae, header.sop_class_uid, header.modality)
+        }
         for destination in sorted(destinations):
             db.execute("INSERT INTO copies (instance_id, destination, state) VALUES (?,?,'queued')", (row_id, destination))
         return row_id
@@ -354,7 +358,7 @@ class Spool:
             self.reserve.give_back(receipt.path, receipt.capacity)
 
     def commit(
-        self, receipt: Receipt, header: InstanceHeader, calling_ae: str, watch: bool = False
+        self, receipt: Receipt, header: InstanceHeader, sender: Sender, watch: bool = False
     ) -> int | None:
         """Seal a received instance as a durable record and queue it; return its row id
         (None: the row is being written by the indexer).
@@ -368,7 +372,7 @@ class Spool:
         """
         try:
             self.check_space()
-            length = receipt.seal(calling_ae)
+            length = receipt.seal(sender)
         except OSError as exc:
             receipt.abandon()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -382,12 +386,12 @@ class Spool:
         if indexer is not None and not watch:
             with self._bytes_lock:
                 self._stored_bytes += length
-            indexer.add((receipt.path, header, calling_ae, time.time(), length))
+            indexer.add((receipt.path, header, sender, time.time(), length))
             return None
-        return self._queue(receipt.path, header, calling_ae, watch, length)
+        return self._queue(receipt.path, header, sender, watch, length)
 
     def enqueue(
-        self, temp_path: Path, header: InstanceHeader, calling_ae: str, watch: bool = False
+        self, temp_path: Path, header: InstanceHeader, sender: Sender, watch: bool = False
     ) -> int:
         """Make a received file durable and queue it; return its row id.
 
@@ -414,15 +418,15 @@ class Spool:
         except SpoolFull:
             temp_path.unlink(missing_ok=True)
             raise
-        return self._queue(final, header, calling_ae, watch, size)
+        return self._queue(final, header, sender, watch, size)
 
-    def _queue(self, final: Path, header: InstanceHeader, calling_ae: str, watch: bool, size: int) -> int:
+    def _queue(self, final: Path, header: InstanceHeader, sender: Sender, watch: bool, size: int) -> int:
         """Insert the row of a file made durable; the file goes if the row cannot be."""
         try:
             # Registered under the waiters lock so a delivery that completes before
             # this returns still finds its waiter.
             with self._waiters_lock:
-                row_id = self._insert(final, header, calling_ae, time.time(), size)
+                row_id = self._insert(final, header, sender, time.time(), size)
                 if watch:
                     self._waiters[row_id] = threading.Event()
         except Exception as exc:
@@ -662,6 +666,7 @@ class Spool:
         series_uid: str | None = None,
         sop_instance_uid: str | None = None,
         calling_ae: str | None = None,
+        called_ae: str | None = None,
         since: float | None = None,
         route: str | None = None,
     ) -> list[dict[str, Any]]:
@@ -677,6 +682,7 @@ class Spool:
             ("instances.series_uid", series_uid),
             ("instances.sop_instance_uid", sop_instance_uid),
             ("instances.calling_ae", calling_ae),
+            ("instances.called_ae", called_ae),
             ("copies.destination", route),
         ):
             if value is not None:
@@ -690,7 +696,7 @@ class Spool:
         else:
             sql = (
                 "SELECT instances.id, sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,"
-                " file, size, calling_ae, received_at, destination, copies.state, copies.attempts,"
+                " file, size, calling_ae, called_ae, received_at, destination, copies.state, copies.attempts,"
                 " copies.last_error, copies.delivered_at FROM copies JOIN instances ON instances.id = copies.instance_id"
             )
         sql += (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY instances.id DESC LIMIT ?"

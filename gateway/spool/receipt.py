@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.spool.disk import Disk
-from gateway.spool.record import PREAMBLE, seal
+from gateway.spool.record import PREAMBLE, Sender, seal
 from gateway.writeback import start_writeback
 
 # Writeback is started every 256 KiB as the data arrives, so the seal's fdatasync waits
@@ -63,12 +63,12 @@ class Receipt:
             start_writeback(self.fd, self._flushed, self.length - self._flushed)
             self._flushed = self.length
 
-    def seal(self, calling_ae: str = "") -> int:
+    def seal(self, sender: Sender = Sender()) -> int:
         """Make the record durable, naming its sender; returns its length. Raises OSError
         (then `abandon`)."""
         assert self.fd is not None
         self._seal_tried = True
-        self.disk.pwrite(self.fd, seal(self.length, self.crc, calling_ae), 0)
+        self.disk.pwrite(self.fd, seal(self.length, self.crc, sender), 0)
         self.disk.fdatasync(self.fd)
         if self.fresh:
             self.disk.fsync_dir(self.path.parent)

@@ -8,11 +8,11 @@ after a power cut, hold a mix of old and new bytes. The 128-byte preamble, which
 PS3.10 7.1 leaves to the implementation, tells the cases apart:
 
 * ``DGW-REC1``, length, CRC-32 of bytes 128..length, who sent it (an AE title, or
-  STOW-RS and an address): a sealed record. Written last, in the same ``fdatasync``
+  STOW-RS and an address) and the AE title it was sent to: a sealed record. Written last, in the same ``fdatasync``
   as the data; a record whose checksum does not match was never acknowledged (or the
   disk corrupted it) and is never delivered. The sender lets start-up adopt a record
-  whose row a power cut lost with the sender that routes match on (records written
-  before it have zeros there).
+  whose row a power cut lost with the sender and called AE title that routes match
+  on (records written before them have zeros there).
 * ``DGW-BLNK``: a blank, or a receipt abandoned before it was sealed.
 * anything else (zeros): a plain Part 10 file, as spools before records held.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 PREAMBLE = 128
 RECORD_MAGIC = b"DGW-REC1"
 BLANK_MAGIC = b"DGW-BLNK"
-_HEAD = struct.Struct("<8sQI64s")
+_HEAD = struct.Struct("<8sQI64s16s")
 BLANK_PREAMBLE = BLANK_MAGIC + bytes(PREAMBLE - len(BLANK_MAGIC))
 _CHUNK = 1 << 20
 
@@ -37,25 +37,43 @@ class CorruptRecord(Exception):
 
 
 @dataclass(frozen=True)
+class Sender:
+    """Who sent an instance, as routes match it: ``calling_ae`` (an AE title, or
+    STOW-RS and the client's address) and ``called_ae``, the AE title the modality
+    addressed (empty for STOW-RS), so one gateway can offer several AE titles."""
+
+    calling_ae: str = ""
+    called_ae: str = ""
+
+
+@dataclass(frozen=True)
 class Preamble:
     kind: str  # "record" | "blank" | "plain"
     length: int = 0
     crc: int = 0
-    calling_ae: str = ""
+    sender: Sender = Sender()
 
 
-def seal(length: int, crc: int, calling_ae: str = "") -> bytes:
+def _text(value: str, size: int) -> bytes:
+    return value.encode("ascii", "replace")[:size]
+
+
+def _untext(raw: bytes) -> str:
+    return raw.rstrip(b"\0 ").decode("ascii", "replace")
+
+
+def seal(length: int, crc: int, sender: Sender = Sender()) -> bytes:
     """The preamble of a record of ``length`` bytes whose bytes 128.. have CRC-32 ``crc``,
-    received from ``calling_ae``."""
-    head = _HEAD.pack(RECORD_MAGIC, length, crc, calling_ae.encode("ascii", "replace")[:64])
+    received from ``sender``."""
+    head = _HEAD.pack(RECORD_MAGIC, length, crc, _text(sender.calling_ae, 64), _text(sender.called_ae, 16))
     return head + bytes(PREAMBLE - len(head))
 
 
 def parse(preamble: bytes) -> Preamble:
     """What the first 128 bytes of a spool file say it is."""
     if preamble[:8] == RECORD_MAGIC and len(preamble) >= _HEAD.size:
-        _, length, crc, ae = _HEAD.unpack_from(preamble)
-        return Preamble("record", length, crc, ae.rstrip(b"\0 ").decode("ascii", "replace"))
+        _, length, crc, calling, called = _HEAD.unpack_from(preamble)
+        return Preamble("record", length, crc, Sender(_untext(calling), _untext(called)))
     if preamble[:8] == BLANK_MAGIC:
         return Preamble("blank")
     return Preamble("plain")

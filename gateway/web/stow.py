@@ -36,7 +36,7 @@ from gateway.dicomweb.xml import native_xml
 from gateway.spool.ingest import Ingested, Verdict, ingest
 from gateway.spool.queue import SpoolFull
 from gateway.spool.receipt import Receipt
-from gateway.spool.record import PREAMBLE
+from gateway.spool.record import PREAMBLE, Sender
 from gateway.web.common import path_uids, request_root, text_error
 from gateway.web.keys import CACHE, SPOOL
 
@@ -92,7 +92,7 @@ def _take(spool: Any, part: StreamedPart, source: str, study_uid: str | None) ->
             log.error("STOW-RS part from %s not stored: %s", source, exc.strerror or exc)
             return PartResult("", "", "", "", OUT_OF_RESOURCES, "spool write failed")
     try:
-        result: Ingested = ingest(spool, received, source, expected_study=study_uid)
+        result: Ingested = ingest(spool, received, Sender(source), expected_study=study_uid)
         h = result.header
         ids = (h.sop_class_uid, h.sop_instance_uid, h.study_uid, h.series_uid) if h else ("", "", "", "")
         if result.verdict in (Verdict.STORED, Verdict.DELIVERED):

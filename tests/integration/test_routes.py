@@ -224,3 +224,34 @@ def test_a_stow_rs_upload_is_routed_to_orthanc_by_modality(tmp_path: Path, ortha
     wait_until(lambda: orthanc.sop_instance_uids() == expected, 30, 0.2, "copies never reached Orthanc")
     gw.wait_counts(delivered=2)  # and the embedded archive has them too
     assert gw.health()["spool"]["routes"][orthanc.aet]["counts"]["delivered"] == 2
+
+
+def test_a_modality_picks_a_destination_by_the_ae_title_it_calls(tmp_path: Path, gateway) -> None:
+    """One gateway, two AE titles: what CT01 sends to GW_AI is also copied to the AI
+    node, what it sends to the gateway's own title only archived; with
+    ``check_called_ae`` an association calling neither title is rejected (PS3.8
+    reason 7), and a reload adding a title makes it answer to that one too."""
+    with StoreSCP(tmp_path / "ai", ae_title="AI") as ai:
+        gw = gateway(dimse={"check_called_ae": True}, extra=peer("AI", ai.port) + route("AI", called_ae=["GW_AI"]))
+        archived, routed = ct_series(tmp_path / "archived", 2, 32, 32), ct_series(tmp_path / "routed", 2, 32, 32)
+        result = dcmtk.storescu(gw.port, archived, gw.ae_title, calling_ae="CT01")
+        assert result.returncode == 0, result.stdout + result.stderr
+        result = dcmtk.storescu(gw.port, routed, "GW_AI", calling_ae="CT01")
+        assert result.returncode == 0, result.stdout + result.stderr
+        gw.wait_counts(delivered=4)
+        wait_until(lambda: len(received(ai)) == 2, 20, 0.2, "the copies never arrived")
+        assert set(received(ai)) == {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in routed}
+        listed = json.loads(gw.cli("spool", "list", "--called-ae", "GW_AI", "--json").stdout)
+        assert sorted(r["sop_instance_uid"] for r in listed) == sorted(received(ai))
+
+        refused = dcmtk.echoscu(gw.port, "GW_LAB", calling_ae="CT01")
+        assert refused.returncode != 0
+        assert "Called AE Title Not Recognized" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+        assert value(scrape(gw), "gateway_dimse_associations_rejected_total", reason="unknown_called_ae") == 1
+        assert "to GW_LAB rejected: called AE title is none of the gateway's" in gw.log()
+
+        gw.config_path.write_text(gw.config_path.read_text() + route("AI", called_ae=["GW_LAB"]))
+        assert gw.proc is not None
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in gw.log(), 10, 0.05, "no reload logged")
+        assert dcmtk.echoscu(gw.port, "GW_LAB", calling_ae="CT01").returncode == 0

@@ -10,14 +10,14 @@ from pathlib import Path
 from gateway.config import SpoolConfig
 from gateway.spool.ingest import Verdict, ingest
 from gateway.spool.queue import Spool
-from gateway.spool.record import PREAMBLE
+from gateway.spool.record import PREAMBLE, Sender
 from tests.support.synth import ct_series
 
 
 def store(spool: Spool, data: bytes) -> None:
     receipt = spool.receive()
     receipt.write(data[PREAMBLE:])
-    assert ingest(spool, receipt, "MOD").verdict is Verdict.STORED
+    assert ingest(spool, receipt, Sender("MOD")).verdict is Verdict.STORED
 
 
 def test_rows_wait_while_the_database_is_locked_and_are_written_after(tmp_path: Path) -> None:

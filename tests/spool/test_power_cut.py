@@ -32,7 +32,7 @@ from gateway.config import SpoolConfig
 from gateway.spool.disk import Disk
 from gateway.spool.ingest import Verdict, ingest
 from gateway.spool.queue import Spool
-from gateway.spool.record import PREAMBLE
+from gateway.spool.record import PREAMBLE, Sender
 from tests.support.synth import ct_series
 
 SECTOR = 512
@@ -164,7 +164,7 @@ def run_sequence(root: Path, disk: RecordingDisk, payloads: list[bytes]) -> Run:
             body = memoryview(data)[PREAMBLE:]
             for start in range(0, len(body), 16384):
                 receipt.write(body[start : start + 16384])
-            result = ingest(spool, receipt, "MOD")
+            result = ingest(spool, receipt, Sender("MOD"))
             assert result.verdict is Verdict.STORED, result
             run.acknowledged[uid] = data[PREAMBLE:]
         batch = spool.claim(10, 1 << 30)
@@ -253,7 +253,7 @@ def test_a_record_damaged_after_its_seal_is_never_delivered(tmp_path: Path, flip
     try:
         receipt = spool.receive()
         receipt.write(payloads[0][PREAMBLE:])
-        assert ingest(spool, receipt, "MOD").verdict is Verdict.STORED
+        assert ingest(spool, receipt, Sender("MOD")).verdict is Verdict.STORED
         [inst] = spool.claim(10, 1 << 30)
         data = bytearray(inst.path.read_bytes())
         data[flip] ^= 0xFF

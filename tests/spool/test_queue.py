@@ -14,6 +14,7 @@ from gateway.config import Route, SpoolConfig
 from gateway.header import InstanceHeader
 from gateway.spool.copies import Copies
 from gateway.spool.queue import Outcome, Spool, SpoolFull
+from gateway.spool.record import Sender
 from tests.support.corpus import sample_files
 
 STUDY = "1.2.3.4"
@@ -37,8 +38,8 @@ def spool(tmp_path: Path) -> Spool:
 
 
 def test_enqueue_moves_file_and_claims_by_study(spool: Spool) -> None:
-    ids = [spool.enqueue(received(spool, i), header(i), "MOD") for i in range(3)]
-    other = spool.enqueue(received(spool, 9), header(9, "9.9"), "MOD")
+    ids = [spool.enqueue(received(spool, i), header(i), Sender("MOD")) for i in range(3)]
+    other = spool.enqueue(received(spool, 9), header(9, "9.9"), Sender("MOD"))
     assert not any(spool.incoming.iterdir())
     batch = spool.claim(max_instances=10, max_bytes=10_000)
     assert [i.id for i in batch] == ids
@@ -50,7 +51,7 @@ def test_enqueue_moves_file_and_claims_by_study(spool: Spool) -> None:
 
 def test_batch_limits(spool: Spool) -> None:
     for i in range(5):
-        spool.enqueue(received(spool, i, size=400), header(i), "MOD")
+        spool.enqueue(received(spool, i, size=400), header(i), Sender("MOD"))
     assert len(spool.claim(max_instances=2, max_bytes=10_000)) == 2
     assert len(spool.claim(max_instances=10, max_bytes=1000)) == 2  # 800 bytes fit, 1200 do not
     assert len(spool.claim(max_instances=10, max_bytes=10)) == 1  # always at least one
@@ -58,14 +59,14 @@ def test_batch_limits(spool: Spool) -> None:
 
 def test_file_names_never_come_from_uids(spool: Spool) -> None:
     evil = InstanceHeader("../../etc/passwd", "1.2", "../../../tmp", "..", "1.2")
-    row = spool.enqueue(received(spool, 1), evil, "MOD")
+    row = spool.enqueue(received(spool, 1), evil, Sender("MOD"))
     (inst,) = spool.claim(1, 10_000)
     assert inst.id == row and inst.path.resolve().is_relative_to(spool.objects.resolve())
     assert ".." not in inst.path.name
 
 
 def test_retry_backoff_then_dead(spool: Spool) -> None:
-    spool.enqueue(received(spool, 1), header(1), "MOD")
+    spool.enqueue(received(spool, 1), header(1), Sender("MOD"))
     for attempt in range(1, 4):
         (inst,) = spool.claim(1, 10_000)
         assert inst.attempts == attempt
@@ -83,21 +84,21 @@ def test_retry_backoff_then_dead(spool: Spool) -> None:
 
 
 def test_retry_after_is_honoured(spool: Spool) -> None:
-    spool.enqueue(received(spool, 1), header(1), "MOD")
+    spool.enqueue(received(spool, 1), header(1), Sender("MOD"))
     (inst,) = spool.claim(1, 10_000)
     spool.record([inst], [Outcome(inst.id, "retry", "429", retry_after=120)])
     assert 100 < (spool.next_due_in() or 0) <= 120
 
 
 def test_rejected_is_dead_at_once(spool: Spool) -> None:
-    spool.enqueue(received(spool, 1), header(1), "MOD")
+    spool.enqueue(received(spool, 1), header(1), Sender("MOD"))
     (inst,) = spool.claim(1, 10_000)
     assert spool.record([inst], [Outcome(inst.id, "rejected", "HTTP 400")]) == {inst.id: "dead"}
 
 
 def test_configuration_refusal_uses_no_attempt_and_never_kills(spool: Spool) -> None:
     """A 401/404 is the gateway's problem: held rows stay due, past max_attempts (3)."""
-    row = spool.enqueue(received(spool, 1), header(1), "MOD")
+    row = spool.enqueue(received(spool, 1), header(1), Sender("MOD"))
     for _ in range(5):
         (inst,) = spool.claim(1, 10_000)
         assert spool.record([inst], [Outcome(inst.id, "config", "HTTP 401")]) == {row: "failed"}
@@ -107,7 +108,7 @@ def test_configuration_refusal_uses_no_attempt_and_never_kills(spool: Spool) -> 
 
 
 def test_answer_waiters_while_held(spool: Spool) -> None:
-    row = spool.enqueue(received(spool, 1), header(1), "MOD", watch=True)
+    row = spool.enqueue(received(spool, 1), header(1), Sender("MOD"), watch=True)
     spool.answer_waiters("config", "held")
     outcome = spool.wait_outcome(row, timeout=0.1)
     assert outcome is not None and outcome.kind == "config"
@@ -115,7 +116,7 @@ def test_answer_waiters_while_held(spool: Spool) -> None:
 
 
 def test_recover_requeues_sending_and_drops_partial_files(spool: Spool) -> None:
-    spool.enqueue(received(spool, 1), header(1), "MOD")
+    spool.enqueue(received(spool, 1), header(1), Sender("MOD"))
     spool.claim(1, 10_000)
     (spool.incoming / "half-received.dcm").write_bytes(b"partial")
     assert spool.recover() == (1, 0)
@@ -139,14 +140,14 @@ def test_space_floor_refuses_and_removes_file(tmp_path: Path) -> None:
     s = Spool(SpoolConfig(directory=tmp_path / "s", min_free_mb=10**9))
     path = received(s, 1)
     with pytest.raises(SpoolFull):
-        s.enqueue(path, header(1), "MOD")
+        s.enqueue(path, header(1), Sender("MOD"))
     assert not path.exists()
     assert s.status()["counts"]["queued"] == 0
     s.close()
 
 
 def test_purge_delivered(spool: Spool) -> None:
-    spool.enqueue(received(spool, 1), header(1), "MOD")
+    spool.enqueue(received(spool, 1), header(1), Sender("MOD"))
     (inst,) = spool.claim(1, 10_000)
     spool.record([inst], [Outcome(inst.id, "delivered")])
     assert spool.purge_delivered(older_than_seconds=3600) == 0
@@ -155,7 +156,7 @@ def test_purge_delivered(spool: Spool) -> None:
 
 
 def test_wait_outcome_for_ack_delivered(spool: Spool) -> None:
-    row = spool.enqueue(received(spool, 1), header(1), "MOD", watch=True)
+    row = spool.enqueue(received(spool, 1), header(1), Sender("MOD"), watch=True)
 
     def deliver() -> None:
         time.sleep(0.1)
@@ -170,7 +171,7 @@ def test_wait_outcome_for_ack_delivered(spool: Spool) -> None:
 def test_concurrent_enqueue_from_many_threads(spool: Spool) -> None:
     def worker(base: int) -> None:
         for i in range(25):
-            spool.enqueue(received(spool, base + i), header(base + i), "MOD")
+            spool.enqueue(received(spool, base + i), header(base + i), Sender("MOD"))
 
     threads = [threading.Thread(target=worker, args=(n * 1000,)) for n in range(8)]
     for t in threads:
@@ -194,7 +195,7 @@ def test_spool_database_full_is_spool_full(spool: Spool) -> None:
     with pytest.raises(SpoolFull):
         # A row too big for the pages left (a long calling AE title stands in for a
         # database that grew to the end of the disk).
-        spool.enqueue(received(spool, 1), header(1), "MOD" * 2000)
+        spool.enqueue(received(spool, 1), header(1), Sender("MOD" * 2000))
     assert not list(spool.objects.glob("*/*.dcm")) and not any(spool.incoming.iterdir())
     assert spool.status()["counts"]["queued"] == 0
 
@@ -206,14 +207,14 @@ def test_cap_counts_files_being_received_and_eviction_takes_only_delivered_oldes
     s = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, max_size_mb=1))
     try:
         chunk = 240 * 1024
-        ids = [s.enqueue(received(s, i, size=chunk), header(i), "MOD") for i in range(4)]
+        ids = [s.enqueue(received(s, i, size=chunk), header(i), Sender("MOD")) for i in range(4)]
         assert s.used_bytes() == 4 * chunk and s.space_problem() is None
         assert s.limits_near() == {"floor": False, "cap": True}  # 94 % of the cap
         partial = received(s, 99, size=100 * 1024)  # a C-STORE still arriving
         assert s.used_bytes() == 5 * chunk - 140 * 1024
         assert "over its cap of 1 MiB" in (s.space_problem() or "")
         with pytest.raises(SpoolFull, match="over its cap"):
-            s.enqueue(partial, header(99), "MOD")
+            s.enqueue(partial, header(99), Sender("MOD"))
         assert not partial.exists() and s.used_bytes() == 4 * chunk
 
         # ids[0], received first, is still being sent; ids[3] was delivered first.
@@ -240,9 +241,9 @@ def test_study_in_spool_groups_by_series_state_sender_and_reason(spool: Spool) -
         return InstanceHeader(f"1.2.3.4.5.{n}", "1.2.840.10008.5.1.4.1.1.2", STUDY, series, "1.2.840.10008.1.2.1")
 
     for n in range(4):
-        spool.enqueue(received(spool, n), in_series(n, "1.2.3.4.6"), "CT01" if n < 3 else "MR01")
-    spool.enqueue(received(spool, 9), in_series(9, "1.2.3.4.7"), "CT01")
-    spool.enqueue(received(spool, 10), header(10, "9.9"), "CT01")  # another study
+        spool.enqueue(received(spool, n), in_series(n, "1.2.3.4.6"), Sender("CT01" if n < 3 else "MR01"))
+    spool.enqueue(received(spool, 9), in_series(9, "1.2.3.4.7"), Sender("CT01"))
+    spool.enqueue(received(spool, 10), header(10, "9.9"), Sender("CT01"))  # another study
     batch = spool.claim(10, 10_000)
     outcomes = {0: Outcome(batch[0].id, "delivered"), 1: Outcome(batch[1].id, "rejected", "HTTP 400"),
                 2: Outcome(batch[2].id, "rejected", "HTTP 400"), 3: Outcome(batch[3].id, "retry", "HTTP 503")}
@@ -260,8 +261,8 @@ def test_study_in_spool_groups_by_series_state_sender_and_reason(spool: Spool) -
 
 
 def test_discard_study_takes_undelivered_rows_and_files_but_not_one_being_sent(spool: Spool) -> None:
-    ids = [spool.enqueue(received(spool, n), header(n), "MOD") for n in range(4)]
-    other = spool.enqueue(received(spool, 9), header(9, "9.9"), "MOD")
+    ids = [spool.enqueue(received(spool, n), header(n), Sender("MOD")) for n in range(4)]
+    other = spool.enqueue(received(spool, 9), header(9, "9.9"), Sender("MOD"))
     sending = spool.claim(1, 10_000)  # the first row, on its way
     (dead,) = [i for i in spool.claim(1, 10_000)]
     spool.record([dead], [Outcome(dead.id, "rejected", "HTTP 400")])
@@ -282,8 +283,8 @@ def test_routes_make_copies_that_keep_their_file_until_delivered(tmp_path: Path)
     spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, max_attempts=3), routes)
     copies = Copies(spool)
     try:
-        routed = spool.enqueue(received(spool, 1), header(1), "CT01")  # CT: AI only
-        spool.enqueue(received(spool, 2), header(2), "MR01")  # neither
+        routed = spool.enqueue(received(spool, 1), header(1), Sender("CT01"))  # CT: AI only
+        spool.enqueue(received(spool, 2), header(2), Sender("MR01"))  # neither
         assert spool.status()["routes"]["AI"]["counts"]["queued"] == 1 and "OLD" not in spool.status()["routes"]
         assert copies.claim("OLD", 10) == []
         for inst in spool.claim(10, 10_000):
@@ -317,14 +318,29 @@ def test_a_record_adopted_after_a_power_cut_keeps_its_sender_and_its_routes(tmp_
     spool = Spool(cfg)
     receipt = spool.receive()
     receipt.write(instance[128:])
-    receipt.seal("CT01")  # acknowledged; the power went before its row was written
+    receipt.seal(Sender("CT01", "GW_AI"))  # acknowledged; the power went before its row was written
     spool.close()
 
-    spool = Spool(cfg, (Route("AI", frozenset({"CT01"})),))
+    routes = (Route("AI", frozenset({"CT01"})), Route("LAB", called_ae=frozenset({"GW_AI"})), Route("X", called_ae=frozenset({"GW_X"})))
+    spool = Spool(cfg, routes)
     try:
         assert spool.recover() == (0, 1)
         (row,) = spool.list_rows("queued")
-        assert row["calling_ae"] == "CT01"
-        assert spool.status()["routes"]["AI"]["counts"]["queued"] == 1
+        assert (row["calling_ae"], row["called_ae"]) == ("CT01", "GW_AI")
+        assert {d: r["counts"]["queued"] for d, r in spool.status()["routes"].items()} == {"AI": 1, "LAB": 1}
+    finally:
+        spool.close()
+
+
+def test_a_route_on_the_called_ae_title_copies_only_what_was_sent_to_that_title(tmp_path: Path) -> None:
+    routes = (Route("AI", called_ae=frozenset({"GW_AI"})),)
+    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0), routes)
+    try:
+        routed = spool.enqueue(received(spool, 1), header(1), Sender("CT01", "GW_AI"))
+        spool.enqueue(received(spool, 2), header(2), Sender("CT01", "DICOMGW"))
+        spool.enqueue(received(spool, 3), header(3), Sender("STOW-RS 127.0.0.1"))  # STOW-RS calls no AE title
+        (copy,) = Copies(spool).claim("AI", 10)
+        assert copy.instance.id == routed
+        assert [r["id"] for r in spool.list_rows(called_ae="GW_AI")] == [routed]
     finally:
         spool.close()
