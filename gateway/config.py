@@ -306,6 +306,25 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: the audit trail a security review asks for, as DICOM audit
+    messages (PS3.15 A.5) sent to an Audit Record Repository by syslog (IHE ATNA) and/or
+    appended to a file; neither set: no audit trail. ``syslog``: ``udp://host:514``
+    (RFC 5426), ``tcp://host:601`` or ``tls://host:6514`` (RFC 5425; the node's
+    certificate is ``[dimse.tls]``'s when configured, as for peers). ``source_id``:
+    AuditSourceID (default: ``dimse.ae_title``)."""
+
+    syslog: str = ""
+    file: Path | None = None
+    source_id: str = ""
+    enterprise_site_id: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.syslog) or self.file is not None
+
+
+@dataclass(frozen=True)
 class Config:
     dimse: DimseConfig = field(default_factory=DimseConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -314,6 +333,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     find: FindConfig = field(default_factory=FindConfig)
     retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def peer_tls(self, peer: Peer) -> ssl.SSLContext | None:
         """The client context for associations to ``peer`` (None: plain TCP)."""
@@ -816,13 +836,30 @@ def parse_config(data: dict[str, Any]) -> Config:
         include_patient_data=log_r.boolean("include_patient_data", False),
     )
     log_r.finish()
+    audit = _audit(root.sub("audit"))
     root.finish()
     if problems:
         raise ConfigError(problems)
     return Config(
         dimse=dimse, spool=spool, upstream=upstream, http=http, logging=logging_cfg, find=find,
-        retrieve=retrieve,
+        retrieve=retrieve, audit=audit,
     )
+
+
+def _audit(r: _Reader) -> AuditConfig:
+    syslog = r.string("syslog", "")
+    if syslog:
+        scheme, _, rest = syslog.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme not in ("udp", "tcp", "tls") or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            r.problems.append(f"audit.syslog: {syslog!r} is not udp://, tcp:// or tls:// with a host and port")
+    file = r.string("file", "")
+    cfg = AuditConfig(
+        syslog=syslog, file=Path(file) if file else None, source_id=r.string("source_id", ""),
+        enterprise_site_id=r.string("enterprise_site_id", ""),
+    )
+    r.finish()
+    return cfg
 
 
 def load_config(path: str | Path) -> Config:
@@ -841,10 +878,15 @@ def load_config(path: str | Path) -> Config:
         spool = SpoolConfig(
             **{**cfg.spool.__dict__, "directory": (path.parent / cfg.spool.directory).resolve()}
         )
-        cfg = Config(cfg.dimse, spool, cfg.upstream, cfg.http, cfg.logging, cfg.find, cfg.retrieve)
+        cfg = replace(cfg, spool=spool)
+    if cfg.audit.file is not None and not cfg.audit.file.is_absolute():
+        cfg = replace(cfg, audit=replace(cfg.audit, file=(path.parent / cfg.audit.file).resolve()))
     dimse_tls = cfg.dimse.tls.resolved(path.parent) if cfg.dimse.tls is not None else None
     http_tls = cfg.http.tls.resolved(path.parent) if cfg.http.tls is not None else None
     problems = [*_tls_problems("dimse.tls", dimse_tls), *_tls_problems("http.tls", http_tls)]
+    audit_dir = cfg.audit.file.parent if cfg.audit.file is not None else None
+    if audit_dir is not None and not os.access(audit_dir, os.W_OK | os.X_OK):
+        problems.append(f"audit.file: cannot write in {audit_dir} (missing, or not writable by this user)")
     if problems:
         raise ConfigError(problems)
     return replace(cfg, dimse=replace(cfg.dimse, tls=dimse_tls), http=replace(cfg.http, tls=http_tls))

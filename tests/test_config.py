@@ -238,3 +238,22 @@ def test_routes_name_a_peer_and_what_they_take() -> None:
         "dimse.routes[1].called_ae: 'WAY_TOO_LONG_AE_TITLE' is not a valid AE title",
         "dimse.routes[1].modalities: 'ct' is not a Modality code (CS: CT, MR, US...)",
     ]
+
+
+def test_the_audit_trail_names_a_repository_and_a_writable_file(tmp_path: Path) -> None:
+    assert not parse_config({}).audit.enabled
+    cfg = parse_config({"audit": {"syslog": "tls://arr.example.org:6514", "source_id": "GW1", "enterprise_site_id": "RAD"}})
+    assert cfg.audit.enabled and cfg.audit.file is None and cfg.audit.source_id == "GW1"
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"audit": {"syslog": "https://arr:443", "facility": 10}})
+    assert exc.value.problems == [
+        "audit.syslog: 'https://arr:443' is not udp://, tcp:// or tls:// with a host and port",
+        "audit.facility: unknown key",
+    ]
+    config = tmp_path / "gateway.toml"
+    config.write_text('[audit]\nfile = "logs/audit.log"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config(config)
+    assert exc.value.problems == [f"audit.file: cannot write in {tmp_path / 'logs'} (missing, or not writable by this user)"]
+    (tmp_path / "logs").mkdir()
+    assert load_config(config).audit.file == tmp_path / "logs" / "audit.log"

@@ -1,5 +1,5 @@
 """DIMSE over TLS and the HTTP side over HTTPS, with dcmtk's and curl's real TLS clients
-against certificates made here with openssl: a CA, a server certificate for
+against certificates made with openssl (`tests.support.pki`): a CA, a server certificate for
 127.0.0.1/localhost and a client certificate it signed, and a client certificate of
 another CA that the gateway must refuse."""
 
@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,52 +29,8 @@ from tests.support import dcmtk
 from tests.support.corpus import sample_files
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
+from tests.support.pki import Pki
 from tests.support.ports import free_port, wait_until
-
-OPENSSL = "/usr/bin/openssl"
-
-
-@dataclass(frozen=True)
-class Pki:
-    """PEM files: ``ca`` signed ``server`` and ``client``; ``other_ca`` signed ``stranger``."""
-
-    directory: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(cwd: Path, name: str) -> None:
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-noenc", "-days", "2", "-subj", f"/CN={name}",
-        "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=cwd,
-    )
-
-
-def _leaf(cwd: Path, name: str, ca: str, extensions: str) -> None:
-    (cwd / f"{name}.ext").write_text(extensions)
-    _openssl(
-        "req", "-newkey", "rsa:2048", "-noenc", "-subj", f"/CN={name}",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=cwd,
-    )
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
-        "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=cwd,
-    )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    cwd = tmp_path_factory.mktemp("pki")
-    _ca(cwd, "ca")
-    _ca(cwd, "other_ca")
-    client = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
-    _leaf(cwd, "server", "ca", "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _leaf(cwd, "client", "ca", client)
-    _leaf(cwd, "stranger", "other_ca", client)
-    return Pki(cwd)
-
 
 @pytest.fixture
 def tls_gateway(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Gateway]]:

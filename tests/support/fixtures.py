@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.dcmtk import StoreSCP
 from tests.support.orthanc import Orthanc
+from tests.support.pki import Pki, make_pki
 
 
 @pytest.fixture
@@ -64,3 +65,9 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
     finally:
         for scp in started:
             scp.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """One throwaway PKI for every TLS test of the run (see tests.support.pki)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
