@@ -14,6 +14,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.audit.auditor import Auditor
+from gateway.audit.trail import AuditTrail
 from gateway.config import Config, ConfigError, load_config
 from gateway.dimse.command import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ, N_ACTION_RQ, STORAGE_COMMITMENT
 from gateway.dimse.commitment import CommitmentService
@@ -33,9 +35,18 @@ from gateway.systemd import feed_watchdog, report_status, sd_notify, watchdog_in
 from gateway.upstream import make_upstream
 from gateway.web.app import create_app
 from gateway.web.keys import CACHE
-from gateway.web.metrics import SpoolCollector
+from gateway.web.metrics import AuditCollector, SpoolCollector
 
 log = logging.getLogger("gateway.daemon")
+
+
+def audit_trail(config: Config) -> AuditTrail | None:
+    """The audit trail ``[audit]`` asks for (None: none). Over TLS the node presents
+    ``[dimse.tls]``'s certificate, as it does to peers, when one is configured."""
+    if not config.audit.enabled:
+        return None
+    tls = config.dimse.tls.client_context() if config.dimse.tls is not None else None
+    return AuditTrail(config.audit, config.audit.source_id or config.dimse.ae_title, tls)
 
 
 async def run(config: Config, config_path: Path | None = None) -> None:
@@ -61,6 +72,11 @@ async def _run(config: Config, config_path: Path | None) -> None:
     # One registry per daemon, never the process-wide default.
     metrics = Metrics()
     metrics.registry.register(SpoolCollector(spool))
+    trail = audit_trail(config)
+    if trail is not None:
+        metrics.registry.register(AuditCollector(trail))
+    audit = Auditor(config, trail)
+    audit.started()
     upstream = make_upstream(config, metrics)
     await upstream.start()
     # With ack = "delivered" every C-STORE waits for its own delivery: never linger.
@@ -86,7 +102,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
 
     routes.start()
     # A facade answer still streaming at stop gets the same grace as an association.
-    app = create_app(config, spool, upstream, retriever, forwarder.problems, metrics)
+    app = create_app(config, spool, upstream, retriever, forwarder.problems, metrics, audit)
     cache = app[CACHE]
     if cache is not None:  # a delivered instance changes its study's and series' metadata
         forwarder.on_delivered = cache.forget_stored
@@ -109,6 +125,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
         config, spool.receive, services, dict.fromkeys(FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES + (STORAGE_COMMITMENT,), UNCOMPRESSED),
         metrics,
         spool.space_problem,
+        audit,
     )
     started = False
     keepers: list[asyncio.Task[None]] = []  # systemd watchdog and status line
@@ -198,4 +215,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
         retriever.close()  # after the facade's last request: it converts on these threads
         await upstream.close()
         spool.close()
+        audit.stopped()
+        if trail is not None:
+            trail.close()
         log.info("stopped")

@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.dimse import pdu
+from gateway.audit.auditor import Auditor, StudyTally
+from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.spool.receipt import Receipt
 from gateway.dimse.command import (
@@ -165,6 +167,7 @@ class Message:
 @dataclass
 class AssociationStats:
     started: float = field(default_factory=time.monotonic)
+    studies: StudyTally = field(default_factory=StudyTally)  # what was stored, for the audit trail
     stored: int = 0
     failed: int = 0
     echoed: int = 0
@@ -184,14 +187,19 @@ class Association:
         dimse_timeout: float,
         space_problem: Callable[[], str | None] | None = None,
         metrics: Metrics | None = None,
+        audit: Auditor | None = None,
+        address: str = "",
     ) -> None:
         """``dimse_timeout`` bounds every write: how long a peer may read nothing.
         ``space_problem``: the spool's check of its disk limits (``spool.min_free_mb``,
         ``spool.max_size_mb``), which says why no more data can be taken; a C-STORE data
         set is then not written. ``receive``: a new spool file for a C-STORE's data set
         (`Spool.receive`); None: C-STORE data sets are refused. ``metrics``: where each request's final status and
-        duration go."""
+        duration go. ``audit``: the audit trail its services report to; ``address``: the
+        peer's IP address, as audit messages name it."""
         self.metrics = metrics
+        self.audit = audit if audit is not None else Auditor(Config(), None)
+        self.address = address
         self.space_check = space_problem
         self.reader = reader
         self.writer = writer

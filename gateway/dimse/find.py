@@ -31,7 +31,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
-from gateway.codecs.syntaxes import EXPLICIT_VR_BE, IMPLICIT_VR_LE
+from gateway.audit.auditor import blank_query, dimse_participant
+from gateway.codecs.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from gateway.config import Config
 from gateway.model.json import dataset_from_json
 from gateway.model.search import Search
@@ -201,6 +202,7 @@ class FindService:
             await assoc.send_message(context.id, rsp, body)
 
         query: Query | None = None
+        identifier: Dataset | None = None
         pending = PendingSender(assoc, context.id, response(command, C_FIND_RSP, PENDING, has_dataset=True))
         try:
             try:
@@ -217,13 +219,13 @@ class FindService:
             await pending.flush()
         except asyncio.CancelledError:
             pending.close()
-            self._log(assoc, query, sent, "cancelled", started)
+            self._log(assoc, context.abstract_syntax, identifier, query, sent, "cancelled", started)
             await asyncio.shield(send(CANCEL))
             raise
         except (MatchLimit, SearchTruncated) as exc:
             # The archive capping its answer is the match cap reached elsewhere: never Success.
             by = " by the archive" if isinstance(exc, SearchTruncated) else ""
-            self._log(assoc, query, sent, f"cut at {sent} matches{by}", started)
+            self._log(assoc, context.abstract_syntax, identifier, query, sent, f"cut at {sent} matches{by}", started)
             await pending.flush()
             await send(OUT_OF_RESOURCES, extra={0x0902: f"more than {sent} matches; refine the query"})
             return
@@ -233,18 +235,28 @@ class FindService:
                 # The traceback goes to DEBUG: exception messages may quote values (PHI).
                 log.error("C-FIND from %s failed: %s", assoc.peer, failure.comment)
                 log.debug("C-FIND internal error", exc_info=exc)
-            self._log(assoc, query, sent, f"failed 0x{failure.status:04X}: {failure.comment}", started)
+            self._log(assoc, context.abstract_syntax, identifier, query, sent, f"failed 0x{failure.status:04X}: {failure.comment}", started)
             await pending.flush()
             extra: dict[int, Any] = {0x0902: failure.comment[:64]}
             if failure.offending:
                 extra[0x0901] = failure.offending
             await send(failure.status, extra=extra)
             return
-        self._log(assoc, query, sent, "success", started)
+        self._log(assoc, context.abstract_syntax, identifier, query, sent, "success", started)
         await send(SUCCESS)
 
-    def _log(self, assoc: Association, query: Query | None, sent: int, outcome: str, started: float) -> None:
-        """One line per request: level, key names (never values: they may be PHI)."""
+    def _log(
+        self, assoc: Association, context_syntax: str, identifier: Dataset | None, query: Query | None, sent: int,
+        outcome: str, started: float,
+    ) -> None:
+        """One line per request: level, key names (never values: they may be PHI); and
+        one audit message, the identifier with its values blanked."""
+        if assoc.audit.enabled:
+            blanked = encode_identifier(blank_query(identifier), EXPLICIT_VR_LE) if identifier is not None else b""
+            assoc.audit.queried(
+                dimse_participant(assoc.calling_ae, assoc.address, True), context_syntax, blanked,
+                outcome == "success", EXPLICIT_VR_LE, f"C-FIND: {sent} matches, {outcome}",
+            )
         what = "?" if query is None else f"{query.model.name} {query.level} [{' '.join(tag_name(k.tag) for k in query.keys)}]"
         elapsed = time.monotonic() - started
         log.info(

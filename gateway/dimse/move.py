@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from gateway.audit.auditor import dimse_participant
+from gateway.audit.message import Participant
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_MOVE_RSP, Command
 from gateway.dimse.requestor import RequestorError, StoreRequestor
@@ -54,6 +56,11 @@ class MoveService(RetrieveService):
         if self.config.peer(destination) is None:
             return MOVE_DESTINATION_UNKNOWN, f"move destination {destination[:16]!r} unknown"
         return None
+
+    def destination(self, assoc: Association, message: Message) -> Participant:
+        title = str(message.command.get(0x0600, "")).strip()
+        peer = self.config.peer(title)
+        return dimse_participant(title, peer.host if peer is not None else "", False)
 
     async def open_target(
         self, assoc: Association, message: Message, refs: list[InstanceRef], first: list[Fetched]

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 
 from pydicom.dataset import Dataset
 
+from gateway.audit.auditor import dimse_participant, tally_of
+from gateway.audit.message import Participant
 from gateway.config import Config
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import Command, response
@@ -238,6 +240,24 @@ class RetrieveService:
         RequestorError when it cannot be opened."""
         raise NotImplementedError
 
+    def destination(self, assoc: Association, message: Message) -> Participant:
+        """Where the sub-operations go, as the audit trail names it."""
+        raise NotImplementedError
+
+    def _audit(self, receivers: _Receivers, listing: Listing, counts: Counts) -> None:
+        """One audit message per request: the studies of what was listed and not
+        failed, sent to the destination at the requestor's asking."""
+        assoc = receivers.assoc
+        if not assoc.audit.enabled:
+            return
+        failed = set(counts.failed_uids)
+        tally = tally_of((r.study_uid, r.sop_class_uid) for r in listing.refs.values() if r.sop_instance_uid not in failed)
+        assoc.audit.sent(
+            dimse_participant(assoc.calling_ae, assoc.address, True), self.destination(assoc, receivers.message),
+            tally, counts.completed + counts.warning, counts.failed + counts.remaining,
+            f"{self.name}: {counts.completed} completed, {counts.warning} warning, {counts.failed} failed",
+        )
+
     async def __call__(self, assoc: Association, message: Message) -> None:
         command, context = message.command, message.context
         started = time.monotonic()
@@ -359,6 +379,7 @@ class RetrieveService:
                 "seconds": round(elapsed, 3),
             }},
         )
+        self._audit(receivers, listing, counts)
         with contextlib.suppress(Exception):
             await send(status, failed_identifier(counts), extra)
         if interrupted:

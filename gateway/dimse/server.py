@@ -34,6 +34,8 @@ from gateway.dimse.association import (
     read_pdu,
 )
 from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VERIFICATION, response
+from gateway.audit.auditor import Auditor, dimse_participant, ip_of
+from gateway.audit.message import Participant
 from gateway.metrics import Metrics
 from gateway.spool.receipt import Receipt
 
@@ -132,13 +134,15 @@ async def _unrecognized(assoc: Association, message: Message) -> None:
 class DimseServer:
     """The listening SCP and its live associations."""
 
-    def __init__(self, config: Config, receive: Callable[[], Receipt] | None, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]], metrics: Metrics | None = None, space_problem: Callable[[], str | None] | None = None) -> None:
+    def __init__(self, config: Config, receive: Callable[[], Receipt] | None, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]], metrics: Metrics | None = None, space_problem: Callable[[], str | None] | None = None, audit: Auditor | None = None) -> None:
         """``handlers`` maps a request Command Field to its service; ``abstract_syntaxes``
         lists the non-storage SOP classes served, with the transfer syntaxes we accept;
         ``metrics`` receives association counts and request timings; ``space_problem``
         is the spool's check of its disk limits, run before and during each C-STORE
-        data set."""
+        data set; ``audit``: the audit trail, told of refused nodes and of what each
+        association stored (its services tell it the rest)."""
         self.space_problem = space_problem
+        self.audit = audit if audit is not None else Auditor(config, None)
         self.metrics = metrics if metrics is not None else Metrics()
         self.config = config
         self.receive = receive
@@ -303,6 +307,10 @@ class DimseServer:
                 self._associations.discard(assoc)
                 self.metrics.associations_open.dec()
                 s = assoc.stats
+                self.audit.received(
+                    dimse_participant(assoc.calling_ae, assoc.address, True), s.studies, s.stored, s.failed,
+                    f"C-STORE to {assoc.called_ae}",
+                )
                 elapsed = time.monotonic() - s.started
                 log.info(
                     "association from %s %s: %d stored, %d failed, %d echo, %.2f s",
@@ -344,6 +352,7 @@ class DimseServer:
             "TLS connection from %s refused: %s", where, why,
             extra={"fields": {"event": "tls refused", "peer": where, "reason": why}},
         )
+        self.audit.refused_node(Participant(f"client {ip_of(where)}", True, ip_of(where)), f"TLS refused: {why}", tls=True)
         self.metrics.associations_rejected.labels(label).inc()
         return False
 
@@ -371,6 +380,10 @@ class DimseServer:
                 }},
             )
             self.metrics.associations_rejected.labels(reject.label).inc()
+            self.audit.refused_node(
+                dimse_participant(rq.calling_ae, ip_of(where), True), f"association to {rq.called_ae} rejected: {reject.why}",
+                tls=False,
+            )
             writer.write(pdu.encode_associate_rj(*reject.code))
             await drain(writer, d.acse_timeout)
             return None
@@ -382,7 +395,7 @@ class DimseServer:
         roles = self.negotiate_roles(rq, accepted)
         assoc = Association(
             reader, writer, rq, accepted, self.receive, d.dimse_timeout, self.space_problem,
-            metrics=self.metrics,
+            metrics=self.metrics, audit=self.audit, address=ip_of(where),
         )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)
         # Counted before the A-ASSOCIATE-AC goes out: another RQ negotiated while it

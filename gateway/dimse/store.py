@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from gateway.config import Config
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import C_STORE_RSP, response
+from gateway.header import InstanceHeader
 from gateway.spool.ingest import Verdict, ingest
 from gateway.spool.record import Sender
 from gateway.spool.queue import Spool
@@ -66,21 +67,23 @@ class StoreService:
                 "C-STORE of %s from %s refused: %s",
                 str(message.command.get(0x1000, ""))[:64] or "?", assoc.peer, message.refused,
             )
-            status, comment = OUT_OF_RESOURCES, message.refused
+            status, comment, header = OUT_OF_RESOURCES, message.refused, None
         elif message.receipt is None:
             # CommandDataSetType said no data set follows: nothing to store.
             log.warning(
                 "C-STORE-RQ from %s of %s without a data set answered with 0xC000",
                 assoc.calling_ae, str(message.command.get(0x1000, ""))[:64] or "?",
             )
-            status, comment = CANNOT_UNDERSTAND, "C-STORE-RQ without a data set"
+            status, comment, header = CANNOT_UNDERSTAND, "C-STORE-RQ without a data set", None
         else:
             loop = asyncio.get_running_loop()
-            status, comment = await loop.run_in_executor(
+            status, comment, header = await loop.run_in_executor(
                 self.executor, self._store, message, Sender(assoc.calling_ae, assoc.called_ae)
             )
         if status == SUCCESS:
             assoc.stats.stored += 1
+            if header is not None:
+                assoc.stats.studies.add(header.study_uid, header.sop_class_uid)
         else:
             assoc.stats.failed += 1
         if assoc.metrics is not None:
@@ -90,8 +93,9 @@ class StoreService:
             message.context.id, response(message.command, C_STORE_RSP, status, extra=extra)
         )
 
-    def _store(self, message: Message, sender: Sender) -> tuple[int, str]:
-        """Validate and spool one received file; returns (status, error comment)."""
+    def _store(self, message: Message, sender: Sender) -> tuple[int, str, InstanceHeader | None]:
+        """Validate and spool one received file; returns (status, error comment, its UIDs
+        when it could be read)."""
         assert message.receipt is not None
         command = message.command
         wait = self.config.dimse.ack_timeout if self.config.dimse.ack == "delivered" else None
@@ -99,4 +103,4 @@ class StoreService:
             self.spool, message.receipt, sender,
             str(command.get(0x0002, "")), str(command.get(0x1000, "")), wait,
         )
-        return STATUS[result.verdict], result.reason
+        return STATUS[result.verdict], result.reason, result.header

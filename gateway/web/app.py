@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.audit.auditor import Auditor
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.retrieval.engine import Retriever
@@ -25,6 +26,7 @@ from gateway.web import auth, counting, health, qido, ready, rendered, stow, wad
 from gateway.web import metrics as metrics_routes
 from gateway.web.cache import FacadeCache
 from gateway.web.keys import (
+    AUDIT,
     CACHE,
     CONFIG,
     HEALTH_CACHE,
@@ -85,9 +87,11 @@ def create_app(
     retriever: Retriever,
     problems: Problems | None = None,
     metrics: Metrics | None = None,
+    audit: Auditor | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=MAX_SIMPLE_BODY)
     app[CONFIG] = config
+    app[AUDIT] = audit if audit is not None else Auditor(config, None)
     app[SPOOL] = spool
     app[UPSTREAM] = upstream
     app[RETRIEVER] = retriever

@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from gateway.audit.auditor import web_participant
 from gateway.config import HttpAuthConfig
+from gateway.web.keys import AUDIT, USER
 
 log = logging.getLogger("gateway.web")
 
@@ -31,24 +33,49 @@ def _equal(given: str, wanted: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "replace"), wanted.encode("utf-8", "replace"))
 
 
-def admitted(request: web.Request, auth: HttpAuthConfig) -> bool:
-    """Whether the request carries one of the configured credentials (or none are)."""
+def _first(given: str, secrets: tuple[str, ...]) -> int | None:
+    """The 1-based position of the secret ``given`` matches (each compared in full)."""
+    matches = [i for i, secret in enumerate(secrets, 1) if _equal(given, secret)]
+    return matches[0] if matches else None
+
+
+def admitted(request: web.Request, auth: HttpAuthConfig) -> str | None:
+    """Who the request's credentials say it is, None when they match none: a Basic
+    user's name, ``bearer token N`` or ``api key N`` (the Nth configured, never the
+    secret), ``anonymous`` when the facade is open. The audit trail records it."""
     if auth.open:
-        return True
+        return "anonymous"
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     value = value.strip()
-    if scheme.lower() == "bearer" and value and any(_equal(value, t) for t in auth.bearer_tokens):
-        return True
+    if scheme.lower() == "bearer" and value and (n := _first(value, auth.bearer_tokens)) is not None:
+        return f"bearer token {n}"
     if scheme.lower() == "basic" and value and auth.basic_users:
-        try:
-            user, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
+        user, sep, password = _basic(value)
         if sep and any(_equal(user, u) and _equal(password, p) for u, p in auth.basic_users):
-            return True
+            return user
     key = request.headers.get(auth.api_key_header) if auth.api_keys else None
-    return key is not None and any(_equal(key.strip(), k) for k in auth.api_keys)
+    if key is not None and (n := _first(key.strip(), auth.api_keys)) is not None:
+        return f"api key {n}"
+    return None
+
+
+def _basic(value: str) -> tuple[str, str, str]:
+    """(user, ":", password) of a Basic credential; empty parts when it is not one."""
+    try:
+        return base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return "", "", ""
+
+
+def offered_user(request: web.Request) -> str:
+    """Whom refused credentials claimed to be, for the audit trail: a Basic user name,
+    else the scheme offered (never a secret)."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        user, sep, _ = _basic(value.strip())
+        return f"basic user {user}" if sep else "malformed basic credentials"
+    return f"{scheme.lower()} credentials" if scheme else "no credentials"
 
 
 def _challenge(auth: HttpAuthConfig) -> str:
@@ -104,9 +131,16 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
                     "Access-Control-Max-Age": "600",
                 },
             )
-        if request.path not in OPEN_PATHS and not admitted(request, auth):
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        user = admitted(request, auth)
+        if user is None:
             log.warning("HTTP %s %s from %s: 401, no valid credentials", request.method, request.path, request.remote)
+            request.app[AUDIT].refused_login(
+                web_participant(offered_user(request), request.remote), f"HTTP {request.method} {request.path}: 401"
+            )
             return web.Response(status=401, text="authentication required\n", headers={"WWW-Authenticate": _challenge(auth)})
+        request[USER] = user
         return await handler(request)
 
     async def add_cors(request: web.Request, response: web.StreamResponse) -> None:

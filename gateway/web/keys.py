@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.audit.auditor import Auditor
 from gateway.config import Config
 from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Problems
@@ -28,3 +29,7 @@ CACHE = web.AppKey("facade_cache", FacadeCache | None)
 REFUSED_SERIES = web.AppKey("refused_series", RefusedSeries)
 # Frames cut from instances retrieved whole, all of an instance's at once; None without a cache.
 WHOLE_INSTANCE_FRAMES = web.AppKey("whole_instance_frames", WholeInstanceFrames | None)
+# The audit trail (a no-op one without [audit]).
+AUDIT = web.AppKey("audit", Auditor)
+# Who the request's credentials say it is (`auth.admitted`), for the audit trail.
+USER = web.RequestKey("user", str)

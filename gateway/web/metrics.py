@@ -15,9 +15,10 @@ from collections.abc import Iterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.audit.trail import AuditTrail
 from gateway.metrics import Metrics
 from gateway.spool.copies import COPY_STATES
 from gateway.spool.queue import STATES, Spool
@@ -27,6 +28,22 @@ log = logging.getLogger("gateway.web")
 METRICS = web.AppKey("metrics", Metrics)
 
 routes = web.RouteTableDef()
+
+
+class AuditCollector(Collector):
+    """What became of the audit trail's messages, read from the trail at scrape time."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self.trail = trail
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "gateway_audit_messages", "Audit messages: sent (or written), dropped (queue full), failed (send attempts that failed)",
+            labels=["result"],
+        )
+        for result in ("sent", "dropped", "failed"):
+            family.add_metric([result], getattr(self.trail, result))
+        yield family
 
 
 class SpoolCollector(Collector):

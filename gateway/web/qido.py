@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.audit.auditor import STUDY_ROOT_FIND, blank_query_string, web_participant
 from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import DICOM_JSON, DICOM_XML, JSON, MULTIPART_RELATED
 from gateway.dicomweb.qido_parse import QidoRequest, parse_qido
@@ -27,7 +28,7 @@ from gateway.model.query import LEVELS, Model, QueryError, attribute_level, tag_
 from gateway.upstream.base import JsonObject
 from gateway.upstream.errors import SearchTruncated
 from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids
-from gateway.web.keys import CONFIG, UPSTREAM
+from gateway.web.keys import AUDIT, CONFIG, UPSTREAM, USER
 
 log = logging.getLogger("gateway.web")
 
@@ -113,6 +114,15 @@ def reduced(obj: JsonObject, qido: QidoRequest) -> JsonObject:
     return out
 
 
+def _audit(request: web.Request, ok: bool, description: str) -> None:
+    """The search as the audit trail keeps it: its path and its query string with
+    only UIDs and paging left in the values."""
+    audit = request.app[AUDIT]
+    if audit.enabled:
+        asked = request.path.encode("ascii", "replace") + b"?" + blank_query_string(request.query_string)
+        audit.queried(web_participant(request[USER], request.remote), STUDY_ROOT_FIND, asked, ok, description=description)
+
+
 def _search_handler(resource: str) -> Callable[[web.Request], Any]:
     async def handler(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -125,6 +135,7 @@ def _search_handler(resource: str) -> Callable[[web.Request], Any]:
         except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP answer
             if isinstance(exc, QueryError):
                 log.info("%s refused: %s", what, exc)
+            _audit(request, False, f"{what}: {type(exc).__name__}")
             return error_response(exc, what)
         log.info(
             "%s [%s]: %d matches, %.3f s",
@@ -133,6 +144,7 @@ def _search_handler(resource: str) -> Callable[[web.Request], Any]:
             len(found),
             time.monotonic() - started,
         )
+        _audit(request, True, f"{what}: {len(found)} matches")
         headers = {"Warning": warning} if warning else {}
         if fmt == "json":
             return web.Response(

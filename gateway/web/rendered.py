@@ -25,6 +25,7 @@ from aiohttp import web
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 
+from gateway.audit.auditor import tally_of
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.frame_check import actual_syntax
@@ -51,7 +52,7 @@ from gateway.web.common import (
     text_error,
 )
 from gateway.web.keys import RETRIEVER, UPSTREAM
-from gateway.web.wado import PIXEL_TAGS, InstanceBody, InstanceForm, fetch_instance, frames_of, metadata_of
+from gateway.web.wado import PIXEL_TAGS, InstanceBody, InstanceForm, audit_sent, fetch_instance, frames_of, metadata_of
 
 log = logging.getLogger("gateway.web")
 
@@ -310,7 +311,9 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
                 form = InstanceForm(True, q.get("transferSyntax", "1.2.840.10008.1.2.1"))
                 await body.prepare(form.syntax)
                 response = web.StreamResponse(headers={"Content-Type": f"application/dicom; transfer-syntax={body.syntax}"})
-                return await send_streamed(request, response, body.chunks)
+                answer = await send_streamed(request, response, body.chunks)
+                audit_sent(request, tally_of([(ref.study_uid, "")]), 1, 0, "WADO-URI")
+                return answer
             finally:
                 body.release()
         if content_type not in FORMATS:

@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.audit.auditor import tally_of, web_participant
 from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, MULTIPART_RELATED, OCTET_STREAM, media_type
 from gateway.dicomweb.multipart_reader import MultipartError, StreamedPart, boundary_of, iter_parts
@@ -38,7 +39,7 @@ from gateway.spool.queue import SpoolFull
 from gateway.spool.receipt import Receipt
 from gateway.spool.record import PREAMBLE, Sender
 from gateway.web.common import path_uids, request_root, text_error
-from gateway.web.keys import CACHE, SPOOL
+from gateway.web.keys import AUDIT, CACHE, SPOOL, USER
 
 log = logging.getLogger("gateway.web")
 
@@ -180,6 +181,14 @@ def response_module(results: list[PartResult], root: str, study_uid: str | None)
     return module
 
 
+def _audit(request: web.Request, results: list[PartResult], description: str) -> None:
+    stored = [r for r in results if not r.reason]
+    request.app[AUDIT].received(
+        web_participant(request[USER], request.remote), tally_of((r.study_uid, r.sop_class_uid) for r in stored),
+        len(stored), len(results) - len(stored), description,
+    )
+
+
 async def store(request: web.Request) -> web.StreamResponse:
     started = time.monotonic()
     study_uid = path_uids(request).get("study")
@@ -210,6 +219,7 @@ async def store(request: web.Request) -> web.StreamResponse:
         # The client went away mid-body: what was complete before is stored (and stays).
         stored = sum(1 for r in results if not r.reason)
         log.warning("STOW-RS from %s: body cut off after %d stored instance(s): %s", request.remote, stored, type(exc).__name__)
+        _audit(request, results, "STOW-RS, body cut off")
         return text_error(400, "the request body ended early")
     if not results:
         return text_error(400, "the request holds no instance")
@@ -224,6 +234,7 @@ async def store(request: web.Request) -> web.StreamResponse:
     log.info(
         "STOW-RS from %s: %d stored, %d failed, %.3f s", request.remote, stored, len(results) - stored, time.monotonic() - started
     )
+    _audit(request, results, "STOW-RS")
     module = response_module(results, request_root(request), study_uid)
     if any(media_range.media == DICOM_XML or media_range.part_type == DICOM_XML for media_range in parse_accept(request.headers.get("Accept"))[:1]):
         return web.Response(status=status, body=native_xml(module), content_type=DICOM_XML)

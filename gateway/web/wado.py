@@ -34,6 +34,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from gateway.audit.auditor import StudyTally, tally_of, web_participant
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.frame_check import actual_syntax, convert_frame, convertible, same_bytes
@@ -73,7 +74,7 @@ from gateway.web.common import (
     send_streamed,
     subject,
 )
-from gateway.web.keys import CACHE, CONFIG, REFUSED_SERIES, RETRIEVER, UPSTREAM, WHOLE_INSTANCE_FRAMES
+from gateway.web.keys import AUDIT, CACHE, CONFIG, REFUSED_SERIES, RETRIEVER, UPSTREAM, USER, WHOLE_INSTANCE_FRAMES
 
 log = logging.getLogger("gateway.web")
 
@@ -238,6 +239,12 @@ class InstanceBody:
             self.spill.unlink(missing_ok=True)
 
 
+def audit_sent(request: web.Request, tally: StudyTally, done: int, failed: int, what: str) -> None:
+    """Instances sent to a facade client, told to the audit trail."""
+    client = web_participant(request[USER], request.remote)
+    request.app[AUDIT].sent(client, client, tally, done, failed, what)
+
+
 async def fetch_instance(request: web.Request, ref: InstanceRef) -> Retrieved:
     retriever = request.app[RETRIEVER]
     return await request.app[UPSTREAM].retrieve_instance(
@@ -262,12 +269,15 @@ async def retrieve_instance(request: web.Request) -> web.StreamResponse:
             return error_response(exc, what)
         content_type = f"{DICOM}; transfer-syntax={body.syntax}"
         if form.single:
-            return await send_streamed(request, web.StreamResponse(headers={"Content-Type": content_type}), body.chunks)
-        stream = MultipartStream(request, DICOM)
-        await stream.part(content_type)
-        async for chunk in body.chunks:
-            await stream.write(chunk)
-        return await stream.finish()
+            answer = await send_streamed(request, web.StreamResponse(headers={"Content-Type": content_type}), body.chunks)
+        else:
+            stream = MultipartStream(request, DICOM)
+            await stream.part(content_type)
+            async for chunk in body.chunks:
+                await stream.write(chunk)
+            answer = await stream.finish()
+        audit_sent(request, tally_of([(ref.study_uid, ref.sop_class_uid)]), 1, 0, what)
+        return answer
     finally:
         body.release()
 
@@ -339,6 +349,7 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
     stream: MultipartStream | None = None
     sent = 0
     left_out: list[str] = []
+    tally = StudyTally()
     try:
         form = instance_form(request.headers.get("Accept"), single_allowed=False)
         async with contextlib.aclosing(_instances(request, uids["study"], series)) as instances:
@@ -361,18 +372,21 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
                     async for chunk in body.chunks:
                         await stream.write(chunk)
                     sent += 1
+                    tally.add(ref.study_uid, ref.sop_class_uid)
                 finally:
                     body.release()
                 if stream is not None and stream.head:
                     break  # the headers are out: nothing more to send
     except (ConnectionResetError, asyncio.CancelledError):
         log.info("%s: client went away after %d instances", what, sent)
+        audit_sent(request, tally, sent, 1, f"{what}: client went away")
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP answer, or ends the stream
         if stream is None:
             return error_response(exc, what)
         # Headers are gone: the only honest signal left is an unterminated body.
         log.error("%s: failed after %d instances: %s", what, sent, exc)
+        audit_sent(request, tally, sent, 1, f"{what}: failed")
         if request.transport is not None:
             request.transport.close()
         return stream.response
@@ -384,6 +398,7 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
         log.warning("%s: %d instances sent, %d left out (not convertible to %s)", what, sent, len(left_out), form.syntax)
     else:
         log.info("%s: %d instances, %.3f s", what, sent, time.monotonic() - started)
+    audit_sent(request, tally, sent, len(left_out), what)
     return await stream.finish()
 
 
@@ -455,7 +470,9 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
             dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"), via_series=False)
         ]
     except Exception as exc:  # noqa: BLE001
+        request.app[AUDIT].accessed(web_participant(request[USER], request.remote), uids["study"], False)
         return error_response(exc, what)
+    request.app[AUDIT].accessed(web_participant(request[USER], request.remote), uids["study"], True)
     root = request_root(request)
     for obj in objects:
         study, series, sop = _uid(obj, "0020000D") or uids["study"], _uid(obj, "0020000E"), _uid(obj, "00080018")
@@ -746,12 +763,14 @@ async def delete(request: web.Request) -> web.StreamResponse:
         else:
             await upstream.delete_study(uids["study"])
     except Exception as exc:  # noqa: BLE001
+        request.app[AUDIT].deleted(web_participant(request[USER], request.remote), uids["study"], False, f"DELETE {request.path}: {type(exc).__name__}")
         return error_response(exc, what)
     finally:
         cache = request.app[CACHE]
         if cache is not None:
             cache.forget_study(uids["study"])
     log.info("DELETE %s: done", "/".join(uids.values()))
+    request.app[AUDIT].deleted(web_participant(request[USER], request.remote), uids["study"], True, f"DELETE {request.path}")
     return web.Response(status=204)
 
 

@@ -1,0 +1,217 @@
+"""What the gateway tells its audit trail, in the terms of the two fronts.
+
+The DIMSE handlers and the facade's routes know who asked (an AE title and address,
+a facade user and address) and what moved (study UIDs, SOP classes); this module turns
+that into PS3.15 A.5 audit messages with the gateway as the other participant, so a
+call site is one line. Without ``[audit]`` every call returns at once.
+
+What a message never holds: patient names, IDs or birth dates. The audit trail goes to
+a repository, but the rule for anything the gateway writes stays the one for its logs.
+So there is no Patient participant object (studies are named by UID), and a query is
+recorded with its keys, UIDs and levels but every other value emptied
+(`blank_query`, `blank_query_string`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import urllib.parse
+from collections import Counter
+from collections.abc import Iterable
+
+from pydicom import Dataset
+
+from gateway.audit.message import (
+    MAJOR_FAILURE,
+    MINOR_FAILURE,
+    NODE_AUTHENTICATION,
+    SERIOUS_FAILURE,
+    SUCCESS,
+    USE_OF_RESTRICTED_FUNCTION,
+    AuditEvent,
+    Code,
+    Participant,
+    QueryObject,
+    StudyObject,
+    application_activity,
+    authentication_failed,
+    instances_transferred,
+    query,
+    security_alert,
+    study_deleted,
+)
+from gateway.audit.trail import AuditTrail
+from gateway.config import Config
+
+# PS3.15 A.5.3.2: a viewer reading a study (metadata) rather than moving its instances.
+INSTANCES_ACCESSED: Code = ("110103", "DCM", "DICOM Instances Accessed")
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+# A query value that names no one and says how the query was scoped.
+_KEPT_VRS = {"UI"}
+_KEPT_KEYWORDS = {"QueryRetrieveLevel", "SpecificCharacterSet"}
+_KEPT_PARAMETERS = {"limit", "offset", "includefield", "fuzzymatching"}
+
+
+class StudyTally:
+    """Instances counted per study and SOP class, for one transfer's audit message."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, Counter[str]] = {}
+
+    def add(self, study_uid: str, sop_class_uid: str, n: int = 1) -> None:
+        self._counts.setdefault(study_uid, Counter())[sop_class_uid] += n
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def studies(self) -> tuple[StudyObject, ...]:
+        return tuple(
+            StudyObject(study, tuple(sorted((c, n) for c, n in classes.items() if c)))
+            for study, classes in sorted(self._counts.items())
+        )
+
+
+def outcome_of(done: int, failed: int) -> int:
+    """PS3.15's outcome for a transfer: all, some or none of it done."""
+    if not failed:
+        return SUCCESS
+    return MINOR_FAILURE if done else SERIOUS_FAILURE
+
+
+def blank_query(ds: Dataset) -> Dataset:
+    """A C-FIND identifier with its keys as asked, UIDs and levels kept, every other
+    value emptied (nested sequences too)."""
+    out = Dataset()
+    for elem in ds:
+        if elem.VR == "SQ":
+            out.add_new(elem.tag, "SQ", [blank_query(item) for item in elem.value or []])
+        elif elem.VR in _KEPT_VRS or elem.keyword in _KEPT_KEYWORDS:
+            out.add_new(elem.tag, elem.VR, elem.value)
+        else:
+            out.add_new(elem.tag, elem.VR, None)
+    return out
+
+
+def blank_query_string(query_string: str) -> bytes:
+    """A QIDO-RS query string with its keys as asked and only UID-like values, paging
+    and ``includefield`` kept."""
+    kept = []
+    for key, value in urllib.parse.parse_qsl(query_string, keep_blank_values=True):
+        keep = key in _KEPT_PARAMETERS or key.endswith("UID") or _is_uid_list(value)
+        kept.append((key, value if keep else ""))
+    return urllib.parse.urlencode(kept, safe=",*").encode("ascii")
+
+
+def _is_uid_list(value: str) -> bool:
+    parts = value.split(",")
+    return bool(value) and all(p and all(c.isdigit() or c == "." for c in p) for p in parts)
+
+
+def dimse_participant(ae_title: str, address: str, requestor: bool) -> Participant:
+    """A DICOM node as PS3.15 names one: its AE title, also as ``AETITLES=``."""
+    return Participant(ae_title, requestor, address, alternative_user_id=f"AETITLES={ae_title}")
+
+
+def web_participant(user: str, address: str | None) -> Participant:
+    """A facade client: the credential it was admitted with, from its address."""
+    return Participant(user, True, address or "")
+
+
+class Auditor:
+    """The gateway's side of every audit message, and the one place they are made."""
+
+    def __init__(self, config: Config, trail: AuditTrail | None) -> None:
+        self.trail = trail
+        ae = config.dimse.ae_title
+        host = config.dimse.host
+        address = host if host not in ("", "0.0.0.0", "::") else socket.gethostname()
+        self.me = Participant(str(os.getpid()), False, address, alternative_user_id=f"AETITLES={ae}", user_name=ae)
+
+    @property
+    def enabled(self) -> bool:
+        return self.trail is not None
+
+    def _record(self, event: AuditEvent) -> None:
+        if self.trail is not None:
+            self.trail.record(event)
+
+    def started(self) -> None:
+        self._record(application_activity(True, self.me))
+
+    def stopped(self) -> None:
+        self._record(application_activity(False, self.me))
+
+    def received(self, sender: Participant, tally: StudyTally, done: int, failed: int, description: str = "") -> None:
+        """Instances the gateway took in (C-STORE on one association, one STOW-RS request)."""
+        if done or failed:
+            self._record(instances_transferred(
+                "C", outcome_of(done, failed), sender, self.me, tally.studies(), description
+            ))
+
+    def sent(
+        self, requestor: Participant, destination: Participant, tally: StudyTally, done: int, failed: int,
+        description: str = "",
+    ) -> None:
+        """Instances the gateway sent (C-MOVE, C-GET, WADO-RS, WADO-URI). When the
+        requestor is not the destination (C-MOVE), it is named too."""
+        if not (done or failed):
+            return
+        event = instances_transferred("R", outcome_of(done, failed), self.me, destination, tally.studies(), description)
+        if requestor.user_id != destination.user_id or requestor.address != destination.address:
+            event = _with(event, requestor)
+        self._record(event)
+
+    def accessed(self, reader: Participant, study_uid: str, ok: bool) -> None:
+        """A study's metadata read through the facade (what a viewer opens)."""
+        self._record(AuditEvent(
+            INSTANCES_ACCESSED, "R", SUCCESS if ok else MINOR_FAILURE, (reader, self.me),
+            (StudyObject(study_uid),),
+        ))
+
+    def queried(
+        self, requestor: Participant, sop_class_uid: str, blanked: bytes, ok: bool, syntax: str = "", description: str = ""
+    ) -> None:
+        """A C-FIND (``blanked``: its identifier encoded in ``syntax``) or QIDO-RS
+        (``blanked``: its query string, ``syntax`` empty)."""
+        self._record(query(
+            SUCCESS if ok else MINOR_FAILURE, requestor, self.me,
+            QueryObject(sop_class_uid, blanked, syntax), description,
+        ))
+
+    def deleted(self, requestor: Participant, study_uid: str, ok: bool, description: str = "") -> None:
+        self._record(study_deleted(SUCCESS if ok else MAJOR_FAILURE, requestor, (StudyObject(study_uid),), description))
+
+    def refused_login(self, user: Participant, why: str) -> None:
+        self._record(authentication_failed(user, self.me, why))
+
+    def refused_node(self, offender: Participant, why: str, tls: bool) -> None:
+        """An association or TLS connection refused: a node that failed to
+        authenticate (TLS), or asked for what it may not (an AE title or service)."""
+        kind = NODE_AUTHENTICATION if tls else USE_OF_RESTRICTED_FUNCTION
+        self._record(security_alert(kind, self.me, offender, why))
+
+
+def _with(event: AuditEvent, participant: Participant) -> AuditEvent:
+    return AuditEvent(
+        event.event_id, event.action, event.outcome, (*event.participants, participant), event.studies,
+        event.query, event.event_types, event.outcome_description, event.when,
+    )
+
+
+def ip_of(address: str) -> str:
+    """The host part of ``host:port`` (IPv6 brackets removed), for NetworkAccessPointID."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return str(ipaddress.ip_address(host.removeprefix("::ffff:")))
+    except ValueError:
+        return host
+
+
+def tally_of(refs: Iterable[tuple[str, str]]) -> StudyTally:
+    """A tally of (study UID, SOP class UID) pairs."""
+    tally = StudyTally()
+    for study, sop_class in refs:
+        tally.add(study, sop_class)
+    return tally

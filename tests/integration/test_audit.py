@@ -1,0 +1,121 @@
+"""The audit trail end to end: a real rsyslogd as the Audit Record Repository, dcmtk
+tools and curl as the nodes and users, the daemon over its embedded archive. What a
+security review checks: every store, query, retrieve, metadata read, deletion and
+refusal arrives as a DICOM audit message naming who, what study and the outcome, the
+same messages are in the audit file, and no patient name or ID is in any of them."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from pydicom import dcmread
+
+from tests.support import dcmtk
+from tests.support.curl import curl
+from tests.support.dcmtk import StoreSCP
+from tests.support.ports import wait_until
+from tests.support.rsyslog import rsyslog
+from tests.support.synth import ct_series
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+def event_of(message: ET.Element) -> tuple[str, str]:
+    ident = message.find("EventIdentification")
+    assert ident is not None
+    event_id = ident.find("EventID")
+    assert event_id is not None
+    return event_id.get("csd-code", ""), ident.get("EventActionCode", "")
+
+
+def participants(message: ET.Element) -> dict[str, ET.Element]:
+    return {p.get("UserID", ""): p for p in message.findall("ActiveParticipant")}
+
+
+def test_what_nodes_and_users_do_reaches_the_repository_without_patient_names(tmp_path: Path, gateway) -> None:
+    with rsyslog(tmp_path / "arr", udp=True) as arr, StoreSCP(tmp_path / "ws", ae_title="WS") as ws:
+        audit_file = tmp_path / "audit.log"
+        gw = gateway(
+            dimse={"check_called_ae": True},
+            http_auth={"basic_users": {"viewer": "secret"}},
+            extra=(
+                f'\n[audit]\nsyslog = "udp://127.0.0.1:{arr.udp_port}"\nfile = "{audit_file}"\nsource_id = "GW-AUDIT"\n'
+                f'\n[[dimse.peers]]\nae_title = "WS"\nhost = "127.0.0.1"\nport = {ws.port}\n'
+            ),
+        )
+        series = ct_series(tmp_path / "ct", 2, 32, 32)
+        first = dcmread(series[0], stop_before_pixels=True)
+        study, name, patient_id = str(first.StudyInstanceUID), str(first.PatientName), str(first.PatientID)
+
+        assert dcmtk.storescu(gw.port, series, gw.ae_title, calling_ae="CT01").returncode == 0
+        gw.wait_counts(delivered=2)
+        found = dcmtk.findscu(gw.port, gw.ae_title, {"QueryRetrieveLevel": "STUDY", "PatientName": name, "StudyInstanceUID": ""}, calling_ae="RIS")
+        assert found.returncode == 0, found.stderr
+        moved = dcmtk.movescu(gw.port, gw.ae_title, "WS", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, calling_ae="RIS")
+        assert moved.returncode == 0, moved.stderr
+        wait_until(lambda: len(list(ws.output_dir.iterdir())) == 2, 20, 0.2, "the move never arrived")
+        user = ("-u", "viewer:secret")
+        qido = curl(*user, f"{gw.web_url}/dicom-web/studies?PatientName={name}&limit=5")
+        assert qido.status == 200 and study.encode() in qido.body
+        assert curl(*user, f"{gw.web_url}/dicom-web/studies/{study}/metadata").status == 200
+        retrieved = curl(*user, "-H", "Accept: multipart/related; type=application/dicom", f"{gw.web_url}/dicom-web/studies/{study}")
+        assert retrieved.status == 200
+        assert curl("-u", "viewer:wrong", f"{gw.web_url}/dicom-web/studies").status == 401
+        assert dcmtk.echoscu(gw.port, "NOT_US", calling_ae="CT01").returncode != 0
+        assert curl(*user, "-X", "DELETE", f"{gw.web_url}/dicom-web/studies/{study}").status == 204
+        assert 'gateway_audit_messages_total{result="dropped"} 0.0' in curl(*user, f"{gw.web_url}/metrics").body.decode()
+        gw.stop()
+
+        expected = 11  # start, store, find, move, qido, metadata, retrieve, 401, rejected, delete, stop
+        received = arr.wait_for(expected)
+        assert len(received) == expected, [r.msg[:120] for r in received]
+        assert {(r.pri, r.app_name, r.msgid) for r in received} == {(85, "dicom-gateway", "IHE+RFC-3881")}
+        messages = [ET.fromstring(r.msg) for r in received]
+        events = [event_of(m) for m in messages]
+        assert events == [
+            ("110100", "E"), ("110104", "C"), ("110112", "E"), ("110104", "R"), ("110112", "E"), ("110103", "R"),
+            ("110104", "R"), ("110114", "E"), ("110113", "E"), ("110105", "D"), ("110100", "E"),
+        ]
+        for m in messages:
+            source = m.find("AuditSourceIdentification")
+            assert source is not None and source.get("AuditSourceID") == "GW-AUDIT"
+
+        _start, store, find, move, qido_msg, metadata, wado, login, rejected, deleted, _stop = messages
+        # C-STORE: CT01 sent two CT images of the study; the gateway took them.
+        assert participants(store)["CT01"].get("UserIsRequestor") == "true"
+        (obj,) = store.findall("ParticipantObjectIdentification")
+        assert obj.get("ParticipantObjectID") == study
+        assert [(c.get("UID"), c.get("NumberOfInstances")) for c in obj.iter("SOPClass")] == [(CT_IMAGE_STORAGE, "2")]
+        # C-FIND: the query kept, its patient name emptied.
+        query = find.find("ParticipantObjectIdentification")
+        assert query is not None and query.get("ParticipantObjectID") == STUDY_ROOT_FIND
+        asked = base64.b64decode(query.findtext("ParticipantObjectQuery") or "")
+        assert b"\x10\x00\x10\x00" in asked and name.encode() not in asked  # (0010,0010) asked, value gone
+        # C-MOVE: RIS asked, WS received, the study named.
+        assert {"RIS", "WS"} <= participants(move).keys()
+        assert move.find("ParticipantObjectIdentification").get("ParticipantObjectID") == study  # type: ignore[union-attr]
+        # QIDO-RS, metadata and retrieve by the Basic user; the name not in the query kept.
+        asked = base64.b64decode(qido_msg.find("ParticipantObjectIdentification").findtext("ParticipantObjectQuery") or "")  # type: ignore[union-attr]
+        assert asked.startswith(b"/dicom-web/studies?") and b"PatientName=" in asked and b"limit=5" in asked
+        for m in (qido_msg, metadata, wado, deleted):
+            assert "viewer" in participants(m)
+        assert metadata.find("ParticipantObjectIdentification").get("ParticipantObjectID") == study  # type: ignore[union-attr]
+        # Refusals: the wrong password, the association calling a title not ours.
+        assert "basic user viewer" in participants(login)
+        assert login.find("EventIdentification").get("EventOutcomeIndicator") == "4"  # type: ignore[union-attr]
+        assert "CT01" in participants(rejected)
+        assert "NOT_US" in ET.tostring(rejected, encoding="unicode")
+
+        # The file holds the same messages, readable by its owner only.
+        assert stat.S_IMODE(os.stat(audit_file).st_mode) == 0o600
+        lines = audit_file.read_text(encoding="utf-8").splitlines()
+        assert len(lines) == expected
+        everything = audit_file.read_text(encoding="utf-8") + "".join(r.msg for r in received)
+        for phi in (name, patient_id, name.replace("^", " ")):
+            assert phi not in everything
+            assert phi.encode() not in b"".join(base64.b64decode(q.text or "") for m in messages for q in m.iter("ParticipantObjectQuery"))
