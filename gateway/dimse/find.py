@@ -219,13 +219,13 @@ class FindService:
             await pending.flush()
         except asyncio.CancelledError:
             pending.close()
-            self._log(assoc, context.abstract_syntax, identifier, query, sent, "cancelled", started)
+            self._report(assoc, context.abstract_syntax, identifier, query, sent, "cancelled", started)
             await asyncio.shield(send(CANCEL))
             raise
         except (MatchLimit, SearchTruncated) as exc:
             # The archive capping its answer is the match cap reached elsewhere: never Success.
             by = " by the archive" if isinstance(exc, SearchTruncated) else ""
-            self._log(assoc, context.abstract_syntax, identifier, query, sent, f"cut at {sent} matches{by}", started)
+            self._report(assoc, context.abstract_syntax, identifier, query, sent, f"cut at {sent} matches{by}", started)
             await pending.flush()
             await send(OUT_OF_RESOURCES, extra={0x0902: f"more than {sent} matches; refine the query"})
             return
@@ -235,17 +235,17 @@ class FindService:
                 # The traceback goes to DEBUG: exception messages may quote values (PHI).
                 log.error("C-FIND from %s failed: %s", assoc.peer, failure.comment)
                 log.debug("C-FIND internal error", exc_info=exc)
-            self._log(assoc, context.abstract_syntax, identifier, query, sent, f"failed 0x{failure.status:04X}: {failure.comment}", started)
+            self._report(assoc, context.abstract_syntax, identifier, query, sent, f"failed 0x{failure.status:04X}: {failure.comment}", started)
             await pending.flush()
             extra: dict[int, Any] = {0x0902: failure.comment[:64]}
             if failure.offending:
                 extra[0x0901] = failure.offending
             await send(failure.status, extra=extra)
             return
-        self._log(assoc, context.abstract_syntax, identifier, query, sent, "success", started)
+        self._report(assoc, context.abstract_syntax, identifier, query, sent, "success", started)
         await send(SUCCESS)
 
-    def _log(
+    def _report(
         self, assoc: Association, context_syntax: str, identifier: Dataset | None, query: Query | None, sent: int,
         outcome: str, started: float,
     ) -> None:
