@@ -191,26 +191,26 @@ def _participant(root: ET.Element, p: Participant) -> None:
         _code(element, "RoleIDCode", role)
 
 
-def _study(root: ET.Element, study: StudyObject) -> None:
+def _object(root: ET.Element, object_id: str, id_type: Code) -> ET.Element:
+    """A system object in the report role, as both a study and a query are."""
     element = _sub(
         root, "ParticipantObjectIdentification",
-        ParticipantObjectID=study.study_uid,
+        ParticipantObjectID=object_id,
         ParticipantObjectTypeCode=_SYSTEM_OBJECT,
         ParticipantObjectTypeCodeRole=_REPORT,
     )
-    _code(element, "ParticipantObjectIDTypeCode", STUDY_INSTANCE_UID)
+    _code(element, "ParticipantObjectIDTypeCode", id_type)
+    return element
+
+
+def _study(root: ET.Element, study: StudyObject) -> None:
+    element = _object(root, study.study_uid, STUDY_INSTANCE_UID)
     for sop_class, count in study.sop_classes:
         _sub(element, "SOPClass", UID=sop_class, NumberOfInstances=str(count))
 
 
 def _query(root: ET.Element, q: QueryObject) -> None:
-    element = _sub(
-        root, "ParticipantObjectIdentification",
-        ParticipantObjectID=q.sop_class_uid,
-        ParticipantObjectTypeCode=_SYSTEM_OBJECT,
-        ParticipantObjectTypeCodeRole=_REPORT,
-    )
-    _code(element, "ParticipantObjectIDTypeCode", SOP_CLASS_UID)
+    element = _object(root, q.sop_class_uid, SOP_CLASS_UID)
     _sub(element, "ParticipantObjectQuery").text = base64.b64encode(q.query).decode("ascii")
     if q.transfer_syntax:
         value = base64.b64encode(q.transfer_syntax.encode("ascii")).decode("ascii")
