@@ -79,6 +79,7 @@ class _Destination:
         self.backoff = 0.0
         self.retry_at = 0.0
         self.failed_at = 0.0
+        self.since = 0.0  # Unix time of the first failure of the current outage
 
     def due(self, now: float, closing: bool) -> bool:
         """Whether to try now: after the back-off, or while closing, soon after the
@@ -107,6 +108,7 @@ class _Destination:
         self.failed_at = now
         self.retry_at = now + self.backoff
         if self.failures == 1:
+            self.since = time.time()
             log.warning("audit trail: %s failed (%s); keeping messages and retrying", self.name, self.error)
 
     def succeeded(self) -> None:
@@ -275,6 +277,12 @@ class AuditTrail:
     def last_error(self) -> str:
         """Why delivery is failing, per failing destination; "" when all are fine."""
         return "; ".join(f"{d.name}: {d.error}" for d in self._destinations if d.error)
+
+    @property
+    def failing_since(self) -> float | None:
+        """Unix time delivery to a destination began failing (the earliest), for
+        /healthz; None when every destination delivers."""
+        return min((d.since for d in self._destinations if d.error), default=None)
 
     def record(self, event: AuditEvent) -> None:
         """Queue the event for every destination and return at once (any thread)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.web.keys import HEALTH_CACHE, PROBLEMS, SPOOL, UPSTREAM
+from gateway.web.keys import AUDIT, HEALTH_CACHE, PROBLEMS, SPOOL, UPSTREAM
 
 routes = web.RouteTableDef()
 
@@ -25,12 +25,17 @@ async def healthz(request: web.Request) -> web.Response:
     """Always 200 while the process runs; ``status`` says ``degraded`` when the archive
     is unreachable, instances or routes' copies are dead, or something keeps delivery from working
     (``problems``: the spool database refusing writes, the archive refusing our
-    credentials or URL), so monitoring can alert on the body."""
+    credentials or URL, the audit trail unable to reach its repository or file), so
+    monitoring can alert on the body."""
     app = request.app
     loop = asyncio.get_running_loop()
     problems: list[dict[str, Any]] = [
         {"component": p.component, "reason": p.reason, "since": _iso(p.since)} for p in app[PROBLEMS].all()
     ]
+    trail = app[AUDIT].trail
+    since = trail.failing_since if trail is not None else None
+    if trail is not None and since is not None:
+        problems.append({"component": "audit trail", "reason": trail.last_error, "since": _iso(since)})
     spool_status: dict[str, Any] | None
     try:
         spool_status = await loop.run_in_executor(None, app[SPOOL].status)

@@ -18,7 +18,7 @@ from tests.support import dcmtk
 from tests.support.curl import curl
 from tests.support.dcmtk import StoreSCP
 from tests.support.ports import wait_until
-from tests.support.rsyslog import rsyslog
+from tests.support.rsyslog import Rsyslog, rsyslog
 from tests.support.synth import ct_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -119,3 +119,27 @@ def test_what_nodes_and_users_do_reaches_the_repository_without_patient_names(tm
         for phi in (name, patient_id, name.replace("^", " ")):
             assert phi not in everything
             assert phi.encode() not in b"".join(base64.b64decode(q.text or "") for m in messages for q in m.iter("ParticipantObjectQuery"))
+
+
+def test_a_repository_that_is_down_degrades_health_and_loses_nothing(tmp_path: Path, gateway) -> None:
+    """The repository is down when the gateway starts: stores are answered as ever,
+    /healthz names the audit trail, and once the repository comes up every message
+    kept meanwhile arrives, in order, and health is ok again."""
+    arr = Rsyslog(tmp_path / "arr", tcp=True)  # its port chosen, nothing listening yet
+    gw = gateway(extra=f'\n[audit]\nsyslog = "tcp://127.0.0.1:{arr.tcp_port}"\n')
+    try:
+        for n in range(3):
+            result = dcmtk.storescu(gw.port, ct_series(tmp_path / f"ct{n}", 1, 16, 16), gw.ae_title, calling_ae="CT01")
+            assert result.returncode == 0, result.stderr
+        wait_until(lambda: any(p["component"] == "audit trail" for p in gw.health()["problems"]), 10, 0.1, "not degraded")
+        health = gw.health()
+        assert health["status"] == "degraded"
+        (problem,) = [p for p in health["problems"] if p["component"] == "audit trail"]
+        assert "ConnectionRefusedError" in problem["reason"]
+
+        arr.start()
+        received = arr.wait_for(4, timeout=60)  # start, three associations; backoff up to 30 s
+        assert [event_of(ET.fromstring(r.msg)) for r in received] == [("110100", "E")] + [("110104", "C")] * 3
+        wait_until(lambda: gw.health()["status"] == "ok", 10, 0.1, "still degraded")
+    finally:
+        arr.stop()
