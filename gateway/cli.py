@@ -78,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     print(
-        f"{args.config}: OK (AE {config.dimse.ae_title} on port {config.dimse.port}, "
+        f"{args.config}: OK (AE {', '.join([config.dimse.ae_title, *sorted(config.dimse.own_ae_titles - {config.dimse.ae_title})])}"
+        f" on port {config.dimse.port}, "
         f"upstream {config.upstream.type}, {len(config.dimse.peers)} peer(s))"
     )
     return 0

@@ -257,3 +257,14 @@ def test_the_audit_trail_names_a_repository_and_a_writable_file(tmp_path: Path) 
     assert exc.value.problems == [f"audit.file: cannot write in {tmp_path / 'logs'} (missing, or not writable by this user)"]
     (tmp_path / "logs").mkdir()
     assert load_config(config).audit.file == tmp_path / "logs" / "audit.log"
+
+
+def test_check_config_names_every_ae_title_the_gateway_answers_to(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[dimse]\nae_title = "GW"\n[[dimse.peers]]\nae_title = "AI"\nhost = "127.0.0.1"\nport = 104\n'
+        '[[dimse.routes]]\ndestination = "AI"\ncalled_ae = ["GW_B", "GW_AI"]\n'
+        f'[spool]\ndirectory = "{tmp_path / "spool"}"\n'
+    )
+    result = _check(path)
+    assert result.returncode == 0 and "OK (AE GW, GW_AI, GW_B on port 11112" in result.stdout, result.stdout + result.stderr
