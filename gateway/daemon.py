@@ -81,9 +81,9 @@ async def _run(config: Config, config_path: Path | None) -> None:
     await upstream.start()
     # With ack = "delivered" every C-STORE waits for its own delivery: never linger.
     linger = 0.0 if config.dimse.ack == "delivered" else config.spool.batch_linger_ms / 1000
-    forwarder = Forwarder(spool, upstream, config.spool, linger, metrics)
+    forwarder = Forwarder(spool, upstream, config.spool, linger, metrics, audit)
     retriever = Retriever(config, upstream, metrics)
-    routes = RouteSenders(config, spool, retriever.transcoder, metrics)
+    routes = RouteSenders(config, spool, retriever.transcoder, metrics, audit)
 
     def queued() -> None:
         forwarder.wake()

@@ -14,6 +14,7 @@ recorded with its keys, UIDs and levels but every other value emptied
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -114,6 +115,19 @@ def dimse_participant(ae_title: str, address: str, requestor: bool) -> Participa
     return Participant(ae_title, requestor, address, alternative_user_id=f"AETITLES={ae_title}")
 
 
+def archive_participant(config: Config) -> Participant | None:
+    """The remote archive, as audit messages name it (it has no AE title): a DICOMweb
+    archive by its URL, a HealthImaging datastore by its ID and region. None for the
+    embedded archive, which is part of the gateway."""
+    up = config.upstream
+    if up.type == "dicomweb":
+        return Participant(up.url, False, urllib.parse.urlsplit(up.url).hostname or "")
+    if up.type == "healthimaging":
+        host = urllib.parse.urlsplit(up.dicomweb_endpoint_url).hostname or ""
+        return Participant(f"HealthImaging datastore {up.datastore_id} ({up.region})", False, host)
+    return None
+
+
 def web_participant(user: str, address: str | None) -> Participant:
     """A facade client: the credential it was admitted with, from its address."""
     return Participant(user, True, address or "")
@@ -128,6 +142,7 @@ class Auditor:
         host = config.dimse.host
         address = host if host not in ("", "0.0.0.0", "::") else socket.gethostname()
         self.me = Participant(str(os.getpid()), False, address, alternative_user_id=f"AETITLES={ae}", user_name=ae)
+        self.archive = archive_participant(config)
 
     @property
     def enabled(self) -> bool:
@@ -162,6 +177,20 @@ class Auditor:
         if requestor.user_id != destination.user_id or requestor.address != destination.address:
             event = _with(event, requestor)
         self._record(event)
+
+    def pushed(self, destination: Participant, tally: StudyTally, done: int, failed: int, description: str = "") -> None:
+        """Instances the gateway sent of its own accord: delivered to the archive,
+        copied by a route. The gateway is the source and the requestor."""
+        if done or failed:
+            self._record(instances_transferred(
+                "R", outcome_of(done, failed), dataclasses.replace(self.me, requestor=True), destination,
+                tally.studies(), description,
+            ))
+
+    def delivered(self, tally: StudyTally, done: int, refused: int) -> None:
+        """A batch delivered to a remote archive (the embedded one is no transfer)."""
+        if self.archive is not None:
+            self.pushed(self.archive, tally, done, refused, "delivered to the archive")
 
     def accessed(self, reader: Participant, study_uid: str, ok: bool) -> None:
         """A study's metadata read through the facade (what a viewer opens)."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.codecs import TranscodeError
+from gateway.audit.auditor import Auditor, StudyTally, dimse_participant
 from gateway.config import Config
 from gateway.dimse.requestor import RequestorError, StoreRequestor
 from gateway.dimse.retrieve import STORE_WARNINGS, proposals
@@ -76,10 +77,15 @@ class _Open:
 class RouteSenders:
     """The daemon's senders of routed copies, one task per destination."""
 
-    def __init__(self, config: Config, spool: Spool, transcoder: Transcoder, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, spool: Spool, transcoder: Transcoder, metrics: Metrics | None = None,
+        audit: Auditor | None = None,
+    ) -> None:
         """``config`` is replaced on reload (peer addresses), and `reconfigure` then
-        starts a sender for a destination a new route names."""
+        starts a sender for a destination a new route names. ``audit``: the audit
+        trail, told of each batch copied."""
         self.config = config
+        self.audit = audit
         self.spool = spool
         self.copies = Copies(spool)
         self.transcoder = transcoder
@@ -174,13 +180,22 @@ class RouteSenders:
 
     def _report(self, destination: str, outcomes: list[tuple[SpooledCopy, str, str]], states: dict[int, str]) -> None:
         counts = {"delivered": 0, "failed": 0, "dead": 0}
+        copied = StudyTally()
         for copy, _, error in outcomes:
             state = states.get(copy.id, "failed")
             counts[state] += 1
+            if state == "delivered":
+                copied.add(copy.instance.study_uid, copy.instance.sop_class_uid)
             if self.metrics is not None:
                 self.metrics.route_copies.labels(destination, state).inc()
             if state == "dead":
                 log.error("route to %s: instance %s not copied: %s", destination, copy.instance.sop_instance_uid, error)
+        if self.audit is not None:
+            peer = self.config.peer(destination)
+            self.audit.pushed(
+                dimse_participant(destination, peer.host if peer is not None else "", False), copied,
+                counts["delivered"], counts["dead"], f"route copies to {destination}",
+            )
         if counts["failed"]:
             first = next(e for c, k, e in outcomes if states.get(c.id) == "failed")
             log.warning(

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from gateway.audit.auditor import Auditor, tally_of
 from gateway.config import SpoolConfig
 from gateway.metrics import Metrics
 from gateway.spool.queue import Outcome, Spool, SpooledInstance
@@ -88,13 +89,16 @@ class Hold:
 
 class Forwarder:
     def __init__(
-        self, spool: Spool, upstream: Upstream, cfg: SpoolConfig, linger: float, metrics: Metrics | None = None
+        self, spool: Spool, upstream: Upstream, cfg: SpoolConfig, linger: float, metrics: Metrics | None = None,
+        audit: Auditor | None = None,
     ) -> None:
         """``linger``: seconds to wait after an idle spool wakes before claiming, so a
         burst of C-STOREs leaves as a few batched STOW-RS requests instead of one
         request per instance (which costs both us and the archive far more CPU).
-        ``metrics``: where delivery attempts and their outcomes are counted."""
+        ``metrics``: where delivery attempts and their outcomes are counted. ``audit``:
+        the audit trail, told of each batch delivered."""
         self.metrics = metrics if metrics is not None else Metrics()
+        self.audit = audit
         self.spool = spool
         self.upstream = upstream
         self.cfg = cfg
@@ -282,6 +286,10 @@ class Forwarder:
         delivered = [o for o in outcomes if states.get(o.instance_id) == "delivered"]
         if delivered and self.on_delivered is not None:
             self.on_delivered(study, [(by_id[o.instance_id].series_uid, by_id[o.instance_id].sop_instance_uid) for o in delivered])
+        if self.audit is not None:
+            refused = sum(1 for o in outcomes if states.get(o.instance_id) == "dead")
+            tally = tally_of((study, by_id[o.instance_id].sop_class_uid) for o in delivered)
+            self.audit.delivered(tally, len(delivered), refused)
         if delivered:
             log.info(
                 "delivered %d instance(s) of study %s to %s in %.2f s",

@@ -143,3 +143,42 @@ def test_a_repository_that_is_down_degrades_health_and_loses_nothing(tmp_path: P
         wait_until(lambda: gw.health()["status"] == "ok", 10, 0.1, "still degraded")
     finally:
         arr.stop()
+
+
+def test_what_leaves_on_its_own_is_audited_too(tmp_path: Path, orthanc, gateway) -> None:
+    """Instances the gateway sends of its own accord: delivered to a remote archive
+    (Orthanc's DICOMweb), copied by a route to another node (storescp). The gateway
+    is the source and the requestor of both."""
+    with rsyslog(tmp_path / "arr", udp=True) as arr, StoreSCP(tmp_path / "ai", ae_title="AI") as ai:
+        gw = gateway(
+            upstream_url=orthanc.dicomweb_url,
+            extra=(
+                f'\n[audit]\nsyslog = "udp://127.0.0.1:{arr.udp_port}"\n'
+                f'\n[[dimse.peers]]\nae_title = "AI"\nhost = "127.0.0.1"\nport = {ai.port}\n'
+                '\n[[dimse.routes]]\ndestination = "AI"\n'
+            ),
+        )
+        series = ct_series(tmp_path / "ct", 2, 32, 32)
+        study = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+        assert dcmtk.storescu(gw.port, series, gw.ae_title, calling_ae="CT01").returncode == 0
+        gw.wait_counts(delivered=2)
+        wait_until(lambda: len(list(ai.output_dir.iterdir())) == 2, 20, 0.2, "the copies never arrived")
+
+        def sent_to() -> dict[str, int] | None:
+            """Instances per destination over the transfer messages so far (the spool
+            may deliver and copy a study in more than one batch)."""
+            totals: dict[str, int] = {}
+            for r in arr.messages():
+                m = ET.fromstring(r.msg)
+                if event_of(m) != ("110104", "R"):
+                    continue
+                roles = {p.find("RoleIDCode").get("csd-code"): p for p in m.findall("ActiveParticipant")}  # type: ignore[union-attr]
+                source, destination = roles["110153"], roles["110152"]
+                assert source.get("UserIsRequestor") == "true" and source.get("AlternativeUserID") == f"AETITLES={gw.ae_title}"
+                obj = m.find("ParticipantObjectIdentification")
+                assert obj is not None and obj.get("ParticipantObjectID") == study
+                name = destination.get("UserID", "")
+                totals[name] = totals.get(name, 0) + sum(int(c.get("NumberOfInstances", "0")) for c in obj.iter("SOPClass"))
+            return totals if totals == {orthanc.dicomweb_url: 2, "AI": 2} else None
+
+        wait_until(sent_to, 10, 0.1, "the delivery and the copies were not audited")
