@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.audit.auditor import web_participant
+from gateway.audit.message import Participant
 from gateway.config import HttpAuthConfig
 from gateway.web.keys import AUDIT, USER
 
@@ -66,6 +67,12 @@ def _basic(value: str) -> tuple[str, str, str]:
         return base64.b64decode(value, validate=True).decode("utf-8").partition(":")
     except (binascii.Error, UnicodeDecodeError):
         return "", "", ""
+
+
+def requester(request: web.Request) -> Participant:
+    """Who is asking, as the audit trail names a facade client: the credential that
+    admitted the request (`admitted`), from its address."""
+    return web_participant(request[USER], request.remote)
 
 
 def offered_user(request: web.Request) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.audit.auditor import STUDY_ROOT_FIND, blank_query_string, web_participant
+from gateway.audit.auditor import STUDY_ROOT_FIND, blank_query_string
 from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import DICOM_JSON, DICOM_XML, JSON, MULTIPART_RELATED
 from gateway.dicomweb.qido_parse import QidoRequest, parse_qido
@@ -28,7 +28,8 @@ from gateway.model.query import LEVELS, Model, QueryError, attribute_level, tag_
 from gateway.upstream.base import JsonObject
 from gateway.upstream.errors import SearchTruncated
 from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids
-from gateway.web.keys import AUDIT, CONFIG, UPSTREAM, USER
+from gateway.web.auth import requester
+from gateway.web.keys import AUDIT, CONFIG, UPSTREAM
 
 log = logging.getLogger("gateway.web")
 
@@ -120,7 +121,7 @@ def _audit(request: web.Request, ok: bool, description: str) -> None:
     audit = request.app[AUDIT]
     if audit.enabled:
         asked = request.path.encode("ascii", "replace") + b"?" + blank_query_string(request.query_string)
-        audit.queried(web_participant(request[USER], request.remote), STUDY_ROOT_FIND, asked, ok, description=description)
+        audit.queried(requester(request), STUDY_ROOT_FIND, asked, ok, description=description)
 
 
 def _search_handler(resource: str) -> Callable[[web.Request], Any]:

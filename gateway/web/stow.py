@@ -29,7 +29,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.audit.auditor import tally_of, web_participant
+from gateway.audit.auditor import tally_of
 from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, MULTIPART_RELATED, OCTET_STREAM, media_type
 from gateway.dicomweb.multipart_reader import MultipartError, StreamedPart, boundary_of, iter_parts
@@ -39,7 +39,8 @@ from gateway.spool.queue import SpoolFull
 from gateway.spool.receipt import Receipt
 from gateway.spool.record import PREAMBLE, Sender
 from gateway.web.common import path_uids, request_root, text_error
-from gateway.web.keys import AUDIT, CACHE, SPOOL, USER
+from gateway.web.auth import requester
+from gateway.web.keys import AUDIT, CACHE, SPOOL
 
 log = logging.getLogger("gateway.web")
 
@@ -184,7 +185,7 @@ def response_module(results: list[PartResult], root: str, study_uid: str | None)
 def _audit(request: web.Request, results: list[PartResult], description: str) -> None:
     stored = [r for r in results if not r.reason]
     request.app[AUDIT].received(
-        web_participant(request[USER], request.remote), tally_of((r.study_uid, r.sop_class_uid) for r in stored),
+        requester(request), tally_of((r.study_uid, r.sop_class_uid) for r in stored),
         len(stored), len(results) - len(stored), description,
     )
 

@@ -34,7 +34,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from gateway.audit.auditor import StudyTally, tally_of, web_participant
+from gateway.audit.auditor import StudyTally, tally_of
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.frame_check import actual_syntax, convert_frame, convertible, same_bytes
@@ -74,7 +74,8 @@ from gateway.web.common import (
     send_streamed,
     subject,
 )
-from gateway.web.keys import AUDIT, CACHE, CONFIG, REFUSED_SERIES, RETRIEVER, UPSTREAM, USER, WHOLE_INSTANCE_FRAMES
+from gateway.web.auth import requester
+from gateway.web.keys import AUDIT, CACHE, CONFIG, REFUSED_SERIES, RETRIEVER, UPSTREAM, WHOLE_INSTANCE_FRAMES
 
 log = logging.getLogger("gateway.web")
 
@@ -241,7 +242,7 @@ class InstanceBody:
 
 def audit_sent(request: web.Request, tally: StudyTally, done: int, failed: int, what: str) -> None:
     """Instances sent to a facade client, told to the audit trail."""
-    client = web_participant(request[USER], request.remote)
+    client = requester(request)
     request.app[AUDIT].sent(client, client, tally, done, failed, what)
 
 
@@ -470,9 +471,9 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
             dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"), via_series=False)
         ]
     except Exception as exc:  # noqa: BLE001
-        request.app[AUDIT].accessed(web_participant(request[USER], request.remote), uids["study"], False)
+        request.app[AUDIT].accessed(requester(request), uids["study"], False)
         return error_response(exc, what)
-    request.app[AUDIT].accessed(web_participant(request[USER], request.remote), uids["study"], True)
+    request.app[AUDIT].accessed(requester(request), uids["study"], True)
     root = request_root(request)
     for obj in objects:
         study, series, sop = _uid(obj, "0020000D") or uids["study"], _uid(obj, "0020000E"), _uid(obj, "00080018")
@@ -763,14 +764,14 @@ async def delete(request: web.Request) -> web.StreamResponse:
         else:
             await upstream.delete_study(uids["study"])
     except Exception as exc:  # noqa: BLE001
-        request.app[AUDIT].deleted(web_participant(request[USER], request.remote), uids["study"], False, f"DELETE {request.path}: {type(exc).__name__}")
+        request.app[AUDIT].deleted(requester(request), uids["study"], False, f"DELETE {request.path}: {type(exc).__name__}")
         return error_response(exc, what)
     finally:
         cache = request.app[CACHE]
         if cache is not None:
             cache.forget_study(uids["study"])
     log.info("DELETE %s: done", "/".join(uids.values()))
-    request.app[AUDIT].deleted(web_participant(request[USER], request.remote), uids["study"], True, f"DELETE {request.path}")
+    request.app[AUDIT].deleted(requester(request), uids["study"], True, f"DELETE {request.path}")
     return web.Response(status=204)
 
 
