@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import asyncio
 import json
 import logging
 import re
+import socket
 import ssl
 import sys
 import time
@@ -15,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from gateway.audit.auditor import Auditor, audit_trail
+from gateway.audit.message import Participant
 from gateway.config import Config, ConfigError, load_config
 from gateway.logfmt import FORMATS, PatientDataFilter, formatter
 from gateway.spool.copies import Copies
@@ -122,6 +126,17 @@ def _daemon_problems(config: Config) -> tuple[str, list[dict[str, Any]] | None]:
     return url, problems if isinstance(problems, list) else None
 
 
+def _audit_discard(config: Config, study_uid: str, description: str) -> None:
+    """Tell the audit trail an admin withdrew a study's instances (they will never
+    reach the archive): the operating-system user on this host is the requestor."""
+    trail = audit_trail(config)
+    if trail is None:
+        return
+    admin = Participant(getpass.getuser(), True, socket.gethostname())
+    Auditor(config, trail).deleted(admin, study_uid, True, description)
+    trail.close()
+
+
 def cmd_spool(args: argparse.Namespace) -> int:
     """Spool administration, safe while the daemon runs, so without the daemon's lock.
 
@@ -196,6 +211,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 detail += f"; and {counts['copies']} route copies of its delivered instances"
             if args.yes:
                 print(f"discarded {taken} undelivered instance(s) of study {args.study} ({detail})")
+                _audit_discard(config, args.study, f"spool discard: {taken} undelivered instance(s) withdrawn ({detail})")
             else:
                 print(f"would discard {taken} undelivered instance(s) of study {args.study} ({detail}); add --yes to do it")
             if counts["sending"]:

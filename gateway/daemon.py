@@ -14,8 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.audit.auditor import Auditor
-from gateway.audit.trail import AuditTrail
+from gateway.audit.auditor import Auditor, audit_trail
 from gateway.config import Config, ConfigError, load_config
 from gateway.dimse.command import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ, N_ACTION_RQ, STORAGE_COMMITMENT
 from gateway.dimse.commitment import CommitmentService
@@ -38,15 +37,6 @@ from gateway.web.keys import CACHE
 from gateway.web.metrics import AuditCollector, SpoolCollector
 
 log = logging.getLogger("gateway.daemon")
-
-
-def audit_trail(config: Config) -> AuditTrail | None:
-    """The audit trail ``[audit]`` asks for (None: none). Over TLS the node presents
-    ``[dimse.tls]``'s certificate, as it does to peers, when one is configured."""
-    if not config.audit.enabled:
-        return None
-    tls = config.dimse.tls.client_context() if config.dimse.tls is not None else None
-    return AuditTrail(config.audit, config.audit.source_id or config.dimse.ae_title, tls)
 
 
 async def run(config: Config, config_path: Path | None = None) -> None:

@@ -55,6 +55,15 @@ _KEPT_KEYWORDS = {"QueryRetrieveLevel", "SpecificCharacterSet"}
 _KEPT_PARAMETERS = {"limit", "offset", "includefield", "fuzzymatching"}
 
 
+def audit_trail(config: Config) -> AuditTrail | None:
+    """The audit trail ``[audit]`` asks for (None: none). Over TLS the node presents
+    ``[dimse.tls]``'s certificate, as it does to peers, when one is configured."""
+    if not config.audit.enabled:
+        return None
+    tls = config.dimse.tls.client_context() if config.dimse.tls is not None else None
+    return AuditTrail(config.audit, config.audit.source_id or config.dimse.ae_title, tls)
+
+
 class StudyTally:
     """Instances counted per study and SOP class, for one transfer's audit message."""
 

@@ -7,6 +7,7 @@ same messages are in the audit file, and no patient name or ID is in any of them
 from __future__ import annotations
 
 import base64
+import getpass
 import os
 import stat
 import xml.etree.ElementTree as ET
@@ -17,7 +18,7 @@ from pydicom import dcmread
 from tests.support import dcmtk
 from tests.support.curl import curl
 from tests.support.dcmtk import StoreSCP
-from tests.support.ports import wait_until
+from tests.support.ports import closed_port, wait_until
 from tests.support.rsyslog import Rsyslog, rsyslog
 from tests.support.synth import ct_series
 
@@ -182,3 +183,30 @@ def test_what_leaves_on_its_own_is_audited_too(tmp_path: Path, orthanc, gateway)
             return totals if totals == {orthanc.dicomweb_url: 2, "AI": 2} else None
 
         wait_until(sent_to, 10, 0.1, "the delivery and the copies were not audited")
+
+
+def test_an_admin_discarding_a_study_is_audited_as_its_deletion(tmp_path: Path, gateway) -> None:
+    """`spool discard --yes` takes a study's undelivered instances out for good: the
+    CLI writes that to the audit trail itself, naming the operating-system user."""
+    audit_file = tmp_path / "audit.log"
+    gw = gateway(
+        upstream_url=f"http://127.0.0.1:{closed_port()}/dicom-web",  # nothing delivered: the study stays queued
+        extra=f'\n[audit]\nfile = "{audit_file}"\n',
+    )
+    series = ct_series(tmp_path / "ct", 2, 16, 16)
+    study = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    assert dcmtk.storescu(gw.port, series, gw.ae_title, calling_ae="CT01").returncode == 0
+    result = gw.cli("spool", "discard", "--study", study, "--yes")
+    assert result.returncode == 0 and "discarded 2" in result.stdout, result.stdout + result.stderr
+
+    def deletion() -> ET.Element | None:
+        for line in audit_file.read_text(encoding="utf-8").splitlines():
+            message = ET.fromstring(line.split(" - ", 1)[1])
+            if event_of(message) == ("110105", "D"):
+                return message
+        return None
+
+    message = wait_until(deletion, 10, 0.1, "no deletion audited")
+    assert getpass.getuser() in participants(message)
+    assert message.find("ParticipantObjectIdentification").get("ParticipantObjectID") == study  # type: ignore[union-attr]
+    assert "spool discard: 2 undelivered instance(s) withdrawn" in (message.findtext("EventIdentification/EventOutcomeDescription") or "")
