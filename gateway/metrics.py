@@ -32,6 +32,15 @@ def command_name(field: int) -> str:
     return COMMAND_NAMES.get(field & 0x7FFF, "other")
 
 
+# Why an association (or a TLS connection) is turned away: each series exists from the
+# start at 0, so that Prometheus' increase() sees the first rejection of a kind too (a
+# series born at 1 shows no increase).
+REJECTION_REASONS = (
+    "unknown_calling_ae", "unknown_called_ae", "wrong_host", "too_many_associations", "too_many_associations_for_peer",
+    "application_context", "tls_no_client_certificate", "tls_certificate_refused", "tls_handshake_failed",
+)
+
+
 class Metrics:
     """Every collector of one gateway, registered on ``registry`` (a new one if None)."""
 
@@ -50,6 +59,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in REJECTION_REASONS:
+            self.associations_rejected.labels(reason)
         self.dimse_requests = Histogram(
             "gateway_dimse_request_duration_seconds",
             "DIMSE requests from their receipt to their final response, by command and final status",

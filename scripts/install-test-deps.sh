@@ -2,7 +2,8 @@
 # Installs everything the test suite needs: Debian tools (dcmtk, Orthanc with its
 # DICOMweb plugin, OpenJPH's command-line tools, strace and mkfs.ext4 for the disk
 # fault tests, curl for the DICOMweb facade's vendor examples, HAProxy for the two-node test,
-# rsyslog and its GnuTLS driver as the audit trail's syslog receiver, chromium for the
+# rsyslog and its GnuTLS driver as the audit trail's syslog receiver, Prometheus to
+# evaluate the shipped alerting rules against real gateways, chromium for the
 # browser tests, npm to fetch OHIF Viewer 3) and the package with its test extras; then OHIF
 # Viewer 3's prebuilt application (npm package @ohif/app), packed once into a cache so
 # test runs never download it.
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 need=()
-for pkg in dcmtk orthanc orthanc-dicomweb openjph-tools strace e2fsprogs curl haproxy rsyslog rsyslog-gnutls chromium; do
+for pkg in dcmtk orthanc orthanc-dicomweb openjph-tools strace e2fsprogs curl haproxy rsyslog rsyslog-gnutls prometheus chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 command -v npm >/dev/null 2>&1 || need+=(npm)

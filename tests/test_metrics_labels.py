@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from gateway.metrics import OTHER_SENDERS, SENDER_LABELS, Metrics
+import re
+from pathlib import Path
+
+from gateway.metrics import OTHER_SENDERS, REJECTION_REASONS, SENDER_LABELS, Metrics
 
 
 def sample(m: Metrics, name: str, **labels: str) -> float | None:
@@ -28,3 +31,14 @@ def test_each_sender_counted_under_its_own_title_until_the_bound_then_as_other()
     }
     assert len(titles) == SENDER_LABELS + 1  # 64 titles and "other"
     assert sample(m, "gateway_dimse_last_stored_timestamp_seconds", calling_ae="CT01") > 1.7e9
+
+
+def test_every_rejection_reason_the_server_uses_exists_from_the_start_at_zero() -> None:
+    """A series born at 1 shows Prometheus no increase: the alert on rejections would
+    miss the first one of a kind."""
+    m = Metrics()
+    for reason in REJECTION_REASONS:
+        assert sample(m, "gateway_dimse_associations_rejected_total", reason=reason) == 0
+    source = (Path(__file__).resolve().parents[1] / "gateway" / "dimse" / "server.py").read_text()
+    used = set(re.findall(r'"((?:unknown|wrong|too_many|application|tls)_[a-z_]+)"', source))
+    assert used == set(REJECTION_REASONS)
