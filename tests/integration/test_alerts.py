@@ -21,6 +21,16 @@ def test_promtool_accepts_the_rules() -> None:
     assert result.returncode == 0 and "SUCCESS: 10 rules found" in result.stdout, result.stdout + result.stderr
 
 
+def test_the_alerts_that_need_a_long_stall_fire_on_time_in_promtool() -> None:
+    """A 15-minute stall, a refusing archive, dropped audit messages: promtool evaluates
+    the rules over synthetic series (tests/integration/data/alerts_test.yml)."""
+    result = subprocess.run(
+        [str(PROMTOOL), "test", "rules", "alerts_test.yml"], cwd=Path(__file__).parent / "data",
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+
+
 def test_each_trouble_raises_its_alert_in_a_real_prometheus(tmp_path: Path, gateway) -> None:
     # A gateway whose archive, route destination and audit repository are all down,
     # giving up at once (max_attempts = 1), and which rejects titles not its own.
