@@ -131,7 +131,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed")
     unit = tmp_path / "dicom-gateway.service"
     text = UNIT.read_text()
-    for needed in ("Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=dicom-gateway",
+    for needed in ("Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=dicom-gateway", "LogsDirectory=dicom-gateway",
                    "ProtectSystem=strict", "NoNewPrivileges=true", "PrivateTmp=true",
                    "AmbientCapabilities=CAP_NET_BIND_SERVICE", "User=dicom-gateway"):
         assert needed in text, needed
