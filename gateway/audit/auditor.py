@@ -25,7 +25,6 @@ from collections.abc import Iterable
 from pydicom import Dataset
 
 from gateway.audit.message import (
-    MAJOR_FAILURE,
     MINOR_FAILURE,
     NODE_AUTHENTICATION,
     SERIOUS_FAILURE,
@@ -219,7 +218,7 @@ class Auditor:
         ))
 
     def deleted(self, requestor: Participant, study_uid: str, ok: bool, description: str = "") -> None:
-        self._record(study_deleted(SUCCESS if ok else MAJOR_FAILURE, requestor, (StudyObject(study_uid),), description))
+        self._record(study_deleted(SUCCESS if ok else SERIOUS_FAILURE, requestor, (StudyObject(study_uid),), description))
 
     def refused_login(self, user: Participant, why: str) -> None:
         self._record(authentication_failed(user, self.me, why))
