@@ -15,14 +15,20 @@ recorded with its keys, UIDs and levels but every other value emptied
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
+import logging
 import os
 import socket
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import ParamSpec
 
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
 from gateway.audit.message import (
     MINOR_FAILURE,
@@ -43,7 +49,11 @@ from gateway.audit.message import (
     study_deleted,
 )
 from gateway.audit.trail import AuditTrail
+from gateway.codecs.syntaxes import EXPLICIT_VR_LE
 from gateway.config import Config
+
+log = logging.getLogger("gateway.audit")
+P = ParamSpec("P")
 
 # PS3.15 A.5.3.2: a viewer reading a study (metadata) rather than moving its instances.
 INSTANCES_ACCESSED: Code = ("110103", "DCM", "DICOM Instances Accessed")
@@ -104,18 +114,24 @@ def blank_query(ds: Dataset) -> Dataset:
 
 
 def blank_query_string(query_string: str) -> bytes:
-    """A QIDO-RS query string with its keys as asked and only UID-like values, paging
-    and ``includefield`` kept."""
+    """A QIDO-RS query string with its keys as asked and only the values of UID
+    attributes (by keyword or tag, the last of a dotted path), paging and
+    ``includefield`` kept."""
     kept = []
     for key, value in urllib.parse.parse_qsl(query_string, keep_blank_values=True):
-        keep = key in _KEPT_PARAMETERS or key.endswith("UID") or _is_uid_list(value)
+        keep = key in _KEPT_PARAMETERS or _names_a_uid(key.rsplit(".", 1)[-1])
         kept.append((key, value if keep else ""))
     return urllib.parse.urlencode(kept, safe=",*").encode("ascii")
 
 
-def _is_uid_list(value: str) -> bool:
-    parts = value.split(",")
-    return bool(value) and all(p and all(c.isdigit() or c == "." for c in p) for p in parts)
+def _names_a_uid(key: str) -> bool:
+    """Whether a QIDO-RS key (a keyword or eight hex digits) is an attribute of VR UI:
+    by the attribute, never by what its value looks like (a patient ID may be digits)."""
+    try:
+        tag = int(key, 16) if len(key) == 8 else tag_for_keyword(key)
+        return tag is not None and dictionary_VR(tag) == "UI"
+    except (ValueError, KeyError):
+        return False
 
 
 def dimse_participant(ae_title: str, address: str, requestor: bool) -> Participant:
@@ -141,6 +157,20 @@ def web_participant(user: str, address: str | None) -> Participant:
     return Participant(user, True, address or "")
 
 
+def _never_raises(method: Callable[P, None]) -> Callable[P, None]:
+    """An audit message that cannot be made is logged, never raised: the DICOM or
+    HTTP operation it records has happened and must still be answered."""
+
+    @functools.wraps(method)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            method(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("audit message (%s) not made", method.__name__)
+
+    return guarded
+
+
 class Auditor:
     """The gateway's side of every audit message, and the one place they are made."""
 
@@ -160,12 +190,15 @@ class Auditor:
         if self.trail is not None:
             self.trail.record(event)
 
+    @_never_raises
     def started(self) -> None:
         self._record(application_activity(True, self.me))
 
+    @_never_raises
     def stopped(self) -> None:
         self._record(application_activity(False, self.me))
 
+    @_never_raises
     def received(self, sender: Participant, tally: StudyTally, done: int, failed: int, description: str = "") -> None:
         """Instances the gateway took in (C-STORE on one association, one STOW-RS request)."""
         if done or failed:
@@ -173,6 +206,7 @@ class Auditor:
                 "C", outcome_of(done, failed), sender, self.me, tally.studies(), description
             ))
 
+    @_never_raises
     def sent(
         self, requestor: Participant, destination: Participant, tally: StudyTally, done: int, failed: int,
         description: str = "",
@@ -186,6 +220,7 @@ class Auditor:
             event = _with(event, requestor)
         self._record(event)
 
+    @_never_raises
     def pushed(self, destination: Participant, tally: StudyTally, done: int, failed: int, description: str = "") -> None:
         """Instances the gateway sent of its own accord: delivered to the archive,
         copied by a route. The gateway is the source and the requestor."""
@@ -195,11 +230,13 @@ class Auditor:
                 tally.studies(), description,
             ))
 
+    @_never_raises
     def delivered(self, tally: StudyTally, done: int, refused: int) -> None:
         """A batch delivered to a remote archive (the embedded one is no transfer)."""
         if self.archive is not None:
             self.pushed(self.archive, tally, done, refused, "delivered to the archive")
 
+    @_never_raises
     def accessed(self, reader: Participant, study_uid: str, ok: bool) -> None:
         """A study's metadata read through the facade (what a viewer opens)."""
         self._record(AuditEvent(
@@ -207,6 +244,23 @@ class Auditor:
             (StudyObject(study_uid),),
         ))
 
+    @_never_raises
+    def searched(
+        self, requestor: Participant, sop_class_uid: str, identifier: Dataset | None, ok: bool, description: str = ""
+    ) -> None:
+        """A C-FIND: its identifier kept with the values blanked (`blank_query`), in
+        Explicit VR Little Endian (None: it could not be read)."""
+        if self.trail is None:
+            return
+        blanked = b""
+        if identifier is not None:
+            fp = DicomBytesIO()
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            write_dataset(fp, blank_query(identifier))
+            blanked = fp.getvalue()
+        self.queried(requestor, sop_class_uid, blanked, ok, EXPLICIT_VR_LE, description)
+
+    @_never_raises
     def queried(
         self, requestor: Participant, sop_class_uid: str, blanked: bytes, ok: bool, syntax: str = "", description: str = ""
     ) -> None:
@@ -217,12 +271,15 @@ class Auditor:
             QueryObject(sop_class_uid, blanked, syntax), description,
         ))
 
+    @_never_raises
     def deleted(self, requestor: Participant, study_uid: str, ok: bool, description: str = "") -> None:
         self._record(study_deleted(SUCCESS if ok else SERIOUS_FAILURE, requestor, (StudyObject(study_uid),), description))
 
+    @_never_raises
     def refused_login(self, user: Participant, why: str) -> None:
         self._record(authentication_failed(user, self.me, why))
 
+    @_never_raises
     def refused_node(self, offender: Participant, why: str, tls: bool) -> None:
         """An association or TLS connection refused: a node that failed to
         authenticate (TLS), or asked for what it may not (an AE title or service)."""

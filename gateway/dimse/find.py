@@ -31,8 +31,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
-from gateway.audit.auditor import blank_query, dimse_participant
-from gateway.codecs.syntaxes import EXPLICIT_VR_BE, EXPLICIT_VR_LE, IMPLICIT_VR_LE
+from gateway.audit.auditor import dimse_participant
+from gateway.codecs.syntaxes import EXPLICIT_VR_BE, IMPLICIT_VR_LE
 from gateway.config import Config
 from gateway.model.json import dataset_from_json
 from gateway.model.search import Search
@@ -251,12 +251,10 @@ class FindService:
     ) -> None:
         """One line per request: level, key names (never values: they may be PHI); and
         one audit message, the identifier with its values blanked."""
-        if assoc.audit.enabled:
-            blanked = encode_identifier(blank_query(identifier), EXPLICIT_VR_LE) if identifier is not None else b""
-            assoc.audit.queried(
-                dimse_participant(assoc.calling_ae, assoc.address, True), context_syntax, blanked,
-                outcome == "success", EXPLICIT_VR_LE, f"C-FIND: {sent} matches, {outcome}",
-            )
+        assoc.audit.searched(
+            dimse_participant(assoc.calling_ae, assoc.address, True), context_syntax, identifier,
+            outcome == "success", f"C-FIND: {sent} matches, {outcome}",
+        )
         what = "?" if query is None else f"{query.model.name} {query.level} [{' '.join(tag_name(k.tag) for k in query.keys)}]"
         elapsed = time.monotonic() - started
         log.info(
