@@ -25,6 +25,7 @@ from typing import Any
 import pydicom.uid
 from pydicom.datadict import tag_for_keyword
 
+from gateway.codecs.syntaxes import SYNTAXES
 from gateway.uids import is_valid_uid
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash
@@ -58,6 +59,11 @@ class Peer:
     # The gateway's associations to it (C-MOVE, routes, commitment reports, peers
     # --echo) use TLS, with [dimse.tls]'s certificate and CAs (`TlsConfig.client_context`).
     tls: bool = False
+    # Transfer syntaxes to send it instances in, best first (C-MOVE, routes): proposed
+    # first, and an instance is converted to the first the peer accepts that can carry
+    # it (a site's WAN link to a remote PACS wants JPEG 2000 lossless, say). Empty: as
+    # stored when accepted, else the gateway's own order.
+    transfer_syntaxes: tuple[str, ...] = ()
 
     def accepts_address(self, address: str) -> bool:
         """Whether an association under this AE title may come from ``address``."""
@@ -469,6 +475,14 @@ def _peer(reader: _Reader) -> Peer:
     any_host = reader.boolean("any_host", False)
     max_associations = reader.integer("max_associations", 0, 0, 1000)
     tls = reader.boolean("tls", False)
+    syntaxes: list[str] = []
+    for name in _strings(reader, "transfer_syntaxes"):
+        uid = name if is_valid_uid(name) else str(getattr(pydicom.uid, name, ""))
+        info = SYNTAXES.get(pydicom.uid.UID(uid)) if uid else None
+        if info is None or not info.can_encode:
+            reader.problems.append(f"{reader.path}.transfer_syntaxes: {name!r} is not a transfer syntax the gateway can write")
+        elif uid not in syntaxes:
+            syntaxes.append(uid)
     addresses: frozenset[str] = frozenset()
     if host:
         try:
@@ -476,7 +490,7 @@ def _peer(reader: _Reader) -> Peer:
         except OSError as exc:
             reader.problems.append(f"{reader.path}.host: cannot resolve {host!r} ({exc.strerror or exc})")
     reader.finish()
-    return Peer(ae, host, port, permissions, addresses, any_host, max_associations, tls)
+    return Peer(ae, host, port, permissions, addresses, any_host, max_associations, tls, tuple(syntaxes))
 
 
 def _dimse(r: _Reader) -> DimseConfig:
@@ -838,6 +852,12 @@ def parse_config(data: dict[str, Any]) -> Config:
     log_r.finish()
     audit = _audit(root.sub("audit"))
     root.finish()
+    for i, peer in enumerate(dimse.peers):
+        lossy = [ts for ts in peer.transfer_syntaxes if not SYNTAXES[pydicom.uid.UID(ts)].encode_lossless]
+        if lossy and not retrieve.allow_lossy:
+            problems.append(
+                f"dimse.peers[{i}].transfer_syntaxes: {', '.join(lossy)} would lose pixel data; it needs retrieve.allow_lossy = true"
+            )
     if problems:
         raise ConfigError(problems)
     return Config(

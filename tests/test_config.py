@@ -268,3 +268,17 @@ def test_check_config_names_every_ae_title_the_gateway_answers_to(tmp_path: Path
     )
     result = _check(path)
     assert result.returncode == 0 and "OK (AE GW, GW_AI, GW_B on port 11112" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_peer_names_the_transfer_syntaxes_it_is_sent_in() -> None:
+    peer = {"ae_title": "WAN", "host": "127.0.0.1", "port": 104}
+    cfg = parse_config({"dimse": {"peers": [{**peer, "transfer_syntaxes": ["JPEG2000Lossless", "1.2.840.10008.1.2.1"]}]}})
+    assert cfg.dimse.peers[0].transfer_syntaxes == ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.1")
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"dimse": {"peers": [{**peer, "transfer_syntaxes": ["JPEGLosslessSV1", "JPEGBaseline8Bit"]}]}})
+    assert exc.value.problems == [
+        "dimse.peers[0].transfer_syntaxes: 'JPEGLosslessSV1' is not a transfer syntax the gateway can write",
+        "dimse.peers[0].transfer_syntaxes: 1.2.840.10008.1.2.4.50 would lose pixel data; it needs retrieve.allow_lossy = true",
+    ]
+    lossy = {"dimse": {"peers": [{**peer, "transfer_syntaxes": ["JPEGBaseline8Bit"]}]}, "retrieve": {"allow_lossy": True}}
+    assert parse_config(lossy).dimse.peers[0].transfer_syntaxes == ("1.2.840.10008.1.2.4.50",)

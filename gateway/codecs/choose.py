@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from pydicom.dataset import Dataset
@@ -57,10 +57,12 @@ def choose_transfer_syntax(
     *,
     has_pixel_data: bool = True,
     desc: PixelDescription | None = None,
+    preferred: Sequence[str] = (),
 ) -> UID | None:
     """Return the syntax to send in, or None if no accepted syntax will do.
 
-    The stored syntax wins when accepted (no conversion). Otherwise the first
+    First the first accepted of ``preferred`` (a peer's own order) that can carry
+    the instance. Then the stored syntax when accepted (no conversion). Otherwise the first
     accepted entry of LOSSLESS_PREFERENCE we can produce, then — only with
     `allow_lossy` — a lossy one. Without pixel data any native syntax works.
     Given `desc`, targets whose encoder cannot take this pixel format are
@@ -68,11 +70,20 @@ def choose_transfer_syntax(
     """
     source = UID(str(source_ts).strip())
     offered = {UID(str(uid).strip()) for uid in accepted}
+    info = SYNTAXES.get(source)
+    for uid in (UID(str(u).strip()) for u in preferred):
+        target = SYNTAXES.get(uid)
+        if uid not in offered or target is None:
+            continue
+        if uid == source or (not has_pixel_data and target.native):
+            return uid
+        lossless = target.encode_lossless or allow_lossy
+        if has_pixel_data and info is not None and info.can_decode and lossless and _feasible(info, target, desc):
+            return uid
     if source in offered:
         return source
     if not has_pixel_data:
         return next((uid for uid in NATIVE_PREFERENCE if uid in offered), None)
-    info = SYNTAXES.get(source)
     if info is None or not info.can_decode:
         return None
     candidates = LOSSLESS_PREFERENCE + (LOSSY_PREFERENCE if allow_lossy else ())

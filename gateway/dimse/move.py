@@ -30,10 +30,17 @@ class MoveTarget(StoreSubOperations):
     """The move destination: an association we requested, with the originator named
     in every C-STORE-RQ (PS3.7 9.1.1.1) so the destination can tell who asked."""
 
-    def __init__(self, requestor: StoreRequestor, originator: tuple[str, int], classes: frozenset[str]) -> None:
+    def __init__(
+        self, requestor: StoreRequestor, originator: tuple[str, int], classes: frozenset[str], preferred: tuple[str, ...]
+    ) -> None:
         self.requestor = requestor
         self.originator = originator
         self.classes = classes
+        self._preferred = preferred
+
+    @property
+    def preferred(self) -> tuple[str, ...]:
+        return self._preferred
 
     def contexts(self, sop_class_uid: str) -> dict[str, int]:
         return self.requestor.accepted.get(sop_class_uid, {})
@@ -67,10 +74,11 @@ class MoveService(RetrieveService):
     ) -> tuple[StoreSubOperations, Callable[[], Awaitable[None]]]:
         peer = self.config.peer(str(message.command.get(0x0600, "")).strip())
         assert peer is not None  # precheck
-        contexts = proposals(refs, first)
+        contexts = proposals(refs, first, peer.transfer_syntaxes)
         if not contexts:
             # Only instances without a SOP Class UID so far: no context can name them.
             raise RequestorError("nothing to propose: no SOP Class UID known for these instances")
         requestor = await StoreRequestor.to_peer(self.config, peer, contexts)
         classes = frozenset(sop for sop, _ in contexts)
-        return MoveTarget(requestor, (assoc.calling_ae, message.command.message_id), classes), requestor.release
+        originator = (assoc.calling_ae, message.command.message_id)
+        return MoveTarget(requestor, originator, classes, peer.transfer_syntaxes), requestor.release

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from pydicom.dataset import Dataset
 
@@ -98,6 +98,10 @@ class StoreSubOperations:
     def syntaxes(self, sop_class_uid: str) -> list[str]:
         return list(self.contexts(sop_class_uid)) if sop_class_uid else []
 
+    @property
+    def preferred(self) -> tuple[str, ...]:
+        return ()
+
     def offered(self, sop_class_uid: str) -> bool:
         # An instance naming no SOP class waits for nothing: no association can be
         # proposed for it either, and it fails here with NO_SOP_CLASS.
@@ -156,10 +160,14 @@ def failed_identifier(counts: Counts) -> Dataset | None:
 # -- what a move destination is asked for ----------------------------------------------------
 
 
-def proposals(refs: list[InstanceRef], first: list[Fetched]) -> list[tuple[str, list[str]]]:
+def proposals(
+    refs: list[InstanceRef], first: list[Fetched], preferred: Sequence[str] = ()
+) -> list[tuple[str, list[str]]]:
     """Presentation contexts for a move destination, at most 128.
 
-    One context per SOP class offering Explicit and Implicit VR Little Endian (every
+    First, per SOP class, one context for each of the destination's ``preferred``
+    syntaxes (a peer's ``transfer_syntaxes``), alone, so it can accept exactly those.
+    Then one context per SOP class offering Explicit and Implicit VR Little Endian (every
     receiver takes one of them, and every syntax we decode converts to them), then one
     per stored syntax seen among the first fetched instances, alone, so the receiver
     can accept exactly it and the instance goes untouched; then lossless compressed
@@ -174,7 +182,8 @@ def proposals(refs: list[InstanceRef], first: list[Fetched]) -> list[tuple[str, 
             stored.setdefault(f.sop_class_uid, [])
             if f.transfer_syntax not in stored[f.sop_class_uid]:
                 stored[f.sop_class_uid].append(f.transfer_syntax)
-    out: list[tuple[str, list[str]]] = [(c, list(UNCOMPRESSED)) for c in classes]
+    out: list[tuple[str, list[str]]] = [(c, [ts]) for c in classes for ts in preferred]
+    out += [(c, list(UNCOMPRESSED)) for c in classes]
     out += [(c, [ts]) for c in classes for ts in stored.get(c, [])]
     out += [(c, list(LOSSLESS_COMPRESSED)) for c in classes]
     return out[:128]

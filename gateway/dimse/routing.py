@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from gateway.codecs import TranscodeError
 from gateway.audit.auditor import Auditor, StudyTally, dimse_participant
@@ -33,7 +32,7 @@ from gateway.dimse.retrieve import STORE_WARNINGS, proposals
 from gateway.metrics import Metrics
 from gateway.part10 import META_HEAD, read_file_meta
 from gateway.retrieval.request import InstanceRef
-from gateway.retrieval.source import DataSource, Fetched
+from gateway.retrieval.source import Fetched
 from gateway.retrieval.transcode import Transcoder
 from gateway.spool.copies import Copies, SpooledCopy
 from gateway.spool.queue import Spool
@@ -237,7 +236,7 @@ class RouteSenders:
             await self._close(destination)
             kept = None
         if kept is None:
-            contexts = proposals([], [f for _, f in ready])
+            contexts = proposals([], [f for _, f in ready], peer.transfer_syntaxes)
             try:
                 requestor = await StoreRequestor.to_peer(self.config, peer, contexts)
             except RequestorError as exc:
@@ -251,7 +250,7 @@ class RouteSenders:
                     outcomes.append((copy, "retry", lost))
                     continue
                 try:
-                    outcomes.append((copy, *await self._store(requestor, item)))
+                    outcomes.append((copy, *await self._store(requestor, item, peer.transfer_syntaxes)))
                 except RequestorError as exc:
                     lost = f"association to {destination} lost: {exc}"
                     outcomes.append((copy, "retry", lost))
@@ -262,23 +261,18 @@ class RouteSenders:
                 await self._close(destination, abort=True)
         return outcomes
 
-    async def _store(self, requestor: StoreRequestor, item: Fetched) -> tuple[str, str]:
-        """One C-STORE of one copy, as stored or converted; (kind, reason)."""
+    async def _store(self, requestor: StoreRequestor, item: Fetched, preferred: tuple[str, ...]) -> tuple[str, str]:
+        """One C-STORE of one copy, as stored or converted (to the destination's
+        ``preferred`` syntaxes first); (kind, reason)."""
         accepted = list(requestor.accepted.get(item.sop_class_uid, {}))
         if not accepted:
             return "refused", f"destination accepted no presentation context for SOP class {item.sop_class_uid}"
-        syntax = item.transfer_syntax
-        spilled: Path | None = None
-        dataset: DataSource
-        if syntax in accepted:
-            dataset = item.dataset()
-        else:
-            try:
-                syntax, dataset, spilled = await self.transcoder.transcoded(item, accepted)
-            except TranscodeError as exc:
-                return "refused", f"cannot convert for the destination: {exc}"
-            except Exception as exc:  # noqa: BLE001 - a codec crash fails this copy only
-                return "refused", f"cannot convert for the destination: {type(exc).__name__}: {exc}"
+        try:
+            syntax, dataset, spilled = await self.transcoder.for_receiver(item, accepted, preferred)
+        except TranscodeError as exc:
+            return "refused", f"cannot convert for the destination: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a codec crash fails this copy only
+            return "refused", f"cannot convert for the destination: {type(exc).__name__}: {exc}"
         try:
             rsp = await requestor.store(requestor.accepted[item.sop_class_uid][syntax], item.sop_class_uid, item.ref.sop_instance_uid, dataset)
         finally:

@@ -34,7 +34,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Protocol
 
 from gateway.codecs import TranscodeError
@@ -87,6 +86,12 @@ class StoreTarget(Protocol):
     def syntaxes(self, sop_class_uid: str) -> Sequence[str]:
         """The transfer syntaxes the receiver takes for the SOP class, best first;
         empty when it takes none."""
+        ...
+
+    @property
+    def preferred(self) -> Sequence[str]:
+        """The receiver's own order of transfer syntaxes to be sent (a configured
+        peer's ``transfer_syntaxes``); empty: as stored when it takes that."""
         ...
 
     def offered(self, sop_class_uid: str) -> bool:
@@ -460,20 +465,15 @@ class Pipeline:
         if not accepted:
             counts.fail(uid)
             return target.refusal(item.sop_class_uid)
-        syntax = item.transfer_syntax
-        dataset: DataSource
-        spilled: Path | None = None
-        if syntax in accepted:
-            dataset = item.dataset()
-        else:
-            try:
-                syntax, dataset, spilled = await self.retriever.transcoder.transcoded(item, accepted)
-            except TranscodeError as exc:
-                counts.fail(uid)
-                return f"cannot transcode: {exc}"
-            except Exception as exc:  # noqa: BLE001 - a codec crash fails this instance only
-                counts.fail(uid)
-                return f"cannot transcode: {type(exc).__name__}: {exc}"
+        try:
+            syntax, dataset, spilled = await self.retriever.transcoder.for_receiver(item, accepted, target.preferred)
+        except TranscodeError as exc:
+            counts.fail(uid)
+            return f"cannot transcode: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a codec crash fails this instance only
+            counts.fail(uid)
+            return f"cannot transcode: {type(exc).__name__}: {exc}"
+        if syntax != item.transfer_syntax:
             counts.transcoded += 1
         try:
             delivery = await target.send(item.sop_class_uid, uid, syntax, dataset)

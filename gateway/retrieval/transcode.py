@@ -15,7 +15,7 @@ import contextlib
 import io
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from io import BytesIO
@@ -160,14 +160,16 @@ class Transcoder:
         self.spill_dir = spill_dir
         self.spill_bytes = spill_bytes
 
-    def _plan(self, item: Fetched, accepted: list[str]) -> Conversion:
+    def _plan(self, item: Fetched, accepted: list[str], preferred: Sequence[str]) -> Conversion:
         """Read the instance's header and decide how to convert it (worker thread)."""
         r = item.retrieved
         assert r is not None
         with part10_file(r) as fp:
             header = read_header(fp)
         desc = header.description()
-        target = choose_transfer_syntax(header.source, accepted, self.allow_lossy, has_pixel_data=header.has_pixel_data, desc=desc)
+        target = choose_transfer_syntax(
+            header.source, accepted, self.allow_lossy, has_pixel_data=header.has_pixel_data, desc=desc, preferred=preferred
+        )
         if target is None:
             raise TranscodeError(f"no accepted transfer syntax can carry this {item.transfer_syntax} instance")
         decoded = header.decoded_size()
@@ -209,15 +211,31 @@ class Transcoder:
                 path.unlink(missing_ok=True)
             raise
 
-    async def transcoded(self, item: Fetched, accepted: list[str]) -> tuple[str, DataSource, Path | None]:
+    async def for_receiver(
+        self, item: Fetched, accepted: list[str], preferred: Sequence[str] = ()
+    ) -> tuple[str, DataSource, Path | None]:
+        """What to send a receiver that accepted ``accepted`` for the instance's class:
+        as stored when that is accepted and not passed over for one of the receiver's
+        ``preferred`` syntaxes it accepted, else converted (`transcoded`)."""
+        wanted = [ts for ts in preferred if ts in accepted]
+        if item.transfer_syntax in accepted and (not wanted or item.transfer_syntax in wanted):
+            return item.transfer_syntax, item.dataset(), None
+        return await self.transcoded(item, accepted, wanted)
+
+    async def transcoded(
+        self, item: Fetched, accepted: list[str], preferred: Sequence[str] = ()
+    ) -> tuple[str, DataSource, Path | None]:
         """(syntax, data set, spill file to delete after sending or None) of the instance
-        converted for the receiver, within the memory budget.
+        converted for the receiver (to the first of ``preferred`` it accepted and that
+        can carry it, if any), within the memory budget.
 
         The worker thread cannot be interrupted: when the request is cancelled meanwhile,
         its budget stays taken until it ends and its output is then deleted.
         """
         loop = asyncio.get_running_loop()
-        conversion = await loop.run_in_executor(self.executor, self._plan, item, accepted)
+        conversion = await loop.run_in_executor(self.executor, self._plan, item, accepted, preferred)
+        if conversion.target == item.transfer_syntax:
+            return conversion.target, item.dataset(), None  # no preferred syntax can carry it: as stored
         held = await self.budget.acquire(conversion.holds)
         future = loop.run_in_executor(self.executor, self._convert, item, conversion)
         future.add_done_callback(lambda _: self.budget.release(held))

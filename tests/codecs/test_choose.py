@@ -113,3 +113,19 @@ def test_choose_for_dataset_reads_the_dataset() -> None:
         choose_for_dataset(bundled("SC_rgb_rle.dcm"), [JPEG_BASELINE], allow_lossy=True)
         == JPEG_BASELINE
     )
+
+
+def test_a_peers_preferred_syntax_comes_before_the_stored_one_when_it_can_carry_the_instance() -> None:
+    accepted = [EXPLICIT_VR_LE, JPEG2000_LOSSLESS, RLE_LOSSLESS, JPEG_BASELINE]
+    prefer = (JPEG2000_LOSSLESS,)
+    assert choose_transfer_syntax(EXPLICIT_VR_LE, accepted, False, desc=MONO16, preferred=prefer) == JPEG2000_LOSSLESS
+    # Not accepted by the peer: the usual rule (the stored syntax).
+    assert choose_transfer_syntax(EXPLICIT_VR_LE, [EXPLICIT_VR_LE], False, desc=MONO16, preferred=prefer) == EXPLICIT_VR_LE
+    # In the peer's own order, skipping what cannot carry it (32-bit dose never goes to RLE).
+    assert choose_transfer_syntax(EXPLICIT_VR_LE, accepted, False, desc=DOSE32, preferred=(RLE_LOSSLESS,)) == EXPLICIT_VR_LE
+    assert choose_transfer_syntax(EXPLICIT_VR_LE, accepted, False, desc=MONO16, preferred=(RLE_LOSSLESS, JPEG2000_LOSSLESS)) == RLE_LOSSLESS
+    # A lossy preference only with allow_lossy.
+    assert choose_transfer_syntax(EXPLICIT_VR_LE, accepted, False, desc=MONO8, preferred=(JPEG_BASELINE,)) == EXPLICIT_VR_LE
+    assert choose_transfer_syntax(EXPLICIT_VR_LE, accepted, True, desc=MONO8, preferred=(JPEG_BASELINE,)) == JPEG_BASELINE
+    # Without pixel data, a native preference is taken as is.
+    assert choose_transfer_syntax(EXPLICIT_VR_LE, [EXPLICIT_VR_LE, IMPLICIT_VR_LE], False, has_pixel_data=False, preferred=(IMPLICIT_VR_LE,)) == IMPLICIT_VR_LE

@@ -255,3 +255,32 @@ def test_a_modality_picks_a_destination_by_the_ae_title_it_calls(tmp_path: Path,
         os.kill(gw.proc.pid, signal.SIGHUP)
         wait_until(lambda: "configuration reloaded" in gw.log(), 10, 0.05, "no reload logged")
         assert dcmtk.echoscu(gw.port, "GW_LAB", calling_ae="CT01").returncode == 0
+
+
+def test_a_peer_that_asks_for_jpeg_2000_lossless_gets_it_from_routes_and_c_move(tmp_path: Path, gateway) -> None:
+    """A remote site over a slow link: its peer entry names JPEG 2000 lossless, so the
+    route's copies and a C-MOVE's sub-operations go compressed (storescp +xv accepts
+    it and the uncompressed syntaxes alike), pixels identical to what the modality sent."""
+    with StoreSCP(tmp_path / "wan", ae_title="WAN", extra_args=["+xv"]) as wan:
+        wan_peer = peer("WAN", wan.port) + 'transfer_syntaxes = ["JPEG2000Lossless"]\n'
+        gw = gateway(extra=wan_peer + route("WAN", calling_ae=["CT01"]))
+        series = ct_series(tmp_path / "ct", 2, 64, 64)
+        store(gw, series, "CT01")
+        gw.wait_counts(delivered=2)
+        wait_until(lambda: len(received(wan)) == 2, 30, 0.2, "the copies never arrived")
+        sent = {str(dcmread(p).SOPInstanceUID): dcmread(p) for p in series}
+
+        def check() -> None:
+            for uid, path in received(wan).items():
+                got = dcmread(path)
+                assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+                assert (got.pixel_array == sent[uid].pixel_array).all()
+
+        check()
+        for path in list(wan.output_dir.iterdir()):
+            path.unlink()
+        study = str(next(iter(sent.values())).StudyInstanceUID)
+        moved = dcmtk.movescu(gw.port, gw.ae_title, "WAN", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study})
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        wait_until(lambda: len(received(wan)) == 2, 30, 0.2, "the move never arrived")
+        check()

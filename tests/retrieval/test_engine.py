@@ -133,6 +133,8 @@ class FakeReceiver:
         self.cancel, self.cancel_after = cancel, cancel_after
         self.stored: list[str] = []
 
+    preferred: tuple[str, ...] = ()
+
     def syntaxes(self, sop_class_uid: str) -> list[str]:
         return ["1.2.840.10008.1.2.1"] if self.offered(sop_class_uid) else []
 
