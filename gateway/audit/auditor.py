@@ -217,7 +217,7 @@ class Auditor:
             return
         event = instances_transferred("R", outcome_of(done, failed), self.me, destination, tally.studies(), description)
         if requestor.user_id != destination.user_id or requestor.address != destination.address:
-            event = _with(event, requestor)
+            event = dataclasses.replace(event, participants=(*event.participants, requestor))
         self._record(event)
 
     @_never_raises
@@ -285,13 +285,6 @@ class Auditor:
         authenticate (TLS), or asked for what it may not (an AE title or service)."""
         kind = NODE_AUTHENTICATION if tls else USE_OF_RESTRICTED_FUNCTION
         self._record(security_alert(kind, self.me, offender, why))
-
-
-def _with(event: AuditEvent, participant: Participant) -> AuditEvent:
-    return AuditEvent(
-        event.event_id, event.action, event.outcome, (*event.participants, participant), event.studies,
-        event.query, event.event_types, event.outcome_description, event.when,
-    )
 
 
 def ip_of(address: str) -> str:

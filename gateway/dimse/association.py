@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 from gateway.dimse import pdu
 from gateway.audit.auditor import Auditor, StudyTally
-from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.spool.receipt import Receipt
 from gateway.dimse.command import (
@@ -187,8 +186,9 @@ class Association:
         dimse_timeout: float,
         space_problem: Callable[[], str | None] | None = None,
         metrics: Metrics | None = None,
-        audit: Auditor | None = None,
-        address: str = "",
+        *,
+        audit: Auditor,
+        address: str,
     ) -> None:
         """``dimse_timeout`` bounds every write: how long a peer may read nothing.
         ``space_problem``: the spool's check of its disk limits (``spool.min_free_mb``,
@@ -198,7 +198,7 @@ class Association:
         duration go. ``audit``: the audit trail its services report to; ``address``: the
         peer's IP address, as audit messages name it."""
         self.metrics = metrics
-        self.audit = audit if audit is not None else Auditor(Config(), None)
+        self.audit = audit
         self.address = address
         self.space_check = space_problem
         self.reader = reader
