@@ -179,12 +179,20 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    type: str = "none"  # none | basic | bearer | header
+    type: str = "none"  # none | basic | bearer | header | oauth2
     username: str = ""
     password: str = ""
     token: str = ""
     name: str = ""
     value: str = ""
+    # oauth2: the client credentials grant (RFC 6749 4.4) against ``token_url``
+    token_url: str = ""
+    client_id: str = ""
+    client_secret: str = ""
+    scope: str = ""
+    client_auth: str = "basic"  # basic (RFC 6749 2.3.1 HTTP Basic) | post (in the form)
+    # more form fields some providers want (``resource``, ``audience``), sorted pairs
+    params: tuple[tuple[str, str], ...] = ()
 
 
 # AWS HealthImaging's default quotas (requests/s) of the operations the gateway
@@ -620,7 +628,8 @@ def _spool(r: _Reader) -> SpoolConfig:
 
 
 def _auth(r: _Reader) -> AuthConfig:
-    kind = r.string("type", "none", ("none", "basic", "bearer", "header"))
+    kind = r.string("type", "none", ("none", "basic", "bearer", "header", "oauth2"))
+    params = r.sub("params")
     cfg = AuthConfig(
         type=kind,
         username=r.string("username", ""),
@@ -628,11 +637,28 @@ def _auth(r: _Reader) -> AuthConfig:
         token=r.string("token", ""),
         name=r.string("name", ""),
         value=r.string("value", ""),
+        token_url=r.string("token_url", ""),
+        client_id=r.string("client_id", ""),
+        client_secret=r.string("client_secret", ""),
+        scope=r.string("scope", ""),
+        client_auth=r.string("client_auth", "basic", ("basic", "post")),
+        params=tuple(sorted((key, params.string(key, "")) for key in params.table)),
     )
-    needed = {"basic": ("username", "password"), "bearer": ("token",), "header": ("name", "value")}
+    params.finish()
+    needed = {
+        "basic": ("username", "password"),
+        "bearer": ("token",),
+        "header": ("name", "value"),
+        "oauth2": ("token_url", "client_id", "client_secret"),
+    }
     for key in needed.get(kind, ()):
         if not getattr(cfg, key):
             r.problems.append(f"{r.path}.{key}: required when {r.path}.type = {kind!r}")
+    if cfg.token_url and not HTTP_URL_RE.match(cfg.token_url):
+        r.problems.append(f"{r.path}.token_url: {cfg.token_url!r} is not an http(s) URL")
+    reserved = {"grant_type", "client_id", "client_secret", "scope"} & {key for key, _ in cfg.params}
+    for key in sorted(reserved):
+        r.problems.append(f"{r.path}.params.{key}: set by the gateway (use {r.path}.{key} where there is one)")
     r.finish()
     return cfg
 

@@ -38,6 +38,7 @@ port = 8080
 """
 
 HEALTHIMAGING = {"type": "healthimaging", "region": "us-east-1", "datastore_id": "d9a2a515ab294163a2d2f4069eed584c"}
+OAUTH2 = {"type": "oauth2", "token_url": "https://login.example/tenant/token", "client_id": "gw", "client_secret": "s"}
 
 
 def test_issue_example_loads_as_written(tmp_path: Path) -> None:
@@ -72,6 +73,12 @@ def test_shipped_default_is_valid_and_local() -> None:
         ({"upstream": {"type": "dicomweb"}}, "upstream.url"),
         ({"upstream": {"type": "s3"}}, "upstream.type"),
         ({"upstream": {"auth": {"type": "basic", "username": "u"}}}, "upstream.auth.password: required"),
+        ({"upstream": {"auth": {"type": "oauth2", "client_id": "c", "client_secret": "s"}}}, "upstream.auth.token_url: required when upstream.auth.type = 'oauth2'"),
+        ({"upstream": {"auth": {"type": "oauth2", "token_url": "https://idp/token", "client_id": "c"}}}, "upstream.auth.client_secret: required"),
+        ({"upstream": {"auth": {**OAUTH2, "token_url": "login.example/token"}}}, "upstream.auth.token_url: 'login.example/token' is not an http(s) URL"),
+        ({"upstream": {"auth": {**OAUTH2, "client_auth": "jwt"}}}, "upstream.auth.client_auth: 'jwt' is not one of 'basic', 'post'"),
+        ({"upstream": {"auth": {**OAUTH2, "params": {"scope": "x"}}}}, "upstream.auth.params.scope: set by the gateway"),
+        ({"upstream": {"auth": {**OAUTH2, "params": {"resource": 3}}}}, "upstream.auth.params.resource: expected a string"),
         ({"spool": {"concurency": 4}}, "spool.concurency: unknown key"),
         ({"upstream": {"auth": {"type": "bearer", "token": "env:DICOMGW_TEST_UNSET"}}}, "DICOMGW_TEST_UNSET is not set"),
         ({"upstream": {"type": "healthimaging", "datastore_id": "d9a2a515ab294163a2d2f4069eed584c"}}, "upstream.region: required"),
@@ -122,6 +129,18 @@ def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GW_TOKEN", "s3cret")
     cfg = parse_config({"upstream": {"auth": {"type": "bearer", "token": "env:GW_TOKEN"}}})
     assert cfg.upstream.auth.token == "s3cret"
+
+
+def test_oauth2_client_credentials_load_with_the_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GW_CLIENT_SECRET", "s3cret")
+    auth = parse_config({"upstream": {"auth": {
+        **OAUTH2, "client_secret": "env:GW_CLIENT_SECRET", "scope": "https://dicom.healthcareapis.azure.com/.default",
+        "client_auth": "post", "params": {"resource": "r", "audience": "a"},
+    }}}).upstream.auth
+    assert (auth.type, auth.client_secret, auth.client_auth) == ("oauth2", "s3cret", "post")
+    assert auth.scope == "https://dicom.healthcareapis.azure.com/.default"
+    assert auth.params == (("audience", "a"), ("resource", "r"))
+    assert parse_config({"upstream": {"auth": OAUTH2}}).upstream.auth.client_auth == "basic"  # RFC 6749 2.3.1
 
 
 def _check(path: Path) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,5 @@
-"""Request authentication for upstream archives (none, basic, bearer, custom header).
+"""Request authentication for upstream archives (none, basic, bearer, custom header,
+OAuth 2.0 client credentials).
 
 Credentials come from the config (possibly from environment variables) and are never
 logged. They are applied as a `Signer` of the HTTP plumbing, the same hook a per-request
@@ -11,6 +12,7 @@ import base64
 
 from gateway.config import AuthConfig
 from gateway.upstream.http import Signer, StaticHeaders
+from gateway.upstream.oauth import ClientCredentials
 
 
 def auth_headers(auth: AuthConfig) -> dict[str, str]:
@@ -25,6 +27,9 @@ def auth_headers(auth: AuthConfig) -> dict[str, str]:
     return {}
 
 
-def config_signer(auth: AuthConfig) -> Signer:
-    """The `Signer` for ``upstream.auth``: the same static headers on every request."""
+def config_signer(auth: AuthConfig, verify_tls: bool = True) -> Signer:
+    """The `Signer` for ``upstream.auth``: tokens from the identity provider for
+    ``oauth2``, else the same static headers on every request."""
+    if auth.type == "oauth2":
+        return ClientCredentials(auth, verify_tls=verify_tls)
     return StaticHeaders(auth_headers(auth))

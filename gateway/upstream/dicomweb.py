@@ -32,6 +32,7 @@ from gateway.upstream.errors import (
     NotFound,
     NotSupported,
     SearchTruncated,
+    UpstreamAuthError,
     UpstreamError,
     UpstreamRejected,
     UpstreamUnavailable,
@@ -120,7 +121,7 @@ class DicomWebUpstream:
             connect_timeout=cfg.connect_timeout,
             verify_tls=cfg.verify_tls,
             session=session,
-            signer=signer if signer is not None else config_signer(cfg.auth),
+            signer=signer if signer is not None else config_signer(cfg.auth, cfg.verify_tls),
             metrics=metrics,
         )
         self._capabilities = capabilities or Capabilities(delete=None)
@@ -162,6 +163,8 @@ class DicomWebUpstream:
                 answer_headers = resp.headers.copy()
         except UpstreamUnavailable as exc:
             return all_("retry", str(exc))
+        except UpstreamAuthError as exc:  # from the signer: no credential to send
+            return all_("config", str(exc))
 
         if status >= 400:
             log.debug("STOW-RS %s error body: %s", http_status(status), _short(payload), extra=PATIENT_DATA)

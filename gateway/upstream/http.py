@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Container, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 from yarl import URL
@@ -105,6 +105,15 @@ class Signer(Protocol):
     """
 
     def __call__(self, request: SignableRequest) -> Mapping[str, str] | Awaitable[Mapping[str, str]]: ...
+
+
+@runtime_checkable
+class RenewableSigner(Protocol):
+    """A signer whose credential the archive may stop taking before the signer knows
+    (an access token revoked, or expired early by a clock ahead of ours)."""
+
+    def rejected(self, sent: Mapping[str, str]) -> None:
+        """The archive answered 401 to the request sent with these headers."""
 
 
 class StaticHeaders:
@@ -224,14 +233,27 @@ class HttpClient:
         effective = timeout or self.timeout
         started = time.monotonic()
         status: int | None = None
+        renewable = self.signer if isinstance(self.signer, RenewableSigner) else None
+        # A body in memory (or none) can go again with a renewed credential; a
+        # streamed one (STOW-RS from spool files) cannot: its 401 goes to the caller,
+        # whose next attempt carries the new credential.
+        replays = 1 if renewable is not None and (data is None or isinstance(data, (bytes, str))) else 0
         try:
-            sent = await self._signed(method, url, dict(headers or {}), body)
-            async with self.session.request(method, url, headers=sent, data=data, timeout=effective) as resp:
-                status = resp.status
-                if resp.status >= 400 and resp.status not in passthrough:
-                    payload = await resp.read()
-                    raise_for_status(method, url, resp.status, payload, resp.headers, what)
-                yield resp
+            while True:
+                sent = await self._signed(method, url, dict(headers or {}), body)
+                async with self.session.request(method, url, headers=sent, data=data, timeout=effective) as resp:
+                    status = resp.status
+                    if status == 401 and renewable is not None:
+                        renewable.rejected(sent)
+                        if replays:
+                            replays -= 1
+                            await resp.read()
+                            continue
+                    if resp.status >= 400 and resp.status not in passthrough:
+                        payload = await resp.read()
+                        raise_for_status(method, url, resp.status, payload, resp.headers, what)
+                    yield resp
+                    return
         except TimeoutError:  # before OSError: TimeoutError is one
             raise UpstreamUnavailable(_timeout_message(effective)) from None
         except aiohttp.ClientError as exc:  # before OSError: ClientOSError is one

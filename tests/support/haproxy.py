@@ -1,11 +1,13 @@
-"""A real HAProxy (Debian's /usr/sbin/haproxy) in TCP mode in front of gateway nodes,
-as the README's two-node deployment runs it, on a free loopback port."""
+"""A real HAProxy (Debian's /usr/sbin/haproxy) on a free loopback port: in TCP mode in
+front of gateway nodes, as the README's two-node deployment runs it, or in HTTP mode in
+front of an archive, admitting only requests with a valid JWT access token (what Azure's
+DICOM service does with Entra ID's tokens)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests.support.ports import free_port, wait_for_port
@@ -31,17 +33,44 @@ def dimse_config(port: int, nodes: Sequence[int], check_interval_ms: int = 500) 
     )
 
 
-class HAProxy:
-    """One haproxy process in the foreground; ``stop()`` ends it."""
+def jwt_config(port: int, archive_port: int, secret: str, audience: str) -> str:
+    """An HTTP front end passing to the archive on ``archive_port`` only requests whose
+    ``Authorization: Bearer`` JWT is signed with ``secret`` (HS256), names ``audience``
+    and has not expired; others get 401 with RFC 6750's ``WWW-Authenticate``. Each
+    request is logged as ``status method path`` on haproxy's standard output."""
+    refuse = 'http-request return status 401 hdr WWW-Authenticate "Bearer error=\\"invalid_token\\""'
+    return (
+        "global\n    maxconn 256\n    log stdout format raw local0\n"
+        "defaults\n    mode http\n    log global\n    timeout connect 2s\n    timeout client 60s\n"
+        "    timeout server 60s\n"
+        '    log-format "%ST %HM %HP"\n'
+        f"frontend archive\n    bind 127.0.0.1:{port}\n"
+        "    http-request set-var(txn.bearer) http_auth_bearer\n"
+        "    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int')\n"
+        "    http-request set-var(txn.aud) var(txn.bearer),jwt_payload_query('$.aud')\n"
+        "    http-request set-var(txn.now) date\n"
+        f'    {refuse} unless {{ var(txn.bearer),jwt_verify("HS256","{secret}") -m int 1 }}\n'
+        f"    {refuse} unless {{ var(txn.aud) -m str {audience} }}\n"
+        f"    {refuse} if {{ var(txn.exp),sub(txn.now) -m int lt 1 }}\n"
+        "    default_backend archive\n"
+        f"backend archive\n    server archive 127.0.0.1:{archive_port}\n"
+    )
 
-    def __init__(self, workdir: Path, nodes: Sequence[int]) -> None:
+
+class HAProxy:
+    """One haproxy process in the foreground; ``stop()`` ends it. ``config`` makes its
+    configuration for the port it listens on (default: `dimse_config` over ``nodes``)."""
+
+    def __init__(
+        self, workdir: Path, nodes: Sequence[int] = (), config: Callable[[int], str] | None = None
+    ) -> None:
         if shutil.which(str(HAPROXY)) is None:
             raise AssertionError(f"{HAPROXY} missing: run scripts/install-test-deps.sh")
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.config_path = workdir / "haproxy.cfg"
         self.log_path = workdir / "haproxy.log"
-        self.config_path.write_text(dimse_config(self.port, nodes))
+        self.config_path.write_text(config(self.port) if config else dimse_config(self.port, nodes))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> HAProxy:
@@ -59,3 +88,6 @@ class HAProxy:
     def stop(self) -> None:
         terminate(self.proc, 5)
         self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")

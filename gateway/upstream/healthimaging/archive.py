@@ -268,10 +268,7 @@ class HealthImagingUpstream(DicomWebUpstream):
             if len(batch) == 1 and batch[0].size + _PART_OVERHEAD > MAX_STOW_BYTES:
                 outcomes.append(StoreOutcome("rejected", f"instance of {batch[0].size} bytes is above HealthImaging's 1 GB STOW-RS limit"))
                 continue
-            try:
-                outcomes += await super().store_instances(study_uid, batch)
-            except UpstreamAuthError as exc:  # from the signer: no credentials to sign with
-                outcomes += [StoreOutcome("config", str(exc)) for _ in batch]
+            outcomes += await super().store_instances(study_uid, batch)
         delivered = {item.sop_instance_uid for item, o in zip(instances, outcomes) if o.kind == "delivered"}
         if self.include_non_primary or not delivered:
             return outcomes

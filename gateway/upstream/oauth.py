@@ -1,0 +1,182 @@
+"""OAuth 2.0 client credentials (RFC 6749 4.4) for archives behind an identity provider.
+
+Azure's DICOM service takes only Microsoft Entra ID access tokens, a dcm4chee secured
+by Keycloak takes Keycloak's; both live about an hour, so a static ``bearer`` token
+stops delivery by the next morning. This signer asks the token endpoint for one with
+the gateway's client ID and secret, keeps it, asks again before it expires (one request
+however many wait for it), and forgets it when the archive answers 401 to it, so the
+next attempt carries a fresh one.
+
+Failures are typed like the archive's own: a refusal by the token endpoint (wrong
+secret, unknown client or scope) is an UpstreamAuthError, which holds delivery instead
+of using up the instances' attempts; an endpoint down or slow is UpstreamUnavailable,
+retried like an archive down. While the endpoint is down, a token not yet expired is
+still used. Secrets are never logged; the endpoint's own ``error`` and
+``error_description`` are (they name the problem, never the secret).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote_plus
+
+import aiohttp
+from yarl import URL
+
+from gateway.config import AuthConfig
+from gateway.upstream.errors import UpstreamAuthError, UpstreamUnavailable
+from gateway.upstream.http import RETRYABLE_HTTP, SignableRequest, http_status, retry_after_seconds
+
+log = logging.getLogger("gateway.upstream")
+
+# A token is renewed this long before it expires, or at half its life if that is
+# sooner, so requests in flight never carry one that lapses on the way.
+RENEW_BEFORE = 300.0
+# When the endpoint does not say (``expires_in`` is only RECOMMENDED by RFC 6749).
+ASSUMED_LIFETIME = 300.0
+# A token this close to its expiry is not used even while the endpoint is down.
+EXPIRY_MARGIN = 5.0
+TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    renew_at: float  # on the signer's clock
+    expires_at: float
+
+
+def _client_basic(client_id: str, secret: str) -> str:
+    """RFC 6749 2.3.1: both form-encoded before they are joined, then Base64."""
+    pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"
+    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    return " ".join(str(text).split())[:limit]
+
+
+class ClientCredentials:
+    """A `Signer` that adds ``Authorization: Bearer <token>`` from ``auth.token_url``.
+
+    ``clock`` is monotonic seconds (tests move it); ``verify_tls`` is the upstream's
+    setting, so a lab's self-signed identity provider works like its archive does.
+    """
+
+    def __init__(
+        self, auth: AuthConfig, *, verify_tls: bool = True, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.auth = auth
+        self.verify_tls = verify_tls
+        self.clock = clock
+        self._token: Token | None = None
+        self._lock = asyncio.Lock()
+        self._endpoint = URL(auth.token_url)
+
+    async def __call__(self, request: SignableRequest) -> Mapping[str, str]:
+        return {"Authorization": f"Bearer {await self.token()}"}
+
+    def rejected(self, sent: Mapping[str, str]) -> None:
+        """The archive answered 401 to a request that carried ``sent`` headers: forget
+        that token (revoked, or the clocks disagree on its expiry). A token fetched
+        since, by a concurrent request, is kept."""
+        current = self._token
+        if current is not None and sent.get("Authorization") == f"Bearer {current.value}":
+            log.warning("archive refused the access token from %s; asking for a new one", self._endpoint.host)
+            self._token = None
+
+    async def token(self) -> str:
+        """A token valid for a while yet; raises UpstreamAuthError or UpstreamUnavailable."""
+        held = self._token
+        if held is not None and self.clock() < held.renew_at:
+            return held.value
+        async with self._lock:
+            held = self._token
+            if held is not None and self.clock() < held.renew_at:
+                return held.value  # renewed by the request this one waited for
+            try:
+                self._token = await self._fetch()
+            except UpstreamUnavailable as exc:
+                if held is not None and self.clock() < held.expires_at - EXPIRY_MARGIN:
+                    log.warning("token endpoint %s: %s; the current token is still valid", self._endpoint.host, exc)
+                    return held.value
+                raise
+            return self._token.value
+
+    def _request(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The form and headers of one token request."""
+        form = {"grant_type": "client_credentials"}
+        if self.auth.scope:
+            form["scope"] = self.auth.scope
+        form.update(self.auth.params)
+        headers = {"Accept": "application/json"}
+        if self.auth.client_auth == "post":
+            form["client_id"] = self.auth.client_id
+            form["client_secret"] = self.auth.client_secret
+        else:
+            headers["Authorization"] = _client_basic(self.auth.client_id, self.auth.client_secret)
+        return form, headers
+
+    async def _fetch(self) -> Token:
+        form, headers = self._request()
+        asked = self.clock()
+        try:
+            async with aiohttp.ClientSession(timeout=TOKEN_TIMEOUT) as session:
+                async with session.post(
+                    self._endpoint, data=form, headers=headers, ssl=None if self.verify_tls else False
+                ) as resp:
+                    status = resp.status
+                    body = await resp.read()
+                    retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+        except TimeoutError:
+            raise UpstreamUnavailable(f"token endpoint {self._endpoint.host}: no answer in {TOKEN_TIMEOUT.total:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(f"token endpoint {self._endpoint.host} unreachable: {type(exc).__name__}") from None
+        if status in RETRYABLE_HTTP:
+            raise UpstreamUnavailable(f"token endpoint {self._endpoint.host}: {http_status(status)}", retry_after, status)
+        answer = _json_object(body)
+        token = answer.get("access_token")
+        if status >= 400 or not isinstance(token, str) or not token:
+            raise self._refusal(status, answer)
+        kind = answer.get("token_type", "Bearer")
+        if not isinstance(kind, str) or kind.lower() != "bearer":
+            raise UpstreamAuthError(f"token endpoint {self._endpoint.host} issued a {_one_line(kind, 40)!r} token; only Bearer is supported")
+        lifetime = _lifetime(answer.get("expires_in"))
+        log.info("access token obtained from %s, valid %d s", self._endpoint.host, lifetime)
+        return Token(token, asked + lifetime - min(RENEW_BEFORE, lifetime / 2), asked + lifetime)
+
+    def _refusal(self, status: int, answer: Mapping[str, Any]) -> UpstreamAuthError:
+        """RFC 6749 5.2's error answer in words an admin can act on."""
+        error = _one_line(answer.get("error", ""), 60)
+        detail = _one_line(answer.get("error_description", ""))
+        what = f"{error}: {detail}" if error and detail else error or detail or "no access_token in the answer"
+        message = (
+            f"token endpoint {self._endpoint.host} refused the gateway's client credentials "
+            f"({http_status(status)}, {what}); check upstream.auth"
+        )
+        log.error("%s", message)
+        return UpstreamAuthError(message, status if status >= 400 else 401)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def _lifetime(value: Any) -> float:
+    """``expires_in`` in seconds; some providers send it as a string (Entra's v1)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return ASSUMED_LIFETIME
+    return seconds if seconds > 0 else ASSUMED_LIFETIME

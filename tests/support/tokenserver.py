@@ -1,0 +1,163 @@
+"""An OAuth 2.0 token endpoint (RFC 6749 4.4, client credentials), faithful on the wire
+to what Microsoft Entra ID and Keycloak answer, for the gateway's ``oauth2`` upstream.
+
+No identity provider can run here, so this is the one fake of those tests; what checks
+its tokens is real: HAProxy verifying each JWT's HS256 signature, audience and expiry
+in front of a real Orthanc (`tests.support.haproxy.jwt_config`). It takes the client's
+credentials by HTTP Basic (form-encoded, RFC 6749 2.3.1) or in the form, checks the
+grant type and scope, answers RFC 6749 5.2 errors, and records every request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote_plus
+
+from tests.support.ports import free_port
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def hs256_jwt(claims: dict[str, object], secret: str) -> str:
+    """A compact JWS signed with HMAC-SHA256, as an identity provider issues."""
+    head = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = _b64url(json.dumps(claims).encode())
+    signature = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64url(signature)}"
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """What one request to the endpoint carried, for the tests' assertions."""
+
+    client_auth: str  # "basic" | "post" | "none"
+    client_id: str
+    form: dict[str, str]
+    status: int
+
+
+class TokenServer:
+    """``TokenServer(client_id, secret, scope=..., audience=...).start()``; ``.token_url``.
+
+    ``lifetime``: the ``expires_in`` it announces; ``valid_for``: how long the token's
+    ``exp`` claim really lets it live (shorter than ``lifetime``: an archive whose
+    clock runs ahead, or a token revoked early). ``status``: answer every request with
+    that HTTP status instead (503: the provider down).
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: str,
+        *,
+        scope: str = "",
+        audience: str = "https://archive.example",
+        signing_secret: str = "haproxy-verifies-this",
+        lifetime: int = 3600,
+        valid_for: int | None = None,
+        expires_in_as_string: bool = False,
+    ) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.scope = scope
+        self.audience = audience
+        self.signing_secret = signing_secret
+        self.lifetime = lifetime
+        self.valid_for = valid_for
+        self.expires_in_as_string = expires_in_as_string
+        self.status: int | None = None
+        self.requests: list[TokenRequest] = []
+        self.issued = 0
+        self.port = free_port()
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def token_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/tenant/oauth2/v2.0/token"
+
+    def start(self) -> TokenServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def answer(self, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, object]]:
+        form = {k: v[0] for k, v in parse_qs(raw.decode("ascii"), keep_blank_values=True).items()}
+        client_auth, client_id, secret = "none", "", ""
+        authorization = headers.get("authorization", "")
+        if authorization.lower().startswith("basic "):
+            pair = base64.b64decode(authorization[6:]).decode()
+            user, _, password = pair.partition(":")
+            client_auth, client_id, secret = "basic", unquote_plus(user), unquote_plus(password)
+        if "client_secret" in form:
+            if client_auth == "basic":  # RFC 6749 2.3: one method per request
+                return self._record("both", client_id, form, 400, "invalid_request", "two client authentication methods")
+            client_auth, client_id, secret = "post", form.get("client_id", ""), form["client_secret"]
+        if self.status is not None:
+            return self._record(client_auth, client_id, form, self.status, "temporarily_unavailable", "scripted outage")
+        if not headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            return self._record(client_auth, client_id, form, 400, "invalid_request", "expected a form")
+        if form.get("grant_type") != "client_credentials":
+            return self._record(client_auth, client_id, form, 400, "unsupported_grant_type", form.get("grant_type", ""))
+        if client_id != self.client_id or not hmac.compare_digest(secret, self.client_secret):
+            return self._record(client_auth, client_id, form, 401, "invalid_client", "AADSTS7000215: Invalid client secret provided.")
+        if self.scope and form.get("scope") != self.scope:
+            return self._record(client_auth, client_id, form, 400, "invalid_scope", f"scope {form.get('scope', '')!r} is not valid")
+        now = int(time.time())
+        self.issued += 1
+        claims = {
+            "aud": self.audience,
+            "iat": now,
+            "exp": now + (self.valid_for if self.valid_for is not None else self.lifetime),
+            "sub": client_id,
+            "jti": str(self.issued),
+        }
+        self.requests.append(TokenRequest(client_auth, client_id, form, 200))
+        expires = str(self.lifetime) if self.expires_in_as_string else self.lifetime
+        return 200, {
+            "token_type": "Bearer",
+            "expires_in": expires,
+            "ext_expires_in": expires,
+            "access_token": hs256_jwt(claims, self.signing_secret),
+        }
+
+    def _record(
+        self, client_auth: str, client_id: str, form: dict[str, str], status: int, error: str, detail: str
+    ) -> tuple[int, dict[str, object]]:
+        self.requests.append(TokenRequest(client_auth, client_id, form, status))
+        return status, {"error": error, "error_description": detail}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                status, answer = server.answer({k.lower(): v for k, v in self.headers.items()}, raw)
+                body = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Content-Length", str(len(body)))
+                if status == 401:
+                    self.send_header("WWW-Authenticate", 'Basic realm="token"')
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler

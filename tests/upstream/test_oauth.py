@@ -1,0 +1,216 @@
+"""The OAuth 2.0 client credentials signer (gateway.upstream.oauth) against a token
+endpoint that answers like Entra ID and Keycloak do (tests.support.tokenserver), and
+through HttpClient against a scripted archive that refuses stale tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Iterator
+
+import pytest
+from aiohttp import web
+
+from gateway.config import AuthConfig
+from gateway.upstream.errors import UpstreamAuthError, UpstreamUnavailable
+from gateway.upstream.http import HttpClient, SignableRequest
+from gateway.upstream.oauth import ClientCredentials
+from tests.support.ports import closed_port
+from tests.support.tokenserver import TokenServer
+from tests.upstream.test_http import run
+
+CLIENT_ID = "gateway:prod"  # a ':' and a space must be form-encoded before Basic
+SECRET = "p@ss word+/="
+REQUEST = SignableRequest("GET", "http://archive/studies", {}, None)  # type: ignore[arg-type]
+
+
+class Clock:
+    """Monotonic seconds the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def idp() -> Iterator[TokenServer]:
+    server = TokenServer(CLIENT_ID, SECRET, scope="https://dicom.healthcareapis.azure.com/.default").start()
+    yield server
+    server.stop()
+
+
+def auth(idp: TokenServer, **overrides: object) -> AuthConfig:
+    fields: dict[str, object] = {
+        "type": "oauth2", "token_url": idp.token_url, "client_id": CLIENT_ID, "client_secret": SECRET,
+        "scope": idp.scope,
+    }
+    return AuthConfig(**{**fields, **overrides})  # type: ignore[arg-type]
+
+
+def bearer(headers: dict[str, str]) -> str:
+    assert headers["Authorization"].startswith("Bearer ")
+    return headers["Authorization"][7:]
+
+
+@pytest.mark.parametrize("client_auth", ["basic", "post"])
+def test_a_token_is_asked_with_the_client_credentials_and_sent_as_bearer(idp: TokenServer, client_auth: str) -> None:
+    signer = ClientCredentials(auth(idp, client_auth=client_auth, params=(("resource", "https://r"),)))
+    headers = asyncio.run(signer(REQUEST))
+    token = bearer(dict(headers))
+    assert token.count(".") == 2  # the JWT the endpoint issued, untouched
+    [asked] = idp.requests
+    assert (asked.client_auth, asked.client_id, asked.status) == (client_auth, CLIENT_ID, 200)
+    assert asked.form["grant_type"] == "client_credentials"
+    assert asked.form["scope"] == "https://dicom.healthcareapis.azure.com/.default"
+    assert asked.form["resource"] == "https://r"
+    assert ("client_secret" in asked.form) == (client_auth == "post")
+
+
+def test_basic_client_authentication_form_encodes_before_base64() -> None:
+    from gateway.upstream.oauth import _client_basic
+
+    value = _client_basic(CLIENT_ID, SECRET)
+    assert base64.b64decode(value[6:]).decode() == "gateway%3Aprod:p%40ss+word%2B%2F%3D"
+
+
+def test_one_request_for_many_waiting_and_renewal_before_expiry(idp: TokenServer) -> None:
+    clock = Clock()
+    idp.lifetime = 3600
+    signer = ClientCredentials(auth(idp), clock=clock)
+
+    async def scenario() -> list[str]:
+        first = await asyncio.gather(*(signer.token() for _ in range(20)))
+        assert len(set(first)) == 1 and idp.issued == 1  # single flight
+        clock.now += 3600 - 301  # still more than RENEW_BEFORE (300 s) left
+        same = await signer.token()
+        clock.now += 2  # now inside the last 300 s: renewed before it lapses
+        renewed = await signer.token()
+        return [first[0], same, renewed]
+
+    first, same, renewed = asyncio.run(scenario())
+    assert same == first and renewed != first and idp.issued == 2
+
+
+def test_a_short_lived_token_is_renewed_at_half_its_life(idp: TokenServer) -> None:
+    clock = Clock()
+    idp.lifetime = 60
+    idp.expires_in_as_string = True  # Entra ID's v1 endpoint sends "3599"
+    signer = ClientCredentials(auth(idp), clock=clock)
+
+    async def scenario() -> None:
+        first = await signer.token()
+        clock.now += 29
+        assert await signer.token() == first
+        clock.now += 2
+        assert await signer.token() != first
+
+    asyncio.run(scenario())
+    assert idp.issued == 2
+
+
+def test_wrong_secret_is_an_auth_error_naming_the_endpoints_answer(idp: TokenServer, caplog: pytest.LogCaptureFixture) -> None:
+    signer = ClientCredentials(auth(idp, client_secret="wrong"))
+    with pytest.raises(UpstreamAuthError) as info:
+        asyncio.run(signer.token())
+    message = str(info.value)
+    assert "refused the gateway's client credentials" in message
+    assert "invalid_client" in message and "AADSTS7000215" in message and "HTTP 401" in message
+    assert "wrong" not in message and "wrong" not in caplog.text  # the secret is never told
+
+
+def test_wrong_scope_is_an_auth_error(idp: TokenServer) -> None:
+    with pytest.raises(UpstreamAuthError, match="invalid_scope"):
+        asyncio.run(ClientCredentials(auth(idp, scope="https://other/.default")).token())
+
+
+def test_a_provider_down_is_transient_and_a_valid_token_is_kept_meanwhile(idp: TokenServer) -> None:
+    clock = Clock()
+    idp.lifetime = 600
+    signer = ClientCredentials(auth(idp), clock=clock)
+
+    async def scenario() -> None:
+        first = await signer.token()
+        idp.status = 503
+        clock.now += 400  # due for renewal (under 300 s left), not expired
+        assert await signer.token() == first
+        clock.now += 196  # 4 s left: too close to use
+        with pytest.raises(UpstreamUnavailable, match="HTTP 503"):
+            await signer.token()
+        idp.status = None
+        assert await signer.token() != first
+
+    asyncio.run(scenario())
+
+
+def test_an_unreachable_provider_is_transient() -> None:
+    url = f"http://127.0.0.1:{closed_port()}/token"
+    signer = ClientCredentials(AuthConfig(type="oauth2", token_url=url, client_id="c", client_secret="s"))
+    with pytest.raises(UpstreamUnavailable, match="unreachable"):
+        asyncio.run(signer.token())
+
+
+def test_only_the_token_the_archive_refused_is_dropped(idp: TokenServer) -> None:
+    signer = ClientCredentials(auth(idp))
+
+    async def scenario() -> None:
+        stale = dict(await signer(REQUEST))
+        signer.rejected(stale)
+        fresh = dict(await signer(REQUEST))
+        assert fresh != stale
+        signer.rejected(stale)  # a late 401 to the old token keeps the new one
+        assert dict(await signer(REQUEST)) == fresh
+
+    asyncio.run(scenario())
+    assert idp.issued == 2
+
+
+def test_a_request_refused_with_401_goes_again_once_with_a_new_token(idp: TokenServer) -> None:
+    """The archive stops taking a token before its announced expiry (revoked, or its
+    clock ahead): a request with a body in memory is sent again with a fresh one."""
+    refused: set[str] = set()
+    seen: list[str] = []
+
+    async def archive(request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "")
+        seen.append(token)
+        if not refused:
+            refused.add(token)  # the first token is refused from now on
+        return web.Response(status=401 if token in refused else 200, text="ok")
+
+    async def scenario(url: str) -> list[int]:
+        client = HttpClient(url, timeout=5, connect_timeout=5, signer=ClientCredentials(auth(idp)))
+        await client.start()
+        statuses = []
+        try:
+            for _ in range(2):
+                async with client.request("GET", client.url("studies"), what="search") as resp:
+                    statuses.append(resp.status)
+        finally:
+            await client.close()
+        return statuses
+
+    statuses = run(lambda app: app.router.add_get("/dicom-web/studies", archive), scenario)
+    assert statuses == [200, 200]
+    assert len(seen) == 3 and seen[0] != seen[1] == seen[2] and idp.issued == 2
+
+
+def test_a_token_refused_twice_is_the_archives_refusal(idp: TokenServer) -> None:
+    async def archive(request: web.Request) -> web.Response:
+        return web.Response(status=401)
+
+    async def scenario(url: str) -> Exception:
+        client = HttpClient(url, timeout=5, connect_timeout=5, signer=ClientCredentials(auth(idp)))
+        await client.start()
+        try:
+            async with client.request("GET", client.url("studies"), what="search"):
+                pass
+        except UpstreamAuthError as exc:
+            return exc
+        finally:
+            await client.close()
+        raise AssertionError("no error")
+
+    exc = run(lambda app: app.router.add_get("/dicom-web/studies", archive), scenario)
+    assert exc.status == 401 and idp.issued == 2  # one replay, not a loop
