@@ -1,0 +1,154 @@
+"""An archive that takes only an identity provider's short-lived access tokens, as
+Azure's DICOM service takes Entra ID's: a real Orthanc behind a real HAProxy that
+verifies each JWT's signature, audience and expiry, the tokens issued by a token
+endpoint that answers like Entra ID (the only fake: no identity provider runs here).
+
+The gateway (``upstream.auth.type = "oauth2"``) delivers dcmtk's C-STOREs, answers
+findscu and the facade's QIDO-RS through it, renews its token before expiry, replaces
+one the archive stops taking early, and holds delivery (nothing lost, nothing dead)
+while the token endpoint refuses its secret.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.support import dcmtk
+from tests.support.curl import curl
+from tests.support.daemon import Gateway
+from tests.support.haproxy import HAProxy, jwt_config
+from tests.support.orthanc import Orthanc
+from tests.support.ports import wait_until
+from tests.support.synth import ct_series
+from tests.support.tokenserver import TokenServer
+
+CLIENT_ID = "dicom-gateway"
+SECRET = "the-right-secret-4711"
+SCOPE = "https://archive.example/.default"
+
+
+@pytest.fixture
+def idp() -> Iterator[TokenServer]:
+    server = TokenServer(CLIENT_ID, SECRET, scope=SCOPE, audience="https://archive.example").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def guarded(tmp_path: Path, orthanc: Orthanc, idp: TokenServer) -> Iterator[HAProxy]:
+    """Orthanc's DICOMweb behind HAProxy checking the tokens ``idp`` issues."""
+    proxy = HAProxy(
+        tmp_path / "haproxy", config=lambda port: jwt_config(port, orthanc.http_port, idp.signing_secret, idp.audience)
+    ).start()
+    yield proxy
+    proxy.stop()
+
+
+def oauth_gateway(gateway: Callable[..., Gateway], proxy: HAProxy, idp: TokenServer, secret: str) -> Gateway:
+    upstream = (
+        f'type = "dicomweb"\nurl = "http://127.0.0.1:{proxy.port}/dicom-web"\ntimeout = 30\n'
+        f'[upstream.auth]\ntype = "oauth2"\ntoken_url = "{idp.token_url}"\nclient_id = "{CLIENT_ID}"\n'
+        f'client_secret = "env:GW_CLIENT_SECRET"\nscope = "{SCOPE}"\n'
+    )
+    return gateway(upstream=upstream, env={"GW_CLIENT_SECRET": secret})
+
+
+def refusals(proxy: HAProxy) -> int:
+    return sum(1 for line in proxy.log().splitlines() if line.startswith("401 "))
+
+
+def study_found(gw: Gateway, study_uid: str, out: Path) -> bool:
+    out.mkdir(parents=True, exist_ok=True)
+    result = dcmtk.findscu(
+        gw.port, gw.ae_title, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid}, output_dir=out
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [pydicom.dcmread(p).StudyInstanceUID for p in sorted(out.glob("rsp*.dcm"))] == [study_uid]
+
+
+def send(gw: Gateway, files: list[Path]) -> None:
+    result = dcmtk.storescu(gw.port, files, gw.ae_title)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_delivery_and_queries_with_tokens_renewed_before_they_expire(
+    tmp_path: Path, orthanc: Orthanc, guarded: HAProxy, idp: TokenServer, gateway: Callable[..., Gateway]
+) -> None:
+    idp.lifetime = 4  # renewed at half its life: several tokens within the test
+    gw = oauth_gateway(gateway, guarded, idp, SECRET)
+    first = ct_series(tmp_path / "first", 3, rows=64, columns=64)
+    send(gw, first)
+    gw.wait_counts(delivered=3, timeout=60)
+    study = pydicom.dcmread(first[0]).StudyInstanceUID
+    assert study_found(gw, study, tmp_path / "find1")
+    time.sleep(2.5)  # the first token is due for renewal now
+    second = ct_series(tmp_path / "second", 3, rows=64, columns=64)
+    send(gw, second)
+    gw.wait_counts(delivered=6, timeout=60)
+    qido = curl("-s", f"{gw.web_url}/dicom-web/studies?StudyInstanceUID={study}")
+    assert qido.status == 200 and [s["0020000D"]["Value"][0] for s in json.loads(qido.body)] == [study]
+
+    assert len(orthanc.sop_instance_uids()) == 6
+    assert idp.issued >= 2 and all(r.status == 200 and r.client_auth == "basic" for r in idp.requests)
+    assert refusals(guarded) == 0  # renewed before expiry: the archive never saw a stale token
+    log = gw.log()
+    assert "access token obtained" in log and SECRET not in log
+
+
+def test_a_token_the_archive_stops_taking_early_is_replaced(
+    tmp_path: Path, orthanc: Orthanc, guarded: HAProxy, idp: TokenServer, gateway: Callable[..., Gateway]
+) -> None:
+    """Each token is announced for an hour but expires in 2 s at the archive (revoked,
+    or the archive's clock ahead): the gateway learns it from the 401 alone."""
+    idp.valid_for = 2
+    gw = oauth_gateway(gateway, guarded, idp, SECRET)
+    first = ct_series(tmp_path / "first", 2, rows=64, columns=64)
+    send(gw, first)
+    gw.wait_counts(delivered=2, timeout=60)
+    time.sleep(3)
+    # A search goes again at once with a new token: findscu sees only Success.
+    assert study_found(gw, pydicom.dcmread(first[0]).StudyInstanceUID, tmp_path / "find")
+    assert refusals(guarded) == 1 and idp.issued == 2
+    time.sleep(3)
+    # A STOW-RS streamed from the spool cannot go again at once: the batch is retried
+    # with the new token, and nothing is lost or dead.
+    send(gw, ct_series(tmp_path / "second", 2, rows=64, columns=64))
+    counts = gw.wait_counts(delivered=4, timeout=60)
+    assert counts.get("dead", 0) == 0 and len(orthanc.sop_instance_uids()) == 4
+    assert refusals(guarded) == 2 and idp.issued == 3
+
+
+def test_a_refused_client_secret_holds_delivery_until_it_is_fixed(
+    tmp_path: Path, orthanc: Orthanc, guarded: HAProxy, idp: TokenServer, gateway: Callable[..., Gateway]
+) -> None:
+    gw = oauth_gateway(gateway, guarded, idp, "a-wrong-secret-0815")
+    files = ct_series(tmp_path / "series", 3, rows=64, columns=64)
+    send(gw, files)  # acknowledged: durable in the spool
+
+    def held() -> list[dict]:
+        return [p for p in gw.health()["problems"] if p["component"] == "archive"]
+
+    wait_until(lambda: bool(held()), 30, 0.2, "delivery not held")
+    (problem,) = held()
+    assert "invalid_client" in problem["reason"] and "AADSTS7000215" in problem["reason"]
+    found = dcmtk.findscu(gw.port, gw.ae_title, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ""}, extra_args=("-v",))
+    assert "Final Find Response (Failed: UnableToProcess)" in found.stdout + found.stderr
+    time.sleep(2)  # with retry_max_seconds = 2, several held attempts pass
+    counts = gw.counts()
+    assert counts.get("delivered", 0) == 0 and counts.get("dead", 0) == 0
+    assert orthanc.sop_instance_uids() == set() and refusals(guarded) == 0
+    log = gw.log()
+    assert "refused the gateway's client credentials" in log and "a-wrong-secret-0815" not in log
+
+    gw.stop()
+    gw.env["GW_CLIENT_SECRET"] = SECRET
+    gw.start()
+    gw.wait_counts(delivered=3, timeout=60)
+    assert orthanc.sop_instance_uids() == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+    wait_until(lambda: not held(), 10, 0.2, "hold not cleared")
