@@ -179,7 +179,7 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    type: str = "none"  # none | basic | bearer | header | oauth2
+    type: str = "none"  # none | basic | bearer | header | oauth2 | google
     username: str = ""
     password: str = ""
     token: str = ""
@@ -193,6 +193,8 @@ class AuthConfig:
     client_auth: str = "basic"  # basic (RFC 6749 2.3.1 HTTP Basic) | post (in the form)
     # more form fields some providers want (``resource``, ``audience``), sorted pairs
     params: tuple[tuple[str, str], ...] = ()
+    # google: a service account key file; "": Google's default chain (ADC)
+    service_account_file: str = ""
 
 
 # AWS HealthImaging's default quotas (requests/s) of the operations the gateway
@@ -628,7 +630,7 @@ def _spool(r: _Reader) -> SpoolConfig:
 
 
 def _auth(r: _Reader) -> AuthConfig:
-    kind = r.string("type", "none", ("none", "basic", "bearer", "header", "oauth2"))
+    kind = r.string("type", "none", ("none", "basic", "bearer", "header", "oauth2", "google"))
     params = r.sub("params")
     cfg = AuthConfig(
         type=kind,
@@ -643,6 +645,7 @@ def _auth(r: _Reader) -> AuthConfig:
         scope=r.string("scope", ""),
         client_auth=r.string("client_auth", "basic", ("basic", "post")),
         params=tuple(sorted((key, params.string(key, "")) for key in params.table)),
+        service_account_file=r.string("service_account_file", ""),
     )
     params.finish()
     needed = {
@@ -654,6 +657,11 @@ def _auth(r: _Reader) -> AuthConfig:
     for key in needed.get(kind, ()):
         if not getattr(cfg, key):
             r.problems.append(f"{r.path}.{key}: required when {r.path}.type = {kind!r}")
+    owners = {**dict.fromkeys(("token_url", "client_id", "client_secret", "scope", "client_auth", "params"), "oauth2"),
+              "service_account_file": "google"}
+    for key, owner in owners.items():
+        if key in r.table and kind != owner:
+            r.problems.append(f"{r.path}.{key}: only used with {r.path}.type = {owner!r}")
     if cfg.token_url and not HTTP_URL_RE.match(cfg.token_url):
         r.problems.append(f"{r.path}.token_url: {cfg.token_url!r} is not an http(s) URL")
     reserved = {"grant_type", "client_id", "client_secret", "scope"} & {key for key, _ in cfg.params}
@@ -930,12 +938,36 @@ def load_config(path: str | Path) -> Config:
     dimse_tls = cfg.dimse.tls.resolved(path.parent) if cfg.dimse.tls is not None else None
     http_tls = cfg.http.tls.resolved(path.parent) if cfg.http.tls is not None else None
     problems = [*_tls_problems("dimse.tls", dimse_tls), *_tls_problems("http.tls", http_tls)]
+    auth = cfg.upstream.auth
+    if auth.service_account_file:
+        auth = replace(auth, service_account_file=str((path.parent / auth.service_account_file).resolve()))
+        cfg = replace(cfg, upstream=replace(cfg.upstream, auth=auth))
+        problems += _google_problems(auth.service_account_file)
     audit_dir = cfg.audit.file.parent if cfg.audit.file is not None else None
     if audit_dir is not None and not os.access(audit_dir, os.W_OK | os.X_OK):
         problems.append(f"audit.file: cannot write in {audit_dir} (missing, or not writable by this user)")
     if problems:
         raise ConfigError(problems)
     return replace(cfg, dimse=replace(cfg.dimse, tls=dimse_tls), http=replace(cfg.http, tls=http_tls))
+
+
+def _google_problems(service_account_file: str) -> list[str]:
+    """Why ``upstream.auth.service_account_file`` is not a usable service account key,
+    checked at load (no network) so that ``check-config`` says so, not the first
+    delivery."""
+    from google.oauth2 import service_account  # only configs that name a key need it
+
+    if not os.access(service_account_file, os.R_OK):
+        return [f"upstream.auth.service_account_file: cannot read {service_account_file}"]
+    try:
+        service_account.Credentials.from_service_account_file(service_account_file)
+    except (ValueError, KeyError) as exc:
+        return [f"upstream.auth.service_account_file: not a service account key ({_first_line(exc)})"]
+    return []
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _tls_problems(section: str, tls: TlsConfig | None) -> list[str]:

@@ -79,6 +79,8 @@ def test_shipped_default_is_valid_and_local() -> None:
         ({"upstream": {"auth": {**OAUTH2, "client_auth": "jwt"}}}, "upstream.auth.client_auth: 'jwt' is not one of 'basic', 'post'"),
         ({"upstream": {"auth": {**OAUTH2, "params": {"scope": "x"}}}}, "upstream.auth.params.scope: set by the gateway"),
         ({"upstream": {"auth": {**OAUTH2, "params": {"resource": 3}}}}, "upstream.auth.params.resource: expected a string"),
+        ({"upstream": {"auth": {"type": "bearer", "token": "t", "client_id": "c"}}}, "upstream.auth.client_id: only used with upstream.auth.type = 'oauth2'"),
+        ({"upstream": {"auth": {**OAUTH2, "service_account_file": "sa.json"}}}, "upstream.auth.service_account_file: only used with upstream.auth.type = 'google'"),
         ({"spool": {"concurency": 4}}, "spool.concurency: unknown key"),
         ({"upstream": {"auth": {"type": "bearer", "token": "env:DICOMGW_TEST_UNSET"}}}, "DICOMGW_TEST_UNSET is not set"),
         ({"upstream": {"type": "healthimaging", "datastore_id": "d9a2a515ab294163a2d2f4069eed584c"}}, "upstream.region: required"),
@@ -129,6 +131,25 @@ def test_secret_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GW_TOKEN", "s3cret")
     cfg = parse_config({"upstream": {"auth": {"type": "bearer", "token": "env:GW_TOKEN"}}})
     assert cfg.upstream.auth.token == "s3cret"
+
+
+def test_google_service_account_file_is_resolved_and_checked_at_load(tmp_path: Path) -> None:
+    from tests.support.googleidp import GoogleIdp
+
+    idp = GoogleIdp(audience="https://archive.example")
+    idp.service_account_file(tmp_path / "sa.json")
+    config = tmp_path / "g.toml"
+    config.write_text('[upstream]\ntype = "dicomweb"\nurl = "https://healthcare.googleapis.com/v1/x/dicomWeb"\n'
+                      '[upstream.auth]\ntype = "google"\nservice_account_file = "sa.json"\n')
+    assert load_config(config).upstream.auth.service_account_file == str(tmp_path / "sa.json")
+    (tmp_path / "sa.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"upstream.auth.service_account_file: not a service account key"):
+        load_config(config)
+    (tmp_path / "sa.json").unlink()
+    with pytest.raises(ConfigError, match=r"upstream.auth.service_account_file: cannot read .*sa.json"):
+        load_config(config)
+    config.write_text('[upstream]\ntype = "dicomweb"\nurl = "https://h/dicomWeb"\n[upstream.auth]\ntype = "google"\n')
+    assert load_config(config).upstream.auth.service_account_file == ""  # Google's default chain
 
 
 def test_oauth2_client_credentials_load_with_the_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

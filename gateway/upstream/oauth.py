@@ -63,25 +63,30 @@ def _one_line(text: Any, limit: int = 300) -> str:
     return " ".join(str(text).split())[:limit]
 
 
-class ClientCredentials:
-    """A `Signer` that adds ``Authorization: Bearer <token>`` from ``auth.token_url``.
+class TokenSigner:
+    """A `Signer` adding ``Authorization: Bearer <token>`` with a token it obtains
+    itself (`_fetch`, per identity provider) and keeps until it is due for renewal.
 
-    ``clock`` is monotonic seconds (tests move it); ``verify_tls`` is the upstream's
-    setting, so a lab's self-signed identity provider works like its archive does.
+    ``clock`` is monotonic seconds (tests move it); ``source`` names the provider in
+    log lines.
     """
 
-    def __init__(
-        self, auth: AuthConfig, *, verify_tls: bool = True, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.auth = auth
-        self.verify_tls = verify_tls
+    def __init__(self, source: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
         self.clock = clock
         self._token: Token | None = None
         self._lock = asyncio.Lock()
-        self._endpoint = URL(auth.token_url)
 
     async def __call__(self, request: SignableRequest) -> Mapping[str, str]:
-        return {"Authorization": f"Bearer {await self.token()}"}
+        return {"Authorization": f"Bearer {await self.token()}", **self._headers()}
+
+    def _headers(self) -> Mapping[str, str]:
+        """More headers a provider's tokens need beside Authorization."""
+        return {}
+
+    async def _fetch(self) -> Token:
+        """A new token; raises UpstreamAuthError (refused) or UpstreamUnavailable."""
+        raise NotImplementedError
 
     def rejected(self, sent: Mapping[str, str]) -> None:
         """The archive answered 401 to a request that carried ``sent`` headers: forget
@@ -89,7 +94,7 @@ class ClientCredentials:
         since, by a concurrent request, is kept."""
         current = self._token
         if current is not None and sent.get("Authorization") == f"Bearer {current.value}":
-            log.warning("archive refused the access token from %s; asking for a new one", self._endpoint.host)
+            log.warning("archive refused the access token from %s; asking for a new one", self.source)
             self._token = None
 
     async def token(self) -> str:
@@ -105,10 +110,29 @@ class ClientCredentials:
                 self._token = await self._fetch()
             except UpstreamUnavailable as exc:
                 if held is not None and self.clock() < held.expires_at - EXPIRY_MARGIN:
-                    log.warning("token endpoint %s: %s; the current token is still valid", self._endpoint.host, exc)
+                    log.warning("%s: %s; the current token is still valid", self.source, exc)
                     return held.value
                 raise
             return self._token.value
+
+    def _token_for(self, value: str, asked: float, lifetime: float) -> Token:
+        """The token asked at ``asked`` on the clock, living ``lifetime`` seconds."""
+        log.info("access token obtained from %s, valid %d s", self.source, lifetime)
+        return Token(value, asked + lifetime - min(RENEW_BEFORE, lifetime / 2), asked + lifetime)
+
+
+class ClientCredentials(TokenSigner):
+    """Tokens from ``auth.token_url`` by the client credentials grant. ``verify_tls``
+    is the upstream's setting, so a lab's self-signed identity provider works like its
+    archive does."""
+
+    def __init__(
+        self, auth: AuthConfig, *, verify_tls: bool = True, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._endpoint = URL(auth.token_url)
+        super().__init__(f"token endpoint {self._endpoint.host}", clock)
+        self.auth = auth
+        self.verify_tls = verify_tls
 
     def _request(self) -> tuple[dict[str, str], dict[str, str]]:
         """The form and headers of one token request."""
@@ -136,21 +160,19 @@ class ClientCredentials:
                     body = await resp.read()
                     retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         except TimeoutError:
-            raise UpstreamUnavailable(f"token endpoint {self._endpoint.host}: no answer in {TOKEN_TIMEOUT.total:g} s") from None
+            raise UpstreamUnavailable(f"{self.source}: no answer in {TOKEN_TIMEOUT.total:g} s") from None
         except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(f"token endpoint {self._endpoint.host} unreachable: {type(exc).__name__}") from None
+            raise UpstreamUnavailable(f"{self.source} unreachable: {type(exc).__name__}") from None
         if status in RETRYABLE_HTTP:
-            raise UpstreamUnavailable(f"token endpoint {self._endpoint.host}: {http_status(status)}", retry_after, status)
+            raise UpstreamUnavailable(f"{self.source}: {http_status(status)}", retry_after, status)
         answer = _json_object(body)
         token = answer.get("access_token")
         if status >= 400 or not isinstance(token, str) or not token:
             raise self._refusal(status, answer)
         kind = answer.get("token_type", "Bearer")
         if not isinstance(kind, str) or kind.lower() != "bearer":
-            raise UpstreamAuthError(f"token endpoint {self._endpoint.host} issued a {_one_line(kind, 40)!r} token; only Bearer is supported")
-        lifetime = _lifetime(answer.get("expires_in"))
-        log.info("access token obtained from %s, valid %d s", self._endpoint.host, lifetime)
-        return Token(token, asked + lifetime - min(RENEW_BEFORE, lifetime / 2), asked + lifetime)
+            raise UpstreamAuthError(f"{self.source} issued a {_one_line(kind, 40)!r} token; only Bearer is supported")
+        return self._token_for(token, asked, _lifetime(answer.get("expires_in")))
 
     def _refusal(self, status: int, answer: Mapping[str, Any]) -> UpstreamAuthError:
         """RFC 6749 5.2's error answer in words an admin can act on."""
@@ -158,7 +180,7 @@ class ClientCredentials:
         detail = _one_line(answer.get("error_description", ""))
         what = f"{error}: {detail}" if error and detail else error or detail or "no access_token in the answer"
         message = (
-            f"token endpoint {self._endpoint.host} refused the gateway's client credentials "
+            f"{self.source} refused the gateway's client credentials "
             f"({http_status(status)}, {what}); check upstream.auth"
         )
         log.error("%s", message)

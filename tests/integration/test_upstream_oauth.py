@@ -1,12 +1,14 @@
 """An archive that takes only an identity provider's short-lived access tokens, as
-Azure's DICOM service takes Entra ID's: a real Orthanc behind a real HAProxy that
-verifies each JWT's signature, audience and expiry, the tokens issued by a token
-endpoint that answers like Entra ID (the only fake: no identity provider runs here).
+Azure's DICOM service takes Entra ID's and a Google Cloud DICOM store Google's: a real
+Orthanc behind a real HAProxy that verifies each JWT's signature, audience and expiry,
+the tokens issued by emulators of Entra ID's token endpoint and of Google's token
+endpoint and metadata server (the only fakes: no identity provider runs here).
 
-The gateway (``upstream.auth.type = "oauth2"``) delivers dcmtk's C-STOREs, answers
+With ``upstream.auth.type = "oauth2"`` the gateway delivers dcmtk's C-STOREs, answers
 findscu and the facade's QIDO-RS through it, renews its token before expiry, replaces
 one the archive stops taking early, and holds delivery (nothing lost, nothing dead)
-while the token endpoint refuses its secret.
+while the token endpoint refuses its secret. With ``"google"`` it does the same from a
+service account key, or from the metadata server of the VM it would run on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 from tests.support import dcmtk
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
+from tests.support.googleidp import GoogleIdp
 from tests.support.haproxy import HAProxy, jwt_config
 from tests.support.orthanc import Orthanc
 from tests.support.ports import wait_until
@@ -31,20 +34,29 @@ from tests.support.tokenserver import TokenServer
 CLIENT_ID = "dicom-gateway"
 SECRET = "the-right-secret-4711"
 SCOPE = "https://archive.example/.default"
+AUDIENCE = "https://archive.example"
+SIGNING_SECRET = "the-archive-trusts-this-issuer"
 
 
 @pytest.fixture
 def idp() -> Iterator[TokenServer]:
-    server = TokenServer(CLIENT_ID, SECRET, scope=SCOPE, audience="https://archive.example").start()
+    server = TokenServer(CLIENT_ID, SECRET, scope=SCOPE, audience=AUDIENCE, signing_secret=SIGNING_SECRET).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def guarded(tmp_path: Path, orthanc: Orthanc, idp: TokenServer) -> Iterator[HAProxy]:
-    """Orthanc's DICOMweb behind HAProxy checking the tokens ``idp`` issues."""
+def google() -> Iterator[GoogleIdp]:
+    server = GoogleIdp(audience=AUDIENCE, signing_secret=SIGNING_SECRET).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def guarded(tmp_path: Path, orthanc: Orthanc) -> Iterator[HAProxy]:
+    """Orthanc's DICOMweb behind HAProxy taking only tokens the emulators issue."""
     proxy = HAProxy(
-        tmp_path / "haproxy", config=lambda port: jwt_config(port, orthanc.http_port, idp.signing_secret, idp.audience)
+        tmp_path / "haproxy", config=lambda port: jwt_config(port, orthanc.http_port, SIGNING_SECRET, AUDIENCE)
     ).start()
     yield proxy
     proxy.stop()
@@ -152,3 +164,50 @@ def test_a_refused_client_secret_holds_delivery_until_it_is_fixed(
     gw.wait_counts(delivered=3, timeout=60)
     assert orthanc.sop_instance_uids() == {pydicom.dcmread(f).SOPInstanceUID for f in files}
     wait_until(lambda: not held(), 10, 0.2, "hold not cleared")
+
+
+def google_gateway(gateway: Callable[..., Gateway], proxy: HAProxy, tmp_path: Path, auth: str, env: dict[str, str]) -> Gateway:
+    """A gateway whose archive wants Google tokens; ``env`` places it: with no
+    gcloud login (an empty CLOUDSDK_CONFIG) and nothing of Google's reachable
+    unless ``env`` says where."""
+    (tmp_path / "gcloud").mkdir(exist_ok=True)
+    upstream = (
+        f'type = "dicomweb"\nurl = "http://127.0.0.1:{proxy.port}/dicom-web"\ntimeout = 30\n'
+        f'[upstream.auth]\ntype = "google"\n{auth}'
+    )
+    return gateway(upstream=upstream, env={"CLOUDSDK_CONFIG": str(tmp_path / "gcloud"), **env})
+
+
+def test_google_service_account_key(
+    tmp_path: Path, orthanc: Orthanc, guarded: HAProxy, google: GoogleIdp, gateway: Callable[..., Gateway]
+) -> None:
+    key = google.service_account_file(tmp_path / "service-account.json")
+    gw = google_gateway(gateway, guarded, tmp_path, f'service_account_file = "{key}"\n', {"NO_GCE_CHECK": "True"})
+    files = ct_series(tmp_path / "series", 3, rows=64, columns=64)
+    send(gw, files)
+    gw.wait_counts(delivered=3, timeout=60)
+    assert study_found(gw, pydicom.dcmread(files[0]).StudyInstanceUID, tmp_path / "find")
+    assert google.requests == [("token", 200, "")] and refusals(guarded) == 0
+    assert "PRIVATE KEY" not in gw.log()
+
+
+def test_google_metadata_server_of_the_vm(
+    tmp_path: Path, orthanc: Orthanc, guarded: HAProxy, google: GoogleIdp, gateway: Callable[..., Gateway]
+) -> None:
+    """No key anywhere: Application Default Credentials find the metadata server, as on
+    a Compute Engine VM or a GKE pod."""
+    gw = google_gateway(gateway, guarded, tmp_path, "", {"GCE_METADATA_HOST": google.host, "GCE_METADATA_IP": google.host})
+    files = ct_series(tmp_path / "series", 2, rows=64, columns=64)
+    send(gw, files)
+    gw.wait_counts(delivered=2, timeout=60)
+    assert ("metadata", 200, "") in google.requests and refusals(guarded) == 0
+
+
+def test_no_google_credentials_holds_delivery(
+    tmp_path: Path, orthanc: Orthanc, guarded: HAProxy, gateway: Callable[..., Gateway]
+) -> None:
+    gw = google_gateway(gateway, guarded, tmp_path, "", {"NO_GCE_CHECK": "True"})
+    send(gw, ct_series(tmp_path / "series", 2, rows=64, columns=64))
+    wait_until(lambda: any("no Google credentials" in p["reason"] for p in gw.health()["problems"]), 30, 0.2, "not held")
+    counts = gw.counts()
+    assert counts.get("delivered", 0) == 0 and counts.get("dead", 0) == 0 and refusals(guarded) == 0
