@@ -23,6 +23,7 @@ from gateway.metrics import Metrics
 from gateway.upstream.auth import config_signer
 from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_parts, single_part_in_file, split_parts
+from gateway.model.json import first_text
 from gateway.model.search import Search
 from gateway.part10 import META_HEAD, read_file_meta
 from gateway.dicomweb.qido import QidoOptions, query_string, resource_path
@@ -70,6 +71,8 @@ def _more_results_warning(resp: aiohttp.ClientResponse) -> bool:
 
 # Results in the first QIDO-RS page of a search (later pages hold find.page_size).
 FIRST_PAGE = 100
+# The attribute that identifies a result of each QIDO-RS resource.
+LEVEL_UID_TAGS = {"studies": 0x0020000D, "series": 0x0020000E, "instances": 0x00080018}
 
 # Accept headers for RetrieveInstance in the stored syntax, best first: the stored
 # syntax (no transcoding by the archive, no size blow-up), then whatever the archive
@@ -271,6 +274,27 @@ class DicomWebUpstream:
             raise UpstreamRejected("archive answered a search with a non-array", status)
         return [item for item in page if isinstance(item, dict)], cut
 
+    async def _capped_page(
+        self, path: str, search: Search, offset: int, limit: int, proven: int
+    ) -> tuple[list[JsonObject], bool, int]:
+        """`_page`, and the ``limit`` it was answered for. An archive that refuses a
+        ``limit`` above its own cap with 400 (Azure's DICOM service takes 1 to 200)
+        after taking ``proven`` for the same query gets this page again with
+        ``proven``, and every later page of every search too."""
+        try:
+            page, cut = await self._page(path, search, offset, limit)
+            return page, cut, limit
+        except UpstreamRejected as exc:
+            if exc.status != 400 or limit <= proven:
+                raise
+        log.warning(
+            "QIDO-RS: archive refused limit=%d after taking limit=%d for the same search; pages of %d from now on "
+            "(set find.page_size to its cap)", limit, proven, proven,
+        )
+        self._capabilities = replace(self._capabilities, max_page=proven)
+        page, cut = await self._page(path, search, offset, proven)
+        return page, cut, proven
+
     async def _search(self, level: str, search: Search) -> AsyncIterator[JsonObject]:
         """Page through one QIDO-RS resource with limit/offset until it is exhausted.
 
@@ -292,19 +316,24 @@ class DicomWebUpstream:
         """
         caps = self._capabilities
         path = resource_path(level, search.study_uid, search.series_uid)
-        page_size = min(self.qido.page_size, caps.max_page or self.qido.page_size)
         reach = caps.search_limit
 
         def bounded(limit: int, offset: int) -> int:
             return limit if reach is None else min(limit, reach - offset)
 
+        def page_size() -> int:
+            cap = self._capabilities.max_page  # may be learned during this search
+            return min(self.qido.page_size, cap or self.qido.page_size)
+
         offset = 0
-        limit = bounded(min(page_size, FIRST_PAGE), offset)
+        first = bounded(min(page_size(), FIRST_PAGE), offset)
         announced = False  # the previous page said more results exist
-        pending = asyncio.ensure_future(self._page(path, search, offset, limit))
+        pending = asyncio.ensure_future(self._capped_page(path, search, offset, first, first))
+        uid_tag = LEVEL_UID_TAGS[level]
+        seen: set[str] = set()
         try:
             while True:
-                page, cut = await pending
+                page, cut, limit = await pending
                 if not page and (cut or announced):
                     log.warning("QIDO-RS %s: archive announced more results than it sent (%d)", level, offset)
                     raise SearchTruncated(f"archive announced more than the {offset} results it sent", offset)
@@ -312,10 +341,19 @@ class DicomWebUpstream:
                 offset += len(page)
                 announced = cut
                 capped = more and reach is not None and offset >= reach
-                limit = bounded(page_size, offset)
                 if more and not capped:
-                    pending = asyncio.ensure_future(self._page(path, search, offset, limit))
+                    pending = asyncio.ensure_future(
+                        self._capped_page(path, search, offset, bounded(page_size(), offset), first)
+                    )
                 for item in page:
+                    uid = first_text(item, uid_tag)
+                    if uid:
+                        if uid in seen:
+                            # Azure's DICOM service pages newest first, so a match stored
+                            # during the search shifts the pages and repeats one.
+                            log.debug("QIDO-RS %s: %s answered twice; sent once", level, uid)
+                            continue
+                        seen.add(uid)
                     yield item
                 if capped:
                     log.warning("QIDO-RS %s: search reached the archive's limit of %d results", level, reach)

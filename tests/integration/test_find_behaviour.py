@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from pydicom.dataset import Dataset
@@ -165,6 +166,35 @@ def test_archive_page_cap_is_paged_through(gateway: Callable[..., Gateway], fake
     gw = gateway(upstream_url=upstream.url, extra=find_section(page_size=20))
     answers, final = pyfind(gw.port, gw.ae_title, identifier("STUDY", StudyInstanceUID=""))
     assert len(answers) == 50 and final.Status == 0x0000
+
+
+def test_an_archive_refusing_large_pages_is_paged_within_its_cap(
+    gateway: Callable[..., Gateway], fake: Callable[..., FakeQido]
+) -> None:
+    """Azure's DICOM service takes limit 1 to 200 and answers 400 above; with the
+    default find.page_size (1000) the gateway learns that from the second page and
+    pages by what the first page proved, for this search and the next."""
+    upstream = fake(count=450, max_limit=200)
+    gw = gateway(upstream_url=upstream.url)
+    for _ in range(2):
+        answers, final = pyfind(gw.port, gw.ae_title, identifier("STUDY", StudyInstanceUID=""))
+        assert len(answers) == 450 and final.Status == 0x0000
+        assert len({ds.StudyInstanceUID for _, ds in answers}) == 450
+    limits = [int(parse_qs(urlsplit(path).query)["limit"][0]) for path in upstream.requests]
+    assert limits[:3] == [100, 1000, 100] and set(limits[3:]) == {100}
+    assert gw.log().count("archive refused limit=1000 after taking limit=100") == 1
+
+
+def test_results_repeated_by_newest_first_paging_are_answered_once(
+    gateway: Callable[..., Gateway], fake: Callable[..., FakeQido]
+) -> None:
+    """Azure pages newest first: 7 studies stored after the first page shift the
+    second page onto 7 results of the first. The C-FIND answers each match once."""
+    upstream = fake(count=150, max_limit=200, arrivals=7)
+    gw = gateway(upstream_url=upstream.url, extra=find_section(page_size=200))
+    answers, final = pyfind(gw.port, gw.ae_title, identifier("STUDY", StudyInstanceUID=""))
+    uids = [ds.StudyInstanceUID for _, ds in answers]
+    assert final.Status == 0x0000 and len(uids) == len(set(uids)) == 150
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,11 @@ additional results that can be requested`` (which Orthanc never sends):
 ``page_cap`` cuts each page to that many results, the rest being reachable with
 ``offset``; ``reach`` serves only the first ``reach`` results of a search, the page
 that ends there carrying the Warning and every later page coming back empty.
+
+Azure's DICOM service, as its conformance statement describes it: ``max_limit``
+refuses a ``limit`` above it with 400 (Azure takes 1 to 200), and ``arrivals`` studies
+are stored, newest first, once the first page has been served, so later offsets shift
+and repeat results of earlier pages; an offset past the end gets 204.
 """
 
 from __future__ import annotations
@@ -38,8 +43,13 @@ class FakeQido:
         reason: str | None = None,
         page_cap: int | None = None,
         reach: int | None = None,
+        max_limit: int | None = None,
+        arrivals: int = 0,
     ) -> None:
         self.count = count
+        self.max_limit = max_limit
+        self.arrivals = arrivals
+        self.order = list(range(count))  # study numbers, newest first
         self.page_cap = page_cap
         self.reach = reach
         self.page_delay = page_delay
@@ -93,13 +103,25 @@ class FakeQido:
                 query = parse_qs(urlsplit(self.path).query)
                 asked = int(query.get("limit", ["1000"])[0])
                 offset = int(query.get("offset", ["0"])[0])
+                if fake.max_limit is not None and not 1 <= asked <= fake.max_limit:
+                    self.scripted(400, f'{{"error": "limit must be between 1 and {fake.max_limit}"}}'.encode())
+                    return
                 time.sleep(fake.page_delay)
                 limit = min(asked, fake.page_cap or asked)
-                available = min(fake.count, fake.reach if fake.reach is not None else fake.count)
-                page = [fake.study(n) for n in range(offset, min(offset + limit, available))]
+                total = len(fake.order)
+                available = min(total, fake.reach if fake.reach is not None else total)
+                page = [fake.study(n) for n in fake.order[offset:min(offset + limit, available)]]
+                if fake.arrivals:
+                    fake.order[:0] = range(fake.count, fake.count + fake.arrivals)
+                    fake.count += fake.arrivals
+                    fake.arrivals = 0
+                if not page and fake.max_limit is not None:  # Azure: an offset past the end
+                    self.send_response(204)
+                    self.end_headers()
+                    return
                 body = json.dumps(page).encode()
                 self.send_response(200)
-                left = fake.count - offset - len(page)
+                left = total - offset - len(page)
                 if page and left > 0 and (len(page) < asked or offset + len(page) >= available):  # a cap: say so
                     self.send_header("Warning", f'299 fakeqido: "There are {left} additional results that can be requested"')
                 self.send_header("Content-Type", "application/dicom+json")
