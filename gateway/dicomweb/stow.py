@@ -19,8 +19,10 @@ FAILURE_REASON = "00081197"
 # FailureReason values meaning "the archive already has this instance": PS3.18's
 # duplicate SOP instance (0x0111) and Azure's 45070 ("instance already exists").
 ALREADY_STORED = frozenset({0x0111, 45070})
-# Reasons worth retrying: out of resources, processing failure, resource limitation.
-TRANSIENT = frozenset({0x0110, 0x0213, 0xA700}) | frozenset(range(0xA700, 0xA800))
+# Reasons worth retrying: out of resources, processing failure, resource limitation,
+# and Azure's 45071 (the instance is being created by another request, or the clean-up
+# of an earlier failed attempt, such as ours cut by a timeout, is not finished).
+TRANSIENT = frozenset({0x0110, 0x0213, 0xA700, 45071}) | frozenset(range(0xA700, 0xA800))
 
 
 @dataclass

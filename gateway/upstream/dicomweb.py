@@ -54,13 +54,15 @@ log = logging.getLogger("gateway.upstream")
 
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 # Whole-request refusals that say the gateway's credentials (401, 403) or URL (404,
-# 405: nothing, or no STOW-RS service, there) are wrong. They do not depend on the
-# instances sent, so they hold delivery instead of making instances dead.
+# 405: nothing, or no STOW-RS service, there) are wrong, or the archive's own set-up
+# (424: Azure's DICOM service cannot reach its data lake or key vault). They do not
+# depend on the instances sent, so they hold delivery instead of making instances dead.
 CONFIG_REFUSALS = {
     401: "archive refused our credentials (HTTP 401); check upstream.auth",
     403: "archive denied us access (HTTP 403); check upstream.auth and the archive's permissions",
     404: "no STOW-RS service at the upstream URL (HTTP 404); check upstream.url",
     405: "no STOW-RS service at the upstream URL (HTTP 405); check upstream.url",
+    424: "archive cannot reach a resource it depends on (HTTP 424 Failed Dependency: its storage or key vault)",
 }
 
 

@@ -31,6 +31,9 @@ from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamRejecte
 log = logging.getLogger("gateway.upstream")
 
 RETRYABLE_HTTP = frozenset({408, 429}) | frozenset(range(500, 600))
+# Failed Dependency: the archive's own storage or key vault is out of its reach (Azure's
+# DICOM service); a read or search may work later, as after a 503.
+DEPENDENCY_FAILED = 424
 # For `HttpClient.request(passthrough=...)`: the caller reads every status itself.
 EVERY_STATUS = range(100, 600)
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -139,7 +142,7 @@ def raise_for_status(method: str, url: URL, status: int, body: bytes, headers: M
         raise UpstreamAuthError(f"archive refused credentials: HTTP {status}", status)
     if status == 404:
         raise NotFound(f"not in the archive: HTTP 404 on {what}")
-    if status in RETRYABLE_HTTP:
+    if status in RETRYABLE_HTTP or status == DEPENDENCY_FAILED:
         log.warning("%s %s failed: %s", method, url.path, http_status(status))
         raise UpstreamUnavailable(f"archive error: {http_status(status)}", retry_after_seconds(headers.get("Retry-After")), status)
     raise UpstreamRejected(f"archive rejected {what}: {http_status(status)}", status)

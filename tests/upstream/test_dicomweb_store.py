@@ -109,7 +109,7 @@ def test_whole_batch_refusal_is_narrowed_to_the_instance_refused(tmp_path: Path)
 
 
 def test_wrong_credentials_or_url_are_a_configuration_problem(tmp_path: Path) -> None:
-    for status in (401, 403, 404, 405):
+    for status in (401, 403, 404, 405, 424):  # 424: Azure's storage or key vault out of reach
         outcomes, _ = run_against(lambda r, s=status: web.Response(status=s), [inst(tmp_path, 1), inst(tmp_path, 2)])
         assert [o.kind for o in outcomes] == ["config", "config"], status
         assert str(status) in outcomes[0].error
@@ -122,6 +122,17 @@ def test_409_marks_each_instance_on_its_own(tmp_path: Path) -> None:
         lambda r: web.Response(status=409, body=body, content_type="application/dicom+json"), items
     )
     assert [o.kind for o in outcomes] == ["delivered", "delivered", "rejected", "retry"]
+
+
+def test_azure_failure_reasons(tmp_path: Path) -> None:
+    """Azure's own FailureReason codes: 45070 already stored, 45071 still being created
+    or cleaned up (retried), 43264 failed validation and 43265 wrong study (refused)."""
+    items = [inst(tmp_path, n) for n in (1, 2, 3, 4)]
+    body = failed_json({"1.2.3.1": 45070, "1.2.3.2": 45071, "1.2.3.3": 43264, "1.2.3.4": 43265}, ok=[])
+    outcomes, _ = run_against(
+        lambda r: web.Response(status=409, body=body, content_type="application/dicom+json"), items
+    )
+    assert [o.kind for o in outcomes] == ["delivered", "retry", "rejected", "rejected"]
 
 
 def test_connection_refused_retries(tmp_path: Path) -> None:

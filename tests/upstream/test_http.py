@@ -77,6 +77,7 @@ async def status_route(request: web.Request) -> web.Response:
         (429, UpstreamUnavailable, "archive error: HTTP 429"),
         (500, UpstreamUnavailable, "archive error: HTTP 500"),
         (503, UpstreamUnavailable, "archive error: HTTP 503"),
+        (424, UpstreamUnavailable, "archive error: HTTP 424"),
         (400, UpstreamRejected, "archive rejected search: HTTP 400"),
         (405, UpstreamRejected, "archive rejected search: HTTP 405"),
         (409, UpstreamRejected, "archive rejected search: HTTP 409"),
