@@ -179,7 +179,7 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    type: str = "none"  # none | basic | bearer | header | oauth2 | google
+    type: str = "none"  # none | basic | bearer | header | oauth2 | azure_managed_identity | google
     username: str = ""
     password: str = ""
     token: str = ""
@@ -193,6 +193,8 @@ class AuthConfig:
     client_auth: str = "basic"  # basic (RFC 6749 2.3.1 HTTP Basic) | post (in the form)
     # more form fields some providers want (``resource``, ``audience``), sorted pairs
     params: tuple[tuple[str, str], ...] = ()
+    # azure_managed_identity: what the token is for ("": Azure's DICOM service)
+    resource: str = ""
     # google: a service account key file; "": Google's default chain (ADC)
     service_account_file: str = ""
 
@@ -630,7 +632,7 @@ def _spool(r: _Reader) -> SpoolConfig:
 
 
 def _auth(r: _Reader) -> AuthConfig:
-    kind = r.string("type", "none", ("none", "basic", "bearer", "header", "oauth2", "google"))
+    kind = r.string("type", "none", ("none", "basic", "bearer", "header", "oauth2", "azure_managed_identity", "google"))
     params = r.sub("params")
     cfg = AuthConfig(
         type=kind,
@@ -646,6 +648,7 @@ def _auth(r: _Reader) -> AuthConfig:
         client_auth=r.string("client_auth", "basic", ("basic", "post")),
         params=tuple(sorted((key, params.string(key, "")) for key in params.table)),
         service_account_file=r.string("service_account_file", ""),
+        resource=r.string("resource", ""),
     )
     params.finish()
     needed = {
@@ -657,11 +660,15 @@ def _auth(r: _Reader) -> AuthConfig:
     for key in needed.get(kind, ()):
         if not getattr(cfg, key):
             r.problems.append(f"{r.path}.{key}: required when {r.path}.type = {kind!r}")
-    owners = {**dict.fromkeys(("token_url", "client_id", "client_secret", "scope", "client_auth", "params"), "oauth2"),
-              "service_account_file": "google"}
-    for key, owner in owners.items():
-        if key in r.table and kind != owner:
-            r.problems.append(f"{r.path}.{key}: only used with {r.path}.type = {owner!r}")
+    azure = "azure_managed_identity"
+    owners = {
+        **dict.fromkeys(("client_secret", "scope", "client_auth", "params"), ("oauth2",)),
+        "token_url": ("oauth2", azure), "client_id": ("oauth2", azure), "resource": (azure,),
+        "service_account_file": ("google",),
+    }
+    for key, types in owners.items():
+        if key in r.table and kind not in types:
+            r.problems.append(f"{r.path}.{key}: only used with {r.path}.type = {' or '.join(repr(t) for t in types)}")
     if cfg.token_url and not HTTP_URL_RE.match(cfg.token_url):
         r.problems.append(f"{r.path}.token_url: {cfg.token_url!r} is not an http(s) URL")
     reserved = {"grant_type", "client_id", "client_secret", "scope"} & {key for key, _ in cfg.params}

@@ -1,5 +1,5 @@
 """Request authentication for upstream archives (none, basic, bearer, custom header,
-OAuth 2.0 client credentials, Google credentials).
+OAuth 2.0 client credentials, Azure managed identities, Google credentials).
 
 Credentials come from the config (possibly from environment variables) and are never
 logged. They are applied as a `Signer` of the HTTP plumbing, the same hook a per-request
@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 
 from gateway.config import AuthConfig
+from gateway.upstream.azure import ManagedIdentity
 from gateway.upstream.http import Signer, StaticHeaders
 from gateway.upstream.oauth import ClientCredentials
 
@@ -32,6 +33,8 @@ def config_signer(auth: AuthConfig, verify_tls: bool = True) -> Signer:
     ``oauth2``, else the same static headers on every request."""
     if auth.type == "oauth2":
         return ClientCredentials(auth, verify_tls=verify_tls)
+    if auth.type == "azure_managed_identity":
+        return ManagedIdentity(auth)
     if auth.type == "google":
         from gateway.upstream.google import GoogleCredentials  # google-auth only when used
 

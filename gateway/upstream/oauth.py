@@ -121,40 +121,30 @@ class TokenSigner:
         return Token(value, asked + lifetime - min(RENEW_BEFORE, lifetime / 2), asked + lifetime)
 
 
-class ClientCredentials(TokenSigner):
-    """Tokens from ``auth.token_url`` by the client credentials grant. ``verify_tls``
-    is the upstream's setting, so a lab's self-signed identity provider works like its
-    archive does."""
+class TokenEndpoint(TokenSigner):
+    """A provider answering one HTTP request with RFC 6749 5.1's token (or 5.2's
+    error) in JSON: an OAuth 2.0 token endpoint, Azure's managed identity endpoint.
+    ``verify_tls`` is the upstream's setting, so a lab's self-signed identity provider
+    works like its archive does; ``refused`` says what a refusal refused."""
 
-    def __init__(
-        self, auth: AuthConfig, *, verify_tls: bool = True, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._endpoint = URL(auth.token_url)
-        super().__init__(f"token endpoint {self._endpoint.host}", clock)
-        self.auth = auth
+    refused = "refused the gateway's client credentials"
+
+    def __init__(self, url: str, source: str, verify_tls: bool, clock: Callable[[], float]) -> None:
+        super().__init__(source, clock)
+        self.url = URL(url)
         self.verify_tls = verify_tls
 
-    def _request(self) -> tuple[dict[str, str], dict[str, str]]:
-        """The form and headers of one token request."""
-        form = {"grant_type": "client_credentials"}
-        if self.auth.scope:
-            form["scope"] = self.auth.scope
-        form.update(self.auth.params)
-        headers = {"Accept": "application/json"}
-        if self.auth.client_auth == "post":
-            form["client_id"] = self.auth.client_id
-            form["client_secret"] = self.auth.client_secret
-        else:
-            headers["Authorization"] = _client_basic(self.auth.client_id, self.auth.client_secret)
-        return form, headers
+    def _request(self) -> tuple[str, dict[str, str] | None, dict[str, str]]:
+        """The method, form (None: no body) and headers of one token request."""
+        raise NotImplementedError
 
     async def _fetch(self) -> Token:
-        form, headers = self._request()
+        method, form, headers = self._request()
         asked = self.clock()
         try:
             async with aiohttp.ClientSession(timeout=TOKEN_TIMEOUT) as session:
-                async with session.post(
-                    self._endpoint, data=form, headers=headers, ssl=None if self.verify_tls else False
+                async with session.request(
+                    method, self.url, data=form, headers=headers, ssl=None if self.verify_tls else False
                 ) as resp:
                     status = resp.status
                     body = await resp.read()
@@ -172,19 +162,39 @@ class ClientCredentials(TokenSigner):
         kind = answer.get("token_type", "Bearer")
         if not isinstance(kind, str) or kind.lower() != "bearer":
             raise UpstreamAuthError(f"{self.source} issued a {_one_line(kind, 40)!r} token; only Bearer is supported")
-        return self._token_for(token, asked, _lifetime(answer.get("expires_in")))
+        return self._token_for(token, asked, _lifetime(answer))
 
     def _refusal(self, status: int, answer: Mapping[str, Any]) -> UpstreamAuthError:
         """RFC 6749 5.2's error answer in words an admin can act on."""
         error = _one_line(answer.get("error", ""), 60)
         detail = _one_line(answer.get("error_description", ""))
         what = f"{error}: {detail}" if error and detail else error or detail or "no access_token in the answer"
-        message = (
-            f"{self.source} refused the gateway's client credentials "
-            f"({http_status(status)}, {what}); check upstream.auth"
-        )
+        message = f"{self.source} {self.refused} ({http_status(status)}, {what}); check upstream.auth"
         log.error("%s", message)
         return UpstreamAuthError(message, status if status >= 400 else 401)
+
+
+class ClientCredentials(TokenEndpoint):
+    """Tokens from ``auth.token_url`` by the client credentials grant."""
+
+    def __init__(
+        self, auth: AuthConfig, *, verify_tls: bool = True, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(auth.token_url, f"token endpoint {URL(auth.token_url).host}", verify_tls, clock)
+        self.auth = auth
+
+    def _request(self) -> tuple[str, dict[str, str] | None, dict[str, str]]:
+        form = {"grant_type": "client_credentials"}
+        if self.auth.scope:
+            form["scope"] = self.auth.scope
+        form.update(self.auth.params)
+        headers = {"Accept": "application/json"}
+        if self.auth.client_auth == "post":
+            form["client_id"] = self.auth.client_id
+            form["client_secret"] = self.auth.client_secret
+        else:
+            headers["Authorization"] = _client_basic(self.auth.client_id, self.auth.client_secret)
+        return "POST", form, headers
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -195,10 +205,15 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return answer if isinstance(answer, dict) else {}
 
 
-def _lifetime(value: Any) -> float:
-    """``expires_in`` in seconds; some providers send it as a string (Entra's v1)."""
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        return ASSUMED_LIFETIME
-    return seconds if seconds > 0 else ASSUMED_LIFETIME
+def _lifetime(answer: Mapping[str, Any]) -> float:
+    """Seconds the token lives: ``expires_in`` (a string from some providers, Entra's
+    v1 among them), else ``expires_on`` in seconds since the epoch (Azure App Service's
+    managed identity sends only that), else `ASSUMED_LIFETIME`."""
+    for key, since in (("expires_in", 0.0), ("expires_on", time.time())):
+        try:
+            seconds = float(answer[key]) - since
+        except (KeyError, TypeError, ValueError):
+            continue
+        if seconds > 0:
+            return seconds
+    return ASSUMED_LIFETIME

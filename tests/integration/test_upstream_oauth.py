@@ -1,14 +1,16 @@
 """An archive that takes only an identity provider's short-lived access tokens, as
 Azure's DICOM service takes Entra ID's and a Google Cloud DICOM store Google's: a real
 Orthanc behind a real HAProxy that verifies each JWT's signature, audience and expiry,
-the tokens issued by emulators of Entra ID's token endpoint and of Google's token
-endpoint and metadata server (the only fakes: no identity provider runs here).
+the tokens issued by emulators of Entra ID's token endpoint, Azure's managed identity
+endpoint and Google's token endpoint and metadata server (the only fakes: no identity
+provider runs here).
 
 With ``upstream.auth.type = "oauth2"`` the gateway delivers dcmtk's C-STOREs, answers
 findscu and the facade's QIDO-RS through it, renews its token before expiry, replaces
 one the archive stops taking early, and holds delivery (nothing lost, nothing dead)
-while the token endpoint refuses its secret. With ``"google"`` it does the same from a
-service account key, or from the metadata server of the VM it would run on.
+while the token endpoint refuses its secret. With ``"azure_managed_identity"`` and
+``"google"`` it does the same with the identity of the machine it runs on, or (Google)
+a service account key.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tests.support.haproxy import HAProxy, jwt_config
 from tests.support.orthanc import Orthanc
 from tests.support.ports import wait_until
 from tests.support.synth import ct_series
-from tests.support.tokenserver import TokenServer
+from tests.support.tokenserver import AzureIdentity, TokenServer
 
 CLIENT_ID = "dicom-gateway"
 SECRET = "the-right-secret-4711"
@@ -211,3 +213,26 @@ def test_no_google_credentials_holds_delivery(
     wait_until(lambda: any("no Google credentials" in p["reason"] for p in gw.health()["problems"]), 30, 0.2, "not held")
     counts = gw.counts()
     assert counts.get("delivered", 0) == 0 and counts.get("dead", 0) == 0 and refusals(guarded) == 0
+
+
+def test_azure_managed_identity_of_an_app_service(
+    tmp_path: Path, orthanc: Orthanc, guarded: HAProxy, gateway: Callable[..., Gateway]
+) -> None:
+    """No secret in the config: the identity endpoint and its header come from the
+    environment App Service and Container Apps give the process."""
+    identity = AzureIdentity(AUDIENCE, signing_secret=SIGNING_SECRET).start()
+    try:
+        upstream = (
+            f'type = "dicomweb"\nurl = "http://127.0.0.1:{guarded.port}/dicom-web"\ntimeout = 30\n'
+            f'[upstream.auth]\ntype = "azure_managed_identity"\nresource = "{AUDIENCE}"\n'
+        )
+        env = {"IDENTITY_ENDPOINT": identity.app_service_url, "IDENTITY_HEADER": identity.identity_header}
+        gw = gateway(upstream=upstream, env=env)
+        files = ct_series(tmp_path / "series", 2, rows=64, columns=64)
+        send(gw, files)
+        gw.wait_counts(delivered=2, timeout=60)
+        assert study_found(gw, pydicom.dcmread(files[0]).StudyInstanceUID, tmp_path / "find")
+        assert identity.requests == [("app_service", 200, "")] and refusals(guarded) == 0
+        assert identity.identity_header not in gw.log()
+    finally:
+        identity.stop()

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote_plus
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from tests.support.ports import free_port
 
@@ -154,6 +154,106 @@ class TokenServer:
                 self.send_header("Content-Length", str(len(body)))
                 if status == 401:
                     self.send_header("WWW-Authenticate", 'Basic realm="token"')
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+
+class AzureIdentity:
+    """Azure's managed identity endpoints, faithful on the wire: a VM's Instance
+    Metadata Service (``GET /metadata/identity/oauth2/token`` with ``Metadata: true``,
+    API 2018-02-01, ``expires_in`` as a string) and App Service's (``IDENTITY_ENDPOINT``
+    with the ``X-IDENTITY-HEADER`` secret, API 2019-08-01, only ``expires_on``).
+
+    ``client_id``: the user-assigned identity the machine has besides its
+    system-assigned one (None: none). Tokens are HS256 JWTs for ``resource``, what HAProxy checks.
+    """
+
+    def __init__(
+        self,
+        resource: str,
+        *,
+        client_id: str | None = None,
+        identity_header: str = "app-service-secret-7b3f",
+        signing_secret: str = "haproxy-verifies-this",
+        lifetime: int = 86399,
+    ) -> None:
+        self.resource = resource
+        self.client_id = client_id
+        self.identity_header = identity_header
+        self.signing_secret = signing_secret
+        self.lifetime = lifetime
+        self.requests: list[tuple[str, int, str]] = []  # (endpoint, status, error)
+        self.port = free_port()
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def imds_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metadata/identity/oauth2/token"
+
+    @property
+    def app_service_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/msi/token"
+
+    def start(self) -> AzureIdentity:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def answer(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+        url = urlsplit(path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        if url.path == "/metadata/identity/oauth2/token":
+            endpoint, api = "imds", "2018-02-01"
+            if headers.get("metadata") != "true":
+                return self._refuse(endpoint, 400, "invalid_request", "Required metadata header not specified")
+        elif url.path == "/msi/token":
+            endpoint, api = "app_service", "2019-08-01"
+            if headers.get("x-identity-header") != self.identity_header:
+                return self._refuse(endpoint, 401, "unauthorized", "X-IDENTITY-HEADER missing or wrong")
+        else:
+            return self._refuse("none", 404, "not_found", url.path)
+        if query.get("api-version") != api:
+            return self._refuse(endpoint, 400, "invalid_request", f"api-version {query.get('api-version')} not supported")
+        asked = query.get("client_id")
+        if asked is not None and asked != self.client_id:
+            return self._refuse(endpoint, 400, "invalid_request", "Identity not found")
+        if query.get("resource") != self.resource:
+            return self._refuse(endpoint, 400, "invalid_resource", f"AADSTS500011: resource {query.get('resource')} not found")
+        now = int(time.time())
+        claims = {"aud": self.resource, "iat": now, "exp": now + self.lifetime, "sub": asked or "system-assigned"}
+        token = hs256_jwt(claims, self.signing_secret)
+        self.requests.append((endpoint, 200, ""))
+        answer: dict[str, object] = {
+            "access_token": token, "expires_on": str(now + self.lifetime), "resource": self.resource, "token_type": "Bearer",
+        }
+        if endpoint == "imds":
+            answer |= {"expires_in": str(self.lifetime), "not_before": str(now), "refresh_token": ""}
+        return 200, answer
+
+    def _refuse(self, endpoint: str, status: int, error: str, detail: str) -> tuple[int, dict[str, object]]:
+        self.requests.append((endpoint, status, error))
+        return status, {"error": error, "error_description": detail}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        identity = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                status, answer = identity.answer(self.path, {k.lower(): v for k, v in self.headers.items()})
+                body = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 

@@ -1,6 +1,7 @@
 """The OAuth 2.0 client credentials signer (gateway.upstream.oauth) against a token
 endpoint that answers like Entra ID and Keycloak do (tests.support.tokenserver), and
-through HttpClient against a scripted archive that refuses stale tokens."""
+through HttpClient against a scripted archive that refuses stale tokens; the Azure
+managed identity signer (gateway.upstream.azure) against Azure's identity endpoints."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from aiohttp import web
 from gateway.config import AuthConfig
 from gateway.upstream.errors import UpstreamAuthError, UpstreamUnavailable
 from gateway.upstream.http import HttpClient, SignableRequest
+from gateway.upstream.azure import DICOM_RESOURCE, ManagedIdentity
 from gateway.upstream.oauth import ClientCredentials
 from tests.support.ports import closed_port
-from tests.support.tokenserver import TokenServer
+from tests.support.tokenserver import AzureIdentity, TokenServer
 from tests.upstream.test_http import run
 
 CLIENT_ID = "gateway:prod"  # a ':' and a space must be form-encoded before Basic
@@ -214,3 +216,40 @@ def test_a_token_refused_twice_is_the_archives_refusal(idp: TokenServer) -> None
 
     exc = run(lambda app: app.router.add_get("/dicom-web/studies", archive), scenario)
     assert exc.status == 401 and idp.issued == 2  # one replay, not a loop
+
+
+@pytest.fixture
+def azure() -> Iterator[AzureIdentity]:
+    server = AzureIdentity(DICOM_RESOURCE, client_id="5a1f-user-assigned").start()
+    yield server
+    server.stop()
+
+
+def test_a_vms_managed_identity_from_the_metadata_service(azure: AzureIdentity) -> None:
+    clock = Clock()
+    signer = ManagedIdentity(AuthConfig(type="azure_managed_identity", token_url=azure.imds_url), environ={}, clock=clock)
+    assert bearer(dict(asyncio.run(signer(REQUEST)))).count(".") == 2
+    assert azure.requests == [("imds", 200, "")]
+    assert signer._token is not None and signer._token.renew_at == pytest.approx(clock.now + 86399 - 300, abs=2)
+
+
+def test_app_services_identity_endpoint_and_a_user_assigned_identity(azure: AzureIdentity) -> None:
+    """Where IDENTITY_ENDPOINT and IDENTITY_HEADER are set (App Service, Container
+    Apps), that endpoint; its answer has only expires_on."""
+    clock = Clock()
+    environ = {"IDENTITY_ENDPOINT": azure.app_service_url, "IDENTITY_HEADER": azure.identity_header}
+    auth = AuthConfig(type="azure_managed_identity", client_id="5a1f-user-assigned")
+    signer = ManagedIdentity(auth, environ=environ, clock=clock)
+    asyncio.run(signer.token())
+    assert azure.requests == [("app_service", 200, "")]
+    assert signer._token is not None and signer._token.renew_at == pytest.approx(clock.now + 86399 - 300, abs=5)
+
+
+def test_an_identity_the_machine_lacks_is_refused_in_words(azure: AzureIdentity) -> None:
+    auth = AuthConfig(type="azure_managed_identity", token_url=azure.imds_url, client_id="not-assigned-here")
+    with pytest.raises(UpstreamAuthError) as info:
+        asyncio.run(ManagedIdentity(auth, environ={}).token())
+    assert str(info.value) == (
+        "Azure instance metadata service refused the gateway's managed identity "
+        "(HTTP 400 Bad Request, invalid_request: Identity not found); check upstream.auth"
+    )
