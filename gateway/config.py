@@ -276,6 +276,20 @@ class RetrieveConfig:
 
 
 @dataclass(frozen=True)
+class OidcConfig:
+    """Access tokens of an OpenID Connect provider, accepted as the facade's Bearer
+    credentials: signed with a key the provider publishes, from ``issuer``, for one of
+    ``audience``, unexpired, carrying every one of ``required_scopes``."""
+
+    issuer: str
+    audience: tuple[str, ...]
+    jwks_uri: str = ""  # "": from the issuer's discovery document
+    required_scopes: tuple[str, ...] = ()
+    username_claim: str = "preferred_username"  # who the audit trail names (else "sub")
+    verify_tls: bool = True  # verify the provider's certificate when fetching its keys
+
+
+@dataclass(frozen=True)
 class HttpAuthConfig:
     """Who may use the DICOMweb facade: any one matching credential admits a request.
     None configured means open, which ``parse_config`` allows only on a loopback
@@ -286,11 +300,12 @@ class HttpAuthConfig:
     api_keys: tuple[str, ...] = ()
     basic_users: tuple[tuple[str, str], ...] = ()  # (user, password)
     allow_anonymous: bool = False
+    oidc: OidcConfig | None = None
 
     @property
     def open(self) -> bool:
         """No credential configured: every request is admitted."""
-        return not (self.bearer_tokens or self.api_keys or self.basic_users)
+        return not (self.bearer_tokens or self.api_keys or self.basic_users or self.oidc)
 
 
 @dataclass(frozen=True)
@@ -807,6 +822,30 @@ def _http_cache(r: _Reader) -> HttpCacheConfig:
     return cfg
 
 
+def _oidc(r: _Reader) -> OidcConfig:
+    """``[http.auth.oidc]``: an issuer and audience are required, or any token of the
+    provider (for any of its applications) would open the facade."""
+    issuer = r.string("issuer", "").rstrip("/")
+    if not HTTP_URL_RE.match(issuer):
+        r.problems.append(f"{r.path}.issuer: required, the provider's issuer URL (e.g. https://sso.example/realms/hospital)")
+    audience = _strings(r, "audience") if isinstance(r.table.get("audience"), list) else (r.string("audience", ""),)
+    if not any(audience):
+        r.problems.append(f"{r.path}.audience: required, the audience (aud) the provider puts in tokens for the facade")
+    jwks_uri = r.string("jwks_uri", "")
+    if jwks_uri and not HTTP_URL_RE.match(jwks_uri):
+        r.problems.append(f"{r.path}.jwks_uri: {jwks_uri!r} is not an http(s) URL")
+    cfg = OidcConfig(
+        issuer=issuer,
+        audience=tuple(a for a in audience if a),
+        jwks_uri=jwks_uri,
+        required_scopes=_strings(r, "required_scopes"),
+        username_claim=r.string("username_claim", OidcConfig.username_claim),
+        verify_tls=r.boolean("verify_tls", OidcConfig.verify_tls),
+    )
+    r.finish()
+    return cfg
+
+
 def _http(r: _Reader) -> HttpConfig:
     d = HttpConfig()
     host = r.string("host", d.host)
@@ -833,12 +872,13 @@ def _http(r: _Reader) -> HttpConfig:
         api_keys=_strings(a, "api_keys"),
         basic_users=tuple(users),
         allow_anonymous=a.boolean("allow_anonymous", HttpAuthConfig.allow_anonymous),
+        oidc=_oidc(a.sub("oidc")) if "oidc" in a.table else None,
     )
     a.finish()
     if auth.open and not auth.allow_anonymous and not _is_loopback(host):
         r.problems.append(
             f"http.auth: no credentials configured and http.host {host!r} is not loopback; "
-            "set bearer_tokens, api_keys or basic_users, or allow_anonymous = true"
+            "set bearer_tokens, api_keys, basic_users or [http.auth.oidc], or allow_anonymous = true"
         )
     cfg = HttpConfig(
         host=host,

@@ -154,6 +154,16 @@ def test_google_service_account_file_is_resolved_and_checked_at_load(tmp_path: P
     assert load_config(config).upstream.auth.service_account_file == ""  # Google's default chain
 
 
+def test_oidc_tokens_are_credentials_of_a_facade_off_loopback() -> None:
+    oidc = {"issuer": "https://sso.example/realms/hospital/", "audience": ["dicom-gateway", "ohif"], "required_scopes": ["dicom.read"]}
+    auth = parse_config({"http": {"host": "0.0.0.0", "auth": {"oidc": oidc}}}).http.auth
+    assert auth.oidc is not None and not auth.open
+    assert auth.oidc.issuer == "https://sso.example/realms/hospital" and auth.oidc.audience == ("dicom-gateway", "ohif")
+    with pytest.raises(ConfigError) as info:
+        parse_config({"http": {"auth": {"oidc": {"issuer": "sso.example"}}}})
+    assert "http.auth.oidc.issuer: required" in str(info.value) and "http.auth.oidc.audience: required" in str(info.value)
+
+
 def test_oauth2_client_credentials_load_with_the_secret_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GW_CLIENT_SECRET", "s3cret")
     auth = parse_config({"upstream": {"auth": {

@@ -1,4 +1,5 @@
-"""Who may call the facade (``[http.auth]``) and which browser origins may (``cors_origins``).
+"""Who may call the facade (``[http.auth]``: static secrets, or an OpenID provider's
+access tokens) and which browser origins may (``cors_origins``).
 
 One middleware does both, because a CORS preflight carries no credentials: it must be
 answered before authentication, and every answer, a 401 included, needs the CORS
@@ -20,6 +21,7 @@ from gateway.audit.auditor import web_participant
 from gateway.audit.message import Participant
 from gateway.config import HttpAuthConfig
 from gateway.web.keys import AUDIT, USER
+from gateway.web.oidc import KeysUnavailable, TokenVerifier
 
 log = logging.getLogger("gateway.web")
 
@@ -40,10 +42,11 @@ def _first(given: str, secrets: tuple[str, ...]) -> int | None:
     return matches[0] if matches else None
 
 
-def admitted(request: web.Request, auth: HttpAuthConfig) -> str | None:
+async def admitted(request: web.Request, auth: HttpAuthConfig, verifier: TokenVerifier | None = None) -> str | None:
     """Who the request's credentials say it is, None when they match none: a Basic
     user's name, ``bearer token N`` or ``api key N`` (the Nth configured, never the
-    secret), ``anonymous`` when the facade is open. The audit trail records it."""
+    secret), ``oidc <user>`` for a provider's access token, ``anonymous`` when the
+    facade is open. The audit trail records it. Raises KeysUnavailable."""
     if auth.open:
         return "anonymous"
     header = request.headers.get("Authorization", "")
@@ -51,6 +54,8 @@ def admitted(request: web.Request, auth: HttpAuthConfig) -> str | None:
     value = value.strip()
     if scheme.lower() == "bearer" and value and (n := _first(value, auth.bearer_tokens)) is not None:
         return f"bearer token {n}"
+    if scheme.lower() == "bearer" and value and verifier is not None and (user := await verifier.user(value)):
+        return f"oidc {user}"
     if scheme.lower() == "basic" and value and auth.basic_users:
         user, sep, password = _basic(value)
         if sep and any(_equal(user, u) and _equal(password, p) for u, p in auth.basic_users):
@@ -88,7 +93,7 @@ def offered_user(request: web.Request) -> str:
 def _challenge(auth: HttpAuthConfig) -> str:
     """WWW-Authenticate: the schemes a client may use (RFC 9110 11.6.1)."""
     schemes = []
-    if auth.bearer_tokens:
+    if auth.bearer_tokens or auth.oidc:
         schemes.append('Bearer realm="dicom-gateway"')
     if auth.basic_users:
         schemes.append('Basic realm="dicom-gateway", charset="UTF-8"')
@@ -123,6 +128,7 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
     CORS headers go on in ``on_response_prepare``, so streamed answers (which send
     their headers from inside the handler) and errors get them alike.
     """
+    verifier = TokenVerifier(auth.oidc) if auth.oidc is not None else None
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -140,7 +146,14 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
             )
         if request.path in OPEN_PATHS:
             return await handler(request)
-        user = admitted(request, auth)
+        try:
+            user = await admitted(request, auth, verifier)
+        except KeysUnavailable as exc:
+            log.warning("HTTP %s %s from %s: 503, cannot check the access token: %s", request.method, request.path, request.remote, exc)
+            return web.Response(
+                status=503, text="cannot check access tokens now: the OpenID provider's keys are unavailable\n",
+                headers={"Retry-After": "5"},
+            )
         if user is None:
             log.warning("HTTP %s %s from %s: 401, no valid credentials", request.method, request.path, request.remote)
             request.app[AUDIT].refused_login(

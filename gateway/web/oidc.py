@@ -1,0 +1,155 @@
+"""Access tokens of an OpenID Connect provider as the facade's credentials.
+
+A viewer whose users sign in with the hospital's provider (Keycloak, Microsoft Entra ID,
+Okta; OHIF's ``oidc`` setting) sends the provider's access token as ``Authorization:
+Bearer``. The facade checks it as any resource server does: a signature by a key the
+provider publishes (its JWKS, found through its discovery document unless named), the
+issuer, an audience the facade was given, expiry and not-before (60 s of clock skew
+allowed), and the scopes the config requires. Keys are fetched at the first token and
+again when a token names a key not yet known (the provider rotated), at most once a
+minute, so a flood of forged key IDs cannot make the gateway hammer the provider.
+
+Only asymmetric algorithms are accepted: with HS256 a published public key would
+become a shared secret anyone could sign with, and ``none`` signs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+import jwt
+
+from gateway.config import OidcConfig
+
+log = logging.getLogger("gateway.web")
+
+ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+LEEWAY = 60.0  # seconds of clock skew between the provider and the gateway
+REFETCH_AFTER = 60.0  # seconds before an unknown key ID may fetch the keys again
+RETRY_FAILED_AFTER = 5.0  # ... after a fetch that failed (meanwhile: 503 at once)
+FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+class KeysUnavailable(Exception):
+    """The provider's keys cannot be had now: tokens cannot be checked either way
+    (the facade answers 503, not 401, so clients do not drop a good token)."""
+
+
+class TokenVerifier:
+    """Checks access tokens against one provider; ``clock`` is wall time (tests)."""
+
+    def __init__(self, cfg: OidcConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.verify_tls = cfg.verify_tls
+        self.clock = clock
+        self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._fetched_at = -math.inf
+        self._failure: str | None = None  # why the last fetch failed
+        self._lock = asyncio.Lock()
+
+    async def user(self, token: str) -> str | None:
+        """Who the token names (``username_claim``, else ``sub``), None when it is not
+        a valid token for the facade (the reason logged). Raises KeysUnavailable."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            return None  # not a JWT: perhaps a static bearer token that did not match
+        algorithm = header.get("alg")
+        if algorithm not in ALGORITHMS:
+            log.warning("access token refused: algorithm %r is not accepted", algorithm)
+            return None
+        key = await self._key(header.get("kid"))
+        if key is None:
+            log.warning("access token refused: signed with a key the provider does not publish (kid %r)", header.get("kid"))
+            return None
+        try:
+            claims = jwt.decode(
+                token, key.key, algorithms=[algorithm], audience=list(self.cfg.audience), issuer=self.cfg.issuer,
+                leeway=LEEWAY, options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.InvalidTokenError as exc:
+            log.warning("access token refused: %s", exc)
+            return None
+        missing = [s for s in self.cfg.required_scopes if s not in _scopes(claims)]
+        if missing:
+            log.warning("access token refused: scope %s missing", " ".join(missing))
+            return None
+        name = claims.get(self.cfg.username_claim) or claims.get("sub")
+        return str(name) if name else "unnamed"
+
+    async def _key(self, kid: str | None) -> jwt.PyJWK | None:
+        if kid in self._keys or (kid is None and len(self._keys) == 1):
+            return self._keys.get(kid) or next(iter(self._keys.values()))
+        async with self._lock:
+            if kid not in self._keys:
+                wait = REFETCH_AFTER if self._failure is None else RETRY_FAILED_AFTER
+                if self.clock() - self._fetched_at >= wait:
+                    self._fetched_at = self.clock()
+                    try:
+                        self._keys = await self._fetch()
+                        self._failure = None
+                    except KeysUnavailable as exc:
+                        self._failure = str(exc)
+                        raise
+                elif self._failure is not None:
+                    raise KeysUnavailable(self._failure)
+        if kid is None and len(self._keys) == 1:
+            return next(iter(self._keys.values()))
+        return self._keys.get(kid)
+
+    async def _fetch(self) -> dict[str | None, jwt.PyJWK]:
+        """The provider's signing keys by key ID; raises KeysUnavailable."""
+        try:
+            async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
+                jwks_uri = self.cfg.jwks_uri or await self._discovered_jwks_uri(session)
+                keys = jwt.PyJWKSet.from_dict(await _get_json(session, jwks_uri, self.verify_tls))
+        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError) as exc:
+            log.error("cannot fetch the OpenID provider's keys: %s", _describe(exc))
+            raise KeysUnavailable(_describe(exc)) from None
+        usable = {k.key_id: k for k in keys.keys if k.public_key_use in (None, "sig")}
+        log.info("OpenID provider keys fetched: %d", len(usable))
+        return usable
+
+    async def _discovered_jwks_uri(self, session: aiohttp.ClientSession) -> str:
+        """``jwks_uri`` from ``{issuer}/.well-known/openid-configuration``, which must
+        name the same issuer (OpenID Connect Discovery 1.0, 4.3)."""
+        document = await _get_json(session, f"{self.cfg.issuer}/.well-known/openid-configuration", self.verify_tls)
+        if str(document.get("issuer", "")).rstrip("/") != self.cfg.issuer:
+            raise ValueError(f"the discovery document names issuer {document.get('issuer')!r}")
+        uri = document.get("jwks_uri")
+        if not isinstance(uri, str) or not uri:
+            raise ValueError("the discovery document has no jwks_uri")
+        return uri
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str, verify_tls: bool) -> Mapping[str, Any]:
+    async with session.get(url, headers={"Accept": "application/json"}, ssl=None if verify_tls else False) as resp:
+        if resp.status != 200:
+            raise ValueError(f"{url}: HTTP {resp.status}")
+        document = json.loads(await resp.read())
+    if not isinstance(document, dict):
+        raise ValueError(f"{url}: not a JSON object")
+    return document
+
+
+def _scopes(claims: Mapping[str, Any]) -> set[str]:
+    """Granted scopes: ``scope`` (RFC 9068, space-separated) or Entra ID's ``scp``."""
+    granted: set[str] = set()
+    for key in ("scope", "scp"):
+        value = claims.get(key)
+        if isinstance(value, str):
+            granted.update(value.split())
+        elif isinstance(value, list):
+            granted.update(str(v) for v in value)
+    return granted
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

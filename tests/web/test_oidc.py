@@ -1,0 +1,127 @@
+"""The facade's check of an OpenID provider's access tokens (gateway.web.oidc) against a
+provider publishing its keys as Keycloak does (tests.support.oidc): what is admitted,
+what is refused, and how often the provider is asked."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gateway.config import OidcConfig
+from gateway.web.oidc import KeysUnavailable, TokenVerifier
+from tests.support.oidc import OidcProvider
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def provider() -> Iterator[OidcProvider]:
+    server = OidcProvider(audience="dicom-gateway").start()
+    yield server
+    server.stop()
+
+
+def verifier(provider: OidcProvider, clock: Clock | None = None, **cfg: object) -> TokenVerifier:
+    config = OidcConfig(issuer=provider.issuer, audience=("dicom-gateway",), **cfg)  # type: ignore[arg-type]
+    return TokenVerifier(config, clock=clock or Clock())
+
+
+def check(v: TokenVerifier, token: str) -> str | None:
+    return asyncio.run(v.user(token))
+
+
+def test_a_valid_token_names_its_user_and_keys_come_from_discovery(provider: OidcProvider) -> None:
+    v = verifier(provider)
+    assert check(v, provider.token("alice")) == "alice"
+    assert check(v, provider.token("bob")) == "bob"
+    base = provider.issuer.split(str(provider.port), 1)[1]
+    assert provider.fetches == [f"{base}/.well-known/openid-configuration", f"{base}/protocol/openid-connect/certs"]
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"aud": "another-application"},
+        {"iss": "http://127.0.0.1:1/realms/elsewhere"},
+        {"exp": int(time.time()) - 120},  # expired beyond the 60 s leeway
+        {"nbf": int(time.time()) + 600},  # not valid yet
+        {"scope": "openid profile"},  # lacks dicom.read
+    ],
+    ids=["audience", "issuer", "expired", "not-yet-valid", "scope"],
+)
+def test_tokens_not_for_the_facade_are_refused(provider: OidcProvider, claims: dict[str, object]) -> None:
+    v = verifier(provider, required_scopes=("dicom.read",))
+    assert check(v, provider.token("alice")) == "alice"
+    assert check(v, provider.token("mallory", **claims)) is None
+
+
+def test_entra_ids_scp_claim_carries_scopes(provider: OidcProvider) -> None:
+    v = verifier(provider, required_scopes=("DICOM.ReadWrite",))
+    assert check(v, provider.token("alice", scope=None, scp="DICOM.ReadWrite")) == "alice"
+
+
+def test_forged_signatures_are_refused(provider: OidcProvider) -> None:
+    """A key the provider does not publish; the provider's public key used as an HMAC
+    secret (the algorithm confusion attack); no signature at all."""
+    v = verifier(provider)
+    own = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    assert check(v, provider.token("mallory", key=own)) is None
+    public = provider.keys[provider.signing_kid].public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    claims = jwt.decode(provider.token("mallory"), options={"verify_signature": False})
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "kid": provider.signing_kid}).encode()).rstrip(b"=")
+    body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=")
+    signature = base64.urlsafe_b64encode(hmac.new(public, header + b"." + body, hashlib.sha256).digest()).rstrip(b"=")
+    assert check(v, (header + b"." + body + b"." + signature).decode()) is None
+    unsigned = jwt.encode(claims, None, algorithm="none", headers={"kid": provider.signing_kid})
+    assert check(v, unsigned) is None
+    assert check(v, "not-a-jwt") is None
+
+
+def test_rotated_keys_are_fetched_once_and_unknown_key_ids_at_most_once_a_minute(provider: OidcProvider) -> None:
+    clock = Clock()
+    v = verifier(provider, clock)
+    assert check(v, provider.token("alice")) == "alice"
+    provider.rotate()
+    clock.now += 61
+    assert check(v, provider.token("alice")) == "alice"  # new kid: keys fetched again
+    fetched = len(provider.fetches)
+    forger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for n in range(20):  # forged key IDs: no storm of fetches
+        assert check(v, provider.token("mallory", kid=f"forged-{n}", key=forger)) is None
+    assert len(provider.fetches) == fetched
+    clock.now += 61
+    assert check(v, provider.token("mallory", kid="forged-x", key=forger)) is None
+    assert len(provider.fetches) == fetched + 2  # one more discovery and keys fetch
+
+
+def test_a_provider_down_makes_tokens_uncheckable_not_invalid(provider: OidcProvider) -> None:
+    clock = Clock()
+    v = verifier(provider, clock)
+    provider.down = True
+    with pytest.raises(KeysUnavailable, match="HTTP 503"):
+        check(v, provider.token("alice"))
+    asked = len(provider.fetches)
+    with pytest.raises(KeysUnavailable):  # within 5 s: not asked again
+        check(v, provider.token("alice"))
+    assert len(provider.fetches) == asked
+    provider.down = False
+    clock.now += 6
+    assert check(v, provider.token("alice")) == "alice"
