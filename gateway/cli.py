@@ -25,6 +25,8 @@ from gateway.spool.copies import Copies
 from gateway.spool.lock import SpoolLocked
 from gateway.spool.queue import STATES, Spool
 from gateway.uids import is_valid_uid
+from gateway.upstream import make_upstream
+from gateway.upstream.base import Health
 
 
 def setup_logging(level: str, kind: str = "text", include_patient_data: bool = False) -> None:
@@ -80,13 +82,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the file; with ``--upstream`` also ask the archive one signed search
+    with the configured credentials (a token obtained first where the auth type needs
+    one), so a wrong secret, scope or URL shows before the daemon runs. Exit status 1
+    when the archive did not accept it."""
     config = _load(args.config)
     print(
         f"{args.config}: OK (AE {', '.join([config.dimse.ae_title, *sorted(config.dimse.own_ae_titles - {config.dimse.ae_title})])}"
         f" on port {config.dimse.port}, "
         f"upstream {config.upstream.type}, {len(config.dimse.peers)} peer(s))"
     )
-    return 0
+    if not args.upstream:
+        return 0
+    if config.upstream.type == "local":
+        print("upstream: the embedded archive, nothing to contact")
+        return 0
+    health = asyncio.run(_probe_upstream(config))
+    print(f"upstream {_upstream_location(config)}: {'OK' if health.reachable else 'FAILED'} ({health.detail})")
+    return 0 if health.reachable else 1
+
+
+async def _probe_upstream(config: Config) -> Health:
+    upstream = make_upstream(config)
+    try:
+        await upstream.start()
+        return await upstream.health()
+    finally:
+        await upstream.close()
+
+
+def _upstream_location(config: Config) -> str:
+    if config.upstream.type == "healthimaging":
+        return f"{config.upstream.dicomweb_endpoint_url} (data store {config.upstream.datastore_id})"
+    return config.upstream.url
 
 
 def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -301,9 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_config(sub.add_parser("run", help="run the gateway in the foreground"))
     run.add_argument("--log-format", choices=FORMATS, default="text", help="text lines, or one JSON object per line")
     run.set_defaults(func=cmd_run)
-    with_config(
-        sub.add_parser("check-config", help="validate a configuration file")
-    ).set_defaults(func=cmd_check_config)
+    check = with_config(sub.add_parser("check-config", help="validate a configuration file"))
+    check.add_argument(
+        "--upstream", action="store_true", help="also send the archive one search with the configured credentials"
+    )
+    check.set_defaults(func=cmd_check_config)
 
     spool = sub.add_parser("spool", help="inspect and manage the spool")
     spool_sub = spool.add_subparsers(dest="action", required=True)

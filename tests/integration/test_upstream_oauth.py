@@ -113,6 +113,8 @@ def test_delivery_and_queries_with_tokens_renewed_before_they_expire(
     assert refusals(guarded) == 0  # renewed before expiry: the archive never saw a stale token
     log = gw.log()
     assert "access token obtained" in log and SECRET not in log
+    probe = gw.cli("check-config", "--upstream")  # what an admin runs before starting it
+    assert probe.returncode == 0 and f"upstream http://127.0.0.1:{guarded.port}/dicom-web: OK (HTTP 200)" in probe.stdout
 
 
 def test_a_token_the_archive_stops_taking_early_is_replaced(
@@ -159,6 +161,8 @@ def test_a_refused_client_secret_holds_delivery_until_it_is_fixed(
     assert orthanc.sop_instance_uids() == set() and refusals(guarded) == 0
     log = gw.log()
     assert "refused the gateway's client credentials" in log and "a-wrong-secret-0815" not in log
+    probe = gw.cli("check-config", "--upstream")
+    assert probe.returncode == 1 and "FAILED" in probe.stdout and "invalid_client" in probe.stdout, probe.stdout + probe.stderr
 
     gw.stop()
     gw.env["GW_CLIENT_SECRET"] = SECRET
