@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from tests.support.ports import free_port
+from tests.support.jsonserver import Answer, JsonServer
 from tests.support.tokenserver import hs256_jwt
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -34,7 +32,7 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-class GoogleIdp:
+class GoogleIdp(JsonServer):
     """``GoogleIdp(audience=...).start()``; `service_account_file` writes a key file
     whose ``token_uri`` points here; the metadata server answers on the same port."""
 
@@ -45,10 +43,7 @@ class GoogleIdp:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.requests: list[tuple[str, int, str]] = []  # (kind, status, error)
         self.issued = 0
-        self.port = free_port()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def host(self) -> str:
@@ -58,13 +53,17 @@ class GoogleIdp:
     def token_uri(self) -> str:
         return f"http://{self.host}/token"
 
-    def start(self) -> GoogleIdp:
-        self._thread.start()
-        return self
+    def post(self, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        if path != "/token":
+            return 404, {"error": "not found"}, {}
+        status, answer = self.token(body)
+        return status, answer, {}
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    def get(self, path: str, headers: dict[str, str]) -> Answer:
+        """Every metadata answer says ``Metadata-Flavor: Google``, what google-auth's
+        detection of Compute Engine looks for."""
+        status, answer, content_type = self.metadata(path, headers)
+        return status, answer, {"Metadata-Flavor": "Google", "Content-Type": content_type}
 
     def service_account_file(self, path: Path, key: rsa.RSAPrivateKey | None = None) -> Path:
         """A service account key file as the Cloud console downloads it, signed with
@@ -138,33 +137,3 @@ class GoogleIdp:
                 return status, answer, "application/json"
             return 200, self._issue("metadata"), "application/json"
         return 404, "not found", "text/html"
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        idp = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _send(self, status: int, answer: object, content_type: str) -> None:
-                body = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Metadata-Flavor", "Google")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if self.path != "/token":
-                    self._send(404, "not found", "text/html")
-                    return
-                status, answer = idp.token(raw)
-                self._send(status, answer, "application/json; charset=utf-8")
-
-            def do_GET(self) -> None:  # noqa: N802
-                status, answer, content_type = idp.metadata(self.path, {k.lower(): v for k, v in self.headers.items()})
-                self._send(status, answer, content_type)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler

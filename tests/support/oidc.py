@@ -8,40 +8,28 @@ gateway's. Keys can be rotated and the provider taken down.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.support.ports import free_port
+from tests.support.jsonserver import Answer, JsonServer
 
 
-class OidcProvider:
+class OidcProvider(JsonServer):
     """``OidcProvider(audience="dicom-gateway").start()``; ``.issuer``; ``.token(...)``."""
 
     def __init__(self, audience: str, realm: str = "hospital") -> None:
         self.audience = audience
-        self.port = free_port()
-        self.issuer = f"http://127.0.0.1:{self.port}/realms/{realm}"
+        super().__init__()
+        self.path = f"/realms/{realm}"
+        self.issuer = f"http://127.0.0.1:{self.port}{self.path}"
         self.keys: dict[str, rsa.RSAPrivateKey] = {}
         self.signing_kid = ""
         self.rotate()
         self.down = False
         self.fetches: list[str] = []  # paths asked
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def start(self) -> OidcProvider:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def rotate(self) -> str:
         """A new signing key, published beside the old ones; its key ID."""
@@ -77,28 +65,12 @@ class OidcProvider:
             "id_token_signing_alg_values_supported": ["RS256"],
         }
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        provider = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                provider.fetches.append(self.path)
-                base = provider.issuer.split(str(provider.port), 1)[1]
-                answer: object = None
-                if not provider.down:
-                    if self.path == f"{base}/.well-known/openid-configuration":
-                        answer = provider.discovery()
-                    elif self.path == f"{base}/protocol/openid-connect/certs":
-                        answer = provider.jwks()
-                status = 503 if provider.down else 200 if answer is not None else 404
-                body = json.dumps(answer if answer is not None else {"error": "unavailable" if provider.down else "not found"}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
+    def get(self, path: str, headers: dict[str, str]) -> Answer:
+        self.fetches.append(path)
+        if self.down:
+            return 503, {"error": "unavailable"}, {}
+        if path == f"{self.path}/.well-known/openid-configuration":
+            return 200, self.discovery(), {}
+        if path == f"{self.path}/protocol/openid-connect/certs":
+            return 200, self.jwks(), {}
+        return 404, {"error": "not found"}, {}

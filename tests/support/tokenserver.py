@@ -14,13 +14,11 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
-from tests.support.ports import free_port
+from tests.support.jsonserver import Answer, JsonServer
 
 
 def _b64url(data: bytes) -> str:
@@ -45,7 +43,7 @@ class TokenRequest:
     status: int
 
 
-class TokenServer:
+class TokenServer(JsonServer):
     """``TokenServer(client_id, secret, scope=..., audience=...).start()``; ``.token_url``.
 
     ``lifetime``: the ``expires_in`` it announces; ``valid_for``: how long the token's
@@ -77,22 +75,18 @@ class TokenServer:
         self.status: int | None = None
         self.requests: list[TokenRequest] = []
         self.issued = 0
-        self.port = free_port()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def token_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/tenant/oauth2/v2.0/token"
 
-    def start(self) -> TokenServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    def post(self, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        status, answer = self.answer(headers, body)
+        extra = {"Cache-Control": "no-store"}
+        if status == 401:
+            extra["WWW-Authenticate"] = 'Basic realm="token"'
+        return status, answer, extra
 
     def answer(self, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, object]]:
         form = {k: v[0] for k, v in parse_qs(raw.decode("ascii"), keep_blank_values=True).items()}
@@ -140,30 +134,8 @@ class TokenServer:
         self.requests.append(TokenRequest(client_auth, client_id, form, status))
         return status, {"error": error, "error_description": detail}
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                status, answer = server.answer({k.lower(): v for k, v in self.headers.items()}, raw)
-                body = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Content-Length", str(len(body)))
-                if status == 401:
-                    self.send_header("WWW-Authenticate", 'Basic realm="token"')
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
-
-
-class AzureIdentity:
+class AzureIdentity(JsonServer):
     """Azure's managed identity endpoints, faithful on the wire: a VM's Instance
     Metadata Service (``GET /metadata/identity/oauth2/token`` with ``Metadata: true``,
     API 2018-02-01, ``expires_in`` as a string) and App Service's (``IDENTITY_ENDPOINT``
@@ -188,10 +160,7 @@ class AzureIdentity:
         self.signing_secret = signing_secret
         self.lifetime = lifetime
         self.requests: list[tuple[str, int, str]] = []  # (endpoint, status, error)
-        self.port = free_port()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def imds_url(self) -> str:
@@ -201,13 +170,9 @@ class AzureIdentity:
     def app_service_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/msi/token"
 
-    def start(self) -> AzureIdentity:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    def get(self, path: str, headers: dict[str, str]) -> Answer:
+        status, answer = self.answer(path, headers)
+        return status, answer, {}
 
     def answer(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
         url = urlsplit(path)
@@ -243,21 +208,3 @@ class AzureIdentity:
     def _refuse(self, endpoint: str, status: int, error: str, detail: str) -> tuple[int, dict[str, object]]:
         self.requests.append((endpoint, status, error))
         return status, {"error": error, "error_description": detail}
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        identity = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                status, answer = identity.answer(self.path, {k.lower(): v for k, v in self.headers.items()})
-                body = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler

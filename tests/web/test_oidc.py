@@ -50,8 +50,7 @@ def test_a_valid_token_names_its_user_and_keys_come_from_discovery(provider: Oid
     v = verifier(provider)
     assert check(v, provider.token("alice")) == "alice"
     assert check(v, provider.token("bob")) == "bob"
-    base = provider.issuer.split(str(provider.port), 1)[1]
-    assert provider.fetches == [f"{base}/.well-known/openid-configuration", f"{base}/protocol/openid-connect/certs"]
+    assert provider.fetches == [f"{provider.path}/.well-known/openid-configuration", f"{provider.path}/protocol/openid-connect/certs"]
 
 
 @pytest.mark.parametrize(
