@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 
 from gateway.config import AuthConfig
-from gateway.upstream.azure import ManagedIdentity
+from gateway.upstream.azure import azure_identity
 from gateway.upstream.http import Signer, StaticHeaders
 from gateway.upstream.oauth import ClientCredentials
 
@@ -34,7 +34,7 @@ def config_signer(auth: AuthConfig, verify_tls: bool = True) -> Signer:
     if auth.type == "oauth2":
         return ClientCredentials(auth, verify_tls=verify_tls)
     if auth.type == "azure_managed_identity":
-        return ManagedIdentity(auth)
+        return azure_identity(auth)
     if auth.type == "google":
         from gateway.upstream.google import GoogleCredentials  # google-auth only when used
 

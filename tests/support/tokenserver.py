@@ -20,6 +20,8 @@ from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from tests.support.jsonserver import Answer, JsonServer
 
+JWT_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
@@ -37,7 +39,7 @@ def hs256_jwt(claims: dict[str, object], secret: str) -> str:
 class TokenRequest:
     """What one request to the endpoint carried, for the tests' assertions."""
 
-    client_auth: str  # "basic" | "post" | "none"
+    client_auth: str  # "basic" | "post" | "assertion" | "none"
     client_id: str
     form: dict[str, str]
     status: int
@@ -46,7 +48,8 @@ class TokenRequest:
 class TokenServer(JsonServer):
     """``TokenServer(client_id, secret, scope=..., audience=...).start()``; ``.token_url``.
 
-    ``lifetime``: the ``expires_in`` it announces; ``valid_for``: how long the token's
+    ``assertion``: the client assertion (a Kubernetes service account token) that
+    authenticates the client instead of its secret. ``lifetime``: the ``expires_in`` it announces; ``valid_for``: how long the token's
     ``exp`` claim really lets it live (shorter than ``lifetime``: an archive whose
     clock runs ahead, or a token revoked early). ``status``: answer every request with
     that HTTP status instead (503: the provider down).
@@ -63,6 +66,7 @@ class TokenServer(JsonServer):
         lifetime: int = 3600,
         valid_for: int | None = None,
         expires_in_as_string: bool = False,
+        assertion: str | None = None,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -72,6 +76,7 @@ class TokenServer(JsonServer):
         self.lifetime = lifetime
         self.valid_for = valid_for
         self.expires_in_as_string = expires_in_as_string
+        self.assertion = assertion
         self.status: int | None = None
         self.requests: list[TokenRequest] = []
         self.issued = 0
@@ -100,13 +105,17 @@ class TokenServer(JsonServer):
             if client_auth == "basic":  # RFC 6749 2.3: one method per request
                 return self._record("both", client_id, form, 400, "invalid_request", "two client authentication methods")
             client_auth, client_id, secret = "post", form.get("client_id", ""), form["client_secret"]
+        if "client_assertion" in form:  # RFC 7521 4.2, as AKS workload identity sends it
+            client_auth, client_id = "assertion", form.get("client_id", "")
+            secret = form["client_assertion"] if form.get("client_assertion_type") == JWT_ASSERTION else ""
         if self.status is not None:
             return self._record(client_auth, client_id, form, self.status, "temporarily_unavailable", "scripted outage")
         if not headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
             return self._record(client_auth, client_id, form, 400, "invalid_request", "expected a form")
         if form.get("grant_type") != "client_credentials":
             return self._record(client_auth, client_id, form, 400, "unsupported_grant_type", form.get("grant_type", ""))
-        if client_id != self.client_id or not hmac.compare_digest(secret, self.client_secret):
+        expected = self.assertion if client_auth == "assertion" else self.client_secret
+        if client_id != self.client_id or not expected or not hmac.compare_digest(secret, expected):
             return self._record(client_auth, client_id, form, 401, "invalid_client", "AADSTS7000215: Invalid client secret provided.")
         if self.scope and form.get("scope") != self.scope:
             return self._record(client_auth, client_id, form, 400, "invalid_scope", f"scope {form.get('scope', '')!r} is not valid")

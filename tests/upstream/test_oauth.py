@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -15,7 +16,7 @@ from aiohttp import web
 from gateway.config import AuthConfig
 from gateway.upstream.errors import UpstreamAuthError, UpstreamUnavailable
 from gateway.upstream.http import HttpClient, SignableRequest
-from gateway.upstream.azure import DICOM_RESOURCE, ManagedIdentity
+from gateway.upstream.azure import DICOM_RESOURCE, ManagedIdentity, azure_identity
 from gateway.upstream.oauth import ClientCredentials
 from tests.support.ports import closed_port
 from tests.support.tokenserver import AzureIdentity, TokenServer
@@ -253,3 +254,32 @@ def test_an_identity_the_machine_lacks_is_refused_in_words(azure: AzureIdentity)
         "Azure instance metadata service refused the gateway's managed identity "
         "(HTTP 400 Bad Request, invalid_request: Identity not found); check upstream.auth"
     )
+
+
+def test_an_aks_pods_workload_identity_sends_its_rotated_service_account_token(tmp_path: Path) -> None:
+    """AKS sets AZURE_FEDERATED_TOKEN_FILE, AZURE_CLIENT_ID and AZURE_TENANT_ID: Entra ID
+    takes the projected token as a client assertion, read anew at each request."""
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text("eyJ.first-projected.token")
+    idp = TokenServer("4f8e-workload", "unused", scope=f"{DICOM_RESOURCE}/.default", assertion="eyJ.first-projected.token").start()
+    try:
+        authority = idp.token_url.split("/tenant/")[0]
+        environ = {
+            "AZURE_FEDERATED_TOKEN_FILE": str(token_file), "AZURE_CLIENT_ID": "4f8e-workload",
+            "AZURE_TENANT_ID": "tenant", "AZURE_AUTHORITY_HOST": f"{authority}/",
+        }
+        clock = Clock()
+        signer = azure_identity(AuthConfig(type="azure_managed_identity"), environ)
+        signer.clock = clock
+        asyncio.run(signer.token())
+        token_file.write_text("eyJ.rotated.token")  # the kubelet rotated it
+        idp.assertion = "eyJ.rotated.token"
+        clock.now += 3600
+        asyncio.run(signer.token())
+        assert [(r.client_auth, r.client_id, r.status) for r in idp.requests] == [("assertion", "4f8e-workload", 200)] * 2
+        token_file.unlink()
+        clock.now += 3600
+        with pytest.raises(UpstreamAuthError, match="cannot read the workload identity token"):
+            asyncio.run(signer.token())
+    finally:
+        idp.stop()
