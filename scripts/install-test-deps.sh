@@ -3,7 +3,8 @@
 # DICOMweb plugin, OpenJPH's command-line tools, strace and mkfs.ext4 for the disk
 # fault tests, curl for the DICOMweb facade's vendor examples, HAProxy for the two-node test,
 # rsyslog and its GnuTLS driver as the audit trail's syslog receiver, Prometheus to
-# evaluate the shipped alerting rules against real gateways, chromium for the
+# evaluate the shipped alerting rules against real gateways, tinyproxy as a hospital's
+# egress proxy, chromium for the
 # browser tests, npm to fetch OHIF Viewer 3) and the package with its test extras; then OHIF
 # Viewer 3's prebuilt application (npm package @ohif/app), packed once into a cache so
 # test runs never download it.
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 need=()
-for pkg in dcmtk orthanc orthanc-dicomweb openjph-tools strace e2fsprogs curl haproxy rsyslog rsyslog-gnutls prometheus chromium; do
+for pkg in dcmtk orthanc orthanc-dicomweb openjph-tools strace e2fsprogs curl haproxy rsyslog rsyslog-gnutls prometheus tinyproxy chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 command -v npm >/dev/null 2>&1 || need+=(npm)

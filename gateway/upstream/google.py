@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 import google.auth
 import google.auth.credentials
 import google.auth.exceptions
-import urllib3
-from google.auth.transport.urllib3 import Request
+import requests
+from google.auth.transport.requests import Request
 from google.oauth2 import service_account
 
 from gateway.upstream.errors import UpstreamAuthError, UpstreamUnavailable
@@ -34,7 +34,6 @@ log = logging.getLogger("gateway.upstream")
 
 # Enough for STOW-RS, QIDO-RS and WADO-RS on a DICOM store (narrower than cloud-platform).
 SCOPES = ("https://www.googleapis.com/auth/cloud-healthcare",)
-TIMEOUT = urllib3.Timeout(connect=10, read=30)
 
 
 class GoogleCredentials(TokenSigner):
@@ -46,7 +45,9 @@ class GoogleCredentials(TokenSigner):
         super().__init__("Google credentials", clock)
         self.service_account_file = service_account_file
         self._credentials: google.auth.credentials.Credentials | None = None
-        self._http = urllib3.PoolManager(timeout=TIMEOUT, retries=False)
+        # requests takes the proxy from the environment per URL, so NO_PROXY can keep
+        # the metadata server direct while the token endpoint goes through the proxy.
+        self._http = requests.Session()
 
     def _headers(self) -> Mapping[str, str]:
         """The quota project of user credentials, as Google's client libraries send it."""

@@ -180,11 +180,13 @@ class HttpClient:
         self._owned = session is None
 
     async def start(self) -> None:
-        """Create the session unless one was injected."""
+        """Create the session unless one was injected. It takes its proxy from the
+        environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``), as a hospital's
+        egress proxy is given to every program."""
         if self._session is None:
             ssl_ctx: ssl.SSLContext | bool = True if self.verify_tls else False
             self._session = aiohttp.ClientSession(
-                timeout=self.timeout, connector=aiohttp.TCPConnector(limit=64, ssl=ssl_ctx)
+                timeout=self.timeout, connector=aiohttp.TCPConnector(limit=64, ssl=ssl_ctx), trust_env=True
             )
 
     async def close(self) -> None:

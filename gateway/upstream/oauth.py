@@ -142,7 +142,7 @@ class TokenEndpoint(TokenSigner):
         method, form, headers = self._request()
         asked = self.clock()
         try:
-            async with aiohttp.ClientSession(timeout=TOKEN_TIMEOUT) as session:
+            async with aiohttp.ClientSession(timeout=TOKEN_TIMEOUT, trust_env=True) as session:
                 async with session.request(
                     method, self.url, data=form, headers=headers, ssl=None if self.verify_tls else False
                 ) as resp:

@@ -107,7 +107,7 @@ class TokenVerifier:
     async def _fetch(self) -> dict[str | None, jwt.PyJWK]:
         """The provider's signing keys by key ID; raises KeysUnavailable."""
         try:
-            async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
+            async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT, trust_env=True) as session:
                 jwks_uri = self.cfg.jwks_uri or await self._discovered_jwks_uri(session)
                 keys = jwt.PyJWKSet.from_dict(await _get_json(session, jwks_uri, self.verify_tls))
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError) as exc:
