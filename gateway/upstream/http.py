@@ -1,7 +1,8 @@
 """HTTP plumbing shared by every HTTP upstream (DICOMweb today, AWS HealthImaging next).
 
 One `HttpClient` owns the session (injected by tests and the facade, or created here),
-the base URL, a `Signer` called on every attempt, and the two mappings every request
+the base URL, a `Signer` called on every attempt, the egress proxy of the environment
+(`gateway.upstream.proxy`), and the two mappings every request
 needs: transport failures (aiohttp errors, timeouts, local file errors) to typed errors,
 and HTTP statuses to typed errors. Both live here and nowhere else, so an archive type
 only decides which statuses it handles itself.
@@ -27,6 +28,7 @@ from yarl import URL
 from gateway.logfmt import PATIENT_DATA
 from gateway.metrics import Metrics
 from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.proxy import proxy_for
 
 log = logging.getLogger("gateway.upstream")
 
@@ -180,13 +182,11 @@ class HttpClient:
         self._owned = session is None
 
     async def start(self) -> None:
-        """Create the session unless one was injected. It takes its proxy from the
-        environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``), as a hospital's
-        egress proxy is given to every program."""
+        """Create the session unless one was injected."""
         if self._session is None:
             ssl_ctx: ssl.SSLContext | bool = True if self.verify_tls else False
             self._session = aiohttp.ClientSession(
-                timeout=self.timeout, connector=aiohttp.TCPConnector(limit=64, ssl=ssl_ctx), trust_env=True
+                timeout=self.timeout, connector=aiohttp.TCPConnector(limit=64, ssl=ssl_ctx)
             )
 
     async def close(self) -> None:
@@ -246,7 +246,9 @@ class HttpClient:
         try:
             while True:
                 sent = await self._signed(method, url, dict(headers or {}), body)
-                async with self.session.request(method, url, headers=sent, data=data, timeout=effective) as resp:
+                async with self.session.request(
+                    method, url, headers=sent, data=data, timeout=effective, proxy=proxy_for(url)
+                ) as resp:
                     status = resp.status
                     if status == 401 and renewable is not None:
                         renewable.rejected(sent)

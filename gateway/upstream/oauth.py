@@ -33,6 +33,7 @@ from yarl import URL
 from gateway.config import AuthConfig
 from gateway.upstream.errors import UpstreamAuthError, UpstreamUnavailable
 from gateway.upstream.http import RETRYABLE_HTTP, SignableRequest, http_status, retry_after_seconds
+from gateway.upstream.proxy import proxy_for
 
 log = logging.getLogger("gateway.upstream")
 
@@ -142,9 +143,10 @@ class TokenEndpoint(TokenSigner):
         method, form, headers = self._request()
         asked = self.clock()
         try:
-            async with aiohttp.ClientSession(timeout=TOKEN_TIMEOUT, trust_env=True) as session:
+            async with aiohttp.ClientSession(timeout=TOKEN_TIMEOUT) as session:
                 async with session.request(
-                    method, self.url, data=form, headers=headers, ssl=None if self.verify_tls else False
+                    method, self.url, data=form, headers=headers, ssl=None if self.verify_tls else False,
+                    proxy=proxy_for(self.url),
                 ) as resp:
                     status = resp.status
                     body = await resp.read()

@@ -25,8 +25,10 @@ from typing import Any
 
 import aiohttp
 import jwt
+from yarl import URL
 
 from gateway.config import OidcConfig
+from gateway.upstream.proxy import proxy_for
 
 log = logging.getLogger("gateway.web")
 
@@ -107,7 +109,7 @@ class TokenVerifier:
     async def _fetch(self) -> dict[str | None, jwt.PyJWK]:
         """The provider's signing keys by key ID; raises KeysUnavailable."""
         try:
-            async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT, trust_env=True) as session:
+            async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
                 jwks_uri = self.cfg.jwks_uri or await self._discovered_jwks_uri(session)
                 keys = jwt.PyJWKSet.from_dict(await _get_json(session, jwks_uri, self.verify_tls))
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError) as exc:
@@ -130,7 +132,9 @@ class TokenVerifier:
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str, verify_tls: bool) -> Mapping[str, Any]:
-    async with session.get(url, headers={"Accept": "application/json"}, ssl=None if verify_tls else False) as resp:
+    async with session.get(
+        url, headers={"Accept": "application/json"}, ssl=None if verify_tls else False, proxy=proxy_for(URL(url))
+    ) as resp:
         if resp.status != 200:
             raise ValueError(f"{url}: HTTP {resp.status}")
         document = json.loads(await resp.read())
