@@ -21,6 +21,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ RENEW_BEFORE = 300.0
 ASSUMED_LIFETIME = 300.0
 # A token this close to its expiry is not used even while the endpoint is down.
 EXPIRY_MARGIN = 5.0
+# Seconds between renewal attempts while the endpoint fails and the token still serves.
+RENEW_RETRY = 30
 TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
 
 
@@ -58,6 +61,10 @@ def _client_basic(client_id: str, secret: str) -> str:
     """RFC 6749 2.3.1: both form-encoded before they are joined, then Base64."""
     pair = f"{quote_plus(client_id)}:{quote_plus(secret)}"
     return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+
+def _usable(token: Token | None, now: float) -> bool:
+    return token is not None and now < token.expires_at - EXPIRY_MARGIN
 
 
 def _one_line(text: Any, limit: int = 300) -> str:
@@ -77,6 +84,7 @@ class TokenSigner:
         self.clock = clock
         self._token: Token | None = None
         self._lock = asyncio.Lock()
+        self._retry_at = -math.inf  # after a failed renewal, when to try again
 
     async def __call__(self, request: SignableRequest) -> Mapping[str, str]:
         return {"Authorization": f"Bearer {await self.token()}", **self._headers()}
@@ -99,10 +107,16 @@ class TokenSigner:
             self._token = None
 
     async def token(self) -> str:
-        """A token valid for a while yet; raises UpstreamAuthError or UpstreamUnavailable."""
-        held = self._token
-        if held is not None and self.clock() < held.renew_at:
+        """A token valid for a while yet; raises UpstreamAuthError or UpstreamUnavailable.
+
+        While a renewal is under way, or waiting after one that failed, a token that
+        is still valid serves other requests at once rather than holding them behind
+        a provider that may take its whole timeout to fail."""
+        held, now = self._token, self.clock()
+        if held is not None and now < held.renew_at:
             return held.value
+        if _usable(held, now) and (self._lock.locked() or now < self._retry_at):
+            return held.value  # type: ignore[union-attr]
         async with self._lock:
             held = self._token
             if held is not None and self.clock() < held.renew_at:
@@ -110,9 +124,10 @@ class TokenSigner:
             try:
                 self._token = await self._fetch()
             except UpstreamUnavailable as exc:
-                if held is not None and self.clock() < held.expires_at - EXPIRY_MARGIN:
-                    log.warning("%s: %s; the current token is still valid", self.source, exc)
-                    return held.value
+                if _usable(held, self.clock()):
+                    self._retry_at = self.clock() + RENEW_RETRY
+                    log.warning("%s: %s; the current token is still valid, renewal again in %d s", self.source, exc, RENEW_RETRY)
+                    return held.value  # type: ignore[union-attr]
                 raise
             return self._token.value
 

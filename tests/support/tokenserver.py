@@ -78,6 +78,7 @@ class TokenServer(JsonServer):
         self.expires_in_as_string = expires_in_as_string
         self.assertion = assertion
         self.status: int | None = None
+        self.delay = 0.0  # seconds each answer takes
         self.requests: list[TokenRequest] = []
         self.issued = 0
         super().__init__()
@@ -94,6 +95,7 @@ class TokenServer(JsonServer):
         return status, answer, extra
 
     def answer(self, headers: dict[str, str], raw: bytes) -> tuple[int, dict[str, object]]:
+        time.sleep(self.delay)
         form = {k: v[0] for k, v in parse_qs(raw.decode("ascii"), keep_blank_values=True).items()}
         client_auth, client_id, secret = "none", "", ""
         authorization = headers.get("authorization", "")

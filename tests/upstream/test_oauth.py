@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +97,28 @@ def test_one_request_for_many_waiting_and_renewal_before_expiry(idp: TokenServer
     assert same == first and renewed != first and idp.issued == 2
 
 
+def test_requests_during_a_slow_renewal_use_the_token_still_valid(idp: TokenServer) -> None:
+    clock = Clock()
+    idp.lifetime = 3600
+    signer = ClientCredentials(auth(idp), clock=clock)
+
+    async def scenario() -> tuple[str, list[float], list[str]]:
+        first = await signer.token()
+        clock.now += 3400  # due for renewal, 200 s left
+        idp.delay = 1.0
+        started = time.monotonic()
+        renewing = asyncio.ensure_future(signer.token())
+        await asyncio.sleep(0.1)
+        during = [await signer.token() for _ in range(5)]
+        waited = [time.monotonic() - started]
+        renewed = await renewing
+        return first, waited, [renewed, *during]
+
+    first, waited, tokens = asyncio.run(scenario())
+    assert waited[0] < 0.5  # not held behind the renewal
+    assert tokens[1:] == [first] * 5 and tokens[0] != first and idp.issued == 2
+
+
 def test_a_short_lived_token_is_renewed_at_half_its_life(idp: TokenServer) -> None:
     clock = Clock()
     idp.lifetime = 60
@@ -129,6 +152,7 @@ def test_wrong_scope_is_an_auth_error(idp: TokenServer) -> None:
 
 
 def test_a_provider_down_is_transient_and_a_valid_token_is_kept_meanwhile(idp: TokenServer) -> None:
+    """While renewal fails the current token serves, renewal tried again every 30 s."""
     clock = Clock()
     idp.lifetime = 600
     signer = ClientCredentials(auth(idp), clock=clock)
@@ -138,7 +162,10 @@ def test_a_provider_down_is_transient_and_a_valid_token_is_kept_meanwhile(idp: T
         idp.status = 503
         clock.now += 400  # due for renewal (under 300 s left), not expired
         assert await signer.token() == first
-        clock.now += 196  # 4 s left: too close to use
+        asked = len(idp.requests)
+        clock.now += 20  # within 30 s of the failed renewal: not asked again
+        assert await signer.token() == first and len(idp.requests) == asked
+        clock.now += 176  # 4 s left: too close to use
         with pytest.raises(UpstreamUnavailable, match="HTTP 503"):
             await signer.token()
         idp.status = None
