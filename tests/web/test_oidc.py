@@ -124,3 +124,22 @@ def test_a_provider_down_makes_tokens_uncheckable_not_invalid(provider: OidcProv
     provider.down = False
     clock.now += 6
     assert check(v, provider.token("alice")) == "alice"
+
+
+def test_an_admitted_token_is_remembered_until_it_expires(provider: OidcProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One signature check per token, not per request; again once its expiry passed."""
+    decoded: list[str] = []
+    real = jwt.decode
+
+    def counting(token: str, *args: object, **kwargs: object) -> object:
+        decoded.append(token)
+        return real(token, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("gateway.web.oidc.jwt.decode", counting)
+    clock = Clock()
+    v = verifier(provider, clock)
+    token = provider.token("alice", lifetime=300)
+    assert [check(v, token) for _ in range(50)] == ["alice"] * 50 and len(decoded) == 1
+    clock.now += 300 + 61  # past its expiry and the leeway on the gateway's clock
+    check(v, token)
+    assert len(decoded) == 2
