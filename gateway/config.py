@@ -285,6 +285,7 @@ class OidcConfig:
     audience: tuple[str, ...]
     jwks_uri: str = ""  # "": from the issuer's discovery document
     required_scopes: tuple[str, ...] = ()
+    write_scopes: tuple[str, ...] = ()  # also needed to store (STOW-RS, PUT) and DELETE
     username_claim: str = "preferred_username"  # who the audit trail names (else "sub")
     verify_tls: bool = True  # verify the provider's certificate when fetching its keys
 
@@ -839,6 +840,7 @@ def _oidc(r: _Reader) -> OidcConfig:
         audience=tuple(a for a in audience if a),
         jwks_uri=jwks_uri,
         required_scopes=_strings(r, "required_scopes"),
+        write_scopes=_strings(r, "write_scopes"),
         username_claim=r.string("username_claim", OidcConfig.username_claim),
         verify_tls=r.boolean("verify_tls", OidcConfig.verify_tls),
     )

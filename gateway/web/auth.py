@@ -20,13 +20,14 @@ from aiohttp import web
 from gateway.audit.auditor import web_participant
 from gateway.audit.message import Participant
 from gateway.config import HttpAuthConfig
-from gateway.web.keys import AUDIT, USER
+from gateway.web.keys import ADMISSION, AUDIT, USER
 from gateway.web.oidc import KeysUnavailable, TokenVerifier
 
 log = logging.getLogger("gateway.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes; /metrics needs credentials
+WRITE_METHODS = frozenset({"POST", "PUT", "DELETE"})  # STOW-RS, Azure's PUT, DELETE
 CORS_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, X-Requested-With"
 EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Warning, Retry-After, ETag"
@@ -54,8 +55,9 @@ async def admitted(request: web.Request, auth: HttpAuthConfig, verifier: TokenVe
     value = value.strip()
     if scheme.lower() == "bearer" and value and (n := _first(value, auth.bearer_tokens)) is not None:
         return f"bearer token {n}"
-    if scheme.lower() == "bearer" and value and verifier is not None and (user := await verifier.user(value)):
-        return f"oidc {user}"
+    if scheme.lower() == "bearer" and value and verifier is not None and (admission := await verifier.admit(value)):
+        request[ADMISSION] = admission
+        return f"oidc {admission.user}"
     if scheme.lower() == "basic" and value and auth.basic_users:
         user, sep, password = _basic(value)
         if sep and any(_equal(user, u) and _equal(password, p) for u, p in auth.basic_users):
@@ -161,6 +163,15 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
             )
             return web.Response(status=401, text="authentication required\n", headers={"WWW-Authenticate": _challenge(auth)})
         request[USER] = user
+        admission = request.get(ADMISSION)
+        if request.method in WRITE_METHODS and admission is not None and verifier is not None and not verifier.may_write(admission):
+            log.warning("HTTP %s %s from %s (%s): 403, the token lacks a write scope", request.method, request.path, request.remote, user)
+            request.app[AUDIT].refused_login(web_participant(user, request.remote), f"HTTP {request.method} {request.path}: 403")
+            scopes = " ".join(auth.oidc.write_scopes) if auth.oidc is not None else ""
+            return web.Response(
+                status=403, text=f"this token may read, not store or delete (scope {scopes} needed)\n",
+                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scopes}"'},
+            )
         return await handler(request)
 
     async def add_cors(request: web.Request, response: web.StreamResponse) -> None:

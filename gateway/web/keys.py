@@ -11,6 +11,7 @@ from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
 from gateway.web.cache import FacadeCache
+from gateway.web.oidc import Admission
 from gateway.web.refusals import RefusedSeries
 from gateway.web.whole_instance import WholeInstanceFrames
 
@@ -33,3 +34,5 @@ WHOLE_INSTANCE_FRAMES = web.AppKey("whole_instance_frames", WholeInstanceFrames 
 AUDIT = web.AppKey("audit", Auditor)
 # Who the request's credentials say it is (`auth.admitted`), for the audit trail.
 USER = web.RequestKey("user", str)
+# What an OpenID provider's token admitting the request grants (absent for other credentials).
+ADMISSION = web.RequestKey("admission", Admission)

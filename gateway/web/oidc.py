@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -40,6 +41,14 @@ FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
 ADMITTED_KEPT = 1024  # tokens remembered as admitted (the oldest forgotten first)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A valid token: whom it names and the permissions it grants."""
+
+    user: str
+    scopes: frozenset[str]
+
+
 class KeysUnavailable(Exception):
     """The provider's keys cannot be had now: tokens cannot be checked either way
     (the facade answers 503, not 401, so clients do not drop a good token)."""
@@ -55,12 +64,13 @@ class TokenVerifier:
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._fetched_at = -math.inf
         self._failure: str | None = None  # why the last fetch failed
-        self._admitted: dict[str, tuple[str, float]] = {}  # token -> (user, until when)
+        self._admitted: dict[str, tuple[Admission, float]] = {}  # token -> (admission, until when)
         self._lock = asyncio.Lock()
 
-    async def user(self, token: str) -> str | None:
-        """Who the token names (``username_claim``, else ``sub``), None when it is not
-        a valid token for the facade (the reason logged). Raises KeysUnavailable.
+    async def admit(self, token: str) -> Admission | None:
+        """Who the token names (``username_claim``, else ``sub``) and what it grants,
+        None when it is not a valid token for the facade (the reason logged). Raises
+        KeysUnavailable.
 
         A token admitted once is remembered until it expires: a viewer sends the same
         token with each of a series' hundreds of frame requests, and checking its
@@ -88,16 +98,26 @@ class TokenVerifier:
         except jwt.InvalidTokenError as exc:
             log.warning("access token refused: %s", exc)
             return None
-        missing = [s for s in self.cfg.required_scopes if s not in _scopes(claims)]
+        granted = _scopes(claims)
+        missing = [s for s in self.cfg.required_scopes if s not in granted]
         if missing:
             log.warning("access token refused: scope %s missing", " ".join(missing))
             return None
         name = claims.get(self.cfg.username_claim) or claims.get("sub")
-        user = str(name) if name else "unnamed"
+        admission = Admission(str(name) if name else "unnamed", frozenset(granted))
         if len(self._admitted) >= ADMITTED_KEPT:
             del self._admitted[next(iter(self._admitted))]  # the oldest
-        self._admitted[token] = (user, float(claims["exp"]) + LEEWAY)
-        return user
+        self._admitted[token] = (admission, float(claims["exp"]) + LEEWAY)
+        return admission
+
+    async def user(self, token: str) -> str | None:
+        """`admit`'s user alone."""
+        admission = await self.admit(token)
+        return admission.user if admission is not None else None
+
+    def may_write(self, admission: Admission) -> bool:
+        """Whether the token grants every one of ``write_scopes`` (STOW-RS, PUT, DELETE)."""
+        return all(scope in admission.scopes for scope in self.cfg.write_scopes)
 
     async def _key(self, kid: str | None) -> jwt.PyJWK | None:
         if kid in self._keys or (kid is None and len(self._keys) == 1):
@@ -157,9 +177,10 @@ async def _get_json(session: aiohttp.ClientSession, url: str, verify_tls: bool) 
 
 
 def _scopes(claims: Mapping[str, Any]) -> set[str]:
-    """Granted scopes: ``scope`` (RFC 9068, space-separated) or Entra ID's ``scp``."""
+    """Granted permissions: ``scope`` (RFC 9068, space-separated), Entra ID's ``scp``
+    (delegated) and ``roles`` (an application's own permissions)."""
     granted: set[str] = set()
-    for key in ("scope", "scp"):
+    for key in ("scope", "scp", "roles"):
         value = claims.get(key)
         if isinstance(value, str):
             granted.update(value.split())

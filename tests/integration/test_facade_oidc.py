@@ -33,7 +33,7 @@ def oidc_gateway(gateway: Callable[..., Gateway], provider: OidcProvider, tmp_pa
     return gateway(
         extra=(
             f'\n[http.auth.oidc]\nissuer = "{provider.issuer}"\naudience = "dicom-gateway"\n'
-            f'required_scopes = ["dicom.read"]\n\n[audit]\nfile = "{tmp_path / "audit.log"}"\n'
+            f'required_scopes = ["dicom.read"]\nwrite_scopes = ["dicom.write"]\n\n[audit]\nfile = "{tmp_path / "audit.log"}"\n'
         ),
     )
 
@@ -93,3 +93,25 @@ def test_keys_unavailable_is_503_until_the_provider_is_back(
         return curl(url, "--header", f"Authorization: Bearer {provider.token('alice')}").status == 200
 
     wait_until(admitted, 15, 0.5, "not admitted once the provider is back")
+
+
+def test_storing_and_deleting_need_the_write_scope(
+    tmp_path: Path, provider: OidcProvider, gateway: Callable[..., Gateway]
+) -> None:
+    """A reader's token may search and read, not store or delete: 403 with RFC 6750's
+    insufficient_scope, logged and audited; a token with dicom.write may."""
+    gw = oidc_gateway(gateway, provider, tmp_path)
+    (instance,) = ct_series(tmp_path / "ct", 1, rows=32, columns=32)
+    ds = pydicom.dcmread(instance)
+    url = f"{gw.web_url}/dicom-web"
+    reader = provider.token("rita", scope="openid dicom.read")
+    writer = provider.token("walt", scope="openid dicom.read dicom.write")
+    stow = ("-X", "POST", "--header", "Content-Type: application/dicom", "--data-binary", f"@{instance}", f"{url}/studies")
+    r = curl(*stow, "--header", f"Authorization: Bearer {reader}")
+    assert r.status == 403 and 'error="insufficient_scope"' in r.headers["www-authenticate"] and b"dicom.write" in r.body
+    assert curl(*stow, "--header", f"Authorization: Bearer {writer}").status == 200
+    gw.wait_counts(delivered=1)
+    study = f"{url}/studies/{ds.StudyInstanceUID}"
+    assert curl("-X", "DELETE", study, "--header", f"Authorization: Bearer {reader}").status == 403
+    assert curl(f"{study}/metadata", "--header", f"Authorization: Bearer {reader}").status == 200
+    assert "403, the token lacks a write scope" in gw.log()

@@ -70,9 +70,13 @@ def test_tokens_not_for_the_facade_are_refused(provider: OidcProvider, claims: d
     assert check(v, provider.token("mallory", **claims)) is None
 
 
-def test_entra_ids_scp_claim_carries_scopes(provider: OidcProvider) -> None:
-    v = verifier(provider, required_scopes=("DICOM.ReadWrite",))
-    assert check(v, provider.token("alice", scope=None, scp="DICOM.ReadWrite")) == "alice"
+def test_entra_ids_scp_and_roles_claims_carry_permissions(provider: OidcProvider) -> None:
+    v = verifier(provider, required_scopes=("DICOM.Read",), write_scopes=("DICOM.Write",))
+    assert check(v, provider.token("alice", scope=None, scp="DICOM.Read")) == "alice"
+    app = asyncio.run(v.admit(provider.token("ai-node", scope=None, roles=["DICOM.Read", "DICOM.Write"])))
+    assert app is not None and v.may_write(app)
+    reader = asyncio.run(v.admit(provider.token("alice", scope=None, scp="DICOM.Read")))
+    assert reader is not None and not v.may_write(reader)
 
 
 def test_forged_signatures_are_refused(provider: OidcProvider) -> None:
