@@ -16,6 +16,7 @@ not serve, ``GET /studies/{s}`` and ``GET /studies/{s}/series/{se}`` are answere
 from __future__ import annotations
 
 import asyncio
+import errno
 import email.message
 import json
 import secrets
@@ -227,10 +228,20 @@ class Emulator:
         loop.close()
 
     async def _open(self) -> None:
-        for app, port in ((self._dicomweb_app(), self.dicomweb_port), (self._runtime_app(), self.runtime_port)):
+        """Listen on both ports. One taken meanwhile (`free_port` only says it was
+        free; an outgoing connection may get it as its local port) is replaced by
+        another: the URLs are read after `start`."""
+        for app, attr in ((self._dicomweb_app(), "dicomweb_port"), (self._runtime_app(), "runtime_port")):
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+            for attempt in range(5):
+                try:
+                    await web.TCPSite(runner, "127.0.0.1", getattr(self, attr)).start()
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE or attempt == 4:
+                        raise
+                    setattr(self, attr, free_port())
             self._runners.append(runner)
 
     async def _close(self) -> None:
