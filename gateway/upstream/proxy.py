@@ -10,6 +10,7 @@ the host.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import urllib.request
 
 from yarl import URL
@@ -22,6 +23,14 @@ def _environment() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=256)
 def _bypassed(host: str) -> bool:
+    """NO_PROXY names it, or it is link-local: a cloud metadata service
+    (169.254.169.254, Azure's managed identity among them) answers only the machine
+    itself, never through a proxy, whatever NO_PROXY forgot."""
+    try:
+        if ipaddress.ip_address(host.strip("[]")).is_link_local:
+            return True
+    except ValueError:
+        pass
     return bool(urllib.request.proxy_bypass_environment(host, _environment()))
 
 
