@@ -82,24 +82,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the file; with ``--upstream`` also ask the archive one signed search
-    with the configured credentials (a token obtained first where the auth type needs
-    one), so a wrong secret, scope or URL shows before the daemon runs. Exit status 1
-    when the archive did not accept it."""
+    """Validate the file; with ``--online`` also try what the gateway will contact with
+    the configured credentials: one signed search of the archive (a token obtained
+    first where the auth type needs one) and the keys of ``[http.auth.oidc]``'s
+    provider, so a wrong secret, scope or URL shows before the daemon runs. Exit
+    status 1 when either failed."""
     config = _load(args.config)
     print(
         f"{args.config}: OK (AE {', '.join([config.dimse.ae_title, *sorted(config.dimse.own_ae_titles - {config.dimse.ae_title})])}"
         f" on port {config.dimse.port}, "
         f"upstream {config.upstream.type}, {len(config.dimse.peers)} peer(s))"
     )
-    if not args.upstream:
+    if not args.online:
         return 0
+    ok = True
     if config.upstream.type == "local":
         print("upstream: the embedded archive, nothing to contact")
-        return 0
-    health = asyncio.run(_probe_upstream(config))
-    print(f"upstream {_upstream_location(config)}: {'OK' if health.reachable else 'FAILED'} ({health.detail})")
-    return 0 if health.reachable else 1
+    else:
+        health = asyncio.run(_probe_upstream(config))
+        print(f"upstream {_upstream_location(config)}: {'OK' if health.reachable else 'FAILED'} ({health.detail})")
+        ok = health.reachable
+    if config.http.auth.oidc is not None:
+        from gateway.web.oidc import KeysUnavailable, TokenVerifier
+
+        try:
+            keys = asyncio.run(TokenVerifier(config.http.auth.oidc).signing_keys())
+            print(f"OpenID provider {config.http.auth.oidc.issuer}: OK ({keys} signing key(s))")
+        except KeysUnavailable as exc:
+            print(f"OpenID provider {config.http.auth.oidc.issuer}: FAILED ({exc})")
+            ok = False
+    return 0 if ok else 1
 
 
 async def _probe_upstream(config: Config) -> Health:
@@ -331,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     check = with_config(sub.add_parser("check-config", help="validate a configuration file"))
     check.add_argument(
-        "--upstream", action="store_true", help="also send the archive one search with the configured credentials"
+        "--online", action="store_true",
+        help="also send the archive one search with the configured credentials, and fetch the OpenID provider's keys",
     )
     check.set_defaults(func=cmd_check_config)
 

@@ -119,6 +119,11 @@ class TokenVerifier:
         """Whether the token grants every one of ``write_scopes`` (STOW-RS, PUT, DELETE)."""
         return all(scope in admission.scopes for scope in self.cfg.write_scopes)
 
+    async def signing_keys(self) -> int:
+        """How many signing keys the provider publishes now (``check-config
+        --online``); raises KeysUnavailable."""
+        return len(await self._fetch())
+
     async def _key(self, kid: str | None) -> jwt.PyJWK | None:
         if kid in self._keys or (kid is None and len(self._keys) == 1):
             return self._keys.get(kid) or next(iter(self._keys.values()))

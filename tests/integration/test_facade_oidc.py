@@ -87,7 +87,11 @@ def test_keys_unavailable_is_503_until_the_provider_is_back(
     provider.down = True
     r = curl(url, "--header", f"Authorization: Bearer {provider.token('alice')}")
     assert r.status == 503 and r.headers["retry-after"] == "5" and b"OpenID provider" in r.body
+    probe = gw.cli("check-config", "--online")
+    assert probe.returncode == 1 and f"OpenID provider {provider.issuer}: FAILED" in probe.stdout, probe.stdout
     provider.down = False
+    probe = gw.cli("check-config", "--online")
+    assert probe.returncode == 0 and f"OpenID provider {provider.issuer}: OK (1 signing key(s))" in probe.stdout
 
     def admitted() -> bool:
         return curl(url, "--header", f"Authorization: Bearer {provider.token('alice')}").status == 200

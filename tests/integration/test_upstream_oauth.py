@@ -113,7 +113,7 @@ def test_delivery_and_queries_with_tokens_renewed_before_they_expire(
     assert refusals(guarded) == 0  # renewed before expiry: the archive never saw a stale token
     log = gw.log()
     assert "access token obtained" in log and SECRET not in log
-    probe = gw.cli("check-config", "--upstream")  # what an admin runs before starting it
+    probe = gw.cli("check-config", "--online")  # what an admin runs before starting it
     assert probe.returncode == 0 and f"upstream http://127.0.0.1:{guarded.port}/dicom-web: OK (HTTP 200)" in probe.stdout
 
 
@@ -161,7 +161,7 @@ def test_a_refused_client_secret_holds_delivery_until_it_is_fixed(
     assert orthanc.sop_instance_uids() == set() and refusals(guarded) == 0
     log = gw.log()
     assert "refused the gateway's client credentials" in log and "a-wrong-secret-0815" not in log
-    probe = gw.cli("check-config", "--upstream")
+    probe = gw.cli("check-config", "--online")
     assert probe.returncode == 1 and "FAILED" in probe.stdout and "invalid_client" in probe.stdout, probe.stdout + probe.stderr
 
     gw.stop()
