@@ -185,7 +185,8 @@ class AuthConfig:
     token: str = ""
     name: str = ""
     value: str = ""
-    # oauth2: the client credentials grant (RFC 6749 4.4) against ``token_url``
+    # oauth2: the client credentials grant (RFC 6749 4.4) against ``token_url``;
+    # azure_managed_identity: another metadata endpoint, a user-assigned identity
     token_url: str = ""
     client_id: str = ""
     client_secret: str = ""
