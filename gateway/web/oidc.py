@@ -82,21 +82,24 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
             return None  # not a JWT: perhaps a static bearer token that did not match
-        algorithm = header.get("alg")
+        algorithm, kid = header.get("alg"), header.get("kid")
         if algorithm not in ALGORITHMS:
             log.warning("access token refused: algorithm %r is not accepted", algorithm)
             return None
-        key = await self._key(header.get("kid"))
+        if kid is not None and not isinstance(kid, str):
+            log.warning("access token refused: its key ID is not a string")
+            return None
+        key = await self._key(kid)
         if key is None:
-            log.warning("access token refused: signed with a key the provider does not publish (kid %r)", header.get("kid"))
+            log.warning("access token refused: signed with a key the provider does not publish (kid %r)", kid)
             return None
         try:
             claims = jwt.decode(
                 token, key.key, algorithms=[algorithm], audience=list(self.cfg.audience), issuer=self.cfg.issuer,
                 leeway=LEEWAY, options={"require": ["exp", "iss", "aud"]},
             )
-        except jwt.InvalidTokenError as exc:
-            log.warning("access token refused: %s", exc)
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:  # PyJWTError: also a key of another type than alg
+            log.warning("access token refused: %s", exc or type(exc).__name__)
             return None
         granted = _scopes(claims)
         missing = [s for s in self.cfg.required_scopes if s not in granted]

@@ -15,11 +15,15 @@ from collections.abc import Iterator
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.config import OidcConfig
 from gateway.web.oidc import KeysUnavailable, TokenVerifier
 from tests.support.oidc import OidcProvider
+
+
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
 
 
 class Clock:
@@ -98,6 +102,11 @@ def test_forged_signatures_are_refused(provider: OidcProvider) -> None:
     unsigned = jwt.encode(claims, None, algorithm="none", headers={"kid": provider.signing_kid})
     assert check(v, unsigned) is None
     assert check(v, "not-a-jwt") is None
+    # an EC signature claimed with the provider's RSA key ID; a key ID that is no string
+    ec = jwt.encode(claims, ec_key(), algorithm="ES256", headers={"kid": provider.signing_kid})
+    assert check(v, ec) is None
+    odd_header = base64.urlsafe_b64encode(json.dumps({"alg": "RS256", "kid": ["a", "list"]}).encode()).rstrip(b"=")
+    assert check(v, (odd_header + b"." + body + b".c2ln").decode()) is None
 
 
 def test_rotated_keys_are_fetched_once_and_unknown_key_ids_at_most_once_a_minute(provider: OidcProvider) -> None:
