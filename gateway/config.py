@@ -330,6 +330,7 @@ class HttpConfig:
     cache: HttpCacheConfig = field(default_factory=HttpCacheConfig)
     auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
     tls: TlsConfig | None = None  # [http.tls]: HTTPS instead of HTTP
+    read_only: bool = False  # the facade refuses STOW-RS, PUT and DELETE (405)
 
 
 @dataclass(frozen=True)
@@ -891,6 +892,7 @@ def _http(r: _Reader) -> HttpConfig:
         cache=_http_cache(r.sub("cache")),
         auth=auth,
         tls=_tls(r, dimse=False),
+        read_only=r.boolean("read_only", d.read_only),
     )
     r.finish()
     return cfg

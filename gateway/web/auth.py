@@ -28,6 +28,7 @@ log = logging.getLogger("gateway.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes; /metrics needs credentials
 WRITE_METHODS = frozenset({"POST", "PUT", "DELETE"})  # STOW-RS, Azure's PUT, DELETE
+READ_METHODS = "GET, HEAD, OPTIONS"
 CORS_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, X-Requested-With"
 EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Warning, Retry-After, ETag"
@@ -124,8 +125,9 @@ def _cors(request: web.Request, origins: tuple[str, ...]) -> dict[str, str]:
     }
 
 
-def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]) -> None:
-    """Enforce ``auth`` on every route but the probes and answer CORS for ``origins``.
+def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...], read_only: bool = False) -> None:
+    """Enforce ``auth`` on every route but the probes and answer CORS for ``origins``;
+    with ``read_only``, refuse what would store or delete (405) whoever asks.
 
     CORS headers go on in ``on_response_prepare``, so streamed answers (which send
     their headers from inside the handler) and errors get them alike.
@@ -163,6 +165,9 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
             )
             return web.Response(status=401, text="authentication required\n", headers={"WWW-Authenticate": _challenge(auth)})
         request[USER] = user
+        if read_only and request.method in WRITE_METHODS:
+            log.warning("HTTP %s %s from %s (%s): 405, the facade is read-only", request.method, request.path, request.remote, user)
+            return web.Response(status=405, text="this DICOMweb service is read-only (http.read_only)\n", headers={"Allow": READ_METHODS})
         admission = request.get(ADMISSION)
         if request.method in WRITE_METHODS and admission is not None and verifier is not None and not verifier.may_write(admission):
             log.warning("HTTP %s %s from %s (%s): 403, the token lacks a write scope", request.method, request.path, request.remote, user)

@@ -26,6 +26,7 @@ from pydicom.data import get_testdata_file
 
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.render import render_frame, window_from_dataset
+from tests.support import dcmtk
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.orthanc import Orthanc
@@ -285,3 +286,23 @@ def test_bad_requests_get_clear_answers(gateway) -> None:  # type: ignore[no-unt
     assert curl(f"{url}/studies", "--header", "Accept: image/png").status == 406
     log = gw.log()
     assert "Traceback" not in log
+
+
+def test_a_read_only_facade_refuses_stores_and_deletions(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """http.read_only: viewers read, nothing is stored or deleted through the facade
+    (405 with Allow), while the DIMSE side stores as ever."""
+    from tests.support import dcmtk
+    from tests.support.synth import ct_series
+
+    gw = gateway(http={"read_only": True})
+    (instance,) = ct_series(tmp_path / "ct", 1, rows=32, columns=32)
+    assert dcmtk.storescu(gw.port, [instance], gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=1)
+    study = pydicom.dcmread(instance).StudyInstanceUID
+    url = f"{gw.web_url}/dicom-web/studies"
+    assert curl(url).status == 200 and curl(f"{url}/{study}/metadata").status == 200
+    r = curl("-X", "POST", "--header", "Content-Type: application/dicom", "--data-binary", f"@{instance}", url)
+    assert r.status == 405 and r.headers["allow"] == "GET, HEAD, OPTIONS" and b"read-only" in r.body
+    assert curl("-X", "DELETE", f"{url}/{study}").status == 405
+    assert curl(f"{url}/{study}/metadata").status == 200  # still there
+    assert "405, the facade is read-only" in gw.log()
