@@ -291,9 +291,6 @@ def test_bad_requests_get_clear_answers(gateway) -> None:  # type: ignore[no-unt
 def test_a_read_only_facade_refuses_stores_and_deletions(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """http.read_only: viewers read, nothing is stored or deleted through the facade
     (405 with Allow), while the DIMSE side stores as ever."""
-    from tests.support import dcmtk
-    from tests.support.synth import ct_series
-
     gw = gateway(http={"read_only": True})
     (instance,) = ct_series(tmp_path / "ct", 1, rows=32, columns=32)
     assert dcmtk.storescu(gw.port, [instance], gw.ae_title).returncode == 0
