@@ -30,6 +30,7 @@ from tests.support import dcmtk
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.orthanc import Orthanc
+from tests.support.synth import ct_series
 
 REPO = Path(__file__).resolve().parents[2]
 # The project's shared/ folder lies beside the repository (CI lays a copy there too).
