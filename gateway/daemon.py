@@ -8,6 +8,7 @@ Stop order is the reverse, each step bounded by ``dimse.shutdown_grace``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -50,6 +51,23 @@ async def run(config: Config, config_path: Path | None = None) -> None:
         await _run(config, config_path)
 
 
+async def _reload_audit(audit: Auditor, config: Config) -> bool:
+    """Send audit messages from now on where the reloaded ``[audit]`` says. The trail
+    it replaces sends what it holds first (closing waits up to 5 s, so in a worker
+    thread); its counts go on in the metrics. False when the new trail cannot be made:
+    the running one stays."""
+    try:
+        trail = audit_trail(config)
+    except (OSError, ValueError) as exc:
+        log.error("audit trail not reloaded, the running one stays: %s", exc)
+        return False
+    old = audit.swap(trail)
+    if old is not None:
+        await asyncio.get_running_loop().run_in_executor(None, old.close)
+        audit.retire(old)
+    return True
+
+
 async def _run(config: Config, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
     spool = Spool(config.spool, config.dimse.routes)
@@ -62,10 +80,8 @@ async def _run(config: Config, config_path: Path | None) -> None:
     # One registry per daemon, never the process-wide default.
     metrics = Metrics()
     metrics.registry.register(SpoolCollector(spool))
-    trail = audit_trail(config)
-    if trail is not None:
-        metrics.registry.register(AuditCollector(trail))
-    audit = Auditor(config, trail)
+    audit = Auditor(config, audit_trail(config))
+    metrics.registry.register(AuditCollector(audit))
     audit.started()
     upstream = make_upstream(config, metrics)
     await upstream.start()
@@ -160,6 +176,9 @@ async def _run(config: Config, config_path: Path | None) -> None:
                 return
             merged, needs_restart = merge(running[0], loaded)
             applied = changed(running[0], merged)
+            if merged.audit != running[0].audit and not await _reload_audit(audit, merged):
+                merged = dataclasses.replace(merged, audit=running[0].audit)
+                applied = changed(running[0], merged)
             running[0] = merged
             for service in (server, store, *services.values(), retriever, routes):
                 service.config = merged
@@ -206,6 +225,6 @@ async def _run(config: Config, config_path: Path | None) -> None:
         await upstream.close()
         spool.close()
         audit.stopped()
-        if trail is not None:
-            trail.close()
+        if audit.trail is not None:
+            audit.trail.close()
         log.info("stopped")

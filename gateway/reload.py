@@ -5,7 +5,8 @@ Reloaded: who may associate and do what (``dimse.peers``, ``require_known_peers`
 where copies go (``dimse.routes``: for what is received from then on), the
 association limits and timeouts (``max_associations``, ``ack_timeout``,
 ``network_timeout``, ``acse_timeout``, ``dimse_timeout``, ``shutdown_grace``), the disk
-limits (``spool.min_free_mb``, ``spool.max_size_mb``) and ``logging.level``. Running
+limits (``spool.min_free_mb``, ``spool.max_size_mb``), ``logging.level`` and where audit
+messages go (``[audit]``: the replaced trail sends what it holds first). Running
 associations keep the timeouts they started with and are never dropped. Everything
 else (addresses, ports, AE title, spool directory, upstream, ...) is bound to sockets,
 files or sessions opened at start: a change there is reported and waits for a restart.
@@ -25,6 +26,7 @@ RELOADABLE = {
     ),
     "spool": ("min_free_mb", "max_size_mb"),
     "logging": ("level",),
+    "audit": ("syslog", "file", "source_id", "enterprise_site_id"),
 }
 
 

@@ -176,6 +176,9 @@ class Auditor:
 
     def __init__(self, config: Config, trail: AuditTrail | None) -> None:
         self.trail = trail
+        # What trails replaced by a reload sent, dropped and failed, so the metrics
+        # count on across reloads.
+        self.retired: Counter[str] = Counter()
         ae = config.dimse.ae_title
         host = config.dimse.host
         address = host if host not in ("", "0.0.0.0", "::") else socket.gethostname()
@@ -187,8 +190,27 @@ class Auditor:
         return self.trail is not None
 
     def _record(self, event: AuditEvent) -> None:
-        if self.trail is not None:
-            self.trail.record(event)
+        trail = self.trail
+        if trail is not None:
+            trail.record(event)
+
+    def swap(self, trail: AuditTrail | None) -> AuditTrail | None:
+        """Send from now on to ``trail`` (``[audit]`` reloaded); returns the trail it
+        replaces, which the caller closes (blocking: it drains) and then `retire`s."""
+        old, self.trail = self.trail, trail
+        return old
+
+    def retire(self, trail: AuditTrail) -> None:
+        """Keep a closed trail's counts for the metrics."""
+        self.retired.update(sent=trail.sent, dropped=trail.dropped, failed=trail.failed)
+
+    def counts(self) -> dict[str, int]:
+        """Messages sent, dropped and failed since start, over every trail."""
+        trail = self.trail
+        return {
+            result: self.retired[result] + (getattr(trail, result) if trail is not None else 0)
+            for result in ("sent", "dropped", "failed")
+        }
 
     @_never_raises
     def started(self) -> None:

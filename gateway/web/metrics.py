@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.audit.trail import AuditTrail
+from gateway.audit.auditor import Auditor
 from gateway.metrics import Metrics
 from gateway.spool.copies import COPY_STATES
 from gateway.spool.queue import STATES, Spool
@@ -31,18 +31,23 @@ routes = web.RouteTableDef()
 
 
 class AuditCollector(Collector):
-    """What became of the audit trail's messages, read from the trail at scrape time."""
+    """What became of the audit trail's messages, read at scrape time from the
+    Auditor (its counts go on across a reload that replaces the trail); nothing while
+    there is no audit trail and never was one."""
 
-    def __init__(self, trail: AuditTrail) -> None:
-        self.trail = trail
+    def __init__(self, auditor: Auditor) -> None:
+        self.auditor = auditor
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        counts = self.auditor.counts()
+        if self.auditor.trail is None and not any(counts.values()):
+            return
         family = CounterMetricFamily(
             "gateway_audit_messages", "Audit messages: sent (or written), dropped (queue full), failed (send attempts that failed)",
             labels=["result"],
         )
-        for result in ("sent", "dropped", "failed"):
-            family.add_metric([result], getattr(self.trail, result))
+        for result, value in counts.items():
+            family.add_metric([result], value)
         yield family
 
 

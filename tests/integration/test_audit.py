@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import getpass
 import os
+import signal
 import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -210,3 +211,22 @@ def test_an_admin_discarding_a_study_is_audited_as_its_deletion(tmp_path: Path, 
     assert getpass.getuser() in participants(message)
     assert message.find("ParticipantObjectIdentification").get("ParticipantObjectID") == study  # type: ignore[union-attr]
     assert "spool discard: 2 undelivered instance(s) withdrawn" in (message.findtext("EventIdentification/EventOutcomeDescription") or "")
+
+
+def test_a_reload_moves_the_audit_trail_without_losing_a_message(tmp_path: Path, gateway) -> None:
+    """SIGHUP with [audit] pointing elsewhere: what was recorded before goes to the old
+    file, what follows to the new one, and the metrics count on across the two."""
+    first, second = tmp_path / "audit-1.log", tmp_path / "audit-2.log"
+    gw = gateway(extra=f'\n[audit]\nfile = "{first}"\n')
+    assert dcmtk.storescu(gw.port, ct_series(tmp_path / "a", 1, 16, 16), gw.ae_title, calling_ae="CT01").returncode == 0
+    wait_until(lambda: first.exists() and len(first.read_text().splitlines()) >= 2, 10, 0.1, "start and store not audited")
+    before = len(first.read_text().splitlines())
+    gw.config_path.write_text(gw.config_path.read_text().replace(str(first), str(second)))
+    os.kill(gw.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+    wait_until(lambda: "configuration reloaded" in gw.log(), 10, 0.1, "no reload logged")
+    assert "audit.file" in [line for line in gw.log().splitlines() if "configuration reloaded" in line][-1]
+    assert dcmtk.storescu(gw.port, ct_series(tmp_path / "b", 1, 16, 16), gw.ae_title, calling_ae="CT02").returncode == 0
+    wait_until(lambda: second.exists() and "CT02" in second.read_text(), 10, 0.1, "the store after the reload not audited")
+    assert len(first.read_text().splitlines()) == before and "CT02" not in first.read_text()
+    metrics = curl(f"{gw.web_url}/metrics").body.decode()
+    assert f'gateway_audit_messages_total{{result="sent"}} {before + 1}.0' in metrics, metrics
