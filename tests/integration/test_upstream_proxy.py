@@ -11,7 +11,9 @@ import pytest
 
 from tests.support import dcmtk
 from tests.support.daemon import Gateway
+from tests.support.haproxy import HAProxy, tls_config
 from tests.support.orthanc import Orthanc
+from tests.support.pki import Pki
 from tests.support.synth import ct_series
 from tests.support.tinyproxy import Tinyproxy
 from tests.support.tokenserver import TokenServer
@@ -52,3 +54,24 @@ def test_no_proxy_keeps_the_archive_direct(
     assert dcmtk.storescu(gw.port, ct_series(tmp_path / "ct", 2, rows=32, columns=32), gw.ae_title).returncode == 0
     gw.wait_counts(delivered=2)
     assert proxy.requests() == []
+
+
+def test_an_https_archive_is_reached_through_the_proxys_tunnel(
+    tmp_path: Path, orthanc: Orthanc, proxy: Tinyproxy, pki: Pki, gateway: Callable[..., Gateway]
+) -> None:
+    """The cloud archives speak HTTPS: through the proxy that is a CONNECT tunnel, and
+    the archive's certificate is still verified end to end (its CA given to the daemon
+    the standard way, SSL_CERT_FILE)."""
+    pem = tmp_path / "server.pem"
+    pem.write_text((pki.directory / "server.crt").read_text() + (pki.directory / "server.key").read_text())
+    front = HAProxy(tmp_path / "tls", config=lambda port: tls_config(port, orthanc.http_port, pem)).start()
+    try:
+        url = f"https://127.0.0.1:{front.port}/dicom-web"
+        env = {"HTTPS_PROXY": proxy.url, "NO_PROXY": "", "SSL_CERT_FILE": str(pki.directory / "ca.crt")}
+        gw = gateway(upstream_url=url, env=env)
+        assert dcmtk.storescu(gw.port, ct_series(tmp_path / "ct", 2, rows=32, columns=32), gw.ae_title).returncode == 0
+        gw.wait_counts(delivered=2)
+        assert ("CONNECT", f"127.0.0.1:{front.port}") in proxy.requests()
+        assert len(orthanc.sop_instance_uids()) == 2
+    finally:
+        front.stop()

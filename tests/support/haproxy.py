@@ -57,6 +57,17 @@ def jwt_config(port: int, archive_port: int, secret: str, audience: str) -> str:
     )
 
 
+def tls_config(port: int, archive_port: int, pem: Path) -> str:
+    """An HTTPS front end (``pem``: certificate and key) passing to the plain HTTP
+    archive on ``archive_port``: an archive reached over TLS, as the cloud ones are."""
+    return (
+        "global\n    maxconn 256\n"
+        "defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n"
+        f"frontend archive\n    bind 127.0.0.1:{port} ssl crt {pem}\n    default_backend archive\n"
+        f"backend archive\n    server archive 127.0.0.1:{archive_port}\n"
+    )
+
+
 class HAProxy:
     """One haproxy process in the foreground; ``stop()`` ends it. ``config`` makes its
     configuration for the port it listens on (default: `dimse_config` over ``nodes``)."""
