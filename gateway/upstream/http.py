@@ -256,9 +256,9 @@ class HttpClient:
                             replays -= 1
                             await resp.read()
                             continue
-                    if resp.status >= 400 and resp.status not in passthrough:
+                    if status >= 400 and status not in passthrough:
                         payload = await resp.read()
-                        raise_for_status(method, url, resp.status, payload, resp.headers, what)
+                        raise_for_status(method, url, status, payload, resp.headers, what)
                     yield resp
                     return
         except TimeoutError:  # before OSError: TimeoutError is one

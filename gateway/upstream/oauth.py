@@ -63,8 +63,9 @@ def _client_basic(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
 
 
-def _usable(token: Token | None, now: float) -> bool:
-    return token is not None and now < token.expires_at - EXPIRY_MARGIN
+def _usable(token: Token, now: float) -> bool:
+    """Still valid for long enough to be sent."""
+    return now < token.expires_at - EXPIRY_MARGIN
 
 
 def _one_line(text: Any, limit: int = 300) -> str:
@@ -113,10 +114,8 @@ class TokenSigner:
         is still valid serves other requests at once rather than holding them behind
         a provider that may take its whole timeout to fail."""
         held, now = self._token, self.clock()
-        if held is not None and now < held.renew_at:
+        if held is not None and (now < held.renew_at or (_usable(held, now) and (self._lock.locked() or now < self._retry_at))):
             return held.value
-        if _usable(held, now) and (self._lock.locked() or now < self._retry_at):
-            return held.value  # type: ignore[union-attr]
         async with self._lock:
             held = self._token
             if held is not None and self.clock() < held.renew_at:
@@ -124,10 +123,10 @@ class TokenSigner:
             try:
                 self._token = await self._fetch()
             except UpstreamUnavailable as exc:
-                if _usable(held, self.clock()):
+                if held is not None and _usable(held, self.clock()):
                     self._retry_at = self.clock() + RENEW_RETRY
                     log.warning("%s: %s; the current token is still valid, renewal again in %d s", self.source, exc, RENEW_RETRY)
-                    return held.value  # type: ignore[union-attr]
+                    return held.value
                 raise
             return self._token.value
 

@@ -127,13 +127,24 @@ class TokenVerifier:
         --online``); raises KeysUnavailable."""
         return len(await self._fetch())
 
+    def _known(self, kid: str | None) -> jwt.PyJWK | None:
+        """The key with this ID; without an ID, the provider's only key if it has one."""
+        if kid is None:
+            return next(iter(self._keys.values())) if len(self._keys) == 1 else None
+        return self._keys.get(kid)
+
     async def _key(self, kid: str | None) -> jwt.PyJWK | None:
-        if kid in self._keys or (kid is None and len(self._keys) == 1):
-            return self._keys.get(kid) or next(iter(self._keys.values()))
+        """`_known`, fetching the keys first when it is not (at most once a minute,
+        every 5 s after a failed fetch, meanwhile raising that failure again)."""
+        if (key := self._known(kid)) is not None:
+            return key
         async with self._lock:
-            if kid not in self._keys:
+            if self._known(kid) is None:
                 wait = REFETCH_AFTER if self._failure is None else RETRY_FAILED_AFTER
-                if self.clock() - self._fetched_at >= wait:
+                if self.clock() - self._fetched_at < wait:
+                    if self._failure is not None:
+                        raise KeysUnavailable(self._failure)
+                else:
                     self._fetched_at = self.clock()
                     try:
                         self._keys = await self._fetch()
@@ -141,11 +152,7 @@ class TokenVerifier:
                     except KeysUnavailable as exc:
                         self._failure = str(exc)
                         raise
-                elif self._failure is not None:
-                    raise KeysUnavailable(self._failure)
-        if kid is None and len(self._keys) == 1:
-            return next(iter(self._keys.values()))
-        return self._keys.get(kid)
+        return self._known(kid)
 
     async def _fetch(self) -> dict[str | None, jwt.PyJWK]:
         """The provider's signing keys by key ID; raises KeysUnavailable."""
