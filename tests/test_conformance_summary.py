@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.dimse.association import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.dimse.command import STORAGE_COMMITMENT, VERIFICATION
 from gateway.dimse.server import STORAGE_TRANSFER_SYNTAXES, UNCOMPRESSED
 

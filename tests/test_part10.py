@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.dimse.association import file_meta_header
+from gateway.part10 import file_meta_header
 from gateway.part10 import read_file_meta
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

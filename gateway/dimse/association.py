@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.dimse import pdu
+from gateway.part10 import file_meta_header
 from gateway.audit.auditor import Auditor, StudyTally
 from gateway.metrics import Metrics
 from gateway.spool.receipt import Receipt
@@ -46,8 +47,6 @@ from gateway.dimse.command import (
 
 log = logging.getLogger("gateway.dimse")
 
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.60826662343822680984516461294576239553"
-IMPLEMENTATION_VERSION_NAME = "DICOMGW_010"
 MAX_NON_STORE_DATASET = 4 * 1024 * 1024  # identifiers of C-FIND/MOVE/GET are small
 SPACE_CHECK_BYTES = 4 * 1024 * 1024  # free space is checked again after this much of a data set
 # Final statuses of a request whose service failed (PS3.7 C.4, PS3.4 B.2.3): C-STORE
@@ -552,35 +551,6 @@ def _write_problem(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"spool disk full: {exc.strerror}"
     return f"spool write error: {exc.strerror}"
-
-
-def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
-    if len(value) % 2:
-        value += pad
-    if vr == b"OB":
-        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
-
-
-def file_meta_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1).
-
-    Encoded directly: it is written once per received instance, and a general data
-    set writer costs more than the rest of the receive path together.
-    """
-    body = b"".join(
-        [
-            _meta_element(0x0001, b"OB", b"\x00\x01", b"\x00"),
-            _meta_element(0x0002, b"UI", sop_class.encode("ascii", "replace"), b"\x00"),
-            _meta_element(0x0003, b"UI", sop_instance.encode("ascii", "replace"), b"\x00"),
-            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\x00"),
-            _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"),
-            _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" "),
-            _meta_element(0x0016, b"AE", source_ae.encode("ascii", "replace")[:16], b" "),
-        ]
-    )
-    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 async def read_pdu(reader: asyncio.StreamReader, timeout: float | None, max_length: int) -> tuple[int, bytes]:

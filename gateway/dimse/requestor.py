@@ -29,9 +29,8 @@ from collections.abc import Awaitable, Callable
 from gateway.codecs.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from gateway.config import Config, Peer
 from gateway.dimse import pdu
+from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.dimse.association import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
     IOV_MAX,
     Buffer,
     ProtocolError,

@@ -22,9 +22,8 @@ from pynetdicom import AllStoragePresentationContexts
 
 from gateway.config import Config
 from gateway.dimse import pdu
+from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.dimse.association import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION_NAME,
     AcceptedContext,
     Association,
     Message,

@@ -9,8 +9,11 @@ unreadable, lacks a UID, or belongs to another study than the path names fails o
 own (PS3.18 failure reasons 0xC000, 0xA900); the others are stored.
 
 Accepted bodies: ``multipart/related; type="application/dicom"`` (also what ``curl
---form`` sends with the Content-Type overridden, parts carrying form-data headers) and
-a single ``application/dicom`` body (Azure's and HealthImaging's single-part form).
+--form`` sends with the Content-Type overridden, parts carrying form-data headers), a
+single ``application/dicom`` body (Azure's and HealthImaging's single-part form), and
+``multipart/related; type="application/dicom+json"``: DICOM JSON metadata with bulk
+data parts, each instance built into a Part 10 file (`gateway.dicomweb.stow_metadata`)
+and then ingested like the others.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.audit.auditor import tally_of
 from gateway.dicomweb.accept import parse_accept
-from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, MULTIPART_RELATED, OCTET_STREAM, media_type
+from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, JSON, MULTIPART_RELATED, OCTET_STREAM, media_type
 from gateway.dicomweb.multipart_reader import MultipartError, StreamedPart, boundary_of, iter_parts
+from gateway.dicomweb.stow_metadata import BulkPart, NotBuilt, build_instance, metadata_objects
 from gateway.dicomweb.xml import native_xml
 from gateway.spool.ingest import Ingested, Verdict, ingest
 from gateway.spool.queue import SpoolFull
@@ -46,6 +50,8 @@ log = logging.getLogger("gateway.web")
 
 # Parts up to this size are gathered in memory, larger ones are written as they arrive.
 SPILL_BYTES = 4 << 20
+# Bulk data parts are all held until the body ends: only small ones in memory.
+METADATA_SPILL_BYTES = 256 << 10
 READ_CHUNK = 1 << 18
 RETRY_AFTER_SECONDS = 60
 
@@ -75,24 +81,45 @@ class PartResult:
 
 def _take(spool: Any, part: StreamedPart, source: str, study_uid: str | None) -> PartResult:
     """Ingest one received part, checked against the path's study (blocking)."""
-    received: Receipt | Path
     if part.path is not None:
-        received = part.path
-    else:
-        data = memoryview(part.data or b"")
-        try:
-            received = spool.receive()
-        except OSError as exc:
-            log.error("STOW-RS part from %s not stored: %s", source, exc.strerror or exc)
-            return PartResult("", "", "", "", OUT_OF_RESOURCES, "spool unusable")
-        try:
-            # A Part 10 file's preamble is the sender's; the record's replaces it. A
-            # part too short for one is refused by the header check, as it would be.
-            received.write(data[PREAMBLE:])
-        except OSError as exc:
-            received.abandon()
-            log.error("STOW-RS part from %s not stored: %s", source, exc.strerror or exc)
-            return PartResult("", "", "", "", OUT_OF_RESOURCES, "spool write failed")
+        return _ingest(spool, part.path, source, study_uid)
+    data = memoryview(part.data or b"")
+    # A Part 10 file's preamble is the sender's; the record's replaces it. A part too
+    # short for one is refused by the header check, as it would be.
+    return _received(spool, lambda write: write(data[PREAMBLE:]), source, study_uid)
+
+
+def _take_built(spool: Any, metadata: dict[str, Any], bulk: dict[str, BulkPart], source: str, study_uid: str | None) -> PartResult:
+    """Build the instance one metadata object describes and ingest it (blocking)."""
+    try:
+        built = build_instance(metadata, bulk)
+    except NotBuilt as exc:
+        log.warning("STOW-RS instance %s from %s not built: %s", exc.uids[1][:64] or "?", source, exc)
+        return PartResult(*exc.uids, exc.reason, str(exc))
+    return _received(spool, built.write, source, study_uid)
+
+
+def _received(spool: Any, fill: Callable[[Callable[[bytes], None]], None], source: str, study_uid: str | None) -> PartResult:
+    """A new spool record, filled by ``fill`` (given the record's write), then ingested."""
+    try:
+        received = spool.receive()
+    except OSError as exc:
+        log.error("STOW-RS part from %s not stored: %s", source, exc.strerror or exc)
+        return PartResult("", "", "", "", OUT_OF_RESOURCES, "spool unusable")
+    try:
+        fill(received.write)
+    except OSError as exc:
+        received.abandon()
+        log.error("STOW-RS part from %s not stored: %s", source, exc.strerror or exc)
+        return PartResult("", "", "", "", OUT_OF_RESOURCES, "spool write failed")
+    except BaseException:
+        received.abandon()
+        raise
+    return _ingest(spool, received, source, study_uid)
+
+
+def _ingest(spool: Any, received: Receipt | Path, source: str, study_uid: str | None) -> PartResult:
+    """The one ingest function on a received instance; what it refuses is dropped."""
     try:
         result: Ingested = ingest(spool, received, Sender(source), expected_study=study_uid)
         h = result.header
@@ -129,6 +156,11 @@ async def _parts(request: web.Request, incoming: Path) -> AsyncIterator[Streamed
         yield part
 
 
+def _part_type(content_type: str) -> str:
+    """The ``type`` parameter of a multipart Content-Type (application/dicom if none)."""
+    return next((r.part_type for r in parse_accept(content_type) if r.part_type), DICOM)
+
+
 def _check_type(request: web.Request) -> str | None:
     """Why the request's Content-Type is not one STOW-RS takes, or None."""
     content_type = request.headers.get("Content-Type", "")
@@ -137,14 +169,59 @@ def _check_type(request: web.Request) -> str | None:
         return None
     if media not in (MULTIPART_RELATED, "multipart/form-data"):
         return f"Content-Type {media or '(none)'} is not multipart/related or application/dicom"
-    part_type = next((r.part_type for r in parse_accept(content_type) if r.part_type), DICOM)
-    if part_type != DICOM:
-        return f"only application/dicom parts are stored, not {part_type}"
+    if _part_type(content_type) not in (DICOM, DICOM_JSON):
+        return f"STOW-RS takes application/dicom parts or application/dicom+json metadata, not {_part_type(content_type)}"
     try:
         boundary_of(content_type)
     except MultipartError:
         return "multipart Content-Type without a boundary"
     return None
+
+
+async def _gather_instances(request: web.Request, spool: Any, source: str, study_uid: str | None, results: list[PartResult]) -> None:
+    """Part 10 parts: each ingested as soon as it is complete."""
+    async for part in _parts(request, spool.incoming):
+        part_type = media_type(part.headers.get("content-type", DICOM))
+        if part_type not in (DICOM, OCTET_STREAM):
+            if part.path is not None:
+                part.path.unlink(missing_ok=True)
+            results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"part of type {part_type}"))
+            continue
+        results.append(await asyncio.to_thread(_take, spool, part, source, study_uid))
+
+
+async def _gather_metadata(request: web.Request, spool: Any, source: str, study_uid: str | None, results: list[PartResult]) -> None:
+    """Metadata and bulk data: the whole body is read first (a BulkDataURI may name a
+    part that comes after its metadata), bulk parts above METADATA_SPILL_BYTES kept in
+    spill files; then each instance is built and ingested."""
+    objects: list[dict[str, Any]] = []
+    bulk: dict[str, BulkPart] = {}
+    spilled: list[Path] = []
+    try:
+        body = iter_parts(
+            request.content.iter_chunked(READ_CHUNK), boundary_of(request.headers.get("Content-Type", "")),
+            spool.incoming, METADATA_SPILL_BYTES,
+        )
+        async for part in body:
+            if part.path is not None:
+                spilled.append(part.path)
+            content_type = part.headers.get("content-type", OCTET_STREAM)
+            if media_type(content_type) in (DICOM_JSON, JSON):
+                data = part.data if part.data is not None else await asyncio.to_thread(part.path.read_bytes)  # type: ignore[union-attr]
+                try:
+                    objects.extend(metadata_objects(data))
+                except ValueError as exc:
+                    log.warning("STOW-RS from %s: metadata part unreadable: %s", source, str(exc)[:200])
+                    results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, "metadata part unreadable"))
+            elif location := part.headers.get("content-location"):
+                bulk[location.strip()] = BulkPart.of(content_type, part.data, part.path, part.length)
+            else:
+                log.warning("STOW-RS from %s: a %s part without Content-Location is ignored", source, media_type(content_type))
+        for metadata in objects:
+            results.append(await asyncio.to_thread(_take_built, spool, metadata, bulk, source, study_uid))
+    finally:
+        for path in spilled:
+            path.unlink(missing_ok=True)
 
 
 def response_module(results: list[PartResult], root: str, study_uid: str | None) -> dict[str, Any]:
@@ -204,15 +281,9 @@ async def store(request: web.Request) -> web.StreamResponse:
         log.error("STOW-RS from %s refused: %s", request.remote, exc)
         return text_error(503, "the gateway's spool is full; try again later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
     results: list[PartResult] = []
+    gather = _gather_metadata if _part_type(request.headers.get("Content-Type", "")) == DICOM_JSON else _gather_instances
     try:
-        async for part in _parts(request, spool.incoming):
-            part_type = media_type(part.headers.get("content-type", DICOM))
-            if part_type not in (DICOM, OCTET_STREAM):
-                if part.path is not None:
-                    part.path.unlink(missing_ok=True)
-                results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"part of type {part_type}"))
-                continue
-            results.append(await asyncio.to_thread(_take, spool, part, source, study_uid))
+        await gather(request, spool, source, study_uid, results)
     except MultipartError as exc:
         log.warning("STOW-RS from %s: body unreadable after %d parts: %s", request.remote, len(results), exc)
         results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"unreadable multipart body: {exc}"))

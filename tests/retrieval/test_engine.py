@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Config, RetrieveConfig, SpoolConfig
-from gateway.dimse.association import file_meta_header
+from gateway.part10 import file_meta_header
 from gateway.dimse.retrieve import final_status
 from gateway.retrieval.engine import Counts, Delivery, Outcome, Retriever, TargetLost
 from gateway.retrieval.listing import Listing

@@ -1,0 +1,156 @@
+"""STOW-RS of DICOM JSON metadata with bulk data (PS3.18 10.5.1.2), sent by curl as a
+script would (a request file built beforehand, ``--data-binary``), through the facade
+to the embedded archive and to a real Orthanc: a photograph sent as a JPEG and a PDF
+report become instances that read back byte for byte, render, and (in Orthanc) open
+as the archive's own preview and PDF; an instance whose bulk data is missing fails on
+its own with its reason while the others are stored."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.support.curl import curl
+from tests.support.daemon import Gateway
+from tests.support.orthanc import Orthanc
+
+BOUNDARY = "DICOMwebBoundary"
+STUDY = "1.2.826.0.1.3680043.8.498.7001"
+SERIES_PHOTO, SERIES_REPORT = f"{STUDY}.1", f"{STUDY}.2"
+PHOTO, REPORT, BROKEN = f"{SERIES_PHOTO}.1", f"{SERIES_REPORT}.1", f"{SERIES_PHOTO}.2"
+SC, PDF_CLASS = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+def _common(series: str, instance: str, sop_class: str) -> dict:
+    return {
+        "00080016": {"vr": "UI", "Value": [sop_class]},
+        "00080018": {"vr": "UI", "Value": [instance]},
+        "0020000D": {"vr": "UI", "Value": [STUDY]},
+        "0020000E": {"vr": "UI", "Value": [series]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]},
+        "00100020": {"vr": "LO", "Value": ["MRN-7001"]},
+        "00080060": {"vr": "CS", "Value": ["XC"]},
+        "00200011": {"vr": "IS", "Value": [1]},
+        "00200013": {"vr": "IS", "Value": [1]},
+    }
+
+
+def _photo() -> bytes:
+    y, x = np.mgrid[0:120, 0:160]
+    rgb = np.stack([(x * 1.5).astype(np.uint8), (y * 2).astype(np.uint8), np.full_like(x, 90, dtype=np.uint8)], axis=-1)
+    out = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+def _pdf() -> bytes:
+    """A PDF larger than the facade keeps in memory (the part goes to a spill file)."""
+    filler = b"%" + b"x" * 78 + b"\n"
+    return b"%PDF-1.4\n" + filler * 4000 + b"1 0 obj<</Type/Catalog>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+
+
+def _request_file(directory: Path, photo: bytes, pdf: bytes) -> Path:
+    metadata = [
+        {**_common(SERIES_PHOTO, PHOTO, SC), "7FE00010": {"vr": "OB", "BulkDataURI": "photo.jpg"}},
+        {
+            **_common(SERIES_REPORT, REPORT, PDF_CLASS),
+            "00420012": {"vr": "LO", "Value": ["application/pdf"]},
+            "00280301": {"vr": "CS", "Value": ["NO"]},
+            "00420011": {"vr": "OB", "BulkDataURI": "report.pdf"},
+        },
+        {**_common(SERIES_PHOTO, BROKEN, SC), "7FE00010": {"vr": "OB", "BulkDataURI": "never-sent.jpg"}},
+    ]
+    body = b"".join(
+        [
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom+json\r\n\r\n".encode(), json.dumps(metadata).encode(),
+            f"\r\n--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Location: photo.jpg\r\n\r\n".encode(), photo,
+            f"\r\n--{BOUNDARY}\r\nContent-Type: application/pdf\r\nContent-Location: report.pdf\r\n\r\n".encode(), pdf,
+            f"\r\n--{BOUNDARY}--\r\n".encode(),
+        ]
+    )
+    path = directory / "multipart-request-file"
+    path.write_bytes(body)
+    return path
+
+
+@pytest.fixture(params=["local", "orthanc"])
+def facade(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Gateway, Orthanc | None]]:
+    orthanc = Orthanc(workdir=tmp_path / "orthanc").start() if request.param == "orthanc" else None
+    gw = Gateway(tmp_path / "gw", upstream_url=orthanc.dicomweb_url if orthanc else None)
+    try:
+        yield gw.start(), orthanc
+    finally:
+        gw.kill()
+        if orthanc is not None:
+            orthanc.cleanup()
+
+
+def test_metadata_and_bulk_data_become_instances(facade: tuple[Gateway, Orthanc | None], tmp_path: Path) -> None:
+    gw, orthanc = facade
+    photo, pdf = _photo(), _pdf()
+    request_file = _request_file(tmp_path, photo, pdf)
+    url = f"{gw.web_url}/dicom-web/studies"
+    r = curl(
+        "-X", "POST", "--header", f'Content-Type: multipart/related; type="application/dicom+json"; boundary={BOUNDARY}',
+        "--header", "Accept: application/dicom+json", "--data-binary", f"@{request_file}", url,
+    )
+    assert r.status == 202, r.body
+    answer = r.json()
+    stored = {item["00081155"]["Value"][0] for item in answer["00081199"]["Value"]}
+    failed = {item["00081155"]["Value"][0]: item["00081197"]["Value"][0] for item in answer["00081198"]["Value"]}
+    assert stored == {PHOTO, REPORT} and failed == {BROKEN: 0xC000}
+    gw.wait_counts(delivered=2)
+
+    def instance(series: str, uid: str) -> pydicom.Dataset:
+        got = curl(
+            "--header", 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*',
+            f"{url}/{STUDY}/series/{series}/instances/{uid}",
+        )
+        assert got.status == 200
+        (part,) = got.parts()
+        return pydicom.dcmread(io.BytesIO(part[1]))
+
+    image = instance(SERIES_PHOTO, PHOTO)
+    assert image.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert (image.Rows, image.Columns, image.SamplesPerPixel, image.PhotometricInterpretation) == (120, 160, 3, "YBR_FULL_422")
+    (fragment,) = pydicom.encaps.generate_frames(image.PixelData, number_of_frames=1)
+    assert fragment[: len(photo)] == photo
+    report = instance(SERIES_REPORT, REPORT)
+    assert report.EncapsulatedDocument[: len(pdf)] == pdf and report.PatientID == "MRN-7001"
+
+    rendered = curl("--header", "Accept: image/png", f"{url}/{STUDY}/series/{SERIES_PHOTO}/instances/{PHOTO}/rendered")
+    assert rendered.status == 200
+    with Image.open(io.BytesIO(rendered.body)) as png:
+        assert png.size == (160, 120) and png.mode == "RGB"
+        assert abs(int(np.asarray(png)[60, 80, 0]) - 120) < 12  # red channel ramps across
+    if orthanc is not None:
+        assert orthanc.instance_count() == 2
+        preview = orthanc._request("GET", f"/instances/{orthanc.instance_id(PHOTO)}/preview")[2]
+        with Image.open(io.BytesIO(preview)) as png:
+            assert png.size == (160, 120)
+        assert orthanc._request("GET", f"/instances/{orthanc.instance_id(REPORT)}/pdf")[2] == pdf
+    log = gw.log()
+    assert f"STOW-RS instance {BROKEN}" in log and "never-sent.jpg" in log
+    assert "Doe" not in log and "MRN-7001" not in log
+    assert not list((gw.spool_dir / "incoming").glob("*.part"))  # the spilled PDF part went
+
+
+def test_refusals_of_metadata_requests(gateway) -> None:  # type: ignore[no-untyped-def]
+    """An unreadable metadata part, and a request type STOW-RS does not take."""
+    gw = gateway()
+    url = f"{gw.web_url}/dicom-web/studies"
+    body = f"--{BOUNDARY}\r\nContent-Type: application/dicom+json\r\n\r\n{{not json\r\n--{BOUNDARY}--\r\n"
+    r = curl("-X", "POST", "--header", f'Content-Type: multipart/related; type="application/dicom+json"; boundary={BOUNDARY}',
+             "--data-binary", body, url)
+    assert r.status == 409 and r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    r = curl("-X", "POST", "--header", f'Content-Type: multipart/related; type="application/dicom+xml"; boundary={BOUNDARY}',
+             "--data-binary", body, url)
+    assert r.status == 415 and b"application/dicom+json" in r.body
+    assert "Traceback" not in gw.log()
