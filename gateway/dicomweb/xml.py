@@ -1,11 +1,14 @@
-"""DICOM JSON (PS3.18 Annex F) to the Native DICOM Model XML of PS3.19 Annex A.1.
+"""DICOM JSON (PS3.18 Annex F) to the Native DICOM Model XML of PS3.19 Annex A.1, and back.
 
 QIDO-RS answers in XML are one such document per match, each a part of a
-``multipart/related; type="application/dicom+xml"`` body (PS3.18 8.3.4.4).
+``multipart/related; type="application/dicom+xml"`` body (PS3.18 8.3.4.4). STOW-RS
+metadata may come the other way, one document per instance (PS3.18 10.5.1.2); it is
+read into DICOM JSON, so one builder makes instances of both.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -68,3 +71,81 @@ def native_xml(obj: Mapping[str, Any]) -> bytes:
     root = ET.Element("NativeDicomModel", xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM")
     _fill(root, obj)
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="utf-8", xml_declaration=False)
+
+
+# -- and back: a PS3.19 document sent as STOW-RS metadata ---------------------------
+
+_INTEGER_VRS = frozenset({"IS", "SL", "SS", "SV", "UL", "US", "UV"})
+_FLOAT_VRS = frozenset({"DS", "FD", "FL"})
+_TAG_RE = re.compile(r"^[0-9A-F]{8}$")
+
+
+def _local(tag: str) -> str:
+    """An element's name without its namespace (senders use PS3.19's, or none)."""
+    return tag.rsplit("}", 1)[-1]
+
+
+def _numbered(node: ET.Element, name: str) -> list[ET.Element]:
+    children = [child for child in node if _local(child.tag) == name]
+    return sorted(children, key=lambda child: int(child.get("number") or 0))
+
+
+def _value(vr: str, text: str | None) -> Any:
+    if text is None or not text.strip():
+        return None
+    if vr in _INTEGER_VRS:
+        return int(text.strip())
+    if vr in _FLOAT_VRS:
+        return float(text.strip())
+    return text
+
+
+def _person_name_json(node: ET.Element) -> dict[str, str]:
+    out = {}
+    for group in node:
+        components = {_local(c.tag): c.text or "" for c in group}
+        out[_local(group.tag)] = "^".join(components.get(name, "") for name in _PN_COMPONENTS).rstrip("^")
+    return out
+
+
+def _object(node: ET.Element) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for attribute in node:
+        if _local(attribute.tag) != "DicomAttribute":
+            continue
+        tag = (attribute.get("tag") or "").upper()
+        if not _TAG_RE.match(tag):
+            raise ValueError(f"DicomAttribute with tag {tag[:16]!r}")
+        vr = attribute.get("vr") or "UN"
+        element: dict[str, Any] = {"vr": vr}
+        bulk = _numbered(attribute, "BulkData")
+        inline = _numbered(attribute, "InlineBinary")
+        if bulk:
+            element["BulkDataURI"] = bulk[0].get("uri") or bulk[0].get("uuid") or ""
+        elif inline:
+            element["InlineBinary"] = "".join((inline[0].text or "").split())
+        elif vr == "SQ":
+            element["Value"] = [_object(item) for item in _numbered(attribute, "Item")]
+        elif vr == "PN":
+            element["Value"] = [_person_name_json(name) for name in _numbered(attribute, "PersonName")]
+        else:
+            element["Value"] = [_value(vr, value.text) for value in _numbered(attribute, "Value")]
+        if element.get("Value") == []:
+            del element["Value"]
+        out[tag] = element
+    return out
+
+
+def json_from_native_xml(data: bytes) -> dict[str, Any]:
+    """A PS3.19 NativeDicomModel document as a DICOM JSON object. Raises ValueError
+    for anything else; a document type declaration is refused outright (entity
+    expansion is how a small request exhausts a parser's memory)."""
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise ValueError("a document type declaration is not accepted")
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError as exc:
+        raise ValueError(f"not XML: {exc}") from exc
+    if _local(root.tag) != "NativeDicomModel":
+        raise ValueError(f"the root element is {_local(root.tag)[:40]}, not NativeDicomModel")
+    return _object(root)

@@ -11,9 +11,9 @@ own (PS3.18 failure reasons 0xC000, 0xA900); the others are stored.
 Accepted bodies: ``multipart/related; type="application/dicom"`` (also what ``curl
 --form`` sends with the Content-Type overridden, parts carrying form-data headers), a
 single ``application/dicom`` body (Azure's and HealthImaging's single-part form), and
-``multipart/related; type="application/dicom+json"``: DICOM JSON metadata with bulk
-data parts, each instance built into a Part 10 file (`gateway.dicomweb.stow_metadata`)
-and then ingested like the others.
+``multipart/related; type="application/dicom+json"`` (or ``+xml``, PS3.19 documents):
+metadata with bulk data parts, each instance built into a Part 10 file
+(`gateway.dicomweb.stow_metadata`) and then ingested like the others.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, JSON, MULTIPART_RELATED, OCTET_STREAM, media_type
 from gateway.dicomweb.multipart_reader import MultipartError, StreamedPart, boundary_of, iter_parts
 from gateway.dicomweb.stow_metadata import BulkPart, NotBuilt, build_instance, metadata_objects
-from gateway.dicomweb.xml import native_xml
+from gateway.dicomweb.xml import json_from_native_xml, native_xml
 from gateway.spool.ingest import Ingested, Verdict, ingest
 from gateway.spool.queue import SpoolFull
 from gateway.spool.receipt import Receipt
@@ -169,8 +169,8 @@ def _check_type(request: web.Request) -> str | None:
         return None
     if media not in (MULTIPART_RELATED, "multipart/form-data"):
         return f"Content-Type {media or '(none)'} is not multipart/related or application/dicom"
-    if _part_type(content_type) not in (DICOM, DICOM_JSON):
-        return f"STOW-RS takes application/dicom parts or application/dicom+json metadata, not {_part_type(content_type)}"
+    if _part_type(content_type) not in (DICOM, DICOM_JSON, DICOM_XML):
+        return f"STOW-RS takes application/dicom parts, or application/dicom+json or +xml metadata, not {_part_type(content_type)}"
     try:
         boundary_of(content_type)
     except MultipartError:
@@ -191,9 +191,10 @@ async def _gather_instances(request: web.Request, spool: Any, source: str, study
 
 
 async def _gather_metadata(request: web.Request, spool: Any, source: str, study_uid: str | None, results: list[PartResult]) -> None:
-    """Metadata and bulk data: the whole body is read first (a BulkDataURI may name a
-    part that comes after its metadata), bulk parts above METADATA_SPILL_BYTES kept in
-    spill files; then each instance is built and ingested."""
+    """Metadata (DICOM JSON, or PS3.19 XML read into it) and bulk data: the whole body
+    is read first (a BulkDataURI may name a part that comes after its metadata), bulk
+    parts above METADATA_SPILL_BYTES kept in spill files; then each instance is built
+    and ingested."""
     objects: list[dict[str, Any]] = []
     bulk: dict[str, BulkPart] = {}
     spilled: list[Path] = []
@@ -206,10 +207,13 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
             if part.path is not None:
                 spilled.append(part.path)
             content_type = part.headers.get("content-type", OCTET_STREAM)
-            if media_type(content_type) in (DICOM_JSON, JSON):
+            if media_type(content_type) in (DICOM_JSON, JSON, DICOM_XML):
                 data = part.data if part.data is not None else await asyncio.to_thread(part.path.read_bytes)  # type: ignore[union-attr]
                 try:
-                    objects.extend(metadata_objects(data))
+                    if media_type(content_type) == DICOM_XML:
+                        objects.append(json_from_native_xml(data))
+                    else:
+                        objects.extend(metadata_objects(data))
                 except ValueError as exc:
                     log.warning("STOW-RS from %s: metadata part unreadable: %s", source, str(exc)[:200])
                     results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, "metadata part unreadable"))
@@ -281,7 +285,7 @@ async def store(request: web.Request) -> web.StreamResponse:
         log.error("STOW-RS from %s refused: %s", request.remote, exc)
         return text_error(503, "the gateway's spool is full; try again later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
     results: list[PartResult] = []
-    gather = _gather_metadata if _part_type(request.headers.get("Content-Type", "")) == DICOM_JSON else _gather_instances
+    gather = _gather_metadata if _part_type(request.headers.get("Content-Type", "")) in (DICOM_JSON, DICOM_XML) else _gather_instances
     try:
         await gather(request, spool, source, study_uid, results)
     except MultipartError as exc:

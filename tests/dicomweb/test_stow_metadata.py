@@ -1,5 +1,6 @@
 """Instances built from STOW-RS metadata and bulk data: read back with pydicom, the
-bytes of each bulk part where the file says they are, and each refusal's reason."""
+bytes of each bulk part where the file says they are, and each refusal's reason; and
+PS3.19 XML metadata read into the same DICOM JSON."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from gateway.dicomweb.stow_metadata import (
     build_instance,
     metadata_objects,
 )
+from gateway.dicomweb.xml import json_from_native_xml, native_xml
 
 SC = "1.2.840.10008.5.1.4.1.1.7"
 PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -153,3 +155,37 @@ def test_metadata_parts_hold_an_array_or_one_object() -> None:
     for bad in (b"[]", b"[1, 2]", b"{not json", b'"text"'):
         with pytest.raises(ValueError):
             metadata_objects(bad)
+
+
+def test_ps319_metadata_reads_back_into_the_json_it_was_written_from() -> None:
+    obj = _metadata(
+        **{
+            "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Müller^Zoë^^Dr", "Ideographic": "ミュラー"}]},
+            "00280010": {"vr": "US", "Value": [32]},
+            "00281050": {"vr": "DS", "Value": [40.5, -20.0]},
+            "00081115": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.9"]}}, {}]},
+            "00200020": {"vr": "CS", "Value": ["A", None]},
+            "00189004": {"vr": "CS"},
+            "7FE00010": {"vr": "OB", "BulkDataURI": "http://client/pixels?x=1&y=2"},
+            "00091010": {"vr": "OB", "InlineBinary": "AAEC"},
+        }
+    )
+    assert json_from_native_xml(native_xml(obj)) == obj
+    jpeg, _ = _jpeg()
+    built = build_instance(json_from_native_xml(native_xml(obj)), {"http://client/pixels?x=1&y=2": BulkPart.of("image/jpeg", jpeg, None, len(jpeg))})
+    assert _read(built).PatientName.components[0] == "Müller^Zoë^^Dr"
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b"<not xml",
+        b"<Other/>",
+        b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><NativeDicomModel>&a;</NativeDicomModel>',
+        b'<NativeDicomModel><DicomAttribute tag="zz" vr="CS"/></NativeDicomModel>',
+        b'<NativeDicomModel><DicomAttribute tag="00280010" vr="US"><Value number="1">many</Value></DicomAttribute></NativeDicomModel>',
+    ],
+)
+def test_documents_that_are_not_native_dicom_models_are_refused(document: bytes) -> None:
+    with pytest.raises(ValueError):
+        json_from_native_xml(document)

@@ -1,4 +1,4 @@
-"""STOW-RS of DICOM JSON metadata with bulk data (PS3.18 10.5.1.2), sent by curl as a
+"""STOW-RS of DICOM JSON (and PS3.19 XML) metadata with bulk data (PS3.18 10.5.1.2), sent by curl as a
 script would (a request file built beforehand, ``--data-binary``), through the facade
 to the embedded archive and to a real Orthanc: a photograph sent as a JPEG and a PDF
 report become instances that read back byte for byte, render, and (in Orthanc) open
@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from gateway.dicomweb.xml import native_xml
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.orthanc import Orthanc
@@ -142,15 +143,42 @@ def test_metadata_and_bulk_data_become_instances(facade: tuple[Gateway, Orthanc 
     assert not list((gw.spool_dir / "incoming").glob("*.part"))  # the spilled PDF part went
 
 
-def test_refusals_of_metadata_requests(gateway) -> None:  # type: ignore[no-untyped-def]
-    """An unreadable metadata part, and a request type STOW-RS does not take."""
+def test_xml_metadata_and_refusals(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """PS3.19 XML metadata (dcm4che's stowrs default) stores like JSON; an unreadable
+    metadata part fails with 0xC000, a DTD is refused, a part type STOW-RS does not
+    take is 415."""
     gw = gateway()
     url = f"{gw.web_url}/dicom-web/studies"
-    body = f"--{BOUNDARY}\r\nContent-Type: application/dicom+json\r\n\r\n{{not json\r\n--{BOUNDARY}--\r\n"
-    r = curl("-X", "POST", "--header", f'Content-Type: multipart/related; type="application/dicom+json"; boundary={BOUNDARY}',
-             "--data-binary", body, url)
-    assert r.status == 409 and r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
-    r = curl("-X", "POST", "--header", f'Content-Type: multipart/related; type="application/dicom+xml"; boundary={BOUNDARY}',
-             "--data-binary", body, url)
+    photo = _photo()
+    document = native_xml({**_common(SERIES_PHOTO, PHOTO, SC), "7FE00010": {"vr": "OB", "BulkDataURI": "cid:photo"}})
+    body = b"".join(
+        [
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom+xml\r\n\r\n".encode(), document,
+            f"\r\n--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Location: cid:photo\r\n\r\n".encode(), photo,
+            f"\r\n--{BOUNDARY}--\r\n".encode(),
+        ]
+    )
+    r = _post(url, "application/dicom+xml", body, tmp_path)
+    assert r.status == 200, r.body
+    assert r.json()["00081199"]["Value"][0]["00081155"]["Value"] == [PHOTO]
+    gw.wait_counts(delivered=1)
+    got = curl("--header", "Accept: application/dicom", f"{url}/{STUDY}/series/{SERIES_PHOTO}/instances/{PHOTO}")
+    assert got.status == 200 and pydicom.dcmread(io.BytesIO(got.body)).Columns == 160
+
+    for kind, metadata in (("application/dicom+json", b"{not json"), ("application/dicom+xml", b'<!DOCTYPE x [<!ENTITY a "a">]><x/>')):
+        body = f"--{BOUNDARY}\r\nContent-Type: {kind}\r\n\r\n".encode() + metadata + f"\r\n--{BOUNDARY}--\r\n".encode()
+        r = _post(url, kind, body, tmp_path)
+        assert r.status == 409 and r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000], kind
+    r = _post(url, "application/pdf", b"--x--", tmp_path)
     assert r.status == 415 and b"application/dicom+json" in r.body
-    assert "Traceback" not in gw.log()
+    log = gw.log()
+    assert "Traceback" not in log and "metadata part unreadable" in log
+
+
+def _post(url: str, part_type: str, body: bytes, directory: Path):  # type: ignore[no-untyped-def]
+    request_file = directory / "request"
+    request_file.write_bytes(body)
+    return curl(
+        "-X", "POST", "--header", f'Content-Type: multipart/related; type="{part_type}"; boundary={BOUNDARY}',
+        "--header", "Accept: application/dicom+json", "--data-binary", f"@{request_file}", url,
+    )
