@@ -331,6 +331,7 @@ class HttpConfig:
     auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
     tls: TlsConfig | None = None  # [http.tls]: HTTPS instead of HTTP
     read_only: bool = False  # the facade refuses STOW-RS, PUT and DELETE (405)
+    compress: bool = True  # gzip QIDO-RS and metadata JSON for clients that accept it
 
 
 @dataclass(frozen=True)
@@ -893,6 +894,7 @@ def _http(r: _Reader) -> HttpConfig:
         auth=auth,
         tls=_tls(r, dimse=False),
         read_only=r.boolean("read_only", d.read_only),
+        compress=r.boolean("compress", d.compress),
     )
     r.finish()
     return cfg

@@ -29,6 +29,7 @@ from gateway.upstream.base import JsonObject
 from gateway.upstream.errors import SearchTruncated
 from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids
 from gateway.web.auth import requester
+from gateway.web.compression import body_response
 from gateway.web.keys import AUDIT, CONFIG, UPSTREAM
 
 log = logging.getLogger("gateway.web")
@@ -148,11 +149,7 @@ def _search_handler(resource: str) -> Callable[[web.Request], Any]:
         _audit(request, True, f"{what}: {len(found)} matches")
         headers = {"Warning": warning} if warning else {}
         if fmt == "json":
-            return web.Response(
-                body=json.dumps(found, ensure_ascii=False).encode("utf-8"),
-                content_type=DICOM_JSON,
-                headers=headers,
-            )
+            return await body_response(request, json.dumps(found, ensure_ascii=False).encode("utf-8"), DICOM_JSON, headers)
         stream = MultipartStream(request, DICOM_XML)
         stream.response.headers.update(headers)
         for obj in found:

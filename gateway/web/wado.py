@@ -64,6 +64,7 @@ from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.local import read_frames
 from gateway.web.cache import content_etag, etag_for, not_modified
+from gateway.web.compression import body_response, not_modified_headers
 from gateway.web.common import (
     MultipartStream,
     NotAcceptable,
@@ -489,9 +490,9 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
         "Vary": "Accept",
     }
     if not_modified(request.headers.get("If-None-Match"), validators["ETag"]):
-        return web.Response(status=304, headers=validators)
+        return web.Response(status=304, headers=not_modified_headers(request, validators))
     if fmt == "json":
-        return web.Response(body=body, content_type=DICOM_JSON, headers=validators)
+        return await body_response(request, body, DICOM_JSON, validators)
     stream = MultipartStream(request, DICOM_XML)
     stream.response.headers.update(validators)
     for part in parts:
