@@ -25,11 +25,12 @@ from gateway.upstream.base import Upstream
 from gateway.web import auth, counting, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
 from gateway.web.cache import FacadeCache
+from gateway.web.archive_health import ArchiveHealth
 from gateway.web.keys import (
+    ARCHIVE_HEALTH,
     AUDIT,
     CACHE,
     CONFIG,
-    HEALTH_CACHE,
     PROBLEMS,
     REFUSED_SERIES,
     RETRIEVER,
@@ -80,6 +81,10 @@ def facade_cache(config: Config, metrics: Metrics | None = None) -> FacadeCache 
         return None
 
 
+async def _close_archive_health(app: web.Application) -> None:
+    await app[ARCHIVE_HEALTH].close()
+
+
 def create_app(
     config: Config,
     spool: Spool,
@@ -96,7 +101,8 @@ def create_app(
     app[UPSTREAM] = upstream
     app[RETRIEVER] = retriever
     app[PROBLEMS] = problems if problems is not None else Problems()
-    app[HEALTH_CACHE] = []
+    app[ARCHIVE_HEALTH] = ArchiveHealth(upstream)
+    app.on_cleanup.append(_close_archive_health)
     metrics = metrics if metrics is not None else Metrics()
     app[CACHE] = facade_cache(config, metrics)
     app[REFUSED_SERIES] = RefusedSeries()

@@ -9,11 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.web.keys import AUDIT, HEALTH_CACHE, PROBLEMS, SPOOL, UPSTREAM
+from gateway.web.keys import ARCHIVE_HEALTH, AUDIT, PROBLEMS, SPOOL, UPSTREAM
 
 routes = web.RouteTableDef()
-
-_CACHE_SECONDS = 5.0
 
 
 def _iso(epoch: float) -> str:
@@ -26,7 +24,8 @@ async def healthz(request: web.Request) -> web.Response:
     is unreachable, instances or routes' copies are dead, or something keeps delivery from working
     (``problems``: the spool database refusing writes, the archive refusing our
     credentials or URL, the audit trail unable to reach its repository or file), so
-    monitoring can alert on the body."""
+    monitoring can alert on the body. Never waits on a hung archive for more than a
+    second (`ArchiveHealth`): this is the liveness probe."""
     app = request.app
     loop = asyncio.get_running_loop()
     problems: list[dict[str, Any]] = [
@@ -44,10 +43,7 @@ async def healthz(request: web.Request) -> web.Response:
         problems.append(
             {"component": "spool", "reason": f"cannot read the spool: {type(exc).__name__}: {exc}", "since": _iso(time.time())}
         )
-    cache = app[HEALTH_CACHE]
-    if not cache or time.monotonic() - cache[0] > _CACHE_SECONDS:
-        cache[:] = [time.monotonic(), await app[UPSTREAM].health()]
-    health = cache[1]
+    health = await app[ARCHIVE_HEALTH].current()
     dead = spool_status is not None and (
         spool_status["counts"]["dead"] > 0 or any(r["counts"]["dead"] for r in spool_status["routes"].values())
     )

@@ -10,6 +10,7 @@ from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
+from gateway.web.archive_health import ArchiveHealth
 from gateway.web.cache import FacadeCache
 from gateway.web.oidc import Admission
 from gateway.web.refusals import RefusedSeries
@@ -22,8 +23,8 @@ CONFIG = web.AppKey("config", Config)
 RETRIEVER = web.AppKey("retriever", Retriever)
 # What keeps delivery from working right now (the forwarder's), for /healthz.
 PROBLEMS = web.AppKey("problems", Problems)
-# [monotonic time, Health] of the last upstream probe; a list so it can change after start-up.
-HEALTH_CACHE = web.AppKey("health_cache", list)
+# The archive's last health probe, and the one under way (for /healthz).
+ARCHIVE_HEALTH = web.AppKey("archive_health", ArchiveHealth)
 # Frames and metadata of a remote upstream kept on disk; None over the embedded archive.
 CACHE = web.AppKey("facade_cache", FacadeCache | None)
 # Series whose frames are cut from their instances, the archive having refused RetrieveFrames.

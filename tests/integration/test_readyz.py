@@ -5,7 +5,10 @@ keeps answering 200."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -66,3 +69,34 @@ def test_not_ready_while_the_spool_directory_takes_no_file(tmp_path: Path, gatew
         subprocess.run(["chattr", "-i", str(gw.spool_dir)], check=True)
     assert readyz(gw)[0] == 200
     assert not list(gw.spool_dir.glob(".readyz-*"))
+
+
+def test_liveness_answers_within_a_second_while_the_archive_hangs(orthanc: Orthanc, gateway: Callable[..., Gateway]) -> None:
+    """Orthanc frozen (SIGSTOP: connections accepted, never answered): /healthz, the
+    liveness probe, answers each time within about a second (an orchestrator's probe
+    timeout is one second by default), first with the last result and its age, then
+    unreachable once the probe timed out; ``spool status`` answers too; the archive
+    back, ok again."""
+    gw = gateway(upstream_url=orthanc.dicomweb_url)
+    assert gw.health()["upstream"]["reachable"]
+    os.kill(orthanc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(5.2)  # the last result is no longer fresh
+        answers = []
+        for _ in range(6):
+            started = time.monotonic()
+            body = gw.health()
+            answers.append((time.monotonic() - started, body["upstream"]))
+            time.sleep(0.5)
+        assert max(took for took, _ in answers) < 1.8, answers
+        assert "ago; the archive has not answered since" in answers[0][1]["detail"], answers
+        assert not answers[-1][1]["reachable"] and "timeout" in answers[-1][1]["detail"], answers
+        started = time.monotonic()
+        status = gw.cli("spool", "status", "--json")
+        assert status.returncode == 0 and time.monotonic() - started < 4, status.stderr
+    finally:
+        os.kill(orthanc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 15
+    while not gw.health()["upstream"]["reachable"]:
+        assert time.monotonic() < deadline, gw.health()
+        time.sleep(0.5)

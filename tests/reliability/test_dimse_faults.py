@@ -63,12 +63,13 @@ class SlowEnv:
     series: list[Path]
 
 
-# The destination takes a second over each C-STORE (storescp --sleep-during), so a
-# move of SLOW_COUNT instances lasts SLOW_COUNT s, well beyond the idle timeout, and
-# a C-CANCEL sent at the first Pending (after pending_seconds) always finds instances
+# The destination takes about three seconds over each C-STORE (storescp --sleep-during
+# sleeps a second at each of its progress callbacks: the start, the data, the end), so
+# a move of SLOW_COUNT instances lasts ~12 s, well beyond the idle timeout, and a
+# C-CANCEL sent at the first Pending (after pending_seconds) always finds instances
 # left to send. (A slow archive would not do: the first 64 instances are fetched
 # before the first is sent, so the sends themselves would race the C-CANCEL.)
-SLOW_COUNT = 8
+SLOW_COUNT = 4
 IDLE_TIMEOUT = 2
 
 
@@ -109,7 +110,7 @@ def image_keys(paths: list[Path]) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_move_longer_than_the_idle_timeout_succeeds(slow_env: SlowEnv) -> None:
-    """``network_timeout = 2`` and a C-MOVE that takes ~8 s (a slow destination),
+    """``network_timeout = 2`` and a C-MOVE that takes ~12 s (a slow destination),
     during which movescu sends nothing: the move is not aborted, it ends with
     Success and every instance arrives."""
     for path in slow_env.scp.files():
