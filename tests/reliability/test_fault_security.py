@@ -30,8 +30,11 @@ PEERS = (
 
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    # Nested deeper than any traversal below climbs (at most six levels), so that every
+    # place one could land lies inside this fixture's own directory, which the test
+    # scans (the run's whole base directory, once scanned, was 20 s of walking).
     gw = Gateway(
-        tmp_path_factory.mktemp("locked"),
+        tmp_path_factory.mktemp("locked") / "a" / "b" / "c" / "d" / "gw",
         dimse={"require_known_peers": True},
         http_auth={"bearer_tokens": [TOKEN]},
         extra=PEERS,
@@ -83,7 +86,7 @@ def test_hostile_uids_are_refused_and_nothing_escapes_the_spool(
         "newline in a UID": _instance(tmp_path, "e.dcm", StudyInstanceUID="1.2\nFORGED UID LINE"),
         "SOP instance traversal": _with_sop_instance_uid(_instance(tmp_path, "f.dcm"), "../../../../tmp/escaped-sop"),
     }
-    outside = locked.workdir.parent
+    outside = locked.workdir.parents[4]
     before = {p for p in outside.rglob("*") if p.is_file()}
     statuses = send_files(locked.port, list(hostile.values()), locked.ae_title, calling_ae="KNOWNMOD")
     assert statuses == [0xA900] * len(hostile), dict(zip(hostile, map(hex, statuses)))
