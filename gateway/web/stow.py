@@ -52,6 +52,10 @@ log = logging.getLogger("gateway.web")
 SPILL_BYTES = 4 << 20
 # Bulk data parts are all held until the body ends: only small ones in memory.
 METADATA_SPILL_BYTES = 256 << 10
+# A metadata part is parsed whole: one this large is not metadata (it would be a
+# thousand instances' worth), and parsing it could take the daemon's memory.
+METADATA_MAX_BYTES = 64 << 20
+METADATA_TYPES = (DICOM_JSON, JSON, DICOM_XML)
 READ_CHUNK = 1 << 18
 RETRY_AFTER_SECONDS = 60
 
@@ -190,6 +194,12 @@ async def _gather_instances(request: web.Request, spool: Any, source: str, study
         results.append(await asyncio.to_thread(_take, spool, part, source, study_uid))
 
 
+def _metadata_of(kind: str, part: StreamedPart) -> list[dict[str, Any]]:
+    """The instances one metadata part describes (blocking: it may be in a spill file)."""
+    data = part.data if part.data is not None else part.path.read_bytes()  # type: ignore[union-attr]
+    return [json_from_native_xml(data)] if kind == DICOM_XML else metadata_objects(data)
+
+
 async def _gather_metadata(request: web.Request, spool: Any, source: str, study_uid: str | None, results: list[PartResult]) -> None:
     """Metadata (DICOM JSON, or PS3.19 XML read into it) and bulk data: the whole body
     is read first (a BulkDataURI may name a part that comes after its metadata), bulk
@@ -207,20 +217,20 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
             if part.path is not None:
                 spilled.append(part.path)
             content_type = part.headers.get("content-type", OCTET_STREAM)
-            if media_type(content_type) in (DICOM_JSON, JSON, DICOM_XML):
-                data = part.data if part.data is not None else await asyncio.to_thread(part.path.read_bytes)  # type: ignore[union-attr]
+            kind = media_type(content_type)
+            if kind in METADATA_TYPES and part.length > METADATA_MAX_BYTES:
+                log.warning("STOW-RS from %s: a metadata part of %d bytes refused", source, part.length)
+                results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, "metadata part too large"))
+            elif kind in METADATA_TYPES:
                 try:
-                    if media_type(content_type) == DICOM_XML:
-                        objects.append(json_from_native_xml(data))
-                    else:
-                        objects.extend(metadata_objects(data))
+                    objects.extend(await asyncio.to_thread(_metadata_of, kind, part))
                 except ValueError as exc:
                     log.warning("STOW-RS from %s: metadata part unreadable: %s", source, str(exc)[:200])
                     results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, "metadata part unreadable"))
             elif location := part.headers.get("content-location"):
                 bulk[location.strip()] = BulkPart.of(content_type, part.data, part.path, part.length)
             else:
-                log.warning("STOW-RS from %s: a %s part without Content-Location is ignored", source, media_type(content_type))
+                log.warning("STOW-RS from %s: a %s part without Content-Location is ignored", source, kind)
         for metadata in objects:
             results.append(await asyncio.to_thread(_take_built, spool, metadata, bulk, source, study_uid))
     finally:

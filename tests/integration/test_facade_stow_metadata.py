@@ -145,8 +145,8 @@ def test_metadata_and_bulk_data_become_instances(facade: tuple[Gateway, Orthanc 
 
 def test_xml_metadata_and_refusals(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """PS3.19 XML metadata (dcm4che's stowrs default) stores like JSON; an unreadable
-    metadata part fails with 0xC000, a DTD is refused, a part type STOW-RS does not
-    take is 415."""
+    metadata part fails with 0xC000, so do a DTD and a metadata part over 64 MiB; a
+    part type STOW-RS does not take is 415."""
     gw = gateway()
     url = f"{gw.web_url}/dicom-web/studies"
     photo = _photo()
@@ -169,6 +169,11 @@ def test_xml_metadata_and_refusals(gateway, tmp_path: Path) -> None:  # type: ig
         body = f"--{BOUNDARY}\r\nContent-Type: {kind}\r\n\r\n".encode() + metadata + f"\r\n--{BOUNDARY}--\r\n".encode()
         r = _post(url, kind, body, tmp_path)
         assert r.status == 409 and r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000], kind
+    huge = b"[" + b" " * (64 << 20) + b"]"  # valid JSON, but no metadata is this large
+    body = f"--{BOUNDARY}\r\nContent-Type: application/dicom+json\r\n\r\n".encode() + huge + f"\r\n--{BOUNDARY}--\r\n".encode()
+    r = _post(url, "application/dicom+json", body, tmp_path)
+    assert r.status == 409 and r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    assert "a metadata part of 67108866 bytes refused" in gw.log()
     r = _post(url, "application/pdf", b"--x--", tmp_path)
     assert r.status == 415 and b"application/dicom+json" in r.body
     log = gw.log()
