@@ -237,12 +237,19 @@ def _fill_from_jpeg(ds: Dataset, part: BulkPart, uids: tuple[str, str, str, str]
         ds.PlanarConfiguration = 0
 
 
+def _frames(ds: Dataset, uids: tuple[str, str, str, str]) -> int:
+    try:
+        return int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError) as exc:
+        raise NotBuilt(DATA_SET_MISMATCH, "NumberOfFrames is not a number", uids) from exc
+
+
 def _check_native_length(ds: Dataset, part: BulkPart, uids: tuple[str, str, str, str]) -> None:
     """Native Pixel Data must hold exactly the frames its Image Pixel attributes describe."""
+    frames = _frames(ds, uids)
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
         samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
-        frames = int(ds.get("NumberOfFrames") or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise NotBuilt(DATA_SET_MISMATCH, "native Pixel Data without Rows, Columns, SamplesPerPixel and BitsAllocated", uids) from exc
     expected = (rows * columns * samples * frames * bits + 7) // 8
@@ -285,15 +292,17 @@ def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> Buil
     syntax = EXPLICIT_VR_LITTLE_ENDIAN
     pixels = top.get(int(PIXEL_DATA, 16))
     if pixels is not None:
-        syntax = _pixel_syntax(pixels[1], declared, uids)
-        if pixels[1].media_type == "image/jpeg" and syntax == JPEG_BASELINE:
-            _fill_from_jpeg(ds, pixels[1], uids)
-        elif syntax == EXPLICIT_VR_LITTLE_ENDIAN:
-            _check_native_length(ds, pixels[1], uids)
-        elif int(ds.get("NumberOfFrames") or 1) > 1 and pixels[1].media_type not in VIDEO_TYPES:
-            raise NotBuilt(SYNTAX_NOT_SUPPORTED, "a multi-frame compressed image in one bulk data part", uids)
-        if syntax != EXPLICIT_VR_LITTLE_ENDIAN and pixels[1].length + pixels[1].length % 2 > _MAX_FRAGMENT:
-            raise NotBuilt(CANNOT_UNDERSTAND, "a compressed Pixel Data part larger than one fragment can hold", uids)
+        part = pixels[1]
+        syntax = _pixel_syntax(part, declared, uids)
+        if syntax == EXPLICIT_VR_LITTLE_ENDIAN:
+            _check_native_length(ds, part, uids)
+        else:
+            if _frames(ds, uids) > 1 and part.media_type not in VIDEO_TYPES:
+                raise NotBuilt(SYNTAX_NOT_SUPPORTED, "a multi-frame compressed image in one bulk data part", uids)
+            if part.length + part.length % 2 > _MAX_FRAGMENT:
+                raise NotBuilt(CANNOT_UNDERSTAND, "a compressed Pixel Data part larger than one fragment can hold", uids)
+            if part.media_type == "image/jpeg" and syntax == JPEG_BASELINE:
+                _fill_from_jpeg(ds, part, uids)
     elif declared and declared not in NATIVE_SYNTAXES and "PixelData" in ds:
         raise NotBuilt(SYNTAX_NOT_SUPPORTED, f"inline Pixel Data declared as {declared}", uids)
     if not json.dumps(obj, ensure_ascii=False).isascii():

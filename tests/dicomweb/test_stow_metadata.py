@@ -139,6 +139,10 @@ def test_the_part_or_the_metadata_names_the_syntax() -> None:
         ({"7FE00010": {"vr": "OW", "BulkDataURI": "n"}}, {"n": ("application/octet-stream", b"\x00" * 32)}, DATA_SET_MISMATCH, "without Rows"),
         ({"7FE00010": {"vr": "OB", "BulkDataURI": "k"}, "00280008": {"vr": "IS", "Value": [3]}},
          {"k": ("image/jp2", b"\x00" * 8)}, SYNTAX_NOT_SUPPORTED, "multi-frame"),
+        ({"7FE00010": {"vr": "OB", "BulkDataURI": "j"}, "00280008": {"vr": "IS", "Value": [2]}},
+         {"j": ("image/jpeg", None)}, SYNTAX_NOT_SUPPORTED, "multi-frame"),
+        ({"7FE00010": {"vr": "OB", "BulkDataURI": "j"}, "00280008": {"vr": "IS", "Value": ["two"]}},
+         {"j": ("image/jpeg", None)}, CANNOT_UNDERSTAND, "not valid DICOM JSON"),
     ],
 )
 def test_what_cannot_be_built_fails_with_its_reason(change: dict[str, Any], parts: dict[str, tuple[str, bytes | None]], reason: int, words: str) -> None:
