@@ -303,6 +303,9 @@ class HttpAuthConfig:
     basic_users: tuple[tuple[str, str], ...] = ()  # (user, password)
     allow_anonymous: bool = False
     oidc: OidcConfig | None = None
+    # Requests presenting wrong credentials from one address within a minute before it
+    # is turned away (429) for the rest of that minute; 0: no limit.
+    max_failures_per_minute: int = 20
 
     @property
     def open(self) -> bool:
@@ -878,6 +881,7 @@ def _http(r: _Reader) -> HttpConfig:
         basic_users=tuple(users),
         allow_anonymous=a.boolean("allow_anonymous", HttpAuthConfig.allow_anonymous),
         oidc=_oidc(a.sub("oidc")) if "oidc" in a.table else None,
+        max_failures_per_minute=a.integer("max_failures_per_minute", HttpAuthConfig.max_failures_per_minute, 0, 1_000_000),
     )
     a.finish()
     if auth.open and not auth.allow_anonymous and not _is_loopback(host):

@@ -4,7 +4,8 @@ access tokens) and which browser origins may (``cors_origins``).
 One middleware does both, because a CORS preflight carries no credentials: it must be
 answered before authentication, and every answer, a 401 included, needs the CORS
 headers or the browser hides it from the page. ``/healthz`` and ``/readyz`` stay open for
-monitoring probes; ``/metrics`` needs credentials like the facade.
+monitoring probes; ``/metrics`` needs credentials like the facade. An address that
+keeps presenting wrong credentials is turned away for a minute (`gateway.web.lockout`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import binascii
 import hmac
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -21,6 +23,7 @@ from gateway.audit.auditor import web_participant
 from gateway.audit.message import Participant
 from gateway.config import HttpAuthConfig
 from gateway.web.keys import ADMISSION, AUDIT, USER
+from gateway.web.lockout import FailedLogins
 from gateway.web.oidc import KeysUnavailable, TokenVerifier
 
 log = logging.getLogger("gateway.web")
@@ -93,6 +96,11 @@ def offered_user(request: web.Request) -> str:
     return f"{scheme.lower()} credentials" if scheme else "no credentials"
 
 
+def _presents_credentials(request: web.Request, auth: HttpAuthConfig) -> bool:
+    """Whether the request offered credentials at all (only those count as failures)."""
+    return "Authorization" in request.headers or bool(auth.api_keys and auth.api_key_header in request.headers)
+
+
 def _challenge(auth: HttpAuthConfig) -> str:
     """WWW-Authenticate: the schemes a client may use (RFC 9110 11.6.1)."""
     schemes = []
@@ -133,6 +141,7 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
     their headers from inside the handler) and errors get them alike.
     """
     verifier = TokenVerifier(auth.oidc) if auth.oidc is not None else None
+    failures = FailedLogins(auth.max_failures_per_minute)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -150,6 +159,13 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
             )
         if request.path in OPEN_PATHS:
             return await handler(request)
+        address = request.remote or "?"
+        wait = failures.blocked_for(address)
+        if wait > 0:
+            return web.Response(
+                status=429, text="too many failed authentications from this address; try again later\n",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         try:
             user = await admitted(request, auth, verifier)
         except KeysUnavailable as exc:
@@ -163,6 +179,11 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
             request.app[AUDIT].refused_login(
                 web_participant(offered_user(request), request.remote), f"HTTP {request.method} {request.path}: 401"
             )
+            if _presents_credentials(request, auth) and failures.failed(address):
+                log.warning(
+                    "%s: %d failed authentications within a minute; its requests are refused (429) for a minute",
+                    address, auth.max_failures_per_minute,
+                )
             return web.Response(status=401, text="authentication required\n", headers={"WWW-Authenticate": _challenge(auth)})
         request[USER] = user
         if read_only and request.method in WRITE_METHODS:

@@ -273,6 +273,21 @@ def test_credentials_cors_and_health(gateway) -> None:  # type: ignore[no-untype
         assert curl(f"{gw.web_url}{root}/studies", "--header", f"Authorization: Bearer {TOKEN}").status == 200, root
 
 
+def test_an_address_guessing_credentials_is_turned_away_for_a_minute(gateway) -> None:  # type: ignore[no-untyped-def]
+    """http.auth.max_failures_per_minute = 3: requests without credentials do not count;
+    the third wrong password does, and then even the right token gets 429 with
+    Retry-After; the probes stay open."""
+    gw = gateway(http_auth={"bearer_tokens": [TOKEN], "basic_users": {"viewer": "pw"}, "max_failures_per_minute": 3})
+    url = f"{gw.web_url}/dicom-web/studies"
+    assert [curl(url).status for _ in range(5)] == [401] * 5
+    assert [curl(url, "--user", f"viewer:pw-try-{n}").status for n in range(3)] == [401] * 3
+    r = curl(url, "--header", f"Authorization: Bearer {TOKEN}")
+    assert r.status == 429 and 50 <= int(r.headers["retry-after"]) <= 60, r.headers
+    assert curl(url).status == 429 and curl(f"{gw.web_url}/healthz").status == 200
+    log = gw.log()
+    assert log.count("3 failed authentications within a minute") == 1 and "pw-try" not in log
+
+
 def test_bad_requests_get_clear_answers(gateway) -> None:  # type: ignore[no-untyped-def]
     gw = gateway()
     url = f"{gw.web_url}/dicom-web"
