@@ -167,7 +167,10 @@ class BuiltInstance:
 def metadata_objects(data: bytes) -> list[dict[str, Any]]:
     """The instances of one ``application/dicom+json`` part: a DICOM JSON array (one
     object per instance) or a single object. Raises ValueError when it is neither."""
-    parsed = json.loads(data)
+    try:
+        parsed = json.loads(data)
+    except RecursionError as exc:
+        raise ValueError("the metadata is nested too deeply") from exc
     objects = parsed if isinstance(parsed, list) else [parsed]
     if not objects or not all(isinstance(o, dict) for o in objects):
         raise ValueError("the metadata part is not a DICOM JSON object or array of objects")
@@ -284,6 +287,8 @@ def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> Buil
         ds = Dataset.from_json(rest, bulk_data_uri_handler=lambda _tag, _vr, uri: _resolve(uri, bulk, uids).read())
     except NotBuilt:
         raise
+    except RecursionError as exc:
+        raise NotBuilt(CANNOT_UNDERSTAND, "the metadata's sequences are nested too deeply", uids) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad JSON
         raise NotBuilt(CANNOT_UNDERSTAND, f"the metadata is not valid DICOM JSON: {type(exc).__name__}", uids) from exc
     declared = str(ds.get((0x0002, 0x0010)).value) if (0x0002, 0x0010) in ds else None

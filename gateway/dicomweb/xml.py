@@ -148,4 +148,7 @@ def json_from_native_xml(data: bytes) -> dict[str, Any]:
         raise ValueError(f"not XML: {exc}") from exc
     if _local(root.tag) != "NativeDicomModel":
         raise ValueError(f"the root element is {_local(root.tag)[:40]}, not NativeDicomModel")
-    return _object(root)
+    try:
+        return _object(root)
+    except RecursionError as exc:
+        raise ValueError("the document's items are nested too deeply") from exc

@@ -100,6 +100,9 @@ def _take_built(spool: Any, metadata: dict[str, Any], bulk: dict[str, BulkPart],
     except NotBuilt as exc:
         log.warning("STOW-RS instance %s from %s not built: %s", exc.uids[1][:64] or "?", source, exc)
         return PartResult(*exc.uids, exc.reason, str(exc))
+    except Exception:  # noqa: BLE001 - one instance's surprise must not fail the others' answer
+        log.exception("STOW-RS instance from %s could not be built", source)
+        return PartResult("", "", "", "", PROCESSING_FAILURE, "instance could not be built")
     return _received(spool, built.write, source, study_uid)
 
 

@@ -193,3 +193,20 @@ def test_ps319_metadata_reads_back_into_the_json_it_was_written_from() -> None:
 def test_documents_that_are_not_native_dicom_models_are_refused(document: bytes) -> None:
     with pytest.raises(ValueError):
         json_from_native_xml(document)
+
+
+def test_metadata_nested_past_any_reason_is_refused_not_crashed() -> None:
+    depth = 5000
+    deep_json = '{"00081115": {"vr": "SQ", "Value": [' * depth + "{}" + "]}}" * depth
+    with pytest.raises(ValueError):
+        metadata_objects(deep_json.encode())
+    item = '<DicomAttribute tag="00081115" vr="SQ"><Item number="1">'
+    deep_xml = "<NativeDicomModel>" + item * depth + "</Item></DicomAttribute>" * depth + "</NativeDicomModel>"
+    with pytest.raises(ValueError):
+        json_from_native_xml(deep_xml.encode())
+    shallow_enough = {"00081115": {"vr": "SQ", "Value": [{}]}}
+    for _ in range(900):  # deep for DICOM, within what Python's recursion takes
+        shallow_enough = {"00081115": {"vr": "SQ", "Value": [shallow_enough]}}
+    with pytest.raises(NotBuilt) as caught:
+        build_instance(_metadata(**shallow_enough), {})
+    assert caught.value.reason == CANNOT_UNDERSTAND

@@ -28,6 +28,7 @@ from gateway.codecs.description import PixelDescription
 from gateway.codecs.render import render_frame, window_from_dataset
 from tests.support import dcmtk
 from tests.support.curl import curl
+from tests.support.fixtures import gateway_over
 from tests.support.daemon import Gateway
 from tests.support.orthanc import Orthanc
 from tests.support.synth import ct_series
@@ -51,21 +52,10 @@ pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason="the Azure tour's s
 @pytest.fixture(params=["local", "orthanc"])
 def facade(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Gateway, Orthanc | None]]:
     """A gateway with a bearer token and an API key, over the embedded archive or Orthanc."""
-    orthanc = None
-    if request.param == "orthanc":
-        orthanc = Orthanc(workdir=tmp_path / "orthanc").start()
-    gw = Gateway(
-        tmp_path / "gw",
-        upstream_url=orthanc.dicomweb_url if orthanc else None,
-        http={"base_path": "/dicomweb"},
-        http_auth={"bearer_tokens": [TOKEN], "api_keys": [APIKEY]},
-    )
-    try:
-        yield gw.start(), orthanc
-    finally:
-        gw.kill()
-        if orthanc is not None:
-            orthanc.cleanup()
+    with gateway_over(
+        request.param, tmp_path, http={"base_path": "/dicomweb"}, http_auth={"bearer_tokens": [TOKEN], "api_keys": [APIKEY]}
+    ) as pair:
+        yield pair
 
 
 def _uids(answer: dict) -> list[str]:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from gateway.dicomweb.xml import native_xml
 from tests.support.curl import curl
+from tests.support.fixtures import gateway_over
 from tests.support.daemon import Gateway
 from tests.support.orthanc import Orthanc
 
@@ -83,14 +84,8 @@ def _request_file(directory: Path, photo: bytes, pdf: bytes) -> Path:
 
 @pytest.fixture(params=["local", "orthanc"])
 def facade(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Gateway, Orthanc | None]]:
-    orthanc = Orthanc(workdir=tmp_path / "orthanc").start() if request.param == "orthanc" else None
-    gw = Gateway(tmp_path / "gw", upstream_url=orthanc.dicomweb_url if orthanc else None)
-    try:
-        yield gw.start(), orthanc
-    finally:
-        gw.kill()
-        if orthanc is not None:
-            orthanc.cleanup()
+    with gateway_over(request.param, tmp_path) as pair:
+        yield pair
 
 
 def test_metadata_and_bulk_data_become_instances(facade: tuple[Gateway, Orthanc | None], tmp_path: Path) -> None:

@@ -9,11 +9,13 @@ failure the Orthanc/storescp logs and received files can still be read.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.daemon import Gateway
 from tests.support.dcmtk import StoreSCP
 from tests.support.orthanc import Orthanc
 from tests.support.pki import Pki, make_pki
@@ -71,3 +73,18 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """One throwaway PKI for every TLS test of the run (see tests.support.pki)."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@contextmanager
+def gateway_over(upstream: str, directory: Path, **options: Any) -> Iterator[tuple[Gateway, Orthanc | None]]:
+    """A started gateway (``Gateway(**options)``) over the embedded archive
+    (``upstream = "local"``) or over a fresh Orthanc's DICOMweb (``"orthanc"``), for
+    tests run against both; both stopped on leaving."""
+    orthanc = Orthanc(workdir=directory / "orthanc").start() if upstream == "orthanc" else None
+    gw = Gateway(directory / "gw", upstream_url=orthanc.dicomweb_url if orthanc else None, **options)
+    try:
+        yield gw.start(), orthanc
+    finally:
+        gw.kill()
+        if orthanc is not None:
+            orthanc.cleanup()
