@@ -17,11 +17,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.auditor import Auditor, audit_trail
+from gateway.audit.auditor import Auditor, StudyTally, audit_trail
 from gateway.audit.message import Participant
 from gateway.config import Config, ConfigError, load_config
 from gateway.logfmt import FORMATS, PatientDataFilter, formatter
 from gateway.spool.copies import Copies
+from gateway.spool.export import export_rows
 from gateway.spool.lock import SpoolLocked
 from gateway.spool.queue import STATES, Spool
 from gateway.uids import is_valid_uid
@@ -166,6 +167,29 @@ def _daemon_problems(config: Config) -> tuple[str, list[dict[str, Any]] | None]:
     return url, problems if isinstance(problems, list) else None
 
 
+def _export(config: Config, spool: Spool, args: argparse.Namespace) -> int:
+    """``spool export``: the chosen rows' instances into ``--to``, audited as a transfer
+    to the operating-system user who ran it. Exit 1 if any could not be exported."""
+    if sum(map(bool, (args.dead, args.id, args.study))) != 1:
+        print("spool export: give one of --dead, --id N [N ...] or --study UID", file=sys.stderr)
+        return 2
+    rows = spool.list_rows("dead" if args.dead else None, 1_000_000, study_uid=args.study, ids=args.id or ())
+    exported = export_rows(spool, rows, args.to)
+    for row_id, problem in exported.problems:
+        print(f"id {row_id}: {problem}", file=sys.stderr)
+    print(f"exported {len(exported.written)} instance(s) to {args.to}")
+    if exported.written:
+        trail = audit_trail(config)
+        if trail is not None:
+            tally = StudyTally()
+            for row, _ in exported.written:
+                tally.add(row["study_uid"], row["sop_class_uid"])
+            admin = Participant(getpass.getuser(), True, socket.gethostname())
+            Auditor(config, trail).sent(admin, admin, tally, len(exported.written), len(exported.problems), f"spool export to {args.to}")
+            trail.close()
+    return 1 if exported.problems or not rows else 0
+
+
 def _audit_discard(config: Config, study_uid: str, description: str) -> None:
     """Tell the audit trail an admin withdrew a study's instances (they will never
     reach the archive): the operating-system user on this host is the requestor."""
@@ -258,6 +282,8 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 print(f"{counts['sending']} instance(s) of it are being sent now and were left alone: run again once"
                       " they are delivered or back in the queue", file=sys.stderr)
                 return 1
+        elif args.action == "export":
+            return _export(config, spool, args)
         elif args.action == "purge":
             if not args.delivered:
                 print("spool purge: only --delivered instances can be purged", file=sys.stderr)
@@ -374,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     discard.add_argument("--study", metavar="UID", required=True)
     discard.add_argument("--yes", action="store_true", help="do it (without: only say what would go)")
+    export = with_config(
+        spool_sub.add_parser("export", help="copy instances out of the spool as Part 10 files (e.g. dead ones, to inspect)")
+    )
+    export.add_argument("--to", type=Path, required=True, metavar="DIR", help="created 0700 if missing; files are 0600")
+    export.add_argument("--id", type=int, nargs="+", help="these spool ids")
+    export.add_argument("--study", metavar="UID", help="the study's instances still in the spool")
+    export.add_argument("--dead", action="store_true", help="every dead instance")
     purge = with_config(spool_sub.add_parser("purge", help="delete delivered instances"))
     purge.add_argument("--delivered", action="store_true", required=True)
     purge.add_argument(

@@ -669,9 +669,10 @@ class Spool:
         called_ae: str | None = None,
         since: float | None = None,
         route: str | None = None,
+        ids: Iterable[int] = (),
     ) -> list[dict[str, Any]]:
         """The newest rows matching every filter given (``since``: received at or after
-        this time), newest first. With ``route``, the copies that route's destination is
+        this time; ``ids``: these spool ids), newest first. With ``route``, the copies that route's destination is
         owed instead: each instance row with the copy's ``state``, ``attempts`` and
         ``last_error`` (``state`` then filters the copies)."""
         where: list[str] = []
@@ -691,6 +692,10 @@ class Spool:
         if since is not None:
             where.append("instances.received_at >= ?")
             params.append(since)
+        wanted = [int(i) for i in ids]
+        if wanted:
+            where.append(f"instances.id IN ({','.join('?' * len(wanted))})")
+            params.extend(wanted)
         if route is None:
             sql = "SELECT * FROM instances"
         else:

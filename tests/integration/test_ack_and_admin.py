@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from pydicom import dcmread
 from tests.support import dcmtk
 from tests.support.corpus import sample_files
 from tests.support.ports import closed_port, wait_until
+from tests.support.synth import ct_series
 
 
 def test_echo(gateway) -> None:
@@ -82,6 +84,35 @@ def test_dead_instance_can_be_retried(gateway) -> None:
     retried = gw.cli("spool", "retry", "--dead")
     assert "requeued 1" in retried.stdout
     gw.wait_counts(dead=1, timeout=30)  # archive still unreachable: dead again, never lost
+
+
+def test_dead_instances_are_exported_as_part10_files(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``spool export``: dead instances (their records inside longer preallocated blanks)
+    come out as plain Part 10 files dcmdump reads, with the data sets received, 0600 in
+    a 0700 directory; nothing is overwritten; the export is audited."""
+    audit_file = tmp_path / "audit.log"
+    gw = gateway(
+        upstream_url=f"http://127.0.0.1:{closed_port()}/dicom-web", spool={"max_attempts": 1},
+        extra=f'\n[audit]\nfile = "{audit_file}"\n',
+    )
+    files = ct_series(tmp_path / "ct", 3, rows=64, columns=64)
+    assert dcmtk.storescu(gw.port, files, gw.ae_title).returncode == 0
+    gw.wait_counts(dead=3, timeout=30)
+    out = tmp_path / "exported"
+    result = gw.cli("spool", "export", "--dead", "--to", str(out))
+    assert result.returncode == 0 and "exported 3 instance(s)" in result.stdout, result.stdout + result.stderr
+    assert out.stat().st_mode & 0o777 == 0o700
+    for original in files:
+        sent = dcmread(original)
+        exported = out / f"{sent.SOPInstanceUID}.dcm"
+        assert exported.stat().st_mode & 0o777 == 0o600
+        assert subprocess.run(["/usr/bin/dcmdump", "-q", str(exported)], capture_output=True).returncode == 0
+        got = dcmread(exported)
+        assert got.PixelData == sent.PixelData and got.PatientID == sent.PatientID and got.SOPInstanceUID == sent.SOPInstanceUID
+    again = gw.cli("spool", "export", "--study", str(dcmread(files[0]).StudyInstanceUID), "--to", str(out))
+    assert again.returncode == 1 and again.stderr.count("exists already") == 3
+    assert gw.cli("spool", "export", "--to", str(out)).returncode == 2  # no selection
+    assert "spool export to" in audit_file.read_text()
 
 
 def test_sigterm_stops_cleanly(gateway) -> None:
