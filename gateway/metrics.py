@@ -138,6 +138,12 @@ class Metrics:
             ["kind", "result"],
             registry=r,
         )
+        self.auth_lockouts = Counter(
+            "gateway_http_auth_lockouts",
+            "Client addresses turned away (429) for presenting wrong credentials"
+            " http.auth.max_failures_per_minute times within a minute",
+            registry=r,
+        )
         self.transcodes = Counter(
             "gateway_transcodes",
             "Instances converted for a receiver, by source and target transfer syntax",

@@ -107,7 +107,7 @@ def create_app(
     app[CACHE] = facade_cache(config, metrics)
     app[REFUSED_SERIES] = RefusedSeries()
     app[WHOLE_INSTANCE_FRAMES] = None if app[CACHE] is None else WholeInstanceFrames(app[CACHE])
-    auth.install(app, config.http.auth, config.http.cors_origins, config.http.read_only)
+    auth.install(app, config.http.auth, config.http.cors_origins, config.http.read_only, metrics)
     app.add_routes(health.routes)
     app[metrics_routes.METRICS] = metrics
     counting.install(app)

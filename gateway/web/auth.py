@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway.audit.auditor import web_participant
 from gateway.audit.message import Participant
 from gateway.config import HttpAuthConfig
+from gateway.metrics import Metrics
 from gateway.web.keys import ADMISSION, AUDIT, USER
 from gateway.web.lockout import FailedLogins
 from gateway.web.oidc import KeysUnavailable, TokenVerifier
@@ -133,7 +134,9 @@ def _cors(request: web.Request, origins: tuple[str, ...]) -> dict[str, str]:
     }
 
 
-def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...], read_only: bool = False) -> None:
+def install(
+    app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...], read_only: bool = False, metrics: Metrics | None = None
+) -> None:
     """Enforce ``auth`` on every route but the probes and answer CORS for ``origins``;
     with ``read_only``, refuse what would store or delete (405) whoever asks.
 
@@ -180,6 +183,8 @@ def install(app: web.Application, auth: HttpAuthConfig, origins: tuple[str, ...]
                 web_participant(offered_user(request), request.remote), f"HTTP {request.method} {request.path}: 401"
             )
             if _presents_credentials(request, auth) and failures.failed(address):
+                if metrics is not None:
+                    metrics.auth_lockouts.inc()
                 log.warning(
                     "%s: %d failed authentications within a minute; its requests are refused (429) for a minute",
                     address, auth.max_failures_per_minute,

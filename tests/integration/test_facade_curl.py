@@ -274,6 +274,9 @@ def test_an_address_guessing_credentials_is_turned_away_for_a_minute(gateway) ->
     r = curl(url, "--header", f"Authorization: Bearer {TOKEN}")
     assert r.status == 429 and 50 <= int(r.headers["retry-after"]) <= 60, r.headers
     assert curl(url).status == 429 and curl(f"{gw.web_url}/healthz").status == 200
+    # another address is not affected, and the lockout is counted for the alert
+    metrics = curl("--interface", "127.0.0.2", "--header", f"Authorization: Bearer {TOKEN}", f"{gw.web_url}/metrics")
+    assert metrics.status == 200 and "gateway_http_auth_lockouts_total 1.0" in metrics.body.decode()
     log = gw.log()
     assert log.count("3 failed authentications within a minute") == 1 and "pw-try" not in log
 
