@@ -67,6 +67,7 @@ _ITEM = 0xE000FFFE  # (FFFE,E000) read as one little endian 32-bit value
 _SEQUENCE_DELIMITER = 0xE0DDFFFE
 _MAX_FRAGMENT = 0xFFFFFFFE
 _COPY_CHUNK = 1 << 20
+_TAG_KEY = re.compile(r"^[0-9A-Fa-f]{8}$")
 _TAG_IN_ERROR = re.compile(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)")
 
 # PS3.18 Table 10.5.3-2 / PS3.4 B.2.3.
@@ -279,6 +280,8 @@ def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> Buil
     top: dict[int, tuple[str, BulkPart]] = {}
     rest: dict[str, Any] = {}
     for tag, element in obj.items():
+        if not _TAG_KEY.match(tag):
+            raise NotBuilt(CANNOT_UNDERSTAND, f"the metadata names an attribute {tag[:20]!r}, not a tag", uids)
         if isinstance(element, dict) and isinstance(element.get("BulkDataURI"), str) and element.get("vr", "").encode() in LONG_VRS:
             top[int(tag, 16)] = (element["vr"], _resolve(element["BulkDataURI"], bulk, uids))
         else:
@@ -323,7 +326,7 @@ def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> Buil
                     pieces.append(_encode(held, encoding))
                     held = Dataset()
                 vr, part = top[tag]
-                pieces.append(_Streamed(tag_le(tag), vr, part, tag == int(PIXEL_DATA, 16) and syntax not in NATIVE_SYNTAXES))
+                pieces.append(_Streamed(_wire_tag(tag), vr, part, tag == int(PIXEL_DATA, 16) and syntax not in NATIVE_SYNTAXES))
             else:
                 held.add(ds[tag])
         if len(held):
@@ -338,6 +341,6 @@ def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> Buil
     return BuiltInstance(*uids, syntax, pieces)
 
 
-def tag_le(tag: int) -> int:
+def _wire_tag(tag: int) -> int:
     """A tag as the 32-bit little endian value of its group then element on the wire."""
     return ((tag & 0xFFFF) << 16) | (tag >> 16)

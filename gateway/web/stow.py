@@ -52,9 +52,11 @@ log = logging.getLogger("gateway.web")
 SPILL_BYTES = 4 << 20
 # Bulk data parts are all held until the body ends: only small ones in memory.
 METADATA_SPILL_BYTES = 256 << 10
-# A metadata part is parsed whole: one this large is not metadata (it would be a
-# thousand instances' worth), and parsing it could take the daemon's memory.
+# Metadata is parsed whole: this much in one request is not metadata (it would be
+# thousands of instances' worth), and parsing more could take the daemon's memory.
 METADATA_MAX_BYTES = 64 << 20
+# Small bulk data parts held in memory until the body ends, at most this much in all.
+BULK_MEMORY_BYTES = 32 << 20
 METADATA_TYPES = (DICOM_JSON, JSON, DICOM_XML)
 READ_CHUNK = 1 << 18
 RETRY_AFTER_SECONDS = 60
@@ -197,6 +199,13 @@ async def _gather_instances(request: web.Request, spool: Any, source: str, study
         results.append(await asyncio.to_thread(_take, spool, part, source, study_uid))
 
 
+def _spill(directory: Path, data: bytes) -> Path:
+    """A bulk data part moved from memory to a file of its own."""
+    path = directory / f"{uuid.uuid4().hex}.part"
+    path.write_bytes(data)
+    return path
+
+
 def _metadata_of(kind: str, part: StreamedPart) -> list[dict[str, Any]]:
     """The instances one metadata part describes (blocking: it may be in a spill file)."""
     data = part.data if part.data is not None else part.path.read_bytes()  # type: ignore[union-attr]
@@ -211,6 +220,7 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
     objects: list[dict[str, Any]] = []
     bulk: dict[str, BulkPart] = {}
     spilled: list[Path] = []
+    metadata_bytes = held_bytes = 0
     try:
         body = iter_parts(
             request.content.iter_chunked(READ_CHUNK), boundary_of(request.headers.get("Content-Type", "")),
@@ -221,17 +231,24 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
                 spilled.append(part.path)
             content_type = part.headers.get("content-type", OCTET_STREAM)
             kind = media_type(content_type)
-            if kind in METADATA_TYPES and part.length > METADATA_MAX_BYTES:
-                log.warning("STOW-RS from %s: a metadata part of %d bytes refused", source, part.length)
-                results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, "metadata part too large"))
+            if kind in METADATA_TYPES and metadata_bytes + part.length > METADATA_MAX_BYTES:
+                log.warning("STOW-RS from %s: a metadata part of %d bytes refused (over %d in all)", source, part.length, METADATA_MAX_BYTES)
+                results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, "metadata too large"))
             elif kind in METADATA_TYPES:
+                metadata_bytes += part.length
                 try:
                     objects.extend(await asyncio.to_thread(_metadata_of, kind, part))
                 except ValueError as exc:
                     log.warning("STOW-RS from %s: metadata part unreadable: %s", source, str(exc)[:200])
                     results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, "metadata part unreadable"))
             elif location := part.headers.get("content-location"):
-                bulk[location.strip()] = BulkPart.of(content_type, part.data, part.path, part.length)
+                data, path = part.data, part.path
+                if data is not None:
+                    held_bytes += len(data)
+                    if held_bytes > BULK_MEMORY_BYTES:  # enough held in memory: the rest waits on disk
+                        path, data = await asyncio.to_thread(_spill, spool.incoming, data), None
+                        spilled.append(path)
+                bulk[location.strip()] = BulkPart.of(content_type, data, path, part.length)
             else:
                 log.warning("STOW-RS from %s: a %s part without Content-Location is ignored", source, kind)
         for metadata in objects:

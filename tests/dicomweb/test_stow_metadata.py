@@ -126,6 +126,7 @@ def test_the_part_or_the_metadata_names_the_syntax() -> None:
     [
         ({"7FE00010": {"vr": "OB", "BulkDataURI": "missing"}}, {}, CANNOT_UNDERSTAND, "Content-Location"),
         ({"00080018": {"vr": "UI", "Value": ["not a uid"]}}, {}, DATA_SET_MISMATCH, "SOPInstanceUID"),
+        ({"PatientName": {"vr": "PN", "Value": [{"Alphabetic": "A^B"}]}}, {}, CANNOT_UNDERSTAND, "not a tag"),
         ({"00280010": {"vr": "XX", "Value": [1]}}, {}, CANNOT_UNDERSTAND, "cannot be encoded: NotImplementedError at (0028,0010)"),
         ({"7FE00010": {"vr": "OB", "BulkDataURI": "png"}}, {"png": ("image/png", b"\x89PNG")}, SYNTAX_NOT_SUPPORTED, "image/png"),
         ({"7FE00010": {"vr": "OB", "BulkDataURI": "j"}, "00020010": {"vr": "UI", "Value": ["1.2.840.10008.1.2.4.90"]}},

@@ -138,6 +138,27 @@ def test_metadata_and_bulk_data_become_instances(facade: tuple[Gateway, Orthanc 
     assert not list((gw.spool_dir / "incoming").glob("*.part"))  # the spilled PDF part went
 
 
+def test_small_parts_past_the_memory_budget_wait_on_disk(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """140 bulk parts of 250 KB (35 MB, past the 32 MiB the facade holds in memory):
+    the photograph's part, sent last, is kept in a file, and its bytes still arrive
+    whole; no file is left behind."""
+    gw = gateway()
+    url = f"{gw.web_url}/dicom-web/studies"
+    photo = _photo()
+    metadata = [{**_common(SERIES_PHOTO, PHOTO, SC), "7FE00010": {"vr": "OB", "BulkDataURI": "photo.jpg"}}]
+    pieces = [f"--{BOUNDARY}\r\nContent-Type: application/dicom+json\r\n\r\n".encode(), json.dumps(metadata).encode()]
+    for n in range(140):
+        pieces += [f"\r\n--{BOUNDARY}\r\nContent-Type: application/octet-stream\r\nContent-Location: unused-{n}\r\n\r\n".encode(), bytes([n]) * 250_000]
+    pieces += [f"\r\n--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Location: photo.jpg\r\n\r\n".encode(), photo, f"\r\n--{BOUNDARY}--\r\n".encode()]
+    r = _post(url, "application/dicom+json", b"".join(pieces), tmp_path)
+    assert r.status == 200, r.body
+    gw.wait_counts(delivered=1)
+    got = curl("--header", "Accept: application/dicom; transfer-syntax=*", f"{url}/{STUDY}/series/{SERIES_PHOTO}/instances/{PHOTO}")
+    (fragment,) = pydicom.encaps.generate_frames(pydicom.dcmread(io.BytesIO(got.body)).PixelData, number_of_frames=1)
+    assert fragment[: len(photo)] == photo
+    assert not list((gw.spool_dir / "incoming").glob("*.part"))
+
+
 def test_xml_metadata_and_refusals(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """PS3.19 XML metadata (dcm4che's stowrs default) stores like JSON; an unreadable
     metadata part fails with 0xC000, so do a DTD and a metadata part over 64 MiB; a
