@@ -174,7 +174,11 @@ def _export(config: Config, spool: Spool, args: argparse.Namespace) -> int:
         print("spool export: give one of --dead, --id N [N ...] or --study UID", file=sys.stderr)
         return 2
     rows = spool.list_rows("dead" if args.dead else None, 1_000_000, study_uid=args.study, ids=args.id or ())
-    exported = export_rows(spool, rows, args.to)
+    try:
+        exported = export_rows(spool, rows, args.to)
+    except OSError as exc:  # the directory cannot be made
+        print(f"spool export: {args.to}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     for row_id, problem in exported.problems:
         print(f"id {row_id}: {problem}", file=sys.stderr)
     print(f"exported {len(exported.written)} instance(s) to {args.to}")

@@ -138,9 +138,17 @@ def _object(node: ET.Element) -> dict[str, Any]:
 
 def json_from_native_xml(data: bytes) -> dict[str, Any]:
     """A PS3.19 NativeDicomModel document as a DICOM JSON object. Raises ValueError
-    for anything else; a document type declaration is refused outright (entity
-    expansion is how a small request exhausts a parser's memory)."""
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+    for anything else. Only UTF-8 is read (so the search below sees the text as the
+    parser will: a UTF-16 document would hide it), and a document type declaration
+    is refused outright (entity expansion is how a small request exhausts a parser's
+    memory)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError("the document is not UTF-8") from exc
+    if "\x00" in text:
+        raise ValueError("the document holds NUL characters (UTF-16?), which XML does not allow")
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
         raise ValueError("a document type declaration is not accepted")
     try:
         root = ET.fromstring(data)

@@ -112,6 +112,8 @@ def test_dead_instances_are_exported_as_part10_files(gateway, tmp_path: Path) ->
     again = gw.cli("spool", "export", "--study", str(dcmread(files[0]).StudyInstanceUID), "--to", str(out))
     assert again.returncode == 1 and again.stderr.count("exists already") == 3
     assert gw.cli("spool", "export", "--to", str(out)).returncode == 2  # no selection
+    blocked = gw.cli("spool", "export", "--dead", "--to", str(audit_file / "sub"))  # a file where the directory goes
+    assert blocked.returncode == 1 and "Traceback" not in blocked.stderr and "Not a directory" in blocked.stderr
     assert "spool export to" in audit_file.read_text()
 
 
