@@ -49,6 +49,12 @@ _FRAME_MEDIA_TYPES = {
 _TRANSFER_SYNTAX_PARAM = re.compile(r"""(?:^|[;\s"'])transfer-syntax\s*=\s*"?([0-9.]+)""", re.IGNORECASE)
 
 
+def frame_syntaxes(media: str) -> tuple[str, ...]:
+    """The compressed transfer syntaxes frames of ``media`` travel in (the inverse of
+    `frame_media_type`), the commonest first; () for a media type of none."""
+    return tuple(syntax for syntax, kind in _FRAME_MEDIA_TYPES.items() if kind == media)
+
+
 def frame_media_type(transfer_syntax: str) -> str:
     """The media type frames in ``transfer_syntax`` travel as (``*``: octet-stream)."""
     return _FRAME_MEDIA_TYPES.get(transfer_syntax, OCTET_STREAM)

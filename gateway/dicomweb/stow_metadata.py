@@ -31,22 +31,16 @@ from pydicom.charset import default_encoding
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from gateway.dicomweb.mediatypes import OCTET_STREAM, media_type, transfer_syntax_param
+from gateway.dicomweb.mediatypes import OCTET_STREAM, frame_syntaxes, media_type, transfer_syntax_param
 from gateway.part10 import LONG_VRS, file_meta_header
 from gateway.uids import is_valid_uid
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", EXPLICIT_VR_LITTLE_ENDIAN})
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-# PS3.18 Table 8.7.3-2/-4: the transfer syntaxes a compressed bulk data part of each
-# media type may be in, the first taken when the part names none.
-PART_SYNTAXES: dict[str, tuple[str, ...]] = {
-    "image/jpeg": (JPEG_BASELINE, "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"),
-    "image/jls": ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"),
-    "image/jp2": ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"),
-    "image/jpx": ("1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93"),
-    "image/jphc": ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"),
-    "image/dicom-rle": ("1.2.840.10008.1.2.5",),
+# PS3.18 Table 8.7.3-4: the transfer syntaxes a video bulk data part may be in, the
+# first taken when the part names none (images: `frame_syntaxes`, the frames' table).
+VIDEO_SYNTAXES: dict[str, tuple[str, ...]] = {
     "video/mpeg2": ("1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101"),
     "video/mpeg": ("1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101"),
     "video/mp4": (
@@ -55,7 +49,6 @@ PART_SYNTAXES: dict[str, tuple[str, ...]] = {
     ),
     "video/h265": ("1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108"),
 }
-VIDEO_TYPES = frozenset({"video/mpeg2", "video/mpeg", "video/mp4", "video/h265"})
 PIXEL_DATA = "7FE00010"
 # The Image Pixel attributes a JPEG's own header tells, filled in when the metadata
 # leaves them out (Google's "metadata and JPEG" example sends none of them).
@@ -203,8 +196,8 @@ def _pixel_syntax(part: BulkPart, declared: str | None, uids: tuple[str, str, st
         if part.transfer_syntax and part.transfer_syntax not in NATIVE_SYNTAXES:
             raise NotBuilt(SYNTAX_NOT_SUPPORTED, f"native Pixel Data labelled {part.transfer_syntax}", uids)
         return EXPLICIT_VR_LITTLE_ENDIAN
-    allowed = PART_SYNTAXES.get(part.media_type)
-    if allowed is None:
+    allowed = VIDEO_SYNTAXES.get(part.media_type) or frame_syntaxes(part.media_type)
+    if not allowed:
         raise NotBuilt(SYNTAX_NOT_SUPPORTED, f"Pixel Data of media type {part.media_type}", uids)
     for candidate in (part.transfer_syntax, declared):
         if candidate:
@@ -305,7 +298,7 @@ def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> Buil
         if syntax == EXPLICIT_VR_LITTLE_ENDIAN:
             _check_native_length(ds, part, uids)
         else:
-            if _frames(ds, uids) > 1 and part.media_type not in VIDEO_TYPES:
+            if _frames(ds, uids) > 1 and part.media_type not in VIDEO_SYNTAXES:
                 raise NotBuilt(SYNTAX_NOT_SUPPORTED, "a multi-frame compressed image in one bulk data part", uids)
             if part.length + part.length % 2 > _MAX_FRAGMENT:
                 raise NotBuilt(CANNOT_UNDERSTAND, "a compressed Pixel Data part larger than one fragment can hold", uids)

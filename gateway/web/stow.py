@@ -178,8 +178,9 @@ def _check_type(request: web.Request) -> str | None:
         return None
     if media not in (MULTIPART_RELATED, "multipart/form-data"):
         return f"Content-Type {media or '(none)'} is not multipart/related or application/dicom"
-    if _part_type(content_type) not in (DICOM, DICOM_JSON, DICOM_XML):
-        return f"STOW-RS takes application/dicom parts, or application/dicom+json or +xml metadata, not {_part_type(content_type)}"
+    part_type = _part_type(content_type)
+    if part_type not in (DICOM, DICOM_JSON, DICOM_XML):
+        return f"STOW-RS takes application/dicom parts, or application/dicom+json or +xml metadata, not {part_type}"
     try:
         boundary_of(content_type)
     except MultipartError:
