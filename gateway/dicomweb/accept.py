@@ -83,3 +83,24 @@ def parse_accept(header: str | None) -> list[MediaRange]:
         return [MediaRange("*/*")]
     ranges = [r for r in (parse_media_range(p) for p in _split(header, ",")) if r is not None and r.q > 0]
     return sorted(ranges, key=lambda r: -r.q)
+
+
+def with_query(header: str | None, asked: list[str]) -> str | None:
+    """The Accept a request negotiates with when it carries ``accept`` query
+    parameters (PS3.18 8.3.3.1, for hyperlinks: a browser's ``<img>`` or a link in a
+    report cannot set the header): their media types first, each only where a range of
+    the Accept header admits it (a missing header admits all), then the header's own
+    ranges. None of them admitted: the header alone."""
+    if not asked:
+        return header
+    header_ranges = parse_accept(header)
+    admitted = [
+        text.strip()
+        for value in asked
+        for text in _split(value, ",")
+        if (media := parse_media_range(text)) is not None and any(r.matches(media.media) for r in header_ranges)
+    ]
+    if not admitted:
+        return header
+    return ", ".join(admitted + ([header] if header and header.strip() else []))
+

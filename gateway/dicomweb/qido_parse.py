@@ -23,7 +23,8 @@ from gateway.model.search import Search
 
 # The resource level of each QIDO-RS path.
 LEVEL_OF_RESOURCE = {"studies": "STUDY", "series": "SERIES", "instances": "IMAGE"}
-CONTROL = frozenset({"includefield", "limit", "offset", "fuzzymatching"})
+# Content negotiation parameters (PS3.18 8.3.3), read by the route, not match keys.
+NEGOTIATION = frozenset({"accept", "charset"})
 STUDY_UID, SERIES_UID = 0x0020000D, 0x0020000E
 
 
@@ -83,6 +84,8 @@ def parse_qido(
     nested: dict[int, Dataset] = {}
     for name, value in params:
         lowered = name.lower()
+        if name in NEGOTIATION:
+            continue
         if lowered == "includefield":
             for field in value.split(","):
                 field = field.strip()

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from aiohttp import web
 
 from gateway.codecs.errors import TranscodeError
+from gateway.dicomweb.accept import with_query
 from gateway.model.query import QueryError
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
@@ -23,6 +24,12 @@ IMAGE_SET_ID = re.compile(r"[0-9a-z]{32}")
 
 class NotAcceptable(Exception):
     """Nothing the client accepts can be produced; the message names what can."""
+
+
+def accept_of(request: web.Request) -> str | None:
+    """The Accept a DICOMweb resource negotiates with: the header, preceded by the
+    media types of the request's ``accept`` query parameters (`with_query`)."""
+    return with_query(request.headers.get("Accept"), request.query.getall("accept", []))
 
 
 def text_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -27,7 +27,7 @@ from gateway.model.json import dataset_from_json
 from gateway.model.query import LEVELS, Model, QueryError, attribute_level, tag_name
 from gateway.upstream.base import JsonObject
 from gateway.upstream.errors import SearchTruncated
-from gateway.web.common import MultipartStream, NotAcceptable, error_response, path_uids
+from gateway.web.common import MultipartStream, NotAcceptable, accept_of, error_response, path_uids
 from gateway.web.auth import requester
 from gateway.web.compression import body_response
 from gateway.web.keys import AUDIT, CONFIG, UPSTREAM
@@ -131,7 +131,7 @@ def _search_handler(resource: str) -> Callable[[web.Request], Any]:
         uids = path_uids(request)
         what = f"QIDO-RS {resource}"
         try:
-            fmt = answer_format(request.headers.get("Accept"))
+            fmt = answer_format(accept_of(request))
             qido = parse_qido(resource, list(request.query.items()), uids.get("study"), uids.get("series"))
             found, warning = await matches(request, qido, request.app[CONFIG].find.max_matches)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP answer

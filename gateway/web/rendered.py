@@ -43,6 +43,7 @@ from gateway.upstream.errors import NotFound, UpstreamRejected
 from gateway.web.common import (
     MultipartStream,
     NotAcceptable,
+    accept_of,
     error_response,
     image_set_id,
     path_uids,
@@ -113,7 +114,7 @@ def rs_options(request: web.Request, thumbnail: bool) -> RenderOptions:
         vw, vh = _numbers("viewport", q["viewport"], 2)[:2]
         viewport = (int(vw), int(vh))
     quality = int(_numbers("quality", q["quality"], 1)[0]) if "quality" in q else 90
-    return RenderOptions(render_format(request.headers.get("Accept")), window, viewport, quality)
+    return RenderOptions(render_format(accept_of(request)), window, viewport, quality)
 
 
 def _render(data: bytes, label: str, ds: Dataset, options: RenderOptions, header: Dataset | None = None) -> bytes:

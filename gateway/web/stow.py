@@ -42,7 +42,7 @@ from gateway.spool.ingest import Ingested, Verdict, ingest
 from gateway.spool.queue import SpoolFull
 from gateway.spool.receipt import Receipt
 from gateway.spool.record import PREAMBLE, Sender
-from gateway.web.common import path_uids, request_root, text_error
+from gateway.web.common import accept_of, path_uids, request_root, text_error
 from gateway.web.auth import requester
 from gateway.web.keys import AUDIT, CACHE, SPOOL
 
@@ -343,7 +343,7 @@ async def store(request: web.Request) -> web.StreamResponse:
     )
     _audit(request, results, "STOW-RS")
     module = response_module(results, request_root(request), study_uid)
-    if any(media_range.media == DICOM_XML or media_range.part_type == DICOM_XML for media_range in parse_accept(request.headers.get("Accept"))[:1]):
+    if any(media_range.media == DICOM_XML or media_range.part_type == DICOM_XML for media_range in parse_accept(accept_of(request))[:1]):
         return web.Response(status=status, body=native_xml(module), content_type=DICOM_XML)
     return web.Response(status=status, body=json.dumps(module).encode(), content_type=DICOM_JSON)
 

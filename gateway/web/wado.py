@@ -68,6 +68,7 @@ from gateway.web.compression import body_response, not_modified_headers
 from gateway.web.common import (
     MultipartStream,
     NotAcceptable,
+    accept_of,
     error_response,
     image_set_id,
     path_uids,
@@ -260,7 +261,7 @@ async def retrieve_instance(request: web.Request) -> web.StreamResponse:
     what = subject("WADO-RS instance", request)
     ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
     try:
-        form = instance_form(request.headers.get("Accept"), single_allowed=True)
+        form = instance_form(accept_of(request), single_allowed=True)
         body = InstanceBody(request, await fetch_instance(request, ref), ref)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an HTTP answer
         return error_response(exc, what)
@@ -353,7 +354,7 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
     left_out: list[str] = []
     tally = StudyTally()
     try:
-        form = instance_form(request.headers.get("Accept"), single_allowed=False)
+        form = instance_form(accept_of(request), single_allowed=False)
         async with contextlib.aclosing(_instances(request, uids["study"], series)) as instances:
             async for retrieved, ref in instances:
                 body = InstanceBody(request, retrieved, ref)
@@ -467,7 +468,7 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
     what = subject("WADO-RS metadata", request)
     try:
-        fmt = metadata_format(request.headers.get("Accept"))
+        fmt = metadata_format(accept_of(request))
         objects = [
             dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"), via_series=False)
         ]
@@ -713,7 +714,7 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     generation = cache.generation(study) if cache is not None else None  # before any frame is read
     stream: MultipartStream | None = None
     try:
-        forms = frame_forms(request.headers.get("Accept"))
+        forms = frame_forms(accept_of(request))
         if not forms:
             raise NotAcceptable(
                 'frames are served as multipart/related; type="application/octet-stream" (or image/jphc, image/jpeg, '

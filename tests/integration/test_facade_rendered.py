@@ -168,3 +168,33 @@ def test_a_modality_lut_sequence_maps_stored_values(tmp_path: Path, gateway: Cal
     r = curl(f"{_url(gw, ds)}/rendered", "--header", "Accept: image/png")
     assert r.status == 200, r.body
     assert np.array_equal(_png(r.body), _linear_exact(table[ds.pixel_array], 1, 0, 2000, 4000))
+
+
+@pytest.mark.slow
+def test_the_accept_query_parameter_negotiates_for_hyperlinks(loaded: tuple[Gateway, Dataset, Dataset, Dataset]) -> None:
+    """PS3.18 8.3.3.1: a link in a report or an <img> cannot set the Accept header
+    (curl sends ``*/*`` as browsers do); ``?accept=`` names the media type instead,
+    and only where the header admits it."""
+    gw, multi, lut, _ = loaded
+    png = curl(f"{_url(gw, lut)}/rendered", "--header", "Accept: image/png").body
+    r = curl(f"{_url(gw, lut)}/rendered?accept=image/png")
+    assert r.status == 200 and r.content_type == "image/png" and r.body == png
+    assert curl(f"{_url(gw, lut)}/rendered").content_type == "image/jpeg"  # the default, for contrast
+    r = curl(f"{_url(gw, lut)}/rendered?accept=image/png", "--header", "Accept:")  # no header at all
+    assert r.status == 200 and r.content_type == "image/png"
+    r = curl(f"{_url(gw, lut)}/rendered?accept=image/png", "--header", "Accept: image/jpeg")  # not admitted: ignored
+    assert r.status == 200 and r.content_type == "image/jpeg"
+    r = curl(f"{_url(gw, multi)}/frames/2/rendered?accept=image/gif,image/png;q=0.5&window=2000,1000,linear-exact")
+    assert r.status == 200 and r.content_type == "image/gif"
+
+    xml = 'multipart/related; type="application/dicom+xml"'
+    r = curl("--get", f"{_url(gw, lut)}/metadata", "--data-urlencode", f"accept={xml}")
+    assert r.status == 200 and 'type="application/dicom+xml"' in r.content_type
+    ((_, document),) = r.parts()
+    assert lut.SOPInstanceUID.encode() in document and document.lstrip().startswith(b"<?xml")
+    r = curl("--get", f"{gw.web_url}/dicom-web/studies", "--data-urlencode", f"accept={xml}",
+             "--data-urlencode", f"StudyInstanceUID={multi.StudyInstanceUID}")
+    assert r.status == 200 and 'type="application/dicom+xml"' in r.content_type, r.body
+    assert len(r.parts()) == 1
+    r = curl(f"{gw.web_url}/dicom-web/studies?accept=application/dicom%2Bjson&StudyInstanceUID={multi.StudyInstanceUID}")
+    assert r.status == 200 and [s["0020000D"]["Value"] for s in r.json()] == [[multi.StudyInstanceUID]]
