@@ -64,6 +64,9 @@ class Peer:
     # it (a site's WAN link to a remote PACS wants JPEG 2000 lossless, say). Empty: as
     # stored when accepted, else the gateway's own order.
     transfer_syntaxes: tuple[str, ...] = ()
+    # Its associations must present a user identity the gateway accepts
+    # ([dimse.user_identity]), as every association must with its ``required``.
+    require_user_identity: bool = False
 
     def accepts_address(self, address: str) -> bool:
         """Whether an association under this AE title may come from ``address``."""
@@ -134,6 +137,24 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class UserIdentityConfig:
+    """``[dimse.user_identity]``: the users an association may name in its A-ASSOCIATE-RQ
+    (User Identity Negotiation, PS3.7 D.3.3.7): by user name and passcode, each from
+    ``users``, and, with ``jwt``, by an access token of ``[http.auth.oidc]``'s provider.
+    ``required``: an association that names no accepted user is rejected."""
+
+    users: tuple[tuple[str, str], ...] = ()  # (user, passcode)
+    jwt: bool = False
+    required: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any identity can be accepted (else the sub-item is ignored, as the
+        standard has an acceptor that does not negotiate user identity do)."""
+        return bool(self.users) or self.jwt
+
+
+@dataclass(frozen=True)
 class DimseConfig:
     ae_title: str = "DICOMGW"
     host: str = "0.0.0.0"
@@ -151,6 +172,7 @@ class DimseConfig:
     dimse_timeout: float = 60.0
     shutdown_grace: float = 10.0
     tls: TlsConfig | None = None  # [dimse.tls]: a second, TLS-only port
+    user_identity: UserIdentityConfig = field(default_factory=UserIdentityConfig)
 
     @property
     def own_ae_titles(self) -> frozenset[str]:
@@ -509,6 +531,7 @@ def _peer(reader: _Reader) -> Peer:
     any_host = reader.boolean("any_host", False)
     max_associations = reader.integer("max_associations", 0, 0, 1000)
     tls = reader.boolean("tls", False)
+    require_user_identity = reader.boolean("require_user_identity", False)
     syntaxes: list[str] = []
     for name in _strings(reader, "transfer_syntaxes"):
         uid = name if is_valid_uid(name) else str(getattr(pydicom.uid, name, ""))
@@ -524,7 +547,7 @@ def _peer(reader: _Reader) -> Peer:
         except OSError as exc:
             reader.problems.append(f"{reader.path}.host: cannot resolve {host!r} ({exc.strerror or exc})")
     reader.finish()
-    return Peer(ae, host, port, permissions, addresses, any_host, max_associations, tls, tuple(syntaxes))
+    return Peer(ae, host, port, permissions, addresses, any_host, max_associations, tls, tuple(syntaxes), require_user_identity)
 
 
 def _dimse(r: _Reader) -> DimseConfig:
@@ -556,8 +579,13 @@ def _dimse(r: _Reader) -> DimseConfig:
         dimse_timeout=r.number("dimse_timeout", d.dimse_timeout, 1, 3600),
         shutdown_grace=r.number("shutdown_grace", d.shutdown_grace, 0, 3600),
         tls=_tls(r, dimse=True),
+        user_identity=_user_identity(r.sub("user_identity")),
     )
     for i, p in enumerate(peers):
+        if p.require_user_identity and not cfg.user_identity.enabled:
+            r.problems.append(
+                f"dimse.peers[{i}].require_user_identity: needs [dimse.user_identity] users or jwt = true"
+            )
         if p.tls and cfg.tls is None:
             r.problems.append(
                 f"dimse.peers[{i}].tls: needs [dimse.tls] (its certificate is presented to the peer, its"
@@ -565,6 +593,28 @@ def _dimse(r: _Reader) -> DimseConfig:
             )
     if cfg.tls is not None and cfg.tls.port == cfg.port:
         r.problems.append(f"dimse.tls.port: {cfg.port} is dimse.port already; TLS needs a port of its own")
+    r.finish()
+    return cfg
+
+
+def _user_identity(r: _Reader) -> UserIdentityConfig:
+    """``[dimse.user_identity]``: ``users`` a table of user = passcode (each may be
+    ``env:NAME``, as every secret), ``jwt`` and ``required`` booleans."""
+    users: list[tuple[str, str]] = []
+    raw = r._raw("users")
+    if raw is not None and not isinstance(raw, dict):
+        r.problems.append(f"{r._key('users')}: expected a table of user = passcode")
+    elif raw is not None:
+        table = _Reader(raw, r._key("users"), r.problems)
+        for user in raw:
+            passcode = table.string(user, "")
+            if not passcode:
+                r.problems.append(f"{table._key(user)}: expected a passcode")
+            else:
+                users.append((user, passcode))
+    cfg = UserIdentityConfig(tuple(users), r.boolean("jwt", False), r.boolean("required", False))
+    if cfg.required and not cfg.enabled:
+        r.problems.append(f"{r._key('required')}: no identity could ever be accepted; set users or jwt = true")
     r.finish()
     return cfg
 
@@ -944,6 +994,8 @@ def parse_config(data: dict[str, Any]) -> Config:
     log_r.finish()
     audit = _audit(root.sub("audit"))
     root.finish()
+    if dimse.user_identity.jwt and http.auth.oidc is None:
+        problems.append("dimse.user_identity.jwt: needs [http.auth.oidc], whose provider the tokens are checked against")
     for i, peer in enumerate(dimse.peers):
         lossy = [ts for ts in peer.transfer_syntaxes if not SYNTAXES[pydicom.uid.UID(ts)].encode_lossless]
         if lossy and not retrieve.allow_lossy:

@@ -1,7 +1,7 @@
 """What a SIGHUP may change in a running daemon, and what needs a restart.
 
 Reloaded: who may associate and do what (``dimse.peers``, ``require_known_peers``,
-``check_called_ae``),
+``check_called_ae``, ``[dimse.user_identity]``: its users and passcodes),
 where copies go (``dimse.routes``: for what is received from then on), the
 association limits and timeouts (``max_associations``, ``ack_timeout``,
 ``network_timeout``, ``acse_timeout``, ``dimse_timeout``, ``shutdown_grace``), the disk
@@ -21,8 +21,8 @@ from gateway.config import Config
 
 RELOADABLE = {
     "dimse": (
-        "peers", "routes", "require_known_peers", "check_called_ae", "max_associations", "ack_timeout", "network_timeout",
-        "acse_timeout", "dimse_timeout", "shutdown_grace",
+        "peers", "routes", "require_known_peers", "check_called_ae", "user_identity", "max_associations", "ack_timeout",
+        "network_timeout", "acse_timeout", "dimse_timeout", "shutdown_grace",
     ),
     "spool": ("min_free_mb", "max_size_mb"),
     "logging": ("level",),

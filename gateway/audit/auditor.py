@@ -134,9 +134,10 @@ def _names_a_uid(key: str) -> bool:
         return False
 
 
-def dimse_participant(ae_title: str, address: str, requestor: bool) -> Participant:
-    """A DICOM node as PS3.15 names one: its AE title, also as ``AETITLES=``."""
-    return Participant(ae_title, requestor, address, alternative_user_id=f"AETITLES={ae_title}")
+def dimse_participant(ae_title: str, address: str, requestor: bool, user: str = "") -> Participant:
+    """A DICOM node as PS3.15 names one: its AE title, also as ``AETITLES=``; ``user``:
+    the person it acted for (User Identity Negotiation), as UserName."""
+    return Participant(ae_title, requestor, address, alternative_user_id=f"AETITLES={ae_title}", user_name=user)
 
 
 def archive_participant(config: Config) -> Participant | None:

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 
 from gateway.dimse import pdu
 from gateway.part10 import file_meta_header
-from gateway.audit.auditor import Auditor, StudyTally
+from gateway.audit.auditor import Auditor, StudyTally, dimse_participant
+from gateway.audit.message import Participant
+from gateway.dimse.identity import Identity
 from gateway.metrics import Metrics
 from gateway.spool.receipt import Receipt
 from gateway.dimse.command import (
@@ -188,6 +190,7 @@ class Association:
         *,
         audit: Auditor,
         address: str,
+        identity: Identity | None = None,
     ) -> None:
         """``dimse_timeout`` bounds every write: how long a peer may read nothing.
         ``space_problem``: the spool's check of its disk limits (``spool.min_free_mb``,
@@ -195,7 +198,9 @@ class Association:
         set is then not written. ``receive``: a new spool file for a C-STORE's data set
         (`Spool.receive`); None: C-STORE data sets are refused. ``metrics``: where each request's final status and
         duration go. ``audit``: the audit trail its services report to; ``address``: the
-        peer's IP address, as audit messages name it."""
+        peer's IP address, as audit messages name it; ``identity``: the user the
+        association acts for (User Identity Negotiation), None when it named none."""
+        self.identity = identity
         self.metrics = metrics
         self.audit = audit
         self.address = address
@@ -236,6 +241,11 @@ class Association:
         self.scp_roles: frozenset[str] = frozenset()
         self._responses: dict[int, asyncio.Future[Command]] = {}
         self._message_id = 0
+
+    def participant(self) -> Participant:
+        """The requestor as audit messages name it: its AE title and address, and the
+        user it acts for when it named one (as UserName)."""
+        return dimse_participant(self.calling_ae, self.address, True, self.identity.user if self.identity else "")
 
     # ---- sending --------------------------------------------------------------
 

@@ -31,7 +31,6 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
-from gateway.audit.auditor import dimse_participant
 from gateway.codecs.syntaxes import EXPLICIT_VR_BE, IMPLICIT_VR_LE
 from gateway.config import Config
 from gateway.model.json import dataset_from_json
@@ -252,7 +251,7 @@ class FindService:
         """One line per request: level, key names (never values: they may be PHI); and
         one audit message, the identifier with its values blanked."""
         assoc.audit.searched(
-            dimse_participant(assoc.calling_ae, assoc.address, True), context_syntax, identifier,
+            assoc.participant(), context_syntax, identifier,
             outcome == "success", f"C-FIND: {sent} matches, {outcome}",
         )
         what = "?" if query is None else f"{query.model.name} {query.level} [{' '.join(tag_name(k.tag) for k in query.keys)}]"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from gateway.audit.auditor import dimse_participant
 from gateway.audit.message import Participant
 from gateway.dimse.association import Association, Message, SendError
 from gateway.dimse.command import C_GET_RSP, C_STORE_RQ, HAS_DATASET, Command, encode_command
@@ -78,7 +77,7 @@ class GetService(RetrieveService):
     rsp_field = C_GET_RSP
 
     def destination(self, assoc: Association, message: Message) -> Participant:
-        return dimse_participant(assoc.calling_ae, assoc.address, True)  # the requestor itself
+        return assoc.participant()  # the requestor itself
 
     async def open_target(
         self, assoc: Association, message: Message, refs: list[InstanceRef], first: list[Fetched]

@@ -47,6 +47,19 @@ class RoleSelection:
     scp_role: bool
 
 
+@dataclass(frozen=True)
+class UserIdentity:
+    """A User Identity Negotiation sub-item of an A-ASSOCIATE-RQ (PS3.7 D.3.3.7): its
+    type (1 user name, 2 user name and passcode, 3 Kerberos ticket, 4 SAML assertion,
+    5 JSON Web Token), whether the requestor asks for a positive response, and its two
+    fields as sent (the user name, the passcode, the token...)."""
+
+    type: int
+    positive_response: bool
+    primary: bytes
+    secondary: bytes = field(default=b"", repr=False)  # a passcode never reaches a log line
+
+
 @dataclass
 class AssociateRQ:
     called_ae: str
@@ -57,6 +70,7 @@ class AssociateRQ:
     implementation_class_uid: str = ""
     implementation_version_name: str = ""
     roles: list[RoleSelection] = field(default_factory=list)
+    user_identity: UserIdentity | None = None
 
 
 @dataclass
@@ -119,9 +133,26 @@ def parse_associate_rq(body: bytes) -> AssociateRQ:
                         raise PDUError("role selection item too short")
                     uid = _uid(sub[2 : 2 + uid_len])
                     rq.roles.append(RoleSelection(uid, bool(sub[2 + uid_len]), bool(sub[3 + uid_len])))
+                elif sub_type == 0x58:
+                    rq.user_identity = _user_identity(sub)
     if not rq.contexts:
         raise PDUError("A-ASSOCIATE-RQ without presentation contexts")
     return rq
+
+
+def _user_identity(sub: bytes) -> UserIdentity:
+    """The value of a 0x58 sub-item: type, positive-response flag, then the primary
+    and secondary fields, each after its 2-byte length."""
+    if len(sub) < 4:
+        raise PDUError("user identity item too short")
+    (primary_len,) = struct.unpack_from(">H", sub, 2)
+    end = 4 + primary_len
+    if end + 2 > len(sub):
+        raise PDUError("user identity item shorter than its primary field")
+    (secondary_len,) = struct.unpack_from(">H", sub, end)
+    if end + 2 + secondary_len > len(sub):
+        raise PDUError("user identity item shorter than its secondary field")
+    return UserIdentity(sub[0], bool(sub[1]), sub[4:end], sub[end + 2 : end + 2 + secondary_len])
 
 
 def _item(item_type: int, value: bytes) -> bytes:
@@ -143,8 +174,11 @@ def encode_associate_ac(
     implementation_class_uid: str,
     implementation_version_name: str,
     roles: list[RoleSelection] = (),  # type: ignore[assignment]
+    identity_response: bytes | None = None,
 ) -> bytes:
-    """A-ASSOCIATE-AC echoing the request's AE titles (PS3.8 9.3.3)."""
+    """A-ASSOCIATE-AC echoing the request's AE titles (PS3.8 9.3.3); with
+    ``identity_response``, a User Identity Negotiation reply (0x59) holding it (empty
+    for an accepted user name and passcode, PS3.7 D.3.3.7.2)."""
     body = struct.pack(">HH", 1, 0) + _ae(rq.called_ae) + _ae(rq.calling_ae) + b"\x00" * 32
     body += _item(0x10, APPLICATION_CONTEXT.encode())
     for pc in contexts:
@@ -156,6 +190,8 @@ def encode_associate_ac(
         uid = role.sop_class_uid.encode()
         user += _item(0x54, struct.pack(">H", len(uid)) + uid + bytes([role.scu_role, role.scp_role]))
     user += _item(0x55, implementation_version_name.encode()[:16])
+    if identity_response is not None:
+        user += _item(0x59, struct.pack(">H", len(identity_response)) + identity_response)
     body += _item(0x50, user)
     return _pdu(A_ASSOCIATE_AC, body)
 

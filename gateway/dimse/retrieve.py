@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from pydicom.dataset import Dataset
 
-from gateway.audit.auditor import dimse_participant, tally_of
+from gateway.audit.auditor import tally_of
 from gateway.audit.message import Participant
 from gateway.config import Config
 from gateway.dimse.association import Association, Message
@@ -262,7 +262,7 @@ class RetrieveService:
         failed = set(counts.failed_uids)
         tally = tally_of((r.study_uid, r.sop_class_uid) for r in listing.refs.values() if r.sop_instance_uid not in failed)
         assoc.audit.sent(
-            dimse_participant(assoc.calling_ae, assoc.address, True), self.destination(assoc, receivers.message),
+            assoc.participant(), self.destination(assoc, receivers.message),
             tally, counts.completed + counts.warning, counts.failed + counts.remaining,
             f"{self.name}: {counts.completed} completed, {counts.warning} warning, {counts.failed} failed",
         )

@@ -33,6 +33,7 @@ from gateway.dimse.association import (
     read_pdu,
 )
 from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VERIFICATION, response
+from gateway.dimse.identity import Outcome, TokenCheck, check_identity
 from gateway.audit.auditor import Auditor, dimse_participant, ip_of
 from gateway.audit.message import Participant
 from gateway.metrics import Metrics
@@ -133,13 +134,15 @@ async def _unrecognized(assoc: Association, message: Message) -> None:
 class DimseServer:
     """The listening SCP and its live associations."""
 
-    def __init__(self, config: Config, receive: Callable[[], Receipt] | None, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]], metrics: Metrics | None = None, space_problem: Callable[[], str | None] | None = None, audit: Auditor | None = None) -> None:
+    def __init__(self, config: Config, receive: Callable[[], Receipt] | None, handlers: dict[int, Handler], abstract_syntaxes: dict[str, list[str]], metrics: Metrics | None = None, space_problem: Callable[[], str | None] | None = None, audit: Auditor | None = None, token_user: TokenCheck | None = None) -> None:
         """``handlers`` maps a request Command Field to its service; ``abstract_syntaxes``
         lists the non-storage SOP classes served, with the transfer syntaxes we accept;
         ``metrics`` receives association counts and request timings; ``space_problem``
         is the spool's check of its disk limits, run before and during each C-STORE
         data set; ``audit``: the audit trail, told of refused nodes and of what each
-        association stored (its services tell it the rest)."""
+        association stored (its services tell it the rest); ``token_user``: the check
+        of a JSON Web Token an association names its user by (None: not checked)."""
+        self.token_user = token_user
         self.space_problem = space_problem
         self.audit = audit if audit is not None else Auditor(config, None)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -307,7 +310,7 @@ class DimseServer:
                 self.metrics.associations_open.dec()
                 s = assoc.stats
                 self.audit.received(
-                    dimse_participant(assoc.calling_ae, assoc.address, True), s.studies, s.stored, s.failed,
+                    assoc.participant(), s.studies, s.stored, s.failed,
                     f"C-STORE to {assoc.called_ae}",
                 )
                 elapsed = time.monotonic() - s.started
@@ -368,7 +371,15 @@ class DimseServer:
         if pdu_type != pdu.A_ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
         rq = pdu.parse_associate_rq(body)
-        reject, results = self.negotiate(rq, where.rsplit(":", 1)[0])
+        address = where.rsplit(":", 1)[0]
+        reject, results = self.negotiate(rq, address)
+        outcome = Outcome()
+        if reject is None and d.user_identity.enabled:
+            outcome = await check_identity(rq.user_identity, d.user_identity, self.config.peer(rq.calling_ae), self.token_user)
+            if outcome.refusal is not None:
+                reject = Rejection(outcome.refusal.code, "user_identity", outcome.refusal.why)
+            else:  # a token's check may have waited on the provider: the limits are taken again
+                reject, results = self.negotiate(rq, address)
         if reject is not None:
             log.warning(
                 "association from %s@%s to %s rejected: %s (result %d, source %d, reason %d)",
@@ -394,7 +405,7 @@ class DimseServer:
         roles = self.negotiate_roles(rq, accepted)
         assoc = Association(
             reader, writer, rq, accepted, self.receive, d.dimse_timeout, self.space_problem,
-            metrics=self.metrics, audit=self.audit, address=ip_of(where),
+            metrics=self.metrics, audit=self.audit, address=ip_of(where), identity=outcome.identity,
         )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)
         # Counted before the A-ASSOCIATE-AC goes out: another RQ negotiated while it
@@ -403,7 +414,8 @@ class DimseServer:
         try:
             writer.write(
                 pdu.encode_associate_ac(
-                    rq, results, self.max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles
+                    rq, results, self.max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, roles,
+                    outcome.reply,
                 )
             )
             await drain(writer, d.acse_timeout)
@@ -412,7 +424,10 @@ class DimseServer:
             raise
         self.metrics.associations.inc()
         self.metrics.associations_open.inc()
-        log.info("association accepted from %s (%d of %d contexts)", assoc.peer, len(accepted), len(results))
+        log.info(
+            "association accepted from %s (%d of %d contexts%s)", assoc.peer, len(accepted), len(results),
+            f", {outcome.identity.describe()}" if outcome.identity else "",
+        )
         return assoc
 
     async def _serve(self, assoc: Association) -> str:

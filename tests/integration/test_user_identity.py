@@ -1,0 +1,118 @@
+"""User Identity Negotiation (PS3.7 D.3.3.7) with real requestors: dcmtk's storescu
+names its user by user name and passcode (``--user --password``, ``--pos-response``),
+by a bare user name, or by a JSON Web Token (``--jwt``) issued by an OpenID Connect
+provider (the emulator of Keycloak's published side the facade's tests use);
+pynetdicom searches as a named user. Checked: who gets in, what storescu is told,
+the gateway's log line, the rejection counted, and the user in the audit trail."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pydicom.dataset import Dataset
+
+from tests.support import dcmtk
+from tests.support.curl import curl
+from tests.support.daemon import Gateway
+from tests.support.oidc import OidcProvider
+from tests.support.ports import wait_until
+from tests.support.synth import ct_series
+
+PASSCODE = "correct horse battery staple"
+
+
+@pytest.fixture
+def provider() -> Iterator[OidcProvider]:
+    server = OidcProvider(audience="dicom-gateway").start()
+    yield server
+    server.stop()
+
+
+def audited_user_names(path: Path) -> list[tuple[str, str, str]]:
+    """(EventID display name, UserID, UserName) of every requestor in the audit file."""
+    found = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        message = ET.fromstring(line.split(" - ", 1)[1])
+        event = message.find("EventIdentification/EventID")
+        for p in message.findall("ActiveParticipant"):
+            if p.get("UserIsRequestor") == "true":
+                found.append((event.get("originalText", "") if event is not None else "", p.get("UserID", ""), p.get("UserName", "")))
+    return found
+
+
+def test_users_by_passcode_and_token_are_let_in_named_and_audited(
+    tmp_path: Path, provider: OidcProvider, gateway: Callable[..., Gateway]
+) -> None:
+    audit = tmp_path / "audit.log"
+    gw = gateway(
+        env={"GW_TECH1_PASSCODE": PASSCODE},
+        extra=(
+            '\n[dimse.user_identity]\nusers = { tech1 = "env:GW_TECH1_PASSCODE" }\njwt = true\n'
+            '\n[[dimse.peers]]\nae_title = "WS1"\nhost = "127.0.0.1"\nport = 104\nrequire_user_identity = true\n'
+            f'\n[http.auth.oidc]\nissuer = "{provider.issuer}"\naudience = "dicom-gateway"\nrequired_scopes = ["dicom.read"]\n'
+            f'\n[audit]\nfile = "{audit}"\n'
+        ),
+    )
+    files = ct_series(tmp_path / "ct", 1, rows=16, columns=16)
+
+    def store(calling: str, *identity: str) -> dcmtk.subprocess.CompletedProcess[str]:
+        return dcmtk.storescu(gw.port, files, gw.ae_title, calling_ae=calling, extra_args=list(identity))
+
+    ok = store("STORESCU", "--user", "tech1", "--password", PASSCODE, "--pos-response")
+    assert ok.returncode == 0, ok.stderr  # the positive response it asked for came
+    refused = store("STORESCU", "--user", "tech1", "--password", "guess")
+    assert refused.returncode != 0 and "Association Rejected" in refused.stderr
+    assert "Result: Rejected Permanent, Source: Service Provider (ACSE Related)" in refused.stderr
+    assert store("STORESCU").returncode == 0  # not required of this caller
+    claimed = store("STORESCU", "--user", "nurse", "--pos-response")
+    assert claimed.returncode != 0 and "Positive response requested but none received" in claimed.stderr
+    assert store("STORESCU", "--user", "nurse").returncode == 0  # a claim, recorded as such
+
+    token = tmp_path / "token.jwt"
+    token.write_text(provider.token("alice"))
+    assert store("STORESCU", "--jwt", str(token)).returncode == 0
+    token.write_text(provider.token("mallory", lifetime=-300))
+    assert store("STORESCU", "--jwt", str(token)).returncode != 0
+
+    # WS1 must name a user
+    assert store("WS1").returncode != 0
+    assert store("WS1", "--user", "nurse").returncode != 0  # a bare name proves nothing
+    assert store("WS1", "--user", "tech1", "--password", PASSCODE).returncode == 0
+
+    log = gw.log()
+    assert "association accepted from STORESCU@127.0.0.1" in log
+    assert "user tech1 (user name and passcode)" in log and "user alice (JSON Web Token)" in log
+    assert "user nurse (user name, not verified)" in log
+    assert "user 'tech1': unknown user or wrong passcode" in log and "no user identity (one is required)" in log
+    assert "JSON Web Token not valid for the gateway" in log
+    assert PASSCODE not in log and "guess" not in log
+    metrics = curl(f"{gw.web_url}/metrics", "--header", f"Authorization: Bearer {provider.token('prometheus')}").body.decode()
+    assert 'gateway_dimse_associations_rejected_total{reason="user_identity"} 4.0' in metrics
+
+    # a search as a named user, by pynetdicom
+    ae = AE(ae_title="WS1")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 2
+    identity.primary_field = b"tech1"
+    identity.secondary_field = PASSCODE.encode()
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, ext_neg=[identity])
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ""
+    statuses = [status.Status for status, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind) if status]
+    assoc.release()
+    assert statuses[-1] == 0x0000
+
+    def requestors() -> list[tuple[str, str, str]]:
+        return audited_user_names(audit) if audit.exists() else []
+
+    wait_until(lambda: any(e == "Query" and n == "tech1" for e, _, n in requestors()), 10, 0.2, "query not audited with its user")
+    names = {(user, name) for event, user, name in requestors() if event == "DICOM Instances Transferred"}
+    assert {("STORESCU", "tech1"), ("STORESCU", "alice"), ("STORESCU", "nurse"), ("STORESCU", ""), ("WS1", "tech1")} <= names
