@@ -146,6 +146,9 @@ class UserIdentityConfig:
     users: tuple[tuple[str, str], ...] = ()  # (user, passcode)
     jwt: bool = False
     required: bool = False
+    # Failed passcodes and tokens per address and minute before its associations that
+    # name a user are rejected for the rest of that minute (0: no limit).
+    max_failures_per_minute: int = 20
 
     @property
     def enabled(self) -> bool:
@@ -599,7 +602,8 @@ def _dimse(r: _Reader) -> DimseConfig:
 
 def _user_identity(r: _Reader) -> UserIdentityConfig:
     """``[dimse.user_identity]``: ``users`` a table of user = passcode (each may be
-    ``env:NAME``, as every secret), ``jwt`` and ``required`` booleans."""
+    ``env:NAME``, as every secret), ``jwt`` and ``required`` booleans, and
+    ``max_failures_per_minute``."""
     users: list[tuple[str, str]] = []
     raw = r._raw("users")
     if raw is not None and not isinstance(raw, dict):
@@ -612,7 +616,10 @@ def _user_identity(r: _Reader) -> UserIdentityConfig:
                 r.problems.append(f"{table._key(user)}: expected a passcode")
             else:
                 users.append((user, passcode))
-    cfg = UserIdentityConfig(tuple(users), r.boolean("jwt", False), r.boolean("required", False))
+    cfg = UserIdentityConfig(
+        tuple(users), r.boolean("jwt", False), r.boolean("required", False),
+        r.integer("max_failures_per_minute", UserIdentityConfig.max_failures_per_minute, 0, 1_000_000),
+    )
     if cfg.required and not cfg.enabled:
         r.problems.append(f"{r._key('required')}: no identity could ever be accepted; set users or jwt = true")
     r.finish()

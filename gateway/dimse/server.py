@@ -33,7 +33,8 @@ from gateway.dimse.association import (
     read_pdu,
 )
 from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VERIFICATION, response
-from gateway.dimse.identity import Outcome, TokenCheck, check_identity
+from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, Outcome, TokenCheck, check_identity
+from gateway.lockout import FailedLogins
 from gateway.audit.auditor import Auditor, dimse_participant, ip_of
 from gateway.audit.message import Participant
 from gateway.metrics import Metrics
@@ -143,6 +144,8 @@ class DimseServer:
         association stored (its services tell it the rest); ``token_user``: the check
         of a JSON Web Token an association names its user by (None: not checked)."""
         self.token_user = token_user
+        # addresses whose passcodes or tokens keep failing ([dimse.user_identity])
+        self.failed_identities = FailedLogins(config.dimse.user_identity.max_failures_per_minute)
         self.space_problem = space_problem
         self.audit = audit if audit is not None else Auditor(config, None)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -375,10 +378,8 @@ class DimseServer:
         reject, results = self.negotiate(rq, address)
         outcome = Outcome()
         if reject is None and d.user_identity.enabled:
-            outcome = await check_identity(rq.user_identity, d.user_identity, self.config.peer(rq.calling_ae), self.token_user)
-            if outcome.refusal is not None:
-                reject = Rejection(outcome.refusal.code, "user_identity", outcome.refusal.why)
-            else:  # a token's check may have waited on the provider: the limits are taken again
+            reject, outcome = await self._identify(rq, address)
+            if reject is None:  # a token's check may have waited on the provider: the limits are taken again
                 reject, results = self.negotiate(rq, address)
         if reject is not None:
             log.warning(
@@ -429,6 +430,26 @@ class DimseServer:
             f", {outcome.identity.describe()}" if outcome.identity else "",
         )
         return assoc
+
+    async def _identify(self, rq: pdu.AssociateRQ, address: str) -> tuple[Rejection | None, Outcome]:
+        """The user an A-ASSOCIATE-RQ names, checked (`check_identity`); an address whose
+        passcodes or tokens failed ``max_failures_per_minute`` times within a minute has
+        its associations that name a user rejected (transient) until the oldest failure
+        is a minute old."""
+        cfg = self.config.dimse.user_identity
+        self.failed_identities.limit = cfg.max_failures_per_minute  # reloadable
+        if rq.user_identity is not None and (wait := self.failed_identities.blocked_for(address)):
+            why = f"too many failed user identities from {address}; turned away for {wait:.0f} s more"
+            return Rejection(RJ_IDENTITY_TRANSIENT, "user_identity_lockout", why), Outcome()
+        outcome = await check_identity(rq.user_identity, cfg, self.config.peer(rq.calling_ae), self.token_user)
+        if outcome.refusal is None:
+            return None, outcome
+        if rq.user_identity is not None and outcome.refusal.code == RJ_IDENTITY and self.failed_identities.failed(address):
+            log.warning(
+                "%s: %d failed user identities within a minute; associations naming a user are turned away for a minute",
+                address, cfg.max_failures_per_minute,
+            )
+        return Rejection(outcome.refusal.code, "user_identity", outcome.refusal.why), outcome
 
     async def _serve(self, assoc: Association) -> str:
         """Read PDUs until release or abort.

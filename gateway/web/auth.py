@@ -24,7 +24,7 @@ from gateway.audit.message import Participant
 from gateway.config import HttpAuthConfig
 from gateway.metrics import Metrics
 from gateway.web.keys import ADMISSION, AUDIT, USER
-from gateway.web.lockout import FailedLogins
+from gateway.lockout import FailedLogins
 from gateway.web.oidc import KeysUnavailable, TokenVerifier
 
 log = logging.getLogger("gateway.web")

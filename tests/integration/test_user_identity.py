@@ -116,3 +116,23 @@ def test_users_by_passcode_and_token_are_let_in_named_and_audited(
     wait_until(lambda: any(e == "Query" and n == "tech1" for e, _, n in requestors()), 10, 0.2, "query not audited with its user")
     names = {(user, name) for event, user, name in requestors() if event == "DICOM Instances Transferred"}
     assert {("STORESCU", "tech1"), ("STORESCU", "alice"), ("STORESCU", "nurse"), ("STORESCU", ""), ("WS1", "tech1")} <= names
+
+
+def test_an_address_guessing_passcodes_is_turned_away(tmp_path: Path, gateway: Callable[..., Gateway]) -> None:
+    gw = gateway(
+        env={"GW_TECH1_PASSCODE": PASSCODE},
+        extra='\n[dimse.user_identity]\nusers = { tech1 = "env:GW_TECH1_PASSCODE" }\nmax_failures_per_minute = 3\n',
+    )
+    files = ct_series(tmp_path / "ct", 1, rows=16, columns=16)
+
+    def store(*identity: str) -> dcmtk.subprocess.CompletedProcess[str]:
+        return dcmtk.storescu(gw.port, files, gw.ae_title, extra_args=list(identity))
+
+    for guess in ("123456", "password", "tech1"):
+        assert "Rejected Permanent" in store("--user", "tech1", "--password", guess).stderr
+    turned_away = store("--user", "tech1", "--password", PASSCODE)  # even the right one, for the rest of the minute
+    assert turned_away.returncode != 0 and "Result: Rejected Transient, Source: Service Provider (ACSE Related)" in turned_away.stderr
+    assert store().returncode == 0  # an association naming no user guesses nothing: a modality behind the same NAT goes on
+    log = gw.log()
+    assert "127.0.0.1: 3 failed user identities within a minute" in log
+    assert "too many failed user identities from 127.0.0.1; turned away for" in log

@@ -3,8 +3,8 @@ until the oldest failure ages out, addresses apart, and the memory bound."""
 
 from __future__ import annotations
 
-from gateway.web import lockout
-from gateway.web.lockout import FailedLogins
+from gateway import lockout
+from gateway.lockout import FailedLogins
 
 
 class Clock:

@@ -1,14 +1,16 @@
 """Failed authentications counted per client address, and the address turned away
 for a while once it has too many (what a security review asks of a service that takes
-passwords: Basic users' passwords can be guessed, tokens and keys brute-forced).
+passwords: the facade's Basic users' passwords and DIMSE users' passcodes can be
+guessed, tokens and keys brute-forced).
 
-Only requests that present credentials count: a viewer's first request without any
+Only attempts that present credentials count: a viewer's first request without any
 is the normal start of a login, not an attack. Once an address reaches the limit
-within a minute, its requests get 429 with Retry-After until its oldest counted
-failure is a minute old, whatever credentials they carry (else guessing would go on
-between the refusals). Behind a reverse proxy every client has the proxy's address,
-so one client's failures turn all away for at most a minute: set the limit with that
-in mind, or 0 to count nothing.
+within a minute, its attempts are turned away (the facade answers 429 with
+Retry-After, the DIMSE front rejects the association as transient) until its oldest
+counted failure is a minute old, whatever credentials they carry (else guessing would
+go on between the refusals). Behind a reverse proxy or NAT every client has the same
+address, so one client's failures turn all away for at most a minute: set the limit
+with that in mind, or 0 to count nothing.
 """
 
 from __future__ import annotations
