@@ -250,6 +250,41 @@ def frames_as_stored(fp: BinaryIO) -> tuple[UID, Iterator[bytes]]:
     return source.uid, _native_frames(fp, value_start, bits // 8, count)
 
 
+def fragment_spans(fp: BinaryIO) -> tuple[UID, list[tuple[int, int]]]:
+    """The syntax ``fp``'s Pixel Data is stored in and, when it is encapsulated, where
+    each of its fragments' values lies in the file, (offset, length) in order, the
+    Basic Offset Table left out (an empty list for native pixel data). A video's
+    stream is its fragments' values joined (PS3.5 A.4), which a client can then be
+    sent any byte range of without the file being read whole. Raises TranscodeError
+    when the pixel data cannot be walked (none, Deflated or big-endian data sets,
+    a broken item)."""
+    header = read_header(fp)
+    if header.source in _NOT_STREAMED:
+        raise TranscodeError(f"the pixel data of {header.source} is not read in place")
+    if not header.has_pixel_data:
+        raise TranscodeError("no Pixel Data")
+    _, length, position = _pixel_element(fp, header.pixel_position)
+    if length != UNDEFINED_LENGTH:
+        return header.source, []
+    spans: list[tuple[int, int]] = []
+    first = True
+    while True:
+        fp.seek(position)
+        head = fp.read(8)
+        if len(head) != 8:
+            raise TranscodeError("encapsulated Pixel Data without its sequence delimiter")
+        group, element, size = struct.unpack("<HHI", head)
+        tag = group << 16 | element
+        if tag == SEQUENCE_DELIMITER:
+            return header.source, spans
+        if tag != ITEM or size == UNDEFINED_LENGTH:
+            raise TranscodeError(f"unexpected tag ({group:04X},{element:04X}) in encapsulated Pixel Data")
+        if not first:
+            spans.append((position + 8, size))
+        first = False
+        position += 8 + size
+
+
 def _pixel_element(fp: BinaryIO, position: int) -> tuple[bytes, int, int]:
     """(VR, or b"" when implicit; value length; where the value starts) of the Pixel
     Data element at ``position``.

@@ -53,6 +53,7 @@ from gateway.web.common import (
     text_error,
 )
 from gateway.web.keys import RETRIEVER, UPSTREAM
+from gateway.web.video import asks_video, video_of
 from gateway.web.wado import PIXEL_TAGS, InstanceBody, InstanceForm, audit_sent, fetch_instance, frames_of, metadata_of
 
 log = logging.getLogger("gateway.web")
@@ -262,11 +263,28 @@ def _number(obj: JsonObject, key: str) -> float:
         return 0.0
 
 
+async def _video(request: web.Request, ref: InstanceRef) -> web.StreamResponse | None:
+    """The instance's video when the request asks for it (`asks_video`: by name, or
+    ``*/*`` of a video instance) and it is stored as video; else None, to render it."""
+    found = await metadata_of(request, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
+    if not found:
+        raise NotFound("no such instance")
+    accept = accept_of(request)
+    if not asks_video(accept, found[0]):
+        return None
+    return await video_of(request, lambda: fetch_instance(request, ref), accept)
+
+
 def _rendered_handler(thumbnail: bool) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         uids = path_uids(request)
         what = subject("thumbnail" if thumbnail else "rendered", request)
         try:
+            if "instance" in uids and not thumbnail and "frames" not in request.match_info:
+                ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
+                video = await _video(request, ref)
+                if video is not None:
+                    return video
             options = rs_options(request, thumbnail)
             frame = 1
             if "frames" in request.match_info:

@@ -77,6 +77,7 @@ from gateway.web.common import (
     subject,
 )
 from gateway.web.auth import requester
+from gateway.web.video import asks_video, video_of
 from gateway.web.keys import AUDIT, CACHE, CONFIG, REFUSED_SERIES, RETRIEVER, UPSTREAM, WHOLE_INSTANCE_FRAMES
 
 log = logging.getLogger("gateway.web")
@@ -801,6 +802,14 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
     what = subject("WADO-RS bulkdata", request)
     ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
+    if request.match_info["tags"].strip("/").upper() == "7FE00010" and asks_video(accept_of(request), {}):
+        # a video's Pixel Data asked as video (OHIF: ?accept=video/mp4), served as /rendered serves it
+        try:
+            video = await video_of(request, lambda: fetch_instance(request, ref), accept_of(request))
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc, what)
+        if video is not None:
+            return video
     retriever = request.app[RETRIEVER]
     spill = retriever.spill_dir / f"{uuid.uuid4().hex}.bulk"
     try:
