@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from gateway.metrics import Metrics
 from gateway.uids import is_valid_uid
@@ -355,6 +355,51 @@ class FacadeCache:
             self._count("converted", True)
         return [data for data, _ in found]
 
+    def video(self, study: str, series: str, sop: str, image_set: str | None) -> tuple[Path, str] | None:
+        """The kept video stream of an instance (its file, its media type), None when
+        not kept. A video is served by byte ranges, each a new request: without this,
+        every range (every seek) would retrieve the whole instance from the archive
+        again. The file is the caller's to open at once (an eviction unlinks it, which
+        an open file outlives)."""
+        entry = self._lookup(_video_key(study, series, sop, image_set))
+        self._count("video", entry is not None)
+        return (entry.path, entry.syntax) if entry is not None else None
+
+    async def keep_video(
+        self,
+        study: str,
+        series: str,
+        sop: str,
+        image_set: str | None,
+        media: str,
+        size: int,
+        write: Callable[[BinaryIO], None],
+        generation: int | None,
+    ) -> Path | None:
+        """Keep an instance's video stream of ``size`` bytes, written by ``write`` into a
+        file (blocking, run in a worker thread), unless it is larger than a quarter of
+        the cache or the study changed since ``generation``; its file, or None."""
+        key = _video_key(study, series, sop, image_set)
+        if size > self.max_bytes // 4 or self._changes.get(study) != generation:
+            return None
+        path = self.directory / hashlib.sha256(key.encode()).hexdigest()
+        try:
+            await asyncio.to_thread(_write_with, path, write)
+        except OSError as exc:
+            log.warning("facade cache: cannot keep a video: %s", exc.strerror or type(exc).__name__)
+            return None
+        if self._changes.get(study) != generation:  # changed while it was written
+            path.unlink(missing_ok=True)
+            return None
+        if key in self.index:
+            self._pop(key)
+        self.index[key] = _Entry(path, size, media, 0.0)
+        self._by_study.setdefault(study, set()).add(key)
+        self.bytes += size
+        while self.bytes > self.max_bytes and next(iter(self.index)) != key:
+            self._drop(next(iter(self.index)))
+        return path
+
     def derived(self, study: str, series: str, sop: str, image_set: str | None, name: str) -> Any | None:
         """What `remember` kept under ``name`` for an instance, while its metadata is
         in the cache (a hit on that metadata), else None. A frame request needs its
@@ -435,6 +480,11 @@ def _frame_key(study: str, series: str, sop: str, number: int, image_set: str | 
     return f"{study}/{series}/{sop}/frame/{number}{_scope(image_set)}" + (f">{target}" if target else "")
 
 
+def _video_key(study: str, series: str, sop: str, image_set: str | None) -> str:
+    """The key of an instance's video stream."""
+    return f"{study}/{series}/{sop}/video{_scope(image_set)}"
+
+
 def _uid(obj: JsonObject, tag: str) -> str | None:
     """The first value of a UID attribute of a DICOM JSON object (None: absent, or not
     shaped as DICOM JSON: an archive's answer is not trusted to be)."""
@@ -456,6 +506,18 @@ def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` whole by ``write`` or not at all (as `_write_files`)."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # -- HTTP validators -----------------------------------------------------------------

@@ -272,7 +272,7 @@ async def _video(request: web.Request, ref: InstanceRef) -> web.StreamResponse |
     accept = accept_of(request)
     if not asks_video(accept, found[0]):
         return None
-    return await video_of(request, lambda: fetch_instance(request, ref), accept)
+    return await video_of(request, ref, lambda: fetch_instance(request, ref), accept)
 
 
 def _rendered_handler(thumbnail: bool) -> Any:

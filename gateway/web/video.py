@@ -8,25 +8,33 @@ A viewer plays it in a ``<video>`` element pointed at the instance's rendered re
 ``?accept=video/mp4``. A browser then asks byte ranges (``Range: bytes=0-``, and
 another range at each seek) and will not seek in an answer without them, so ranges are
 answered (206, one range; several ranges get the whole stream, as RFC 9110 allows).
-The stream is read from the retrieved instance range by range, never whole; over a
-remote upstream each request retrieves the instance again (a seek costs one retrieval).
+The stream is read from the retrieved instance range by range, never whole. From a
+remote upstream, which can send the instance only whole, the stream is kept in the
+facade's cache after the first request (up to a quarter of ``http.cache.max_mb``), so a
+seek does not retrieve the instance again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
 
 from aiohttp import web
 
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.stream import fragment_spans
 from gateway.dicomweb.accept import MediaRange, parse_accept
+from gateway.retrieval.request import InstanceRef
 from gateway.retrieval.transcode import part10_file
 from gateway.upstream.base import JsonObject, Retrieved
-from gateway.web.common import NotAcceptable, send_streamed
+from gateway.web.common import NotAcceptable, image_set_id, send_streamed
+from gateway.web.keys import CACHE
 
 log = logging.getLogger("gateway.web")
 
@@ -142,14 +150,15 @@ def _unsatisfiable(total: int) -> None:
     raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{total}"})
 
 
-async def answer_video(
-    request: web.Request, retrieved: Retrieved, media: str, spans: Sequence[tuple[int, int]], accept: str | None
-) -> web.StreamResponse:
-    """The video stream, whole or the range asked; 406 when the Accept does not admit
-    the stored kind (no video is transcoded)."""
+# Bytes [start, start + size) of a video stream (blocking).
+Read = Callable[[int, int], bytes]
+
+
+async def answer_video(request: web.Request, read: Read, total: int, media: str, accept: str | None) -> web.StreamResponse:
+    """The ``total``-byte video stream, whole or the range asked; 406 when the Accept
+    does not admit the stored kind (no video is transcoded)."""
     if not acceptable(accept, media):
         raise NotAcceptable(f"this instance is stored as {media} video and served only as such")
-    total = sum(length for _, length in spans)
     asked = byte_range(request.headers.get("Range"), total)
     start, end = asked if asked is not None else (0, total)
     response = web.StreamResponse(status=206 if asked is not None else 200)
@@ -160,25 +169,61 @@ async def answer_video(
 
     async def chunks() -> AsyncIterator[bytes]:
         for at in range(start, end, CHUNK):
-            yield await asyncio.to_thread(_read, retrieved, spans, at, min(CHUNK, end - at))
+            yield await asyncio.to_thread(read, at, min(CHUNK, end - at))
 
     try:
         return await send_streamed(request, response, chunks())
     except ConnectionResetError:  # a browser drops a range it no longer needs
         return response
-    except TranscodeError as exc:
+    except (TranscodeError, OSError) as exc:
         log.error("video of %s: failed after the answer began: %s", request.path, exc)
         if request.transport is not None:
             request.transport.close()
         return response
 
 
+async def _answer_file(request: web.Request, path: Path, media: str, accept: str | None) -> web.StreamResponse | None:
+    """The video kept in the cache at ``path``; None when it was evicted meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return await answer_video(request, partial(_pread, fd), os.fstat(fd).st_size, media, accept)
+    finally:
+        os.close(fd)
+
+
+def _pread(fd: int, start: int, size: int) -> bytes:
+    data = os.pread(fd, size, start)
+    if len(data) != size:
+        raise TranscodeError("the kept video ends early")
+    return data
+
+
+def _copy(retrieved: Retrieved, spans: Sequence[tuple[int, int]], total: int, out: BinaryIO) -> None:
+    """Write the stream the fragments make into ``out`` (blocking)."""
+    for at in range(0, total, CHUNK):
+        out.write(_read(retrieved, spans, at, min(CHUNK, total - at)))
+
+
 async def video_of(
-    request: web.Request, fetch: Callable[[], Awaitable[Retrieved]], accept: str | None
+    request: web.Request, ref: InstanceRef, fetch: Callable[[], Awaitable[Retrieved]], accept: str | None
 ) -> web.StreamResponse | None:
     """The video stream of the instance ``fetch`` retrieves; when it is not stored as
     video, None if the Accept admits an image instead (a video-class instance stored as
-    JPEG frames, asked ``*/*``: rendered as an image), else 406."""
+    JPEG frames, asked ``*/*``: rendered as an image), else 406.
+
+    From a remote upstream the stream is kept in the facade's cache (when it fits in a
+    quarter of it), so the ranges that follow, a seek each, are read from there."""
+    cache = request.app[CACHE]
+    image_set = image_set_id(request)
+    uids = (ref.study_uid, ref.series_uid, ref.sop_instance_uid, image_set)
+    if cache is not None and (kept := cache.video(*uids)) is not None:
+        answer = await _answer_file(request, kept[0], kept[1], accept)
+        if answer is not None:
+            return answer
+    generation = cache.generation(ref.study_uid) if cache is not None else None
     retrieved = await fetch()
     try:
         stored = await stored_video(retrieved)
@@ -186,7 +231,13 @@ async def video_of(
             if not _admits_images(accept):
                 raise NotAcceptable("this instance is not stored as video")
             return None
-        return await answer_video(request, retrieved, *stored, accept)
+        media, spans = stored
+        total = sum(length for _, length in spans)
+        if cache is not None and acceptable(accept, media):
+            path = await cache.keep_video(*uids, media, total, partial(_copy, retrieved, spans, total), generation)
+            if path is not None and (answer := await _answer_file(request, path, media, accept)) is not None:
+                return answer
+        return await answer_video(request, partial(_read, retrieved, spans), total, media, accept)
     finally:
         retrieved.release()
 

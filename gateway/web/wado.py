@@ -805,7 +805,7 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
     if request.match_info["tags"].strip("/").upper() == "7FE00010" and asks_video(accept_of(request), {}):
         # a video's Pixel Data asked as video (OHIF: ?accept=video/mp4), served as /rendered serves it
         try:
-            video = await video_of(request, lambda: fetch_instance(request, ref), accept_of(request))
+            video = await video_of(request, ref, lambda: fetch_instance(request, ref), accept_of(request))
         except Exception as exc:  # noqa: BLE001
             return error_response(exc, what)
         if video is not None:

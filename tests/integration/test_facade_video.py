@@ -2,7 +2,8 @@
 and libx264), stored as Video Photographic Image Storage in MPEG-4 AVC/H.264 High
 Profile (1.2.840.10008.1.2.4.102), its stream split over two fragments. curl asks its
 rendered resource and its Pixel Data bulk data whole and by byte ranges, over the
-embedded archive and over Orthanc; OHIF Viewer 3 in Chromium opens the study and plays
+embedded archive and over Orthanc (retrieved from it once: the ranges after come from
+the facade's cache); OHIF Viewer 3 in Chromium opens the study and plays
 it in its video viewport, seeking (which a browser does only with ranges)."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
 from tests.integration.test_facade_browser import CHROMIUM, _ohif_config
+from tests.support.archiveproxy import ArchiveProxy
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.ohif import ohif_dist
@@ -90,10 +92,12 @@ def test_a_video_is_served_as_its_stream_whole_and_by_ranges(tmp_path: Path, cli
     ds.save_as(path, enforce_file_format=True)
     (ct_path,) = ct_series(tmp_path / "ct", 1, rows=16, columns=16)
     orthanc = Orthanc(workdir=tmp_path / "orthanc") if upstream == "orthanc" else None
-    gw = Gateway(tmp_path / "gw", upstream_url=orthanc.dicomweb_url if orthanc else None)
+    proxy = ArchiveProxy(orthanc.dicomweb_url) if orthanc is not None else None  # counts what reaches Orthanc
+    gw = Gateway(tmp_path / "gw", upstream_url=proxy.url if proxy else None)
     try:
-        if orthanc is not None:
+        if orthanc is not None and proxy is not None:
             orthanc.start()
+            proxy.start()
         gw.start()
         for stored in (path, ct_path):
             r = curl("-X", "POST", f"{gw.web_url}/dicom-web/studies", "--header", "Content-Type: application/dicom",
@@ -122,6 +126,8 @@ def test_a_video_is_served_as_its_stream_whole_and_by_ranges(tmp_path: Path, cli
         # OHIF's other way: the Pixel Data's bulk data URI with ?accept=video/mp4
         bulk = curl(f"{instance}/bulkdata/7FE00010?accept=video/mp4", "--range", "0-99")
         assert bulk.status == 206 and bulk.content_type == "video/mp4" and bulk.body == clip[:100]
+        if proxy is not None:  # retrieved from Orthanc once; every range after from the facade's cache
+            assert sum(p.endswith(f"/instances/{ds.SOPInstanceUID}") for p in proxy.requests) == 1, proxy.requests
         # an image stays an image: */* renders it, a video type is refused
         ct = pydicom.dcmread(ct_path)
         ct_rendered = f"{gw.web_url}/dicom-web/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}/rendered"
@@ -131,6 +137,8 @@ def test_a_video_is_served_as_its_stream_whole_and_by_ranges(tmp_path: Path, cli
         assert "Traceback" not in gw.log()
     finally:
         gw.kill()
+        if proxy is not None:
+            proxy.stop()
         if orthanc is not None:
             orthanc.cleanup()
 
