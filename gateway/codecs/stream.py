@@ -266,23 +266,8 @@ def fragment_spans(fp: BinaryIO) -> tuple[UID, list[tuple[int, int]]]:
     _, length, position = _pixel_element(fp, header.pixel_position)
     if length != UNDEFINED_LENGTH:
         return header.source, []
-    spans: list[tuple[int, int]] = []
-    first = True
-    while True:
-        fp.seek(position)
-        head = fp.read(8)
-        if len(head) != 8:
-            raise TranscodeError("encapsulated Pixel Data without its sequence delimiter")
-        group, element, size = struct.unpack("<HHI", head)
-        tag = group << 16 | element
-        if tag == SEQUENCE_DELIMITER:
-            return header.source, spans
-        if tag != ITEM or size == UNDEFINED_LENGTH:
-            raise TranscodeError(f"unexpected tag ({group:04X},{element:04X}) in encapsulated Pixel Data")
-        if not first:
-            spans.append((position + 8, size))
-        first = False
-        position += 8 + size
+    items = list(_items(fp, position))
+    return header.source, [span for span in items[1:] if span[1] >= 0]
 
 
 def _pixel_element(fp: BinaryIO, position: int) -> tuple[bytes, int, int]:
@@ -342,22 +327,30 @@ def _charset(ds: Dataset) -> list[str]:
     return convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
 
 
-def _end_of_items(fp: BinaryIO, start: int) -> int:
-    """Where encapsulated pixel data starting at ``start`` ends (after its delimiter)."""
+def _items(fp: BinaryIO, start: int) -> Iterator[tuple[int, int]]:
+    """(where its value starts, its length) of each item of the encapsulated pixel data
+    starting at ``start``, the Basic Offset Table first; then, after the sequence
+    delimiter, (where the pixel data ends, -1)."""
     position = start
-    fp.seek(position)
     while True:
+        fp.seek(position)
         head = fp.read(8)
         if len(head) != 8:
             raise TranscodeError("encapsulated Pixel Data without its sequence delimiter")
         group, element, length = struct.unpack("<HHI", head)
         tag = group << 16 | element
         if tag == SEQUENCE_DELIMITER:
-            return position + 8
+            yield position + 8, -1
+            return
         if tag != ITEM or length == UNDEFINED_LENGTH:
             raise TranscodeError(f"unexpected tag ({group:04X},{element:04X}) in encapsulated Pixel Data")
+        yield position + 8, length
         position += 8 + length
-        fp.seek(position)
+
+
+def _end_of_items(fp: BinaryIO, start: int) -> int:
+    """Where encapsulated pixel data starting at ``start`` ends (after its delimiter)."""
+    return next(position for position, length in _items(fp, start) if length < 0)
 
 
 def _encapsulated_frames(fp: BinaryIO, start: int, ds: Dataset, count: int) -> Iterator[bytes]:

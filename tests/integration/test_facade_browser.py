@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from playwright.sync_api import sync_playwright
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
@@ -43,7 +41,6 @@ from tests.support.orthanc import Orthanc
 from tests.support.staticsite import StaticSite
 from tests.support.synth import ct_series
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's, installed by scripts/install-test-deps.sh
 TOKEN = "browser-token"
 
 CORS_PAGE = """<!doctype html><html><body><img id="rendered" alt="rendered">
@@ -69,16 +66,6 @@ async function refused(facade) {
   catch (e) { return e.name; }
 }
 </script></body></html>"""
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,11 @@ import av
 import numpy as np
 import pydicom
 import pytest
-from playwright.sync_api import sync_playwright
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from tests.integration.test_facade_browser import CHROMIUM, _ohif_config
+from tests.integration.test_facade_browser import _ohif_config
 from tests.support.archiveproxy import ArchiveProxy
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
@@ -141,16 +139,6 @@ def test_a_video_is_served_as_its_stream_whole_and_by_ranges(tmp_path: Path, cli
             proxy.stop()
         if orthanc is not None:
             orthanc.cleanup()
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 # The <video> element of OHIF's video viewport (cornerstone draws it into a canvas; it

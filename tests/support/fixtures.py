@@ -69,6 +69,23 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
             scp.cleanup()
 
 
+# Debian's chromium, installed by scripts/install-test-deps.sh; Playwright drives it (no browser download).
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A headless Chromium (Playwright's Browser), closed after the test."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """One throwaway PKI for every TLS test of the run (see tests.support.pki)."""
