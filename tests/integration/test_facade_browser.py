@@ -349,3 +349,52 @@ def test_ohif_viewer_given_a_bearer_token_draws_a_study(tmp_path: Path, browser:
     finally:
         gw.kill()
         site.stop()
+
+
+PDF_SHOWN_JS = """() => { const o = document.querySelector("object[type='application/pdf']"); return !!(o && o.data); }"""
+PDF_JS = """async () => {
+  const o = document.querySelector("object[type='application/pdf']");
+  if (!o || !o.data) return null;
+  const bytes = new Uint8Array(await (await fetch(o.data)).arrayBuffer());
+  return Array.from(bytes.slice(0, 8)).concat([bytes.length]);
+}"""
+
+
+@pytest.mark.slow
+def test_ohif_viewer_shows_an_encapsulated_pdf(tmp_path: Path, browser: Any, ohif: Path) -> None:
+    """A 300 KB PDF report: its Encapsulated Document is bulk data in the metadata, which
+    OHIF's PDF viewport fetches from the facade's bulkdata resource."""
+    pdf = b"%PDF-1.4\n%" + b"x" * 300_000 + b"\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+    pdf += b"\0" * (len(pdf) % 2)
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"  # Encapsulated PDF
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.StudyDescription, ds.Modality = "PDF1", "Report^Pdf", "OHIF pdf", "DOC"
+    ds.SeriesNumber, ds.InstanceNumber, ds.MIMETypeOfEncapsulatedDocument = 1, 1, "application/pdf"
+    ds.EncapsulatedDocument = pdf
+    ds.save_as(tmp_path / "report.dcm", enforce_file_format=True)  # File Meta completed, as a file has it
+    ds = pydicom.dcmread(tmp_path / "report.dcm")
+    site = StaticSite(ohif, spa=True)
+    gw = Gateway(tmp_path / "gw", http={"cors_origins": [site.origin]})
+    try:
+        gw.start()
+        facade = f"{gw.web_url}/dicom-web"
+        assert len(DICOMwebClient(facade).store_instances(datasets=[ds]).ReferencedSOPSequence) == 1
+        gw.wait_counts(delivered=1)
+        site.pages["/app-config.js"] = _ohif_config(facade)
+        site.start()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        bulk: list[int] = []
+        page.on("response", lambda r: bulk.append(r.status) if "/bulkdata/" in r.url else None)
+        page.goto(f"{site.origin}/viewer?StudyInstanceUIDs={ds.StudyInstanceUID}")
+        page.wait_for_function(PDF_SHOWN_JS, timeout=60_000)
+        shown = page.evaluate(PDF_JS)
+        assert bytes(shown[:8]) == pdf[:8] and shown[8] in (len(pdf), len(pdf.rstrip(b"\0")))
+        assert bulk == [200]  # the document came by the facade's bulkdata resource
+        assert "Traceback" not in gw.log()
+    finally:
+        gw.kill()
+        site.stop()
