@@ -398,3 +398,75 @@ def test_ohif_viewer_shows_an_encapsulated_pdf(tmp_path: Path, browser: Any, ohi
     finally:
         gw.kill()
         site.stop()
+
+
+def _segmentation_of(cts: list[pydicom.Dataset]) -> pydicom.Dataset:
+    """A binary SEG (highdicom) of ``cts``: one segment, a square in the middle of each
+    slice, as an AI model's answer routed back to the archive would be."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    rows, columns = cts[0].Rows, cts[0].Columns
+    mask = np.zeros((len(cts), rows, columns), dtype=bool)
+    mask[:, rows * 3 // 8: rows * 5 // 8, columns * 3 // 8: columns * 5 // 8] = True
+    segment = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="lesion", segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
+    return hd.seg.Segmentation(
+        source_images=cts, pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment], series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="dicom-gateway tests", manufacturer_model_name="square",
+        software_versions="1", device_serial_number="1",
+    )
+
+
+@pytest.mark.slow
+def test_ohif_viewer_overlays_a_segmentation(tmp_path: Path, browser: Any, ohif: Path) -> None:
+    """A CT series and a binary SEG of it (1-bit pixel data, three frames): OHIF loads
+    the SEG through the facade and draws its segment over the slice."""
+    cts = _viewer_study(tmp_path / "ct")[:3]
+    frame_of_reference = generate_uid()
+    for ds in cts:  # what highdicom wants of its source images
+        ds.FrameOfReferenceUID, ds.PatientOrientation = frame_of_reference, ""
+        ds.PatientBirthDate, ds.PatientSex, ds.StudyID, ds.AccessionNumber = "", "", "1", ""
+        ds.ReferringPhysicianName, ds.StudyDate, ds.StudyTime = "", "20260101", "120000"
+    seg = _segmentation_of(cts)
+    site = StaticSite(ohif, spa=True)
+    gw = Gateway(tmp_path / "gw", http={"cors_origins": [site.origin]})
+    try:
+        gw.start()
+        facade = f"{gw.web_url}/dicom-web"
+        assert len(DICOMwebClient(facade).store_instances(datasets=[*cts, seg]).ReferencedSOPSequence) == 4
+        gw.wait_counts(delivered=4)
+        site.pages["/app-config.js"] = _ohif_config(facade)
+        site.start()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        statuses: list[int] = []
+        page.on("response", lambda r: statuses.append(r.status) if r.url.startswith(facade) else None)
+        page.goto(f"{site.origin}/viewer?StudyInstanceUIDs={cts[0].StudyInstanceUID}")
+        page.wait_for_function(f"({DECODED_JS})() !== null", timeout=60_000)
+        for label in ("Skip all", "Confirm and hide"):
+            button = page.get_by_role("button", name=label)
+            if button.count():
+                button.first.click()
+        page.get_by_text("SEG", exact=True).last.dblclick(force=True)  # the SEG series in the study browser
+        page.get_by_role("button", name="Yes").click(timeout=30_000)  # "Do you want to open this Segmentation?"
+        deadline = time.monotonic() + 30
+        while True:
+            page.locator(".cornerstone-viewport-element").first.screenshot(path=str(tmp_path / "seg.png"))
+            shot = np.asarray(Image.open(tmp_path / "seg.png").convert("RGB"), dtype=np.float64)
+            h, w = shot.shape[:2]
+            middle = shot[h * 9 // 20: h * 11 // 20, w * 9 // 20: w * 11 // 20]
+            beside = shot[h * 9 // 20: h * 11 // 20, w * 2 // 10: w * 3 // 10]  # the slice, left of the segment
+            red = (middle[..., 0] - middle[..., 1]).mean()
+            if red > 30:
+                break
+            assert time.monotonic() < deadline, f"no segment drawn (red excess {red:.1f})"
+            page.wait_for_timeout(500)
+        assert abs((beside[..., 0] - beside[..., 1]).mean()) < 5  # grey where there is no segment
+        assert statuses and all(status == 200 for status in statuses), statuses
+        assert "Traceback" not in gw.log()
+    finally:
+        gw.kill()
+        site.stop()
