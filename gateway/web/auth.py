@@ -35,7 +35,7 @@ WRITE_METHODS = frozenset({"POST", "PUT", "DELETE"})  # STOW-RS, Azure's PUT, DE
 READ_METHODS = "GET, HEAD, OPTIONS"
 CORS_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, X-Requested-With"
-EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Warning, Retry-After, ETag"
+EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Range, Accept-Ranges, Warning, Retry-After, ETag"
 
 
 def _equal(given: str, wanted: str) -> bool:
