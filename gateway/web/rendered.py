@@ -312,7 +312,8 @@ def _rendered_handler(thumbnail: bool) -> Any:
 async def wado_uri(request: web.Request) -> web.StreamResponse:
     """WADO-URI: ``requestType=WADO&studyUID&seriesUID&objectUID`` with ``contentType``
     (application/dicom, the default here as the SIIM guide expects; image/jpeg,
-    image/png, image/gif), ``frameNumber``, ``rows``/``columns``,
+    image/png, image/gif; a video instance's own video/mp4, video/mpeg or video/H265,
+    byte ranges answered), ``frameNumber``, ``rows``/``columns``,
     ``windowCenter``/``windowWidth``, ``transferSyntax``."""
     q = request.query
     if q.get("requestType") != "WADO":
@@ -335,8 +336,12 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
                 return answer
             finally:
                 body.release()
+        if content_type.startswith("video/"):  # the stored video, as the rendered resource serves it
+            video = await video_of(request, ref, lambda: fetch_instance(request, ref), content_type)
+            if video is not None:
+                return video
         if content_type not in FORMATS:
-            raise NotAcceptable("WADO-URI serves application/dicom, image/jpeg, image/png and image/gif")
+            raise NotAcceptable("WADO-URI serves application/dicom, image/jpeg, image/png, image/gif and a video's own video/*")
         window = None
         if "windowCenter" in q and "windowWidth" in q:
             center, width = _numbers("windowCenter", q["windowCenter"], 1)[0], _numbers("windowWidth", q["windowWidth"], 1)[0]

@@ -1,7 +1,7 @@
 """Video instances through the facade: an H.264 clip in MP4 (written by PyAV's FFmpeg
 and libx264), stored as Video Photographic Image Storage in MPEG-4 AVC/H.264 High
 Profile (1.2.840.10008.1.2.4.102), its stream split over two fragments. curl asks its
-rendered resource and its Pixel Data bulk data whole and by byte ranges, over the
+rendered resource, its Pixel Data bulk data and WADO-URI, whole and by byte ranges, over the
 embedded archive and over Orthanc (retrieved from it once: the ranges after come from
 the facade's cache); OHIF Viewer 3 in Chromium opens the study and plays
 it in its video viewport, seeking (which a browser does only with ranges)."""
@@ -121,6 +121,10 @@ def test_a_video_is_served_as_its_stream_whole_and_by_ranges(tmp_path: Path, cli
         assert curl(f"{rendered}?accept=video/mp4", "--header", "Accept: video/*").body == clip
         refused = curl(rendered, "--header", "Accept: video/mpeg")
         assert refused.status == 406 and b"video/mp4" in refused.body
+        wado_uri = (f"{gw.web_url}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}&seriesUID={ds.SeriesInstanceUID}"
+                    f"&objectUID={ds.SOPInstanceUID}&contentType=video/mp4")
+        by_uri = curl(wado_uri, "--range", "10-19")
+        assert by_uri.status == 206 and by_uri.content_type == "video/mp4" and by_uri.body == clip[10:20]
         # OHIF's other way: the Pixel Data's bulk data URI with ?accept=video/mp4
         bulk = curl(f"{instance}/bulkdata/7FE00010?accept=video/mp4", "--range", "0-99")
         assert bulk.status == 206 and bulk.content_type == "video/mp4" and bulk.body == clip[:100]
