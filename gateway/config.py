@@ -67,6 +67,10 @@ class Peer:
     # Its associations must present a user identity the gateway accepts
     # ([dimse.user_identity]), as every association must with its ``required``.
     require_user_identity: bool = False
+    # The user the gateway names in its own associations to it (User Identity
+    # Negotiation), by user name alone or with ``passcode``: for a PACS that requires one.
+    user: str = ""
+    passcode: str = field(default="", repr=False)
 
     def accepts_address(self, address: str) -> bool:
         """Whether an association under this AE title may come from ``address``."""
@@ -535,6 +539,9 @@ def _peer(reader: _Reader) -> Peer:
     max_associations = reader.integer("max_associations", 0, 0, 1000)
     tls = reader.boolean("tls", False)
     require_user_identity = reader.boolean("require_user_identity", False)
+    user, passcode = reader.string("user", ""), reader.string("passcode", "")
+    if passcode and not user:
+        reader.problems.append(f"{reader.path}.passcode: needs a user")
     syntaxes: list[str] = []
     for name in _strings(reader, "transfer_syntaxes"):
         uid = name if is_valid_uid(name) else str(getattr(pydicom.uid, name, ""))
@@ -550,7 +557,10 @@ def _peer(reader: _Reader) -> Peer:
         except OSError as exc:
             reader.problems.append(f"{reader.path}.host: cannot resolve {host!r} ({exc.strerror or exc})")
     reader.finish()
-    return Peer(ae, host, port, permissions, addresses, any_host, max_associations, tls, tuple(syntaxes), require_user_identity)
+    return Peer(
+        ae, host, port, permissions, addresses, any_host, max_associations, tls, tuple(syntaxes), require_user_identity,
+        user, passcode,
+    )
 
 
 def _dimse(r: _Reader) -> DimseConfig:

@@ -212,8 +212,10 @@ def encode_associate_rq(
     implementation_class_uid: str,
     implementation_version_name: str,
     roles: list[RoleSelection] = (),  # type: ignore[assignment]
+    identity: UserIdentity | None = None,
 ) -> bytes:
-    """A-ASSOCIATE-RQ (PS3.8 9.3.2) proposing ``contexts`` (odd ids, at most 128)."""
+    """A-ASSOCIATE-RQ (PS3.8 9.3.2) proposing ``contexts`` (odd ids, at most 128),
+    naming ``identity``'s user when given (PS3.7 D.3.3.7)."""
     if not contexts or len(contexts) > 128:
         raise ValueError(f"{len(contexts)} presentation contexts; 1 to 128 allowed")
     body = struct.pack(">HH", 1, 0) + _ae(called_ae) + _ae(calling_ae) + b"\x00" * 32
@@ -226,6 +228,10 @@ def encode_associate_rq(
     user += _item(0x52, implementation_class_uid.encode())
     user += _encode_roles(roles)
     user += _item(0x55, implementation_version_name.encode()[:16])
+    if identity is not None:
+        user += _item(0x58, bytes([identity.type, identity.positive_response]) + b"".join(
+            struct.pack(">H", len(value)) + value for value in (identity.primary, identity.secondary)
+        ))
     body += _item(0x50, user)
     return _pdu(A_ASSOCIATE_RQ, body)
 

@@ -84,10 +84,12 @@ REJECT_REASONS = {
 class AssociationRejected(RequestorError):
     """The peer answered A-ASSOCIATE-RJ."""
 
-    def __init__(self, result: int, source: int, reason: int) -> None:
+    def __init__(self, result: int, source: int, reason: int, named_user: bool = False) -> None:
         words = REJECT_REASONS.get((source, reason), f"source {source}, reason {reason}")
         kind = {1: "permanent", 2: "transient"}.get(result, f"result {result}")
-        super().__init__(f"association rejected ({kind}: {words})")
+        # an acceptor refusing a user identity answers source 2 (its ACSE function)
+        hint = "; the peer may not accept the user the gateway named (its peer entry's user and passcode)"
+        super().__init__(f"association rejected ({kind}: {words}{hint if named_user and source == 2 else ''})")
         self.result, self.source, self.reason = result, source, reason
 
 
@@ -268,10 +270,12 @@ class StoreRequestor:
         dimse_timeout: float,
         roles: list[pdu.RoleSelection] = (),  # type: ignore[assignment]
         tls: ssl.SSLContext | None = None,
+        identity: pdu.UserIdentity | None = None,
     ) -> StoreRequestor:
         """Open the association proposing ``(sop class, [transfer syntaxes])`` contexts
         (and ``roles``: SCP/SCU Role Selection, e.g. our SCP role for Storage Commitment),
-        over TLS with ``tls`` (the peer's certificate checked against ``host``)."""
+        over TLS with ``tls`` (the peer's certificate checked against ``host``), naming
+        ``identity``'s user."""
         if not proposals or len(proposals) > MAX_CONTEXTS:
             raise ValueError(f"{len(proposals)} presentation contexts; 1 to {MAX_CONTEXTS} allowed")
         contexts = [pdu.PresentationContextRQ(2 * i + 1, sop, list(ts)) for i, (sop, ts) in enumerate(proposals)]
@@ -301,13 +305,13 @@ class StoreRequestor:
             writer.write(
                 pdu.encode_associate_rq(
                     called_ae, calling_ae, contexts, max_pdu, IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
-                    list(roles),
+                    list(roles), identity,
                 )
             )
             await drain(writer, acse_timeout)
             pdu_type, body = await read_pdu(reader, acse_timeout, 1 << 20)
             if pdu_type == pdu.A_ASSOCIATE_RJ:
-                raise AssociationRejected(*pdu.parse_associate_rj(body))
+                raise AssociationRejected(*pdu.parse_associate_rj(body), identity is not None)
             if pdu_type != pdu.A_ASSOCIATE_AC:
                 raise RequestorError(f"peer answered the association request with PDU type 0x{pdu_type:02x}")
             ac = pdu.parse_associate_ac(body)
@@ -331,12 +335,16 @@ class StoreRequestor:
     ) -> StoreRequestor:
         """Open an association to a configured peer the way the gateway always calls
         one: from ``dimse.ae_title``, with ``dimse.max_pdu_size``, the ``dimse``
-        timeouts (or ``timeout`` for all of them) and TLS when the peer asks for it."""
+        timeouts (or ``timeout`` for all of them), TLS when the peer asks for it, and the
+        peer entry's ``user`` (and ``passcode``) named in the request."""
         d = config.dimse
         return await cls.connect(
             peer.host, peer.port, d.ae_title, peer.ae_title, proposals, max_pdu=d.max_pdu_size,
             connect_timeout=timeout or d.acse_timeout, acse_timeout=timeout or d.acse_timeout,
             dimse_timeout=timeout or d.dimse_timeout, roles=roles, tls=config.peer_tls(peer),
+            identity=pdu.UserIdentity(
+                2 if peer.passcode else 1, False, peer.user.encode("utf-8"), peer.passcode.encode("utf-8")
+            ) if peer.user else None,
         )
 
     def context_for(self, sop_class: str, transfer_syntax: str) -> int | None:

@@ -69,6 +69,17 @@ def test_the_reply_is_what_pynetdicom_reads_as_one() -> None:
     assert b"\x59\x00" not in pdu.encode_associate_ac(rq, [], 16384, "1.2.3", "GW")
 
 
+def test_the_gateway_names_its_user_in_its_own_requests() -> None:
+    identity = pdu.UserIdentity(2, False, b"gateway-a", b"s3cret")
+    encoded = pdu.encode_associate_rq("PACS", "GW", [CONTEXT], 16384, "1.2.3", "TEST", [], identity)
+    assert pdu.parse_associate_rq(encoded[6:]).user_identity == identity
+    start = encoded.index(b"\x58\x00")
+    item = UserIdentitySubItemRQ()
+    item.decode(encoded[start:])
+    assert (item.user_identity_type, item.primary_field, item.secondary_field) == (2, b"gateway-a", b"s3cret")
+    assert pdu.parse_associate_rq(pdu.encode_associate_rq("PACS", "GW", [CONTEXT], 16384, "1.2.3", "TEST")[6:]).user_identity is None
+
+
 USERS = UserIdentityConfig(users=(("tech1", "s3cret"),), jwt=True)
 WS1 = Peer("WS1", "127.0.0.1", 104, require_user_identity=True)
 MODALITY = Peer("CT1", "127.0.0.1", 104)

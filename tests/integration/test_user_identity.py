@@ -7,10 +7,12 @@ the gateway's log line, the rejection counted, and the user in the audit trail."
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
@@ -136,3 +138,48 @@ def test_an_address_guessing_passcodes_is_turned_away(tmp_path: Path, gateway: C
     log = gw.log()
     assert "127.0.0.1: 3 failed user identities within a minute" in log
     assert "too many failed user identities from 127.0.0.1; turned away for" in log
+
+
+def test_the_gateway_names_its_own_user_to_a_peer_that_requires_one(tmp_path: Path, gateway: Callable[..., Gateway]) -> None:
+    """Gateway A calls gateway B (which requires a user of A's AE title) as a C-MOVE
+    destination and for ``peers --echo``: with the user and passcode of B's peer entry
+    in A it gets in, named; without them, or with a wrong passcode, it is rejected and
+    says why."""
+    receiver = gateway(
+        ae_title="GWB", env={"GW_A_PASSCODE": PASSCODE},
+        extra=(
+            '\n[dimse.user_identity]\nusers = { "gateway-a" = "env:GW_A_PASSCODE" }\n'
+            '\n[[dimse.peers]]\nae_title = "GWA"\nhost = "127.0.0.1"\nport = 104\nrequire_user_identity = true\n'
+        ),
+    )
+
+    def entry(title: str, *lines: str) -> str:
+        return f'\n[[dimse.peers]]\nae_title = "{title}"\nhost = "127.0.0.1"\nport = {receiver.port}\n' + "".join(f"{line}\n" for line in lines)
+
+    sender = gateway(
+        ae_title="GWA", env={"GW_B_PASSCODE": PASSCODE},
+        extra=(
+            entry("GWB", 'user = "gateway-a"', 'passcode = "env:GW_B_PASSCODE"')
+            + entry("GWB_ANONYMOUS")  # the same gateway, called without a user
+            + entry("GWB_WRONG", 'user = "gateway-a"', 'passcode = "guess"')
+        ),
+    )
+    files = ct_series(tmp_path / "ct", 2, rows=16, columns=16)
+    assert dcmtk.storescu(sender.port, files, sender.ae_title).returncode == 0
+    sender.wait_counts(delivered=2)
+
+    echoed = sender.cli("peers", "--echo", "--json", "--timeout", "10")
+    rows = {r["ae_title"]: r["echo"] for r in json.loads(echoed.stdout)}
+    assert rows["GWB"]["ok"], rows
+    for refused in ("GWB_ANONYMOUS", "GWB_WRONG"):
+        assert not rows[refused]["ok"] and rows[refused]["detail"].startswith("association rejected (permanent: no reason given"), rows
+    assert "may not accept the user the gateway named" in rows["GWB_WRONG"]["detail"]
+
+    study = {"StudyInstanceUID": str(pydicom.dcmread(files[0]).StudyInstanceUID)}
+    moved = dcmtk.movescu(sender.port, sender.ae_title, "GWB", {"QueryRetrieveLevel": "STUDY", **study})
+    assert moved.returncode == 0, moved.stderr
+    receiver.wait_counts(delivered=2)
+    log = receiver.log()
+    assert "association accepted from GWA@127.0.0.1" in log and "user gateway-a (user name and passcode)" in log
+    assert "no user identity (one is required)" in log and "user 'gateway-a': unknown user or wrong passcode" in log
+    assert PASSCODE not in sender.log() + log
