@@ -147,7 +147,7 @@ class UserIdentityConfig:
     ``users``, and, with ``jwt``, by an access token of ``[http.auth.oidc]``'s provider.
     ``required``: an association that names no accepted user is rejected."""
 
-    users: tuple[tuple[str, str], ...] = ()  # (user, passcode)
+    users: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (user, passcode)
     jwt: bool = False
     required: bool = False
     # Failed passcodes and tokens per address and minute before its associations that
