@@ -309,13 +309,20 @@ class LocalUpstream:
         return objects
 
     def _read_metadata(self, names: list[str]) -> list[JsonObject]:
+        """Each file's metadata, with Available Transfer Syntax UID (0008,3002): the one
+        it is stored in, so a viewer tells a video (OHIF's video viewport takes an
+        H.264 ultrasound clip by it) or a compressed instance from its metadata alone."""
         out: list[JsonObject] = []
         for name in names:
             try:
                 ds = pydicom.dcmread(self.root / name, defer_size=BULK_DATA_THRESHOLD)
             except FileNotFoundError:
                 continue  # deleted meanwhile
-            out.append(metadata_json(ds))
+            obj = metadata_json(ds)
+            stored = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+            if stored:  # in its place in tag order
+                obj = dict(sorted({**obj, "00083002": {"vr": "UI", "Value": [stored]}}.items()))
+            out.append(obj)
         return out
 
     async def retrieve_frames(

@@ -130,6 +130,9 @@ def test_a_video_is_served_as_its_stream_whole_and_by_ranges(tmp_path: Path, cli
         assert bulk.status == 206 and bulk.content_type == "video/mp4" and bulk.body == clip[:100]
         if proxy is not None:  # retrieved from Orthanc once; every range after from the facade's cache
             assert sum(p.endswith(f"/instances/{ds.SOPInstanceUID}") for p in proxy.requests) == 1, proxy.requests
+        metadata = curl(f"{instance}/metadata", "--header", "Accept: application/dicom+json").json()[0]
+        if upstream == "local":  # the stored syntax, by which OHIF tells a video from its metadata
+            assert metadata["00083002"] == {"vr": "UI", "Value": [H264_HIGH]}
         # an image stays an image: */* renders it, a video type is refused
         ct = pydicom.dcmread(ct_path)
         ct_rendered = f"{gw.web_url}/dicom-web/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/{ct.SOPInstanceUID}/rendered"
