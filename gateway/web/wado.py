@@ -806,6 +806,8 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
         # a video's Pixel Data asked as video (OHIF: ?accept=video/mp4), served as /rendered serves it
         try:
             video = await video_of(request, ref, lambda: fetch_instance(request, ref), accept_of(request))
+        except web.HTTPException:  # 416: a range past the end
+            raise
         except Exception as exc:  # noqa: BLE001
             return error_response(exc, what)
         if video is not None:

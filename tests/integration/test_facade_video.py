@@ -128,6 +128,7 @@ def test_a_video_is_served_as_its_stream_whole_and_by_ranges(tmp_path: Path, cli
         # OHIF's other way: the Pixel Data's bulk data URI with ?accept=video/mp4
         bulk = curl(f"{instance}/bulkdata/7FE00010?accept=video/mp4", "--range", "0-99")
         assert bulk.status == 206 and bulk.content_type == "video/mp4" and bulk.body == clip[:100]
+        assert curl(f"{instance}/bulkdata/7FE00010?accept=video/mp4", "--range", f"{len(clip)}-").status == 416
         if proxy is not None:  # retrieved from Orthanc once; every range after from the facade's cache
             assert sum(p.endswith(f"/instances/{ds.SOPInstanceUID}") for p in proxy.requests) == 1, proxy.requests
         metadata = curl(f"{instance}/metadata", "--header", "Accept: application/dicom+json").json()[0]
