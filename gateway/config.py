@@ -153,6 +153,13 @@ class UserIdentityConfig:
     # Failed passcodes and tokens per address and minute before its associations that
     # name a user are rejected for the rest of that minute (0: no limit).
     max_failures_per_minute: int = 20
+    # (user, permissions): what an association of that verified user may do, within
+    # its peer's permissions; a user not listed keeps the peer's.
+    permissions: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    def user_permissions(self, user: str) -> frozenset[str] | None:
+        """The permissions ``permissions`` gives ``user``, None when it gives none."""
+        return dict(self.permissions).get(user)
 
     @property
     def enabled(self) -> bool:
@@ -612,8 +619,8 @@ def _dimse(r: _Reader) -> DimseConfig:
 
 def _user_identity(r: _Reader) -> UserIdentityConfig:
     """``[dimse.user_identity]``: ``users`` a table of user = passcode (each may be
-    ``env:NAME``, as every secret), ``jwt`` and ``required`` booleans, and
-    ``max_failures_per_minute``."""
+    ``env:NAME``, as every secret), ``jwt`` and ``required`` booleans,
+    ``max_failures_per_minute``, and ``permissions`` a table of user = [permissions]."""
     users: list[tuple[str, str]] = []
     raw = r._raw("users")
     if raw is not None and not isinstance(raw, dict):
@@ -626,9 +633,20 @@ def _user_identity(r: _Reader) -> UserIdentityConfig:
                 r.problems.append(f"{table._key(user)}: expected a passcode")
             else:
                 users.append((user, passcode))
+    permissions: list[tuple[str, frozenset[str]]] = []
+    raw = r._raw("permissions")
+    if raw is not None and not isinstance(raw, dict):
+        r.problems.append(f"{r._key('permissions')}: expected a table of user = [permissions]")
+    elif raw is not None:
+        for user, granted in raw.items():
+            if not isinstance(granted, list) or not set(granted) <= PERMISSIONS or not all(isinstance(g, str) for g in granted):
+                r.problems.append(f"{r._key('permissions')}.{user}: expected a list of {', '.join(sorted(PERMISSIONS))}")
+            else:
+                permissions.append((user, frozenset(granted)))
     cfg = UserIdentityConfig(
         tuple(users), r.boolean("jwt", False), r.boolean("required", False),
         r.integer("max_failures_per_minute", UserIdentityConfig.max_failures_per_minute, 0, 1_000_000),
+        tuple(permissions),
     )
     if cfg.required and not cfg.enabled:
         r.problems.append(f"{r._key('required')}: no identity could ever be accepted; set users or jwt = true")

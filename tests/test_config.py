@@ -88,6 +88,7 @@ def test_shipped_default_is_valid_and_local() -> None:
         ({"dimse": {"user_identity": {"jwt": True}}}, "dimse.user_identity.jwt: needs [http.auth.oidc]"),
         ({"dimse": {"user_identity": {"users": {"tech1": ""}}}}, "dimse.user_identity.users.tech1: expected a passcode"),
         ({"dimse": {"user_identity": {"users": ["tech1"]}}}, "dimse.user_identity.users: expected a table of user = passcode"),
+        ({"dimse": {"user_identity": {"users": {"a": "b"}, "permissions": {"a": ["fly"]}}}}, "dimse.user_identity.permissions.a: expected a list of find, get, move, store"),
         (
             {"dimse": {"peers": [{"ae_title": "WS1", "host": "127.0.0.1", "port": 104, "require_user_identity": True}]}},
             "dimse.peers[0].require_user_identity: needs [dimse.user_identity] users or jwt = true",

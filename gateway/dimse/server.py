@@ -33,7 +33,7 @@ from gateway.dimse.association import (
     read_pdu,
 )
 from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VERIFICATION, response
-from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, Outcome, TokenCheck, check_identity
+from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, Identity, Outcome, TokenCheck, check_identity
 from gateway.lockout import FailedLogins
 from gateway.audit.auditor import Auditor, dimse_participant, ip_of
 from gateway.audit.message import Participant
@@ -197,9 +197,12 @@ class DimseServer:
     # ---- negotiation ----------------------------------------------------------------
 
     def negotiate(
-        self, rq: pdu.AssociateRQ, address: str
+        self, rq: pdu.AssociateRQ, address: str, identity: Identity | None = None
     ) -> tuple[Rejection | None, list[pdu.PresentationContextAC]]:
-        """Decide on an A-ASSOCIATE-RQ from ``address``: a rejection, or the context results."""
+        """Decide on an A-ASSOCIATE-RQ from ``address``: a rejection, or the context
+        results. A service is refused up front (its contexts rejected) that the calling
+        peer's ``permissions`` leave out, or the verified ``identity``'s user's
+        ``[dimse.user_identity] permissions``."""
         d = self.config.dimse
         if rq.application_context != pdu.APPLICATION_CONTEXT:
             return Rejection(RJ_APPLICATION_CONTEXT, "application_context", "application context not supported"), []
@@ -224,6 +227,10 @@ class DimseServer:
                 RJ_LOCAL_LIMIT_EXCEEDED, "too_many_associations_for_peer",
                 f"too many associations from {peer.ae_title} (its max_associations, {peer.max_associations})",
             ), []
+        limits = peer.permissions if peer is not None else None
+        granted = d.user_identity.user_permissions(identity.user) if identity is not None and identity.verified else None
+        if granted is not None:
+            limits = granted if limits is None else limits & granted
         # Storage classes a C-GET requester wants to receive (it asks for the SCP role).
         receiving = {r.sop_class_uid for r in rq.roles if r.scp_role}
         results = []
@@ -231,8 +238,8 @@ class DimseServer:
             proposed = pc.transfer_syntaxes or [""]
             needed = permission_for(pc.abstract_syntax)
             allowed_by = {needed, "get"} if needed == "store" and pc.abstract_syntax in receiving else {needed}
-            if peer is not None and needed is not None and not allowed_by & peer.permissions:
-                # A known peer without this permission: refuse the service up front.
+            if limits is not None and needed is not None and not allowed_by & limits:
+                # A known peer or a user without this permission: refuse the service up front.
                 results.append(pdu.PresentationContextAC(pc.id, pdu.PC_USER_REJECTED, proposed[0]))
                 continue
             if is_storage_class(pc.abstract_syntax):
@@ -379,8 +386,8 @@ class DimseServer:
         outcome = Outcome()
         if reject is None and d.user_identity.enabled:
             reject, outcome = await self._identify(rq, address)
-            if reject is None:  # a token's check may have waited on the provider: the limits are taken again
-                reject, results = self.negotiate(rq, address)
+            if reject is None:  # with the user's permissions; and a token's check may have waited: limits again
+                reject, results = self.negotiate(rq, address, outcome.identity)
         if reject is not None:
             log.warning(
                 "association from %s@%s to %s rejected: %s (result %d, source %d, reason %d)",

@@ -183,3 +183,33 @@ def test_the_gateway_names_its_own_user_to_a_peer_that_requires_one(tmp_path: Pa
     assert "association accepted from GWA@127.0.0.1" in log and "user gateway-a (user name and passcode)" in log
     assert "no user identity (one is required)" in log and "user 'gateway-a': unknown user or wrong passcode" in log
     assert PASSCODE not in sender.log() + log
+
+
+def test_each_user_gets_the_services_its_permissions_name(gateway: Callable[..., Gateway]) -> None:
+    """tech1 may only store, rad1 only search and retrieve: the contexts of the other
+    services are rejected up front (user rejection), whatever the peer may do."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    gw = gateway(
+        env={"GW_TECH1_PASSCODE": PASSCODE, "GW_RAD1_PASSCODE": PASSCODE + "!"},
+        extra=(
+            '\n[dimse.user_identity]\nusers = { tech1 = "env:GW_TECH1_PASSCODE", rad1 = "env:GW_RAD1_PASSCODE" }\n'
+            'permissions = { tech1 = ["store"], rad1 = ["find", "move"] }\n'
+        ),
+    )
+
+    def accepted_as(user: str, passcode: str) -> set[str]:
+        ae = AE(ae_title="WS1")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_requested_context(CTImageStorage)
+        identity = UserIdentityNegotiation()
+        identity.user_identity_type = 2
+        identity.primary_field, identity.secondary_field = user.encode(), passcode.encode()
+        assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, ext_neg=[identity])
+        assert assoc.is_established
+        names = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        assoc.release()
+        return names
+
+    assert accepted_as("tech1", PASSCODE) == {CTImageStorage}
+    assert accepted_as("rad1", PASSCODE + "!") == {StudyRootQueryRetrieveInformationModelFind}
