@@ -319,7 +319,7 @@ class LocalUpstream:
             except FileNotFoundError:
                 continue  # deleted meanwhile
             obj = metadata_json(ds)
-            stored = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+            stored = str(ds.file_meta.get("TransferSyntaxUID", ""))
             if stored:  # in its place in tag order
                 obj = dict(sorted({**obj, "00083002": {"vr": "UI", "Value": [stored]}}.items()))
             out.append(obj)

@@ -140,11 +140,19 @@ class FacadeCache:
             log.warning("facade cache: cannot write an entry: %s", exc.strerror or type(exc).__name__)
             return
         for key, data, path in kept:
-            if key in self.index:
-                self._pop(key)
-            self.index[key] = _Entry(path, len(data), syntax, expires)
-            self._by_study.setdefault(key.split("/", 1)[0], set()).add(key)
-            self.bytes += len(data)
+            self._admit(key, path, len(data), syntax, expires)
+        self._evict()
+
+    def _admit(self, key: str, path: Path, size: int, syntax: str, expires: float) -> None:
+        """Index the file just written for ``key`` (replacing its entry)."""
+        if key in self.index:
+            self._pop(key)
+        self.index[key] = _Entry(path, size, syntax, expires)
+        self._by_study.setdefault(key.split("/", 1)[0], set()).add(key)
+        self.bytes += size
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries until the cache is within its bound."""
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self.index)))
 
@@ -391,13 +399,8 @@ class FacadeCache:
         if self._changes.get(study) != generation:  # changed while it was written
             path.unlink(missing_ok=True)
             return None
-        if key in self.index:
-            self._pop(key)
-        self.index[key] = _Entry(path, size, media, 0.0)
-        self._by_study.setdefault(study, set()).add(key)
-        self.bytes += size
-        while self.bytes > self.max_bytes and next(iter(self.index)) != key:
-            self._drop(next(iter(self.index)))
+        self._admit(key, path, size, media, 0.0)
+        self._evict()  # never this entry: it is the newest, and at most a quarter of the bound
         return path
 
     def derived(self, study: str, series: str, sop: str, image_set: str | None, name: str) -> Any | None:
@@ -498,19 +501,13 @@ def _uid(obj: JsonObject, tag: str) -> str | None:
 def _write_files(items: Sequence[tuple[Path, bytes]]) -> None:
     """Write each ``path`` whole or not at all (a reader never sees half an entry)."""
     for path, data in items:
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent writers of one key
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_with(path, lambda fh, data=data: fh.write(data))
 
 
-def _write_with(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` whole by ``write`` or not at all (as `_write_files`)."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+def _write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` by ``write`` into a file of its own, renamed into place when done;
+    nothing is left of it if writing fails."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # concurrent writers of one key
     try:
         with open(tmp, "wb") as fh:
             write(fh)

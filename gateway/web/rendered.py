@@ -205,8 +205,10 @@ async def rendered_image(
     )
 
 
-async def render(request: web.Request, ref: InstanceRef, frame: int, options: RenderOptions) -> web.Response:
-    return web.Response(body=await rendered_image(request, ref, frame, options), content_type=_media(options))
+async def render(
+    request: web.Request, ref: InstanceRef, frame: int, options: RenderOptions, metadata: JsonObject | None = None
+) -> web.Response:
+    return web.Response(body=await rendered_image(request, ref, frame, options, metadata), content_type=_media(options))
 
 
 async def render_each(request: web.Request, study: str, series: str | None, options: RenderOptions) -> web.StreamResponse:
@@ -263,14 +265,11 @@ def _number(obj: JsonObject, key: str) -> float:
         return 0.0
 
 
-async def _video(request: web.Request, ref: InstanceRef) -> web.StreamResponse | None:
+async def _video(request: web.Request, ref: InstanceRef, metadata: JsonObject) -> web.StreamResponse | None:
     """The instance's video when the request asks for it (`asks_video`: by name, or
     ``*/*`` of a video instance) and it is stored as video; else None, to render it."""
-    found = await metadata_of(request, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
-    if not found:
-        raise NotFound("no such instance")
     accept = accept_of(request)
-    if not asks_video(accept, found[0]):
+    if not asks_video(accept, metadata):
         return None
     return await video_of(request, ref, lambda: fetch_instance(request, ref), accept)
 
@@ -280,9 +279,14 @@ def _rendered_handler(thumbnail: bool) -> Any:
         uids = path_uids(request)
         what = subject("thumbnail" if thumbnail else "rendered", request)
         try:
+            metadata = None  # an instance's, read once for the video check and the rendering
             if "instance" in uids and not thumbnail and "frames" not in request.match_info:
                 ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
-                video = await _video(request, ref)
+                found = await metadata_of(request, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
+                if not found:
+                    raise NotFound("no such instance")
+                metadata = found[0]
+                video = await _video(request, ref, metadata)
                 if video is not None:
                     return video
             options = rs_options(request, thumbnail)
@@ -298,7 +302,7 @@ def _rendered_handler(thumbnail: bool) -> Any:
                 ref = await _first_instance(request, uids["study"], uids.get("series"))
             else:
                 return await render_each(request, uids["study"], uids.get("series"), options)
-            return await render(request, ref, frame, options)
+            return await render(request, ref, frame, options, metadata)
         except web.HTTPException:
             raise
         except (TranscodeError, ValueError) as exc:
