@@ -4,6 +4,7 @@ its validators, on the class itself (the integration test counts an archive's re
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,6 +62,33 @@ def test_bounded_least_recently_used_and_in_order(tmp_path: Path) -> None:
         await _frames(small, archive, "9.2", [1])
         await _frames(small, archive, "9.2", [1])
         assert archive.frames[-2:] == [("9.2", 1), ("9.2", 1)] and small.bytes == 0
+
+    asyncio.run(run())
+
+
+def test_entries_share_segment_files_and_a_used_segment_outlives_the_others(tmp_path: Path) -> None:
+    """Entries go into segment files (a sixteenth of the bound: four 1000-byte frames a
+    segment here), not a file each; past the bound the least recently used segment goes
+    whole, its frames with it, so a frame read again keeps its segment-mates too; a key
+    kept again replaces its value; the files never exceed the bound."""
+
+    async def run() -> None:
+        directory = tmp_path / "c"
+        cache = FacadeCache(directory, max_bytes=64_000, metadata_seconds=60)
+        archive = Archive()
+        await _frames(cache, archive, "9.4", list(range(1, 41)))
+        assert len(list(directory.iterdir())) == 10 and cache.disk_bytes == cache.bytes == 40_000
+        await _frames(cache, archive, "9.4", [1])  # the first segment (frames 1-4) is used again
+        await _frames(cache, archive, "9.4", list(range(41, 73)))  # 32 more: two segments go
+        assert sum(p.stat().st_size for p in directory.iterdir()) <= 64_000 and cache.disk_bytes <= 64_000
+        asked = len(archive.frames)
+        await _frames(cache, archive, "9.4", [1, 2, 3, 4, *range(13, 73)])
+        assert len(archive.frames) == asked  # all kept
+        await _frames(cache, archive, "9.4", [5, 9])
+        assert archive.frames[asked:] == [("9.4", 5), ("9.4", 9)]  # their segments (5-8, 9-12) went
+        await cache.keep_frames(STUDY, SERIES, "9.4", [Frame(2, b"new" * 10, "1.2.840.10008.1.2.1")], None, None)
+        got = await _frames(cache, archive, "9.4", [2, 3])
+        assert [f.data for f in got] == [b"new" * 10, bytes([3]) * 1000]
 
     asyncio.run(run())
 
@@ -284,13 +312,17 @@ def test_an_unusable_cache_directory_disables_the_cache(tmp_path: Path, caplog: 
     assert "facade cache disabled" in caplog.text
 
 
-def test_an_entry_whose_file_vanished_is_no_longer_counted(tmp_path: Path) -> None:
+def test_an_entry_whose_file_was_cut_short_is_no_longer_counted(tmp_path: Path) -> None:
+    """A segment file truncated behind the cache's back (an admin freeing space) loses
+    its entries: each is dropped when read short, and fetched again. (A segment file
+    deleted instead still answers: the cache holds it open until it evicts it.)"""
+
     async def run() -> None:
         cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=60)
         archive = Archive()
         await _frames(cache, archive, "9.3", [1])
         for path in (tmp_path / "c").iterdir():
-            path.unlink()
+            os.truncate(path, 0)
 
         async def archive_down(numbers: list[int]) -> AsyncIterator[Frame]:
             raise UpstreamUnavailable("archive down")
