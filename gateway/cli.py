@@ -72,7 +72,10 @@ def _load(path: str) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     setup_logging(config.logging.level, args.log_format, config.logging.include_patient_data)
+    from gateway.allocator import keep_freed_memory
     from gateway.daemon import run
+
+    logging.getLogger("gateway").debug("allocator: %s set", ", ".join(keep_freed_memory()) or "nothing")
 
     try:
         asyncio.run(run(config, Path(args.config)))
