@@ -1,9 +1,11 @@
-"""Disk faults: a full spool disk, two daemons on one spool, and the durability order
+"""Disk faults: a full spool disk, the facade cache on a full disk, two daemons on one
+spool, and the durability order
 of an acknowledgement proven on the wire (strace), which a SIGKILL test cannot see
 because the page cache survives a killed process."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -12,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,8 @@ import pytest
 from pydicom import dcmread
 
 from gateway.spool.record import PREAMBLE, RECORD_MAGIC, parse
+from gateway.upstream.base import Frame
+from gateway.web.cache import FacadeCache
 from tests.support import dcmtk
 from tests.support.daemon import REPO, Gateway
 from tests.support.ports import port_is_open, wait_until
@@ -180,6 +184,34 @@ def test_space_floor_is_checked_before_and_during_receipt(tmp_path: Path, small_
         gw.wait_counts(delivered=1, timeout=30)
     finally:
         gw.kill()
+
+
+def test_the_facade_cache_on_a_full_disk_serves_without_keeping(
+    small_fs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no block left, the facade cache cannot write: every frame is still served
+    (from the archive, asked again each time), a warning says why, nothing is counted;
+    once space is back, frames are kept again."""
+    cache = FacadeCache(small_fs / "cache", max_bytes=16 * MiB, metadata_seconds=60)
+    asked: list[int] = []
+
+    async def archive(numbers: list[int]) -> AsyncIterator[Frame]:
+        for n in numbers:
+            asked.append(n)
+            yield Frame(n, bytes([n]) * 300_000, "1.2.840.10008.1.2.1")
+
+    async def frames(numbers: list[int]) -> list[bytes]:
+        return [f.data async for f in cache.frames("1.2.3", "1.2.3.4", "1.2.3.4.5", numbers, archive)]
+
+    filler = fill_completely(small_fs / "filler")
+    assert asyncio.run(frames([1, 2])) == [bytes([1]) * 300_000, bytes([2]) * 300_000]
+    assert asyncio.run(frames([1, 2])) == [bytes([1]) * 300_000, bytes([2]) * 300_000]
+    assert asked == [1, 2, 1, 2] and cache.bytes == 0 and not cache.index
+    assert "facade cache: cannot write an entry: No space left on device" in caplog.text
+    filler.unlink()
+    asyncio.run(frames([1, 2]))
+    asyncio.run(frames([1, 2]))
+    assert asked == [1, 2, 1, 2, 1, 2] and cache.bytes == 600_000
 
 
 @pytest.mark.slow
