@@ -1,7 +1,6 @@
 """Disk faults: a full spool disk, the facade cache on a full disk, two daemons on one
-spool, and the durability order
-of an acknowledgement proven on the wire (strace), which a SIGKILL test cannot see
-because the page cache survives a killed process."""
+spool, and the durability order of an acknowledgement proven on the wire (strace),
+which a SIGKILL test cannot see because the page cache survives a killed process."""
 
 from __future__ import annotations
 
