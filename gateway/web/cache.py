@@ -21,9 +21,9 @@ The index lives in memory and the files an earlier run left are removed at start
 nothing stale from an earlier run (or another upstream) is ever served. Values are read whole
 before use, so an entry evicted by a concurrent request never breaks an answer.
 
-Entries are written back to back into *segment* files (a sixteenth of the bound each, at
-most 32 MiB), by ``pwrite`` and read by ``pread`` through a descriptor kept open, not a
-file each: a cold frame kept two files (as stored and converted), and creating them was
+Entries are written back to back into *segment* files (a sixteenth of the bound each, so
+the descriptors kept open stay few whatever the bound), by ``pwrite`` and read by
+``pread`` through a descriptor kept open, not a file each: a cold frame kept two files (as stored and converted), and creating them was
 a quarter of the gateway's CPU per cold frame on ext4 without a journal, whose inode
 allocator steps over every inode deleted in the last minute (an evicting cache deletes
 many). The bound counts the segments' bytes, and the segment used least recently goes
@@ -55,7 +55,6 @@ from gateway.upstream.base import Frame, JsonObject
 log = logging.getLogger("gateway.web")
 # What a cache writes: segment files, and (from versions before segments) entry files.
 _ENTRY_NAME = re.compile(r"segment-[0-9]+|[0-9a-f]{64}(\.[0-9a-f]{32}\.tmp)?")
-SEGMENT_MAX = 32 << 20
 # Studies whose changes are counted (a fetch that saw a count vanish keeps nothing).
 CHANGES_KEPT = 10_000
 # Instances whose derived values (`derived`) are kept in memory.
@@ -100,7 +99,7 @@ class FacadeCache:
         # segments in order of last use (least recent first); the one being filled
         self._segments: OrderedDict[_Segment, None] = OrderedDict()
         self._filling: _Segment | None = None
-        self._segment_bytes = min(SEGMENT_MAX, max(1, max_bytes // 16))
+        self._segment_bytes = max(1, max_bytes // 16)
         self._segment_count = 0
         self.disk_bytes = 0  # the segments' bytes: what the bound counts
         self._changes: dict[str, int] = {}  # study UID -> times its entries were dropped

@@ -89,6 +89,10 @@ def test_entries_share_segment_files_and_a_used_segment_outlives_the_others(tmp_
         await cache.keep_frames(STUDY, SERIES, "9.4", [Frame(2, b"new" * 10, "1.2.840.10008.1.2.1")], None, None)
         got = await _frames(cache, archive, "9.4", [2, 3])
         assert [f.data for f in got] == [b"new" * 10, bytes([3]) * 1000]
+        # however large the bound, its segments stay sixteen-odd files (descriptors)
+        large = FacadeCache(tmp_path / "large", max_bytes=1 << 40, metadata_seconds=60)
+        await _frames(large, archive, "9.5", list(range(1, 1001)))
+        assert len(list((tmp_path / "large").iterdir())) == 1 and large.bytes == 1_000_000
 
     asyncio.run(run())
 
