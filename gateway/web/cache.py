@@ -107,6 +107,7 @@ class FacadeCache:
         # series metadata is: an instance missing from it meanwhile is fetched alone
         self._series_read: OrderedDict[str, float] = OrderedDict()
         self._series_fetches: dict[str, asyncio.Task[list[JsonObject]]] = {}  # in flight
+        self._videos_fetched: dict[str, asyncio.Future[None]] = {}  # video key -> kept or not
         # instance metadata key -> {name: value computed from that metadata}
         self._derived: OrderedDict[str, dict[str, Any]] = OrderedDict()
         directory.mkdir(parents=True, exist_ok=True)
@@ -453,6 +454,32 @@ class FacadeCache:
         entry = self._lookup(_video_key(study, series, sop, image_set))
         self._count("video", entry is not None)
         return (entry.segment.path, entry.syntax) if entry is not None else None
+
+    async def video_kept(self, study: str, series: str, sop: str, image_set: str | None) -> tuple[Path, str] | None:
+        """`video`, after waiting for a request retrieving the instance for its stream
+        (`fetching_video`) to keep it or give up."""
+        pending = self._videos_fetched.get(_video_key(study, series, sop, image_set))
+        if pending is not None:
+            await asyncio.shield(pending)
+        return self.video(study, series, sop, image_set)
+
+    def fetching_video(self, study: str, series: str, sop: str, image_set: str | None) -> Callable[[], None]:
+        """Make `video_kept` wait while this request retrieves the instance, until the
+        function returned is called (once the stream is kept, or not; more calls do
+        nothing). A request already doing so is left to go on alone."""
+        key = _video_key(study, series, sop, image_set)
+        if key in self._videos_fetched:
+            return lambda: None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._videos_fetched[key] = done
+
+        def let_go() -> None:
+            if self._videos_fetched.get(key) is done:
+                del self._videos_fetched[key]
+            if not done.done():
+                done.set_result(None)
+
+        return let_go
 
     async def keep_video(
         self,

@@ -215,31 +215,43 @@ async def video_of(
     JPEG frames, asked ``*/*``: rendered as an image), else 406.
 
     From a remote upstream the stream is kept in the facade's cache (when it fits in a
-    quarter of it), so the ranges that follow, a seek each, are read from there."""
+    quarter of it), so the ranges that follow, a seek each, are read from there; a
+    request that comes while another retrieves the instance waits for that one (a
+    browser asks its first ranges at once, each would retrieve the whole instance)."""
     cache = request.app[CACHE]
     image_set = image_set_id(request)
     uids = (ref.study_uid, ref.series_uid, ref.sop_instance_uid, image_set)
-    if cache is not None and (kept := cache.video(*uids)) is not None:
+    if cache is not None and (kept := await cache.video_kept(*uids)) is not None:
         answer = await _answer_file(request, kept[0], kept[1], accept)
         if answer is not None:
             return answer
     generation = cache.generation(ref.study_uid) if cache is not None else None
-    retrieved = await fetch()
+    # the requests for this stream that come meanwhile wait for it to be kept
+    let_go = cache.fetching_video(*uids) if cache is not None else _nobody
     try:
-        stored = await stored_video(retrieved)
-        if stored is None:
-            if not _admits_images(accept):
-                raise NotAcceptable("this instance is not stored as video")
-            return None
-        media, spans = stored
-        total = sum(length for _, length in spans)
-        if cache is not None and acceptable(accept, media):
-            path = await cache.keep_video(*uids, media, total, partial(_copy, retrieved, spans, total), generation)
-            if path is not None and (answer := await _answer_file(request, path, media, accept)) is not None:
-                return answer
-        return await answer_video(request, partial(_read, retrieved, spans), total, media, accept)
+        retrieved = await fetch()
+        try:
+            stored = await stored_video(retrieved)
+            if stored is None:
+                if not _admits_images(accept):
+                    raise NotAcceptable("this instance is not stored as video")
+                return None
+            media, spans = stored
+            total = sum(length for _, length in spans)
+            if cache is not None and acceptable(accept, media):
+                path = await cache.keep_video(*uids, media, total, partial(_copy, retrieved, spans, total), generation)
+                let_go()
+                if path is not None and (answer := await _answer_file(request, path, media, accept)) is not None:
+                    return answer
+            return await answer_video(request, partial(_read, retrieved, spans), total, media, accept)
+        finally:
+            retrieved.release()
     finally:
-        retrieved.release()
+        let_go()
+
+
+def _nobody() -> None:
+    """No request waits without a cache."""
 
 
 def _admits_images(accept: str | None) -> bool:

@@ -8,7 +8,8 @@ with ``fail_searches``, a SearchForInstances page past the first (``offset`` > 0
 answered with ``status`` (with ``fail_every_search``, every page); the first ``fail_retrievals`` single-instance
 retrievals (``.../instances/<uid>``), answered with ``status`` too; and the first
 ``fail_frames`` RetrieveFrames, likewise; with ``slow_series_searches``, every
-SearchForSeries is answered that many seconds late. It records what it failed, and
+SearchForSeries is answered that many seconds late, with ``slow_retrievals`` every
+single-instance retrieval. It records what it failed, and
 every path it was asked (``requests``), so tests can count what reached the archive.
 """
 
@@ -44,6 +45,7 @@ class ArchiveProxy:
         fail_frames: int = 0,
         drop_bulk_parts: int = 0,
         slow_series_searches: float = 0.0,
+        slow_retrievals: float = 0.0,
     ) -> None:
         self.target = target.rstrip("/")
         self.fail_searches = fail_searches
@@ -58,6 +60,7 @@ class ArchiveProxy:
         # archive whose bulk answer lacks an instance it could not send whole)
         self.drop_bulk_parts = drop_bulk_parts
         self.slow_series_searches = slow_series_searches
+        self.slow_retrievals = slow_retrievals
         self.requests: list[str] = []  # every GET's path and query, in order
         self.port = free_port()
         self._lock = threading.Lock()
@@ -123,6 +126,8 @@ class ArchiveProxy:
                     proxy.requests.append(self.path)
                 if proxy.slow_series_searches and urlsplit(self.path).path.endswith("/series"):
                     time.sleep(proxy.slow_series_searches)
+                if proxy.slow_retrievals and _INSTANCE.search(urlsplit(self.path).path):
+                    time.sleep(proxy.slow_retrievals)
                 if proxy._verdict(self.path):
                     self._answer(proxy.status, {"Content-Type": "application/json"}, b'{"error": "scripted failure"}')
                     return
