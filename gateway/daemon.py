@@ -23,7 +23,7 @@ from gateway.dimse.find import FIND_SOP_CLASSES, FindService
 from gateway.dimse.get import GET_SOP_CLASSES, GetService
 from gateway.dimse.move import MOVE_SOP_CLASSES, MoveService
 from gateway.dimse.routing import RouteSenders
-from gateway.dimse.identity import ProviderUnavailable, TokenCheck
+from gateway.dimse.identity import ProviderUnavailable, TokenCheck, TokenUser
 from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
 from gateway.metrics import Metrics
@@ -45,18 +45,18 @@ log = logging.getLogger("gateway.daemon")
 def token_user(config: Config) -> TokenCheck | None:
     """The check of a JSON Web Token a DIMSE association names its user by
     (``dimse.user_identity.jwt``): the facade's own OpenID Connect check, the same
-    provider, audience and required scopes. Made whenever ``[http.auth.oidc]`` is set,
-    so a reload that turns ``jwt`` on finds it."""
+    provider, audience and required scopes, and its write scopes for C-STORE. Made
+    whenever ``[http.auth.oidc]`` is set, so a reload that turns ``jwt`` on finds it."""
     if config.http.auth.oidc is None:
         return None
     verifier = TokenVerifier(config.http.auth.oidc)
 
-    async def check(token: str) -> str | None:
+    async def check(token: str) -> TokenUser | None:
         try:
             admission = await verifier.admit(token)
         except KeysUnavailable as exc:
             raise ProviderUnavailable(str(exc)) from None
-        return admission.user if admission is not None else None
+        return TokenUser(admission.user, verifier.may_write(admission)) if admission is not None else None
 
     return check
 

@@ -42,9 +42,19 @@ class ProviderUnavailable(Exception):
     """The identity provider's keys cannot be had now: a token can be checked neither way."""
 
 
+@dataclass(frozen=True)
+class TokenUser:
+    """Whom a valid JSON Web Token names, and whether it grants the facade's write
+    scopes (``http.auth.oidc.write_scopes``): a token that may not store by STOW-RS
+    may not by C-STORE either."""
+
+    user: str
+    may_store: bool = True
+
+
 # The user a JSON Web Token names, None when it is not valid for the gateway; raises
 # ProviderUnavailable. (The daemon passes the facade's OpenID Connect check.)
-TokenCheck = Callable[[str], Awaitable[str | None]]
+TokenCheck = Callable[[str], Awaitable[TokenUser | None]]
 
 
 @dataclass(frozen=True)
@@ -54,9 +64,11 @@ class Identity:
     user: str
     kind: str
     verified: bool
+    denied: frozenset[str] = frozenset()  # permissions its credential withholds
 
     def describe(self) -> str:
-        return f"user {self.user} ({self.kind}{'' if self.verified else ', not verified'})"
+        denied = f", no {'/'.join(sorted(self.denied))}" if self.denied else ""
+        return f"user {self.user} ({self.kind}{'' if self.verified else ', not verified'}{denied})"
 
 
 @dataclass(frozen=True)
@@ -104,12 +116,12 @@ async def check_identity(
         return Outcome(identity=Identity(user, kind, True), reply=b"" if asked.positive_response else None)
     if asked.type == JWT and cfg.jwt and token_user is not None:
         try:
-            user = await token_user(asked.primary.decode("ascii", "replace").strip())
+            found = await token_user(asked.primary.decode("ascii", "replace").strip())
         except ProviderUnavailable as exc:
             return Outcome(Refusal(RJ_IDENTITY_TRANSIENT, f"JSON Web Token not checked: {exc}"))
-        if user is None:
+        if found is None:
             return Outcome(Refusal(RJ_IDENTITY, "JSON Web Token not valid for the gateway"))
-        return Outcome(identity=Identity(user, kind, True))
+        return Outcome(identity=Identity(found.user, kind, True, frozenset() if found.may_store else frozenset({"store"})))
     if asked.type == USERNAME and _name(asked.primary):
         if required:
             return Outcome(Refusal(RJ_IDENTITY, f"user {_name(asked.primary)!r} named without a passcode (one that is verified is required)"))

@@ -20,7 +20,7 @@ from functools import partial
 
 from pynetdicom import AllStoragePresentationContexts
 
-from gateway.config import Config
+from gateway.config import PERMISSIONS, Config
 from gateway.dimse import pdu
 from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.dimse.association import (
@@ -231,6 +231,8 @@ class DimseServer:
         granted = d.user_identity.user_permissions(identity.user) if identity is not None and identity.verified else None
         if granted is not None:
             limits = granted if limits is None else limits & granted
+        if identity is not None and identity.denied:  # a token without the write scopes
+            limits = (PERMISSIONS if limits is None else limits) - identity.denied
         # Storage classes a C-GET requester wants to receive (it asks for the SCP role).
         receiving = {r.sop_class_uid for r in rq.roles if r.scp_role}
         results = []

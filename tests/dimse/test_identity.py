@@ -12,7 +12,7 @@ from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
 from gateway.config import Peer, UserIdentityConfig
 from gateway.dimse import pdu
-from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, ProviderUnavailable, check_identity
+from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, ProviderUnavailable, TokenUser, check_identity
 
 CONTEXT = pdu.PresentationContextRQ(1, "1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
 
@@ -85,10 +85,12 @@ WS1 = Peer("WS1", "127.0.0.1", 104, require_user_identity=True)
 MODALITY = Peer("CT1", "127.0.0.1", 104)
 
 
-async def _alice(token: str) -> str | None:
+async def _alice(token: str) -> TokenUser | None:
     if token == "down":
         raise ProviderUnavailable("the provider's keys cannot be fetched")
-    return "alice" if token == "good" else None
+    if token == "read-only":  # valid, without the facade's write scopes
+        return TokenUser("bob", may_store=False)
+    return TokenUser("alice") if token == "good" else None
 
 
 def _check(asked: pdu.UserIdentity | None, cfg: UserIdentityConfig = USERS, peer: Peer | None = MODALITY):
@@ -105,6 +107,9 @@ def test_passcodes_and_tokens_are_checked() -> None:
         assert refused.refusal is not None and refused.refusal.code == RJ_IDENTITY and "s3cret" not in refused.refusal.why
     token = _check(pdu.UserIdentity(5, True, b"good"))
     assert token.identity is not None and token.identity.user == "alice" and token.reply is None
+    assert not token.identity.denied
+    reader = _check(pdu.UserIdentity(5, True, b"read-only")).identity
+    assert reader is not None and reader.denied == {"store"} and reader.describe() == "user bob (JSON Web Token, no store)"
     assert _check(pdu.UserIdentity(5, True, b"forged")).refusal.code == RJ_IDENTITY
     assert _check(pdu.UserIdentity(5, True, b"down")).refusal.code == RJ_IDENTITY_TRANSIENT
 

@@ -213,3 +213,46 @@ def test_each_user_gets_the_services_its_permissions_name(gateway: Callable[...,
 
     assert accepted_as("tech1", PASSCODE) == {CTImageStorage}
     assert accepted_as("rad1", PASSCODE + "!") == {StudyRootQueryRetrieveInformationModelFind}
+
+
+def test_a_token_without_the_write_scopes_may_search_but_not_store(
+    tmp_path: Path, provider: OidcProvider, gateway: Callable[..., Gateway]
+) -> None:
+    """As on the facade, where STOW-RS needs ``write_scopes``: a token without them gets
+    its storage contexts rejected (storescu stores nothing) and its search accepted; a
+    token with them stores."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    gw = gateway(
+        extra=(
+            "\n[dimse.user_identity]\njwt = true\n"
+            f'\n[http.auth.oidc]\nissuer = "{provider.issuer}"\naudience = "dicom-gateway"\n'
+            'required_scopes = ["dicom.read"]\nwrite_scopes = ["dicom.write"]\n'
+        ),
+    )
+    files = ct_series(tmp_path / "ct", 1, rows=16, columns=16)
+    reader, writer = tmp_path / "reader.jwt", tmp_path / "writer.jwt"
+    reader.write_text(provider.token("viewer"))  # scope "openid profile dicom.read"
+    writer.write_text(provider.token("tech2", scope="openid dicom.read dicom.write"))
+
+    refused = dcmtk.storescu(gw.port, files, gw.ae_title, extra_args=["--jwt", str(reader)])
+    assert refused.returncode != 0 and "No Acceptable Presentation Contexts" in refused.stderr, refused.stderr
+    stored = dcmtk.storescu(gw.port, files, gw.ae_title, extra_args=["--jwt", str(writer)])
+    assert stored.returncode == 0, stored.stderr
+    gw.wait_counts(delivered=1)
+
+    ae = AE(ae_title="WS1")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(CTImageStorage)
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 5
+    identity.primary_field = reader.read_text().encode()
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, ext_neg=[identity])
+    assert assoc.is_established
+    assert {str(cx.abstract_syntax) for cx in assoc.accepted_contexts} == {StudyRootQueryRetrieveInformationModelFind}
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", ""
+    found = [ds for status, ds in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind) if status and status.Status == 0xFF00]
+    assoc.release()
+    assert [ds.StudyInstanceUID for ds in found] == [pydicom.dcmread(files[0]).StudyInstanceUID]
+    assert "user viewer (JSON Web Token, no store)" in gw.log() and "user tech2 (JSON Web Token)" in gw.log()
