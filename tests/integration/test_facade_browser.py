@@ -452,9 +452,16 @@ def test_ohif_viewer_overlays_a_segmentation(tmp_path: Path, browser: Any, ohif:
                 button.first.click()
         page.get_by_text("SEG", exact=True).last.dblclick(force=True)  # the SEG series in the study browser
         page.get_by_role("button", name="Yes").click(timeout=30_000)  # "Do you want to open this Segmentation?"
+        from playwright.sync_api import Error as PlaywrightError  # (imported where the browser is, as the fixture does)
+
         deadline = time.monotonic() + 30
         while True:
-            page.locator(".cornerstone-viewport-element").first.screenshot(path=str(tmp_path / "seg.png"))
+            try:
+                page.locator(".cornerstone-viewport-element").first.screenshot(path=str(tmp_path / "seg.png"), timeout=5_000)
+            except PlaywrightError as exc:  # OHIF replaced the viewport as it loaded the SEG: look again
+                assert time.monotonic() < deadline, f"no viewport to look at: {exc}"
+                page.wait_for_timeout(500)
+                continue
             shot = np.asarray(Image.open(tmp_path / "seg.png").convert("RGB"), dtype=np.float64)
             h, w = shot.shape[:2]
             middle = shot[h * 9 // 20: h * 11 // 20, w * 9 // 20: w * 11 // 20]
