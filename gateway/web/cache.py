@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -72,6 +73,24 @@ class _Segment:
         self.end = 0  # bytes placed (written or being written)
         self.keys: set[str] = set()  # the entries it holds
         self.pending = 0  # values placed but not yet written
+
+
+@dataclass(frozen=True)
+class KeptVideo:
+    """A video stream in the cache, read by ranges through its segment's descriptor:
+    held, it keeps the segment open, so an eviction meanwhile cuts no range short."""
+
+    segment: _Segment
+    offset: int
+    size: int
+    media: str
+
+    def read(self, start: int, size: int) -> bytes:
+        """Bytes ``[start, start + size)`` of the stream (blocking)."""
+        data = os.pread(self.segment.fd, size, self.offset + start)
+        if len(data) != size:
+            raise OSError(errno.EIO, "the kept video ends early")
+        return data
 
 
 @dataclass
@@ -445,17 +464,15 @@ class FacadeCache:
             self._count("converted", True)
         return [data for data, _ in found]
 
-    def video(self, study: str, series: str, sop: str, image_set: str | None) -> tuple[Path, str] | None:
-        """The kept video stream of an instance (its file, its media type), None when
-        not kept. A video is served by byte ranges, each a new request: without this,
-        every range (every seek) would retrieve the whole instance from the archive
-        again. The file is the caller's to open at once (an eviction unlinks it, which
-        an open file outlives)."""
+    def video(self, study: str, series: str, sop: str, image_set: str | None) -> KeptVideo | None:
+        """The kept video stream of an instance, None when not kept. A video is served
+        by byte ranges, each a new request: without this, every range (every seek)
+        would retrieve the whole instance from the archive again."""
         entry = self._lookup(_video_key(study, series, sop, image_set))
         self._count("video", entry is not None)
-        return (entry.segment.path, entry.syntax) if entry is not None else None
+        return KeptVideo(entry.segment, entry.offset, entry.size, entry.syntax) if entry is not None else None
 
-    async def video_kept(self, study: str, series: str, sop: str, image_set: str | None) -> tuple[Path, str] | None:
+    async def video_kept(self, study: str, series: str, sop: str, image_set: str | None) -> KeptVideo | None:
         """`video`, after waiting for a request retrieving the instance for its stream
         (`fetching_video`) to keep it or give up."""
         pending = self._videos_fetched.get(_video_key(study, series, sop, image_set))
@@ -491,15 +508,15 @@ class FacadeCache:
         size: int,
         write: Callable[[BinaryIO], None],
         generation: int | None,
-    ) -> Path | None:
+    ) -> KeptVideo | None:
         """Keep an instance's video stream of ``size`` bytes, written by ``write`` into a
         file (blocking, run in a worker thread), unless it is larger than a quarter of
-        the cache or the study changed since ``generation``; its file, or None."""
+        the cache or the study changed since ``generation``; what was kept, or None."""
         key = _video_key(study, series, sop, image_set)
         if size > self.max_bytes // 4 or self._changes.get(study) != generation:
             return None
         try:
-            segment = self._new_segment()  # a segment of its own, read by path (`video`)
+            segment = self._new_segment()  # a segment of its own: `write` streams it whole
         except OSError as exc:
             log.warning("facade cache: cannot keep a video: %s", exc.strerror or type(exc).__name__)
             return None
@@ -518,7 +535,7 @@ class FacadeCache:
         segment.pending = 0
         self._release(segment)
         self._evict()  # never this entry: it is the newest, and at most a quarter of the bound
-        return segment.path if key in self.index else None
+        return KeptVideo(segment, 0, size, media) if key in self.index else None
 
     def derived(self, study: str, series: str, sop: str, image_set: str | None, name: str) -> Any | None:
         """What `remember` kept under ``name`` for an instance, while its metadata is

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import BinaryIO
 
 from aiohttp import web
@@ -182,25 +180,6 @@ async def answer_video(request: web.Request, read: Read, total: int, media: str,
         return response
 
 
-async def _answer_file(request: web.Request, path: Path, media: str, accept: str | None) -> web.StreamResponse | None:
-    """The video kept in the cache at ``path``; None when it was evicted meanwhile."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        return await answer_video(request, partial(_pread, fd), os.fstat(fd).st_size, media, accept)
-    finally:
-        os.close(fd)
-
-
-def _pread(fd: int, start: int, size: int) -> bytes:
-    data = os.pread(fd, size, start)
-    if len(data) != size:
-        raise TranscodeError("the kept video ends early")
-    return data
-
-
 def _copy(retrieved: Retrieved, spans: Sequence[tuple[int, int]], total: int, out: BinaryIO) -> None:
     """Write the stream the fragments make into ``out`` (blocking)."""
     for at in range(0, total, CHUNK):
@@ -222,12 +201,10 @@ async def video_of(
     image_set = image_set_id(request)
     uids = (ref.study_uid, ref.series_uid, ref.sop_instance_uid, image_set)
     if cache is not None and (kept := await cache.video_kept(*uids)) is not None:
-        answer = await _answer_file(request, kept[0], kept[1], accept)
-        if answer is not None:
-            return answer
+        return await answer_video(request, kept.read, kept.size, kept.media, accept)
     generation = cache.generation(ref.study_uid) if cache is not None else None
     # the requests for this stream that come meanwhile wait for it to be kept
-    let_go = cache.fetching_video(*uids) if cache is not None else _nobody
+    let_go = cache.fetching_video(*uids) if cache is not None else lambda: None
     try:
         retrieved = await fetch()
         try:
@@ -239,19 +216,15 @@ async def video_of(
             media, spans = stored
             total = sum(length for _, length in spans)
             if cache is not None and acceptable(accept, media):
-                path = await cache.keep_video(*uids, media, total, partial(_copy, retrieved, spans, total), generation)
+                kept = await cache.keep_video(*uids, media, total, partial(_copy, retrieved, spans, total), generation)
                 let_go()
-                if path is not None and (answer := await _answer_file(request, path, media, accept)) is not None:
-                    return answer
+                if kept is not None:
+                    return await answer_video(request, kept.read, kept.size, media, accept)
             return await answer_video(request, partial(_read, retrieved, spans), total, media, accept)
         finally:
             retrieved.release()
     finally:
         let_go()
-
-
-def _nobody() -> None:
-    """No request waits without a cache."""
 
 
 def _admits_images(accept: str | None) -> bool:
