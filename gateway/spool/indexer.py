@@ -58,6 +58,13 @@ class Indexer:
             self._pending.append(row)
             self._cond.notify()
 
+    def waiting(self) -> list[PendingRow]:
+        """The rows not yet committed, those being inserted now included: a row leaves
+        this list only after its transaction commits, so a reader that takes this list
+        before querying the database misses no acknowledged instance."""
+        with self._cond:
+            return list(self._pending)
+
     def stop(self) -> None:
         """Write what is pending (one last try), then end. A row still unwritten is not
         lost: its sealed record is adopted at the next start."""

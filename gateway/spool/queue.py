@@ -754,6 +754,10 @@ class Spool:
         holds; a UID received more than once counts by its best row (not dead before
         dead), for a storage commitment."""
         wanted = list(dict.fromkeys(sop_instance_uids))
+        # Taken before the query: acknowledged instances whose rows the indexer has not
+        # written yet are held too (queued), or a commitment asked right after the
+        # C-STOREs would call them unknown.
+        indexing = self._indexer.waiting() if self._indexer is not None else []
         found: dict[str, tuple[str, str]] = {}
         with self.db.connection() as db:
             for start in range(0, len(wanted), 500):
@@ -764,6 +768,11 @@ class Spool:
                     chunk,
                 ):
                     found.setdefault(row["sop_instance_uid"], (row["state"], row["sop_class_uid"] or ""))
+        asked = set(wanted)
+        for _, header, _, _, _ in indexing:
+            uid = header.sop_instance_uid
+            if uid in asked and found.get(uid, ("dead",))[0] == "dead":
+                found[uid] = ("queued", header.sop_class_uid)
         return found
 
     def discard_study(self, study_uid: str, dry_run: bool = True) -> dict[str, int]:

@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
+
 from gateway.config import SpoolConfig
 from gateway.spool.ingest import Verdict, ingest
 from gateway.spool.queue import Spool
@@ -67,4 +69,32 @@ def test_rows_not_written_at_stop_are_adopted_at_the_next_start(tmp_path: Path) 
     try:
         assert spool.recover() == (0, 3)
     finally:
+        spool.close()
+
+
+def test_instances_whose_rows_wait_are_held_for_a_storage_commitment(tmp_path: Path) -> None:
+    """A modality asks for commitment right after its C-STOREs were answered, before
+    the indexer wrote their rows (here: the database locked for writes). The spool
+    still holds them, as queued under their SOP class; a pending copy of an instance
+    also known as dead counts by the better of the two."""
+    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0, busy_timeout=0.05))
+    spool.start()
+    paths = ct_series(tmp_path / "ct", 3, 32, 32)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    sop_class = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SOPClassUID)
+    store(spool, paths[0].read_bytes())
+    deadline = time.monotonic() + 10
+    while spool.status()["counts"].get("queued") != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with spool.db.connection() as db:
+        db.execute("UPDATE instances SET state = 'dead'")
+    other = sqlite3.connect(spool.db.path)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        for path in paths:
+            store(spool, path.read_bytes())
+        assert spool.held([*uids, "1.2.3.999"]) == {uid: ("queued", sop_class) for uid in uids}
+    finally:
+        other.rollback()
+        other.close()
         spool.close()
