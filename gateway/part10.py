@@ -29,10 +29,11 @@ class FileMeta(NamedTuple):
     dataset_offset: int  # where the data set starts, within the file
 
 
-def read_file_meta(head: bytes) -> FileMeta:
+def read_file_meta(head: bytes | memoryview) -> FileMeta:
     """What the File Meta at the start of ``head`` (the file's first META_HEAD bytes, or
     all of it if shorter) says; raises ValueError when ``head`` is not a Part 10 file
-    with a Transfer Syntax UID."""
+    with a Transfer Syntax UID. A view of an instance held in memory does, with no
+    copy of its head."""
     if head[128:132] == b"DICM":
         pos = 132
     elif head[:2] == b"\x02\x00":
@@ -44,7 +45,7 @@ def read_file_meta(head: bytes) -> FileMeta:
         group, element = struct.unpack_from("<HH", head, pos)
         if group != 0x0002:
             break
-        vr = head[pos + 4 : pos + 6]
+        vr = bytes(head[pos + 4 : pos + 6])
         if vr in LONG_VRS:
             (length,) = struct.unpack_from("<I", head, pos + 8)
             start = pos + 12
@@ -54,7 +55,7 @@ def read_file_meta(head: bytes) -> FileMeta:
         if start + length > len(head):
             raise ValueError("File Meta element runs past the end")
         if element in (0x0002, 0x0003, 0x0010):
-            values[element] = head[start : start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+            values[element] = bytes(head[start : start + length]).rstrip(b"\x00 ").decode("ascii", "replace")
         pos = start + length
     if 0x0010 not in values:
         raise ValueError("File Meta without a Transfer Syntax UID")

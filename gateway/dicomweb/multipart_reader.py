@@ -182,6 +182,45 @@ class _Body:
         return True
 
 
+def _content_length(headers: dict[str, str]) -> int | None:
+    """A part's Content-Length header (archives such as Orthanc send one), if valid."""
+    value = headers.get("content-length", "")
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+async def _declared_part(body: _Body, start: int, length: int, delimiter: bytes) -> bytes | None:
+    """The content of a part that declares its ``length``, from ``start`` in the
+    current chunk, taken without searching it for the delimiter: the delimiter must
+    follow exactly there. Leaves the body at that delimiter. None when it does not
+    follow (a wrong length, or the body ends first): the body then holds everything
+    from the content's start in one chunk, to be searched as any part is."""
+    chunk = body.chunk
+    need = length + len(delimiter)
+    if len(chunk) - start >= need:  # within the chunk: the usual case for small parts
+        if chunk[start + length : start + need] == delimiter:
+            body.pos = start + length
+            return chunk[start : start + length]
+        body.chunk, body.pos = chunk[start:], 0
+        return None
+    pieces = [memoryview(chunk)[start:]]
+    held = len(chunk) - start
+    while held < need:
+        more = await body.next_chunk()
+        if more is None:
+            break
+        pieces.append(memoryview(more))
+        held += len(more)
+    if held >= need:
+        last = pieces[-1]
+        at = len(last) - (held - length)  # where the content ends within the last chunk
+        if at >= 0 and last[at : at + len(delimiter)] == delimiter:
+            body.chunk, body.pos = last.obj, at
+            pieces[-1] = last[:at]
+            return b"".join(pieces)
+    body.chunk, body.pos = b"".join(pieces), 0
+    return None
+
+
 def _trim(pieces: list[memoryview], count: int) -> None:
     """Drop the last ``count`` bytes of the content held in ``pieces``."""
     while count:
@@ -232,6 +271,13 @@ async def iter_parts(chunks: AsyncIterable[bytes], boundary: str, spill_dir: Pat
             headers_end = chunk.find(b"\r\n\r\n", line_end)
             headers = _headers(bytes(chunk[line_end + 2 : headers_end]))
             start = headers_end + 4
+            declared = _content_length(headers)
+            if declared is not None and declared <= spill_bytes:
+                data = await _declared_part(body, start, declared, delimiter)
+                if data is not None:
+                    yield StreamedPart(headers, data, None, declared)
+                    continue
+                chunk, start = body.chunk, 0  # the length was wrong: search instead
             # the content, up to the next delimiter
             end = chunk.find(delimiter, start)
             if end >= 0:  # within the chunk the headers came in

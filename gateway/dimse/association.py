@@ -137,6 +137,9 @@ async def drain(writer: asyncio.StreamWriter, timeout: float) -> None:
     connection closed at once (a transport abort: a plain close would keep the socket
     open until the buffered bytes are sent, i.e. for ever) and SendError is raised.
     """
+    transport = writer.transport
+    if transport.get_write_buffer_size() == 0 and not transport.is_closing():
+        return  # all of it went to the socket: nothing to wait for (no timeout context)
     try:
         async with asyncio.timeout(timeout):
             await writer.drain()
@@ -564,16 +567,23 @@ def _write_problem(exc: OSError) -> str:
 
 
 async def read_pdu(reader: asyncio.StreamReader, timeout: float | None, max_length: int) -> tuple[int, bytes]:
-    """Read one PDU; enforce the timeout (None: the caller's) and our announced maximum length."""
+    """Read one PDU; enforce the timeout (None: the caller's, which opens no timeout
+    context of its own: one per PDU costs as much as reading a small PDU) and our
+    announced maximum length."""
+    if timeout is None:
+        return await _read_pdu(reader, max_length)
     async with asyncio.timeout(timeout):
-        header = await reader.readexactly(6)
-        pdu_type, _, length = struct.unpack(">BBI", header)
-        if pdu_type not in (1, 2, 3, 4, 5, 6, 7):
-            raise ProtocolError(f"unknown PDU type 0x{pdu_type:02x}")
-        if length > max_length:
-            raise ProtocolError(f"PDU of {length} bytes exceeds the maximum of {max_length}")
-        body = await reader.readexactly(length)
-    return pdu_type, body
+        return await _read_pdu(reader, max_length)
+
+
+async def _read_pdu(reader: asyncio.StreamReader, max_length: int) -> tuple[int, bytes]:
+    header = await reader.readexactly(6)
+    pdu_type, _, length = struct.unpack(">BBI", header)
+    if pdu_type not in (1, 2, 3, 4, 5, 6, 7):
+        raise ProtocolError(f"unknown PDU type 0x{pdu_type:02x}")
+    if length > max_length:
+        raise ProtocolError(f"PDU of {length} bytes exceeds the maximum of {max_length}")
+    return pdu_type, await reader.readexactly(length)
 
 
 def is_cancel(message: Message) -> bool:

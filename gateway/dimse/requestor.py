@@ -432,7 +432,7 @@ class StoreRequestor:
         buffer = bytearray()
         async with asyncio.timeout(self.dimse_timeout):
             while True:
-                pdu_type, body = await read_pdu(self.reader, self.dimse_timeout, self.max_pdu + 64 if self.max_pdu else 1 << 26)
+                pdu_type, body = await read_pdu(self.reader, None, self.max_pdu + 64 if self.max_pdu else 1 << 26)
                 if pdu_type == pdu.A_ABORT:
                     self.closed = True
                     raise ConnectionError("peer aborted the association")

@@ -68,7 +68,7 @@ class Retrieved:
     # The file's first bytes, when the upstream read them already (the embedded archive
     # reads them for many instances per trip to a worker thread), so its File Meta is
     # parsed without another read.
-    head: bytes | None = None
+    head: bytes | memoryview | None = None
 
     def read(self, start: int = 0, size: int = -1) -> bytes:
         """Bytes ``[start, start + size)`` of the Part 10 file (blocking for files)."""

@@ -641,8 +641,9 @@ async def _syntax_of(item: Retrieved, part_type: str, answer_type: str) -> str:
     named = mediatypes.transfer_syntax_param(part_type) or mediatypes.transfer_syntax_param(answer_type)
     if named:
         return named
+    head: bytes | memoryview
     if item.data is not None:
-        head = item.read(0, META_HEAD)
+        head = memoryview(item.data)[item.offset : item.offset + min(META_HEAD, item.length)]
     else:
         head = await asyncio.to_thread(item.read, 0, META_HEAD)
     item.head = head  # for the retrieval engine's look at the File Meta

@@ -79,3 +79,24 @@ def test_multipart_stream_cut_short_keeps_complete_parts_and_no_spill_file(tmp_p
     assert isinstance(error, MultipartError)
     assert list(tmp_path.iterdir()) == []  # the half-received large part was deleted
     assert _stream(b"no delimiter at all", 4, tmp_path, 500)[1] is not None
+
+
+def test_multipart_stream_takes_declared_lengths_and_survives_wrong_ones(tmp_path: Path) -> None:
+    """Parts that declare their Content-Length (Orthanc's do) are taken by that length;
+    a length that is wrong (short, long, past the end of the body) or not a number
+    falls back to the search for the delimiter, with the same parts handed out."""
+    contents = [b"A" * 50 + b"\r\n--b0un" + b"B" * 30, b"", bytes(range(256)) * 3, b"tail"]
+    for declared in (
+        [str(len(c)) for c in contents],
+        [str(len(contents[0]) - 3), "5", str(len(contents[2]) + 9), "10000"],
+        ["x1", "-1", " 7", str(len(contents[3]))],
+    ):
+        body = b"".join(
+            b"\r\n--b0und\r\nContent-Length: " + length.encode() + b"\r\n\r\n" + content
+            for content, length in zip(contents, declared)
+        ) + b"\r\n--b0und--\r\n"
+        for size in (1, 3, 40, 64, 700, len(body)):
+            parts, error = _stream(body, size, tmp_path / f"spill-{size}", 10_000)
+            assert error is None, (declared, size)
+            assert [p.data for p in parts] == contents, (declared, size)
+            assert [p.length for p in parts] == [len(c) for c in contents]
