@@ -10,12 +10,11 @@ not outgrow its blank; otherwise its file is removed.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 from gateway.spool.disk import Disk
-from gateway.spool.record import PREAMBLE, Sender, seal
+from gateway.spool.record import PREAMBLE, Sender, crc32, seal
 from gateway.writeback import start_writeback
 
 # Writeback is started every 256 KiB as the data arrives, so the seal's fdatasync waits
@@ -57,7 +56,7 @@ class Receipt:
         """Append received bytes (the Part 10 file after its preamble). Raises OSError."""
         assert self.fd is not None
         self.disk.pwrite(self.fd, data, self.length)
-        self.crc = zlib.crc32(data, self.crc)
+        self.crc = crc32(data, self.crc)
         self.length += len(data)
         if self.length - self._flushed >= WRITEBACK_CHUNK:
             start_writeback(self.fd, self._flushed, self.length - self._flushed)

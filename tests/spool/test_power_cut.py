@@ -22,6 +22,7 @@ import io
 import os
 import random
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from gateway.config import SpoolConfig
 from gateway.spool.disk import Disk
 from gateway.spool.ingest import Verdict, ingest
 from gateway.spool.queue import Spool
-from gateway.spool.record import PREAMBLE, Sender
+from gateway.spool.record import PREAMBLE, Sender, crc32
 from tests.support.synth import ct_series
 
 SECTOR = 512
@@ -266,3 +267,17 @@ def test_a_record_damaged_after_its_seal_is_never_delivered(tmp_path: Path, flip
         assert "checksum" in spool.check([inst])[inst.id]
     finally:
         spool.close()
+
+
+def test_the_record_checksum_is_the_standard_crc32_whichever_library_sums_it() -> None:
+    """Records are summed with libdeflate's CRC-32 when imagecodecs has it: it must
+    equal zlib's, chunk by chunk from any running value, or records sealed by one
+    build would fail verification under another."""
+    data = random.Random(7).randbytes(300_000)
+    assert crc32 is not zlib.crc32  # the fast one is installed with the test needs
+    running_fast = running_zlib = 0
+    for start in range(0, len(data), 65_537):
+        chunk = memoryview(data)[start : start + 65_537]
+        running_fast, running_zlib = crc32(chunk, running_fast), zlib.crc32(chunk, running_zlib)
+        assert running_fast == running_zlib
+    assert crc32(b"", running_fast) == running_fast
