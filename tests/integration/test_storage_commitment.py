@@ -6,7 +6,9 @@ when it released at once; the decision follows what the spool and archive hold."
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -138,6 +140,40 @@ def test_commitment_reported_on_a_new_association_after_a_release(tmp_path: Path
         wait_until(lambda: "reported to MODALITY on a new association (0x0000)" in gw.log(), 10, 0.1)
     finally:
         server.shutdown()
+
+
+def test_instances_acknowledged_before_their_rows_are_written_are_committed(tmp_path: Path, gateway) -> None:
+    """A modality asks for commitment right after its C-STOREs were answered, while the
+    spool rows of those instances still wait to be written (here another process held
+    the spool database's write lock while they arrived, and the indexer backs off).
+    Their records are sealed, so they are committed, not "no such object instance"
+    (CI once saw Orthanc told that, when the rows came a few milliseconds late)."""
+    gw = gateway(spool={"busy_timeout": 0.05})
+    stored = ct_series(tmp_path / "ct", 2, 32, 32)
+    lock = sqlite3.connect(gw.spool_dir / "spool.sqlite", timeout=10, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        assert dcmtk.storescu(gw.port, stored, gw.ae_title).returncode == 0
+        wait_until(lambda: "cannot index spooled instances" in gw.log(), 10, 0.05, "the rows were written")
+        time.sleep(2.0)  # the indexer's pause grows past a second
+    finally:
+        lock.rollback()
+        lock.close()
+    transaction, ds = request(uids(stored))
+    reports = Reports()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
+        assert status.Status == 0x0000
+        event_type, report, _ = reports.wait()
+    finally:
+        assoc.release()
+    assert event_type == 1 and "FailedSOPSequence" not in report, gw.log()
+    assert {str(i.ReferencedSOPInstanceUID) for i in report.ReferencedSOPSequence} == {u for _, u in uids(stored)}
+    gw.wait_counts(delivered=2, timeout=30)  # and the rows were written after all
 
 
 def test_with_ack_delivered_commitment_waits_for_the_archive(tmp_path: Path, orthanc, gateway) -> None:
