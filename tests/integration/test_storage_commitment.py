@@ -54,6 +54,23 @@ class Reports:
         return self.got[0]
 
 
+def ask(gw, ds: Dataset) -> tuple[int, Dataset]:  # type: ignore[no-untyped-def]
+    """As a modality that waits on its own association: one N-ACTION (answered
+    Success), then the N-EVENT-REPORT's event type and data set."""
+    reports = Reports()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
+    assert assoc.is_established
+    try:
+        status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
+        assert status.Status == 0x0000
+        event_type, report, _ = reports.wait()
+    finally:
+        assoc.release()
+    return event_type, report
+
+
 def uids(paths: list[Path]) -> list[tuple[str, str]]:
     return [(str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in (dcmread(p, stop_before_pixels=True) for p in paths)]
 
@@ -159,18 +176,7 @@ def test_instances_acknowledged_before_their_rows_are_written_are_committed(tmp_
     finally:
         lock.rollback()
         lock.close()
-    transaction, ds = request(uids(stored))
-    reports = Reports()
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
-    assert assoc.is_established
-    try:
-        status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
-        assert status.Status == 0x0000
-        event_type, report, _ = reports.wait()
-    finally:
-        assoc.release()
+    event_type, report = ask(gw, request(uids(stored))[1])
     assert event_type == 1 and "FailedSOPSequence" not in report, gw.log()
     assert {str(i.ReferencedSOPInstanceUID) for i in report.ReferencedSOPSequence} == {u for _, u in uids(stored)}
     gw.wait_counts(delivered=2, timeout=30)  # and the rows were written after all
@@ -183,16 +189,7 @@ def test_with_ack_delivered_commitment_waits_for_the_archive(tmp_path: Path, ort
     stored = ct_series(tmp_path / "ct", 3, 32, 32)
     assert dcmtk.storescu(gw.port, stored, gw.ae_title).returncode == 0
     transaction, ds = request(uids(stored))
-    reports = Reports()
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
-    try:
-        status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
-        assert status.Status == 0x0000
-        event_type, report, _ = reports.wait()
-    finally:
-        assoc.release()
+    event_type, report = ask(gw, ds)
     assert event_type == 1 and "FailedSOPSequence" not in report
     assert {str(i.ReferencedSOPInstanceUID) for i in report.ReferencedSOPSequence} == {u for _, u in uids(stored)}
     assert {u for _, u in uids(stored)} <= orthanc.sop_instance_uids()
