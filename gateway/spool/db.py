@@ -89,7 +89,18 @@ def _v5(db: sqlite_utils.Database) -> None:
     db["instances"].add_column("called_ae", str, not_null_default="")
 
 
-MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db: sqlite_utils.Database) -> None:
+    """Studies an administrator discarded and when (`gateway.spool.discards`): an
+    instance acknowledged before the discard whose row is written after it is
+    withdrawn as it is written."""
+    db["discards"].create(
+        {"study_uid": str, "discarded_at": float, "boot_id": str, "boot_seconds": float},
+        pk="study_uid",
+        not_null={"discarded_at", "boot_id", "boot_seconds"},
+    )
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5, _v6]
 
 
 class SpoolDB:

@@ -16,17 +16,28 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from gateway.header import InstanceHeader
 from gateway.spool.record import Sender
 
 log = logging.getLogger("gateway.spool")
 
-# (file, header, sender, received at, size): what a row is made of.
-PendingRow = tuple[Path, InstanceHeader, Sender, float, int]
 BATCH = 500
 FIRST_PAUSE = 0.05
 MAX_PAUSE = 5.0
+
+
+class PendingRow(NamedTuple):
+    """What a row is made of, and when its record was sealed on the boot clock
+    (`gateway.spool.discards`: a discard run meanwhile still takes it)."""
+
+    file: Path
+    header: InstanceHeader
+    sender: Sender
+    received_at: float
+    size: int
+    sealed_boot: float
 
 
 class Indexer:

@@ -35,6 +35,7 @@ from gateway.fsutil import fsync_path, make_buckets
 from gateway.header import HeaderError, InstanceHeader, read_header
 from gateway.spool.copies import copies_status
 from gateway.spool.db import SpoolDB
+from gateway.spool.discards import Mark, boot_seconds
 from gateway.spool.disk import Disk
 from gateway.spool.indexer import Indexer, PendingRow
 from gateway.spool.receipt import Receipt
@@ -189,8 +190,8 @@ class Spool:
                 log.error("spool file %s is unreadable (%s); moved aside", path.name, exc)
                 path.rename(path.with_suffix(".unreadable"))
                 continue
-            self._insert(path, header, sender, path.stat().st_mtime, length)
-            adopted += 1
+            if self._insert(path, header, sender, path.stat().st_mtime, length, adopted=True) is not None:
+                adopted += 1
         self._count_stored_bytes()
         return requeued, adopted
 
@@ -228,24 +229,40 @@ class Spool:
             self._stored_bytes = int(total)
 
     def _insert_many(self, rows: list[PendingRow]) -> None:
-        """Insert the rows of sealed records in one transaction (the indexer's)."""
+        """Insert the rows of sealed records in one transaction (the indexer's); those
+        of a study discarded since they were sealed are withdrawn."""
+        withdrawn: list[dict[str, Any]] = []
         with self.db.connection() as db, immediate(db):
-            for final, header, sender, received_at, size in rows:
-                self._insert_row(db, final, header, sender, received_at, size)
+            for row in rows:
+                self._insert_row(db, row.file, row.header, row.sender, row.received_at, row.size, row.sealed_boot, withdrawn)
+        self._withdraw(withdrawn)
 
     def _insert(
-        self, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None = None
-    ) -> int:
+        self, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None = None,
+        *, adopted: bool = False,
+    ) -> int | None:
+        """Insert one row; returns its id. An ``adopted`` record (found at start-up
+        without a row) of a study discarded since it was sealed is withdrawn instead
+        (None). Other callers insert before they acknowledge, so no discard can have
+        missed them."""
+        withdrawn: list[dict[str, Any]] = []
         with self.db.connection() as db, immediate(db):
-            return self._insert_row(db, final, header, sender, received_at, size)
+            row_id = self._insert_row(db, final, header, sender, received_at, size, None, withdrawn if adopted else None)
+        self._withdraw(withdrawn)
+        return None if withdrawn else row_id
 
     def _insert_row(
-        self, db: Any, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None
+        self, db: Any, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None,
+        sealed_boot: float | None, withdrawn: list[dict[str, Any]] | None,
     ) -> int:
+        """Insert a row (and the copies its routes want). With ``withdrawn`` given, a
+        row whose study was discarded after the record was sealed goes in dead, with no
+        copies, and is added there for `_withdraw` once the transaction commits."""
+        late = withdrawn is not None and self._discarded_since(db, header.study_uid, sealed_boot, received_at)
         cur = db.execute(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
             " transfer_syntax, file, size, calling_ae, called_ae, received_at, state, attempts,"
-            " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?,'queued',0,0)",
+            " next_attempt_at, last_error) VALUES (?,?,?,?,?,?,?,?,?,?,?,0,0,?)",
             (
                 header.sop_instance_uid,
                 header.sop_class_uid,
@@ -257,9 +274,15 @@ class Spool:
                 sender.calling_ae,
                 sender.called_ae,
                 received_at,
+                "dead" if late else "queued",
+                "discarded by an administrator" if late else None,
             ),
         )
         row_id = int(cur.lastrowid or 0)
+        if late:
+            assert withdrawn is not None
+            withdrawn.append({"id": row_id, "file": str(final.relative_to(self.directory)), "study_uid": header.study_uid})
+            return row_id
         destinations = {
             r.destination for r in self.routes
             if r.matches(sender.calling_ae, sender.called_ae, header.sop_class_uid, header.modality)
@@ -267,6 +290,39 @@ class Spool:
         for destination in sorted(destinations):
             db.execute("INSERT INTO copies (instance_id, destination, state) VALUES (?,?,'queued')", (row_id, destination))
         return row_id
+
+    @staticmethod
+    def _discarded_since(db: Any, study_uid: str, sealed_boot: float | None, received_at: float) -> bool:
+        """Whether the study was discarded after this record was sealed."""
+        row = next(
+            db.query("SELECT discarded_at, boot_id, boot_seconds FROM discards WHERE study_uid = ?", [study_uid]), None
+        )
+        return row is not None and Mark(row["discarded_at"], row["boot_id"], row["boot_seconds"]).takes(
+            sealed_boot, received_at
+        )
+
+    def _withdraw(self, rows: list[dict[str, Any]]) -> None:
+        """Remove rows already dead (no forwarder claims them) for good: their files go
+        and their directories are fsynced, then the rows. Removing a row before its file
+        is durably gone could let start-up adopt the file as a record whose row a power
+        cut lost, and deliver it."""
+        if not rows:
+            return
+        directories = set()
+        for row in rows:
+            path = self.directory / row["file"]
+            path.unlink(missing_ok=True)
+            directories.add(path.parent)
+        for directory in directories:
+            fsync_path(directory, directory=True)
+        self._remove(rows)
+        self._count_stored_bytes()
+        studies = sorted({row["study_uid"] for row in rows if "study_uid" in row})
+        if studies:
+            log.warning(
+                "withdrew %d instance(s) acknowledged before their study was discarded (study %s)",
+                len(rows), ", ".join(studies),
+            )
 
     # ---- ingest (association threads) ----------------------------------------
 
@@ -386,7 +442,7 @@ class Spool:
         if indexer is not None and not watch:
             with self._bytes_lock:
                 self._stored_bytes += length
-            indexer.add((receipt.path, header, sender, time.time(), length))
+            indexer.add(PendingRow(receipt.path, header, sender, time.time(), length, boot_seconds()))
             return None
         return self._queue(receipt.path, header, sender, watch, length)
 
@@ -769,10 +825,10 @@ class Spool:
                 ):
                     found.setdefault(row["sop_instance_uid"], (row["state"], row["sop_class_uid"] or ""))
         asked = set(wanted)
-        for _, header, _, _, _ in indexing:
-            uid = header.sop_instance_uid
+        for pending in indexing:
+            uid = pending.header.sop_instance_uid
             if uid in asked and found.get(uid, ("dead",))[0] == "dead":
-                found[uid] = ("queued", header.sop_class_uid)
+                found[uid] = ("queued", pending.header.sop_class_uid)
         return found
 
     def discard_study(self, study_uid: str, dry_run: bool = True) -> dict[str, int]:
@@ -788,6 +844,10 @@ class Spool:
         meanwhile), the files go and their directories are fsynced, then the rows go.
         Removing a row before its file is durably gone could let start-up adopt the
         file as a record whose row a power cut lost, and deliver it.
+
+        It also leaves the study's mark (`gateway.spool.discards`): an instance
+        acknowledged before now whose row the daemon has not written yet is withdrawn
+        when it is written.
         """
         pending = "('queued','failed','dead')"
         with self.db.connection() as db, immediate(db):
@@ -819,21 +879,20 @@ class Spool:
                     [r["id"] for r in taken],
                 )
                 db.execute(f"DELETE FROM copies WHERE id IN ({','.join('?' * len(copies))})", copies)
+                mark = Mark.now()
+                db.execute(
+                    "INSERT INTO discards (study_uid, discarded_at, boot_id, boot_seconds) VALUES (?,?,?,?)"
+                    " ON CONFLICT (study_uid) DO UPDATE SET discarded_at = excluded.discarded_at,"
+                    " boot_id = excluded.boot_id, boot_seconds = excluded.boot_seconds",
+                    [study_uid, mark.wall, mark.boot_id, mark.boot],
+                )
         counts = dict.fromkeys(("queued", "failed", "dead", "sending"), 0)
         for row in rows:
             counts[row["state"]] += 1
         counts["copies"] = len(copies)
         if dry_run or not taken:
             return counts
-        directories = set()
-        for row in taken:
-            path = self.directory / row["file"]
-            path.unlink(missing_ok=True)
-            directories.add(path.parent)
-        for directory in directories:
-            fsync_path(directory, directory=True)
-        self._remove(taken)
-        self._count_stored_bytes()
+        self._withdraw(taken)
         log.warning("discarded %d undelivered instance(s) of study %s", len(taken), study_uid)
         return counts
 

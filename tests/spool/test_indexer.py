@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -97,4 +98,79 @@ def test_instances_whose_rows_wait_are_held_for_a_storage_commitment(tmp_path: P
     finally:
         other.rollback()
         other.close()
+        spool.close()
+
+
+def study_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_a_discard_takes_instances_acknowledged_before_it_whose_rows_come_after(tmp_path: Path) -> None:
+    """`spool discard` (another process) runs while acknowledged instances of the study
+    still wait for their rows: they are withdrawn as their rows are written (files
+    gone, nothing left to deliver); an instance of the study received after the
+    discard, and another study's, are kept."""
+    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0))
+    gate = threading.Event()
+    written = threading.Event()
+    insert = spool._insert_many
+
+    def held_back(rows: list) -> None:  # type: ignore[type-arg]
+        assert gate.wait(10)
+        insert(rows)
+        written.set()
+
+    spool._insert_many = held_back  # type: ignore[method-assign]
+    spool.start()
+    study = ct_series(tmp_path / "ct", 3, 32, 32)
+    other = ct_series(tmp_path / "other", 1, 32, 32)
+    try:
+        for path in [*study[:2], *other]:
+            store(spool, path.read_bytes())
+        early = {p.name for p in (tmp_path / "spool" / "objects").glob("*/*.dcm")}
+        cli = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0))
+        assert cli.discard_study(study_of(study[0]), dry_run=False)["queued"] == 0  # no rows yet
+        cli.close()
+        store(spool, study[2].read_bytes())
+        gate.set()
+        deadline = time.monotonic() + 10
+        while spool._indexer.waiting() and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.02)
+        rows = spool.list_rows(limit=10)
+        kept = {r["sop_instance_uid"] for r in rows}
+        uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in [*study, *other]]
+        assert kept == {uids[2], uids[3]} and {r["state"] for r in rows} == {"queued"}
+        files = {p.name for p in (tmp_path / "spool" / "objects").glob("*/*.dcm")}
+        assert len(files & early) == 1 and len(files) == 2  # the other study's, and the late one
+    finally:
+        gate.set()
+        spool.close()
+
+
+def test_records_adopted_at_start_up_of_a_study_discarded_since_are_withdrawn(tmp_path: Path) -> None:
+    """The daemon stopped with rows unwritten; the study was discarded while it was
+    down: its records sealed before are not adopted. One sealed after is."""
+    cfg = SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0, busy_timeout=0.05)
+    spool = Spool(cfg)
+    spool.start()
+    paths = ct_series(tmp_path / "ct", 3, 32, 32)
+    other = sqlite3.connect(spool.db.path)
+    other.execute("BEGIN EXCLUSIVE")
+    for path in paths:
+        store(spool, path.read_bytes())
+    spool.close()
+    other.rollback()
+    other.close()
+    records = sorted((tmp_path / "spool" / "objects").glob("*/*.dcm"))
+    cli = Spool(cfg)
+    cli.discard_study(study_of(paths[0]), dry_run=False)
+    cli.close()
+    later = time.time() + 60
+    os.utime(records[0], (later, later))  # as if sealed after the discard
+    spool = Spool(cfg)
+    try:
+        assert spool.recover() == (0, 1)
+        assert [r["file"] for r in spool.list_rows(limit=10)] == [str(records[0].relative_to(tmp_path / "spool"))]
+        assert list((tmp_path / "spool" / "objects").glob("*/*.dcm")) == [records[0]]
+    finally:
         spool.close()
