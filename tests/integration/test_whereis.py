@@ -4,13 +4,18 @@ processes (storescu as two modalities, the daemon, Orthanc or the embedded archi
 from __future__ import annotations
 
 import json
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
 from tests.support import dcmtk
-from tests.support.ports import closed_port
+from tests.support.daemon import REPO
+from tests.support.ports import closed_port, wait_until
 from tests.support.synth import ct_series
 
 
@@ -156,3 +161,44 @@ def test_a_study_sent_by_mistake_is_withdrawn_before_it_reaches_the_archive(tmp_
     gw.start()  # start-up adopts records without rows: none of the discarded is left to adopt
     assert gw.counts()["dead"] == 1 and sum(gw.counts().values()) == 1
     assert "discarded by an administrator" not in gw.cli("spool", "list").stdout
+
+
+
+def test_a_discard_right_after_the_c_stores_takes_what_was_not_indexed_yet(tmp_path: Path, gateway) -> None:
+    """The study is discarded just after storescu's C-STOREs were answered, while their
+    spool rows still wait (another process held the spool database's write lock as they
+    arrived, so the indexer backs off): `spool discard` finds no row, yet the two
+    instances never reach the archive and their files go; the same study stored again
+    after the discard is delivered."""
+    gw = gateway(spool={"busy_timeout": 0.05})
+    first, again = ct_series(tmp_path / "ct", 2, 32, 32), ct_series(tmp_path / "again", 1, 32, 32)
+    study_uid = uids(first[0])[0]
+    for path in again:  # the corrected study: same Study Instance UID
+        ds = dcmread(path)
+        ds.StudyInstanceUID = study_uid
+        ds.save_as(path)
+    # The CLI waits for the lock (the daemon's rows do not: they back off, then retry).
+    patient = tmp_path / "cli.toml"
+    patient.write_text(gw.config_path.read_text().replace("busy_timeout = 0.05", "busy_timeout = 30"))
+    lock = sqlite3.connect(gw.spool_dir / "spool.sqlite", timeout=10, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        assert dcmtk.storescu(gw.port, first, gw.ae_title).returncode == 0
+        wait_until(lambda: "cannot index spooled instances" in gw.log(), 10, 0.05, "the rows were written")
+        discard = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "spool", "discard", "--study", study_uid, "--yes", "--config", str(patient)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        time.sleep(3.0)  # the CLI is up and waiting; the indexer's pause has grown past a second
+    finally:
+        lock.rollback()
+        lock.close()
+    out, err = discard.communicate(timeout=60)
+    assert discard.returncode == 0 and "discarded 0 undelivered instance(s)" in out, out + err
+    wait_until(lambda: "withdrew 2 instance(s) acknowledged before their study was discarded" in gw.log(), 20, 0.1)
+    assert dcmtk.storescu(gw.port, again, gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=1, timeout=30)
+    assert sum(gw.counts().values()) == 1
+    withdrawn = [uids(p)[2].encode() for p in first]
+    assert not [f for f in (gw.spool_dir / "objects").glob("*/*.dcm") if any(u in f.read_bytes() for u in withdrawn)]
+    assert [r["sop_instance_uid"] for r in json.loads(gw.cli("spool", "list", "--json").stdout)] == [uids(again[0])[2]]
