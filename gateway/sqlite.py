@@ -73,6 +73,17 @@ def immediate(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
         raise
 
 
+@contextlib.contextmanager
+def synced(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """Transactions opened inside are fsynced at commit (synchronous=FULL) on a
+    connection opened without it, for a commit that must outlive a power cut."""
+    db.execute("PRAGMA synchronous=FULL")
+    try:
+        yield db
+    finally:
+        db.execute("PRAGMA synchronous=NORMAL")
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether a sqlite3 error is SQLITE_FULL (disk or quota full), by its code."""
     return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL

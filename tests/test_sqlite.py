@@ -6,7 +6,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from gateway.sqlite import connect, migrate
+from gateway.sqlite import connect, migrate, synced
 from gateway.upstream.local import MIGRATIONS as ARCHIVE_MIGRATIONS
 
 
@@ -35,3 +35,12 @@ def test_archive_index_from_before_migrations_is_adopted(tmp_path: Path) -> None
     migrate(db, ARCHIVE_MIGRATIONS)
     assert db["instances"].count == 1
     assert [r["version"] for r in db["migrations"].rows] == [1]
+
+
+def test_synced_fsyncs_the_transactions_inside_it_and_no_others(tmp_path: Path) -> None:
+    """A spool connection commits without fsync; `synced` makes the commits inside it
+    durable (a discard's mark) and gives the pooled connection back as it was."""
+    db = connect(tmp_path / "s.sqlite", durable=False)
+    with synced(db):
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL

@@ -41,7 +41,7 @@ from gateway.spool.indexer import Indexer, PendingRow
 from gateway.spool.receipt import Receipt
 from gateway.spool.record import BLANK_PREAMBLE, PREAMBLE, CorruptRecord, Sender, read_preamble, verify
 from gateway.spool.reserve import Reserve
-from gateway.sqlite import immediate, is_disk_full
+from gateway.sqlite import immediate, is_disk_full, synced
 from gateway.upstream.base import StoreItem
 
 log = logging.getLogger("gateway.spool")
@@ -235,7 +235,7 @@ class Spool:
         with self.db.connection() as db, immediate(db):
             for row in rows:
                 self._insert_row(db, row.file, row.header, row.sender, row.received_at, row.size, row.sealed_boot, withdrawn)
-        self._withdraw(withdrawn)
+        self._withdraw_late(withdrawn)
 
     def _insert(
         self, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None = None,
@@ -248,7 +248,7 @@ class Spool:
         withdrawn: list[dict[str, Any]] = []
         with self.db.connection() as db, immediate(db):
             row_id = self._insert_row(db, final, header, sender, received_at, size, None, withdrawn if adopted else None)
-        self._withdraw(withdrawn)
+        self._withdraw_late(withdrawn)
         return None if withdrawn else row_id
 
     def _insert_row(
@@ -257,7 +257,7 @@ class Spool:
     ) -> int:
         """Insert a row (and the copies its routes want). With ``withdrawn`` given, a
         row whose study was discarded after the record was sealed goes in dead, with no
-        copies, and is added there for `_withdraw` once the transaction commits."""
+        copies, and is added there for `_withdraw_late` once the transaction commits."""
         late = withdrawn is not None and self._discarded_since(db, header.study_uid, sealed_boot, received_at)
         cur = db.execute(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
@@ -301,6 +301,22 @@ class Spool:
             sealed_boot, received_at
         )
 
+    def _withdraw_late(self, rows: list[dict[str, Any]]) -> None:
+        """`_withdraw` the rows just inserted dead for a discard. The rows are committed,
+        so nothing may raise from here (the indexer would insert them again): a failure
+        leaves them dead, which no forwarder sends, for ``spool list --state dead``."""
+        if not rows:
+            return
+        try:
+            self._withdraw(rows)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("could not remove %d instance(s) of a discarded study; they stay dead in the spool", len(rows))
+            return
+        log.warning(
+            "withdrew %d instance(s) acknowledged before their study was discarded (study %s)",
+            len(rows), ", ".join(sorted({row["study_uid"] for row in rows})),
+        )
+
     def _withdraw(self, rows: list[dict[str, Any]]) -> None:
         """Remove rows already dead (no forwarder claims them) for good: their files go
         and their directories are fsynced, then the rows. Removing a row before its file
@@ -317,12 +333,6 @@ class Spool:
             fsync_path(directory, directory=True)
         self._remove(rows)
         self._count_stored_bytes()
-        studies = sorted({row["study_uid"] for row in rows if "study_uid" in row})
-        if studies:
-            log.warning(
-                "withdrew %d instance(s) acknowledged before their study was discarded (study %s)",
-                len(rows), ", ".join(studies),
-            )
 
     # ---- ingest (association threads) ----------------------------------------
 
@@ -850,7 +860,8 @@ class Spool:
         when it is written.
         """
         pending = "('queued','failed','dead')"
-        with self.db.connection() as db, immediate(db):
+        # The mark must outlive a power cut: records adopted at the next start read it.
+        with self.db.connection() as db, synced(db), immediate(db):
             rows = list(
                 db.query(
                     "SELECT id, file, CASE WHEN EXISTS (SELECT 1 FROM copies WHERE copies.instance_id = instances.id"
