@@ -174,3 +174,34 @@ def test_records_adopted_at_start_up_of_a_study_discarded_since_are_withdrawn(tm
         assert list((tmp_path / "spool" / "objects").glob("*/*.dcm")) == [records[0]]
     finally:
         spool.close()
+
+
+def test_a_withdrawal_that_fails_leaves_the_rows_dead_once(tmp_path: Path) -> None:
+    """The rows are committed before their files go: a failure then (a directory that
+    cannot be fsynced) must not make the indexer insert them again."""
+    cfg = SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0)
+    paths = ct_series(tmp_path / "ct", 2, 32, 32)
+    cli = Spool(cfg)
+    cli.discard_study(study_of(paths[0]), dry_run=False)
+    cli.close()
+    spool = Spool(cfg)
+
+    def broken(rows: list) -> None:  # type: ignore[type-arg]
+        raise OSError(5, "Input/output error")
+
+    spool._withdraw = broken  # type: ignore[method-assign]
+    spool.start()
+    try:
+        with spool.db.connection() as db:  # sealed before the discard, as far as the mark knows
+            db.execute("UPDATE discards SET boot_seconds = boot_seconds + 3600, discarded_at = discarded_at + 3600")
+        for path in paths:
+            store(spool, path.read_bytes())
+        deadline = time.monotonic() + 10
+        while spool._indexer.waiting() and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.02)
+        time.sleep(0.2)
+        rows = spool.list_rows(limit=10)
+        assert len(rows) == 2 and {r["state"] for r in rows} == {"dead"}
+        assert {r["last_error"] for r in rows} == {"discarded by an administrator"}
+    finally:
+        spool.close()
