@@ -233,8 +233,13 @@ class Spool:
         of a study discarded since they were sealed are withdrawn."""
         withdrawn: list[dict[str, Any]] = []
         with self.db.connection() as db, immediate(db):
+            marks = self._marks(db, {row.header.study_uid for row in rows})
             for row in rows:
-                self._insert_row(db, row.file, row.header, row.sender, row.received_at, row.size, row.sealed_boot, withdrawn)
+                mark = marks.get(row.header.study_uid)
+                late = mark is not None and mark.takes(row.sealed_boot, row.received_at)
+                row_id = self._insert_row(db, row.file, row.header, row.sender, row.received_at, row.size, late)
+                if late:
+                    withdrawn.append({"id": row_id, "file": self._name(row.file), "study_uid": row.header.study_uid})
         self._withdraw_late(withdrawn)
 
     def _insert(
@@ -245,20 +250,26 @@ class Spool:
         without a row) of a study discarded since it was sealed is withdrawn instead
         (None). Other callers insert before they acknowledge, so no discard can have
         missed them."""
-        withdrawn: list[dict[str, Any]] = []
         with self.db.connection() as db, immediate(db):
-            row_id = self._insert_row(db, final, header, sender, received_at, size, None, withdrawn if adopted else None)
-        self._withdraw_late(withdrawn)
-        return None if withdrawn else row_id
+            mark = self._marks(db, {header.study_uid}).get(header.study_uid) if adopted else None
+            late = mark is not None and mark.takes(None, received_at)
+            row_id = self._insert_row(db, final, header, sender, received_at, size, late)
+        if not late:
+            return row_id
+        self._withdraw_late([{"id": row_id, "file": self._name(final), "study_uid": header.study_uid}])
+        return None
+
+    def _name(self, path: Path) -> str:
+        """A spool file as its row names it."""
+        return str(path.relative_to(self.directory))
 
     def _insert_row(
         self, db: Any, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None,
-        sealed_boot: float | None, withdrawn: list[dict[str, Any]] | None,
+        late: bool = False,
     ) -> int:
-        """Insert a row (and the copies its routes want). With ``withdrawn`` given, a
-        row whose study was discarded after the record was sealed goes in dead, with no
-        copies, and is added there for `_withdraw_late` once the transaction commits."""
-        late = withdrawn is not None and self._discarded_since(db, header.study_uid, sealed_boot, received_at)
+        """Insert a row, and the copies its routes want; a ``late`` one (its study was
+        discarded after the record was sealed) goes in dead, with no copies, for
+        `_withdraw_late` once the transaction commits."""
         cur = db.execute(
             "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
             " transfer_syntax, file, size, calling_ae, called_ae, received_at, state, attempts,"
@@ -269,7 +280,7 @@ class Spool:
                 header.study_uid,
                 header.series_uid,
                 header.transfer_syntax,
-                str(final.relative_to(self.directory)),
+                self._name(final),
                 final.stat().st_size if size is None else size,
                 sender.calling_ae,
                 sender.called_ae,
@@ -280,8 +291,6 @@ class Spool:
         )
         row_id = int(cur.lastrowid or 0)
         if late:
-            assert withdrawn is not None
-            withdrawn.append({"id": row_id, "file": str(final.relative_to(self.directory)), "study_uid": header.study_uid})
             return row_id
         destinations = {
             r.destination for r in self.routes
@@ -292,14 +301,19 @@ class Spool:
         return row_id
 
     @staticmethod
-    def _discarded_since(db: Any, study_uid: str, sealed_boot: float | None, received_at: float) -> bool:
-        """Whether the study was discarded after this record was sealed."""
-        row = next(
-            db.query("SELECT discarded_at, boot_id, boot_seconds FROM discards WHERE study_uid = ?", [study_uid]), None
-        )
-        return row is not None and Mark(row["discarded_at"], row["boot_id"], row["boot_seconds"]).takes(
-            sealed_boot, received_at
-        )
+    def _marks(db: Any, studies: set[str]) -> dict[str, Mark]:
+        """The discard marks of these studies (`gateway.spool.discards`)."""
+        found: dict[str, Mark] = {}
+        listed = sorted(studies)
+        for start in range(0, len(listed), 500):
+            chunk = listed[start : start + 500]
+            for study, wall, boot_id, boot in db.execute(
+                "SELECT study_uid, discarded_at, boot_id, boot_seconds FROM discards"
+                f" WHERE study_uid IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall():
+                found[study] = Mark(wall, boot_id, boot)
+        return found
 
     def _withdraw_late(self, rows: list[dict[str, Any]]) -> None:
         """`_withdraw` the rows just inserted dead for a discard. The rows are committed,
