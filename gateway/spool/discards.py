@@ -6,7 +6,7 @@ was never written. ``spool discard`` runs in another process and sees only rows,
 an instance of the study acknowledged just before the discard, whose row was still
 waiting, would be delivered all the same. The discard therefore leaves a mark (the
 study and when), and a row written later for an instance sealed before that moment
-is withdrawn as it is written (`Spool._insert_row`): it never reaches the archive nor
+is withdrawn as it is written (`Spool._insert_many`): it never reaches the archive nor
 a route. An instance received after the discard (the study sent again, corrected) is
 kept.
 
@@ -30,7 +30,7 @@ def _boot_id() -> str:
     try:
         return _BOOT_ID.read_text().strip()
     except OSError:
-        return ""  # never equal to a mark's: only wall clocks are compared then
+        return ""  # matches no mark: what the running daemon sealed is then always kept
 
 
 BOOT_ID = _boot_id()

@@ -190,7 +190,7 @@ class Spool:
                 log.error("spool file %s is unreadable (%s); moved aside", path.name, exc)
                 path.rename(path.with_suffix(".unreadable"))
                 continue
-            if self._insert(path, header, sender, path.stat().st_mtime, length, adopted=True) is not None:
+            if self._adopt(path, header, sender, length):
                 adopted += 1
         self._count_stored_bytes()
         return requeued, adopted
@@ -243,21 +243,25 @@ class Spool:
         self._withdraw_late(withdrawn)
 
     def _insert(
-        self, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None = None,
-        *, adopted: bool = False,
-    ) -> int | None:
-        """Insert one row; returns its id. An ``adopted`` record (found at start-up
-        without a row) of a study discarded since it was sealed is withdrawn instead
-        (None). Other callers insert before they acknowledge, so no discard can have
-        missed them."""
+        self, final: Path, header: InstanceHeader, sender: Sender, received_at: float, size: int | None = None
+    ) -> int:
+        """Insert one row; returns its id. (Its caller inserts before it acknowledges,
+        so no discard can have missed it.)"""
         with self.db.connection() as db, immediate(db):
-            mark = self._marks(db, {header.study_uid}).get(header.study_uid) if adopted else None
+            return self._insert_row(db, final, header, sender, received_at, size)
+
+    def _adopt(self, final: Path, header: InstanceHeader, sender: Sender, length: int | None) -> bool:
+        """Insert the row of a record found at start-up without one (received when its
+        file was last written); False when its study was discarded since, and the record
+        is withdrawn instead."""
+        received_at = final.stat().st_mtime
+        with self.db.connection() as db, immediate(db):
+            mark = self._marks(db, {header.study_uid}).get(header.study_uid)
             late = mark is not None and mark.takes(None, received_at)
-            row_id = self._insert_row(db, final, header, sender, received_at, size, late)
-        if not late:
-            return row_id
-        self._withdraw_late([{"id": row_id, "file": self._name(final), "study_uid": header.study_uid}])
-        return None
+            row_id = self._insert_row(db, final, header, sender, received_at, length, late)
+        if late:
+            self._withdraw_late([{"id": row_id, "file": self._name(final), "study_uid": header.study_uid}])
+        return not late
 
     def _name(self, path: Path) -> str:
         """A spool file as its row names it."""
