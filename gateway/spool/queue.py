@@ -852,10 +852,16 @@ class Spool:
                     chunk,
                 ):
                     found.setdefault(row["sop_instance_uid"], (row["state"], row["sop_class_uid"] or ""))
-        asked = set(wanted)
+            asked = set(wanted)
+            indexing = [p for p in indexing if p.header.sop_instance_uid in asked]
+            # ... unless their study was discarded since: they are withdrawn as written.
+            marks = self._marks(db, {p.header.study_uid for p in indexing})
         for pending in indexing:
             uid = pending.header.sop_instance_uid
-            if uid in asked and found.get(uid, ("dead",))[0] == "dead":
+            mark = marks.get(pending.header.study_uid)
+            if mark is not None and mark.takes(pending.sealed_boot, pending.received_at):
+                continue
+            if found.get(uid, ("dead",))[0] == "dead":
                 found[uid] = ("queued", pending.header.sop_class_uid)
         return found
 

@@ -205,3 +205,32 @@ def test_a_withdrawal_that_fails_leaves_the_rows_dead_once(tmp_path: Path) -> No
         assert {r["last_error"] for r in rows} == {"discarded by an administrator"}
     finally:
         spool.close()
+
+
+def test_instances_withdrawn_by_a_discard_are_not_held_for_a_storage_commitment(tmp_path: Path) -> None:
+    """Acknowledged, rows still waiting, then their study discarded: a commitment asked
+    now must not promise them (they are withdrawn as their rows are written)."""
+    cfg = SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0)
+    spool = Spool(cfg)
+    gate = threading.Event()
+    insert = spool._insert_many
+
+    def held_back(rows: list) -> None:  # type: ignore[type-arg]
+        assert gate.wait(10)
+        insert(rows)
+
+    spool._insert_many = held_back  # type: ignore[method-assign]
+    spool.start()
+    paths = ct_series(tmp_path / "ct", 2, 32, 32)
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    try:
+        for path in paths:
+            store(spool, path.read_bytes())
+        assert set(spool.held(uids)) == set(uids)
+        cli = Spool(cfg)
+        cli.discard_study(study_of(paths[0]), dry_run=False)
+        cli.close()
+        assert spool.held(uids) == {}
+    finally:
+        gate.set()
+        spool.close()
