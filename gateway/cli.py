@@ -305,7 +305,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     """Where is my study: the spool's rows of it beside the archive's count, per series
     (`gateway.whereis`). Exit status 0 whatever it finds; 1 only when the archive could
     not be asked, so a script can tell "not there" from "could not look"."""
-    from gateway.spool.study import study_in_spool
+    from gateway.spool.study import discarded_at, study_in_spool
     from gateway.whereis import archive_view, format_report, report
 
     if not is_valid_uid(args.study_uid):
@@ -315,10 +315,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     spool = Spool(config.spool)
     try:
         in_spool = study_in_spool(spool.db, args.study_uid)
+        discarded = discarded_at(spool.db, args.study_uid)
     finally:
         spool.close()
     archive = None if args.no_archive else asyncio.run(archive_view(config, args.study_uid))
-    data = report(args.study_uid, in_spool, archive)
+    data = report(args.study_uid, in_spool, archive, discarded)
     print(json.dumps(data, indent=2) if args.json else format_report(data, config.upstream.type))
     return 1 if archive is not None and archive.error else 0
 

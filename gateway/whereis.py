@@ -78,9 +78,12 @@ def _archive_fields(series: SeriesInArchive | None) -> dict[str, str]:
     return {"modality": series.modality if series else "", "series_number": series.number if series else ""}
 
 
-def report(study_uid: str, spool: list[SeriesInSpool], archive: ArchiveView | None) -> dict[str, Any]:
+def report(
+    study_uid: str, spool: list[SeriesInSpool], archive: ArchiveView | None, discarded_at: float | None = None
+) -> dict[str, Any]:
     """Both views merged per series (the spool's arrival order, then series only the
-    archive has), as ``--json`` prints it."""
+    archive has), as ``--json`` prints it, with when ``spool discard`` last withdrew
+    the study (None: never)."""
     in_archive = {s.series_uid: s for s in archive.series} if archive is not None else {}
     unknown = archive is None or archive.error is not None  # the archive's count is not known
     rows: list[dict[str, Any]] = []
@@ -94,6 +97,7 @@ def report(study_uid: str, spool: list[SeriesInSpool], archive: ArchiveView | No
         )
     return {
         "study_uid": study_uid,
+        "discarded_at": discarded_at,
         "series": rows,
         "archive": None if archive is None else {  # None: not asked
             "error": archive.error,
@@ -114,6 +118,11 @@ def format_report(data: dict[str, Any], upstream_kind: str) -> str:
     its counts per spool state and the archive's count, then where it came from, when,
     and the reason of every refusal."""
     lines = [f"study {data['study_uid']}"]
+    if data.get("discarded_at") is not None:
+        lines.append(
+            f"  discarded by an administrator (spool discard) at {_when(data['discarded_at'])}:"
+            " what the gateway had received of it before then is withdrawn, never sent"
+        )
     archive = data["archive"]
     if not data["series"]:
         nowhere = "neither the spool nor the archive holds" if archive and not archive["error"] else "the spool holds"

@@ -51,6 +51,13 @@ class SeriesInSpool:
         }
 
 
+def discarded_at(db: SpoolDB, study_uid: str) -> float | None:
+    """When ``spool discard`` last withdrew the study (its mark), None if never."""
+    with db.connection() as conn:
+        row = conn.execute("SELECT discarded_at FROM discards WHERE study_uid = ?", [study_uid]).fetchone()
+    return None if row is None else float(row[0])
+
+
 def study_in_spool(db: SpoolDB, study_uid: str) -> list[SeriesInSpool]:
     """The study's series in the spool, in the order they first arrived (empty when
     the spool holds no row of it: never received, or purged after delivery)."""

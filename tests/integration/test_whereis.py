@@ -156,6 +156,10 @@ def test_a_study_sent_by_mistake_is_withdrawn_before_it_reaches_the_archive(tmp_
     assert json.loads(gw.cli("spool", "list", "--study", study_uid, "--json").stdout) == []
     assert not any((gw.spool_dir / f).exists() for f in files)
     assert [r["study_uid"] for r in json.loads(gw.cli("spool", "list", "--json").stdout)] == [uids(right[0])[0]]
+    report = gw.cli("study", study_uid, "--no-archive")
+    assert "discarded by an administrator (spool discard) at" in report.stdout, report.stdout
+    assert json.loads(gw.cli("study", study_uid, "--json", "--no-archive").stdout)["discarded_at"] > 0
+    assert json.loads(gw.cli("study", uids(right[0])[0], "--json", "--no-archive").stdout)["discarded_at"] is None
 
     gw.stop()
     gw.start()  # start-up adopts records without rows: none of the discarded is left to adopt
