@@ -167,7 +167,6 @@ def test_a_study_sent_by_mistake_is_withdrawn_before_it_reaches_the_archive(tmp_
     assert "discarded by an administrator" not in gw.cli("spool", "list").stdout
 
 
-
 def test_a_discard_right_after_the_c_stores_takes_what_was_not_indexed_yet(tmp_path: Path, gateway) -> None:
     """The study is discarded just after storescu's C-STOREs were answered, while their
     spool rows still wait (another process held the spool database's write lock as they
@@ -182,15 +181,15 @@ def test_a_discard_right_after_the_c_stores_takes_what_was_not_indexed_yet(tmp_p
         ds.StudyInstanceUID = study_uid
         ds.save_as(path)
     # The CLI waits for the lock (the daemon's rows do not: they back off, then retry).
-    patient = tmp_path / "cli.toml"
-    patient.write_text(gw.config_path.read_text().replace("busy_timeout = 0.05", "busy_timeout = 30"))
+    waiting_cli = tmp_path / "cli.toml"
+    waiting_cli.write_text(gw.config_path.read_text().replace("busy_timeout = 0.05", "busy_timeout = 30"))
     lock = sqlite3.connect(gw.spool_dir / "spool.sqlite", timeout=10, isolation_level=None)
     try:
         lock.execute("BEGIN EXCLUSIVE")
         assert dcmtk.storescu(gw.port, first, gw.ae_title).returncode == 0
         wait_until(lambda: "cannot index spooled instances" in gw.log(), 10, 0.05, "the rows were written")
         discard = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "spool", "discard", "--study", study_uid, "--yes", "--config", str(patient)],
+            [sys.executable, "-m", "gateway", "spool", "discard", "--study", study_uid, "--yes", "--config", str(waiting_cli)],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         time.sleep(3.0)  # the CLI is up and waiting; the indexer's pause has grown past a second

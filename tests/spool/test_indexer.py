@@ -105,22 +105,27 @@ def study_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
 
 
+def hold_rows_back(spool: Spool) -> threading.Event:
+    """Before ``spool.start()``: its indexer writes no row until the event is set (as
+    if the rows were still on their way when a discard runs)."""
+    gate = threading.Event()
+    insert = spool._insert_many
+
+    def held_back(rows: list) -> None:  # type: ignore[type-arg]
+        assert gate.wait(10)
+        insert(rows)
+
+    spool._insert_many = held_back  # type: ignore[method-assign]
+    return gate
+
+
 def test_a_discard_takes_instances_acknowledged_before_it_whose_rows_come_after(tmp_path: Path) -> None:
     """`spool discard` (another process) runs while acknowledged instances of the study
     still wait for their rows: they are withdrawn as their rows are written (files
     gone, nothing left to deliver); an instance of the study received after the
     discard, and another study's, are kept."""
     spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0))
-    gate = threading.Event()
-    written = threading.Event()
-    insert = spool._insert_many
-
-    def held_back(rows: list) -> None:  # type: ignore[type-arg]
-        assert gate.wait(10)
-        insert(rows)
-        written.set()
-
-    spool._insert_many = held_back  # type: ignore[method-assign]
+    gate = hold_rows_back(spool)
     spool.start()
     study = ct_series(tmp_path / "ct", 3, 32, 32)
     other = ct_series(tmp_path / "other", 1, 32, 32)
@@ -212,14 +217,7 @@ def test_instances_withdrawn_by_a_discard_are_not_held_for_a_storage_commitment(
     now must not promise them (they are withdrawn as their rows are written)."""
     cfg = SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0)
     spool = Spool(cfg)
-    gate = threading.Event()
-    insert = spool._insert_many
-
-    def held_back(rows: list) -> None:  # type: ignore[type-arg]
-        assert gate.wait(10)
-        insert(rows)
-
-    spool._insert_many = held_back  # type: ignore[method-assign]
+    gate = hold_rows_back(spool)
     spool.start()
     paths = ct_series(tmp_path / "ct", 2, 32, 32)
     uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
