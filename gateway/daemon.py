@@ -91,7 +91,18 @@ async def _reload_audit(audit: Auditor, config: Config) -> bool:
 
 async def _run(config: Config, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
+    audit = Auditor(config, audit_trail(config))
+    audit.started()
     spool = Spool(config.spool, config.dimse.routes)
+
+    def withdrawn(study_uid: str, count: int) -> None:
+        """The rest of an administrator's `spool discard`: its CLI audited what it took."""
+        loop.call_soon_threadsafe(
+            audit.deleted, audit.me, study_uid, True,
+            f"spool discard: {count} instance(s) acknowledged before it withdrawn as their rows were written",
+        )
+
+    spool.on_withdrawn = withdrawn
     requeued, adopted = spool.recover()
     spool.start()
     if requeued:
@@ -101,9 +112,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
     # One registry per daemon, never the process-wide default.
     metrics = Metrics()
     metrics.registry.register(SpoolCollector(spool))
-    audit = Auditor(config, audit_trail(config))
     metrics.registry.register(AuditCollector(audit))
-    audit.started()
     upstream = make_upstream(config, metrics)
     await upstream.start()
     # With ack = "delivered" every C-STORE waits for its own delivery: never linger.
@@ -240,6 +249,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
         store.close()
         spool.on_enqueue = lambda: None
         spool.on_index_problem = lambda reason: None
+        spool.on_withdrawn = lambda study_uid, count: None
         await forwarder.stop(grace)
         await routes.stop(grace)
         await runner.cleanup()

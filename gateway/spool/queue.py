@@ -16,6 +16,7 @@ durable (file fsync, rename, directory fsync). Either way the row commit follows
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import logging
@@ -129,6 +130,9 @@ class Spool:
         self._indexer: Indexer | None = None
         # Told why rows cannot be written (None: they can again); called on the indexer thread.
         self.on_index_problem: Callable[[str | None], None] = lambda reason: None
+        # Told (study UID, how many) when a discard's mark withdraws late rows, for the
+        # audit trail; called from the indexer thread, or at start-up.
+        self.on_withdrawn: Callable[[str, int], None] = lambda study_uid, count: None
 
     def start(self) -> None:
         """The daemon's background work: the reserve of blanks, and the thread that
@@ -330,10 +334,13 @@ class Spool:
         except Exception:  # noqa: BLE001 - see above
             log.exception("could not remove %d instance(s) of a discarded study; they stay dead in the spool", len(rows))
             return
+        per_study = collections.Counter(row["study_uid"] for row in rows)
         log.warning(
             "withdrew %d instance(s) acknowledged before their study was discarded (study %s)",
-            len(rows), ", ".join(sorted({row["study_uid"] for row in rows})),
+            len(rows), ", ".join(sorted(per_study)),
         )
+        for study_uid, count in sorted(per_study.items()):
+            self.on_withdrawn(study_uid, count)
 
     def _withdraw(self, rows: list[dict[str, Any]]) -> None:
         """Remove rows already dead (no forwarder claims them) for good: their files go

@@ -17,6 +17,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from tests.support import dcmtk
+from tests.support.audit_messages import event_of, file_messages, participants
 from tests.support.curl import curl
 from tests.support.dcmtk import StoreSCP
 from tests.support.ports import closed_port, wait_until
@@ -25,18 +26,6 @@ from tests.support.synth import ct_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-
-
-def event_of(message: ET.Element) -> tuple[str, str]:
-    ident = message.find("EventIdentification")
-    assert ident is not None
-    event_id = ident.find("EventID")
-    assert event_id is not None
-    return event_id.get("csd-code", ""), ident.get("EventActionCode", "")
-
-
-def participants(message: ET.Element) -> dict[str, ET.Element]:
-    return {p.get("UserID", ""): p for p in message.findall("ActiveParticipant")}
 
 
 def test_what_nodes_and_users_do_reaches_the_repository_without_patient_names(tmp_path: Path, gateway) -> None:
@@ -201,11 +190,7 @@ def test_an_admin_discarding_a_study_is_audited_as_its_deletion(tmp_path: Path, 
     assert result.returncode == 0 and "discarded 2" in result.stdout, result.stdout + result.stderr
 
     def deletion() -> ET.Element | None:
-        for line in audit_file.read_text(encoding="utf-8").splitlines():
-            message = ET.fromstring(line.split(" - ", 1)[1])
-            if event_of(message) == ("110105", "D"):
-                return message
-        return None
+        return next((m for m in file_messages(audit_file) if event_of(m) == ("110105", "D")), None)
 
     message = wait_until(deletion, 10, 0.1, "no deletion audited")
     assert getpass.getuser() in participants(message)

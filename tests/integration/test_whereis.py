@@ -14,6 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.support import dcmtk
+from tests.support.audit_messages import event_of, file_messages
 from tests.support.daemon import REPO
 from tests.support.ports import closed_port, wait_until
 from tests.support.synth import ct_series
@@ -173,7 +174,8 @@ def test_a_discard_right_after_the_c_stores_takes_what_was_not_indexed_yet(tmp_p
     arrived, so the indexer backs off): `spool discard` finds no row, yet the two
     instances never reach the archive and their files go; the same study stored again
     after the discard is delivered."""
-    gw = gateway(spool={"busy_timeout": 0.05})
+    audit_file = tmp_path / "audit.log"
+    gw = gateway(spool={"busy_timeout": 0.05}, extra=f'\n[audit]\nfile = "{audit_file}"\n')
     first, again = ct_series(tmp_path / "ct", 2, 32, 32), ct_series(tmp_path / "again", 1, 32, 32)
     study_uid = uids(first[0])[0]
     for path in again:  # the corrected study: same Study Instance UID
@@ -199,6 +201,16 @@ def test_a_discard_right_after_the_c_stores_takes_what_was_not_indexed_yet(tmp_p
     out, err = discard.communicate(timeout=60)
     assert discard.returncode == 0 and "discarded 0 undelivered instance(s)" in out, out + err
     wait_until(lambda: "withdrew 2 instance(s) acknowledged before their study was discarded" in gw.log(), 20, 0.1)
+
+    def withdrawal_audited() -> bool:  # the CLI audited its part (none); the daemon the rest
+        return any(
+            event_of(m) == ("110105", "D")
+            and m.find("ParticipantObjectIdentification").get("ParticipantObjectID") == study_uid  # type: ignore[union-attr]
+            and "2 instance(s) acknowledged before it withdrawn" in (m.findtext("EventIdentification/EventOutcomeDescription") or "")
+            for m in file_messages(audit_file)
+        )
+
+    wait_until(withdrawal_audited, 10, 0.1, "the withdrawal was not audited")
     assert dcmtk.storescu(gw.port, again, gw.ae_title).returncode == 0
     gw.wait_counts(delivered=1, timeout=30)
     assert sum(gw.counts().values()) == 1
