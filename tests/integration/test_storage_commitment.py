@@ -5,17 +5,19 @@ when it released at once; the decision follows what the spool and archive hold."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE, Association, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StorageCommitmentPushModel
 
 from tests.support import dcmtk
@@ -54,9 +56,11 @@ class Reports:
         return self.got[0]
 
 
-def ask(gw, ds: Dataset) -> tuple[int, Dataset]:  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def asking(gw, ds: Dataset) -> Iterator[tuple[Association, Reports]]:  # type: ignore[no-untyped-def]
     """As a modality that waits on its own association: one N-ACTION (answered
-    Success), then the N-EVENT-REPORT's event type and data set."""
+    Success), then the association (still open, for more requests) and the reports
+    it got, the first N-EVENT-REPORT among them."""
     reports = Reports()
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(StorageCommitmentPushModel)
@@ -65,10 +69,17 @@ def ask(gw, ds: Dataset) -> tuple[int, Dataset]:  # type: ignore[no-untyped-def]
     try:
         status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
         assert status.Status == 0x0000
-        event_type, report, _ = reports.wait()
+        reports.wait()
+        yield assoc, reports
     finally:
         assoc.release()
-    return event_type, report
+
+
+def ask(gw, ds: Dataset) -> tuple[int, Dataset]:  # type: ignore[no-untyped-def]
+    """`asking`, the association released at once: the report's event type and data set."""
+    with asking(gw, ds) as (_, reports):
+        event_type, report, _ = reports.got[0]
+        return event_type, report
 
 
 def uids(paths: list[Path]) -> list[tuple[str, str]]:
@@ -91,21 +102,12 @@ def test_commitment_reported_on_the_same_association(tmp_path: Path, gateway) ->
     conflict = (MRImageStorage, second[1])
     transaction, ds = request([*uids(archived), first, unknown, conflict])
 
-    reports = Reports()
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate("127.0.0.1", gw.port, ae_title=gw.ae_title, evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)])
-    assert assoc.is_established
-    try:
-        status, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, WELL_KNOWN)
-        assert status.Status == 0x0000
-        event_type, report, _ = reports.wait()
+    with asking(gw, ds) as (assoc, reports):
+        event_type, report, _ = reports.got[0]
         bad, _ = assoc.send_n_action(ds, 1, StorageCommitmentPushModel, generate_uid())
         assert bad.Status == 0x0117
         no_action, _ = assoc.send_n_action(ds, 2, StorageCommitmentPushModel, WELL_KNOWN)
         assert no_action.Status == 0x0123
-    finally:
-        assoc.release()
     assert event_type == 2
     assert str(report.TransactionUID) == transaction
     assert report.RetrieveAETitle == gw.ae_title
