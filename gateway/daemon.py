@@ -36,6 +36,7 @@ from gateway.systemd import feed_watchdog, report_status, sd_notify, watchdog_in
 from gateway.upstream import make_upstream
 from gateway.web.app import create_app
 from gateway.web.keys import CACHE
+from gateway.web.malformed_requests import install as log_malformed_requests_briefly
 from gateway.web.metrics import AuditCollector, SpoolCollector
 from gateway.web.oidc import KeysUnavailable, TokenVerifier
 
@@ -142,6 +143,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
     cache = app[CACHE]
     if cache is not None:  # a delivered instance changes its study's and series' metadata
         forwarder.on_delivered = cache.forget_stored
+    log_malformed_requests_briefly()
     runner = web.AppRunner(
         app,
         access_log=None,

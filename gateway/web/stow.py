@@ -44,7 +44,7 @@ from gateway.spool.receipt import Receipt
 from gateway.spool.record import PREAMBLE, Sender
 from gateway.web.common import accept_of, path_uids, request_root, text_error
 from gateway.web.auth import requester
-from gateway.web.keys import AUDIT, CACHE, SPOOL
+from gateway.web.keys import AUDIT, CACHE, CONFIG, SPOOL
 
 log = logging.getLogger("gateway.web")
 
@@ -144,6 +144,28 @@ def _ingest(spool: Any, received: Receipt | Path, source: str, study_uid: str | 
             received.unlink(missing_ok=True)
 
 
+class BodyStalled(TimeoutError):
+    """The client sent no byte of the body for ``http.body_timeout`` seconds."""
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives, each wait for more bounded by
+    ``http.body_timeout``. A client that stops sending mid-body would otherwise hold
+    its request, and the spool files of its parts, for as long as it keeps the
+    connection open; so would a malformed chunk, after which aiohttp delivers nothing
+    more of the body and answers the error only once this request is answered."""
+    idle = request.app[CONFIG].http.body_timeout
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await request.content.read(READ_CHUNK)
+        except TimeoutError:
+            raise BodyStalled(f"no body data for {idle:g} s") from None
+        if not chunk:
+            return
+        yield chunk
+
+
 async def _parts(request: web.Request, incoming: Path) -> AsyncIterator[StreamedPart]:
     """The body's instances as they complete (one part for a single-part body)."""
     content_type = request.headers.get("Content-Type", "")
@@ -153,7 +175,7 @@ async def _parts(request: web.Request, incoming: Path) -> AsyncIterator[Streamed
         length = 0
         try:
             with open(path, "wb") as fh:
-                async for chunk in request.content.iter_chunked(READ_CHUNK):
+                async for chunk in _body(request):
                     await asyncio.to_thread(fh.write, chunk)
                     length += len(chunk)
         except BaseException:
@@ -161,7 +183,7 @@ async def _parts(request: web.Request, incoming: Path) -> AsyncIterator[Streamed
             raise
         yield StreamedPart({"content-type": DICOM}, None, path, length)
         return
-    async for part in iter_parts(request.content.iter_chunked(READ_CHUNK), boundary_of(content_type), incoming, SPILL_BYTES):
+    async for part in iter_parts(_body(request), boundary_of(content_type), incoming, SPILL_BYTES):
         yield part
 
 
@@ -224,7 +246,7 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
     metadata_bytes = held_bytes = 0
     try:
         body = iter_parts(
-            request.content.iter_chunked(READ_CHUNK), boundary_of(request.headers.get("Content-Type", "")),
+            _body(request), boundary_of(request.headers.get("Content-Type", "")),
             spool.incoming, METADATA_SPILL_BYTES,
         )
         async for part in body:
@@ -257,6 +279,16 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
     finally:
         for path in spilled:
             path.unlink(missing_ok=True)
+
+
+async def _answer_and_close(request: web.Request, answer: web.Response) -> web.Response:
+    """Send ``answer``, then close the connection: aiohttp would otherwise wait up to
+    10 s more for the rest of a body that is not coming before it closes."""
+    answer.force_close()
+    await answer.prepare(request)
+    await answer.write_eof()
+    request.protocol.force_close()
+    return answer
 
 
 def response_module(results: list[PartResult], root: str, study_uid: str | None) -> dict[str, Any]:
@@ -322,6 +354,11 @@ async def store(request: web.Request) -> web.StreamResponse:
     except MultipartError as exc:
         log.warning("STOW-RS from %s: body unreadable after %d parts: %s", request.remote, len(results), exc)
         results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"unreadable multipart body: {exc}"))
+    except BodyStalled as exc:  # before OSError: TimeoutError is one
+        stored = sum(1 for r in results if not r.reason)
+        log.warning("STOW-RS from %s: body cut off after %d stored instance(s): %s", request.remote, stored, exc)
+        _audit(request, results, "STOW-RS, body stalled")
+        return await _answer_and_close(request, text_error(408, f"the request body stalled: {exc}"))
     except (OSError, aiohttp.ClientError, HttpProcessingError) as exc:
         # The client went away mid-body: what was complete before is stored (and stays).
         stored = sum(1 for r in results if not r.reason)

@@ -6,7 +6,12 @@ cannot be told to) and over a spool that cannot take more.
 * an archive that cuts its answer: the answer says so with a PS3.18 Warning;
 * an archive answering 503 or refusing the gateway's credentials: 503 and 502, named;
 * a full spool: STOW-RS answers 503 with Retry-After and keeps nothing;
-* a STOW-RS body cut off: no file left behind, the complete parts before it stored.
+* a STOW-RS body cut off: no file left behind, the complete parts before it stored;
+* a STOW-RS body that stalls (the client sends nothing more, or a malformed chunk
+  after which aiohttp delivers nothing more): 408 after ``http.body_timeout`` and the
+  connection closed, the complete parts before it stored;
+* requests aiohttp cannot parse: 400, one WARNING line each, no traceback, and none of
+  the bytes they carried (a patient name in a query string too long to parse).
 """
 
 from __future__ import annotations
@@ -118,3 +123,80 @@ def test_a_stow_body_cut_off_leaves_nothing_behind(gateway, tmp_path: Path) -> N
     assert not any((gw.spool_dir / "incoming").iterdir())
     assert "Traceback" not in gw.log() and "Error handling request" not in gw.log()
     assert curl(f"{gw.web_url}/dicom-web/studies").status == 200
+
+
+def _answer_of(sock: socket.socket) -> bytes:
+    """Everything the gateway sends until it closes the connection."""
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_stalled_stow_body_is_answered_408_and_the_connection_closed(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway(http={"body_timeout": 1})
+    data = (Path(get_testdata_file("CT_small.dcm"))).read_bytes()
+    other = pydicom.dcmread(BytesIO(data))
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    buffer = BytesIO()
+    other.save_as(buffer, enforce_file_format=True)
+    content_type, body = build_multipart_related([data, buffer.getvalue()])
+    head = f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+    stalls = {
+        # the first part whole, then silence: the connection stays open
+        "silent": (f"{head}Content-Length: {len(body)}\r\n\r\n".encode(), body[: len(data) + 2000], b""),
+        # a malformed chunk size after the first chunk
+        "malformed chunk": (
+            f"{head}Transfer-Encoding: chunked\r\n\r\n".encode(),
+            f"{len(data) + 2000:x}\r\n".encode() + body[: len(data) + 2000] + b"\r\n",
+            b"ZZZ\r\nabc\r\n",
+        ),
+    }
+    for name, (request, first, then) in stalls.items():
+        with socket.create_connection(("127.0.0.1", gw.http_port), timeout=20) as sock:
+            started = time.monotonic()
+            sock.sendall(request + first)
+            time.sleep(0.3)
+            sock.sendall(then)
+            answer = _answer_of(sock)  # returns once the gateway closes the connection
+            took = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408 "), (name, answer[:200])
+        assert b"the request body stalled" in answer, name
+        assert took < 8, (name, took)  # the body timeout, not aiohttp's lingering or the client's patience
+    wait_until(lambda: gw.log().count("no body data for 1 s") == 2, 10, 0.1, "the stalled bodies were not both logged")
+    gw.wait_counts(delivered=2)  # each request's first part, complete before its stall, is stored
+    assert not any((gw.spool_dir / "incoming").iterdir())
+    assert "Traceback" not in gw.log()
+    assert curl(f"{gw.web_url}/dicom-web/studies").status == 200
+
+
+def test_unparsable_requests_get_400_and_one_log_line_without_their_bytes(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway()
+    marker = "ZEBRAPATIENT"
+    requests = {
+        "a bad Content-Length": b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: " + marker.encode() + b"\r\n\r\n",
+        # a QIDO-RS search whose query string is longer than aiohttp reads (8190 bytes)
+        "a request line too long": (
+            f"GET /dicom-web/studies?PatientName={marker}&".encode() + b"includefield=00100010&" * 500
+            + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        ),
+        "a header line too long": b"GET /healthz HTTP/1.1\r\nX-Name: " + marker.encode() * 1000 + b"\r\n\r\n",
+        "a malformed chunk": (
+            b"POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + marker.encode() + b"\r\n"
+        ),
+    }
+    for name, request in requests.items():
+        with socket.create_connection(("127.0.0.1", gw.http_port), timeout=10) as sock:
+            sock.sendall(request)
+            answer = _answer_of(sock)
+        assert answer.startswith(b"HTTP/1.0 400 ") or answer.startswith(b"HTTP/1.1 400 "), (name, answer[:200])
+    wait_until(
+        lambda: gw.log().count("malformed HTTP request from 127.0.0.1 refused (400)") == len(requests),
+        10, 0.1, "each malformed request was not logged once",
+    )
+    log = gw.log()
+    assert "LineTooLong" in log and "BadHttpMessage" in log
+    assert marker not in log
+    assert "Traceback" not in log and "ERROR" not in log
+    assert curl(f"{gw.web_url}/healthz").status == 200
