@@ -371,8 +371,9 @@ class HttpConfig:
     tls: TlsConfig | None = None  # [http.tls]: HTTPS instead of HTTP
     read_only: bool = False  # the facade refuses STOW-RS, PUT and DELETE (405)
     compress: bool = True  # gzip QIDO-RS and metadata JSON for clients that accept it
-    # seconds a request body (STOW-RS) may send nothing before it is cut off with 408
-    body_timeout: float = 60.0
+    # seconds a connection may send nothing: idle between requests, before a request's
+    # headers are complete, or within its body (STOW-RS: cut off with 408)
+    idle_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -986,7 +987,7 @@ def _http(r: _Reader) -> HttpConfig:
         tls=_tls(r, dimse=False),
         read_only=r.boolean("read_only", d.read_only),
         compress=r.boolean("compress", d.compress),
-        body_timeout=r.number("body_timeout", d.body_timeout, 1, 3600),
+        idle_timeout=r.number("idle_timeout", d.idle_timeout, 1, 3600),
     )
     r.finish()
     return cfg

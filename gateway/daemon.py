@@ -148,6 +148,9 @@ async def _run(config: Config, config_path: Path | None) -> None:
         app,
         access_log=None,
         shutdown_timeout=config.dimse.shutdown_grace,
+        # aiohttp's default (3630 s) lets a client that sends nothing, or trickles a
+        # request's headers, hold a connection for an hour.
+        keepalive_timeout=config.http.idle_timeout,
     )
     await runner.setup()
     store = StoreService(config, spool)

@@ -145,16 +145,16 @@ def _ingest(spool: Any, received: Receipt | Path, source: str, study_uid: str | 
 
 
 class BodyStalled(TimeoutError):
-    """The client sent no byte of the body for ``http.body_timeout`` seconds."""
+    """The client sent no byte of the body for ``http.idle_timeout`` seconds."""
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
     """The request body as it arrives, each wait for more bounded by
-    ``http.body_timeout``. A client that stops sending mid-body would otherwise hold
+    ``http.idle_timeout``. A client that stops sending mid-body would otherwise hold
     its request, and the spool files of its parts, for as long as it keeps the
     connection open; so would a malformed chunk, after which aiohttp delivers nothing
     more of the body and answers the error only once this request is answered."""
-    idle = request.app[CONFIG].http.body_timeout
+    idle = request.app[CONFIG].http.idle_timeout
     while True:
         try:
             async with asyncio.timeout(idle):

@@ -8,14 +8,17 @@ cannot be told to) and over a spool that cannot take more.
 * a full spool: STOW-RS answers 503 with Retry-After and keeps nothing;
 * a STOW-RS body cut off: no file left behind, the complete parts before it stored;
 * a STOW-RS body that stalls (the client sends nothing more, or a malformed chunk
-  after which aiohttp delivers nothing more): 408 after ``http.body_timeout`` and the
+  after which aiohttp delivers nothing more): 408 after ``http.idle_timeout`` and the
   connection closed, the complete parts before it stored;
+* a connection that sends nothing, or trickles a request's headers: closed after
+  ``http.idle_timeout``;
 * requests aiohttp cannot parse: 400, one WARNING line each, no traceback, and none of
   the bytes they carried (a patient name in a query string too long to parse).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Iterator
@@ -134,7 +137,7 @@ def _answer_of(sock: socket.socket) -> bytes:
 
 
 def test_a_stalled_stow_body_is_answered_408_and_the_connection_closed(gateway) -> None:  # type: ignore[no-untyped-def]
-    gw = gateway(http={"body_timeout": 1})
+    gw = gateway(http={"idle_timeout": 1})
     data = (Path(get_testdata_file("CT_small.dcm"))).read_bytes()
     other = pydicom.dcmread(BytesIO(data))
     other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
@@ -168,6 +171,51 @@ def test_a_stalled_stow_body_is_answered_408_and_the_connection_closed(gateway) 
     assert not any((gw.spool_dir / "incoming").iterdir())
     assert "Traceback" not in gw.log()
     assert curl(f"{gw.web_url}/dicom-web/studies").status == 200
+
+
+def _one_answer(sock: socket.socket) -> bytes:
+    """One whole answer with a Content-Length, read from a kept-alive connection."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def _closed_unanswered(sock: socket.socket) -> bool:
+    """Whether the gateway closed the connection without answering anything."""
+    try:
+        return _answer_of(sock) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_connection_that_sends_no_whole_request_is_closed_after_the_idle_timeout(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = gateway(http={"idle_timeout": 2})
+    with socket.create_connection(("127.0.0.1", gw.http_port), timeout=20) as silent, socket.create_connection(
+        ("127.0.0.1", gw.http_port), timeout=20
+    ) as trickling:
+        started = time.monotonic()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # closed meanwhile: as good
+            for piece in (b"GET /healthz HT", b"TP/1.1\r\nHo", b"st: x\r\n"):  # never the blank line ending the headers
+                trickling.sendall(piece)
+                time.sleep(0.4)
+        assert _closed_unanswered(trickling) and _closed_unanswered(silent)
+        took = time.monotonic() - started
+    assert 1.5 < took < 10, took  # the idle timeout, where aiohttp's own default would have held them for an hour
+    # a client between two requests is closed after it too; one that keeps asking is not
+    with socket.create_connection(("127.0.0.1", gw.http_port), timeout=20) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _one_answer(sock).startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.5)
+        started = time.monotonic()
+        assert _closed_unanswered(sock)
+        assert time.monotonic() - started < 10
+    assert curl(f"{gw.web_url}/healthz").status == 200
 
 
 def test_unparsable_requests_get_400_and_one_log_line_without_their_bytes(gateway) -> None:  # type: ignore[no-untyped-def]
