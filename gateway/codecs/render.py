@@ -22,6 +22,10 @@ from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
 
 _FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF"}
+# A viewport larger than the image scales it up, but to 4096 x 4096 pixels at most (an
+# image already larger is not scaled up at all): one request asking 65535 x 65535, which
+# WADO-URI's ``rows`` alone implies, would otherwise make gigabytes and a minute of CPU.
+MAX_UPSCALED_PIXELS = 4096 * 4096
 _JPEG_QUALITY = 90
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # PS3.3 C.11.2.1.2, C.11.2.1.3
 
@@ -114,7 +118,8 @@ def render_frame(
     neither is given; MONOCHROME1 is inverted so that it displays correctly.
     Colour frames must be RGB or YBR_FULL; samples wider than 8 bits are
     scaled down from Bits Stored. ``viewport`` (columns, rows) scales the image to fit
-    within it, keeping its aspect ratio (PS3.18 8.3.5.1.3); ``quality`` is JPEG's.
+    within it, keeping its aspect ratio (PS3.18 8.3.5.1.3), up to `MAX_UPSCALED_PIXELS`
+    when that means scaling up; ``quality`` is JPEG's.
     """
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")
@@ -130,6 +135,8 @@ def render_frame(
         if width < 1 or height < 1:
             raise ValueError(f"viewport must be positive, got {viewport}")
         scale = min(width / image.width, height / image.height)
+        if scale > 1:
+            scale = max(1.0, min(scale, (MAX_UPSCALED_PIXELS / (image.width * image.height)) ** 0.5))
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS)
     buffer = io.BytesIO()

@@ -15,6 +15,7 @@ from gateway.codecs import (
     render_frame,
     window_from_dataset,
 )
+from gateway.codecs.render import MAX_UPSCALED_PIXELS
 from tests.codecs.helpers import bundled
 
 MONO = PixelDescription(2, 3, 1, 16, 12, 1, "MONOCHROME2")
@@ -78,6 +79,16 @@ def test_arguments_are_validated_by_name() -> None:
         render_frame(arr, MONO, window=(0, 0))
     with pytest.raises(ValueError, match="viewport"):
         render_frame(arr, MONO, viewport=(0, 5))
+
+
+def test_a_viewport_scales_up_to_a_bound_and_never_a_large_image() -> None:
+    wide = PixelDescription(64, 128, 1, 8, 8, 0, "MONOCHROME2")
+    arr = np.zeros((64, 128), np.uint8)
+    assert Image.open(io.BytesIO(render_frame(arr, wide, viewport=(512, 512)))).size == (512, 256)  # scaled up 4x
+    big = Image.open(io.BytesIO(render_frame(arr, wide, viewport=(65535, 65535)))).size
+    assert big[0] * big[1] <= MAX_UPSCALED_PIXELS and abs(big[0] - 2 * big[1]) <= 1 and big[0] > 4096  # bounded, aspect kept
+    large = PixelDescription(4000, 6000, 1, 8, 8, 0, "MONOCHROME2")
+    assert Image.open(io.BytesIO(render_frame(np.zeros((4000, 6000), np.uint8), large, viewport=(65535, 65535)))).size == (6000, 4000)
 
 
 def test_viewport_fits_the_image_keeping_its_aspect() -> None:
