@@ -6,13 +6,10 @@ were lost, so both apply the same rules.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-
-from gateway.structure import DEFLATED, scan_file
+from gateway.structure import scan_file
 from gateway.uids import is_valid_uid
 
 
@@ -49,15 +46,6 @@ KEYWORDS = {
 MODALITY = 0x00080060
 
 
-def _uids_by_pydicom(path: Path, size: int) -> tuple[dict[str, str], str]:
-    """Deflated data sets cannot be walked raw; pydicom inflates them (from the first
-    ``size`` bytes only: a spool file may be longer than its instance). The UIDs, and
-    the modality."""
-    with open(path, "rb") as fh:
-        ds = pydicom.dcmread(io.BytesIO(fh.read(size)), stop_before_pixels=True, defer_size="256 KB")
-    return {kw: str(ds.get(kw) or "") for kw in KEYWORDS.values()}, str(ds.get("Modality") or "")
-
-
 def read_header(
     path: Path, sop_class_uid: str | None, sop_instance_uid: str | None, size: int | None = None
 ) -> InstanceHeader:
@@ -74,12 +62,9 @@ def read_header(
         with open(path, "rb") as fh:
             scan = scan_file(fh, length, frozenset(KEYWORDS) | {MODALITY})
         if scan.problem:
-            raise Unreadable(f"malformed data set: {scan.problem}")
-        if scan.transfer_syntax in DEFLATED:
-            uids, modality = _uids_by_pydicom(path, length)
-        else:
-            uids = {kw: scan.values.get(tag, "") for tag, kw in KEYWORDS.items()}
-            modality = scan.values.get(MODALITY, "")
+            raise Unreadable(scan.problem if scan.oversized else f"malformed data set: {scan.problem}")
+        uids = {kw: scan.values.get(tag, "") for tag, kw in KEYWORDS.items()}
+        modality = scan.values.get(MODALITY, "")
     except HeaderError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure is the sender's malformed data

@@ -6,12 +6,20 @@ This walks the element headers (not the values) from the file meta to the end of
 file, descending into undefined-length sequences and items, reports the first
 inconsistency, and keeps the values of the few top-level elements the spool needs.
 It replaces a pydicom parse on the C-STORE path, where it is several times cheaper.
-Deflated data sets cannot be walked without inflating them: the caller parses those.
+
+A Deflated Explicit VR Little Endian data set is inflated as it is walked, a chunk at
+a time into a temporary file (in memory while small), and refused past
+`MAX_INFLATED` bytes: a few megabytes of deflated zeros inflate to gigabytes, which
+pydicom, inflating a whole data set in memory at once, would make of any instance sent
+that way. Every later reader of the stored instance (the embedded archive, the facade,
+a conversion for a C-MOVE) inflates it with pydicom, so the bound holds for them too.
 """
 
 from __future__ import annotations
 
 import struct
+import tempfile
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -24,9 +32,11 @@ SEQUENCE_DELIMITER = 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
 MAX_KEPT_VALUE = 256
 
-# Deflated Explicit VR LE, and Deflated Image Frame Compression.
-DEFLATED = (DEFLATED_EXPLICIT_VR_LE, "1.2.840.10008.1.2.8.1")
 TRANSFER_SYNTAX_TAG = 0x00020010
+# The most a deflated data set may inflate to; a larger one is refused (`Scan.oversized`).
+MAX_INFLATED = 256 << 20
+INFLATE_CHUNK = 1 << 20
+INFLATED_IN_MEMORY = 8 << 20  # inflated data sets up to this stay in memory while walked
 
 
 class Malformed(ValueError):
@@ -41,6 +51,11 @@ class Scan:
     dataset_offset: int = 0
     values: dict[int, str] = field(default_factory=dict)
     problem: str | None = None
+    oversized: bool = False  # a deflated data set inflating past MAX_INFLATED (``problem`` says so)
+
+
+class Oversized(Exception):
+    pass
 
 
 def _text(raw: bytes) -> str:
@@ -136,7 +151,8 @@ def scan_file(fh: BinaryIO, size: int, keep: frozenset[int]) -> Scan:
         scan.transfer_syntax = meta.values.get(TRANSFER_SYNTAX_TAG, "")
         if not scan.transfer_syntax:
             raise Malformed("file meta without a transfer syntax")
-        if scan.transfer_syntax in DEFLATED:
+        if scan.transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
+            scan.values = _walk_deflated(fh, scan.dataset_offset, size, keep)
             return scan
         walker = _Walker(
             fh,
@@ -150,6 +166,39 @@ def scan_file(fh: BinaryIO, size: int, keep: frozenset[int]) -> Scan:
         scan.values = walker.values
     except Malformed as exc:
         scan.problem = str(exc)
+    except Oversized as exc:
+        scan.problem, scan.oversized = str(exc), True
     except struct.error:
         scan.problem = "malformed element header"
     return scan
+
+
+def _walk_deflated(fh: BinaryIO, start: int, end: int, keep: frozenset[int]) -> dict[int, str]:
+    """Inflate the data set from ``start`` to ``end`` of ``fh`` and walk it as Explicit
+    VR Little Endian; the kept values. Raises Malformed, or Oversized past MAX_INFLATED."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    with tempfile.SpooledTemporaryFile(max_size=INFLATED_IN_MEMORY) as inflated:
+        fh.seek(start)
+        left, length = end - start, 0
+        try:
+            while left > 0 and not inflater.eof:
+                chunk = fh.read(min(INFLATE_CHUNK, left))
+                if not chunk:
+                    raise Malformed("deflated data set runs past the end of the file")
+                left -= len(chunk)
+                while chunk and not inflater.eof:
+                    # at most a chunk out per call, so a bomb never inflates in one go
+                    out = inflater.decompress(chunk, INFLATE_CHUNK)
+                    length += len(out)
+                    if length > MAX_INFLATED:
+                        raise Oversized(f"deflated data set inflates beyond {MAX_INFLATED >> 20} MiB")
+                    inflated.write(out)
+                    chunk = inflater.unconsumed_tail
+        except zlib.error:
+            raise Malformed("deflated data set does not inflate") from None
+        if not inflater.eof:
+            raise Malformed("deflated data set cut short")
+        inflated.seek(0)
+        walker = _Walker(inflated, length, explicit=True, little=True, keep=keep)  # type: ignore[arg-type]
+        walker.elements(None, length, top=True)
+        return walker.values

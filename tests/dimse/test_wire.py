@@ -6,7 +6,10 @@ import io
 import pytest
 from gateway.dimse import pdu
 from gateway.dimse.command import C_STORE_RQ, C_STORE_RSP, decode_command, encode_command, response
-from gateway.structure import DEFLATED, scan_file
+import gateway.structure
+from gateway.header import Unreadable, read_header
+from gateway.structure import scan_file
+from tests.support.deflated import deflated_instance
 from tests.support.corpus import pydicom_corpus, sample_items
 
 
@@ -42,8 +45,7 @@ def test_scan_accepts_every_corpus_file_and_reads_its_uids() -> None:
         scan = scan_file(io.BytesIO(data), len(data), frozenset({0x00080018}))
         assert scan.problem is None, f"{item.path.name}: {scan.problem}"
         assert scan.transfer_syntax == item.transfer_syntax_uid
-        if scan.transfer_syntax not in DEFLATED:
-            assert scan.values[0x00080018] == item.sop_instance_uid, item.path.name
+        assert scan.values[0x00080018] == item.sop_instance_uid, item.path.name  # deflated ones inflated
 
 
 def test_scan_catches_truncation_inside_values() -> None:
@@ -94,3 +96,28 @@ def test_unsupported_command_gets_0211_not_an_abort(tmp_path) -> None:
     asyncio.run(main())
     rsp = decode_command(sent[0])
     assert rsp.field == 0x8110 and rsp.values[0x0900] == 0x0211 and rsp.values[0x0120] == 5
+
+
+KEEP_SOP = frozenset({0x00080018})
+
+
+def test_a_deflated_data_set_is_inflated_as_it_is_walked_up_to_a_bound(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data, uid = deflated_instance(3 << 20)  # 3 MiB of zeros, a few kilobytes deflated
+    assert len(data) < 10_000
+    scan = scan_file(io.BytesIO(data), len(data), KEEP_SOP)
+    assert scan.problem is None and scan.values[0x00080018] == uid
+    monkeypatch.setattr(gateway.structure, "MAX_INFLATED", 2 << 20)
+    scan = scan_file(io.BytesIO(data), len(data), KEEP_SOP)
+    assert scan.oversized and scan.problem == "deflated data set inflates beyond 2 MiB"
+    path = tmp_path / "bomb.dcm"
+    path.write_bytes(data)
+    with pytest.raises(Unreadable, match="^deflated data set inflates beyond 2 MiB$"):  # said as it is, not "malformed"
+        read_header(path, None, None)
+
+
+def test_a_deflated_data_set_cut_short_or_corrupt_is_malformed() -> None:
+    data, _ = deflated_instance(100_000)
+    start = scan_file(io.BytesIO(data), len(data), KEEP_SOP).dataset_offset
+    corrupt = data[:start] + b"\xff" * 16 + data[start + 16 :]  # a reserved deflate block type
+    for broken, problem in ((data[:-50], "deflated data set cut short"), (corrupt, "deflated data set does not inflate")):
+        assert scan_file(io.BytesIO(broken), len(broken), KEEP_SOP).problem == problem

@@ -14,6 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from tests.support import dcmtk
+from tests.support.deflated import deflated_instance
+from tests.support.ports import wait_until
 from tests.support.pyscu import send_files
 
 
@@ -127,4 +129,31 @@ def test_below_free_space_floor_refuses_with_a700(tmp_path: Path, gateway, upstr
     assert status == 0xA700
     assert sum(gw.counts().values()) == 0
     assert "spool free space" in gw.log()
+    assert_alive(gw)
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path: Path, gateway) -> None:
+    """300 KB of Deflated Explicit VR Little Endian that inflate to 300 MiB: refused
+    with 0xC000 and the reason, the daemon's memory never near the inflated size (on
+    the code before, pydicom inflated it whole to read its UIDs: 713 MB peak); a small
+    deflated instance on the same association is stored."""
+    gw = gateway()
+    bomb_data, bomb_uid = deflated_instance(300 << 20)
+    small_data, small_uid = deflated_instance(1000)
+    bomb, small = tmp_path / "bomb.dcm", tmp_path / "small.dcm"
+    bomb.write_bytes(bomb_data)
+    small.write_bytes(small_data)
+    assert len(bomb_data) < 1 << 20
+    # -xd: propose Deflated Explicit VR Little Endian, so the files go as they are
+    result = dcmtk.storescu(gw.port, [small, bomb], gw.ae_title, extra_args=["-xd", "-nh", "-v"])
+    output = result.stdout + result.stderr
+    responses = [line for line in output.splitlines() if "Received Store Response" in line]
+    assert responses == ["I: Received Store Response (Success)", "I: Received Store Response (Error: CannotUnderstand)"], output
+    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+    assert peak < 250 * 1024, f"peak RSS {peak} kB"
+    wait_until(lambda: "deflated data set inflates beyond 256 MiB" in gw.log(), 10, 0.1, "the refusal was not logged")
+    gw.wait_counts(delivered=1, timeout=30)
+    assert sum(gw.counts().values()) == 1
+    assert bomb_uid not in "".join(p.name for p in (gw.spool_dir / "incoming").iterdir())
     assert_alive(gw)
