@@ -32,6 +32,10 @@ _MONO = ("MONOCHROME1", "MONOCHROME2")
 # levels need at least 2**5 pixels in each direction.
 _OPENJPEG_MAX_BITS = 24
 _OPENJPEG_MIN_SIZE = 32
+# The largest frame decoded, in samples (rows x columns x samples per pixel): 2**28, a
+# gigabyte of 32-bit samples. Decoders allocate the frame as described before reading
+# the data, and an RLE frame of a few megabytes can describe gigabytes of zeros.
+MAX_DECODED_SAMPLES = 1 << 28
 
 
 def decode_frame(
@@ -62,6 +66,11 @@ def decode_frame_described(
     info = syntax_info(ts)
     if not info.can_decode:
         raise TranscodeError(f"cannot decode {info.name}")
+    if desc.rows * desc.columns * desc.samples_per_pixel > MAX_DECODED_SAMPLES:
+        raise TranscodeError(
+            f"a {desc.rows} x {desc.columns} frame of {desc.samples_per_pixel} sample(s) per pixel is larger than"
+            f" the gateway decodes ({MAX_DECODED_SAMPLES} samples)"
+        )
     options = desc.pydicom_options()
     source = bytes(data)
     if info.encapsulated:

@@ -16,6 +16,7 @@ from gateway.codecs import (
     encode_problem,
     encoded_description,
 )
+from gateway.codecs.frames import MAX_DECODED_SAMPLES
 from gateway.codecs.syntaxes import (
     EXPLICIT_VR_BE,
     EXPLICIT_VR_LE,
@@ -211,3 +212,15 @@ def test_decode_frame_of_a_jpeg_baseline_frame_gives_rgb() -> None:
     decoded, decoded_desc = decode_frame_described(frame, ds.file_meta.TransferSyntaxUID, desc)
     assert decoded_desc.photometric_interpretation == "RGB"
     np.testing.assert_array_equal(decoded, ds.pixel_array)
+
+
+def test_a_frame_described_larger_than_the_bound_is_not_decoded() -> None:
+    """An RLE frame of a few kilobytes can describe gigabytes of zeros; the decoder
+    would allocate them before reading a byte. Refused by its description instead."""
+    desc = PixelDescription(20_000, 20_000, 1, 8, 8, 0, "MONOCHROME2")  # 400 M samples
+    assert desc.rows * desc.columns > MAX_DECODED_SAMPLES
+    with pytest.raises(TranscodeError, match="20000 x 20000 frame .* larger than the gateway decodes"):
+        decode_frame(b"\x00" * 64, RLE_LOSSLESS, desc)
+    small = PixelDescription(64, 64, 1, 8, 8, 0, "MONOCHROME2")
+    frame = np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)
+    assert np.array_equal(decode_frame(encode_frame(frame, RLE_LOSSLESS, small), RLE_LOSSLESS, small), frame)
