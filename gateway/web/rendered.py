@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,12 +89,27 @@ def render_format(accept: str | None) -> str:
 
 
 def _numbers(name: str, text: str, count: int) -> list[float]:
+    """At least ``count`` finite numbers (``nan`` and ``inf`` parse as floats, and would
+    reach the renderer); 400 otherwise."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise web.HTTPBadRequest(text=f"{name}: expected {count} numbers separated by commas\n") from None
-    if len(values) < count:
-        raise web.HTTPBadRequest(text=f"{name}: expected {count} numbers separated by commas\n")
+        values = []
+    if len(values) < count or not all(math.isfinite(v) for v in values):
+        wanted = "a number" if count == 1 else f"{count} numbers separated by commas"
+        raise web.HTTPBadRequest(text=f"{name}: expected {wanted}\n")
+    return values
+
+
+def _whole_numbers(name: str, text: str, count: int, highest: int | None = None) -> list[int]:
+    """The first ``count`` of comma-separated whole numbers, each from 1 (to
+    ``highest``): a viewport's size, a frame number, a quality; 400 otherwise."""
+    pieces = [piece.strip() for piece in text.split(",")][:count]
+    values = [int(piece) for piece in pieces if piece.isascii() and piece.isdigit()]
+    if len(values) < count or not all(1 <= v <= (highest or v) for v in values):
+        limits = f"from 1 to {highest}" if highest else "from 1"
+        wanted = f"a whole number {limits}" if count == 1 else f"{count} whole numbers {limits}, separated by commas"
+        raise web.HTTPBadRequest(text=f"{name}: expected {wanted}\n")
     return values
 
 
@@ -111,10 +127,10 @@ def rs_options(request: web.Request, thumbnail: bool) -> RenderOptions:
         except ValueError as exc:
             raise web.HTTPBadRequest(text=f"window: {exc} (functions: linear, linear-exact, sigmoid)\n") from None
     viewport = THUMBNAIL if thumbnail else None
-    if "viewport" in q:
-        vw, vh = _numbers("viewport", q["viewport"], 2)[:2]
-        viewport = (int(vw), int(vh))
-    quality = int(_numbers("quality", q["quality"], 1)[0]) if "quality" in q else 90
+    if "viewport" in q:  # vw,vh and an optional source region, which is not applied
+        vw, vh = _whole_numbers("viewport", q["viewport"], 2)
+        viewport = (vw, vh)
+    quality = _whole_numbers("quality", q["quality"], 1, 100)[0] if "quality" in q else 90
     return RenderOptions(render_format(accept_of(request)), window, viewport, quality)
 
 
@@ -355,16 +371,17 @@ async def wado_uri(request: web.Request) -> web.StreamResponse:
                 return text_error(400, f"windowWidth: {exc}")
         viewport = None
         if "rows" in q or "columns" in q:
-            rows = int(_numbers("rows", q.get("rows", "65535"), 1)[0])
-            columns = int(_numbers("columns", q.get("columns", "65535"), 1)[0])
+            rows = _whole_numbers("rows", q.get("rows", "65535"), 1)[0]
+            columns = _whole_numbers("columns", q.get("columns", "65535"), 1)[0]
             viewport = (columns, rows)
-        frame = int(_numbers("frameNumber", q.get("frameNumber", "1"), 1)[0])
-        options = RenderOptions(FORMATS[content_type], window, viewport, int(_numbers("imageQuality", q.get("imageQuality", "90"), 1)[0]))
-        return await render(request, ref, max(frame, 1), options)
+        frame = _whole_numbers("frameNumber", q.get("frameNumber", "1"), 1)[0]
+        options = RenderOptions(FORMATS[content_type], window, viewport, _whole_numbers("imageQuality", q.get("imageQuality", "90"), 1, 100)[0])
+        return await render(request, ref, frame, options)
     except web.HTTPException:
         raise
     except (TranscodeError, ValueError) as exc:
-        return text_error(406, f"WADO-URI: cannot render this image: {exc}")
+        what = "send this instance in that transfer syntax" if content_type == "application/dicom" else "render this image"
+        return text_error(406, f"WADO-URI: cannot {what}: {exc}")
     except Exception as exc:  # noqa: BLE001
         return error_response(exc, "WADO-URI")
 

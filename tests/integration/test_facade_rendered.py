@@ -198,3 +198,36 @@ def test_the_accept_query_parameter_negotiates_for_hyperlinks(loaded: tuple[Gate
     assert len(r.parts()) == 1
     r = curl(f"{gw.web_url}/dicom-web/studies?accept=application/dicom%2Bjson&StudyInstanceUID={multi.StudyInstanceUID}")
     assert r.status == 200 and [s["0020000D"]["Value"] for s in r.json()] == [[multi.StudyInstanceUID]]
+
+
+@pytest.mark.slow
+def test_malformed_rendering_parameters_get_400_naming_the_parameter(loaded: tuple[Gateway, Dataset, Dataset, Dataset]) -> None:
+    """``nan`` and ``inf`` parse as numbers in Python: each reached the renderer (a 500
+    for ``viewport=inf,inf``, a NaN window rendered); a frame number below 1 was served
+    as frame 1."""
+    gw, multi, lut, _ = loaded
+    wado = (
+        f"{gw.web_url}/wado?requestType=WADO&studyUID={lut.StudyInstanceUID}&seriesUID={lut.SeriesInstanceUID}"
+        f"&objectUID={lut.SOPInstanceUID}&contentType=image/png"
+    )
+    bad = {
+        f"{_url(gw, lut)}/rendered?viewport=inf,inf": "viewport",
+        f"{_url(gw, lut)}/rendered?viewport=-1,5": "viewport",
+        f"{_url(gw, lut)}/thumbnail?viewport=0,0": "viewport",
+        f"{_url(gw, lut)}/rendered?viewport=nan,5": "viewport",
+        f"{_url(gw, lut)}/rendered?quality=1000": "quality",
+        f"{_url(gw, lut)}/rendered?window=nan,nan": "window",
+        f"{_url(gw, lut)}/rendered?window=inf,10,linear": "window",
+        f"{wado}&frameNumber=-3": "frameNumber",
+        f"{wado}&frameNumber=1.5": "frameNumber",
+        f"{wado}&rows=inf": "rows",
+        f"{wado}&columns=0": "columns",
+        f"{wado}&windowCenter=nan&windowWidth=400": "windowCenter",
+        f"{wado}&imageQuality=0": "imageQuality",
+    }
+    for url, name in bad.items():
+        r = curl(url)
+        assert r.status == 400 and r.body.startswith(f"{name}: expected".encode()), (url, r.status, r.body)
+    for url in (f"{_url(gw, lut)}/rendered?viewport=64,64,0,0,10,10&quality=100", f"{wado}&frameNumber=1&rows=32&imageQuality=1"):
+        assert curl(url).status == 200, url
+    assert "Traceback" not in gw.log() and " ERROR " not in gw.log()
