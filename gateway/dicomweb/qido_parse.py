@@ -17,6 +17,7 @@ from pydicom.dataelem import DataElement
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
+from gateway.dicomweb.params import whole_number
 from gateway.model.json import keyword_vr
 from gateway.model.query import LEVELS, InvalidValue, Key, Model, QueryError, attribute_level, make_key, tag_name
 from gateway.model.search import Search
@@ -64,9 +65,10 @@ def _element(tag: int, values: list[str]) -> DataElement:
 
 
 def _number(name: str, text: str) -> int:
-    if not text.isdigit():
+    number = whole_number(text)
+    if number is None:
         raise QueryError(f"{name}: not a non-negative integer")
-    return int(text)
+    return number
 
 
 def parse_qido(

@@ -34,6 +34,7 @@ from gateway.codecs.frames import decode_frame_described
 from gateway.codecs.render import VoiLut, VoiWindow, render_frame, rescale_from_dataset, voi_from_dataset
 from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import MULTIPART_RELATED
+from gateway.dicomweb.params import whole_number
 from gateway.model.json import dataset_from_json
 from gateway.model.search import Search
 from gateway.retrieval.request import InstanceRef
@@ -104,8 +105,7 @@ def _numbers(name: str, text: str, count: int) -> list[float]:
 def _whole_numbers(name: str, text: str, count: int, highest: int | None = None) -> list[int]:
     """The first ``count`` of comma-separated whole numbers, each from 1 (to
     ``highest``): a viewport's size, a frame number, a quality; 400 otherwise."""
-    pieces = [piece.strip() for piece in text.split(",")][:count]
-    values = [int(piece) for piece in pieces if piece.isascii() and piece.isdigit()]
+    values = [n for n in map(whole_number, text.split(",")[:count]) if n is not None]
     if len(values) < count or not all(1 <= v <= (highest or v) for v in values):
         limits = f"from 1 to {highest}" if highest else "from 1"
         wanted = f"a whole number {limits}" if count == 1 else f"{count} whole numbers {limits}, separated by commas"
@@ -308,10 +308,9 @@ def _rendered_handler(thumbnail: bool) -> Any:
             options = rs_options(request, thumbnail)
             frame = 1
             if "frames" in request.match_info:
-                text = request.match_info["frames"]
-                if not text.isdigit() or int(text) < 1:
+                frame = whole_number(request.match_info["frames"]) or 0
+                if frame < 1:
                     raise web.HTTPBadRequest(text="one positive frame number\n")
-                frame = int(text)
             if "instance" in uids:
                 ref = InstanceRef(uids["study"], uids["series"], uids["instance"], "")
             elif thumbnail:

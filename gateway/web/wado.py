@@ -53,6 +53,7 @@ from gateway.codecs.syntaxes import (
 )
 from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, JSON, MULTIPART_RELATED, OCTET_STREAM, frame_media_type
+from gateway.dicomweb.params import whole_number
 from gateway.dicomweb.xml import native_xml
 from gateway.model.json import dataset_from_json
 from gateway.part10 import read_file_meta
@@ -508,10 +509,10 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
 def frame_numbers(text: str) -> list[int]:
     numbers = []
     for piece in text.split(","):
-        piece = piece.strip()
-        if not piece.isdigit() or int(piece) < 1:
+        number = whole_number(piece)
+        if not number:
             raise web.HTTPBadRequest(text="frame numbers are positive integers separated by commas\n")
-        numbers.append(int(piece))
+        numbers.append(number)
     return numbers
 
 

@@ -204,7 +204,7 @@ def test_the_accept_query_parameter_negotiates_for_hyperlinks(loaded: tuple[Gate
 def test_malformed_rendering_parameters_get_400_naming_the_parameter(loaded: tuple[Gateway, Dataset, Dataset, Dataset]) -> None:
     """``nan`` and ``inf`` parse as numbers in Python: each reached the renderer (a 500
     for ``viewport=inf,inf``, a NaN window rendered); a frame number below 1 was served
-    as frame 1."""
+    as frame 1; a number of 5000 digits was a 500 (int() refuses more than 4300)."""
     gw, multi, lut, _ = loaded
     wado = (
         f"{gw.web_url}/wado?requestType=WADO&studyUID={lut.StudyInstanceUID}&seriesUID={lut.SeriesInstanceUID}"
@@ -224,10 +224,21 @@ def test_malformed_rendering_parameters_get_400_naming_the_parameter(loaded: tup
         f"{wado}&columns=0": "columns",
         f"{wado}&windowCenter=nan&windowWidth=400": "windowCenter",
         f"{wado}&imageQuality=0": "imageQuality",
+        f"{_url(gw, lut)}/rendered?viewport={'9' * 5000},5": "viewport",  # int() refuses over 4300 digits
+        f"{wado}&frameNumber={'9' * 5000}": "frameNumber",
     }
     for url, name in bad.items():
         r = curl(url)
         assert r.status == 400 and r.body.startswith(f"{name}: expected".encode()), (url, r.status, r.body)
+    huge = "9" * 5000
+    for url, words in {
+        f"{_url(gw, lut)}/frames/{huge}": b"frame numbers are positive integers",
+        f"{_url(gw, lut)}/frames/{huge}/rendered": b"one positive frame number",
+        f"{gw.web_url}/dicom-web/studies?limit={huge}": b"limit: not a non-negative integer",
+        f"{gw.web_url}/dicom-web/studies?offset={huge}": b"offset: not a non-negative integer",
+    }.items():
+        r = curl(url)
+        assert r.status == 400 and words in r.body, (url[:120], r.status, r.body)
     for url in (f"{_url(gw, lut)}/rendered?viewport=64,64,0,0,10,10&quality=100", f"{wado}&frameNumber=1&rows=32&imageQuality=1"):
         assert curl(url).status == 200, url
     assert "Traceback" not in gw.log() and " ERROR " not in gw.log()
