@@ -11,14 +11,18 @@ left out entirely:
   ``PatientName=VAN%20DAM`` never matches there, while ``VAN*DAM`` does;
 * list keys other than UID lists are sent comma-separated only when every value is
   safe, else left to the gateway;
-* keys in ``local_only`` (``find.local_match_keys``) are never sent.
+* keys in ``local_only`` (``find.local_match_keys``) are never sent;
+* a list of UIDs longer than ``UID_LIST_CHARS`` is sent in parts, one search each
+  (`split_long_lists`): a C-FIND or C-MOVE naming 600 instances would make a URL of
+  40 KB, which Orthanc and common proxies refuse (their limit is 8-16 KB). Any other
+  key that long is left to the gateway.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import quote
 
 from gateway.model.json import tag_key
@@ -60,6 +64,42 @@ def _key_param(key: Key, relax: bool) -> str | None:
     if len(values) > 1 and any("," in str(v) for v in values):
         return None
     return ",".join(str(v) for v in values)
+
+
+# The most characters of one list key's values sent in one search (about 60 UIDs).
+UID_LIST_CHARS = 4000
+
+
+def _length(key: Key) -> int:
+    return sum(len(v) + 1 for v in key.values)
+
+
+def split_long_lists(search: Search) -> list[Search]:
+    """The search as one or more searches whose list keys each fit ``UID_LIST_CHARS``:
+    the longest UID list too long for that is split across them, and any other key
+    too long for it is left out of all of them (the gateway matches it itself). Their
+    answers together are the search's answers, as the UID list's matches are the
+    union of its values' matches."""
+    long = [k for k in search.keys if len(k.values) > 1 and _length(k) > UID_LIST_CHARS]
+    if not long:
+        return [search]
+    uid_lists = [k for k in long if k.vr == "UI"]
+    split = max(uid_lists, key=_length) if uid_lists else None
+    keys = tuple(k for k in search.keys if k is split or k not in long)
+    if split is None:
+        return [replace(search, keys=keys)]
+    parts: list[list[str]] = [[]]
+    size = 0
+    for value in split.values:
+        if parts[-1] and size + len(value) + 1 > UID_LIST_CHARS:
+            parts.append([])
+            size = 0
+        parts[-1].append(value)
+        size += len(value) + 1
+    return [
+        replace(search, keys=tuple(replace(k, values=tuple(part)) if k is split else k for k in keys))
+        for part in parts
+    ]
 
 
 def match_params(search: Search, options: QidoOptions) -> list[tuple[str, str]]:

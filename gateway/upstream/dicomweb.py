@@ -26,7 +26,7 @@ from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_
 from gateway.model.json import first_text
 from gateway.model.search import Search
 from gateway.part10 import META_HEAD, read_file_meta
-from gateway.dicomweb.qido import QidoOptions, query_string, resource_path
+from gateway.dicomweb.qido import QidoOptions, query_string, resource_path, split_long_lists
 from gateway.dicomweb.stow import ALREADY_STORED, TRANSIENT, parse_stow_response
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import (
@@ -315,7 +315,19 @@ class DicomWebUpstream:
         The first page holds at most ``FIRST_PAGE`` results: archives such as Orthanc
         send nothing until a whole page is built (about 0.35 ms per study), so a
         small first page lets the first answers go out while the rest is searched.
+
+        A search naming more UIDs than fit in one URL is asked in parts
+        (`split_long_lists`), one after another; a match two parts both answer (none
+        should) is sent once.
         """
+        seen: set[str] = set()
+        for part in split_long_lists(search):
+            async with contextlib.aclosing(self._search_part(level, part, seen)) as items:  # a C-CANCEL closes it now
+                async for item in items:
+                    yield item
+
+    async def _search_part(self, level: str, search: Search, seen: set[str]) -> AsyncIterator[JsonObject]:
+        """One search of `_search`, paged; ``seen``: the UIDs answered so far."""
         caps = self._capabilities
         path = resource_path(level, search.study_uid, search.series_uid)
         reach = caps.search_limit
@@ -332,7 +344,6 @@ class DicomWebUpstream:
         announced = False  # the previous page said more results exist
         pending = asyncio.ensure_future(self._capped_page(path, search, offset, first, first))
         uid_tag = LEVEL_UID_TAGS[level]
-        seen: set[str] = set()
         try:
             while True:
                 page, cut, limit = await pending

@@ -8,8 +8,8 @@ from pydicom.dataset import Dataset
 
 from gateway.model.json import answer_charset, dataset_from_json
 from gateway.model.search import Search
-from gateway.dicomweb.qido import QidoOptions, query_string, resource_path
-from gateway.model.query import Model, parse_identifier
+from gateway.dicomweb.qido import UID_LIST_CHARS, QidoOptions, query_string, resource_path, split_long_lists
+from gateway.model.query import Key, Model, parse_identifier
 
 
 def options(relax: bool = True) -> QidoOptions:
@@ -65,3 +65,20 @@ def test_dicom_json_person_name_groups_and_charset() -> None:
     assert list(ds.ModalitiesInStudy) == ["CT", "MR"]
     assert answer_charset(ds, ["", "ISO 2022 IR 87"]) == ["", "ISO 2022 IR 87"]
     assert answer_charset(ds, ["ISO_IR 100"]) == ["ISO_IR 192"]
+
+
+def test_a_uid_list_too_long_for_one_url_is_split_and_other_long_keys_left_out() -> None:
+    uids = tuple(f"1.2.826.0.1.3680043.10.1137.404.{n}" for n in range(600))
+    names = tuple(f"NAME{n:05d}" for n in range(600))
+    search = Search(keys=(
+        Key(0x0020000D, "UI", uids), Key(0x00100020, "LO", names), Key(0x00080060, "CS", ("CT", "MR")),
+    ))
+    parts = split_long_lists(search)
+    assert len(parts) > 1
+    assert [v for part in parts for v in part.keys[0].values] == list(uids)  # split, in order, nothing lost
+    for part in parts:
+        assert sum(len(v) + 1 for v in part.keys[0].values) <= UID_LIST_CHARS
+        assert [k.tag for k in part.keys] == [0x0020000D, 0x00080060]  # the long ID list is left to the gateway
+        assert len(query_string(part, QidoOptions(), 100, 0)) < 5000
+    short = Search(keys=(Key(0x0020000D, "UI", uids[:3]),))
+    assert split_long_lists(short) == [short]

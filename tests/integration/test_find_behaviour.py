@@ -312,3 +312,15 @@ def test_association_survives_a_failed_find(gateway: Callable[..., Gateway], fak
         assert statuses == [0xFF00] * 3 + [0x0000]
     finally:
         assoc.release()
+
+
+def test_a_uid_list_longer_than_a_url_is_searched_in_parts(find_gateway: Gateway, find_archive: Archive, find_orthanc: Orthanc) -> None:
+    """PS3.4 C.2.2.2.2 list of UID matching: 600 Study Instance UIDs (three of them
+    real) make a 40 KB QIDO-RS URL, which Orthanc refused (HTTP 400, so 0xC000); in
+    parts of about 60 each, the three studies are found."""
+    real = [s.study_uid for s in find_archive.studies[:3]]
+    listed = [f"1.2.826.0.1.3680043.10.1137.404.{n}" for n in range(597)] + real
+    result = find(find_gateway.port, find_gateway.ae_title, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "\\".join(listed)})
+    assert result.final == "Success", result.output[-500:]
+    assert sorted(str(a.StudyInstanceUID) for a in result.answers) == sorted(real)
+    assert "HTTP 400" not in find_gateway.log()

@@ -225,6 +225,20 @@ def test_move_compressed_to_implicit_only_destination(env: Env) -> None:
             assert after is not None and np.array_equal(before, after), item.path.name
 
 
+def test_move_of_images_named_in_a_list_longer_than_a_url(env: Env) -> None:
+    """An IMAGE-level C-MOVE naming 600 instances (a PACS moving a selection): their
+    instance search in one QIDO-RS URL of 40 KB was refused by Orthanc (HTTP 400, so
+    0xC000 before any sub-operation); searched in parts, the 20 real ones arrive."""
+    clear(env.scp)
+    wanted = [str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in env.series[:20]]
+    listed = [f"1.2.826.0.1.3680043.10.1137.404.{n}" for n in range(580)] + wanted
+    keys = {**series_keys(env), "QueryRetrieveLevel": "IMAGE", "SOPInstanceUID": "\\".join(listed)}
+    result = parse_move(movescu(env.gateway.port, "DICOMGW", "STORESCP", keys, extra_args=["-v", "-d"]))
+    assert (result.status, result.completed, result.failed) == (0x0000, 20, 0), result.output[-1000:]
+    env.scp.wait_for_files(20)
+    assert sorted(received_by_uid(env.scp)) == sorted(wanted)
+
+
 def test_move_unknown_destination(env: Env) -> None:
     result = parse_move(movescu(env.gateway.port, "DICOMGW", "NOWHERE", series_keys(env), extra_args=["-v", "-d"]))
     assert result.status == 0xA801, result.output[-2000:]
