@@ -7,26 +7,37 @@ request at will, so each would put a traceback in the log; and the quoted bytes 
 patient data: a QIDO-RS search by PatientName whose query string is too long is quoted
 up to its first hundred bytes. What an admin needs is which client sent what kind of
 malformed request. `MalformedRequests` turns those records into one WARNING saying
-that, the quoted bytes cut off, and leaves every other record of aiohttp's alone
-(a failure in one of our handlers keeps its traceback).
+that in words that quote nothing of the request, and leaves every other record of
+aiohttp's alone (a failure in one of our handlers keeps its traceback).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidHeader, InvalidURLError, LineTooLong
 
-# Where aiohttp's messages start quoting the request: "...: b'...'", "bytearray(b'...')".
-_QUOTE = re.compile(r"""[:\s]*(?:bytearray\()?b['"]""")
+# Words of our own for the errors whose messages quote the request in their own ways
+# (a str repr, bytes, or the URL bare): none of the message is logged.
+_KINDS: dict[type[HttpProcessingError], str] = {
+    LineTooLong: "a request line or header longer than the server reads",
+    BadStatusLine: "not an HTTP request line",  # BadHttpMethod too
+    InvalidHeader: "an invalid header",
+    InvalidURLError: "an invalid URL",
+}
 
 
 def reason(exc: HttpProcessingError) -> str:
-    """The kind of error and aiohttp's words for it, without the bytes it quotes."""
-    lines = str(exc.message or "").strip().splitlines()
-    words = _QUOTE.split(lines[0], maxsplit=1)[0].rstrip(": .") if lines else ""
-    return f"{type(exc).__name__}: {words}" if words else type(exc).__name__
+    """The kind of error in words that quote nothing of the request: ours for the
+    kinds above; else llhttp's own description when the message has its form (the
+    description, a blank line, then the bytes), else the kind alone."""
+    kind = type(exc).__name__
+    words = next((w for cls, w in _KINDS.items() if isinstance(exc, cls)), None)
+    if words is None:
+        message = str(exc.message or "")
+        if "\n\n" in message:
+            words = message.split("\n", 1)[0].rstrip(": ")
+    return f"{kind}: {words}" if words else kind
 
 
 class MalformedRequests(logging.Filter):
