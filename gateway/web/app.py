@@ -22,7 +22,7 @@ from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
-from gateway.web import auth, counting, health, qido, ready, rendered, stow, wado
+from gateway.web import auth, client_gone, counting, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
 from gateway.web.cache import FacadeCache
 from gateway.web.archive_health import ArchiveHealth
@@ -108,6 +108,7 @@ def create_app(
     app[REFUSED_SERIES] = RefusedSeries()
     app[WHOLE_INSTANCE_FRAMES] = None if app[CACHE] is None else WholeInstanceFrames(app[CACHE])
     auth.install(app, config.http.auth, config.http.cors_origins, config.http.read_only, metrics)
+    client_gone.install(app)  # inside the counter (installed below), so it counts 499
     app.add_routes(health.routes)
     app[metrics_routes.METRICS] = metrics
     counting.install(app)

@@ -83,7 +83,10 @@ def request_root(request: web.Request) -> str:
 
 def error_response(exc: BaseException, what: str) -> web.Response:
     """The one table from a failure to an HTTP answer; the message names keys and
-    reasons, never attribute values."""
+    reasons, never attribute values. The client closing its connection is raised
+    again: nothing can be answered, and `gateway.web.client_gone` ends it quietly."""
+    if isinstance(exc, ConnectionResetError):
+        raise exc
     if isinstance(exc, NotAcceptable):
         return text_error(406, str(exc))
     if isinstance(exc, QueryError):

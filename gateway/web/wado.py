@@ -743,6 +743,8 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
                 await stream.part(f"{media}; transfer-syntax={target}", [data])
                 if stream.head:
                     break
+    except ConnectionResetError:
+        raise  # the client closed the connection: `gateway.web.client_gone`
     except Exception as exc:  # noqa: BLE001
         if stream is None:
             return error_response(exc, what)

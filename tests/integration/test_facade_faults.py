@@ -12,6 +12,8 @@ cannot be told to) and over a spool that cannot take more.
   connection closed, the complete parts before it stored;
 * a connection that sends nothing, or trickles a request's headers: closed after
   ``http.idle_timeout``;
+* a client closing its connection in the middle of an answer (a viewer cancelling
+  what it no longer needs): one INFO line and 499 in the metrics, no ERROR;
 * requests aiohttp cannot parse: 400, one WARNING line each, no traceback, and none of
   the bytes they carried (a patient name in a query string too long to parse).
 """
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
+import urllib.request
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -30,9 +34,11 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from tests.support.curl import curl
+from tests.support.dcmtk import storescu
 from tests.support.fakeqido import FakeQido
 from tests.support.orthanc import build_multipart_related
 from tests.support.ports import wait_until
+from tests.support.synth import ct_series
 
 
 @pytest.fixture
@@ -248,3 +254,36 @@ def test_unparsable_requests_get_400_and_one_log_line_without_their_bytes(gatewa
     assert marker not in log
     assert "Traceback" not in log and "ERROR" not in log
     assert curl(f"{gw.web_url}/healthz").status == 200
+
+
+def test_a_client_closing_mid_answer_is_an_info_line_not_an_error(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Viewers cancel requests as a user scrolls: the write to the closed connection
+    was logged at ERROR with a traceback (or as an internal error) for an instance, a
+    series and a rendered series."""
+    gw = gateway()
+    paths = ct_series(tmp_path / "series", 60, 512, 512) + ct_series(tmp_path / "multi", 1, 512, 512, frames=40)
+    assert storescu(gw.port, paths, gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=61, timeout=120)
+    series_ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    multi = pydicom.dcmread(paths[-1], stop_before_pixels=True)
+    series = f"/dicom-web/studies/{series_ds.StudyInstanceUID}/series/{series_ds.SeriesInstanceUID}"
+    instance = f"/dicom-web/studies/{multi.StudyInstanceUID}/series/{multi.SeriesInstanceUID}/instances/{multi.SOPInstanceUID}"
+    cases = {
+        instance: "application/dicom",  # 20 MB in one part
+        series: 'multipart/related; type="application/dicom"',
+        f"{series}/rendered": "multipart/related; type=image/png",
+    }
+    for path, accept in cases.items():
+        with socket.create_connection(("127.0.0.1", gw.http_port), timeout=20) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n".encode())
+            assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, as a cancelled fetch does
+    wait_until(
+        lambda: gw.log().count("the client closed the connection before the answer was complete") == len(cases),
+        20, 0.1, "each cancelled answer was not logged once",
+    )
+    log = gw.log()
+    assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
+    metrics = urllib.request.urlopen(f"{gw.web_url}/metrics", timeout=10).read().decode()
+    assert 'status="499"' in metrics
+    assert curl(f"{gw.web_url}{series}/metadata").status == 200
