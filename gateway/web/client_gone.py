@@ -6,8 +6,9 @@ the gateway. aiohttp logged each as "Error handling request" with a traceback at
 ERROR, and some handlers reported it as an internal error; now it is one INFO line
 and, in the metrics, status 499 (nginx's "client closed request"). A handler lets
 ConnectionResetError through for this (`gateway.web.common.error_response` raises
-it again); the archive's connection failures never arrive as one, since the HTTP
-client turns them into UpstreamUnavailable.
+it again). One raised while the client's connection is still open is not this, and
+goes on as any failure does (the archive's connection failures do not arrive as one:
+the HTTP client turns them into UpstreamUnavailable).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ async def end_quietly(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except ConnectionResetError:
+        if request.transport is not None and not request.transport.is_closing():
+            raise  # not this client's connection (it is still open): a failure like any other
         # The path names UIDs only; the query string may hold a patient's name.
         log.info("%s %s: the client closed the connection before the answer was complete", request.method, request.path)
         return web.Response(status=CLIENT_CLOSED)  # never sent: aiohttp meets the closed connection quietly
