@@ -131,15 +131,35 @@ def tag_name(tag: int) -> str:
 # -- value matchers ----------------------------------------------------------------
 
 
-def _wildcard_regex(pattern: str, ignore_case: bool) -> re.Pattern[str]:
-    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile(body, re.DOTALL | (re.IGNORECASE if ignore_case else 0))
+def wildcard_match(pattern: str, value: str) -> bool:
+    """Whether ``value`` matches a C-FIND wildcard ``pattern`` (``*``: any run, ``?``:
+    any one character; PS3.4 C.2.2.2.4), whole. Greedy with one backtrack point, so it
+    takes at most len(pattern) x len(value) steps: a regular expression made of the
+    pattern backtracks exponentially, and one query of ``*a`` twenty times then ``b``
+    held the event loop, and every association and request with it, for good."""
+    p = v = 0
+    star, mark = -1, 0
+    while v < len(value):
+        if p < len(pattern) and pattern[p] == "*":
+            star, mark = p, v  # the run of the latest star starts empty here
+            p += 1
+        elif p < len(pattern) and pattern[p] in ("?", value[v]):
+            p += 1
+            v += 1
+        elif star >= 0:
+            mark += 1  # that star takes one character more
+            p, v = star + 1, mark
+        else:
+            return False
+    return all(c == "*" for c in pattern[p:])
 
 
 def _text_matcher(value: str, vr: str, ignore_case: bool) -> Callable[[str], bool]:
     if vr in WILDCARD_VRS and ("*" in value or "?" in value):
-        regex = _wildcard_regex(value, ignore_case)
-        return lambda v: regex.fullmatch(v) is not None
+        if ignore_case:
+            folded = value.casefold()
+            return lambda v: wildcard_match(folded, v.casefold())
+        return lambda v: wildcard_match(value, v)
     if ignore_case:
         folded = value.casefold()
         return lambda v: v.casefold() == folded

@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from gateway.dimse.find import failure_status
-from gateway.model.query import Model, QueryError, parse_identifier
+from gateway.model.query import Model, QueryError, parse_identifier, wildcard_match
 
 
 def query(level: str = "STUDY", model: Model = Model.STUDY_ROOT, **keys: Any) -> Any:
@@ -140,3 +140,21 @@ def test_refusals(level: str, model: Model, keys: dict[str, str], status: int) -
 def test_universal_key_below_the_level_is_answered_empty() -> None:
     q = query(StudyInstanceUID="", Modality="")
     assert q.answer(entity(StudyInstanceUID="1.2.3", Modality="CT"), "GW").Modality == ""
+
+
+def test_wildcards_match_as_ps34_says() -> None:
+    cases = [
+        ("*", "", True), ("?", "", False), ("A*", "ABC", True), ("*C", "ABC", True), ("A?C", "ABC", True),
+        ("A?C", "AC", False), ("*B*", "ABC", True), ("A*B*C", "AXBYC", True), ("A*B*C", "AXBY", False),
+        ("**", "X", True), ("*?", "", False), ("a*", "ABC", False),
+    ]
+    for pattern, value, expected in cases:
+        assert wildcard_match(pattern, value) is expected, (pattern, value)
+
+
+@pytest.mark.timeout(10)
+def test_a_pattern_of_many_stars_matches_in_bounded_time() -> None:
+    """A regular expression made of ``*A`` twenty times then ``B`` backtracks
+    exponentially against sixty A's: the daemon's event loop never came back."""
+    assert not wildcard_match("*A" * 20 + "B", "A" * 64)
+    assert wildcard_match("*A" * 20 + "*", "A" * 64)

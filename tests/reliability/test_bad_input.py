@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -157,3 +158,24 @@ def test_a_deflate_bomb_is_refused_without_inflating_it_in_memory(tmp_path: Path
     assert sum(gw.counts().values()) == 1
     assert bomb_uid not in "".join(p.name for p in (gw.spool_dir / "incoming").iterdir())
     assert_alive(gw)
+
+
+def test_a_wildcard_pattern_that_backtracks_does_not_stop_the_daemon(tmp_path: Path, gateway) -> None:
+    """C-FIND PatientName ``*A`` twenty times then ``B`` against a stored name of sixty
+    A's: matched by a regular expression, it held the event loop, and a C-ECHO on
+    another association timed out. Now the search ends, and the echo is answered."""
+    gw = gateway()
+    path = _instance(tmp_path, "long-name.dcm", PatientName="A" * 60)
+    assert dcmtk.storescu(gw.port, [path], gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=1, timeout=30)
+    search = subprocess.Popen(
+        [str(dcmtk.DCMTK_BIN / "findscu"), "-S", "-v", "-aec", gw.ae_title, "-k", "QueryRetrieveLevel=STUDY",
+         "-k", "PatientName=" + "*A" * 20 + "B", "127.0.0.1", str(gw.port)],
+        env=dcmtk.dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = search.communicate(timeout=30)
+    finally:
+        search.kill()
+    assert "Received Final Find Response (Success)" in output and "Find Response: 1" not in output, output
+    assert dcmtk.echoscu(gw.port, gw.ae_title, timeout=10).returncode == 0
