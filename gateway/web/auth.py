@@ -15,9 +15,9 @@ import binascii
 import hmac
 import logging
 import math
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.audit.auditor import web_participant
 from gateway.audit.message import Participant
@@ -29,7 +29,6 @@ from gateway.web.oidc import KeysUnavailable, TokenVerifier
 
 log = logging.getLogger("gateway.web")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes; /metrics needs credentials
 WRITE_METHODS = frozenset({"POST", "PUT", "DELETE"})  # STOW-RS, Azure's PUT, DELETE
 READ_METHODS = "GET, HEAD, OPTIONS"

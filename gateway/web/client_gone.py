@@ -14,13 +14,12 @@ the HTTP client turns them into UpstreamUnavailable).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 log = logging.getLogger("gateway.web")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT_CLOSED = 499
 
 

@@ -8,13 +8,12 @@ which for a streamed WADO-RS answer is when its last byte was written.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.web.metrics import METRICS
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _route(request: web.Request) -> str:
