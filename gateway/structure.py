@@ -3,8 +3,9 @@
 pydicom reads a value that runs past the end of the file as a short value without
 complaint, so a data set cut off in transit would otherwise be stored and forwarded.
 This walks the element headers (not the values) from the file meta to the end of the
-file, descending into undefined-length sequences and items, reports the first
-inconsistency, and keeps the values of the few top-level elements the spool needs.
+file, descending into every sequence and item, reports the first inconsistency, and
+keeps the values of the few top-level elements the spool needs. Sequences nested deeper
+than `MAX_NESTING` are refused: nothing downstream could read them.
 It replaces a pydicom parse on the C-STORE path, where it is several times cheaper.
 
 A Deflated Explicit VR Little Endian data set is inflated as it is walked, a chunk at
@@ -17,11 +18,14 @@ a conversion for a C-MOVE) inflates it with pydicom, so the bound holds for them
 
 from __future__ import annotations
 
+import functools
 import struct
 import tempfile
 import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+from pydicom.datadict import dictionary_VR
 
 from gateway.codecs.syntaxes import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, IMPLICIT_VR_LE
 from gateway.part10 import LONG_VRS
@@ -37,6 +41,13 @@ TRANSFER_SYNTAX_TAG = 0x00020010
 MAX_INFLATED = 256 << 20
 INFLATE_CHUNK = 1 << 20
 INFLATED_IN_MEMORY = 8 << 20  # inflated data sets up to this stay in memory while walked
+# The deepest nesting of sequences taken. Real IODs nest a handful of levels (SR content
+# trees about ten). Readers recurse per level: pydicom and DICOM JSON fail at a few
+# hundred, and Orthanc 1.10 dies on an instance nesting 48 (measured), so a gateway
+# taking one would bring its archive down at every delivery attempt.
+MAX_NESTING = 32
+
+_DATA_SET, _SEQUENCE, _FRAGMENTS = 0, 1, 2  # what a level of the walk holds
 
 
 class Malformed(ValueError):
@@ -51,11 +62,20 @@ class Scan:
     dataset_offset: int = 0
     values: dict[int, str] = field(default_factory=dict)
     problem: str | None = None
-    oversized: bool = False  # a deflated data set inflating past MAX_INFLATED (``problem`` says so)
+    oversized: bool = False  # past a bound (MAX_INFLATED, MAX_NESTING), not malformed: ``problem`` says which
 
 
 class Oversized(Exception):
     pass
+
+
+@functools.cache
+def _dictionary_sq(tag: int) -> bool:
+    """Whether the data dictionary makes ``tag`` a sequence (an implicit VR element)."""
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
 
 
 def _text(raw: bytes) -> str:
@@ -70,14 +90,18 @@ class _Walker:
         self.e = "<" if little else ">"
         self.keep = keep
         self.values: dict[int, str] = {}
+        # Kept here, not asked of the file: each tell() is a system call, and asking
+        # at every element header was most of the walk's time.
+        self.pos = fh.tell()
 
     def read(self, n: int) -> bytes:
         # Bounded by ``size``, not by the file: a spool record may sit in a longer file.
-        if self.fh.tell() + n > self.size:
+        if self.pos + n > self.size:
             raise Malformed("element runs past the end of the data set")
         data = self.fh.read(n)
         if len(data) != n:
             raise Malformed("element header runs past the end of the data set")
+        self.pos += n
         return data
 
     def header(self) -> tuple[int, bytes | None, int]:
@@ -92,42 +116,73 @@ class _Walker:
         return tag, vr, struct.unpack(self.e + "H", self.read(2))[0]
 
     def skip(self, length: int) -> None:
-        end = self.fh.tell() + length
+        end = self.pos + length
         if end > self.size:
             raise Malformed("a value runs past the end of the data set")
         self.fh.seek(end)
+        self.pos = end
 
-    def elements(self, until: int | None, end: int, top: bool) -> None:
-        """Walk elements up to ``end`` (defined length) or the ``until`` delimiter."""
-        while self.fh.tell() < end:
+    def walk(self, end: int, top: bool) -> None:
+        """Walk the elements up to ``end``, and every sequence and item within them.
+
+        A stack, not recursion: a data set may nest sequences thousands deep in a few
+        kilobytes, which would exhaust Python's recursion. Sequences deeper than
+        `MAX_NESTING` are refused (Oversized), since every later reader of the instance
+        (pydicom, DICOM JSON) recurses once or more per level. Defined-length sequences
+        are walked too, so their depth counts: by their VR in explicit VR, by the data
+        dictionary in implicit VR, as pydicom would read them.
+        """
+        # Each level: (kind, end, delimiter that closes it or None when ``end`` does).
+        levels: list[tuple[int, int, int | None]] = [(_DATA_SET, end, None)]
+        nesting = 0
+        while levels:
+            kind, end, until = levels[-1]
+            if self.pos >= end:
+                if until is not None:
+                    raise Malformed("sequence or item not closed before the end of the data set")
+                levels.pop()
+                nesting -= kind == _SEQUENCE
+                continue
             tag, vr, length = self.header()
-            if until is not None and tag == until:
-                return
-            if length != UNDEFINED:
-                if top and tag in self.keep and length <= MAX_KEPT_VALUE:
-                    self.values[tag] = _text(self.read(length))
+            if kind != _DATA_SET:  # a sequence's items, or encapsulated fragments
+                if tag == SEQUENCE_DELIMITER and until is not None:
+                    levels.pop()
+                    nesting -= kind == _SEQUENCE
+                elif tag != ITEM:
+                    raise Malformed("expected an item or a sequence delimiter")
+                elif length == UNDEFINED:
+                    levels.append((_DATA_SET, self.size, ITEM_DELIMITER))
+                elif kind == _SEQUENCE:
+                    levels.append((_DATA_SET, self._value_end(length), None))
                 else:
                     self.skip(length)
                 continue
-            if vr in (b"SQ", b"UN", None, b"OB", b"OW"):
-                self.items()
-            else:
-                raise Malformed("undefined length on a VR that cannot have one")
-        if until is not None:
-            raise Malformed("sequence or item not closed before the end of the data set")
-
-    def items(self) -> None:
-        """Walk the items of an undefined-length sequence or encapsulated pixel data."""
-        while True:
-            tag, _, length = self.header()
-            if tag == SEQUENCE_DELIMITER:
-                return
-            if tag != ITEM:
-                raise Malformed("expected an item or a sequence delimiter")
+            if tag == until:
+                levels.pop()
+                continue
             if length == UNDEFINED:
-                self.elements(ITEM_DELIMITER, self.size, top=False)
+                if vr not in (b"SQ", b"UN", None, b"OB", b"OW"):
+                    raise Malformed("undefined length on a VR that cannot have one")
+                fragments = vr in (b"OB", b"OW")
+                levels.append((_FRAGMENTS if fragments else _SEQUENCE, self.size, SEQUENCE_DELIMITER))
+            elif vr == b"SQ" or (vr is None and tag >> 16 != 0xFFFE and _dictionary_sq(tag)):
+                levels.append((_SEQUENCE, self._value_end(length), None))
+            elif top and len(levels) == 1 and tag in self.keep and length <= MAX_KEPT_VALUE:
+                self.values[tag] = _text(self.read(length))
+                continue
             else:
                 self.skip(length)
+                continue
+            if levels[-1][0] == _SEQUENCE:
+                nesting += 1
+                if nesting > MAX_NESTING:
+                    raise Oversized(f"sequences nested deeper than {MAX_NESTING} levels")
+
+    def _value_end(self, length: int) -> int:
+        end = self.pos + length
+        if end > self.size:
+            raise Malformed("a value runs past the end of the data set")
+        return end
 
 
 def scan_file(fh: BinaryIO, size: int, keep: frozenset[int]) -> Scan:
@@ -146,14 +201,15 @@ def scan_file(fh: BinaryIO, size: int, keep: frozenset[int]) -> Scan:
         if tag != 0x00020000 or vr != b"UL" or length != 4:
             raise Malformed("file meta without a group length")
         (group_length,) = struct.unpack("<I", meta.read(4))
-        scan.dataset_offset = fh.tell() + group_length
-        meta.elements(None, min(scan.dataset_offset, size), top=True)
+        scan.dataset_offset = meta.pos + group_length
+        meta.walk(min(scan.dataset_offset, size), top=True)
         scan.transfer_syntax = meta.values.get(TRANSFER_SYNTAX_TAG, "")
         if not scan.transfer_syntax:
             raise Malformed("file meta without a transfer syntax")
         if scan.transfer_syntax == DEFLATED_EXPLICIT_VR_LE:
             scan.values = _walk_deflated(fh, scan.dataset_offset, size, keep)
             return scan
+        fh.seek(scan.dataset_offset)
         walker = _Walker(
             fh,
             size,
@@ -161,8 +217,7 @@ def scan_file(fh: BinaryIO, size: int, keep: frozenset[int]) -> Scan:
             little=scan.transfer_syntax != EXPLICIT_VR_BE,
             keep=keep,
         )
-        fh.seek(scan.dataset_offset)
-        walker.elements(None, size, top=True)
+        walker.walk(size, top=True)
         scan.values = walker.values
     except Malformed as exc:
         scan.problem = str(exc)
@@ -200,5 +255,5 @@ def _walk_deflated(fh: BinaryIO, start: int, end: int, keep: frozenset[int]) -> 
             raise Malformed("deflated data set cut short")
         inflated.seek(0)
         walker = _Walker(inflated, length, explicit=True, little=True, keep=keep)  # type: ignore[arg-type]
-        walker.elements(None, length, top=True)
+        walker.walk(length, top=True)
         return walker.values

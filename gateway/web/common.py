@@ -108,6 +108,11 @@ def error_response(exc: BaseException, what: str) -> web.Response:
         return text_error(504, f"{what}: the archive did not answer in time")
     if isinstance(exc, TranscodeError):
         return text_error(406, f"{what}: cannot convert: {exc}")
+    if isinstance(exc, RecursionError):
+        # Only data nests without bound here: an instance whose sequences nest
+        # hundreds deep (the gateway refuses such instances, an archive may hold them).
+        log.warning("%s: the data nests sequences too deep to read or encode", what)
+        return text_error(502, f"{what}: the instance nests sequences too deep to read or encode")
     log.error("%s failed: internal error %s", what, type(exc).__name__)
     log.debug("internal error", exc_info=exc)
     return text_error(500, f"{what}: internal error ({type(exc).__name__})")

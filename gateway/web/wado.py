@@ -485,8 +485,11 @@ async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
             rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
     # Validated by content, JSON and XML alike: the XML parts' boundary changes with
     # every answer, so the ETag is of the parts themselves.
-    body = json.dumps(objects, ensure_ascii=False).encode("utf-8") if fmt == "json" else b""
-    parts = [] if fmt == "json" else [native_xml(obj) for obj in objects]
+    try:
+        body = json.dumps(objects, ensure_ascii=False).encode("utf-8") if fmt == "json" else b""
+        parts = [] if fmt == "json" else [native_xml(obj) for obj in objects]
+    except RecursionError as exc:
+        return error_response(exc, what)
     validators = {
         "ETag": content_etag(body if fmt == "json" else b"\0".join([b"xml", *parts])),
         "Cache-Control": _metadata_cache_control(request, "instance" in uids),

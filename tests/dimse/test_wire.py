@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pydicom
 import pytest
 from gateway.dimse import pdu
 from gateway.dimse.command import C_STORE_RQ, C_STORE_RSP, decode_command, encode_command, response
@@ -10,6 +11,7 @@ import gateway.structure
 from gateway.header import Unreadable, read_header
 from gateway.structure import scan_file
 from tests.support.deflated import deflated_instance
+from tests.support.nested import nested_instance
 from tests.support.corpus import pydicom_corpus, sample_items
 
 
@@ -121,3 +123,19 @@ def test_a_deflated_data_set_cut_short_or_corrupt_is_malformed() -> None:
     corrupt = data[:start] + b"\xff" * 16 + data[start + 16 :]  # a reserved deflate block type
     for broken, problem in ((data[:-50], "deflated data set cut short"), (corrupt, "deflated data set does not inflate")):
         assert scan_file(io.BytesIO(broken), len(broken), KEEP_SOP).problem == problem
+
+
+@pytest.mark.parametrize("encoding", ["undefined", "defined", "implicit"])
+def test_sequences_nested_past_the_bound_are_refused_by_name(encoding: str) -> None:
+    """Sequences nested 32 deep are taken and read by pydicom; 33 or 5000 deep are
+    refused with the reason, in every encoding. Before, an undefined-length nesting of
+    a few hundred was refused as "unreadable (RecursionError)", and a defined-length
+    one was stored, after which the facade answered its study's metadata with a 500."""
+    data, sop, _, _ = nested_instance(gateway.structure.MAX_NESTING, encoding)
+    scan = scan_file(io.BytesIO(data), len(data), KEEP_SOP)
+    assert scan.problem is None and scan.values[0x00080018] == sop
+    assert pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID == sop
+    for depth in (gateway.structure.MAX_NESTING + 1, 5000):
+        data, _, _, _ = nested_instance(depth, encoding)
+        scan = scan_file(io.BytesIO(data), len(data), KEEP_SOP)
+        assert scan.oversized and scan.problem == "sequences nested deeper than 32 levels", (depth, scan.problem)

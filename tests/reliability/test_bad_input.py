@@ -3,9 +3,12 @@ association still works."""
 
 from __future__ import annotations
 
+import io
+import json
 import socket
 import struct
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from tests.support import dcmtk
 from tests.support.deflated import deflated_instance
+from tests.support.nested import nested_instance
 from tests.support.ports import wait_until
 from tests.support.pyscu import send_files
 
@@ -179,3 +183,43 @@ def test_a_wildcard_pattern_that_backtracks_does_not_stop_the_daemon(tmp_path: P
         search.kill()
     assert "Received Final Find Response (Success)" in output and "Find Response: 1" not in output, output
     assert dcmtk.echoscu(gw.port, gw.ae_title, timeout=10).returncode == 0
+
+
+def test_sequences_nested_hundreds_deep_are_refused_and_32_levels_reach_the_archive(
+    tmp_path: Path, gateway, orthanc
+) -> None:
+    """Sequences nested 600 deep, in 22 KB: refused by C-STORE (0xC000) and STOW-RS
+    with the reason. On the code before, storescu's defined-length copy was
+    acknowledged, and delivering it killed Orthanc (which dies at 48 levels); over the
+    embedded archive its study's metadata answered 500 with a RecursionError
+    traceback. 32 levels reach Orthanc, which stays up, and the facade serves them."""
+    gw = gateway(upstream_url=orthanc.dicomweb_url)
+    kept, sop, study, series = nested_instance(32)
+    (tmp_path / "nested-32.dcm").write_bytes(kept)
+    (tmp_path / "nested-600.dcm").write_bytes(nested_instance(600)[0])
+    result = dcmtk.storescu(gw.port, [tmp_path / "nested-32.dcm", tmp_path / "nested-600.dcm"], gw.ae_title, extra_args=["-v"])
+    output = result.stdout + result.stderr
+    responses = [line for line in output.splitlines() if "Received Store Response" in line]
+    assert responses == ["I: Received Store Response (Success)", "I: Received Store Response (Error: CannotUnderstand)"], output
+    wait_until(lambda: "sequences nested deeper than 32 levels" in gw.log(), 10, 0.1, "the refusal was not logged")
+
+    stow = urllib.request.Request(f"{gw.web_url}/dicom-web/studies", data=nested_instance(600)[0], method="POST",
+                                  headers={"Content-Type": "application/dicom", "Accept": "application/dicom+json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(stow, timeout=30)
+    answer = json.loads(refused.value.read())
+    assert refused.value.code == 409
+    assert answer["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000], answer
+
+    gw.wait_counts(delivered=1, timeout=30)
+    assert sum(gw.counts().values()) == 1
+    assert orthanc.running and orthanc.instance_count() == 1
+    instance = urllib.request.Request(f"{gw.web_url}/dicom-web/studies/{study}/series/{series}/instances/{sop}",
+                                      headers={"Accept": "application/dicom; transfer-syntax=*"})
+    with urllib.request.urlopen(instance, timeout=30) as resp:
+        item, depth = pydicom.dcmread(io.BytesIO(resp.read())), 0
+    while "ContentSequence" in item:
+        item, depth = item.ContentSequence[0], depth + 1
+    assert depth == 32
+    assert "Traceback" not in gw.log()
+    assert_alive(gw)
