@@ -181,6 +181,9 @@ class DimseConfig:
     ack_timeout: float = 60.0
     max_pdu_size: int = 262144
     max_associations: int = 32
+    # connections open at once, associations and those not yet associated; past it a
+    # new connection is closed as soon as accepted (`gateway.connection_cap`)
+    max_connections: int = 256
     network_timeout: float = 60.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -374,6 +377,8 @@ class HttpConfig:
     # seconds a connection may send nothing: idle between requests, before a request's
     # headers are complete, or within its body (STOW-RS: cut off with 408)
     idle_timeout: float = 60.0
+    # connections open at once; past it a new one is closed as soon as accepted
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -597,6 +602,7 @@ def _dimse(r: _Reader) -> DimseConfig:
         ack_timeout=r.number("ack_timeout", d.ack_timeout, 1, 3600),
         max_pdu_size=r.integer("max_pdu_size", d.max_pdu_size, 0, 2**31 - 1),
         max_associations=r.integer("max_associations", d.max_associations, 1, 1000),
+        max_connections=r.integer("max_connections", d.max_connections, 2, 100000),
         network_timeout=r.number("network_timeout", d.network_timeout, 1, 3600),
         acse_timeout=r.number("acse_timeout", d.acse_timeout, 1, 3600),
         dimse_timeout=r.number("dimse_timeout", d.dimse_timeout, 1, 3600),
@@ -616,6 +622,11 @@ def _dimse(r: _Reader) -> DimseConfig:
             )
     if cfg.tls is not None and cfg.tls.port == cfg.port:
         r.problems.append(f"dimse.tls.port: {cfg.port} is dimse.port already; TLS needs a port of its own")
+    if cfg.max_connections <= cfg.max_associations:
+        r.problems.append(
+            f"dimse.max_connections: {cfg.max_connections} leaves no room beyond dimse.max_associations"
+            f" ({cfg.max_associations}) for an association to be answered, or rejected"
+        )
     r.finish()
     return cfg
 
@@ -988,6 +999,7 @@ def _http(r: _Reader) -> HttpConfig:
         read_only=r.boolean("read_only", d.read_only),
         compress=r.boolean("compress", d.compress),
         idle_timeout=r.number("idle_timeout", d.idle_timeout, 1, 3600),
+        max_connections=r.integer("max_connections", d.max_connections, 1, 100000),
     )
     r.finish()
     return cfg

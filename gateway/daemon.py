@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway.audit.auditor import Auditor, audit_trail
 from gateway.config import Config, ConfigError, load_config
+from gateway.connection_cap import ConnectionCap, ensure_open_files
 from gateway.dimse.command import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ, N_ACTION_RQ, STORAGE_COMMITMENT
 from gateway.dimse.commitment import CommitmentService
 from gateway.dimse.find import FIND_SOP_CLASSES, FindService
@@ -35,6 +36,7 @@ from gateway.spool.queue import STATES, Spool
 from gateway.systemd import feed_watchdog, report_status, sd_notify, watchdog_interval
 from gateway.upstream import make_upstream
 from gateway.web.app import create_app
+from gateway.web.capped_site import CappedSite
 from gateway.web.keys import CACHE
 from gateway.web.malformed_requests import install as log_malformed_requests_briefly
 from gateway.web.metrics import AuditCollector, SpoolCollector
@@ -92,6 +94,7 @@ async def _reload_audit(audit: Auditor, config: Config) -> bool:
 
 async def _run(config: Config, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
+    ensure_open_files(config.dimse.max_connections + config.http.max_connections)
     audit = Auditor(config, audit_trail(config))
     audit.started()
     spool = Spool(config.spool, config.dimse.routes)
@@ -173,7 +176,8 @@ async def _run(config: Config, config_path: Path | None) -> None:
     keepers: list[asyncio.Task[None]] = []  # systemd watchdog and status line
     try:
         https = config.http.tls.server_context() if config.http.tls is not None else None
-        await web.TCPSite(runner, config.http.host, config.http.port, ssl_context=https).start()
+        cap = ConnectionCap("HTTP", "http.max_connections", config.http.max_connections, metrics)
+        await CappedSite(runner, config.http.host, config.http.port, cap, ssl_context=https).start()
         await server.start()
         started = True
         commitment.resume()

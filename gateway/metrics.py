@@ -61,6 +61,14 @@ class Metrics:
         )
         for reason in REJECTION_REASONS:
             self.associations_rejected.labels(reason)
+        self.connections_refused = Counter(
+            "gateway_connections_refused",
+            "Connections closed as soon as accepted, the listener's max_connections being open, by listener",
+            ["listener"],
+            registry=r,
+        )
+        for listener in ("dimse", "http"):
+            self.connections_refused.labels(listener)
         self.dimse_requests = Histogram(
             "gateway_dimse_request_duration_seconds",
             "DIMSE requests from their receipt to their final response, by command and final status",

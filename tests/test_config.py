@@ -107,6 +107,8 @@ def test_shipped_default_is_valid_and_local() -> None:
         ({"upstream": {**HEALTHIMAGING, "rate_limits": {"GetImageFrame": 0}}}, "upstream.rate_limits.GetImageFrame: expected a number"),
         ({"upstream": {**HEALTHIMAGING, "retrieve_path": "wado"}}, "upstream.retrieve_path: 'wado' is not one of 'dicomweb', 'frames'"),
         ({"upstream": {"type": "dicomweb", "url": "http://x", "include_non_primary": True}}, "upstream.include_non_primary: only used with upstream.type = 'healthimaging'"),
+        ({"dimse": {"max_associations": 32, "max_connections": 32}}, "dimse.max_connections: 32 leaves no room beyond dimse.max_associations (32)"),
+        ({"http": {"max_connections": 0}}, "http.max_connections"),
     ],
 )
 def test_errors_name_the_key(toml: dict, message: str) -> None:

@@ -21,6 +21,7 @@ from functools import partial
 from pynetdicom import AllStoragePresentationContexts
 
 from gateway.config import PERMISSIONS, Config
+from gateway.connection_cap import ConnectionCap
 from gateway.dimse import pdu
 from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.dimse.association import (
@@ -157,6 +158,9 @@ class DimseServer:
         self._servers: list[asyncio.Server] = []
         self._live: set[asyncio.Task[None]] = set()
         self._associations: set[Association] = set()
+        # on both ports together; bound to the file-descriptor limit set at start, so
+        # not reloaded
+        self.connection_cap = ConnectionCap("DIMSE", "dimse.max_connections", config.dimse.max_connections, self.metrics)
 
     @property
     def association_count(self) -> int:
@@ -278,6 +282,12 @@ class DimseServer:
     ) -> None:
         """One connection, from the A-ASSOCIATE-RQ to its end; on the TLS port (``tls``)
         the handshake comes first, bounded by ``acse_timeout``."""
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        where = f"{peer[0]}:{peer[1]}"
+        if self.connection_cap.full(len(self._live)):
+            self.connection_cap.refused(where)
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._live.add(task)
@@ -286,8 +296,6 @@ class DimseServer:
             # On loopback, Nagle plus delayed ACK costs ~40 ms per C-STORE.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        where = f"{peer[0]}:{peer[1]}"
         assoc: Association | None = None
         how = "closed"
         try:
