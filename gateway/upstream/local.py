@@ -12,7 +12,6 @@ own index access (search, retrieve, delete) happens on one dedicated thread.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
@@ -21,16 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import sqlite_utils
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.encaps import get_frame
 
-from gateway.codecs.errors import TranscodeError
-from gateway.codecs.stream import native_frame_bits
-from gateway.codecs.syntaxes import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_LE, IMPLICIT_VR_LE, syntax_info
 from gateway.fsutil import fsync_path, make_buckets
 from gateway.model.query import Key
 from gateway.model.search import Search
@@ -39,6 +33,7 @@ from gateway.sqlite import Migration, connect, immediate, migrate
 from gateway.upstream.archive_writer import INDEXED, WriterProcess
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import NotFound, UpstreamRejected
+from gateway.upstream.stored_frames import frame_reader, in_batches
 
 log = logging.getLogger("gateway.upstream")
 
@@ -340,7 +335,7 @@ class LocalUpstream:
         if not frame_numbers or any(n < 1 for n in frame_numbers):
             raise UpstreamRejected("frame numbers must be given and start at 1", 400)
         path, stored = await self._existing(study_uid, series_uid, sop_instance_uid)
-        for frame in await asyncio.to_thread(read_frames, path, stored, frame_numbers, acceptable):
+        async for frame in in_batches(frame_reader(path, stored, frame_numbers, acceptable)):
             yield frame
 
     # -- delete (index rows first and durably, then the files) -------------------------
@@ -386,8 +381,6 @@ BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
-# Frames of these syntaxes are the same bytes: one may be served for the other.
-NATIVE_LITTLE_ENDIAN = frozenset({IMPLICIT_VR_LE, EXPLICIT_VR_LE})
 
 
 def _is_bulk(ds: pydicom.Dataset, raw: DataElement | RawDataElement) -> bool:
@@ -441,85 +434,6 @@ def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, An
         except Exception:  # noqa: BLE001 - one bad element must not lose the instance
             log.debug("metadata: element %s left out", key)
     return out
-
-
-def read_frames(source: Path | bytes, stored: str, numbers: Sequence[int], acceptable: Sequence[str]) -> list[Frame]:
-    """The frames ``numbers`` of the Part 10 file at ``source`` (a path, or the file's
-    bytes) as stored (blocking).
-
-    A native frame is read from its place in a file (a large multi-frame instance
-    is never read whole); a compressed one is taken from its fragments by pydicom.
-    """
-    try:
-        if isinstance(source, Path):
-            ds = pydicom.dcmread(source, defer_size=BULK_DATA_THRESHOLD)
-        else:
-            ds = pydicom.dcmread(io.BytesIO(source))
-    except FileNotFoundError:
-        raise NotFound("instance not in the embedded archive") from None
-    pixels = ds.get_item(PIXEL_DATA, keep_deferred=True)
-    if pixels is None:
-        raise NotFound("the instance has no pixel data")
-    count = int(ds.get("NumberOfFrames") or 1)
-    past = [n for n in numbers if n > count]
-    if past:
-        raise UpstreamRejected(f"frame {past[0]} asked of an instance with {count}", 400)
-    try:
-        encapsulated = syntax_info(stored).encapsulated
-    except TranscodeError as exc:
-        raise UpstreamRejected(f"cannot cut frames out of this instance: {exc}", 406) from None
-    native = EXPLICIT_VR_LE if stored == DEFLATED_EXPLICIT_VR_LE else stored
-    served = _served_syntax(native, acceptable)
-    if served is None:
-        raise UpstreamRejected(f"the embedded archive holds the frames in {native} only", 406)
-    if encapsulated:
-        data = ds.PixelData
-        extended = None
-        if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
-            extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
-        return [
-            Frame(n, get_frame(data, n - 1, number_of_frames=count, extended_offsets=extended), served)
-            for n in numbers
-        ]
-    try:
-        bits = native_frame_bits(ds)
-    except TranscodeError as exc:
-        raise UpstreamRejected(f"cannot cut frames out of this instance: {exc}", 406) from None
-    deferred = isinstance(pixels, RawDataElement) and pixels.value is None and stored != DEFLATED_EXPLICIT_VR_LE
-    if deferred and isinstance(source, Path):
-        with open(source, "rb") as fh:
-            return [Frame(n, _native_frame(fh, pixels.value_tell, n - 1, bits), served) for n in numbers]
-    whole = ds.PixelData
-    return [Frame(n, _native_frame(whole, 0, n - 1, bits), served) for n in numbers]
-
-
-def _served_syntax(native: str, acceptable: Sequence[str]) -> str | None:
-    """The syntax frames stored in ``native`` are served as, None if not acceptable."""
-    for syntax in acceptable:
-        if syntax in ("*", native):
-            return native
-        if native in NATIVE_LITTLE_ENDIAN and syntax in NATIVE_LITTLE_ENDIAN:
-            return syntax
-    return None
-
-
-def _native_frame(source: Any, start: int, index: int, bits: int) -> bytes:
-    """Frame ``index`` of native pixel data at ``start`` of ``source`` (an open file or
-    bytes), ``bits`` bits a frame; 1-bit frames need not start on a byte boundary."""
-    first_bit = index * bits
-    offset, shift = divmod(first_bit, 8)
-    size = (shift + bits + 7) // 8
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        chunk = bytes(source[start + offset : start + offset + size])
-    else:
-        source.seek(start + offset)
-        chunk = source.read(size)
-    if len(chunk) < size:
-        raise UpstreamRejected("the stored pixel data is shorter than its frames", 400)
-    if shift == 0 and bits % 8 == 0:
-        return chunk
-    unpacked = np.unpackbits(np.frombuffer(chunk, dtype=np.uint8), bitorder="little")[shift : shift + bits]
-    return np.packbits(unpacked, bitorder="little").tobytes()
 
 
 # Results in the first page of a search (later pages hold ``page_size``), as for

@@ -27,7 +27,7 @@ from gateway.codecs.syntaxes import (
 )
 from gateway.part10 import read_file_meta
 from gateway.upstream.base import ANY_SYNTAX
-from gateway.upstream.local import read_frames
+from gateway.upstream.stored_frames import read_frames
 from tests.codecs.helpers import bundled, gradient_frames, make_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # rtdose fixtures
