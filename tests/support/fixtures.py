@@ -23,7 +23,7 @@ from tests.support.pki import Pki, make_pki
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    """A fresh, empty Orthanc for one test (about 0.1 s to start, 3.5 s to stop)."""
+    """A fresh, empty Orthanc for one test (about 0.1 s to start; killed at the end)."""
     server = Orthanc(workdir=tmp_path / "orthanc")
     try:
         server.start()

@@ -302,8 +302,10 @@ class Orthanc:
         return self.start(timeout=timeout)
 
     def cleanup(self) -> None:
-        """Stop and delete the working directory if this object created it."""
-        self.stop()
+        """End the server and delete the working directory if this object created it.
+        Killed, not stopped: nothing of a throwaway server outlives its test, and a
+        clean stop takes Orthanc 1.10 about 3.5 s (over a minute of the suite)."""
+        self.kill()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
