@@ -314,8 +314,12 @@ class DimseServer:
         except asyncio.TimeoutError:
             how = "aborted (network timeout)"
             await self._send_abort(writer, 0)
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
             how = "aborted (connection lost)"
+            if assoc is None and isinstance(exc, asyncio.IncompleteReadError) and not exc.partial:
+                # Closed before a byte of a PDU: a port check (a load balancer's TCP
+                # check every two seconds, monitoring), not a failure worth a warning.
+                how = "closed without a word"
         except asyncio.CancelledError:
             how = "aborted (shutdown)"
         except Exception:  # noqa: BLE001 - one association must never take the SCP down
@@ -345,6 +349,8 @@ class DimseServer:
                 )
             elif how.startswith("aborted"):
                 log.warning("connection from %s %s before association", where, how)
+            elif how == "closed without a word":
+                log.debug("connection from %s closed without a word (a port check)", where)
             with contextlib.suppress(Exception):
                 writer.close()
             self._live.discard(task)
