@@ -13,13 +13,14 @@ from collections.abc import Iterator
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.encaps import encapsulate, encapsulate_extended
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from gateway.codecs import _htj2k
 from gateway.codecs._byteorder import swap_dataset
+from gateway.codecs.codestream import check_codestream
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.frames import encode_frame, encoded_description, native_bytes
@@ -115,6 +116,11 @@ def _decoded_frames(ds: Dataset, source: UID) -> Iterator[tuple[np.ndarray, Pixe
     (see ``_htj2k.plugin_attempts``); a failure after frames were handed out
     cannot be retried and is reported.
     """
+    if syntax_info(source).encapsulated:
+        desc = PixelDescription.from_dataset(ds)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        for frame in generate_frames(ds.PixelData, number_of_frames=frames):
+            check_codestream(frame, desc)
     decoder = get_decoder(source)
     for plugin in _htj2k.plugin_attempts(source):
         started = False

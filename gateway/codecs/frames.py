@@ -14,6 +14,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder, get_encoder, pack_bits
 
 from gateway.codecs import _htj2k, _jpeg
+from gateway.codecs.codestream import check_codestream
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.syntaxes import (
@@ -74,6 +75,7 @@ def decode_frame_described(
     options = desc.pydicom_options()
     source = bytes(data)
     if info.encapsulated:
+        check_codestream(source, desc)
         source = encapsulate([source])
     else:
         options["pixel_keyword"] = "PixelData"  # pydicom asks for it with raw buffers

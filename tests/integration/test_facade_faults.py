@@ -15,7 +15,9 @@ cannot be told to) and over a spool that cannot take more.
 * a client closing its connection in the middle of an answer (a viewer cancelling
   what it no longer needs): one INFO line and 499 in the metrics, no ERROR;
 * requests aiohttp cannot parse: 400, one WARNING line each, no traceback, and none of
-  the bytes they carried (a patient name in a query string too long to parse).
+  the bytes they carried (a patient name in a query string too long to parse);
+* a frame whose codestream header claims an image far larger than the instance's:
+  406 at once, nothing decoded.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
+import imagecodecs
+import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate
 from pydicom.data import get_testdata_file
 
 from tests.support.curl import curl
@@ -287,3 +292,36 @@ def test_a_client_closing_mid_answer_is_an_info_line_not_an_error(gateway, tmp_p
     metrics = urllib.request.urlopen(f"{gw.web_url}/metrics", timeout=10).read().decode()
     assert 'status="499"' in metrics
     assert curl(f"{gw.web_url}{series}/metadata").status == 200
+
+
+def test_a_frame_whose_codestream_claims_a_huge_image_is_refused_without_decoding(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A 64 x 64 instance whose 1 KB JPEG-LS frame says 30000 x 30000 in its header:
+    asked as ELE frames and rendered, it is answered 406 at once. On the code before,
+    each request decoded 900 million samples: 90 s, and the daemon's memory peaked at
+    5.2 and 7 GB."""
+    image = (np.arange(64 * 64, dtype=np.uint16) % 4096).reshape(64, 64)
+    frame = bytearray(imagecodecs.jpegls_encode(image))
+    struct.pack_into(">HH", frame, frame.find(b"\xff\xf7") + 5, 30000, 30000)
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = pydicom.uid.generate_uid(), pydicom.uid.generate_uid(), "OT"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 64, 64, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.save_as(tmp_path / "huge.dcm", enforce_file_format=True)
+    gw = gateway()
+    assert curl(f"{gw.web_url}/dicom-web/studies", "-X", "POST", "--data-binary", f"@{tmp_path / 'huge.dcm'}",
+                "-H", "Content-Type: application/dicom").status == 200
+    gw.wait_counts(delivered=1, timeout=30)
+    instance = f"{gw.web_url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    for url, accept in ((f"{instance}/frames/1", "multipart/related; type=application/octet-stream"), (f"{instance}/rendered", "image/png")):
+        started = time.monotonic()
+        answer = curl(url, "-H", f"Accept: {accept}")
+        assert answer.status == 406 and b"codestream describes 900000000 samples" in answer.body, answer.body
+        assert time.monotonic() - started < 5
+    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
+    assert peak < 300 * 1024, f"peak RSS {peak} kB"
