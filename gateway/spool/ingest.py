@@ -51,6 +51,7 @@ def ingest(
     expected_instance: str | None = None,
     wait_delivery: float | None = None,
     expected_study: str | None = None,
+    refusal_level: int = logging.WARNING,
 ) -> Ingested:
     """Take a received instance into the spool: a C-STORE's `Receipt` (sealed here),
     or a STOW-RS part's file in the spool's ``incoming/`` (moved into the spool).
@@ -61,6 +62,9 @@ def ingest(
     announced (a STOW-RS path names the study), checked against the data set. ``wait_delivery``: seconds to wait for the first delivery
     attempt (None: answer once durable). What was received is consumed either way:
     made durable, or dropped by the caller's cleanup when refused here.
+    ``refusal_level``: of the line logged for an instance refused for what it holds
+    (a STOW-RS request sums its refusals up in one line instead: a body of 100,000
+    garbage parts wrote 100,000 warnings).
     """
     if isinstance(received, Receipt):
         path, size = received.path, received.length
@@ -70,11 +74,11 @@ def ingest(
     try:
         header = read_header(path, expected_class, expected_instance, size=size)
     except HeaderError as exc:
-        log.warning("instance from %s (%s) rejected: %s", source, (expected_instance or "?")[:64], exc)
+        log.log(refusal_level, "instance from %s (%s) rejected: %s", source, (expected_instance or "?")[:64], exc)
         return Ingested(Verdict.UNREADABLE if isinstance(exc, Unreadable) else Verdict.MISMATCH, str(exc))
     uid = header.sop_instance_uid
     if expected_study is not None and header.study_uid != expected_study:
-        log.warning("instance %s from %s is outside the study the request names", uid, source)
+        log.log(refusal_level, "instance %s from %s is outside the study the request names", uid, source)
         return Ingested(Verdict.MISMATCH, "the instance is not in the study the request names", header)
     try:
         watch = wait_delivery is not None

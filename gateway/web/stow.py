@@ -19,6 +19,7 @@ metadata with bulk data parts, each instance built into a Part 10 file
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -100,7 +101,7 @@ def _take_built(spool: Any, metadata: dict[str, Any], bulk: dict[str, BulkPart],
     try:
         built = build_instance(metadata, bulk)
     except NotBuilt as exc:
-        log.warning("STOW-RS instance %s from %s not built: %s", exc.uids[1][:64] or "?", source, exc)
+        log.debug("STOW-RS instance %s from %s not built: %s", exc.uids[1][:64] or "?", source, exc)
         return PartResult(*exc.uids, exc.reason, str(exc))
     except Exception:  # noqa: BLE001 - one instance's surprise must not fail the others' answer
         log.exception("STOW-RS instance from %s could not be built", source)
@@ -130,7 +131,7 @@ def _received(spool: Any, fill: Callable[[Callable[[bytes], None]], None], sourc
 def _ingest(spool: Any, received: Receipt | Path, source: str, study_uid: str | None) -> PartResult:
     """The one ingest function on a received instance; what it refuses is dropped."""
     try:
-        result: Ingested = ingest(spool, received, Sender(source), expected_study=study_uid)
+        result: Ingested = ingest(spool, received, Sender(source), expected_study=study_uid, refusal_level=logging.DEBUG)
         h = result.header
         ids = (h.sop_class_uid, h.sop_instance_uid, h.study_uid, h.series_uid) if h else ("", "", "", "")
         if result.verdict in (Verdict.STORED, Verdict.DELIVERED):
@@ -375,14 +376,30 @@ async def store(request: web.Request) -> web.StreamResponse:
     if cache is not None:  # a viewer asking again sees the new instances once they are upstream
         for study in {r.study_uid for r in results if not r.reason}:
             cache.forget_stored(study, [(r.series_uid, r.sop_instance_uid) for r in results if not r.reason and r.study_uid == study])
-    log.info(
-        "STOW-RS from %s: %d stored, %d failed, %.3f s", request.remote, stored, len(results) - stored, time.monotonic() - started
+    log.log(
+        logging.WARNING if stored < len(results) else logging.INFO,
+        "STOW-RS from %s: %d stored, %d failed%s, %.3f s",
+        request.remote, stored, len(results) - stored, _failures(results), time.monotonic() - started,
     )
     _audit(request, results, "STOW-RS")
     module = response_module(results, request_root(request), study_uid)
     if any(media_range.media == DICOM_XML or media_range.part_type == DICOM_XML for media_range in parse_accept(accept_of(request))[:1]):
         return web.Response(status=status, body=native_xml(module), content_type=DICOM_XML)
     return web.Response(status=status, body=json.dumps(module).encode(), content_type=DICOM_JSON)
+
+
+def _failures(results: list[PartResult]) -> str:
+    """The request's failures in a few words for its one log line: the commonest
+    reasons with their counts, and the first instances refused (UIDs, no PHI)."""
+    failed = [r for r in results if r.reason]
+    if not failed:
+        return ""
+    reasons = collections.Counter(r.comment for r in failed)
+    words = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3)) + ("; ..." if len(reasons) > 3 else "")
+    named = [r.sop_instance_uid for r in failed if r.sop_instance_uid]
+    if named:
+        words += "; refused: " + ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    return f" ({words})"
 
 
 def add_routes(router: Any, prefix: str) -> None:

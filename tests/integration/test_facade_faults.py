@@ -23,6 +23,7 @@ cannot be told to) and over a spool that cannot take more.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import struct
 import urllib.request
@@ -325,3 +326,23 @@ def test_a_frame_whose_codestream_claims_a_huge_image_is_refused_without_decodin
     status = Path(f"/proc/{gw.proc.pid}/status").read_text()
     peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")))
     assert peak < 300 * 1024, f"peak RSS {peak} kB"
+
+
+def test_a_stow_of_thousands_of_garbage_parts_is_one_warning(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """2,000 parts that are no DICOM and one instance: the instance is stored, each
+    bad part fails with its reason in the answer, and the log says so in one line. On
+    the code before, each refused part wrote its own warning (100,000 of them for a
+    4 MB body), enough to trip journald's rate limit and lose the lines that matter."""
+    [good] = ct_series(tmp_path / "ct", 1, 32, 32)
+    content_type, body = build_multipart_related([good.read_bytes()] + [b"not dicom"] * 2000)
+    (tmp_path / "body").write_bytes(body)
+    gw = gateway()
+    answer = curl(f"{gw.web_url}/dicom-web/studies", "-X", "POST", "--data-binary", f"@{tmp_path / 'body'}",
+                  "-H", f"Content-Type: {content_type}", "-H", "Accept: application/dicom+json")
+    assert answer.status == 202
+    module = json.loads(answer.body)
+    assert len(module["00081199"]["Value"]) == 1 and len(module["00081198"]["Value"]) == 2000
+    gw.wait_counts(delivered=1, timeout=30)
+    lines = [line for line in gw.log().splitlines() if " WARNING " in line or " ERROR " in line]
+    assert len(lines) == 1, lines[:5]
+    assert "STOW-RS from 127.0.0.1: 1 stored, 2000 failed (2000 x malformed data set: no DICM prefix)" in lines[0]

@@ -133,7 +133,7 @@ def test_metadata_and_bulk_data_become_instances(facade: tuple[Gateway, Orthanc 
             assert png.size == (160, 120)
         assert orthanc._request("GET", f"/instances/{orthanc.instance_id(REPORT)}/pdf")[2] == pdf
     log = gw.log()
-    assert f"STOW-RS instance {BROKEN}" in log and "never-sent.jpg" in log
+    assert f"refused: {BROKEN}" in log and "never-sent.jpg" in log  # the request's one summary line
     assert "Doe" not in log and "MRN-7001" not in log
     assert not list((gw.spool_dir / "incoming").glob("*.part"))  # the spilled PDF part went
 
