@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import resource
-import time
 
+from gateway.log_throttle import Throttle, left_out
 from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.connections")
@@ -23,7 +23,6 @@ log = logging.getLogger("gateway.connections")
 # Descriptors kept for the daemon's own use beyond both caps: spool and cache files,
 # the index databases, connections to the archive and to C-MOVE destinations.
 RESERVED_FILES = 256
-WARN_EVERY = 60.0  # seconds between two warnings of one listener's refusals
 
 
 class ConnectionCap:
@@ -34,25 +33,22 @@ class ConnectionCap:
         self.setting = setting  # the config key, named in the warning
         self.limit = limit
         self._metric = metrics.connections_refused.labels(listener.lower()) if metrics is not None else None
-        self._unreported = 0
-        self._warned_at = -WARN_EVERY
+        self._throttle = Throttle(burst=1)
 
     def full(self, open_connections: int) -> bool:
         return open_connections >= self.limit
 
     def refused(self, peer: str) -> None:
-        """Count a connection closed at once; the first after a quiet minute is logged
-        with its address, the rest are summed into the next warning."""
+        """Count a connection closed at once; the first of a minute is logged with its
+        address, the next logged one says how many were not."""
         if self._metric is not None:
             self._metric.inc()
-        self._unreported += 1
-        now = time.monotonic()
-        if now - self._warned_at >= WARN_EVERY:
+        admitted, held = self._throttle.admit()
+        if admitted:
             log.warning(
-                "%s: %d connection(s) closed at once, the last from %s: %s (%d) open already",
-                self.listener, self._unreported, peer, self.setting, self.limit,
+                "%s: a connection from %s closed at once: %s (%d) open already%s",
+                self.listener, peer, self.setting, self.limit, left_out(held),
             )
-            self._unreported, self._warned_at = 0, now
 
 
 def ensure_open_files(needed: int) -> None:

@@ -36,6 +36,7 @@ from gateway.dimse.association import (
 from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VERIFICATION, response
 from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, Identity, Outcome, TokenCheck, check_identity
 from gateway.lockout import FailedLogins
+from gateway.log_throttle import Throttle, left_out
 from gateway.audit.auditor import Auditor, dimse_participant, ip_of
 from gateway.audit.message import Participant
 from gateway.metrics import Metrics
@@ -161,6 +162,7 @@ class DimseServer:
         # on both ports together; bound to the file-descriptor limit set at start, so
         # not reloaded
         self.connection_cap = ConnectionCap("DIMSE", "dimse.max_connections", config.dimse.max_connections, self.metrics)
+        self.unassociated = Throttle()  # warnings of connections broken off before an association
 
     @property
     def association_count(self) -> int:
@@ -348,7 +350,9 @@ class DimseServer:
                     }},
                 )
             elif how.startswith("aborted"):
-                log.warning("connection from %s %s before association", where, how)
+                admitted, held = self.unassociated.admit()
+                if admitted:
+                    log.warning("connection from %s %s before association%s", where, how, left_out(held))
             elif how == "closed without a word":
                 log.debug("connection from %s closed without a word (a port check)", where)
             with contextlib.suppress(Exception):

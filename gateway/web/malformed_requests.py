@@ -17,6 +17,8 @@ import logging
 
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, InvalidHeader, InvalidURLError, LineTooLong
 
+from gateway.log_throttle import Throttle, left_out
+
 # Words of our own for the errors whose messages quote the request in their own ways
 # (a str repr, bytes, or the URL bare): none of the message is logged.
 _KINDS: dict[type[HttpProcessingError], str] = {
@@ -43,16 +45,23 @@ def reason(exc: HttpProcessingError) -> str:
 class MalformedRequests(logging.Filter):
     """On the ``aiohttp.server`` logger: a record of a request that could not be parsed
     becomes "malformed HTTP request from ADDRESS refused (400): KIND: words", at
-    WARNING at most, without its traceback."""
+    WARNING at most, without its traceback, and at most `log_throttle.BURST` a minute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttle = Throttle()
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True
+        admitted, held = self.throttle.admit()
+        if not admitted:
+            return False
         args = record.args if isinstance(record.args, tuple) else ()
         remote = args[0] if len(args) == 1 else "an unknown address"
-        record.msg = "malformed HTTP request from %s refused (%s): %s"
-        record.args = (remote, exc.code or 400, reason(exc))
+        record.msg = "malformed HTTP request from %s refused (%s): %s%s"
+        record.args = (remote, exc.code or 400, reason(exc), left_out(held))
         record.exc_info, record.exc_text, record.stack_info = None, None, None
         if record.levelno > logging.WARNING:
             record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)

@@ -223,3 +223,21 @@ def test_sequences_nested_hundreds_deep_are_refused_and_32_levels_reach_the_arch
     assert depth == 32
     assert "Traceback" not in gw.log()
     assert_alive(gw)
+
+
+def test_a_client_breaking_rules_in_a_loop_gets_ten_warnings_a_minute(gateway) -> None:
+    """200 connections that each send a broken PDU, and 200 HTTP requests aiohttp cannot
+    parse: each listener logs the first ten in the minute, and every one is refused.
+    Before, each wrote its own warning: a scanner in a loop filled the journal."""
+    gw = gateway()
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+            sock.sendall(struct.pack(">BBI", 0x01, 0x00, 100) + b"\x00\x01")  # cut short
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", gw.http_port), timeout=5) as sock:
+            sock.sendall(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_until_closed(sock).split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    wait_until(lambda: gw.log().count("before association") == 10, 10, 0.1, "not ten DIMSE warnings")
+    log = gw.log()
+    assert log.count("malformed HTTP request from") == 10, log[-2000:]
+    assert_alive(gw)
