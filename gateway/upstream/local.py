@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -335,7 +336,7 @@ class LocalUpstream:
         if not frame_numbers or any(n < 1 for n in frame_numbers):
             raise UpstreamRejected("frame numbers must be given and start at 1", 400)
         path, stored = await self._existing(study_uid, series_uid, sop_instance_uid)
-        async for frame in in_batches(frame_reader(path, stored, frame_numbers, acceptable)):
+        async for frame in in_batches(partial(frame_reader, path, stored, frame_numbers, acceptable)):
             yield frame
 
     # -- delete (index rows first and durably, then the files) -------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,30 +93,43 @@ def frame_reader(source: Path | bytes, stored: str, numbers: Sequence[int], acce
         yield Frame(n, _native_frame(whole, 0, n - 1, bits), served)
 
 
-async def in_batches(frames: Iterator[Frame]) -> AsyncIterator[Frame]:
-    """``frames`` read on worker threads, `BATCH_BYTES` a trip, and handed on one by
-    one: memory holds a batch, whatever was asked."""
+async def in_batches(make: Callable[[], Iterator[Frame]]) -> AsyncIterator[Frame]:
+    """The frames of the reader ``make`` returns (called on a worker thread, as it may
+    read files), read on worker threads `BATCH_BYTES` a trip and handed on one by one:
+    memory holds a batch, whatever was asked, and a request for a few frames makes one
+    trip."""
+    frames: Iterator[Frame] | None = None
+
+    def take() -> tuple[list[Frame], bool]:
+        nonlocal frames
+        if frames is None:
+            frames = make()
+        return _take(frames, BATCH_BYTES)
+
     try:
-        while batch := await asyncio.to_thread(_take, frames, BATCH_BYTES):
+        finished = False
+        while not finished:
+            batch, finished = await asyncio.to_thread(take)
             for frame in batch:
                 yield frame
     finally:
         # A batch still being read on its thread (the client left meanwhile) keeps the
         # reader busy; it is closed when that thread lets go of it.
-        with contextlib.suppress(ValueError):
-            frames.close()  # type: ignore[attr-defined]
+        with contextlib.suppress(ValueError, AttributeError):
+            frames.close()  # type: ignore[union-attr]
 
 
-def _take(frames: Iterator[Frame], budget: int) -> list[Frame]:
-    """Frames from ``frames`` until ``budget`` bytes (at least one frame) or the end."""
+def _take(frames: Iterator[Frame], budget: int) -> tuple[list[Frame], bool]:
+    """Frames from ``frames`` until ``budget`` bytes (at least one frame) or the end;
+    and whether the end was reached."""
     batch: list[Frame] = []
     size = 0
     for frame in frames:
         batch.append(frame)
         size += len(frame.data)
         if size >= budget:
-            break
-    return batch
+            return batch, False
+    return batch, True
 
 
 def _served_syntax(native: str, acceptable: Sequence[str]) -> str | None:

@@ -583,7 +583,7 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
     retrieved = await fetch_instance(request, ref)
     spill = request.app[RETRIEVER].spill_dir / f"{uuid.uuid4().hex}.frames"
     try:
-        async for frame in in_batches(await asyncio.to_thread(_cut_frames, retrieved, spill, numbers)):
+        async for frame in in_batches(partial(_cut_frames, retrieved, spill, numbers)):
             yield frame
     finally:
         retrieved.release()
