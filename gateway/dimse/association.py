@@ -50,6 +50,14 @@ from gateway.dimse.command import (
 log = logging.getLogger("gateway.dimse")
 
 MAX_NON_STORE_DATASET = 4 * 1024 * 1024  # identifiers of C-FIND/MOVE/GET are small
+# A command set is a few hundred bytes; fragments beyond this are a peer filling the
+# daemon's memory (300 MiB of them took 300 MiB before this bound), not a command.
+MAX_COMMAND_SET = 64 * 1024
+# Requests queued on one association before its PDUs are read no further. No
+# asynchronous operations window is negotiated, so a requester waits for each answer
+# (a C-CANCEL comes while one runs); one that sends on regardless is held back by TCP
+# until its queue is served: 200,000 C-ECHO-RQs sent without reading took 760 MB.
+MAX_QUEUED_REQUESTS = 16
 SPACE_CHECK_BYTES = 4 * 1024 * 1024  # free space is checked again after this much of a data set
 # Final statuses of a request whose service failed (PS3.7 C.4, PS3.4 B.2.3): C-STORE
 # says Out of Resources so the sender keeps the instance and retries; the others say
@@ -236,6 +244,7 @@ class Association:
         self._cancelled_early: set[int] = set()  # C-CANCEL arrived while still queued
         self._cancelled_running: set[int] = set()  # C-CANCEL cancelled the running service
         self._unanswered: set[int] = set()  # requests without their final response yet
+        self._queued = 0  # requests dispatched whose service has not ended
         self._received_at: dict[int, float] = {}  # monotonic time each request was complete
         # Called when the last running request ends: the reader's idle timer restarts.
         self.on_idle: Callable[[], None] | None = None
@@ -321,6 +330,8 @@ class Association:
             if is_command:
                 if self._pending is not None:
                     raise ProtocolError("command fragment while a data set was still arriving")
+                if len(self._command_buf) + len(fragment) > MAX_COMMAND_SET:
+                    raise ProtocolError(f"command set longer than {MAX_COMMAND_SET} bytes")
                 self._command_buf += fragment
                 if last:
                     message = self._start_message(context)
@@ -458,6 +469,7 @@ class Association:
         self._fields[message_id] = command_field
         self._unanswered.add(message_id)
         self._received_at[message_id] = time.monotonic()
+        self._queued += 1
 
         async def run() -> None:
             try:
@@ -492,6 +504,7 @@ class Association:
                 self._fields.pop(message_id, None)
                 for ids in (self._started, self._cancelled_early, self._cancelled_running, self._unanswered):
                     ids.discard(message_id)
+                self._queued -= 1
 
         task = asyncio.create_task(run())
         self.tasks[message_id] = task
@@ -552,6 +565,12 @@ class Association:
             task.cancel()
         else:
             self._cancelled_early.add(message_id)
+
+    @property
+    def queued(self) -> int:
+        """Requests received and not yet served to their end (the running one included;
+        counted, not keyed by message ID, which a peer may repeat)."""
+        return self._queued
 
     async def drain_tasks(self) -> None:
         """Wait until every request received has been served (A-RELEASE-RQ)."""

@@ -25,6 +25,7 @@ from gateway.connection_cap import ConnectionCap
 from gateway.dimse import pdu
 from gateway.part10 import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.dimse.association import (
+    MAX_QUEUED_REQUESTS,
     AcceptedContext,
     Association,
     Message,
@@ -500,8 +501,14 @@ class DimseServer:
             assoc.on_idle = rearm
             try:
                 while True:
+                    if assoc.queued >= MAX_QUEUED_REQUESTS:
+                        await assoc.drain_tasks()
                     rearm()
                     pdu_type, body = await read_pdu(assoc.reader, None, max_length)
+                    if assoc.writer.is_closing():
+                        # An answer could not be sent: what the peer sent before it left
+                        # is not served (it read nothing of 15,000 pipelined requests).
+                        raise ConnectionResetError("the connection closed while requests were queued")
                     if pdu_type == pdu.P_DATA_TF:
                         for message in assoc.on_pdata(body):
                             self._route(assoc, message)

@@ -3,6 +3,7 @@ association still works."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -17,10 +18,12 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from gateway.dimse.command import encode_command
 from tests.support import dcmtk
 from tests.support.deflated import deflated_instance
 from tests.support.nested import nested_instance
 from tests.support.ports import wait_until
+from tests.support.rawdimse import hold
 from tests.support.pyscu import send_files
 
 
@@ -241,3 +244,48 @@ def test_a_client_breaking_rules_in_a_loop_gets_ten_warnings_a_minute(gateway) -
     log = gw.log()
     assert log.count("malformed HTTP request from") == 10, log[-2000:]
     assert_alive(gw)
+
+
+def _pdata(payload: bytes, control: int) -> bytes:
+    """One P-DATA-TF PDU holding one PDV on presentation context 1."""
+    pdv = struct.pack(">IB", len(payload) + 2, 1) + bytes([control]) + payload
+    return struct.pack(">BBI", 0x04, 0, len(pdv)) + pdv
+
+
+def _peak_rss_mb(gw) -> int:  # type: ignore[no-untyped-def]
+    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) // 1024
+
+
+def test_a_command_set_that_never_ends_is_aborted(gateway) -> None:
+    """Command fragments that never say "last": the association is aborted past 64 KiB.
+    Before, 300 MiB of them took 300 MiB of the daemon's memory, and more would take all."""
+    gw = gateway()
+    before = _peak_rss_mb(gw)
+    with hold(gw.port, gw.ae_title, "ENDLESS") as sock:
+        fragment = _pdata(b"\x00" * 16000, 0x01)  # command, not the last fragment
+        with pytest.raises(OSError):
+            for _ in range(6400):  # 100 MiB
+                sock.sendall(fragment)
+    assert _peak_rss_mb(gw) - before < 20
+    wait_until(lambda: "command set longer than 65536 bytes" in gw.log(), 10, 0.1, "the abort was not logged")
+    assert_alive(gw)
+
+
+def test_requests_sent_without_reading_the_answers_are_held_back(gateway) -> None:
+    """No asynchronous operations window is negotiated, so a requester waits for each
+    answer. One that sends 50,000 C-ECHO-RQs and reads nothing is read no further while
+    16 requests are queued, and TCP holds it back once the answers fill the buffers;
+    before, the daemon queued them all (760 MB for 200,000)."""
+    gw = gateway()
+    before = _peak_rss_mb(gw)
+    echo = encode_command({0x0002: "1.2.840.10008.1.1", 0x0100: 0x0030, 0x0110: 1, 0x0800: 0x0101})
+    burst = _pdata(echo, 0x03) * 1000
+    with hold(gw.port, gw.ae_title, "PIPELINE") as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(3)
+        with contextlib.suppress(TimeoutError):  # held back: the point
+            for _ in range(50):
+                sock.sendall(burst)
+        assert_alive(gw)  # another association is served meanwhile
+    assert _peak_rss_mb(gw) - before < 40
