@@ -42,6 +42,17 @@ def codestream_samples(data: bytes) -> int | None:
 
 
 def _jpeg_samples(data: bytes) -> int | None:
+    found = jpeg_start_of_frame(data)
+    if found is None:
+        return None
+    _, pos = found
+    height, width, components = struct.unpack_from(">HHB", data, pos + 5)
+    return height * width * components
+
+
+def jpeg_start_of_frame(data: bytes) -> tuple[int, int] | None:
+    """The first start-of-frame marker of a JPEG or JPEG-LS codestream and where it
+    is, None when the scan data comes first or the markers cannot be walked."""
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
@@ -51,8 +62,7 @@ def _jpeg_samples(data: bytes) -> int | None:
             pos += 1
             continue
         if marker in _SOF_MARKERS:
-            height, width, components = struct.unpack_from(">HHB", data, pos + 5)
-            return height * width * components
+            return marker, pos
         if marker == 0xDA:  # scan data before any frame header
             return None
         (length,) = struct.unpack_from(">H", data, pos + 2)

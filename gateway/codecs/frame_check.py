@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 
+from gateway.codecs.codestream import jpeg_start_of_frame
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.errors import TranscodeError
 from gateway.codecs.frames import decode_frame_described, encode_frame, encode_problem, native_bytes
@@ -44,29 +45,19 @@ def native_frame_size(desc: PixelDescription) -> int:
     return (bits + 7) // 8
 
 
+# The JPEG processes a start-of-frame marker names (others are not served here).
+_JPEG_PROCESSES = {
+    0xC0: JPEG_BASELINE, 0xC1: JPEG_EXTENDED, 0xC2: JPEG_EXTENDED, 0xC3: JPEG_LOSSLESS_SV1, 0xF7: JPEG_LS_LOSSLESS,
+}
+
+
 def _jpeg_syntax(data: bytes) -> str | None:
     """The JPEG process of a codestream, from its start-of-frame marker."""
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker in (0xC0,):
-            return JPEG_BASELINE
-        if marker in (0xC1, 0xC2):
-            return JPEG_EXTENDED
-        if marker == 0xC3:
-            return JPEG_LOSSLESS_SV1
-        if marker == 0xF7:
-            return JPEG_LS_LOSSLESS
-        if marker == 0xDA:
-            return None
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        pos += 2 + length
-    return None
+    try:
+        found = jpeg_start_of_frame(data)
+    except struct.error:
+        return None
+    return _JPEG_PROCESSES.get(found[0]) if found is not None else None
 
 
 def _j2k_syntax(data: bytes) -> str:

@@ -60,16 +60,23 @@ def _hold(port: int, count: int) -> list[socket.socket]:
     raise AssertionError(f"the listener kept {len(held)} of {count} connections")
 
 
+def _fill_then_flood(gw, port: int) -> list[socket.socket]:  # type: ignore[no-untyped-def]
+    """Hold the cap's four connections, then open 200 more: none is kept (the daemon's
+    descriptors say so). Returns the four held."""
+    held = _hold(port, 4)
+    baseline = _open_files(gw) - 4
+    assert _closed_at_once(port), "a fifth connection was kept"
+    flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(200)]
+    wait_until(lambda: _open_files(gw) <= baseline + 4, 10, 0.1, "the flood's connections were kept")
+    for sock in flood:
+        sock.close()
+    return held
+
+
 def test_dimse_connections_past_the_cap_are_closed_at_once(tmp_path: Path, gateway) -> None:
     gw = gateway(dimse={"max_associations": 2, "max_connections": 4})
-    held = _hold(gw.port, 4)
-    baseline = _open_files(gw) - 4
+    held = _fill_then_flood(gw, gw.port)
     try:
-        assert _closed_at_once(gw.port), "a fifth connection was kept"
-        flood = [socket.create_connection(("127.0.0.1", gw.port), timeout=5) for _ in range(200)]
-        wait_until(lambda: _open_files(gw) <= baseline + 4, 10, 0.1, "the flood's connections were kept")
-        for sock in flood:
-            sock.close()
         assert dcmtk.echoscu(gw.port, gw.ae_title, timeout=10).returncode != 0
     finally:
         for sock in held:
@@ -84,14 +91,8 @@ def test_dimse_connections_past_the_cap_are_closed_at_once(tmp_path: Path, gatew
 
 def test_http_connections_past_the_cap_are_closed_at_once(tmp_path: Path, gateway) -> None:
     gw = gateway(http={"max_connections": 4})
-    held = _hold(gw.http_port, 4)
-    baseline = _open_files(gw) - 4
+    held = _fill_then_flood(gw, gw.http_port)
     try:
-        assert _closed_at_once(gw.http_port), "a fifth connection was kept"
-        flood = [socket.create_connection(("127.0.0.1", gw.http_port), timeout=5) for _ in range(200)]
-        wait_until(lambda: _open_files(gw) <= baseline + 4, 10, 0.1, "the flood's connections were kept")
-        for sock in flood:
-            sock.close()
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(f"{gw.web_url}/healthz", timeout=5)
         assert dcmtk.echoscu(gw.port, gw.ae_title, timeout=10).returncode == 0  # DIMSE has its own cap
