@@ -130,53 +130,69 @@ class _Walker:
         `MAX_NESTING` are refused (Oversized), since every later reader of the instance
         (pydicom, DICOM JSON) recurses once or more per level. Defined-length sequences
         are walked too, so their depth counts: by their VR in explicit VR, by the data
-        dictionary in implicit VR, as pydicom would read them.
+        dictionary in implicit VR, as pydicom would read them. What does not parse
+        inside a defined-length sequence is skipped to its end, as pydicom leaves such
+        a value unread until asked: an instance taken before this walk descended into
+        them is taken still.
         """
         # Each level: (kind, end, delimiter that closes it or None when ``end`` does).
         levels: list[tuple[int, int, int | None]] = [(_DATA_SET, end, None)]
         nesting = 0
         while levels:
-            kind, end, until = levels[-1]
-            if self.pos >= end:
-                if until is not None:
-                    raise Malformed("sequence or item not closed before the end of the data set")
+            try:
+                nesting = self._step(levels, nesting, top)
+            except Malformed:
+                outer = next((i for i in range(len(levels) - 1, 0, -1) if levels[i][0] == _SEQUENCE and levels[i][2] is None), None)
+                if outer is None:
+                    raise
+                self.fh.seek(levels[outer][1])
+                self.pos = levels[outer][1]
+                nesting -= sum(kind == _SEQUENCE for kind, _, _ in levels[outer:])
+                del levels[outer:]
+
+    def _step(self, levels: list[tuple[int, int, int | None]], nesting: int, top: bool) -> int:
+        """One element, item or delimiter of the walk; the sequence depth after it."""
+        kind, end, until = levels[-1]
+        if self.pos >= end:
+            if until is not None:
+                raise Malformed("sequence or item not closed before the end of the data set")
+            levels.pop()
+            return nesting - (kind == _SEQUENCE)
+        tag, vr, length = self.header()
+        if kind != _DATA_SET:  # a sequence's items, or encapsulated fragments
+            if tag == SEQUENCE_DELIMITER and until is not None:
                 levels.pop()
-                nesting -= kind == _SEQUENCE
-                continue
-            tag, vr, length = self.header()
-            if kind != _DATA_SET:  # a sequence's items, or encapsulated fragments
-                if tag == SEQUENCE_DELIMITER and until is not None:
-                    levels.pop()
-                    nesting -= kind == _SEQUENCE
-                elif tag != ITEM:
-                    raise Malformed("expected an item or a sequence delimiter")
-                elif length == UNDEFINED:
-                    levels.append((_DATA_SET, self.size, ITEM_DELIMITER))
-                elif kind == _SEQUENCE:
-                    levels.append((_DATA_SET, self._value_end(length), None))
-                else:
-                    self.skip(length)
-                continue
-            if tag == until:
-                levels.pop()
-                continue
+                return nesting - (kind == _SEQUENCE)
+            if tag != ITEM:
+                raise Malformed("expected an item or a sequence delimiter")
             if length == UNDEFINED:
-                if vr not in (b"SQ", b"UN", None, b"OB", b"OW"):
-                    raise Malformed("undefined length on a VR that cannot have one")
-                fragments = vr in (b"OB", b"OW")
-                levels.append((_FRAGMENTS if fragments else _SEQUENCE, self.size, SEQUENCE_DELIMITER))
-            elif vr == b"SQ" or (vr is None and tag >> 16 != 0xFFFE and _dictionary_sq(tag)):
-                levels.append((_SEQUENCE, self._value_end(length), None))
-            elif top and len(levels) == 1 and tag in self.keep and length <= MAX_KEPT_VALUE:
-                self.values[tag] = _text(self.read(length))
-                continue
+                levels.append((_DATA_SET, self.size, ITEM_DELIMITER))
+            elif kind == _SEQUENCE:
+                levels.append((_DATA_SET, self._value_end(length), None))
             else:
                 self.skip(length)
-                continue
-            if levels[-1][0] == _SEQUENCE:
-                nesting += 1
-                if nesting > MAX_NESTING:
-                    raise Oversized(f"sequences nested deeper than {MAX_NESTING} levels")
+            return nesting
+        if tag == until:
+            levels.pop()
+            return nesting
+        if length == UNDEFINED:
+            if vr not in (b"SQ", b"UN", None, b"OB", b"OW"):
+                raise Malformed("undefined length on a VR that cannot have one")
+            fragments = vr in (b"OB", b"OW")
+            levels.append((_FRAGMENTS if fragments else _SEQUENCE, self.size, SEQUENCE_DELIMITER))
+        elif vr == b"SQ" or (vr is None and tag >> 16 != 0xFFFE and _dictionary_sq(tag)):
+            levels.append((_SEQUENCE, self._value_end(length), None))
+        elif top and len(levels) == 1 and tag in self.keep and length <= MAX_KEPT_VALUE:
+            self.values[tag] = _text(self.read(length))
+            return nesting
+        else:
+            self.skip(length)
+            return nesting
+        if levels[-1][0] != _SEQUENCE:
+            return nesting
+        if nesting + 1 > MAX_NESTING:
+            raise Oversized(f"sequences nested deeper than {MAX_NESTING} levels")
+        return nesting + 1
 
     def _value_end(self, length: int) -> int:
         end = self.pos + length

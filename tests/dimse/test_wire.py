@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import pydicom
 import pytest
 from gateway.dimse import pdu
@@ -139,3 +140,20 @@ def test_sequences_nested_past_the_bound_are_refused_by_name(encoding: str) -> N
         data, _, _, _ = nested_instance(depth, encoding)
         scan = scan_file(io.BytesIO(data), len(data), KEEP_SOP)
         assert scan.oversized and scan.problem == "sequences nested deeper than 32 levels", (depth, scan.problem)
+
+
+def test_a_defined_length_sequence_holding_no_items_is_skipped_as_before() -> None:
+    """Implicit VR: (0008,1140) is a sequence by the dictionary, and a sender filled it
+    with 40 bytes that are no items. pydicom reads such a value only when asked, and
+    the check skipped defined-length sequences before it walked into them for their
+    depth: the instance is taken, as it was. A data set cut inside such a sequence is
+    still refused."""
+    data, sop, _, _ = nested_instance(1, "implicit")
+    junk = struct.pack("<HHI", 0x0008, 0x1140, 40) + b"\x01\x02\x03\x04" * 10
+    # (0008,1140) sorts after (0008,0060) Modality and before (0020,000D)
+    at = data.index(struct.pack("<HH", 0x0020, 0x000D))
+    with_junk = data[:at] + junk + data[at:]
+    scan = scan_file(io.BytesIO(with_junk), len(with_junk), KEEP_SOP)
+    assert scan.problem is None and scan.values[0x00080018] == sop
+    cut = with_junk[: at + 20]
+    assert scan_file(io.BytesIO(cut), len(cut), KEEP_SOP).problem == "a value runs past the end of the data set"
