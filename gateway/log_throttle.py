@@ -44,4 +44,4 @@ class Throttle:
 
 def left_out(count: int) -> str:
     """The words a line adds for the lines left out before it."""
-    return f" ({count} more like it in the last minute not logged)" if count else ""
+    return f" ({count} more like it not logged since the last one that was)" if count else ""

@@ -17,4 +17,4 @@ def test_a_burst_a_window_then_the_count_of_what_was_left_out() -> None:
 
 def test_the_words_for_lines_left_out() -> None:
     assert left_out(0) == ""
-    assert left_out(7) == " (7 more like it in the last minute not logged)"
+    assert left_out(7) == " (7 more like it not logged since the last one that was)"

@@ -381,7 +381,6 @@ BULK_DATA_THRESHOLD = 1024
 BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 PIXEL_DATA = 0x7FE00010
-UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def _is_bulk(ds: pydicom.Dataset, raw: DataElement | RawDataElement) -> bool:
