@@ -37,7 +37,7 @@ def command_name(field: int) -> str:
 # series born at 1 shows no increase).
 REJECTION_REASONS = (
     "unknown_calling_ae", "unknown_called_ae", "wrong_host", "too_many_associations", "too_many_associations_for_peer",
-    "application_context", "tls_no_client_certificate", "tls_certificate_refused", "tls_handshake_failed",
+    "application_context", "pdu_too_small", "tls_no_client_certificate", "tls_certificate_refused", "tls_handshake_failed",
 )
 
 

@@ -40,5 +40,5 @@ def test_every_rejection_reason_the_server_uses_exists_from_the_start_at_zero() 
     for reason in REJECTION_REASONS:
         assert sample(m, "gateway_dimse_associations_rejected_total", reason=reason) == 0
     source = (Path(__file__).resolve().parents[1] / "gateway" / "dimse" / "server.py").read_text()
-    used = set(re.findall(r'"((?:unknown|wrong|too_many|application|tls)_[a-z_]+)"', source))
+    used = set(re.findall(r'"((?:unknown|wrong|too_many|application|pdu|tls)_[a-z_]+)"', source))
     assert used == set(REJECTION_REASONS)

@@ -23,7 +23,7 @@ from tests.support import dcmtk
 from tests.support.deflated import deflated_instance
 from tests.support.nested import nested_instance
 from tests.support.ports import wait_until
-from tests.support.rawdimse import hold
+from tests.support.rawdimse import associate_rq, hold, read_exactly, read_pdu_header
 from tests.support.pyscu import send_files
 
 
@@ -289,3 +289,20 @@ def test_requests_sent_without_reading_the_answers_are_held_back(gateway) -> Non
                 sock.sendall(burst)
         assert_alive(gw)  # another association is served meanwhile
     assert _peak_rss_mb(gw) - before < 40
+
+
+def test_a_peer_announcing_a_tiny_maximum_pdu_is_rejected(gateway) -> None:
+    """A requester may announce how long the PDUs it receives may be; at 7 bytes, each
+    512 KB instance of a C-GET went as 524,288 PDUs, 0.24 s of the event loop every
+    association shares. Below 1024 bytes the association is rejected, and said why."""
+    gw = gateway()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(associate_rq(gw.ae_title, "TINYPDU", max_pdu=16))
+        kind, length = read_pdu_header(sock)
+        body = read_exactly(sock, length)
+    assert kind == 0x03 and tuple(body[1:4]) == (1, 1, 1), (kind, body)  # A-ASSOCIATE-RJ, permanent, no reason given
+    wait_until(lambda: "maximum PDU length 16 is below the 1024 bytes" in gw.log(), 10, 0.1, "the rejection was not logged")
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+        sock.sendall(associate_rq(gw.ae_title, "FAIRPDU", max_pdu=1024))
+        assert read_pdu_header(sock)[0] == 0x02  # A-ASSOCIATE-AC
+    assert_alive(gw)

@@ -7,12 +7,12 @@ import socket
 import struct
 
 
-def associate_rq(called: str, calling: str) -> bytes:
-    """A raw A-ASSOCIATE-RQ proposing Verification."""
+def associate_rq(called: str, calling: str, max_pdu: int = 16384) -> bytes:
+    """A raw A-ASSOCIATE-RQ proposing Verification, announcing ``max_pdu``."""
     def item(kind: int, value: bytes) -> bytes:
         return struct.pack(">BBH", kind, 0, len(value)) + value
     pc = item(0x20, bytes([1, 0, 0, 0]) + item(0x30, b"1.2.840.10008.1.1") + item(0x40, b"1.2.840.10008.1.2"))
-    user = item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4"))
+    user = item(0x50, item(0x51, struct.pack(">I", max_pdu)) + item(0x52, b"1.2.3.4"))
     body = (
         struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\x00" * 32
         + item(0x10, b"1.2.840.10008.3.1.1.1") + pc + user
