@@ -14,16 +14,25 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+_HANDED: set[int] = set()
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, and that this
+    process has not handed out before.
 
     The socket is closed before returning, so another process could grab the
-    port in between; in practice the kernel does not hand out the same
-    ephemeral port again right away, which is good enough for tests.
+    port in between. The kernel does hand the same port to two binds in a row
+    now and then: an Orthanc once got one port for both its DICOM and its HTTP
+    server and died at start-up, so ports already given are skipped.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED:
+            _HANDED.add(port)
+            return port
 
 
 _HELD: list[socket.socket] = []

@@ -136,6 +136,9 @@ def test_assert_same_dataset_reports_differences(tmp_path: Path) -> None:
 def test_port_helpers() -> None:
     port = free_port()
     assert not port_is_open("127.0.0.1", port)
+    # The kernel may hand one port to two binds in a row; free_port never does.
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == 500 and port not in ports
     with pytest.raises(AssertionError, match="never true"):
         wait_until(lambda: False, timeout=0.2, message="never true")
     assert wait_until(lambda: 42, timeout=0.2) == 42
