@@ -272,6 +272,10 @@ class UpstreamConfig:
     timeout: float = 120.0
     connect_timeout: float = 10.0
     verify_tls: bool = True
+    # The largest answer held in memory whole: a search page, a metadata answer, a
+    # STOW-RS response, one frame. An archive (or a proxy before it) that sends more is
+    # refused, not followed until the daemon runs out of memory.
+    max_answer_mb: int = 256
     # type = "healthimaging" only; the endpoints are resolved from the region when not set.
     region: str = ""
     datastore_id: str = ""
@@ -829,6 +833,7 @@ def _upstream(r: _Reader) -> UpstreamConfig:
         timeout=r.number("timeout", d.timeout, 0.1, 86400),
         connect_timeout=r.number("connect_timeout", d.connect_timeout, 0.1, 3600),
         verify_tls=r.boolean("verify_tls", d.verify_tls),
+        max_answer_mb=r.integer("max_answer_mb", d.max_answer_mb, 1, 2**20),
         **aws,
     )
     r.finish()

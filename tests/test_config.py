@@ -109,6 +109,7 @@ def test_shipped_default_is_valid_and_local() -> None:
         ({"upstream": {"type": "dicomweb", "url": "http://x", "include_non_primary": True}}, "upstream.include_non_primary: only used with upstream.type = 'healthimaging'"),
         ({"dimse": {"max_associations": 32, "max_connections": 32}}, "dimse.max_connections: 32 leaves no room beyond dimse.max_associations (32)"),
         ({"http": {"max_connections": 0}}, "http.max_connections"),
+        ({"upstream": {"type": "dicomweb", "url": "http://x", "max_answer_mb": 0}}, "upstream.max_answer_mb: expected an integer from 1"),
     ],
 )
 def test_errors_name_the_key(toml: dict, message: str) -> None:

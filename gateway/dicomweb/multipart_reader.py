@@ -221,6 +221,10 @@ async def _declared_part(body: _Body, start: int, length: int, delimiter: bytes)
     return None
 
 
+def _too_long(max_part: int) -> str:
+    return f"a part is longer than {max_part // (1024 * 1024)} MiB" if max_part >= 1 << 20 else f"a part is longer than {max_part} bytes"
+
+
 def _trim(pieces: list[memoryview], count: int) -> None:
     """Drop the last ``count`` bytes of the content held in ``pieces``."""
     while count:
@@ -233,11 +237,15 @@ def _trim(pieces: list[memoryview], count: int) -> None:
             count = 0
 
 
-async def iter_parts(chunks: AsyncIterable[bytes], boundary: str, spill_dir: Path, spill_bytes: int) -> AsyncIterable[StreamedPart]:
+async def iter_parts(
+    chunks: AsyncIterable[bytes], boundary: str, spill_dir: Path, spill_bytes: int, max_part: int | None = None
+) -> AsyncIterable[StreamedPart]:
     """Every part of a body arriving as ``chunks``, each as soon as it is complete.
 
     Memory holds at most one part below ``spill_bytes`` plus one chunk; a larger part
-    is written to a file under ``spill_dir`` as it arrives. A part's content is the
+    is written to a file under ``spill_dir`` as it arrives. A part longer than
+    ``max_part`` (declared or as it arrives) raises MultipartError: the bound of a
+    reader that never spills (frames are handed on as bytes). A part's content is the
     chunks it arrived in, joined once when its delimiter is found (each byte is
     searched once, and copied once); a delimiter split across chunks is found in the
     few bytes either side of their seam. A body that ends before its close delimiter
@@ -272,6 +280,8 @@ async def iter_parts(chunks: AsyncIterable[bytes], boundary: str, spill_dir: Pat
             headers = _headers(bytes(chunk[line_end + 2 : headers_end]))
             start = headers_end + 4
             declared = _content_length(headers)
+            if max_part is not None and declared is not None and declared > max_part:
+                raise MultipartError(_too_long(max_part))
             if declared is not None and declared <= spill_bytes:
                 data = await _declared_part(body, start, declared, delimiter)
                 if data is not None:
@@ -281,6 +291,8 @@ async def iter_parts(chunks: AsyncIterable[bytes], boundary: str, spill_dir: Pat
             # the content, up to the next delimiter
             end = chunk.find(delimiter, start)
             if end >= 0:  # within the chunk the headers came in
+                if max_part is not None and end - start > max_part:
+                    raise MultipartError(_too_long(max_part))
                 body.pos = end
                 data = chunk[start:end]
                 yield StreamedPart(headers, data, None, len(data))
@@ -313,10 +325,15 @@ async def iter_parts(chunks: AsyncIterable[bytes], boundary: str, spill_dir: Pat
                     break
                 pieces.append(memoryview(chunk))
                 held += len(chunk)
+                # (what is held may end in the first bytes of the delimiter)
+                if max_part is not None and held - seam > max_part:
+                    raise MultipartError(_too_long(max_part))
                 tail = (tail + chunk[-seam:])[-seam:]
             if spill is None:
                 data = b"".join(pieces)
                 pieces.clear()
+                if max_part is not None and len(data) > max_part:
+                    raise MultipartError(_too_long(max_part))
                 yield StreamedPart(headers, data, None, len(data))
             else:
                 for piece in pieces:

@@ -42,8 +42,11 @@ from gateway.upstream.http import (
     EVERY_STATUS,
     RETRYABLE_HTTP,
     Body,
+    MIB,
     HttpClient,
     Signer,
+    read_at_most,
+    read_error_body,
     retry_after_seconds,
 )
 from gateway.upstream.http import http_status, short as _short
@@ -128,6 +131,7 @@ class DicomWebUpstream:
             session=session,
             signer=signer if signer is not None else config_signer(cfg.auth, cfg.verify_tls),
             metrics=metrics,
+            max_answer=cfg.max_answer_mb * MIB,
         )
         self._capabilities = capabilities or Capabilities(delete=None)
         self._wado_accept = 0  # index into WADO_ACCEPTS of the first one the archive took
@@ -161,8 +165,11 @@ class DicomWebUpstream:
                 "POST", url, what="store", headers=headers, data=body,
                 body=await self._stow_body(body), passthrough=EVERY_STATUS,
             ) as resp:
-                payload = await resp.read()
                 status = resp.status
+                if status >= 400:
+                    payload = await read_error_body(resp)
+                else:
+                    payload = await read_at_most(resp, self.http.max_answer, "STOW-RS")
                 content_type = resp.headers.get("Content-Type", "")
                 retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
                 answer_headers = resp.headers.copy()
@@ -240,7 +247,7 @@ class DicomWebUpstream:
                 headers={"Accept": mediatypes.DICOM_JSON}, timeout=aiohttp.ClientTimeout(total=5),
                 passthrough=EVERY_STATUS,
             ) as resp:
-                await resp.read()
+                await read_error_body(resp)
                 return Health(resp.status < 400, f"HTTP {resp.status}")
         except UpstreamError as exc:
             return Health(False, str(exc))
@@ -259,7 +266,7 @@ class DicomWebUpstream:
             async with self.http.request(
                 "GET", url, what="search", headers={"Accept": mediatypes.DICOM_JSON}, timeout=timeout
             ) as resp:
-                body = await resp.read()
+                body = await read_at_most(resp, self.http.max_answer, "search")
                 status = resp.status
                 cut = _more_results_warning(resp)
         except NotFound:
@@ -455,7 +462,7 @@ class DicomWebUpstream:
                     passthrough=NOT_ACCEPTABLE,
                 ) as resp:
                     if resp.status in NOT_ACCEPTABLE:
-                        await resp.read()
+                        await read_error_body(resp)
                         continue
                     content_type = resp.headers.get("Content-Type", "")
                     if not content_type.lower().startswith(mediatypes.MULTIPART_RELATED):
@@ -481,11 +488,12 @@ class DicomWebUpstream:
                 "GET", url, what="retrieve", headers={"Accept": accept}, passthrough=NOT_ACCEPTABLE
             ) as resp:
                 if resp.status in NOT_ACCEPTABLE:
-                    await resp.read()
+                    await read_error_body(resp)
                     return None
                 content_type = resp.headers.get("Content-Type", "")
                 length = resp.content_length
-                if length is not None and length <= spill_bytes:
+                # (a gzip answer's length is not what it inflates to)
+                if length is not None and length <= spill_bytes and "Content-Encoding" not in resp.headers:
                     data: bytes | None = await resp.read()
                 else:
                     data, spill = await _read_or_spill(resp, spill_dir, spill_bytes)
@@ -514,7 +522,7 @@ class DicomWebUpstream:
         async with self.http.request(
             "GET", url, what="metadata retrieve", headers={"Accept": mediatypes.DICOM_JSON}
         ) as resp:
-            body = await resp.read()
+            body = await read_at_most(resp, self.http.max_answer, "metadata")
         try:
             objects = json.loads(body)
         except ValueError:
@@ -554,17 +562,20 @@ class DicomWebUpstream:
                     passthrough=FRAMES_NOT_ACCEPTABLE,
                 ) as resp:
                     if resp.status in FRAMES_NOT_ACCEPTABLE:
-                        await resp.read()
+                        await read_error_body(resp)
                         continue
                     content_type = resp.headers.get("Content-Type", "")
                     if not content_type.lower().startswith(mediatypes.MULTIPART_RELATED):
                         if len(frame_numbers) != 1:
                             raise UpstreamRejected(f"RetrieveFrames answered {content_type!r}, not multipart")
-                        data = await resp.read()
+                        data = await read_at_most(resp, self.http.max_answer, "frame")
                         yield Frame(frame_numbers[0], data, _frame_syntax(content_type, "", asked))
                         return
                     # Frames are handed out as bytes: nothing is spilled, so no directory is written.
-                    parts = iter_parts(resp.content.iter_any(), boundary_of(content_type), Path(tempfile.gettempdir()), sys.maxsize)
+                    parts = iter_parts(
+                        resp.content.iter_any(), boundary_of(content_type), Path(tempfile.gettempdir()), sys.maxsize,
+                        max_part=self.http.max_answer,
+                    )
                     sent = 0
                     async for part in parts:
                         if sent == len(frame_numbers):
@@ -589,7 +600,7 @@ class DicomWebUpstream:
         async with self.http.request(
             "DELETE", self.http.url(path), what="delete", passthrough=DELETE_NOT_SUPPORTED
         ) as resp:
-            await resp.read()
+            await read_error_body(resp)
             status = resp.status
         if status in DELETE_NOT_SUPPORTED:
             log.warning("DICOMweb DELETE: archive answered HTTP %d; deletion is not supported", status)

@@ -25,6 +25,16 @@ class UpstreamRejected(UpstreamError):
         self.status = status
 
 
+class AnswerTooLarge(UpstreamRejected):
+    """The archive's answer passed the bound set on what is held in memory whole
+    (``upstream.max_answer_mb``, or a smaller fixed one for tokens and key sets)."""
+
+    def __init__(self, what: str, limit: int, setting: str = "upstream.max_answer_mb") -> None:
+        mib = 1024 * 1024
+        size = f"{limit // mib} MiB" if limit % mib == 0 else f"{limit} bytes"
+        super().__init__(f"the {what} answer is larger than {size}" + (f" ({setting})" if setting else ""))
+
+
 class UpstreamAuthError(UpstreamRejected):
     """401 or 403: our credentials are wrong or lack a permission."""
 

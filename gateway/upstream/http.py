@@ -27,7 +27,7 @@ from yarl import URL
 
 from gateway.logfmt import PATIENT_DATA
 from gateway.metrics import Metrics
-from gateway.upstream.errors import NotFound, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.errors import AnswerTooLarge, NotFound, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.proxy import proxy_for
 
 log = logging.getLogger("gateway.upstream")
@@ -39,6 +39,38 @@ DEPENDENCY_FAILED = 424
 # For `HttpClient.request(passthrough=...)`: the caller reads every status itself.
 EVERY_STATUS = range(100, 600)
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+# Of an error body only an excerpt is ever logged (`short`) or parsed (Azure's error
+# JSON): more is not read.
+ERROR_BODY_LIMIT = 64 * 1024
+MIB = 1024 * 1024
+
+
+async def read_at_most(resp: aiohttp.ClientResponse, limit: int, what: str, setting: str = "upstream.max_answer_mb") -> bytes:
+    """The whole body of ``resp``, refused once it passes ``limit`` bytes.
+
+    Counted as decoded, not by Content-Length: aiohttp inflates a gzip answer as it
+    arrives, so a few MB on the wire can be GBs here. Leaving the rest unread closes
+    the connection. Without the bound one search against an archive that sent an
+    endless array took 9 GB of memory before the timeout ended it.
+    """
+    if resp.content_length is not None and resp.content_length > limit and "Content-Encoding" not in resp.headers:
+        raise AnswerTooLarge(what, limit, setting)
+    held = bytearray()
+    async for chunk in resp.content.iter_any():
+        held += chunk
+        if len(held) > limit:
+            raise AnswerTooLarge(what, limit, setting)
+    return bytes(held)
+
+
+async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:
+    """At most `ERROR_BODY_LIMIT` bytes of an error answer: enough to log and parse."""
+    held = bytearray()
+    async for chunk in resp.content.iter_any():
+        held += chunk
+        if len(held) >= ERROR_BODY_LIMIT:
+            break
+    return bytes(held[:ERROR_BODY_LIMIT])
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -171,9 +203,12 @@ class HttpClient:
         session: aiohttp.ClientSession | None = None,
         signer: Signer | None = None,
         metrics: Metrics | None = None,
+        max_answer: int = 256 * MIB,
     ) -> None:
-        """``metrics``: where each request's duration and status go (None: nowhere)."""
+        """``metrics``: where each request's duration and status go (None: nowhere);
+        ``max_answer``: the bound callers give `read_at_most` (`upstream.max_answer_mb`)."""
         self.metrics = metrics
+        self.max_answer = max_answer
         self.base_url = base_url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self.verify_tls = verify_tls
@@ -256,10 +291,10 @@ class HttpClient:
                         renewable.rejected(sent)
                         if replays:
                             replays -= 1
-                            await resp.read()
+                            await read_error_body(resp)
                             continue
                     if status >= 400 and status not in passthrough:
-                        payload = await resp.read()
+                        payload = await read_error_body(resp)
                         raise_for_status(method, url, status, payload, resp.headers, what)
                     yield resp
                     return

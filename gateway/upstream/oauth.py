@@ -32,8 +32,8 @@ import aiohttp
 from yarl import URL
 
 from gateway.config import AuthConfig
-from gateway.upstream.errors import UpstreamAuthError, UpstreamUnavailable
-from gateway.upstream.http import RETRYABLE_HTTP, SignableRequest, http_status, retry_after_seconds
+from gateway.upstream.errors import AnswerTooLarge, UpstreamAuthError, UpstreamUnavailable
+from gateway.upstream.http import RETRYABLE_HTTP, SignableRequest, http_status, read_at_most, retry_after_seconds
 from gateway.upstream.proxy import proxy_for
 
 log = logging.getLogger("gateway.upstream")
@@ -48,6 +48,8 @@ EXPIRY_MARGIN = 5.0
 # Seconds between renewal attempts while the endpoint fails and the token still serves.
 RENEW_RETRY = 30
 TOKEN_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10)
+# A token answer is a few KB; an identity provider's error page rarely more.
+TOKEN_ANSWER_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -163,10 +165,12 @@ class TokenEndpoint(TokenSigner):
                     proxy=proxy_for(self.url),
                 ) as resp:
                     status = resp.status
-                    body = await resp.read()
+                    body = await read_at_most(resp, TOKEN_ANSWER_LIMIT, "token endpoint's", setting="")
                     retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         except TimeoutError:
             raise UpstreamUnavailable(f"{self.source}: no answer in {TOKEN_TIMEOUT.total:g} s") from None
+        except AnswerTooLarge as exc:  # a broken provider or proxy: held like an outage
+            raise UpstreamUnavailable(f"{self.source}: {exc}") from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(f"{self.source} unreachable: {type(exc).__name__}") from None
         if status in RETRYABLE_HTTP:

@@ -12,12 +12,15 @@ from aiohttp import web
 
 from gateway.codecs.errors import TranscodeError
 from gateway.dicomweb.accept import with_query
+from gateway.log_throttle import Throttle, left_out
 from gateway.model.query import QueryError
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
 from gateway.web.keys import UPSTREAM
 
 log = logging.getLogger("gateway.web")
+# An archive that refuses the gateway refuses every request alike: a few lines a minute say so.
+_ARCHIVE_REFUSED = Throttle()
 # What HealthImaging's image set IDs look like (its API's pattern).
 IMAGE_SET_ID = re.compile(r"[0-9a-z]{32}")
 
@@ -94,12 +97,14 @@ def error_response(exc: BaseException, what: str) -> web.Response:
     if isinstance(exc, NotFound):
         return text_error(404, f"{what}: not found")
     if isinstance(exc, UpstreamAuthError):
+        _archive_refused(what, exc)
         return text_error(502, f"{what}: the archive refused the gateway's credentials")
     if isinstance(exc, NotSupported):
         return text_error(501, f"{what}: the archive does not support this ({exc})")
     if isinstance(exc, UpstreamRejected):
         if exc.status in (400, 404, 406, 409, 410):
             return text_error(exc.status, f"{what}: {exc}")
+        _archive_refused(what, exc)
         return text_error(502, f"{what}: the archive refused: {exc}")
     if isinstance(exc, UpstreamUnavailable):
         headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else {}
@@ -116,6 +121,13 @@ def error_response(exc: BaseException, what: str) -> web.Response:
     log.error("%s failed: internal error %s", what, type(exc).__name__)
     log.debug("internal error", exc_info=exc)
     return text_error(500, f"{what}: internal error ({type(exc).__name__})")
+
+
+def _archive_refused(what: str, exc: UpstreamRejected) -> None:
+    """A 502 is the archive's doing, not the client's: the admin hears of it."""
+    admitted, held = _ARCHIVE_REFUSED.admit()
+    if admitted:
+        log.warning("%s: answered 502, the archive refused or answered what cannot be used: %s%s", what, exc, left_out(held))
 
 
 async def send_streamed(request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes]) -> web.StreamResponse:

@@ -29,6 +29,8 @@ import jwt
 from yarl import URL
 
 from gateway.config import OidcConfig
+from gateway.upstream.errors import AnswerTooLarge
+from gateway.upstream.http import read_at_most
 from gateway.upstream.proxy import proxy_for
 
 log = logging.getLogger("gateway.web")
@@ -38,6 +40,8 @@ LEEWAY = 60.0  # seconds of clock skew between the provider and the gateway
 REFETCH_AFTER = 60.0  # seconds before an unknown key ID may fetch the keys again
 RETRY_FAILED_AFTER = 5.0  # ... after a fetch that failed (meanwhile: 503 at once)
 FETCH_TIMEOUT = aiohttp.ClientTimeout(total=10)
+# A discovery document or key set is a few KB.
+DOCUMENT_LIMIT = 1024 * 1024
 ADMITTED_KEPT = 1024  # tokens remembered as admitted (the oldest forgotten first)
 
 
@@ -160,7 +164,7 @@ class TokenVerifier:
             async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
                 jwks_uri = self.cfg.jwks_uri or await self._discovered_jwks_uri(session)
                 keys = jwt.PyJWKSet.from_dict(await _get_json(session, jwks_uri, self.verify_tls))
-        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError, AnswerTooLarge) as exc:
             log.error("cannot fetch the OpenID provider's keys: %s", _describe(exc))
             raise KeysUnavailable(_describe(exc)) from None
         usable = {k.key_id: k for k in keys.keys if k.public_key_use in (None, "sig")}
@@ -185,7 +189,7 @@ async def _get_json(session: aiohttp.ClientSession, url: str, verify_tls: bool) 
     ) as resp:
         if resp.status != 200:
             raise ValueError(f"{url}: HTTP {resp.status}")
-        document = json.loads(await resp.read())
+        document = json.loads(await read_at_most(resp, DOCUMENT_LIMIT, url, setting=""))
     if not isinstance(document, dict):
         raise ValueError(f"{url}: not a JSON object")
     return document

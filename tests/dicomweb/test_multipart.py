@@ -40,11 +40,13 @@ async def _chunks(body: bytes, size: int) -> AsyncIterator[bytes]:
         yield body[start : start + size]
 
 
-def _stream(body: bytes, size: int, spill_dir: Path, spill_bytes: int) -> tuple[list[StreamedPart], Exception | None]:
+def _stream(
+    body: bytes, size: int, spill_dir: Path, spill_bytes: int, max_part: int | None = None
+) -> tuple[list[StreamedPart], Exception | None]:
     async def collect() -> tuple[list[StreamedPart], Exception | None]:
         parts: list[StreamedPart] = []
         try:
-            async for part in iter_parts(_chunks(body, size), "b0und", spill_dir, spill_bytes):
+            async for part in iter_parts(_chunks(body, size), "b0und", spill_dir, spill_bytes, max_part):
                 parts.append(part)
         except MultipartError as exc:
             return parts, exc
@@ -100,3 +102,17 @@ def test_multipart_stream_takes_declared_lengths_and_survives_wrong_ones(tmp_pat
             assert error is None, (declared, size)
             assert [p.data for p in parts] == contents, (declared, size)
             assert [p.length for p in parts] == [len(c) for c in contents]
+
+
+def test_multipart_stream_refuses_a_part_past_max_part(tmp_path: Path) -> None:
+    """A reader that never spills (frames) stops at ``max_part``: a part that grows
+    past it as it arrives, or declares more, ends the stream after the parts before."""
+    body = b"--b0und\r\n\r\nfirst\r\n--b0und\r\n\r\n" + b"x" * 5000 + b"\r\n--b0und--\r\n"
+    declared = b"--b0und\r\n\r\nfirst\r\n--b0und\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000 + b"\r\n--b0und--\r\n"
+    for whole in (body, declared):
+        for size in (7, 100, len(whole)):
+            parts, error = _stream(whole, size, tmp_path, 10**9, max_part=1000)
+            assert [p.data for p in parts] == [b"first"], size
+            assert isinstance(error, MultipartError) and "longer than 1000 bytes" in str(error)
+            parts, error = _stream(whole, size, tmp_path, 10**9, max_part=5000)
+            assert error is None and [p.length for p in parts] == [5, 5000]

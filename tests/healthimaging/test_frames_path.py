@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 import gateway.codecs  # noqa: F401 - registers the HTJ2K decoder with pydicom
 from gateway.upstream.base import ANY_SYNTAX
-from gateway.upstream.errors import UpstreamRejected
+from gateway.upstream.errors import AnswerTooLarge, UpstreamRejected
 from gateway.upstream.healthimaging import HealthImagingUpstream
 from gateway.upstream.healthimaging.frames import frames_size
 from tests.healthimaging.test_daemon import healthimaging_upstream, key_env
@@ -107,6 +107,25 @@ def test_instances_rebuilt_from_metadata_and_frames_equal_the_originals(emulator
     assert htj2k >= 8
     frame_reads = [r for r in emulator.requests if r.operation == "GetImageFrame"]
     assert frame_reads and all(r.status == 200 for r in frame_reads)
+
+
+@pytest.mark.usefixtures("credentials")
+def test_a_frame_past_max_answer_mb_is_refused_not_read_whole(emulator: Emulator, tmp_path: Path) -> None:
+    """GetImageFrame's blob is read to ``upstream.max_answer_mb`` and no further (a
+    2048 x 2048 CT frame is ~3 MB of HTJ2K; the bound here 1 MiB)."""
+    [path] = ct_series(tmp_path / "big", 1, rows=2048, columns=2048)
+    emulator.load([path.read_bytes()])
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    upstream = upstream_for(emulator, retrieve_path="frames", max_answer_mb=1)
+
+    async def scenario(up: HealthImagingUpstream) -> None:
+        with pytest.raises(AnswerTooLarge, match=r"the GetImageFrame answer is larger than 1 MiB \(upstream.max_answer_mb\)"):
+            await up.retrieve_instance(
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, tmp_path, 1 << 30, acceptable=ANY_SYNTAX
+            )
+
+    run(upstream, scenario)
+    assert [r.status for r in emulator.requests if r.operation == "GetImageFrame"] == [200]
 
 
 @pytest.mark.slow

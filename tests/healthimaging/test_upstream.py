@@ -4,6 +4,7 @@ request must verify there (the emulator recomputes each signature from the spec)
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -28,7 +29,8 @@ from gateway.upstream import make_upstream
 from gateway.upstream.base import ANY_SYNTAX, StoreItem
 from gateway.upstream.errors import NotSupported, SearchTruncated
 from gateway.upstream.healthimaging import HealthImagingUpstream
-from gateway.upstream.healthimaging.native import continuable, criteria
+from gateway.upstream.errors import AnswerTooLarge
+from gateway.upstream.healthimaging.native import _gunzip, continuable, criteria
 from tests.support.healthimaging import Emulator
 from tests.support.healthimaging.studies import tiny_studies
 from tests.support.ports import closed_port
@@ -259,3 +261,15 @@ def test_a_study_search_past_the_qido_reach_continues_with_search_image_sets(
     assert len(cut) == returned == 10
     searches = [r for r in emulator.requests if r.operation == "SearchImageSets"]
     assert len(searches) == 1 and searches[0].status == 200 and not emulator.refusals()
+
+
+def test_image_set_metadata_is_inflated_to_max_answer_mb_and_no_further() -> None:
+    """64 KiB of gzip can be 64 MiB of JSON: the bound counts what it inflates to."""
+    document = b'{"Study": {}}' + b" " * (2 << 20)
+    packed = gzip.compress(document)
+    assert len(packed) < 64 * 1024
+    assert _gunzip(packed, 4 << 20) == document
+    with pytest.raises(AnswerTooLarge, match="GetImageSetMetadata answer is larger than 1 MiB"):
+        _gunzip(packed, 1 << 20)
+    with pytest.raises(EOFError):
+        _gunzip(packed[: len(packed) // 2], 4 << 20)

@@ -20,6 +20,7 @@ from gateway.upstream.http import HttpClient, SignableRequest
 from gateway.upstream.azure import DICOM_RESOURCE, ManagedIdentity, azure_identity
 from gateway.upstream.oauth import ClientCredentials
 from tests.support.ports import closed_port
+from tests.support.floodarchive import FloodArchive
 from tests.support.tokenserver import AzureIdentity, TokenServer
 from tests.upstream.test_http import run
 
@@ -179,6 +180,18 @@ def test_an_unreachable_provider_is_transient() -> None:
     signer = ClientCredentials(AuthConfig(type="oauth2", token_url=url, client_id="c", client_secret="s"))
     with pytest.raises(UpstreamUnavailable, match="unreachable"):
         asyncio.run(signer.token())
+
+
+def test_a_token_answer_that_never_ends_is_transient() -> None:
+    """A token answer is read to 1 MiB: a provider (or a proxy before it) that sends
+    more holds delivery like an outage, not until the daemon runs out of memory."""
+    flood = FloodArchive("endless-json").start()
+    try:
+        signer = ClientCredentials(AuthConfig(type="oauth2", token_url=f"{flood.url}/token", client_id="c", client_secret="s"))
+        with pytest.raises(UpstreamUnavailable, match="token endpoint's answer is larger than 1 MiB$"):
+            asyncio.run(signer.token())
+    finally:
+        flood.stop()
 
 
 def test_only_the_token_the_archive_refused_is_dropped(idp: TokenServer) -> None:

@@ -91,7 +91,7 @@ from gateway.upstream.healthimaging.signer import (
     SigV4Signer,
     canonical_query,
 )
-from gateway.upstream.http import EVERY_STATUS, Body, http_status
+from gateway.upstream.http import EVERY_STATUS, Body, http_status, read_error_body
 
 log = logging.getLogger("gateway.upstream")
 T = TypeVar("T")
@@ -567,7 +567,7 @@ class HealthImagingUpstream(DicomWebUpstream):
                 headers={"Accept": mediatypes.DICOM_JSON}, timeout=aiohttp.ClientTimeout(total=5),
                 passthrough=EVERY_STATUS,
             ) as resp:
-                await resp.read()
+                await read_error_body(resp)
                 status, headers = resp.status, resp.headers.copy()
         except UpstreamAuthError as exc:
             return Health(False, f"auth refused: {exc}")

@@ -18,8 +18,8 @@ rate limit of SearchImageSets; botocore retries throttling itself.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
+import zlib
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -31,12 +31,14 @@ from gateway.model.query import Key
 from gateway.model.search import Search
 from gateway.upstream.base import JsonObject
 from gateway.upstream.errors import (
+    AnswerTooLarge,
     UpstreamAuthError,
     UpstreamRejected,
     UpstreamUnavailable,
 )
 from gateway.upstream.healthimaging.ratelimit import RateLimits
 from gateway.upstream.healthimaging.signer import AwsCredentials
+from gateway.upstream.http import MIB
 
 # DICOMTags of an image set summary: (tag, VR, summary field).
 SUMMARY_FIELDS: tuple[tuple[int, str, str], ...] = (
@@ -131,6 +133,7 @@ class NativeClient:
         self.cfg = cfg
         self.credentials = credentials
         self.limits = limits
+        self.max_answer = cfg.max_answer_mb * MIB
         self._client: Any = None
 
     def _make_client(self) -> Any:
@@ -157,7 +160,13 @@ class NativeClient:
             def invoke() -> dict[str, Any]:
                 answer: dict[str, Any] = method(**params)
                 if blob:
-                    answer[blob] = answer[blob].read()
+                    stream = answer[blob]
+                    try:
+                        answer[blob] = stream.read(self.max_answer + 1)
+                    finally:
+                        stream.close()
+                    if len(answer[blob]) > self.max_answer:
+                        raise AnswerTooLarge(operation, self.max_answer)
                 return answer
 
             return await asyncio.to_thread(invoke)
@@ -216,9 +225,9 @@ class NativeClient:
         raw: bytes = answer["imageSetMetadataBlob"]
         try:
             if answer.get("contentEncoding") == "gzip" or raw[:2] == b"\x1f\x8b":
-                raw = gzip.decompress(raw)
+                raw = _gunzip(raw, self.max_answer)
             document = json.loads(raw)
-        except (OSError, EOFError, ValueError):
+        except (OSError, EOFError, ValueError, zlib.error):
             raise UpstreamRejected(f"HealthImaging answered unreadable metadata for image set {image_set_id}") from None
         if not isinstance(document, dict):
             raise UpstreamRejected(f"HealthImaging answered metadata for image set {image_set_id} that is not an object")
@@ -231,6 +240,18 @@ class NativeClient:
             imageFrameInformation={"imageFrameId": frame_id},
         )
         return answer["imageFrameBlob"]  # type: ignore[no-any-return]
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    """``data`` decompressed, refused past ``limit`` bytes: a few MB of gzip can
+    inflate to GBs."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    raw = inflater.decompress(data, limit + 1)
+    if len(raw) > limit:
+        raise AnswerTooLarge("GetImageSetMetadata", limit)
+    if not inflater.eof:
+        raise EOFError("gzip data ends early")
+    return raw
 
 
 def _snake(operation: str) -> str:
