@@ -315,6 +315,13 @@ class StoreRequestor:
             if pdu_type != pdu.A_ASSOCIATE_AC:
                 raise RequestorError(f"peer answered the association request with PDU type 0x{pdu_type:02x}")
             ac = pdu.parse_associate_ac(body)
+            if 0 < ac.max_pdu_length < pdu.MIN_PEER_PDU:
+                writer.write(pdu.encode_abort())
+                await drain(writer, acse_timeout)
+                raise RequestorError(
+                    f"{called_ae} at {host}:{port} accepted with a maximum PDU length of {ac.max_pdu_length} bytes,"
+                    f" below the {pdu.MIN_PEER_PDU} the gateway sends in: association aborted"
+                )
         except RequestorError:
             writer.close()
             raise

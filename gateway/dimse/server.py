@@ -85,11 +85,6 @@ Handler = Callable[[Association, Message], Awaitable[None]]
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 RJ_NO_REASON = (1, 1, 1)
-# The smallest maximum PDU length a peer may announce. Every byte beyond it costs a PDU
-# and a PDV header of 12 bytes: a peer announcing 7 bytes had each 512 KB instance of a
-# C-GET cut into 524,288 PDUs, 0.24 s of the event loop, which every association shares.
-# dcmtk goes no lower than 4096.
-MIN_PEER_PDU = 1024
 RJ_APPLICATION_CONTEXT = (1, 1, 2)
 RJ_CALLING_AE_NOT_RECOGNIZED = (1, 1, 3)
 RJ_CALLED_AE_NOT_RECOGNIZED = (1, 1, 7)
@@ -219,10 +214,10 @@ class DimseServer:
         d = self.config.dimse
         if rq.application_context != pdu.APPLICATION_CONTEXT:
             return Rejection(RJ_APPLICATION_CONTEXT, "application_context", "application context not supported"), []
-        if 0 < rq.max_pdu_length < MIN_PEER_PDU:
+        if 0 < rq.max_pdu_length < pdu.MIN_PEER_PDU:
             return Rejection(
                 RJ_NO_REASON, "pdu_too_small",
-                f"maximum PDU length {rq.max_pdu_length} is below the {MIN_PEER_PDU} bytes the gateway sends in",
+                f"maximum PDU length {rq.max_pdu_length} is below the {pdu.MIN_PEER_PDU} bytes the gateway sends in",
             ), []
         if d.check_called_ae and rq.called_ae not in d.own_ae_titles:
             return Rejection(

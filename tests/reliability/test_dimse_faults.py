@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from tests.integration.test_move_retrieve import failed_list, parse_move, peers
@@ -487,3 +487,32 @@ def test_store_request_without_dataset_is_answered(tmp_path: Path, gateway) -> N
     assert "without a data set" in gw.log()
     assert sum(gw.counts().values()) == 0
     assert_healthy(gw)
+
+
+def test_a_destination_accepting_with_a_tiny_maximum_pdu_is_aborted(tmp_path: Path) -> None:
+    """A move destination (pynetdicom here) that accepts with a maximum PDU length of 7
+    bytes would have each 512 KB instance sent as 524,288 PDUs on the event loop every
+    association shares. The gateway aborts that association: the C-MOVE fails its
+    sub-operations with the reason logged, and the destination receives nothing."""
+    received: list[str] = []
+    destination = AE(ae_title="TINYDEST")
+    destination.maximum_pdu_size = 7
+    destination.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def on_store(event) -> int:  # type: ignore[no-untyped-def]
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    port = free_port()
+    server = destination.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    paths = ct_series(tmp_path / "ct", 2)
+    gw = local_gateway_with(tmp_path, paths, {}, peers(("TINYDEST", port)))
+    try:
+        study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+        result = parse_move(movescu(gw.port, "DICOMGW", "TINYDEST", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, extra_args=["-v", "-d"]))
+        assert (result.status, result.completed, result.failed) == (0xA702, 0, 2), result.output[-3000:]
+        assert "TINYDEST at 127.0.0.1:%d accepted with a maximum PDU length of 7 bytes, below the 1024" % port in gw.log()
+        assert received == []
+    finally:
+        gw.kill()
+        server.shutdown()
