@@ -101,10 +101,10 @@ def _take_built(spool: Any, metadata: dict[str, Any], bulk: dict[str, BulkPart],
     try:
         built = build_instance(metadata, bulk)
     except NotBuilt as exc:
-        log.debug("STOW-RS instance %s from %s not built: %s", exc.uids[1][:64] or "?", source, exc)
+        log.debug("instance %s from %s not built: %s", exc.uids[1][:64] or "?", source, exc)
         return PartResult(*exc.uids, exc.reason, str(exc))
     except Exception:  # noqa: BLE001 - one instance's surprise must not fail the others' answer
-        log.exception("STOW-RS instance from %s could not be built", source)
+        log.exception("an instance from %s could not be built", source)
         return PartResult("", "", "", "", PROCESSING_FAILURE, "instance could not be built")
     return _received(spool, built.write, source, study_uid)
 
@@ -114,13 +114,13 @@ def _received(spool: Any, fill: Callable[[Callable[[bytes], None]], None], sourc
     try:
         received = spool.receive()
     except OSError as exc:
-        log.error("STOW-RS part from %s not stored: %s", source, exc.strerror or exc)
+        log.error("a part from %s not stored: %s", source, exc.strerror or exc)
         return PartResult("", "", "", "", OUT_OF_RESOURCES, "spool unusable")
     try:
         fill(received.write)
     except OSError as exc:
         received.abandon()
-        log.error("STOW-RS part from %s not stored: %s", source, exc.strerror or exc)
+        log.error("a part from %s not stored: %s", source, exc.strerror or exc)
         return PartResult("", "", "", "", OUT_OF_RESOURCES, "spool write failed")
     except BaseException:
         received.abandon()
@@ -244,7 +244,7 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
     objects: list[dict[str, Any]] = []
     bulk: dict[str, BulkPart] = {}
     spilled: list[Path] = []
-    metadata_bytes = held_bytes = 0
+    metadata_bytes = held_bytes = ignored = 0
     try:
         body = iter_parts(
             _body(request), boundary_of(request.headers.get("Content-Type", "")),
@@ -255,15 +255,17 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
                 spilled.append(part.path)
             content_type = part.headers.get("content-type", OCTET_STREAM)
             kind = media_type(content_type)
+            # Each refused part is a DEBUG line: the request's one summary line counts them
+            # (a body of 100,000 one-byte parts is one request).
             if kind in METADATA_TYPES and metadata_bytes + part.length > METADATA_MAX_BYTES:
-                log.warning("STOW-RS from %s: a metadata part of %d bytes refused (over %d in all)", source, part.length, METADATA_MAX_BYTES)
+                log.debug("%s: a metadata part of %d bytes refused (over %d in all)", source, part.length, METADATA_MAX_BYTES)
                 results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, "metadata too large"))
             elif kind in METADATA_TYPES:
                 metadata_bytes += part.length
                 try:
                     objects.extend(await asyncio.to_thread(_metadata_of, kind, part))
                 except ValueError as exc:
-                    log.warning("STOW-RS from %s: metadata part unreadable: %s", source, str(exc)[:200])
+                    log.debug("%s: metadata part unreadable: %s", source, str(exc)[:200])
                     results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, "metadata part unreadable"))
             elif location := part.headers.get("content-location"):
                 data, path = part.data, part.path
@@ -274,7 +276,9 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
                         spilled.append(path)
                 bulk[location.strip()] = BulkPart.of(content_type, data, path, part.length)
             else:
-                log.warning("STOW-RS from %s: a %s part without Content-Location is ignored", source, kind)
+                ignored += 1
+        if ignored:
+            log.warning("%s: %d bulk data part(s) without Content-Location ignored", source, ignored)
         for metadata in objects:
             results.append(await asyncio.to_thread(_take_built, spool, metadata, bulk, source, study_uid))
     finally:

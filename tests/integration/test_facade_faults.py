@@ -346,3 +346,23 @@ def test_a_stow_of_thousands_of_garbage_parts_is_one_warning(gateway, tmp_path: 
     lines = [line for line in gw.log().splitlines() if " WARNING " in line or " ERROR " in line]
     assert len(lines) == 1, lines[:5]
     assert "STOW-RS from 127.0.0.1: 1 stored, 2000 failed (2000 x malformed data set: no DICM prefix)" in lines[0]
+
+
+def test_a_metadata_stow_of_thousands_of_bad_parts_is_one_warning_each_kind(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The metadata flavour of the test above: 2,000 unreadable JSON parts and 2,000
+    bulk data parts that no metadata can name (no Content-Location). Each unreadable
+    part fails in the answer; the log has one line for the failures and one for the
+    parts ignored, where the code before wrote 4,000."""
+    parts = [b"--B\r\nContent-Type: application/dicom+json\r\n\r\n{not json\r\n"] * 2000
+    parts += [b"--B\r\nContent-Type: application/octet-stream\r\n\r\nxx\r\n"] * 2000
+    (tmp_path / "body").write_bytes(b"".join(parts) + b"--B--\r\n")
+    gw = gateway()
+    answer = curl(f"{gw.web_url}/dicom-web/studies", "-X", "POST", "--data-binary", f"@{tmp_path / 'body'}",
+                  "-H", 'Content-Type: multipart/related; type="application/dicom+json"; boundary=B',
+                  "-H", "Accept: application/dicom+json")
+    assert answer.status == 409
+    assert len(json.loads(answer.body)["00081198"]["Value"]) == 2000
+    lines = [line for line in gw.log().splitlines() if " WARNING " in line or " ERROR " in line]
+    assert len(lines) == 2, lines[:5]
+    assert "2000 bulk data part(s) without Content-Location ignored" in lines[0]
+    assert "0 stored, 2000 failed (2000 x metadata part unreadable)" in lines[1]
