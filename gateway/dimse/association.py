@@ -34,6 +34,7 @@ from gateway.audit.auditor import Auditor, StudyTally, dimse_participant
 from gateway.audit.message import Participant
 from gateway.dimse.identity import Identity
 from gateway.metrics import Metrics
+from gateway.spool.queue import SPACE_CHECK_BYTES
 from gateway.spool.receipt import Receipt
 from gateway.dimse.command import (
     C_CANCEL_RQ,
@@ -58,7 +59,6 @@ MAX_COMMAND_SET = 64 * 1024
 # (a C-CANCEL comes while one runs); one that sends on regardless is held back by TCP
 # until its queue is served: 200,000 C-ECHO-RQs sent without reading took 760 MB.
 MAX_QUEUED_REQUESTS = 16
-SPACE_CHECK_BYTES = 4 * 1024 * 1024  # free space is checked again after this much of a data set
 # Final statuses of a request whose service failed (PS3.7 C.4, PS3.4 B.2.3): C-STORE
 # says Out of Resources so the sender keeps the instance and retries; the others say
 # Processing failure.

@@ -62,6 +62,11 @@ NO_COPY_PENDING = (
 )
 
 
+# Free space is checked again after this much of an instance has arrived (a C-STORE's
+# data set, a STOW-RS body), so no one instance takes the disk past the floor.
+SPACE_CHECK_BYTES = 4 * 1024 * 1024
+
+
 class SpoolFull(Exception):
     """Not enough free space to accept an instance durably."""
 

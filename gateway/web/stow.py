@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import json
 import logging
 import time
@@ -40,7 +41,7 @@ from gateway.dicomweb.multipart_reader import MultipartError, StreamedPart, boun
 from gateway.dicomweb.stow_metadata import BulkPart, NotBuilt, build_instance, metadata_objects
 from gateway.dicomweb.xml import json_from_native_xml, native_xml
 from gateway.spool.ingest import Ingested, Verdict, ingest
-from gateway.spool.queue import SpoolFull
+from gateway.spool.queue import SPACE_CHECK_BYTES, SpoolFull
 from gateway.spool.receipt import Receipt
 from gateway.spool.record import PREAMBLE, Sender
 from gateway.web.common import accept_of, path_uids, request_root, text_error
@@ -149,13 +150,23 @@ class BodyStalled(TimeoutError):
     """The client sent no byte of the body for ``http.idle_timeout`` seconds."""
 
 
+class SpoolFullMidBody(Exception):
+    """The spool reached a disk limit while the body arrived (or its disk filled)."""
+
+
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
     """The request body as it arrives, each wait for more bounded by
     ``http.idle_timeout``. A client that stops sending mid-body would otherwise hold
     its request, and the spool files of its parts, for as long as it keeps the
     connection open; so would a malformed chunk, after which aiohttp delivers nothing
-    more of the body and answers the error only once this request is answered."""
+    more of the body and answers the error only once this request is answered.
+
+    The spool's disk limits are checked again every `SPACE_CHECK_BYTES`, as during a
+    C-STORE: a 100 MB body on a disk with less free had filled it to the last block
+    (every C-STORE arriving meanwhile refused) and was answered 400."""
     idle = request.app[CONFIG].http.idle_timeout
+    spool = request.app[SPOOL]
+    unchecked = 0
     while True:
         try:
             async with asyncio.timeout(idle):
@@ -164,6 +175,15 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
             raise BodyStalled(f"no body data for {idle:g} s") from None
         if not chunk:
             return
+        unchecked += len(chunk)
+        if unchecked >= SPACE_CHECK_BYTES:
+            unchecked = 0
+            try:
+                problem = await asyncio.to_thread(spool.space_problem)
+            except OSError as exc:
+                problem = f"spool unusable: {exc.strerror}"
+            if problem is not None:
+                raise SpoolFullMidBody(problem)
         yield chunk
 
 
@@ -359,17 +379,20 @@ async def store(request: web.Request) -> web.StreamResponse:
     except MultipartError as exc:
         log.warning("STOW-RS from %s: body unreadable after %d parts: %s", request.remote, len(results), exc)
         results.append(PartResult("", "", "", "", CANNOT_UNDERSTAND, f"unreadable multipart body: {exc}"))
+    except SpoolFullMidBody as exc:
+        return await _spool_full_mid_body(request, results, str(exc))
     except BodyStalled as exc:  # before OSError: TimeoutError is one
         stored = sum(1 for r in results if not r.reason)
         log.warning("STOW-RS from %s: body cut off after %d stored instance(s): %s", request.remote, stored, exc)
         _audit(request, results, "STOW-RS, body stalled")
         return await _answer_and_close(request, text_error(408, f"the request body stalled: {exc}"))
-    except (OSError, aiohttp.ClientError, HttpProcessingError) as exc:
-        # The client went away mid-body: what was complete before is stored (and stays).
-        stored = sum(1 for r in results if not r.reason)
-        log.warning("STOW-RS from %s: body cut off after %d stored instance(s): %s", request.remote, stored, type(exc).__name__)
-        _audit(request, results, "STOW-RS, body cut off")
-        return text_error(400, "the request body ended early")
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _cut_off(request, results, exc)
+        # the disk filled faster than the checks above saw (another writer on it)
+        return await _spool_full_mid_body(request, results, f"spool disk full: {exc.strerror}")
+    except (aiohttp.ClientError, HttpProcessingError) as exc:
+        return _cut_off(request, results, exc)
     if not results:
         return text_error(400, "the request holds no instance")
     stored = sum(1 for r in results if not r.reason)
@@ -390,6 +413,26 @@ async def store(request: web.Request) -> web.StreamResponse:
     if any(media_range.media == DICOM_XML or media_range.part_type == DICOM_XML for media_range in parse_accept(accept_of(request))[:1]):
         return web.Response(status=status, body=native_xml(module), content_type=DICOM_XML)
     return web.Response(status=status, body=json.dumps(module).encode(), content_type=DICOM_JSON)
+
+
+def _cut_off(request: web.Request, results: list[PartResult], exc: BaseException) -> web.Response:
+    """The client went away mid-body: what was complete before is stored (and stays)."""
+    stored = sum(1 for r in results if not r.reason)
+    log.warning("STOW-RS from %s: body cut off after %d stored instance(s): %s", request.remote, stored, type(exc).__name__)
+    _audit(request, results, "STOW-RS, body cut off")
+    return text_error(400, "the request body ended early")
+
+
+async def _spool_full_mid_body(request: web.Request, results: list[PartResult], problem: str) -> web.Response:
+    """A disk limit reached while the body arrived: the part in progress is dropped,
+    the parts complete before are stored (and stay), the rest is not read; 503 with
+    Retry-After, as when the spool is full before the body, so the client sends again."""
+    stored = sum(1 for r in results if not r.reason)
+    log.error("STOW-RS from %s: body refused after %d stored instance(s): %s", request.remote, stored, problem)
+    _audit(request, results, "STOW-RS, spool full")
+    return await _answer_and_close(
+        request, text_error(503, "the gateway's spool is full; try again later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    )
 
 
 def _failures(results: list[PartResult]) -> str:

@@ -24,7 +24,9 @@ from gateway.spool.record import PREAMBLE, RECORD_MAGIC, parse
 from gateway.upstream.base import Frame
 from gateway.web.cache import FacadeCache
 from tests.support import dcmtk
+from tests.support.curl import curl
 from tests.support.daemon import REPO, Gateway
+from tests.support.orthanc import build_multipart_related
 from tests.support.ports import port_is_open, wait_until
 from tests.support.pyscu import send_files
 from tests.support.synth import ct_series
@@ -181,6 +183,33 @@ def test_space_floor_is_checked_before_and_during_receipt(tmp_path: Path, small_
         assert gw.running
         assert_no_dropped_association(gw.log())
         gw.wait_counts(delivered=1, timeout=30)
+    finally:
+        gw.kill()
+
+
+def test_a_stow_body_larger_than_the_free_space_is_refused_at_the_floor(tmp_path: Path, small_fs: Path) -> None:
+    """A STOW-RS body crosses the floor mid-body, as a C-STORE can: the instance before
+    it is stored, the one in progress dropped, the rest not read, and the client told
+    503 with Retry-After, so it sends again. Before, the body filled the disk to its
+    last block (every C-STORE arriving meanwhile refused) and was answered 400, "the
+    request body ended early"."""
+    gw = Gateway(tmp_path / "gw", spool_dir=small_fs / "spool", spool={"min_free_mb": 16})
+    try:
+        gw.start()
+        fill(small_fs / "filler", 32 * MiB)
+        big = ct_series(tmp_path / "big", 1, frames=80)[0]  # 40 MiB: more than is free
+        small = ct_series(tmp_path / "small", 3, rows=64, columns=64)
+        content_type, body = build_multipart_related([small[0].read_bytes(), big.read_bytes(), small[1].read_bytes()])
+        (tmp_path / "body").write_bytes(body)
+        answer = curl(f"{gw.web_url}/dicom-web/studies", "-X", "POST", "--data-binary", f"@{tmp_path / 'body'}",
+                      "-H", f"Content-Type: {content_type}", "-H", "Accept: application/dicom+json")
+        assert answer.status == 503 and answer.headers.get("retry-after") == "60", answer.body
+        assert "body refused after 1 stored instance(s): spool free space" in gw.log()
+        gw.wait_counts(delivered=1, timeout=30)
+        assert shutil.disk_usage(small_fs).free > 16 * MiB  # the dropped part's file is gone
+        assert not any((gw.spool_dir / "incoming").iterdir())
+        assert send_files(gw.port, [small[2]], gw.ae_title) == [0x0000]  # the spool takes instances again
+        gw.wait_counts(delivered=2, timeout=30)
     finally:
         gw.kill()
 
