@@ -177,7 +177,9 @@ async def _run(config: Config, config_path: Path | None) -> None:
     try:
         https = config.http.tls.server_context() if config.http.tls is not None else None
         cap = ConnectionCap("HTTP", "http.max_connections", config.http.max_connections, metrics)
-        await CappedSite(runner, config.http.host, config.http.port, cap, ssl_context=https).start()
+        await CappedSite(
+            runner, config.http.host, config.http.port, cap, ssl_context=https, handshake_timeout=config.http.idle_timeout
+        ).start()
         await server.start()
         started = True
         commitment.resume()

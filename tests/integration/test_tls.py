@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (
 
 from tests.support import dcmtk
 from tests.support.corpus import sample_files
+from tests.integration.test_connection_caps import _closed, _fill_then_flood
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.pki import Pki
@@ -245,3 +246,18 @@ def test_a_tls_peer_needs_the_dimse_tls_table(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "dimse.peers[0].tls: needs [dimse.tls]" in result.stdout + result.stderr
+
+
+def test_https_connections_in_their_handshake_count_against_the_cap(tls_gateway) -> None:  # type: ignore[no-untyped-def]
+    """Connections that never send a ClientHello hold a place like any other: past
+    ``http.max_connections`` a new one is closed at once, and the handshake is bounded
+    by ``http.idle_timeout``. Before, asyncio ran the handshake before any protocol saw
+    the connection: 200 of them were all kept, uncounted, for its 60 s timeout."""
+    http_tls = '\n[http.tls]\ncertificate = "server.crt"\nprivate_key = "server.key"\n'
+    gw = tls_gateway(http_tls=http_tls, http={"max_connections": 4, "idle_timeout": 3})
+    held = _fill_then_flood(gw, gw.http_port)
+    for sock in held:  # the handshake timeout ends them
+        assert _closed(sock, 10), "a connection stayed in its handshake past http.idle_timeout"
+        sock.close()
+    assert "http.max_connections (4) open already" in gw.log()
+    assert "Traceback" not in gw.log()
