@@ -30,6 +30,7 @@ from gateway.dicomweb.qido import QidoOptions, query_string, resource_path, spli
 from gateway.dicomweb.stow import ALREADY_STORED, TRANSIENT, parse_stow_response
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import (
+    AnswerTooLarge,
     NotFound,
     NotSupported,
     SearchTruncated,
@@ -166,14 +167,12 @@ class DicomWebUpstream:
                 body=await self._stow_body(body), passthrough=EVERY_STATUS,
             ) as resp:
                 status = resp.status
-                if status >= 400:
-                    payload = await read_error_body(resp)
-                else:
-                    payload = await read_at_most(resp, self.http.max_answer, "STOW-RS")
+                # (a 409's body names the instances refused: read as a success's is)
+                payload = await read_at_most(resp, self.http.max_answer, "STOW-RS")
                 content_type = resp.headers.get("Content-Type", "")
                 retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
                 answer_headers = resp.headers.copy()
-        except UpstreamUnavailable as exc:
+        except (UpstreamUnavailable, AnswerTooLarge) as exc:  # (a broken answer: the batch goes again)
             return all_("retry", str(exc))
         except UpstreamAuthError as exc:  # from the signer: no credential to send
             return all_("config", str(exc))

@@ -20,6 +20,8 @@ from tests.support import dcmtk
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.floodarchive import FloodArchive
+from tests.support.ports import wait_until
+from tests.support.synth import ct_series
 
 STUDY, SERIES, INSTANCE = "1.2.3.4", "1.2.3.4.5", "1.2.3.4.5.6"
 PEAK_MIB = 250  # the daemon peaks near 100 MiB; the bound below is 8 MiB
@@ -108,3 +110,14 @@ def test_an_endless_error_page_is_cut_to_its_excerpt(flooded: Callable[[str], tu
     assert status == 503
     assert seconds < 4
     assert peak_mib(gw) < PEAK_MIB
+
+
+def test_an_endless_stow_answer_sends_the_batch_again(flooded: Callable[[str], tuple[Gateway, FloodArchive]], tmp_path: Path) -> None:
+    """The forwarder reads a STOW-RS answer to the bound too; one that passes it is a
+    failed attempt (the instances go again), not a crash of the forwarder."""
+    gw, _ = flooded("endless-json")
+    [instance] = ct_series(tmp_path / "ct", 1, rows=64, columns=64)
+    assert dcmtk.storescu(gw.port, [instance], gw.ae_title).returncode == 0
+    wait_until(lambda: "the STOW-RS answer is larger than 8 MiB (upstream.max_answer_mb)" in gw.log(), 30, 0.2, "no failed attempt logged")
+    assert peak_mib(gw) < PEAK_MIB
+    assert gw.running and "Traceback" not in gw.log()
