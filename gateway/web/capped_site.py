@@ -49,7 +49,7 @@ class _Handshake(asyncio.Protocol):
     def __init__(self, site: CappedSite, context: ssl.SSLContext) -> None:
         self.site = site
         self.context = context
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference
         self._early: list[bytes] = []
         self._eof = False
         self._lost = False
