@@ -164,16 +164,21 @@ def test_second_daemon_on_the_same_spool_exits_and_touches_nothing(tmp_path: Pat
 # ---- 8: a full spool disk ---------------------------------------------------------------
 
 
+def above_the_floor(tmp_path: Path, small_fs: Path, smalls: int) -> tuple[Gateway, Path, list[Path]]:
+    """A gateway spooling to ``small_fs`` with a 16 MiB floor and 32 MiB left free; a
+    40 MiB instance (more than is free) and ``smalls`` small ones."""
+    gw = Gateway(tmp_path / "gw", spool_dir=small_fs / "spool", spool={"min_free_mb": 16}).start()
+    fill(small_fs / "filler", 32 * MiB)
+    big = ct_series(tmp_path / "big", 1, frames=80)[0]
+    return gw, big, ct_series(tmp_path / "small", smalls, rows=64, columns=64)
+
+
 def test_space_floor_is_checked_before_and_during_receipt(tmp_path: Path, small_fs: Path) -> None:
     """An instance larger than the free space crosses the floor mid-receipt: 0xA700,
     and the association goes on to store the next one; below the floor at the
     C-STORE-RQ nothing is written at all."""
-    gw = Gateway(tmp_path / "gw", spool_dir=small_fs / "spool", spool={"min_free_mb": 16})
+    gw, big, small = above_the_floor(tmp_path, small_fs, 2)
     try:
-        gw.start()
-        fill(small_fs / "filler", 32 * MiB)
-        big = ct_series(tmp_path / "big", 1, frames=80)[0]  # 40 MiB: more than is free
-        small = ct_series(tmp_path / "small", 2, rows=64, columns=64)
         assert send_files(gw.port, [big, small[0]], gw.ae_title) == [0xA700, 0x0000]
         assert "below the floor" in gw.log()
         assert not any((gw.spool_dir / "incoming").iterdir())
@@ -193,12 +198,8 @@ def test_a_stow_body_larger_than_the_free_space_is_refused_at_the_floor(tmp_path
     503 with Retry-After, so it sends again. Before, the body filled the disk to its
     last block (every C-STORE arriving meanwhile refused) and was answered 400, "the
     request body ended early"."""
-    gw = Gateway(tmp_path / "gw", spool_dir=small_fs / "spool", spool={"min_free_mb": 16})
+    gw, big, small = above_the_floor(tmp_path, small_fs, 3)
     try:
-        gw.start()
-        fill(small_fs / "filler", 32 * MiB)
-        big = ct_series(tmp_path / "big", 1, frames=80)[0]  # 40 MiB: more than is free
-        small = ct_series(tmp_path / "small", 3, rows=64, columns=64)
         content_type, body = build_multipart_related([small[0].read_bytes(), big.read_bytes(), small[1].read_bytes()])
         (tmp_path / "body").write_bytes(body)
         answer = curl(f"{gw.web_url}/dicom-web/studies", "-X", "POST", "--data-binary", f"@{tmp_path / 'body'}",

@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.ports import free_port
+from tests.support.loopbackserver import LoopbackServer
 
 
-class FakeQido:
+class FakeQido(LoopbackServer):
     """``FakeQido(count=500, page_delay=0.2).start()``; ``.url`` is the DICOMweb root."""
 
     def __init__(
@@ -58,24 +58,16 @@ class FakeQido:
         self.body = body
         self.reason = reason
         self.requests: list[str] = []
-        self.port = free_port()
         self._stop = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/dicom-web"
 
-    def start(self) -> FakeQido:
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         self._stop.set()
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
 
     def study(self, n: int) -> dict[str, object]:
         return {

@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from tests.support.ports import free_port
+from tests.support.loopbackserver import LoopbackServer
 
 MODES = ("endless-json", "gzip-bomb", "endless-frame", "endless-error")
 _OBJECT = b'{"0020000D":{"vr":"UI","Value":["1.2.3.4"]},"00080061":{"vr":"CS","Value":["CT"]}},'
@@ -51,29 +50,18 @@ def _bomb() -> bytes:
     return gzip.compress(b" " * (64 << 20), compresslevel=9)
 
 
-class FloodArchive:
+class FloodArchive(LoopbackServer):
     """``FloodArchive("endless-json").start()``; ``.url`` is the DICOMweb root."""
 
     def __init__(self, mode: str) -> None:
         assert mode in MODES, mode
         self.mode = mode
         self.sent = 0
-        self.port = free_port()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/dicom-web"
-
-    def start(self) -> FloodArchive:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         archive = self

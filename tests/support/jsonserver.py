@@ -5,33 +5,18 @@ are one method each, returning a status, a JSON (or text) body and extra headers
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.support.ports import free_port
+from tests.support.loopbackserver import LoopbackServer
 
 Answer = tuple[int, Any, dict[str, str]]  # status, body (str: text as is), headers (Content-Type: JSON's unless given)
 
 
-class JsonServer:
+class JsonServer(LoopbackServer):
     """Subclasses answer `get` and/or `post`; headers reach them with lower-case names."""
 
     content_type = "application/json; charset=utf-8"
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def start(self) -> Any:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def get(self, path: str, headers: dict[str, str]) -> Answer:
         return 405, {"error": "method not allowed"}, {}

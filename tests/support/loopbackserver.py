@@ -1,0 +1,32 @@
+"""The life cycle every scripted HTTP server of the tests shares: a stdlib threaded
+server on a free loopback port, served from a daemon thread; a subclass gives the
+request handler class (`_handler`)."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+
+from tests.support.ports import free_port
+
+
+class LoopbackServer:
+    """``Sub().start()`` ... ``stop()``; ``port`` is known from construction on."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
