@@ -34,6 +34,7 @@ from gateway.sqlite import Migration, connect, immediate, migrate
 from gateway.upstream.archive_writer import INDEXED, WriterProcess
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import NotFound, UpstreamRejected
+from gateway.upstream.metadata_cache import MetadataCache
 from gateway.upstream.stored_frames import frame_reader, in_batches
 
 log = logging.getLogger("gateway.upstream")
@@ -96,6 +97,7 @@ class LocalUpstream:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-archive")
         self._db = self._executor.submit(self._open).result()
         self._writer = WriterProcess(self.root)
+        self._metadata = MetadataCache()
 
     def _open(self) -> sqlite_utils.Database:
         db = connect(self.root / "index.sqlite")
@@ -294,7 +296,8 @@ class LocalUpstream:
         image_set_id: str | None = None,
     ) -> list[JsonObject]:
         """Every attribute of the stored files, bulk data as ``BulkDataURI``: see
-        `metadata_json`. Files are read on a worker thread, not the index's."""
+        `metadata_json`. Files are read on a worker thread, not the index's, and only
+        when `MetadataCache` does not hold them already."""
         if sop_instance_uid is not None and series_uid is None:
             raise ValueError("an instance is addressed within its series")
         loop = asyncio.get_running_loop()
@@ -310,14 +313,16 @@ class LocalUpstream:
         H.264 ultrasound clip by it) or a compressed instance from its metadata alone."""
         out: list[JsonObject] = []
         for name in names:
+            path = self.root / name
             try:
-                ds = pydicom.dcmread(self.root / name, defer_size=BULK_DATA_THRESHOLD)
+                st = os.stat(path)
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+                obj = self._metadata.get(name, stamp)
+                if obj is None:
+                    obj = _file_metadata(path)
+                    self._metadata.put(name, stamp, obj)
             except FileNotFoundError:
                 continue  # deleted meanwhile
-            obj = metadata_json(ds)
-            stored = str(ds.file_meta.get("TransferSyntaxUID", ""))
-            if stored:  # in its place in tag order
-                obj = dict(sorted({**obj, "00083002": {"vr": "UI", "Value": [stored]}}.items()))
             out.append(obj)
         return out
 
@@ -406,6 +411,17 @@ def _bulk_vr(ds: pydicom.Dataset, raw: DataElement | RawDataElement) -> str:
     if str(vr) == "OB or OW":
         return "OW" if raw.tag == PIXEL_DATA and int(ds.get("BitsAllocated") or 8) > 8 else "OB"
     return str(vr).split(" or ")[0]
+
+
+def _file_metadata(path: Path) -> JsonObject:
+    """A stored file's metadata (`metadata_json`) with its stored syntax as Available
+    Transfer Syntax UID."""
+    ds = pydicom.dcmread(path, defer_size=BULK_DATA_THRESHOLD)
+    obj = metadata_json(ds)
+    stored = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if stored:  # in its place in tag order
+        obj = dict(sorted({**obj, "00083002": {"vr": "UI", "Value": [stored]}}.items()))
+    return obj
 
 
 def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, Any]:

@@ -1,0 +1,75 @@
+"""The embedded archive's metadata cache: a series asked again is answered from the
+JSON kept, equal to the first answer and a fresh object each time; an instance stored
+again under the same file name is read again; the budget holds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pydicom
+
+from gateway.upstream.base import StoreItem
+from gateway.upstream.local import LocalUpstream
+from gateway.upstream.metadata_cache import MetadataCache
+from tests.support.synth import ct_series
+
+
+def test_the_cache_holds_while_the_stamp_does_and_keeps_to_its_budget() -> None:
+    cache = MetadataCache(budget=8000)
+    obj = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "X"}]}, "pad": "y" * 400}
+    cache.put("a", (1, 2, 3), obj)
+    got = cache.get("a", (1, 2, 3))
+    assert got == obj and got is not obj
+    got["pad"] = "changed"  # a caller's change does not reach the next caller
+    assert cache.get("a", (1, 2, 3)) == obj
+    assert cache.get("a", (1, 2, 4)) is None and cache.get("b", (1, 2, 3)) is None
+    for n in range(40):  # ~450 bytes each: the oldest go
+        cache.put(f"n{n}", (n, 0, 0), obj)
+    assert cache.held <= 8000 and cache.get("a", (1, 2, 3)) is None and cache.get("n39", (39, 0, 0)) == obj
+    cache.put("big", (0, 0, 0), {"pad": "z" * 2000})  # over an eighth of the budget: not kept
+    assert cache.get("big", (0, 0, 0)) is None
+
+
+def test_metadata_asked_again_comes_from_the_cache_until_the_file_changes(tmp_path: Path) -> None:
+    paths = ct_series(tmp_path / "ct", 3, rows=32, columns=32)
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+
+    async def scenario() -> tuple[list, list, list, list]:  # type: ignore[type-arg]
+        up = LocalUpstream(tmp_path / "spool")
+        await up.start()
+        try:
+            for n, path in enumerate(paths):
+                copy = tmp_path / f"{n}.dcm"
+                shutil.copy(path, copy)
+                ds = pydicom.dcmread(copy, stop_before_pixels=True)
+                item = StoreItem(copy, copy.stat().st_size, ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, str(ds.file_meta.TransferSyntaxUID))
+                assert [o.kind for o in await up.store_instances(ds.StudyInstanceUID, [item])] == ["delivered"]
+            before = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID)
+            again = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID)
+            # The stored file, written again in place with the same size and times: the
+            # cache cannot tell, and answers what it kept (the files never change so).
+            [(name, _)] = up._files(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
+            stored = up.root / name
+            st = os.stat(stored)
+            ds = pydicom.dcmread(stored)
+            ds.SeriesDescription = "RENAMED"
+            changed = tmp_path / "changed.dcm"
+            ds.save_as(changed, enforce_file_format=True)
+            stored.write_bytes(changed.read_bytes()[: st.st_size].ljust(st.st_size, b"\0"))
+            os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
+            kept = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
+            # Replaced (a new file under the same name): read again.
+            os.unlink(stored)
+            shutil.copy(changed, stored)
+            fresh = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
+            return before, again, kept, fresh
+        finally:
+            await up.close()
+
+    before, again, kept, fresh = asyncio.run(scenario())
+    assert len(before) == 3 and again == before and again[0] is not before[0]
+    assert "0008103E" not in kept[0] or kept[0]["0008103E"].get("Value") != ["RENAMED"]
+    assert fresh[0]["0008103E"]["Value"] == ["RENAMED"]
