@@ -463,12 +463,21 @@ _SORT_KEYS = {"studies": 1, "series": 2, "instances": 3}
 _LEVEL_UIDS = {"studies": (0x0020000D,), "series": (0x0020000D, 0x0020000E), "instances": (0x0020000D, 0x0020000E, 0x00080018)}
 
 
+# Attributes extracted by SQLite at most: past them the whole header is read. SQLite
+# refuses a function call with more than 127 arguments (SQLITE_MAX_FUNCTION_ARG): a
+# C-FIND asking 130 return keys of the embedded archive failed with "too many
+# arguments on function json_extract".
+MAX_EXTRACTED = 100
+
+
 def _extracted(level: str, search: Search) -> list[str] | None:
     """The attributes a search reads out of the stored header (DICOM JSON names), in
     order; None for the whole header."""
     if not search.include_only or search.include_all:
         return None
     tags = {*search.include, *(k.tag for k in search.keys), *_LEVEL_UIDS[level]}
+    if len(tags) > MAX_EXTRACTED:
+        return None
     return [f"{tag:08X}" for tag in sorted(tags)]
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE
@@ -271,6 +272,26 @@ def test_malformed_values_are_unable_to_process(find_local: Gateway, keys: dict[
     answers, final = pyfind(find_local.port, find_local.ae_title, query)
     assert not answers
     assert final.Status == 0xC000
+
+
+def test_a_find_asking_140_return_keys_is_answered(find_local: Gateway, find_archive: Archive) -> None:
+    """The embedded archive picks the attributes asked out of its stored headers with
+    SQLite; one call takes at most 127 arguments, so an IMAGE-level C-FIND asking 140
+    return keys failed with "too many arguments on function json_extract" (0xC000).
+    Past 100 the whole header is read instead."""
+    study = find_archive.studies[0]
+    series = study.series[0]
+    instance = series.instances[0]
+    query = identifier(
+        "IMAGE", StudyInstanceUID=study.study_uid, SeriesInstanceUID=series.series_uid, SOPInstanceUID=instance.sop_instance_uid
+    )
+    extra = [tag for tag, entry in sorted(DicomDictionary.items()) if tag >> 16 == 0x0018 and entry[0] in ("LO", "SH", "CS", "DS", "IS")]
+    for tag in extra[:140]:
+        query.add_new(tag, DicomDictionary[tag][0], "")
+    answers, final = pyfind(find_local.port, find_local.ae_title, query)
+    assert final.Status == 0x0000, final
+    assert [str(ds.SOPInstanceUID) for _, ds in answers] == [instance.sop_instance_uid]
+    assert all(tag in answers[0][1] for tag in extra[:140])  # every key asked is answered, empty or not
 
 
 def test_sequence_matching(find_local: Gateway, find_gateway: Gateway, find_archive: Archive) -> None:
