@@ -76,5 +76,5 @@ def parse_stow_response(body: bytes, content_type: str) -> StowResponse:
         if "xml" in content_type:
             return _from_xml(body)
         return _from_json(body)
-    except (ValueError, ET.ParseError, AttributeError, TypeError, IndexError):
+    except (ValueError, ET.ParseError, AttributeError, TypeError, IndexError, RecursionError):
         return StowResponse()

@@ -276,7 +276,7 @@ class DicomWebUpstream:
             return [], cut
         try:
             page = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # (JSON nested thousands deep)
             raise UpstreamRejected("archive answered a search with invalid JSON", status) from None
         if not isinstance(page, list):
             raise UpstreamRejected("archive answered a search with a non-array", status)
@@ -524,7 +524,7 @@ class DicomWebUpstream:
             body = await read_at_most(resp, self.http.max_answer, "metadata")
         try:
             objects = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UpstreamRejected("archive answered metadata with invalid JSON") from None
         if not isinstance(objects, list):
             raise UpstreamRejected("archive answered metadata with a non-array")

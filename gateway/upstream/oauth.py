@@ -220,7 +220,7 @@ class ClientCredentials(TokenEndpoint):
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         answer = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return answer if isinstance(answer, dict) else {}
 

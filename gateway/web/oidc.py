@@ -164,7 +164,7 @@ class TokenVerifier:
             async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
                 jwks_uri = self.cfg.jwks_uri or await self._discovered_jwks_uri(session)
                 keys = jwt.PyJWKSet.from_dict(await _get_json(session, jwks_uri, self.verify_tls))
-        except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError, AnswerTooLarge) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError, jwt.PyJWKSetError, AnswerTooLarge) as exc:
             log.error("cannot fetch the OpenID provider's keys: %s", _describe(exc))
             raise KeysUnavailable(_describe(exc)) from None
         usable = {k.key_id: k for k in keys.keys if k.public_key_use in (None, "sig")}

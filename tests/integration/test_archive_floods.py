@@ -121,3 +121,16 @@ def test_an_endless_stow_answer_sends_the_batch_again(flooded: Callable[[str], t
     wait_until(lambda: "the STOW-RS answer is larger than 8 MiB (upstream.max_answer_mb)" in gw.log(), 30, 0.2, "no failed attempt logged")
     assert peak_mib(gw) < PEAK_MIB
     assert gw.running and "Traceback" not in gw.log()
+
+
+def test_json_nested_past_the_parser_is_the_archives_fault(flooded: Callable[[str], tuple[Gateway, FloodArchive]]) -> None:
+    """400 KB of arrays nested 200,000 deep: Python's JSON parser gives up with a
+    RecursionError, which was the gateway's "internal error" (an ERROR line, 0xC000
+    "internal error (RecursionError)"); it is the archive's invalid answer."""
+    gw, _ = flooded("deep-json")
+    found = dcmtk.findscu(gw.port, gw.ae_title, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ""}, extra_args=["-v"])
+    assert "Received Final Find Response (Failed: UnableToProcess)" in found.stderr
+    assert "archive answered a search with invalid JSON" in gw.log()
+    status, body, _ = facade(gw, f"studies/{STUDY}/metadata")
+    assert status == 502 and "archive answered metadata with invalid JSON" in body
+    assert "internal error" not in gw.log() and " ERROR " not in gw.log()

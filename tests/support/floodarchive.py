@@ -9,7 +9,9 @@ front of one, need not. Every GET is answered by ``mode``:
   64 MiB of spaces (Content-Length is the compressed size);
 - ``endless-frame``: 200, multipart/related, one frame part that never ends (a
   metadata request gets one 512 x 512 16-bit instance, so the frame is asked for);
-- ``endless-error``: 500 with an error page that never ends.
+- ``endless-error``: 500 with an error page that never ends;
+- ``deep-json``: 200 and 400 KB of JSON arrays nested 200,000 deep (no bound on size
+  is passed, but Python's parser gives up on the nesting).
 
 A body without Content-Length ends with the connection (HTTP/1.0 style); the
 server writes until the client closes it. ``sent`` counts the bytes written. A POST
@@ -25,7 +27,7 @@ from http.server import BaseHTTPRequestHandler
 
 from tests.support.loopbackserver import LoopbackServer
 
-MODES = ("endless-json", "gzip-bomb", "endless-frame", "endless-error")
+MODES = ("endless-json", "gzip-bomb", "endless-frame", "endless-error", "deep-json")
 _OBJECT = b'{"0020000D":{"vr":"UI","Value":["1.2.3.4"]},"00080061":{"vr":"CS","Value":["CT"]}},'
 _CHUNK = _OBJECT * 4096  # ~350 KB
 _INSTANCE = {
@@ -83,6 +85,14 @@ class FloodArchive(LoopbackServer):
 
             def do_GET(self) -> None:  # noqa: N802 - stdlib name
                 mode = archive.mode
+                if mode == "deep-json":
+                    body = b"[" * 200_000 + b"]" * 200_000
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/dicom+json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if mode == "gzip-bomb":
                     body = _bomb()
                     self.send_response(200)

@@ -227,7 +227,7 @@ class NativeClient:
             if answer.get("contentEncoding") == "gzip" or raw[:2] == b"\x1f\x8b":
                 raw = _gunzip(raw, self.max_answer)
             document = json.loads(raw)
-        except (OSError, EOFError, ValueError, zlib.error):
+        except (OSError, EOFError, ValueError, RecursionError, zlib.error):
             raise UpstreamRejected(f"HealthImaging answered unreadable metadata for image set {image_set_id}") from None
         if not isinstance(document, dict):
             raise UpstreamRejected(f"HealthImaging answered metadata for image set {image_set_id} that is not an object")
