@@ -1,6 +1,7 @@
 """An archive whose answer never ends (or inflates to far more than was sent) is
 refused once the answer passes ``upstream.max_answer_mb``, not read until the daemon
-runs out of memory.
+runs out of memory; one nested deeper than JSON can be parsed is the archive's invalid
+answer, not the gateway's internal error.
 
 Measured before the bound: one C-FIND against an archive sending an endless JSON
 array took the daemon to 9 GB in the 30 s before its timeout ended the search.
