@@ -32,12 +32,13 @@ from pydicom.valuerep import DS, IS, PersonName
 
 from gateway.model.json import (
     CHARSET_VRS,
+    KNOWN_VRS,
     NUMBER_VRS,
     TEXT_VRS,
     JsonObject,
     charset_for,
     json_values,
-    keyword_vr,
+    json_vr,
     pn_from_json,
     tag_key,
 )
@@ -50,7 +51,6 @@ BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 UNSPLIT_VRS = frozenset({"LT", "ST", "UT"}) | BINARY_VRS
 # Text written in the default repertoire whatever the character set (pydicom's write_string).
 DEFAULT_REPERTOIRE_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UR", "UI"})
-KNOWN_VRS = TEXT_VRS | NUMBER_VRS | BINARY_VRS | {"SQ"}
 # Text VRs ``AnswerWriter.encode_json`` writes itself (IS only from JSON integers).
 PLAIN_TEXT_VRS = (CHARSET_VRS | DEFAULT_REPERTOIRE_VRS) - {"PN"}
 
@@ -80,7 +80,7 @@ def attributes_from_json(obj: JsonObject, tags: Iterable[int]) -> dict[int, Attr
         attr = obj.get(tag_key(tag))
         if not isinstance(attr, Mapping):
             continue
-        vr = str(attr.get("vr") or keyword_vr(tag))
+        vr = json_vr(tag, attr)
         if vr == "SQ" or "InlineBinary" in attr:
             raise Unsupported(vr)
         if vr not in TEXT_VRS and vr not in NUMBER_VRS:
@@ -246,6 +246,8 @@ class AnswerWriter:
             else:
                 vr = attr.get("vr")
                 values = attr.get("Value")
+                if values is not None and type(values) is not list:
+                    return None  # a lone value not in an array: `encode` takes it as one
                 if not values:
                     if vr not in TEXT_VRS:
                         return None

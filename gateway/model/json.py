@@ -14,6 +14,8 @@ encoded, in the character set ``answer_charset`` picked for that answer.
 from __future__ import annotations
 
 import base64
+import math
+import string
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,6 +33,7 @@ TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN"
 # VRs whose values may hold characters outside the default repertoire (PS3.5 6.1.2.3).
 CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 NUMBER_VRS = frozenset({"AT", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
+KNOWN_VRS = TEXT_VRS | NUMBER_VRS | frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
 UTF8 = "ISO_IR 192"
 PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 
@@ -79,13 +82,56 @@ def _scalar(vr: str, value: Any) -> Any:
     return value
 
 
+def _fits(vr: str, value: Any) -> bool:
+    """Whether a JSON value can be a value of ``vr`` (PS3.18 F.2.3): text as strings,
+    PN as a string or name groups, IS and DS as finite numbers or number strings (IS
+    whole, within 32 bits), the binary number VRs as finite numbers, AT as 8 hex digits."""
+    if isinstance(value, bool):
+        return False
+    if vr == "PN":
+        return isinstance(value, (str, Mapping))
+    if vr in ("IS", "DS"):
+        if not isinstance(value, (int, float, str)):
+            return False
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            return False
+        if not math.isfinite(number):
+            return False
+        return vr == "DS" or (number.is_integer() and -(2**31) <= number < 2**31)
+    if vr == "AT":
+        return isinstance(value, str) and len(value) == 8 and all(c in string.hexdigits for c in value)
+    if vr in NUMBER_VRS:
+        return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+    return isinstance(value, str)
+
+
 def json_values(obj: JsonObject, vr: str) -> list[Any]:
     """The values of a text or number attribute as the gateway holds them: PN groups
     joined with ``=``, integral IS numbers as ints, a JSON null as an empty string.
 
     Shared by ``element_from_json`` and the C-FIND answer encoder, which must agree.
+    A value that cannot be one of ``vr`` (a date as a JSON number, "abc" as an IS, an
+    object as a LO) is taken as empty, and a lone value not in an array as that value:
+    one malformed attribute of one match, as archives send now and then, had failed a
+    whole C-FIND as the gateway's internal error.
     """
-    return ["" if v is None else _scalar(vr, v) for v in obj.get("Value") or []]
+    raw = obj.get("Value")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raw = [raw]
+    return ["" if v is None or not _fits(vr, v) else _scalar(vr, v) for v in raw]
+
+
+def json_vr(tag: int, obj: JsonObject, hint: str | None = None) -> str:
+    """The VR of a DICOM JSON attribute: its own when it names one DICOM defines, else
+    ``hint`` or the dictionary's (an archive's "XX" would stop the encoder)."""
+    vr = obj.get("vr")
+    if isinstance(vr, str) and vr in KNOWN_VRS:
+        return vr
+    return hint or keyword_vr(tag)
 
 
 def element_from_json(tag: int, obj: JsonObject, vr_hint: str | None = None) -> DataElement:
@@ -94,7 +140,7 @@ def element_from_json(tag: int, obj: JsonObject, vr_hint: str | None = None) -> 
     ``vr_hint`` is used when the JSON lacks ``vr``. Bulk data URIs are not fetched:
     a C-FIND answer carries no bulk data, so such elements come back empty.
     """
-    vr = str(obj.get("vr") or vr_hint or keyword_vr(tag))
+    vr = json_vr(tag, obj, vr_hint)
     if vr == "SQ":
         items = [dataset_from_json(item) for item in obj.get("Value") or [] if isinstance(item, Mapping)]
         return DataElement(tag, vr, Sequence(items))

@@ -222,6 +222,37 @@ def test_upstream_http_errors(
         assert f"refused our credentials: HTTP {status}" in gw.log()
 
 
+def test_malformed_values_from_the_archive_are_answered_empty(
+    gateway: Callable[..., Gateway], fake: Callable[..., FakeQido]
+) -> None:
+    """Values an archive sends that cannot be of their VR (a date as a JSON number, "abc"
+    as an IS, an object as a LO, a VR no standard defines, a number past a double) are
+    answered empty (PS3.4: unknown), the matches and their other keys as sent. Each
+    had failed the whole C-FIND as the gateway's "internal error" with an ERROR line."""
+    upstream = fake(count=3, extra={
+        "00100030": {"vr": "DA", "Value": [20240101]},
+        "00201208": {"vr": "IS", "Value": ["abc"]},
+        "00081030": {"vr": "LO", "Value": [{"x": 1}]},
+        "00080050": {"vr": "XX", "Value": ["ACC1"]},
+        "00201206": {"vr": "IS", "Value": [1e308 * 10]},
+        "00080090": {"vr": "PN", "Value": "DOCTOR^A"},
+    })
+    gw = gateway(upstream_url=upstream.url)
+    query = identifier(
+        "STUDY", StudyInstanceUID="", PatientName="", PatientBirthDate="", NumberOfStudyRelatedInstances="",
+        StudyDescription="", AccessionNumber="", NumberOfStudyRelatedSeries="", ReferringPhysicianName="",
+    )
+    answers, final = pyfind(gw.port, gw.ae_title, query)
+    assert final.Status == 0x0000 and len(answers) == 3
+    ds = answers[0][1]
+    assert str(ds.PatientName) == "FAKE^PATIENT"
+    assert ds.PatientBirthDate == "" and ds.StudyDescription == "" and ds.NumberOfStudyRelatedInstances in ("", None)
+    assert ds.NumberOfStudyRelatedSeries in ("", None)
+    assert ds.AccessionNumber == "ACC1"  # its VR from the dictionary
+    assert str(ds.ReferringPhysicianName) == "DOCTOR^A"  # a lone value not in an array
+    assert " ERROR " not in gw.log()
+
+
 def test_upstream_down(gateway: Callable[..., Gateway]) -> None:
     gw = gateway(upstream_url=f"http://127.0.0.1:{closed_port()}/dicom-web")
     answers, final = pyfind(gw.port, gw.ae_title, identifier("STUDY", StudyInstanceUID=""))

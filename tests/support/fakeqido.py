@@ -45,8 +45,11 @@ class FakeQido(LoopbackServer):
         reach: int | None = None,
         max_limit: int | None = None,
         arrivals: int = 0,
+        extra: dict[str, object] | None = None,
     ) -> None:
+        """``extra``: DICOM JSON attributes added to every study (malformed ones too)."""
         self.count = count
+        self.extra = extra or {}
         self.max_limit = max_limit
         self.arrivals = arrivals
         self.order = list(range(count))  # study numbers, newest first
@@ -75,6 +78,7 @@ class FakeQido(LoopbackServer):
             "00100020": {"vr": "LO", "Value": ["FAKE"]},
             "00100010": {"vr": "PN", "Value": [{"Alphabetic": "FAKE^PATIENT"}]},
             "00080020": {"vr": "DA", "Value": ["20240101"]},
+            **self.extra,
         }
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
