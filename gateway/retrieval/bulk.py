@@ -76,6 +76,7 @@ class BulkFeed:
         return r.length if r is not None and r.data is not None else 0
 
     async def _read(self, scopes: list[Scope]) -> None:
+        refused, reason = 0, ""
         try:
             for study_uid, series_uid in scopes:
                 answer = self.upstream.iter_instances(study_uid, series_uid, self.spill_dir, self.spill_bytes)
@@ -83,11 +84,14 @@ class BulkFeed:
                     async for retrieved in answer:
                         item = Fetched(InstanceRef(study_uid, series_uid or "", "", ""), retrieved)
                         try:
-                            item.transfer_syntax, item.sop_class_uid, sop_instance, item.dataset_offset = await inspect(retrieved)
+                            item.transfer_syntax, item.sop_class_uid, sop_instance, item.dataset_offset = await inspect(
+                                retrieved, study_uid, series_uid or ""
+                            )
                             item.ref = replace(item.ref, sop_instance_uid=sop_instance, sop_class_uid=item.sop_class_uid)
                             await self._queue.put(item)
-                        except (ValueError, OSError):
-                            item.release()  # unidentifiable: fetched alone if the search lists it
+                        except (ValueError, OSError) as exc:
+                            item.release()  # unusable: fetched alone if the search lists it
+                            refused, reason = refused + 1, reason or str(exc)
                             continue
                         except BaseException:
                             item.release()
@@ -102,6 +106,8 @@ class BulkFeed:
             log.warning("%s: bulk retrieval stopped (%s); fetching the rest one by one", self.what, exc)
         except Exception:  # noqa: BLE001 - whatever went wrong, the rest is fetched alone
             log.exception("%s: bulk retrieval failed; fetching the rest one by one", self.what)
+        if refused:
+            log.warning("%s: %d instance(s) of the archive's answer not sent (%s); those due are fetched alone", self.what, refused, reason)
         await self._queue.put(None)
 
     async def __aiter__(self) -> AsyncIterator[Fetched]:

@@ -69,6 +69,9 @@ class Retrieved:
     # reads them for many instances per trip to a worker thread), so its File Meta is
     # parsed without another read.
     head: bytes | memoryview | None = None
+    # Checked already, element by element, and known to be of the study and series it
+    # was asked as: the embedded archive's files, each scanned when it was received.
+    checked: bool = False
 
     def read(self, start: int = 0, size: int = -1) -> bytes:
         """Bytes ``[start, start + size)`` of the Part 10 file (blocking for files)."""

@@ -247,7 +247,7 @@ class LocalUpstream:
             size = path.stat().st_size
         except FileNotFoundError:
             raise NotFound("instance not in the embedded archive") from None
-        return Retrieved(None, path, 0, size, transfer_syntax=syntax)
+        return Retrieved(None, path, 0, size, transfer_syntax=syntax, checked=True)
 
     def _files(self, study_uid: str, series_uid: str | None, sop_instance_uid: str | None = None) -> list[tuple[str, str]]:
         """(file, stored syntax) of the instances of a study, series or one instance."""
@@ -284,7 +284,7 @@ class LocalUpstream:
                         head = os.pread(fh.fileno(), META_HEAD, 0)
             except FileNotFoundError:
                 continue
-            out.append(Retrieved(None, path, 0, size, transfer_syntax=syntax, head=head))
+            out.append(Retrieved(None, path, 0, size, transfer_syntax=syntax, head=head, checked=True))
         return out
 
     async def retrieve_metadata(

@@ -17,11 +17,13 @@ storescp that accepts Implicit VR Little Endian only, so the gateway must decode
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ from gateway.codecs import PixelDescription, encode_frame
 from tests.integration.test_move_retrieve import failed_list, parse_move, peers
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu, storescu_for_syntax
+from tests.support.loopbackserver import LoopbackServer
 from tests.support.orthanc import Orthanc
 from tests.support.archiveproxy import ROOT, ArchiveProxy
 from tests.support.synth import ct_series
@@ -358,3 +361,87 @@ def test_move_transcoding_a_500mb_multiframe_stays_within_300mb(tmp_path: Path) 
     finally:
         gw.kill()
         scp.cleanup()
+
+
+class MixedArchive(LoopbackServer):
+    """A DICOMweb archive whose study holds four instances (``listed``) and whose
+    answers carry, in their place: bytes that are no DICOM, the first half of the
+    first instance (cut at an odd length), an instance of another study, and the
+    fourth instance whole. Asked for an instance alone, it answers that same part."""
+
+    def __init__(self, listed: list[Path], parts: list[bytes]) -> None:
+        self.listed = [pydicom.dcmread(p, stop_before_pixels=True) for p in listed]
+        self.parts = parts
+        super().__init__()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        archive = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+                return
+
+            def _send(self, body: bytes, content_type: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - stdlib name
+                path = self.path.split("?")[0]
+                first = archive.listed[0]
+                if path.endswith(("/instances", "/series", "/studies")):
+                    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+                    if path.endswith("/studies"):
+                        objs: list[dict[str, object]] = [{"0020000D": _ui(study), "00201208": {"vr": "IS", "Value": [4]}}]
+                    else:
+                        objs = [
+                            {"0020000D": _ui(study), "0020000E": _ui(series), "00080018": _ui(str(ds.SOPInstanceUID)), "00080016": _ui(str(ds.SOPClassUID))}
+                            for ds in archive.listed
+                        ]
+                    self._send(json.dumps(objs).encode(), "application/dicom+json")
+                    return
+                if "/instances/" in path:
+                    uid = path.rsplit("/", 1)[1]
+                    parts = [archive.parts[[str(ds.SOPInstanceUID) for ds in archive.listed].index(uid)]]
+                else:
+                    parts = archive.parts
+                body = b"".join(b"--B\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n" for part in parts) + b"--B--\r\n"
+                self._send(body, 'multipart/related; type="application/dicom"; boundary=B')
+
+        return Handler
+
+
+def _ui(value: str) -> dict[str, object]:
+    return {"vr": "UI", "Value": [value]}
+
+
+def test_a_move_sends_only_whole_instances_of_the_study_asked(tmp_path: Path) -> None:
+    """What the archive answers is checked element by element, and for its study, before
+    it goes to the destination. Before, the cut-off instance went out and dcmtk's
+    storescp aborted the association on it ("Odd Fragment Length"), failing every later
+    sub-operation, the whole fourth instance among them; and the other study's instance
+    was sent as if asked for."""
+    listed = ct_series(tmp_path / "ct", 4, rows=32, columns=32)
+    other = ct_series(tmp_path / "other", 1, rows=32, columns=32)[0]
+    cut = listed[1].read_bytes()
+    cut = cut[: len(cut) // 2 | 1]
+    archive = MixedArchive(listed, [b"not dicom at all", cut, other.read_bytes(), listed[3].read_bytes()]).start()
+    scp = StoreSCP(tmp_path / "scp", ae_title="DEST").start()
+    gw = Gateway(tmp_path / "gw", upstream_url=archive.url, extra=peers(("DEST", scp.port))).start()
+    try:
+        study = str(pydicom.dcmread(listed[0], stop_before_pixels=True).StudyInstanceUID)
+        result = parse_move(movescu(gw.port, gw.ae_title, "DEST", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}, extra_args=["-v", "-d"]))
+        assert (result.status, result.completed, result.failed) == (0xB000, 1, 3), result.output[-2000:]
+        assert uids(scp.files()) == uids([listed[3]])
+        assert "instance(s) of the archive's answer not sent" in gw.log()
+        assert "association lost" not in gw.log() and " ERROR " not in gw.log()
+    finally:
+        gw.kill()
+        scp.stop()
+        archive.stop()

@@ -8,6 +8,7 @@ every path."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,9 +30,20 @@ SR = "1.2.840.10008.5.1.4.1.1.88.22"
 STUDY, SERIES = "1.2.3", "1.2.3.4"
 
 
+def _ui(tag: int, value: str) -> bytes:
+    """One explicit VR little endian UI element."""
+    raw = value.encode() + (b"\0" if len(value) % 2 else b"")
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, b"UI", len(raw)) + raw
+
+
+def _dataset(uid: str) -> bytes:
+    """A data set of the study and series every instance here belongs to, ending with its
+    own UID (the engine checks the elements, and what study and series they name)."""
+    return _ui(0x0020000D, STUDY) + _ui(0x0020000E, SERIES) + _ui(0x00200052, uid)
+
+
 def _instance(uid: str, sop_class: str = CT) -> bytes:
-    """A Part 10 file whose data set (never parsed on the way) ends with its UID."""
-    return file_meta_header(sop_class, uid, "1.2.840.10008.1.2.1", "SRC") + b"data set of " + uid.encode()
+    return file_meta_header(sop_class, uid, "1.2.840.10008.1.2.1", "SRC") + _dataset(uid)
 
 
 def _uid(value: str) -> dict[str, object]:
@@ -145,7 +157,7 @@ class FakeReceiver:
         return "not taken here"
 
     async def send(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, dataset: DataSource) -> Delivery:
-        assert not isinstance(dataset, FileSlice) and bytes(dataset) == b"data set of " + sop_instance_uid.encode()
+        assert not isinstance(dataset, FileSlice) and bytes(dataset) == _dataset(sop_instance_uid)
         assert self.offered(sop_class_uid) and transfer_syntax == "1.2.840.10008.1.2.1"
         if self.lost_after is not None and len(self.stored) >= self.lost_after:
             raise TargetLost("receiver went away")
