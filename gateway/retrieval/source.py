@@ -1,9 +1,10 @@
 """One fetched instance, and the data set bytes that go to a receiver.
 
 A `Fetched` instance is a Part 10 file (in memory, or in a file when large) whose File
-Meta has been read with `gateway.part10` only, never the data set: an instance sent as
-stored goes out without being parsed. Its data set is handed to the receiver as a
-`DataSource`: bytes, or a `FileSlice` the receiver reads in bounded chunks.
+Meta has been read with `gateway.part10`, and whose element headers (not values) have
+been walked once (`inspect`): an instance sent as stored goes out without being parsed
+by pydicom. Its data set is handed to the receiver as a `DataSource`: bytes, or a
+`FileSlice` the receiver reads in bounded chunks.
 """
 
 from __future__ import annotations
