@@ -38,7 +38,7 @@ from gateway.codecs import PixelDescription, encode_frame
 from tests.integration.test_move_retrieve import failed_list, parse_move, peers
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu, storescu_for_syntax
-from tests.support.loopbackserver import LoopbackServer
+from tests.support.loopbackserver import ScriptedArchive
 from tests.support.orthanc import Orthanc
 from tests.support.archiveproxy import ROOT, ArchiveProxy
 from tests.support.synth import ct_series
@@ -363,7 +363,7 @@ def test_move_transcoding_a_500mb_multiframe_stays_within_300mb(tmp_path: Path) 
         scp.cleanup()
 
 
-class MixedArchive(LoopbackServer):
+class MixedArchive(ScriptedArchive):
     """A DICOMweb archive whose study holds four instances (``listed``) and whose
     answers carry, in their place: bytes that are no DICOM, the first half of the
     first instance (cut at an odd length), an instance of another study, and the
@@ -373,10 +373,6 @@ class MixedArchive(LoopbackServer):
         self.listed = [pydicom.dcmread(p, stop_before_pixels=True) for p in listed]
         self.parts = parts
         super().__init__()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         archive = self

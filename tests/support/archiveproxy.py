@@ -20,10 +20,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.ports import free_port
+from tests.support.loopbackserver import LoopbackServer
 
 ROOT = "/dicom-web"
 _INSTANCE = re.compile(r"/instances/([0-9.]+)$")
@@ -31,7 +31,7 @@ _BULK = re.compile(r"/studies/[0-9.]+(/series/[0-9.]+)?$")  # RetrieveStudy / Re
 _FORWARDED_HEADERS = ("Content-Type", "Warning")
 
 
-class ArchiveProxy:
+class ArchiveProxy(LoopbackServer):
     """``ArchiveProxy(orthanc.dicomweb_url, ...).start()``; ``.url`` is the DICOMweb root."""
 
     def __init__(
@@ -62,23 +62,12 @@ class ArchiveProxy:
         self.slow_series_searches = slow_series_searches
         self.slow_retrievals = slow_retrievals
         self.requests: list[str] = []  # every GET's path and query, in order
-        self.port = free_port()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{ROOT}"
-
-    def start(self) -> ArchiveProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
     def _verdict(self, path: str) -> bool:
         """Whether to fail this request (and record it)."""

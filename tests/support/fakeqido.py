@@ -27,10 +27,10 @@ import time
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
-from tests.support.loopbackserver import LoopbackServer
+from tests.support.loopbackserver import ScriptedArchive
 
 
-class FakeQido(LoopbackServer):
+class FakeQido(ScriptedArchive):
     """``FakeQido(count=500, page_delay=0.2).start()``; ``.url`` is the DICOMweb root."""
 
     def __init__(
@@ -63,10 +63,6 @@ class FakeQido(LoopbackServer):
         self.requests: list[str] = []
         self._stop = threading.Event()
         super().__init__()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web"
 
     def stop(self) -> None:
         self._stop.set()

@@ -25,7 +25,7 @@ import gzip
 import json
 from http.server import BaseHTTPRequestHandler
 
-from tests.support.loopbackserver import LoopbackServer
+from tests.support.loopbackserver import ScriptedArchive
 
 MODES = ("endless-json", "gzip-bomb", "endless-frame", "endless-error", "deep-json")
 _OBJECT = b'{"0020000D":{"vr":"UI","Value":["1.2.3.4"]},"00080061":{"vr":"CS","Value":["CT"]}},'
@@ -52,7 +52,7 @@ def _bomb() -> bytes:
     return gzip.compress(b" " * (64 << 20), compresslevel=9)
 
 
-class FloodArchive(LoopbackServer):
+class FloodArchive(ScriptedArchive):
     """``FloodArchive("endless-json").start()``; ``.url`` is the DICOMweb root."""
 
     def __init__(self, mode: str) -> None:
@@ -60,10 +60,6 @@ class FloodArchive(LoopbackServer):
         self.mode = mode
         self.sent = 0
         super().__init__()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         archive = self
@@ -83,37 +79,32 @@ class FloodArchive(LoopbackServer):
                 except OSError:  # the gateway closed the connection: what is wanted
                     pass
 
+            def _whole(self, body: bytes, **headers: str) -> None:
+                """A 200 JSON answer of ``body``, with its Content-Length and ``headers``."""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers.items():
+                    self.send_header(name.replace("_", "-"), value)
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                    archive.sent += len(body)
+                except OSError:
+                    pass
+
             def do_GET(self) -> None:  # noqa: N802 - stdlib name
                 mode = archive.mode
                 if mode == "deep-json":
-                    body = b"[" * 200_000 + b"]" * 200_000
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/dicom+json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                if mode == "gzip-bomb":
-                    body = _bomb()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/dicom+json")
-                    self.send_header("Content-Encoding", "gzip")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    try:
-                        self.wfile.write(body)
-                        archive.sent += len(body)
-                    except OSError:
-                        pass
-                    return
-                if mode == "endless-frame" and self.path.split("?")[0].endswith("/metadata"):
-                    body = json.dumps([_INSTANCE]).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/dicom+json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
+                    self._whole(b"[" * 200_000 + b"]" * 200_000)
+                elif mode == "gzip-bomb":
+                    self._whole(_bomb(), Content_Encoding="gzip")
+                elif mode == "endless-frame" and self.path.split("?")[0].endswith("/metadata"):
+                    self._whole(json.dumps([_INSTANCE]).encode())
+                else:
+                    self._endless_answer(mode)
+
+            def _endless_answer(self, mode: str) -> None:
                 if mode == "endless-frame":
                     self.send_response(200)
                     self.send_header("Content-Type", 'multipart/related; type="application/octet-stream"; boundary=B')

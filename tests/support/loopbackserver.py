@@ -30,3 +30,11 @@ class LoopbackServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class ScriptedArchive(LoopbackServer):
+    """A scripted DICOMweb archive: ``url`` is its DICOMweb root."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
