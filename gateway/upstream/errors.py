@@ -35,6 +35,11 @@ class AnswerTooLarge(UpstreamRejected):
         super().__init__(f"the {what} answer is larger than {size}" + (f" ({setting})" if setting else ""))
 
 
+class UnusableInstance(UpstreamRejected):
+    """The archive's answer for an instance is not that instance, whole: cut off,
+    malformed, or another instance, study or series than asked (502 on the facade)."""
+
+
 class UpstreamAuthError(UpstreamRejected):
     """401 or 403: our credentials are wrong or lack a permission."""
 

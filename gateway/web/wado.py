@@ -59,10 +59,10 @@ from gateway.model.json import dataset_from_json
 from gateway.part10 import read_file_meta
 from gateway.retrieval.listing import count_instances, search_instances
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
-from gateway.retrieval.source import Fetched
+from gateway.retrieval.source import Fetched, inspect
 from gateway.uids import is_valid_uid
 from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
-from gateway.upstream.errors import NotFound, NotSupported, UpstreamRejected, UpstreamUnavailable
+from gateway.upstream.errors import NotFound, NotSupported, UnusableInstance, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.stored_frames import frame_reader, in_batches
 from gateway.web.cache import content_etag, etag_for, not_modified
 from gateway.web.compression import body_response, not_modified_headers
@@ -251,11 +251,22 @@ def audit_sent(request: web.Request, tally: StudyTally, done: int, failed: int, 
 
 
 async def fetch_instance(request: web.Request, ref: InstanceRef) -> Retrieved:
+    """The instance ``ref`` names, checked as a C-MOVE's are (`inspect`): the archive's
+    answer must be that instance, whole, of that study and series; UnusableInstance
+    otherwise."""
     retriever = request.app[RETRIEVER]
-    return await request.app[UPSTREAM].retrieve_instance(
+    retrieved = await request.app[UPSTREAM].retrieve_instance(
         ref.study_uid, ref.series_uid, ref.sop_instance_uid, retriever.spill_dir, retriever.spill_bytes,
         acceptable=ANY_SYNTAX, image_set_id=image_set_id(request),
     )
+    try:
+        meta = await inspect(retrieved, ref.study_uid, ref.series_uid)
+        if meta.sop_instance_uid and meta.sop_instance_uid != ref.sop_instance_uid:
+            raise ValueError("the archive sent another instance")
+    except (ValueError, OSError) as exc:
+        retrieved.release()
+        raise UnusableInstance(f"the archive's answer for instance {ref.sop_instance_uid} is unusable: {exc}") from None
+    return retrieved
 
 
 async def retrieve_instance(request: web.Request) -> web.StreamResponse:
@@ -303,14 +314,16 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
                 yield await fetch_instance(request, ref), ref
             except NotFound:
                 continue  # deleted since it was listed
+            except UnusableInstance as exc:
+                log.warning("%s", exc)
         return
     if caps.series_retrieve if series else caps.study_retrieve:
         try:
             async for retrieved in upstream.iter_instances(study, series, retriever.spill_dir, retriever.spill_bytes):
-                head = await asyncio.to_thread(retrieved.read, 0, 65536)
-                try:
-                    meta = read_file_meta(head)
-                except ValueError:
+                try:  # cut off, malformed or of another study or series: not sent (`inspect`)
+                    meta = await inspect(retrieved, study, series or "")
+                except (ValueError, OSError) as exc:
+                    log.warning("%s of study %s: an instance of the archive's answer not sent: %s", "series" if series else "study", study, exc)
                     retrieved.release()
                     continue
                 seen.add(meta.sop_instance_uid)
@@ -335,6 +348,8 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
             yield await fetch_instance(request, ref), ref
         except NotFound:
             continue  # deleted since it was listed
+        except UnusableInstance as exc:
+            log.warning("%s", exc)
 
 
 async def retrieve_bulk(request: web.Request) -> web.StreamResponse:

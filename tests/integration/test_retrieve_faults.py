@@ -17,6 +17,7 @@ storescp that accepts Implicit VR Little Endian only, so the gateway must decode
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
@@ -36,6 +37,7 @@ from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
 from gateway.codecs import PixelDescription, encode_frame
 
 from tests.integration.test_move_retrieve import failed_list, parse_move, peers
+from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu, storescu_for_syntax
 from tests.support.loopbackserver import ScriptedArchive
@@ -440,4 +442,30 @@ def test_a_move_sends_only_whole_instances_of_the_study_asked(tmp_path: Path) ->
     finally:
         gw.kill()
         scp.stop()
+        archive.stop()
+
+
+def test_the_facade_serves_only_whole_instances_of_the_study_asked(tmp_path: Path) -> None:
+    """The facade's study retrieve and instance retrieve check what the archive sends
+    as a C-MOVE does: a viewer asking for the study gets the one whole instance; asking
+    for the instance the archive answers with another study's, it gets 502. Before,
+    the cut-off and the other study's instance were both passed on."""
+    listed = ct_series(tmp_path / "ct", 4, rows=32, columns=32)
+    other = ct_series(tmp_path / "other", 1, rows=32, columns=32)[0]
+    cut = listed[1].read_bytes()
+    archive = MixedArchive(listed, [b"not dicom at all", cut[: len(cut) // 2 | 1], other.read_bytes(), listed[3].read_bytes()]).start()
+    gw = Gateway(tmp_path / "gw", upstream_url=archive.url).start()
+    try:
+        first = pydicom.dcmread(listed[0], stop_before_pixels=True)
+        study = f"{gw.web_url}/dicom-web/studies/{first.StudyInstanceUID}"
+        got = curl("-H", 'Accept: multipart/related; type="application/dicom"; transfer-syntax=*', study)
+        assert got.status == 200
+        sent = [pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True) for _, body in got.parts()]
+        assert [str(ds.SOPInstanceUID) for ds in sent] == list(uids([listed[3]]))
+        third = pydicom.dcmread(listed[2], stop_before_pixels=True)
+        single = curl("-H", "Accept: application/dicom", f"{study}/series/{third.SeriesInstanceUID}/instances/{third.SOPInstanceUID}")
+        assert single.status == 502 and b"another study" in single.body
+        assert " ERROR " not in gw.log()
+    finally:
+        gw.kill()
         archive.stop()
