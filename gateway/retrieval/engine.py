@@ -191,11 +191,9 @@ class Retriever:
                 ref.study_uid, ref.series_uid, ref.sop_instance_uid, self.spill_dir, self.spill_bytes,
                 acceptable=ANY_SYNTAX,
             )
-            ts, sop_class, sop_instance, offset = await inspect(item.retrieved, ref.study_uid, ref.series_uid)
+            ts, sop_class, _, offset = await inspect(item.retrieved, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
             item.transfer_syntax, item.dataset_offset = ts, offset
             item.sop_class_uid = sop_class or ref.sop_class_uid
-            if sop_instance and sop_instance != ref.sop_instance_uid:
-                raise ValueError("archive returned a different instance")
         except NotFound:
             item.error = "not found in the archive"
         except (UpstreamUnavailable, UpstreamRejected) as exc:

@@ -61,12 +61,13 @@ class Fetched:
             self.retrieved = None
 
 
-async def inspect(retrieved: Retrieved, study_uid: str, series_uid: str = "") -> FileMeta:
+async def inspect(retrieved: Retrieved, study_uid: str, series_uid: str = "", sop_instance_uid: str = "") -> FileMeta:
     """The File Meta of a retrieved instance, after one pass over its element headers
     (`gateway.structure.scan_file`, the C-STORE path's check; a spilled instance read in
     a worker thread). Raises ValueError when it is not a Part 10 file, is cut off or
     malformed, or belongs to another study than ``study_uid`` (or series than
-    ``series_uid``, when given); OSError when its file is gone.
+    ``series_uid``, or is another instance than ``sop_instance_uid``, when given);
+    OSError when its file is gone.
 
     Sent on, a cut-off instance made dcmtk's storescp abort the association ("Odd
     Fragment Length"), failing every later sub-operation of the move; an instance of
@@ -93,7 +94,10 @@ async def inspect(retrieved: Retrieved, study_uid: str, series_uid: str = "") ->
         head = retrieved.read(0, META_HEAD)
     else:
         head = await asyncio.get_running_loop().run_in_executor(None, retrieved.read, 0, META_HEAD)
-    return read_file_meta(head)
+    meta = read_file_meta(head)
+    if sop_instance_uid and meta.sop_instance_uid and meta.sop_instance_uid != sop_instance_uid:
+        raise ValueError("the archive sent another instance")
+    return meta
 
 
 def _scan_spilled(retrieved: Retrieved) -> Scan:

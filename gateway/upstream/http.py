@@ -55,22 +55,25 @@ async def read_at_most(resp: aiohttp.ClientResponse, limit: int, what: str, sett
     """
     if resp.content_length is not None and resp.content_length > limit and "Content-Encoding" not in resp.headers:
         raise AnswerTooLarge(what, limit, setting)
-    held = bytearray()
-    async for chunk in resp.content.iter_any():
-        held += chunk
-        if len(held) > limit:
-            raise AnswerTooLarge(what, limit, setting)
-    return bytes(held)
+    held = await _read_past(resp, limit)
+    if len(held) > limit:
+        raise AnswerTooLarge(what, limit, setting)
+    return held
 
 
 async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:
     """At most `ERROR_BODY_LIMIT` bytes of an error answer: enough to log and parse."""
+    return (await _read_past(resp, ERROR_BODY_LIMIT))[:ERROR_BODY_LIMIT]
+
+
+async def _read_past(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, read until its end or until it holds more than ``limit`` bytes."""
     held = bytearray()
     async for chunk in resp.content.iter_any():
         held += chunk
-        if len(held) >= ERROR_BODY_LIMIT:
+        if len(held) > limit:
             break
-    return bytes(held[:ERROR_BODY_LIMIT])
+    return bytes(held)
 
 
 def retry_after_seconds(value: str | None) -> float | None:

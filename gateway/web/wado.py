@@ -200,11 +200,10 @@ class InstanceBody:
         self.spill: Any = None
 
     async def prepare(self, target: str) -> None:
-        """Read the File Meta and convert when ``target`` differs from the stored syntax."""
+        """Read the File Meta and convert when ``target`` differs from the stored syntax.
+        (The instance is the one asked for: `fetch_instance` and `_instances` checked.)"""
         head = await asyncio.to_thread(self.retrieved.read, 0, 65536)
         meta = read_file_meta(head)
-        if meta.sop_instance_uid and meta.sop_instance_uid != self.ref.sop_instance_uid:
-            raise UpstreamRejected("the archive returned a different instance")
         self.syntax = meta.transfer_syntax
         self.sop_class = meta.sop_class_uid or self.ref.sop_class_uid
         if target in (ANY, self.syntax):
@@ -260,9 +259,7 @@ async def fetch_instance(request: web.Request, ref: InstanceRef) -> Retrieved:
         acceptable=ANY_SYNTAX, image_set_id=image_set_id(request),
     )
     try:
-        meta = await inspect(retrieved, ref.study_uid, ref.series_uid)
-        if meta.sop_instance_uid and meta.sop_instance_uid != ref.sop_instance_uid:
-            raise ValueError("the archive sent another instance")
+        await inspect(retrieved, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
     except (ValueError, OSError) as exc:
         retrieved.release()
         raise UnusableInstance(f"the archive's answer for instance {ref.sop_instance_uid} is unusable: {exc}") from None
