@@ -14,7 +14,8 @@ with 0x0119.
 The answer, an N-EVENT-REPORT, goes first on the modality's own association, right
 after the N-ACTION-RSP, as most modalities wait for it there; a modality that
 released it at once (Orthanc does) gets it on a new association the gateway opens to
-the modality's `[[dimse.peers]]` entry, taking the SCP role by role selection. A
+the modality's `[[dimse.peers]]` entry, taking the SCP role by role selection, as
+does one that answered the report on its association with a failure status. A
 report no association could carry is retried a few times, then logged, and the
 modality asks again. A request is recorded in the spool database before it is
 answered and forgotten once reported, so one a restart interrupted is reported at
@@ -345,8 +346,21 @@ class CommitmentService:
                 answered.cancel()
         if answered.cancelled():
             return False
-        log.info(
-            "storage commitment %s reported to %s (0x%04X)",
-            decision.transaction_uid, assoc.peer, int(answered.result().get(0x0900, -1)),  # type: ignore[arg-type]
-        )
+        status = int(answered.result().get(0x0900, -1))  # type: ignore[arg-type]
+        if not _taken(status):
+            log.warning(
+                "storage commitment %s: %s answered the report on its association with 0x%04X; "
+                "calling it back on a new one",
+                decision.transaction_uid, assoc.peer, status,
+            )
+            return False
+        log.info("storage commitment %s reported to %s (0x%04X)", decision.transaction_uid, assoc.peer, status)
         return True
+
+
+def _taken(status: int) -> bool:
+    """Whether an N-EVENT-REPORT-RSP status says the report was taken: Success or a
+    warning (PS3.7 C.4.1.1, C.1). A modality that answers a failure on its own
+    association (pynetdicom's answers 0x0110 when no handler takes reports there) may
+    well take the report where it listens."""
+    return status in (0x0000, 0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
