@@ -17,11 +17,11 @@ above the spill size goes to a file.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+
+from gateway.spill import SpillArea
 
 _BOUNDARY_RE = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 # Headers of one part never come near this; the close delimiter is at the very end.
@@ -129,32 +129,29 @@ class StreamedPart:
 
 
 class _Spill:
-    """The file a large part's content goes to while its end is awaited."""
+    """The file a large part's content goes to while its end is awaited (in the spill
+    area, whose floor its writer keeps)."""
 
-    def __init__(self, spill_dir: Path) -> None:
-        spill_dir.mkdir(parents=True, exist_ok=True)
-        self.path = spill_dir / f"{uuid.uuid4().hex}.part"
-        self.fh: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
+    def __init__(self, spill_area: SpillArea) -> None:
+        self.out = spill_area.writer(".part")
         self.length = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.fh.write(data)
+        self.out.write(data)
         self.length += len(data)
 
     def truncate(self, length: int) -> None:
         """Cut the content back to ``length`` bytes (the start of a delimiter that was
         split across chunks had been written)."""
-        self.fh.truncate(length)
-        self.fh.seek(length)
+        self.out.fh.truncate(length)
+        self.out.fh.seek(length)
         self.length = length
 
     def finish(self) -> Path:
-        self.fh.close()
-        return self.path
+        return self.out.close()
 
     def discard(self) -> None:
-        self.fh.close()
-        self.path.unlink(missing_ok=True)
+        self.out.discard()
 
 
 class _Body:
@@ -238,12 +235,12 @@ def _trim(pieces: list[memoryview], count: int) -> None:
 
 
 async def iter_parts(
-    chunks: AsyncIterable[bytes], boundary: str, spill_dir: Path, spill_bytes: int, max_part: int | None = None
+    chunks: AsyncIterable[bytes], boundary: str, spill_area: SpillArea, spill_bytes: int, max_part: int | None = None
 ) -> AsyncIterable[StreamedPart]:
     """Every part of a body arriving as ``chunks``, each as soon as it is complete.
 
     Memory holds at most one part below ``spill_bytes`` plus one chunk; a larger part
-    is written to a file under ``spill_dir`` as it arrives. A part longer than
+    is written to a file under ``spill_area`` as it arrives. A part longer than
     ``max_part`` (declared or as it arrives) raises MultipartError: the bound of a
     reader that never spills (frames are handed on as bytes). A part's content is the
     chunks it arrived in, joined once when its delimiter is found (each byte is
@@ -302,7 +299,7 @@ async def iter_parts(
             tail = bytes(chunk[max(start, len(chunk) - seam) :])  # the content's last bytes
             while True:
                 if spill is None and held > spill_bytes:
-                    spill = _Spill(spill_dir)
+                    spill = _Spill(spill_area)
                 if spill is not None:
                     for piece in pieces:
                         spill.write(piece)

@@ -34,6 +34,7 @@ from gateway.part10 import META_HEAD, read_file_meta
 from gateway.retrieval.request import InstanceRef
 from gateway.retrieval.source import Fetched
 from gateway.retrieval.transcode import Transcoder
+from gateway.spill import SpillFull
 from gateway.spool.copies import Copies, SpooledCopy
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Retrieved
@@ -269,6 +270,8 @@ class RouteSenders:
             return "refused", f"destination accepted no presentation context for SOP class {item.sop_class_uid}"
         try:
             syntax, dataset, spilled = await self.transcoder.for_receiver(item, accepted, preferred)
+        except SpillFull as exc:  # room comes back: tried again later
+            return "retry", f"cannot convert for the destination: {exc.strerror}"
         except TranscodeError as exc:
             return "refused", f"cannot convert for the destination: {exc}"
         except Exception as exc:  # noqa: BLE001 - a codec crash fails this copy only

@@ -14,10 +14,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
 
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import Fetched, inspect
+from gateway.spill import SpillArea, SpillFull
 from gateway.upstream.base import Capabilities, Upstream
 from gateway.upstream.errors import NotFound, UpstreamError
 
@@ -45,7 +45,8 @@ class BulkFeed:
     What has arrived waits here, up to ``limit`` instances and ``max_bytes`` in memory
     (the engine's look-ahead, which is then complete by the time the search answers);
     then reading pauses, which pauses the archive through TCP. Answers above
-    ``spill_bytes`` wait in files under ``spill_dir``. A failed or unreadable answer
+    ``spill_bytes`` wait in files under ``spill_area``; reading pauses too while they
+    hold the disk near its floor. A failed or unreadable answer
     ends the feed (what it lacks is then fetched alone), logged once, never raised.
     """
 
@@ -53,14 +54,14 @@ class BulkFeed:
         self,
         upstream: Upstream,
         scopes: list[Scope],
-        spill_dir: Path,
+        spill_area: SpillArea,
         spill_bytes: int,
         limit: int,
         max_bytes: int,
         what: str,
     ) -> None:
         self.upstream = upstream
-        self.spill_dir = spill_dir
+        self.spill_area = spill_area
         self.spill_bytes = spill_bytes
         self.max_bytes = max_bytes
         self.what = what
@@ -79,7 +80,7 @@ class BulkFeed:
         refused, reason = 0, ""
         try:
             for study_uid, series_uid in scopes:
-                answer = self.upstream.iter_instances(study_uid, series_uid, self.spill_dir, self.spill_bytes)
+                answer = self.upstream.iter_instances(study_uid, series_uid, self.spill_area, self.spill_bytes)
                 async with contextlib.aclosing(answer):
                     async for retrieved in answer:
                         item = Fetched(InstanceRef(study_uid, series_uid or "", "", ""), retrieved)
@@ -100,10 +101,13 @@ class BulkFeed:
                         while self._held > self.max_bytes:
                             self._room.clear()
                             await self._room.wait()
+                        await self.spill_area.room()  # near the disk's floor
         except NotFound:
             pass  # nothing there; the search says the same
         except UpstreamError as exc:
             log.warning("%s: bulk retrieval stopped (%s); fetching the rest one by one", self.what, exc)
+        except SpillFull as exc:
+            log.warning("%s: bulk retrieval stopped (%s); fetching the rest one by one", self.what, exc.strerror)
         except Exception:  # noqa: BLE001 - whatever went wrong, the rest is fetched alone
             log.exception("%s: bulk retrieval failed; fetching the rest one by one", self.what)
         if refused:

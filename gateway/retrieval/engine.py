@@ -9,7 +9,8 @@ one at a time, while the search goes on. Instances of a SOP class not seen (fetc
 or listed) when the receiver was opened go last, to a second one. A fetched instance
 above ``retrieve.spill_mb`` waits in a file under ``<spool>/retrieve``, so memory
 stays bounded by the window (and the look-ahead before the first send) whatever the
-study size. A STUDY or SERIES request whose study is named is read in bulk as well
+study size; near the spool disk's floor, fetching waits for the instances ahead to be
+sent, and the look-ahead ends early (`gateway.spill`). A STUDY or SERIES request whose study is named is read in bulk as well
 (`BulkFeed`).
 
 An instance goes as it is stored when the receiver accepts that transfer syntax (its
@@ -44,6 +45,7 @@ from gateway.retrieval.listing import Listing, as_studies, search_instances, wit
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import DataSource, Fetched, inspect
 from gateway.retrieval.transcode import ByteBudget, Transcoder
+from gateway.spill import ROOM_POLL, SpillArea, SpillFull
 from gateway.upstream.base import ANY_SYNTAX, Upstream
 from gateway.upstream.errors import NotFound, UpstreamError, UpstreamRejected, UpstreamUnavailable
 
@@ -145,16 +147,27 @@ class Retriever:
 
     def __init__(self, config: Config, upstream: Upstream, metrics: Metrics | None = None) -> None:
         """``metrics``: where conversions for receivers are counted."""
-        self.config = config
         self.upstream = upstream
-        self.spill_dir = config.spool.directory / "retrieve"
+        directory = config.spool.directory / "retrieve"
         # Spill files of a previous run are orphans: nothing can still be sending them.
-        shutil.rmtree(self.spill_dir, ignore_errors=True)
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.spill_area = SpillArea(directory)
+        self.config = config
         self.spill_bytes = int(config.retrieve.spill_mb * 1024 * 1024)
         self.codecs = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="retrieve-codec")
         budget = ByteBudget(int(config.retrieve.transcode_mb * 1024 * 1024))
-        self.transcoder = Transcoder(self.codecs, budget, config.retrieve.allow_lossy, self.spill_dir, self.spill_bytes, metrics)
+        self.transcoder = Transcoder(self.codecs, budget, config.retrieve.allow_lossy, self.spill_area, self.spill_bytes, metrics)
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """Also keeps the spill area's floor at ``spool.min_free_mb`` (a reload may change it)."""
+        self._config = config
+        self.spill_area.min_free = config.spool.min_free_mb * 1024 * 1024
 
     def close(self) -> None:
         self.codecs.shutdown(wait=False, cancel_futures=True)
@@ -181,14 +194,14 @@ class Retriever:
         scopes = bulk_scopes(request, self.upstream.capabilities)
         if scopes is None:
             return None
-        return BulkFeed(self.upstream, scopes, self.spill_dir, self.spill_bytes, LOOKAHEAD_INSTANCES, LOOKAHEAD_BYTES, what)
+        return BulkFeed(self.upstream, scopes, self.spill_area, self.spill_bytes, LOOKAHEAD_INSTANCES, LOOKAHEAD_BYTES, what)
 
     async def fetch(self, ref: InstanceRef) -> Fetched:
         """Fetch one instance and read its File Meta; never raises (the error is kept)."""
         item = Fetched(ref)
         try:
             item.retrieved = await self.upstream.retrieve_instance(
-                ref.study_uid, ref.series_uid, ref.sop_instance_uid, self.spill_dir, self.spill_bytes,
+                ref.study_uid, ref.series_uid, ref.sop_instance_uid, self.spill_area, self.spill_bytes,
                 acceptable=ANY_SYNTAX,
             )
             ts, sop_class, _, offset = await inspect(item.retrieved, ref.study_uid, ref.series_uid, ref.sop_instance_uid)
@@ -198,6 +211,8 @@ class Retriever:
             item.error = "not found in the archive"
         except (UpstreamUnavailable, UpstreamRejected) as exc:
             item.error = str(exc)
+        except SpillFull as exc:
+            item.error = str(exc.strerror)
         except (ValueError, OSError) as exc:
             item.error = f"unusable instance: {exc}"
         if item.error:
@@ -266,6 +281,8 @@ class Pipeline:
         self._broken = ""  # why the receiver went away, if it did
         self._last_report = time.monotonic()
         self._since = 0  # instances since the last report
+        self._queued = 0  # instances put in the send order so far
+        self._finished = 0  # ... and those the sender is done with
 
     async def run(self) -> Counts:
         """Look ahead, open the receiver, send in order, then what was set aside."""
@@ -317,6 +334,7 @@ class Pipeline:
             except asyncio.CancelledError:
                 item.release()
                 raise
+            self._queued += 1
         return delivered
 
     async def _queue_fetches(self, delivered: set[str]) -> None:
@@ -325,12 +343,16 @@ class Pipeline:
         for ref in list(self.listing.refs.values()):
             if ref.sop_instance_uid in delivered:
                 continue
-            task = asyncio.create_task(self._fetch_gated(ref))
+            task = asyncio.create_task(self._fetch_gated(ref, self._queued))
+            self._queued += 1
             self._fetches.add(task)
             task.add_done_callback(self._fetches.discard)
             await self._queue.put(task)
 
-    async def _fetch_gated(self, ref: InstanceRef) -> Fetched:
+    async def _fetch_gated(self, ref: InstanceRef, turn: int) -> Fetched:
+        """Fetch the ``turn``-th instance of the send order; near the disk's floor, not
+        before those ahead of it are sent (`SpillArea.room`)."""
+        await self.retriever.spill_area.room(lambda: self._finished < turn)
         async with self._gate:
             return await self.retriever.fetch(ref)
 
@@ -341,8 +363,17 @@ class Pipeline:
         in ``_ahead`` for sending)."""
         first: list[Fetched] = []
         held = 0
+        area = self.retriever.spill_area
         while len(self._ahead) < LOOKAHEAD_INSTANCES and held < LOOKAHEAD_BYTES:
-            task = await self._queue.get()
+            if first and area.near_floor():
+                break  # near the disk's floor: open the receiver with what came, and send
+            if first and self._queue.empty():
+                try:
+                    task = await asyncio.wait_for(self._queue.get(), ROOM_POLL)
+                except TimeoutError:
+                    continue
+            else:
+                task = await self._queue.get()
             if task is None:
                 self._queue.put_nowait(None)
                 break
@@ -362,8 +393,10 @@ class Pipeline:
             item = await task
             if not item.error and not self._broken and not target.offered(item.sop_class_uid):
                 self._set_aside(item)
+                self._finished += 1
                 continue
             await self._deliver(target, item)
+            self._finished += 1
             if self.cancelled.is_set():
                 return False
 
@@ -465,6 +498,9 @@ class Pipeline:
             return target.refusal(item.sop_class_uid)
         try:
             syntax, dataset, spilled = await self.retriever.transcoder.for_receiver(item, accepted, target.preferred)
+        except SpillFull as exc:
+            counts.fail(uid)
+            return f"cannot transcode: {exc.strerror}"
         except TranscodeError as exc:
             counts.fail(uid)
             return f"cannot transcode: {exc}"

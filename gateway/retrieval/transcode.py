@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
@@ -30,6 +29,7 @@ from gateway.codecs.stream import FRAMES_HELD, Header, frame_size, obstacle, rea
 from gateway.metrics import Metrics
 from gateway.part10 import META_HEAD, read_file_meta
 from gateway.retrieval.source import DataSource, Fetched, FileSlice
+from gateway.spill import SpillArea
 from gateway.upstream.base import Retrieved
 
 
@@ -144,12 +144,12 @@ def _drop_output(future: asyncio.Future[tuple[DataSource, Path | None]]) -> None
 class Transcoder:
     """Converts fetched instances on ``executor``'s threads, within ``budget``.
 
-    Outputs larger than ``spill_bytes`` go to files under ``spill_dir``, which the
+    Outputs larger than ``spill_bytes`` go to files under ``spill_area``, which the
     caller deletes once sent.
     """
 
     def __init__(
-        self, executor: Executor, budget: ByteBudget, allow_lossy: bool, spill_dir: Path, spill_bytes: int,
+        self, executor: Executor, budget: ByteBudget, allow_lossy: bool, spill_area: SpillArea, spill_bytes: int,
         metrics: Metrics | None = None,
     ) -> None:
         """``metrics``: where each conversion is counted by its syntax pair."""
@@ -157,7 +157,7 @@ class Transcoder:
         self.executor = executor
         self.budget = budget
         self.allow_lossy = allow_lossy
-        self.spill_dir = spill_dir
+        self.spill_area = spill_area
         self.spill_bytes = spill_bytes
 
     def _plan(self, item: Fetched, accepted: list[str], preferred: Sequence[str]) -> Conversion:
@@ -194,7 +194,10 @@ class Transcoder:
         """The converted data set, in memory or in a spill file (returned to delete after
         sending) when larger than ``spill_bytes`` (worker thread)."""
         assert item.retrieved is not None
-        path = self.spill_dir / f"{uuid.uuid4().hex}.converted" if conversion.output > self.spill_bytes else None
+        path = None
+        if conversion.output > self.spill_bytes:
+            self.spill_area.check(conversion.output)
+            path = self.spill_area.new_file(".converted")
         try:
             with open(path, "w+b") if path is not None else BytesIO() as out:
                 if conversion.header is not None:

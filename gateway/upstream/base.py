@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.model.search import Search
+from gateway.spill import SpillArea
 
 JsonObject = Mapping[str, Any]
 
@@ -195,7 +196,7 @@ class Upstream(Protocol):
         study_uid: str,
         series_uid: str,
         sop_instance_uid: str,
-        spill_dir: Path,
+        spill_area: SpillArea,
         spill_bytes: int,
         *,
         acceptable: Sequence[str],
@@ -204,13 +205,13 @@ class Upstream(Protocol):
         """WADO-RS RetrieveInstance in one of the ``acceptable`` syntaxes; the answer's
         ``transfer_syntax`` says which one came.
 
-        Answers above ``spill_bytes`` go to a temporary file in ``spill_dir`` so memory
+        Answers above ``spill_bytes`` go to a temporary file in ``spill_area`` so memory
         stays bounded whatever the instance size. Raises NotFound.
         """
         ...
 
     def iter_instances(
-        self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
+        self, study_uid: str, series_uid: str | None, spill_area: SpillArea, spill_bytes: int
     ) -> AsyncIterator[Retrieved]:
         """WADO-RS RetrieveSeries (RetrieveStudy when ``series_uid`` is None) in the stored
         syntaxes: every instance, each handed out as soon as it has arrived, spilled as

@@ -8,7 +8,6 @@ import json
 import logging
 import sys
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from gateway.config import UpstreamConfig
 from gateway.dicomweb import mediatypes
 from gateway.logfmt import PATIENT_DATA
 from gateway.metrics import Metrics
+from gateway.spill import SpillArea
 from gateway.upstream.auth import config_signer
 from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_parts, single_part_in_file, split_parts
@@ -416,7 +416,7 @@ class DicomWebUpstream:
         study_uid: str,
         series_uid: str,
         sop_instance_uid: str,
-        spill_dir: Path,
+        spill_area: SpillArea,
         spill_bytes: int,
         *,
         acceptable: Sequence[str],
@@ -424,7 +424,7 @@ class DicomWebUpstream:
     ) -> Retrieved:
         url = self.http.url(f"studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}", self._image_set_query(image_set_id))
         for accept, index in self._instance_accepts(acceptable):
-            found = await self._wado(url, accept, spill_dir, spill_bytes)
+            found = await self._wado(url, accept, spill_area, spill_bytes)
             if found is None:
                 continue
             if index is not None and index != self._wado_accept:
@@ -441,7 +441,7 @@ class DicomWebUpstream:
             raise NotSupported("archive does not retrieve whole series")
 
     async def iter_instances(
-        self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
+        self, study_uid: str, series_uid: str | None, spill_area: SpillArea, spill_bytes: int
     ) -> AsyncIterator[Retrieved]:
         """RetrieveSeries (RetrieveStudy when ``series_uid`` is None) as a stream.
 
@@ -466,7 +466,7 @@ class DicomWebUpstream:
                     content_type = resp.headers.get("Content-Type", "")
                     if not content_type.lower().startswith(mediatypes.MULTIPART_RELATED):
                         raise UpstreamRejected(f"RetrieveSeries answered {content_type!r}, not multipart")
-                    parts = iter_parts(resp.content.iter_any(), boundary_of(content_type), spill_dir, spill_bytes)
+                    parts = iter_parts(resp.content.iter_any(), boundary_of(content_type), spill_area, spill_bytes)
                     async for part in parts:
                         if part.data is not None:
                             item = Retrieved(part.data, None, 0, part.length)
@@ -479,7 +479,7 @@ class DicomWebUpstream:
                 raise UpstreamRejected(f"unreadable WADO-RS answer: {exc}") from None
         raise UpstreamRejected("archive offers the instances in no representation we accept", 406)
 
-    async def _wado(self, url: URL, accept: str, spill_dir: Path, spill_bytes: int) -> Retrieved | None:
+    async def _wado(self, url: URL, accept: str, spill_area: SpillArea, spill_bytes: int) -> Retrieved | None:
         """One RetrieveInstance attempt; None when the archive cannot answer ``accept``."""
         spill: Path | None = None
         try:
@@ -495,7 +495,7 @@ class DicomWebUpstream:
                 if length is not None and length <= spill_bytes and "Content-Encoding" not in resp.headers:
                     data: bytes | None = await resp.read()
                 else:
-                    data, spill = await _read_or_spill(resp, spill_dir, spill_bytes)
+                    data, spill = await _read_or_spill(resp, spill_area, spill_bytes)
         except UpstreamError:
             _unlink(spill)
             raise
@@ -675,7 +675,7 @@ async def _syntax_of(item: Retrieved, part_type: str, answer_type: str) -> str:
 
 
 async def _read_or_spill(
-    resp: aiohttp.ClientResponse, spill_dir: Path, spill_bytes: int
+    resp: aiohttp.ClientResponse, spill_area: SpillArea, spill_bytes: int
 ) -> tuple[bytes | None, Path | None]:
     """Read the body into memory until it passes ``spill_bytes``, then into a file."""
     buffer = bytearray()
@@ -685,18 +685,12 @@ async def _read_or_spill(
             break
     else:
         return bytes(buffer), None
-    spill_dir.mkdir(parents=True, exist_ok=True)
-    path = spill_dir / f"{uuid.uuid4().hex}.wado"
-    try:
-        with open(path, "wb") as fh:
-            fh.write(buffer)
-            del buffer
-            async for chunk in resp.content.iter_chunked(SPILL_CHUNK):
-                fh.write(chunk)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return None, path
+    with spill_area.writer(".wado") as out:
+        out.write(buffer)
+        del buffer
+        async for chunk in resp.content.iter_chunked(SPILL_CHUNK):
+            out.write(chunk)
+    return None, out.path
 
 
 def _locate_instance(content_type: str, data: bytes | None, spill: Path | None) -> tuple[Retrieved, str]:

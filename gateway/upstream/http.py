@@ -27,6 +27,7 @@ from yarl import URL
 
 from gateway.logfmt import PATIENT_DATA
 from gateway.metrics import Metrics
+from gateway.spill import SpillFull
 from gateway.upstream.errors import AnswerTooLarge, NotFound, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.proxy import proxy_for
 
@@ -306,6 +307,8 @@ class HttpClient:
         except aiohttp.ClientError as exc:  # before OSError: ClientOSError is one
             log.debug("%s %s: %s", method, url.path, exc)
             raise UpstreamUnavailable(f"archive unreachable: {type(exc).__name__}") from None
+        except SpillFull:
+            raise  # the gateway's disk, not the archive: the caller says so
         except OSError as exc:
             raise UpstreamUnavailable(f"local file error: {exc.strerror or exc}") from None
         finally:

@@ -30,6 +30,7 @@ from gateway.fsutil import fsync_path, make_buckets
 from gateway.model.query import Key
 from gateway.model.search import Search
 from gateway.part10 import META_HEAD, read_file_meta
+from gateway.spill import SpillArea
 from gateway.sqlite import Migration, connect, immediate, migrate
 from gateway.upstream.archive_writer import INDEXED, WriterProcess
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
@@ -232,7 +233,7 @@ class LocalUpstream:
         study_uid: str,
         series_uid: str,
         sop_instance_uid: str,
-        spill_dir: Path,
+        spill_area: SpillArea,
         spill_bytes: int,
         *,
         acceptable: Sequence[str],
@@ -259,7 +260,7 @@ class LocalUpstream:
         return [(row[0], row[1] or "") for row in self._db.execute(sql + " ORDER BY series_uid, rowid", args).fetchall()]
 
     async def iter_instances(
-        self, study_uid: str, series_uid: str | None, spill_dir: Path, spill_bytes: int
+        self, study_uid: str, series_uid: str | None, spill_area: SpillArea, spill_bytes: int
     ) -> AsyncIterator[Retrieved]:
         """The stored files, each with its head read (`_heads`), HEAD_BATCH files per
         trip to a worker thread: one trip per file cost more than the read itself."""

@@ -14,13 +14,18 @@ from gateway.codecs.errors import TranscodeError
 from gateway.dicomweb.accept import with_query
 from gateway.log_throttle import Throttle, left_out
 from gateway.model.query import QueryError
+from gateway.spill import SpillFull
 from gateway.uids import is_valid_uid
 from gateway.upstream.errors import NotFound, NotSupported, UpstreamAuthError, UpstreamRejected, UpstreamUnavailable
 from gateway.web.keys import UPSTREAM
 
 log = logging.getLogger("gateway.web")
-# An archive that refuses the gateway refuses every request alike: a few lines a minute say so.
+# An archive that refuses the gateway, or a disk at its floor, fails every request
+# alike: a few lines a minute say so.
 _ARCHIVE_REFUSED = Throttle()
+_SPILL_FULL = Throttle()
+# How long a client is asked to wait when the spool's disk is at its floor.
+SPILL_RETRY_AFTER = 30
 # What HealthImaging's image set IDs look like (its API's pattern).
 IMAGE_SET_ID = re.compile(r"[0-9a-z]{32}")
 
@@ -111,6 +116,11 @@ def error_response(exc: BaseException, what: str) -> web.Response:
         return text_error(503, f"{what}: the archive is unavailable: {exc}", headers)
     if isinstance(exc, TimeoutError):
         return text_error(504, f"{what}: the archive did not answer in time")
+    if isinstance(exc, SpillFull):
+        admitted, held = _SPILL_FULL.admit()
+        if admitted:
+            log.warning("%s: answered 503: %s%s", what, exc.strerror, left_out(held))
+        return text_error(503, f"{what}: the gateway is short of disk space, try again later", {"Retry-After": str(SPILL_RETRY_AFTER)})
     if isinstance(exc, TranscodeError):
         return text_error(406, f"{what}: cannot convert: {exc}")
     if isinstance(exc, RecursionError):

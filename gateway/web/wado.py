@@ -21,7 +21,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +59,7 @@ from gateway.part10 import read_file_meta
 from gateway.retrieval.listing import count_instances, search_instances
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import Fetched, inspect
+from gateway.spill import SpillArea
 from gateway.uids import is_valid_uid
 from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UnusableInstance, UpstreamRejected, UpstreamUnavailable
@@ -255,7 +255,7 @@ async def fetch_instance(request: web.Request, ref: InstanceRef) -> Retrieved:
     otherwise."""
     retriever = request.app[RETRIEVER]
     retrieved = await request.app[UPSTREAM].retrieve_instance(
-        ref.study_uid, ref.series_uid, ref.sop_instance_uid, retriever.spill_dir, retriever.spill_bytes,
+        ref.study_uid, ref.series_uid, ref.sop_instance_uid, retriever.spill_area, retriever.spill_bytes,
         acceptable=ANY_SYNTAX, image_set_id=image_set_id(request),
     )
     try:
@@ -316,7 +316,7 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
         return
     if caps.series_retrieve if series else caps.study_retrieve:
         try:
-            async for retrieved in upstream.iter_instances(study, series, retriever.spill_dir, retriever.spill_bytes):
+            async for retrieved in upstream.iter_instances(study, series, retriever.spill_area, retriever.spill_bytes):
                 try:  # cut off, malformed or of another study or series: not sent (`inspect`)
                     meta = await inspect(retrieved, study, series or "")
                 except (ValueError, OSError) as exc:
@@ -593,9 +593,10 @@ async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[in
             yield frame
         return
     retrieved = await fetch_instance(request, ref)
-    spill = request.app[RETRIEVER].spill_dir / f"{uuid.uuid4().hex}.frames"
+    area = request.app[RETRIEVER].spill_area
+    spill = area.new_file(".frames")
     try:
-        async for frame in in_batches(partial(_cut_frames, retrieved, spill, numbers)):
+        async for frame in in_batches(partial(_cut_frames, retrieved, area, spill, numbers)):
             yield frame
     finally:
         retrieved.release()
@@ -622,19 +623,21 @@ async def _retrieve_frames(
         refused.append(exc)
 
 
-def _cut_frames(retrieved: Retrieved, spill: Path, numbers: list[int]) -> Iterator[Frame]:
+def _cut_frames(retrieved: Retrieved, area: SpillArea, spill: Path, numbers: list[int]) -> Iterator[Frame]:
     """The frames ``numbers`` of a retrieved instance as stored, as they are read
     (blocking): parsed in memory when the instance came into memory, else from a copy
-    of it at ``spill``, made here."""
+    of it at ``spill`` (in ``area``), made here."""
     stored = read_file_meta(retrieved.read(0, 65536)).transfer_syntax
     if retrieved.data is not None:
         return frame_reader(retrieved.read(), stored, numbers, ANY_SYNTAX)
-    _materialise(retrieved, spill)
+    _materialise(retrieved, area, spill)
     return frame_reader(spill, stored, numbers, ANY_SYNTAX)
 
 
-def _materialise(retrieved: Retrieved, path: Path) -> None:
-    """Copy a retrieved Part 10 file to ``path`` in bounded chunks (blocking)."""
+def _materialise(retrieved: Retrieved, area: SpillArea, path: Path) -> None:
+    """Copy a retrieved Part 10 file to ``path`` in bounded chunks (blocking), if the
+    spill area has room for it (SpillFull otherwise)."""
+    area.check(retrieved.length)
     with open(path, "wb") as out:
         for start in range(0, retrieved.length, CHUNK):
             out.write(retrieved.read(start, CHUNK))
@@ -836,12 +839,12 @@ async def retrieve_bulkdata(request: web.Request) -> web.StreamResponse:
             return error_response(exc, what)
         if video is not None:
             return video
-    retriever = request.app[RETRIEVER]
-    spill = retriever.spill_dir / f"{uuid.uuid4().hex}.bulk"
+    area = request.app[RETRIEVER].spill_area
+    spill = area.new_file(".bulk")
     try:
         retrieved = await fetch_instance(request, ref)
         try:
-            await asyncio.to_thread(_materialise, retrieved, spill)
+            await asyncio.to_thread(_materialise, retrieved, area, spill)
         finally:
             retrieved.release()
         value = await asyncio.to_thread(bulk_value, spill, request.match_info["tags"])

@@ -17,6 +17,7 @@ from gateway.dicomweb.multipart_reader import (
     single_part_in_file,
     split_parts,
 )
+from gateway.spill import SpillArea
 
 
 def test_multipart_single_part_in_memory_and_in_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -46,7 +47,7 @@ def _stream(
     async def collect() -> tuple[list[StreamedPart], Exception | None]:
         parts: list[StreamedPart] = []
         try:
-            async for part in iter_parts(_chunks(body, size), "b0und", spill_dir, spill_bytes, max_part):
+            async for part in iter_parts(_chunks(body, size), "b0und", SpillArea(spill_dir), spill_bytes, max_part):
                 parts.append(part)
         except MultipartError as exc:
             return parts, exc

@@ -18,6 +18,7 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 import gateway.codecs  # noqa: F401 - registers the HTJ2K decoder with pydicom
+from gateway.spill import SpillArea
 from gateway.upstream.base import ANY_SYNTAX
 from gateway.upstream.errors import AnswerTooLarge, UpstreamRejected
 from gateway.upstream.healthimaging import HealthImagingUpstream
@@ -80,7 +81,7 @@ def test_instances_rebuilt_from_metadata_and_frames_equal_the_originals(emulator
         got = []
         for ds in originals:
             retrieved = await up.retrieve_instance(
-                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, tmp_path, 1 << 30, acceptable=ANY_SYNTAX
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, SpillArea(tmp_path), 1 << 30, acceptable=ANY_SYNTAX
             )
             assert retrieved.data is not None
             got.append(retrieved.read())
@@ -121,7 +122,7 @@ def test_a_frame_past_max_answer_mb_is_refused_not_read_whole(emulator: Emulator
     async def scenario(up: HealthImagingUpstream) -> None:
         with pytest.raises(AnswerTooLarge, match=r"the GetImageFrame answer is larger than 1 MiB \(upstream.max_answer_mb\)"):
             await up.retrieve_instance(
-                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, tmp_path, 1 << 30, acceptable=ANY_SYNTAX
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, SpillArea(tmp_path), 1 << 30, acceptable=ANY_SYNTAX
             )
 
     run(upstream, scenario)
@@ -170,9 +171,9 @@ def test_a_named_syntax_is_honoured_and_an_impossible_one_refused(emulator: Emul
     uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
 
     async def scenario(up: HealthImagingUpstream) -> bytes:
-        explicit = await up.retrieve_instance(*uids, tmp_path, 1 << 30, acceptable=(ExplicitVRLittleEndian,))
+        explicit = await up.retrieve_instance(*uids, SpillArea(tmp_path), 1 << 30, acceptable=(ExplicitVRLittleEndian,))
         with pytest.raises(UpstreamRejected) as refused:
-            await up.retrieve_instance(*uids, tmp_path, 1 << 30, acceptable=(JPEGBaseline8Bit,))
+            await up.retrieve_instance(*uids, SpillArea(tmp_path), 1 << 30, acceptable=(JPEGBaseline8Bit,))
         assert refused.value.status == 406
         return explicit.read()
 
@@ -192,7 +193,7 @@ def test_an_instance_above_the_spill_threshold_is_read_with_get_dicom_instance(e
 
     async def scenario(up: HealthImagingUpstream) -> Any:
         return await up.retrieve_instance(
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, tmp_path, 64, acceptable=ANY_SYNTAX
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, SpillArea(tmp_path), 64, acceptable=ANY_SYNTAX
         )
 
     retrieved = run(upstream_for(emulator, retrieve_path="frames"), scenario)
@@ -214,7 +215,7 @@ def test_the_whole_corpus_through_the_frames_path_keeps_every_carried_attribute(
 
     async def scenario(up: HealthImagingUpstream) -> list[bytes]:
         return [
-            (await up.retrieve_instance(i.study_uid, i.series_uid, i.sop_instance_uid, tmp_path, 1 << 30, acceptable=ANY_SYNTAX)).read()
+            (await up.retrieve_instance(i.study_uid, i.series_uid, i.sop_instance_uid, SpillArea(tmp_path), 1 << 30, acceptable=ANY_SYNTAX)).read()
             for i in items
         ]
 

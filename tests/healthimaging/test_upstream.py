@@ -25,6 +25,7 @@ from gateway.config import parse_config
 from gateway.dicomweb.qido import QidoOptions
 from gateway.model.query import make_key
 from gateway.model.search import Search
+from gateway.spill import SpillArea
 from gateway.upstream import make_upstream
 from gateway.upstream.base import ANY_SYNTAX, StoreItem
 from gateway.upstream.errors import NotSupported, SearchTruncated
@@ -151,9 +152,9 @@ def test_store_and_retrieve_one_instance_at_a_time(emulator: Emulator, credentia
     async def scenario(up: HealthImagingUpstream) -> Any:
         outcomes = await up.store_instances(study, items)
         listed = [obj["00080018"]["Value"][0] async for obj in up.search_for_instances(Search(study_uid=study, series_uid=series))]
-        got = await up.retrieve_instance(study, series, items[0].sop_instance_uid, tmp_path, 1 << 20, acceptable=ANY_SYNTAX)
+        got = await up.retrieve_instance(study, series, items[0].sop_instance_uid, SpillArea(tmp_path), 1 << 20, acceptable=ANY_SYNTAX)
         with pytest.raises(NotSupported):
-            async for _ in up.iter_instances(study, series, tmp_path, 1 << 20):
+            async for _ in up.iter_instances(study, series, SpillArea(tmp_path), 1 << 20):
                 pass
         frames = [f async for f in up.retrieve_frames(study, series, items[0].sop_instance_uid, [1], acceptable=ANY_SYNTAX)]
         metadata = await up.retrieve_metadata(study)

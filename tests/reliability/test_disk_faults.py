@@ -13,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,11 @@ from pydicom import dcmread
 from gateway.spool.record import PREAMBLE, RECORD_MAGIC, parse
 from gateway.upstream.base import Frame
 from gateway.web.cache import FacadeCache
+from tests.integration.test_move_retrieve import MoveResult, parse_move, peers
 from tests.support import dcmtk
 from tests.support.curl import curl
 from tests.support.daemon import REPO, Gateway
+from tests.support.dcmtk import StoreSCP, movescu
 from tests.support.orthanc import build_multipart_related
 from tests.support.ports import port_is_open, wait_until
 from tests.support.pyscu import send_files
@@ -319,6 +323,84 @@ def test_full_disk_answers_every_store_and_delivers_every_ack(tmp_path: Path, sm
         assert_no_dropped_association(gw.log())
     finally:
         gw.kill()
+
+
+# ---- a retrieval's spill files and the floor ----------------------------------------------
+
+
+def test_a_move_reads_ahead_only_down_to_the_floor(tmp_path: Path, small_fs: Path, orthanc) -> None:
+    """A C-MOVE of 40 x 512 KiB instances (20 MiB) over DICOMweb, every one spilled to
+    the spool's disk (``retrieve.spill_mb = 0.1``), towards a destination frozen at
+    first (SIGSTOP), with 28 MiB free and a 16 MiB floor. The read-ahead stops above
+    the floor and goes on as the destination takes instances: all 40 arrive, the free
+    space never falls below the floor, and a modality's C-STORE in the meantime is
+    accepted. Before, the read-ahead spilled all 40 (down to 8 MiB free), and that
+    C-STORE was refused. Then, with the disk already near the floor and nothing held
+    to wait for, a move fails each instance at once, naming the floor, and writes
+    nothing; the facade answers a study retrieve 503 with Retry-After."""
+    paths = ct_series(tmp_path / "study", 40)
+    orthanc.upload(paths)
+    study = str(dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    scp = StoreSCP(output_dir=tmp_path / "dest").start()
+    gw = Gateway(
+        tmp_path / "gw", upstream_url=orthanc.dicomweb_url, spool_dir=small_fs / "spool",
+        spool={"min_free_mb": 16, "reserve_mb": 0},
+        extra=peers(("STORESCP", scp.port)) + "\n[retrieve]\nspill_mb = 0.1\n",
+    ).start()
+    small = ct_series(tmp_path / "small", 1, rows=64, columns=64)
+    lowest = [shutil.disk_usage(small_fs).free]
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            lowest[0] = min(lowest[0], shutil.disk_usage(small_fs).free)
+            time.sleep(0.002)
+
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study}
+    moved: list[MoveResult] = []
+    mover = threading.Thread(target=lambda: moved.append(
+        parse_move(movescu(gw.port, gw.ae_title, "STORESCP", keys, extra_args=["-v", "-d"], timeout=120))
+    ))
+    watcher = threading.Thread(target=watch)
+    try:
+        fill(small_fs / "filler", 28 * MiB)
+        lowest[0] = shutil.disk_usage(small_fs).free
+        watcher.start()
+        scp.pause()
+        try:
+            mover.start()
+            spill = gw.spool_dir / "retrieve"
+            wait_until(lambda: len(list(spill.iterdir())) >= 8, 30, 0.02, "nothing was read ahead")
+            time.sleep(2.0)  # the read-ahead goes as far as it will
+            held = len(list(spill.iterdir()))
+            assert send_files(gw.port, small, gw.ae_title) == [0x0000]
+        finally:
+            scp.resume()
+        mover.join(150)
+        (result,) = moved
+        assert (result.status, result.completed, result.failed) == (0, 40, 0), result.output[-3000:]
+        assert 8 <= held < 40
+        assert lowest[0] >= 16 * MiB, f"free space fell to {lowest[0] / MiB:.1f} MiB"
+        assert len(scp.wait_for_files(40)) == 40
+        assert list(spill.iterdir()) == []
+
+        fill(small_fs / "filler2", 18 * MiB)  # less than a spill file's 4 MiB above the floor
+        failed = parse_move(movescu(gw.port, gw.ae_title, "STORESCP", keys, extra_args=["-v", "-d"], timeout=60))
+        assert (failed.completed, failed.failed) == (0, 40), failed.output[-3000:]
+        assert "not spilled to disk: the spool's disk has" in gw.log()
+        assert "MiB kept for C-STOREs (spool.min_free_mb)" in gw.log()
+        # The facade's study retrieve alike: 503, to be asked again.
+        answer = curl(f"{gw.web_url}/dicom-web/studies/{study}", "-H", 'Accept: multipart/related; type="application/dicom"')
+        assert answer.status == 503 and answer.headers.get("retry-after") == "30", answer.body
+        assert "answered 503: not spilled to disk" in gw.log()
+        assert shutil.disk_usage(small_fs).free >= 17 * MiB and list(spill.iterdir()) == []
+        assert "internal error" not in gw.log() and "Traceback" not in gw.log()
+    finally:
+        watching.set()
+        if watcher.is_alive():
+            watcher.join()
+        gw.kill()
+        scp.stop()
 
 
 # ---- 12: the durability order of every acknowledgement, on the wire ----------------------

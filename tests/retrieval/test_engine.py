@@ -22,6 +22,7 @@ from gateway.retrieval.engine import Counts, Delivery, Outcome, Retriever, Targe
 from gateway.retrieval.listing import Listing
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import DataSource, Fetched, FileSlice
+from gateway.spill import SpillArea
 from gateway.upstream.base import Capabilities, Retrieved
 from gateway.upstream.errors import NotFound, UpstreamUnavailable
 
@@ -117,13 +118,13 @@ class FakeArchive:
         if self.search_fails:
             raise UpstreamUnavailable("search connection reset")
 
-    async def retrieve_instance(self, study: str, series: str, uid: str, spill_dir: Path, spill_bytes: int, *, acceptable: Sequence[str]) -> Retrieved:
+    async def retrieve_instance(self, study: str, series: str, uid: str, spill_area: SpillArea, spill_bytes: int, *, acceptable: Sequence[str]) -> Retrieved:
         self.alone.append(uid)
         if uid not in self.held:
             raise NotFound("gone")
         return self._hand(uid)
 
-    async def iter_instances(self, study: str, series: str | None, spill_dir: Path, spill_bytes: int) -> AsyncIterator[Retrieved]:
+    async def iter_instances(self, study: str, series: str | None, spill_area: SpillArea, spill_bytes: int) -> AsyncIterator[Retrieved]:
         for uid in self.bulk:
             yield self._hand(uid)
         if self.bulk_fails:

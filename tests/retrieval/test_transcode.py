@@ -19,6 +19,7 @@ from gateway.part10 import read_file_meta
 from gateway.retrieval.request import InstanceRef
 from gateway.retrieval.source import Fetched, FileSlice
 from gateway.retrieval.transcode import ByteBudget, Transcoder, part10_file
+from gateway.spill import SpillArea
 from gateway.upstream.base import Retrieved
 from tests.codecs.helpers import bundled
 
@@ -92,7 +93,7 @@ def test_transcoder_converts_in_memory_or_into_a_spill_file(tmp_path: Path) -> N
     async def convert(spill_bytes: int) -> tuple[str, bytes, Path | None, int]:
         budget = ByteBudget(1 << 30)
         with ThreadPoolExecutor(2) as executor:
-            transcoder = Transcoder(executor, budget, False, tmp_path, spill_bytes)
+            transcoder = Transcoder(executor, budget, False, SpillArea(tmp_path), spill_bytes)
             item = Fetched(InstanceRef("1", "2", meta.sop_instance_uid, meta.sop_class_uid), Retrieved(raw, None, 0, len(raw)),
                            meta.transfer_syntax, meta.sop_class_uid, meta.dataset_offset)
             syntax, dataset, spilled = await transcoder.transcoded(item, [EXPLICIT_VR_LE])

@@ -25,6 +25,7 @@ from gateway.config import AuthConfig, UpstreamConfig
 from gateway.dicomweb.qido import QidoOptions
 from gateway.model.query import make_key
 from gateway.model.search import Search
+from gateway.spill import SpillArea
 from gateway.upstream.base import ANY_SYNTAX, StoreItem
 from gateway.upstream.dicomweb import DicomWebUpstream
 from gateway.upstream.errors import (
@@ -216,8 +217,8 @@ def test_signer_runs_once_per_attempt_with_the_url_as_sent(tmp_path: Path) -> No
         up = DicomWebUpstream(UpstreamConfig(type="dicomweb", url=url), QidoOptions(page_size=2, relax_unsafe=False), signer=signer)
         await up.start()
         try:
-            first = await up.retrieve_instance("1.2", "1.2.3", "1.2.3.4", tmp_path, 1 << 20, acceptable=ANY_SYNTAX)
-            second = await up.retrieve_instance("1.2", "1.2.3", "1.2.3.5", tmp_path, 1 << 20, acceptable=ANY_SYNTAX)
+            first = await up.retrieve_instance("1.2", "1.2.3", "1.2.3.4", SpillArea(tmp_path), 1 << 20, acceptable=ANY_SYNTAX)
+            second = await up.retrieve_instance("1.2", "1.2.3", "1.2.3.5", SpillArea(tmp_path), 1 << 20, acceptable=ANY_SYNTAX)
             key = make_key(DataElement(0x00100010, "PN", "DOE^JO HN"))
             search = Search(keys=(key,))
             found = [obj async for obj in up.search_for_studies(search)]

@@ -41,6 +41,7 @@ from gateway.dicomweb.qido import QidoOptions
 from gateway.model.query import make_key
 from gateway.model.search import Search
 from gateway.dimse.retrieve_request import failure_status
+from gateway.spill import SpillArea
 from gateway.upstream.base import ANY_SYNTAX, Capabilities, StoreItem, Upstream
 from gateway.upstream.dicomweb import DicomWebUpstream
 from gateway.upstream.errors import NotFound, NotSupported, SearchTruncated, UpstreamRejected
@@ -267,7 +268,7 @@ def test_retrieve_instance_reports_the_syntax_it_got(archive: Opener, corpus: Co
         out = []
         for item in items:
             for acceptable in (ANY_SYNTAX, (item.syntax,)):
-                got = await up.retrieve_instance(item.study, item.series, item.sop, tmp_path, 1 << 16, acceptable=acceptable)
+                got = await up.retrieve_instance(item.study, item.series, item.sop, SpillArea(tmp_path), 1 << 16, acceptable=acceptable)
                 try:
                     meta = pydicom.dcmread(pydicom.filebase.DicomBytesIO(got.read()), stop_before_pixels=True)
                     out.append((got.transfer_syntax, str(meta.file_meta.TransferSyntaxUID), str(meta.SOPInstanceUID)))
@@ -306,7 +307,7 @@ def test_delete(archive: Opener, corpus: Corpus, tmp_path: Path) -> None:
             after_instance,
             after_series,
             await collect(up.search_for_studies(study_search(green.study))),
-            await raised(up.retrieve_instance(green.study, green.series, green.sop, tmp_path, 1 << 16, acceptable=ANY_SYNTAX)),
+            await raised(up.retrieve_instance(green.study, green.series, green.sop, SpillArea(tmp_path), 1 << 16, acceptable=ANY_SYNTAX)),
             await raised(up.retrieve_metadata(green.study)),
             await raised(up.delete_study(green.study)),
             up.capabilities.delete,
@@ -463,7 +464,7 @@ def test_embedded_archive_serves_what_it_stores(tmp_path: Path) -> None:
             return [
                 await frames(one_bit, [1, 2, 3], (implicit,)),
                 await raised(frames(j2k, [1], (explicit,))),
-                await raised(up.retrieve_instance(j2k.study, j2k.series, j2k.sop, tmp_path, 1 << 16, acceptable=(explicit,))),
+                await raised(up.retrieve_instance(j2k.study, j2k.series, j2k.sop, SpillArea(tmp_path), 1 << 16, acceptable=(explicit,))),
                 await raised(frames(sr, [1], ANY_SYNTAX)),
             ]
         finally:

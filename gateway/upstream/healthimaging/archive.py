@@ -41,7 +41,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from email.utils import parsedate_tz
-from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -53,6 +52,7 @@ from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.qido import QidoOptions
 from gateway.metrics import Metrics
 from gateway.model.search import Search
+from gateway.spill import SpillArea
 from gateway.upstream.base import (
     Capabilities,
     Frame,
@@ -402,7 +402,7 @@ class HealthImagingUpstream(DicomWebUpstream):
         study_uid: str,
         series_uid: str,
         sop_instance_uid: str,
-        spill_dir: Path,
+        spill_area: SpillArea,
         spill_bytes: int,
         *,
         acceptable: Sequence[str],
@@ -435,7 +435,7 @@ class HealthImagingUpstream(DicomWebUpstream):
         async def read() -> Retrieved:
             await self.limits.acquire("GetDICOMInstance")
             for accept, _ in self._instance_accepts(acceptable):
-                found = await self._wado(url, accept, spill_dir, spill_bytes)
+                found = await self._wado(url, accept, spill_area, spill_bytes)
                 if found is not None:
                     return found
             raise UpstreamRejected("HealthImaging offers the instance in no representation we accept", 406)

@@ -1,0 +1,122 @@
+"""Where retrieved instances wait on disk, and the room they may take there.
+
+An instance larger than ``retrieve.spill_mb`` (and a large conversion, the frames cut
+from a whole instance, a bulk data value) waits in a file under the spool's
+directory, so on the spool's disk, whose last ``spool.min_free_mb`` are kept for
+C-STOREs. A C-MOVE of large instances towards a slow receiver fetches ahead of it and
+could otherwise fill that disk: every modality's C-STORE would then be refused until
+the move ended. So a retrieval reads ahead only while the disk keeps that floor: near
+it, its readers wait (`room`) while spill files are held, which their senders delete
+as they go. And a spill file grows only while the disk keeps the floor, checked
+before it is opened and every CHECK_BYTES written; past it the write fails with
+SpillFull, and that instance is not fetched (a failed sub-operation, a 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+MiB = 1024 * 1024
+CHECK_BYTES = 4 * MiB  # written between two looks at the free space
+ROOM_POLL = 0.2  # seconds between two looks while a reader waits for room
+
+
+class SpillFull(OSError):
+    """Writing on would take the spool's disk below ``spool.min_free_mb``."""
+
+
+class SpillArea:
+    """The spill directory and the free space its disk must keep (``min_free``,
+    bytes; changed by a reload of ``spool.min_free_mb``)."""
+
+    def __init__(self, directory: Path, min_free: int = 0) -> None:
+        self.directory = directory
+        self.min_free = min_free
+
+    def new_file(self, suffix: str) -> Path:
+        """A fresh path in the area (nothing created there yet)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self.directory / f"{uuid.uuid4().hex}{suffix}"
+
+    def near_floor(self) -> bool:
+        """Whether a new spill file could not be opened: less than CHECK_BYTES above
+        the floor."""
+        return self._free() - CHECK_BYTES < self.min_free
+
+    def crowded(self) -> bool:
+        """`near_floor` while spill files are held (their holders delete them once
+        sent: room comes back)."""
+        return self.near_floor() and any(os.scandir(self.directory))
+
+    async def room(self, may_wait: Callable[[], bool] = lambda: True) -> None:
+        """Wait while the area is `crowded` and ``may_wait()`` (a reader whose turn has
+        come must not wait for those queued behind it)."""
+        while may_wait() and self.crowded():
+            await asyncio.sleep(ROOM_POLL)
+
+    def check(self, size: int = 0) -> None:
+        """Raise SpillFull when ``size`` more bytes would take the disk below the floor."""
+        free = self._free()
+        if free - size < self.min_free:
+            raise SpillFull(
+                errno.ENOSPC,
+                f"not spilled to disk: the spool's disk has {free // MiB} MiB free, too close to the "
+                f"{self.min_free // MiB} MiB kept for C-STOREs (spool.min_free_mb)",
+            )
+
+    def _free(self) -> int:
+        try:
+            st = os.statvfs(self.directory)
+        except FileNotFoundError:  # removed by hand while running
+            self.directory.mkdir(parents=True, exist_ok=True)
+            st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
+    def writer(self, suffix: str) -> SpillWriter:
+        """A new spill file, open for writing (the floor checked first)."""
+        self.check(CHECK_BYTES)
+        return SpillWriter(self, self.new_file(suffix))
+
+
+class SpillWriter:
+    """A spill file being written: room for each stretch of CHECK_BYTES (or one larger
+    write) is checked before it starts; the file is deleted when a write fails
+    (`discard`)."""
+
+    def __init__(self, area: SpillArea, path: Path) -> None:
+        self.area = area
+        self.path = path
+        self.fh: BinaryIO = open(path, "w+b")  # noqa: SIM115 - closed in close/discard
+        self._allowed = CHECK_BYTES  # checked by `SpillArea.writer`
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) > self._allowed:
+            stretch = max(CHECK_BYTES, len(data))
+            self.area.check(stretch)
+            self._allowed = stretch
+        self._allowed -= len(data)
+        self.fh.write(data)
+
+    def close(self) -> Path:
+        self.fh.close()
+        return self.path
+
+    def discard(self) -> None:
+        self.fh.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SpillWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.discard()
