@@ -19,6 +19,7 @@ from gateway.audit.auditor import Auditor
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.retrieval.engine import Retriever
+from gateway.spill import SpillArea
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
@@ -68,14 +69,19 @@ def roots(config: Config) -> list[str]:
     return list(dict.fromkeys([base, *ALIAS_ROOTS]))
 
 
-def facade_cache(config: Config, metrics: Metrics | None = None) -> FacadeCache | None:
-    """The on-disk cache of a remote upstream's frames and metadata (``[http.cache]``)."""
+def facade_cache(config: Config, metrics: Metrics | None = None, floor: SpillArea | None = None) -> FacadeCache | None:
+    """The on-disk cache of a remote upstream's frames and metadata (``[http.cache]``).
+    On the spool's disk (the default), it keeps that disk's floor as ``floor`` (the
+    retrievals' spill area) does."""
     cache = config.http.cache
     if config.upstream.type == "local" or cache.max_mb <= 0:
         return None
     directory = Path(cache.directory) if cache.directory else config.spool.directory / "facade-cache"
     try:
-        return FacadeCache(directory, int(cache.max_mb * (1 << 20)), cache.metadata_seconds, metrics)
+        made = FacadeCache(directory, int(cache.max_mb * (1 << 20)), cache.metadata_seconds, metrics)
+        if floor is not None and directory.stat().st_dev == floor.directory.stat().st_dev:
+            made.floor = floor
+        return made
     except OSError as exc:
         log.warning("facade cache disabled: cannot use %s: %s", directory, exc.strerror or type(exc).__name__)
         return None
@@ -104,7 +110,7 @@ def create_app(
     app[ARCHIVE_HEALTH] = ArchiveHealth(upstream)
     app.on_cleanup.append(_close_archive_health)
     metrics = metrics if metrics is not None else Metrics()
-    app[CACHE] = facade_cache(config, metrics)
+    app[CACHE] = facade_cache(config, metrics, retriever.spill_area)
     app[REFUSED_SERIES] = RefusedSeries()
     app[WHOLE_INSTANCE_FRAMES] = None if app[CACHE] is None else WholeInstanceFrames(app[CACHE])
     auth.install(app, config.http.auth, config.http.cors_origins, config.http.read_only, metrics)

@@ -49,11 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gateway.log_throttle import Throttle, left_out
 from gateway.metrics import Metrics
+from gateway.spill import SpillArea
 from gateway.uids import is_valid_uid
 from gateway.upstream.base import Frame, JsonObject
 
 log = logging.getLogger("gateway.web")
+_NEAR_FLOOR = Throttle()  # a disk near its floor skips every write alike
 # What a cache writes: segment files, and (from versions before segments) entry files.
 _ENTRY_NAME = re.compile(r"segment-[0-9]+|[0-9a-f]{64}(\.[0-9a-f]{32}\.tmp)?")
 # Studies whose changes are counted (a fetch that saw a count vanish keeps nothing).
@@ -129,6 +132,9 @@ class FacadeCache:
         self._videos_fetched: dict[str, asyncio.Future[None]] = {}  # video key -> kept or not
         # instance metadata key -> {name: value computed from that metadata}
         self._derived: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        # On the spool's disk: near its floor nothing new is kept, and the least
+        # recently used segment goes at each write skipped (C-STOREs come first).
+        self.floor: SpillArea | None = None
         directory.mkdir(parents=True, exist_ok=True)
         for path in directory.iterdir():  # only what a cache wrote: the directory is the admin's
             if _ENTRY_NAME.fullmatch(path.name):
@@ -221,6 +227,16 @@ class FacadeCache:
 
     async def _write_many(self, items: Sequence[tuple[str, bytes]], syntax: str, expires: float) -> None:
         """`_write` of each (key, data), the values written in one worker-thread call."""
+        if self.floor is not None and self.floor.near_floor():
+            if self._segments:
+                self._drop_segment(next(iter(self._segments)))
+            admitted, held = _NEAR_FLOOR.admit()
+            if admitted:
+                log.warning(
+                    "facade cache: nothing kept, and its oldest entries dropped: the spool's disk is near "
+                    "spool.min_free_mb%s", left_out(held),
+                )
+            return
         try:
             placed = [(key, data, *self._place(len(data))) for key, data in items if len(data) <= self.max_bytes]
         except OSError as exc:  # no new segment file

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from gateway.spill import SpillArea
 from gateway.spool.record import PREAMBLE, RECORD_MAGIC, parse
 from gateway.upstream.base import Frame
 from gateway.web.cache import FacadeCache
@@ -245,6 +246,35 @@ def test_the_facade_cache_on_a_full_disk_serves_without_keeping(
     asyncio.run(frames([1, 2]))
     asyncio.run(frames([1, 2]))
     assert asked == [1, 2, 1, 2, 1, 2] and cache.bytes == 600_000
+
+
+def test_the_facade_cache_on_the_spool_disk_keeps_its_floor(small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The cache on the spool's disk (its default place) keeps nothing new within a
+    spill stretch of ``spool.min_free_mb`` and gives its oldest segment back at each
+    write it skips; frames are still served. Before, it kept writing down to ENOSPC."""
+    cache = FacadeCache(small_fs / "cache", max_bytes=16 * MiB, metadata_seconds=60)
+    cache.floor = SpillArea(small_fs / "retrieve", 16 * MiB)
+    asked: list[int] = []
+
+    async def archive(numbers: list[int]) -> AsyncIterator[Frame]:
+        for n in numbers:
+            asked.append(n)
+            yield Frame(n, bytes([n]) * 300_000, "1.2.840.10008.1.2.1")
+
+    async def frames(numbers: list[int]) -> list[bytes]:
+        return [f.data async for f in cache.frames("1.2.3", "1.2.3.4", "1.2.3.4.5", numbers, archive)]
+
+    asyncio.run(frames([1, 2]))
+    assert cache.bytes == 600_000
+    filler = fill(small_fs / "filler", 18 * MiB)
+    assert asyncio.run(frames([3])) == [bytes([3]) * 300_000]
+    assert cache.bytes == 0 and not list((small_fs / "cache").iterdir())
+    assert asyncio.run(frames([1])) == [bytes([1]) * 300_000]
+    assert asked == [1, 2, 3, 1]
+    assert "facade cache: nothing kept, and its oldest entries dropped: the spool's disk is near spool.min_free_mb" in caplog.text
+    filler.unlink()
+    asyncio.run(frames([3]))
+    assert cache.bytes == 300_000
 
 
 @pytest.mark.slow
