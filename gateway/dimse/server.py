@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import time
@@ -368,25 +369,22 @@ class DimseServer:
 
     async def _start_tls(self, writer: asyncio.StreamWriter, context: ssl.SSLContext, where: str) -> bool:
         """The server side of the TLS handshake; a refused one is logged in words and
-        counted, and False returned (the connection is then closed)."""
-        try:
-            await writer.start_tls(context, ssl_handshake_timeout=self.config.dimse.acse_timeout)
-        except ssl.SSLCertVerificationError as exc:
-            label, why = "tls_certificate_refused", f"client certificate not trusted ({exc.verify_message})"
-        except ssl.SSLError as exc:
-            if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-                label, why = "tls_no_client_certificate", "no client certificate (dimse.tls.ca_certificates requires one)"
-            else:
-                label, why = "tls_handshake_failed", f"TLS handshake failed ({exc.reason or exc})"
-        except ConnectionAbortedError:  # asyncio's handshake timeout
-            label, why = "tls_handshake_failed", "no TLS handshake within dimse.acse_timeout"
-        except OSError:
-            label, why = "tls_handshake_failed", "connection lost during the TLS handshake"
-        else:
+        counted, and False returned (the connection is then closed). A connection
+        closed before its first byte is a port check, as on the plain port: DEBUG only."""
+        timeout = self.config.dimse.acse_timeout
+        first = await _first_byte(writer, timeout)
+        if first == "closed":
+            log.debug("connection from %s closed without a word (a port check)", where)
+            return False
+        refusal = ("tls_handshake_failed", "no TLS handshake within dimse.acse_timeout")
+        if first == "sent":
+            refusal = await _handshake(writer, context, timeout)
+        if refusal is None:
             cert = writer.get_extra_info("peercert") or {}
             subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
             log.debug("TLS from %s: %s, client certificate %s", where, writer.get_extra_info("ssl_object").version(), subject or "none")
             return True
+        label, why = refusal
         log.warning(
             "TLS connection from %s refused: %s", where, why,
             extra={"fields": {"event": "tls refused", "peer": where, "reason": why}},
@@ -538,3 +536,51 @@ class DimseServer:
             return
         handler = self.handlers.get(message.command.field, _unrecognized)
         assoc.dispatch(message, handler)
+
+
+
+async def _first_byte(writer: asyncio.StreamWriter, timeout: float) -> str:
+    """Wait, without reading it, for a new connection's first byte: ``"sent"``, or
+    ``"closed"`` (before any byte: a load balancer's TCP check), or ``"silent"`` (none
+    within ``timeout``). The transport stops reading meanwhile, so the bytes stay in
+    the socket for the TLS handshake that follows (`start_tls` resumes reading); the
+    wait is on a duplicate of the socket, which the loop lets us watch."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return "sent"
+    loop = asyncio.get_running_loop()
+    writer.transport.pause_reading()
+    with socket.socket(fileno=os.dup(sock.fileno())) as peek:
+        peek.setblocking(False)
+        readable = loop.create_future()
+        loop.add_reader(peek.fileno(), lambda: readable.done() or readable.set_result(None))
+        try:
+            await asyncio.wait_for(readable, timeout)
+        except TimeoutError:
+            return "silent"
+        finally:
+            loop.remove_reader(peek.fileno())
+        try:
+            return "sent" if peek.recv(1, socket.MSG_PEEK) else "closed"
+        except BlockingIOError:
+            return "sent"
+        except OSError:  # reset before a byte (HAProxy's checks close so)
+            return "closed"
+
+
+async def _handshake(writer: asyncio.StreamWriter, context: ssl.SSLContext, timeout: float) -> tuple[str, str] | None:
+    """The TLS handshake; None when it succeeded, else (metric label, why in words)."""
+    try:
+        await writer.start_tls(context, ssl_handshake_timeout=timeout)
+    except ssl.SSLCertVerificationError as exc:
+        return "tls_certificate_refused", f"client certificate not trusted ({exc.verify_message})"
+    except ssl.SSLError as exc:
+        if exc.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "tls_no_client_certificate", "no client certificate (dimse.tls.ca_certificates requires one)"
+        return "tls_handshake_failed", f"TLS handshake failed ({exc.reason or exc})"
+    except ConnectionAbortedError:  # asyncio's handshake timeout
+        return "tls_handshake_failed", "no TLS handshake within dimse.acse_timeout"
+    except OSError:
+        return "tls_handshake_failed", "connection lost during the TLS handshake"
+    return None
+

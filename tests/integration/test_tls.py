@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import struct
 import ssl
 import subprocess
 import sys
@@ -158,6 +159,30 @@ def test_a_connection_silent_on_the_tls_port_is_closed_after_acse_timeout(tls_ga
         assert silent.recv(1) == b""  # closed by the gateway
         assert time.monotonic() - started < 5
     wait_until(lambda: "refused: no TLS handshake within dimse.acse_timeout" in gw.log(), 10, 0.1, "not logged")
+
+
+def test_port_checks_on_the_tls_port_are_not_refusals(tls_gateway, pki: Pki) -> None:
+    """A load balancer's TCP check connects and closes (or resets) without a byte:
+    on the TLS port as on the plain one, no WARNING, no audit of a refused node, no
+    rejection counted; a client that sends something other than TLS still is one,
+    and TLS clients are served as before."""
+    tls_port = free_port()
+    gw = tls_gateway(dimse_tls=_dimse_tls(tls_port), http_auth={"basic_users": {"admin": "secret"}})
+    for reset in (False, True) * 5:
+        check = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+        if reset:  # HAProxy's tcp-check closes so
+            check.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        check.close()
+    assert dcmtk.echoscu(tls_port, gw.ae_title, extra_args=_client(pki, "client")).returncode == 0
+    assert "TLS connection from" not in gw.log()
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as plain:
+        plain.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert plain.recv(100) == b""
+    wait_until(lambda: "TLS connection from 127.0.0.1" in gw.log(), 10, 0.1, "not logged")
+    assert gw.log().count("TLS connection from 127.0.0.1") == 1
+    assert "refused: TLS handshake failed (HTTP_REQUEST)" in gw.log()
+    metrics = curl("-u", "admin:secret", f"{gw.web_url}/metrics").body.decode()
+    assert 'gateway_dimse_associations_rejected_total{reason="tls_handshake_failed"} 1.0' in metrics
 
 
 def test_without_ca_certificates_no_client_certificate_is_asked(tls_gateway, pki: Pki) -> None:
