@@ -53,7 +53,10 @@ class SpillArea:
     def crowded(self) -> bool:
         """`near_floor` while spill files are held (their holders delete them once
         sent: room comes back)."""
-        return self.near_floor() and any(os.scandir(self.directory))
+        if not self.near_floor():
+            return False
+        with os.scandir(self.directory) as entries:
+            return any(True for _ in entries)
 
     async def room(self, may_wait: Callable[[], bool] = lambda: True) -> None:
         """Wait while the area is `crowded` and ``may_wait()`` (a reader whose turn has

@@ -10,8 +10,8 @@ or listed) when the receiver was opened go last, to a second one. A fetched inst
 above ``retrieve.spill_mb`` waits in a file under ``<spool>/retrieve``, so memory
 stays bounded by the window (and the look-ahead before the first send) whatever the
 study size; near the spool disk's floor, fetching waits for the instances ahead to be
-sent, and the look-ahead ends early (`gateway.spill`). A STUDY or SERIES request whose study is named is read in bulk as well
-(`BulkFeed`).
+sent, and the look-ahead ends early (`gateway.spill`). A STUDY or SERIES request
+whose study is named is read in bulk as well (`BulkFeed`).
 
 An instance goes as it is stored when the receiver accepts that transfer syntax (its
 bytes untouched, never parsed); otherwise it is converted (`Transcoder`). Counters
