@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,9 @@ from typing import BinaryIO
 MiB = 1024 * 1024
 CHECK_BYTES = 4 * MiB  # written between two looks at the free space
 ROOM_POLL = 0.2  # seconds between two looks while a reader waits for room
+# How long a reader's look at the free space holds (asking the file system for it
+# costs more than the rest of a bulk read's step per instance).
+LOOK_SECONDS = 0.05
 
 
 class SpillFull(OSError):
@@ -39,6 +43,7 @@ class SpillArea:
     def __init__(self, directory: Path, min_free: int = 0) -> None:
         self.directory = directory
         self.min_free = min_free
+        self._seen = (0, -LOOK_SECONDS)  # (free bytes, when) of the last reader's look
 
     def new_file(self, suffix: str) -> Path:
         """A fresh path in the area (nothing created there yet)."""
@@ -47,8 +52,14 @@ class SpillArea:
 
     def near_floor(self) -> bool:
         """Whether a new spill file could not be opened: less than CHECK_BYTES above
-        the floor."""
-        return self._free() - CHECK_BYTES < self.min_free
+        the floor (as seen at most LOOK_SECONDS ago: readers only decide whether to
+        wait by it; writers check exactly)."""
+        free, when = self._seen
+        now = time.monotonic()
+        if now - when >= LOOK_SECONDS:
+            free = self._free()
+            self._seen = (free, now)
+        return free - CHECK_BYTES < self.min_free
 
     def crowded(self) -> bool:
         """`near_floor` while spill files are held (their holders delete them once
