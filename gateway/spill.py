@@ -27,8 +27,9 @@ from typing import BinaryIO
 MiB = 1024 * 1024
 CHECK_BYTES = 4 * MiB  # written between two looks at the free space
 ROOM_POLL = 0.2  # seconds between two looks while a reader waits for room
-# How long a reader's look at the free space holds (asking the file system for it
-# costs more than the rest of a bulk read's step per instance).
+# How long a reader's look at the free space holds, less what the area's writers
+# wrote since (asking the file system costs more than the rest of a bulk read's step
+# per instance).
 LOOK_SECONDS = 0.05
 
 
@@ -43,7 +44,8 @@ class SpillArea:
     def __init__(self, directory: Path, min_free: int = 0) -> None:
         self.directory = directory
         self.min_free = min_free
-        self._seen = (0, -LOOK_SECONDS)  # (free bytes, when) of the last reader's look
+        self._seen = (0, -LOOK_SECONDS)  # (free bytes, when) of the last look
+        self.claimed = 0  # bytes the area's writers were allowed since (`check`)
 
     def new_file(self, suffix: str) -> Path:
         """A fresh path in the area (nothing created there yet)."""
@@ -52,13 +54,13 @@ class SpillArea:
 
     def near_floor(self) -> bool:
         """Whether a new spill file could not be opened: less than CHECK_BYTES above
-        the floor (as seen at most LOOK_SECONDS ago: readers only decide whether to
-        wait by it; writers check exactly)."""
+        the floor, as seen at most LOOK_SECONDS ago less what writers were allowed
+        since (readers only decide whether to wait by it; writers check exactly)."""
         free, when = self._seen
+        free -= self.claimed
         now = time.monotonic()
-        if now - when >= LOOK_SECONDS:
-            free = self._free()
-            self._seen = (free, now)
+        if now - when >= LOOK_SECONDS or free - CHECK_BYTES < self.min_free:
+            free = self._look()
         return free - CHECK_BYTES < self.min_free
 
     def crowded(self) -> bool:
@@ -76,14 +78,22 @@ class SpillArea:
             await asyncio.sleep(ROOM_POLL)
 
     def check(self, size: int = 0) -> None:
-        """Raise SpillFull when ``size`` more bytes would take the disk below the floor."""
-        free = self._free()
+        """Raise SpillFull when ``size`` more bytes would take the disk below the
+        floor; else they are the writer's to write (and counted as written)."""
+        free = self._look()
         if free - size < self.min_free:
             raise SpillFull(
                 errno.ENOSPC,
                 f"not spilled to disk: the spool's disk has {free // MiB} MiB free, too close to the "
                 f"{self.min_free // MiB} MiB kept for C-STOREs (spool.min_free_mb)",
             )
+        self.claimed = size
+
+    def _look(self) -> int:
+        """The free space now, remembered for `near_floor`."""
+        free = self._free()
+        self._seen, self.claimed = (free, time.monotonic()), 0
+        return free
 
     def _free(self) -> int:
         try:

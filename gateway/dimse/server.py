@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
 from pynetdicom import AllStoragePresentationContexts
 
@@ -376,7 +377,7 @@ class DimseServer:
         if first == "closed":
             log.debug("connection from %s closed without a word (a port check)", where)
             return False
-        refusal = ("tls_handshake_failed", "no TLS handshake within dimse.acse_timeout")
+        refusal: tuple[str, str] | None = ("tls_handshake_failed", "no TLS handshake within dimse.acse_timeout")
         if first == "sent":
             refusal = await _handshake(writer, context, timeout)
         if refusal is None:
@@ -549,11 +550,16 @@ async def _first_byte(writer: asyncio.StreamWriter, timeout: float) -> str:
     if sock is None:
         return "sent"
     loop = asyncio.get_running_loop()
-    writer.transport.pause_reading()
+    cast(asyncio.Transport, writer.transport).pause_reading()
     with socket.socket(fileno=os.dup(sock.fileno())) as peek:
         peek.setblocking(False)
-        readable = loop.create_future()
-        loop.add_reader(peek.fileno(), lambda: readable.done() or readable.set_result(None))
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(peek.fileno(), ready)
         try:
             await asyncio.wait_for(readable, timeout)
         except TimeoutError:

@@ -572,7 +572,7 @@ class DicomWebUpstream:
                         return
                     # Frames are handed out as bytes: nothing is spilled, so no directory is written.
                     parts = iter_parts(
-                        resp.content.iter_any(), boundary_of(content_type), Path(tempfile.gettempdir()), sys.maxsize,
+                        resp.content.iter_any(), boundary_of(content_type), SpillArea(Path(tempfile.gettempdir())), sys.maxsize,
                         max_part=self.http.max_answer,
                     )
                     sent = 0

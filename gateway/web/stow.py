@@ -40,6 +40,7 @@ from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, JSON, MULT
 from gateway.dicomweb.multipart_reader import MultipartError, StreamedPart, boundary_of, iter_parts
 from gateway.dicomweb.stow_metadata import BulkPart, NotBuilt, build_instance, metadata_objects
 from gateway.dicomweb.xml import json_from_native_xml, native_xml
+from gateway.spill import SpillArea
 from gateway.spool.ingest import Ingested, Verdict, ingest
 from gateway.spool.queue import SPACE_CHECK_BYTES, SpoolFull
 from gateway.spool.receipt import Receipt
@@ -204,8 +205,15 @@ async def _parts(request: web.Request, incoming: Path) -> AsyncIterator[Streamed
             raise
         yield StreamedPart({"content-type": DICOM}, None, path, length)
         return
-    async for part in iter_parts(_body(request), boundary_of(content_type), incoming, SPILL_BYTES):
+    async for part in iter_parts(_body(request), boundary_of(content_type), _parts_area(incoming), SPILL_BYTES):
         yield part
+
+
+def _parts_area(incoming: Path) -> SpillArea:
+    """Where large parts of a body wait while they arrive: the spool's incoming
+    directory, with no floor of its own (`_body` holds the body to the spool's limits
+    as it arrives, as a C-STORE is held)."""
+    return SpillArea(incoming)
 
 
 def _part_type(content_type: str) -> str:
@@ -268,7 +276,7 @@ async def _gather_metadata(request: web.Request, spool: Any, source: str, study_
     try:
         body = iter_parts(
             _body(request), boundary_of(request.headers.get("Content-Type", "")),
-            spool.incoming, METADATA_SPILL_BYTES,
+            _parts_area(spool.incoming), METADATA_SPILL_BYTES,
         )
         async for part in body:
             if part.path is not None:
