@@ -10,6 +10,7 @@ LUT Sequence), then MONOCHROME1 inversion, to 8 bits.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ _FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF"}
 # WADO-URI's ``rows`` alone implies, would otherwise make gigabytes and a minute of CPU.
 MAX_UPSCALED_PIXELS = 4096 * 4096
 _JPEG_QUALITY = 90
+BLOCK_PIXELS = 1 << 20  # pixels put through the rendering pipeline at once
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # PS3.3 C.11.2.1.2, C.11.2.1.3
 
 
@@ -226,17 +228,26 @@ def _monochrome(
             "PALETTE COLOR frames need their palette: apply "
             "pydicom.pixels.apply_color_lut before rendering"
         )
+    scale: Callable[[np.ndarray], np.ndarray]
     if voi is not None:
-        scaled = voi.scale(rescale.apply(arr))
+        scale = lambda block: voi.scale(rescale.apply(block))  # noqa: E731
     elif window is not None:
-        scaled = VoiWindow(*window).scale(arr.astype(np.float64))
+        linear = VoiWindow(*window)
+        scale = lambda block: linear.scale(block.astype(np.float64))  # noqa: E731
     else:
-        values = rescale.apply(arr)
-        low, high = float(values.min()), float(values.max())
-        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    out = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+        low, high = np.inf, -np.inf
+        for rows in _blocks(arr):
+            values = rescale.apply(arr[rows])
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+        if high > low:
+            scale = lambda block: (rescale.apply(block) - low) / (high - low)  # noqa: E731
+        else:
+            scale = lambda block: np.zeros(block.shape)  # noqa: E731
+    out = np.empty(arr.shape, dtype=np.uint8)
+    for rows in _blocks(arr):
+        out[rows] = np.clip(np.rint(scale(arr[rows]) * 255.0), 0, 255)
     if desc.photometric_interpretation == "MONOCHROME1":
-        out = 255 - out
+        np.subtract(255, out, out=out)
     return out
 
 
@@ -246,10 +257,20 @@ def _colour(arr: np.ndarray, desc: PixelDescription) -> np.ndarray:
         raise TranscodeError(
             f"cannot render Photometric Interpretation {pi}; decode with as_rgb=True"
         )
-    if desc.bits_stored > 8:
-        shift = desc.bits_stored - 8
-        arr = np.clip(arr.astype(np.int64) >> shift, 0, 255)
-    rgb = arr.astype(np.uint8)
-    if pi == "YBR_FULL":
-        rgb = convert_color_space(rgb, "YBR_FULL", "RGB")
+    rgb = np.empty(arr.shape, dtype=np.uint8)
+    for rows in _blocks(arr):
+        block = arr[rows]
+        if desc.bits_stored > 8:
+            block = np.clip(block.astype(np.int64) >> (desc.bits_stored - 8), 0, 255)
+        block = block.astype(np.uint8)
+        rgb[rows] = convert_color_space(block, "YBR_FULL", "RGB") if pi == "YBR_FULL" else block
     return rgb
+
+
+def _blocks(arr: np.ndarray) -> Iterator[slice]:
+    """Row ranges of about BLOCK_PIXELS pixels: the pipeline's floating-point
+    temporaries (several times the frame's size) are made a block at a time, so a
+    large frame costs its decoded size plus the 8-bit result, not ten times that."""
+    step = max(1, BLOCK_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    for start in range(0, arr.shape[0], step):
+        yield slice(start, start + step)
