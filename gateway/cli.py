@@ -23,6 +23,7 @@ from gateway.config import Config, ConfigError, load_config
 from gateway.logfmt import FORMATS, PatientDataFilter, formatter
 from gateway.spool.copies import Copies
 from gateway.spool.export import export_rows
+from gateway.spool.db import SpoolDatabaseUnreadable
 from gateway.spool.lock import SpoolLocked
 from gateway.spool.queue import STATES, Spool
 from gateway.uids import is_valid_uid
@@ -79,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run(config, Path(args.config)))
-    except (OSError, SpoolLocked) as exc:
+    except (OSError, SpoolLocked, SpoolDatabaseUnreadable) as exc:  # logged, as the daemon logs
         logging.getLogger("gateway").error("cannot start: %s", exc)
         return 1
     return 0
@@ -439,7 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except SpoolDatabaseUnreadable as exc:  # any command that reads the spool
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

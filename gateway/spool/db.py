@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,20 @@ def _v6(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5, _v6]
 
 
+class SpoolDatabaseUnreadable(Exception):
+    """The spool database cannot be opened as one (a damaged file): the daemon does not
+    start on it, and says how to recover from the record files."""
+
+    def __init__(self, path: Path, reason: sqlite3.DatabaseError) -> None:
+        super().__init__(
+            f"the spool database {path} cannot be read ({reason}). The instances in the spool are "
+            f"safe in their record files under {path.parent}: move {path.name} (and any {path.name}-wal, "
+            f"{path.name}-shm) aside and start again, and start-up adopts every sealed record and queues it "
+            "for delivery (those already delivered are delivered again; storage commitment reports still "
+            "owed, routes' copies and withdrawals made with `spool discard` are forgotten)"
+        )
+
+
 class SpoolDB:
     """A small pool of connections to one spool database.
 
@@ -118,8 +133,13 @@ class SpoolDB:
         self._idle: queue.SimpleQueue[sqlite_utils.Database] = queue.SimpleQueue()
         self._open: list[sqlite_utils.Database] = []
         self._lock = threading.Lock()
-        with self.connection() as db:
-            migrate(db, MIGRATIONS)
+        try:
+            with self.connection() as db:
+                migrate(db, MIGRATIONS)
+                db.execute("SELECT count(*) FROM instances").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise SpoolDatabaseUnreadable(path, exc) from None
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite_utils.Database]:

@@ -434,6 +434,46 @@ def test_a_move_reads_ahead_only_down_to_the_floor(tmp_path: Path, small_fs: Pat
         scp.stop()
 
 
+# ---- a damaged spool database ----------------------------------------------------------
+
+
+def test_a_damaged_spool_database_stops_the_start_and_says_how_to_recover(tmp_path: Path) -> None:
+    """A spool database whose file is damaged (its header overwritten) is not started
+    on: one ERROR line says the instances are safe in their records and how to get
+    them back, with no traceback. Done as it says (the database moved aside), start-up
+    adopts every record and the archive holds them all. Before, the daemon died at
+    start with sqlite3's traceback, and so did every admin command."""
+    gw = Gateway(tmp_path / "gw").start()
+    paths = ct_series(tmp_path / "ct", 3, rows=64, columns=64)
+    assert dcmtk.storescu(gw.port, paths, gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=3, timeout=30)
+    assert gw.stop() == 0
+    database = gw.spool_dir / "spool.sqlite"
+    with open(database, "r+b") as fh:
+        fh.write(b"not a database, not at all")
+    run = gw.cli("run")
+    said = run.stdout + run.stderr
+    assert run.returncode == 1, said
+    assert f"cannot start: the spool database {database} cannot be read (file is not a database)" in said
+    assert "move spool.sqlite (and any spool.sqlite-wal, spool.sqlite-shm) aside and start again" in said
+    assert "Traceback" not in said
+    status = gw.cli("spool", "status")  # the admin commands say the same
+    assert status.returncode == 1 and "cannot be read (file is not a database)" in status.stderr, status.stderr
+    assert "Traceback" not in status.stderr
+
+    for path in gw.spool_dir.glob("spool.sqlite*"):
+        path.rename(path.with_name(path.name + ".damaged"))
+    gw.start()
+    try:
+        wait_until(lambda: "adopted 3 spooled file(s) whose rows were lost" in gw.log(), 30, 0.1, "not adopted")
+        gw.wait_counts(delivered=3, timeout=30)
+        study = dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
+        found = curl(f"{gw.web_url}/dicom-web/studies/{study}/instances", "-H", "Accept: application/dicom+json")
+        assert found.status == 200 and {o["00080018"]["Value"][0] for o in json.loads(found.body)} == {uid_of(p) for p in paths}
+    finally:
+        gw.kill()
+
+
 # ---- 12: the durability order of every acknowledgement, on the wire ----------------------
 
 
