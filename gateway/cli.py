@@ -24,11 +24,12 @@ from gateway.logfmt import FORMATS, PatientDataFilter, formatter
 from gateway.spool.copies import Copies
 from gateway.spool.export import export_rows
 from gateway.spool.db import SpoolDatabaseUnreadable
-from gateway.spool.lock import SpoolLocked
+from gateway.spool.lock import SpoolLock, SpoolLocked
 from gateway.spool.queue import STATES, Spool
 from gateway.uids import is_valid_uid
 from gateway.upstream import make_upstream
 from gateway.upstream.base import Health
+from gateway.upstream.local import ArchiveIndexUnreadable
 
 
 def setup_logging(level: str, kind: str = "text", include_patient_data: bool = False) -> None:
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run(config, Path(args.config)))
-    except (OSError, SpoolLocked, SpoolDatabaseUnreadable) as exc:  # logged, as the daemon logs
+    except (OSError, SpoolLocked, SpoolDatabaseUnreadable, ArchiveIndexUnreadable) as exc:  # logged, as the daemon logs
         logging.getLogger("gateway").error("cannot start: %s", exc)
         return 1
     return 0
@@ -207,6 +208,35 @@ def _audit_discard(config: Config, study_uid: str, description: str) -> None:
     admin = Participant(getpass.getuser(), True, socket.gethostname())
     Auditor(config, trail).deleted(admin, study_uid, True, description)
     trail.close()
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    """``archive reindex``: rebuild the embedded archive's index from its files, the
+    daemon stopped (the spool's lock is taken for the while)."""
+    from gateway.upstream.archive_reindex import reindex
+
+    config = _load(args.config)
+    if config.upstream.type != "local":
+        print(f"error: the upstream is {config.upstream.type!r}, not the embedded archive", file=sys.stderr)
+        return 2
+    lock = SpoolLock(config.spool.directory)
+    try:
+        lock.acquire()
+    except SpoolLocked as exc:
+        print(f"error: {exc}: stop the daemon first", file=sys.stderr)
+        return 1
+    try:
+        done = reindex(config.spool.directory / "archive")
+    finally:
+        lock.release()
+    for path in done.set_aside:
+        print(f"set aside: {path}")
+    print(f"indexed: {done.indexed} instance(s)")
+    for line in done.unreadable:
+        print(f"not indexed (unreadable, left in place): {line}")
+    for file in done.older_copies:
+        print(f"not indexed (an older copy of an instance indexed from a newer file, left in place): {file}")
+    return 1 if done.unreadable else 0
 
 
 def cmd_spool(args: argparse.Namespace) -> int:
@@ -383,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=cmd_check_config)
 
+    archive = sub.add_parser("archive", help="maintain the embedded archive")
+    archive_sub = archive.add_subparsers(dest="action", required=True)
+    reindex = with_config(
+        archive_sub.add_parser("reindex", help="rebuild the embedded archive's index from its files (the daemon stopped)")
+    )
+    reindex.set_defaults(func=cmd_archive)
     spool = sub.add_parser("spool", help="inspect and manage the spool")
     spool_sub = spool.add_subparsers(dest="action", required=True)
     status = with_config(spool_sub.add_parser("status", help="counts per state"))
@@ -442,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except SpoolDatabaseUnreadable as exc:  # any command that reads the spool
+    except (SpoolDatabaseUnreadable, ArchiveIndexUnreadable) as exc:  # any command that reads them
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -47,6 +47,9 @@ log = logging.getLogger("gateway.upstream")
 # Seconds `WriterProcess.close` waits for the batch in hand before killing the process.
 CLOSE_SECONDS = 20.0
 
+# What reading a malformed header raises.
+UNREADABLE = (InvalidDicomError, OSError, ValueError, EOFError, NotImplementedError, KeyError, TypeError, AttributeError)
+
 INDEXED = {
     "patient_id": "PatientID",
     "patient_name": "PatientName",
@@ -70,6 +73,30 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     if value is None or value == "":
         return None
     return str(value)
+
+
+def index_row(
+    ds: pydicom.Dataset, uids: tuple[str, str, str, str], transfer_syntax: str, size: int, stored_at: float, file: str
+) -> dict[str, Any]:
+    """The index row of an archived instance whose header is ``ds``; ``uids``: its
+    SOP Instance, SOP Class, Study and Series UIDs; ``file``: its path in the archive.
+    Raises what a malformed header raises (one of UNREADABLE)."""
+    # Elements are decoded here, not by dcmread: one pydicom cannot decode (a VR
+    # no standard defines) makes the instance as unreadable as a bad header.
+    indexed = {col: _text(ds, kw) for col, kw in INDEXED.items()}
+    sop_instance_uid, sop_class_uid, study_uid, series_uid = uids
+    return {
+        "sop_instance_uid": sop_instance_uid,
+        "sop_class_uid": sop_class_uid,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "transfer_syntax": transfer_syntax,
+        **indexed,
+        "size": size,
+        "stored_at": stored_at,
+        "metadata": header_json(ds),
+        "file": file,
+    }
 
 
 def header_json(ds: pydicom.Dataset) -> str:
@@ -119,21 +146,8 @@ class ArchiveWriter:
     def _index_row(self, inst: StoreItem, target: Path) -> dict[str, Any]:
         """The index row of a placed instance; raises what a malformed header raises."""
         ds = pydicom.dcmread(target, stop_before_pixels=True)
-        # Elements are decoded here, not by dcmread: one pydicom cannot decode (a VR
-        # no standard defines) makes the instance as unreadable as a bad header.
-        indexed = {col: _text(ds, kw) for col, kw in INDEXED.items()}
-        return {
-            "sop_instance_uid": inst.sop_instance_uid,
-            "sop_class_uid": inst.sop_class_uid,
-            "study_uid": inst.study_uid,
-            "series_uid": inst.series_uid,
-            "transfer_syntax": inst.transfer_syntax,
-            **indexed,
-            "size": inst.size,
-            "stored_at": time.time(),
-            "metadata": header_json(ds),
-            "file": str(target.relative_to(self.root)),
-        }
+        uids = (inst.sop_instance_uid, inst.sop_class_uid, inst.study_uid, inst.series_uid)
+        return index_row(ds, uids, inst.transfer_syntax, inst.size, time.time(), str(target.relative_to(self.root)))
 
     def store_batch(self, instances: Sequence[StoreItem]) -> list[StoreOutcome]:
         """Store a delivery's instances: place and index each, then make the batch
@@ -154,7 +168,7 @@ class ArchiveWriter:
                 continue
             try:
                 rows[n] = self._index_row(inst, target)
-            except (InvalidDicomError, OSError, ValueError, EOFError, NotImplementedError, KeyError, TypeError) as exc:
+            except UNREADABLE as exc:
                 target.unlink(missing_ok=True)
                 outcomes[n] = StoreOutcome("rejected", f"unreadable instance: {exc}")
         placed = [self.root / row["file"] for row in rows.values()]

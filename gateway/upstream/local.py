@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -79,6 +80,18 @@ def _v1(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[Migration] = [_v1]
 
 
+class ArchiveIndexUnreadable(Exception):
+    """The embedded archive's index cannot be opened as a database (a damaged file):
+    the daemon does not start on it, and says how to rebuild it from the files."""
+
+    def __init__(self, path: Path, reason: sqlite3.DatabaseError) -> None:
+        super().__init__(
+            f"the embedded archive's index {path} cannot be read ({reason}). The archived instances are "
+            f"intact under {path.parent / 'objects'}: rebuild the index from them with "
+            "`dicom-gateway archive reindex --config <this config>` (the daemon stopped), then start again"
+        )
+
+
 class LocalUpstream:
     """Archive on local disk under ``<spool>/archive``."""
 
@@ -101,8 +114,13 @@ class LocalUpstream:
         self._metadata = MetadataCache()
 
     def _open(self) -> sqlite_utils.Database:
-        db = connect(self.root / "index.sqlite")
-        migrate(db, MIGRATIONS)
+        path = self.root / "index.sqlite"
+        try:
+            db = connect(path)
+            migrate(db, MIGRATIONS)
+            db.execute("SELECT count(*) FROM instances").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise ArchiveIndexUnreadable(path, exc) from None
         return db
 
     async def start(self) -> None:
