@@ -73,7 +73,21 @@ def reindex(root: Path) -> Reindexed:
         _insert(db, rows, done)
     finally:
         db.close()
+        _owned_as(root)
     return done
+
+
+def _owned_as(root: Path) -> None:
+    """Give the new index the archive directory's owner: run by root (the admin's
+    sudo), it would otherwise be root's, and the daemon, running as its own user,
+    could not write it."""
+    if os.geteuid() != 0:
+        return
+    owner = root.stat()
+    for name in (INDEX, f"{INDEX}-wal", f"{INDEX}-shm"):
+        path = root / name
+        if path.exists():
+            os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def _files_oldest_first(objects: Path) -> list[tuple[Path, os.stat_result]]:

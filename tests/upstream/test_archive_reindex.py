@@ -46,12 +46,16 @@ def test_a_damaged_index_is_rebuilt_from_the_archived_files(tmp_path: Path) -> N
     assert "cannot start: the embedded archive's index" in run.stderr and "cannot be read (file is not a database)" in run.stderr
     assert "`dicom-gateway archive reindex --config <this config>`" in run.stderr and "Traceback" not in run.stderr
 
+    if os.geteuid() == 0:  # as an admin's sudo, on an archive the service's user owns
+        os.chown(archive, 65534, 65534)
     rebuilt = gw.cli("archive", "reindex")
     assert rebuilt.returncode == 1, rebuilt.stdout + rebuilt.stderr  # one file could not be indexed
     assert "indexed: 5 instance(s)" in rebuilt.stdout
     assert f"not indexed (unreadable, left in place): objects/ab/{'f' * 32}.dcm: InvalidDicomError" in rebuilt.stdout
     assert f"not indexed (an older copy of an instance indexed from a newer file, left in place): {older.relative_to(archive)}" in rebuilt.stdout
     assert "set aside: " in rebuilt.stdout and len(list(archive.glob("index.sqlite.before-reindex-*"))) == 1
+    index = (archive / "index.sqlite").stat()
+    assert (index.st_uid, index.st_gid) == (archive.stat().st_uid, archive.stat().st_gid)
 
     gw.start()
     try:
