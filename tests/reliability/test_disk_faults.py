@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,14 +220,9 @@ def test_a_stow_body_larger_than_the_free_space_is_refused_at_the_floor(tmp_path
         gw.kill()
 
 
-def test_the_facade_cache_on_a_full_disk_serves_without_keeping(
-    small_fs: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """With no block left, the facade cache cannot write: every frame is still served
-    (from the archive, asked again each time), a warning says why, nothing is counted;
-    once space is back, frames are kept again."""
-    cache = FacadeCache(small_fs / "cache", max_bytes=16 * MiB, metadata_seconds=60)
-    asked: list[int] = []
+def cached_frames(cache: FacadeCache, asked: list[int]) -> Callable[[list[int]], list[bytes]]:
+    """Frames of one instance through ``cache``, from an archive that answers frame n
+    with 300 KB of byte n and appends n to ``asked`` each time it is asked."""
 
     async def archive(numbers: list[int]) -> AsyncIterator[Frame]:
         for n in numbers:
@@ -237,14 +232,27 @@ def test_the_facade_cache_on_a_full_disk_serves_without_keeping(
     async def frames(numbers: list[int]) -> list[bytes]:
         return [f.data async for f in cache.frames("1.2.3", "1.2.3.4", "1.2.3.4.5", numbers, archive)]
 
+    return lambda numbers: asyncio.run(frames(numbers))
+
+
+def test_the_facade_cache_on_a_full_disk_serves_without_keeping(
+    small_fs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no block left, the facade cache cannot write: every frame is still served
+    (from the archive, asked again each time), a warning says why, nothing is counted;
+    once space is back, frames are kept again."""
+    cache = FacadeCache(small_fs / "cache", max_bytes=16 * MiB, metadata_seconds=60)
+    asked: list[int] = []
+    frames = cached_frames(cache, asked)
+
     filler = fill_completely(small_fs / "filler")
-    assert asyncio.run(frames([1, 2])) == [bytes([1]) * 300_000, bytes([2]) * 300_000]
-    assert asyncio.run(frames([1, 2])) == [bytes([1]) * 300_000, bytes([2]) * 300_000]
+    assert frames([1, 2]) == [bytes([1]) * 300_000, bytes([2]) * 300_000]
+    assert frames([1, 2]) == [bytes([1]) * 300_000, bytes([2]) * 300_000]
     assert asked == [1, 2, 1, 2] and cache.bytes == 0 and not cache.index
     assert "facade cache: cannot write an entry: No space left on device" in caplog.text
     filler.unlink()
-    asyncio.run(frames([1, 2]))
-    asyncio.run(frames([1, 2]))
+    frames([1, 2])
+    frames([1, 2])
     assert asked == [1, 2, 1, 2, 1, 2] and cache.bytes == 600_000
 
 
@@ -255,26 +263,19 @@ def test_the_facade_cache_on_the_spool_disk_keeps_its_floor(small_fs: Path, capl
     cache = FacadeCache(small_fs / "cache", max_bytes=16 * MiB, metadata_seconds=60)
     cache.floor = SpillArea(small_fs / "retrieve", 16 * MiB)
     asked: list[int] = []
+    frames = cached_frames(cache, asked)
 
-    async def archive(numbers: list[int]) -> AsyncIterator[Frame]:
-        for n in numbers:
-            asked.append(n)
-            yield Frame(n, bytes([n]) * 300_000, "1.2.840.10008.1.2.1")
-
-    async def frames(numbers: list[int]) -> list[bytes]:
-        return [f.data async for f in cache.frames("1.2.3", "1.2.3.4", "1.2.3.4.5", numbers, archive)]
-
-    asyncio.run(frames([1, 2]))
+    frames([1, 2])
     assert cache.bytes == 600_000
     filler = fill(small_fs / "filler", 18 * MiB)
     time.sleep(LOOK_SECONDS)  # the cache's last look at the free space (before the filler) holds that long
-    assert asyncio.run(frames([3])) == [bytes([3]) * 300_000]
+    assert frames([3]) == [bytes([3]) * 300_000]
     assert cache.bytes == 0 and not list((small_fs / "cache").iterdir())
-    assert asyncio.run(frames([1])) == [bytes([1]) * 300_000]
+    assert frames([1]) == [bytes([1]) * 300_000]
     assert asked == [1, 2, 3, 1]
     assert "facade cache: nothing kept, and its oldest entries dropped: the spool's disk is near spool.min_free_mb" in caplog.text
     filler.unlink()
-    asyncio.run(frames([3]))
+    frames([3])
     assert cache.bytes == 300_000
 
 
