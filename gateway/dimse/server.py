@@ -539,7 +539,6 @@ class DimseServer:
         assoc.dispatch(message, handler)
 
 
-
 async def _first_byte(writer: asyncio.StreamWriter, timeout: float) -> str:
     """Wait, without reading it, for a new connection's first byte: ``"sent"``, or
     ``"closed"`` (before any byte: a load balancer's TCP check), or ``"silent"`` (none
@@ -589,4 +588,3 @@ async def _handshake(writer: asyncio.StreamWriter, context: ssl.SSLContext, time
     except OSError:
         return "tls_handshake_failed", "connection lost during the TLS handshake"
     return None
-
