@@ -71,11 +71,14 @@ class SpillArea:
         with os.scandir(self.directory) as entries:
             return any(True for _ in entries)
 
-    async def room(self, may_wait: Callable[[], bool] = lambda: True) -> None:
+    async def room(self, may_wait: Callable[[], bool] = lambda: True) -> bool:
         """Wait while the area is `crowded` and ``may_wait()`` (a reader whose turn has
-        come must not wait for those queued behind it)."""
+        come must not wait for those queued behind it); returns whether it waited."""
+        waited = False
         while may_wait() and self.crowded():
+            waited = True
             await asyncio.sleep(ROOM_POLL)
+        return waited
 
     def check(self, size: int = 0) -> None:
         """Raise SpillFull when ``size`` more bytes would take the disk below the

@@ -78,6 +78,7 @@ class BulkFeed:
 
     async def _read(self, scopes: list[Scope]) -> None:
         refused, reason = 0, ""
+        paused = False  # said once
         try:
             for study_uid, series_uid in scopes:
                 answer = self.upstream.iter_instances(study_uid, series_uid, self.spill_area, self.spill_bytes)
@@ -101,7 +102,9 @@ class BulkFeed:
                         while self._held > self.max_bytes:
                             self._room.clear()
                             await self._room.wait()
-                        await self.spill_area.room()  # near the disk's floor
+                        if await self.spill_area.room() and not paused:  # near the disk's floor
+                            paused = True
+                            log.info("%s: reading ahead paused while the spool's disk is near spool.min_free_mb", self.what)
         except NotFound:
             pass  # nothing there; the search says the same
         except UpstreamError as exc:

@@ -283,6 +283,7 @@ class Pipeline:
         self._since = 0  # instances since the last report
         self._queued = 0  # instances put in the send order so far
         self._finished = 0  # ... and those the sender is done with
+        self._paused = False  # fetching waited for room on the disk (said once)
 
     async def run(self) -> Counts:
         """Look ahead, open the receiver, send in order, then what was set aside."""
@@ -352,7 +353,9 @@ class Pipeline:
     async def _fetch_gated(self, ref: InstanceRef, turn: int) -> Fetched:
         """Fetch the ``turn``-th instance of the send order; near the disk's floor, not
         before those ahead of it are sent (`SpillArea.room`)."""
-        await self.retriever.spill_area.room(lambda: self._finished < turn)
+        if await self.retriever.spill_area.room(lambda: self._finished < turn) and not self._paused:
+            self._paused = True
+            log.info("%s: fetching ahead paused while the spool's disk is near spool.min_free_mb", self.what)
         async with self._gate:
             return await self.retriever.fetch(ref)
 

@@ -412,6 +412,7 @@ def test_a_move_reads_ahead_only_down_to_the_floor(tmp_path: Path, small_fs: Pat
         (result,) = moved
         assert (result.status, result.completed, result.failed) == (0, 40, 0), result.output[-3000:]
         assert 8 <= held < 40
+        assert "reading ahead paused while the spool's disk is near spool.min_free_mb" in gw.log()
         assert lowest[0] >= 16 * MiB, f"free space fell to {lowest[0] / MiB:.1f} MiB"
         assert len(scp.wait_for_files(40)) == 40
         assert list(spill.iterdir()) == []
