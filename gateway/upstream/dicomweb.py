@@ -201,6 +201,11 @@ class DicomWebUpstream:
                 return outcomes
             if status == 409:
                 return all_("rejected", f"{http_status(409)} without a readable response")
+            if status == 413:
+                return all_("rejected", (
+                    f"{http_status(413)}: the archive, or a proxy before it, takes no request of {body.content_length}"
+                    " bytes; raise its limit, then `dicom-gateway spool retry --dead`"
+                ))
             return all_("rejected", http_status(status))
         if not parsed.parsed:
             # A 2xx with no Store Instances Response: the request as a whole succeeded.

@@ -239,3 +239,67 @@ def test_wrong_url_holds_and_ack_delivered_answers_a700(tmp_path: Path, orthanc,
     gw.start()
     gw.wait_counts(delivered=3, timeout=60)
     assert orthanc.sop_instance_uids() == {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+
+
+class _BodyLimit:
+    """An archive behind a proxy with a body limit (nginx's ``client_max_body_size``):
+    a STOW-RS longer than ``limit`` is answered 413 at once, its body unread, and the
+    connection closed; shorter ones are answered 200 with no Store Instances Response."""
+
+    def __init__(self, limit: int) -> None:
+        self.refused = 0
+
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+                return
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib name
+                length = int(self.headers.get("Content-Length") or 0)
+                if length <= limit:
+                    self.rfile.read(length)
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                outer.refused += 1
+                page = b"<html><body><h1>413 Request Entity Too Large</h1></body></html>"
+                self.send_response(413)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(page)
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+
+def test_a_body_limit_before_the_archive_kills_only_what_exceeds_it(tmp_path: Path, gateway) -> None:
+    """A proxy refusing bodies over 8 MiB (413 at once, body unread, connection
+    closed): the batch is sent again one instance at a time, the small instances are
+    delivered, and the 50 MB one is dead with a reason that says what to change and
+    how to send it again, instead of a bare "HTTP 413"."""
+    archive = _BodyLimit(8 << 20)
+    try:
+        gw = gateway(upstream_url=archive.url)
+        small = ct_series(tmp_path / "small", 2, rows=64, columns=64)
+        big = ct_series(tmp_path / "big", 1, frames=100, study_uid=str(dcmread(small[0]).StudyInstanceUID))
+        assert dcmtk.storescu(gw.port, [*small, *big], gw.ae_title).returncode == 0
+        counts = gw.wait_counts(delivered=2, dead=1, timeout=60)
+        assert counts["dead"] == 1 and counts["delivered"] == 2
+        dead = gw.cli("spool", "list", "--state", "dead", "--json")
+        (row,) = json.loads(dead.stdout)
+        assert row["sop_instance_uid"] == str(dcmread(big[0], stop_before_pixels=True).SOPInstanceUID)
+        assert re.search(
+            r"HTTP 413 Request Entity Too Large: the archive, or a proxy before it, takes no request of \d+ bytes; "
+            r"raise its limit, then `dicom-gateway spool retry --dead`", row["last_error"],
+        ), row
+    finally:
+        archive.server.shutdown()
+        archive.server.server_close()
