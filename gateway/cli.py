@@ -216,6 +216,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
     from gateway.upstream.archive_reindex import reindex
 
     config = _load(args.config)
+    setup_logging(config.logging.level)  # pydicom's warnings quote values (names, IDs) read from the files
     if config.upstream.type != "local":
         print(f"error: the upstream is {config.upstream.type!r}, not the embedded archive", file=sys.stderr)
         return 2

@@ -23,6 +23,9 @@ from tests.support.synth import ct_series
 def test_a_damaged_index_is_rebuilt_from_the_archived_files(tmp_path: Path) -> None:
     gw = Gateway(tmp_path / "gw").start()
     paths = ct_series(tmp_path / "ct", 5, rows=64, columns=64)
+    marked = dcmread(paths[1])
+    marked.PatientBirthDate = "MRKBIRTH9"  # not a date: pydicom warns, quoting it, on reading
+    marked.save_as(paths[1])
     first = dcmread(paths[0])
     try:
         assert dcmtk.storescu(gw.port, paths, gw.ae_title).returncode == 0
@@ -51,6 +54,7 @@ def test_a_damaged_index_is_rebuilt_from_the_archived_files(tmp_path: Path) -> N
     rebuilt = gw.cli("archive", "reindex")
     assert rebuilt.returncode == 1, rebuilt.stdout + rebuilt.stderr  # one file could not be indexed
     assert "indexed: 5 instance(s)" in rebuilt.stdout
+    assert "MRKBIRTH9" not in rebuilt.stdout + rebuilt.stderr  # no patient data on the admin's terminal
     assert f"not indexed (unreadable, left in place): objects/ab/{'f' * 32}.dcm: InvalidDicomError" in rebuilt.stdout
     assert f"not indexed (an older copy of an instance indexed from a newer file, left in place): {older.relative_to(archive)}" in rebuilt.stdout
     assert "set aside: " in rebuilt.stdout and len(list(archive.glob("index.sqlite.before-reindex-*"))) == 1
