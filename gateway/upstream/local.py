@@ -118,10 +118,23 @@ class LocalUpstream:
         try:
             db = connect(path)
             migrate(db, MIGRATIONS)
-            db.execute("SELECT count(*) FROM instances").fetchone()
+            (indexed,) = db.execute("SELECT count(*) FROM instances").fetchone()
         except sqlite3.DatabaseError as exc:
             raise ArchiveIndexUnreadable(path, exc) from None
+        if not indexed and self._holds_files():
+            log.warning(
+                "the embedded archive's index %s is empty, but files are stored under %s: if the index was "
+                "lost, stop the daemon and run `dicom-gateway archive reindex`, which indexes them again",
+                path, self.objects,
+            )
         return db
+
+    def _holds_files(self) -> bool:
+        """Whether any instance file lies under ``objects`` (stops at the first)."""
+        for bucket in sorted(self.objects.iterdir()):
+            if bucket.is_dir() and next(bucket.glob("*.dcm"), None) is not None:
+                return True
+        return False
 
     async def start(self) -> None:
         await self._writer.start()

@@ -80,3 +80,33 @@ def test_a_damaged_index_is_rebuilt_from_the_archived_files(tmp_path: Path) -> N
         assert_same_dataset(paths[0], tmp_path / "retrieved.dcm")
     finally:
         gw.kill()
+
+
+def test_a_lost_index_is_reported_at_start_and_rebuilt(tmp_path: Path) -> None:
+    """The index deleted (not damaged): the daemon starts on a new, empty one, which
+    would hide every archived instance without a word; it says so at start and names
+    the command, which then indexes them all again."""
+    gw = Gateway(tmp_path / "gw").start()
+    paths = ct_series(tmp_path / "ct", 3, rows=64, columns=64)
+    study = dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
+    assert dcmtk.storescu(gw.port, paths, gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=3, timeout=30)
+    assert gw.stop() == 0
+    assert "is empty, but files are stored under" not in gw.log()  # a new archive: nothing to say
+    for path in (gw.spool_dir / "archive").glob("index.sqlite*"):
+        path.unlink()
+    gw.start()
+    try:
+        assert "the embedded archive's index" in gw.log() and "is empty, but files are stored under" in gw.log()
+        assert "`dicom-gateway archive reindex`" in gw.log()
+    finally:
+        assert gw.stop() == 0
+    rebuilt = gw.cli("archive", "reindex")
+    assert rebuilt.returncode == 0 and "indexed: 3 instance(s)" in rebuilt.stdout, rebuilt.stdout + rebuilt.stderr
+    gw.start()
+    try:
+        found = curl(f"{gw.web_url}/dicom-web/studies/{study}/instances", "-H", "Accept: application/dicom+json")
+        assert found.status == 200 and len(json.loads(found.body)) == 3
+        assert gw.log().count("is empty, but files are stored under") == 1  # not at the third start
+    finally:
+        gw.kill()
