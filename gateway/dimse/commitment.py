@@ -316,10 +316,15 @@ class CommitmentService:
             )
         finally:
             await requestor.release()
-        log.info(
-            "storage commitment %s reported to %s on a new association (0x%04X)",
-            decision.transaction_uid, peer.ae_title, int(answer.get(0x0900, -1)),  # type: ignore[arg-type]
-        )
+        status = int(answer.get(0x0900, -1))  # type: ignore[arg-type]
+        if not _taken(status):
+            log.warning(
+                "storage commitment %s: %s refused the report on a new association too (0x%04X); "
+                "it is not sent again, the modality may ask again",
+                decision.transaction_uid, peer.ae_title, status,
+            )
+            return "undelivered"
+        log.info("storage commitment %s reported to %s on a new association (0x%04X)", decision.transaction_uid, peer.ae_title, status)
         return "new_association"
 
     async def _on_same_association(

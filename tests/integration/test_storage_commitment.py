@@ -174,6 +174,33 @@ def test_commitment_reported_on_a_new_association_when_refused_on_its_own(tmp_pa
         server.shutdown()
 
 
+def test_a_report_refused_on_both_associations_is_given_up_with_a_warning(tmp_path: Path, gateway) -> None:
+    """A modality that answers the report with a failure where it listens as well as on
+    its own association: one WARNING says it was refused and not sent again, and the
+    report counts as undelivered (before: logged at INFO as reported)."""
+    listener = AE(ae_title="MODALITY")
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    port = free_port()
+    server = listener.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: (0x0110, None))]
+    )
+    try:
+        peer = f'\n[[dimse.peers]]\nae_title = "MODALITY"\nhost = "127.0.0.1"\nport = {port}\n'
+        gw = gateway(extra=peer)
+        stored = ct_series(tmp_path / "ct", 1, 32, 32)
+        assert dcmtk.storescu(gw.port, stored, gw.ae_title).returncode == 0
+        transaction, ds = request(uids(stored))
+        assoc = refusing(gw, ds)
+        wait_until(lambda: "refused the report on a new association too (0x0110)" in gw.log(), 20, 0.1, "not logged")
+        assoc.release()
+        assert f"storage commitment {transaction}: MODALITY refused the report" in gw.log()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{gw.http_port}/metrics", timeout=10).read().decode()
+        assert 'gateway_storage_commitment_reports_total{via="undelivered"} 1.0' in metrics
+        assert json.loads(gw.cli("spool", "status", "--json").stdout)["commitments_owed"] == 0
+    finally:
+        server.shutdown()
+
+
 def test_instances_acknowledged_before_their_rows_are_written_are_committed(tmp_path: Path, gateway) -> None:
     """A modality asks for commitment right after its C-STOREs were answered, while the
     spool rows of those instances still wait to be written (here another process held
