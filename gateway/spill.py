@@ -113,14 +113,15 @@ class SpillArea:
 
 
 class SpillWriter:
-    """A spill file being written: room for each stretch of CHECK_BYTES (or one larger
-    write) is checked before it starts; the file is deleted when a write fails
-    (`discard`)."""
+    """A spill file being written (``length`` bytes so far): room for each stretch of
+    CHECK_BYTES (or one larger write) is checked before it starts; the file is deleted
+    when a write fails (`discard`)."""
 
     def __init__(self, area: SpillArea, path: Path) -> None:
         self.area = area
         self.path = path
         self.fh: BinaryIO = open(path, "w+b")  # noqa: SIM115 - closed in close/discard
+        self.length = 0
         self._allowed = CHECK_BYTES  # checked by `SpillArea.writer`
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -130,6 +131,14 @@ class SpillWriter:
             self._allowed = stretch
         self._allowed -= len(data)
         self.fh.write(data)
+        self.length += len(data)
+
+    def truncate(self, length: int) -> None:
+        """Cut the file back to ``length`` bytes and write on from there (a multipart
+        reader wrote the start of a delimiter split across chunks)."""
+        self.fh.truncate(length)
+        self.fh.seek(length)
+        self.length = length
 
     def close(self) -> Path:
         self.fh.close()

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.spill import SpillArea
+from gateway.spill import SpillArea, SpillWriter
 
 _BOUNDARY_RE = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 # Headers of one part never come near this; the close delimiter is at the very end.
@@ -128,32 +128,6 @@ class StreamedPart:
     length: int
 
 
-class _Spill:
-    """The file a large part's content goes to while its end is awaited (in the spill
-    area, whose floor its writer keeps)."""
-
-    def __init__(self, spill_area: SpillArea) -> None:
-        self.out = spill_area.writer(".part")
-        self.length = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out.write(data)
-        self.length += len(data)
-
-    def truncate(self, length: int) -> None:
-        """Cut the content back to ``length`` bytes (the start of a delimiter that was
-        split across chunks had been written)."""
-        self.out.fh.truncate(length)
-        self.out.fh.seek(length)
-        self.length = length
-
-    def finish(self) -> Path:
-        return self.out.close()
-
-    def discard(self) -> None:
-        self.out.discard()
-
-
 class _Body:
     """A body as it arrives: the chunk being read and the position in it; what lies
     before the position is consumed. Only short things (a delimiter, part headers)
@@ -252,7 +226,7 @@ async def iter_parts(
     delimiter = b"\r\n--" + boundary.encode("latin-1")
     seam = len(delimiter) - 1  # bytes either side of a seam a split delimiter can span
     body = _Body(chunks, b"\r\n")
-    spill: _Spill | None = None
+    spill: SpillWriter | None = None
     try:
         # the preamble, up to the first delimiter
         while (found := body.chunk.find(delimiter, body.pos)) < 0:
@@ -299,7 +273,7 @@ async def iter_parts(
             tail = bytes(chunk[max(start, len(chunk) - seam) :])  # the content's last bytes
             while True:
                 if spill is None and held > spill_bytes:
-                    spill = _Spill(spill_area)
+                    spill = spill_area.writer(".part")
                 if spill is not None:
                     for piece in pieces:
                         spill.write(piece)
@@ -337,7 +311,7 @@ async def iter_parts(
                     spill.write(piece)
                 pieces.clear()
                 done, spill = spill, None
-                yield StreamedPart(headers, None, done.finish(), done.length)
+                yield StreamedPart(headers, None, done.close(), done.length)
     finally:
         if spill is not None:
             spill.discard()
