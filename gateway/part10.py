@@ -20,6 +20,8 @@ IMPLEMENTATION_VERSION_NAME = "DICOMGW_010"
 # Explicit VRs whose length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
 LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 META_HEAD = 64 * 1024  # the File Meta group is never near this long: read this much
+# The File Preamble before ``DICM`` (PS3.10 7.1): all zeros when no profile uses it.
+PREAMBLE = 128
 
 
 class FileMeta(NamedTuple):
@@ -88,4 +90,4 @@ def file_meta_header(sop_class: str, sop_instance: str, transfer_syntax: str, so
         ]
     )
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"\x00" * 128 + b"DICM" + group_length + body
+    return bytes(PREAMBLE) + b"DICM" + group_length + body

@@ -23,9 +23,12 @@ def new_boundary() -> str:
 class FileMultipart:
     """A multipart/related body whose parts are whole files of one media type."""
 
-    def __init__(self, files: Sequence[tuple[Path, int]], part_type: str) -> None:
+    def __init__(self, files: Sequence[tuple[Path, int]], part_type: str, blank_head: int = 0) -> None:
+        """``blank_head``: the first bytes of each file sent as zeros instead, for files
+        whose start is the writer's own business (the spool's record preamble)."""
         self.files = list(files)
         self.part_type = part_type
+        self.blank_head = blank_head
         self.boundary = new_boundary()
         self._head = f"--{self.boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode("ascii")
         self._tail = f"--{self.boundary}--\r\n".encode("ascii")
@@ -35,12 +38,15 @@ class FileMultipart:
         per_part = len(self._head) + 2
         return sum(size + per_part for _, size in self.files) + len(self._tail)
 
-    def _layout(self) -> Iterator[bytes | tuple[Path, int]]:
-        """The body in order: literal bytes (part headers, CRLFs, the close delimiter)
-        and ``(path, size)`` for each file's content."""
+    def _layout(self) -> Iterator[bytes | tuple[Path, int, int]]:
+        """The body in order: literal bytes (part headers, blanked heads, CRLFs, the
+        close delimiter) and ``(path, offset, size)`` for each file's content."""
         for path, size in self.files:
             yield self._head
-            yield path, size
+            head = min(self.blank_head, size)
+            if head:
+                yield bytes(head)
+            yield path, head, size - head
             yield b"\r\n"
         yield self._tail
 
@@ -50,8 +56,9 @@ class FileMultipart:
             if isinstance(piece, bytes):
                 yield piece
                 continue
-            path, size = piece
+            path, offset, size = piece
             with open(path, "rb") as fh:
+                fh.seek(offset)
                 sent = 0
                 while sent < size:
                     chunk = await loop.run_in_executor(None, fh.read, min(CHUNK, size - sent))
@@ -69,8 +76,9 @@ class FileMultipart:
             if isinstance(piece, bytes):
                 digest.update(piece)
                 continue
-            path, size = piece
+            path, offset, size = piece
             with open(path, "rb") as fh:
+                fh.seek(offset)
                 left = size
                 while left:
                     chunk = fh.read(min(CHUNK, left))

@@ -25,7 +25,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-PREAMBLE = 128
+from gateway.part10 import PREAMBLE
+
 RECORD_MAGIC = b"DGW-REC1"
 BLANK_MAGIC = b"DGW-BLNK"
 _HEAD = struct.Struct("<8sQI64s16s")
@@ -96,6 +97,16 @@ def parse(preamble: bytes) -> Preamble:
     if preamble[:8] == BLANK_MAGIC:
         return Preamble("blank")
     return Preamble("plain")
+
+
+def outward(head: bytes) -> bytes:
+    """A Part 10 file's first bytes as they leave the gateway: a spool record's or
+    blank's preamble (its length, checksum, sender's AE title or address) is the
+    spool's own, so zeros take its place, as PS3.10 7.1 asks of an unused preamble;
+    any other file's preamble is the sender's, left as it is."""
+    if head[:8] in (RECORD_MAGIC, BLANK_MAGIC):
+        return bytes(min(PREAMBLE, len(head))) + head[PREAMBLE:]
+    return head
 
 
 def read_preamble(fd: int) -> Preamble:

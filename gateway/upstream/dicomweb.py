@@ -25,7 +25,7 @@ from gateway.dicomweb.multipart import FileMultipart
 from gateway.dicomweb.multipart_reader import MultipartError, boundary_of, iter_parts, single_part_in_file, split_parts
 from gateway.model.json import first_text
 from gateway.model.search import Search
-from gateway.part10 import META_HEAD, read_file_meta
+from gateway.part10 import META_HEAD, PREAMBLE, read_file_meta
 from gateway.dicomweb.qido import QidoOptions, query_string, resource_path, split_long_lists
 from gateway.dicomweb.stow import ALREADY_STORED, TRANSIENT, parse_stow_response
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
@@ -150,7 +150,8 @@ class DicomWebUpstream:
     async def store_instances(
         self, study_uid: str, instances: Sequence[StoreItem]
     ) -> list[StoreOutcome]:
-        body = FileMultipart([(i.path, i.size) for i in instances], mediatypes.DICOM)
+        # (each file's preamble is the spool record's own: the archive gets zeros)
+        body = FileMultipart([(i.path, i.size) for i in instances], mediatypes.DICOM, blank_head=PREAMBLE)
         headers = {
             "Content-Type": mediatypes.multipart_related(mediatypes.DICOM, body.boundary),
             "Content-Length": str(body.content_length),

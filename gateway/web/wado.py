@@ -60,6 +60,7 @@ from gateway.retrieval.listing import count_instances, search_instances
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import Fetched, inspect
 from gateway.spill import SpillArea
+from gateway.spool.record import outward
 from gateway.uids import is_valid_uid
 from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UnusableInstance, UpstreamRejected, UpstreamUnavailable
@@ -217,10 +218,9 @@ class InstanceBody:
     async def _stored(self) -> AsyncIterator[bytes]:
         r = self.retrieved
         for start in range(0, r.length, CHUNK):
-            if r.data is not None:
-                yield r.read(start, CHUNK)
-            else:
-                yield await asyncio.to_thread(r.read, start, CHUNK)
+            chunk = r.read(start, CHUNK) if r.data is not None else await asyncio.to_thread(r.read, start, CHUNK)
+            # (the embedded archive's files are spool records: their preamble stays here)
+            yield outward(chunk) if start == 0 else chunk
 
     async def _converted(self, data: Any) -> AsyncIterator[bytes]:
         yield _part10_head(self.sop_class, self.ref.sop_instance_uid, self.syntax)
