@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import re
@@ -29,9 +28,6 @@ from typing import Any
 
 import pydicom
 from aiohttp import web
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from gateway.audit.auditor import StudyTally, tally_of
 from gateway.codecs.description import PixelDescription
@@ -55,7 +51,7 @@ from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, JSON, MULT
 from gateway.dicomweb.params import whole_number
 from gateway.dicomweb.xml import native_xml
 from gateway.model.json import dataset_from_json
-from gateway.part10 import read_file_meta
+from gateway.part10 import file_meta_header, read_file_meta
 from gateway.retrieval.listing import count_instances, search_instances
 from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import Fetched, inspect
@@ -177,19 +173,6 @@ def frame_forms(accept: str | None) -> list[FrameForm]:
 # -- instances -----------------------------------------------------------------------
 
 
-def _part10_head(sop_class: str, sop_instance: str, syntax: str) -> bytes:
-    """Preamble, DICM and a File Meta group for a data set converted to ``syntax``."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
-    meta.TransferSyntaxUID = syntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    buffer = io.BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue()
-
-
 class InstanceBody:
     """One retrieved instance ready to send: stored bytes, or converted ones, as chunks."""
 
@@ -223,7 +206,8 @@ class InstanceBody:
             yield outward(chunk) if start == 0 else chunk
 
     async def _converted(self, data: Any) -> AsyncIterator[bytes]:
-        yield _part10_head(self.sop_class, self.ref.sop_instance_uid, self.syntax)
+        # (a converted data set is the gateway's writing: its File Meta says so)
+        yield file_meta_header(self.sop_class, self.ref.sop_instance_uid, self.syntax, "")
         if isinstance(data, (bytes, memoryview)):
             yield bytes(data)
             return
