@@ -68,6 +68,12 @@ class RequestorError(Exception):
     """The association to the peer could not be opened or broke down."""
 
 
+class SourceUnreadable(Exception):
+    """The file a C-STORE's data set was to come from could not be opened (the
+    archive deleted or replaced it since it was listed). Nothing of the message was
+    written, so the association is as it was: only this sub-operation fails."""
+
+
 # PS3.8 Table 9-21: (source, reason) of an A-ASSOCIATE-RJ, in the words an admin acts on.
 REJECT_REASONS = {
     (1, 1): "no reason given",
@@ -205,7 +211,10 @@ async def send_dataset(
     limit = _fragment_size(peer_max_pdu)
     chunk_size = limit * max(1, min(FILE_CHUNK // limit, IOV_MAX))
     frames = frames or FrameBuffer()
-    fd = os.open(dataset.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(dataset.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SourceUnreadable(f"the stored file cannot be opened ({exc.strerror or type(exc).__name__})") from None
     try:
         offset, remaining = dataset.offset, dataset.length
         while True:

@@ -27,7 +27,7 @@ from gateway.config import Config
 from gateway.dimse.association import Association, Message
 from gateway.dimse.command import Command, response
 from gateway.dimse.find import decode_identifier, encode_identifier
-from gateway.dimse.requestor import UNCOMPRESSED, RequestorError
+from gateway.dimse.requestor import UNCOMPRESSED, RequestorError, SourceUnreadable
 from gateway.dimse.retrieve_request import (
     CANCEL,
     OUT_OF_RESOURCES_SUBOPS,
@@ -114,6 +114,8 @@ class StoreSubOperations:
         context_id = self.contexts(sop_class_uid)[transfer_syntax]
         try:
             rsp = await self.store(context_id, sop_class_uid, sop_instance_uid, dataset)
+        except SourceUnreadable as exc:
+            return Delivery(Outcome.FAILED, str(exc))
         except RequestorError as exc:
             raise TargetLost(str(exc)) from exc
         return store_delivery(rsp)

@@ -36,7 +36,7 @@ from pydicom.uid import ImplicitVRLittleEndian, RLELossless, generate_uid
 
 from gateway.codecs import PixelDescription, encode_frame
 
-from tests.integration.test_move_retrieve import failed_list, parse_move, peers
+from tests.integration.test_move_retrieve import MoveResult, failed_list, parse_move, peers
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu, storescu_for_syntax
@@ -469,3 +469,41 @@ def test_the_facade_serves_only_whole_instances_of_the_study_asked(tmp_path: Pat
     finally:
         gw.kill()
         archive.stop()
+
+
+def test_an_instance_deleted_during_a_move_fails_alone(tmp_path: Path) -> None:
+    """An instance the embedded archive deletes (facade DELETE) after a move listed it
+    fails by itself, listed in the final response, and the move goes on over the same
+    association. Before, its missing file was taken for the destination's association
+    lost: that one was aborted and every instance after it failed (17 of 40 completed)."""
+    series = ct_series(tmp_path / "ct", 40, rows=256, columns=256)
+    scp = StoreSCP(tmp_path / "scp", ae_title="DEST").start()
+    gw = Gateway(tmp_path / "gw", extra=peers(("DEST", scp.port))).start()
+    try:
+        assert storescu(gw.port, series, gw.ae_title).returncode == 0
+        gw.wait_counts(timeout=60, delivered=len(series))
+        first, gone = (pydicom.dcmread(series[i], stop_before_pixels=True) for i in (0, 9))
+        associations = scp.log().count("Association Received")
+        scp.pause()  # the move lists and reads ahead, then waits for the destination
+        try:
+            outcome: dict[str, MoveResult] = {}
+            mover = threading.Thread(target=lambda: outcome.setdefault("move", parse_move(movescu(
+                gw.port, gw.ae_title, "DEST", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": first.StudyInstanceUID},
+                extra_args=["-v", "-d"], timeout=120,
+            ))))
+            mover.start()
+            time.sleep(1.5)
+            url = f"{gw.web_url}/dicom-web/studies/{gone.StudyInstanceUID}/series/{gone.SeriesInstanceUID}/instances/{gone.SOPInstanceUID}"
+            assert curl("-X", "DELETE", url).status == 204
+        finally:
+            scp.resume()
+        mover.join(timeout=120)
+        result = outcome["move"]
+        assert (result.status, result.completed, result.failed) == (0xB000, 39, 1), result.output[-2000:]
+        assert failed_list(result) == {str(gone.SOPInstanceUID)}
+        assert uids(scp.files()) == uids(series) - {str(gone.SOPInstanceUID)}
+        assert scp.log().count("Association Received") == associations + 1
+        assert "the stored file cannot be opened" in gw.log() and "association lost" not in gw.log()
+    finally:
+        gw.kill()
+        scp.stop()
