@@ -383,6 +383,9 @@ class HttpConfig:
     idle_timeout: float = 60.0
     # connections open at once; past it a new one is closed as soon as accepted
     max_connections: int = 1024
+    # reverse proxies (addresses or networks) whose X-Forwarded-For/-Proto/-Host say
+    # who the client is; from anyone else those headers are ignored
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1005,7 +1008,13 @@ def _http(r: _Reader) -> HttpConfig:
         compress=r.boolean("compress", d.compress),
         idle_timeout=r.number("idle_timeout", d.idle_timeout, 1, 3600),
         max_connections=r.integer("max_connections", d.max_connections, 1, 100000),
+        trusted_proxies=_strings(r, "trusted_proxies"),
     )
+    for entry in cfg.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            r.problems.append(f"http.trusted_proxies: {entry!r} is not an IP address or network")
     r.finish()
     return cfg
 

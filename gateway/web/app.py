@@ -23,7 +23,7 @@ from gateway.spill import SpillArea
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
-from gateway.web import auth, client_gone, counting, health, qido, ready, rendered, stow, wado
+from gateway.web import auth, client_gone, counting, forwarded, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
 from gateway.web.cache import FacadeCache
 from gateway.web.archive_health import ArchiveHealth
@@ -118,6 +118,7 @@ def create_app(
     app.add_routes(health.routes)
     app[metrics_routes.METRICS] = metrics
     counting.install(app)
+    forwarded.install(app, config.http.trusted_proxies)  # outermost: all the rest sees the client
     app.add_routes(metrics_routes.routes)
     app.add_routes(ready.routes)
     router = _Router(app.router)

@@ -68,6 +68,19 @@ def tls_config(port: int, archive_port: int, pem: Path) -> str:
     )
 
 
+def facade_config(port: int, gateway_port: int, pem: Path) -> str:
+    """A reverse proxy in front of the gateway's facade, as a site puts one: HTTPS
+    ended here (``pem``), the client's address appended to ``X-Forwarded-For``
+    (``option forwardfor``), the scheme it used said in ``X-Forwarded-Proto``."""
+    return (
+        "global\n    maxconn 256\n"
+        "defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n"
+        f"frontend facade\n    bind 127.0.0.1:{port} ssl crt {pem}\n    option forwardfor\n"
+        "    http-request set-header X-Forwarded-Proto https\n    default_backend gateway\n"
+        f"backend gateway\n    server gw 127.0.0.1:{gateway_port}\n"
+    )
+
+
 class HAProxy:
     """One haproxy process in the foreground; ``stop()`` ends it. ``config`` makes its
     configuration for the port it listens on (default: `dimse_config` over ``nodes``)."""
