@@ -57,6 +57,7 @@ from gateway.upstream.base import Frame, JsonObject
 
 log = logging.getLogger("gateway.web")
 _NEAR_FLOOR = Throttle()  # a disk near its floor skips every write alike
+_WRITE_FAILED = Throttle()  # so does a full one (the cache on a small disk of its own)
 # What a cache writes: segment files, and (from versions before segments) entry files.
 _ENTRY_NAME = re.compile(r"segment-[0-9]+|[0-9a-f]{64}(\.[0-9a-f]{32}\.tmp)?")
 # Studies whose changes are counted (a fetch that saw a count vanish keeps nothing).
@@ -240,24 +241,41 @@ class FacadeCache:
         try:
             placed = [(key, data, *self._place(len(data))) for key, data in items if len(data) <= self.max_bytes]
         except OSError as exc:  # no new segment file
-            log.warning("facade cache: cannot write an entry: %s", exc.strerror or type(exc).__name__)
+            self._write_failed(exc, [])
             return
         if not placed:
             return
+        failure: OSError | None = None
         try:
             await asyncio.to_thread(_write_values, [(segment.fd, data, offset) for _, data, segment, offset in placed])
         except OSError as exc:
-            log.warning("facade cache: cannot write an entry: %s", exc.strerror or type(exc).__name__)
-            written = False
-        else:
-            written = True
+            failure = exc
         for key, data, segment, offset in placed:
-            if written and segment in self._segments:  # (not evicted while written)
+            if failure is None and segment in self._segments:  # (not evicted while written)
                 self._admit(key, segment, offset, len(data), syntax, expires)
             segment.pending -= 1  # after: replacing a key must not release its segment
-        for segment in {segment for _, _, segment, _ in placed}:
+        touched = {segment for _, _, segment, _ in placed}
+        if failure is not None:
+            self._write_failed(failure, touched)
+            return
+        for segment in touched:
             self._release(segment)
         self._evict()
+
+    def _write_failed(self, exc: OSError, touched: Iterable[_Segment]) -> None:
+        """After a write that failed (a full disk: the cache on a small one of its own):
+        the segments it wrote into go, since their ends count bytes that are not there,
+        and the oldest one with them, so the next entries find room; a throttled
+        WARNING says so. Frames are served all the same, just not kept."""
+        for segment in [*touched, *list(self._segments)[:1]]:
+            if segment in self._segments:
+                self._drop_segment(segment)
+        admitted, held = _WRITE_FAILED.admit()
+        if admitted:
+            log.warning(
+                "facade cache: cannot write an entry (%s); its oldest entries dropped to make room%s",
+                exc.strerror or type(exc).__name__, left_out(held),
+            )
 
     def _admit(self, key: str, segment: _Segment, offset: int, size: int, syntax: str, expires: float) -> None:
         """Index the value just written for ``key`` (replacing its entry)."""

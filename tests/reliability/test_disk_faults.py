@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -249,11 +250,35 @@ def test_the_facade_cache_on_a_full_disk_serves_without_keeping(
     assert frames([1, 2]) == [bytes([1]) * 300_000, bytes([2]) * 300_000]
     assert frames([1, 2]) == [bytes([1]) * 300_000, bytes([2]) * 300_000]
     assert asked == [1, 2, 1, 2] and cache.bytes == 0 and not cache.index
-    assert "facade cache: cannot write an entry: No space left on device" in caplog.text
+    assert "facade cache: cannot write an entry (No space left on device)" in caplog.text
     filler.unlink()
     frames([1, 2])
     frames([1, 2])
     assert asked == [1, 2, 1, 2, 1, 2] and cache.bytes == 600_000
+
+
+def test_the_facade_cache_on_a_disk_smaller_than_its_bound_keeps_working(
+    small_fs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``http.cache.max_mb`` above what ``http.cache.directory``'s own disk holds: a
+    write that meets ENOSPC gives back the segment it wrote into and the oldest one,
+    so the next frames are kept again, and the warning comes at most ten times a
+    minute. Before, the segment's end went on counting bytes never written, every
+    later write failed with a WARNING each, and nothing new was kept until the
+    uncounted bytes reached the bound."""
+    filler = fill(small_fs / "filler", 5 * MiB)
+    cache = FacadeCache(small_fs / "cache", max_bytes=256 * MiB, metadata_seconds=60)  # segments of 16 MiB
+    asked: list[int] = []
+    frames = cached_frames(cache, asked)
+    caplog.set_level(logging.WARNING, logger="gateway.web")
+    for n in range(1, 61):  # 18 MB through 5 MiB
+        assert frames([n]) == [bytes([n]) * 300_000]
+    assert cache.bytes > 0 and cache.disk_bytes <= 5 * MiB
+    asked.clear()
+    assert frames([60]) == [bytes([60]) * 300_000] and asked == []  # the last one was kept
+    failures = [r for r in caplog.records if "cannot write an entry (No space left on device)" in r.getMessage()]
+    assert 1 <= len(failures) <= 10
+    filler.unlink()
 
 
 def test_the_facade_cache_on_the_spool_disk_keeps_its_floor(small_fs: Path, caplog: pytest.LogCaptureFixture) -> None:
