@@ -25,9 +25,13 @@ from gateway.config import HttpAuthConfig
 from gateway.metrics import Metrics
 from gateway.web.keys import ADMISSION, AUDIT, USER
 from gateway.lockout import FailedLogins
+from gateway.log_throttle import Throttle, left_out
 from gateway.web.oidc import KeysUnavailable, TokenVerifier
 
 log = logging.getLogger("gateway.web")
+# A viewer left without its token asks hundreds of frames a second, each a 401: the
+# audit trail records every one; the log says the first few of each minute and counts the rest.
+_REFUSED = Throttle()
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes; /metrics needs credentials
 WRITE_METHODS = frozenset({"POST", "PUT", "DELETE"})  # STOW-RS, Azure's PUT, DELETE
@@ -177,7 +181,9 @@ def install(
                 headers={"Retry-After": "5"},
             )
         if user is None:
-            log.warning("HTTP %s %s from %s: 401, no valid credentials", request.method, request.path, request.remote)
+            said, held = _REFUSED.admit()
+            if said:
+                log.warning("HTTP %s %s from %s: 401, no valid credentials%s", request.method, request.path, request.remote, left_out(held))
             request.app[AUDIT].refused_login(
                 web_participant(offered_user(request), request.remote), f"HTTP {request.method} {request.path}: 401"
             )

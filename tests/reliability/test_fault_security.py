@@ -19,6 +19,8 @@ from tests.reliability.test_bad_input import _instance
 from tests.reliability.test_fault_fuzz import associate_rq
 from tests.support import dcmtk
 from tests.support.daemon import Gateway
+from tests.support.audit_messages import event_of, file_messages
+from tests.support.ports import wait_until
 from tests.support.pyscu import send_files
 
 TOKEN = "fault-suite-token"
@@ -134,3 +136,26 @@ def test_facade_without_a_token_gets_401(locked: Gateway, tmp_path: Path, fault_
         assert resp.status in (200, 204)
     assert locked.log().count("401, no valid credentials") >= 3
     assert sum(locked.counts().values()) == 0
+
+
+def test_a_client_without_credentials_in_a_loop_gets_ten_log_lines_and_every_audit_event(tmp_path: Path) -> None:
+    """A viewer left without its token asks hundreds of frames a second, each a 401
+    (requests without credentials are not locked out). The audit trail records every
+    refusal; the log says the first ten of a minute. Before, each was a WARNING: 60
+    requests, 60 lines."""
+    audit = tmp_path / "audit.log"
+    gw = Gateway(tmp_path / "gw", http_auth={"bearer_tokens": [TOKEN]}, extra=f'\n[audit]\nfile = "{audit}"\n').start()
+    try:
+        for _ in range(60):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{gw.web_url}/dicom-web/studies", timeout=10)
+            assert refused.value.code == 401
+        assert gw.log().count("401, no valid credentials") == 10
+        wait_until(lambda: len(refusals(audit)) == 60, 10, 0.2, "audit events missing")
+    finally:
+        gw.kill()
+
+
+def refusals(audit: Path) -> list[object]:
+    """The trail's User Authentication failures (110114, minor failure)."""
+    return [m for m in file_messages(audit) if event_of(m)[0] == "110114"]
