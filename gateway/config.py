@@ -190,6 +190,9 @@ class DimseConfig:
     shutdown_grace: float = 10.0
     tls: TlsConfig | None = None  # [dimse.tls]: a second, TLS-only port
     user_identity: UserIdentityConfig = field(default_factory=UserIdentityConfig)
+    # load balancers (addresses or networks) whose connections begin with a PROXY
+    # protocol header naming the client (HAProxy's send-proxy, send-proxy-v2)
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def own_ae_titles(self) -> frozenset[str]:
@@ -616,6 +619,7 @@ def _dimse(r: _Reader) -> DimseConfig:
         shutdown_grace=r.number("shutdown_grace", d.shutdown_grace, 0, 3600),
         tls=_tls(r, dimse=True),
         user_identity=_user_identity(r.sub("user_identity")),
+        trusted_proxies=_networks(r, "trusted_proxies"),
     )
     for i, p in enumerate(peers):
         if p.require_user_identity and not cfg.user_identity.enabled:
@@ -902,6 +906,17 @@ def _retrieve(r: _Reader) -> RetrieveConfig:
     return cfg
 
 
+def _networks(r: _Reader, key: str) -> tuple[str, ...]:
+    """A list of IP addresses or networks (``trusted_proxies``)."""
+    entries = _strings(r, key)
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            r.problems.append(f"{r._key(key)}: {entry!r} is not an IP address or network")
+    return entries
+
+
 def _strings(r: _Reader, key: str) -> tuple[str, ...]:
     """A list of strings, each of which may be ``"env:NAME"`` (secrets)."""
     raw = r._raw(key)
@@ -1008,13 +1023,8 @@ def _http(r: _Reader) -> HttpConfig:
         compress=r.boolean("compress", d.compress),
         idle_timeout=r.number("idle_timeout", d.idle_timeout, 1, 3600),
         max_connections=r.integer("max_connections", d.max_connections, 1, 100000),
-        trusted_proxies=_strings(r, "trusted_proxies"),
+        trusted_proxies=_networks(r, "trusted_proxies"),
     )
-    for entry in cfg.trusted_proxies:
-        try:
-            ipaddress.ip_network(entry.strip(), strict=False)
-        except ValueError:
-            r.problems.append(f"http.trusted_proxies: {entry!r} is not an IP address or network")
     r.finish()
     return cfg
 

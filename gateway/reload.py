@@ -4,7 +4,8 @@ Reloaded: who may associate and do what (``dimse.peers``, ``require_known_peers`
 ``check_called_ae``, ``[dimse.user_identity]``: its users and passcodes),
 where copies go (``dimse.routes``: for what is received from then on), the
 association limits and timeouts (``max_associations``, ``ack_timeout``,
-``network_timeout``, ``acse_timeout``, ``dimse_timeout``, ``shutdown_grace``), the disk
+``network_timeout``, ``acse_timeout``, ``dimse_timeout``, ``shutdown_grace``), the load
+balancers whose PROXY protocol headers are taken (``trusted_proxies``), the disk
 limits (``spool.min_free_mb``, ``spool.max_size_mb``), ``logging.level`` and where audit
 messages go (``[audit]``: the replaced trail sends what it holds first). Running
 associations keep the timeouts they started with and are never dropped. Everything
@@ -22,7 +23,7 @@ from gateway.config import Config
 RELOADABLE = {
     "dimse": (
         "peers", "routes", "require_known_peers", "check_called_ae", "user_identity", "max_associations", "ack_timeout",
-        "network_timeout", "acse_timeout", "dimse_timeout", "shutdown_grace",
+        "network_timeout", "acse_timeout", "dimse_timeout", "shutdown_grace", "trusted_proxies",
     ),
     "spool": ("min_free_mb", "max_size_mb"),
     "logging": ("level",),

@@ -201,6 +201,7 @@ class Association:
         *,
         audit: Auditor,
         address: str,
+        where: str,
         identity: Identity | None = None,
     ) -> None:
         """``dimse_timeout`` bounds every write: how long a peer may read nothing.
@@ -209,7 +210,8 @@ class Association:
         set is then not written. ``receive``: a new spool file for a C-STORE's data set
         (`Spool.receive`); None: C-STORE data sets are refused. ``metrics``: where each request's final status and
         duration go. ``audit``: the audit trail its services report to; ``address``: the
-        peer's IP address, as audit messages name it; ``identity``: the user the
+        peer's IP address, as audit messages name it, ``where`` its address and port
+        (the client a load balancer's PROXY protocol header named, if any); ``identity``: the user the
         association acts for (User Identity Negotiation), None when it named none."""
         self.identity = identity
         self.metrics = metrics
@@ -221,8 +223,7 @@ class Association:
         self.rq = rq
         self.calling_ae = rq.calling_ae
         self.called_ae = rq.called_ae
-        peer = writer.get_extra_info("peername") or ("?", 0)
-        self.peer = f"{rq.calling_ae}@{peer[0]}:{peer[1]}"
+        self.peer = f"{rq.calling_ae}@{where}"
         self.contexts = contexts
         self.peer_max_pdu = rq.max_pdu_length
         self.receive = receive

@@ -37,6 +37,7 @@ from gateway.dimse.association import (
     read_pdu,
 )
 from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VERIFICATION, response
+from gateway.dimse.proxy_protocol import ProxyHeaderError, read_header
 from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, Identity, Outcome, TokenCheck, check_identity
 from gateway.lockout import FailedLogins
 from gateway.log_throttle import Throttle, left_out
@@ -44,6 +45,7 @@ from gateway.audit.auditor import Auditor, dimse_participant, ip_of
 from gateway.audit.message import Participant
 from gateway.metrics import Metrics
 from gateway.spool.receipt import Receipt
+from gateway.trusted import address_of, is_trusted, networks
 
 log = logging.getLogger("gateway.dimse")
 
@@ -310,6 +312,25 @@ class DimseServer:
         assoc: Association | None = None
         how = "closed"
         try:
+            if is_trusted(address_of(str(peer[0])), networks(self.config.dimse.trusted_proxies)):
+                try:
+                    source = await read_header(writer, self.config.dimse.acse_timeout)
+                except ProxyHeaderError as exc:
+                    how = f"aborted (from a dimse.trusted_proxies address: {exc})"
+                    return
+                except TimeoutError:
+                    how = "aborted (no PROXY protocol header within dimse.acse_timeout)"
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    how = "closed without a word"
+                    return
+                if source is not None:
+                    where = f"{source[0]}:{source[1]}"  # the client the load balancer passes on
+                if tls is None:  # (the TLS port waits for its first byte itself)
+                    if await _first_byte(writer, self.config.dimse.acse_timeout) == "closed":
+                        how = "closed without a word"  # the proxy's health check, header and all
+                        return
+                    cast(asyncio.Transport, writer.transport).resume_reading()
             if tls is not None and not await self._start_tls(writer, tls, where):
                 return
             assoc = await self._associate(reader, writer, where)
@@ -439,7 +460,7 @@ class DimseServer:
         roles = self.negotiate_roles(rq, accepted)
         assoc = Association(
             reader, writer, rq, accepted, self.receive, d.dimse_timeout, self.space_problem,
-            metrics=self.metrics, audit=self.audit, address=ip_of(where), identity=outcome.identity,
+            metrics=self.metrics, audit=self.audit, address=ip_of(where), where=where, identity=outcome.identity,
         )
         assoc.scp_roles = frozenset(r.sop_class_uid for r in roles if r.scp_role)
         # Counted before the A-ASSOCIATE-AC goes out: another RQ negotiated while it

@@ -12,41 +12,15 @@ are believed only from the addresses of ``http.trusted_proxies``.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from gateway.trusted import Network, address_of, is_trusted, networks
 
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
-
-
-def networks(entries: Sequence[str]) -> list[Network]:
-    """``http.trusted_proxies`` as networks: an address is a network of one. Raises
-    ValueError naming an entry that is neither."""
-    return [ipaddress.ip_network(entry.strip(), strict=False) for entry in entries]
-
-
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    text = text.strip()
-    if text.startswith("[") and "]" in text:  # [v6]:port
-        text = text[1 : text.index("]")]
-    elif text.count(":") == 1:  # v4:port
-        text = text.split(":", 1)[0]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped  # ::ffff:10.0.0.1, as a dual-stack socket shows an IPv4 peer
-    return address
-
-
-def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None, trusted: Sequence[Network]) -> bool:
-    return address is not None and any(address in network for network in trusted)
 
 
 def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]) -> str | None:
@@ -55,16 +29,16 @@ def client_address(peer: str | None, forwarded_for: Sequence[str], trusted: Sequ
     so everything left of an untrusted hop is that hop's own say). ``peer`` itself when
     it is not trusted; the last trusted hop when the next one to the left is not an
     address at all, or when every hop is trusted."""
-    if not _trusted(_address(peer or ""), trusted):
+    if not is_trusted(address_of(peer or ""), trusted):
         return peer
     client = peer
     hops = [hop for value in forwarded_for for hop in value.split(",")]
     for hop in reversed(hops):
-        address = _address(hop)
+        address = address_of(hop)
         if address is None:
             return client
         client = str(address)
-        if not _trusted(address, trusted):
+        if not is_trusted(address, trusted):
             return client
     return client
 
@@ -78,13 +52,13 @@ def _first(value: str | None) -> str:
 def install(app: web.Application, trusted_proxies: Sequence[str]) -> None:
     """Outermost middleware: a request from a trusted proxy goes on as its client's,
     with the client's address, scheme and host; any other request as it came."""
-    trusted = networks(trusted_proxies)
+    trusted = networks(tuple(trusted_proxies))
     if not trusted:
         return
 
     @web.middleware
     async def from_client(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not _trusted(_address(request.remote or ""), trusted):
+        if not is_trusted(address_of(request.remote or ""), trusted):
             return await handler(request)
         changes: dict[str, str] = {}
         client = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted)

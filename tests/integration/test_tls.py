@@ -6,18 +6,14 @@ another CA that the gateway must refuse."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import struct
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
@@ -33,26 +29,6 @@ from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.pki import Pki
 from tests.support.ports import free_port, wait_until
-
-@pytest.fixture
-def tls_gateway(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Gateway]]:
-    """Factory: a gateway whose config names its certificate files relative to itself
-    (they are copied beside the config file), with ``[dimse.tls]`` on ``tls_port``."""
-    started: list[Gateway] = []
-
-    def make(dimse_tls: str = "", http_tls: str = "", **kwargs: Any) -> Gateway:
-        workdir = tmp_path / f"gw{len(started)}"
-        workdir.mkdir()
-        for name in ("server.crt", "server.key", "ca.crt"):
-            shutil.copy(pki.directory / name, workdir / name)
-        gw = Gateway(workdir, extra=dimse_tls + http_tls, **kwargs)
-        started.append(gw)
-        return gw.start()
-
-    yield make
-    for gw in started:
-        gw.kill()
-
 
 def _dimse_tls(port: int, ca: bool = True) -> str:
     return (

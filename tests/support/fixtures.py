@@ -8,6 +8,7 @@ failure the Orthanc/storescp logs and received files can still be read.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,6 +91,26 @@ def browser() -> Iterator[Any]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """One throwaway PKI for every TLS test of the run (see tests.support.pki)."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_gateway(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Gateway]]:
+    """Factory: a gateway whose config names its certificate files relative to itself
+    (they are copied beside the config file), with ``[dimse.tls]`` on ``tls_port``."""
+    started: list[Gateway] = []
+
+    def make(dimse_tls: str = "", http_tls: str = "", **kwargs: Any) -> Gateway:
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        for name in ("server.crt", "server.key", "ca.crt"):
+            shutil.copy(pki.directory / name, workdir / name)
+        gw = Gateway(workdir, extra=dimse_tls + http_tls, **kwargs)
+        started.append(gw)
+        return gw.start()
+
+    yield make
+    for gw in started:
+        gw.kill()
 
 
 @contextmanager

@@ -33,6 +33,21 @@ def dimse_config(port: int, nodes: Sequence[int], check_interval_ms: int = 500) 
     )
 
 
+def proxy_protocol_config(port: int, v1_port: int, gateway_port: int, source: str) -> str:
+    """The DIMSE front end passing each connection on with a PROXY protocol header
+    naming its client: version 2 on ``port`` (with its health checks, which send the
+    LOCAL command), version 1 on ``v1_port``; HAProxy connects to the gateway from
+    ``source``, so the gateway tells it from its clients on one loopback."""
+    return (
+        "global\n    maxconn 256\n"
+        "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 10m\n    timeout server 10m\n"
+        f"frontend v2\n    bind 127.0.0.1:{port}\n    default_backend v2\n"
+        f"frontend v1\n    bind 127.0.0.1:{v1_port}\n    default_backend v1\n"
+        f"backend v2\n    server gw 127.0.0.1:{gateway_port} send-proxy-v2 source {source} check inter 300ms\n"
+        f"backend v1\n    server gw 127.0.0.1:{gateway_port} send-proxy source {source}\n"
+    )
+
+
 def jwt_config(port: int, archive_port: int, secret: str, audience: str) -> str:
     """An HTTP front end passing to the archive on ``archive_port`` only requests whose
     ``Authorization: Bearer`` JWT is signed with ``secret`` (HS256), names ``audience``

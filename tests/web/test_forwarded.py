@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.web.forwarded import client_address, networks
+from gateway.trusted import networks
+from gateway.web.forwarded import client_address
 
-TRUSTED = networks(["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"])
+TRUSTED = networks(("10.0.0.0/8", "192.0.2.7", "2001:db8::/32"))
 
 
 @pytest.mark.parametrize(
