@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from gateway.audit.auditor import Auditor, tally_of
 from gateway.config import SpoolConfig
+from gateway.log_throttle import Throttle, left_out
 from gateway.metrics import Metrics
 from gateway.spool.queue import Outcome, Spool, SpooledInstance
 from gateway.upstream.base import Upstream
@@ -108,6 +109,7 @@ class Forwarder:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._stop = asyncio.Event()
+        self._db_errors = Throttle(burst=1)  # every worker meets a failing database alike, again and again
         self.problems = Problems()
         self._hold: Hold | None = None
         # Told (study UID, [(series UID, SOP Instance UID)]) of each delivered batch, so
@@ -172,7 +174,12 @@ class Forwarder:
             except asyncio.CancelledError:
                 raise
             except sqlite3.Error as exc:
-                log.error("spool database error (%s: %s); forwarder retries in %.1f s", type(exc).__name__, exc, pause)
+                said, held = self._db_errors.admit()
+                if said:
+                    log.error(
+                        "spool database error (%s: %s); forwarder retries in %.1f s%s",
+                        type(exc).__name__, exc, pause, left_out(held),
+                    )
                 await self._pause(pause)
                 pause = min(pause * 2, IDLE_POLL)
             except Exception as exc:  # noqa: BLE001 - a bug must not stop delivery for good

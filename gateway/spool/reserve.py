@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.log_throttle import Throttle, left_out
 from gateway.spool.disk import Disk
 from gateway.spool.record import BLANK_PREAMBLE, PREAMBLE
 
@@ -62,6 +63,7 @@ class Reserve:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._failures = Throttle(burst=1)  # a read-only or failing disk fails every try alike
 
     @property
     def ready_bytes(self) -> int:
@@ -124,7 +126,9 @@ class Reserve:
             try:
                 made = self._make(count, size)
             except OSError as exc:
-                log.warning("could not prepare blank spool files: %s", exc.strerror or exc)
+                said, held = self._failures.admit()
+                if said:
+                    log.warning("could not prepare blank spool files: %s%s", exc.strerror or exc, left_out(held))
                 with self._cond:
                     self._cond.wait(5.0)
                 continue

@@ -33,7 +33,7 @@ from tests.support.curl import curl
 from tests.support.daemon import REPO, Gateway
 from tests.support.dcmtk import StoreSCP, movescu
 from tests.support.orthanc import build_multipart_related
-from tests.support.ports import port_is_open, wait_until
+from tests.support.ports import free_port, port_is_open, wait_until
 from tests.support.pyscu import send_files
 from tests.support.synth import ct_series
 
@@ -683,3 +683,33 @@ def record_not_durable(calls: list[Call], final: str, moment: Call) -> str | Non
     if not any(path == directory and creation.end < c.start and c.end < moment.start for c, path in fsyncs):
         return "its directory entry was synced"
     return None
+
+
+def test_a_spool_disk_gone_read_only_refuses_stores_and_says_so_once(tmp_path: Path, small_fs: Path) -> None:
+    """ext4 turns itself read-only on an error it cannot repair (``errors=remount-ro``,
+    provoked here through its ``trigger_fs_error`` knob). A C-STORE is then refused
+    with 0xA700 (the modality keeps the instance), /readyz answers 503 naming the
+    cause (a load balancer sends modalities to the other node), and the log says so
+    once: before, each forwarder worker logged an ERROR every few seconds and the
+    reserve a WARNING every five, some 70,000 lines a day until someone came."""
+    subprocess.run(["/usr/bin/mount", "-o", "remount,errors=remount-ro", str(small_fs)], check=True)
+    device = Path(subprocess.run(
+        ["/usr/bin/findmnt", "-n", "-o", "SOURCE", str(small_fs)], capture_output=True, text=True, check=True,
+    ).stdout.strip()).name
+    # an archive that is not there: the first instances wait in the spool, retried
+    gw = Gateway(tmp_path / "gw", spool_dir=small_fs / "spool", upstream_url=f"http://127.0.0.1:{free_port()}/dicom-web").start()
+    try:
+        first = ct_series(tmp_path / "first", 2, rows=64, columns=64)
+        assert dcmtk.storescu(gw.port, first, gw.ae_title).returncode == 0
+        wait_until(lambda: "will be retried" in gw.log(), 30, 0.2, "no delivery attempt")
+        Path(f"/sys/fs/ext4/{device}/trigger_fs_error").write_text("test\n")
+        later = ct_series(tmp_path / "later", 1, rows=64, columns=64)
+        result = dcmtk.storescu(gw.port, later, gw.ae_title, extra_args=["-v"])
+        assert "Received Store Response (Refused: OutOfResources)" in result.stdout + result.stderr
+        ready = curl(f"{gw.web_url}/readyz")
+        assert ready.status == 503 and "Read-only file system" in ready.json()["checks"]["spool"]["detail"]
+        time.sleep(12)  # the forwarder's and the reserve's retries: several each
+        log = gw.log()
+        assert log.count("spool database error") == 1 and log.count("could not prepare blank spool files") == 1, log[-3000:]
+    finally:
+        gw.kill()
