@@ -327,8 +327,10 @@ class DimseServer:
                 if source is not None:
                     where = f"{source[0]}:{source[1]}"  # the client the load balancer passes on
                 if tls is None:  # (the TLS port waits for its first byte itself)
-                    if await _first_byte(writer, self.config.dimse.acse_timeout) == "closed":
-                        how = "closed without a word"  # the proxy's health check, header and all
+                    first = await _first_byte(writer, self.config.dimse.acse_timeout)
+                    if first != "sent":
+                        # the proxy's health check, header and all; or a client that says nothing
+                        how = "closed without a word" if first == "closed" else "aborted (network timeout)"
                         return
                     cast(asyncio.Transport, writer.transport).resume_reading()
             if tls is not None and not await self._start_tls(writer, tls, where):
