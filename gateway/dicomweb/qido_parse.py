@@ -111,6 +111,11 @@ def parse_qido(
         tags = [attribute_tag(p) for p in path]
         values = [v for v in value.split(",")] if value else [""]
         if len(tags) == 1:
+            if value and keyword_vr(tags[0]) == "SQ":
+                raise QueryError(
+                    f"{tag_name(tags[0])}: a sequence takes no value; match on an attribute of its items"
+                    f" ({tag_name(tags[0])}.<attribute>=<value>)"
+                )
             plain.setdefault(tags[0], []).extend(values)
         else:
             if keyword_vr(tags[0]) != "SQ":

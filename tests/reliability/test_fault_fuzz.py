@@ -1,5 +1,6 @@
 """Seeded fuzzing of everything the network reaches: upper-layer PDUs from raw sockets,
-data sets inside otherwise valid C-STOREs, and multipart bodies on the facade's STOW-RS.
+data sets inside otherwise valid C-STOREs, multipart bodies on the facade's STOW-RS, and
+QIDO-RS query strings.
 Every case must be answered or closed within a bound (no hang), the daemon must stay
 up (no crash) without its memory growing past a margin, and a normal C-STORE and STOW
 succeed afterwards. The seed is fixed, so a failing case replays exactly.
@@ -12,6 +13,7 @@ import random
 import socket
 import struct
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from tests.support.synth import ct_series
 
 SEED = 20261126
 PDU_CASES, DATASET_CASES, STOW_CASES = (3000, 1000, 1000) if FULL_SCALE else (1000, 250, 250)
+QIDO_CASES = 1500 if FULL_SCALE else 500
 #: Seconds a case may take to be answered or closed before it counts as a hang.
 BOUND = 10.0
 #: RSS growth over a run that counts as unbounded (the daemon's own caches are small).
@@ -350,6 +353,58 @@ def test_fuzzed_stow_bodies(fuzz_gateway: Gateway, samples: list[Path], tmp_path
     assert growth < RSS_MARGIN_MB
     assert not [s for s in statuses if s >= 500], statuses
     assert_still_serves(gw, tmp_path)
+
+
+QIDO_KEYS = (
+    "PatientName", "00100010", "PatientID", "PatientBirthDate", "IssuerOfPatientID", "StudyDate", "StudyTime",
+    "AccessionNumber", "ModalitiesInStudy", "StudyInstanceUID", "0020000D", "SeriesInstanceUID", "SOPInstanceUID",
+    "Modality", "SeriesNumber", "InstanceNumber", "ReferringPhysicianName", "StudyDescription", "SOPClassUID",
+    "Rows", "00091001", "7FE00010", "SpecificCharacterSet", "TimezoneOffsetFromUTC", "ReferencedSOPSequence",
+    "00081199", "ReferencedSOPSequence.ReferencedSOPClassUID", "00400275.00321060", "A.B.C", "NotAKeyword",
+    "includefield", "fuzzymatching", "limit", "offset",
+)
+QIDO_VALUES = (
+    "", "*", "?", "a*b?c", "-", "20200101-", "-20201231", "20200101-20191231", "2020", "20201340", "1.2.3",
+    "1.2.3\\4.5.6", "\\", "%", "'", '"', "<x>", "\u03a9", "\u65e5\u672c", "\x00", "\x7f", "A" * 3000, "0", "-1", "1e9",
+    "NaN", "true", "all", "=", "a^b^c^d^e^f", "CT\\MR", "120000-130000", "25", "+0100", "*" * 300, "1..2", ",", "a,b",
+)
+QIDO_RESOURCES = ("studies", "series", "instances", "studies/1.2.3/series", "studies/1.2.3/instances",
+                  "studies/1.2.3/series/1.2.4/instances", "series/1.2.4/instances")
+
+
+def test_fuzzed_qido_queries(fuzz_gateway: Gateway, samples: list[Path], fault_summary: FaultSummary) -> None:
+    """Found by this fuzzing: a sequence attribute given a value
+    (``ReferencedSOPSequence=x``) was answered 500 (an AttributeError); a query the
+    gateway cannot run is a 400 naming the key."""
+    gw = fuzz_gateway
+    assert dcmtk.storescu(gw.port, samples, gw.ae_title).returncode == 0
+    rng = random.Random(SEED + 3)
+    statuses: dict[int, int] = {}
+
+    def one(n: int) -> bool:
+        pairs = [(rng.choice(QIDO_KEYS), rng.choice(QIDO_VALUES)) for _ in range(rng.randint(1, 4))]
+        accept = rng.choice(("application/dicom+json", 'multipart/related; type="application/dicom+xml"', "*/*"))
+        path = f"/dicom-web/{rng.choice(QIDO_RESOURCES)}?{urllib.parse.urlencode(pairs)}"
+        started = time.monotonic()
+        connection = http.client.HTTPConnection("127.0.0.1", gw.http_port, timeout=BOUND)
+        try:
+            connection.request("GET", path, headers={"Accept": accept})
+            response = connection.getresponse()
+            response.read()
+        except TimeoutError:
+            return False
+        finally:
+            connection.close()
+        statuses[response.status] = statuses.get(response.status, 0) + 1
+        return time.monotonic() - started < BOUND
+
+    hangs, growth = run_cases(gw, QIDO_CASES, one)
+    fault_summary.fuzz.append({"target": "QIDO-RS query strings", "cases": QIDO_CASES, "crashes": int(not gw.running),
+                               "hangs": hangs, "rss_growth_mb": round(growth, 1)})
+    assert hangs == 0, statuses
+    assert growth < RSS_MARGIN_MB
+    assert not [s for s in statuses if s >= 500], statuses
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, statuses
 
 
 def test_undecodable_element_does_not_hold_up_its_study(tmp_path: Path, gateway) -> None:
