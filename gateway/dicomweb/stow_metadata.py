@@ -28,6 +28,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from pydicom import Dataset
 from pydicom.charset import default_encoding
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
@@ -264,6 +265,40 @@ def _encode(ds: Dataset, encoding: Any) -> bytes:
     return fp.getvalue()
 
 
+def _defined_vrs(tag: int) -> frozenset[str] | None:
+    """The VRs PS3.6 allows a public attribute (``US or SS``: either); None for private
+    and unknown ones, whose VR is the sender's to say."""
+    if (tag >> 16) % 2:
+        return None
+    try:
+        return frozenset(dictionary_VR(tag).split(" or "))
+    except KeyError:
+        return None
+
+
+def _check_vrs(elements: Iterator[tuple[int, str]], uids: tuple[str, str, str, str]) -> None:
+    """Explicit VR encoding writes the VR each element was given, and the metadata may
+    give a public attribute one PS3.5 7.1.2 forbids (BitsAllocated as PN). Such a file
+    breaks whoever reads it later (Orthanc then fails every search of its study), so
+    the instance fails here; UN stays allowed, as for a value whose VR is unknown."""
+    for tag, vr in elements:
+        allowed = _defined_vrs(tag)
+        if allowed is not None and vr != "UN" and vr not in allowed:
+            name = keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+            raise NotBuilt(
+                CANNOT_UNDERSTAND, f"the metadata gives {name} the VR {vr}; PS3.6 defines {' or '.join(sorted(allowed))}", uids
+            )
+
+
+def _vrs_of(ds: Dataset) -> Iterator[tuple[int, str]]:
+    """(tag, VR) of every element of ``ds``, those in its sequences' items too."""
+    for element in ds:
+        yield int(element.tag), element.VR
+        if element.VR == "SQ":
+            for item in element.value or ():
+                yield from _vrs_of(item)
+
+
 def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> BuiltInstance:
     """The Part 10 file one metadata object describes, its bulk data taken from
     ``bulk`` (parts by Content-Location). Raises NotBuilt."""
@@ -287,6 +322,8 @@ def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> Buil
         raise NotBuilt(CANNOT_UNDERSTAND, "the metadata's sequences are nested too deeply", uids) from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad JSON
         raise NotBuilt(CANNOT_UNDERSTAND, f"the metadata is not valid DICOM JSON: {type(exc).__name__}", uids) from exc
+    _check_vrs(_vrs_of(ds), uids)
+    _check_vrs(((tag, vr) for tag, (vr, _) in top.items()), uids)
     declared = str(ds.get((0x0002, 0x0010)).value) if (0x0002, 0x0010) in ds else None
     for tag in [t for t in ds.keys() if t.group == 0x0002]:
         del ds[tag]  # the File Meta group is the gateway's to write

@@ -127,7 +127,11 @@ def test_the_part_or_the_metadata_names_the_syntax() -> None:
         ({"7FE00010": {"vr": "OB", "BulkDataURI": "missing"}}, {}, CANNOT_UNDERSTAND, "Content-Location"),
         ({"00080018": {"vr": "UI", "Value": ["not a uid"]}}, {}, DATA_SET_MISMATCH, "SOPInstanceUID"),
         ({"PatientName": {"vr": "PN", "Value": [{"Alphabetic": "A^B"}]}}, {}, CANNOT_UNDERSTAND, "not a tag"),
-        ({"00280010": {"vr": "XX", "Value": [1]}}, {}, CANNOT_UNDERSTAND, "cannot be encoded: NotImplementedError at (0028,0010)"),
+        ({"00091010": {"vr": "XX", "Value": [1]}}, {}, CANNOT_UNDERSTAND, "cannot be encoded: NotImplementedError at (0009,1010)"),
+        # a VR PS3.6 does not give the attribute: the file would break its readers
+        ({"00280100": {"vr": "PN", "Value": ["1.2.3"]}}, {}, CANNOT_UNDERSTAND, "gives BitsAllocated the VR PN; PS3.6 defines US"),
+        ({"00081199": {"vr": "SQ", "Value": [{"00081150": {"vr": "AS", "Value": ["x"]}}]}}, {}, CANNOT_UNDERSTAND,
+         "gives ReferencedSOPClassUID the VR AS"),
         ({"7FE00010": {"vr": "OB", "BulkDataURI": "png"}}, {"png": ("image/png", b"\x89PNG")}, SYNTAX_NOT_SUPPORTED, "image/png"),
         ({"7FE00010": {"vr": "OB", "BulkDataURI": "j"}, "00020010": {"vr": "UI", "Value": ["1.2.840.10008.1.2.4.90"]}},
          {"j": ("image/jpeg", b"")}, SYNTAX_NOT_SUPPORTED, "cannot hold"),

@@ -203,3 +203,28 @@ def _post(url: str, part_type: str, body: bytes, directory: Path):  # type: igno
         "-X", "POST", "--header", f'Content-Type: multipart/related; type="{part_type}"; boundary={BOUNDARY}',
         "--header", "Accept: application/dicom+json", "--data-binary", f"@{request_file}", url,
     )
+
+
+def test_a_vr_the_standard_does_not_give_fails_alone_and_keeps_the_archive_searchable(
+    orthanc: Orthanc, gateway, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """Found by fuzzing STOW-RS metadata: an object giving a public attribute a VR that
+    PS3.6 does not (BitsAllocated as PN) was encoded as given and delivered; Orthanc
+    stored it, then answered 400 ("Bad file format") to every instance search of its
+    study, and to ``/instances`` with no key at all. It now fails alone (0xC000, the
+    reason names the attribute); its study-mate is stored, and the archive's searches
+    stay whole."""
+    gw = gateway(upstream_url=orthanc.dicomweb_url)
+    good = _common(SERIES_PHOTO, PHOTO, SC)
+    bad = {**_common(SERIES_PHOTO, BROKEN, SC), "00280100": {"vr": "PN", "Value": ["1.2.3"]}}
+    body = f"--{BOUNDARY}\r\nContent-Type: application/dicom+json\r\n\r\n".encode() + json.dumps([good, bad]).encode()
+    r = _post(f"{gw.web_url}/dicom-web/studies", "application/dicom+json", body + f"\r\n--{BOUNDARY}--\r\n".encode(), tmp_path)
+    assert r.status == 202, r.body
+    failed = r.json()["00081198"]["Value"]
+    assert [(f["00081155"]["Value"], f["00081197"]["Value"]) for f in failed] == [([BROKEN], [0xC000])]
+    gw.wait_counts(delivered=1)
+    assert orthanc.sop_instance_uids() == {PHOTO}
+    for path in (f"/dicom-web/studies/{STUDY}/instances", "/dicom-web/instances"):
+        status, _, _ = orthanc._request("GET", path)
+        assert status == 200, path
+    assert "gives BitsAllocated the VR PN" in gw.log()
