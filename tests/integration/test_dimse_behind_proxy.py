@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,17 +36,14 @@ PEERS = (
 
 
 @pytest.fixture
-def behind(tmp_path: Path):  # type: ignore[no-untyped-def]
-    gw = Gateway(
-        tmp_path / "gw", dimse={"require_known_peers": True, "trusted_proxies": [PROXY]}, extra=PEERS,
-    ).start()
+def behind(tmp_path: Path, gateway: Callable[..., Gateway]):  # type: ignore[no-untyped-def]
+    gw = gateway(dimse={"require_known_peers": True, "trusted_proxies": [PROXY]}, extra=PEERS)
     v1_port = free_port()
     proxy = HAProxy(tmp_path / "haproxy", config=lambda port: proxy_protocol_config(port, v1_port, gw.port, PROXY)).start()
     try:
         yield gw, proxy, v1_port
     finally:
         proxy.stop()
-        gw.kill()
 
 
 def test_host_checks_and_logs_see_the_client_the_proxy_names(tmp_path: Path, behind) -> None:  # type: ignore[no-untyped-def]

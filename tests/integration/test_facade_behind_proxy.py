@@ -11,6 +11,7 @@ headers sent straight to the facade by a client are not believed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -25,12 +26,13 @@ from tests.support.synth import ct_series
 A, B = "127.0.0.2", "127.0.0.3"  # two clients of the proxy
 
 
-def test_the_client_behind_a_trusted_proxy_is_the_one_locked_out_logged_and_answered(tmp_path: Path, pki: Pki) -> None:
-    gw = Gateway(
-        tmp_path / "gw",
+def test_the_client_behind_a_trusted_proxy_is_the_one_locked_out_logged_and_answered(
+    tmp_path: Path, pki: Pki, gateway: Callable[..., Gateway]
+) -> None:
+    gw = gateway(
         http={"trusted_proxies": ["127.0.0.1"]},
         http_auth={"basic_users": {"viewer": "right"}, "max_failures_per_minute": 3},
-    ).start()
+    )
     pem = tmp_path / "proxy.pem"
     pem.write_text((pki.directory / "server.crt").read_text() + (pki.directory / "server.key").read_text())
     proxy = HAProxy(tmp_path / "haproxy", config=lambda port: facade_config(port, gw.http_port, pem)).start()
@@ -66,4 +68,3 @@ def test_the_client_behind_a_trusted_proxy_is_the_one_locked_out_logged_and_answ
         assert f"from {B}: 401" in log and "10.9.9.9" not in log
     finally:
         proxy.stop()
-        gw.kill()
