@@ -93,7 +93,6 @@ async def read_header(writer: asyncio.StreamWriter, timeout: float) -> Source:
     sock = writer.get_extra_info("socket")
     if sock is None:
         raise ProxyHeaderError("no socket to read a PROXY protocol header from")
-    loop = asyncio.get_running_loop()
     transport = cast(asyncio.Transport, writer.transport)
     transport.pause_reading()
     with socket.socket(fileno=os.dup(sock.fileno())) as peek:
@@ -101,7 +100,7 @@ async def read_header(writer: asyncio.StreamWriter, timeout: float) -> Source:
         async with asyncio.timeout(timeout):
             want = V2_FIXED
             while True:
-                await _readable(loop, peek)
+                await wait_readable(peek)
                 try:
                     data = peek.recv(want, socket.MSG_PEEK)
                 except BlockingIOError:
@@ -120,7 +119,10 @@ async def read_header(writer: asyncio.StreamWriter, timeout: float) -> Source:
                     await asyncio.sleep(0.005)  # part of it so far: wait for the rest
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def wait_readable(sock: socket.socket) -> None:
+    """Until ``sock`` (a duplicate the loop lets us watch) has bytes to read, or has
+    been closed by its peer."""
+    loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:

@@ -37,7 +37,7 @@ from gateway.dimse.association import (
     read_pdu,
 )
 from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VERIFICATION, response
-from gateway.dimse.proxy_protocol import ProxyHeaderError, read_header
+from gateway.dimse.proxy_protocol import ProxyHeaderError, read_header, wait_readable
 from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, Identity, Outcome, TokenCheck, check_identity
 from gateway.lockout import FailedLogins
 from gateway.log_throttle import Throttle, left_out
@@ -571,23 +571,13 @@ async def _first_byte(writer: asyncio.StreamWriter, timeout: float) -> str:
     sock = writer.get_extra_info("socket")
     if sock is None:
         return "sent"
-    loop = asyncio.get_running_loop()
     cast(asyncio.Transport, writer.transport).pause_reading()
     with socket.socket(fileno=os.dup(sock.fileno())) as peek:
         peek.setblocking(False)
-        readable: asyncio.Future[None] = loop.create_future()
-
-        def ready() -> None:
-            if not readable.done():
-                readable.set_result(None)
-
-        loop.add_reader(peek.fileno(), ready)
         try:
-            await asyncio.wait_for(readable, timeout)
+            await asyncio.wait_for(wait_readable(peek), timeout)
         except TimeoutError:
             return "silent"
-        finally:
-            loop.remove_reader(peek.fileno())
         try:
             return "sent" if peek.recv(1, socket.MSG_PEEK) else "closed"
         except BlockingIOError:

@@ -205,6 +205,19 @@ def run_cases(
     return hangs, rss_mb(gw) - before
 
 
+def judge_http(
+    gw: Gateway, fault_summary: FaultSummary, target: str, cases: int, one: Callable[[int], bool], statuses: dict[int, int]
+) -> None:
+    """Run an HTTP fuzz target's cases and hold it to the rules: no hang, no crash, no
+    unbounded memory, no 5xx answer."""
+    hangs, growth = run_cases(gw, cases, one)
+    fault_summary.fuzz.append({"target": target, "cases": cases, "crashes": int(not gw.running),
+                               "hangs": hangs, "rss_growth_mb": round(growth, 1)})
+    assert hangs == 0, statuses
+    assert growth < RSS_MARGIN_MB
+    assert not [s for s in statuses if s >= 500], statuses
+
+
 @pytest.mark.slow
 def test_fuzzed_pdus(fuzz_gateway: Gateway, tmp_path: Path, fault_summary: FaultSummary) -> None:
     gw = fuzz_gateway
@@ -349,12 +362,7 @@ def test_fuzzed_stow_bodies(fuzz_gateway: Gateway, samples: list[Path], tmp_path
         statuses[status] = statuses.get(status, 0) + 1
         return took < BOUND
 
-    hangs, growth = run_cases(gw, STOW_CASES, one)
-    fault_summary.fuzz.append({"target": "STOW-RS multipart", "cases": STOW_CASES, "crashes": int(not gw.running),
-                               "hangs": hangs, "rss_growth_mb": round(growth, 1)})
-    assert hangs == 0, statuses
-    assert growth < RSS_MARGIN_MB
-    assert not [s for s in statuses if s >= 500], statuses
+    judge_http(gw, fault_summary, "STOW-RS multipart", STOW_CASES, one, statuses)
     assert_still_serves(gw, tmp_path)
 
 
@@ -401,12 +409,7 @@ def test_fuzzed_qido_queries(fuzz_gateway: Gateway, samples: list[Path], fault_s
         statuses[response.status] = statuses.get(response.status, 0) + 1
         return time.monotonic() - started < BOUND
 
-    hangs, growth = run_cases(gw, QIDO_CASES, one)
-    fault_summary.fuzz.append({"target": "QIDO-RS query strings", "cases": QIDO_CASES, "crashes": int(not gw.running),
-                               "hangs": hangs, "rss_growth_mb": round(growth, 1)})
-    assert hangs == 0, statuses
-    assert growth < RSS_MARGIN_MB
-    assert not [s for s in statuses if s >= 500], statuses
+    judge_http(gw, fault_summary, "QIDO-RS query strings", QIDO_CASES, one, statuses)
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, statuses
 
 
@@ -481,11 +484,7 @@ def test_fuzzed_stow_metadata(fuzz_gateway: Gateway, fault_summary: FaultSummary
                                    for o in objects if o["00080018"]["Value"][0] == item["00081155"]["Value"][0]))
         return time.monotonic() - started < BOUND
 
-    hangs, growth = run_cases(gw, METADATA_CASES, one)
-    fault_summary.fuzz.append({"target": "STOW-RS metadata", "cases": METADATA_CASES, "crashes": int(not gw.running),
-                               "hangs": hangs, "rss_growth_mb": round(growth, 1)})
-    assert hangs == 0, statuses
-    assert not [s for s in statuses if s >= 500], statuses
+    judge_http(gw, fault_summary, "STOW-RS metadata", METADATA_CASES, one, statuses)
     assert stored, statuses
 
     def readable(ref: tuple[str, str, str]) -> bool:
