@@ -91,6 +91,12 @@ async def _close_archive_health(app: web.Application) -> None:
     await app[ARCHIVE_HEALTH].close()
 
 
+async def _no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer says its Content-Type is to be believed (``nosniff``): an error
+    text quotes the query key it refuses, and no browser may take it for a page."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+
+
 def create_app(
     config: Config,
     spool: Spool,
@@ -109,6 +115,7 @@ def create_app(
     app[PROBLEMS] = problems if problems is not None else Problems()
     app[ARCHIVE_HEALTH] = ArchiveHealth(upstream)
     app.on_cleanup.append(_close_archive_health)
+    app.on_response_prepare.append(_no_sniffing)
     metrics = metrics if metrics is not None else Metrics()
     app[CACHE] = facade_cache(config, metrics, retriever.spill_area)
     app[REFUSED_SERIES] = RefusedSeries()

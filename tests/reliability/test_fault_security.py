@@ -18,6 +18,7 @@ from tests.reliability.conftest import FaultSummary
 from tests.reliability.test_bad_input import _instance
 from tests.reliability.test_fault_fuzz import associate_rq
 from tests.support import dcmtk
+from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.audit_messages import event_of, file_messages
 from tests.support.ports import wait_until
@@ -159,3 +160,20 @@ def test_a_client_without_credentials_in_a_loop_gets_ten_log_lines_and_every_aud
 def refusals(audit: Path) -> list[object]:
     """The trail's User Authentication failures (110114, minor failure)."""
     return [m for m in file_messages(audit) if event_of(m)[0] == "110114"]
+
+
+def test_every_answer_forbids_content_sniffing(locked: Gateway) -> None:
+    """An error text quotes the query key it refuses; with ``nosniff`` no browser takes
+    such a text, or anything else the facade answers, for a page."""
+    base = f"{locked.web_url}/dicom-web"
+    bearer = ("-H", f"Authorization: Bearer {TOKEN}")
+    for args in (
+        (*bearer, f"{base}/studies"),
+        (*bearer, f"{base}/studies?%3Cscript%3Ealert(1)%3C/script%3E=1"),
+        (*bearer, f"{base}/studies/1.2.3/series/1.2.4/metadata"),
+        (*bearer, f"{base}/nothing-here"),
+        (f"{base}/studies",),  # 401
+        (f"{locked.web_url}/healthz",),
+    ):
+        answer = curl(*args)
+        assert answer.headers.get("x-content-type-options") == "nosniff", (args[-1], answer.status)
