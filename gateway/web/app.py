@@ -91,10 +91,13 @@ async def _close_archive_health(app: web.Application) -> None:
     await app[ARCHIVE_HEALTH].close()
 
 
-async def _no_sniffing(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer says its Content-Type is to be believed (``nosniff``): an error
-    text quotes the query key it refuses, and no browser may take it for a page."""
+async def _hardened(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer says its Content-Type is to be believed (``nosniff``: an error text
+    quotes the query key it refuses, and no browser may take it for a page), and names
+    no software versions (aiohttp's default ``Server`` header gives Python's and its
+    own, which a security scan reports)."""
     response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Server"] = "dicom-gateway"
 
 
 def create_app(
@@ -115,7 +118,7 @@ def create_app(
     app[PROBLEMS] = problems if problems is not None else Problems()
     app[ARCHIVE_HEALTH] = ArchiveHealth(upstream)
     app.on_cleanup.append(_close_archive_health)
-    app.on_response_prepare.append(_no_sniffing)
+    app.on_response_prepare.append(_hardened)
     metrics = metrics if metrics is not None else Metrics()
     app[CACHE] = facade_cache(config, metrics, retriever.spill_area)
     app[REFUSED_SERIES] = RefusedSeries()

@@ -162,9 +162,10 @@ def refusals(audit: Path) -> list[object]:
     return [m for m in file_messages(audit) if event_of(m)[0] == "110114"]
 
 
-def test_every_answer_forbids_content_sniffing(locked: Gateway) -> None:
+def test_every_answer_forbids_content_sniffing_and_names_no_versions(locked: Gateway) -> None:
     """An error text quotes the query key it refuses; with ``nosniff`` no browser takes
-    such a text, or anything else the facade answers, for a page."""
+    such a text, or anything else the facade answers, for a page. The ``Server`` header
+    names no Python or aiohttp version for a scanner to match."""
     base = f"{locked.web_url}/dicom-web"
     bearer = ("-H", f"Authorization: Bearer {TOKEN}")
     for args in (
@@ -177,3 +178,4 @@ def test_every_answer_forbids_content_sniffing(locked: Gateway) -> None:
     ):
         answer = curl(*args)
         assert answer.headers.get("x-content-type-options") == "nosniff", (args[-1], answer.status)
+        assert answer.headers.get("server") == "dicom-gateway", (args[-1], answer.headers.get("server"))
