@@ -109,7 +109,10 @@ class Forwarder:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._stop = asyncio.Event()
-        self._db_errors = Throttle(burst=1)  # every worker meets a failing database alike, again and again
+        # every worker meets a failing database alike, again and again
+        self._db_errors = Throttle(burst=1)
+        self._record_errors = Throttle(burst=1)
+        self._only_locked = False  # the last spool write failed only on a lock held elsewhere
         self.problems = Problems()
         self._hold: Hold | None = None
         # Told (study UID, [(series UID, SOP Instance UID)]) of each delivered batch, so
@@ -144,13 +147,19 @@ class Forwarder:
         """A spool write; a failure is listed as the ``spool`` problem until a write succeeds.
 
         Only writes end the problem: reads still work while another connection holds
-        the write lock, so their success proves nothing.
+        the write lock (or the file system has turned read-only), so their success
+        proves nothing.
         """
         try:
             result = await self._spool(fn, *args)
         except Exception as exc:
             self.problems.set("spool", f"cannot {what}: {type(exc).__name__}: {exc}")
+            self._only_locked = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
             raise
+        if not result and not self._only_locked:
+            # Nothing to claim: the transaction took the lock and wrote nothing, which
+            # ends a lock held elsewhere but proves nothing of a failing disk.
+            return result
         ended = self.problems.clear("spool")
         if ended is not None:
             log.info("spool database writable again after %.1f s", time.time() - ended.since)
@@ -348,14 +357,18 @@ class Forwarder:
         """
         ids = ", ".join(str(i.id) for i in batch)
         pause = RETRY_PAUSE
+        told = False  # each batch held is named once; its retries, with every other's, once a minute
         while True:
             try:
                 return await asyncio.shield(self._write("record delivery outcomes", self.spool.record, batch, outcomes))
             except sqlite3.Error as exc:
-                log.error(
-                    "cannot record the outcome for spool ids %s (%s: %s); kept, retrying in %.1f s",
-                    ids, type(exc).__name__, exc, pause,
-                )
+                said, held = (True, 0) if not told else self._record_errors.admit()
+                told = True
+                if said:
+                    log.error(
+                        "cannot record the outcome for spool ids %s (%s: %s); kept, retrying in %.1f s%s",
+                        ids, type(exc).__name__, exc, pause, left_out(held),
+                    )
             except Exception:  # noqa: BLE001 - whatever it is, the outcome must not be lost
                 log.exception("cannot record the outcome for spool ids %s; kept, retrying in %.1f s", ids, pause)
             await asyncio.sleep(pause)

@@ -710,6 +710,11 @@ def test_a_spool_disk_gone_read_only_refuses_stores_and_says_so_once(tmp_path: P
         assert ready.status == 503 and "Read-only file system" in ready.json()["checks"]["spool"]["detail"]
         time.sleep(12)  # the forwarder's and the reserve's retries: several each
         log = gw.log()
-        assert log.count("spool database error") == 1 and log.count("could not prepare blank spool files") == 1, log[-3000:]
+        # (the forwarder meets it claiming, or recording what the archive said: once a
+        # minute, and each batch whose outcome it holds named once)
+        claims, records = log.count("spool database error"), log.count("cannot record the outcome")
+        assert claims <= 1 and records <= 2 and claims + records >= 1, log[-3000:]
+        assert log.count("could not prepare blank spool files") == 1, log[-3000:]
+        assert "spool database writable again" not in log, log[-3000:]  # it is not
     finally:
         gw.kill()
