@@ -20,10 +20,9 @@ import pydicom
 import sqlite_utils
 
 from gateway.sqlite import connect, immediate, migrate
-from gateway.upstream.archive_writer import UNREADABLE, index_row
+from gateway.upstream.archive_writer import INDEX, UNREADABLE, index_row
 from gateway.upstream.local import MIGRATIONS
 
-INDEX = "index.sqlite"
 BATCH = 500  # rows per transaction
 
 

@@ -47,6 +47,8 @@ log = logging.getLogger("gateway.upstream")
 # Seconds `WriterProcess.close` waits for the batch in hand before killing the process.
 CLOSE_SECONDS = 20.0
 
+# The embedded archive's index, beside its ``objects`` directory.
+INDEX = "index.sqlite"
 # What reading a malformed header raises.
 UNREADABLE = (InvalidDicomError, OSError, ValueError, EOFError, NotImplementedError, KeyError, TypeError, AttributeError)
 
@@ -119,7 +121,7 @@ class ArchiveWriter:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.objects = root / "objects"
-        self._db = connect(root / "index.sqlite")
+        self._db = connect(root / INDEX)
 
     def _place(self, inst: StoreItem, target: Path) -> bool:
         """Put the instance's bytes at ``target``: a hard link to the spool file, cut to
