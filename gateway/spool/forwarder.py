@@ -88,6 +88,17 @@ class Hold:
     probing: bool = False
 
 
+def id_ranges(ids: list[int]) -> str:
+    """Spool ids as runs (``3-40, 45``): a batch is mostly consecutive rows."""
+    runs: list[list[int]] = []
+    for n in sorted(ids):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 class Forwarder:
     def __init__(
         self, spool: Spool, upstream: Upstream, cfg: SpoolConfig, linger: float, metrics: Metrics | None = None,
@@ -112,6 +123,7 @@ class Forwarder:
         # every worker meets a failing database alike, again and again
         self._db_errors = Throttle(burst=1)
         self._record_errors = Throttle(burst=1)
+        self._retry_lines = Throttle()  # an outage fails every queued instance at each retry
         self._only_locked = False  # the last spool write failed only on a lock held elsewhere
         self.problems = Problems()
         self._hold: Hold | None = None
@@ -318,29 +330,58 @@ class Forwarder:
                     "upstream": self.upstream.kind, "seconds": round(elapsed, 3),
                 }},
             )
+        self._log_failures(study, by_id, outcomes, states)
+        if delivered and self.cfg.retain_delivered_hours == 0:
+            await self._spool(self.spool.purge_delivered, 0.0)
+        if delivered and self.spool.needs_eviction():
+            await self._evict()
+
+    def _log_failures(
+        self, study: str, by_id: dict[int, SpooledInstance], outcomes: list[Outcome], states: dict[int, str]
+    ) -> None:
+        """Each dead instance gets an ERROR line of its own: someone must look at it.
+
+        Instances to be retried are said in one WARNING per batch and reason, at most
+        `BURST` a minute: through an archive outage every queued instance fails again at
+        each of its retries, and a line per instance and attempt (some 3,500 lines in 30
+        s for 300 instances retried every few seconds) buried everything else. Each
+        instance's attempt stays in `spool list` and at DEBUG.
+        """
+        retried: dict[str, list[SpooledInstance]] = {}
         for o in outcomes:
             state = states.get(o.instance_id)
             if state == "delivered" or o.kind == "config":
                 continue  # a configuration refusal is logged once, by _held
             inst = by_id[o.instance_id]
-            level = logging.ERROR if state == "dead" else logging.WARNING
-            log.log(
-                level,
-                "instance %s (spool id %d, attempt %d) %s: %s",
-                inst.sop_instance_uid,
-                inst.id,
-                inst.attempts,
-                "is dead" if state == "dead" else "will be retried",
-                o.error,
+            fields = {
+                "event": "delivery", "outcome": state, "sop_instance_uid": inst.sop_instance_uid,
+                "spool_id": inst.id, "attempt": inst.attempts, "error": o.error,
+            }
+            if state == "dead":
+                log.error(
+                    "instance %s (spool id %d, attempt %d) is dead: %s",
+                    inst.sop_instance_uid, inst.id, inst.attempts, o.error, extra={"fields": fields},
+                )
+                continue
+            log.debug(
+                "instance %s (spool id %d, attempt %d) will be retried: %s",
+                inst.sop_instance_uid, inst.id, inst.attempts, o.error, extra={"fields": fields},
+            )
+            retried.setdefault(o.error, []).append(inst)
+        for error, insts in retried.items():
+            said, held = self._retry_lines.admit()
+            if not said:
+                continue
+            attempts = sorted({i.attempts for i in insts})
+            log.warning(
+                "%d instance(s) of study %s will be retried (spool ids %s, attempt %s): %s%s",
+                len(insts), study, id_ranges([i.id for i in insts]),
+                attempts[0] if len(attempts) == 1 else f"{attempts[0]}-{attempts[-1]}", error, left_out(held),
                 extra={"fields": {
-                    "event": "delivery", "outcome": state, "sop_instance_uid": inst.sop_instance_uid,
-                    "spool_id": inst.id, "attempt": inst.attempts, "error": o.error,
+                    "event": "delivery", "outcome": "failed", "study_uid": study, "instances": len(insts),
+                    "spool_ids": [i.id for i in insts], "error": error,
                 }},
             )
-        if delivered and self.cfg.retain_delivered_hours == 0:
-            await self._spool(self.spool.purge_delivered, 0.0)
-        if delivered and self.spool.needs_eviction():
-            await self._evict()
 
     async def _evict(self) -> None:
         """Delete delivered files, oldest first, to keep the spool under its cap."""
