@@ -249,7 +249,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
     any more; deleting a file and its row twice (with the daemon's own purger) is
     harmless, and embedded-archive copies are separate hard links. ``discard`` first
     turns the rows dead in the transaction that finds them, so no forwarder claims one
-    while its file goes (`Spool.discard_study`). Taking the lock
+    while its file goes (`Spool.discard`). Taking the lock
     instead would make these commands unusable exactly when they are needed (after
     an archive outage, with the daemon running).
     """
@@ -307,7 +307,7 @@ def cmd_spool(args: argparse.Namespace) -> int:
                 if copies:
                     print(f"requeued {copies} route copies")
         elif args.action == "discard":
-            counts = spool.discard_study(args.study, dry_run=not args.yes)
+            counts = spool.discard(args.study, dry_run=not args.yes)
             taken = counts["queued"] + counts["failed"] + counts["dead"]
             detail = f"queued {counts['queued']}, failed {counts['failed']}, dead {counts['dead']}"
             if counts["copies"]:

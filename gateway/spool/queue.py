@@ -67,6 +67,19 @@ NO_COPY_PENDING = (
 SPACE_CHECK_BYTES = 4 * 1024 * 1024
 
 
+
+def _scope(study_uid: str, series_uid: str | None, sop_instance_uid: str | None) -> tuple[str, list[str]]:
+    """The SQL condition on ``instances`` (and its parameters) for a study, or a series
+    or an instance of it."""
+    where, params = ["instances.study_uid = ?"], [study_uid]
+    if series_uid is not None:
+        where.append("instances.series_uid = ?")
+        params.append(series_uid)
+    if sop_instance_uid is not None:
+        where.append("instances.sop_instance_uid = ?")
+        params.append(sop_instance_uid)
+    return " AND ".join(where), params
+
 class SpoolFull(Exception):
     """Not enough free space to accept an instance durably."""
 
@@ -877,13 +890,18 @@ class Spool:
                 found[uid] = ("queued", pending.header.sop_class_uid)
         return found
 
-    def discard_study(self, study_uid: str, dry_run: bool = True) -> dict[str, int]:
+    def discard(
+        self, study_uid: str, dry_run: bool = True, series_uid: str | None = None, sop_instance_uid: str | None = None,
+        why: str = "discarded by an administrator",
+    ) -> dict[str, int]:
         """Withdraw a study's undelivered instances (queued, failed, dead) so they are
         never sent: a study sent under the wrong patient must not reach the archive,
         nor a route's destination. Returns how many per state it took (or would take,
         ``dry_run``); under ``sending``, how many are on their way now (to the archive
         or as a route's copy) and were left alone; under ``copies``, how many copies of
         the study's delivered instances, not yet sent by their routes, it withdrew too.
+        ``series_uid`` and ``sop_instance_uid`` narrow it to a series or an instance (a
+        DELETE through the facade); ``why`` is the rows' last error while they go.
 
         Crash-safe in three steps: the rows and their copies turn ``dead`` (which no
         forwarder claims, in the same transaction that finds them, so none is claimed
@@ -891,10 +909,12 @@ class Spool:
         Removing a row before its file is durably gone could let start-up adopt the
         file as a record whose row a power cut lost, and deliver it.
 
-        It also leaves the study's mark (`gateway.spool.discards`): an instance
-        acknowledged before now whose row the daemon has not written yet is withdrawn
-        when it is written.
+        A whole study's discard also leaves the study's mark (`gateway.spool.discards`):
+        an instance acknowledged before now whose row the daemon has not written yet is
+        withdrawn when it is written. A narrower one leaves none: its caller, the
+        daemon, waits for those rows first (`indexing`).
         """
+        where, params = _scope(study_uid, series_uid, sop_instance_uid)
         pending = "('queued','failed','dead')"
         # The mark must outlive a power cut: records adopted at the next start read it.
         with self.db.connection() as db, synced(db), immediate(db):
@@ -902,8 +922,8 @@ class Spool:
                 db.query(
                     "SELECT id, file, CASE WHEN EXISTS (SELECT 1 FROM copies WHERE copies.instance_id = instances.id"
                     " AND copies.state = 'sending') THEN 'sending' ELSE state END AS state FROM instances"
-                    " WHERE study_uid = ? AND state IN ('queued','failed','dead','sending')",
-                    [study_uid],
+                    f" WHERE {where} AND state IN ('queued','failed','dead','sending')",
+                    params,
                 )
             )
             taken = [r for r in rows if r["state"] != "sending"]
@@ -911,21 +931,22 @@ class Spool:
                 r["id"]
                 for r in db.query(
                     f"SELECT copies.id FROM copies JOIN instances ON instances.id = copies.instance_id"
-                    f" WHERE instances.study_uid = ? AND instances.state = 'delivered' AND copies.state IN {pending}",
-                    [study_uid],
+                    f" WHERE {where} AND instances.state = 'delivered' AND copies.state IN {pending}",
+                    params,
                 )
             ]
             if not dry_run:
                 marks = ",".join("?" * len(taken))
                 db.execute(
-                    f"UPDATE instances SET state='dead', last_error='discarded by an administrator' WHERE id IN ({marks})",
-                    [r["id"] for r in taken],
+                    f"UPDATE instances SET state='dead', last_error=? WHERE id IN ({marks})",
+                    [why, *(r["id"] for r in taken)],
                 )
                 db.execute(
-                    f"UPDATE copies SET state='dead', last_error='discarded by an administrator' WHERE instance_id IN ({marks})",
-                    [r["id"] for r in taken],
+                    f"UPDATE copies SET state='dead', last_error=? WHERE instance_id IN ({marks})",
+                    [why, *(r["id"] for r in taken)],
                 )
                 db.execute(f"DELETE FROM copies WHERE id IN ({','.join('?' * len(copies))})", copies)
+            if not dry_run and series_uid is None and sop_instance_uid is None:
                 mark = Mark.now()
                 db.execute(
                     "INSERT INTO discards (study_uid, discarded_at, boot_id, boot_seconds) VALUES (?,?,?,?)"
@@ -940,8 +961,33 @@ class Spool:
         if dry_run or not taken:
             return counts
         self._withdraw(taken)
-        log.warning("discarded %d undelivered instance(s) of study %s", len(taken), study_uid)
+        log.warning(
+            "withdrew %d undelivered instance(s) of %s (%s)", len(taken), " / ".join(params), why,
+        )
         return counts
+
+    def indexing(self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None) -> int:
+        """How many acknowledged instances of this study (series, instance) still wait
+        for their rows (a few milliseconds, unless the spool database fails)."""
+        waiting = self._indexer.waiting() if self._indexer is not None else []
+        return sum(
+            1 for p in waiting
+            if p.header.study_uid == study_uid
+            and series_uid in (None, p.header.series_uid)
+            and sop_instance_uid in (None, p.header.sop_instance_uid)
+        )
+
+    def sending(self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None) -> int:
+        """How many undelivered instances of this study (series, instance) are on their
+        way now, to the archive or as a route's copy: what `discard` leaves alone."""
+        where, params = _scope(study_uid, series_uid, sop_instance_uid)
+        with self.db.connection() as db:
+            (count,) = db.execute(
+                f"SELECT count(*) FROM instances WHERE {where} AND (state = 'sending' OR (state != 'delivered' AND EXISTS"
+                " (SELECT 1 FROM copies WHERE copies.instance_id = instances.id AND copies.state = 'sending')))",
+                params,
+            ).fetchone()
+        return int(count)
 
     def evict_delivered(self) -> int:
         """Delete delivered instances, longest delivered first, until the spool's files

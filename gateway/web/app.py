@@ -23,7 +23,7 @@ from gateway.spill import SpillArea
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
-from gateway.web import auth, client_gone, counting, forwarded, health, qido, ready, rendered, stow, wado
+from gateway.web import auth, client_gone, counting, delete, forwarded, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
 from gateway.web.cache import FacadeCache
 from gateway.web.archive_health import ArchiveHealth
@@ -135,6 +135,7 @@ def create_app(
     for root in roots(config):
         qido.add_routes(router, root)
         wado.add_routes(router, root)
+        delete.add_routes(router, root)
         stow.add_routes(router, root)
         rendered.add_routes(router, root)
     rendered.add_wado_uri(router)

@@ -765,30 +765,6 @@ async def retrieve_frames(request: web.Request) -> web.StreamResponse:
     return await stream.finish()
 
 
-async def delete(request: web.Request) -> web.StreamResponse:
-    """Azure's DELETE of a study, series or instance, passed to the upstream."""
-    uids = path_uids(request)
-    upstream = request.app[UPSTREAM]
-    what = "DELETE"
-    try:
-        if "instance" in uids:
-            await upstream.delete_instance(uids["study"], uids["series"], uids["instance"])
-        elif "series" in uids:
-            await upstream.delete_series(uids["study"], uids["series"])
-        else:
-            await upstream.delete_study(uids["study"])
-    except Exception as exc:  # noqa: BLE001
-        request.app[AUDIT].deleted(requester(request), uids["study"], False, f"DELETE {request.path}: {type(exc).__name__}")
-        return error_response(exc, what)
-    finally:
-        cache = request.app[CACHE]
-        if cache is not None:
-            cache.forget_study(uids["study"])
-    log.info("DELETE %s: done", "/".join(uids.values()))
-    request.app[AUDIT].deleted(requester(request), uids["study"], True, f"DELETE {request.path}")
-    return web.Response(status=204)
-
-
 def bulk_value(path: Path, tag_path: str) -> bytes:
     """The value of the element ``tag_path`` names (``7FE00010``, or
     ``00540016/0/00181072`` through sequence items) in the Part 10 file (blocking)."""
@@ -853,5 +829,3 @@ def add_routes(router: Any, prefix: str) -> None:
         router.add("GET", f"{path}/metadata", retrieve_metadata)
     router.add("GET", f"{instance}/frames/{{frames}}", retrieve_frames)
     router.add("GET", f"{instance}/bulkdata/{{tags:.+}}", retrieve_bulkdata)
-    for path in (study, series, instance):
-        router.add("DELETE", path, delete)

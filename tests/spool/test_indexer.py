@@ -134,7 +134,7 @@ def test_a_discard_takes_instances_acknowledged_before_it_whose_rows_come_after(
             store(spool, path.read_bytes())
         early = {p.name for p in (tmp_path / "spool" / "objects").glob("*/*.dcm")}
         cli = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0))
-        assert cli.discard_study(study_of(study[0]), dry_run=False)["queued"] == 0  # no rows yet
+        assert cli.discard(study_of(study[0]), dry_run=False)["queued"] == 0  # no rows yet
         cli.close()
         store(spool, study[2].read_bytes())
         gate.set()
@@ -168,7 +168,7 @@ def test_records_adopted_at_start_up_of_a_study_discarded_since_are_withdrawn(tm
     other.close()
     records = sorted((tmp_path / "spool" / "objects").glob("*/*.dcm"))
     cli = Spool(cfg)
-    cli.discard_study(study_of(paths[0]), dry_run=False)
+    cli.discard(study_of(paths[0]), dry_run=False)
     cli.close()
     later = time.time() + 60
     os.utime(records[0], (later, later))  # as if sealed after the discard
@@ -187,7 +187,7 @@ def test_a_withdrawal_that_fails_leaves_the_rows_dead_once(tmp_path: Path) -> No
     cfg = SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0)
     paths = ct_series(tmp_path / "ct", 2, 32, 32)
     cli = Spool(cfg)
-    cli.discard_study(study_of(paths[0]), dry_run=False)
+    cli.discard(study_of(paths[0]), dry_run=False)
     cli.close()
     spool = Spool(cfg)
 
@@ -226,7 +226,7 @@ def test_instances_withdrawn_by_a_discard_are_not_held_for_a_storage_commitment(
             store(spool, path.read_bytes())
         assert set(spool.held(uids)) == set(uids)
         cli = Spool(cfg)
-        cli.discard_study(study_of(paths[0]), dry_run=False)
+        cli.discard(study_of(paths[0]), dry_run=False)
         cli.close()
         assert spool.held(uids) == {}
     finally:

@@ -260,7 +260,7 @@ def test_study_in_spool_groups_by_series_state_sender_and_reason(spool: Spool) -
     assert study_in_spool(spool.db, "7.7.7") == []
 
 
-def test_discard_study_takes_undelivered_rows_and_files_but_not_one_being_sent(spool: Spool) -> None:
+def test_discard_takes_undelivered_rows_and_files_but_not_one_being_sent(spool: Spool) -> None:
     ids = [spool.enqueue(received(spool, n), header(n), Sender("MOD")) for n in range(4)]
     other = spool.enqueue(received(spool, 9), header(9, "9.9"), Sender("MOD"))
     sending = spool.claim(1, 10_000)  # the first row, on its way
@@ -268,10 +268,10 @@ def test_discard_study_takes_undelivered_rows_and_files_but_not_one_being_sent(s
     spool.record([dead], [Outcome(dead.id, "rejected", "HTTP 400")])
     files = {r["id"]: spool.directory / r["file"] for r in spool.list_rows(limit=10)}
 
-    assert spool.discard_study(STUDY) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0}
+    assert spool.discard(STUDY) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0}
     assert len(spool.list_rows(study_uid=STUDY)) == 4  # a dry run changes nothing
 
-    assert spool.discard_study(STUDY, dry_run=False) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0}
+    assert spool.discard(STUDY, dry_run=False) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0}
     left = spool.list_rows(limit=10)
     assert {r["id"] for r in left} == {sending[0].id, other}
     assert [files[i].exists() for i in ids] == [True, False, False, False]
