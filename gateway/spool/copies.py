@@ -84,6 +84,9 @@ class Copies:
                     [destination, now, max_instances],
                 )
             )
+            if not rows:
+                self.spool.pull_back(db, "copies", now, destination)
+                return []
             ids = [r["copy_id"] for r in rows]
             db.execute(
                 f"UPDATE copies SET state='sending', attempts=attempts+1 WHERE id IN ({','.join('?' * len(ids))})", ids

@@ -613,6 +613,7 @@ class Spool:
                 None,
             )
             if first is None:
+                self.pull_back(db, "instances", now)
                 return []
             rows = db.query(
                 f"SELECT * FROM instances WHERE study_uid = ? AND {due} ORDER BY id LIMIT ?",
@@ -632,6 +633,20 @@ class Spool:
                 ids,
             )
         return [self.instance_of({**r, "attempts": r["attempts"] + 1}) for r in batch]
+
+    def pull_back(self, db: Any, table: str, now: float, destination: str | None = None) -> None:
+        """No retry is due later than ``retry_max_seconds`` from now. Retries are
+        scheduled on the wall clock (they outlive a restart); one set back (an NTP step
+        at boot, a VM restored from a snapshot) would leave them waiting the hours or
+        days it went back. Run by a claim that found nothing due, in its transaction;
+        the index makes it a look at one row when nothing is that late. ``destination``:
+        a route's copies (``table`` ``copies``), whose index begins with it."""
+        latest = now + self.cfg.retry_max_seconds
+        mine = "" if destination is None else "destination = ? AND "
+        db.execute(
+            f"UPDATE {table} SET next_attempt_at = ? WHERE {mine}state IN ('queued','failed') AND next_attempt_at > ?",
+            [latest, *([] if destination is None else [destination]), latest],
+        )
 
     def check(self, batch: list[SpooledInstance]) -> dict[int, str]:
         """Check each claimed record against its checksum before the instance leaves the
@@ -702,7 +717,9 @@ class Spool:
                 elif outcome.kind == "retry" and not (
                     inst.attempts >= self.cfg.max_attempts or now - inst.received_at > max_age
                 ):
-                    delay = max(self.backoff(inst.attempts), outcome.retry_after or 0.0)
+                    # The archive's Retry-After is honoured up to the longest pause
+                    # (a proxy's "Retry-After: 99999999" must not park the instance for years).
+                    delay = min(max(self.backoff(inst.attempts), outcome.retry_after or 0.0), self.cfg.retry_max_seconds)
                     db.execute(
                         "UPDATE instances SET state='failed', next_attempt_at=?, last_error=?"
                         " WHERE id=?",

@@ -344,3 +344,32 @@ def test_a_route_on_the_called_ae_title_copies_only_what_was_sent_to_that_title(
         assert [r["id"] for r in spool.list_rows(called_ae="GW_AI")] == [routed]
     finally:
         spool.close()
+
+
+def test_no_retry_waits_longer_than_retry_max_seconds(tmp_path: Path) -> None:
+    """An archive's (or a proxy's) absurd Retry-After, and a wall clock set back after
+    retries were scheduled (an NTP step at boot, a VM restored from a snapshot), both
+    left instances parked for as long; a pause is never longer than retry_max_seconds."""
+    routes = (Route("AI", frozenset({"MOD"})),)
+    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, retry_max_seconds=0.3), routes)
+    copies = Copies(spool)
+    try:
+        first = spool.enqueue(received(spool, 1), header(1), Sender("MOD"))
+        spool.enqueue(received(spool, 2), header(2), Sender("MOD"))
+        (inst,) = spool.claim(1, 10_000)
+        spool.record([inst], [Outcome(inst.id, "retry", "HTTP 503", retry_after=99_999_999)])
+        with spool.db.connection() as db:
+            (due,) = db.execute("SELECT next_attempt_at FROM instances WHERE id = ?", [inst.id]).fetchone()
+        assert due <= time.time() + 0.3
+        # every retry pushed ten days ahead: the clock has since been set back that much
+        spool.claim(10, 10_000)
+        with spool.db.connection() as db:
+            db.execute("UPDATE instances SET state='failed', next_attempt_at=?", [time.time() + 10 * 86400])
+            db.execute("UPDATE copies SET state='failed', next_attempt_at=?", [time.time() + 10 * 86400])
+        assert spool.claim(10, 10_000) == [] and copies.claim("AI", 10) == []  # nothing due now...
+        assert spool.next_due_in() <= 0.3 and copies.next_due_in("AI") <= 0.3  # ...but soon
+        time.sleep(0.35)
+        assert {i.id for i in spool.claim(10, 10_000)} == {first, first + 1}
+        assert len(copies.claim("AI", 10)) == 2
+    finally:
+        spool.close()
