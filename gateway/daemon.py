@@ -28,6 +28,7 @@ from gateway.dimse.identity import ProviderUnavailable, TokenCheck, TokenUser
 from gateway.dimse.server import UNCOMPRESSED, DimseServer
 from gateway.dimse.store import StoreService
 from gateway.metrics import Metrics
+from gateway.listening import endpoint
 from gateway.reload import changed, merge
 from gateway.retrieval.engine import Retriever
 from gateway.spool.forwarder import Forwarder
@@ -184,14 +185,12 @@ async def _run(config: Config, config_path: Path | None) -> None:
         started = True
         commitment.resume()
         log.info(
-            "listening: DIMSE %s on %s:%d%s, HTTP%s on %s:%d, upstream %s, spool %s",
+            "listening: DIMSE %s on %s%s, HTTP%s on %s, upstream %s, spool %s",
             config.dimse.ae_title,
-            config.dimse.host,
-            config.dimse.port,
+            endpoint(config.dimse.host, config.dimse.port),
             f" and TLS on {config.dimse.tls.port}" if config.dimse.tls is not None else "",
             "S" if https is not None else "",
-            config.http.host,
-            config.http.port,
+            endpoint(config.http.host, config.http.port),
             config.upstream.type + (f" {config.upstream.url}" if config.upstream.url else ""),
             config.spool.directory,
         )

@@ -40,6 +40,7 @@ from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VER
 from gateway.dimse.proxy_protocol import ProxyHeaderError, read_header, wait_readable
 from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, Identity, Outcome, TokenCheck, check_identity
 from gateway.lockout import FailedLogins
+from gateway.listening import endpoint, listen_on
 from gateway.log_throttle import Throttle, left_out
 from gateway.audit.auditor import Auditor, dimse_participant, ip_of
 from gateway.audit.message import Participant
@@ -181,12 +182,9 @@ class DimseServer:
         d = self.config.dimse
         if d.tls is not None:
             self._servers.append(await asyncio.start_server(
-                partial(self._on_connect, tls=d.tls.server_context()), d.host, d.tls.port,
-                reuse_address=True, limit=1 << 20,
+                partial(self._on_connect, tls=d.tls.server_context()), **listen_on(d.host, d.tls.port), limit=1 << 20,
             ))
-        self._servers.append(await asyncio.start_server(
-            self._on_connect, d.host, d.port, reuse_address=True, limit=1 << 20,
-        ))
+        self._servers.append(await asyncio.start_server(self._on_connect, **listen_on(d.host, d.port), limit=1 << 20))
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let running associations finish for ``grace`` s, then abort them."""
@@ -296,7 +294,7 @@ class DimseServer:
         """One connection, from the A-ASSOCIATE-RQ to its end; on the TLS port (``tls``)
         the handshake comes first, bounded by ``acse_timeout``."""
         peer = writer.get_extra_info("peername") or ("?", 0)
-        where = f"{peer[0]}:{peer[1]}"
+        where = endpoint(str(peer[0]), peer[1])
         if self.connection_cap.full(len(self._live)):
             self.connection_cap.refused(where)
             writer.transport.abort()
@@ -325,7 +323,7 @@ class DimseServer:
                     how = "closed without a word"
                     return
                 if source is not None:
-                    where = f"{source[0]}:{source[1]}"  # the client the load balancer passes on
+                    where = endpoint(source[0], source[1])  # the client the load balancer passes on
                 if tls is None:  # (the TLS port waits for its first byte itself)
                     first = await _first_byte(writer, self.config.dimse.acse_timeout)
                     if first != "sent":
@@ -430,7 +428,7 @@ class DimseServer:
         if pdu_type != pdu.A_ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
         rq = pdu.parse_associate_rq(body)
-        address = where.rsplit(":", 1)[0]
+        address = ip_of(where)
         reject, results = self.negotiate(rq, address)
         outcome = Outcome()
         if reject is None and d.user_identity.enabled:

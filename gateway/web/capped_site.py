@@ -21,6 +21,7 @@ import ssl
 from aiohttp import web
 
 from gateway.connection_cap import ConnectionCap
+from gateway.listening import endpoint, listen_on
 
 log = logging.getLogger("gateway.web")
 
@@ -33,7 +34,7 @@ class _Refused(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername") or ("?", 0)
-        self.cap.refused(f"{peer[0]}:{peer[1]}")
+        self.cap.refused(endpoint(str(peer[0]), peer[1]))
         transport.abort()  # type: ignore[attr-defined]
 
 
@@ -139,5 +140,5 @@ class CappedSite(web.BaseSite):
             return _Handshake(self, context) if context is not None else server()
 
         self._server = await asyncio.get_running_loop().create_server(
-            protocol, self._host, self._port, backlog=self._backlog, reuse_address=True
+            protocol, **listen_on(self._host, self._port), backlog=self._backlog
         )

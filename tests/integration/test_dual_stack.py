@@ -1,0 +1,78 @@
+"""``host = "::"``: every address, IPv4 and IPv6, on the DIMSE and the HTTP ports.
+
+asyncio binds IPv6 sockets with IPV6_V6ONLY, so a gateway configured on "::" refused
+every IPv4 modality (connection refused: dcmtk's tools speak IPv4 only) while its log
+said it listened "on :::11112". Now the port takes both, and a modality on IPv4 is
+named, checked against `dimse.peers` and audited by its IPv4 address, not as
+``::ffff:127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.support import dcmtk
+from tests.support.curl import curl
+from tests.support.daemon import Gateway
+from tests.support.ports import wait_until
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def echo_over_ipv6(port: int, calling_ae: str) -> bool:
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("::1", port, ae_title="DICOMGW")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return status.Status == 0
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_a_gateway_on_every_address_takes_ipv4_and_ipv6(tmp_path: Path) -> None:
+    gw = Gateway(
+        tmp_path / "gw",
+        dimse={
+            "require_known_peers": True,
+            "peers": [
+                {"ae_title": "ECHOSCU", "host": "127.0.0.1", "port": 104},
+                {"ae_title": "V6SCU", "host": "::1", "port": 104},
+            ],
+        },
+        http_auth={"allow_anonymous": True},
+    )
+    config = gw.config_path.read_text()
+    dimse_host, http_host = f'host = "127.0.0.1"\nport = {gw.port}', f'host = "127.0.0.1"\nport = {gw.http_port}'
+    assert dimse_host in config and http_host in config
+    gw.config_path.write_text(
+        config.replace(dimse_host, f'host = "::"\nport = {gw.port}').replace(http_host, f'host = "::"\nport = {gw.http_port}')
+    )
+    gw.start()
+    try:
+        assert dcmtk.echoscu(gw.port, gw.ae_title).returncode == 0  # IPv4, a known peer from its own host
+        assert echo_over_ipv6(gw.port, "V6SCU")
+        assert not echo_over_ipv6(gw.port, "ECHOSCU")  # a known AE title from another host
+        assert curl(f"http://127.0.0.1:{gw.http_port}/healthz").status == 200
+        assert curl("-g", f"http://[::1]:{gw.http_port}/healthz").status == 200
+        wait_until(lambda: "rejected" in gw.log(), 10, 0.1, "the rejection not logged")
+        log = gw.log()
+        assert f"on [::]:{gw.port}" in log and f"HTTP on [::]:{gw.http_port}" in log, log
+        assert "association accepted from ECHOSCU@127.0.0.1:" in log, log
+        assert "association accepted from V6SCU@[::1]:" in log, log
+        assert "::ffff:" not in log, log
+    finally:
+        gw.kill()
