@@ -28,7 +28,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 
 from tests.integration.test_move_retrieve import failed_list, parse_move, peers
 from tests.support.daemon import Gateway
@@ -477,12 +477,20 @@ def test_store_request_without_dataset_is_answered(tmp_path: Path, gateway) -> N
             time.sleep(0.0001)
         assoc.dimse.send_msg(request, context.context_id)
         _, rsp = assoc.dimse.get_msg(block=True)
-        assoc._reactor_checkpoint.set()
         assert rsp is not None, "no C-STORE-RSP"
         assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (7, 0xC000)
-        echo = assoc.send_c_echo()
-        assert echo and echo.Status == 0x0000
+        # the C-ECHO too with the reactor paused: resumed, it may take the response
+        # first ("unexpected C-ECHO service message") and leave send_c_echo to time out
+        echo = C_ECHO()
+        echo.MessageID = 8
+        echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+        verification = next(c for c in assoc.accepted_contexts if c.abstract_syntax == "1.2.840.10008.1.1")
+        assoc.dimse.send_msg(echo, verification.context_id)
+        _, echo_rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert echo_rsp is not None and (echo_rsp.MessageIDBeingRespondedTo, echo_rsp.Status) == (8, 0x0000)
     finally:
+        assoc._reactor_checkpoint.set()
         assoc.release()
     assert "without a data set" in gw.log()
     assert sum(gw.counts().values()) == 0
