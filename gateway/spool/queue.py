@@ -67,7 +67,6 @@ NO_COPY_PENDING = (
 SPACE_CHECK_BYTES = 4 * 1024 * 1024
 
 
-
 def _scope(study_uid: str, series_uid: str | None, sop_instance_uid: str | None) -> tuple[str, list[str]]:
     """The SQL condition on ``instances`` (and its parameters) for a study, or a series
     or an instance of it."""
@@ -79,6 +78,7 @@ def _scope(study_uid: str, series_uid: str | None, sop_instance_uid: str | None)
         where.append("instances.sop_instance_uid = ?")
         params.append(sop_instance_uid)
     return " AND ".join(where), params
+
 
 class SpoolFull(Exception):
     """Not enough free space to accept an instance durably."""
