@@ -4,16 +4,14 @@ waited for, and what it delivered is deleted in the archive again."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
-from gateway.config import SpoolConfig
 from gateway.spool.queue import Outcome, Spool
 from gateway.spool.record import Sender
 from gateway.upstream.errors import NotFound, UpstreamUnavailable
 from gateway.web import delete
-from tests.spool.test_queue import STUDY, header, received
+from tests.spool.test_queue import STUDY, header, received, spool  # noqa: F401 - fixture
 
 
 class Archive:
@@ -41,14 +39,7 @@ class Archive:
         await self._delete(study, series, instance)
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    s = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, max_attempts=3))
-    yield s
-    s.close()
-
-
-def test_a_batch_on_its_way_is_waited_for_and_deleted_again(spool: Spool) -> None:
+def test_a_batch_on_its_way_is_waited_for_and_deleted_again(spool: Spool) -> None:  # noqa: F811
     ids = [spool.enqueue(received(spool, n), header(n), Sender("MOD")) for n in range(3)]
     on_its_way = spool.claim(1, 10_000)
     archive = Archive(held={(STUDY,)})
@@ -65,7 +56,7 @@ def test_a_batch_on_its_way_is_waited_for_and_deleted_again(spool: Spool) -> Non
     assert [r["id"] for r in spool.list_rows(limit=10)] == [ids[0]]  # the delivered row, kept as delivered
 
 
-def test_a_batch_that_fails_meanwhile_is_withdrawn_too(spool: Spool) -> None:
+def test_a_batch_that_fails_meanwhile_is_withdrawn_too(spool: Spool) -> None:  # noqa: F811
     for n in range(2):
         spool.enqueue(received(spool, n), header(n), Sender("MOD"))
     on_its_way = spool.claim(1, 10_000)
@@ -81,7 +72,7 @@ def test_a_batch_that_fails_meanwhile_is_withdrawn_too(spool: Spool) -> None:
     assert spool.list_rows(limit=10) == []
 
 
-def test_an_archive_that_cannot_delete_leaves_the_spool_untouched(spool: Spool) -> None:
+def test_an_archive_that_cannot_delete_leaves_the_spool_untouched(spool: Spool) -> None:  # noqa: F811
     for n in range(2):
         spool.enqueue(received(spool, n), header(n), Sender("MOD"))
     with pytest.raises(UpstreamUnavailable):
@@ -89,7 +80,7 @@ def test_an_archive_that_cannot_delete_leaves_the_spool_untouched(spool: Spool) 
     assert len(spool.list_rows(limit=10)) == 2
 
 
-def test_a_series_or_an_instance_is_withdrawn_alone(spool: Spool) -> None:
+def test_a_series_or_an_instance_is_withdrawn_alone(spool: Spool) -> None:  # noqa: F811
     spool.enqueue(received(spool, 0), header(0), Sender("MOD"))
     second = spool.enqueue(received(spool, 1), header(1), Sender("MOD"))
     instance = header(0)
