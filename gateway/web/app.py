@@ -25,6 +25,7 @@ from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
 from gateway.web import auth, client_gone, counting, delete, forwarded, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
+from gateway.listening import EVERY_ADDRESS
 from gateway.web.cache import FacadeCache
 from gateway.web.archive_health import ArchiveHealth
 from gateway.web.keys import (
@@ -128,7 +129,8 @@ def create_app(
     app.add_routes(health.routes)
     app[metrics_routes.METRICS] = metrics
     counting.install(app)
-    forwarded.install(app, config.http.trusted_proxies)  # outermost: all the rest sees the client
+    # outermost: all the rest sees the client
+    forwarded.install(app, config.http.trusted_proxies, dual_stack=config.http.host == EVERY_ADDRESS)
     app.add_routes(metrics_routes.routes)
     app.add_routes(ready.routes)
     router = _Router(app.router)

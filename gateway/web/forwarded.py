@@ -49,16 +49,21 @@ def _first(value: str | None) -> str:
     return (value or "").split(",", 1)[0].strip()
 
 
-def install(app: web.Application, trusted_proxies: Sequence[str]) -> None:
+def install(app: web.Application, trusted_proxies: Sequence[str], dual_stack: bool = False) -> None:
     """Outermost middleware: a request from a trusted proxy goes on as its client's,
-    with the client's address, scheme and host; any other request as it came."""
+    with the client's address, scheme and host; any other request as it came, but
+    on a ``dual_stack`` port (`gateway.listening`) an IPv4 client's address as IPv4,
+    not ``::ffff:a.b.c.d`` (the log, the lockout and the audit trail name it so)."""
     trusted = networks(tuple(trusted_proxies))
-    if not trusted:
+    if not trusted and not dual_stack:
         return
 
     @web.middleware
     async def from_client(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not is_trusted(address_of(request.remote or ""), trusted):
+        remote = request.remote or ""
+        if not is_trusted(address_of(remote), trusted):
+            if dual_stack and remote.startswith("::ffff:"):
+                return await handler(request.clone(remote=str(address_of(remote))))
             return await handler(request)
         changes: dict[str, str] = {}
         client = client_address(request.remote, request.headers.getall("X-Forwarded-For", []), trusted)

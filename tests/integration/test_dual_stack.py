@@ -2,8 +2,8 @@
 
 asyncio binds IPv6 sockets with IPV6_V6ONLY, so a gateway configured on "::" refused
 every IPv4 modality (connection refused: dcmtk's tools speak IPv4 only) while its log
-said it listened "on :::11112". Now the port takes both, and a modality on IPv4 is
-named, checked against `dimse.peers` and audited by its IPv4 address, not as
+said it listened "on :::11112". Now the port takes both, and a modality or a viewer on
+IPv4 is named, checked against `dimse.peers` and audited by its IPv4 address, not as
 ``::ffff:127.0.0.1``.
 """
 
@@ -53,7 +53,7 @@ def test_a_gateway_on_every_address_takes_ipv4_and_ipv6(tmp_path: Path) -> None:
                 {"ae_title": "V6SCU", "host": "::1", "port": 104},
             ],
         },
-        http_auth={"allow_anonymous": True},
+        http_auth={"basic_users": {"viewer": "secret"}},
     )
     config = gw.config_path.read_text()
     dimse_host, http_host = f'host = "127.0.0.1"\nport = {gw.port}', f'host = "127.0.0.1"\nport = {gw.http_port}'
@@ -68,11 +68,15 @@ def test_a_gateway_on_every_address_takes_ipv4_and_ipv6(tmp_path: Path) -> None:
         assert not echo_over_ipv6(gw.port, "ECHOSCU")  # a known AE title from another host
         assert curl(f"http://127.0.0.1:{gw.http_port}/healthz").status == 200
         assert curl("-g", f"http://[::1]:{gw.http_port}/healthz").status == 200
+        assert curl("-u", "viewer:secret", f"http://127.0.0.1:{gw.http_port}/dicom-web/studies").status == 200
+        assert curl("-u", "viewer:wrong", f"http://127.0.0.1:{gw.http_port}/dicom-web/studies").status == 401
+        assert curl("-g", "-u", "viewer:wrong", f"http://[::1]:{gw.http_port}/dicom-web/studies").status == 401
         wait_until(lambda: "rejected" in gw.log(), 10, 0.1, "the rejection not logged")
         log = gw.log()
         assert f"on [::]:{gw.port}" in log and f"HTTP on [::]:{gw.http_port}" in log, log
         assert "association accepted from ECHOSCU@127.0.0.1:" in log, log
         assert "association accepted from V6SCU@[::1]:" in log, log
+        assert "/dicom-web/studies from 127.0.0.1: 401" in log and "/dicom-web/studies from ::1: 401" in log, log
         assert "::ffff:" not in log, log
     finally:
         gw.kill()
