@@ -12,9 +12,10 @@ the admin configured.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from typing import Any
+
+from gateway.trusted import address_of
 
 EVERY_ADDRESS = "::"
 
@@ -37,12 +38,7 @@ def listen_on(host: str, port: int) -> dict[str, Any]:
 def endpoint(host: str, port: int) -> str:
     """``host:port`` as a log and an admin read it: an IPv4 client of a dual-stack port
     as IPv4, an IPv6 address in brackets."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    address = address_of(host)
+    if address is None:
         return f"{host}:{port}"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is None:
-            return f"[{address}]:{port}"
-        address = address.ipv4_mapped
-    return f"{address}:{port}"
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"

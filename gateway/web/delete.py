@@ -82,7 +82,9 @@ async def _delete(spool: Spool, upstream: Upstream, scope: Scope) -> tuple[bool,
     in_archive = await _delete_in_archive(upstream, scope)
     withdrawn, deadline, delivered_meanwhile = 0, time.monotonic() + SENDING_WAIT, False
     while True:
-        counts = await asyncio.to_thread(spool.discard, scope[0], False, scope[1], scope[2], WHY)
+        counts = await asyncio.to_thread(
+            spool.discard, scope[0], dry_run=False, series_uid=scope[1], sop_instance_uid=scope[2], why=WHY
+        )
         withdrawn += counts["queued"] + counts["failed"] + counts["dead"]
         if not counts["sending"]:
             break
