@@ -26,7 +26,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
-from tests.reliability.conftest import FULL_SCALE, FaultSummary
+from tests.support.faultsummary import FULL_SCALE, FaultSummary
 from tests.reliability.test_bad_input import _file_with_dataset_bytes
 from tests.support import dcmtk
 from tests.support.daemon import Gateway

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from tests.reliability.conftest import FULL_SCALE, FaultSummary
+from tests.support.faultsummary import FULL_SCALE, FaultSummary
 from tests.reliability.test_kill import acknowledged_files
 from tests.support.dcmtk import dcmtk_env
 from tests.support.ports import wait_until

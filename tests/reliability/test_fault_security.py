@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from tests.reliability.conftest import FaultSummary
+from tests.support.faultsummary import FaultSummary
 from tests.reliability.test_bad_input import _instance
 from tests.reliability.test_fault_fuzz import associate_rq
 from tests.support import dcmtk

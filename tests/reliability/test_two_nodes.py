@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.integration.test_move_retrieve import parse_move, peers
-from tests.reliability.conftest import FULL_SCALE, FaultSummary
+from tests.support.faultsummary import FULL_SCALE, FaultSummary
 from tests.reliability.test_fault_load import Modality, deliveries
 from tests.support import dcmtk
 from tests.support.daemon import Gateway

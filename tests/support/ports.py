@@ -1,38 +1,58 @@
 """Loopback port helpers and polling for tests that start real servers.
 
-Every server a test starts listens on a port picked by the kernel so that
-parallel runs and leftovers from a crashed run never collide on a fixed port.
+Every server a test starts listens on a port handed out by `free_port`, never a fixed
+one, so that the workers of a parallel run and leftovers from a crashed run never
+collide.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-_HANDED: set[int] = set()
+#: Ports below the kernel's ephemeral range (32768 up, where outgoing connections and
+#: binds to port 0 take theirs), shared out between pytest-xdist's workers.
+_FIRST, _END = 10000, 32768
+
+
+def _share() -> Iterator[int]:
+    """This process's slice of the ports, in order: worker ``gwN`` of ``M`` takes the
+    N-th of M equal slices; a run without workers takes them all."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    span = (_END - _FIRST) // count
+    first = _FIRST + int(worker.removeprefix("gw")) * span
+    return iter(range(first, first + span))
+
+
+_NEXT = _share()
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago, and that this
-    process has not handed out before.
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, that this process has
+    not handed out before, and that no other worker of the run hands out.
 
-    The socket is closed before returning, so another process could grab the
-    port in between. The kernel does hand the same port to two binds in a row
-    now and then: an Orthanc once got one port for both its DICOM and its HTTP
-    server and died at start-up, so ports already given are skipped.
+    The socket is closed before returning and the port is given to a server started
+    later. Asking the kernel for port 0 here once made two servers collide: it hands
+    the same free port to binds in a row (an Orthanc got one port for its DICOM and its
+    HTTP server), and nothing would stop it doing so to two workers of a parallel run.
+    So each process walks its own slice, below the ephemeral range, and skips any port
+    something holds (a listener, a connection in TIME_WAIT from an earlier run).
     """
-    while True:
+    for port in _NEXT:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED:
-            _HANDED.add(port)
-            return port
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port left in this test process's share of {_FIRST}-{_END - 1}")
 
 
 _HELD: list[socket.socket] = []
