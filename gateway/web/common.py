@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 
 from aiohttp import web
 
@@ -140,14 +140,29 @@ def _archive_refused(what: str, exc: UpstreamRejected) -> None:
         log.warning("%s: answered 502, the archive refused or answered what cannot be used: %s%s", what, exc, left_out(held))
 
 
+async def _to_client(write: Awaitable[None]) -> None:
+    """Await one write of an answer. aiohttp raises ConnectionResetError for a write to
+    a connection already closing, but a bare ConnectionError ("Connection lost") when
+    the client goes away while the write waits for the socket to drain: a large answer
+    to a viewer that stopped reading it, then cancelled it. Both are the client gone,
+    raised as the ConnectionResetError the routes and `gateway.web.client_gone` take
+    for that (the second was logged at ERROR with a traceback, and counted a 500)."""
+    try:
+        await write
+    except ConnectionResetError:
+        raise
+    except ConnectionError as exc:
+        raise ConnectionResetError(f"the client's connection was lost: {exc}") from exc
+
+
 async def send_streamed(request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
     """Send a one-part answer chunk by chunk; a HEAD request gets its status and
     headers only (aiohttp would otherwise put the chunks on the wire unframed)."""
     await response.prepare(request)
     if request.method != "HEAD":
         async for chunk in chunks:
-            await response.write(chunk)
-    await response.write_eof()
+            await _to_client(response.write(chunk))
+    await _to_client(response.write_eof())
     return response
 
 
@@ -181,20 +196,20 @@ class MultipartStream:
         head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n{extra_headers}\r\n"
         if self.parts > 1:
             head = "\r\n" + head
-        await self.response.write(head.encode("latin-1"))
+        await _to_client(self.response.write(head.encode("latin-1")))
         for chunk in chunks or ():
-            await self.response.write(chunk)
+            await _to_client(self.response.write(chunk))
 
     async def write(self, data: bytes | memoryview) -> None:
         if not self.head:
-            await self.response.write(bytes(data))
+            await _to_client(self.response.write(bytes(data)))
 
     async def finish(self) -> web.StreamResponse:
         await self.start()
         if self.head:
-            await self.response.write_eof()
+            await _to_client(self.response.write_eof())
             return self.response
         tail = f"--{self.boundary}--\r\n"
-        await self.response.write(((("\r\n") if self.parts else "") + tail).encode("latin-1"))
-        await self.response.write_eof()
+        await _to_client(self.response.write(((("\r\n") if self.parts else "") + tail).encode("latin-1")))
+        await _to_client(self.response.write_eof())
         return self.response

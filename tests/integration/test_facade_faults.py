@@ -262,10 +262,13 @@ def test_unparsable_requests_get_400_and_one_log_line_without_their_bytes(gatewa
     assert curl(f"{gw.web_url}/healthz").status == 200
 
 
-def test_a_client_closing_mid_answer_is_an_info_line_not_an_error(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("stalled", [False, True], ids=["reading", "stalled"])
+def test_a_client_closing_mid_answer_is_an_info_line_not_an_error(gateway, tmp_path: Path, stalled: bool) -> None:  # type: ignore[no-untyped-def]
     """Viewers cancel requests as a user scrolls: the write to the closed connection
     was logged at ERROR with a traceback (or as an internal error) for an instance, a
-    series and a rendered series."""
+    series and a rendered series. Stalled: the client stops reading first, so the
+    gateway's write is waiting for the socket to drain when the connection goes, which
+    aiohttp reports differently; that was still an ERROR and a 500 (seen under load)."""
     gw = gateway()
     paths = ct_series(tmp_path / "series", 60, 512, 512) + ct_series(tmp_path / "multi", 1, 512, 512, frames=40)
     assert storescu(gw.port, paths, gw.ae_title).returncode == 0
@@ -280,9 +283,15 @@ def test_a_client_closing_mid_answer_is_an_info_line_not_an_error(gateway, tmp_p
         f"{series}/rendered": "multipart/related; type=image/png",
     }
     for path, accept in cases.items():
-        with socket.create_connection(("127.0.0.1", gw.http_port), timeout=20) as sock:
+        with socket.socket() as sock:
+            if stalled:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the window closes after a few KB
+            sock.settimeout(20)
+            sock.connect(("127.0.0.1", gw.http_port))
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n".encode())
             assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+            if stalled:
+                time.sleep(2)  # the gateway fills its send buffer and waits for it to drain
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset, as a cancelled fetch does
     wait_until(
         lambda: gw.log().count("the client closed the connection before the answer was complete") == len(cases),
