@@ -21,7 +21,8 @@ FULL_SCALE = os.environ.get("GATEWAY_FAULT_SCALE", "").lower() == "full"
 
 @dataclass
 class FaultSummary:
-    """Rows of the summary table, in the order the scenarios ran."""
+    """Rows of the summary table, in the order the scenarios ran (worker by worker in a
+    parallel run)."""
 
     delivery: list[dict[str, object]] = field(default_factory=list)
     fuzz: list[dict[str, object]] = field(default_factory=list)
