@@ -23,7 +23,7 @@ from gateway.spill import SpillArea
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
-from gateway.web import auth, client_gone, counting, delete, forwarded, health, qido, ready, rendered, stow, wado
+from gateway.web import auth, client_gone, counting, delete, expect, forwarded, health, qido, ready, rendered, stow, wado
 from gateway.web import metrics as metrics_routes
 from gateway.listening import EVERY_ADDRESS
 from gateway.web.cache import FacadeCache
@@ -51,7 +51,8 @@ MAX_SIMPLE_BODY = 1 << 20
 
 class _Router:
     """Adds each route with and without a trailing slash; each GET route answers HEAD
-    too (same handler: aiohttp sends its status and headers without the body)."""
+    too (same handler: aiohttp sends its status and headers without the body). A route
+    that may take a body invites it only when its handler reads it (`expect`)."""
 
     def __init__(self, router: web.UrlDispatcher) -> None:
         self.router = router
@@ -61,7 +62,7 @@ class _Router:
             if method == "GET":
                 self.router.add_get(variant, handler, allow_head=True)
             else:
-                self.router.add_route(method, variant, handler)
+                self.router.add_route(method, variant, handler, expect_handler=expect.defer_continue)
 
 
 def roots(config: Config) -> list[str]:

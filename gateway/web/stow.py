@@ -46,6 +46,7 @@ from gateway.spool.queue import SPACE_CHECK_BYTES, SpoolFull
 from gateway.spool.receipt import Receipt
 from gateway.spool.record import PREAMBLE, Sender
 from gateway.web.common import accept_of, path_uids, request_root, text_error
+from gateway.web.expect import send_continue
 from gateway.web.auth import requester
 from gateway.web.keys import AUDIT, CACHE, CONFIG, SPOOL
 
@@ -168,6 +169,7 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
     idle = request.app[CONFIG].http.idle_timeout
     spool = request.app[SPOOL]
     unchecked = 0
+    await send_continue(request)
     while True:
         try:
             async with asyncio.timeout(idle):

@@ -312,3 +312,44 @@ def test_a_read_only_facade_refuses_stores_and_deletions(gateway, tmp_path: Path
     assert curl("-X", "DELETE", f"{url}/{study}").status == 405
     assert curl(f"{url}/{study}/metadata").status == 200  # still there
     assert "405, the facade is read-only" in gw.log()
+
+
+def _upload(url: str, body: Path, *headers: str) -> tuple[int, list[str], int]:
+    """POST ``body`` with ``Expect: 100-continue`` as curl sends a large upload, willing
+    to wait 30 s for the interim answer: (final status, the statuses of every answer
+    block, the bytes of the body curl sent)."""
+    import subprocess
+
+    result = subprocess.run(
+        ["/usr/bin/curl", "-sS", "-o", "/dev/null", "-D", "-", "-w", "%{size_upload}", "--expect100-timeout", "30",
+         "-X", "POST", "--header", "Expect: 100-continue", *(a for h in headers for a in ("--header", h)),
+         "--data-binary", f"@{body}", url],
+        capture_output=True, timeout=60, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    head, _, sent = result.stdout.rpartition("\n")
+    statuses = [line.split()[1] for line in head.splitlines() if line.startswith("HTTP/")]
+    return int(statuses[-1]), statuses, int(sent)
+
+
+def test_an_upload_waiting_for_100_continue_is_refused_before_its_body(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A client that asks ``Expect: 100-continue`` (curl does for any large upload) is
+    told 401, 415 or 503 before it sends its body, not after: a viewer with a stale
+    token, or anyone at all, must not be able to push an 8 MiB body into the gateway
+    before being refused. An admitted upload gets its 100 Continue at once."""
+    gw = gateway(http_auth={"bearer_tokens": [TOKEN]})
+    url = f"{gw.web_url}/dicom-web/studies"
+    (instance,) = ct_series(tmp_path / "ct", 1, rows=2048, columns=2048)  # 8 MiB
+    size = instance.stat().st_size
+    dicom = "Content-Type: application/dicom"
+    assert _upload(url, instance, dicom, "Authorization: Bearer wrong") == (401, ["401"], 0)
+    assert _upload(url, instance, dicom) == (401, ["401"], 0)
+    assert _upload(url, instance, "Content-Type: text/plain", f"Authorization: Bearer {TOKEN}") == (415, ["415"], 0)
+    assert _upload(url, instance, dicom, f"Authorization: Bearer {TOKEN}") == (200, ["100", "200"], size)
+    gw.wait_counts(delivered=1)
+    log = gw.log()
+    assert "Traceback" not in log and "401, no valid credentials" in log
+    # a spool without room refuses before the body too
+    full = gateway(spool={"min_free_mb": 1 << 30})
+    assert _upload(f"{full.web_url}/dicom-web/studies", instance, dicom) == (503, ["503"], 0)
+    assert "STOW-RS from 127.0.0.1 refused" in full.log()
