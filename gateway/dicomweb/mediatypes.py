@@ -46,6 +46,8 @@ _FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.203": "image/jphc",
     "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
+# Every media type a compressed frame can travel as, each once.
+FRAME_MEDIA_TYPES = tuple(dict.fromkeys(_FRAME_MEDIA_TYPES.values()))
 _TRANSFER_SYNTAX_PARAM = re.compile(r"""(?:^|[;\s"'])transfer-syntax\s*=\s*"?([0-9.]+)""", re.IGNORECASE)
 
 

@@ -23,7 +23,7 @@ from gateway.spill import SpillArea
 from gateway.spool.forwarder import Problems
 from gateway.spool.queue import Spool
 from gateway.upstream.base import Upstream
-from gateway.web import auth, client_gone, counting, delete, expect, forwarded, health, qido, ready, rendered, stow, wado
+from gateway.web import auth, client_gone, counting, delete, expect, forwarded, health, qido, ready, rendered, retrieve_capabilities, stow, wado
 from gateway.web import metrics as metrics_routes
 from gateway.listening import EVERY_ADDRESS
 from gateway.web.cache import FacadeCache
@@ -141,5 +141,6 @@ def create_app(
         delete.add_routes(router, root)
         stow.add_routes(router, root)
         rendered.add_routes(router, root)
+        retrieve_capabilities.add_routes(router, root)
     rendered.add_wado_uri(router)
     return app

@@ -353,3 +353,60 @@ def test_an_upload_waiting_for_100_continue_is_refused_before_its_body(gateway, 
     full = gateway(spool={"min_free_mb": 1 << 30})
     assert _upload(f"{full.web_url}/dicom-web/studies", instance, dicom) == (503, ["503"], 0)
     assert "STOW-RS from 127.0.0.1 refused" in full.log()
+
+
+WADL = "{http://wadl.dev.java.net/2009/02}"
+
+
+def test_the_service_describes_itself_to_an_options_request(gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """PS3.18 8.9, Retrieve Capabilities: ``OPTIONS`` on a DICOMweb root answers a WADL
+    document (as JSON on request) of what is served there, under every root, behind
+    the same credentials as the rest; each resource it lists answers its method."""
+    gw = gateway(http_auth={"bearer_tokens": [TOKEN]})
+    auth = ("--header", f"Authorization: Bearer {TOKEN}")
+    (instance,) = ct_series(tmp_path / "ct", 1, rows=32, columns=32)
+    r = curl("-X", "POST", "--header", "Content-Type: application/dicom", *auth, "--data-binary", f"@{instance}", f"{gw.web_url}/dicom-web/studies")
+    assert r.status == 200, r.body
+    gw.wait_counts(delivered=1)
+    ds = pydicom.dcmread(instance)
+    uids = {"study": ds.StudyInstanceUID, "series": ds.SeriesInstanceUID, "instance": ds.SOPInstanceUID, "frames": "1", "tags": "7FE00010"}
+
+    assert curl("-X", "OPTIONS", f"{gw.web_url}/dicom-web/").status == 401
+    for root in ("/dicom-web", "/dicom-web/", "/v1", "/datastore/ds1/"):
+        r = curl("-X", "OPTIONS", *auth, f"{gw.web_url}{root}")
+        assert r.status == 200 and r.content_type.startswith("application/vnd.sun.wadl+xml"), (root, r.status)
+        (resources,) = ET.fromstring(r.body).findall(f"{WADL}resources")
+        assert resources.get("base") == f"{gw.web_url}{root.rstrip('/')}/"
+
+    def walk(element: ET.Element, path: str) -> Iterator[tuple[str, str, str]]:
+        for method in element.findall(f"{WADL}method"):
+            yield path, method.get("name", ""), method.get("id", "")
+        for child in element.findall(f"{WADL}resource"):
+            yield from walk(child, f"{path}/{child.get('path')}")
+
+    r = curl("-X", "OPTIONS", *auth, "--header", "Accept: application/vnd.sun.wadl+xml", f"{gw.web_url}/dicom-web")
+    listed = list(walk(ET.fromstring(r.body).find(f"{WADL}resources"), ""))  # type: ignore[arg-type]
+    ids = {name for _, _, name in listed}
+    assert {"SearchForStudies", "SearchForStudySeriesInstances", "RetrieveStudy", "RetrieveInstanceMetadata", "RetrieveFrames",
+            "RetrieveRenderedFrames", "RetrieveBulkdata", "StoreInstances", "StoreStudyInstances", "DeleteInstance"} <= ids
+    assert "" not in ids and len(ids) == len(listed) == 29, listed  # each resource and method once, each named
+    for path, method, name in listed:
+        if method != "GET":
+            continue
+        url = gw.web_url + "/dicom-web" + path.format(**uids)
+        accept = "image/png" if "Rendered" in name or "Thumbnail" in name else "*/*"
+        got = curl(*auth, "--header", f"Accept: {accept}", url)
+        assert got.status == 200, (name, url, got.status, got.body[:200])
+
+    r = curl("-X", "OPTIONS", *auth, "--header", "Accept: application/json", f"{gw.web_url}/v1/")
+    assert r.status == 200 and r.content_type.startswith("application/json")
+    assert r.json()["application"]["resources"][0]["base"] == f"{gw.web_url}/v1/"
+    assert curl("-X", "OPTIONS", *auth, "--header", "Accept: image/png", f"{gw.web_url}/v1/").status == 406
+    # a browser's CORS preflight of the root is still answered as one
+    r = curl("-X", "OPTIONS", f"{gw.web_url}/dicom-web/", "--header", "Origin: http://viewer.localhost",
+             "--header", "Access-Control-Request-Method: GET")
+    assert r.status == 403  # no cors_origins configured: refused, not described
+    # with the service at the server's root
+    bare = gateway(http={"base_path": "/"})
+    r = curl("-X", "OPTIONS", f"{bare.web_url}/")
+    assert r.status == 200 and ET.fromstring(r.body).find(f"{WADL}resources").get("base") == f"{bare.web_url}/"  # type: ignore[union-attr]
