@@ -5,7 +5,8 @@ PS3.18 requires it of every RESTful service; clients and integration engines use
 discover what an origin server implements. The document is built from the facade's
 own routes, so it cannot promise a resource the gateway does not serve nor leave one
 out; each method carries its PS3.18 transaction name and the media types the facade
-answers it with.
+answers it with. What would only be refused is left out: stores and deletions of a
+read-only facade (405), deletions an archive has said it cannot do (501).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiohttp import web
 from gateway.dicomweb.accept import parse_accept
 from gateway.dicomweb.mediatypes import DICOM, DICOM_JSON, DICOM_XML, FRAME_MEDIA_TYPES, JSON, OCTET_STREAM, multipart_accept
 from gateway.web.common import text_error
+from gateway.web.keys import CONFIG, UPSTREAM
 
 WADL = "application/vnd.sun.wadl+xml"
 WADL_NS = "http://wadl.dev.java.net/2009/02"
@@ -73,15 +75,25 @@ TRANSACTIONS: dict[tuple[str, str], tuple[str, tuple[tuple[str, ...], tuple[str,
 }
 
 
+def _refused(app: web.Application) -> frozenset[str]:
+    """Methods every route would refuse now, whoever asks."""
+    if app[CONFIG].http.read_only:
+        return frozenset({"POST", "PUT", "DELETE"})
+    if app[UPSTREAM].capabilities.delete is False:
+        return frozenset({"DELETE"})
+    return frozenset()
+
+
 def _served(app: web.Application, root: str) -> dict[str, list[str]]:
     """Each path the app serves under ``root`` (a route's template, e.g. ``/v1`` or
     ``/datastore/{datastoreId}``), relative to it, with its transactions' methods."""
     served: dict[str, list[str]] = {}
+    left_out = _NOT_TRANSACTIONS | _refused(app)
     for resource in app.router.resources():
         canonical = resource.canonical
         if not canonical.startswith(root + "/") or canonical.endswith("/"):
             continue  # another root's, or the trailing-slash twin of a path listed
-        methods = [route.method for route in resource if route.method not in _NOT_TRANSACTIONS]
+        methods = [route.method for route in resource if route.method not in left_out]
         if methods:
             served.setdefault(canonical[len(root) + 1 :], []).extend(methods)
     return served

@@ -410,3 +410,23 @@ def test_the_service_describes_itself_to_an_options_request(gateway, tmp_path: P
     bare = gateway(http={"base_path": "/"})
     r = curl("-X", "OPTIONS", f"{bare.web_url}/")
     assert r.status == 200 and ET.fromstring(r.body).find(f"{WADL}resources").get("base") == f"{bare.web_url}/"  # type: ignore[union-attr]
+    # what would only be refused is not offered: a read-only facade stores and deletes nothing
+    read_only = gateway(http={"read_only": True})
+    methods = {m.get("name") for m in ET.fromstring(curl("-X", "OPTIONS", f"{read_only.web_url}/dicom-web/").body).iter(f"{WADL}method")}
+    assert methods == {"GET"}
+
+
+def test_the_service_description_drops_deletion_once_the_archive_refuses_it(gateway, orthanc: Orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Orthanc's DICOMweb deletes nothing (the gateway's DELETE answers 501): once it has
+    said so, the WADL stops offering DELETE; stores are still offered."""
+    gw = gateway(upstream_url=orthanc.dicomweb_url)
+
+    def methods() -> set[str]:
+        return {m.get("name", "") for m in ET.fromstring(curl("-X", "OPTIONS", f"{gw.web_url}/dicom-web/").body).iter(f"{WADL}method")}
+
+    assert methods() == {"GET", "POST", "PUT", "DELETE"}
+    (instance,) = ct_series(tmp_path / "ct", 1, rows=32, columns=32)
+    assert dcmtk.storescu(gw.port, [instance], gw.ae_title).returncode == 0
+    gw.wait_counts(delivered=1)
+    assert curl("-X", "DELETE", f"{gw.web_url}/dicom-web/studies/{pydicom.dcmread(instance).StudyInstanceUID}").status == 501
+    assert methods() == {"GET", "POST", "PUT"}
