@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -75,8 +76,22 @@ def _more_results_warning(resp: aiohttp.ClientResponse) -> bool:
     return any("additional results" in w.lower() for w in resp.headers.getall("Warning", []))
 
 
-# Results in the first QIDO-RS page of a search (later pages hold find.page_size).
+async def _cancel_all(pages: collections.deque[tuple[int, int, asyncio.Future[tuple[list[JsonObject], bool, int]]]]) -> None:
+    """Drop the QIDO-RS pages asked ahead: cancel those in flight and wait for each to
+    end (what they answered or raised is no longer wanted)."""
+    while pages:
+        _, _, page = pages.popleft()
+        page.cancel()
+        with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+            await page
+
+
+# Results in the first QIDO-RS page of a search; each later page asks twice as many
+# as the one before, up to find.page_size.
 FIRST_PAGE = 100
+# Pages asked at once past the one being answered, once a search has proved longer
+# than its first page.
+PAGES_AHEAD = 2
 # The attribute that identifies a result of each QIDO-RS resource.
 LEVEL_UID_TAGS = {"studies": 0x0020000D, "series": 0x0020000E, "instances": 0x00080018}
 
@@ -301,24 +316,31 @@ class DicomWebUpstream:
         except UpstreamRejected as exc:
             if exc.status != 400 or limit <= proven:
                 raise
-        log.warning(
-            "QIDO-RS: archive refused limit=%d after taking limit=%d for the same search; pages of %d from now on "
-            "(set find.page_size to its cap)", limit, proven, proven,
-        )
-        self._capabilities = replace(self._capabilities, max_page=proven)
+        if self._capabilities.max_page != proven:  # said once, though two pages may learn it at once
+            log.warning(
+                "QIDO-RS: archive refused limit=%d after taking limit=%d for the same search; pages of %d from now on "
+                "(set find.page_size to its cap)", limit, proven, proven,
+            )
+            self._capabilities = replace(self._capabilities, max_page=proven)
         page, cut = await self._page(path, search, offset, proven)
         return page, cut, proven
 
     async def _search(self, level: str, search: Search) -> AsyncIterator[JsonObject]:
         """Page through one QIDO-RS resource with limit/offset until it is exhausted.
 
-        The next page is requested while the current one is being answered (one page
-        ahead, so memory stays bounded), which hides most of the archive's latency.
+        Once the first page comes back full, `PAGES_AHEAD` pages are asked at once
+        past the one being answered, each twice the size of the one before (up to
+        ``find.page_size``): an archive such as Orthanc builds each answer whole on one
+        core, so a long search is built on two cores while the answers of the pages
+        before go out. Memory stays bounded by those pages. A page that
+        comes back shorter (or longer) than asked, while more results exist, makes the
+        pages asked after it start at the wrong offset: they are dropped and asked
+        again from where it ended.
         A page shorter than ``limit`` ends the search unless the server says, with a
         Warning header, that it cut the page; so ``find.page_size`` must not exceed the
         archive's own cap (AWS HealthImaging: 1000) on servers that cut silently, and
         is lowered to ``Capabilities.max_page`` when that is known.
-        Closing the iterator (C-CANCEL, match cap) cancels the request in flight.
+        Closing the iterator (C-CANCEL, match cap) cancels the requests in flight.
 
         Ends with SearchTruncated when the archive announced more results (Warning)
         and then sent none, or when a full page reaches ``Capabilities.search_limit``:
@@ -351,25 +373,34 @@ class DicomWebUpstream:
             cap = self._capabilities.max_page  # may be learned during this search
             return min(self.qido.page_size, cap or self.qido.page_size)
 
-        offset = 0
-        first = bounded(min(page_size(), FIRST_PAGE), offset)
-        announced = False  # the previous page said more results exist
-        pending = asyncio.ensure_future(self._capped_page(path, search, offset, first, first))
+        first = bounded(min(page_size(), FIRST_PAGE), 0)
+        ahead: collections.deque[tuple[int, int, asyncio.Future[tuple[list[JsonObject], bool, int]]]] = collections.deque()
+
+        def ask(offset: int, limit: int) -> None:
+            ahead.append((offset, limit, asyncio.ensure_future(self._capped_page(path, search, offset, limit, first))))
+
+        ask(0, first)
+        size, announced = first, False  # announced: the previous page said more results exist
         uid_tag = LEVEL_UID_TAGS[level]
         try:
             while True:
+                offset, asked, pending = ahead.popleft()
                 page, cut, limit = await pending
                 if not page and (cut or announced):
                     log.warning("QIDO-RS %s: archive announced more results than it sent (%d)", level, offset)
                     raise SearchTruncated(f"archive announced more than the {offset} results it sent", offset)
                 more = bool(page) and (len(page) >= limit or cut)
-                offset += len(page)
+                end = offset + len(page)
                 announced = cut
-                capped = more and reach is not None and offset >= reach
+                capped = more and reach is not None and end >= reach
+                if not more or capped or len(page) != asked:
+                    await _cancel_all(ahead)  # asked past the end, or from an offset this page did not reach
                 if more and not capped:
-                    pending = asyncio.ensure_future(
-                        self._capped_page(path, search, offset, bounded(page_size(), offset), first)
-                    )
+                    following = ahead[-1][0] + ahead[-1][1] if ahead else end
+                    while len(ahead) < PAGES_AHEAD and (reach is None or following < reach):
+                        size = min(page_size(), size * 2)
+                        ask(following, bounded(size, following))
+                        following += ahead[-1][1]
                 for item in page:
                     uid = first_text(item, uid_tag)
                     if uid:
@@ -382,14 +413,11 @@ class DicomWebUpstream:
                     yield item
                 if capped:
                     log.warning("QIDO-RS %s: search reached the archive's limit of %d results", level, reach)
-                    raise SearchTruncated(f"archive lets a search reach {reach} results only", offset)
+                    raise SearchTruncated(f"archive lets a search reach {reach} results only", end)
                 if not more:
                     return
         finally:
-            if not pending.done():
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
-                    await pending
+            await _cancel_all(ahead)
 
     def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
         return self._search("studies", search)

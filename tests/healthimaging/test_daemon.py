@@ -264,7 +264,9 @@ def test_a_search_of_1100_studies_pages_past_the_qido_limit(emulator: Emulator, 
     assert result.returncode == 0 and result.final.startswith("Success"), result.final
     assert len({str(a.StudyInstanceUID) for a in result.answers}) == 1100
     pages = [r for r in emulator.requests if r.operation == "SearchDICOMStudies"]
-    assert len(pages) == 3 and all(r.status == 200 for r in pages)  # 100, then 1000, then the last 0
+    # 100, then 200 and 400 at once, then 800 (400 come back: the end) and 1000 past
+    # it (cancelled then, so it may not have been sent)
+    assert len(pages) in (4, 5) and all(r.status == 200 for r in pages)
     assert not emulator.refusals()
 
 

@@ -229,16 +229,19 @@ def test_signer_runs_once_per_attempt_with_the_url_as_sent(tmp_path: Path) -> No
 
     syntaxes = run(routes, scenario)
     assert syntaxes == (ExplicitVRLittleEndian, ExplicitVRLittleEndian)  # read from the File Meta
-    # 406 then bare for the first instance; the second goes straight to bare; 2 pages.
-    assert len(signed) == len(received) == 5
-    for n, (request, (method, path, authorization)) in enumerate(zip(signed, received), start=1):
+    # 406 then bare for the first instance; the second goes straight to bare; then the
+    # pages: the first full, then two asked at once (the one past the end may be
+    # cancelled before it is sent, once the one before it came back short)
+    assert 5 <= len(received) <= len(signed) <= 6
+    for method, path, authorization in received:  # each request carries the header signed for it
+        request = signed[int(authorization.removeprefix("Sig ")) - 1]
         assert request.method == method == "GET"
         assert request.url.split("127.0.0.1:", 1)[1].split("/", 1)[1] == path.lstrip("/")
-        assert authorization == f"Sig {n}"
         assert request.body.length == 0 and request.body.sha256 is not None
         assert "Accept" in request.headers
+    assert len({authorization for _, _, authorization in received}) == len(received)
     assert "00100010=DOE%5EJO%20HN" in received[3][1]
-    assert "offset=2" in received[4][1]
+    assert sorted(path.split("offset=")[1].split("&")[0] for _, path, _ in received[3:])[:2] == ["0", "2"]
 
 
 def test_static_auth_is_a_signer_and_injected_session_stays_open() -> None:
