@@ -405,6 +405,26 @@ def test_max_page_lowers_the_page_size(fake: Callable[..., FakeQido]) -> None:
     assert {int(_param(p, "limit")) for p in server.requests} == {30}
 
 
+def test_pages_double_and_two_are_asked_ahead(fake: Callable[..., FakeQido]) -> None:
+    """1,100 matches, find.page_size 1000: a first page of 100, then 200 and 400 asked
+    at once, then 800 (which comes back short: the end) and 1000 past it, dropped; each
+    match handed out once, in the archive's order."""
+    server = fake(count=1100)
+    got, exc = qido(server, None, 1000)
+    assert exc is None and got == [server.study(n)["0020000D"]["Value"][0] for n in server.order]  # type: ignore[index]
+    asked = sorted((int(_param(p, "offset")), int(_param(p, "limit"))) for p in server.requests)
+    assert asked[:4] == [(0, 100), (100, 200), (300, 400), (700, 800)] and asked[4:] in ([], [(1500, 1000)])
+
+
+def test_a_page_cut_short_mid_search_is_asked_on_from_where_it_ended(fake: Callable[..., FakeQido]) -> None:
+    """Every page cut to 150 with PS3.18's Warning: the pages asked ahead of a cut one
+    start past what it sent, so they are dropped and asked again from where it ended;
+    no match is lost or repeated."""
+    server = fake(count=1000, page_cap=150)
+    got, exc = qido(server, None, 1000)
+    assert exc is None and len(got) == len(set(got)) == 1000
+
+
 def _param(path: str, name: str) -> str:
     return path.split(f"{name}=")[1].split("&")[0]
 
