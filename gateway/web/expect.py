@@ -17,21 +17,24 @@ CONTINUE = "100-continue"
 CONTINUED = web.RequestKey("continued", bool)
 
 
-def _expects_continue(request: web.BaseRequest) -> bool:
-    return request.version == HttpVersion11 and request.headers.get("Expect", "").strip().lower() == CONTINUE
+def _expectation(request: web.BaseRequest) -> str | None:
+    """What an HTTP/1.1 request's ``Expect`` asks, lower case; None from HTTP/1.0
+    (which has no interim answers) or without the header."""
+    if request.version != HttpVersion11 or "Expect" not in request.headers:
+        return None
+    return request.headers["Expect"].strip().lower()
 
 
 async def defer_continue(request: web.Request) -> None:
     """The routes' expect handler: any other expectation is refused (417), as
     aiohttp's own handler does; ``100-continue`` waits for `send_continue`."""
-    expect = request.headers.get("Expect", "")
-    if request.version == HttpVersion11 and expect.strip().lower() != CONTINUE:
-        raise web.HTTPExpectationFailed(text=f"unknown expectation: {expect}\n")
+    if _expectation(request) not in (None, CONTINUE):
+        raise web.HTTPExpectationFailed(text=f"unknown expectation: {request.headers['Expect']}\n")
 
 
 async def send_continue(request: web.Request) -> None:
     """Invite the body, once, if the client waits for the invitation."""
-    if _expects_continue(request) and not request.get(CONTINUED):
+    if _expectation(request) == CONTINUE and not request.get(CONTINUED):
         request[CONTINUED] = True
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer's own size starts after it

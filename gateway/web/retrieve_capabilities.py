@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -145,7 +146,7 @@ def _as_json(element: ET.Element) -> dict[str, Any]:
     return out
 
 
-def _handler(root: str) -> Any:
+def _handler(root: str) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def capabilities(request: web.Request) -> web.Response:
         chosen = None
         for media_range in parse_accept(request.headers.get("Accept")):

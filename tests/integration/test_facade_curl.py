@@ -13,6 +13,7 @@ archive and over a real Orthanc (DICOMweb) upstream.
 
 from __future__ import annotations
 
+import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from io import BytesIO
@@ -27,7 +28,7 @@ from pydicom.data import get_testdata_file
 from gateway.codecs.description import PixelDescription
 from gateway.codecs.render import render_frame, window_from_dataset
 from tests.support import dcmtk
-from tests.support.curl import curl
+from tests.support.curl import CURL, curl
 from tests.support.fixtures import gateway_over
 from tests.support.daemon import Gateway
 from tests.support.orthanc import Orthanc
@@ -318,10 +319,8 @@ def _upload(url: str, body: Path, *headers: str) -> tuple[int, list[str], int]:
     """POST ``body`` with ``Expect: 100-continue`` as curl sends a large upload, willing
     to wait 30 s for the interim answer: (final status, the statuses of every answer
     block, the bytes of the body curl sent)."""
-    import subprocess
-
     result = subprocess.run(
-        ["/usr/bin/curl", "-sS", "-o", "/dev/null", "-D", "-", "-w", "%{size_upload}", "--expect100-timeout", "30",
+        [CURL, "-sS", "-o", "/dev/null", "-D", "-", "-w", "%{size_upload}", "--expect100-timeout", "30",
          "-X", "POST", "--header", "Expect: 100-continue", *(a for h in headers for a in ("--header", h)),
          "--data-binary", f"@{body}", url],
         capture_output=True, timeout=60, text=True,
