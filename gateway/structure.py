@@ -82,44 +82,73 @@ def _text(raw: bytes) -> str:
     return raw.rstrip(b"\x00 ").decode("ascii", "replace").strip()
 
 
+# Bytes read from the file at a time. The element headers before the pixel data of most
+# instances fit in one window; each header is then unpacked from it in place.
+WINDOW = 16 << 10
+_IMPLICIT = {"<": struct.Struct("<HHI"), ">": struct.Struct(">HHI")}  # group, element, 32-bit length
+_EXPLICIT = {"<": struct.Struct("<HH2sH"), ">": struct.Struct(">HH2sH")}  # group, element, VR, 16-bit length
+_LONG = {"<": struct.Struct("<I"), ">": struct.Struct(">I")}
+
+
 class _Walker:
     def __init__(self, fh: BinaryIO, size: int, explicit: bool, little: bool, keep: frozenset[int]) -> None:
         self.fh = fh
         self.size = size
         self.explicit = explicit
-        self.e = "<" if little else ">"
+        e = "<" if little else ">"
+        self.implicit_header = _IMPLICIT[e]
+        self.explicit_header = _EXPLICIT[e]
+        self.long_length = _LONG[e]
         self.keep = keep
         self.values: dict[int, str] = {}
         # Kept here, not asked of the file: each tell() is a system call, and asking
-        # at every element header was most of the walk's time.
+        # at every element header was most of the walk's time. Headers are unpacked
+        # from a window of the file (`WINDOW`), not read a few bytes per call: the
+        # calls were most of what remained.
         self.pos = fh.tell()
+        self.window = b""
+        self.window_at = self.pos
+
+    def _at(self, n: int) -> int:
+        """Where the ``n`` bytes at ``pos`` start in ``window``, read from the file
+        when the window does not hold them. Bounded by ``size``, not by the file: a
+        spool record may sit in a longer file."""
+        pos = self.pos
+        if pos + n > self.size:
+            raise Malformed("element runs past the end of the data set")
+        at = pos - self.window_at
+        if at < 0 or at + n > len(self.window):
+            self.fh.seek(pos)
+            self.window = self.fh.read(min(max(n, WINDOW), self.size - pos))
+            self.window_at, at = pos, 0
+            if len(self.window) < n:
+                raise Malformed("element header runs past the end of the data set")
+        return at
 
     def read(self, n: int) -> bytes:
-        # Bounded by ``size``, not by the file: a spool record may sit in a longer file.
-        if self.pos + n > self.size:
-            raise Malformed("element runs past the end of the data set")
-        data = self.fh.read(n)
-        if len(data) != n:
-            raise Malformed("element header runs past the end of the data set")
+        at = self._at(n)
         self.pos += n
-        return data
+        return self.window[at : at + n]
 
     def header(self) -> tuple[int, bytes | None, int]:
-        group, element = struct.unpack(self.e + "HH", self.read(4))
-        tag = (group << 16) | element
-        if group == 0xFFFE or not self.explicit:  # items and delimiters: always implicit style
-            return tag, None, struct.unpack(self.e + "I", self.read(4))[0]
-        vr = self.read(2)
+        at = self._at(8)
+        self.pos += 8
+        if not self.explicit:
+            group, element, length = self.implicit_header.unpack_from(self.window, at)
+            return (group << 16) | element, None, length
+        group, element, vr, length = self.explicit_header.unpack_from(self.window, at)
+        if group == 0xFFFE:  # items and delimiters: always implicit style
+            return (group << 16) | element, None, self.long_length.unpack_from(self.window, at + 4)[0]
         if vr in LONG_VRS:
-            self.read(2)
-            return tag, vr, struct.unpack(self.e + "I", self.read(4))[0]
-        return tag, vr, struct.unpack(self.e + "H", self.read(2))[0]
+            at = self._at(4)  # after the two reserved bytes (``length`` held them)
+            self.pos += 4
+            return (group << 16) | element, vr, self.long_length.unpack_from(self.window, at)[0]
+        return (group << 16) | element, vr, length
 
     def skip(self, length: int) -> None:
         end = self.pos + length
         if end > self.size:
             raise Malformed("a value runs past the end of the data set")
-        self.fh.seek(end)
         self.pos = end
 
     def walk(self, end: int, top: bool) -> None:
@@ -140,15 +169,52 @@ class _Walker:
         nesting = 0
         while levels:
             try:
+                kind, level_end, _ = levels[-1]
+                if kind == _DATA_SET:
+                    self._skip_plain(level_end, top and len(levels) == 1)
                 nesting = self._step(levels, nesting, top)
             except Malformed:
                 outer = next((i for i in range(len(levels) - 1, 0, -1) if levels[i][0] == _SEQUENCE and levels[i][2] is None), None)
                 if outer is None:
                     raise
-                self.fh.seek(levels[outer][1])
                 self.pos = levels[outer][1]
                 nesting -= sum(kind == _SEQUENCE for kind, _, _ in levels[outer:])
                 del levels[outer:]
+
+    def _skip_plain(self, end: int, top: bool) -> None:
+        """Step over the data set's plain elements (a defined length, no sequence, no
+        value to keep) from ``pos`` while their headers are in the window, unpacked
+        in place. Anything else, or anything wrong, is left at ``pos`` for `_step`,
+        which reports it: this only saves `_step`'s calls on the usual elements, the
+        most of a walk's time."""
+        window, base, size, pos = self.window, self.window_at, self.size, self.pos
+        limit = min(end, base + len(window)) - 12  # a whole header of either form fits
+        keep = self.keep if top else frozenset()
+        if self.explicit:
+            unpack, long_length = self.explicit_header.unpack_from, self.long_length.unpack_from
+            while base <= pos <= limit:
+                group, element, vr, length = unpack(window, pos - base)
+                if group == 0xFFFE or vr == b"SQ" or ((group << 16) | element) in keep:
+                    break
+                if vr in LONG_VRS:
+                    length = long_length(window, pos - base + 8)[0]
+                    if length == UNDEFINED:
+                        break
+                    value_end = pos + 12 + length
+                else:
+                    value_end = pos + 8 + length
+                if value_end > size:
+                    break
+                pos = value_end
+        else:
+            unpack = self.implicit_header.unpack_from
+            while base <= pos <= limit:
+                group, element, length = unpack(window, pos - base)
+                tag = (group << 16) | element
+                if group == 0xFFFE or length == UNDEFINED or tag in keep or _dictionary_sq(tag) or pos + 8 + length > size:
+                    break
+                pos += 8 + length
+        self.pos = pos
 
     def _step(self, levels: list[tuple[int, int, int | None]], nesting: int, top: bool) -> int:
         """One element, item or delimiter of the walk; the sequence depth after it."""

@@ -72,8 +72,9 @@ async def inspect(retrieved: Retrieved, study_uid: str, series_uid: str = "", so
     Sent on, a cut-off instance made dcmtk's storescp abort the association ("Odd
     Fragment Length"), failing every later sub-operation of the move; an instance of
     another study in an archive's answer for this one went to the destination as if
-    asked for. The pass costs ~40 us for a 512 KB CT held in memory; the embedded
-    archive's files (`Retrieved.checked`) had theirs when they were received."""
+    asked for. The pass costs about 1 us per element (pydicom's CT_small, 258 elements:
+    260 us on a slow machine); the embedded archive's files (`Retrieved.checked`) had
+    theirs when they were received."""
     if not retrieved.checked:
         if retrieved.data is not None:
             data = retrieved.data

@@ -51,6 +51,25 @@ def test_scan_accepts_every_corpus_file_and_reads_its_uids() -> None:
         assert scan.values[0x00080018] == item.sop_instance_uid, item.path.name  # deflated ones inflated
 
 
+@pytest.mark.parametrize("window", [12, 13, 37, 4096])
+def test_scan_reads_the_same_through_any_window(monkeypatch, window: int) -> None:  # type: ignore[no-untyped-def]
+    """The walk unpacks element headers from a window of the file. Small windows put
+    headers across every window edge: each corpus file, whole and cut short, is read
+    as through the default window, the problems included."""
+    files = pydicom_corpus(dcmtk_only=False) + sample_items()
+    expected = {}
+    for item in files:
+        data = item.path.read_bytes()
+        for size in (len(data), len(data) * 2 // 3):
+            scan = scan_file(io.BytesIO(data[:size]), size, KEEP_SOP)
+            expected[item.path.name, size] = (scan.problem, scan.values, scan.dataset_offset)
+    monkeypatch.setattr(gateway.structure, "WINDOW", window)
+    for (name, size), want in expected.items():
+        data = next(i for i in files if i.path.name == name).path.read_bytes()
+        scan = scan_file(io.BytesIO(data[:size]), size, KEEP_SOP)
+        assert (scan.problem, scan.values, scan.dataset_offset) == want, (name, size)
+
+
 def test_scan_catches_truncation_inside_values() -> None:
     """A cut inside a value or a header is caught; a cut exactly between two elements
     leaves a well-formed (shorter) data set, which no structural check can see."""
