@@ -95,6 +95,16 @@ async def _reload_audit(audit: Auditor, config: Config) -> bool:
 
 async def _run(config: Config, config_path: Path | None) -> None:
     loop = asyncio.get_running_loop()
+    # Before anything listens or says READY=1: from then on systemd (or an admin) may
+    # stop or reload the daemon, and a signal with no handler yet took the default
+    # action, killing it where it stood. A stop asked during start-up is carried out
+    # once the start is complete; a reload, once the daemon runs.
+    stop = asyncio.Event()
+    reload_asked = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
     ensure_open_files(config.dimse.max_connections + config.http.max_connections)
     audit = Auditor(config, audit_trail(config))
     audit.started()
@@ -174,7 +184,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
         token_user(config),
     )
     started = False
-    keepers: list[asyncio.Task[None]] = []  # systemd watchdog and status line
+    keepers: list[asyncio.Task[None]] = []  # systemd watchdog, status line, reloads
     try:
         https = config.http.tls.server_context() if config.http.tls is not None else None
         cap = ConnectionCap("HTTP", "http.max_connections", config.http.max_connections, metrics)
@@ -232,18 +242,18 @@ async def _run(config: Config, config_path: Path | None) -> None:
                 f"; a restart is needed for {', '.join(needs_restart)}" if needs_restart else "",
             )
 
-        reloads: set[asyncio.Task[None]] = set()
+        async def reload_when_asked() -> None:
+            """One reload at a time: SIGHUPs arriving during one make one more."""
+            while True:
+                await reload_asked.wait()
+                reload_asked.clear()
+                try:
+                    await reload()
+                except Exception:  # noqa: BLE001 - the next SIGHUP must still be heard
+                    log.exception("reload failed, the running configuration stays")
 
-        def on_sighup() -> None:
-            task = asyncio.create_task(reload(), name="reload")
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         if config_path is not None:
-            loop.add_signal_handler(signal.SIGHUP, on_sighup)
+            keepers.append(asyncio.create_task(reload_when_asked(), name="reload"))
         await stop.wait()
         log.info("stopping")
         sd_notify("STOPPING=1")

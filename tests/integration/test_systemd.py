@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -149,3 +150,65 @@ def test_sysusers_creates_the_service_user(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     entry = next(line for line in (tmp_path / "etc" / "passwd").read_text().splitlines() if line.startswith("dicom-gateway:"))
     assert entry.endswith(":/var/lib/dicom-gateway:/usr/sbin/nologin"), entry
+
+
+def _fill(path: Path) -> list[socket.socket]:
+    """Fill the queue of the datagram socket at ``path`` until a new sender would wait:
+    every sender's own buffer is filled too, so the daemon's is the one that waits."""
+    senders: list[socket.socket] = []
+    while True:
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sender.connect(str(path))
+        sender.setblocking(False)
+        senders.append(sender)
+        sent = 0
+        try:
+            while True:
+                sender.send(b"x")
+                sent += 1
+        except BlockingIOError:
+            if sent == 0:
+                return senders
+
+
+def test_signals_as_readiness_is_said_stop_the_daemon_cleanly(tmp_path: Path) -> None:
+    """systemd may stop or reload the daemon as soon as READY=1 arrives (a `systemctl
+    stop` queued behind the start). The daemon is held at its READY=1 (the notify
+    socket's queue is full, so its send waits) and sent SIGHUP and SIGTERM there; let
+    go, it stops cleanly. Before, the handlers were set after READY=1 and the signal's
+    default action killed it (SIGHUP: exit -1, SIGTERM: -15); a test stopping the
+    daemon as soon as its port answered saw that once in some thirty runs."""
+    directory = Path(tempfile.mkdtemp(prefix="notify-", dir="/tmp"))
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(directory / "notify"))
+    receiver.setblocking(False)
+    senders = _fill(directory / "notify")
+    gw = Gateway(tmp_path / "gw", env={"NOTIFY_SOCKET": str(directory / "notify")})
+    try:
+        gw.start()
+        wait_until(lambda: "listening:" in gw.log(), 10, 0.05, "no 'listening' line")
+        time.sleep(0.3)  # in its send of READY=1, waiting for room
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert gw.proc.poll() is None, f"the daemon died of the signal: {gw.proc.returncode}"
+        messages: list[bytes] = []
+
+        def drained_and_ended() -> bool:
+            try:
+                while True:
+                    messages.append(receiver.recv(64))
+            except BlockingIOError:
+                pass
+            return gw.proc is not None and gw.proc.poll() is not None
+
+        wait_until(drained_and_ended, 30, 0.05, "the daemon did not stop")
+        assert gw.proc.returncode == 0, gw.log()[-2000:]
+        assert b"READY=1" in messages and b"STOPPING=1" in messages
+        assert "stopped" in gw.log()
+    finally:
+        gw.kill()
+        for sock in (receiver, *senders):
+            sock.close()
+        shutil.rmtree(directory, ignore_errors=True)
