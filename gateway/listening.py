@@ -12,7 +12,10 @@ the admin configured.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from gateway.trusted import address_of
@@ -33,6 +36,20 @@ def listen_on(host: str, port: int) -> dict[str, Any]:
         sock.close()
         raise
     return {"sock": sock}
+
+
+@contextlib.contextmanager
+def opening(what: str, host: str, port: int) -> Iterator[None]:
+    """Open a listener, a failure said with which one: asyncio names only the address
+    ("error while attempting to bind on address ('0.0.0.0', 104): permission denied"),
+    where an admin needs "DIMSE port 0.0.0.0:104: Permission denied" (a port below
+    1024 without CAP_NET_BIND_SERVICE), "... Address already in use" (another PACS
+    on it) or "... Cannot assign requested address" (a host not of this machine)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(f"{what} {endpoint(host, port)}: {reason}") from None
 
 
 def endpoint(host: str, port: int) -> str:

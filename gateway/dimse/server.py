@@ -40,7 +40,7 @@ from gateway.dimse.command import C_ECHO_RQ, C_ECHO_RSP, STORAGE_COMMITMENT, VER
 from gateway.dimse.proxy_protocol import ProxyHeaderError, read_header, wait_readable
 from gateway.dimse.identity import RJ_IDENTITY, RJ_IDENTITY_TRANSIENT, Identity, Outcome, TokenCheck, check_identity
 from gateway.lockout import FailedLogins
-from gateway.listening import endpoint, listen_on
+from gateway.listening import endpoint, listen_on, opening
 from gateway.log_throttle import Throttle, left_out
 from gateway.audit.auditor import Auditor, dimse_participant, ip_of
 from gateway.audit.message import Participant
@@ -181,10 +181,12 @@ class DimseServer:
         the plain port answers, both do."""
         d = self.config.dimse
         if d.tls is not None:
-            self._servers.append(await asyncio.start_server(
-                partial(self._on_connect, tls=d.tls.server_context()), **listen_on(d.host, d.tls.port), limit=1 << 20,
-            ))
-        self._servers.append(await asyncio.start_server(self._on_connect, **listen_on(d.host, d.port), limit=1 << 20))
+            with opening("DIMSE TLS port", d.host, d.tls.port):
+                self._servers.append(await asyncio.start_server(
+                    partial(self._on_connect, tls=d.tls.server_context()), **listen_on(d.host, d.tls.port), limit=1 << 20,
+                ))
+        with opening("DIMSE port", d.host, d.port):
+            self._servers.append(await asyncio.start_server(self._on_connect, **listen_on(d.host, d.port), limit=1 << 20))
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let running associations finish for ``grace`` s, then abort them."""

@@ -21,7 +21,7 @@ import ssl
 from aiohttp import web
 
 from gateway.connection_cap import ConnectionCap
-from gateway.listening import endpoint, listen_on
+from gateway.listening import endpoint, listen_on, opening
 
 log = logging.getLogger("gateway.web")
 
@@ -139,6 +139,7 @@ class CappedSite(web.BaseSite):
                 return _Refused(self._cap)
             return _Handshake(self, context) if context is not None else server()
 
-        self._server = await asyncio.get_running_loop().create_server(
-            protocol, **listen_on(self._host, self._port), backlog=self._backlog
-        )
+        with opening("HTTPS port" if context is not None else "HTTP port", self._host, self._port):
+            self._server = await asyncio.get_running_loop().create_server(
+                protocol, **listen_on(self._host, self._port), backlog=self._backlog
+            )

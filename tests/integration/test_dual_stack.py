@@ -80,3 +80,29 @@ def test_a_gateway_on_every_address_takes_ipv4_and_ipv6(tmp_path: Path) -> None:
         assert "::ffff:" not in log, log
     finally:
         gw.kill()
+
+
+@pytest.mark.parametrize("taken", ["DIMSE", "HTTP", "host"])
+def test_a_listener_that_cannot_open_is_named_with_the_reason(tmp_path: Path, taken: str) -> None:
+    """The daemon refuses to start, saying which listener failed and why, where asyncio
+    named only an address tuple ("error while attempting to bind on address
+    ('127.0.0.1', 11112): address already in use"), leaving the admin to work out which
+    of the gateway's ports it was: another PACS on the DIMSE port, another service on
+    the HTTP port, a host address not of this machine."""
+    gw = Gateway(tmp_path / "gw")
+    holder = socket.socket()
+    try:
+        if taken == "host":
+            config = gw.config_path.read_text()
+            gw.config_path.write_text(config.replace(f'host = "127.0.0.1"\nport = {gw.port}', f'host = "192.0.2.1"\nport = {gw.port}', 1))
+            expected = f"cannot start: DIMSE port 192.0.2.1:{gw.port}: Cannot assign requested address"
+        else:
+            port = gw.port if taken == "DIMSE" else gw.http_port
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            expected = f"cannot start: {taken} port 127.0.0.1:{port}: Address already in use"
+        run = gw.cli("run")
+        assert run.returncode == 1, run.stderr
+        assert expected in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+    finally:
+        holder.close()
