@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import AMBIGUOUS_VR, VR
 
 from gateway.fsutil import fsync_path
 from gateway.sqlite import connect, immediate
@@ -102,16 +104,39 @@ def index_row(
 
 
 def header_json(ds: pydicom.Dataset) -> str:
-    """The data set without pixel data as DICOM JSON; unencodable elements are dropped."""
-    kept = pydicom.Dataset()
-    for elem in ds:
-        if elem.tag.group in (0x0002, 0x7FE0) or elem.tag.is_private and elem.VR in ("OB", "UN"):
+    """The data set without pixel data as DICOM JSON; unencodable elements are dropped.
+
+    What pydicom's ``Dataset.to_json_dict(suppress_invalid_tags=True)`` gives for the
+    kept elements (a test holds it to that on the corpus), at half its cost: each
+    element read from the file is converted once, straight from its raw form, where
+    indexing the data set looks up its character set for every element and files each
+    converted element back (checking the private block of every private one). A
+    scanner's CT carries some 250 elements, most of them private, and this was most of
+    what the archive spent on an instance (22 ms for `CT_small.dcm`'s header on a slow
+    machine). Sequences, and the VRs only the data set can settle (US or SS, OB or
+    OW), take the data set's own way.
+    """
+    kept: list[pydicom.DataElement] = []
+    encoding = ds.original_character_set
+    for raw in ds.elements():
+        if raw.tag.group in (0x0002, 0x7FE0):
             continue
-        kept.add(elem)
-    # suppress_invalid_tags: one bad element must not lose the instance (it is left
-    # out, as before), and one call for the whole data set is ~2.7x faster than one
-    # per element.
-    out = kept.to_json_dict(bulk_data_threshold=65536, suppress_invalid_tags=True)
+        # Raises as reading the data set raised: the instance is unreadable.
+        elem = convert_raw_data_element(raw, encoding=encoding, ds=ds) if isinstance(raw, RawDataElement) else raw
+        if elem.VR == VR.SQ or elem.VR in AMBIGUOUS_VR:
+            elem = ds[raw.tag]
+        if not (raw.tag.is_private and elem.VR in (VR.OB, VR.UN)):
+            kept.append(elem)
+    out: dict[str, Any] = {}
+    # As pydicom's own: encoded under strict reading, and one element that cannot be
+    # encoded must not lose the instance (it is left out).
+    with pydicom.config.strict_reading():
+        for elem in kept:
+            try:
+                out[f"{elem.tag:08X}"] = elem.to_json_dict(None, 65536)
+            except Exception:  # noqa: BLE001 - pydicom raises what its converters raise
+                # Its message may quote the value (a name, an ID): the tag alone.
+                log.debug("element %08X left out of the archived metadata", elem.tag)
     return json.dumps(out, separators=(",", ":"))
 
 
