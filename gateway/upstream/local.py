@@ -33,7 +33,7 @@ from gateway.model.search import Search
 from gateway.part10 import META_HEAD, read_file_meta
 from gateway.spill import SpillArea
 from gateway.sqlite import Migration, connect, immediate, migrate
-from gateway.upstream.archive_writer import INDEX, INDEXED, WriterProcess
+from gateway.upstream.archive_writer import INDEX, INDEXED, WriterProcess, converted
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import NotFound, UpstreamRejected
 from gateway.upstream.metadata_cache import MetadataCache
@@ -474,7 +474,7 @@ def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, An
             if _is_bulk(ds, raw):
                 out[key] = {"vr": _bulk_vr(ds, raw), "BulkDataURI": f"{prefix}/{key}"}
                 continue
-            elem = ds[tag]
+            elem = converted(ds, raw)
             if elem.VR == "SQ":
                 items = [metadata_json(item, f"{prefix}/{key}/{i}") for i, item in enumerate(elem.value)]
                 out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pydicom
 
 from gateway.upstream.archive_writer import WriterProcess, header_json
+from gateway.upstream import local
 from gateway.upstream.base import StoreItem
 from gateway.upstream.local import LocalUpstream
 from tests.support.corpus import pydicom_corpus, sample_items
@@ -77,3 +78,23 @@ def test_the_archived_metadata_is_what_pydicom_gives_for_the_kept_elements(tmp_p
         warnings.simplefilter("ignore")
         for path in paths:
             assert outcome(header_json, path) == outcome(pydicoms, path), path.name
+
+
+def test_the_facade_metadata_of_archived_files_is_what_the_data_set_gives(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The facade's metadata of an archived file (`metadata_json`: bulk data by
+    reference, values read later as needed) takes each element `converted`; it must
+    be what indexing the data set gives, on every corpus file and a scanner's CT."""
+    paths = [i.path for i in pydicom_corpus(dcmtk_only=False) + sample_items()]
+    paths += ct_series(tmp_path / "scanner", 1, rows=16, columns=16, scanner_header=True)
+
+    def metadata(path: Path) -> str:
+        try:
+            return json.dumps(local.metadata_json(pydicom.dcmread(path, defer_size=local.BULK_DATA_THRESHOLD)))
+        except Exception as exc:  # noqa: BLE001 - compared, not raised
+            return f"raised {type(exc).__name__}"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = [metadata(path) for path in paths]
+        monkeypatch.setattr(local, "converted", lambda ds, raw: ds[raw.tag])
+        assert [metadata(path) for path in paths] == fast
