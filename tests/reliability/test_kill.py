@@ -62,7 +62,7 @@ def test_sigkill_mid_send_loses_nothing(tmp_path: Path, orthanc, gateway) -> Non
     # Orthanc holds a batch a moment before the gateway has read its answer and marked
     # it delivered (a full run once looked in that moment: 32 'sending'); the spool must
     # then settle with nothing left sending or queued, and nothing dead.
-    wait_until(lambda: gw.counts()["sending"] + gw.counts()["queued"] == 0, 60, 0.1, "instances left in the spool")
+    wait_until(lambda: (c := gw.counts())["sending"] + c["queued"] == 0, 60, 0.1, "instances left in the spool")
     assert gw.counts()["dead"] == 0
     # Nothing half-written survives in the spool.
     assert not any((gw.spool_dir / "incoming").iterdir())

@@ -39,9 +39,9 @@ def ct_series(
     base = (1000 + 800 * np.exp(-((xx - columns / 2) ** 2 + (yy - rows / 2) ** 2) / (rows * columns / 8)))
     rng = np.random.default_rng(7)
     paths = []
-    template = dcmread(get_testdata_file("CT_small.dcm")) if scanner_header else Dataset()
+    template = dcmread(get_testdata_file("CT_small.dcm")) if scanner_header else None
     for n in range(count):
-        ds = copy.deepcopy(template)
+        ds = copy.deepcopy(template) if template is not None else Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
         ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
