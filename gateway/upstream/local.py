@@ -45,6 +45,8 @@ log = logging.getLogger("gateway.upstream")
 HEAD_BATCH = 32
 # Bytes read first for a file's head: its File Meta is a few hundred bytes.
 SHORT_HEAD = 4096
+# Bytes of whole files a trip reads into memory with their heads (`_heads`).
+WHOLE_PER_BATCH = 16 << 20
 
 
 def _meta_within(head: bytes) -> bool:
@@ -295,23 +297,38 @@ class LocalUpstream:
         self, study_uid: str, series_uid: str | None, spill_area: SpillArea, spill_bytes: int
     ) -> AsyncIterator[Retrieved]:
         """The stored files, each with its head read (`_heads`), HEAD_BATCH files per
-        trip to a worker thread: one trip per file cost more than the read itself."""
+        trip to a worker thread: one trip per file cost more than the read itself.
+        Files up to ``spill_bytes`` come whole in memory, WHOLE_PER_BATCH a trip at
+        most, larger ones as their path."""
         loop = asyncio.get_running_loop()
         files = await loop.run_in_executor(self._executor, self._files, study_uid, series_uid)
         for start in range(0, len(files), HEAD_BATCH):
-            for item in await asyncio.to_thread(self._heads, files[start : start + HEAD_BATCH]):
+            for item in await asyncio.to_thread(self._heads, files[start : start + HEAD_BATCH], spill_bytes):
                 yield item
 
-    def _heads(self, files: list[tuple[str, str]]) -> list[Retrieved]:
-        """Each file's size and head: its first SHORT_HEAD bytes when they hold the whole
-        File Meta and the start of the data set after it, else META_HEAD bytes. Files
-        deleted meanwhile are left out (the caller fetches what is missing one by one)."""
+    def _heads(self, files: list[tuple[str, str]], whole_up_to: int) -> list[Retrieved]:
+        """Each file's size and head: the whole file when it is at most ``whole_up_to``
+        bytes and the trip's WHOLE_PER_BATCH allows; else its first SHORT_HEAD bytes
+        when they hold the whole File Meta and the start of the data set after it, else
+        META_HEAD bytes. Files deleted meanwhile are left out (the caller fetches what
+        is missing one by one).
+
+        A C-MOVE or C-GET waits for each sub-operation's response before sending the
+        next instance: one read here, off the event loop, takes the next file's read
+        out of that wait (the sender then writes it from memory)."""
         out: list[Retrieved] = []
+        room = WHOLE_PER_BATCH
         for name, syntax in files:
             path = self.root / name
             try:
                 with open(path, "rb", buffering=0) as fh:
                     size = os.fstat(fh.fileno()).st_size
+                    if size <= min(whole_up_to, room):
+                        data = os.pread(fh.fileno(), size, 0)
+                        if len(data) == size:
+                            room -= size
+                            out.append(Retrieved(data, path, 0, size, transfer_syntax=syntax, head=data, checked=True))
+                            continue
                     head = os.pread(fh.fileno(), SHORT_HEAD, 0)
                     if len(head) < size and not _meta_within(head):
                         head = os.pread(fh.fileno(), META_HEAD, 0)
