@@ -22,16 +22,18 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import jwt
 from yarl import URL
 
 from gateway.config import OidcConfig
 from gateway.upstream.errors import AnswerTooLarge
 from gateway.upstream.http import read_at_most
 from gateway.upstream.proxy import proxy_for
+
+if TYPE_CHECKING:
+    import jwt
 
 log = logging.getLogger("gateway.web")
 
@@ -82,6 +84,8 @@ class TokenVerifier:
         known = self._admitted.get(token)
         if known is not None and self.clock() < known[1]:
             return known[0]
+        import jwt  # noqa: PLC0415 - PyJWT (and cryptography) only where a provider is configured: 0.1 s of every start
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -160,6 +164,8 @@ class TokenVerifier:
 
     async def _fetch(self) -> dict[str | None, jwt.PyJWK]:
         """The provider's signing keys by key ID; raises KeysUnavailable."""
+        import jwt  # noqa: PLC0415 - see `admit`
+
         try:
             async with aiohttp.ClientSession(timeout=FETCH_TIMEOUT) as session:
                 jwks_uri = self.cfg.jwks_uri or await self._discovered_jwks_uri(session)

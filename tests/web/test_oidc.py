@@ -150,7 +150,7 @@ def test_an_admitted_token_is_remembered_until_it_expires(provider: OidcProvider
         decoded.append(token)
         return real(token, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("gateway.web.oidc.jwt.decode", counting)
+    monkeypatch.setattr(jwt, "decode", counting)
     clock = Clock()
     v = verifier(provider, clock)
     token = provider.token("alice", lifetime=300)
