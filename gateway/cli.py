@@ -375,7 +375,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
                 results[peer.ae_title] = await echo_peer(config, peer, args.timeout)
 
         asyncio.run(echo_all())
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "ae_title": p.ae_title, "host": p.host, "port": p.port, "permissions": sorted(p.permissions),
             "any_host": p.any_host, "max_associations": p.max_associations, "tls": p.tls,

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -140,7 +141,10 @@ async def _run(config: Config, config_path: Path | None) -> None:
         forwarder.wake()
         routes.wake()
 
-    spool.on_enqueue = lambda: loop.call_soon_threadsafe(queued)
+    def on_enqueue() -> None:
+        loop.call_soon_threadsafe(queued)
+
+    spool.on_enqueue = on_enqueue
 
     def index_problem(reason: str | None) -> None:
         if reason is None:
@@ -169,7 +173,7 @@ async def _run(config: Config, config_path: Path | None) -> None:
     await runner.setup()
     store = StoreService(config, spool)
     commitment = CommitmentService(config, spool, upstream, metrics)
-    services = {
+    services: dict[int, Any] = {
         C_STORE_RQ: store,
         C_FIND_RQ: FindService(config, upstream),
         C_MOVE_RQ: MoveService(config, retriever),

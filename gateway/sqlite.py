@@ -40,14 +40,14 @@ def migrate(db: sqlite_utils.Database, migrations: Sequence[Migration]) -> None:
     """Apply the migrations this database has not seen, each in its own transaction
     with its record, so a crash mid-way leaves the database at a known version."""
     if "migrations" not in db.table_names():
-        db["migrations"].create({"version": int, "applied_at": float}, pk="version")
+        db.table("migrations").create({"version": int, "applied_at": float}, pk="version")
     applied = {row["version"] for row in db["migrations"].rows}
     for version, step in enumerate(migrations, start=1):
         if version in applied:
             continue
         with db.atomic():
             step(db)
-            db["migrations"].insert({"version": version, "applied_at": time.time()})
+            db.table("migrations").insert({"version": version, "applied_at": time.time()})
 
 
 @contextlib.contextmanager

@@ -23,12 +23,22 @@ import struct
 import tempfile
 import zlib
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Protocol
 
 from pydicom.datadict import dictionary_VR
 
 from gateway.codecs.syntaxes import DEFLATED_EXPLICIT_VR_LE, EXPLICIT_VR_BE, IMPLICIT_VR_LE
 from gateway.part10 import LONG_VRS
+
+
+class Readable(Protocol):
+    """What the walk needs of a file: a file object, or a window on one."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> int: ...
+
+    def tell(self) -> int: ...
 
 ITEM = 0xFFFEE000
 ITEM_DELIMITER = 0xFFFEE00D
@@ -91,7 +101,7 @@ _LONG = {"<": struct.Struct("<I"), ">": struct.Struct(">I")}
 
 
 class _Walker:
-    def __init__(self, fh: BinaryIO, size: int, explicit: bool, little: bool, keep: frozenset[int]) -> None:
+    def __init__(self, fh: Readable, size: int, explicit: bool, little: bool, keep: frozenset[int]) -> None:
         self.fh = fh
         self.size = size
         self.explicit = explicit
@@ -267,7 +277,7 @@ class _Walker:
         return end
 
 
-def scan_file(fh: BinaryIO, size: int, keep: frozenset[int]) -> Scan:
+def scan_file(fh: Readable, size: int, keep: frozenset[int]) -> Scan:
     """Check a Part 10 file (preamble, ``DICM``, file meta, data set) in one pass.
 
     ``keep``: tags of top-level data set elements whose values (up to 256 bytes) are
@@ -310,7 +320,7 @@ def scan_file(fh: BinaryIO, size: int, keep: frozenset[int]) -> Scan:
     return scan
 
 
-def _walk_deflated(fh: BinaryIO, start: int, end: int, keep: frozenset[int]) -> dict[int, str]:
+def _walk_deflated(fh: Readable, start: int, end: int, keep: frozenset[int]) -> dict[int, str]:
     """Inflate the data set from ``start`` to ``end`` of ``fh`` and walk it as Explicit
     VR Little Endian; the kept values. Raises Malformed, or Oversized past MAX_INFLATED."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)

@@ -9,6 +9,7 @@ and multi-frame iteration stay pydicom's.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import imagecodecs
 import numpy as np
@@ -82,7 +83,7 @@ def encode(arr: np.ndarray, uid: str) -> bytes:
     enough decompositions for a <= 64 px base resolution, and TLM markers;
     tile-parts are split per resolution so the markers find each level.
     """
-    options: dict[str, object] = {"reversible": True, "rgb": False}
+    options: dict[str, Any] = {"reversible": True, "rgb": False}
     if uid == HTJ2K_LOSSLESS_RPCL:
         longest = max(arr.shape[0], arr.shape[1])
         needed = max(0, math.ceil(math.log2(longest / _RPCL_BASE_RESOLUTION)))

@@ -82,7 +82,7 @@ def decode_frame_described(
     decoder = get_decoder(info.uid)
     for plugin in _htj2k.plugin_attempts(info.uid):
         try:
-            arr, props = decoder.as_array(source, as_rgb=as_rgb, decoding_plugin=plugin, **options)
+            arr, props = decoder.as_array(source, as_rgb=as_rgb, decoding_plugin=plugin, **options)  # type: ignore[arg-type]  # pydicom types **kwargs as DecodeOptions, not Unpack[...]
             break
         except Exception as exc:  # codec libraries raise assorted types
             failure = exc
@@ -183,8 +183,8 @@ def native_bytes(arr: np.ndarray, desc: PixelDescription, *, little_endian: bool
     """Raw native-syntax bytes for one or more frames (1-bit data is bit-packed)."""
     if desc.bits_allocated == 1:
         return pack_bits(arr, pad=False)
-    order = "<" if little_endian else ">"
-    return arr.astype(desc.dtype.newbyteorder(order), copy=False).tobytes()
+    dtype = desc.dtype.newbyteorder("<") if little_endian else desc.dtype.newbyteorder(">")
+    return arr.astype(dtype, copy=False).tobytes()
 
 
 def _checked_array(arr: np.ndarray, desc: PixelDescription) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -210,7 +211,7 @@ def _table(item: Dataset, pixel_representation: int, kind: str) -> tuple[int, np
     return first, table[:entries]
 
 
-def _first(value: object) -> object:
+def _first(value: object) -> Any:
     if isinstance(value, MultiValue):
         return value[0] if len(value) else None
     return None if value == "" else value

@@ -40,7 +40,9 @@ class MediaRange:
 
 def _split(text: str, sep: str) -> list[str]:
     """Split at ``sep`` outside double quotes."""
-    out, current, quoted = [], [], False
+    out: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in text:
         if char == '"':
             quoted = not quoted

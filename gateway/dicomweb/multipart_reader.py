@@ -20,6 +20,7 @@ import re
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from gateway.spill import SpillArea, SpillWriter
 
@@ -185,7 +186,7 @@ async def _declared_part(body: _Body, start: int, length: int, delimiter: bytes)
         last = pieces[-1]
         at = len(last) - (held - length)  # where the content ends within the last chunk
         if at >= 0 and last[at : at + len(delimiter)] == delimiter:
-            body.chunk, body.pos = last.obj, at
+            body.chunk, body.pos = cast(bytes, last.obj), at
             pieces[-1] = last[:at]
             return b"".join(pieces)
     body.chunk, body.pos = b"".join(pieces), 0
@@ -278,9 +279,10 @@ async def iter_parts(
                     for piece in pieces:
                         spill.write(piece)
                     pieces.clear()
-                chunk = await body.next_chunk()
-                if chunk is None:
+                arrived = await body.next_chunk()
+                if arrived is None:
                     raise MultipartError("body ends inside a part")
+                chunk = arrived
                 split = (tail + chunk[:seam]).find(delimiter)
                 if split >= 0:  # the delimiter began in the content held already
                     if spill is not None:

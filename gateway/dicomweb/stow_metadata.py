@@ -307,13 +307,13 @@ def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> Buil
         raise NotBuilt(DATA_SET_MISMATCH, "the metadata lacks a valid SOPClassUID or SOPInstanceUID", uids)
     top: dict[int, tuple[str, BulkPart]] = {}
     rest: dict[str, Any] = {}
-    for tag, element in obj.items():
-        if not _TAG_KEY.match(tag):
-            raise NotBuilt(CANNOT_UNDERSTAND, f"the metadata names an attribute {tag[:20]!r}, not a tag", uids)
+    for key, element in obj.items():
+        if not _TAG_KEY.match(key):
+            raise NotBuilt(CANNOT_UNDERSTAND, f"the metadata names an attribute {key[:20]!r}, not a tag", uids)
         if isinstance(element, dict) and isinstance(element.get("BulkDataURI"), str) and element.get("vr", "").encode() in LONG_VRS:
-            top[int(tag, 16)] = (element["vr"], _resolve(element["BulkDataURI"], bulk, uids))
+            top[int(key, 16)] = (element["vr"], _resolve(element["BulkDataURI"], bulk, uids))
         else:
-            rest[tag] = element
+            rest[key] = element
     try:
         ds = Dataset.from_json(rest, bulk_data_uri_handler=lambda _tag, _vr, uri: _resolve(uri, bulk, uids).read())
     except NotBuilt:
@@ -350,15 +350,15 @@ def build_instance(obj: Mapping[str, Any], bulk: Mapping[str, BulkPart]) -> Buil
         pieces: list[bytes | _Streamed] = [file_meta_header(uids[0], uids[1], syntax, "")[128:]]
         held = Dataset()
         encoding = ds.get("SpecificCharacterSet", default_encoding)
-        for tag in sorted({int(t) for t in ds.keys()} | set(top)):
-            if tag in top:
+        for number in sorted({int(t) for t in ds.keys()} | set(top)):
+            if number in top:
                 if len(held):
                     pieces.append(_encode(held, encoding))
                     held = Dataset()
-                vr, part = top[tag]
-                pieces.append(_Streamed(_wire_tag(tag), vr, part, tag == int(PIXEL_DATA, 16) and syntax not in NATIVE_SYNTAXES))
+                vr, part = top[number]
+                pieces.append(_Streamed(_wire_tag(number), vr, part, number == int(PIXEL_DATA, 16) and syntax not in NATIVE_SYNTAXES))
             else:
-                held.add(ds[tag])
+                held.add(ds[number])
         if len(held):
             pieces.append(_encode(held, encoding))
     except NotBuilt:

@@ -133,7 +133,7 @@ def encode_command(values: dict[int, int | str | tuple[int, ...]]) -> bytes:
         elif kind == "L":
             raw = struct.pack("<I", int(value))  # type: ignore[arg-type]
         elif kind == "T":
-            raw = b"".join(struct.pack("<HH", t >> 16, t & 0xFFFF) for t in value)  # type: ignore[union-attr]
+            raw = b"".join(struct.pack("<HH", t >> 16, t & 0xFFFF) for t in value)  # type: ignore[union-attr,operator]
         else:
             raw = str(value).encode("ascii", "replace")
             if len(raw) % 2:

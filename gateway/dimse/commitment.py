@@ -277,7 +277,7 @@ class CommitmentService:
         open, else on a new association to its configured address. Returns how it went
         (``same_association``, ``new_association``, ``undelivered``)."""
         event = ALL_COMMITTED if not decision.failed else SOME_FAILED
-        values = {0x0002: STORAGE_COMMITMENT, 0x1000: STORAGE_COMMITMENT_INSTANCE, 0x1002: event}
+        values: dict[int, int | str | tuple[int, ...]] = {0x0002: STORAGE_COMMITMENT, 0x1000: STORAGE_COMMITMENT_INSTANCE, 0x1002: event}
         if origin is not None and await self._on_same_association(*origin, decision, values):
             return "same_association"
         peer = self.config.peer(calling_ae)

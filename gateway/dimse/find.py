@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -264,7 +264,7 @@ class FindService:
             }},
         )
 
-    async def answers(self, query: Query, syntax: str) -> AsyncIterator[bytes]:
+    async def answers(self, query: Query, syntax: str) -> AsyncGenerator[bytes, None]:
         """Response identifiers for the query, encoded in ``syntax``, in the order the
         archive returns matches.
 
@@ -280,7 +280,7 @@ class FindService:
                 count += 1
                 yield answer
 
-    async def _unbounded(self, query: Query, syntax: str) -> AsyncIterator[bytes]:
+    async def _unbounded(self, query: Query, syntax: str) -> AsyncGenerator[bytes, None]:
         ae_title = self.config.dimse.ae_title
         tags = {k.tag for k in query.keys} | {UNIQUE_KEY[query.level if query.level != "PATIENT" else "STUDY"]}
         if query.level == "PATIENT":
@@ -324,7 +324,7 @@ class FindService:
         seen.add(unique)
         return answer
 
-    async def _patients(self, query: Query, tags: set[int]) -> AsyncIterator[Dataset]:
+    async def _patients(self, query: Query, tags: set[int]) -> AsyncGenerator[Dataset, None]:
         """PATIENT level: studies grouped by patient (PatientID and its issuer).
 
         Without count keys a patient is answered at its first study; with
@@ -356,7 +356,7 @@ class FindService:
                     patient.add_new(tag, "IS", value)
                 yield patient
 
-    def _search(self, query: Query, tags: set[int]) -> AsyncIterator[JsonObject]:
+    def _search(self, query: Query, tags: set[int]) -> AsyncGenerator[JsonObject, None]:
         """The upstream search for the query's level, each page bounded by ``find.timeout``."""
         f = self.config.find
         level = query.level
@@ -383,8 +383,8 @@ def _direct_answer(
         attrs.setdefault(tag, Attribute("UI", (uid,)))
     if not writer.matches(attrs):
         return b""
-    uid = attrs.get(UNIQUE_KEY[writer.query.level])
-    unique = "" if uid is None else "\\".join(uid.texts())
+    unique_attr = attrs.get(UNIQUE_KEY[writer.query.level])
+    unique = "" if unique_attr is None else "\\".join(unique_attr.texts())
     if unique in seen:
         return b""  # the archive changed between pages and repeated a match
     answer = writer.encode_json(obj, known_uids)
@@ -397,7 +397,7 @@ def _direct_answer(
     return answer
 
 
-async def _bounded(source: AsyncIterator[JsonObject], timeout: float) -> AsyncIterator[JsonObject]:
+async def _bounded(source: AsyncIterator[JsonObject], timeout: float) -> AsyncGenerator[JsonObject, None]:
     """Re-yield ``source``, failing with TimeoutError if one step takes longer than
     ``timeout`` (an archive that accepts the connection and then never answers).
 

@@ -116,7 +116,7 @@ def _value(vr: str, values: tuple[Any, ...], codecs: list[str]) -> bytes:
     if vr in ("IS", "DS"):
         mode = pydicom_config.settings.reading_validation_mode
         numbers = [IS(v, mode) if vr == "IS" else DS(v, False, mode) for v in values]
-        text = "\\".join(n.original_string if hasattr(n, "original_string") else str(n) for n in numbers)
+        text = "\\".join(n.original_string if hasattr(n, "original_string") else str(n) for n in numbers)  # type: ignore[union-attr]
     elif vr in DEFAULT_REPERTOIRE_VRS and not (vr in ("DA", "DT", "TM") and pydicom_config.datetime_conversion):
         text = "\\".join(values)
     else:
@@ -244,7 +244,7 @@ class AnswerWriter:
             elif type(attr) is not dict or "InlineBinary" in attr:
                 return None
             else:
-                vr = attr.get("vr")
+                vr = attr.get("vr", "")
                 values = attr.get("Value")
                 if values is not None and type(values) is not list:
                     return None  # a lone value not in an array: `encode` takes it as one

@@ -24,7 +24,7 @@ import socket
 import ssl
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from gateway.codecs.syntaxes import EXPLICIT_VR_LE, IMPLICIT_VR_LE
 from gateway.config import Config, Peer
@@ -188,7 +188,7 @@ def _read_into(fd: int, slots: list[memoryview], offset: int) -> None:
 
 
 async def send_dataset(
-    write: Callable[[list[Buffer]], Awaitable[None]],
+    write: Callable[[Sequence[Buffer]], Awaitable[None]],
     context_id: int,
     dataset: DataSource,
     peer_max_pdu: int,
@@ -440,7 +440,7 @@ class StoreRequestor:
             await self.abort()
             raise RequestorError(f"request failed: {type(exc).__name__}: {exc}") from None
 
-    async def _write(self, pieces: list[Buffer]) -> None:
+    async def _write(self, pieces: Sequence[Buffer]) -> None:
         write_gathered(self.writer, pieces)
         await drain(self.writer, self.dimse_timeout)
 

@@ -550,11 +550,11 @@ class Pipeline:
             task.cancel()
         leftovers = [*self._ahead, *self._fetches]
         while not self._queue.empty():
-            task = self._queue.get_nowait()
-            if task is not None:
-                leftovers.append(task)
-        for task in leftovers:
-            task.cancel()
+            queued = self._queue.get_nowait()
+            if queued is not None:
+                leftovers.append(queued)
+        for future in leftovers:
+            future.cancel()
         for result in await asyncio.gather(self._producer, *leftovers, return_exceptions=True):
             if isinstance(result, Fetched):
                 result.release()

@@ -115,7 +115,8 @@ class _Window:
         self.offset = offset
         fh.seek(offset)
 
-    def seek(self, position: int) -> int:
+    def seek(self, position: int, whence: int = 0, /) -> int:
+        assert whence == 0  # the walk seeks to absolute positions only
         return self.fh.seek(self.offset + position) - self.offset
 
     def tell(self) -> int:

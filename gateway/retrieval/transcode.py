@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from pydicom import dcmread
 from pydicom.filewriter import dcmwrite
@@ -95,7 +95,7 @@ class _Window(io.RawIOBase):
 
     name = "<retrieved instance>"  # pydicom asks file objects for one
 
-    def __init__(self, raw: BinaryIO, start: int, length: int) -> None:
+    def __init__(self, raw: IO[bytes], start: int, length: int) -> None:
         super().__init__()
         self._raw, self._start, self._length, self._pos = raw, start, length, 0
 
@@ -130,7 +130,7 @@ class _Window(io.RawIOBase):
 @contextlib.contextmanager
 def part10_file(retrieved: Retrieved) -> Iterator[BinaryIO]:
     """The retrieved Part 10 file, readable and seekable (blocking for files)."""
-    raw: BinaryIO = BytesIO(retrieved.data) if retrieved.data is not None else open(retrieved.path, "rb")  # type: ignore[arg-type]
+    raw: IO[bytes] = BytesIO(retrieved.data) if retrieved.data is not None else open(retrieved.path, "rb")  # type: ignore[arg-type]
     with io.BufferedReader(_Window(raw, retrieved.offset, retrieved.length), 1 << 16) as fp:  # type: ignore[arg-type]
         yield fp  # type: ignore[misc]
 

@@ -32,7 +32,9 @@ def record(db: SpoolDB, transaction_uid: str, calling_ae: str, refs: list[tuple[
             "INSERT INTO commitments (transaction_uid, calling_ae, refs, received_at) VALUES (?, ?, ?, ?)",
             [transaction_uid, calling_ae, json.dumps(refs), time.time()],
         )
-        return int(cur.lastrowid)
+        rowid = cur.lastrowid
+        assert rowid is not None  # an INSERT's
+        return rowid
 
 
 def forget(db: SpoolDB, commitment_id: int) -> None:

@@ -20,7 +20,7 @@ from gateway.sqlite import Migration, connect, migrate
 
 
 def _v1(db: sqlite_utils.Database) -> None:
-    db["instances"].create(
+    db.table("instances").create(
         {
             "id": int,
             "sop_instance_uid": str,
@@ -42,20 +42,20 @@ def _v1(db: sqlite_utils.Database) -> None:
         not_null={"sop_instance_uid", "study_uid", "file", "size", "state", "received_at"},
         defaults={"attempts": 0, "next_attempt_at": 0.0, "state": "queued"},
     )
-    db["instances"].create_index(["state", "next_attempt_at"])
-    db["instances"].create_index(["study_uid", "state"])
+    db.table("instances").create_index(["state", "next_attempt_at"])
+    db.table("instances").create_index(["study_uid", "state"])
 
 
 def _v2(db: sqlite_utils.Database) -> None:
     """Delivered instances the archive keeps apart from their study (HealthImaging's
     non-primary image sets), for ``spool status``."""
-    db["instances"].add_column("not_primary", int, not_null_default=0)
+    db.table("instances").add_column("not_primary", int, not_null_default=0)
 
 
 def _v3(db: sqlite_utils.Database) -> None:
     """Storage commitment requests answered but not yet reported, replayed at start-up
     (`gateway.spool.commitments`)."""
-    db["commitments"].create(
+    db.table("commitments").create(
         {"id": int, "transaction_uid": str, "calling_ae": str, "refs": str, "received_at": float},
         pk="id",
         not_null={"transaction_uid", "calling_ae", "refs", "received_at"},
@@ -65,7 +65,7 @@ def _v3(db: sqlite_utils.Database) -> None:
 def _v4(db: sqlite_utils.Database) -> None:
     """Copies of instances that routes send on to other DICOM nodes, each with its own
     delivery state (`gateway.spool.copies`); a spool file stays while one is pending."""
-    db["copies"].create(
+    db.table("copies").create(
         {
             "id": int,
             "instance_id": int,
@@ -80,21 +80,21 @@ def _v4(db: sqlite_utils.Database) -> None:
         not_null={"instance_id", "destination", "state"},
         defaults={"attempts": 0, "next_attempt_at": 0.0, "state": "queued"},
     )
-    db["copies"].create_index(["destination", "state", "next_attempt_at"])
-    db["copies"].create_index(["instance_id"])
+    db.table("copies").create_index(["destination", "state", "next_attempt_at"])
+    db.table("copies").create_index(["instance_id"])
 
 
 def _v5(db: sqlite_utils.Database) -> None:
     """The AE title each instance was sent to (routes may match on it; empty for
     STOW-RS and for rows written before)."""
-    db["instances"].add_column("called_ae", str, not_null_default="")
+    db.table("instances").add_column("called_ae", str, not_null_default="")
 
 
 def _v6(db: sqlite_utils.Database) -> None:
     """Studies an administrator discarded and when (`gateway.spool.discards`): an
     instance acknowledged before the discard whose row is written after it is
     withdrawn as it is written."""
-    db["discards"].create(
+    db.table("discards").create(
         {"study_uid": str, "discarded_at": float, "boot_id": str, "boot_seconds": float},
         pk="study_uid",
         not_null={"discarded_at", "boot_id", "boot_seconds"},

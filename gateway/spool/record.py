@@ -43,7 +43,7 @@ def _fastest_crc32() -> Callable[[bytes | memoryview, int], int]:
         from imagecodecs import deflate_crc32
 
         if deflate_crc32(b"123456789", 0) == 0xCBF43926:
-            return deflate_crc32  # type: ignore[no-any-return]
+            return deflate_crc32  # type: ignore[no-any-return,return-value]
     except Exception:  # noqa: BLE001 - an imagecodecs built without libdeflate
         pass
     return zlib.crc32

@@ -9,7 +9,7 @@ NotSupported.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -174,7 +174,7 @@ class Upstream(Protocol):
         """A cheap reachability probe for /healthz."""
         ...
 
-    def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_studies(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         """QIDO-RS SearchForStudies: every matching study as DICOM JSON, paging inside.
 
         Answers may include studies that do not match every key (the caller re-checks),
@@ -183,11 +183,11 @@ class Upstream(Protocol):
         """
         ...
 
-    def search_for_series(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_series(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         """SearchForSeries, within ``search.study_uid`` when set; as search_for_studies."""
         ...
 
-    def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_instances(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         """SearchForInstances, within the study/series UIDs set; as search_for_studies."""
         ...
 
@@ -212,7 +212,7 @@ class Upstream(Protocol):
 
     def iter_instances(
         self, study_uid: str, series_uid: str | None, spill_area: SpillArea, spill_bytes: int
-    ) -> AsyncIterator[Retrieved]:
+    ) -> AsyncGenerator[Retrieved, None]:
         """WADO-RS RetrieveSeries (RetrieveStudy when ``series_uid`` is None) in the stored
         syntaxes: every instance, each handed out as soon as it has arrived, spilled as
         in `retrieve_instance`. The answer may lack instances (the caller compares it
@@ -246,7 +246,7 @@ class Upstream(Protocol):
         *,
         acceptable: Sequence[str],
         image_set_id: str | None = None,
-    ) -> AsyncIterator[Frame]:
+    ) -> AsyncGenerator[Frame, None]:
         """WADO-RS RetrieveFrames: the frames in the order asked, each with its syntax.
 
         A frame number below 1 or past the instance's Number of Frames raises

@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -325,7 +325,7 @@ class DicomWebUpstream:
         page, cut = await self._page(path, search, offset, proven)
         return page, cut, proven
 
-    async def _search(self, level: str, search: Search) -> AsyncIterator[JsonObject]:
+    async def _search(self, level: str, search: Search) -> AsyncGenerator[JsonObject, None]:
         """Page through one QIDO-RS resource with limit/offset until it is exhausted.
 
         Once the first page comes back full, `PAGES_AHEAD` pages are asked at once
@@ -360,7 +360,7 @@ class DicomWebUpstream:
                 async for item in items:
                     yield item
 
-    async def _search_part(self, level: str, search: Search, seen: set[str]) -> AsyncIterator[JsonObject]:
+    async def _search_part(self, level: str, search: Search, seen: set[str]) -> AsyncGenerator[JsonObject, None]:
         """One search of `_search`, paged; ``seen``: the UIDs answered so far."""
         caps = self._capabilities
         path = resource_path(level, search.study_uid, search.series_uid)
@@ -419,13 +419,13 @@ class DicomWebUpstream:
         finally:
             await _cancel_all(ahead)
 
-    def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_studies(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         return self._search("studies", search)
 
-    def search_for_series(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_series(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         return self._search("series", search)
 
-    def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_instances(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         return self._search("instances", search)
 
     # -- retrieve ----------------------------------------------------------------------
@@ -476,7 +476,7 @@ class DicomWebUpstream:
 
     async def iter_instances(
         self, study_uid: str, series_uid: str | None, spill_area: SpillArea, spill_bytes: int
-    ) -> AsyncIterator[Retrieved]:
+    ) -> AsyncGenerator[Retrieved, None]:
         """RetrieveSeries (RetrieveStudy when ``series_uid`` is None) as a stream.
 
         One request instead of one per instance saves the archive and us a round trip
@@ -573,7 +573,7 @@ class DicomWebUpstream:
         *,
         acceptable: Sequence[str],
         image_set_id: str | None = None,
-    ) -> AsyncIterator[Frame]:
+    ) -> AsyncGenerator[Frame, None]:
         """RetrieveFrames as a stream: each frame as soon as its part has arrived.
 
         Each frame's syntax is its part's ``transfer-syntax`` parameter, else the

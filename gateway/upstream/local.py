@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -74,9 +74,9 @@ def _v1(db: sqlite_utils.Database) -> None:
         "stored_at": float,
         "metadata": str,
     }
-    db["instances"].create(columns, pk="sop_instance_uid")
+    db.table("instances").create(columns, pk="sop_instance_uid")
     for cols in (["study_uid"], ["series_uid"], ["patient_id"], ["study_date"]):
-        db["instances"].create_index(cols)
+        db.table("instances").create_index(cols)
 
 
 MIGRATIONS: list[Migration] = [_v1]
@@ -200,7 +200,7 @@ class LocalUpstream:
             )
         return self._db.execute(sql, [*args, *after, limit]).fetchall()
 
-    async def _search(self, level: str, search: Search) -> AsyncIterator[JsonObject]:
+    async def _search(self, level: str, search: Search) -> AsyncGenerator[JsonObject, None]:
         """Candidates of the prefilter, in the order of the level's unique keys: the
         caller re-checks every answer with the exact rules (``Upstream``), so they are
         not matched here a second time.
@@ -236,13 +236,13 @@ class LocalUpstream:
             elif not pending.cancelled():
                 pending.exception()  # retrieved, so an error of an abandoned page is not reported as lost
 
-    def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_studies(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         return self._search("studies", search)
 
-    def search_for_series(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_series(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         return self._search("series", search)
 
-    def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_instances(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         return self._search("instances", search)
 
     # -- retrieve (the archive's own files, never copied) ------------------------------
@@ -295,7 +295,7 @@ class LocalUpstream:
 
     async def iter_instances(
         self, study_uid: str, series_uid: str | None, spill_area: SpillArea, spill_bytes: int
-    ) -> AsyncIterator[Retrieved]:
+    ) -> AsyncGenerator[Retrieved, None]:
         """The stored files, each with its head read (`_heads`), HEAD_BATCH files per
         trip to a worker thread: one trip per file cost more than the read itself.
         Files up to ``spill_bytes`` come whole in memory, WHOLE_PER_BATCH a trip at
@@ -385,7 +385,7 @@ class LocalUpstream:
         *,
         acceptable: Sequence[str],
         image_set_id: str | None = None,
-    ) -> AsyncIterator[Frame]:
+    ) -> AsyncGenerator[Frame, None]:
         """Frames cut out of the stored file as stored (nothing converted): a native
         frame read from its place on disk, a compressed one from its fragments."""
         if not frame_numbers or any(n < 1 for n in frame_numbers):

@@ -161,7 +161,7 @@ class TokenEndpoint(TokenSigner):
         try:
             async with aiohttp.ClientSession(timeout=TOKEN_TIMEOUT) as session:
                 async with session.request(
-                    method, self.url, data=form, headers=headers, ssl=None if self.verify_tls else False,
+                    method, self.url, data=form, headers=headers, ssl=self.verify_tls,
                     proxy=proxy_for(self.url),
                 ) as resp:
                     status = resp.status

@@ -31,7 +31,7 @@ def _bypassed(host: str) -> bool:
             return True
     except ValueError:
         pass
-    return bool(urllib.request.proxy_bypass_environment(host, _environment()))
+    return bool(urllib.request.proxy_bypass_environment(host, _environment()))  # type: ignore[attr-defined]  # public, not in typeshed
 
 
 def proxy_for(url: URL) -> str | None:

@@ -83,7 +83,7 @@ def frame_reader(source: Path | bytes, stored: str, numbers: Sequence[int], acce
     except TranscodeError as exc:
         raise UpstreamRejected(f"cannot cut frames out of this instance: {exc}", 406) from None
     deferred = isinstance(pixels, RawDataElement) and pixels.value is None and stored != DEFLATED_EXPLICIT_VR_LE
-    if deferred and isinstance(source, Path):
+    if deferred and isinstance(source, Path) and isinstance(pixels, RawDataElement):
         with open(source, "rb") as fh:
             for n in numbers:
                 yield Frame(n, _native_frame(fh, pixels.value_tell, n - 1, bits), served)

@@ -122,9 +122,9 @@ def create_app(
     app.on_cleanup.append(_close_archive_health)
     app.on_response_prepare.append(_hardened)
     metrics = metrics if metrics is not None else Metrics()
-    app[CACHE] = facade_cache(config, metrics, retriever.spill_area)
+    cache = app[CACHE] = facade_cache(config, metrics, retriever.spill_area)
     app[REFUSED_SERIES] = RefusedSeries()
-    app[WHOLE_INSTANCE_FRAMES] = None if app[CACHE] is None else WholeInstanceFrames(app[CACHE])
+    app[WHOLE_INSTANCE_FRAMES] = None if cache is None else WholeInstanceFrames(cache)
     auth.install(app, config.http.auth, config.http.cors_origins, config.http.read_only, metrics)
     client_gone.install(app)  # inside the counter (installed below), so it counts 499
     app.add_routes(health.routes)

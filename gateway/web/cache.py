@@ -44,7 +44,7 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -424,14 +424,14 @@ class FacadeCache:
         series: str,
         sop: str,
         numbers: Sequence[int],
-        fetch: Callable[[list[int]], AsyncIterator[Frame]],
+        fetch: Callable[[list[int]], AsyncGenerator[Frame, None]],
         image_set: str | None = None,
-    ) -> AsyncIterator[Frame]:
+    ) -> AsyncGenerator[Frame, None]:
         """The frames in the order asked, each from the cache or, for each run of missing
         ones, from ``fetch(run)`` (kept as they pass), so the answer still streams."""
         pending: list[int] = []
 
-        async def flush() -> AsyncIterator[Frame]:
+        async def flush() -> AsyncGenerator[Frame, None]:
             run = list(pending)
             pending.clear()
             before = self._changes.get(study)

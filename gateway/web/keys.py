@@ -26,11 +26,11 @@ PROBLEMS = web.AppKey("problems", Problems)
 # The archive's last health probe, and the one under way (for /healthz).
 ARCHIVE_HEALTH = web.AppKey("archive_health", ArchiveHealth)
 # Frames and metadata of a remote upstream kept on disk; None over the embedded archive.
-CACHE = web.AppKey("facade_cache", FacadeCache | None)
+CACHE = web.AppKey[FacadeCache | None]("facade_cache")
 # Series whose frames are cut from their instances, the archive having refused RetrieveFrames.
 REFUSED_SERIES = web.AppKey("refused_series", RefusedSeries)
 # Frames cut from instances retrieved whole, all of an instance's at once; None without a cache.
-WHOLE_INSTANCE_FRAMES = web.AppKey("whole_instance_frames", WholeInstanceFrames | None)
+WHOLE_INSTANCE_FRAMES = web.AppKey[WholeInstanceFrames | None]("whole_instance_frames")
 # The audit trail (a no-op one without [audit]).
 AUDIT = web.AppKey("audit", Auditor)
 # Who the request's credentials say it is (`auth.admitted`), for the audit trail.

@@ -112,7 +112,7 @@ def _take_built(spool: Any, metadata: dict[str, Any], bulk: dict[str, BulkPart],
     return _received(spool, built.write, source, study_uid)
 
 
-def _received(spool: Any, fill: Callable[[Callable[[bytes], None]], None], source: str, study_uid: str | None) -> PartResult:
+def _received(spool: Any, fill: Callable[[Callable[[bytes | memoryview], None]], None], source: str, study_uid: str | None) -> PartResult:
     """A new spool record, filled by ``fill`` (given the record's write), then ingested."""
     try:
         received = spool.receive()

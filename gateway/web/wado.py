@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -279,7 +279,7 @@ async def retrieve_instance(request: web.Request) -> web.StreamResponse:
         body.release()
 
 
-async def _instances(request: web.Request, study: str, series: str | None) -> AsyncIterator[tuple[Retrieved, InstanceRef]]:
+async def _instances(request: web.Request, study: str, series: str | None) -> AsyncGenerator[tuple[Retrieved, InstanceRef], None]:
     """Every instance of the study or series, each as soon as it has arrived; those of
     the named image set (HealthImaging) as its metadata lists them."""
     upstream = request.app[UPSTREAM]
@@ -540,7 +540,7 @@ def refusal(exc: UpstreamUnavailable | NotSupported) -> bool:
     return isinstance(exc, NotSupported) or exc.status == 500
 
 
-async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
+async def stored_frames(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncGenerator[Frame, None]:
     """The frames as the archive stores them: by RetrieveFrames, or, when the archive
     fails that (Orthanc 1.10 answers 500 for some stored syntaxes; see `RefusedSeries`)
     or serves no frames, cut out of the instance retrieved whole (with all its other
@@ -627,7 +627,7 @@ def _materialise(retrieved: Retrieved, area: SpillArea, path: Path) -> None:
             out.write(retrieved.read(start, CHUNK))
 
 
-def frames_of(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncIterator[Frame]:
+def frames_of(request: web.Request, ref: InstanceRef, numbers: list[int]) -> AsyncGenerator[Frame, None]:
     """The frames as stored, through the facade's cache when the upstream is remote."""
     cache = request.app[CACHE]
     if cache is None:
@@ -672,7 +672,7 @@ async def _frame_answers(
     forms: Sequence[FrameForm],
     desc: PixelDescription,
     generation: int | None,
-) -> AsyncIterator[tuple[FrameForm, str, Callable[[], Awaitable[bytes]]]]:
+) -> AsyncGenerator[tuple[FrameForm, str, Callable[[], Awaitable[bytes]]], None]:
     """For each frame asked, in order: the form and syntax it is answered in, and how
     to have its bytes (awaited only after the If-None-Match check, so a 304 converts
     nothing).

@@ -38,7 +38,14 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from email.utils import parsedate_tz
 from typing import Any, TypeVar
@@ -339,13 +346,13 @@ class HealthImagingUpstream(DicomWebUpstream):
             query += "&includefield=all"
         return canonical_query(query)
 
-    def search_for_studies(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_studies(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         """QIDO-RS, continued through SearchImageSets past the 10,000 results a QIDO-RS
         search can reach when the search needs only what image set summaries hold
         (`native.continuable`); otherwise such a search still ends in SearchTruncated."""
         return self._studies(search)
 
-    async def _studies(self, search: Search) -> AsyncIterator[JsonObject]:
+    async def _studies(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         seen: set[str] = set()
         try:
             async for obj in super().search_for_studies(search):
@@ -359,15 +366,15 @@ class HealthImagingUpstream(DicomWebUpstream):
                 for obj in skipping([study_object(summary)], seen):
                     yield obj
 
-    def search_for_series(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_series(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         return self._with_non_primary(super().search_for_series(search), search, instances=False)
 
-    def search_for_instances(self, search: Search) -> AsyncIterator[JsonObject]:
+    def search_for_instances(self, search: Search) -> AsyncGenerator[JsonObject, None]:
         return self._with_non_primary(super().search_for_instances(search), search, instances=True)
 
     async def _with_non_primary(
         self, answers: AsyncIterator[JsonObject], search: Search, *, instances: bool
-    ) -> AsyncIterator[JsonObject]:
+    ) -> AsyncGenerator[JsonObject, None]:
         """QIDO-RS's answers (primary image sets only), then, with ``include_non_primary``
         and a study named, the series or instances of the study's non-primary image
         sets that QIDO-RS did not show, from their metadata (read anew for each search).
@@ -549,7 +556,7 @@ class HealthImagingUpstream(DicomWebUpstream):
         *,
         acceptable: Sequence[str],
         image_set_id: str | None = None,
-    ) -> AsyncIterator[Frame]:
+    ) -> AsyncGenerator[Frame, None]:
         await self.limits.acquire("GetDICOMInstanceFrames")
         async for frame in super().retrieve_frames(
             study_uid, series_uid, sop_instance_uid, frame_numbers, acceptable=acceptable, image_set_id=image_set_id

@@ -142,7 +142,7 @@ def rebuild(document: dict[str, Any], series_uid: str, sop_instance_uid: str, fr
         ds.add(DataElement(0x7FE00010, "OW" if bits > 8 else "OB", pixels + b"\0" * (len(pixels) % 2)))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = syntax
     ds.file_meta = meta
     buffer = io.BytesIO()

@@ -91,7 +91,7 @@ class AwsCredentials:
         try:
             if self._credentials is None:
                 self._credentials = await asyncio.to_thread(self._resolve)
-            credentials = self._credentials
+            credentials: Credentials = self._credentials
             if isinstance(credentials, RefreshableCredentials) and credentials.refresh_needed():
                 return await asyncio.to_thread(credentials.get_frozen_credentials)
             return credentials.get_frozen_credentials()
