@@ -45,8 +45,9 @@ log = logging.getLogger("gateway.upstream")
 HEAD_BATCH = 32
 # Bytes read first for a file's head: its File Meta is a few hundred bytes.
 SHORT_HEAD = 4096
-# Bytes of whole files a trip reads into memory with their heads (`_heads`).
-WHOLE_PER_BATCH = 16 << 20
+# Bytes of whole files one trip reads into memory (`_heads`): what a facade answer
+# streaming a series holds at once.
+WHOLE_PER_TRIP = 4 << 20
 
 
 def _meta_within(head: bytes) -> bool:
@@ -297,33 +298,41 @@ class LocalUpstream:
         self, study_uid: str, series_uid: str | None, spill_area: SpillArea, spill_bytes: int
     ) -> AsyncGenerator[Retrieved, None]:
         """The stored files, each with its head read (`_heads`), HEAD_BATCH files per
-        trip to a worker thread: one trip per file cost more than the read itself.
-        Files up to ``spill_bytes`` come whole in memory, WHOLE_PER_BATCH a trip at
-        most, larger ones as their path."""
+        trip to a worker thread at most: one trip per file cost more than the read
+        itself. Files up to ``spill_bytes`` (and WHOLE_PER_TRIP) come whole in memory,
+        larger ones as their path."""
         loop = asyncio.get_running_loop()
         files = await loop.run_in_executor(self._executor, self._files, study_uid, series_uid)
-        for start in range(0, len(files), HEAD_BATCH):
-            for item in await asyncio.to_thread(self._heads, files[start : start + HEAD_BATCH], spill_bytes):
+        start = 0
+        while start < len(files):
+            items, taken = await asyncio.to_thread(self._heads, files[start : start + HEAD_BATCH], spill_bytes)
+            start += taken
+            for item in items:
                 yield item
 
-    def _heads(self, files: list[tuple[str, str]], whole_up_to: int) -> list[Retrieved]:
-        """Each file's size and head: the whole file when it is at most ``whole_up_to``
-        bytes and the trip's WHOLE_PER_BATCH allows; else its first SHORT_HEAD bytes
-        when they hold the whole File Meta and the start of the data set after it, else
-        META_HEAD bytes. Files deleted meanwhile are left out (the caller fetches what
-        is missing one by one).
+    def _heads(self, files: list[tuple[str, str]], whole_up_to: int) -> tuple[list[Retrieved], int]:
+        """What one trip reads of ``files``, and how many of them it took: each file
+        whole when it is at most ``whole_up_to`` bytes and WHOLE_PER_TRIP (the trip
+        ends before a file that would take it past WHOLE_PER_TRIP); else its size and head,
+        its first SHORT_HEAD bytes when they hold the whole File Meta and the start of
+        the data set after it, else META_HEAD bytes. Files deleted meanwhile are left
+        out (the caller fetches what is missing one by one).
 
         A C-MOVE or C-GET waits for each sub-operation's response before sending the
         next instance: one read here, off the event loop, takes the next file's read
-        out of that wait (the sender then writes it from memory)."""
+        out of that wait (the sender then writes it from memory). A file deleted after
+        it was read is still sent: the move listed it before the DELETE."""
         out: list[Retrieved] = []
-        room = WHOLE_PER_BATCH
-        for name, syntax in files:
+        room = WHOLE_PER_TRIP
+        wholly = min(whole_up_to, WHOLE_PER_TRIP)
+        for taken, (name, syntax) in enumerate(files):
             path = self.root / name
             try:
                 with open(path, "rb", buffering=0) as fh:
                     size = os.fstat(fh.fileno()).st_size
-                    if size <= min(whole_up_to, room):
+                    if size <= wholly:
+                        if size > room:
+                            return out, taken  # the next trip starts with it
                         data = os.pread(fh.fileno(), size, 0)
                         if len(data) == size:
                             room -= size
@@ -335,7 +344,7 @@ class LocalUpstream:
             except FileNotFoundError:
                 continue
             out.append(Retrieved(None, path, 0, size, transfer_syntax=syntax, head=head, checked=True))
-        return out
+        return out, len(files)
 
     async def retrieve_metadata(
         self,

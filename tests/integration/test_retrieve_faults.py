@@ -475,10 +475,15 @@ def test_an_instance_deleted_during_a_move_fails_alone(tmp_path: Path) -> None:
     """An instance the embedded archive deletes (facade DELETE) after a move listed it
     fails by itself, listed in the final response, and the move goes on over the same
     association. Before, its missing file was taken for the destination's association
-    lost: that one was aborted and every instance after it failed (17 of 40 completed)."""
+    lost: that one was aborted and every instance after it failed (17 of 40 completed).
+
+    The instances (128 KiB) are above ``retrieve.spill_mb`` here, as a scanner's large
+    ones are: their files are opened as they are sent. Smaller ones are read whole as
+    the move lists them (`LocalUpstream.iter_instances`), and one deleted after that
+    is sent all the same."""
     series = ct_series(tmp_path / "ct", 40, rows=256, columns=256)
     scp = StoreSCP(tmp_path / "scp", ae_title="DEST").start()
-    gw = Gateway(tmp_path / "gw", extra=peers(("DEST", scp.port))).start()
+    gw = Gateway(tmp_path / "gw", extra=peers(("DEST", scp.port)) + "\n[retrieve]\nspill_mb = 0.1\n").start()
     try:
         assert storescu(gw.port, series, gw.ae_title).returncode == 0
         gw.wait_counts(timeout=60, delivered=len(series))

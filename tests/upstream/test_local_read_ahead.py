@@ -41,24 +41,34 @@ def _store_and_list(tmp_path: Path, paths: list[Path], spill_bytes: int) -> list
 
 def test_small_files_come_whole_and_large_ones_as_their_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sub-operation's sender writes the next instance from memory instead of opening
-    and reading it while the receiver waits: the files up to the spill size come whole
-    (exactly the stored bytes), a trip's files at most WHOLE_PER_BATCH bytes of them;
-    the rest come as their path with the head that holds their File Meta."""
+    and reading it while the receiver waits: files up to the spill size come whole
+    (exactly the stored bytes), a trip to the worker thread taking
+    at most WHOLE_PER_TRIP bytes of them; larger files come as their path with the head
+    that holds their File Meta."""
     paths = ct_series(tmp_path / "ct", 5, rows=64, columns=64)
     size = paths[0].stat().st_size
-    monkeypatch.setattr(local, "WHOLE_PER_BATCH", 3 * size + 10)  # three of five per trip
-    got = _store_and_list(tmp_path, paths, spill_bytes=size + 100)
-    assert len(got) == 5
-    whole = [r for r in got if r.data is not None]
-    assert len(whole) == 3
-    stored = {p.read_bytes() for p in paths}
-    for r in whole:
-        assert r.data in stored and r.length == len(r.data) and r.checked
-        assert r.read(0, 132)[128:] == b"DICM"
-    for r in got:
-        if r.data is None:
-            assert r.path is not None and r.path.read_bytes() in stored
-            assert r.head is not None and 132 <= len(r.head) < size and r.checked
+    trips: list[int] = []
+    heads = LocalUpstream._heads
 
+    def counted(self: LocalUpstream, files: list[tuple[str, str]], whole_up_to: int) -> tuple[list[Retrieved], int]:
+        items, taken = heads(self, files, whole_up_to)
+        trips.append(taken)
+        return items, taken
+
+    monkeypatch.setattr(LocalUpstream, "_heads", counted)
+    monkeypatch.setattr(local, "WHOLE_PER_TRIP", 3 * size + 10)  # three files a trip
+    got = _store_and_list(tmp_path, paths, spill_bytes=size + 100)
+    assert trips == [3, 2]
+    stored = sorted(p.read_bytes() for p in paths)
+    assert sorted(bytes(r.data or b"") for r in got) == stored
+    for r in got:
+        assert r.data is not None and r.length == len(r.data) and r.checked
+        assert r.read(0, 132)[128:] == b"DICM"
+
+    trips.clear()
     larger = _store_and_list(tmp_path / "again", paths, spill_bytes=size - 1)
-    assert [r.data for r in larger] == [None] * 5  # above the spill size: never in memory
+    assert trips == [5]
+    stored_set = set(stored)
+    for r in larger:  # above the spill size: never in memory
+        assert r.data is None and r.path is not None and r.path.read_bytes() in stored_set
+        assert r.head is not None and 132 <= len(r.head) < size and r.checked
