@@ -312,6 +312,8 @@ def cmd_spool(args: argparse.Namespace) -> int:
             detail = f"queued {counts['queued']}, failed {counts['failed']}, dead {counts['dead']}"
             if counts["copies"]:
                 detail += f"; and {counts['copies']} route copies of its delivered instances"
+                if counts["copies_sending"]:
+                    detail += f" ({counts['copies_sending']} being sent now: not tried again if that fails)"
             if args.yes:
                 print(f"discarded {taken} undelivered instance(s) of study {args.study} ({detail})")
                 _audit_discard(config, args.study, f"spool discard: {taken} undelivered instance(s) withdrawn ({detail})")

@@ -107,7 +107,7 @@ class Metrics:
         self.route_copies = Counter(
             "gateway_route_copies",
             "Copies a route sent on to its destination by C-STORE, by the state each attempt left"
-            " them in (delivered; failed: waits for another attempt; dead)",
+            " them in (delivered; failed: waits for another attempt; dead; withdrawn: its study discarded as it was sent)",
             ["destination", "state"],
             registry=r,
         )

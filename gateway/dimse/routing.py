@@ -179,7 +179,7 @@ class RouteSenders:
             pause = min(pause * 2, IDLE_POLL)
 
     def _report(self, destination: str, outcomes: list[tuple[SpooledCopy, str, str]], states: dict[int, str]) -> None:
-        counts = {"delivered": 0, "failed": 0, "dead": 0}
+        counts = {"delivered": 0, "failed": 0, "dead": 0, "withdrawn": 0}
         copied = StudyTally()
         for copy, _, error in outcomes:
             state = states.get(copy.id, "failed")
@@ -190,6 +190,11 @@ class RouteSenders:
                 self.metrics.route_copies.labels(destination, state).inc()
             if state == "dead":
                 log.error("route to %s: instance %s not copied: %s", destination, copy.instance.sop_instance_uid, error)
+            elif state == "withdrawn":
+                log.info(
+                    "route to %s: instance %s not copied (%s) and not tried again: its study was discarded meanwhile",
+                    destination, copy.instance.sop_instance_uid, error,
+                )
         if self.audit is not None:
             peer = self.config.peer(destination)
             self.audit.pushed(

@@ -109,7 +109,10 @@ class Copies:
     def record(self, outcomes: Iterable[tuple[SpooledCopy, str, str]]) -> dict[int, str]:
         """Store what became of copies sent: (copy, kind, error) with kind ``delivered``,
         ``retry`` (dead once out of attempts or too old) or ``refused`` (dead at once);
-        returns the new state per copy id."""
+        returns the new state per copy id. A copy whose row went while it was sent (its
+        study discarded, `Spool.discard`) is ``withdrawn`` unless it was delivered: it is
+        not tried again, so a study sent under the wrong patient does not reach the
+        destination once it is back."""
         cfg = self.spool.cfg
         now = time.time()
         states: dict[int, str] = {}
@@ -122,16 +125,16 @@ class Copies:
                     )
                     states[copy.id] = "delivered"
                 elif kind == "retry" and inst.attempts < cfg.max_attempts and now - inst.received_at <= cfg.max_age_hours * 3600:
-                    db.execute(
+                    changed = db.execute(
                         "UPDATE copies SET state='failed', next_attempt_at=?, last_error=? WHERE id=?",
                         [now + self.spool.backoff(inst.attempts), error, copy.id],
-                    )
-                    states[copy.id] = "failed"
+                    ).rowcount
+                    states[copy.id] = "failed" if changed else "withdrawn"
                 else:
                     if kind == "retry":
                         error = f"gave up after {inst.attempts} attempts: {error}"
-                    db.execute("UPDATE copies SET state='dead', last_error=? WHERE id=?", [error, copy.id])
-                    states[copy.id] = "dead"
+                    changed = db.execute("UPDATE copies SET state='dead', last_error=? WHERE id=?", [error, copy.id]).rowcount
+                    states[copy.id] = "dead" if changed else "withdrawn"
         return states
 
     def release(self, batch: list[SpooledCopy]) -> None:

@@ -916,7 +916,9 @@ class Spool:
         nor a route's destination. Returns how many per state it took (or would take,
         ``dry_run``); under ``sending``, how many are on their way now (to the archive
         or as a route's copy) and were left alone; under ``copies``, how many copies of
-        the study's delivered instances, not yet sent by their routes, it withdrew too.
+        the study's delivered instances, not yet delivered by their routes, it withdrew
+        too, and under ``copies_sending`` how many of those a route is sending now: that
+        send may still arrive, but a failed one is not tried again (`Copies.record`).
         ``series_uid`` and ``sop_instance_uid`` narrow it to a series or an instance (a
         DELETE through the facade); ``why`` is the rows' last error while they go.
 
@@ -932,7 +934,6 @@ class Spool:
         daemon, waits for those rows first (`indexing`).
         """
         where, params = _scope(study_uid, series_uid, sop_instance_uid)
-        pending = "('queued','failed','dead')"
         # The mark must outlive a power cut: records adopted at the next start read it.
         with self.db.connection() as db, synced(db), immediate(db):
             rows = list(
@@ -944,14 +945,15 @@ class Spool:
                 )
             )
             taken = [r for r in rows if r["state"] != "sending"]
-            copies = [
-                r["id"]
-                for r in db.query(
-                    f"SELECT copies.id FROM copies JOIN instances ON instances.id = copies.instance_id"
-                    f" WHERE {where} AND instances.state = 'delivered' AND copies.state IN {pending}",
-                    params,
-                )
-            ]
+            copies: list[int] = []
+            copies_sending = 0
+            for r in db.query(
+                f"SELECT copies.id, copies.state FROM copies JOIN instances ON instances.id = copies.instance_id"
+                f" WHERE {where} AND instances.state = 'delivered' AND copies.state IN ('queued','failed','dead','sending')",
+                params,
+            ):
+                copies.append(r["id"])
+                copies_sending += r["state"] == "sending"
             if not dry_run:
                 marks = ",".join("?" * len(taken))
                 db.execute(
@@ -974,7 +976,7 @@ class Spool:
         counts = dict.fromkeys(("queued", "failed", "dead", "sending"), 0)
         for row in rows:
             counts[row["state"]] += 1
-        counts["copies"] = len(copies)
+        counts["copies"], counts["copies_sending"] = len(copies), copies_sending
         if dry_run or not taken:
             return counts
         self._withdraw(taken)

@@ -268,10 +268,10 @@ def test_discard_takes_undelivered_rows_and_files_but_not_one_being_sent(spool: 
     spool.record([dead], [Outcome(dead.id, "rejected", "HTTP 400")])
     files = {r["id"]: spool.directory / r["file"] for r in spool.list_rows(limit=10)}
 
-    assert spool.discard(STUDY) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0}
+    assert spool.discard(STUDY) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0, "copies_sending": 0}
     assert len(spool.list_rows(study_uid=STUDY)) == 4  # a dry run changes nothing
 
-    assert spool.discard(STUDY, dry_run=False) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0}
+    assert spool.discard(STUDY, dry_run=False) == {"queued": 2, "failed": 0, "dead": 1, "sending": 1, "copies": 0, "copies_sending": 0}
     left = spool.list_rows(limit=10)
     assert {r["id"] for r in left} == {sending[0].id, other}
     assert [files[i].exists() for i in ids] == [True, False, False, False]
@@ -308,6 +308,33 @@ def test_routes_make_copies_that_keep_their_file_until_delivered(tmp_path: Path)
         assert copies.record([(copy, "delivered", "")]) == {copy.id: "delivered"}
         assert spool.purge_delivered() == 1 and spool.status()["routes"] == {}
         assert not copy.instance.path.exists()
+    finally:
+        spool.close()
+
+
+def test_a_copy_being_sent_when_its_study_is_discarded_is_never_tried_again(tmp_path: Path) -> None:
+    """A study sent under the wrong patient, discarded while a route sends one of its
+    copies to a destination that is down: that send fails, and the copy must not be
+    tried again once the destination is back (it went back to the queue before). The
+    discard counts it; one that arrives meanwhile is still reported delivered."""
+    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, max_attempts=3), (Route("AI", frozenset({"CT01"})),))
+    copies = Copies(spool)
+    try:
+        for n in range(3):
+            spool.enqueue(received(spool, n), header(n), Sender("CT01"))
+        for inst in spool.claim(10, 10_000):
+            spool.record([inst], [Outcome(inst.id, "delivered")])
+        failing, arriving = copies.claim("AI", 2)  # on their way when the discard runs
+        assert spool.discard(STUDY) == {"queued": 0, "failed": 0, "dead": 0, "sending": 0, "copies": 3, "copies_sending": 2}
+        assert spool.discard(STUDY, dry_run=False)["copies_sending"] == 2
+        assert copies.record([(failing, "retry", "destination down"), (arriving, "delivered", "")]) == {
+            failing.id: "withdrawn", arriving.id: "delivered",
+        }
+        with spool.db.connection() as db:
+            db.execute("UPDATE copies SET next_attempt_at = 0")
+        assert copies.claim("AI", 10) == [] and copies.next_due_in("AI") is None
+        assert copies.retry(study_uid=STUDY) == 0
+        assert spool.status()["routes"] == {}  # nothing left for AI: the copies' files may go
     finally:
         spool.close()
 
