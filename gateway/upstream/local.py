@@ -37,6 +37,7 @@ from gateway.upstream.archive_writer import INDEX, INDEXED, WriterProcess, conve
 from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
 from gateway.upstream.errors import NotFound, UpstreamRejected
 from gateway.upstream.metadata_cache import MetadataCache
+from gateway.upstream.raw_json import element_json
 from gateway.upstream.stored_frames import frame_reader, in_batches
 
 log = logging.getLogger("gateway.upstream")
@@ -499,6 +500,9 @@ def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, An
                 continue
             if _is_bulk(ds, raw):
                 out[key] = {"vr": _bulk_vr(ds, raw), "BulkDataURI": f"{prefix}/{key}"}
+                continue
+            if isinstance(raw, RawDataElement) and (plain := element_json(raw)) is not None:
+                out[key] = plain
                 continue
             elem = converted(ds, raw)
             if elem.VR == "SQ":
