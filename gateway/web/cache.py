@@ -54,6 +54,7 @@ from gateway.metrics import Metrics
 from gateway.spill import SpillArea
 from gateway.uids import is_valid_uid
 from gateway.upstream.base import Frame, JsonObject
+from gateway.web.bulk_uris import FACADE_ROOT, point_at_facade
 
 log = logging.getLogger("gateway.web")
 _NEAR_FLOOR = Throttle()  # a disk near its floor skips every write alike
@@ -129,7 +130,7 @@ class FacadeCache:
         # series key -> when its metadata was last fetched (monotonic), kept as long as
         # series metadata is: an instance missing from it meanwhile is fetched alone
         self._series_read: OrderedDict[str, float] = OrderedDict()
-        self._series_fetches: dict[str, asyncio.Task[list[JsonObject]]] = {}  # in flight
+        self._series_fetches: dict[str, asyncio.Task[tuple[list[JsonObject], bytes]]] = {}  # in flight
         self._videos_fetched: dict[str, asyncio.Future[None]] = {}  # video key -> kept or not
         # instance metadata key -> {name: value computed from that metadata}
         self._derived: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -333,13 +334,41 @@ class FacadeCache:
         if cached is not None:
             return list(json.loads(cached[0]))
         if series and not sop:
-            return await self._series_metadata(study, series, fetch, image_set)
+            return (await self._series_metadata(study, series, fetch, image_set))[0]
+        return (await self._fetch_level(key, study, sop, fetch))[0]
+
+    async def metadata_body(
+        self,
+        study: str,
+        series: str | None,
+        sop: str | None,
+        fetch: Callable[[], Awaitable[Sequence[JsonObject]]],
+        image_set: str | None = None,
+    ) -> bytes:
+        """`metadata` as the JSON text of its answer, BulkDataURIs under `FACADE_ROOT`
+        (see `bulk_uris.with_root`): a kept answer is served as it was kept."""
+        key = _metadata_key(study, series, sop, image_set)
+        cached = await self._read(key)
+        self._count("metadata", cached is not None)
+        if cached is not None:
+            return cached[0]
+        if series and not sop:
+            return (await self._series_metadata(study, series, fetch, image_set))[1]
+        return (await self._fetch_level(key, study, sop, fetch))[1]
+
+    async def _fetch_level(
+        self, key: str, study: str, sop: str | None, fetch: Callable[[], Awaitable[Sequence[JsonObject]]]
+    ) -> tuple[list[JsonObject], bytes]:
+        """A study's or an instance's metadata from ``fetch``, kept (a study's for
+        ``metadata_seconds``), with its text."""
         before = self._changes.get(study)
         objects = list(await fetch())
+        texts = _texts(objects, study)
+        body = _array(texts)
         expires = 0.0 if sop else time.monotonic() + self.metadata_seconds
         if (sop or self.metadata_seconds > 0) and self._changes.get(study) == before:
-            await self._write(key, json.dumps(objects).encode("utf-8"), "", expires)
-        return objects
+            await self._write(key, body, "", expires)
+        return objects, body
 
     async def instance_metadata(
         self,
@@ -362,7 +391,7 @@ class FacadeCache:
         read_at = self._series_read.get(series_key)
         if series_key in self._series_fetches or read_at is None or read_at + self.metadata_seconds < time.monotonic():
             try:
-                objects = await self._series_metadata(study, series, fetch_series, image_set)
+                objects = (await self._series_metadata(study, series, fetch_series, image_set))[0]
             except Exception as exc:  # noqa: BLE001 - the instance's own request says what is wrong
                 log.debug("facade cache: series metadata of %s unread: %s", series, exc)
             else:
@@ -371,23 +400,24 @@ class FacadeCache:
                     return found
         before = self._changes.get(study)
         objects = list(await fetch_instance())
+        body = _array(_texts(objects, study))
         if self._changes.get(study) == before:
-            await self._write(key, json.dumps(objects).encode("utf-8"), "", 0.0)
+            await self._write(key, body, "", 0.0)
         return objects
 
     async def _series_metadata(
         self, study: str, series: str, fetch: Callable[[], Awaitable[Sequence[JsonObject]]], image_set: str | None
-    ) -> list[JsonObject]:
-        """A series' metadata from ``fetch``, one request at a time per series (a caller
-        that goes away leaves it to the others); kept for ``metadata_seconds``, and each
-        instance's part of it for good."""
+    ) -> tuple[list[JsonObject], bytes]:
+        """A series' metadata from ``fetch``, with its text, one request at a time per
+        series (a caller that goes away leaves it to the others); kept for
+        ``metadata_seconds``, and each instance's part of it for good."""
         series_key = _metadata_key(study, series, None, image_set)
         task = self._series_fetches.get(series_key)
         if task is None:
             task = asyncio.ensure_future(self._fetch_series(study, series, fetch, image_set))
             self._series_fetches[series_key] = task
 
-            def done(finished: asyncio.Task[list[JsonObject]]) -> None:
+            def done(finished: asyncio.Task[tuple[list[JsonObject], bytes]]) -> None:
                 self._series_fetches.pop(series_key, None)
                 if not finished.cancelled():
                     finished.exception()  # retrieved, though every caller may have gone
@@ -397,7 +427,7 @@ class FacadeCache:
 
     async def _fetch_series(
         self, study: str, series: str, fetch: Callable[[], Awaitable[Sequence[JsonObject]]], image_set: str | None
-    ) -> list[JsonObject]:
+    ) -> tuple[list[JsonObject], bytes]:
         series_key = _metadata_key(study, series, None, image_set)
         self._series_read[series_key] = time.monotonic()  # tried: failing or not, not again at once
         self._series_read.move_to_end(series_key)
@@ -405,22 +435,23 @@ class FacadeCache:
             del self._series_read[next(iter(self._series_read))]
         before = self._changes.get(study)
         objects = list(await fetch())
+        # Each object serialised once, for the answer, its own entry and the series'
+        # (serialising them again for each was a third of the facade's CPU for a
+        # series' metadata).
+        texts = _texts(objects, study)
+        body = _array(texts)
         if self._changes.get(study) != before:
-            return objects
-        # Each object serialised once, for its own entry and the series' (two
-        # serialisations were a third of the facade's CPU for a series' metadata).
-        texts = [json.dumps(o) for o in objects]
+            return objects, body
         if self.metadata_seconds > 0:
-            body = f"[{', '.join(texts)}]".encode("utf-8")
             await self._write(series_key, body, "", time.monotonic() + self.metadata_seconds)
         instances = [
-            (_metadata_key(study, series, sop, image_set), f"[{text}]".encode("utf-8"))
+            (_metadata_key(study, series, sop, image_set), _array([text]))
             for o, text in zip(objects, texts)
             if is_valid_uid(sop := _uid(o, "00080018") or "") and _uid(o, "0020000E") in (series, None)
         ]
         if self._changes.get(study) == before:
             await self._write_many(instances, "", 0.0)
-        return objects
+        return objects, body
 
     async def frames(
         self,
@@ -658,6 +689,22 @@ def _frame_key(study: str, series: str, sop: str, number: int, image_set: str | 
 def _video_key(study: str, series: str, sop: str, image_set: str | None) -> str:
     """The key of an instance's video stream."""
     return f"{study}/{series}/{sop}/video{_scope(image_set)}"
+
+
+def _texts(objects: list[JsonObject], study: str) -> list[str]:
+    """Each object as JSON, its BulkDataURIs pointed at the facade under `FACADE_ROOT`
+    (``study``: the one asked, for an object without its own)."""
+    texts = []
+    for obj in objects:
+        if isinstance(obj, dict):
+            point_at_facade(obj, FACADE_ROOT, study)
+        texts.append(json.dumps(obj, ensure_ascii=False))
+    return texts
+
+
+def _array(texts: list[str]) -> bytes:
+    """The JSON array of objects serialised apart: what ``json.dumps`` of the list gives."""
+    return f"[{', '.join(texts)}]".encode("utf-8")
 
 
 def _uid(obj: JsonObject, tag: str) -> str | None:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from gateway.uids import is_valid_uid
 from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UnusableInstance, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.stored_frames import frame_reader, in_batches
+from gateway.web.bulk_uris import point_at_facade, with_root
 from gateway.web.cache import content_etag, etag_for, not_modified
 from gateway.web.compression import body_response, not_modified_headers
 from gateway.web.common import (
@@ -406,28 +406,8 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
 # -- metadata ------------------------------------------------------------------------
 
 
-_BULK_SEGMENT = re.compile(r"(?:^|/)bulk(?:data)?/(.+)$", re.IGNORECASE)
-
-
 def _uid(obj: JsonObject, key: str) -> str:
     return str(((obj.get(key) or {}).get("Value") or [""])[0])
-
-
-def rewrite_bulk_uris(obj: dict[str, Any], base: str) -> None:
-    """Point every BulkDataURI of an instance's metadata at the facade's own bulkdata
-    resource (``base`` + the tag path): the archive's URIs are relative (the embedded
-    archive) or name the archive's own host, which the client may not reach."""
-    for value in obj.values():
-        if not isinstance(value, dict):
-            continue
-        uri = value.get("BulkDataURI")
-        if isinstance(uri, str):
-            match = _BULK_SEGMENT.search(uri.split("?", 1)[0])
-            if match:
-                value["BulkDataURI"] = base + match.group(1).upper()
-        for item in value.get("Value") or []:
-            if isinstance(item, dict) and value.get("vr") == "SQ":
-                rewrite_bulk_uris(item, base)
 
 
 async def metadata_of(
@@ -462,30 +442,37 @@ def _metadata_cache_control(request: web.Request, instance: bool) -> str:
     return "private, no-cache"
 
 
+async def _metadata_answer(request: web.Request, fmt: str, uids: dict[str, str]) -> tuple[bytes, list[bytes]]:
+    """The metadata the path names, BulkDataURIs pointed at the facade: JSON text, or
+    one Native DICOM Model part per instance. JSON kept by the facade's cache is
+    served as its text, the request's root put in (`with_root`)."""
+    study, series, sop = uids["study"], uids.get("series"), uids.get("instance")
+    root = request_root(request)
+    cache = request.app[CACHE]
+    if fmt == "json" and cache is not None:
+        upstream, named = request.app[UPSTREAM], image_set_id(request)
+        fetch = lambda: upstream.retrieve_metadata(study, series, sop, image_set_id=named)  # noqa: E731
+        return with_root(await cache.metadata_body(study, series, sop, fetch, named), root), []
+    objects = [dict(o) for o in await metadata_of(request, study, series, sop, via_series=False)]
+    for obj in objects:
+        point_at_facade(obj, root, study)
+    if fmt == "json":
+        return json.dumps(objects, ensure_ascii=False).encode("utf-8"), []
+    return b"", [native_xml(obj) for obj in objects]
+
+
 async def retrieve_metadata(request: web.Request) -> web.StreamResponse:
     uids = path_uids(request)
     what = subject("WADO-RS metadata", request)
     try:
         fmt = metadata_format(accept_of(request))
-        objects = [
-            dict(o) for o in await metadata_of(request, uids["study"], uids.get("series"), uids.get("instance"), via_series=False)
-        ]
-    except Exception as exc:  # noqa: BLE001
+        body, parts = await _metadata_answer(request, fmt, uids)
+    except Exception as exc:  # noqa: BLE001 - RecursionError too: metadata nested too deep to serialise
         request.app[AUDIT].accessed(requester(request), uids["study"], False)
         return error_response(exc, what)
     request.app[AUDIT].accessed(requester(request), uids["study"], True)
-    root = request_root(request)
-    for obj in objects:
-        study, series, sop = _uid(obj, "0020000D") or uids["study"], _uid(obj, "0020000E"), _uid(obj, "00080018")
-        if all(is_valid_uid(u) for u in (study, series, sop)):
-            rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
     # Validated by content, JSON and XML alike: the XML parts' boundary changes with
     # every answer, so the ETag is of the parts themselves.
-    try:
-        body = json.dumps(objects, ensure_ascii=False).encode("utf-8") if fmt == "json" else b""
-        parts = [] if fmt == "json" else [native_xml(obj) for obj in objects]
-    except RecursionError as exc:
-        return error_response(exc, what)
     validators = {
         "ETag": content_etag(body if fmt == "json" else b"\0".join([b"xml", *parts])),
         "Cache-Control": _metadata_cache_control(request, "instance" in uids),

@@ -4,6 +4,7 @@ its validators, on the class itself (the integration test counts an archive's re
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.upstream.base import Frame, JsonObject
 from gateway.upstream.errors import UpstreamUnavailable
 from gateway.web.app import facade_cache
+from gateway.web.bulk_uris import point_at_facade, with_root
 from gateway.web.cache import FacadeCache, etag_for, not_modified
 
 STUDY, SERIES = "1.2.3", "1.2.3.4"
@@ -265,6 +267,53 @@ def test_a_malformed_series_answer_is_passed_on_and_keeps_nothing_it_cannot_read
         assert (await cache.instance_metadata(STUDY, SERIES, "1.2.3.4.3", series, instance))[0] == _instance("1.2.3.4.3")
         assert (await cache.instance_metadata(STUDY, SERIES, "1.2.3.4.1", series, instance))[0] == _instance("1.2.3.4.1")
         assert instances == ["1.2.3.4.1"]
+
+    asyncio.run(run())
+
+
+def test_kept_metadata_is_answered_as_its_text_with_the_requests_root(tmp_path: Path) -> None:
+    """A series' metadata is answered from the text kept, without the archive, each
+    BulkDataURI (sequences included) pointed at the facade under the request's root:
+    the same JSON the objects give; an object without valid UIDs keeps the archive's
+    URI, and so does a URI without a bulk data segment."""
+    bulk = "http://archive:8042/dicom-web/studies/1.2.3/series/1.2.3.4/instances/{}/bulk/{}"
+
+    def instance(sop: str) -> JsonObject:
+        return {
+            "0020000E": {"vr": "UI", "Value": [SERIES]},
+            "00080018": {"vr": "UI", "Value": [sop]},
+            "00282000": {"vr": "OB", "BulkDataURI": bulk.format(sop, "00282000")},
+            "00540016": {"vr": "SQ", "Value": [{"00189089": {"vr": "FD", "BulkDataURI": bulk.format(sop, "00540016/0/00189089?x=1")}}]},
+            "7FE00010": {"vr": "OW", "BulkDataURI": "http://archive/elsewhere/7fe00010"},
+        }
+
+    calls = 0
+
+    async def fetch() -> list[JsonObject]:
+        nonlocal calls
+        calls += 1
+        return [instance("1.2.3.4.1"), instance("1.2.3.4.2"), {**instance("bad uid"), "00080018": {"vr": "UI", "Value": ["x y"]}}]
+
+    async def run() -> None:
+        cache = FacadeCache(tmp_path / "c", max_bytes=1 << 20, metadata_seconds=60)
+        root = 'https://gw.example:8443/dicom-web "ü"'
+        cold = with_root(await cache.metadata_body(STUDY, SERIES, None, fetch), root)
+        warm = with_root(await cache.metadata_body(STUDY, SERIES, None, fetch), root)
+        assert calls == 1 and cold == warm
+        got = json.loads(warm)
+        facade = f"{root}/studies/{STUDY}/series/{SERIES}/instances/1.2.3.4.2/bulkdata/"
+        assert got[1]["00282000"]["BulkDataURI"] == facade + "00282000"
+        assert got[1]["00540016"]["Value"][0]["00189089"]["BulkDataURI"] == facade + "00540016/0/00189089"
+        assert got[1]["7FE00010"]["BulkDataURI"] == "http://archive/elsewhere/7fe00010"
+        assert got[2]["00282000"]["BulkDataURI"] == bulk.format("bad uid", "00282000")
+        # what serialising the objects pointed at the facade gives, byte for byte
+        objects = [instance("1.2.3.4.1"), instance("1.2.3.4.2"), {**instance("bad uid"), "00080018": {"vr": "UI", "Value": ["x y"]}}]
+        for obj in objects:
+            point_at_facade(obj, root, STUDY)
+        assert warm == json.dumps(objects, ensure_ascii=False).encode("utf-8")
+        # an instance's own entry, kept from its series', is its text too
+        one = with_root(await cache.metadata_body(STUDY, SERIES, "1.2.3.4.1", fetch), root)
+        assert calls == 1 and json.loads(one) == [got[0]]
 
     asyncio.run(run())
 

@@ -1,0 +1,62 @@
+"""BulkDataURIs of the metadata the facade answers, pointed at its own bulkdata resource.
+
+The archive's URIs are relative (the embedded archive) or name the archive's own host,
+which the client may not reach, so each one becomes
+``<root>/studies/<study>/series/<series>/instances/<sop>/bulkdata/<tag path>``. The root
+depends on the request (its Host and X-Forwarded-* headers), so metadata the facade
+keeps holds `FACADE_ROOT` in its place, put right by a plain replace of the answer's
+text (`with_root`): a kept answer is served without parsing and serialising it again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from gateway.uids import is_valid_uid
+from gateway.upstream.base import JsonObject
+
+# Stands in for the request's root in kept metadata.
+FACADE_ROOT = "urn:dicom-gateway:facade-root"
+_BULK_SEGMENT = re.compile(r"(?:^|/)bulk(?:data)?/(.+)$", re.IGNORECASE)
+
+
+def _uid(obj: JsonObject, key: str) -> str:
+    """The first value of a UID attribute, "" when absent or not shaped as DICOM JSON
+    (an archive's answer is not trusted to be)."""
+    element = obj.get(key)
+    values = element.get("Value") if isinstance(element, dict) else None
+    return str(values[0]) if isinstance(values, list) and values and values[0] is not None else ""
+
+
+def rewrite_bulk_uris(obj: dict[str, Any], base: str) -> None:
+    """Point every BulkDataURI of an instance's metadata (sequences included) at
+    ``base`` + its tag path; a URI with no bulk data segment stays as it is."""
+    for value in obj.values():
+        if not isinstance(value, dict):
+            continue
+        uri = value.get("BulkDataURI")
+        if isinstance(uri, str):
+            match = _BULK_SEGMENT.search(uri.split("?", 1)[0])
+            if match:
+                value["BulkDataURI"] = base + match.group(1).upper()
+        items = value.get("Value")
+        if value.get("vr") == "SQ" and isinstance(items, list):
+            for item in items:
+                if isinstance(item, dict):
+                    rewrite_bulk_uris(item, base)
+
+
+def point_at_facade(obj: dict[str, Any], root: str, study: str) -> None:
+    """Point an instance's BulkDataURIs at the facade under ``root`` (``study``: the
+    one the request named, for an object that does not carry its own); an object
+    without valid UIDs keeps the archive's."""
+    uids = (_uid(obj, "0020000D") or study, _uid(obj, "0020000E"), _uid(obj, "00080018"))
+    if all(is_valid_uid(u) for u in uids):
+        rewrite_bulk_uris(obj, f"{root}/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/bulkdata/")
+
+
+def with_root(body: bytes, root: str) -> bytes:
+    """Kept metadata's text with the request's root in place of `FACADE_ROOT`."""
+    return body.replace(FACADE_ROOT.encode(), json.dumps(root, ensure_ascii=False)[1:-1].encode("utf-8"))
