@@ -57,6 +57,8 @@ from gateway.upstream.base import Frame, JsonObject
 from gateway.web.bulk_uris import FACADE_ROOT, point_at_facade
 
 log = logging.getLogger("gateway.web")
+# Asks the archive for metadata (a study's, a series' or an instance's).
+MetadataFetch = Callable[[], Awaitable[Sequence[JsonObject]]]
 _NEAR_FLOOR = Throttle()  # a disk near its floor skips every write alike
 _WRITE_FAILED = Throttle()  # so does a full one (the cache on a small disk of its own)
 # What a cache writes: segment files, and (from versions before segments) entry files.
@@ -328,33 +330,30 @@ class FacadeCache:
     ) -> list[JsonObject]:
         """The metadata at the level the UIDs name (in the HealthImaging image set
         ``image_set`` when given: kept apart), from the cache or from ``fetch``."""
-        key = _metadata_key(study, series, sop, image_set)
-        cached = await self._read(key)
-        self._count("metadata", cached is not None)
-        if cached is not None:
-            return list(json.loads(cached[0]))
-        if series and not sop:
-            return (await self._series_metadata(study, series, fetch, image_set))[0]
-        return (await self._fetch_level(key, study, sop, fetch))[0]
+        got = await self._metadata(study, series, sop, fetch, image_set)
+        return list(json.loads(got)) if isinstance(got, bytes) else got[0]
 
     async def metadata_body(
-        self,
-        study: str,
-        series: str | None,
-        sop: str | None,
-        fetch: Callable[[], Awaitable[Sequence[JsonObject]]],
-        image_set: str | None = None,
+        self, study: str, series: str | None, sop: str | None, fetch: MetadataFetch, image_set: str | None = None
     ) -> bytes:
         """`metadata` as the JSON text of its answer, BulkDataURIs under `FACADE_ROOT`
         (see `bulk_uris.with_root`): a kept answer is served as it was kept."""
+        got = await self._metadata(study, series, sop, fetch, image_set)
+        return got if isinstance(got, bytes) else got[1]
+
+    async def _metadata(
+        self, study: str, series: str | None, sop: str | None, fetch: MetadataFetch, image_set: str | None
+    ) -> bytes | tuple[list[JsonObject], bytes]:
+        """The kept text of the metadata the UIDs name, or else what fetching it gave
+        (the objects and their text)."""
         key = _metadata_key(study, series, sop, image_set)
         cached = await self._read(key)
         self._count("metadata", cached is not None)
         if cached is not None:
             return cached[0]
         if series and not sop:
-            return (await self._series_metadata(study, series, fetch, image_set))[1]
-        return (await self._fetch_level(key, study, sop, fetch))[1]
+            return await self._series_metadata(study, series, fetch, image_set)
+        return await self._fetch_level(key, study, sop, fetch)
 
     async def _fetch_level(
         self, key: str, study: str, sop: str | None, fetch: Callable[[], Awaitable[Sequence[JsonObject]]]
