@@ -49,9 +49,10 @@ _UNDEFINED = 0xFFFFFFFF
 
 
 def element_json(raw: RawDataElement) -> dict[str, Any] | None:
-    """``raw`` (a top-level element as ``Dataset.elements()`` yields it) as DICOM
-    JSON with binary values inline, exactly as pydicom would give it; None where
-    pydicom's way must be taken."""
+    """``raw`` (an element as ``Dataset.elements()`` yields it, in a sequence item
+    too: only text that reads the same under any character set is answered, so the
+    item's inherited one does not matter) as DICOM JSON with binary values inline,
+    exactly as pydicom would give it; None where pydicom's way must be taken."""
     value = raw.value
     if not isinstance(value, bytes) or not raw.is_little_endian or raw.length == _UNDEFINED:
         return None
