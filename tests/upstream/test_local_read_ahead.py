@@ -46,7 +46,8 @@ def test_small_files_come_whole_and_large_ones_as_their_path(tmp_path: Path, mon
     at most WHOLE_PER_TRIP bytes of them; larger files come as their path with the head
     that holds their File Meta."""
     paths = ct_series(tmp_path / "ct", 5, rows=64, columns=64)
-    size = paths[0].stat().st_size
+    # The files differ by a few bytes (their UIDs' lengths): the bounds hold for all.
+    smallest, largest = min(p.stat().st_size for p in paths), max(p.stat().st_size for p in paths)
     trips: list[int] = []
     heads = LocalUpstream._heads
 
@@ -56,8 +57,9 @@ def test_small_files_come_whole_and_large_ones_as_their_path(tmp_path: Path, mon
         return items, taken
 
     monkeypatch.setattr(LocalUpstream, "_heads", counted)
-    monkeypatch.setattr(local, "WHOLE_PER_TRIP", 3 * size + 10)  # three files a trip
-    got = _store_and_list(tmp_path, paths, spill_bytes=size + 100)
+    monkeypatch.setattr(local, "WHOLE_PER_TRIP", 3 * largest + 10)  # three files a trip
+    assert 4 * smallest > 3 * largest + 10
+    got = _store_and_list(tmp_path, paths, spill_bytes=largest + 100)
     assert trips == [3, 2]
     stored = sorted(p.read_bytes() for p in paths)
     assert sorted(bytes(r.data or b"") for r in got) == stored
@@ -66,9 +68,9 @@ def test_small_files_come_whole_and_large_ones_as_their_path(tmp_path: Path, mon
         assert r.read(0, 132)[128:] == b"DICM"
 
     trips.clear()
-    larger = _store_and_list(tmp_path / "again", paths, spill_bytes=size - 1)
+    larger = _store_and_list(tmp_path / "again", paths, spill_bytes=smallest - 1)
     assert trips == [5]
     stored_set = set(stored)
     for r in larger:  # above the spill size: never in memory
         assert r.data is None and r.path is not None and r.path.read_bytes() in stored_set
-        assert r.head is not None and 132 <= len(r.head) < size and r.checked
+        assert r.head is not None and 132 <= len(r.head) < smallest and r.checked
