@@ -9,6 +9,8 @@ real devices emit them, and refusing their images would lose data for no safety 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -24,3 +26,14 @@ def require_uid(value: object, what: str) -> str:
         shown = repr(value)[:80]
         raise ValueError(f"{what} is not a valid UID: {shown}")
     return str(value)
+
+
+def json_uid(obj: Mapping[str, Any], tag: str) -> str | None:
+    """The first value of a UID attribute of a DICOM JSON object, as text; None when
+    it is absent or not shaped as DICOM JSON (an archive's answer is not trusted to be).
+    Not validated: see `is_valid_uid`."""
+    element = obj.get(tag)
+    values = element.get("Value") if isinstance(element, dict) else None
+    if not isinstance(values, list) or not values or values[0] is None:
+        return None
+    return str(values[0])

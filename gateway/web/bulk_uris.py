@@ -14,20 +14,11 @@ import json
 import re
 from typing import Any
 
-from gateway.uids import is_valid_uid
-from gateway.upstream.base import JsonObject
+from gateway.uids import is_valid_uid, json_uid
 
 # Stands in for the request's root in kept metadata.
 FACADE_ROOT = "urn:dicom-gateway:facade-root"
 _BULK_SEGMENT = re.compile(r"(?:^|/)bulk(?:data)?/(.+)$", re.IGNORECASE)
-
-
-def _uid(obj: JsonObject, key: str) -> str:
-    """The first value of a UID attribute, "" when absent or not shaped as DICOM JSON
-    (an archive's answer is not trusted to be)."""
-    element = obj.get(key)
-    values = element.get("Value") if isinstance(element, dict) else None
-    return str(values[0]) if isinstance(values, list) and values and values[0] is not None else ""
 
 
 def rewrite_bulk_uris(obj: dict[str, Any], base: str) -> None:
@@ -52,9 +43,9 @@ def point_at_facade(obj: dict[str, Any], root: str, study: str) -> None:
     """Point an instance's BulkDataURIs at the facade under ``root`` (``study``: the
     one the request named, for an object that does not carry its own); an object
     without valid UIDs keeps the archive's."""
-    uids = (_uid(obj, "0020000D") or study, _uid(obj, "0020000E"), _uid(obj, "00080018"))
-    if all(is_valid_uid(u) for u in uids):
-        rewrite_bulk_uris(obj, f"{root}/studies/{uids[0]}/series/{uids[1]}/instances/{uids[2]}/bulkdata/")
+    study, series, sop = json_uid(obj, "0020000D") or study, json_uid(obj, "0020000E"), json_uid(obj, "00080018")
+    if all(is_valid_uid(u) for u in (study, series, sop)):
+        rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
 
 
 def with_root(body: bytes, root: str) -> bytes:

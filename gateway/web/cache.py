@@ -52,7 +52,7 @@ from typing import Any, BinaryIO
 from gateway.log_throttle import Throttle, left_out
 from gateway.metrics import Metrics
 from gateway.spill import SpillArea
-from gateway.uids import is_valid_uid
+from gateway.uids import is_valid_uid, json_uid
 from gateway.upstream.base import Frame, JsonObject
 from gateway.web.bulk_uris import FACADE_ROOT, point_at_facade
 
@@ -394,7 +394,7 @@ class FacadeCache:
             except Exception as exc:  # noqa: BLE001 - the instance's own request says what is wrong
                 log.debug("facade cache: series metadata of %s unread: %s", series, exc)
             else:
-                found = [o for o in objects if _uid(o, "00080018") == sop and _uid(o, "0020000E") in (series, None)]
+                found = [o for o in objects if json_uid(o, "00080018") == sop and json_uid(o, "0020000E") in (series, None)]
                 if found:
                     return found
         before = self._changes.get(study)
@@ -446,7 +446,7 @@ class FacadeCache:
         instances = [
             (_metadata_key(study, series, sop, image_set), _array([text]))
             for o, text in zip(objects, texts)
-            if is_valid_uid(sop := _uid(o, "00080018") or "") and _uid(o, "0020000E") in (series, None)
+            if is_valid_uid(sop := json_uid(o, "00080018") or "") and json_uid(o, "0020000E") in (series, None)
         ]
         if self._changes.get(study) == before:
             await self._write_many(instances, "", 0.0)
@@ -692,7 +692,9 @@ def _video_key(study: str, series: str, sop: str, image_set: str | None) -> str:
 
 def _texts(objects: list[JsonObject], study: str) -> list[str]:
     """Each object as JSON, its BulkDataURIs pointed at the facade under `FACADE_ROOT`
-    (``study``: the one asked, for an object without its own)."""
+    (``study``: the one asked, for an object without its own). The objects are changed
+    in place, so callers taking them get them so; the answer's `point_at_facade`
+    points them at the request's root as it does the archive's URIs."""
     texts = []
     for obj in objects:
         if isinstance(obj, dict):
@@ -704,16 +706,6 @@ def _texts(objects: list[JsonObject], study: str) -> list[str]:
 def _array(texts: list[str]) -> bytes:
     """The JSON array of objects serialised apart: what ``json.dumps`` of the list gives."""
     return f"[{', '.join(texts)}]".encode("utf-8")
-
-
-def _uid(obj: JsonObject, tag: str) -> str | None:
-    """The first value of a UID attribute of a DICOM JSON object (None: absent, or not
-    shaped as DICOM JSON: an archive's answer is not trusted to be)."""
-    element = obj.get(tag)
-    values = element.get("Value") if isinstance(element, dict) else None
-    if not isinstance(values, list) or not values or values[0] is None:
-        return None
-    return str(values[0])
 
 
 def _write_values(items: Sequence[tuple[int, bytes, int]]) -> None:

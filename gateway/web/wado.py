@@ -56,7 +56,7 @@ from gateway.retrieval.request import InstanceRef, RetrieveRequest
 from gateway.retrieval.source import Fetched, inspect
 from gateway.spill import SpillArea
 from gateway.spool.record import outward
-from gateway.uids import is_valid_uid
+from gateway.uids import is_valid_uid, json_uid
 from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UnusableInstance, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.stored_frames import frame_reader, in_batches
@@ -288,7 +288,8 @@ async def _instances(request: web.Request, study: str, series: str | None) -> As
     seen: set[str] = set()
     if image_set_id(request):
         for obj in await metadata_of(request, study, series, None):
-            ref = InstanceRef(study, _uid(obj, "0020000E"), _uid(obj, "00080018"), _uid(obj, "00080016"))
+            series_uid, sop, sop_class = (json_uid(obj, tag) or "" for tag in ("0020000E", "00080018", "00080016"))
+            ref = InstanceRef(study, series_uid, sop, sop_class)
             if not (is_valid_uid(ref.series_uid) and is_valid_uid(ref.sop_instance_uid)):
                 continue
             try:
@@ -404,10 +405,6 @@ async def retrieve_bulk(request: web.Request) -> web.StreamResponse:
 
 
 # -- metadata ------------------------------------------------------------------------
-
-
-def _uid(obj: JsonObject, key: str) -> str:
-    return str(((obj.get(key) or {}).get("Value") or [""])[0])
 
 
 async def metadata_of(
