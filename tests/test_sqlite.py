@@ -29,12 +29,14 @@ def test_migrations_apply_once_and_in_order(tmp_path: Path) -> None:
 
 
 def test_archive_index_from_before_migrations_is_adopted(tmp_path: Path) -> None:
-    """An embedded archive created before migrations existed keeps its rows."""
+    """An embedded archive created before migrations existed keeps its rows, which
+    get the kept metadata's column empty (their files are read when asked)."""
     db = connect(tmp_path / "index.sqlite")
     db["instances"].insert({"sop_instance_uid": "1.2.3", "file": "objects/ab/x.dcm"}, pk="sop_instance_uid")
     migrate(db, ARCHIVE_MIGRATIONS)
     assert db["instances"].count == 1
-    assert [r["version"] for r in db["migrations"].rows] == [1]
+    assert [r["version"] for r in db["migrations"].rows] == [1, 2]
+    assert [r["wado_metadata"] for r in db["instances"].rows] == [None]
 
 
 def test_synced_fsyncs_the_transactions_inside_it_and_no_others(tmp_path: Path) -> None:

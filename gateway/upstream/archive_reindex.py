@@ -20,6 +20,7 @@ import pydicom
 import sqlite_utils
 
 from gateway.sqlite import connect, immediate, migrate
+from gateway.upstream.archive_metadata import kept_metadata
 from gateway.upstream.archive_writer import INDEX, UNREADABLE, index_row
 from gateway.upstream.local import MIGRATIONS
 
@@ -57,9 +58,11 @@ def reindex(root: Path) -> Reindexed:
         for path, st in _files_oldest_first(root / "objects"):
             relative = str(path.relative_to(root))
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-                uids = (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
-                row = index_row(ds, uids, str(ds.file_meta.TransferSyntaxUID), st.st_size, st.st_mtime, relative)
+                with open(path, "rb") as fh:
+                    ds = pydicom.dcmread(fh, stop_before_pixels=True)
+                    uids = (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+                    row = index_row(ds, uids, str(ds.file_meta.TransferSyntaxUID), st.st_size, st.st_mtime, relative)
+                    row["wado_metadata"] = kept_metadata(ds, fh)
             except UNREADABLE as exc:
                 done.unreadable.append(f"{relative}: {type(exc).__name__}: {exc}")
                 continue

@@ -1,5 +1,6 @@
 """The embedded archive's writer: it stores delivered instances (a hard link to the
-spool file, the header parsed, its DICOM JSON, the index row) in a process of its own.
+spool file, the header parsed, its DICOM JSON, the index row, the metadata text the
+facade answers) in a process of its own.
 
 Why a process: indexing an instance costs about a millisecond of Python (pydicom parses
 the header, the DICOM JSON is built from it). In the daemon's interpreter that time
@@ -38,12 +39,13 @@ from typing import Any
 
 import pydicom
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
-from pydicom.valuerep import AMBIGUOUS_VR, VR
+from pydicom.valuerep import VR
 
 from gateway.fsutil import fsync_path
 from gateway.sqlite import connect, immediate
+from gateway.upstream.archive_metadata import converted, kept_metadata
 from gateway.upstream.base import StoreItem, StoreOutcome
 from gateway.upstream.raw_json import element_json
 
@@ -53,7 +55,6 @@ CLOSE_SECONDS = 20.0
 
 # The embedded archive's index, beside its ``objects`` directory.
 INDEX = "index.sqlite"
-SPECIFIC_CHARACTER_SET = 0x00080005
 # What reading a malformed header raises.
 UNREADABLE = (InvalidDicomError, OSError, ValueError, EOFError, NotImplementedError, KeyError, TypeError, AttributeError)
 
@@ -120,28 +121,6 @@ def index_row(
         "metadata": json.dumps(header, separators=(",", ":")),
         "file": file,
     }
-
-
-def converted(ds: pydicom.Dataset, raw: pydicom.DataElement | RawDataElement) -> pydicom.DataElement:
-    """``ds[raw.tag]``, for less: ``raw`` (one of ``ds.elements()``) converted once
-    from its raw form, where indexing the data set looks up its character set for
-    every element and files the converted element back, checking the private block
-    of every private one. A scanner's CT carries some 250 elements, most of them
-    private: its header's metadata 30 -> 21 ms. Sequences, values read later
-    (``defer_size``) and the VRs only the data set can settle (US or SS, OB or OW)
-    take the data set's own way, as do elements of a data set that does not know its
-    character set (an item, which inherits its parent's) and Specific Character Set
-    itself."""
-    encoding = ds.original_character_set
-    if (
-        not isinstance(raw, RawDataElement)
-        or (raw.value is None and raw.length != 0)
-        or not encoding
-        or raw.tag == SPECIFIC_CHARACTER_SET
-    ):
-        return ds[raw.tag]
-    elem = convert_raw_data_element(raw, encoding=encoding, ds=ds)
-    return ds[raw.tag] if elem.VR == VR.SQ or elem.VR in AMBIGUOUS_VR else elem
 
 
 def header_json(ds: pydicom.Dataset) -> str:
@@ -216,10 +195,14 @@ class ArchiveWriter:
         return changed
 
     def _index_row(self, inst: StoreItem, target: Path) -> dict[str, Any]:
-        """The index row of a placed instance; raises what a malformed header raises."""
-        ds = pydicom.dcmread(target, stop_before_pixels=True)
+        """The index row of a placed instance, its metadata's text kept with it
+        (`kept_metadata`); raises what a malformed header raises."""
         uids = (inst.sop_instance_uid, inst.sop_class_uid, inst.study_uid, inst.series_uid)
-        return index_row(ds, uids, inst.transfer_syntax, inst.size, time.time(), str(target.relative_to(self.root)))
+        relative = str(target.relative_to(self.root))
+        with open(target, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            row = index_row(ds, uids, inst.transfer_syntax, inst.size, time.time(), relative)
+            return {**row, "wado_metadata": kept_metadata(ds, fh)}
 
     def store_batch(self, instances: Sequence[StoreItem]) -> list[StoreOutcome]:
         """Store a delivery's instances: place and index each, then make the batch

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.model.search import Search
 from gateway.spill import SpillArea
@@ -135,6 +135,18 @@ class Frame:
     number: int
     data: bytes
     transfer_syntax: str
+
+
+class MetadataText(NamedTuple):
+    """One instance's metadata as its DICOM JSON text (BulkDataURIs relative to the
+    instance, ``bulkdata/...``), with the UIDs that place it: what an archive that
+    keeps the text hands the facade to answer as it is (the embedded archive's
+    ``retrieve_metadata_texts``, an optional method of an upstream)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    text: str
 
 
 class Upstream(Protocol):

@@ -5,8 +5,9 @@ files are hard links to the spool files (same file system, no copy; cut to the
 instance where the spool record sat in a longer blank), so purging the
 spool never removes archived data. The index holds the attributes C-FIND and QIDO
 match on, plus each instance's header as DICOM JSON so any requested key can be
-returned. Instances are stored by the writer process (`archive_writer`); the daemon's
-own index access (search, retrieve, delete) happens on one dedicated thread.
+returned, and its whole metadata as the facade answers it (`archive_metadata`).
+Instances are stored by the writer process (`archive_writer`); the daemon's own index
+access (search, retrieve, delete) happens on one dedicated thread.
 """
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import sqlite_utils
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
 
 from gateway.fsutil import fsync_path, make_buckets
 from gateway.model.query import Key
@@ -33,11 +31,20 @@ from gateway.model.search import Search
 from gateway.part10 import META_HEAD, read_file_meta
 from gateway.spill import SpillArea
 from gateway.sqlite import Migration, connect, immediate, migrate
-from gateway.upstream.archive_writer import INDEX, INDEXED, WriterProcess, converted
-from gateway.upstream.base import Capabilities, Frame, Health, JsonObject, Retrieved, StoreItem, StoreOutcome
+from gateway.upstream.archive_metadata import file_metadata, metadata_text
+from gateway.upstream.archive_writer import INDEX, INDEXED, WriterProcess
+from gateway.upstream.base import (
+    Capabilities,
+    Frame,
+    Health,
+    JsonObject,
+    MetadataText,
+    Retrieved,
+    StoreItem,
+    StoreOutcome,
+)
 from gateway.upstream.errors import NotFound, UpstreamRejected
 from gateway.upstream.metadata_cache import MetadataCache
-from gateway.upstream.raw_json import element_json
 from gateway.upstream.stored_frames import frame_reader, in_batches
 
 log = logging.getLogger("gateway.upstream")
@@ -81,7 +88,15 @@ def _v1(db: sqlite_utils.Database) -> None:
         db.table("instances").create_index(cols)
 
 
-MIGRATIONS: list[Migration] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """Each instance's metadata text as the facade answers it (`kept_metadata`), so a
+    series' metadata is one query. Rows from before it stay empty: their files are
+    read when asked, as they were (`dicom-gateway archive reindex` fills them)."""
+    if "wado_metadata" not in db["instances"].columns_dict:
+        db.execute("ALTER TABLE instances ADD COLUMN wado_metadata TEXT")
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2]
 
 
 class ArchiveIndexUnreadable(Exception):
@@ -288,12 +303,19 @@ class LocalUpstream:
 
     def _files(self, study_uid: str, series_uid: str | None, sop_instance_uid: str | None = None) -> list[tuple[str, str]]:
         """(file, stored syntax) of the instances of a study, series or one instance."""
-        sql, args = "SELECT file, transfer_syntax FROM instances WHERE study_uid = ?", [study_uid]
-        if series_uid is not None:
-            sql, args = sql + " AND series_uid = ?", args + [series_uid]
-        if sop_instance_uid is not None:
-            sql, args = sql + " AND sop_instance_uid = ?", args + [sop_instance_uid]
-        return [(row[0], row[1] or "") for row in self._db.execute(sql + " ORDER BY series_uid, rowid", args).fetchall()]
+        where, args = _where(study_uid, series_uid, sop_instance_uid)
+        sql = f"SELECT file, transfer_syntax FROM instances WHERE {where} ORDER BY series_uid, rowid"
+        return [(row[0], row[1] or "") for row in self._db.execute(sql, args).fetchall()]
+
+    def _metadata_rows(self, study_uid: str, series_uid: str | None, sop_instance_uid: str | None) -> list[_MetadataRow]:
+        """(file, study, series, SOP Instance UID, kept metadata text or None) of the
+        instances of a study, series or one instance, in `_files`' order."""
+        where, args = _where(study_uid, series_uid, sop_instance_uid)
+        sql = (
+            "SELECT file, study_uid, series_uid, sop_instance_uid, wado_metadata FROM instances"
+            f" WHERE {where} ORDER BY series_uid, rowid"
+        )
+        return [tuple(row) for row in self._db.execute(sql, args).fetchall()]
 
     async def iter_instances(
         self, study_uid: str, series_uid: str | None, spill_area: SpillArea, spill_bytes: int
@@ -355,35 +377,46 @@ class LocalUpstream:
         *,
         image_set_id: str | None = None,
     ) -> list[JsonObject]:
-        """Every attribute of the stored files, bulk data as ``BulkDataURI``: see
-        `metadata_json`. Files are read on a worker thread, not the index's, and only
-        when `MetadataCache` does not hold them already."""
+        """Every attribute of the stored instances, bulk data as ``BulkDataURI``: see
+        `metadata_json`."""
+        kept = await self.retrieve_metadata_texts(study_uid, series_uid, sop_instance_uid)
+        return await asyncio.to_thread(lambda: [json.loads(k.text) for k in kept])
+
+    async def retrieve_metadata_texts(
+        self, study_uid: str, series_uid: str | None = None, sop_instance_uid: str | None = None
+    ) -> list[MetadataText]:
+        """`retrieve_metadata` as each instance's JSON text, for the facade to answer
+        without parsing and serialising it again. The text kept in the index, or the
+        file read on a worker thread (not the index's) when the index has none and
+        `MetadataCache` does not hold it already."""
         if sop_instance_uid is not None and series_uid is None:
             raise ValueError("an instance is addressed within its series")
         loop = asyncio.get_running_loop()
-        files = await loop.run_in_executor(self._executor, self._files, study_uid, series_uid, sop_instance_uid)
-        objects = await asyncio.to_thread(self._read_metadata, [name for name, _ in files])
-        if not objects:
+        rows = await loop.run_in_executor(self._executor, self._metadata_rows, study_uid, series_uid, sop_instance_uid)
+        kept = [MetadataText(study, series, sop, text) for _, study, series, sop, text in rows if text is not None]
+        if len(kept) < len(rows):
+            kept = await asyncio.to_thread(self._read_metadata, rows)
+        if not kept:
             raise NotFound("nothing in the embedded archive there")
-        return objects
+        return kept
 
-    def _read_metadata(self, names: list[str]) -> list[JsonObject]:
-        """Each file's metadata, with Available Transfer Syntax UID (0008,3002): the one
-        it is stored in, so a viewer tells a video (OHIF's video viewport takes an
-        H.264 ultrasound clip by it) or a compressed instance from its metadata alone."""
-        out: list[JsonObject] = []
-        for name in names:
-            path = self.root / name
-            try:
-                st = os.stat(path)
-                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-                obj = self._metadata.get(name, stamp)
-                if obj is None:
-                    obj = _file_metadata(path)
-                    self._metadata.put(name, stamp, obj)
-            except FileNotFoundError:
-                continue  # deleted meanwhile
-            out.append(obj)
+    def _read_metadata(self, rows: list[_MetadataRow]) -> list[MetadataText]:
+        """Each instance's metadata text: the index's, else its file's (`file_metadata`)."""
+        out: list[MetadataText] = []
+        for name, study, series, sop, text in rows:
+            if text is None:
+                path = self.root / name
+                try:
+                    st = os.stat(path)
+                    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+                    obj = self._metadata.get(name, stamp)
+                    if obj is None:
+                        obj = file_metadata(path)
+                        self._metadata.put(name, stamp, obj)
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                text = metadata_text(obj)
+            out.append(MetadataText(study, series, sop, text))
         return out
 
     async def retrieve_frames(
@@ -438,81 +471,18 @@ class LocalUpstream:
         )
 
 
-# -- metadata and frames out of stored files ---------------------------------------------
-
-# Binary values above this many bytes, and pixel data always, are bulk data: metadata
-# names them with a BulkDataURI instead of carrying them.
-BULK_DATA_THRESHOLD = 1024
-BULK_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
-PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-PIXEL_DATA = 0x7FE00010
+# A row of `LocalUpstream._metadata_rows`.
+_MetadataRow = tuple[str, str, str, str, "str | None"]
 
 
-def _is_bulk(ds: pydicom.Dataset, raw: DataElement | RawDataElement) -> bool:
-    """Whether an element is bulk data, decided before its value is read."""
-    if raw.tag in PIXEL_DATA_TAGS:
-        return True
-    if isinstance(raw, RawDataElement):
-        length = raw.length
-    else:
-        length = len(raw.value) if isinstance(raw.value, (bytes, bytearray)) else 0
-    return length > BULK_DATA_THRESHOLD and _bulk_vr(ds, raw) in BULK_VRS
-
-
-def _bulk_vr(ds: pydicom.Dataset, raw: DataElement | RawDataElement) -> str:
-    """A bulk element's VR without reading its value (implicit VR: from the dictionary,
-    Pixel Data's "OB or OW" settled by Bits Allocated as PS3.5 A.1 does)."""
-    vr = raw.VR
-    if vr is None:
-        try:
-            vr = dictionary_VR(raw.tag)
-        except KeyError:
-            return "UN"
-    if str(vr) == "OB or OW":
-        return "OW" if raw.tag == PIXEL_DATA and int(ds.get("BitsAllocated") or 8) > 8 else "OB"
-    return str(vr).split(" or ")[0]
-
-
-def _file_metadata(path: Path) -> JsonObject:
-    """A stored file's metadata (`metadata_json`) with its stored syntax as Available
-    Transfer Syntax UID."""
-    ds = pydicom.dcmread(path, defer_size=BULK_DATA_THRESHOLD)
-    obj = metadata_json(ds)
-    stored = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    if stored:  # in its place in tag order
-        obj = dict(sorted({**obj, "00083002": {"vr": "UI", "Value": [stored]}}.items()))
-    return obj
-
-
-def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, Any]:
-    """``ds`` as DICOM JSON with every attribute except bulk data, which gets a
-    ``BulkDataURI`` relative to the instance: ``bulkdata/<tag>`` at the top level,
-    ``bulkdata/<sequence tag>/<item index>/<tag>`` within sequences (for the facade to
-    resolve). Values stay on disk until needed (read with ``defer_size``), so pixel
-    data is never read; an element pydicom cannot encode is left out, as in the index.
-    """
-    out: dict[str, Any] = {}
-    for tag in ds.keys():
-        key = f"{int(tag):08X}"
-        try:
-            raw = ds.get_item(tag, keep_deferred=True)
-            if raw is None:
-                continue
-            if _is_bulk(ds, raw):
-                out[key] = {"vr": _bulk_vr(ds, raw), "BulkDataURI": f"{prefix}/{key}"}
-                continue
-            if isinstance(raw, RawDataElement) and (plain := element_json(raw)) is not None:
-                out[key] = plain
-                continue
-            elem = converted(ds, raw)
-            if elem.VR == "SQ":
-                items = [metadata_json(item, f"{prefix}/{key}/{i}") for i, item in enumerate(elem.value)]
-                out[key] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-            else:
-                out[key] = elem.to_json_dict(None, BULK_DATA_THRESHOLD)
-        except Exception:  # noqa: BLE001 - one bad element must not lose the instance
-            log.debug("metadata: element %s left out", key)
-    return out
+def _where(study_uid: str, series_uid: str | None, sop_instance_uid: str | None) -> tuple[str, list[str]]:
+    """The index condition naming a study, series or one instance, and its arguments."""
+    where, args = "study_uid = ?", [study_uid]
+    if series_uid is not None:
+        where, args = where + " AND series_uid = ?", args + [series_uid]
+    if sop_instance_uid is not None:
+        where, args = where + " AND sop_instance_uid = ?", args + [sop_instance_uid]
+    return where, args
 
 
 # Results in the first page of a search (later pages hold ``page_size``), as for

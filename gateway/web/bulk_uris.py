@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from gateway.uids import is_valid_uid, json_uid
+from gateway.upstream.base import MetadataText
 
 # Stands in for the request's root in kept metadata.
 FACADE_ROOT = "urn:dicom-gateway:facade-root"
@@ -46,6 +47,23 @@ def point_at_facade(obj: dict[str, Any], root: str, study: str) -> None:
     study, series, sop = json_uid(obj, "0020000D") or study, json_uid(obj, "0020000E"), json_uid(obj, "00080018")
     if all(is_valid_uid(u) for u in (study, series, sop)):
         rewrite_bulk_uris(obj, f"{root}/studies/{study}/series/{series}/instances/{sop}/bulkdata/")
+
+
+# How a relative BulkDataURI begins in an archive's metadata text serialised with
+# json.dumps' default separators (`archive_metadata.metadata_text`). Within a string
+# value its quotes would be escaped, so only a BulkDataURI member matches it.
+_RELATIVE_URI = '"BulkDataURI": "bulkdata/'
+
+
+def pointed_text(kept: MetadataText, root: str) -> str:
+    """An instance's kept metadata text with its relative BulkDataURIs pointed at the
+    facade under ``root``: what `point_at_facade` and serialising give, without
+    parsing (an instance without valid UIDs keeps its URIs, as there)."""
+    uids = (kept.study_uid, kept.series_uid, kept.sop_instance_uid)
+    if not all(is_valid_uid(u) for u in uids):
+        return kept.text
+    base = f"{root}/studies/{kept.study_uid}/series/{kept.series_uid}/instances/{kept.sop_instance_uid}/bulkdata/"
+    return kept.text.replace(_RELATIVE_URI, '"BulkDataURI": ' + json.dumps(base, ensure_ascii=False)[:-1])
 
 
 def with_root(body: bytes, root: str) -> bytes:

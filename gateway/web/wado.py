@@ -60,7 +60,7 @@ from gateway.uids import is_valid_uid, json_uid
 from gateway.upstream.base import ANY_SYNTAX, Frame, JsonObject, Retrieved
 from gateway.upstream.errors import NotFound, NotSupported, UnusableInstance, UpstreamRejected, UpstreamUnavailable
 from gateway.upstream.stored_frames import frame_reader, in_batches
-from gateway.web.bulk_uris import point_at_facade, with_root
+from gateway.web.bulk_uris import point_at_facade, pointed_text, with_root
 from gateway.web.cache import content_etag, etag_for, not_modified
 from gateway.web.compression import body_response, not_modified_headers
 from gateway.web.common import (
@@ -446,10 +446,15 @@ async def _metadata_answer(request: web.Request, fmt: str, uids: dict[str, str])
     study, series, sop = uids["study"], uids.get("series"), uids.get("instance")
     root = request_root(request)
     cache = request.app[CACHE]
+    upstream = request.app[UPSTREAM]
     if fmt == "json" and cache is not None:
-        upstream, named = request.app[UPSTREAM], image_set_id(request)
+        named = image_set_id(request)
         fetch = lambda: upstream.retrieve_metadata(study, series, sop, image_set_id=named)  # noqa: E731
         return with_root(await cache.metadata_body(study, series, sop, fetch, named), root), []
+    texts = getattr(upstream, "retrieve_metadata_texts", None)
+    if fmt == "json" and cache is None and texts is not None:
+        kept = await texts(study, series, sop)
+        return ("[" + ", ".join(pointed_text(k, root) for k in kept) + "]").encode("utf-8"), []
     objects = [dict(o) for o in await metadata_of(request, study, series, sop, via_series=False)]
     for obj in objects:
         point_at_facade(obj, root, study)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def test_a_damaged_index_is_rebuilt_from_the_archived_files(tmp_path: Path) -> N
     assert "set aside: " in rebuilt.stdout and len(list(archive.glob("index.sqlite.before-reindex-*"))) == 1
     index = (archive / "index.sqlite").stat()
     assert (index.st_uid, index.st_gid) == (archive.stat().st_uid, archive.stat().st_gid)
+    with sqlite3.connect(archive / "index.sqlite") as db:  # each instance's metadata kept again
+        assert db.execute("SELECT count(*) FROM instances WHERE wado_metadata IS NOT NULL").fetchone() == (5,)
+    db.close()
 
     gw.start()
     try:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pydicom
 
-from gateway.upstream.archive_writer import INDEXED, WriterProcess, header_json, index_row
-from gateway.upstream import local
-from gateway.upstream.base import StoreItem
+from gateway.upstream import archive_metadata
+from gateway.upstream.archive_writer import INDEXED, ArchiveWriter, WriterProcess, header_json, index_row
+from gateway.upstream.base import MetadataText, StoreItem
 from gateway.upstream.local import LocalUpstream
 from tests.support.corpus import pydicom_corpus, sample_items
 from tests.support.synth import ct_series
@@ -125,13 +125,57 @@ def test_the_facade_metadata_of_archived_files_is_what_the_data_set_gives(tmp_pa
 
     def metadata(path: Path) -> str:
         try:
-            return json.dumps(local.metadata_json(pydicom.dcmread(path, defer_size=local.BULK_DATA_THRESHOLD)))
+            return json.dumps(archive_metadata.metadata_json(pydicom.dcmread(path, defer_size=archive_metadata.BULK_DATA_THRESHOLD)))
         except Exception as exc:  # noqa: BLE001 - compared, not raised
             return f"raised {type(exc).__name__}"
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fast = [metadata(path) for path in paths]
-        monkeypatch.setattr(local, "converted", lambda ds, raw: ds[raw.tag])
-        monkeypatch.setattr(local, "element_json", lambda raw: None)
+        monkeypatch.setattr(archive_metadata, "converted", lambda ds, raw: ds[raw.tag])
+        monkeypatch.setattr(archive_metadata, "element_json", lambda raw: None)
         assert [metadata(path) for path in paths] == fast
+
+
+def test_the_index_keeps_each_instances_metadata_as_its_file_gives_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The writer keeps each instance's metadata text in the index, so the facade
+    answers a series' metadata from one query: it must be what reading the stored file
+    gives (`file_metadata`), on every corpus file and a scanner's CT. Metadata longer
+    than the index keeps, and rows without it (indexed before it was kept), are read
+    from the file, and answer the same."""
+    paths = [i.path for i in pydicom_corpus(dcmtk_only=False) + sample_items()]
+    paths += ct_series(tmp_path / "scanner", 1, rows=16, columns=16, scanner_header=True)
+    up = LocalUpstream(tmp_path / "spool")
+    writer = ArchiveWriter(up.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcomes = writer.store_batch([item(path) for path in paths])
+        assert sum(o.kind == "delivered" for o in outcomes) > 100
+        rows = writer._db.execute("SELECT file, wado_metadata FROM instances").fetchall()
+        assert len(rows) > 100  # fewer: corpus files repeating a SOP Instance UID replace each other
+        for file, text in rows:
+            assert text == expected_of(up.root / file), file
+
+        # Over the bound: not kept, and answered from the file all the same.
+        monkeypatch.setattr(archive_metadata, "KEPT_METADATA_MAX", 100)
+        scanner = writer.store_batch([item(paths[-1])])
+        assert [o.kind for o in scanner] == ["delivered"]
+        uids = pydicom.dcmread(paths[-1], stop_before_pixels=True)
+        [(file, text)] = writer._db.execute(
+            "SELECT file, wado_metadata FROM instances WHERE sop_instance_uid = ?", [str(uids.SOPInstanceUID)]
+        ).fetchall()
+        assert text is None
+
+    async def answered() -> list[list[MetadataText]]:
+        try:
+            series = (str(uids.StudyInstanceUID), str(uids.SeriesInstanceUID))
+            return [await up.retrieve_metadata_texts(*series), await up.retrieve_metadata_texts(*series, str(uids.SOPInstanceUID))]
+        finally:
+            await up.close()
+
+    whole, one = asyncio.run(answered())
+    assert whole == one == [MetadataText(*map(str, (uids.StudyInstanceUID, uids.SeriesInstanceUID, uids.SOPInstanceUID)), expected_of(up.root / file))]
+
+
+def expected_of(path: Path) -> str:
+    return archive_metadata.metadata_text(archive_metadata.file_metadata(path))

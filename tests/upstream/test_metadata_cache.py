@@ -1,12 +1,14 @@
-"""The embedded archive's metadata cache: a series asked again is answered from the
-JSON kept, equal to the first answer and a fresh object each time; an instance stored
-again under the same file name is read again; the budget holds."""
+"""The embedded archive's metadata cache, for instances whose metadata its index does
+not keep: a series asked again is answered from the JSON kept, equal to the first
+answer and a fresh object each time; an instance stored again under the same file
+name is read again; the budget holds."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pydicom
@@ -47,6 +49,11 @@ def test_metadata_asked_again_comes_from_the_cache_until_the_file_changes(tmp_pa
                 ds = pydicom.dcmread(copy, stop_before_pixels=True)
                 item = StoreItem(copy, copy.stat().st_size, ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, str(ds.file_meta.TransferSyntaxUID))
                 assert [o.kind for o in await up.store_instances(ds.StudyInstanceUID, [item])] == ["delivered"]
+            # The cache serves instances whose metadata the index does not keep (indexed
+            # before it did): their files are read.
+            with sqlite3.connect(up.root / "index.sqlite") as index:
+                index.execute("UPDATE instances SET wado_metadata = NULL")
+            index.close()
             before = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID)
             again = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID)
             # The stored file, written again in place with the same size and times: the
