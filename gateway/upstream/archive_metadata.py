@@ -107,12 +107,13 @@ def metadata_text(obj: Mapping[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, Any]:
+def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata", encoded: dict[int, Any] | None = None) -> dict[str, Any]:
     """``ds`` as DICOM JSON with every attribute except bulk data, which gets a
     ``BulkDataURI`` relative to the instance: ``bulkdata/<tag>`` at the top level,
     ``bulkdata/<sequence tag>/<item index>/<tag>`` within sequences (for the facade to
     resolve). Values stay on disk until needed (read with ``defer_size``), so pixel
     data is never read; an element pydicom cannot encode is left out, as in the index.
+    ``encoded``: what `element_json` gave for top-level elements already, by tag.
     """
     out: dict[str, Any] = {}
     for tag in ds.keys():
@@ -124,9 +125,11 @@ def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, An
             if is_bulk(ds, raw):
                 out[key] = {"vr": bulk_vr(ds, raw), "BulkDataURI": f"{prefix}/{key}"}
                 continue
-            if isinstance(raw, RawDataElement) and (plain := element_json(raw)) is not None:
-                out[key] = plain
-                continue
+            if isinstance(raw, RawDataElement):
+                plain = encoded[tag] if encoded is not None and tag in encoded else element_json(raw)
+                if plain is not None:
+                    out[key] = plain
+                    continue
             elem = converted(ds, raw)
             if elem.VR == "SQ":
                 items = [metadata_json(item, f"{prefix}/{key}/{i}") for i, item in enumerate(elem.value)]
@@ -144,23 +147,25 @@ def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata") -> dict[str, An
 KEPT_METADATA_MAX = 4 << 20
 
 
-def kept_metadata(head: pydicom.Dataset, fh: BinaryIO) -> str | None:
+def kept_metadata(head: pydicom.Dataset, fh: BinaryIO, encoded: dict[int, Any] | None = None) -> str | None:
     """The text of a stored file's metadata for the index: what `file_metadata` and
     `metadata_text` give, from the header the index row was made of (``head``, read
     from ``fh`` with ``stop_before_pixels``, which leaves ``fh`` at the pixel data)
-    completed with the elements from there on, which it takes into ``head``. Reading
-    the file again whole cost the writer as much as the rest of its work. None when
+    completed with the elements from there on, which it takes into ``head``, and the
+    elements' JSON the index row's pass made (``encoded``, by tag). Reading the file
+    again whole, and encoding its elements again, cost the writer as much as the
+    rest of its work. None when
     the text is longer than KEPT_METADATA_MAX or the file cannot be read so (it is
     then read when asked, and fails as it fails now)."""
     try:
-        text = metadata_text(_completed(head, fh))
+        text = metadata_text(_completed(head, fh, encoded or {}))
     except Exception:  # noqa: BLE001 - the index row stands without it
         log.debug("metadata of %s not kept in the index", Path(fh.name).name)  # type: ignore[attr-defined]
         return None
     return text if len(text) <= KEPT_METADATA_MAX else None
 
 
-def _completed(head: pydicom.Dataset, fh: BinaryIO) -> dict[str, Any]:
+def _completed(head: pydicom.Dataset, fh: BinaryIO, encoded: dict[int, Any]) -> dict[str, Any]:
     """`file_metadata` of the file ``head`` was read from, taking the elements after
     it into ``head``. A deflated data set (``fh`` is not where it ends), a private
     element after the pixel data, or one read later that is not bulk data (each
@@ -177,4 +182,4 @@ def _completed(head: pydicom.Dataset, fh: BinaryIO) -> dict[str, Any]:
                 return file_metadata(path)
         for raw in raws:
             head[raw.tag] = raw
-    return _with_syntax(metadata_json(head), head)
+    return _with_syntax(metadata_json(head, encoded=encoded), head)

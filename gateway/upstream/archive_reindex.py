@@ -58,11 +58,13 @@ def reindex(root: Path) -> Reindexed:
         for path, st in _files_oldest_first(root / "objects"):
             relative = str(path.relative_to(root))
             try:
+                encoded: dict[int, Any] = {}
                 with open(path, "rb") as fh:
                     ds = pydicom.dcmread(fh, stop_before_pixels=True)
                     uids = (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
-                    row = index_row(ds, uids, str(ds.file_meta.TransferSyntaxUID), st.st_size, st.st_mtime, relative)
-                    row["wado_metadata"] = kept_metadata(ds, fh)
+                    syntax = str(ds.file_meta.TransferSyntaxUID)
+                    row = index_row(ds, uids, syntax, st.st_size, st.st_mtime, relative, encoded)
+                    row["wado_metadata"] = kept_metadata(ds, fh, encoded)
             except UNREADABLE as exc:
                 done.unreadable.append(f"{relative}: {type(exc).__name__}: {exc}")
                 continue
