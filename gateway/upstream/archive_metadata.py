@@ -1,10 +1,11 @@
 """The metadata the embedded archive answers for a stored file: every attribute as
 DICOM JSON, bulk data as a ``BulkDataURI`` relative to the instance.
 
-The writer process builds it as it stores each instance and keeps its text in the
-index (`metadata_text`), so a viewer's first series metadata request is a query, not a
-read of every file; files indexed before that (or whose text did not fit) are read
-here when asked. Both ways run `file_metadata`, so they cannot differ.
+The writer process builds it as it stores each instance, from the header it indexes
+(`kept_metadata`), and keeps its text in the index, so a viewer's first series
+metadata request is a query, not a read of every file. Files indexed before that, or
+whose text is too long to keep, are read here when asked (`file_metadata`); a test
+holds the two ways equal on every corpus file.
 """
 
 from __future__ import annotations
@@ -142,8 +143,7 @@ def metadata_json(ds: pydicom.Dataset, prefix: str = "bulkdata", encoded: dict[i
 
 
 # The longest metadata text the index keeps; a longer one (an RT structure set's
-# contours, a large SR) is read from its file when asked, as the cache would not hold
-# it either.
+# contours, a large SR) is read from its file when asked.
 KEPT_METADATA_MAX = 4 << 20
 
 
@@ -154,9 +154,8 @@ def kept_metadata(head: pydicom.Dataset, fh: BinaryIO, encoded: dict[int, Any] |
     completed with the elements from there on, which it takes into ``head``, and the
     elements' JSON the index row's pass made (``encoded``, by tag). Reading the file
     again whole, and encoding its elements again, cost the writer as much as the
-    rest of its work. None when
-    the text is longer than KEPT_METADATA_MAX or the file cannot be read so (it is
-    then read when asked, and fails as it fails now)."""
+    rest of its work. None when the text is longer than KEPT_METADATA_MAX or the
+    file cannot be read so (it is then read when asked, and fails as it fails now)."""
     try:
         text = metadata_text(_completed(head, fh, encoded or {}))
     except Exception:  # noqa: BLE001 - the index row stands without it

@@ -442,7 +442,8 @@ def _metadata_cache_control(request: web.Request, instance: bool) -> str:
 async def _metadata_answer(request: web.Request, fmt: str, uids: dict[str, str]) -> tuple[bytes, list[bytes]]:
     """The metadata the path names, BulkDataURIs pointed at the facade: JSON text, or
     one Native DICOM Model part per instance. JSON kept by the facade's cache is
-    served as its text, the request's root put in (`with_root`)."""
+    served as its text, the request's root put in (`with_root`); so is the embedded
+    archive's, each instance's pointed at the facade (`pointed_text`)."""
     study, series, sop = uids["study"], uids.get("series"), uids.get("instance")
     root = request_root(request)
     cache = request.app[CACHE]
