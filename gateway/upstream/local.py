@@ -31,6 +31,7 @@ from gateway.model.search import Search
 from gateway.part10 import META_HEAD, read_file_meta
 from gateway.spill import SpillArea
 from gateway.sqlite import Migration, connect, immediate, migrate
+from gateway.upstream import archive_metadata
 from gateway.upstream.archive_metadata import file_metadata, metadata_text
 from gateway.upstream.archive_writer import INDEX, INDEXED, WriterProcess
 from gateway.upstream.base import (
@@ -90,8 +91,9 @@ def _v1(db: sqlite_utils.Database) -> None:
 
 def _v2(db: sqlite_utils.Database) -> None:
     """Each instance's metadata text as the facade answers it (`kept_metadata`), so a
-    series' metadata is one query. Rows from before it stay empty: their files are
-    read when asked, as they were (`dicom-gateway archive reindex` fills them)."""
+    series' metadata is one query. Rows from before it start empty: each is filled
+    when its file is first read for metadata (`LocalUpstream._keep_texts`), or all at
+    once by `dicom-gateway archive reindex`."""
     if "wado_metadata" not in db["instances"].columns_dict:
         db.execute("ALTER TABLE instances ADD COLUMN wado_metadata TEXT")
 
@@ -388,21 +390,25 @@ class LocalUpstream:
         """`retrieve_metadata` as each instance's JSON text, for the facade to answer
         without parsing and serialising it again. The text kept in the index, or the
         file read on a worker thread (not the index's) when the index has none and
-        `MetadataCache` does not hold it already."""
+        `MetadataCache` does not hold it already; a text so read is then kept."""
         if sop_instance_uid is not None and series_uid is None:
             raise ValueError("an instance is addressed within its series")
         loop = asyncio.get_running_loop()
         rows = await loop.run_in_executor(self._executor, self._metadata_rows, study_uid, series_uid, sop_instance_uid)
         kept = [MetadataText(study, series, sop, text) for _, study, series, sop, text in rows if text is not None]
         if len(kept) < len(rows):
-            kept = await asyncio.to_thread(self._read_metadata, rows)
+            kept, read = await asyncio.to_thread(self._read_metadata, rows)
+            if read:
+                self._keep_texts(read)
         if not kept:
             raise NotFound("nothing in the embedded archive there")
         return kept
 
-    def _read_metadata(self, rows: list[_MetadataRow]) -> list[MetadataText]:
-        """Each instance's metadata text: the index's, else its file's (`file_metadata`)."""
+    def _read_metadata(self, rows: list[_MetadataRow]) -> tuple[list[MetadataText], list[tuple[str, str]]]:
+        """Each instance's metadata text: the index's, else its file's (`file_metadata`);
+        and (text, file) of those read from files, for the index to keep."""
         out: list[MetadataText] = []
+        read: list[tuple[str, str]] = []
         for name, study, series, sop, text in rows:
             if text is None:
                 path = self.root / name
@@ -416,8 +422,26 @@ class LocalUpstream:
                 except FileNotFoundError:
                     continue  # deleted meanwhile
                 text = metadata_text(obj)
+                if len(text) <= archive_metadata.KEPT_METADATA_MAX:
+                    read.append((text, name))
             out.append(MetadataText(study, series, sop, text))
-        return out
+        return out, read
+
+    def _keep_texts(self, read: list[tuple[str, str]]) -> None:
+        """Keep in the index the texts just read from the files of rows indexed without
+        one (by a version before the index kept them), so each file is read once and an
+        upgraded archive fills as it is viewed, without a reindex. Off the request's
+        path: the update waits its turn on the index's thread, and a failure is logged."""
+
+        def keep() -> None:
+            with immediate(self._db) as db:
+                db.conn.executemany("UPDATE instances SET wado_metadata = ? WHERE file = ? AND wado_metadata IS NULL", read)
+
+        def logged(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and (exc := done.exception()) is not None:
+                log.warning("embedded archive: cannot keep %d metadata texts in the index: %s", len(read), exc)
+
+        asyncio.get_running_loop().run_in_executor(self._executor, keep).add_done_callback(logged)
 
     async def retrieve_frames(
         self,

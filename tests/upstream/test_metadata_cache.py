@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sqlite3
 from pathlib import Path
 
 import pydicom
@@ -50,12 +49,19 @@ def test_metadata_asked_again_comes_from_the_cache_until_the_file_changes(tmp_pa
                 item = StoreItem(copy, copy.stat().st_size, ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, str(ds.file_meta.TransferSyntaxUID))
                 assert [o.kind for o in await up.store_instances(ds.StudyInstanceUID, [item])] == ["delivered"]
             # The cache serves instances whose metadata the index does not keep (indexed
-            # before it did): their files are read.
-            with sqlite3.connect(up.root / "index.sqlite") as index:
-                index.execute("UPDATE instances SET wado_metadata = NULL")
-            index.close()
-            before = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID)
-            again = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID)
+            # before it did, or too long): their files are read. A text read is kept in
+            # the index after the answer, on the index's thread; emptied there again
+            # before each read, the index keeps none here.
+            def forget() -> None:
+                with up._db.conn:
+                    up._db.execute("UPDATE instances SET wado_metadata = NULL")
+
+            async def read(*uids: str) -> list:  # type: ignore[type-arg]
+                await asyncio.get_running_loop().run_in_executor(up._executor, forget)
+                return await up.retrieve_metadata(*uids)
+
+            before = await read(first.StudyInstanceUID, first.SeriesInstanceUID)
+            again = await read(first.StudyInstanceUID, first.SeriesInstanceUID)
             # The stored file, written again in place with the same size and times: the
             # cache cannot tell, and answers what it kept (the files never change so).
             [(name, _)] = up._files(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
@@ -67,11 +73,11 @@ def test_metadata_asked_again_comes_from_the_cache_until_the_file_changes(tmp_pa
             ds.save_as(changed, enforce_file_format=True)
             stored.write_bytes(changed.read_bytes()[: st.st_size].ljust(st.st_size, b"\0"))
             os.utime(stored, ns=(st.st_atime_ns, st.st_mtime_ns))
-            kept = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
+            kept = await read(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
             # Replaced (a new file under the same name): read again.
             os.unlink(stored)
             shutil.copy(changed, stored)
-            fresh = await up.retrieve_metadata(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
+            fresh = await read(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
             return before, again, kept, fresh
         finally:
             await up.close()
@@ -80,3 +86,48 @@ def test_metadata_asked_again_comes_from_the_cache_until_the_file_changes(tmp_pa
     assert len(before) == 3 and again == before and again[0] is not before[0]
     assert "0008103E" not in kept[0] or kept[0]["0008103E"].get("Value") != ["RENAMED"]
     assert fresh[0]["0008103E"]["Value"] == ["RENAMED"]
+
+
+def test_an_archive_indexed_without_metadata_texts_keeps_each_as_its_file_is_first_read(tmp_path: Path) -> None:
+    """Rows indexed by a version before the index kept metadata texts: the first
+    request reads their files and the index then keeps each text (the same the writer
+    keeps), so the next request reads no file; the answers are the same."""
+    paths = ct_series(tmp_path / "ct", 3, rows=32, columns=32)
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    series = (str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
+
+    async def scenario() -> tuple[list, list, list, list]:  # type: ignore[type-arg]
+        up = LocalUpstream(tmp_path / "spool")
+        await up.start()
+        loop = asyncio.get_running_loop()
+        try:
+            for n, path in enumerate(paths):
+                copy = tmp_path / f"{n}.dcm"
+                shutil.copy(path, copy)
+                ds = pydicom.dcmread(copy, stop_before_pixels=True)
+                item = StoreItem(copy, copy.stat().st_size, ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, str(ds.file_meta.TransferSyntaxUID))
+                assert [o.kind for o in await up.store_instances(ds.StudyInstanceUID, [item])] == ["delivered"]
+
+            def texts() -> list:  # type: ignore[type-arg]
+                return up._db.execute("SELECT wado_metadata FROM instances ORDER BY rowid").fetchall()
+
+            written = await loop.run_in_executor(up._executor, texts)
+
+            def legacy() -> None:
+                with up._db.conn:
+                    up._db.execute("UPDATE instances SET wado_metadata = NULL")
+
+            await loop.run_in_executor(up._executor, legacy)
+            up._metadata = MetadataCache()  # a freshly started daemon's
+            from_files = await up.retrieve_metadata_texts(*series)
+            kept = await loop.run_in_executor(up._executor, texts)  # after the keeping, queued first
+            for name, *_ in up._metadata_rows(*series, None):
+                (up.root / name).rename(up.root / (name + ".away"))  # no file to read now
+            from_index = await up.retrieve_metadata_texts(*series)
+            return written, kept, from_files, from_index
+        finally:
+            await up.close()
+
+    written, kept, from_files, from_index = asyncio.run(scenario())
+    assert kept == written and all(text is not None for (text,) in kept)
+    assert from_index == from_files and len(from_files) == 3
