@@ -1,4 +1,6 @@
-"""The embedded archive's instance metadata, kept as JSON text between requests.
+"""The embedded archive's instance metadata, kept as JSON text between requests, for
+the instances whose text its index does not keep (indexed by an earlier version and
+not yet asked, or longer than `archive_metadata.KEPT_METADATA_MAX`).
 
 Building an instance's metadata means reading its file with pydicom and converting
 every element: 0.7 ms for a 512 x 512 CT, so a 300-instance series took 206 ms a

@@ -18,6 +18,16 @@ from gateway.upstream.metadata_cache import MetadataCache
 from tests.support.synth import ct_series
 
 
+async def store(up: LocalUpstream, paths: list[Path], tmp_path: Path) -> None:
+    """Each file into the archive, from a copy (the archive links its spool file)."""
+    for n, path in enumerate(paths):
+        copy = tmp_path / f"{n}.dcm"
+        shutil.copy(path, copy)
+        ds = pydicom.dcmread(copy, stop_before_pixels=True)
+        item = StoreItem(copy, copy.stat().st_size, ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, str(ds.file_meta.TransferSyntaxUID))
+        assert [o.kind for o in await up.store_instances(ds.StudyInstanceUID, [item])] == ["delivered"]
+
+
 def test_the_cache_holds_while_the_stamp_does_and_keeps_to_its_budget() -> None:
     cache = MetadataCache(budget=8000)
     obj = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": "X"}]}, "pad": "y" * 400}
@@ -42,12 +52,7 @@ def test_metadata_asked_again_comes_from_the_cache_until_the_file_changes(tmp_pa
         up = LocalUpstream(tmp_path / "spool")
         await up.start()
         try:
-            for n, path in enumerate(paths):
-                copy = tmp_path / f"{n}.dcm"
-                shutil.copy(path, copy)
-                ds = pydicom.dcmread(copy, stop_before_pixels=True)
-                item = StoreItem(copy, copy.stat().st_size, ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, str(ds.file_meta.TransferSyntaxUID))
-                assert [o.kind for o in await up.store_instances(ds.StudyInstanceUID, [item])] == ["delivered"]
+            await store(up, paths, tmp_path)
             # The cache serves instances whose metadata the index does not keep (indexed
             # before it did, or too long): their files are read. A text read is kept in
             # the index after the answer, on the index's thread; emptied there again
@@ -101,12 +106,7 @@ def test_an_archive_indexed_without_metadata_texts_keeps_each_as_its_file_is_fir
         await up.start()
         loop = asyncio.get_running_loop()
         try:
-            for n, path in enumerate(paths):
-                copy = tmp_path / f"{n}.dcm"
-                shutil.copy(path, copy)
-                ds = pydicom.dcmread(copy, stop_before_pixels=True)
-                item = StoreItem(copy, copy.stat().st_size, ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, str(ds.file_meta.TransferSyntaxUID))
-                assert [o.kind for o in await up.store_instances(ds.StudyInstanceUID, [item])] == ["delivered"]
+            await store(up, paths, tmp_path)
 
             def texts() -> list:  # type: ignore[type-arg]
                 return up._db.execute("SELECT wado_metadata FROM instances ORDER BY rowid").fetchall()
