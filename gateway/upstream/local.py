@@ -441,7 +441,10 @@ class LocalUpstream:
             if not done.cancelled() and (exc := done.exception()) is not None:
                 log.warning("embedded archive: cannot keep %d metadata texts in the index: %s", len(read), exc)
 
-        asyncio.get_running_loop().run_in_executor(self._executor, keep).add_done_callback(logged)
+        try:
+            asyncio.get_running_loop().run_in_executor(self._executor, keep).add_done_callback(logged)
+        except RuntimeError:  # the daemon is closing the archive: kept at the next read
+            log.debug("embedded archive: closing, %d metadata texts not kept", len(read))
 
     async def retrieve_frames(
         self,
