@@ -487,15 +487,13 @@ class LocalUpstream:
             (self.root / name).unlink(missing_ok=True)
 
     async def delete_study(self, study_uid: str) -> None:
-        await self._delete("study_uid = ?", [study_uid])
+        await self._delete(*_where(study_uid, None, None))
 
     async def delete_series(self, study_uid: str, series_uid: str) -> None:
-        await self._delete("study_uid = ? AND series_uid = ?", [study_uid, series_uid])
+        await self._delete(*_where(study_uid, series_uid, None))
 
     async def delete_instance(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> None:
-        await self._delete(
-            "study_uid = ? AND series_uid = ? AND sop_instance_uid = ?", [study_uid, series_uid, sop_instance_uid]
-        )
+        await self._delete(*_where(study_uid, series_uid, sop_instance_uid))
 
 
 # A row of `LocalUpstream._metadata_rows`.
