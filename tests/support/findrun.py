@@ -27,15 +27,30 @@ UNORDERED = {"ModalitiesInStudy", "SOPClassesInStudy"}
 #: Keys that legitimately differ between two SCPs.
 SCP_SPECIFIC = {"SpecificCharacterSet", "RetrieveAETitle"}
 
+_PENDING = re.compile(r"^I: Find Response: \d+ \(Pending", re.MULTILINE)
 _FINAL = re.compile(r"Received Final Find Response \((.*?)\)|Final Find Response.*?status\s*=?\s*0x([0-9a-fA-F]{4})")
 
 
 @dataclass
 class FindResult:
+    """What findscu reported. ``answers`` is empty when the call asked findscu to
+    print its answers instead of writing them; ``count`` is the number of Pending
+    responses either way."""
+
     returncode: int
     answers: list[Dataset]
     final: str
     output: str
+    count: int
+
+    def dumped(self, tag: str) -> list[str]:
+        """Each answer's value of ``tag`` (``"0020,000d"``) as findscu's ``-v`` dump
+        shows it, in the order received (``read_answers=False``: reading ten thousand
+        answers' files with pydicom takes seconds). The request's own dump comes
+        before the first response."""
+        _, _, responses = self.output.partition("Find Response:")
+        line = re.compile(rf"^I: \({re.escape(tag.lower())}\) \w\w \[(.*?)\]", re.MULTILINE)
+        return line.findall(responses)
 
 
 def _argv_text(text: str, charset: list[str]) -> str:
@@ -52,8 +67,11 @@ def find(
     charset: list[str] | None = None,
     timeout: float = 120.0,
     extra_args: list[str] | None = None,
+    read_answers: bool = True,
 ) -> FindResult:
-    """One C-FIND; ``keys`` maps keyword to value (``""`` = return key)."""
+    """One C-FIND; ``keys`` maps keyword to value (``""`` = return key).
+    ``read_answers=False``: findscu prints each answer instead of writing it to a
+    file for pydicom (see `FindResult.dumped`)."""
     args: list[str] = []
     if charset is not None:
         args.append("SpecificCharacterSet=" + "\\".join(charset))
@@ -61,7 +79,7 @@ def find(
         args.append(f"{keyword}={_argv_text(value, charset or [])}" if value else keyword)
     flag = {"study": "-S", "patient": "-P"}[model]
     with tempfile.TemporaryDirectory(prefix="findscu-") as out:
-        argv = [str(DCMTK_BIN / "findscu"), flag, "-v", "-aet", "FINDSCU", "-aec", called_ae, "-X", "-od", out, *(extra_args or [])]
+        argv = [str(DCMTK_BIN / "findscu"), flag, "-v", "-aet", "FINDSCU", "-aec", called_ae, *(["-X", "-od", out] if read_answers else []), *(extra_args or [])]
         for arg in args:
             argv += ["-k", arg]
         # Output is bytes: findscu echoes identifiers in whatever character set they use.
@@ -69,11 +87,11 @@ def find(
             [*argv, LOOPBACK, str(port)], env=dcmtk_env(), capture_output=True, timeout=timeout, check=False
         )
         files = sorted(Path(out).iterdir())
-        answers = [pydicom.dcmread(f) for f in files]
+        answers = [pydicom.dcmread(f) for f in files] if read_answers else []
     text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
     match = _FINAL.search(text)
     final = (match.group(1) or match.group(2)) if match else "none"
-    return FindResult(proc.returncode, answers, final, text)
+    return FindResult(proc.returncode, answers, final, text, len(files) if read_answers else len(_PENDING.findall(text)))
 
 
 def value_of(elem: Any) -> Any:

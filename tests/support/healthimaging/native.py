@@ -179,10 +179,15 @@ def search_image_sets(store: Datastore, criteria: Any, max_results: str | None, 
     sort = criteria.get("sort") or {"sortField": "updatedAt", "sortOrder": "DESC"}
     if sort.get("sortField") not in SORT_FIELDS or sort.get("sortOrder") not in ("ASC", "DESC"):
         raise validation("sort needs sortField (updatedAt, createdAt, DICOMStudyDateAndTime) and sortOrder (ASC, DESC)")
-    with store.lock:
-        found = [s for s in store.image_sets.values() if s.instances and all(p(s) for p in predicates)]
-    found.sort(key=lambda s: (_field_of(s, sort["sortField"]), s.id), reverse=sort["sortOrder"] == "DESC")
     fingerprint = hashlib.sha256(json.dumps(criteria, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def matching() -> list[ImageSet]:
+        with store.lock:
+            found = [s for s in store.image_sets.values() if s.instances and all(p(s) for p in predicates)]
+        found.sort(key=lambda s: (_field_of(s, sort["sortField"]), s.id), reverse=sort["sortOrder"] == "DESC")
+        return found
+
+    found = store.remembered(("SearchImageSets", fingerprint), matching)
     size = _page_size(max_results)
     start = _offset(next_token, fingerprint)
     chosen = found[start : start + size]

@@ -412,8 +412,8 @@ class Emulator:
         except search.BadQuery as exc:
             raise ApiError(400, "ValidationException", str(exc)) from None
 
-    def _answer(self, entities: list[Any], query: search.Query, defaults: tuple[str, ...], extra: Callable[[Any], dict[str, Any]]) -> web.Response:
-        window = search.page(search.select(entities, query), query)
+    def _answer(self, selected: list[Any], query: search.Query, defaults: tuple[str, ...], extra: Callable[[Any], dict[str, Any]]) -> web.Response:
+        window = search.page(selected, query)
         body = [search.to_json(ds, defaults, query, extra) for ds in window]
         return web.Response(body=json.dumps(body).encode(), content_type=DICOM_JSON)
 
@@ -423,8 +423,12 @@ class Emulator:
 
     async def _search_studies(self, request: web.Request, body: bytes) -> web.Response:
         query = self._query(request, search.STUDY_KEYS)
-        sets = sorted(self.datastore.primary_sets(), key=lambda s: s.updated_at, reverse=True)
-        studies = [self._study_view(s) for s in sets if s.instances]
+
+        def matching() -> list[Any]:
+            sets = sorted(self.datastore.primary_sets(), key=lambda s: s.updated_at, reverse=True)
+            return search.select([self._study_view(s) for s in sets if s.instances], query)
+
+        studies = self.datastore.remembered(("studies", tuple(query.keys)), matching)
         return self._answer(studies, query, search.STUDY_RETURN, lambda ds: {"00081190": {"vr": "UR", "Value": [self._retrieve_url(str(ds.StudyInstanceUID))]}})
 
     def _study_view(self, image_set: ImageSet) -> Any:
@@ -446,7 +450,7 @@ class Emulator:
                 views.append(search.series_view(image_set, instances))
         views.sort(key=lambda ds: _number(ds.get("SeriesNumber")))
         defaults = search.SERIES_RETURN if study else search.SERIES_RETURN + search.STUDY_RETURN
-        return self._answer(views, query, defaults, lambda ds: {"00081190": {"vr": "UR", "Value": [self._retrieve_url(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))]}})
+        return self._answer(search.select(views, query), query, defaults, lambda ds: {"00081190": {"vr": "UR", "Value": [self._retrieve_url(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))]}})
 
     async def _search_instances(self, request: web.Request, body: bytes) -> web.Response:
         study, series = request.match_info.get("study"), request.match_info.get("series")
@@ -462,7 +466,7 @@ class Emulator:
         else:
             found.sort(key=lambda i: i.updated, reverse=True)
         defaults = search.INSTANCE_RETURN if series else search.INSTANCE_RETURN + search.SERIES_RETURN + search.STUDY_RETURN
-        return self._answer([i.header for i in found], query, defaults, self._url_of)
+        return self._answer(search.select([i.header for i in found], query), query, defaults, self._url_of)
 
     def _find(self, request: web.Request) -> Instance:
         info = request.match_info

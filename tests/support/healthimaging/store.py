@@ -19,8 +19,9 @@ import io
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -37,6 +38,11 @@ IMAGE_SET_LEVEL = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
 )
+
+
+T = TypeVar("T")
+# Searches remembered between two stores (distinct criteria; the oldest dropped first).
+REMEMBERED_SEARCHES = 16
 
 
 def new_id() -> str:
@@ -198,6 +204,26 @@ class Datastore:
         self.image_sets: dict[str, ImageSet] = {}
         self.primary_by_study: dict[str, str] = {}
         self.lock = threading.Lock()
+        self._generation = 0  # stores so far: what a remembered search was made on
+        self._remembered: dict[Hashable, object] = {}
+
+    def remembered(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()``, or what it gave for ``key`` when nothing was stored since. A
+        search paged through 10,000 image sets (a page of 50 for SearchImageSets, of
+        1,000 for QIDO-RS) then selects and sorts them once, not once per page: the
+        answers are the same, and the longest test no longer waits on it. ``compute``
+        runs outside the lock (it may take it); callers must not change the result."""
+        with self.lock:
+            if key in self._remembered:
+                return cast(T, self._remembered[key])
+            generation = self._generation
+        value = compute()
+        with self.lock:
+            if self._generation == generation:
+                if len(self._remembered) >= REMEMBERED_SEARCHES:
+                    del self._remembered[next(iter(self._remembered))]
+                self._remembered[key] = value
+        return value
 
     def _target(self, inst: Instance, now: float) -> ImageSet:
         """The image set an instance joins (created if needed); under the lock."""
@@ -221,6 +247,8 @@ class Datastore:
     def add(self, inst: Instance) -> ImageSet:
         """Store a prepared instance; a new one in an existing image set makes a version."""
         with self.lock:
+            self._generation += 1
+            self._remembered.clear()
             now = time.time()
             image_set = self._target(inst, now)
             if image_set.instances:
