@@ -20,14 +20,6 @@ def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and bool(_UID_RE.match(value))
 
 
-def require_uid(value: object, what: str) -> str:
-    """Return the UID or raise ValueError naming the attribute."""
-    if not is_valid_uid(value):
-        shown = repr(value)[:80]
-        raise ValueError(f"{what} is not a valid UID: {shown}")
-    return str(value)
-
-
 def json_uid(obj: Mapping[str, Any], tag: str) -> str | None:
     """The first value of a UID attribute of a DICOM JSON object, as text; None when
     it is absent or not shaped as DICOM JSON (an archive's answer is not trusted to be).

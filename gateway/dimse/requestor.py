@@ -363,9 +363,6 @@ class StoreRequestor:
             ) if peer.user else None,
         )
 
-    def context_for(self, sop_class: str, transfer_syntax: str) -> int | None:
-        return self.accepted.get(sop_class, {}).get(transfer_syntax)
-
     async def store(
         self,
         context_id: int,

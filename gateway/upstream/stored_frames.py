@@ -34,11 +34,6 @@ NATIVE_LITTLE_ENDIAN = frozenset({IMPLICIT_VR_LE, EXPLICIT_VR_LE})
 BATCH_BYTES = 8 << 20  # frames read per trip to a worker thread, at least one
 
 
-def read_frames(source: Path | bytes, stored: str, numbers: Sequence[int], acceptable: Sequence[str]) -> list[Frame]:
-    """Every frame of `frame_reader` at once (blocking)."""
-    return list(frame_reader(source, stored, numbers, acceptable))
-
-
 def frame_reader(source: Path | bytes, stored: str, numbers: Sequence[int], acceptable: Sequence[str]) -> Iterator[Frame]:
     """The frames ``numbers`` of the Part 10 file at ``source`` (a path, or the file's
     bytes), one at a time (blocking; nothing is read before the first is asked).

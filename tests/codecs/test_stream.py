@@ -27,7 +27,7 @@ from gateway.codecs.syntaxes import (
 )
 from gateway.part10 import read_file_meta
 from gateway.upstream.base import ANY_SYNTAX
-from gateway.upstream.stored_frames import read_frames
+from gateway.upstream.stored_frames import frame_reader
 from tests.codecs.helpers import bundled, gradient_frames, make_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # rtdose fixtures
@@ -157,13 +157,13 @@ def test_one_bit_and_no_pixel_data_go_whole() -> None:
 
 @pytest.mark.parametrize("name", BUNDLED)
 def test_frames_as_stored_are_the_frames_the_embedded_archive_cuts(name: str) -> None:
-    """Read one at a time from the file, the frames equal what `read_frames` cuts from
+    """Read one at a time from the file, the frames equal what `frame_reader` cuts from
     the parsed instance (the embedded archive's frames route), in the stored syntax."""
     raw = part10(bundled(name))
     syntax, frames = frames_as_stored(io.BytesIO(raw))
     got = list(frames)
     stored = read_file_meta(raw).transfer_syntax
-    expected = read_frames(raw, stored, range(1, len(got) + 1), ANY_SYNTAX)
+    expected = list(frame_reader(raw, stored, range(1, len(got) + 1), ANY_SYNTAX))
     assert syntax == stored and len(got) == int(bundled(name).get("NumberOfFrames") or 1)
     assert got == [f.data for f in expected]
     if not bundled(name).file_meta.TransferSyntaxUID.is_compressed:  # native: the frames tile the Pixel Data
