@@ -33,21 +33,6 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         server.cleanup()
 
 
-@pytest.fixture(scope="session")
-def orthanc_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    """One Orthanc shared by the session; call ``clear()`` when a test needs it empty.
-
-    Tests that stop, kill or reconfigure the server must use ``orthanc``
-    instead, or they break every later user of this one.
-    """
-    server = Orthanc(workdir=tmp_path_factory.mktemp("orthanc-session"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-
-
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
     """Factory starting ``StoreSCP(**kwargs)`` instances, all stopped at teardown.

@@ -82,10 +82,6 @@ class Identities:
         """Accept a long-term key (or a fixed session) from now on."""
         self._keys[access_key] = Secret(secret_key, session_token)
 
-    def remove(self, access_key: str) -> None:
-        """Forget a key: requests signed with it are refused as unrecognised."""
-        self._keys.pop(access_key, None)
-
     def secret_for(self, access_key: str, token: str | None, now: float) -> str:
         """The secret key to verify a signature with; raises AuthFailure as AWS would:
         an unknown key or a wrong token is an invalid token, an old one expired."""
