@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 
 from gateway.upstream.base import StoreItem
-from gateway.upstream.local import LocalUpstream
+from gateway.upstream.local import KEEP_TEXT, LocalUpstream
 from gateway.upstream.metadata_cache import MetadataCache
 from tests.support.synth import ct_series
 
@@ -48,7 +48,7 @@ def test_metadata_asked_again_comes_from_the_cache_until_the_file_changes(tmp_pa
     paths = ct_series(tmp_path / "ct", 3, rows=32, columns=32)
     first = pydicom.dcmread(paths[0], stop_before_pixels=True)
 
-    async def scenario() -> tuple[list, list, list, list]:  # type: ignore[type-arg]
+    async def scenario() -> tuple[list, list, list, list, list]:  # type: ignore[type-arg]
         up = LocalUpstream(tmp_path / "spool")
         await up.start()
         try:
@@ -96,12 +96,13 @@ def test_metadata_asked_again_comes_from_the_cache_until_the_file_changes(tmp_pa
 def test_an_archive_indexed_without_metadata_texts_keeps_each_as_its_file_is_first_read(tmp_path: Path) -> None:
     """Rows indexed by a version before the index kept metadata texts: the first
     request reads their files and the index then keeps each text (the same the writer
-    keeps), so the next request reads no file; the answers are the same."""
+    keeps), so the next request reads no file; the answers are the same. Each row is
+    found by its primary key, not by a scan of the whole index (SQLite's plan)."""
     paths = ct_series(tmp_path / "ct", 3, rows=32, columns=32)
     first = pydicom.dcmread(paths[0], stop_before_pixels=True)
     series = (str(first.StudyInstanceUID), str(first.SeriesInstanceUID))
 
-    async def scenario() -> tuple[list, list, list, list]:  # type: ignore[type-arg]
+    async def scenario() -> tuple[list, list, list, list, list]:  # type: ignore[type-arg]
         up = LocalUpstream(tmp_path / "spool")
         await up.start()
         loop = asyncio.get_running_loop()
@@ -124,10 +125,14 @@ def test_an_archive_indexed_without_metadata_texts_keeps_each_as_its_file_is_fir
             for name, *_ in up._metadata_rows(*series, None):
                 (up.root / name).rename(up.root / (name + ".away"))  # no file to read now
             from_index = await up.retrieve_metadata_texts(*series)
-            return written, kept, from_files, from_index
+            plan = await loop.run_in_executor(
+                up._executor, lambda: up._db.execute("EXPLAIN QUERY PLAN " + KEEP_TEXT, ("", "", "")).fetchall()
+            )
+            return written, kept, from_files, from_index, [step[3] for step in plan]
         finally:
             await up.close()
 
-    written, kept, from_files, from_index = asyncio.run(scenario())
+    written, kept, from_files, from_index, plan = asyncio.run(scenario())
     assert kept == written and all(text is not None for (text,) in kept)
     assert from_index == from_files and len(from_files) == 3
+    assert len(plan) == 1 and plan[0].startswith("SEARCH instances USING INDEX") and "(sop_instance_uid=?)" in plan[0], plan
