@@ -101,7 +101,14 @@ def _v6(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(db: sqlite_utils.Database) -> None:
+    """Rows found by SOP Instance UID (a storage commitment's `held`, polled every half
+    second while it waits for delivery): without an index each 500 UIDs were a scan of
+    the whole table, 0.17-0.2 s on a spool holding a day of 300,000 instances."""
+    db.table("instances").create_index(["sop_instance_uid"])
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 
 
 class SpoolDatabaseUnreadable(Exception):

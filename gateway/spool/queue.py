@@ -55,6 +55,8 @@ MiB = 1024 * 1024
 NEAR_FLOOR = 1.1
 NEAR_CAP = 0.9
 EVICT_TO = 0.8
+# The rows of the given SOP Instance UIDs (placeholders filled in), dead ones last.
+HELD = "SELECT sop_instance_uid, state, sop_class_uid FROM instances WHERE sop_instance_uid IN ({}) ORDER BY state = 'dead'"
 # A delivered instance's file may go (purge, eviction) only once every copy a route
 # made of it has been delivered too.
 NO_COPY_PENDING = (
@@ -888,11 +890,7 @@ class Spool:
         with self.db.connection() as db:
             for start in range(0, len(wanted), 500):
                 chunk = wanted[start : start + 500]
-                for row in db.query(
-                    "SELECT sop_instance_uid, state, sop_class_uid FROM instances"
-                    f" WHERE sop_instance_uid IN ({','.join('?' * len(chunk))}) ORDER BY state = 'dead'",
-                    chunk,
-                ):
+                for row in db.query(HELD.format(",".join("?" * len(chunk))), chunk):
                     found.setdefault(row["sop_instance_uid"], (row["state"], row["sop_class_uid"] or ""))
             asked = set(wanted)
             indexing = [p for p in indexing if p.header.sop_instance_uid in asked]

@@ -12,7 +12,7 @@ import pydicom
 
 from gateway.config import SpoolConfig
 from gateway.spool.ingest import Verdict, ingest
-from gateway.spool.queue import Spool
+from gateway.spool.queue import HELD, Spool
 from gateway.spool.record import PREAMBLE, Sender
 from tests.support.synth import ct_series
 
@@ -71,6 +71,20 @@ def test_rows_not_written_at_stop_are_adopted_at_the_next_start(tmp_path: Path) 
         assert spool.recover() == (0, 3)
     finally:
         spool.close()
+
+
+def test_a_storage_commitments_instances_are_looked_up_not_scanned_for(tmp_path: Path) -> None:
+    """`Spool.held` finds each SOP Instance UID through an index (SQLite's plan): a
+    commitment waiting for delivery asks it every half second, and a scan of a spool
+    holding a day of instances took 0.2 s per 500 UIDs."""
+    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0))
+    try:
+        with spool.db.connection() as db:
+            plan = [step[3] for step in db.execute("EXPLAIN QUERY PLAN " + HELD.format("?,?"), ["1.2.3", "1.2.4"])]
+    finally:
+        spool.close()
+    assert any("USING INDEX" in step and "(sop_instance_uid=?)" in step for step in plan), plan
+    assert not any(step.startswith("SCAN instances") for step in plan), plan
 
 
 def test_instances_whose_rows_wait_are_held_for_a_storage_commitment(tmp_path: Path) -> None:
