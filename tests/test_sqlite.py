@@ -29,14 +29,33 @@ def test_migrations_apply_once_and_in_order(tmp_path: Path) -> None:
 
 
 def test_archive_index_from_before_migrations_is_adopted(tmp_path: Path) -> None:
-    """An embedded archive created before migrations existed keeps its rows, which
-    get the kept metadata's column empty (their files are read when asked)."""
+    """An embedded archive created before migrations existed keeps its rows, with no
+    metadata text kept for them (their files are read when asked)."""
     db = connect(tmp_path / "index.sqlite")
     db["instances"].insert({"sop_instance_uid": "1.2.3", "file": "objects/ab/x.dcm"}, pk="sop_instance_uid")
     migrate(db, ARCHIVE_MIGRATIONS)
     assert db["instances"].count == 1
-    assert [r["version"] for r in db["migrations"].rows] == [1, 2]
-    assert [r["wado_metadata"] for r in db["instances"].rows] == [None]
+    assert [r["version"] for r in db["migrations"].rows] == [1, 2, 3]
+    assert db["metadata_texts"].count == 0
+
+
+def test_metadata_texts_kept_in_the_instances_rows_move_to_their_own_table(tmp_path: Path) -> None:
+    """An index of the version that kept each text in its instance's row: the texts
+    move to ``metadata_texts`` and the column goes, so a search scanning the rows
+    reads only what it searches; the rows stay."""
+    db = connect(tmp_path / "index.sqlite")
+    migrate(db, ARCHIVE_MIGRATIONS[:2])
+    db["instances"].insert_all(
+        [
+            {"sop_instance_uid": "1.2.3", "study_uid": "1.2", "series_uid": "1.2.1", "file": "objects/ab/x.dcm", "wado_metadata": '{"a": 1}'},
+            {"sop_instance_uid": "1.2.4", "study_uid": "1.2", "series_uid": "1.2.1", "file": "objects/ab/y.dcm", "wado_metadata": None},
+        ]
+    )
+    migrate(db, ARCHIVE_MIGRATIONS)
+    assert [r["version"] for r in db["migrations"].rows] == [1, 2, 3]
+    assert "wado_metadata" not in db["instances"].columns_dict
+    assert [(r["sop_instance_uid"], r["file"]) for r in db["instances"].rows] == [("1.2.3", "objects/ab/x.dcm"), ("1.2.4", "objects/ab/y.dcm")]
+    assert list(db["metadata_texts"].rows) == [{"sop_instance_uid": "1.2.3", "text": '{"a": 1}'}]
 
 
 def test_synced_fsyncs_the_transactions_inside_it_and_no_others(tmp_path: Path) -> None:

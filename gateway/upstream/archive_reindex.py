@@ -21,7 +21,7 @@ import sqlite_utils
 
 from gateway.sqlite import connect, immediate, migrate
 from gateway.upstream.archive_metadata import kept_metadata
-from gateway.upstream.archive_writer import INDEX, UNREADABLE, index_row
+from gateway.upstream.archive_writer import INDEX, UNREADABLE, index_row, write_row
 from gateway.upstream.local import MIGRATIONS
 
 BATCH = 500  # rows per transaction
@@ -54,7 +54,7 @@ def reindex(root: Path) -> Reindexed:
     db = connect(root / INDEX)
     try:
         migrate(db, MIGRATIONS)
-        rows: dict[str, dict[str, Any]] = {}  # SOP Instance UID -> row, newest file last
+        rows: dict[str, tuple[dict[str, Any], str | None]] = {}  # SOP Instance UID -> row and text, newest file last
         for path, st in _files_oldest_first(root / "objects"):
             relative = str(path.relative_to(root))
             try:
@@ -64,14 +64,14 @@ def reindex(root: Path) -> Reindexed:
                     uids = (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
                     syntax = str(ds.file_meta.TransferSyntaxUID)
                     row = index_row(ds, uids, syntax, st.st_size, st.st_mtime, relative, encoded)
-                    row["wado_metadata"] = kept_metadata(ds, fh, encoded)
+                    text = kept_metadata(ds, fh, encoded)
             except UNREADABLE as exc:
                 done.unreadable.append(f"{relative}: {type(exc).__name__}: {exc}")
                 continue
             previous = rows.pop(row["sop_instance_uid"], None)
             if previous is not None:
-                done.older_copies.append(previous["file"])
-            rows[row["sop_instance_uid"]] = row
+                done.older_copies.append(previous[0]["file"])
+            rows[row["sop_instance_uid"]] = row, text
             if len(rows) >= BATCH:
                 _insert(db, rows, done)
         _insert(db, rows, done)
@@ -103,19 +103,16 @@ def _files_oldest_first(objects: Path) -> list[tuple[Path, os.stat_result]]:
     return found
 
 
-def _insert(db: sqlite_utils.Database, rows: dict[str, dict[str, Any]], done: Reindexed) -> None:
+def _insert(db: sqlite_utils.Database, rows: dict[str, tuple[dict[str, Any], str | None]], done: Reindexed) -> None:
     """Write ``rows`` and empty it; a row replacing one of an earlier batch (the same
     instance in an older file) names that file an older copy."""
     if not rows:
         return
-    columns = list(next(iter(rows.values())))
-    sql = f"INSERT OR REPLACE INTO instances ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
     with immediate(db) as conn:
-        for row in rows.values():
-            earlier = conn.execute("SELECT file FROM instances WHERE sop_instance_uid = ?", [row["sop_instance_uid"]]).fetchone()
+        for row, text in rows.values():
+            earlier = write_row(conn, row, text)
             if earlier is None:
                 done.indexed += 1
             else:
-                done.older_copies.append(earlier[0])
-            conn.execute(sql, [row[c] for c in columns])
+                done.older_copies.append(earlier)
     rows.clear()

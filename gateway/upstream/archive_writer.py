@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import sqlite_utils
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
@@ -96,6 +97,24 @@ def _text(ds: pydicom.Dataset, keyword: str, header: dict[str, Any]) -> str | No
     if value is None or value == "":
         return None
     return str(value)
+
+
+def write_row(db: sqlite_utils.Database, row: dict[str, Any], text: str | None) -> str | None:
+    """Index an instance: its row, and its metadata text in ``metadata_texts`` (a text
+    kept for an earlier copy of the instance goes when this one has none, so it is
+    never answered for this one); the file of the row it replaced, if any."""
+    uid = row["sop_instance_uid"]
+    earlier = db.execute("SELECT file FROM instances WHERE sop_instance_uid = ?", [uid]).fetchone()
+    columns = list(row)
+    db.execute(
+        f"INSERT OR REPLACE INTO instances ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        [row[c] for c in columns],
+    )
+    if text is None:
+        db.execute("DELETE FROM metadata_texts WHERE sop_instance_uid = ?", [uid])
+    else:
+        db.execute("INSERT OR REPLACE INTO metadata_texts (sop_instance_uid, text) VALUES (?, ?)", [uid, text])
+    return None if earlier is None else str(earlier[0])
 
 
 def index_row(
@@ -205,23 +224,23 @@ class ArchiveWriter:
             changed = True
         return changed
 
-    def _index_row(self, inst: StoreItem, target: Path) -> dict[str, Any]:
-        """The index row of a placed instance, its metadata's text kept with it
-        (`kept_metadata`); raises what a malformed header raises."""
+    def _index_row(self, inst: StoreItem, target: Path) -> tuple[dict[str, Any], str | None]:
+        """The index row of a placed instance and its metadata's text (`kept_metadata`);
+        raises what a malformed header raises."""
         uids = (inst.sop_instance_uid, inst.sop_class_uid, inst.study_uid, inst.series_uid)
         relative = str(target.relative_to(self.root))
         encoded: dict[int, Any] = {}
         with open(target, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
             row = index_row(ds, uids, inst.transfer_syntax, inst.size, time.time(), relative, encoded)
-            return {**row, "wado_metadata": kept_metadata(ds, fh, encoded)}
+            return row, kept_metadata(ds, fh, encoded)
 
     def store_batch(self, instances: Sequence[StoreItem]) -> list[StoreOutcome]:
         """Store a delivery's instances: place and index each, then make the batch
         durable at once (one fsync of each file and directory touched, one index
         commit) before any is reported delivered."""
         outcomes: list[StoreOutcome | None] = [None] * len(instances)
-        rows: dict[int, dict[str, Any]] = {}
+        rows: dict[int, tuple[dict[str, Any], str | None]] = {}
         changed: list[Path] = []
         for n, inst in enumerate(instances):
             token = uuid.uuid4().hex
@@ -238,34 +257,26 @@ class ArchiveWriter:
             except UNREADABLE as exc:
                 target.unlink(missing_ok=True)
                 outcomes[n] = StoreOutcome("rejected", f"unreadable instance: {exc}")
-        placed = [self.root / row["file"] for row in rows.values()]
+        placed = [self.root / row["file"] for row, _ in rows.values()]
         try:
             for path in changed:
                 if path in placed:
                     fsync_path(path)
-            for directory in {(self.root / row["file"]).parent for row in rows.values()}:
+            for directory in {path.parent for path in placed}:
                 fsync_path(directory, directory=True)
         except OSError as exc:
-            for n, row in rows.items():
+            for n, (row, _) in rows.items():
                 (self.root / row["file"]).unlink(missing_ok=True)
                 outcomes[n] = StoreOutcome("retry", f"cannot store in the archive: {exc.strerror or exc}")
             rows = {}
         replaced: dict[int, str] = {}
         if rows:
-            columns = list(next(iter(rows.values())))
-            sql = (
-                f"INSERT OR REPLACE INTO instances ({', '.join(columns)})"
-                f" VALUES ({', '.join('?' * len(columns))})"
-            )
             try:
                 with immediate(self._db) as db:
-                    for n, row in rows.items():
-                        old = db.execute(
-                            "SELECT file FROM instances WHERE sop_instance_uid = ?", [row["sop_instance_uid"]]
-                        ).fetchone()
-                        if old and old[0] != row["file"]:
-                            replaced[n] = old[0]
-                        db.execute(sql, [row[c] for c in columns])
+                    for n, (row, text) in rows.items():
+                        old = write_row(db, row, text)
+                        if old is not None and old != row["file"]:
+                            replaced[n] = old
             except Exception:
                 for path in placed:
                     path.unlink(missing_ok=True)

@@ -62,7 +62,7 @@ def test_a_damaged_index_is_rebuilt_from_the_archived_files(tmp_path: Path) -> N
     index = (archive / "index.sqlite").stat()
     assert (index.st_uid, index.st_gid) == (archive.stat().st_uid, archive.stat().st_gid)
     with sqlite3.connect(archive / "index.sqlite") as db:  # each instance's metadata kept again
-        assert db.execute("SELECT count(*) FROM instances WHERE wado_metadata IS NOT NULL").fetchone() == (5,)
+        assert db.execute("SELECT count(*) FROM metadata_texts").fetchone() == (5,)
     db.close()
 
     gw.start()

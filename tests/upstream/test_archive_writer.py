@@ -151,7 +151,7 @@ def test_the_index_keeps_each_instances_metadata_as_its_file_gives_it(tmp_path: 
         warnings.simplefilter("ignore")
         outcomes = writer.store_batch([item(path) for path in paths])
         assert sum(o.kind == "delivered" for o in outcomes) > 100
-        rows = writer._db.execute("SELECT file, wado_metadata FROM instances").fetchall()
+        rows = writer._db.execute("SELECT file, text FROM instances LEFT JOIN metadata_texts USING (sop_instance_uid)").fetchall()
         assert len(rows) > 100  # fewer: corpus files repeating a SOP Instance UID replace each other
         for file, text in rows:
             assert text == expected_of(up.root / file), file
@@ -162,7 +162,7 @@ def test_the_index_keeps_each_instances_metadata_as_its_file_gives_it(tmp_path: 
         assert [o.kind for o in scanner] == ["delivered"]
         uids = pydicom.dcmread(paths[-1], stop_before_pixels=True)
         [(file, text)] = writer._db.execute(
-            "SELECT file, wado_metadata FROM instances WHERE sop_instance_uid = ?", [str(uids.SOPInstanceUID)]
+            "SELECT file, text FROM instances LEFT JOIN metadata_texts USING (sop_instance_uid) WHERE sop_instance_uid = ?", [str(uids.SOPInstanceUID)]
         ).fetchall()
         assert text is None
 

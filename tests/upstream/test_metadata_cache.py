@@ -1,7 +1,8 @@
 """The embedded archive's metadata cache, for instances whose metadata its index does
 not keep: a series asked again is answered from the JSON kept, equal to the first
 answer and a fresh object each time; an instance stored again under the same file
-name is read again; the budget holds."""
+name is read again; the budget holds. And the texts the index keeps: those read from
+files are kept, and they go when their instances do."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def test_metadata_asked_again_comes_from_the_cache_until_the_file_changes(tmp_pa
             # before each read, the index keeps none here.
             def forget() -> None:
                 with up._db.conn:
-                    up._db.execute("UPDATE instances SET wado_metadata = NULL")
+                    up._db.execute("DELETE FROM metadata_texts")
 
             async def read(*uids: str) -> list:  # type: ignore[type-arg]
                 await asyncio.get_running_loop().run_in_executor(up._executor, forget)
@@ -110,13 +111,15 @@ def test_an_archive_indexed_without_metadata_texts_keeps_each_as_its_file_is_fir
             await store(up, paths, tmp_path)
 
             def texts() -> list:  # type: ignore[type-arg]
-                return up._db.execute("SELECT wado_metadata FROM instances ORDER BY rowid").fetchall()
+                return up._db.execute(
+                    "SELECT text FROM instances LEFT JOIN metadata_texts USING (sop_instance_uid) ORDER BY instances.rowid"
+                ).fetchall()
 
             written = await loop.run_in_executor(up._executor, texts)
 
             def legacy() -> None:
                 with up._db.conn:
-                    up._db.execute("UPDATE instances SET wado_metadata = NULL")
+                    up._db.execute("DELETE FROM metadata_texts")
 
             await loop.run_in_executor(up._executor, legacy)
             up._metadata = MetadataCache()  # a freshly started daemon's
@@ -136,3 +139,31 @@ def test_an_archive_indexed_without_metadata_texts_keeps_each_as_its_file_is_fir
     assert kept == written and all(text is not None for (text,) in kept)
     assert from_index == from_files and len(from_files) == 3
     assert len(plan) == 1 and plan[0].startswith("SEARCH instances USING INDEX") and "(sop_instance_uid=?)" in plan[0], plan
+
+
+def test_the_texts_kept_go_with_their_instances(tmp_path: Path) -> None:
+    """Deleting an instance, then its study, removes their metadata texts from the
+    index with their rows."""
+    paths = ct_series(tmp_path / "ct", 3, rows=32, columns=32)
+    first = pydicom.dcmread(paths[0], stop_before_pixels=True)
+
+    async def scenario() -> list[int]:
+        up = LocalUpstream(tmp_path / "spool")
+        await up.start()
+        loop = asyncio.get_running_loop()
+
+        def texts() -> int:
+            return int(up._db.execute("SELECT count(*) FROM metadata_texts").fetchone()[0])
+
+        try:
+            await store(up, paths, tmp_path)
+            counts = [await loop.run_in_executor(up._executor, texts)]
+            await up.delete_instance(first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID)
+            counts.append(await loop.run_in_executor(up._executor, texts))
+            await up.delete_study(first.StudyInstanceUID)
+            counts.append(await loop.run_in_executor(up._executor, texts))
+            return counts
+        finally:
+            await up.close()
+
+    assert asyncio.run(scenario()) == [3, 2, 0]
