@@ -20,6 +20,7 @@ from tests.support import dcmtk
 from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.ports import wait_until
+from tests.support.pyscu import echo
 
 
 def ipv6_loopback() -> bool:
@@ -37,9 +38,9 @@ def echo_over_ipv6(port: int, calling_ae: str) -> bool:
     assoc = ae.associate("::1", port, ae_title="DICOMGW")
     if not assoc.is_established:
         return False
-    status = assoc.send_c_echo()
+    status = echo(assoc)
     assoc.release()
-    return status.Status == 0
+    return status == 0
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")

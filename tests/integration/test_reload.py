@@ -16,6 +16,7 @@ from pynetdicom.sop_class import Verification
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.ports import wait_until
+from tests.support.pyscu import echo
 from tests.support.synth import ct_series
 
 PEERS = '\n[[dimse.peers]]\nae_title = "PYSCU"\nhost = "127.0.0.1"\nport = 104\n' \
@@ -58,7 +59,7 @@ def test_sighup_reloads_peers_limits_and_level_without_dropping_associations(
         assert "a restart is needed for dimse.port" in line, line
 
         # The association opened before the reload still works.
-        assert held.send_c_echo().Status == 0x0000
+        assert echo(held) == 0x0000
         assert echoscu(gw.port, gw.ae_title, calling_ae="NEWCOMER").returncode == 0
         # max_associations = 2: the held one plus one more.
         files = ct_series(tmp_path / "ct", 1, rows=16, columns=16)
@@ -69,14 +70,14 @@ def test_sighup_reloads_peers_limits_and_level_without_dropping_associations(
         gw.config_path.write_text("[dimse\n")
         assert "reload refused" in sighup(gw, 1)
         assert gw.running
-        assert held.send_c_echo().Status == 0x0000
+        assert echo(held) == 0x0000
         assert echoscu(gw.port, gw.ae_title, calling_ae="NEWCOMER").returncode == 0
 
         gw.config_path.write_text(text.replace("max_associations = 8", "max_associations = 1"))
         assert "dimse.max_associations" in sighup(gw, 2)
         assert echoscu(gw.port, gw.ae_title, calling_ae="ECHOSCU").returncode != 0
         assert "too many associations" in gw.log()
-        assert held.send_c_echo().Status == 0x0000
+        assert echo(held) == 0x0000
     finally:
         held.release()
     wait_until(lambda: echoscu(gw.port, gw.ae_title, calling_ae="ECHOSCU").returncode == 0, 10, 0.2,

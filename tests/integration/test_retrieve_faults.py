@@ -41,6 +41,7 @@ from tests.support.curl import curl
 from tests.support.daemon import Gateway
 from tests.support.dcmtk import StoreSCP, getscu, movescu, storescu, storescu_for_syntax
 from tests.support.loopbackserver import ScriptedArchive
+from tests.support.pyscu import echo
 from tests.support.orthanc import Orthanc
 from tests.support.archiveproxy import ROOT, ArchiveProxy
 from tests.support.synth import ct_series
@@ -254,7 +255,7 @@ def test_move_cancelled_while_its_series_is_located_ends_with_cancel(tmp_path: P
             elapsed = time.monotonic() - started
             timer.join()
             assert statuses == [0xFE00] and elapsed < 2.5, (statuses, elapsed)
-            assert assoc.send_c_echo().Status == 0
+            assert echo(assoc) == 0
         finally:
             assoc.release()
         assert "cancelled before any sub-operation" in gateway.log()

@@ -35,6 +35,7 @@ from tests.support.daemon import Gateway
 from tests.support.dcmtk import DCMTK_BIN, StoreSCP, dcmtk_env, echoscu, movescu, storescu
 from tests.support.orthanc import Orthanc
 from tests.support.ports import free_port
+from tests.support.pyscu import echo
 from tests.support.synth import ct_series
 
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -174,8 +175,7 @@ def test_raising_handler_answers_and_association_survives(tmp_path: Path, caplog
         try:
             find = [status.Status for status, _ in assoc.send_c_find(query, STUDY_ROOT_FIND) if status]
             store = assoc.send_c_store(ds)
-            echo = assoc.send_c_echo()
-            return (find[-1] if find else -1, store.Status if store else -1, echo.Status if echo else -1)
+            return (find[-1] if find else -1, store.Status if store else -1, echo(assoc))
         finally:
             assoc.release()
 
@@ -481,11 +481,11 @@ def test_store_request_without_dataset_is_answered(tmp_path: Path, gateway) -> N
         assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (7, 0xC000)
         # the C-ECHO too with the reactor paused: resumed, it may take the response
         # first ("unexpected C-ECHO service message") and leave send_c_echo to time out
-        echo = C_ECHO()
-        echo.MessageID = 8
-        echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+        echo_rq = C_ECHO()
+        echo_rq.MessageID = 8
+        echo_rq.AffectedSOPClassUID = "1.2.840.10008.1.1"
         verification = next(c for c in assoc.accepted_contexts if c.abstract_syntax == "1.2.840.10008.1.1")
-        assoc.dimse.send_msg(echo, verification.context_id)
+        assoc.dimse.send_msg(echo_rq, verification.context_id)
         _, echo_rsp = assoc.dimse.get_msg(block=True)
         assoc._reactor_checkpoint.set()
         assert echo_rsp is not None and (echo_rsp.MessageIDBeingRespondedTo, echo_rsp.Status) == (8, 0x0000)

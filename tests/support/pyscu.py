@@ -9,16 +9,50 @@ peer accepts can be exercised.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE, _config
+from pynetdicom import AE, Association, _config
+from pynetdicom.dimse_primitives import C_ECHO
 
 LOOPBACK = "127.0.0.1"
 
 #: pynetdicom allows at most 128 proposed presentation contexts.
 _MAX_CONTEXTS = 128
+
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def echo(assoc: Association, msg_id: int = 99) -> int:
+    """A C-ECHO on an established pynetdicom association: the status of its response,
+    or -1 when none came within the association's DIMSE timeout.
+
+    pynetdicom's own ``send_c_echo`` pauses the association's reactor by clearing its
+    checkpoint and waiting for the reactor's paused flag; right after another
+    ``send_*`` (which sets the checkpoint again) the flag can still say paused while
+    the reactor runs on, and the reactor then takes the response as an unexpected
+    message ("Received unexpected C-ECHO service message") and the echo times out.
+    Here the reactor is given time to reach its checkpoint before the flag is trusted.
+    """
+    assoc._reactor_checkpoint.clear()
+    time.sleep(0.05)  # a reactor step is a millisecond's sleep and a few checks
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    try:
+        request = C_ECHO()
+        request.MessageID = msg_id
+        request.AffectedSOPClassUID = VERIFICATION
+        context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == VERIFICATION)
+        assoc.dimse.send_msg(request, context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if rsp is None or rsp.MessageIDBeingRespondedTo != msg_id:
+        return -1
+    return int(rsp.Status)
 
 
 def send_files(
