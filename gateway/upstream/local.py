@@ -91,9 +91,10 @@ def _v1(db: sqlite_utils.Database) -> None:
 
 def _v2(db: sqlite_utils.Database) -> None:
     """Each instance's metadata text as the facade answers it (`kept_metadata`), so a
-    series' metadata is one query. Rows from before it start empty: each is filled
-    when its file is first read for metadata (`LocalUpstream._keep_texts`), or all at
-    once by `dicom-gateway archive reindex`."""
+    series' metadata is one query: first a column of the instances table, which `_v3`
+    moves to a table of its own. Rows from before it have no text: each gets one when
+    its file is first read for metadata (`LocalUpstream._keep_texts`), or all at once
+    by `dicom-gateway archive reindex`."""
     if "wado_metadata" not in db["instances"].columns_dict:
         db.execute("ALTER TABLE instances ADD COLUMN wado_metadata TEXT")
 
