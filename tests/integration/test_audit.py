@@ -181,11 +181,14 @@ def test_an_admin_discarding_a_study_is_audited_as_its_deletion(tmp_path: Path, 
     audit_file = tmp_path / "audit.log"
     gw = gateway(
         upstream_url=f"http://127.0.0.1:{closed_port()}/dicom-web",  # nothing delivered: the study stays queued
+        # One attempt, then none while the CLI runs: an instance being sent is left alone.
+        spool={"retry_base_seconds": 600, "retry_max_seconds": 600},
         extra=f'\n[audit]\nfile = "{audit_file}"\n',
     )
     series = ct_series(tmp_path / "ct", 2, 16, 16)
     study = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
     assert dcmtk.storescu(gw.port, series, gw.ae_title, calling_ae="CT01").returncode == 0
+    gw.wait_counts(failed=2)
     result = gw.cli("spool", "discard", "--study", study, "--yes")
     assert result.returncode == 0 and "discarded 2" in result.stdout, result.stdout + result.stderr
 
