@@ -65,6 +65,11 @@ HELD = "SELECT sop_instance_uid, state, sop_class_uid FROM instances WHERE sop_i
 NO_COPY_PENDING = (
     "NOT EXISTS (SELECT 1 FROM copies WHERE copies.instance_id = instances.id AND copies.state != 'delivered')"
 )
+# Delivered rows whose files may go: those delivered before a cut-off (purge), and
+# the longest delivered first (eviction), both found through the index of spool
+# migration v9, not by reading or sorting every delivered row.
+PURGEABLE = f"SELECT id, file FROM instances WHERE state='delivered' AND delivered_at <= ? AND {NO_COPY_PENDING} LIMIT 500"
+EVICTABLE = f"SELECT id, file, size FROM instances WHERE state='delivered' AND {NO_COPY_PENDING} ORDER BY delivered_at, id LIMIT 100"
 
 
 # Free space is checked again after this much of an instance has arrived (a C-STORE's
@@ -863,13 +868,7 @@ class Spool:
         removed = 0
         while True:
             with self.db.connection() as db:
-                rows = list(
-                    db.query(
-                        "SELECT id, file FROM instances WHERE state='delivered' AND delivered_at <= ?"
-                        f" AND {NO_COPY_PENDING} LIMIT 500",
-                        [cutoff],
-                    )
-                )
+                rows = list(db.query(PURGEABLE, [cutoff]))
             if not rows:
                 self._count_stored_bytes()
                 return removed
@@ -1013,12 +1012,7 @@ class Spool:
         removed = 0
         while self.needs_eviction():
             with self.db.connection() as db:
-                rows = list(
-                    db.query(
-                        f"SELECT id, file, size FROM instances WHERE state='delivered' AND {NO_COPY_PENDING}"
-                        " ORDER BY delivered_at, id LIMIT 100"
-                    )
-                )
+                rows = list(db.query(EVICTABLE))
             if not rows:
                 break
             excess = self._stored_bytes - int(self.cap * EVICT_TO)
