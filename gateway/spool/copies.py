@@ -25,26 +25,30 @@ if TYPE_CHECKING:  # the spool reports its copies' status (`copies_status`) in i
     from gateway.spool.queue import Spool, SpooledInstance
 
 COPY_STATES = ("queued", "sending", "delivered", "failed", "dead")
+# A destination's copies not yet delivered, found through its index (destination, state).
+OLDEST_PENDING_COPY = (
+    "SELECT MIN(instances.received_at) FROM copies JOIN instances ON instances.id = copies.instance_id"
+    " WHERE copies.destination = ? AND copies.state IN ('queued','sending','failed','dead')"
+)
 
 
 def copies_status(db: Any) -> dict[str, dict[str, Any]]:
     """Per destination: the copies in each state, the oldest waiting one's age, and the
-    last error of one that failed (``db``: a spool database connection)."""
+    last error of one that failed (``db``: a spool database connection).
+
+    Read at every /metrics scrape. The counts come from the copies' index alone, and
+    only the copies not yet delivered are joined to their instances for the oldest:
+    one join of every copy took 0.27 s on a spool holding 300,000 delivered copies."""
     out: dict[str, dict[str, Any]] = {}
-    for row in db.query(
-        "SELECT copies.destination AS d, copies.state AS s, COUNT(*) AS n,"
-        " MIN(CASE WHEN copies.state != 'delivered' THEN instances.received_at END) AS oldest"
-        " FROM copies JOIN instances ON instances.id = copies.instance_id GROUP BY d, s"
-    ):
+    for row in db.query("SELECT destination AS d, state AS s, COUNT(*) AS n FROM copies GROUP BY d, s"):
         entry = out.setdefault(
             row["d"], {"counts": dict.fromkeys(COPY_STATES, 0), "oldest_pending_age_seconds": None, "last_error": None}
         )
         entry["counts"][row["s"]] = row["n"]
-        if row["oldest"] is not None:
-            age = round(time.time() - row["oldest"], 1)
-            current = entry["oldest_pending_age_seconds"]
-            entry["oldest_pending_age_seconds"] = age if current is None else max(current, age)
     for destination, entry in out.items():
+        (oldest,) = db.execute(OLDEST_PENDING_COPY, [destination]).fetchone()
+        if oldest is not None:
+            entry["oldest_pending_age_seconds"] = round(time.time() - oldest, 1)
         last = next(
             db.query(
                 "SELECT last_error FROM copies WHERE destination = ? AND state IN ('failed','dead')"

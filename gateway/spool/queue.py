@@ -55,9 +55,10 @@ MiB = 1024 * 1024
 NEAR_FLOOR = 1.1
 NEAR_CAP = 0.9
 EVICT_TO = 0.8
-# What `Spool.status` counts, each answered from one index (spool migration v8).
+# What `Spool.status` counts, each answered from one index (spool migrations v8, v10).
 COUNTS_BY_STATE = "SELECT state, COUNT(*) AS n, COALESCE(SUM(size),0) AS b FROM instances GROUP BY state"
 DELIVERED_NOT_PRIMARY = "SELECT COUNT(*) AS n FROM instances WHERE state='delivered' AND not_primary=1"
+OLDEST_PENDING = "SELECT MIN(received_at) AS t FROM instances WHERE state IN ('queued','sending','failed')"
 # The rows of the given SOP Instance UIDs (placeholders filled in), dead ones last.
 HELD = "SELECT sop_instance_uid, state, sop_class_uid FROM instances WHERE sop_instance_uid IN ({}) ORDER BY state = 'dead'"
 # A delivered instance's file may go (purge, eviction) only once every copy a route
@@ -771,12 +772,7 @@ class Spool:
                 counts[row["state"]] = row["n"]
                 sizes[row["state"]] = row["b"]
             not_primary = next(db.query(DELIVERED_NOT_PRIMARY))["n"]
-            oldest = next(
-                db.query(
-                    "SELECT MIN(received_at) AS t FROM instances"
-                    " WHERE state IN ('queued','sending','failed')"
-                )
-            )["t"]
+            oldest = next(db.query(OLDEST_PENDING))["t"]
             owed = next(db.query("SELECT COUNT(*) AS n FROM commitments"))["n"]
             routes = copies_status(db)
         return {
