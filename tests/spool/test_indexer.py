@@ -12,8 +12,7 @@ import pydicom
 
 from gateway.config import SpoolConfig
 from gateway.spool.ingest import Verdict, ingest
-from gateway.spool.copies import OLDEST_PENDING_COPY
-from gateway.spool.queue import COUNTS_BY_STATE, DELIVERED_NOT_PRIMARY, EVICTABLE, HELD, OLDEST_PENDING, PURGEABLE, Spool
+from gateway.spool.queue import COUNTS_BY_STATE, DELIVERED_NOT_PRIMARY, HELD, Spool
 from gateway.spool.record import PREAMBLE, Sender
 from tests.support.synth import ct_series
 
@@ -91,41 +90,15 @@ def test_a_storage_commitments_instances_are_looked_up_not_scanned_for(tmp_path:
 def test_the_spool_status_is_counted_from_an_index(tmp_path: Path) -> None:
     """What every /metrics scrape counts (instances and bytes per state, delivered
     instances kept apart from their study) is read from an index that holds every
-    column asked (SQLite's plan: a covering index), not from the table's rows; the
-    oldest waiting instance and copy are looked up, not searched for among all."""
+    column asked (SQLite's plan: a covering index), not from the table's rows."""
     spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0))
     try:
         with spool.db.connection() as db:
             plans = [[step[3] for step in db.execute("EXPLAIN QUERY PLAN " + sql)] for sql in (COUNTS_BY_STATE, DELIVERED_NOT_PRIMARY)]
-            oldest = [step[3] for step in db.execute("EXPLAIN QUERY PLAN " + OLDEST_PENDING)]
-            copies = [step[3] for step in db.execute("EXPLAIN QUERY PLAN " + OLDEST_PENDING_COPY, ["AI"])]
     finally:
         spool.close()
     for plan in plans:
         assert any("USING COVERING INDEX" in step for step in plan), plan
-    # The oldest waiting instance: the first entry of each state's range, not a walk
-    # through the waiting rows (0.24-0.38 s for a backlog of 200,000 without it).
-    assert any(step.startswith("SEARCH instances USING COVERING INDEX") and "(state=?)" in step for step in oldest), oldest
-    # A route's oldest waiting copy: only its copies not yet delivered are read.
-    assert any(step.startswith("SEARCH copies") and "(destination=? AND state=?)" in step for step in copies), copies
-
-
-def test_delivered_rows_are_purged_and_evicted_through_an_index_in_delivery_order(tmp_path: Path) -> None:
-    """Purge (every ten minutes) finds the rows delivered before its cut-off, and
-    eviction (after every delivered batch while the spool is over its cap) the longest
-    delivered, by an index in delivery order (SQLite's plan): no sort, no walk through
-    every delivered row. On a spool of 300,000 delivered instances an eviction step
-    took 0.9 s without it, a purge that found nothing 0.45 s."""
-    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0))
-    try:
-        with spool.db.connection() as db:
-            purge = [step[3] for step in db.execute("EXPLAIN QUERY PLAN " + PURGEABLE, [0.0])]
-            evict = [step[3] for step in db.execute("EXPLAIN QUERY PLAN " + EVICTABLE)]
-    finally:
-        spool.close()
-    assert any(step.startswith("SEARCH instances") and "(state=? AND delivered_at<?)" in step for step in purge), purge
-    assert any(step.startswith("SEARCH instances") and "delivered_at" in step for step in evict), evict
-    assert not any("TEMP B-TREE" in step for step in evict), evict
 
 
 def test_instances_whose_rows_wait_are_held_for_a_storage_commitment(tmp_path: Path) -> None:
