@@ -422,7 +422,6 @@ class Forwarder:
                 removed = await self._spool(self.spool.purge_delivered, retain)
                 if removed:
                     log.info("purged %d delivered instance(s) from the spool", removed)
-                await self._spool(self.spool.count_stored_bytes)
                 if self.spool.needs_eviction():
                     await self._evict()
             except Exception:

@@ -82,7 +82,7 @@ CLAIM_OF_STUDY = (
 # Delivered rows whose files may go: those delivered before a cut-off (purge), and
 # the longest delivered first (eviction), both found through the index of spool
 # migration v9, not by reading or sorting every delivered row.
-PURGEABLE = f"SELECT id, file, size FROM instances WHERE state='delivered' AND delivered_at <= ? AND {NO_COPY_PENDING} LIMIT 500"
+PURGEABLE = f"SELECT id, file FROM instances WHERE state='delivered' AND delivered_at <= ? AND {NO_COPY_PENDING} LIMIT 500"
 EVICTABLE = f"SELECT id, file, size FROM instances WHERE state='delivered' AND {NO_COPY_PENDING} ORDER BY delivered_at, id LIMIT 100"
 
 
@@ -162,7 +162,7 @@ class Spool:
         # incoming/ are added when the cap is checked.
         self._stored_bytes = 0
         self._bytes_lock = threading.Lock()
-        self.count_stored_bytes()
+        self._count_stored_bytes()
         self._waiters: dict[int, threading.Event] = {}
         self._outcomes: dict[int, Outcome] = {}
         self._waiters_lock = threading.Lock()
@@ -238,7 +238,7 @@ class Spool:
                 continue
             if self._adopt(path, header, sender, length):
                 adopted += 1
-        self.count_stored_bytes()
+        self._count_stored_bytes()
         return requeued, adopted
 
     def _classify(self, path: Path) -> tuple[str, int | None, Sender]:
@@ -266,13 +266,9 @@ class Spool:
         finally:
             os.close(fd)
 
-    def count_stored_bytes(self) -> None:
-        """Recount the bytes of the spooled files from the database: at start-up, when
-        an eviction starts, after a withdrawal, and every ten minutes (the forwarder's
-        purger), since the admin CLI may have purged from another process. Purge and
-        eviction steps take off what they removed instead: a recount reads every
-        row's size (43-90 ms on a spool of 300,000 rows), and with
-        ``retain_delivered_hours = 0`` a purge follows every delivered batch."""
+    def _count_stored_bytes(self) -> None:
+        """Recount the bytes of the spooled files from the database (start-up, after a
+        purge or eviction: the admin CLI may have purged from another process)."""
         with self.db.connection() as db:
             total = next(db.query("SELECT COALESCE(SUM(size), 0) AS b FROM instances"))["b"]
         with self._bytes_lock:
@@ -403,7 +399,7 @@ class Spool:
         for directory in directories:
             fsync_path(directory, directory=True)
         self._remove(rows)
-        self.count_stored_bytes()
+        self._count_stored_bytes()
 
     # ---- ingest (association threads) ----------------------------------------
 
@@ -873,6 +869,7 @@ class Spool:
             with self.db.connection() as db:
                 rows = list(db.query(PURGEABLE, [cutoff]))
             if not rows:
+                self._count_stored_bytes()
                 return removed
             self._remove(rows)
             removed += len(rows)
@@ -1010,7 +1007,7 @@ class Spool:
         """Delete delivered instances, longest delivered first, until the spool's files
         are back under 80 % of ``max_size_mb`` (whatever ``retain_delivered_hours``
         says); returns how many went. What is not delivered yet is never evicted."""
-        self.count_stored_bytes()
+        self._count_stored_bytes()
         removed = 0
         while self.needs_eviction():
             with self.db.connection() as db:
@@ -1026,18 +1023,14 @@ class Spool:
                     break
             self._remove(chosen)
             removed += len(chosen)
+            self._count_stored_bytes()
         return removed
 
     def _remove(self, rows: list[dict[str, Any]]) -> None:
-        """Delete these rows' spool files, then the rows, and take their sizes off the
-        spooled bytes when the rows carry them (purge, eviction); a withdrawal
-        recounts instead."""
+        """Delete these rows' spool files, then the rows."""
         for row in rows:
             (self.directory / row["file"]).unlink(missing_ok=True)
         ids = [r["id"] for r in rows]
         with self.db.connection() as db, immediate(db):
             db.execute(f"DELETE FROM copies WHERE instance_id IN ({','.join('?' * len(ids))})", ids)
             db.execute(f"DELETE FROM instances WHERE id IN ({','.join('?' * len(ids))})", ids)
-        freed = sum(row.get("size") or 0 for row in rows)
-        with self._bytes_lock:
-            self._stored_bytes = max(0, self._stored_bytes - freed)

@@ -232,29 +232,6 @@ def test_cap_counts_files_being_received_and_eviction_takes_only_delivered_oldes
         s.close()
 
 
-def test_a_purge_takes_what_it_removed_off_the_spooled_bytes_and_a_recount_sees_another_process(tmp_path: Path) -> None:
-    """A purge subtracts the sizes of the rows it removed (with
-    ``retain_delivered_hours = 0`` one follows every delivered batch, and a recount
-    reads every row); what the admin CLI purged from another process is seen at the
-    next recount (the forwarder's purger runs one every ten minutes)."""
-    s = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0))
-    try:
-        chunk = 64 * 1024
-        ids = [s.enqueue(received(s, i, size=chunk), header(i), Sender("MOD")) for i in range(4)]
-        batch = {i.id: i for i in s.claim(10, 10**9)}
-        s.record([batch[i] for i in ids[:3]], [Outcome(i, "delivered") for i in ids[:3]])
-        s.release([batch[ids[3]]])
-        with s.db.connection() as db:  # one delivered row purged elsewhere
-            db.execute("DELETE FROM instances WHERE id = ?", [ids[0]])
-            db.conn.commit()
-        assert s.purge_delivered(0.0) == 2
-        assert s.used_bytes() == 2 * chunk  # the one purged elsewhere not seen yet
-        s.count_stored_bytes()
-        assert s.used_bytes() == chunk
-    finally:
-        s.close()
-
-
 def test_study_in_spool_groups_by_series_state_sender_and_reason(spool: Spool) -> None:
     """What `dicom-gateway study` shows of the spool: per series, counts per state, the
     senders, and each reason of a failed or dead instance with how many it holds."""
