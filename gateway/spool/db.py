@@ -134,7 +134,57 @@ def _v10(db: sqlite_utils.Database) -> None:
     db.table("instances").create_index(["state", "received_at"])
 
 
-MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
+# Tallies of instances (and bytes) per state and of route copies per destination
+# and state, kept by triggers in the same transaction as every insert, delete and
+# change of the columns they count, so they never drift. (An upsert in a trigger
+# body takes the VALUES form, which SQLite parses there without ambiguity.)
+_TALLIES = """
+CREATE TABLE state_counts (state TEXT PRIMARY KEY, n INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT INTO state_counts SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM instances GROUP BY state;
+CREATE TRIGGER state_counts_in AFTER INSERT ON instances BEGIN
+  INSERT INTO state_counts (state, n, bytes) VALUES (NEW.state, 1, NEW.size)
+  ON CONFLICT (state) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER state_counts_out AFTER DELETE ON instances BEGIN
+  UPDATE state_counts SET n = n - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
+END;
+CREATE TRIGGER state_counts_moved AFTER UPDATE OF state, size ON instances
+WHEN OLD.state IS NOT NEW.state OR OLD.size IS NOT NEW.size BEGIN
+  UPDATE state_counts SET n = n - 1, bytes = bytes - OLD.size WHERE state = OLD.state;
+  INSERT INTO state_counts (state, n, bytes) VALUES (NEW.state, 1, NEW.size)
+  ON CONFLICT (state) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TABLE copy_counts (destination TEXT, state TEXT, n INTEGER NOT NULL, PRIMARY KEY (destination, state));
+INSERT INTO copy_counts SELECT destination, state, COUNT(*) FROM copies GROUP BY destination, state;
+CREATE TRIGGER copy_counts_in AFTER INSERT ON copies BEGIN
+  INSERT INTO copy_counts (destination, state, n) VALUES (NEW.destination, NEW.state, 1)
+  ON CONFLICT (destination, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER copy_counts_out AFTER DELETE ON copies BEGIN
+  UPDATE copy_counts SET n = n - 1 WHERE destination = OLD.destination AND state = OLD.state;
+END;
+CREATE TRIGGER copy_counts_moved AFTER UPDATE OF destination, state ON copies
+WHEN OLD.destination IS NOT NEW.destination OR OLD.state IS NOT NEW.state BEGIN
+  UPDATE copy_counts SET n = n - 1 WHERE destination = OLD.destination AND state = OLD.state;
+  INSERT INTO copy_counts (destination, state, n) VALUES (NEW.destination, NEW.state, 1)
+  ON CONFLICT (destination, state) DO UPDATE SET n = n + 1;
+END;
+"""
+
+
+def _v11(db: sqlite_utils.Database) -> None:
+    """The tallies `Spool.status` reads at every /metrics scrape (`_TALLIES`): counted
+    from the indexes, instances and bytes per state and copies per destination and
+    state took 0.2-0.35 s on a spool of 300,000 instances and as many copies."""
+    statement = ""
+    for line in _TALLIES.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):  # (a trigger's body holds several)
+            db.execute(statement)
+            statement = ""
+
+
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
 
 
 class SpoolDatabaseUnreadable(Exception):

@@ -55,8 +55,8 @@ MiB = 1024 * 1024
 NEAR_FLOOR = 1.1
 NEAR_CAP = 0.9
 EVICT_TO = 0.8
-# What `Spool.status` counts, each answered from one index (spool migrations v8, v10).
-COUNTS_BY_STATE = "SELECT state, COUNT(*) AS n, COALESCE(SUM(size),0) AS b FROM instances GROUP BY state"
+# What `Spool.status` counts: a tally (spool migration v11), and one index each (v8, v10).
+COUNTS_BY_STATE = "SELECT state, n, bytes AS b FROM state_counts"
 DELIVERED_NOT_PRIMARY = "SELECT COUNT(*) AS n FROM instances WHERE state='delivered' AND not_primary=1"
 OLDEST_PENDING = "SELECT MIN(received_at) AS t FROM instances WHERE state IN ('queued','sending','failed')"
 # The rows of the given SOP Instance UIDs (placeholders filled in), dead ones last.
@@ -267,10 +267,10 @@ class Spool:
             os.close(fd)
 
     def _count_stored_bytes(self) -> None:
-        """Recount the bytes of the spooled files from the database (start-up, after a
-        purge or eviction: the admin CLI may have purged from another process)."""
+        """Recount the bytes of the spooled files from the database's tally (start-up,
+        after a purge or eviction: the admin CLI may have purged from another process)."""
         with self.db.connection() as db:
-            total = next(db.query("SELECT COALESCE(SUM(size), 0) AS b FROM instances"))["b"]
+            total = next(db.query("SELECT COALESCE(SUM(bytes), 0) AS b FROM state_counts"))["b"]
         with self._bytes_lock:
             self._stored_bytes = int(total)
 

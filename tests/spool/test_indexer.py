@@ -12,7 +12,7 @@ import pydicom
 
 from gateway.config import SpoolConfig
 from gateway.spool.ingest import Verdict, ingest
-from gateway.spool.queue import COUNTS_BY_STATE, DELIVERED_NOT_PRIMARY, HELD, Spool
+from gateway.spool.queue import HELD, Spool
 from gateway.spool.record import PREAMBLE, Sender
 from tests.support.synth import ct_series
 
@@ -85,20 +85,6 @@ def test_a_storage_commitments_instances_are_looked_up_not_scanned_for(tmp_path:
         spool.close()
     assert any("USING INDEX" in step and "(sop_instance_uid=?)" in step for step in plan), plan
     assert not any(step.startswith("SCAN instances") for step in plan), plan
-
-
-def test_the_spool_status_is_counted_from_an_index(tmp_path: Path) -> None:
-    """What every /metrics scrape counts (instances and bytes per state, delivered
-    instances kept apart from their study) is read from an index that holds every
-    column asked (SQLite's plan: a covering index), not from the table's rows."""
-    spool = Spool(SpoolConfig(directory=tmp_path / "spool", min_free_mb=0, reserve_mb=0))
-    try:
-        with spool.db.connection() as db:
-            plans = [[step[3] for step in db.execute("EXPLAIN QUERY PLAN " + sql)] for sql in (COUNTS_BY_STATE, DELIVERED_NOT_PRIMARY)]
-    finally:
-        spool.close()
-    for plan in plans:
-        assert any("USING COVERING INDEX" in step for step in plan), plan
 
 
 def test_instances_whose_rows_wait_are_held_for_a_storage_commitment(tmp_path: Path) -> None:

@@ -15,8 +15,17 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.config import SpoolConfig
-from gateway.spool.copies import CLAIM_COPIES
-from gateway.spool.queue import CLAIM_FIRST, CLAIM_OF_STUDY, EVICTABLE, OLDEST_PENDING, PURGEABLE, Spool
+from gateway.spool.copies import CLAIM_COPIES, COPY_COUNTS
+from gateway.spool.queue import (
+    CLAIM_FIRST,
+    CLAIM_OF_STUDY,
+    COUNTS_BY_STATE,
+    DELIVERED_NOT_PRIMARY,
+    EVICTABLE,
+    OLDEST_PENDING,
+    PURGEABLE,
+    Spool,
+)
 
 ROWS = 20_000
 STUDIES = 200
@@ -76,6 +85,9 @@ def work(spool: Spool, sql: str, params: list[object]) -> tuple[int, int]:
         ("eviction over the cap: the longest delivered", EVICTABLE, [], 100),
         ("the ten-minute purge, nothing old enough", PURGEABLE, [0.0], 0),
         ("every /metrics scrape: the oldest waiting instance", OLDEST_PENDING, [], 1),
+        ("every /metrics scrape: instances and bytes per state", COUNTS_BY_STATE, [], 2),
+        ("every /metrics scrape: delivered instances kept apart", DELIVERED_NOT_PRIMARY, [], 1),
+        ("every /metrics scrape: copies per route and state", COPY_COUNTS, [], 1),
     ],
 )
 def test_a_frequent_query_does_not_walk_the_spool(spool: Spool, what: str, sql: str, params: list[object], answered: int) -> None:
