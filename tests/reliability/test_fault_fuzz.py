@@ -521,5 +521,6 @@ def test_undecodable_element_does_not_hold_up_its_study(tmp_path: Path, gateway)
     # pynetdicom sends the file's bytes as they are (storescu would re-encode the VR).
     assert send_files(gw.port, [bad, good], gw.ae_title) == [0x0000, 0x0000]
     gw.wait_counts(delivered=1, dead=1, timeout=15)
-    assert "unreadable instance" in gw.log()
+    # The dead instance's ERROR line follows the outcome's commit, which the counts see.
+    wait_until(lambda: "unreadable instance" in gw.log(), 10, 0.1, "the refused instance was not logged")
     assert "upstream store failed unexpectedly" not in gw.log()
